@@ -1,0 +1,76 @@
+# GlobalCom² benchmark harness. `make help` lists the targets.
+#
+# Every target that runs Python depends on `install`, so `make demo` and `make test`
+# work on a fresh clone. The virtual environment lives in .venv and is rebuilt when
+# pyproject.toml changes.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install-stamp
+
+# On a machine without an NVIDIA driver we install this torch first and pin it, so that
+# lmms-eval's dependencies cannot swap it for a CUDA build. Override to taste, e.g.
+#   make install TORCH_SPEC=torch==2.5.1 PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+# Everything runs offline: no model or dataset is ever fetched from a hub by the tests or the demo.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help install test test-all lint format bench-attach clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install the project (editable) with its dev tools
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_CUDA),1)
+	$(PY) -m pip install -e '.[dev]'
+else
+	@echo ">> no NVIDIA driver found: installing CPU $(TORCH_SPEC) and keeping it pinned"
+	$(PY) -m pip install $(PIP_TORCH_ARGS) '$(TORCH_SPEC)'
+	$(PY) -m pip freeze | grep -E '^torch==' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -c $(VENV)/torch-constraint.txt -e '.[dev]'
+	@# lmms-eval pulls a CUDA-only torchvision from PyPI; with a CPU torch it breaks every
+	@# LLaVA-NeXT import in transformers (../shared/reference/lmms_eval.md §4.1). timm imports it
+	@# too and breaks the accelerate CLI. transformers falls back to its PIL image processors.
+	@if ! $(PY) -c 'import torchvision' >/dev/null 2>&1; then \
+		echo ">> removing the torchvision/timm that cannot load on this torch"; \
+		$(PY) -m pip uninstall -y -q torchvision timm; \
+	fi
+endif
+	$(PY) -c 'from transformers import LlavaNextForConditionalGeneration; import lmms_eval, globalcom2; print("install ok")'
+	@touch $@
+
+test: install  ## run the default test suite (CPU, tiny model, offline)
+	$(PY) -m pytest -q
+
+test-all: install  ## run every test, the slow ones included
+	$(PY) -m pytest -q -m 'not gpu and not network'
+
+lint: install  ## ruff lint and format check
+	$(VENV)/bin/ruff check globalcom2 tests
+	$(VENV)/bin/ruff format --check globalcom2 tests
+
+format: install  ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix globalcom2 tests
+	$(VENV)/bin/ruff format globalcom2 tests
+
+bench-attach: install  ## prefill overhead of attach() at retention_ratio=1.0 (tiny model, 672x672)
+	$(PY) -m globalcom2.benchmarks.attach_overhead
+
+clean:  ## remove caches (keeps .venv and results/)
+	rm -rf .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

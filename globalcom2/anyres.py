@@ -1,0 +1,156 @@
+"""Geometry of LLaVA-NeXT's AnyRes packing: where every visual token of one image comes from.
+
+transformers' ``LlavaNextModel.pack_image_features`` turns the per-view CLIP features of one image into
+one sequence::
+
+    [thumbnail: 576 tokens, row-major 24x24]
+    ++ for each canvas row r kept by unpadding: [crop tokens of row r, left to right] ++ [separator]
+
+The crops tile a canvas of ``rows x cols`` crops (``24*rows x 24*cols`` tokens) chosen by
+``select_best_resolution``; ``unpad_image`` then drops the letterbox rows or columns symmetrically. This
+module reproduces that arithmetic (including ``int(round(x, 7))`` and the ``padding : size - padding``
+slice) so that compression methods can reason about crops, rows and separators without touching the
+model. ``tests/unit/test_anyres.py`` checks it position by position against the model's own packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers.image_processing_utils import select_best_resolution
+
+SEPARATOR = -1  # `view` value of the row-separator ("image_newline") tokens
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Provenance of each position of one image's packed visual sequence.
+
+    Attributes:
+        image_size: original image size ``(height, width)`` in pixels.
+        grid: crop grid ``(rows, cols)``; the thumbnail is not part of it.
+        side: tokens per view side (24 for CLIP-L/14 at 336 px).
+        valid_rows: ``[start, stop)`` of the canvas token rows that survive unpadding.
+        valid_cols: ``[start, stop)`` of the canvas token columns that survive unpadding.
+        view: ``[N]`` int64; 0 for the thumbnail, ``1 + crop index`` (row-major) for crops,
+            ``SEPARATOR`` for row separators.
+        token: ``[N]`` int64; token index within its view (row-major ``side x side``), -1 for separators.
+    """
+
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    side: int
+    valid_rows: tuple[int, int]
+    valid_cols: tuple[int, int]
+    view: torch.Tensor
+    token: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Packed length N: patches plus separators."""
+        return self.view.numel()
+
+    @property
+    def num_crops(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_views(self) -> int:
+        """Thumbnail plus crops: the number of CLIP forward passes for this image."""
+        return 1 + self.num_crops
+
+    @property
+    def num_separators(self) -> int:
+        """One per canvas row that survives unpadding."""
+        return self.valid_rows[1] - self.valid_rows[0]
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens (thumbnail plus unpadded crops): what ``retention_ratio`` is a fraction of."""
+        return self.num_tokens - self.num_separators
+
+    @property
+    def is_separator(self) -> torch.Tensor:
+        """``[N]`` bool."""
+        return self.view == SEPARATOR
+
+    @property
+    def patch_positions(self) -> torch.Tensor:
+        """``[num_patches]`` int64: packed positions of the patch tokens, in packed order."""
+        return (self.view != SEPARATOR).nonzero().squeeze(1)
+
+
+def crop_grid(
+    image_size: tuple[int, int], grid_pinpoints: list[list[int]], crop_size: int
+) -> tuple[int, int]:
+    """``(rows, cols)`` of crops that LLaVA-NeXT uses for an image of ``(height, width)`` pixels."""
+    height, width = select_best_resolution(tuple(image_size), grid_pinpoints)
+    return height // crop_size, width // crop_size
+
+
+def unpadded_region(
+    image_size: tuple[int, int], canvas: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Rows and columns ``[start, stop)`` of a ``canvas = (H, W)`` token grid kept by ``unpad_image``.
+
+    Same arithmetic as transformers' ``unpad_image`` (strict ``>`` on aspect ratios, ``int(round(., 7))``,
+    symmetric ``padding : size - padding`` slice).
+    """
+    orig_h, orig_w = image_size
+    canvas_h, canvas_w = canvas
+    if orig_w / orig_h > canvas_w / canvas_h:
+        new_h = int(round(orig_h * (canvas_w / orig_w), 7))
+        pad = (canvas_h - new_h) // 2
+        return (pad, canvas_h - pad), (0, canvas_w)
+    new_w = int(round(orig_w * (canvas_h / orig_h), 7))
+    pad = (canvas_w - new_w) // 2
+    return (0, canvas_h), (pad, canvas_w - pad)
+
+
+@lru_cache(maxsize=512)
+def _cached_layout(
+    image_size: tuple[int, int], pinpoints: tuple[tuple[int, int], ...], crop_size: int, patch_size: int
+) -> PackedLayout:
+    side = crop_size // patch_size
+    rows, cols = crop_grid(image_size, [list(p) for p in pinpoints], crop_size)
+    (r0, r1), (c0, c1) = unpadded_region(image_size, (rows * side, cols * side))
+
+    # Crop part: canvas rows r0..r1-1, each with columns c0..c1-1 plus one separator column.
+    canvas_rows = torch.arange(r0, r1)  # [Hv]
+    canvas_cols = torch.arange(c0, c1 + 1)  # [Wv + 1]; the last one is the separator
+    r = canvas_rows[:, None].expand(-1, canvas_cols.numel())  # [Hv, Wv + 1]
+    c = canvas_cols[None, :].expand(canvas_rows.numel(), -1)  # [Hv, Wv + 1]
+    crop_view = 1 + (r // side) * cols + (c // side)  # [Hv, Wv + 1]
+    crop_token = (r % side) * side + (c % side)  # [Hv, Wv + 1]
+    separator = c == c1
+    crop_view = crop_view.masked_fill(separator, SEPARATOR).flatten()
+    crop_token = crop_token.masked_fill(separator, -1).flatten()
+
+    thumb = side * side
+    view = torch.cat([torch.zeros(thumb, dtype=torch.long), crop_view])  # [N]
+    token = torch.cat([torch.arange(thumb), crop_token])  # [N]
+    return PackedLayout(
+        image_size=image_size,
+        grid=(rows, cols),
+        side=side,
+        valid_rows=(r0, r1),
+        valid_cols=(c0, c1),
+        view=view,
+        token=token,
+    )
+
+
+def packed_layout(
+    image_size: tuple[int, int] | torch.Tensor,
+    grid_pinpoints: list[list[int]],
+    crop_size: int = 336,
+    patch_size: int = 14,
+) -> PackedLayout:
+    """The :class:`PackedLayout` of an image of ``image_size = (height, width)`` pixels (cached, CPU)."""
+    if isinstance(image_size, torch.Tensor):
+        image_size = image_size.tolist()
+    height, width = (int(v) for v in image_size)
+    pinpoints = tuple(tuple(int(v) for v in p) for p in grid_pinpoints)
+    return _cached_layout((height, width), pinpoints, int(crop_size), int(patch_size))

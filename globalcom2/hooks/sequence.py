@@ -1,0 +1,186 @@
+"""Sequence surgery for pre-LLM compression: pure tensor functions, no model access.
+
+The processor expands every ``<image>`` into exactly N placeholders before the model runs, and
+``generate`` derives positions and masks from that original length at every step
+(../shared/reference/transformers_llava_next.md §1.7 and pitfalls 3-4). When a method keeps M != N
+tokens of an image, the prompt must be rebuilt (``rebuild_prompt``) and every later decode step
+translated from original to compressed coordinates (``decode_inputs``). Both are written once here,
+vectorised over the batch, and used for every pre-LLM method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    """What a decode step needs to know about a compressed prefill (one per generation/KV cache).
+
+    Attributes:
+        original_length: prompt length ``L`` as the caller sees it (padding included).
+        compressed_length: prompt length ``L'`` actually fed to the LLM.
+        position_shift: ``[B]`` original position minus compressed position of each row's last prompt token.
+        real_lengths: ``[B]`` non-padding tokens per row after compression.
+        attention_mask: ``[B, L']`` mask of the compressed prompt, or ``None`` when there is no padding
+            and the caller gave none (keeps SDPA on its ``is_causal`` fast path, and bit-identity).
+    """
+
+    original_length: int
+    compressed_length: int
+    position_shift: torch.Tensor
+    real_lengths: torch.Tensor
+    attention_mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class RebuiltPrompt:
+    input_ids: torch.Tensor  # [B, L']
+    attention_mask: torch.Tensor | None  # [B, L']
+    position_ids: torch.Tensor  # [B, L'] or [1, L']
+    state: DecodeState
+
+
+def rebuild_prompt(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    *,
+    image_token_id: int,
+    original_lengths: torch.Tensor,
+    new_lengths: torch.Tensor,
+    pad_token_id: int,
+) -> RebuiltPrompt:
+    """Replace each image's ``N_i`` placeholders by ``M_i`` and left-pad the batch again.
+
+    Images are matched to placeholders in row-major order over the batch (the order in which
+    ``LlavaNextModel.forward`` scatters features), so several images per prompt and per batch work.
+    Positions are renumbered contiguously from the new mask with the formula ``generate`` uses
+    (``cumsum - 1``, padding at 0), as LLaVA does after its own image splicing.
+
+    Args:
+        input_ids: ``[B, L]`` prompt with the processor's placeholders; left padding only.
+        attention_mask: ``[B, L]`` 1 for real tokens, or ``None`` (no padding).
+        position_ids: ``[B, L]`` or ``[1, L]`` positions the caller would use, or ``None`` (``arange``).
+        image_token_id: the placeholder id.
+        original_lengths: ``[I]`` placeholders per image, in scatter order.
+        new_lengths: ``[I]`` tokens kept per image.
+        pad_token_id: id written into new padding slots (they are masked out).
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    original_lengths = original_lengths.to(device)
+    new_lengths = new_lengths.to(device)
+
+    is_image = input_ids == image_token_id  # [B, L]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise NotImplementedError("pre-LLM compression needs a 2-D attention_mask (got a 4-D mask)")
+        real = attention_mask.bool()  # [B, L]
+        if bool((real[:, :-1] & ~real[:, 1:]).any()):
+            raise NotImplementedError(
+                "pre-LLM compression needs left padding (or none); set processor.tokenizer.padding_side = 'left'"
+            )
+    else:
+        real = torch.ones_like(is_image)
+    num_placeholders = int(is_image.sum())
+    if num_placeholders != int(original_lengths.sum()):
+        raise ValueError(
+            f"the prompt has {num_placeholders} image placeholders but the images have "
+            f"{int(original_lengths.sum())} packed tokens; were images and text processed together?"
+        )
+
+    # Which image each placeholder belongs to, and whether it is that image's first placeholder.
+    ends = original_lengths.cumsum(0)  # [I]
+    starts = ends - original_lengths  # [I]
+    rank = is_image.flatten().cumsum(0).view(batch, length) - 1  # [B, L] placeholder rank over the batch
+    image = torch.searchsorted(ends, rank.clamp(min=0), right=True).clamp(max=ends.numel() - 1)  # [B, L]
+    first = is_image & (rank == starts[image])  # [B, L]
+
+    # Every real token is copied once; an image's first placeholder becomes M_i copies, the rest none.
+    counts = torch.where(is_image, first.long() * new_lengths[image], real.long())  # [B, L]
+    real_lengths = counts.sum(1)  # [B]
+    new_length = int(real_lengths.max())
+    tokens = torch.repeat_interleave(input_ids.flatten(), counts.flatten())  # [T]
+    rows = torch.repeat_interleave(torch.arange(batch, device=device), real_lengths)  # [T]
+    row_starts = real_lengths.cumsum(0) - real_lengths  # [B]
+    within = torch.arange(tokens.numel(), device=device) - row_starts[rows]  # [T]
+    cols = (new_length - real_lengths)[rows] + within  # [T] left-padded column
+
+    new_ids = input_ids.new_full((batch, new_length), pad_token_id)
+    new_ids[rows, cols] = tokens
+    padded = bool((real_lengths != new_length).any())
+    if attention_mask is not None or padded:
+        dtype = attention_mask.dtype if attention_mask is not None else torch.long
+        new_mask = torch.zeros((batch, new_length), dtype=dtype, device=device)
+        new_mask[rows, cols] = 1
+        new_positions = new_mask.long().cumsum(-1) - 1  # [B, L']
+        new_positions = new_positions.masked_fill(new_mask == 0, 0)
+    else:
+        new_mask = None
+        new_positions = torch.arange(new_length, device=device).unsqueeze(0)  # [1, L']
+
+    last_original = (
+        position_ids[:, -1] if position_ids is not None else torch.full((1,), length - 1, device=device)
+    )
+    state = DecodeState(
+        original_length=length,
+        compressed_length=new_length,
+        position_shift=(last_original - new_positions[:, -1]).expand(batch).clone(),  # [B]
+        real_lengths=real_lengths,
+        attention_mask=new_mask,
+    )
+    return RebuiltPrompt(new_ids, new_mask, new_positions, state)
+
+
+def decode_inputs(
+    state: DecodeState,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    *,
+    past_length: int,
+    query_length: int,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Translate a step after a compressed prefill from original to compressed coordinates.
+
+    ``generate`` keeps counting positions from the original prompt length and grows its mask from the
+    original width; the KV cache holds the compressed prompt. Positions are shifted back per row, and
+    the mask becomes ``[compressed prefill mask, mask of everything after the prompt]``.
+
+    Args:
+        state: from :func:`rebuild_prompt`.
+        attention_mask: ``[B, L + t]`` caller's mask in original coordinates, or ``None``.
+        position_ids: ``[B or 1, q]`` caller's positions in original coordinates, or ``None``.
+        past_length: tokens already in the KV cache (compressed coordinates).
+        query_length: tokens in this step.
+
+    Returns:
+        ``(attention_mask [B, past + q] or None, position_ids [B, q])``.
+    """
+    device = state.real_lengths.device
+    batch = state.real_lengths.numel()
+    if position_ids is not None:
+        position_ids = position_ids - state.position_shift.to(position_ids.device)[:, None]  # [B, q]
+    else:
+        generated = past_length - state.compressed_length
+        position_ids = (state.real_lengths + generated)[:, None] + torch.arange(query_length, device=device)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise NotImplementedError("decoding after pre-LLM compression needs a 2-D attention_mask")
+        if attention_mask.shape[0] != batch:
+            raise RuntimeError(
+                f"batch size changed from {batch} to {attention_mask.shape[0]} since the compressed prefill"
+            )
+        prefill_mask = state.attention_mask
+        if prefill_mask is None:
+            prefill_mask = attention_mask.new_ones((batch, state.compressed_length))
+        attention_mask = torch.cat(
+            [prefill_mask.to(attention_mask), attention_mask[:, state.original_length :]], -1
+        )
+    elif state.attention_mask is not None:
+        tail = past_length - state.compressed_length + query_length
+        ones = state.attention_mask.new_ones((batch, tail))
+        attention_mask = torch.cat([state.attention_mask, ones], dim=-1)
+    return attention_mask, position_ids

@@ -1,0 +1,52 @@
+"""``random``: a uniformly random subset of each image's patch tokens, the floor every method must beat.
+
+UniPruneBench (TianfanPeng/VLMUniPruneBench) reports that random pruning is a strong baseline; its
+implementation draws from an unseeded ``torch.randperm``, so its numbers change from run to run. Ours is
+seeded per image content (:attr:`ImageContext.sample_key`), so a sample keeps the same tokens whatever
+batch it is in and however many processes run the evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from globalcom2.budget import kept_count
+from globalcom2.methods.base import ImageContext, PreLLMMethod, register_method
+
+
+@register_method("random")
+class RandomKeep(PreLLMMethod):
+    """Keep ``floor(R * N_patch)`` patch tokens drawn uniformly without replacement.
+
+    Patch tokens are the thumbnail's plus the unpadded crops'; row separators are structural and all
+    stay. Kept tokens stay in their original (packed) order.
+
+    Args:
+        retention_ratio: kept fraction of the image's patch tokens, in (0, 1].
+        seed: mixed with each image's content key; change it to draw a different subset.
+    """
+
+    def __init__(self, *, retention_ratio: float, seed: int = 0) -> None:
+        super().__init__(retention_ratio=retention_ratio)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+
+    def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
+        layout = ctx.layout
+        num_keep = kept_count(layout.num_patches, self.retention_ratio)
+        if num_keep == layout.num_patches:
+            return None
+        generator = torch.Generator().manual_seed(_mix(self.seed, ctx.sample_key))
+        chosen = torch.randperm(layout.num_patches, generator=generator)[:num_keep]  # [k] patch ranks
+        keep = layout.is_separator.clone()  # [N] separators always stay
+        keep[layout.patch_positions[chosen]] = True
+        return keep.nonzero().squeeze(1).to(features.device)  # [M] ascending = original order
+
+
+def _mix(seed: int, key: str) -> int:
+    """A 63-bit generator seed from the user seed and the image key (independent of Python's hash salt)."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)

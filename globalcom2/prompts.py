@@ -1,0 +1,39 @@
+"""The Vicuna-v1 conversation format LLaVA-NeXT (vicuna) was trained and evaluated with.
+
+LLaVA's ``conv_vicuna_v1`` (haotian-liu/LLaVA ``llava/conversation.py``, ``sep_style=TWO``, ``sep=" "``)
+renders one user turn as ``"<system> USER: <image>\\n<question> ASSISTANT:"``. The published LLaVA-NeXT
+numbers were produced with this prompt (``--conv-mode vicuna_v1``), so the harness builds it itself
+instead of relying on whatever chat template a checkpoint ships.
+"""
+
+from __future__ import annotations
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+IMAGE_TOKEN = "<image>"
+
+# The same format as a Jinja chat template, so `processor.apply_chat_template` agrees with
+# `vicuna_v1_prompt` (tests check that they render identically).
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{{ '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "' }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ ' USER: ' }}"
+    "{% for part in parts %}{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ASSISTANT: ' }}"
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{{ '</s>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
+
+
+def vicuna_v1_prompt(question: str, num_images: int = 1) -> str:
+    """One user turn with ``num_images`` images placed before the question, ready for generation."""
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    images = f"{IMAGE_TOKEN}\n" * num_images
+    return f"{VICUNA_V1_SYSTEM} USER: {images}{question} ASSISTANT:"

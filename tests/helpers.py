@@ -1,0 +1,68 @@
+"""Test helpers: generation with per-step logits, and explicit (hook-free) shortened references."""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from globalcom2.anyres import packed_layout
+from globalcom2.methods.base import ImageContext
+
+
+def generate_steps(model, inputs, steps: int = 4, **kwargs):
+    """Greedy-generate exactly ``steps`` tokens; return ``(new tokens [B, steps], logits [steps, B, V])``."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    prompt_length = inputs["input_ids"].shape[1]
+    return out.sequences[:, prompt_length:], torch.stack(out.logits)
+
+
+def image_views(inputs):
+    """Per image: its ``(height, width)`` and ``[views, 3, 336, 336]`` pixels."""
+    return [
+        (tuple(size.tolist()), pixels)
+        for size, pixels in zip(inputs["image_sizes"], inputs["pixel_values"], strict=True)
+    ]
+
+
+def method_sources(model, method, inputs):
+    """What ``method`` keeps for each image of ``inputs``, computed directly (not through the hook)."""
+    cfg = model.config
+    sources = []
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    for feats, (size, pixels) in zip(features, image_views(inputs), strict=True):
+        layout = packed_layout(size, cfg.image_grid_pinpoints)
+        source = method.select(feats, ImageContext(layout=layout, pixel_values=pixels[: layout.num_views]))
+        sources.append(torch.arange(feats.shape[0]) if source is None else source)
+    return sources
+
+
+def shortened_inputs(model, inputs, sources):
+    """Batch-1 inputs for the *unmodified* model: each image's placeholder run cut to its kept length and
+    its features passed pre-gathered through ``mm_encoder_outputs``."""
+    assert inputs["input_ids"].shape[0] == 1
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    kept = [feats.index_select(0, src) for feats, src in zip(features, sources, strict=True)]
+    ids, out, i, image = inputs["input_ids"][0].tolist(), [], 0, 0
+    while i < len(ids):
+        if ids[i] == image_id:
+            out += [image_id] * len(sources[image])
+            i += features[image].shape[0]
+            image += 1
+        else:
+            out.append(ids[i])
+            i += 1
+    return {
+        "input_ids": torch.tensor([out]),
+        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept)},
+    }

@@ -1,0 +1,257 @@
+"""The pre-LLM attach point through forward and generate, on the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import generate_steps, method_sources, shortened_inputs
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from globalcom2 import attach
+from globalcom2.anyres import packed_layout
+from globalcom2.models.tiny import build_tiny_llava_next
+from globalcom2.prompts import vicuna_v1_prompt
+
+SIZES = [(336, 336), (672, 672), (1008, 336), (336, 1008), (800, 600)]  # (width, height)
+RATIOS = [0.75, 0.5, 0.25, 0.1]
+# The same computation through a different kernel path (a left-padded batch row vs the sample alone, where
+# SDPA gets a padding mask; no-cache vs cached decoding) agrees to float32 rounding, not bitwise. The
+# *unmodified* tiny model itself differs by up to 1.4e-5 (batch vs alone) and 1.7e-5 (no cache vs cache)
+# on logits up to |5.7| (measured 2026-11-21); compressed runs measured 6e-6..1.3e-5. 1e-4 is ~6x that
+# floor and ~2e-5 of the logit range; generated tokens must match exactly.
+PATH_ATOL = 1e-4
+
+
+def prompt_inputs(processor, images, question="What is in the image?"):
+    images = images if isinstance(images, list) else [images]
+    text = vicuna_v1_prompt(question, num_images=len(images))
+    return processor(images=images, text=text, return_tensors="pt")
+
+
+@pytest.fixture
+def model(tiny):
+    model, _ = tiny
+    yield model
+    assert type(model.model).__name__ == "LlavaNextModel", "a test left a method attached"
+
+
+@pytest.fixture
+def processor(tiny):
+    return tiny[1]
+
+
+# --- exactness at retention_ratio = 1.0 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["vanilla", "random"])
+def test_ratio_one_is_bit_identical_forward_and_generate(model, processor, images, method):
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    with torch.no_grad():
+        reference_logits = model(**inputs).logits
+    reference_tokens, reference_steps = generate_steps(model, inputs, steps=5)
+
+    with attach(model, method, retention_ratio=1.0) as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference_logits)
+        tokens, steps = generate_steps(model, inputs, steps=5)
+        assert torch.equal(tokens, reference_tokens) and torch.equal(steps, reference_steps)
+        assert handle.stats[-1].patch_tokens_kept == handle.stats[-1].patch_tokens_before
+
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference_logits)
+    tokens, steps = generate_steps(model, inputs, steps=5)
+    assert torch.equal(tokens, reference_tokens) and torch.equal(steps, reference_steps)
+
+
+def test_remove_restores_the_instance_and_leaves_others_untouched(model, processor, images):
+    other, _ = build_tiny_llava_next(seed=1)
+    inputs = prompt_inputs(processor, images[(336, 336)])
+    with torch.no_grad():
+        other_before = other(**inputs).logits
+    inner_class, inner_attrs = type(model.model), set(vars(model.model))
+
+    handle = attach(model, "random", retention_ratio=0.5)
+    assert type(model.model) is not inner_class and isinstance(model.model, inner_class)
+    assert type(other.model) is inner_class  # no class-level patching
+    with torch.no_grad():
+        assert torch.equal(other(**inputs).logits, other_before)
+    handle.remove()
+
+    assert type(model.model) is inner_class
+    assert set(vars(model.model)) == inner_attrs
+    with pytest.raises(RuntimeError, match="already removed"):
+        handle.remove()
+
+
+def test_second_pre_llm_method_is_refused(model):
+    with attach(model, "random", retention_ratio=0.5), pytest.raises(RuntimeError, match="already attached"):
+        attach(model, "vanilla")
+
+
+# --- random: counts and equality with an explicitly shortened input ---------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_random_matches_shortened_input_on_unmodified_model(model, processor, images, size, ratio):
+    inputs = prompt_inputs(processor, images[size])
+    with attach(model, "random", retention_ratio=ratio, seed=3) as handle:
+        tokens, steps = generate_steps(model, inputs, steps=4)
+        stats = handle.stats[-1]
+        sources = method_sources(model, handle.method, inputs)
+
+    width, height = size
+    layout = packed_layout((height, width), model.config.image_grid_pinpoints)
+    assert stats.patch_tokens_before == layout.num_patches
+    assert stats.patch_tokens_kept == math.floor(ratio * layout.num_patches)
+    assert stats.separators_kept == layout.num_separators
+    assert torch.equal(layout.is_separator[sources[0]].sum(), torch.tensor(layout.num_separators))
+    assert bool((sources[0][1:] > sources[0][:-1]).all()), "kept tokens must stay in their original order"
+
+    reference_tokens, reference_steps = generate_steps(
+        model, shortened_inputs(model, inputs, sources), steps=4
+    )
+    assert torch.equal(steps, reference_steps)
+    assert torch.equal(tokens, reference_tokens)
+
+
+def test_random_selection_depends_on_the_seed_and_not_on_the_call(model, processor, images):
+    inputs = prompt_inputs(processor, images[(672, 672)])
+    with attach(model, "random", retention_ratio=0.25, seed=0) as handle:
+        first = method_sources(model, handle.method, inputs)[0]
+        again = method_sources(model, handle.method, inputs)[0]
+    with attach(model, "random", retention_ratio=0.25, seed=1) as handle:
+        other_seed = method_sources(model, handle.method, inputs)[0]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_seed)
+
+
+def test_dropping_tokens_changes_the_output(model, processor, images):
+    """Negative control: the comparisons above can fail."""
+    inputs = prompt_inputs(processor, images[(672, 672)])
+    _, reference_steps = generate_steps(model, inputs, steps=3)
+    with attach(model, "random", retention_ratio=0.5):
+        _, steps = generate_steps(model, inputs, steps=3)
+    assert not torch.allclose(steps, reference_steps, atol=1e-3)
+
+
+# --- batches, several images, beams, no cache, eager ------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+def test_left_padded_batch_rows_equal_single_runs(model, processor, images, ratio):
+    batch_images = [images[(336, 336)], images[(1008, 336)], images[(800, 600)]]
+    questions = ["What is it?", "Describe the left side of the picture.", "Colour?"]
+    texts = [vicuna_v1_prompt(q) for q in questions]
+    batch = processor(images=batch_images, text=texts, padding=True, return_tensors="pt")
+    assert int((batch["attention_mask"] == 0).sum()) > 0, "the batch must be left-padded"
+
+    with attach(model, "random", retention_ratio=ratio) as handle:
+        tokens, steps = generate_steps(model, batch, steps=4)
+        assert len(handle.stats) == 3
+        for row, (image, text) in enumerate(zip(batch_images, texts, strict=True)):
+            alone = processor(images=image, text=text, return_tensors="pt")
+            row_tokens, row_steps = generate_steps(model, alone, steps=4)
+            torch.testing.assert_close(steps[:, row : row + 1], row_steps, atol=PATH_ATOL, rtol=0)
+            assert torch.equal(tokens[row : row + 1], row_tokens)
+
+
+def test_several_images_in_one_prompt(model, processor, images):
+    inputs = prompt_inputs(processor, [images[(1008, 336)], images[(336, 336)]], "Compare the two images.")
+    with attach(model, "random", retention_ratio=0.25) as handle:
+        tokens, steps = generate_steps(model, inputs, steps=4)
+        sources = method_sources(model, handle.method, inputs)
+        assert [s.image_size for s in handle.stats[-2:]] == [(336, 1008), (336, 336)]
+    reference_tokens, reference_steps = generate_steps(
+        model, shortened_inputs(model, inputs, sources), steps=4
+    )
+    assert torch.equal(steps, reference_steps) and torch.equal(tokens, reference_tokens)
+
+
+def test_beam_search(model, processor, images):
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    beams = {"num_beams": 3, "num_return_sequences": 2, "output_scores": True}
+    with attach(model, "random", retention_ratio=0.25) as handle:
+        out = model.generate(
+            **inputs, max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True, **beams
+        )
+        sources = method_sources(model, handle.method, inputs)
+    short = shortened_inputs(model, inputs, sources)
+    ref = model.generate(**short, max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True, **beams)
+    prompt = inputs["input_ids"].shape[1]
+    assert torch.equal(out.sequences[:, prompt:], ref.sequences[:, short["input_ids"].shape[1] :])
+    assert torch.equal(out.sequences_scores, ref.sequences_scores)
+
+
+def test_generate_without_cache_matches_cached(model, processor, images):
+    inputs = prompt_inputs(processor, images[(672, 672)])
+    with attach(model, "random", retention_ratio=0.25):
+        tokens, steps = generate_steps(model, inputs, steps=3)
+        tokens_nc, steps_nc = generate_steps(model, inputs, steps=3, use_cache=False)
+    assert torch.equal(tokens, tokens_nc)
+    torch.testing.assert_close(steps_nc, steps, atol=PATH_ATOL, rtol=0)
+
+
+def test_eager_text_attention(images):
+    model, processor = build_tiny_llava_next(
+        seed=0, attn_implementation={"text_config": "eager", "vision_config": "sdpa"}
+    )
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    with attach(model, "random", retention_ratio=0.25) as handle:
+        tokens, steps = generate_steps(model, inputs, steps=4)
+        sources = method_sources(model, handle.method, inputs)
+    reference_tokens, reference_steps = generate_steps(
+        model, shortened_inputs(model, inputs, sources), steps=4
+    )
+    assert torch.equal(steps, reference_steps) and torch.equal(tokens, reference_tokens)
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ratio", "error", "pattern"),
+    [
+        (0, ValueError, r"retention_ratio must be in \(0, 1\].*got 0"),
+        (-0.1, ValueError, r"retention_ratio must be in \(0, 1\].*got -0.1"),
+        (1.5, ValueError, r"retention_ratio must be in \(0, 1\].*got 1.5"),
+        (float("nan"), ValueError, r"retention_ratio must be in \(0, 1\].*got nan"),
+        ("0.5", TypeError, r"retention_ratio must be a real number in \(0, 1\], got '0.5' of type str"),
+    ],
+)
+def test_bad_ratio(model, ratio, error, pattern):
+    with pytest.raises(error, match=pattern):
+        attach(model, "random", retention_ratio=ratio)
+    assert type(model.model).__name__ == "LlavaNextModel"
+
+
+def test_unknown_method_lists_choices(model):
+    with pytest.raises(
+        ValueError, match=r"unknown compression method 'globalcom3'.*Registered: .*random.*vanilla"
+    ):
+        attach(model, "globalcom3")
+
+
+def test_vanilla_refuses_a_budget(model):
+    with pytest.raises(ValueError, match="vanilla keeps every token"):
+        attach(model, "vanilla", retention_ratio=0.5)
+
+
+def test_model_that_is_not_llava_next_anyres(model):
+    text_only = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    with pytest.raises(TypeError, match=r"expected a LLaVA-NeXT AnyRes model.*got LlamaForCausalLM"):
+        attach(text_only, "random", retention_ratio=0.5)
+    with pytest.raises(TypeError, match="got str"):
+        attach("llava-hf/llava-v1.6-vicuna-7b-hf", "random", retention_ratio=0.5)
+    original = model.config.vision_feature_select_strategy
+    model.config.vision_feature_select_strategy = "full"
+    try:
+        with pytest.raises(ValueError, match=r"vision_feature_select_strategy must be 'default'.*got 'full'"):
+            attach(model, "random", retention_ratio=0.5)
+    finally:
+        model.config.vision_feature_select_strategy = original
