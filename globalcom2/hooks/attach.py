@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from globalcom2.hooks.handle import Attachment
+from globalcom2.hooks.llava_model import ModelAdapter
 from globalcom2.hooks.pre_llm import PreLLMAdapter
 from globalcom2.methods import METHODS, PreLLMMethod
 from globalcom2.models.llava_next import check_llava_next_anyres
@@ -12,6 +13,8 @@ from globalcom2.models.llava_next import check_llava_next_anyres
 
 def attach(model: Any, method: str, **params: Any) -> Attachment:
     """Attach the registered compression ``method`` to ``model`` (this instance only).
+
+    One pre-LLM and one in-LLM method may be attached at the same time (e.g. GlobalCom² + FastV).
 
     Args:
         model: a loaded ``LlavaNextForConditionalGeneration`` with AnyRes (e.g. ``llava-hf/llava-v1.6-vicuna-7b-hf``).
@@ -24,13 +27,15 @@ def attach(model: Any, method: str, **params: Any) -> Attachment:
     Raises:
         TypeError/ValueError: a model that is not LLaVA-NeXT AnyRes, an unknown method or parameter, or a
             parameter outside its valid range (the message names the value and the valid choices).
+        RuntimeError: a method of the same stage is already attached.
     """
     check_llava_next_anyres(model)
     instance = METHODS.create(method, **params)
-    if isinstance(instance, PreLLMMethod):
-        adapter = PreLLMAdapter(model, instance)
-        adapter.install()
-        return Attachment(instance, adapter.stats, adapter.uninstall)
-    raise NotImplementedError(
-        f"method {method!r} acts at stage {instance.stage!r}, which has no attach point yet"
-    )
+    if not isinstance(instance, PreLLMMethod):
+        raise NotImplementedError(
+            f"method {method!r} acts at stage {instance.stage!r}, which has no attach point yet"
+        )
+    adapter = ModelAdapter.of(model)
+    stage = PreLLMAdapter(model, instance)
+    adapter.occupy("pre_llm", stage, method)  # fails only when the slot is taken: nothing to undo then
+    return Attachment(instance, stage.stats, lambda: adapter.release("pre_llm", stage))

@@ -1,25 +1,18 @@
-"""The one pre-LLM attach point: a per-instance subclass of ``LlavaNextModel``.
+"""The pre-LLM stage: per-image keep-plans, feature gathering, and prompt surgery.
 
-How it works (transformers 5.x, ../shared/reference/transformers_llava_next.md §1 and §4):
-
-* ``generate`` encodes images *before* prefill through ``model.model.get_image_features`` and hands the
-  result to the prefill forward as ``mm_encoder_outputs``; a plain forward calls the same function.
-  Our override runs the parent unchanged, then asks the method which packed positions to keep for each
-  image and records that *plan* next to the features. The features themselves stay uncompressed, so
-  everything transformers does between encoding and prefill (the placeholder bookkeeping of
-  ``_expand_multimodal_outputs`` for beam search, pitfall 6) still sees the lengths it expects.
-* The ``forward`` override applies the plans: it gathers the kept features, rebuilds the prompt when
-  lengths changed (``hooks/sequence.py``), and remembers a :class:`DecodeState` keyed by the KV cache so
-  that later decode steps get positions and masks in compressed coordinates.
-
-Only the attached instance changes class (``model.model.__class__`` becomes a subclass of its own
-class); other models in the process are untouched, and ``remove()`` restores the class and deletes the
-one attribute we add.
+``ModelAdapter``'s ``get_image_features`` override calls :meth:`PreLLMAdapter.plan` with the unmodified
+packed features of every image; the method returns packed positions to keep, and the plan is stored next
+to the features (keyed by the feature tensor itself, so it survives transformers' beam expansion, which
+repeats the same tensor objects). At prefill, :meth:`PreLLMAdapter.prefill` gathers the kept features and,
+when any image changed length, rebuilds the prompt (``hooks/sequence.py``); the resulting
+:class:`DecodeState` is tied to the KV cache so :meth:`PreLLMAdapter.decode` can translate every later
+step into compressed coordinates.
 """
 
 from __future__ import annotations
 
 import weakref
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -29,8 +22,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from globalcom2.anyres import PackedLayout, packed_layout
 from globalcom2.hooks.sequence import DecodeState, decode_inputs, rebuild_prompt
 from globalcom2.methods.base import ImageContext, ImageStats, PreLLMMethod
-
-_ADAPTER_ATTR = "_globalcom2_pre_llm"
 
 
 @dataclass(frozen=True)
@@ -63,29 +54,12 @@ class PreLLMAdapter:
         self._image_token_id = config.image_token_id
         pad = config.text_config.pad_token_id
         self._pad_token_id = 0 if pad is None else int(pad)
-        self._original_class: type | None = None
-
-    # -- installation -------------------------------------------------------------------------------
-    def install(self) -> None:
-        inner = self.model.model
-        if hasattr(inner, _ADAPTER_ATTR):
-            raise RuntimeError(
-                f"a pre-LLM method ({getattr(inner, _ADAPTER_ATTR).method.name!r}) is already attached to this "
-                "model; call .remove() on its handle first"
-            )
-        self._original_class = type(inner)
-        setattr(inner, _ADAPTER_ATTR, self)
-        inner.__class__ = _compressing_subclass(self._original_class)
-
-    def uninstall(self) -> None:
-        inner = self.model.model
-        if getattr(inner, _ADAPTER_ATTR, None) is not self:
-            raise RuntimeError("this pre-LLM attachment is not the one installed on the model")
-        inner.__class__ = self._original_class
-        delattr(inner, _ADAPTER_ATTR)
-        self._decode_states.clear()
 
     # -- planning (inside get_image_features) -------------------------------------------------------
+    def capturing_scores(self) -> AbstractContextManager[None]:
+        """Active around the vision tower's forward; methods that need [CLS] scores capture them here."""
+        return nullcontext()
+
     def layout(self, image_size: torch.Tensor) -> PackedLayout:
         return packed_layout(image_size, self._pinpoints, self._crop_size, self._patch_size)
 
@@ -206,97 +180,3 @@ def _views_per_image(pixel_values: torch.Tensor, num_views: list[int]) -> list[t
     if pixel_values.dim() == 5:
         return [pixels[:n] for pixels, n in zip(pixel_values, num_views, strict=True)]
     return list(torch.split(pixel_values, num_views, dim=0))
-
-
-class _CompressingMixin:
-    """Placed in front of the instance's own ``LlavaNextModel`` class; keeps the parent's signatures
-    (``generate`` picks arguments by ``inspect.signature``)."""
-
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        **kwargs,
-    ):
-        return_dict = kwargs.pop("return_dict", True)
-        output = super().get_image_features(
-            pixel_values,
-            image_sizes,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            return_dict=True,
-            **kwargs,
-        )
-        planned = getattr(self, _ADAPTER_ATTR).plan(output, pixel_values, image_sizes)
-        return planned if return_dict else planned.to_tuple()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_sizes: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        use_cache: bool | None = None,
-        mm_encoder_outputs: dict | None = None,
-        **kwargs,
-    ):
-        adapter: PreLLMAdapter = getattr(self, _ADAPTER_ATTR)
-        if pixel_values is not None and mm_encoder_outputs is not None:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
-        image_output = (mm_encoder_outputs or {}).get("image")
-        if image_output is None and pixel_values is not None and pixel_values.size(0) > 0:
-            image_output = self.get_image_features(
-                pixel_values,
-                image_sizes,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                return_dict=True,
-            )
-
-        state = None
-        if image_output is not None:
-            input_ids, attention_mask, position_ids, image_output, state = adapter.prefill(
-                input_ids, attention_mask, position_ids, past_key_values, image_output
-            )
-            mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": image_output}
-        else:
-            query = input_ids if input_ids is not None else inputs_embeds
-            attention_mask, position_ids = adapter.decode(
-                past_key_values, attention_mask, position_ids, query.shape[1]
-            )
-
-        return_dict = kwargs.pop("return_dict", True)
-        outputs = super().forward(
-            input_ids=input_ids,
-            image_sizes=image_sizes,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            use_cache=use_cache,
-            mm_encoder_outputs=mm_encoder_outputs,
-            return_dict=True,
-            **kwargs,
-        )
-        if image_output is not None:
-            adapter.remember(outputs.past_key_values, state)
-        return outputs if return_dict else outputs.to_tuple()
-
-
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _compressing_subclass(base: type) -> type:
-    """``Compressing<Base>``: the mixin in front of ``base``, created once per base class."""
-    if base not in _SUBCLASSES:
-        _SUBCLASSES[base] = type(f"Compressing{base.__name__}", (_CompressingMixin, base), {})
-    return _SUBCLASSES[base]

@@ -43,6 +43,28 @@ class RebuiltPrompt:
     state: DecodeState
 
 
+def placeholder_owners(is_image: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image index and offset within that image of every placeholder.
+
+    Placeholders are matched to images in row-major order over the batch, the order in which
+    ``LlavaNextModel.forward`` scatters image features (``masked_scatter``).
+
+    Args:
+        is_image: ``[B, L]`` bool, True at image placeholders.
+        lengths: ``[I]`` placeholders per image, in scatter order (must sum to ``is_image.sum()``).
+
+    Returns:
+        ``(image [B, L], offset [B, L])``, both int64; ``-1`` at non-placeholder positions.
+    """
+    batch, length = is_image.shape
+    lengths = lengths.to(is_image.device)
+    ends = lengths.cumsum(0)  # [I]
+    rank = is_image.flatten().cumsum(0).view(batch, length) - 1  # [B, L] placeholder rank over the batch
+    image = torch.searchsorted(ends, rank.clamp(min=0), right=True).clamp(max=ends.numel() - 1)  # [B, L]
+    offset = rank - (ends - lengths)[image]  # [B, L]
+    return image.masked_fill(~is_image, -1), offset.masked_fill(~is_image, -1)
+
+
 def rebuild_prompt(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -93,11 +115,8 @@ def rebuild_prompt(
         )
 
     # Which image each placeholder belongs to, and whether it is that image's first placeholder.
-    ends = original_lengths.cumsum(0)  # [I]
-    starts = ends - original_lengths  # [I]
-    rank = is_image.flatten().cumsum(0).view(batch, length) - 1  # [B, L] placeholder rank over the batch
-    image = torch.searchsorted(ends, rank.clamp(min=0), right=True).clamp(max=ends.numel() - 1)  # [B, L]
-    first = is_image & (rank == starts[image])  # [B, L]
+    image, offset = placeholder_owners(is_image, original_lengths)  # [B, L], [B, L]
+    first = is_image & (offset == 0)  # [B, L]
 
     # Every real token is copied once; an image's first placeholder becomes M_i copies, the rest none.
     counts = torch.where(is_image, first.long() * new_lengths[image], real.long())  # [B, L]

@@ -1,0 +1,227 @@
+"""The per-instance subclass of ``LlavaNextModel`` through which every compression method acts.
+
+How it works (transformers 5.x, ../shared/reference/transformers_llava_next.md §1 and §4):
+
+* ``generate`` encodes images *before* prefill through ``model.model.get_image_features`` and hands the
+  result to the prefill forward as ``mm_encoder_outputs``; a plain forward calls the same function. The
+  override runs the parent unchanged and lets the pre-LLM stage (if any) attach a keep-plan to each
+  image's features. The features themselves stay uncompressed, so everything transformers does between
+  encoding and prefill (the placeholder bookkeeping of ``_expand_multimodal_outputs`` for beam search,
+  pitfall 6) still sees the lengths it expects.
+* The ``forward`` override lets the pre-LLM stage gather kept features and rebuild the prompt, then
+  describes the final prompt in a :class:`PromptContext` (which positions are visual, of which image)
+  that the in-LLM stage (if any) uses while the language model runs.
+
+Only the attached instance changes class (``model.model.__class__`` becomes a subclass of its own
+class), so other models in the process are untouched; when the last method is removed the class is
+restored and the one attribute we add is deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import LlavaNextForConditionalGeneration
+
+from globalcom2.hooks.sequence import placeholder_owners
+
+_ADAPTER_ATTR = "_globalcom2"
+
+
+@dataclass(frozen=True)
+class PromptContext:
+    """What the language model is about to process in one forward call (after pre-LLM surgery).
+
+    Attributes:
+        input_ids: ``[B, L]`` final token ids, or ``None`` when the caller passed ``inputs_embeds``.
+        visual_index: ``[B, L]`` image index (scatter order) of every visual position, -1 elsewhere;
+            ``None`` in steps without images (decode) or without ``input_ids``.
+        attention_mask: ``[B, L_total]`` 2-D mask the language model receives, or ``None``.
+        position_ids: ``[B or 1, L]`` positions the language model receives, or ``None``.
+        past_key_values: the KV cache of this generation, or ``None``.
+    """
+
+    input_ids: torch.Tensor | None
+    visual_index: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    past_key_values: Any
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.visual_index is not None
+
+
+class InLLMStage(Protocol):
+    """What the model adapter needs from an in-LLM attachment (``hooks/in_llm.py``)."""
+
+    def active(self, context: PromptContext) -> Any:
+        """A context manager entered around the language model's forward for ``context``."""
+
+
+class ModelAdapter:
+    """All compression attached to one model instance: at most one pre-LLM and one in-LLM stage."""
+
+    def __init__(self, model: LlavaNextForConditionalGeneration) -> None:
+        self.model = model
+        self.pre_llm: Any = None  # PreLLMAdapter (hooks/pre_llm.py)
+        self.in_llm: InLLMStage | None = None
+        self._original_class: type | None = None
+
+    @classmethod
+    def of(cls, model: LlavaNextForConditionalGeneration) -> ModelAdapter:
+        """The adapter installed on ``model``, installing one if there is none."""
+        existing = getattr(model.model, _ADAPTER_ATTR, None)
+        if existing is not None:
+            return existing
+        adapter = cls(model)
+        inner = model.model
+        adapter._original_class = type(inner)
+        setattr(inner, _ADAPTER_ATTR, adapter)
+        inner.__class__ = _compressing_subclass(adapter._original_class)
+        return adapter
+
+    def occupy(self, slot: str, stage: Any, method_name: str) -> None:
+        current = getattr(self, slot)
+        if current is not None:
+            raise RuntimeError(
+                f"a {slot.replace('_', '-')} method ({current.method.name!r}) is already attached to this model; "
+                f"call .remove() on its handle before attaching {method_name!r}"
+            )
+        setattr(self, slot, stage)
+
+    def release(self, slot: str, stage: Any) -> None:
+        """Empty ``slot`` (which must hold ``stage``); uninstall when nothing is attached any more."""
+        if getattr(self, slot) is not stage:
+            raise RuntimeError(f"this {slot} attachment is not the one installed on the model")
+        setattr(self, slot, None)
+        if self.pre_llm is None and self.in_llm is None:
+            inner = self.model.model
+            inner.__class__ = self._original_class
+            delattr(inner, _ADAPTER_ATTR)
+
+
+def visual_index_map(input_ids: torch.Tensor, image_token_id: int, lengths: list[int]) -> torch.Tensor:
+    """``[B, L]`` image index of every placeholder position (scatter order), -1 elsewhere."""
+    image, _ = placeholder_owners(input_ids == image_token_id, torch.tensor(lengths))
+    return image
+
+
+class _CompressingMixin:
+    """Placed in front of the instance's own ``LlavaNextModel`` class; keeps the parent's signatures
+    (``generate`` picks arguments by ``inspect.signature``)."""
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ):
+        return_dict = kwargs.pop("return_dict", True)
+        adapter: ModelAdapter = getattr(self, _ADAPTER_ATTR)
+        with adapter.pre_llm.capturing_scores() if adapter.pre_llm is not None else nullcontext():
+            output = super().get_image_features(
+                pixel_values,
+                image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                return_dict=True,
+                **kwargs,
+            )
+        if adapter.pre_llm is not None:
+            output = adapter.pre_llm.plan(output, pixel_values, image_sizes)
+        return output if return_dict else output.to_tuple()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ):
+        adapter: ModelAdapter = getattr(self, _ADAPTER_ATTR)
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        image_output = (mm_encoder_outputs or {}).get("image")
+        if image_output is None and pixel_values is not None and pixel_values.size(0) > 0:
+            image_output = self.get_image_features(
+                pixel_values,
+                image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                return_dict=True,
+            )
+
+        state = None
+        if image_output is not None:
+            if adapter.pre_llm is not None:
+                input_ids, attention_mask, position_ids, image_output, state = adapter.pre_llm.prefill(
+                    input_ids, attention_mask, position_ids, past_key_values, image_output
+                )
+            mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": image_output}
+        elif adapter.pre_llm is not None:
+            query = input_ids if input_ids is not None else inputs_embeds
+            attention_mask, position_ids = adapter.pre_llm.decode(
+                past_key_values, attention_mask, position_ids, query.shape[1]
+            )
+
+        return_dict = kwargs.pop("return_dict", True)
+        with self._in_llm_stage(
+            adapter, input_ids, image_output, attention_mask, position_ids, past_key_values
+        ):
+            outputs = super().forward(
+                input_ids=input_ids,
+                image_sizes=image_sizes,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                use_cache=use_cache,
+                mm_encoder_outputs=mm_encoder_outputs,
+                return_dict=True,
+                **kwargs,
+            )
+        if image_output is not None and adapter.pre_llm is not None:
+            adapter.pre_llm.remember(outputs.past_key_values, state)
+        return outputs if return_dict else outputs.to_tuple()
+
+    @contextmanager
+    def _in_llm_stage(
+        self, adapter, input_ids, image_output, attention_mask, position_ids, past_key_values
+    ) -> Iterator[None]:
+        if adapter.in_llm is None:
+            yield
+            return
+        visual_index = None
+        if image_output is not None and input_ids is not None:
+            lengths = [feats.shape[0] for feats in image_output.pooler_output]
+            visual_index = visual_index_map(input_ids, self.config.image_token_id, lengths)
+        context = PromptContext(input_ids, visual_index, attention_mask, position_ids, past_key_values)
+        with adapter.in_llm.active(context):
+            yield
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _compressing_subclass(base: type) -> type:
+    """``Compressing<Base>``: the mixin in front of ``base``, created once per base class."""
+    if base not in _SUBCLASSES:
+        _SUBCLASSES[base] = type(f"Compressing{base.__name__}", (_CompressingMixin, base), {})
+    return _SUBCLASSES[base]
