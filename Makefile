@@ -27,7 +27,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-all lint format bench-attach clean
+.PHONY: help install test test-all lint format bench-attach bench-globalcom2 clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ format: install  ## apply ruff fixes and formatting
 
 bench-attach: install  ## prefill overhead of attach() at retention_ratio=1.0 (tiny model, 672x672)
 	$(PY) -m globalcom2.benchmarks.attach_overhead
+
+bench-globalcom2: install  ## GlobalCom² scoring + allocation + selection time per 672x672 image (CPU)
+	$(PY) -m globalcom2.benchmarks.globalcom2_selection
 
 clean:  ## remove caches (keeps .venv and results/)
 	rm -rf .pytest_cache .ruff_cache

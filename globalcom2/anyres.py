@@ -109,14 +109,14 @@ def unpadded_region(
     return (0, canvas_h), (pad, canvas_w - pad)
 
 
-@lru_cache(maxsize=512)
-def _cached_layout(
-    image_size: tuple[int, int], pinpoints: tuple[tuple[int, int], ...], crop_size: int, patch_size: int
-) -> PackedLayout:
-    side = crop_size // patch_size
-    rows, cols = crop_grid(image_size, [list(p) for p in pinpoints], crop_size)
-    (r0, r1), (c0, c1) = unpadded_region(image_size, (rows * side, cols * side))
-
+@lru_cache(maxsize=1024)
+def packed_provenance(
+    side: int, grid: tuple[int, int], valid_rows: tuple[int, int], valid_cols: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(view [N], token [N])`` of the packed sequence; depends only on the grid and the unpadded region,
+    so images of different sizes with the same geometry share one cached copy."""
+    cols = grid[1]
+    (r0, r1), (c0, c1) = valid_rows, valid_cols
     # Crop part: canvas rows r0..r1-1, each with columns c0..c1-1 plus one separator column.
     canvas_rows = torch.arange(r0, r1)  # [Hv]
     canvas_cols = torch.arange(c0, c1 + 1)  # [Wv + 1]; the last one is the separator
@@ -131,15 +131,18 @@ def _cached_layout(
     thumb = side * side
     view = torch.cat([torch.zeros(thumb, dtype=torch.long), crop_view])  # [N]
     token = torch.cat([torch.arange(thumb), crop_token])  # [N]
-    return PackedLayout(
-        image_size=image_size,
-        grid=(rows, cols),
-        side=side,
-        valid_rows=(r0, r1),
-        valid_cols=(c0, c1),
-        view=view,
-        token=token,
-    )
+    return view, token
+
+
+@lru_cache(maxsize=512)
+def _cached_layout(
+    image_size: tuple[int, int], pinpoints: tuple[tuple[int, int], ...], crop_size: int, patch_size: int
+) -> PackedLayout:
+    side = crop_size // patch_size
+    grid = crop_grid(image_size, [list(p) for p in pinpoints], crop_size)
+    valid_rows, valid_cols = unpadded_region(image_size, (grid[0] * side, grid[1] * side))
+    view, token = packed_provenance(side, grid, valid_rows, valid_cols)
+    return PackedLayout(image_size, grid, side, valid_rows, valid_cols, view, token)
 
 
 def packed_layout(

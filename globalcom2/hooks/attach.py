@@ -35,7 +35,13 @@ def attach(model: Any, method: str, **params: Any) -> Attachment:
         raise NotImplementedError(
             f"method {method!r} acts at stage {instance.stage!r}, which has no attach point yet"
         )
+    ModelAdapter.ensure_free(model, "pre_llm", method)
+    stage = PreLLMAdapter(model, instance)  # validates method vs model, registers score hooks if needed
     adapter = ModelAdapter.of(model)
-    stage = PreLLMAdapter(model, instance)
-    adapter.occupy("pre_llm", stage, method)  # fails only when the slot is taken: nothing to undo then
-    return Attachment(instance, stage.stats, lambda: adapter.release("pre_llm", stage))
+    adapter.occupy("pre_llm", stage, method)
+
+    def detach() -> None:
+        adapter.release("pre_llm", stage)
+        stage.close()
+
+    return Attachment(instance, stage.stats, detach)

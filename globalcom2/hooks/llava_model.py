@@ -85,13 +85,19 @@ class ModelAdapter:
         inner.__class__ = _compressing_subclass(adapter._original_class)
         return adapter
 
-    def occupy(self, slot: str, stage: Any, method_name: str) -> None:
-        current = getattr(self, slot)
+    @staticmethod
+    def ensure_free(model: LlavaNextForConditionalGeneration, slot: str, method_name: str) -> None:
+        """Raise if ``slot`` of ``model`` is taken; installs nothing (so a failed attach leaves no trace)."""
+        existing = getattr(model.model, _ADAPTER_ATTR, None)
+        current = getattr(existing, slot) if existing is not None else None
         if current is not None:
             raise RuntimeError(
                 f"a {slot.replace('_', '-')} method ({current.method.name!r}) is already attached to this model; "
                 f"call .remove() on its handle before attaching {method_name!r}"
             )
+
+    def occupy(self, slot: str, stage: Any, method_name: str) -> None:
+        self.ensure_free(self.model, slot, method_name)
         setattr(self, slot, stage)
 
     def release(self, slot: str, stage: Any) -> None:

@@ -12,7 +12,8 @@ step into compressed coordinates.
 from __future__ import annotations
 
 import weakref
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -22,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from globalcom2.anyres import PackedLayout, packed_layout
 from globalcom2.hooks.sequence import DecodeState, decode_inputs, rebuild_prompt
 from globalcom2.methods.base import ImageContext, ImageStats, PreLLMMethod
+from globalcom2.scoring.vision_attention import ClsAttentionCapture
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,29 @@ class PreLLMAdapter:
         self._image_token_id = config.image_token_id
         pad = config.text_config.pad_token_id
         self._pad_token_id = 0 if pad is None else int(pad)
+        self._scores: ClsAttentionCapture | None = None
+        self._pending_scores: torch.Tensor | None = None
+        if method.vision_score_layer is not None:
+            self._scores = ClsAttentionCapture(
+                model.model.vision_tower, method.vision_score_layer, method.vision_score_kind
+            )
+
+    def close(self) -> None:
+        """Remove the score hooks (called when the attachment is removed)."""
+        if self._scores is not None:
+            self._scores.remove()
+        self._decode_states.clear()
 
     # -- planning (inside get_image_features) -------------------------------------------------------
-    def capturing_scores(self) -> AbstractContextManager[None]:
-        """Active around the vision tower's forward; methods that need [CLS] scores capture them here."""
-        return nullcontext()
+    @contextmanager
+    def capturing_scores(self) -> Iterator[None]:
+        """Active around the vision tower's forward: records [CLS] scores when the method needs them."""
+        if self._scores is None:
+            yield
+            return
+        with self._scores.capture() as captured:
+            yield
+            self._pending_scores = torch.cat(captured) if captured else None  # [sum of views, 576]
 
     def layout(self, image_size: torch.Tensor) -> PackedLayout:
         return packed_layout(image_size, self._pinpoints, self._crop_size, self._patch_size)
@@ -69,20 +89,34 @@ class PreLLMAdapter:
         """Decide, for every image of this call, which packed positions the LLM will see."""
         features = list(output.pooler_output)  # I x [N_i, D]
         layouts = [self.layout(size) for size in image_sizes]
-        views = _views_per_image(pixel_values, [layout.num_views for layout in layouts])
+        num_views = [layout.num_views for layout in layouts]
+        views = _views_per_image(pixel_values, num_views)
+        scores = self._scores_per_image(num_views)
         plans: dict[int, ImagePlan] = {}
-        for feats, layout, pixels in zip(features, layouts, views, strict=True):
+        for feats, layout, pixels, image_scores in zip(features, layouts, views, scores, strict=True):
             if feats.shape[0] != layout.num_tokens:
                 raise RuntimeError(
                     f"packed features of an image of size {layout.image_size} have {feats.shape[0]} tokens, "
                     f"the AnyRes geometry predicts {layout.num_tokens}; is this a LLaVA-NeXT AnyRes model?"
                 )
-            ctx = ImageContext(layout=layout, pixel_values=pixels)
+            ctx = ImageContext(layout=layout, pixel_values=pixels, vision_scores=image_scores)
             source = self.method.select(feats, ctx)
             plans[id(feats)] = ImagePlan(features=feats, source=source)
             self.stats.append(self._image_stats(layout, source))
         kept = {f.name: getattr(output, f.name) for f in fields(BaseModelOutputWithPooling)}
         return PlannedImageFeatures(**kept, plans=plans)
+
+    def _scores_per_image(self, num_views: list[int]) -> list[torch.Tensor | None]:
+        """Split the captured ``[sum of views, 576]`` scores per image (``None`` if not requested)."""
+        if self._scores is None:
+            return [None] * len(num_views)
+        scores, self._pending_scores = self._pending_scores, None
+        if scores is None or scores.shape[0] != sum(num_views):
+            raise RuntimeError(
+                f"{self.method.name!r} needs [CLS] scores of every view, but the vision tower produced "
+                f"{0 if scores is None else scores.shape[0]} for {sum(num_views)} views"
+            )
+        return list(torch.split(scores, num_views))
 
     def _image_stats(self, layout: PackedLayout, source: torch.Tensor | None) -> ImageStats:
         if source is None:

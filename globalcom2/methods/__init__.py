@@ -1,6 +1,6 @@
 """Compression methods. Importing this package registers every method in :data:`METHODS`."""
 
-from globalcom2.methods import random_keep, vanilla  # noqa: F401  (registration side effect)
+from globalcom2.methods import globalcom2, random_keep, vanilla  # noqa: F401  (registration side effect)
 from globalcom2.methods.base import (
     METHODS,
     CompressionMethod,

@@ -87,11 +87,14 @@ class PreLLMMethod(CompressionMethod):
     """A method that chooses visual tokens before the LLM sees them.
 
     Attributes:
-        vision_score_layer: CLIP layer whose [CLS]->patch scores the method needs (``None``: no scores).
+        vision_score_layer: CLIP layer whose [CLS]->patch scores the method needs (``None``: no scores);
+            negative values count from the last layer.
+        vision_score_kind: ``"logits"`` (pre-softmax, head-averaged) or ``"softmax"`` (probabilities).
     """
 
     stage: ClassVar[Stage] = "pre_llm"
     vision_score_layer: int | None = None
+    vision_score_kind: str = "logits"
 
     def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
         """Packed positions to keep, in output order (``[M]`` int64), or ``None`` to keep all unchanged.

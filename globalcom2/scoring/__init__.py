@@ -1,0 +1,1 @@
+"""Scoring functions: pure tensor code that turns attention into per-token scores."""

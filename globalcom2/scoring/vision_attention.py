@@ -1,0 +1,107 @@
+"""[CLS]->patch attention scores of one CLIP layer, without switching the vision tower to eager.
+
+GlobalCom² ranks tokens by the attention the [CLS] query pays to each patch in CLIP's last layer; its
+reference implementation class-swaps CLIP's attention to eager and stores 24 layers x 577 x 577 maps
+(../shared/reference/globalcom2.md §2.1, §3.12). We need one query row of one layer. CLIP's attention
+computes ``q_proj`` then ``k_proj`` on the layer-normed input; forward hooks on those two projections
+read their outputs as the attention itself uses them, and the only extra work is the CLS row against all
+keys: ``[V, heads, 577]`` per call, O(V * 577 * d) time and O(V * 577 * heads) memory. SDPA (or
+FlashAttention) stays on for the real forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+ScoreKind = Literal["logits", "softmax"]
+
+
+def cls_patch_scores(
+    cls_query: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float, kind: ScoreKind = "logits"
+) -> torch.Tensor:
+    """Head-averaged attention of the [CLS] query over the patch keys.
+
+    Args:
+        cls_query: ``[V, D]`` projected query of the [CLS] token (position 0) of each view.
+        keys: ``[V, T, D]`` projected keys of every token (``T = 1 + patches``).
+        num_heads: attention heads ``h`` (``D = h * head_dim``).
+        scale: the attention's scaling, ``head_dim ** -0.5``.
+        kind: ``"logits"``: pre-softmax scaled dot products averaged over heads (the GlobalCom² reference);
+            ``"softmax"``: attention probabilities averaged over heads (FasterVLM's choice).
+
+    Returns:
+        ``[V, T - 1]`` float32 scores of the patch keys (the [CLS] key dropped).
+    """
+    views, tokens, dim = keys.shape
+    q, k = cls_query.float(), keys.float()
+    if kind == "logits":
+        # mean over heads of per-head dot products = one full-width dot product / heads
+        return (k @ q.unsqueeze(-1)).squeeze(-1)[:, 1:] * (scale / num_heads)  # [V, T - 1]
+    head_dim = dim // num_heads
+    per_head = torch.einsum(
+        "vthd,vhd->vht", k.view(views, tokens, num_heads, head_dim), q.view(views, num_heads, head_dim)
+    )  # [V, h, T]
+    return (per_head * scale).softmax(dim=-1).mean(dim=1)[:, 1:]  # [V, T - 1]
+
+
+class ClsAttentionCapture:
+    """Forward hooks on one CLIP attention layer that record [CLS]->patch scores while capturing.
+
+    Args:
+        vision_tower: transformers' ``CLIPVisionModel`` (``model.model.vision_tower``).
+        layer: encoder layer index; negative values count from the end (-1 = last layer).
+        kind: see :func:`cls_patch_scores`.
+    """
+
+    def __init__(self, vision_tower: nn.Module, layer: int, kind: ScoreKind = "logits") -> None:
+        layers = vision_tower.encoder.layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -len(layers) <= layer < len(layers):
+            raise ValueError(
+                f"score_layer must be an int in [{-len(layers)}, {len(layers) - 1}] for this "
+                f"{len(layers)}-layer vision tower, got {layer!r}"
+            )
+        if kind not in ("logits", "softmax"):
+            raise ValueError(f"attention score kind must be 'logits' or 'softmax', got {kind!r}")
+        attention = layers[layer].self_attn
+        self.num_heads = attention.num_heads
+        self.scale = attention.scale
+        self.kind = kind
+        self._cls_query: torch.Tensor | None = None
+        self._captured: list[torch.Tensor] | None = None
+        self._handles = [
+            attention.q_proj.register_forward_hook(self._on_query),
+            attention.k_proj.register_forward_hook(self._on_keys),
+        ]
+
+    def _on_query(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._captured is not None:
+            self._cls_query = output[:, 0]  # [V, D]
+
+    def _on_keys(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._captured is None:
+            return
+        if self._cls_query is None:
+            raise RuntimeError("CLIP attention computed keys before queries; the score hook cannot follow")
+        self._captured.append(
+            cls_patch_scores(self._cls_query, output, self.num_heads, self.scale, self.kind)
+        )
+        self._cls_query = None
+
+    @contextmanager
+    def capture(self) -> Iterator[list[torch.Tensor]]:
+        """Record the scores of every forward inside the block into the yielded list (``[V, 576]`` each)."""
+        self._captured = []
+        try:
+            yield self._captured
+        finally:
+            self._captured, self._cls_query = None, None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
