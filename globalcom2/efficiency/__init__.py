@@ -1,0 +1,1 @@
+"""Efficiency accounting: analytic FLOPs and KV cache (flops.py), measurement (profile.py)."""

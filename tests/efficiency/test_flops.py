@@ -1,0 +1,115 @@
+"""Analytic FLOPs: published check values, and equality with torch's FLOP counter on real prefills."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import synthetic_image
+from torch.utils.flop_counter import FlopCounterMode
+
+from globalcom2 import attach
+from globalcom2.efficiency.flops import (
+    VICUNA_7B,
+    VICUNA_13B,
+    LlmDims,
+    VisionDims,
+    decode_flops,
+    equivalent_tokens,
+    kv_cache_bytes,
+    model_prefill_flops,
+    prefill_flops,
+    vision_flops,
+)
+from globalcom2.models.tiny import build_tiny_llava_next
+from globalcom2.prompts import vicuna_v1_prompt
+
+TERA = 1e12
+
+
+@pytest.mark.parametrize(
+    ("dims", "tokens", "tflops"),
+    # GlobalCom² Tables 8/9 (first version printed two decimals): related_work_and_numbers.md §3.4
+    [
+        (VICUNA_7B, 2880, 41.65),
+        (VICUNA_7B, 720, 9.60),
+        (VICUNA_7B, 288, 3.77),
+        (VICUNA_13B, 2880, 79.88),
+        (VICUNA_13B, 720, 18.70),
+        (VICUNA_13B, 288, 7.38),
+    ],
+)
+def test_published_check_values(dims, tokens, tflops):
+    assert abs(model_prefill_flops(dims, tokens) / TERA - tflops) <= 0.01
+
+
+def test_public_signature_and_staged_methods():
+    assert prefill_flops(4096, 11008, 32, 2880) == model_prefill_flops(VICUNA_7B, 2880)
+    fastv_720 = prefill_flops(4096, 11008, 32, [2880] * 2 + [720] * 30)  # FastV, K = 2, keeping 720
+    assert abs(fastv_720 / TERA - 11.60) <= 0.01
+    assert equivalent_tokens([2880] * 2 + [720] * 30) == pytest.approx(855.0)
+    with pytest.raises(ValueError, match="one token count per layer"):
+        prefill_flops(4096, 11008, 32, [2880] * 31)
+    with pytest.raises(ValueError, match="both num_kv_heads and num_heads"):
+        prefill_flops(4096, 11008, 32, 10, num_kv_heads=8)
+
+
+def test_grouped_query_attention_narrows_k_and_v():
+    mha = prefill_flops(64, 172, 1, 100)
+    gqa = prefill_flops(64, 172, 1, 100, num_kv_heads=2, num_heads=4)
+    assert mha - gqa == 2 * 100 * 2 * 64 * (64 - 32)  # k and v projections at half width
+
+
+def test_kv_cache_and_decode():
+    assert kv_cache_bytes(VICUNA_7B, 1) == 524_288  # fp16, per token
+    assert abs(kv_cache_bytes(VICUNA_7B, 288) / 1e6 - 151.0) < 0.05  # GlobalCom² Table 8: 151.0 MB
+    assert kv_cache_bytes(VICUNA_7B, [10, 20] + [0] * 30) == 30 * 524_288 // 32
+    # decoding saves little: ~14.7 vs ~13.4 GFLOPs per token at 2880 vs 288 cached tokens
+    assert 14.6e9 < decode_flops(VICUNA_7B, 2880) < 14.8e9
+    assert 13.3e9 < decode_flops(VICUNA_7B, 288) < 13.5e9
+
+
+def counted_llm_flops(model, inputs) -> int:
+    """FLOPs torch counts inside the language model during one prefill (eager attention: QK^T and AV
+    are plain matmuls, which FlopCounterMode sees; CPU SDPA has no registered formula)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs, logits_to_keep=1)
+    return sum(counter.get_flop_counts()["LlavaNextForConditionalGeneration.model.language_model"].values())
+
+
+@pytest.fixture(scope="module")
+def eager_tiny():
+    return build_tiny_llava_next(
+        seed=0, attn_implementation={"text_config": "eager", "vision_config": "sdpa"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("vanilla", {}),
+        ("random", {"retention_ratio": 0.25}),
+        ("globalcom2", {"retention_ratio": 0.25}),
+        ("globalcom2", {"retention_ratio": 0.1, "layout": "reference"}),
+    ],
+)
+def test_analytic_equals_flop_counter_for_pre_llm_methods(eager_tiny, method, params):
+    model, processor = eager_tiny
+    inputs = processor(images=synthetic_image(800, 600), text=vicuna_v1_prompt("Where?"), return_tensors="pt")
+    with attach(model, method, **params) as handle:
+        counted = counted_llm_flops(model, inputs)
+        stats = handle.stats[-1]
+    prompt = inputs["input_ids"].shape[1] - stats.tokens_before + stats.tokens_after  # every layer sees it
+    analytic = model_prefill_flops(LlmDims.from_config(model.config.text_config), prompt)
+    assert analytic == counted  # exact: same convention, same shapes
+
+
+def test_vision_flops_count_the_tower_and_projector():
+    model, processor = build_tiny_llava_next(
+        seed=0, attn_implementation="eager"
+    )  # the counter sees eager only
+    inputs = processor(images=synthetic_image(672, 672), text=vicuna_v1_prompt("Q"), return_tensors="pt")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+    counted = sum(counter.get_flop_counts()["Global"].values())
+    analytic = vision_flops(VisionDims.from_config(model.config), num_views=5)
+    assert analytic == counted
