@@ -1,0 +1,86 @@
+"""Where a number came from: code version, library versions, hardware.
+
+Every ``record.json`` carries this block, so a table cell can always be traced to the exact code, stack
+and machine that produced it (../shared/style.md §7.5 rule 8).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_PACKAGES = (
+    "torch",
+    "transformers",
+    "lmms_eval",
+    "accelerate",
+    "hydra-core",
+    "datasets",
+    "tokenizers",
+    "numpy",
+)
+
+
+def git_state(root: str | Path | None = None) -> dict[str, Any]:
+    """``{"sha", "dirty"}`` of the checkout at ``root`` (the project root by default); ``None`` values
+    outside a git checkout."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": None if status is None else bool(status)}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    """CPU, and GPU name/memory/CUDA version when one is visible."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(
+            gpu=props.name,
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    return info
+
+
+def provenance() -> dict[str, Any]:
+    """The full provenance block: git, versions, hardware, python."""
+    return {
+        "git": git_state(),
+        "versions": package_versions(),
+        "python": platform.python_version(),
+        "hardware": hardware(),
+    }
