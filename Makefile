@@ -27,7 +27,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-all lint format bench-attach clean
+.PHONY: help install test test-all lint format bench-attach bench-in-llm clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ format: install  ## apply ruff fixes and formatting
 
 bench-attach: install  ## prefill overhead of attach() at retention_ratio=1.0 (tiny model, 672x672)
 	$(PY) -m globalcom2.benchmarks.attach_overhead
+
+bench-in-llm: install  ## prefill time/memory of FastV and SparseVLM at R=0.25, scoring memory (tiny model, 672x672)
+	$(PY) -m globalcom2.benchmarks.in_llm
 
 clean:  ## remove caches (keeps .venv and results/)
 	rm -rf .pytest_cache .ruff_cache
