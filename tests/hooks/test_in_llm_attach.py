@@ -272,6 +272,22 @@ def test_sparsevlm_counts_follow_its_schedule(model, processor, images, ratio, c
     assert 0 < stats.score_query_tokens[0] < stats.rater_candidates
 
 
+def test_sparsevlm_budgets_every_image_of_a_prompt(model, processor, images):
+    inputs = prompt_inputs(processor, [images[(1008, 336)], images[(336, 336)]], "Compare the two images.")
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    per_image = [f.shape[0] for f in features]
+    with attach(model, "sparsevlm", retention_ratio=0.4) as handle:
+        generate_steps(model, inputs, steps=2)
+        stats = handle.stats[-1]
+        budgets = [handle.method.budgets(n, 4) for n in per_image]
+    expected = tuple(sum(b[stage].after for b in budgets) for stage in range(3))
+    assert stats.visual_tokens_per_layer == (sum(per_image), *expected)
+    assert stats.recycled_tokens == tuple(sum(b[stage].recycled for b in budgets) for stage in range(3))
+    assert stats.equivalent_tokens_target == pytest.approx(0.4 * sum(per_image))
+    assert abs(stats.equivalent_visual_tokens - 0.4 * sum(per_image)) <= 2.0  # within one token per image
+
+
 @pytest.fixture(scope="module")
 def deep_model():
     """The tiny model with a 32-layer language model, so SparseVLM's official layers [2, 6, 15] apply."""
@@ -350,6 +366,7 @@ def test_sparsevlm_cached_decode_equals_no_cache_recompute(processor, images):
         ("fastv", {"retention_ratio": 0.3}, "sdpa"),
         ("fastv", {"retention_ratio": 0.3}, "eager"),
         ("sparsevlm", {"retention_ratio": 0.5}, "sdpa"),
+        ("sparsevlm", {"retention_ratio": 0.5}, "eager"),
     ],
 )
 def test_left_padded_batch_rows_equal_single_runs(
@@ -402,17 +419,20 @@ def test_composition_with_a_pre_llm_method(model, processor, images):
     restored_tokens, restored_steps = generate_steps(model, inputs, steps=4)
     assert torch.equal(restored_steps, vanilla_steps) and torch.equal(restored_tokens, vanilla_tokens)
 
-    # The other removal order restores each step exactly too.
-    fastv = attach(model, "sparsevlm", retention_ratio=0.5)
+    # SparseVLM attached first, the pre-LLM method second: again the in-LLM method on the shortened prompt,
+    # and removing them in the other order restores each stage exactly.
+    sparsevlm = attach(model, "sparsevlm", retention_ratio=0.5)
     random = attach(model, "random", retention_ratio=0.5)
-    generate_steps(model, inputs, steps=2)
+    tokens, steps = generate_steps(model, inputs, steps=4)
+    assert sparsevlm.stats[-1].visual_tokens_before == random.stats[-1].tokens_after
     random.remove()
-    with attach(model, "random", retention_ratio=0.5):
-        pass
-    fastv.remove()
-    with attach(model, "random", retention_ratio=0.5):
-        again_tokens, again_steps = generate_steps(model, inputs, steps=4)
+    short_tokens, short_steps = generate_steps(model, shortened_inputs(model, inputs, sources), steps=4)
+    assert torch.equal(short_steps, steps) and torch.equal(short_tokens, tokens)
+    random = attach(model, "random", retention_ratio=0.5)
+    sparsevlm.remove()
+    again_tokens, again_steps = generate_steps(model, inputs, steps=4)
     assert torch.equal(again_steps, random_steps) and torch.equal(again_tokens, random_tokens)
+    random.remove()
 
 
 def test_generate_without_cache_reselects_at_every_step(model, processor, images):
@@ -504,6 +524,18 @@ def test_beam_search_runs_and_rates_every_beam_alike(model, processor, images):
 def test_bad_parameters_name_the_value_and_the_range(model, method, params, error, pattern):
     with pytest.raises(error, match=pattern):
         attach(model, method, **params)
+    assert type(model.model).__name__ == "LlavaNextModel"
+
+
+def test_unsupported_attention_implementation_is_refused(model):
+    config = model.model.language_model.config
+    original = config._attn_implementation
+    config._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(NotImplementedError, match=r"\('sdpa', 'eager'\).*'flex_attention'"):
+            attach(model, "fastv", retention_ratio=0.5)
+    finally:
+        config._attn_implementation = original
     assert type(model.model).__name__ == "LlavaNextModel"
 
 

@@ -88,6 +88,17 @@ def test_relayout_keeps_order_inserts_after_each_image_and_left_pads():
     assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 6], [1, 1, 1, 5, 6, 7, 8]]
 
 
+def test_relayout_places_merged_rows_after_their_own_image_in_a_row_with_two_images():
+    image = torch.tensor([[-1, 0, 0, -1, 1, 1, -1]])
+    keep = torch.tensor([[1, 0, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    merged = MergedTokens(
+        torch.tensor([[[10.0]], [[20.0]]]), count=torch.tensor([1, 1]), candidates=torch.ones(2)
+    )
+    layout = plan_relayout(keep, image, merged)
+    rows = gather_rows(torch.arange(7.0).view(1, 7, 1), layout.source, layout.inserted_hidden).squeeze(-1)
+    assert rows.tolist() == [[0, 2, 10, 3, 4, 20, 6]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dpc_knn_merge_matches_the_single_group_reference(dtype):
     generator = torch.Generator().manual_seed(1)
