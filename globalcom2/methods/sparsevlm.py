@@ -26,9 +26,11 @@ budgets (constant outside them), scaled by one factor that is solved per image s
 recycled tokens included, meets the target (:func:`sparsevlm_schedule`); the realised counts are recorded in
 :class:`~globalcom2.methods.base.LayerStats`. Which layer average: ``equivalent_tokens="layer_input"`` (default)
 averages the tokens *entering* each layer, the count FLOPs follow and ``LayerStats.equivalent_visual_tokens``
-reports; ``"layer_output"`` averages the tokens *leaving* each layer, the count the reference prints, under
-which the solved schedule reproduces the official ones at 576 tokens and 32 layers. The input convention is one
-layer "later", so it prunes harder for the same R and cannot go below ``(first pruning layer + 1) / layers``.
+reports; ``"layer_output"`` averages the tokens *leaving* each layer, the count the reference prints; under it the
+solved schedule at 576 tokens and 32 layers is the official one to within 3 tokens (192 -> [300, 200, 110] exactly,
+128 -> [300, 109, 36], 64 -> [64, 29, 16]). The input convention counts one layer more at full length, so it
+prunes harder for the same R and cannot go below ``(first pruning layer + 1) / layers`` (3/32 on LLaVA-NeXT-7B,
+1/4 on the 4-layer tiny model, where ``R <= 0.25`` needs ``"layer_output"``); ``attach`` refuses such R.
 
 Default pruning layers: the official [2, 6, 15] when the model has more than 16 decoder layers (LLaVA-NeXT
 7B/13B: 32/40); for shallower models (the 4-layer tiny test model) the official layers scaled by
