@@ -27,7 +27,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-all lint format bench-attach bench-globalcom2 clean
+.PHONY: help install test test-all lint format bench-attach bench-globalcom2 bench-in-llm clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ bench-attach: install  ## prefill overhead of attach() at retention_ratio=1.0 (t
 
 bench-globalcom2: install  ## GlobalCom² scoring + allocation + selection time per 672x672 image (CPU)
 	$(PY) -m globalcom2.benchmarks.globalcom2_selection
+
+bench-in-llm: install  ## prefill time/memory of FastV and SparseVLM at R=0.25, scoring memory (tiny model, 672x672)
+	$(PY) -m globalcom2.benchmarks.in_llm
 
 clean:  ## remove caches (keeps .venv and results/)
 	rm -rf .pytest_cache .ruff_cache

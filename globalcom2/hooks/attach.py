@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from globalcom2.hooks.handle import Attachment
+from globalcom2.hooks.in_llm import InLLMAdapter
 from globalcom2.hooks.llava_model import ModelAdapter
 from globalcom2.hooks.pre_llm import PreLLMAdapter
-from globalcom2.methods import METHODS, PreLLMMethod
+from globalcom2.methods import METHODS, InLLMMethod, PreLLMMethod
 from globalcom2.models.llava_next import check_llava_next_anyres
 
 
 def attach(model: Any, method: str, **params: Any) -> Attachment:
     """Attach the registered compression ``method`` to ``model`` (this instance only).
 
-    One pre-LLM and one in-LLM method may be attached at the same time (e.g. GlobalCom² + FastV).
+    One pre-LLM and one in-LLM method may be attached at the same time (e.g. GlobalCom² + FastV); the
+    in-LLM method then sees the prompt the pre-LLM method produced.
 
     Args:
         model: a loaded ``LlavaNextForConditionalGeneration`` with AnyRes (e.g. ``llava-hf/llava-v1.6-vicuna-7b-hf``).
@@ -31,17 +33,32 @@ def attach(model: Any, method: str, **params: Any) -> Attachment:
     """
     check_llava_next_anyres(model)
     instance = METHODS.create(method, **params)
-    if not isinstance(instance, PreLLMMethod):
+    if isinstance(instance, PreLLMMethod):
+        slot = "pre_llm"
+    elif isinstance(instance, InLLMMethod):
+        slot = "in_llm"
+    else:
         raise NotImplementedError(
-            f"method {method!r} acts at stage {instance.stage!r}, which has no attach point yet"
+            f"method {method!r} acts at stage {instance.stage!r}, which has no attach point"
         )
-    ModelAdapter.ensure_free(model, "pre_llm", method)
-    stage = PreLLMAdapter(model, instance)  # validates method vs model, registers score hooks if needed
+    # Check and validate everything before the first change, so a failed attach leaves no trace.
+    ModelAdapter.ensure_free(model, slot, method)
+    if slot == "pre_llm":
+        stage: PreLLMAdapter | InLLMAdapter = PreLLMAdapter(
+            model, instance
+        )  # registers score hooks if needed
+    else:
+        stage = InLLMAdapter(model, instance)  # validates the method against this model
     adapter = ModelAdapter.of(model)
-    adapter.occupy("pre_llm", stage, method)
+    adapter.occupy(slot, stage, method)
+    if isinstance(stage, InLLMAdapter):
+        stage.install()
 
     def detach() -> None:
-        adapter.release("pre_llm", stage)
-        stage.close()
+        if isinstance(stage, InLLMAdapter):
+            stage.uninstall()
+        else:
+            stage.close()
+        adapter.release(slot, stage)
 
     return Attachment(instance, stage.stats, detach)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import TracebackType
 
-from globalcom2.methods.base import CompressionMethod, ImageStats
+from globalcom2.methods.base import CompressionMethod, ImageStats, LayerStats
 
 
 class Attachment:
@@ -16,11 +16,15 @@ class Attachment:
 
     Attributes:
         method: the attached method with its hyperparameters.
-        stats: realised counts of every image compressed since attaching (or since ``stats.clear()``).
+        stats: realised counts since attaching (or since ``stats.clear()``): one :class:`ImageStats` per image for
+            a pre-LLM method, one :class:`LayerStats` per batch row and prefill for an in-LLM method.
     """
 
     def __init__(
-        self, method: CompressionMethod, stats: list[ImageStats], detach: Callable[[], None]
+        self,
+        method: CompressionMethod,
+        stats: list[ImageStats] | list[LayerStats],
+        detach: Callable[[], None],
     ) -> None:
         self.method = method
         self.stats = stats

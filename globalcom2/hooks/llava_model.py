@@ -215,7 +215,12 @@ class _CompressingMixin:
             yield
             return
         visual_index = None
-        if image_output is not None and input_ids is not None:
+        if image_output is not None:
+            if input_ids is None:
+                raise NotImplementedError(
+                    f"{adapter.in_llm.method.name!r} needs input_ids to find the visual tokens; "
+                    "inputs_embeds with images is not supported"
+                )
             lengths = [feats.shape[0] for feats in image_output.pooler_output]
             visual_index = visual_index_map(input_ids, self.config.image_token_id, lengths)
         context = PromptContext(input_ids, visual_index, attention_mask, position_ids, past_key_values)

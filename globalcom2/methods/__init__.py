@@ -1,11 +1,13 @@
 """Compression methods. Importing this package registers every method in :data:`METHODS`."""
 
-from globalcom2.methods import globalcom2, random_keep, vanilla  # noqa: F401  (registration side effect)
+from globalcom2.methods import fastv, globalcom2, random_keep, sparsevlm, vanilla  # noqa: F401  (registration side effect)
 from globalcom2.methods.base import (
     METHODS,
     CompressionMethod,
     ImageContext,
     ImageStats,
+    InLLMMethod,
+    LayerStats,
     PreLLMMethod,
     register_method,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "CompressionMethod",
     "ImageContext",
     "ImageStats",
+    "InLLMMethod",
+    "LayerStats",
     "PreLLMMethod",
     "list_methods",
     "register_method",

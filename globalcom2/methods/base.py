@@ -10,6 +10,14 @@ access), makes the realised counts exact and auditable, and lets a layout repeat
 GlobalCom² reference layout emits more separators than vanilla, ../shared/reference/globalcom2.md §2.7).
 The hook in ``globalcom2/hooks/pre_llm.py`` does the gathering and the sequence surgery, once for all
 methods.
+
+In-LLM methods (``fastv``, ``sparsevlm``) act between decoder layers. They never touch tensors of the model
+either; the engine in ``globalcom2/hooks/in_llm.py`` asks them three questions during a prefill and does all
+slicing of hidden states, positions, rotary embeddings, masks and the KV-cache bookkeeping itself::
+
+    select_queries(view at layer 0)           -> which prompt rows rate the visual tokens
+    score(stage, attention of those rows)     -> a relevance per position
+    keep(stage, relevance, view)              -> which positions go on, plus merged rows to insert
 """
 
 from __future__ import annotations
@@ -120,6 +128,175 @@ class ImageStats:
     @property
     def tokens_after(self) -> int:
         return self.patch_tokens_kept + self.separators_kept
+
+
+@dataclass(frozen=True)
+class TokenView:
+    """The prompt entering one decoder layer during a prefill, for the whole batch (left-padded).
+
+    Attributes:
+        hidden_states: ``[B, L, D]`` input of the layer (layer 0: the embeddings with image features scattered in).
+        image: ``[B, L]`` image index (scatter order over the batch) of every visual row, -1 for text and padding.
+            Rows merged by an earlier stage count as visual rows of their image.
+        valid: ``[B, L]`` True for real (non-padding) rows.
+        image_tokens: ``[I]`` visual positions of each image entering layer 0 (``N_vis``, separators included).
+        layer: the decoder layer this view enters.
+        num_layers: decoder layers of the language model.
+    """
+
+    hidden_states: torch.Tensor
+    image: torch.Tensor
+    valid: torch.Tensor
+    image_tokens: torch.Tensor
+    layer: int
+    num_layers: int
+
+    @property
+    def visual(self) -> torch.Tensor:
+        """``[B, L]`` True at visual rows."""
+        return self.image >= 0
+
+    def tokens_per_image(self) -> torch.Tensor:
+        """``[I]`` visual rows of each image in this view."""
+        images = self.image[self.image >= 0]
+        return torch.bincount(images, minlength=self.image_tokens.numel())
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """Prompt rows whose attention rates the visual tokens, chosen once per prefill on the layer-0 input.
+
+    Attributes:
+        rows: ``[B, L]`` True at the query rows (never visual rows, never padding).
+        candidates: ``[B]`` rows the method examined to choose them (SparseVLM's rater candidates; 0 when the
+            choice costs nothing, as FastV's last token). Recorded for overhead accounting.
+    """
+
+    rows: torch.Tensor
+    candidates: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MergedTokens:
+    """New rows a stage inserts: per image, merged tokens placed right after that image's kept rows.
+
+    Attributes:
+        hidden_states: ``[I, M, D]`` merged rows; row ``j`` of image ``i`` is real when ``j < count[i]``.
+        count: ``[I]`` merged rows per image.
+        candidates: ``[I]`` dropped rows that were merged into them (the clustering input size).
+    """
+
+    hidden_states: torch.Tensor
+    count: torch.Tensor
+    candidates: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """What one stage keeps: ``keep`` must be True on every real text row (only visual rows may go)."""
+
+    keep: torch.Tensor  # [B, L] bool
+    merged: MergedTokens | None = None
+
+
+class InLLMMethod(CompressionMethod):
+    """A method that drops visual rows between decoder layers of the language model.
+
+    A method has one or more *stages*. Stage ``s`` recomputes, at decoder layer ``stage_layers(n)[s] - 1``, the
+    attention of the query rows over the sequence entering that layer (SDPA stays on everywhere), turns it into
+    a relevance per position (:meth:`score`), and decides before layer ``stage_layers(n)[s]`` which rows go on
+    (:meth:`keep`). Layers from there on never see the dropped rows, so their KV cache holds only kept rows.
+
+    Attributes:
+        positions: ``"original"``: kept rows keep their position ids (FastV); ``"renumber"``: positions are
+            renumbered contiguously after every stage and decode positions follow (SparseVLM).
+    """
+
+    stage: ClassVar[Stage] = "in_llm"
+    positions: ClassVar[Literal["original", "renumber"]] = "original"
+
+    def stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        """First decoder layer that sees each stage's reduced sequence, strictly increasing in ``[1, num_layers)``.
+
+        Raises:
+            ValueError: the method's parameters do not fit a model with ``num_layers`` decoder layers.
+        """
+        raise NotImplementedError
+
+    def equivalent_tokens_target(self, num_visual: int, num_layers: int) -> float | None:
+        """The layer-averaged visual-token count the method aims at for an image of ``num_visual`` positions,
+        or ``None`` when its budget is not an average (recorded in :class:`LayerStats`)."""
+        return None
+
+    def select_queries(self, view: TokenView) -> QueryRows:
+        """Choose the query rows from the layer-0 input (they are text rows, so no stage drops them)."""
+        raise NotImplementedError
+
+    def score(
+        self, stage: int, attention: torch.Tensor, query_valid: torch.Tensor, view: TokenView
+    ) -> torch.Tensor:
+        """Relevance ``[B, L]`` of every row of ``view`` from the query rows' attention.
+
+        Args:
+            stage: index of the stage.
+            attention: ``[B, Q, L]`` head-averaged softmax attention of each query row over the rows entering the
+                scoring layer (causal; padding gets 0), float32.
+            query_valid: ``[B, Q]`` which of the ``Q`` slots hold a real query row.
+            view: the rows entering the scoring layer.
+        """
+        raise NotImplementedError
+
+    def keep(self, stage: int, scores: torch.Tensor, view: TokenView) -> KeepPlan:
+        """Which rows of ``view`` (the input of the pruning layer) go on, and merged rows to insert."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Realised token counts of one batch row in one prefill of an in-LLM method (for FLOPs accounting).
+
+    Per-stage tuples have one entry per stage of the method (FastV: one; SparseVLM: one per pruning layer).
+
+    Attributes:
+        method: registry name of the in-LLM method.
+        visual_tokens_before: visual positions of the sample entering layer 0 (after any pre-LLM method).
+        visual_tokens_per_layer: visual rows entering each decoder layer (merged rows count as visual).
+        tokens_per_layer: all non-padding rows entering each decoder layer.
+        score_layers: per stage, the decoder layer whose attention was recomputed for scoring.
+        score_query_tokens: per stage, query rows recomputed there (q_proj + RoPE; FastV 1, SparseVLM its raters).
+        score_key_tokens: per stage, key rows recomputed there (k_proj + RoPE over every row entering the layer).
+        rater_candidates: text rows scored against the visual rows to choose the raters (SparseVLM's
+            ``softmax(V T^T)`` on the embeddings, ``visual_tokens_before x rater_candidates`` dot products); 0 for FastV.
+        recycle_candidates: per stage, dropped visual rows that were clustered (pairwise distances among them).
+        recycled_tokens: per stage, merged rows inserted after the kept visual rows.
+        equivalent_tokens_target: the layer-averaged visual-token count the method's schedule aimed at
+            (SparseVLM: ``R * N_vis`` under its ``equivalent_tokens`` convention); ``None`` for methods with a
+            fixed keep count (FastV).
+    """
+
+    method: str
+    visual_tokens_before: int
+    visual_tokens_per_layer: tuple[int, ...]
+    tokens_per_layer: tuple[int, ...]
+    score_layers: tuple[int, ...] = ()
+    score_query_tokens: tuple[int, ...] = ()
+    score_key_tokens: tuple[int, ...] = ()
+    rater_candidates: int = 0
+    recycle_candidates: tuple[int, ...] = ()
+    recycled_tokens: tuple[int, ...] = ()
+    equivalent_tokens_target: float | None = None
+
+    @property
+    def equivalent_visual_tokens(self) -> float:
+        """Mean over decoder layers of the visual rows entering each layer (SparseVLM's "equivalent tokens")."""
+        return sum(self.visual_tokens_per_layer) / len(self.visual_tokens_per_layer)
+
+    @property
+    def equivalent_visual_tokens_after_layer(self) -> float:
+        """The same mean over the rows *leaving* each layer, the count SparseVLM's code prints
+        (``num_token.append`` after each layer, Gumpest/SparseVLMs v1.5 ``modelling_sparse_llama.py``)."""
+        counts = self.visual_tokens_per_layer
+        return (sum(counts[1:]) + counts[-1]) / len(counts)
 
 
 METHODS: Registry[CompressionMethod] = Registry("compression method")
