@@ -24,13 +24,15 @@ separators included), SparseVLM's "equivalent tokens" (SparseVLMs issue #10). Th
 official 576-token schedules as fractions of 576, interpolated linearly in R between the three official
 budgets (constant outside them), scaled by one factor that is solved per image so that the layer average,
 recycled tokens included, meets the target (:func:`sparsevlm_schedule`); the realised counts are recorded in
-:class:`~globalcom2.methods.base.LayerStats`. Which layer average: ``equivalent_tokens="layer_input"`` (default)
-averages the tokens *entering* each layer, the count FLOPs follow and ``LayerStats.equivalent_visual_tokens``
-reports; ``"layer_output"`` averages the tokens *leaving* each layer, the count the reference prints; under it the
-solved schedule at 576 tokens and 32 layers is the official one to within 3 tokens (192 -> [300, 200, 110] exactly,
-128 -> [300, 109, 36], 64 -> [64, 29, 16]). The input convention counts one layer more at full length, so it
-prunes harder for the same R and cannot go below ``(first pruning layer + 1) / layers`` (3/32 on LLaVA-NeXT-7B,
-1/4 on the 4-layer tiny model, where ``R <= 0.25`` needs ``"layer_output"``); ``attach`` refuses such R.
+:class:`~globalcom2.methods.base.LayerStats`. Which layer average: ``equivalent_tokens="layer_output"`` (default)
+averages the tokens *leaving* each layer, SparseVLM's own "equivalent tokens" (the count its code prints and
+its tables report); under it the solved schedule at 576 tokens and 32 layers is the official one to within 3
+tokens (192 -> [300, 200, 110] exactly, 128 -> [300, 109, 36], 64 -> [64, 29, 16]), so "R = 0.25" means what it
+means in the SparseVLM paper. ``"layer_input"`` averages the tokens *entering* each layer (the count FLOPs
+follow); it counts one layer more at full length, so it prunes harder for the same R and cannot go below
+``(first pruning layer + 1) / layers`` (3/32 on LLaVA-NeXT-7B, 1/4 on the 4-layer tiny model); ``attach`` refuses
+such R. ``LayerStats`` records both averages (``equivalent_visual_tokens`` entering,
+``equivalent_visual_tokens_after_layer`` leaving).
 
 Default pruning layers: the official [2, 6, 15] when the model has more than 16 decoder layers (LLaVA-NeXT
 7B/13B: 32/40); for shallower models (the 4-layer tiny test model) the official layers scaled by
@@ -153,7 +155,7 @@ def sparsevlm_schedule(
     retention_ratio: float,
     num_layers: int,
     stage_layers: tuple[int, ...],
-    convention: Convention = "layer_input",
+    convention: Convention = "layer_output",
 ) -> tuple[StageBudget, ...]:
     """Per-stage kept and recycled counts for one image, so that the layer average is ``R * num_visual``.
 
@@ -218,7 +220,7 @@ class SparseVLM(InLLMMethod):
         *,
         retention_ratio: float,
         prune_layers: tuple[int, ...] | list[int] | None = None,
-        equivalent_tokens: Convention = "layer_input",
+        equivalent_tokens: Convention = "layer_output",
     ) -> None:
         super().__init__(retention_ratio=retention_ratio)
         if prune_layers is not None:

@@ -47,20 +47,24 @@ def test_schedule_reproduces_the_official_576_token_schedules(target):
         )
 
 
-def layer_average(num_visual, budgets, stage_layers, num_layers):
+def layer_average(num_visual, budgets, stage_layers, num_layers, convention):
+    """Visual tokens averaged over layers, entering each layer or leaving it (one layer earlier)."""
+    shift = 1 if convention == "layer_output" else 0
     counts = [num_visual] * num_layers
     for budget, first in zip(budgets, stage_layers, strict=True):
-        counts[first:] = [budget.after] * (num_layers - first)
+        counts[first - shift :] = [budget.after] * (num_layers - first + shift)
     return sum(counts) / num_layers
 
 
+@pytest.mark.parametrize("convention", ["layer_output", "layer_input"])
 @pytest.mark.parametrize("num_visual", [576, 1176, 2340, 2928])
 @pytest.mark.parametrize(("num_layers", "stage_layers"), [(32, (3, 7, 16)), (40, (3, 7, 16)), (4, (1, 2, 3))])
-def test_schedule_meets_the_target_within_one_token(num_visual, num_layers, stage_layers):
-    floor = stage_layers[0] / num_layers
+def test_schedule_meets_the_target_within_one_token(num_visual, num_layers, stage_layers, convention):
+    floor = (stage_layers[0] - (convention == "layer_output")) / num_layers
     for ratio in [r for r in (0.11, 0.15, 0.25, 0.3, 1 / 3, 0.4, 0.5, 0.75, 0.9) if r > floor + 0.02]:
-        budgets = sparsevlm_schedule(num_visual, ratio, num_layers, stage_layers)
-        assert abs(layer_average(num_visual, budgets, stage_layers, num_layers) - ratio * num_visual) <= 1.0
+        budgets = sparsevlm_schedule(num_visual, ratio, num_layers, stage_layers, convention)
+        average = layer_average(num_visual, budgets, stage_layers, num_layers, convention)
+        assert abs(average - ratio * num_visual) <= 1.0
         present = num_visual
         for budget in budgets:
             assert 0 <= budget.kept <= present
