@@ -198,3 +198,38 @@ def vision_flops(dims: VisionDims, num_views: int) -> int:
     encoder = dims.num_layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
     projector = 2 * patches * (d * dims.projector_width + dims.projector_width**2)
     return num_views * (embed + encoder + projector)
+
+
+def method_overhead_flops(dims: LlmDims, stats: Any) -> dict[str, int]:
+    """FLOPs an in-LLM method spends beyond the decoder layers, per batch row, from its ``LayerStats``.
+
+    * ``score_recompute``: per stage, the scoring rows' attention recomputed at the scoring layer:
+      ``k_proj`` over the ``K`` rows entering it, ``q_proj`` over the ``Q`` query rows, and ``QK^T``
+      (``2 K d d_kv + 2 Q d^2 + 2 Q K d``). Softmax and RoPE are elementwise and left out, as in the layers.
+    * ``raters``: SparseVLM's ``V T^T`` on the embeddings (``2 N_vis T d``).
+    * ``recycling``: SparseVLM's pairwise distances among the ``m`` recycling candidates per stage
+      (``3 m^2 d``: difference, square, sum); computed elementwise, so torch's FLOP counter does not see it.
+    """
+    d, kv = dims.hidden_size, dims.kv_width
+    score = sum(
+        2 * keys * d * kv + 2 * queries * d * d + 2 * queries * keys * d
+        for queries, keys in zip(stats.score_query_tokens, stats.score_key_tokens, strict=True)
+    )
+    raters = 2 * stats.visual_tokens_before * stats.rater_candidates * d
+    recycling = sum(3 * m * m * d for m in stats.recycle_candidates)
+    return {"score_recompute": score, "raters": raters, "recycling": recycling}
+
+
+def full_prefill_flops(dims: LlmDims, tokens_per_layer: int | Sequence[int], stats: Any | None = None) -> int:
+    """The "full" convention for one sample: every (non-padding) token that really entered each layer,
+    plus the method's overhead when ``stats`` (its ``LayerStats``) is given."""
+    total = model_prefill_flops(dims, tokens_per_layer)
+    if stats is not None:
+        total += sum(method_overhead_flops(dims, stats).values())
+    return total
+
+
+def paper_prefill_flops(dims: LlmDims, method: Any, max_visual_tokens: int = 2880) -> int:
+    """The "paper" convention (GlobalCom² Tables 8/9): visual tokens only, at the method's nominal schedule
+    for ``max_visual_tokens`` (``method.nominal_visual_tokens``)."""
+    return model_prefill_flops(dims, method.nominal_visual_tokens(dims.num_layers, max_visual_tokens))

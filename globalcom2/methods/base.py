@@ -23,6 +23,7 @@ slicing of hidden states, positions, rotary embeddings, masks and the KV-cache b
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -58,6 +59,15 @@ class CompressionMethod:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+    def nominal_visual_tokens(self, num_layers: int, max_visual_tokens: int = 2880) -> tuple[int, ...]:
+        """Visual tokens entering each decoder layer for an image of ``max_visual_tokens`` visual tokens.
+
+        The "paper" FLOPs convention (GlobalCom² Tables 8/9) counts only visual tokens, at this nominal
+        count (2880 = 5 x 576, separators ignored): a pre-LLM method feeds ``floor(R * 2880)`` to every
+        layer; in-LLM methods override this with their per-layer schedule.
+        """
+        return (math.floor(self.retention_ratio * max_visual_tokens),) * num_layers
 
 
 @dataclass
@@ -223,6 +233,17 @@ class InLLMMethod(CompressionMethod):
         """
         raise NotImplementedError
 
+    def stage_counts(self, num_visual: int, num_layers: int) -> tuple[int, ...]:
+        """Visual tokens of an image of ``num_visual`` positions after each stage (its schedule)."""
+        raise NotImplementedError
+
+    def nominal_visual_tokens(self, num_layers: int, max_visual_tokens: int = 2880) -> tuple[int, ...]:
+        counts = [max_visual_tokens] * num_layers
+        stages = self.stage_counts(max_visual_tokens, num_layers)
+        for first, count in zip(self.stage_layers(num_layers), stages, strict=True):
+            counts[first:] = [count] * (num_layers - first)
+        return tuple(counts)
+
     def equivalent_tokens_target(self, num_visual: int, num_layers: int) -> float | None:
         """The layer-averaged visual-token count the method aims at for an image of ``num_visual`` positions,
         or ``None`` when its budget is not an average (recorded in :class:`LayerStats`)."""
@@ -288,12 +309,12 @@ class LayerStats:
 
     @property
     def equivalent_visual_tokens(self) -> float:
-        """Mean over decoder layers of the visual rows entering each layer (SparseVLM's "equivalent tokens")."""
+        """Mean over decoder layers of the visual rows entering each layer (the count FLOPs follow)."""
         return sum(self.visual_tokens_per_layer) / len(self.visual_tokens_per_layer)
 
     @property
     def equivalent_visual_tokens_after_layer(self) -> float:
-        """The same mean over the rows *leaving* each layer, the count SparseVLM's code prints
+        """The same mean over the rows *leaving* each layer: SparseVLM's own "equivalent tokens", the count its code prints
         (``num_token.append`` after each layer, Gumpest/SparseVLMs v1.5 ``modelling_sparse_llama.py``)."""
         counts = self.visual_tokens_per_layer
         return (sum(counts[1:]) + counts[-1]) / len(counts)

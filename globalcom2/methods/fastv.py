@@ -64,6 +64,9 @@ class FastV(InLLMMethod):
             )
         return (self.K,)
 
+    def stage_counts(self, num_visual: int, num_layers: int) -> tuple[int, ...]:
+        return (round(self.retention_ratio * num_visual),)
+
     def select_queries(self, view: TokenView) -> QueryRows:
         text = view.valid & ~view.visual  # [B, L]
         columns = torch.arange(text.shape[1], device=text.device)

@@ -271,6 +271,9 @@ class SparseVLM(InLLMMethod):
     def equivalent_tokens_target(self, num_visual: int, num_layers: int) -> float | None:
         return self.retention_ratio * num_visual
 
+    def stage_counts(self, num_visual: int, num_layers: int) -> tuple[int, ...]:
+        return tuple(budget.after for budget in self.budgets(num_visual, num_layers))
+
     def budgets(self, num_visual: int, num_layers: int) -> tuple[StageBudget, ...]:
         """Per-stage budgets of an image with ``num_visual`` positions on a ``num_layers``-layer model."""
         return sparsevlm_schedule(

@@ -15,11 +15,15 @@ from globalcom2.efficiency.flops import (
     VisionDims,
     decode_flops,
     equivalent_tokens,
+    full_prefill_flops,
     kv_cache_bytes,
+    method_overhead_flops,
     model_prefill_flops,
+    paper_prefill_flops,
     prefill_flops,
     vision_flops,
 )
+from globalcom2.methods import METHODS
 from globalcom2.models.tiny import build_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 
@@ -113,3 +117,49 @@ def test_vision_flops_count_the_tower_and_projector():
     counted = sum(counter.get_flop_counts()["Global"].values())
     analytic = vision_flops(VisionDims.from_config(model.config), num_views=5)
     assert analytic == counted
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("fastv", {"retention_ratio": 0.25}),
+        ("fastv", {"retention_ratio": 0.5, "K": 1}),
+        ("sparsevlm", {"retention_ratio": 0.25}),
+        ("sparsevlm", {"retention_ratio": 0.5}),
+    ],
+)
+def test_analytic_full_convention_equals_flop_counter_for_in_llm_methods(eager_tiny, method, params):
+    """Per-layer counts from LayerStats plus the score recompute and raters are exactly the matmuls torch
+    counts; recycling distances are elementwise (torch does not count them) and come on top in "full"."""
+    model, processor = eager_tiny
+    inputs = processor(images=synthetic_image(800, 600), text=vicuna_v1_prompt("Where?"), return_tensors="pt")
+    with attach(model, method, **params) as handle:
+        counted = counted_llm_flops(model, inputs)
+        stats = handle.stats[-1]
+    dims = LlmDims.from_config(model.config.text_config)
+    overhead = method_overhead_flops(dims, stats)
+    assert overhead["score_recompute"] > 0
+    matmuls = (
+        model_prefill_flops(dims, stats.tokens_per_layer) + overhead["score_recompute"] + overhead["raters"]
+    )
+    assert matmuls == counted
+    assert full_prefill_flops(dims, stats.tokens_per_layer, stats) == counted + overhead["recycling"]
+    assert (overhead["recycling"] > 0) == (method == "sparsevlm")
+    assert stats.tokens_per_layer[0] == inputs["input_ids"].shape[1]  # layer 0 sees the whole prompt
+
+
+def test_paper_convention_uses_the_nominal_schedule():
+    def paper(name, **params):
+        return paper_prefill_flops(VICUNA_7B, METHODS.create(name, **params)) / TERA
+
+    assert abs(paper("vanilla") - 41.65) <= 0.01
+    assert abs(paper("globalcom2", retention_ratio=0.75) - 30.42) <= 0.01  # GlobalCom² Table 8
+    assert abs(paper("globalcom2", retention_ratio=0.1) - 3.77) <= 0.01
+    assert abs(paper("random", retention_ratio=0.25) - 9.60) <= 0.01
+    assert abs(paper("fastv", retention_ratio=0.25) - 11.60) <= 0.01  # K = 2: two layers see all 2880
+    sparse = METHODS.create("sparsevlm", retention_ratio=0.25)
+    counts = sparse.nominal_visual_tokens(32)
+    assert counts[:3] == (2880, 2880, 2880) and counts[3] < 2880  # prunes the output of layer 2
+    assert (
+        abs((sum(counts[1:]) + counts[-1]) / 32 - 720) <= 1
+    )  # its own convention: 0.25 * 2880 leaving each layer
