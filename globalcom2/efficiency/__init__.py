@@ -1,0 +1,1 @@
+"""Efficiency measurement: latency, throughput and peak memory of generation (``profile``)."""
