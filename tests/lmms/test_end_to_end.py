@@ -54,7 +54,7 @@ def answers(results, task):
 def test_python_api_scores_every_offline_task(fixture_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything written relative to the CWD would show up here
     lm = model(batch_size=4, records_path=str(tmp_path / "records.jsonl"))
-    results = api.evaluate(lm, ALL_TASKS, output_path=tmp_path / "out", limit=8, gen_kwargs=GEN)
+    results = api.evaluate(lm, ALL_TASKS, output_path=tmp_path / "out", limit=6, gen_kwargs=GEN)
 
     for task, metric in EXPECTED_METRIC.items():
         value = results["results"][task][f"{metric},none"]
@@ -88,7 +88,7 @@ def test_cli_scores_every_offline_task(fixture_data, tmp_path):
         *("-m", "lmms_eval", "--model", MODEL_ID),
         *("--model_args", "pretrained=tiny,method=random,retention_ratio=0.25"),
         *("--tasks", ",".join(ALL_TASKS), "--include_path", str(REPO / "tasks")),
-        *("--batch_size", "2", "--limit", "4", "--gen_kwargs", GEN),
+        *("--batch_size", "2", "--limit", "2", "--gen_kwargs", GEN),  # even limits keep MME's pairs whole
         *("--output_path", str(out), "--log_samples", "--timezone", "UTC"),
     ]
     done = run_cli(args, cwd=tmp_path)
@@ -102,7 +102,7 @@ def test_cli_scores_every_offline_task(fixture_data, tmp_path):
 
 def test_batch_size_4_gives_the_same_answers_as_batch_size_1(fixture_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tasks = ["globalcom2_demo", "vqav2_val_local"]  # mixed aspect ratios: rows are padded differently
+    tasks = ["globalcom2_demo"]  # ten aspect ratios: the rows of a batch are padded differently
     runs = {}
     for name, kwargs in {
         "bs1": {"batch_size": 1},
@@ -129,9 +129,9 @@ def test_batch_size_4_gives_the_same_answers_as_batch_size_1(fixture_data, tmp_p
 
 def test_two_processes_give_the_same_scores_as_one(fixture_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tasks = ["globalcom2_demo", "pope_adv_local", "pope_random_local", "mme_local"]
+    tasks = ["globalcom2_demo", "pope_adv_local", "mme_local"]  # MME pairs are split across the ranks
     lm = model(batch_size=2)
-    single = api.evaluate(lm, tasks, limit=7, gen_kwargs=GEN)
+    single = api.evaluate(lm, tasks, limit=6, gen_kwargs=GEN)
     single_records = {(r.task, r.doc_id): r.output_token_ids for r in lm.records}
 
     out, records = tmp_path / "out", tmp_path / "records.jsonl"
@@ -143,7 +143,7 @@ def test_two_processes_give_the_same_scores_as_one(fixture_data, tmp_path, monke
             "--model_args",
             f"pretrained=tiny,method=random,retention_ratio=0.25,records_path={records}",
         ),
-        *("--tasks", ",".join(tasks), "--batch_size", "2", "--limit", "7", "--gen_kwargs", GEN),
+        *("--tasks", ",".join(tasks), "--batch_size", "2", "--limit", "6", "--gen_kwargs", GEN),
         *("--output_path", str(out), "--log_samples", "--timezone", "UTC"),
     ]
     done = run_cli(args, cwd=tmp_path)
