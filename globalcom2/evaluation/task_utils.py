@@ -45,7 +45,9 @@ def gqa_local_process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
 
 
 def _pope_split(dataset: datasets.Dataset, category: str) -> datasets.Dataset:
-    subset = dataset.filter(lambda doc: doc["category"] == category)
+    # Only the category column is read (no image decoding), and nothing is cached next to the data:
+    # the data directory may be read-only or shared between processes.
+    subset = dataset.filter(lambda value: value == category, input_columns="category", keep_in_memory=True)
     if len(subset) == 0:
         raise ValueError(
             f"POPE data has no rows with category {category!r} (present: {sorted(set(dataset['category']))})"

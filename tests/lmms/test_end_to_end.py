@@ -80,6 +80,7 @@ def test_python_api_scores_every_offline_task(fixture_data, tmp_path, monkeypatc
         ALL_TASKS
     )
     assert (tmp_path / "out" / "submissions").is_dir() and not (tmp_path / "submissions").exists()
+    assert not list(fixture_data.rglob("cache-*")), "tasks must not write into the data directory"
 
 
 def test_cli_scores_every_offline_task(fixture_data, tmp_path):
