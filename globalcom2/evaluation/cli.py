@@ -5,7 +5,8 @@ Takes exactly lmms-eval's arguments and adds three things:
 1. **Pre-flight** (:mod:`globalcom2.evaluation.preflight`): unknown tasks, missing offline data, an unknown
    method or parameter, or a method that does not support the attention implementation stop the run
    before any model is loaded (exit code 2).
-2. **Defaults**: ``--include_path`` defaults to this checkout's ``tasks/``; ``--output_path`` is required.
+2. **Defaults**: ``--include_path`` defaults to this checkout's ``tasks/``, ``--timezone`` to UTC;
+   ``--output_path`` is required.
 3. **Failure detection**: lmms-eval's CLI catches a failing evaluation, prints the traceback and exits 0
    (unless ``--verbosity DEBUG``). Here any exception inside the evaluation, or a run that did not write a
    results file covering every requested task (and a samples file per task with ``--log_samples``),
@@ -78,6 +79,8 @@ def _run(lmms_main: Any, simple_parse_args_string: Any) -> int:
     from globalcom2.lmms_manifest import MODEL_ID
 
     _, args = lmms_main.parse_eval_args()
+    if not any(a == "--timezone" or a.startswith("--timezone=") for a in sys.argv):
+        args.timezone = "UTC"  # lmms-eval stamps file names in Asia/Singapore time by default
     if args.config:
         return _fail("--config files are not supported here; pass the arguments as flags", EXIT_PREFLIGHT)
     if not args.tasks or args.tasks in {"list", "list_groups", "list_tags"}:
