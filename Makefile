@@ -27,7 +27,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-all lint format bench-attach bench-globalcom2 bench-in-llm clean
+.PHONY: help install test test-all lint format bench-attach bench-globalcom2 bench-in-llm data clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -76,6 +76,13 @@ bench-globalcom2: install  ## GlobalCom² scoring + allocation + selection time 
 
 bench-in-llm: install  ## prefill time/memory of FastV and SparseVLM at R=0.25, scoring memory (tiny model, 672x672)
 	$(PY) -m globalcom2.benchmarks.in_llm
+
+# The ten benchmarks' hub data, saved for offline runs into $GLOBALCOM2_DATA_DIR (default: data/).
+# Needs network access and HF_TOKEN; says what is missing and exits non-zero otherwise.
+# Subset: make data BENCHMARKS=pope,mme (names: python -c "from globalcom2.evaluation import BENCHMARKS; print(*BENCHMARKS)")
+data: install  ## download the benchmarks for offline evaluation (network + HF_TOKEN; BENCHMARKS=pope,mme)
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0 \
+		$(PY) -m globalcom2.evaluation.download $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS),)
 
 clean:  ## remove caches (keeps .venv and results/)
 	rm -rf .pytest_cache .ruff_cache

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from globalcom2.anyres import packed_layout
@@ -91,3 +93,14 @@ def shortened_inputs(model, inputs, sources):
         "input_ids": torch.tensor([out]),
         "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept)},
     }
+
+
+def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour gradients plus noise: every crop differs, so every token carries information."""
+    rng = np.random.default_rng(seed + 7919 * width + height)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [np.sin(x / (17 + seed)), np.cos(y / (23 + seed)), np.sin((x + y) / (31 + seed))], axis=-1
+    )
+    pixels = 127.5 * (base + 1) + rng.normal(0, 25, size=(height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))

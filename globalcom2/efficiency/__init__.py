@@ -1,1 +1,2 @@
-"""Efficiency accounting: analytic FLOPs and KV cache (flops.py), measurement (profile.py)."""
+"""Efficiency accounting: analytic FLOPs and KV cache (``flops``), measurement of latency, throughput and
+peak memory (``profile``)."""

@@ -44,10 +44,14 @@ class CompressionMethod:
     Attributes:
         name: the registry name, set by :func:`register_method`.
         stage: where the method acts: before the LLM or inside its decoder.
+        supported_attn_implementations: the transformers ``attn_implementation`` values the method works
+            with. Harnesses check it before loading a model; a method that needs attention weights
+            from a kernel that cannot return them (e.g. flash attention) narrows it.
     """
 
     name: ClassVar[str] = ""
     stage: ClassVar[Stage]
+    supported_attn_implementations: ClassVar[frozenset[str]] = frozenset({"sdpa", "eager"})
 
     def __init__(self, *, retention_ratio: float = 1.0) -> None:
         self.retention_ratio = validate_retention_ratio(retention_ratio)

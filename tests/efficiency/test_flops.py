@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import synthetic_image
+from helpers import synthetic_image
 from torch.utils.flop_counter import FlopCounterMode
 
 from globalcom2 import attach

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from globalcom2_spec import spec_globalcom2, symbolic
-from helpers import generate_steps, method_sources, shortened_inputs
+from helpers import generate_steps, method_sources, shortened_inputs, synthetic_image
 
 from globalcom2 import attach
 from globalcom2.anyres import packed_layout
@@ -229,8 +229,6 @@ def test_clean_ratio_one_is_bit_identical(model, processor, images):
 @pytest.mark.parametrize("layout", ["clean", "reference"])
 @pytest.mark.parametrize("wh", [(800, 600), (600, 1000)])
 def test_generate_equals_shortened_input(model, processor, images, layout, wh):
-    from conftest import synthetic_image
-
     image = images.get(wh) or synthetic_image(*wh)
     inputs = processor(images=image, text=vicuna_v1_prompt("Where is the red square?"), return_tensors="pt")
     with attach(model, "globalcom2", retention_ratio=0.25, layout=layout) as handle:
@@ -262,8 +260,6 @@ def test_mixed_batch_equals_single_runs(model, processor, images):
 @pytest.mark.parametrize("wh", [(600, 1000), (1000, 600), (333, 1001), (1500, 500), (64, 64)])
 @pytest.mark.parametrize("layout", ["clean", "reference"])
 def test_odd_sizes_give_the_counts_the_spec_predicts(model, processor, wh, layout):
-    from conftest import synthetic_image
-
     inputs = processor(images=synthetic_image(*wh), text=vicuna_v1_prompt("Q"), return_tensors="pt")
     with attach(model, "globalcom2", retention_ratio=0.25, layout=layout) as handle:
         generate_steps(model, inputs, steps=1)

@@ -1,0 +1,177 @@
+"""Measuring one ``model.generate`` call: prefill latency, total latency, peak memory.
+
+Design (the rules the efficiency tables rely on):
+
+* **Prefill latency** is the time from the start of ``generate`` to the end of the model's *first*
+  forward call. In transformers 5.x ``generate`` encodes the images before that call and the call itself
+  runs the LLM over the whole prompt, so the interval covers vision encoding, compression and the LLM
+  prefill, i.e. the time to the first token's logits. Image preprocessing (PIL resizing in the
+  processor) happens before ``generate`` and is not part of it; callers time it separately.
+  The end of the first forward is caught by a forward hook on the top-level model, registered only
+  while a measurement is open; the hook only records an event or a timestamp, so it cannot change any
+  output, and it costs one Python call per decoding step.
+* **Clocks.** On a CUDA device the interval is measured with CUDA events (recorded on the current
+  stream, read after ``torch.cuda.synchronize``), so asynchronous kernel launches are not mistaken for
+  finished work. On CPU it is ``time.perf_counter``; CPU kernels complete before an operator returns,
+  so reading the clock in the hook is already synchronised (``synchronize`` is still called, and is
+  a no-op there).
+* **Total latency** is the wall time of the whole ``generate`` call, on the same clock.
+* **Peak memory** is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the start of
+  every measurement, i.e. **per generate call** (per sample at batch size 1, per batch otherwise). On CPU
+  torch keeps no allocator peak, and process RSS is not comparable across runs, so the value is
+  ``None`` with a reason, never 0.
+* **Warm-up** is excluded by construction: :meth:`GenerateProfiler.warmup` runs calls that are not
+  measured, and callers run it before their first measured call (lazy initialisation, kernel selection
+  and allocator growth would otherwise inflate the first sample).
+
+Throughput (samples per second) is derived from many measurements by :func:`throughput`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+CPU_PEAK_MEMORY_NOTE = (
+    "unavailable on CPU: torch has no allocator peak statistic for CPU tensors, and process RSS "
+    "is not comparable across runs"
+)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Timings and memory of one generate call.
+
+    Attributes:
+        prefill_s: start of ``generate`` to the end of the model's first forward call, in seconds.
+        total_s: the whole ``generate`` call, in seconds.
+        peak_memory_bytes: ``torch.cuda.max_memory_allocated`` during the call; ``None`` when unavailable.
+        peak_memory_note: why ``peak_memory_bytes`` is ``None`` (``None`` when it is available).
+        clock: ``"cuda_event"`` or ``"perf_counter"``.
+        device: the device the model ran on, e.g. ``"cuda:0"`` or ``"cpu"``.
+        forward_calls: forward calls of the model during the call (prefill + decoding steps).
+    """
+
+    prefill_s: float
+    total_s: float
+    peak_memory_bytes: int | None
+    peak_memory_note: str | None
+    clock: str
+    device: str
+    forward_calls: int
+
+    @property
+    def decode_s(self) -> float:
+        """``total_s - prefill_s``: the decoding steps (and generate's own bookkeeping)."""
+        return self.total_s - self.prefill_s
+
+
+class PendingMeasurement:
+    """Filled when the ``measure()`` block exits normally; read :attr:`result` after the block."""
+
+    def __init__(self) -> None:
+        self._result: Measurement | None = None
+
+    @property
+    def result(self) -> Measurement:
+        if self._result is None:
+            raise RuntimeError("the measurement is not finished (read it after the `with` block)")
+        return self._result
+
+
+class GenerateProfiler:
+    """Measures ``generate`` calls of one model on one device.
+
+    Args:
+        model: the top-level module whose forward ``generate`` calls once per step.
+        device: where the model runs; decides the clock and whether peak memory exists.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str) -> None:
+        self.model = model
+        self.device = torch.device(device)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (CUDA); a no-op on CPU, whose kernels are synchronous."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def warmup(self, fn: Callable[[], Any], calls: int = 1) -> None:
+        """Run ``fn`` ``calls`` times without measuring it (results are discarded)."""
+        for _ in range(calls):
+            fn()
+        self.synchronize()
+
+    @contextmanager
+    def measure(self) -> Iterator[PendingMeasurement]:
+        """Measure the generate call made inside the block.
+
+        Usage::
+
+            with profiler.measure() as pending:
+                model.generate(**inputs)
+            pending.result.prefill_s
+
+        If the block raises, the exception propagates unchanged and no result is produced.
+        """
+        pending = PendingMeasurement()
+        calls = [0]
+        self.synchronize()
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start, first, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            start.record()
+        marks: list[float] = []
+        t_start = time.perf_counter()
+
+        def on_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+            calls[0] += 1
+            if calls[0] == 1:
+                if self.is_cuda:
+                    first.record()
+                else:
+                    marks.append(time.perf_counter())
+
+        handle = self.model.register_forward_hook(on_forward)
+        try:
+            yield pending
+        finally:
+            handle.remove()
+        if calls[0] == 0:
+            raise RuntimeError("the measured block never called the model's forward: nothing to time")
+        if self.is_cuda:
+            end.record()
+            torch.cuda.synchronize(self.device)
+            prefill = start.elapsed_time(first) / 1e3
+            total = start.elapsed_time(end) / 1e3
+            peak, note, clock = torch.cuda.max_memory_allocated(self.device), None, "cuda_event"
+        else:
+            t_end = time.perf_counter()
+            prefill, total = marks[0] - t_start, t_end - t_start
+            peak, note, clock = None, CPU_PEAK_MEMORY_NOTE, "perf_counter"
+        pending._result = Measurement(
+            prefill_s=prefill,
+            total_s=total,
+            peak_memory_bytes=peak,
+            peak_memory_note=note,
+            clock=clock,
+            device=str(self.device),
+            forward_calls=calls[0],
+        )
+
+
+def throughput(num_samples: int, seconds: Sequence[float]) -> float | None:
+    """Samples per second over measured calls: ``num_samples / sum(seconds)``; ``None`` without time."""
+    elapsed = float(sum(seconds))
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    return num_samples / elapsed if elapsed > 0 else None

@@ -1,0 +1,111 @@
+"""Running lmms-eval from Python on a model instance, with the same checks as the CLI.
+
+::
+
+    from globalcom2.evaluation import api
+    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+
+    tasks = ["pope_adv_local", "globalcom2_demo"]
+    api.preflight(tasks)                                    # before loading the model
+    lm = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.25)
+    results = api.evaluate(lm, tasks, output_path="results/x")
+    api.save(results, "results/x", model_name="tiny")      # lmms-eval's own file layout
+    records = lm.gather_records()                           # per-sample records (all ranks)
+
+``simple_evaluate`` itself writes nothing and, unlike the CLI, raises on failure; :func:`evaluate` adds
+the task checks and verifies that every task produced results.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from globalcom2.evaluation.local_data import tasks_dir
+from globalcom2.evaluation.preflight import PreflightError, TaskCheck, check_tasks
+
+
+def preflight(tasks: list[str], include_path: str | list[str] | None = None) -> list[TaskCheck]:
+    """Task and data checks (:func:`globalcom2.evaluation.preflight.check_tasks`); call before loading."""
+    return check_tasks(tasks, include_path)
+
+
+def task_manager(include_path: str | list[str] | None = None, include_defaults: bool = False) -> Any:
+    """A ``TaskManager`` over our ``tasks/`` (built-ins only on request: indexing them takes seconds)."""
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(
+        "WARNING", include_path=include_path or str(tasks_dir()), include_defaults=include_defaults
+    )
+
+
+def evaluate(
+    lm: Any,
+    tasks: list[str],
+    *,
+    output_path: str | Path | None = None,
+    limit: int | float | None = None,
+    gen_kwargs: str | None = None,
+    log_samples: bool = True,
+    include_path: str | list[str] | None = None,
+    **simple_evaluate_kwargs: Any,
+) -> dict[str, Any] | None:
+    """``simple_evaluate`` on ``lm`` (an ``lmms`` instance) with checks; ``None`` on ranks other than 0.
+
+    ``output_path`` is where tasks with submission-style outputs write them (``<output_path>/submissions``;
+    lmms-eval otherwise uses ``./submissions``). Raises if a task is missing from the results.
+    """
+    from lmms_eval.evaluator import simple_evaluate
+
+    checks = check_tasks(tasks, include_path)
+    include_defaults = any(check.origin == "lmms-eval" for check in checks)
+    cli_args = argparse.Namespace(
+        output_path=str(output_path) if output_path else None, process_with_media=False
+    )
+    results = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=task_manager(include_path, include_defaults),
+        limit=limit,
+        gen_kwargs=gen_kwargs,
+        log_samples=log_samples,
+        cli_args=cli_args,
+        **{"bootstrap_iters": 0, **simple_evaluate_kwargs},
+    )
+    if results is None:
+        return None
+    missing = [
+        t for t in tasks if t not in results.get("results", {}) and t not in results.get("group_subtasks", {})
+    ]
+    if missing:
+        raise PreflightError(f"tasks {missing} produced no results")
+    return results
+
+
+def save(results: dict[str, Any], output_path: str | Path, model_name: str = "") -> Path:
+    """Write results (and samples, if logged) with lmms-eval's ``EvaluationTracker``, as the CLI does.
+
+    Files land in ``<output_path>/<model_name with / -> __>/``. The tracker only logs a warning when a
+    write fails, so the files are checked afterwards. Returns the results file.
+    """
+    from lmms_eval.loggers import EvaluationTracker
+    from lmms_eval.utils import get_datetime_str
+
+    tracker = EvaluationTracker(output_path=str(output_path))
+    folder = model_name.replace("/", "__")
+    tracker.general_config_tracker.model_name = model_name or None
+    tracker.general_config_tracker.model_name_sanitized = folder
+    results = dict(results)
+    samples = results.pop("samples", None)
+    stamp = get_datetime_str(timezone="UTC")
+    tracker.save_results_aggregated(results=results, samples=samples, datetime_str=stamp)
+    written = Path(output_path) / folder / f"{stamp.replace(':', '-')}_results.json"
+    expected = [written]
+    for task in results.get("configs", {}) if samples else []:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+        expected.append(written.with_name(f"{tracker.date_id}_samples_{task}.jsonl"))
+    missing = [str(p) for p in expected if not p.is_file()]
+    if missing:
+        raise OSError(f"lmms-eval's EvaluationTracker did not write {missing} (see its warnings above)")
+    return written

@@ -1,0 +1,288 @@
+"""The synthetic demo benchmark: small shapes in high-resolution images, short exact answers.
+
+Every item is one image at an AnyRes-relevant size (the five llava-v1.6 canvases and letterboxed sizes
+between them) on a lightly textured background, with a few small circles, squares and triangles
+(12-21 px; 4-7 px after the 336 px thumbnail of a 1008 px image). Three question types, in equal numbers:
+
+* ``color``: "What color is the triangle?" (exactly one triangle) -> ``red``;
+* ``count``: "How many blue circles are there?" -> ``3`` (1 to 5);
+* ``position``: "Is the green square on the left or the right side of the image?" -> ``left``
+  (top/bottom for tall images; the target is never in the middle fifth).
+
+So the answer depends on small local details that the crops resolve and the thumbnail barely does,
+which is what visual-token compression trades away. Answers are one word or one number, scored by exact
+match after :func:`normalize_answer`.
+
+Determinism: item ``i`` of a split depends only on ``(seed, i)``, so any prefix of a split is the same
+whatever its size. The ``test`` split (seed 0, 300 items) is the default ``make demo`` evaluates;
+``train`` uses another seed (1) and never contains an item whose layout equals a test item's, so a
+model can be fine-tuned on it. Generation takes a few seconds and is cached under
+``$GLOBALCOM2_CACHE/demo`` (default ``~/.cache/globalcom2/demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+DEMO_VERSION = 1
+DEFAULT_SEED = {"test": 0, "train": 1}
+DEFAULT_SIZE = {"test": 300, "train": 3000}
+# (width, height): the five llava-v1.6 AnyRes canvases, then letterboxed sizes between them.
+CANVASES = (
+    (672, 336), (336, 672), (672, 672), (1008, 336), (336, 1008),
+    (800, 600), (600, 800), (900, 400), (400, 900), (560, 420),
+)  # fmt: skip
+COLORS = {
+    "red": (215, 38, 38),
+    "green": (34, 160, 64),
+    "blue": (40, 84, 220),
+    "yellow": (238, 200, 24),
+    "purple": (136, 58, 190),
+    "orange": (245, 128, 24),
+}
+SHAPES = ("circle", "square", "triangle")
+QUESTION_TYPES = ("color", "count", "position")
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    )
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    x: int  # centre
+    y: int
+    size: int
+
+
+@dataclass(frozen=True)
+class DemoItem:
+    """One question: the drawing instructions and the expected answer (the image is rendered from them)."""
+
+    index: int
+    width: int
+    height: int
+    background: int
+    question_type: str
+    question: str
+    answer: str
+    shapes: tuple[Shape, ...]
+
+    def signature(self) -> str:
+        """Identity of the content (not the index): equal signatures mean equal images and questions."""
+        content = asdict(self)
+        content.pop("index")
+        return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, strip punctuation and articles, number words -> digits: ``"Three."`` -> ``"3"``."""
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    words = [_NUMBER_WORDS.get(w, w) for w in words if w not in {"a", "an", "the"}]
+    return " ".join(words)
+
+
+def _place(rng: np.random.Generator, width: int, height: int, size: int, taken: list[Shape], region=None):
+    """A centre for a shape of ``size`` that keeps clear of ``taken`` (within ``region`` if given)."""
+    x0, y0, x1, y1 = region or (0, 0, width, height)
+    margin = size // 2 + 4
+    for _ in range(200):
+        x = int(rng.integers(max(x0, margin), min(x1, width - margin)))
+        y = int(rng.integers(max(y0, margin), min(y1, height - margin)))
+        if all(
+            abs(x - s.x) > (size + s.size) // 2 + 6 or abs(y - s.y) > (size + s.size) // 2 + 6 for s in taken
+        ):
+            return x, y
+    raise RuntimeError("could not place a shape without overlap")  # pragma: no cover (sizes leave room)
+
+
+def make_item(seed: int, index: int) -> DemoItem:
+    """Item ``index`` of the split drawn with ``seed`` (a pure function of both)."""
+    rng = np.random.default_rng([seed, index, DEMO_VERSION])
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    width, height = CANVASES[(index // len(QUESTION_TYPES)) % len(CANVASES)]
+    color = str(rng.choice(list(COLORS)))
+    kind = str(rng.choice(SHAPES))
+    shapes: list[Shape] = []
+
+    def add(k: str, c: str, region=None) -> None:
+        size = int(rng.integers(12, 22))
+        x, y = _place(rng, width, height, size, shapes, region)
+        shapes.append(Shape(k, c, x, y, size))
+
+    if qtype == "color":
+        add(kind, color)
+        others = [s for s in SHAPES if s != kind]
+        for _ in range(int(rng.integers(3, 7))):
+            add(str(rng.choice(others)), str(rng.choice(list(COLORS))))
+        question, answer = f"What color is the {kind}?", color
+    elif qtype == "count":
+        count = int(rng.integers(1, 6))
+        for _ in range(count):
+            add(kind, color)
+        for _ in range(int(rng.integers(2, 7))):
+            while True:
+                k, c = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+                if (k, c) != (kind, color):
+                    break
+            add(k, c)
+        question, answer = f"How many {color} {kind}s are there?", str(count)
+    else:
+        horizontal = width > height or (width == height and bool(rng.integers(0, 2)))
+        first = bool(rng.integers(0, 2))  # left / top
+        if horizontal:
+            region = (0, 0, int(0.4 * width), height) if first else (math.ceil(0.6 * width), 0, width, height)
+            question = f"Is the {color} {kind} on the left or the right side of the image?"
+            answer = "left" if first else "right"
+        else:
+            region = (
+                (0, 0, width, int(0.4 * height)) if first else (0, math.ceil(0.6 * height), width, height)
+            )
+            question = f"Is the {color} {kind} at the top or the bottom of the image?"
+            answer = "top" if first else "bottom"
+        add(kind, color, region)
+        for _ in range(int(rng.integers(3, 7))):
+            while True:
+                k, c = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+                if (k, c) != (kind, color):
+                    break
+            add(k, c)
+    background = int(rng.integers(196, 236))
+    return DemoItem(index, width, height, background, qtype, question, answer, tuple(shapes))
+
+
+def render(item: DemoItem) -> Image.Image:
+    """Draw an item: textured light background, then its shapes."""
+    rng = np.random.default_rng(int(item.signature()[:8], 16))
+    # 8x8-pixel blocks of grey noise: texture for the crops to resolve, cheap to draw and to compress.
+    blocks = rng.normal(item.background, 6.0, size=(-(-item.height // 8), -(-item.width // 8)))
+    texture = Image.fromarray(np.clip(blocks, 0, 255).astype(np.uint8))
+    image = texture.resize((texture.width * 8, texture.height * 8), Image.Resampling.NEAREST)
+    image = image.crop((0, 0, item.width, item.height)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for s in item.shapes:
+        half = s.size // 2
+        box = (s.x - half, s.y - half, s.x + half, s.y + half)
+        fill = COLORS[s.color]
+        if s.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif s.kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(s.x, s.y - half), (s.x - half, s.y + half), (s.x + half, s.y + half)], fill=fill)
+    return image
+
+
+def generate_items(split: str = "test", seed: int | None = None, size: int | None = None) -> list[DemoItem]:
+    """The items of ``split``; ``train`` skips any item whose content equals a test item's."""
+    if split not in DEFAULT_SEED:
+        raise ValueError(f"split must be one of {sorted(DEFAULT_SEED)}, got {split!r}")
+    seed = DEFAULT_SEED[split] if seed is None else int(seed)
+    size = DEFAULT_SIZE[split] if size is None else int(size)
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if split == "train":
+        if seed == DEFAULT_SEED["test"]:
+            raise ValueError(f"the train split needs a seed other than the test seed {DEFAULT_SEED['test']}")
+        test = {make_item(DEFAULT_SEED["test"], i).signature() for i in range(DEFAULT_SIZE["test"])}
+        items, index = [], 0
+        while len(items) < size:
+            item = make_item(seed, index)
+            if item.signature() not in test:
+                items.append(item)
+            index += 1
+        return items
+    return [make_item(seed, i) for i in range(size)]
+
+
+def build_dataset(items: list[DemoItem], split: str):
+    """A ``DatasetDict`` with one split; images embedded as PNG (fast compression)."""
+    import datasets
+
+    def png(item: DemoItem) -> dict:
+        buffer = io.BytesIO()
+        render(item).save(buffer, format="PNG", compress_level=1)
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "question_type": datasets.Value("string"),
+            "image_width": datasets.Value("int32"),
+            "image_height": datasets.Value("int32"),
+        }
+    )
+    columns = {
+        "id": [f"demo-{split}-{item.index:05d}" for item in items],
+        "image": [png(item) for item in items],
+        "question": [item.question for item in items],
+        "answer": [item.answer for item in items],
+        "question_type": [item.question_type for item in items],
+        "image_width": [item.width for item in items],
+        "image_height": [item.height for item in items],
+    }
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict(columns, features=features)})
+
+
+def demo_cache_dir() -> Path:
+    from globalcom2.models.tiny import default_cache_dir
+
+    return default_cache_dir() / "demo"
+
+
+def ensure_demo_dataset(split: str = "test", seed: int | None = None, size: int | None = None) -> Path:
+    """The cached ``save_to_disk`` folder of the split, generated on first use (atomically)."""
+    seed = DEFAULT_SEED.get(split, 0) if seed is None else int(seed)
+    size = DEFAULT_SIZE.get(split, 1) if size is None else int(size)
+    target = demo_cache_dir() / f"v{DEMO_VERSION}-{split}-seed{seed}-n{size}"
+    if (target / "dataset_dict.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build_dataset(generate_items(split, seed, size), split).save_to_disk(str(staging / "data"))
+        try:
+            (staging / "data").rename(target)
+        except OSError:  # another process finished first; its content is identical
+            if not (target / "dataset_dict.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate the synthetic demo benchmark.")
+    parser.add_argument("--split", default="test", choices=sorted(DEFAULT_SEED))
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write here (save_to_disk) instead of the cache")
+    args = parser.parse_args(argv)
+    if args.out:
+        build_dataset(generate_items(args.split, args.seed, args.size), args.split).save_to_disk(args.out)
+        print(args.out)
+    else:
+        print(ensure_demo_dataset(args.split, args.seed, args.size))
+
+
+if __name__ == "__main__":
+    main()

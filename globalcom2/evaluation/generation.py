@@ -1,0 +1,145 @@
+"""lmms-eval ``gen_kwargs`` -> ``model.generate`` arguments, and stop-string handling.
+
+Every task YAML carries a ``generation_kwargs`` mapping; lmms-eval always adds ``until`` (default
+``["\\n\\n"]``). The rules, chosen to match LLaVA's own evaluation scripts:
+
+* ``do_sample`` given explicitly wins; otherwise sampling is on iff ``temperature > 0`` (LLaVA's
+  ``do_sample=True if temperature > 0 else False``). MM-Vet's YAML says ``temperature: 0.2`` together with
+  ``do_sample: false``, so it runs greedy, as the LLaVA paper's numbers were produced.
+* Greedy decoding passes no ``temperature``/``top_p`` (they would only trigger transformers warnings).
+* ``until`` strings cut the decoded answer at the first occurrence of any of them.
+* Keys we do not understand raise, so a task can never silently run with settings we ignored; the only
+  exception is ``image_aspect_ratio``, an option of the original LLaVA code base that does not apply
+  to transformers' LLaVA-NeXT (always AnyRes), which is ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Extra transformers ``generate`` arguments a task may set; passed through unchanged.
+PASSTHROUGH_KEYS = frozenset(
+    {"top_k", "repetition_penalty", "length_penalty", "min_new_tokens", "no_repeat_ngram_size"}
+)
+IGNORED_KEYS = {
+    "image_aspect_ratio": "an option of the original LLaVA code; transformers' LLaVA-NeXT always uses AnyRes",
+}
+HANDLED_KEYS = frozenset({"until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams"})
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The generation settings of one request, normalised.
+
+    Attributes:
+        until: stop strings; the answer is cut before the first one found.
+        max_new_tokens: upper bound on generated tokens.
+        do_sample: sample (``True``) or decode greedily / with beams (``False``).
+        temperature: sampling temperature; ``None`` when decoding greedily.
+        top_p: nucleus sampling mass; ``None`` when decoding greedily or not given.
+        num_beams: beam width (1 = no beam search).
+        extra: other ``generate`` arguments, passed through unchanged.
+        ignored: keys that were present but deliberately ignored.
+    """
+
+    until: tuple[str, ...]
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float | None
+    top_p: float | None
+    num_beams: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+
+    @classmethod
+    def from_gen_kwargs(
+        cls, gen_kwargs: dict[str, Any] | None, default_max_new_tokens: int
+    ) -> GenerationSettings:
+        """Normalise a task's ``generation_kwargs``; unknown keys raise ``ValueError``."""
+        kwargs = dict(gen_kwargs or {})
+        unknown = sorted(set(kwargs) - HANDLED_KEYS - PASSTHROUGH_KEYS - set(IGNORED_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unsupported generation_kwargs {unknown}; supported: {sorted(HANDLED_KEYS | PASSTHROUGH_KEYS)} "
+                f"(ignored: {sorted(IGNORED_KEYS)})"
+            )
+        until = _stop_strings(kwargs.get("until"))
+        max_new_tokens = _as_int(kwargs.get("max_new_tokens", default_max_new_tokens), "max_new_tokens")
+        num_beams = _as_int(kwargs.get("num_beams", 1), "num_beams")
+        temperature = kwargs.get("temperature")
+        temperature = None if temperature is None else _as_float(temperature, "temperature")
+        if "do_sample" in kwargs and kwargs["do_sample"] is not None:
+            do_sample = kwargs["do_sample"]
+            if not isinstance(do_sample, bool):
+                raise TypeError(f"do_sample must be true or false, got {do_sample!r}")
+        else:
+            do_sample = temperature is not None and temperature > 0
+        top_p = kwargs.get("top_p")
+        top_p = None if top_p is None else _as_float(top_p, "top_p")
+        return cls(
+            until=until,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            num_beams=num_beams,
+            extra={k: kwargs[k] for k in sorted(PASSTHROUGH_KEYS & set(kwargs))},
+            ignored=tuple(sorted(set(IGNORED_KEYS) & set(kwargs))),
+        )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate`` (without the inputs)."""
+        out: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "num_beams": self.num_beams,
+            **self.extra,
+        }
+        if self.do_sample:
+            if self.temperature is not None:
+                out["temperature"] = self.temperature
+            if self.top_p is not None:
+                out["top_p"] = self.top_p
+        return out
+
+    def key(self) -> str:
+        """A canonical string: requests with equal keys can share a batch."""
+        return json.dumps(
+            {"until": self.until, **self.generate_kwargs()}, sort_keys=True, default=str, ensure_ascii=False
+        )
+
+
+def cut_at_stop(text: str, until: tuple[str, ...]) -> tuple[str, str | None]:
+    """``text`` up to (excluding) the earliest stop string, and the stop string that matched (or ``None``)."""
+    best, match = len(text), None
+    for stop in until:
+        index = text.find(stop)
+        if 0 <= index < best:
+            best, match = index, stop
+    return text[:best], match
+
+
+def _stop_strings(until: Any) -> tuple[str, ...]:
+    if until is None:
+        return ()
+    if isinstance(until, str):
+        until = [until]
+    if not isinstance(until, (list, tuple)) or not all(isinstance(s, str) for s in until):
+        raise TypeError(f"`until` must be a string or a list of strings, got {until!r}")
+    return tuple(s for s in until if s)
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _as_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)

@@ -1,0 +1,102 @@
+"""Where offline benchmark data lives, and the lmms-eval task class that reads it.
+
+**Mechanism.** The data directory is ``$GLOBALCOM2_DATA_DIR``, or ``<checkout>/data`` when unset. Each
+benchmark is a folder there holding ``datasets.DatasetDict.save_to_disk`` output in the hub dataset's
+own schema (GQA has two: ``gqa/instructions`` and ``gqa/images``) plus ``globalcom2_source.json``
+(where it came from: the hub with its revision, or synthetic fixtures).
+
+Our task YAMLs (``tasks/``) name ``globalcom2.evaluation.lmms_tasks.LocalDataTask`` as their ``class`` and say which built-in YAML
+they inherit (``base_yaml``, relative to ``lmms_eval/tasks``) and which data folder they read
+(``local_data``). The folder is resolved when the task is loaded, not when the YAML is written, which is
+why an environment variable and not a path in the YAML: YAML paths are fixed per machine (absolute) or
+per file location (relative), generated YAMLs go stale and need a render step before every run, whereas
+an environment variable is inherited by ``torchrun`` workers, Slurm jobs and the Python API alike.
+Inheriting the built-in YAML by package-relative path keeps prompts, generation settings and scoring
+exactly lmms-eval's, with no copy that could drift.
+
+A missing folder raises :class:`MissingDataError`, whose message names the path and the fixes;
+``globalcom2.evaluation.preflight`` runs the same check before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DATA_DIR_ENV = "GLOBALCOM2_DATA_DIR"
+SOURCE_FILE = "globalcom2_source.json"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TASKS_DIR = REPO_ROOT / "tasks"
+
+
+class MissingDataError(FileNotFoundError):
+    """Offline data a task needs is not on disk."""
+
+
+def data_dir() -> Path:
+    """``$GLOBALCOM2_DATA_DIR`` or ``<checkout>/data``."""
+    value = os.environ.get(DATA_DIR_ENV, "").strip()
+    return Path(value).expanduser().resolve() if value else REPO_ROOT / "data"
+
+
+def tasks_dir() -> Path:
+    """The checkout's ``tasks/`` folder (pass it to lmms-eval as ``--include_path``)."""
+    if not TASKS_DIR.is_dir():
+        raise FileNotFoundError(
+            f"task folder {TASKS_DIR} not found; the harness must be installed editable (`make install`)"
+        )
+    return TASKS_DIR
+
+
+def fix_hint(local_data: str) -> str:
+    benchmark = local_data.split("/")[0]
+    return (
+        f"Fix: `make data BENCHMARKS={benchmark}` (needs network access and HF_TOKEN), or set {DATA_DIR_ENV} "
+        f"to a folder that has it (now: {data_dir()}), or for a dry run with synthetic rows: "
+        f"`python -m globalcom2.evaluation.fixtures --out DIR` and {DATA_DIR_ENV}=DIR."
+    )
+
+
+def require_local_dataset(local_data: str, split: str, task: str = "") -> Path:
+    """The folder of ``local_data`` (relative to :func:`data_dir`) after checking it holds ``split``.
+
+    Raises:
+        MissingDataError: the folder, its ``dataset_dict.json`` or the split is missing.
+    """
+    path = data_dir() / local_data
+    who = f"task {task!r}" if task else "this task"
+    if not (path / "dataset_dict.json").is_file():
+        raise MissingDataError(
+            f"offline data for {who} is missing: {path} (expected a datasets.DatasetDict written by "
+            f"save_to_disk, with split {split!r}). {fix_hint(local_data)}"
+        )
+    splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    if split not in splits:
+        raise MissingDataError(
+            f"offline data for {who} at {path} has splits {splits}, not {split!r}. {fix_hint(local_data)}"
+        )
+    return path
+
+
+def provenance(local_data: str) -> dict[str, Any]:
+    """The ``globalcom2_source.json`` of the benchmark folder holding ``local_data`` ({} if absent)."""
+    source = data_dir() / local_data.split("/")[0] / SOURCE_FILE
+    return json.loads(source.read_text()) if source.is_file() else {}
+
+
+def load_builtin_config(base_yaml: str) -> dict[str, Any]:
+    """A built-in lmms-eval task config (``<lmms_eval>/tasks/<base_yaml>``), includes and functions resolved."""
+    import lmms_eval.tasks
+    from lmms_eval import utils
+
+    path = Path(lmms_eval.tasks.__file__).parent / base_yaml
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"built-in lmms-eval task config {path} not found (lmms-eval version changed?)"
+        )
+    config = utils.load_yaml_config(yaml_path=str(path), mode="full")
+    for key in ("task", "tag", "group", "group_alias", "task_alias"):
+        config.pop(key, None)
+    return config

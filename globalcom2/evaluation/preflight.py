@@ -1,0 +1,195 @@
+"""Checks that run before any model is loaded: tasks, offline data, method, parameters, attention.
+
+lmms-eval loads the model first and the tasks afterwards, and its CLI exits 0 when a task then fails
+to load; a typo or a missing dataset would cost a model load and still look like success. The wrapper
+CLI (``globalcom2.evaluation.cli``) and the Python helper (``globalcom2.evaluation.api``) call
+:func:`preflight` first; it collects every problem and raises one :class:`PreflightError` listing them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from globalcom2.evaluation.benchmarks import DEMO_TASK
+from globalcom2.evaluation.local_data import MissingDataError, provenance, require_local_dataset, tasks_dir
+
+
+class PreflightError(ValueError):
+    """One or more problems found before loading anything; the message lists all of them."""
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    """What preflight learned about one requested task.
+
+    Attributes:
+        name: the task (or group) name.
+        origin: ``"globalcom2"`` (our ``tasks/``) or ``"lmms-eval"`` (a built-in, read from the hub).
+        yaml_path: its config file (``None`` for built-in groups defined elsewhere).
+        data_path: the local data folder it reads (our tasks), or ``None``.
+        data_kind: ``"hub"`` / ``"synthetic-fixture"`` (from ``globalcom2_source.json``), ``"generated"``
+            (the demo), or ``None``.
+    """
+
+    name: str
+    origin: str
+    yaml_path: str | None
+    data_path: str | None
+    data_kind: str | None
+
+
+def _index(include_path: Any, include_defaults: bool) -> dict[str, dict[str, Any]]:
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager("ERROR", include_path=include_path, include_defaults=include_defaults).task_index
+
+
+@functools.cache
+def _builtin_index() -> dict[str, dict[str, Any]]:
+    """lmms-eval's built-in tasks (indexing ~2,000 YAMLs takes seconds; they cannot change in-process)."""
+    return _index(None, include_defaults=True)
+
+
+def _simple_config(path: str) -> dict[str, Any]:
+    from lmms_eval import utils
+
+    return utils.load_yaml_config(path, mode="simple")
+
+
+def _test_split(config: dict[str, Any]) -> str:
+    if config.get("test_split"):
+        return config["test_split"]
+    if config.get("base_yaml"):
+        import lmms_eval.tasks
+
+        base = _simple_config(str(Path(lmms_eval.tasks.__file__).parent / config["base_yaml"]))
+        if base.get("test_split"):
+            return base["test_split"]
+    raise PreflightError(f"cannot tell which split the task config {config.get('task')!r} evaluates")
+
+
+def check_tasks(tasks: list[str], include_path: str | list[str] | None = None) -> list[TaskCheck]:
+    """Every task must be known (ours or built-in) and, if ours, have its offline data on disk."""
+    if not tasks:
+        raise PreflightError("no tasks given")
+    include_path = include_path if include_path is not None else str(tasks_dir())
+    ours = _index(include_path, include_defaults=False)
+    builtin: dict[str, dict[str, Any]] | None = None
+    checks, problems = [], []
+    for name in tasks:
+        if name in ours:
+            entry = ours[name]
+            config = _simple_config(entry["yaml_path"])
+            local_data = config.get("local_data")
+            if local_data:
+                try:
+                    path = require_local_dataset(local_data, _test_split(config), name)
+                except MissingDataError as err:
+                    problems.append(str(err))
+                    continue
+                kind = provenance(local_data).get("kind")
+                checks.append(TaskCheck(name, "globalcom2", entry["yaml_path"], str(path), kind))
+            else:
+                kind = "generated" if name == DEMO_TASK else None
+                checks.append(TaskCheck(name, "globalcom2", entry["yaml_path"], None, kind))
+            continue
+        if builtin is None:
+            builtin = _builtin_index()
+        if name in builtin:
+            path = builtin[name].get("yaml_path")
+            checks.append(TaskCheck(name, "lmms-eval", None if path == -1 else path, None, None))
+            continue
+        close = difflib.get_close_matches(name, [*ours, *builtin], n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        problems.append(
+            f"unknown task {name!r}.{hint} Offline tasks of this harness: {', '.join(sorted(ours))}."
+        )
+    if problems:
+        raise PreflightError("\n".join(["cannot run:", *(f"- {p}" for p in problems)]))
+    return checks
+
+
+def plugin_arg_names() -> set[str]:
+    """Keyword arguments the plugin itself takes (everything else in model_args is a method parameter)."""
+    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+
+    signature = inspect.signature(GlobalCom2LlavaNext.__init__)
+    return {n for n, p in signature.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
+
+
+def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
+    """Validate plugin ``model_args`` without loading anything; returns the coerced method parameters.
+
+    Checks: ``pretrained`` given (and, for a local path, present; offline, in the HF cache), the method
+    and its parameters (types and ranges), and that the method supports the attention implementation.
+    """
+    from globalcom2.evaluation.method_args import (
+        build_method,
+        check_attn_compatibility,
+        parse_attn_implementation,
+    )
+
+    names = plugin_arg_names()
+    plugin = {k: v for k, v in model_args.items() if k in names}
+    params = {k: v for k, v in model_args.items() if k not in names}
+    problems = []
+    pretrained = plugin.get("pretrained")
+    if not pretrained:
+        problems.append("model_args needs pretrained=<hub id | folder | tiny>")
+    else:
+        problem = _checkpoint_problem(str(pretrained))
+        if problem:
+            problems.append(problem)
+    method = plugin.get("method", "vanilla")
+    built = None
+    try:
+        built = build_method(method, params)
+        check_attn_compatibility(method, parse_attn_implementation(plugin.get("attn_implementation", "sdpa")))
+    except (TypeError, ValueError) as err:
+        problems.append(str(err))
+    if problems:
+        raise PreflightError("\n".join(["cannot run:", *(f"- {p}" for p in problems)]))
+    return built.params() if built is not None else {}
+
+
+def _checkpoint_problem(pretrained: str) -> str | None:
+    if pretrained == "tiny" or pretrained.startswith("tiny:"):
+        return None
+    path = Path(pretrained).expanduser()
+    if path.exists() or pretrained.startswith(("/", ".", "~")):
+        return None if (path / "config.json").is_file() else f"checkpoint folder {path} has no config.json"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(pretrained, "config.json"), str):
+            return (
+                f"checkpoint {pretrained!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                f"download it first (`hf download {pretrained}`) or pass a local folder"
+            )
+    return None
+
+
+def preflight(
+    tasks: list[str], *, include_path: str | list[str] | None = None, model_args: dict[str, Any] | None = None
+) -> list[TaskCheck]:
+    """All checks; raises :class:`PreflightError` listing every problem. ``model_args`` only for our plugin."""
+    problems, checks = [], []
+    if model_args is not None:
+        try:
+            check_model_args(model_args)
+        except PreflightError as err:
+            problems += str(err).splitlines()[1:]
+    try:
+        checks = check_tasks(tasks, include_path)
+    except PreflightError as err:
+        problems += str(err).splitlines()[1:]
+    if problems:
+        raise PreflightError("\n".join(["cannot run:", *problems]))
+    return checks

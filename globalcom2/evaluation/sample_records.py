@@ -1,0 +1,236 @@
+"""Per-sample records of an evaluation: what the model saw, what it answered, what it cost.
+
+One :class:`SampleRecord` is kept for every answered request (padding requests that lmms-eval adds to
+even out data-parallel ranks are not recorded). The plugin keeps them on the model instance
+(``lm.records``), can gather them from all ranks (``lm.gather_records()``) and can write them to a JSONL
+sidecar (:func:`write_jsonl`, atomic). :func:`summarize` aggregates them.
+
+Visual-token fields (see :func:`visual_token_counts`):
+
+* ``visual_tokens_before``: visual tokens the vision side produced, i.e. what the unmodified model feeds
+  its LLM (thumbnail + unpadded crops + row separators).
+* ``visual_tokens_llm_input``: visual tokens in the prompt that enters the first decoder layer (smaller
+  than ``before`` only for pre-LLM methods).
+* ``visual_tokens_after``: the visual tokens the LLM processes, averaged over its layers (the
+  "equivalent" count papers compare). For pre-LLM methods it equals ``llm_input``; in-LLM methods report
+  it in their per-row stats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from globalcom2.efficiency.profile import throughput
+
+
+@dataclass
+class SampleRecord:
+    """One answered request.
+
+    Latencies are those of the ``generate`` call that produced the answer; with ``batch_size > 1`` that
+    call served the whole batch (``batch_size`` rows), so divide by it for an amortised per-sample cost.
+    """
+
+    task: str
+    split: str
+    doc_id: int
+    rank: int
+    batch_id: int
+    batch_size: int
+    method: str
+    method_params: dict[str, Any]
+    attn_implementation: Any
+    num_images: int
+    image_sizes: list[list[int]]  # (height, width) per image
+    prompt_tokens: int  # the processor's prompt for this row (no padding), before compression
+    llm_prompt_tokens: int  # the prompt the first decoder layer sees
+    visual_tokens_before: int
+    visual_tokens_llm_input: int
+    visual_tokens_after: float
+    output_tokens: int
+    output_token_ids: list[int]
+    answer: str
+    empty_answer: bool
+    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
+    preprocess_s: float
+    prefill_s: float | None
+    total_s: float | None
+    peak_memory_bytes: int | None
+    peak_memory_note: str | None
+    clock: str | None
+    compression: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def stat_to_dict(stat: Any) -> dict[str, Any]:
+    """A method's stats object as a plain dict (dataclass fields plus ``tokens_after`` when defined)."""
+    if not dataclasses.is_dataclass(stat):
+        raise TypeError(f"compression stats must be dataclasses, got {type(stat).__name__}")
+    out = dataclasses.asdict(stat)
+    if "tokens_after" not in out and hasattr(stat, "tokens_after"):
+        out["tokens_after"] = stat.tokens_after
+    return out
+
+
+def is_image_stat(stat: Any) -> bool:
+    """Per-image stats (pre-LLM methods) carry the image's packed counts; per-row stats (in-LLM) do not."""
+    return hasattr(stat, "tokens_before") and hasattr(stat, "tokens_after")
+
+
+def assign_stats(stats: Sequence[Any], images_per_row: Sequence[int]) -> list[list[Any]]:
+    """Split the stats one ``generate`` call appended into one list per batch row.
+
+    Pre-LLM methods append one stats object per image, in scatter (= batch) order; in-LLM methods append
+    one per batch row. Any other count is an error: silently misattributing token counts would corrupt
+    every efficiency number downstream.
+    """
+    rows = len(images_per_row)
+    if not stats:
+        if sum(images_per_row) == 0:
+            return [[] for _ in range(rows)]
+        raise RuntimeError("the attached method recorded no stats for a batch with images")
+    if all(is_image_stat(s) for s in stats):
+        if len(stats) != sum(images_per_row):
+            raise RuntimeError(
+                f"expected one per-image stats entry per image ({sum(images_per_row)}), got {len(stats)}"
+            )
+        out, start = [], 0
+        for count in images_per_row:
+            out.append(list(stats[start : start + count]))
+            start += count
+        return out
+    if len(stats) != rows:
+        raise RuntimeError(f"expected one per-row stats entry per batch row ({rows}), got {len(stats)}")
+    return [[s] for s in stats]
+
+
+def visual_token_counts(row_stats: Sequence[Any]) -> tuple[int, int, float]:
+    """``(before, llm_input, after)`` visual tokens of one batch row (see the module docstring)."""
+    if not row_stats:
+        return 0, 0, 0.0
+    if all(is_image_stat(s) for s in row_stats):
+        before = sum(int(s.tokens_before) for s in row_stats)
+        after = sum(int(s.tokens_after) for s in row_stats)
+        return before, after, float(after)
+    (stat,) = row_stats
+    try:
+        before = int(stat.visual_tokens_before)
+        llm_input = int(stat.visual_tokens_per_layer[0])
+        equivalent = float(stat.equivalent_visual_tokens)
+    except AttributeError as err:
+        raise TypeError(
+            f"per-row stats {type(stat).__name__} lack visual_tokens_before / visual_tokens_per_layer / "
+            "equivalent_visual_tokens"
+        ) from err
+    return before, llm_input, equivalent
+
+
+def summarize(records: Sequence[SampleRecord]) -> dict[str, Any]:
+    """Aggregate records: counts, empty answers, mean visual tokens, latencies and throughput.
+
+    Latency means are over ``generate`` calls (batches), not over samples, because a batch's samples
+    share one call; throughput is samples per second of ``generate`` time (``samples_per_s``) and of
+    preprocessing plus ``generate`` time (``samples_per_s_end_to_end``).
+    """
+    n = len(records)
+    batches: dict[tuple[int, int], SampleRecord] = {}
+    for r in records:
+        batches.setdefault((r.rank, r.batch_id), r)
+    timed = [b for b in batches.values() if b.total_s is not None]
+    total = [b.total_s for b in timed]
+    prefill = [b.prefill_s for b in timed if b.prefill_s is not None]
+    preprocess = [b.preprocess_s for b in batches.values()]
+    peaks = [b.peak_memory_bytes for b in batches.values() if b.peak_memory_bytes is not None]
+    notes = sorted({b.peak_memory_note for b in batches.values() if b.peak_memory_note})
+    timed_samples = sum(b.batch_size for b in timed)
+
+    def mean(values: Iterable[float]) -> float | None:
+        values = list(values)
+        return statistics.fmean(values) if values else None
+
+    return {
+        "samples": n,
+        "empty_answers": sum(r.empty_answer for r in records),
+        "generate_calls": len(batches),
+        "mean_visual_tokens_before": mean(r.visual_tokens_before for r in records),
+        "mean_visual_tokens_llm_input": mean(r.visual_tokens_llm_input for r in records),
+        "mean_visual_tokens_after": mean(r.visual_tokens_after for r in records),
+        "mean_output_tokens": mean(r.output_tokens for r in records),
+        "mean_prefill_s_per_call": mean(prefill),
+        "mean_total_s_per_call": mean(total),
+        "samples_per_s": throughput(timed_samples, total) if timed else None,
+        "samples_per_s_end_to_end": throughput(n, [*total, *preprocess]) if timed else None,
+        "peak_memory_bytes_max": max(peaks) if peaks else None,
+        "peak_memory_note": "; ".join(notes) if notes else None,
+    }
+
+
+def report_call(records: Sequence[SampleRecord], rank: int) -> dict[str, Any]:
+    """Summarise one ``generate_until`` call: warn about empty answers and hand lmms-eval the numbers
+    for its ``throughput`` block (``log_metrics``; lmms-eval keeps them per process, not gathered)."""
+    from lmms_eval.models.model_utils.gen_metrics import log_metrics
+    from loguru import logger
+
+    summary = summarize(records)
+    if summary["empty_answers"]:
+        logger.warning(
+            f"{summary['empty_answers']} of {summary['samples']} answers on rank {rank} are empty; they are "
+            "scored as given (see the records' empty_answer / stop_reason)"
+        )
+    if records:
+        calls = {(r.rank, r.batch_id): r for r in records}.values()
+        total = sum(r.total_s or 0.0 for r in calls)
+        tokens = sum(r.output_tokens for r in records)
+        extras = {
+            "total_requests": len(records),
+            "empty_answers": summary["empty_answers"],
+            "visual_tokens_before": summary["mean_visual_tokens_before"],
+            "visual_tokens_after": summary["mean_visual_tokens_after"],
+            "prefill_s": summary["mean_prefill_s_per_call"],
+            "samples_per_s": summary["samples_per_s"],
+        }
+        log_metrics(
+            total,
+            tokens,
+            tokens / total if total else 0.0,
+            {k: v for k, v in extras.items() if v is not None},
+        )
+    return summary
+
+
+def sort_key(record: SampleRecord) -> tuple[str, str, int]:
+    return record.task, record.split, record.doc_id
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Sequence[SampleRecord]) -> Path:
+    """Write ``records`` (sorted by task, split, doc id) to ``path`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for record in sorted(records, key=sort_key):
+                handle.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[SampleRecord]:
+    """Read records written by :func:`write_jsonl`."""
+    with open(path, encoding="utf-8") as handle:
+        return [SampleRecord(**json.loads(line)) for line in handle if line.strip()]

@@ -1,0 +1,134 @@
+"""Functions our task YAMLs reference (``!function globalcom2.evaluation.task_utils.<name>``).
+
+Only what the built-in configs cannot do offline lives here; scoring stays lmms-eval's own:
+
+* GQA: the built-in ``process_docs`` loads the images config from the hub by id; ours joins the
+  locally saved images config instead (same join on ``imageId``).
+* POPE: one task per COCO split (adversarial, popular, random), filtered from the local test split by
+  its ``category`` column, so the paper's "F1 averaged over the three splits" can be computed.
+* MMBench-CN: the built-in CN tasks only have the GPT-assisted aggregation; ours calls the same
+  evaluator with ``eval_method="static"`` (rule-based extraction), as the built-in EN static task does.
+* MM-Vet: predict-only. Scoring needs a GPT judge, so the task records the answers and reports how many
+  await judging; ``globalcom2.evaluation.mmvet_judge`` scores them later (and needs an API key).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import datasets
+from loguru import logger
+
+from globalcom2.evaluation.local_data import require_local_dataset
+
+# -- GQA ---------------------------------------------------------------------------------------------
+
+
+def gqa_local_process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Attach each question's image from the local ``gqa/images`` config (joined on ``imageId``)."""
+    images = datasets.load_from_disk(str(require_local_dataset("gqa/images", "testdev", "gqa_local")))[
+        "testdev"
+    ]
+    row_of = {image_id: row for row, image_id in enumerate(images["id"])}
+    missing = sorted(set(dataset["imageId"]) - set(row_of))
+    if missing:
+        raise KeyError(
+            f"GQA questions refer to {len(missing)} image ids absent from gqa/images, e.g. {missing[:3]}"
+        )
+    encoded = images.cast_column("image", datasets.Image(decode=False))["image"]  # bytes, not pixels
+    column = [encoded[row_of[image_id]] for image_id in dataset["imageId"]]
+    return dataset.add_column("image", column, feature=datasets.Image())
+
+
+# -- POPE --------------------------------------------------------------------------------------------
+
+
+def _pope_split(dataset: datasets.Dataset, category: str) -> datasets.Dataset:
+    # Only the category column is read (no image decoding), and nothing is cached next to the data:
+    # the data directory may be read-only or shared between processes.
+    subset = dataset.filter(lambda value: value == category, input_columns="category", keep_in_memory=True)
+    if len(subset) == 0:
+        raise ValueError(
+            f"POPE data has no rows with category {category!r} (present: {sorted(set(dataset['category']))})"
+        )
+    return subset
+
+
+def pope_adversarial_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    return _pope_split(dataset, "adversarial")
+
+
+def pope_popular_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    return _pope_split(dataset, "popular")
+
+
+def pope_random_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    return _pope_split(dataset, "random")
+
+
+# -- MMBench-CN, static ------------------------------------------------------------------------------
+
+
+def mmbench_cn_dev_static_aggregate(results: list[dict[str, Any]], args: Any) -> float:
+    """CircularEval accuracy (percent) with rule-based answer extraction; no API calls.
+
+    Mirrors lmms-eval's ``en_utils.mmbench_aggregate_dev_results_static`` for the CN evaluator.
+    """
+    from lmms_eval.tasks._task_utils.file_utils import generate_submission_file
+    from lmms_eval.tasks.mmbench.cn_utils import mmbench_evaluator
+
+    overall, by_category, by_l2 = mmbench_evaluator.eval_result(results, eval_method="static")
+    path = generate_submission_file("mmbench_cn_dev_static_results.json", args)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"overall_acc": overall, "category_acc": by_category, "l2_category_acc": by_l2}, handle)
+    return overall * 100
+
+
+# -- MM-Vet, predict-only ----------------------------------------------------------------------------
+# lmms-eval's own mmvet utils build the judge client at import time and fail without an API key, so
+# the two prompt helpers are restated here (same behaviour as lmms_eval/tasks/mmvet/utils.py).
+
+
+def mmvet_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
+    return [] if doc["image"] is None else [doc["image"].convert("RGB")]
+
+
+def mmvet_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
+    kwargs = lmms_eval_specific_kwargs or {}
+    return f"{kwargs.get('pre_prompt', '')}{doc['question']}{kwargs.get('post_prompt', '')}"
+
+
+def mmvet_predict_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
+    """No score: mark the answer as awaiting the judge (the samples file keeps the answer)."""
+    return {"judge_pending": {"question_id": doc["question_id"]}}
+
+
+def mmvet_count_pending(items: list[dict[str, Any]]) -> int:
+    """How many MM-Vet answers await judging. Deliberately not a score: see the warning."""
+    logger.warning(
+        f"MM-Vet: {len(items)} answers recorded and NOT scored (the score needs a GPT judge). Run "
+        "`python -m globalcom2.evaluation.mmvet_judge --samples <…_samples_mmvet_local.jsonl>` with "
+        "OPENAI_API_KEY set to compute gpt_eval_score."
+    )
+    return len(items)
+
+
+# -- the synthetic demo benchmark -------------------------------------------------------------------
+
+
+def demo_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
+    return [doc["image"].convert("RGB")]
+
+
+def demo_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
+    kwargs = lmms_eval_specific_kwargs or {}
+    return f"{kwargs.get('pre_prompt', '')}{doc['question']}{kwargs.get('post_prompt', '')}"
+
+
+def demo_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """Exact match after normalisation, overall and for the item's question type."""
+    from globalcom2.evaluation.demo import normalize_answer
+
+    score = float(normalize_answer(results[0]) == normalize_answer(doc["answer"]))
+    return {"exact_match": score, f"{doc['question_type']}_accuracy": score}

@@ -1,0 +1,329 @@
+"""lmms-eval model plugin: LLaVA-NeXT with a compression method attached (id ``globalcom2_llava_next``).
+
+Registered through the entry point ``lmms_eval.models: globalcom2 = globalcom2.lmms_manifest:manifests``
+(see that module for why it is separate), so after ``pip install -e .``::
+
+    python -m lmms_eval --model globalcom2_llava_next \\
+        --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=random,retention_ratio=0.25 ...
+
+``model_args``: ``pretrained`` (hub id, folder or ``tiny[:seed]``; required), ``method`` (default
+``vanilla``), ``dtype`` (``auto`` = the checkpoint's), ``device``, ``batch_size``, ``attn_implementation``
+(default ``sdpa``; a JSON object selects per sub-config), ``max_new_tokens`` (used when a task sets none;
+default 1024), ``records_path`` (JSONL sidecar of per-sample records), ``profile`` (default true),
+``warmup`` (untimed generate calls before the first timed one; default 1). Every other key is a parameter
+of the method (e.g. ``retention_ratio``), converted to the type its ``__init__`` declares.
+
+What the class guarantees:
+
+* The Vicuna-v1 prompt is built here (``<image>\\n`` per image + the task's context), as LLaVA's own
+  evaluation does; the checkpoint's chat template is not used.
+* Requests are batched only with requests of identical generation settings, left-padded; answers equal
+  those at batch size 1 (the compression hooks are exact under padding, ``tests/lmms``).
+* Data parallelism under ``torchrun``/``accelerate launch``: one full model copy per process; lmms-eval
+  shards the documents, gathers the answers and scores on rank 0.
+* Generation errors propagate (with the task and doc ids added); nothing is swallowed. Empty answers
+  are counted, logged and flagged in the records.
+* Per-sample :class:`~globalcom2.evaluation.sample_records.SampleRecord`\\ s: ``lm.records`` (this
+  process), ``lm.gather_records()`` (all processes, collective), ``lm.records_summary()``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from loguru import logger
+from tqdm import tqdm
+
+from globalcom2.evaluation import sample_records as sr
+from globalcom2.evaluation.batching import PreparedBatch, decode_answer, prepare_batch
+from globalcom2.evaluation.generation import GenerationSettings
+from globalcom2.evaluation.method_args import (
+    check_attn_compatibility,
+    coerce,
+    coerce_method_params,
+    parse_attn_implementation,
+)
+from globalcom2.lmms_manifest import MODEL_ID
+from globalcom2.methods import METHODS
+
+__all__ = ["MODEL_ID", "GlobalCom2LlavaNext"]
+
+
+class GlobalCom2LlavaNext(lmms):
+    """A simple-type lmms-eval model: LLaVA-NeXT + one attached compression method."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        method: str = "vanilla",
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        attn_implementation: str | dict[str, str] = "sdpa",
+        max_new_tokens: int = 1024,
+        records_path: str | None = None,
+        profile: bool = True,
+        warmup: int = 1,
+        **method_params: Any,
+    ) -> None:
+        super().__init__()
+        # Everything that can be wrong with the arguments is checked before the model is loaded.
+        if str(batch_size) == "auto" or max_batch_size is not None:
+            raise ValueError("automatic batch sizes are not supported: pass an integer batch_size")
+        self.batch_size_per_device = coerce(batch_size, int, "batch_size")
+        self.default_max_new_tokens = coerce(max_new_tokens, int, "max_new_tokens")
+        self.warmup_calls = coerce(warmup, int, "warmup")
+        self.profile = coerce(profile, bool, "profile")
+        if self.batch_size_per_device < 1 or self.default_max_new_tokens < 1 or self.warmup_calls < 0:
+            raise ValueError(
+                f"need batch_size >= 1, max_new_tokens >= 1 and warmup >= 0, got {batch_size!r}, "
+                f"{max_new_tokens!r}, {warmup!r}"
+            )
+        self.attn_implementation = parse_attn_implementation(attn_implementation)
+        self.method_name = method
+        self.method_kwargs = coerce_method_params(method, method_params)
+        self.method = METHODS.create(method, **self.method_kwargs)  # ranges checked here, no model needed
+        check_attn_compatibility(method, self.attn_implementation)
+        self.records_path = records_path
+        self._sampling_warned = False
+
+        self.accelerator = Accelerator()
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        self._device = self._choose_device(device)
+
+        from globalcom2 import attach, load_llava_next
+        from globalcom2.efficiency.profile import GenerateProfiler
+
+        self.pretrained = str(pretrained)
+        self.model, self.processor = load_llava_next(
+            pretrained, dtype=dtype, device=self._device, attn_implementation=self.attn_implementation
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.attachment = attach(self.model, method, **self.method_kwargs)
+        self.method = self.attachment.method
+        self.profiler = GenerateProfiler(self.model, self._device)
+        eos = self.model.generation_config.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self._pad_id = self.tokenizer.pad_token_id
+        self._warmed_up = False
+        self._batches = 0
+        self.records: list[sr.SampleRecord] = []
+
+    # -- properties lmms-eval uses ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_device
+
+    def _choose_device(self, device: str | None) -> torch.device:
+        if self._world_size > 1:
+            if device not in (None, "cuda", "cpu"):
+                raise ValueError(
+                    f"device={device!r} with {self._world_size} processes: each process uses its own device; "
+                    "pass no device (or 'cuda'/'cpu')"
+                )
+            return torch.device("cpu") if device == "cpu" else self.accelerator.device
+        if device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(device)
+
+    @property
+    def run_info(self) -> dict[str, Any]:
+        """What produced the answers: checkpoint, method, attention actually used, devices."""
+        config = self.model.config
+        return {
+            "model_id": MODEL_ID,
+            "pretrained": self.pretrained,
+            "checkpoint": getattr(config, "_name_or_path", None),
+            "method": self.method.name,
+            "method_params": self.method.params(),
+            "dtype": str(self.model.dtype),
+            "device": str(self._device),
+            "world_size": self._world_size,
+            "batch_size": self.batch_size_per_device,
+            "attn_implementation_requested": self.attn_implementation,
+            "attn_implementation": self.resolved_attn_implementation(),
+            "profile": self.profile,
+            "warmup_calls": self.warmup_calls,
+        }
+
+    def resolved_attn_implementation(self) -> dict[str, str | None]:
+        config = self.model.config
+        return {
+            "text_config": getattr(config.text_config, "_attn_implementation", None),
+            "vision_config": getattr(config.vision_config, "_attn_implementation", None),
+        }
+
+    # -- records -----------------------------------------------------------------------------------------
+    def records_summary(self) -> dict[str, Any]:
+        """:func:`~globalcom2.evaluation.sample_records.summarize` of this process's records."""
+        return sr.summarize(self.records)
+
+    def gather_records(self) -> list[sr.SampleRecord]:
+        """Records of every process, sorted by (task, split, doc id). Collective: call it on all ranks."""
+        local = [r.to_dict() for r in self.records]
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self._world_size
+            torch.distributed.all_gather_object(gathered, local)
+            local = [row for part in gathered for row in part]
+        return sorted((sr.SampleRecord(**row) for row in local), key=sr.sort_key)
+
+    def reset_records(self) -> None:
+        self.records.clear()
+
+    # -- lmms-eval API ---------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        settings: dict[str, GenerationSettings] = {}
+        for index, request in enumerate(requests):
+            if request.metadata and request.metadata.get("__padding_only__"):
+                results[index] = GenerationResult(text="")  # lmms-eval drops padding answers unread
+                continue
+            setting = GenerationSettings.from_gen_kwargs(request.args[1], self.default_max_new_tokens)
+            if setting.do_sample and not self._sampling_warned:
+                self._sampling_warned = True
+                logger.warning(
+                    f"{request.args[4]}: sampling is on (do_sample/temperature); answers then depend on the "
+                    "random state, i.e. on batch composition and the number of processes"
+                )
+            if setting.ignored:
+                logger.debug(f"{request.args[4]}: ignoring generation_kwargs {list(setting.ignored)}")
+            settings[setting.key()] = setting
+            groups.setdefault(setting.key(), []).append(index)
+        progress = tqdm(total=len(requests), disable=self._rank != 0, desc="globalcom2 generate")
+        new_records: list[sr.SampleRecord] = []
+        for key, indices in groups.items():
+            for start in range(0, len(indices), self.batch_size_per_device):
+                batch = indices[start : start + self.batch_size_per_device]
+                outputs, records = self._generate_batch([requests[i] for i in batch], settings[key])
+                for i, output in zip(batch, outputs, strict=True):
+                    results[i] = output
+                new_records += records
+                progress.update(len(batch))
+        progress.close()
+        self.records += new_records
+        self._report(new_records)
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError(f"{MODEL_ID} only generates (all ten paper benchmarks are generate_until)")
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError(f"{MODEL_ID} does not support multi-round generation")
+
+    def clean(self) -> None:
+        """Free cached memory but keep the model: unlike lmms-eval's default, which deletes every
+        ``nn.Module`` attribute, an instance can serve several ``simple_evaluate`` calls."""
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- one batch -------------------------------------------------------------------------------------
+    def _generate_batch(
+        self, requests: list[Instance], setting: GenerationSettings
+    ) -> tuple[list[GenerationResult], list[sr.SampleRecord]]:
+        started = time.perf_counter()
+        batch = prepare_batch(requests, self.task_dict)
+        inputs = self.processor(
+            images=batch.images or None, text=batch.prompts, return_tensors="pt", padding=True
+        )
+        inputs = inputs.to(self._device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        preprocess_s = time.perf_counter() - started
+        sequences, measurement, row_stats = self._generate(inputs, setting, batch)
+
+        prompt_length = inputs["input_ids"].shape[1]
+        outputs, records = [], []
+        for row, (task, split, doc_id) in enumerate(batch.keys):
+            decoded = decode_answer(
+                self.tokenizer, sequences[row, prompt_length:].tolist(), self._eos_ids, setting.until
+            )
+            before, llm_input, after = sr.visual_token_counts(row_stats[row])
+            prompt_tokens = int(inputs["attention_mask"][row].sum())
+            record = sr.SampleRecord(
+                task=task,
+                split=split,
+                doc_id=doc_id,
+                rank=self._rank,
+                batch_id=self._batches,
+                batch_size=len(requests),
+                method=self.method.name,
+                method_params=self.method.params(),
+                attn_implementation=self.resolved_attn_implementation(),
+                num_images=batch.images_per_row[row],
+                image_sizes=batch.image_sizes_of(inputs.get("image_sizes"), row),
+                prompt_tokens=prompt_tokens,
+                llm_prompt_tokens=prompt_tokens - before + llm_input,
+                visual_tokens_before=before,
+                visual_tokens_llm_input=llm_input,
+                visual_tokens_after=after,
+                output_tokens=len(decoded.token_ids),
+                output_token_ids=decoded.token_ids,
+                answer=decoded.answer,
+                empty_answer=decoded.answer == "",
+                stop_reason=decoded.stop_reason,
+                preprocess_s=preprocess_s,
+                prefill_s=measurement.prefill_s if measurement else None,
+                total_s=measurement.total_s if measurement else None,
+                peak_memory_bytes=measurement.peak_memory_bytes if measurement else None,
+                peak_memory_note=measurement.peak_memory_note if measurement else "profile=false",
+                clock=measurement.clock if measurement else None,
+                compression=[sr.stat_to_dict(s) for s in row_stats[row]],
+            )
+            if record.empty_answer:
+                logger.warning(f"empty answer for {task} doc {doc_id} (stop: {record.stop_reason})")
+            records.append(record)
+            counts = TokenCounts(input_tokens=record.llm_prompt_tokens, output_tokens=record.output_tokens)
+            outputs.append(GenerationResult(text=record.answer, token_counts=counts))
+        self._batches += 1
+        return outputs, records
+
+    def _generate(
+        self, inputs: Any, setting: GenerationSettings, batch: PreparedBatch
+    ) -> tuple[Any, Any, list]:
+        """``model.generate`` (warm-up first if due; measured if profiling); errors re-raised with context."""
+        kwargs = {**setting.generate_kwargs(), "pad_token_id": self._pad_id}
+        measurement = None
+        try:
+            with torch.inference_mode():
+                if self.profile and not self._warmed_up and self.warmup_calls:
+                    warm = {**kwargs, "max_new_tokens": min(2, setting.max_new_tokens)}
+                    self.profiler.warmup(lambda: self.model.generate(**inputs, **warm), self.warmup_calls)
+                self._warmed_up = True
+                self.attachment.stats.clear()  # only this call's stats from here on
+                if self.profile:
+                    with self.profiler.measure() as pending:
+                        sequences = self.model.generate(**inputs, **kwargs)
+                    measurement = pending.result
+                else:
+                    sequences = self.model.generate(**inputs, **kwargs)
+        except Exception as err:
+            raise RuntimeError(
+                f"generation failed for {batch.tag()} (method {self.method!r}): {err}"
+            ) from err
+        row_stats = sr.assign_stats(list(self.attachment.stats), batch.images_per_row)
+        self.attachment.stats.clear()
+        return sequences, measurement, row_stats
+
+    def _report(self, new_records: list[sr.SampleRecord]) -> None:
+        """Warn about empty answers, pass the call's summary to lmms-eval, write the sidecar (rank 0)."""
+        sr.report_call(new_records, self._rank)
+        if self.records_path:
+            everything = self.gather_records()
+            if self._rank == 0:
+                sr.write_jsonl(self.records_path, everything)

@@ -1,0 +1,71 @@
+"""The generate-call profiler: clocks, prefill boundary, peak memory marked unavailable on CPU."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from globalcom2.efficiency.profile import CPU_PEAK_MEMORY_NOTE, GenerateProfiler, throughput
+
+
+class Steps(torch.nn.Module):
+    """Stands in for a model whose ``generate`` calls ``forward`` once per step."""
+
+    def forward(self, x: torch.Tensor, delay: float) -> torch.Tensor:
+        time.sleep(delay)
+        return x + 1
+
+
+def fake_generate(model: Steps, steps: int, first: float, rest: float) -> None:
+    x = torch.zeros(1)
+    for step in range(steps):
+        x = model(x, first if step == 0 else rest)
+
+
+def test_prefill_ends_with_the_first_forward_call():
+    model = Steps()
+    profiler = GenerateProfiler(model, "cpu")
+    with profiler.measure() as pending:
+        fake_generate(model, steps=4, first=0.05, rest=0.02)
+    m = pending.result
+    assert m.clock == "perf_counter" and m.device == "cpu" and m.forward_calls == 4
+    assert 0.05 <= m.prefill_s < 0.05 + 0.04  # the prefill step, not the decoding steps
+    assert m.total_s >= m.prefill_s + 3 * 0.02 and m.decode_s == pytest.approx(m.total_s - m.prefill_s)
+    assert not model._forward_hooks  # nothing stays attached after the measurement
+
+
+def test_peak_memory_on_cpu_is_unavailable_not_zero():
+    model = Steps()
+    with GenerateProfiler(model, "cpu").measure() as pending:
+        fake_generate(model, steps=1, first=0.0, rest=0.0)
+    assert pending.result.peak_memory_bytes is None
+    assert pending.result.peak_memory_note == CPU_PEAK_MEMORY_NOTE
+
+
+def test_errors_propagate_and_leave_no_hook():
+    model = Steps()
+    with pytest.raises(ZeroDivisionError), GenerateProfiler(model, "cpu").measure():
+        model(torch.zeros(1), 0.0)
+        _ = 1 / 0
+    assert not model._forward_hooks
+
+
+def test_a_block_without_forward_calls_is_an_error():
+    with (
+        pytest.raises(RuntimeError, match="never called the model's forward"),
+        GenerateProfiler(Steps(), "cpu").measure(),
+    ):
+        pass
+
+
+def test_warmup_runs_unmeasured_calls():
+    calls = []
+    GenerateProfiler(Steps(), "cpu").warmup(lambda: calls.append(1), calls=2)
+    assert calls == [1, 1]
+
+
+def test_throughput():
+    assert throughput(10, [1.0, 1.5, 2.5]) == 2.0
+    assert throughput(3, []) is None

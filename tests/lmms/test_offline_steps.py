@@ -1,0 +1,89 @@
+"""The steps around an evaluation that need the outside world: MM-Vet judging, `make data`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from globalcom2.evaluation import download, mmvet_judge, paper_metric_value
+
+
+def samples_file(path, answers):
+    lines = [
+        {"doc_id": i, "target": target, "filtered_resps": [answer], "input": "..."}
+        for i, (target, answer) in enumerate(answers)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+FIXTURE_TARGETS = ["4.50<OR>$4.50", "red<AND>white", "A cat sits in a box too small for it."]
+
+
+def test_mmvet_without_a_key_gives_a_message_not_zeros(fixture_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("API_TYPE", raising=False)
+    samples = samples_file(
+        tmp_path / "s_samples_mmvet_local.jsonl", zip(FIXTURE_TARGETS, ["4.50", "red", "cat"], strict=True)
+    )
+    assert mmvet_judge.main(["--samples", str(samples)]) == 2
+    message = capsys.readouterr().err
+    assert "OPENAI_API_KEY is not set" in message and "No score was computed" in message
+    assert list(tmp_path.iterdir()) == [samples]
+
+
+@pytest.fixture
+def graded_by(monkeypatch):
+    """lmms-eval's MM-Vet grader with the GPT call replaced (the real one needs the network)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
+    from lmms_eval.tasks.mmvet import utils
+
+    def install(grades):
+        calls = iter(grades)
+        monkeypatch.setattr(utils, "get_chat_response", lambda prompt, **kw: next(calls))
+
+    return install
+
+
+def test_mmvet_judge_scores_with_lmms_evals_grader(fixture_data, tmp_path, graded_by):
+    graded_by([("1.0", "gpt-test"), ("0.5", "gpt-test"), ("0.0", "gpt-test")])
+    samples = samples_file(
+        tmp_path / "s_samples_mmvet_local.jsonl", zip(FIXTURE_TARGETS, ["4.50", "red", "dog"], strict=True)
+    )
+    result = mmvet_judge.judge(samples)
+    assert paper_metric_value("MM-Vet", result) == pytest.approx(50.0)
+    written = json.loads((tmp_path / "s_samples_mmvet_local_judged.json").read_text())
+    assert written["results"] == result["results"] and len(written["grades"]) == 3
+
+
+def test_mmvet_judge_refuses_to_score_when_the_judge_fails(fixture_data, tmp_path, graded_by):
+    graded_by([("1.0", "gpt-test"), ("", ""), ("0.0", "gpt-test")])  # no answer from the judge for doc 1
+    samples = samples_file(
+        tmp_path / "s_samples_mmvet_local.jsonl", zip(FIXTURE_TARGETS, ["4.50", "red", "dog"], strict=True)
+    )
+    with pytest.raises(RuntimeError, match="no grade for 1 samples"):
+        mmvet_judge.judge(samples)
+    assert not list(tmp_path.glob("*_judged.json"))
+
+
+def test_mmvet_judge_detects_data_that_changed(fixture_data, tmp_path, graded_by):
+    graded_by([])
+    samples = samples_file(tmp_path / "s.jsonl", [("another answer", "x")])
+    with pytest.raises(ValueError, match="data changed since the run"):
+        mmvet_judge.judge(samples)
+
+
+def test_make_data_explains_what_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert download.main(["--benchmarks", "pope"]) == 2
+    assert "offline mode is set" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored login either
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    assert download.main(["--benchmarks", "pope"]) == 2
+    message = capsys.readouterr().err
+    assert "no Hugging Face token" in message and "export HF_TOKEN" in message and "make data" in message
+    assert download.main(["--benchmarks", "popee"]) == 2

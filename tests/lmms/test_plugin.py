@@ -1,0 +1,189 @@
+"""The lmms-eval model plugin: registration, argument checks, prompts, stop strings, empty answers, errors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance
+
+from globalcom2.lmms_plugin import MODEL_ID, GlobalCom2LlavaNext
+from globalcom2.prompts import vicuna_v1_prompt
+
+
+def requests_for(lm, docs, context="Is there a cat?", gen_kwargs=None, task="toy", split="test"):
+    """Simple-model requests as lmms-eval builds them, over ``docs`` registered as ``task``/``split``."""
+    lm.task_dict = {task: {split: docs}}
+    kwargs = gen_kwargs or {"until": ["\n\n"], "max_new_tokens": 3}
+    return [
+        Instance(
+            request_type="generate_until",
+            arguments=(context, dict(kwargs), lambda doc: [doc["image"]], i, task, split),
+            idx=0,
+            metadata={"task": task, "doc_id": i, "repeats": 1, "split": split},
+        )
+        for i in range(len(docs))
+    ]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.25, profile=False)
+
+
+@pytest.fixture
+def docs(images):
+    return [{"image": images[(1008, 336)]}, {"image": images[(336, 1008)]}]
+
+
+def test_entry_point_resolves_and_passes_lmms_eval_type_checks():
+    from lmms_eval.models import MODEL_REGISTRY_V2, get_model
+
+    points = importlib.metadata.entry_points(group="lmms_eval.models")
+    assert "globalcom2.lmms_manifest:manifests" in {p.value for p in points}
+    # get_model_class validates: subclass of lmms, is_simple matching the resolved (simple) kind.
+    assert MODEL_REGISTRY_V2.get_model_class(MODEL_ID) is GlobalCom2LlavaNext
+    assert get_model(MODEL_ID) is GlobalCom2LlavaNext
+    assert MODEL_REGISTRY_V2.resolve(MODEL_ID).model_type == "simple"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "globalcom3"}, "unknown compression method 'globalcom3'"),
+        ({"method": "random", "retention_ratio": 1.5}, r"retention_ratio must be in \(0, 1\]"),
+        ({"method": "random", "retention_ratio": 0.5, "ratio": 0.5}, "does not take 'ratio'"),
+        ({"method": "random", "retention_ratio": 0.5, "seed": 1.5}, "seed must be an integer"),
+        (
+            {"method": "random", "retention_ratio": 0.5, "attn_implementation": "flash_attention_2"},
+            "supports eager, sdpa",
+        ),
+        ({"batch_size": "auto"}, "automatic batch sizes"),
+    ],
+)
+def test_bad_arguments_fail_before_the_model_is_loaded(monkeypatch, kwargs, message):
+    def no_loading(*args, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("globalcom2.load_llava_next", no_loading)
+    with pytest.raises((ValueError, TypeError), match=message):
+        GlobalCom2LlavaNext(pretrained="tiny", **kwargs)
+
+
+def test_typed_method_parameters_and_run_info(lm):
+    assert lm.method.params() == {"retention_ratio": 0.25, "seed": 0}
+    info = lm.run_info
+    assert info["attn_implementation"] == {"text_config": "sdpa", "vision_config": "sdpa"}
+    assert info["method"] == "random" and info["world_size"] == 1
+
+
+def test_builds_the_vicuna_prompt_and_records_each_sample(lm, docs, monkeypatch):
+    seen = []
+    processor = lm.processor
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["text"])
+        return processor(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "processor", spy)
+    lm.reset_records()
+    outputs = lm.generate_until(requests_for(lm, docs, context="How many boxes?\nAnswer briefly."))
+    assert seen == [[vicuna_v1_prompt("How many boxes?\nAnswer briefly.")]] * 2  # batch size 1: two calls
+    assert all(isinstance(o, GenerationResult) for o in outputs)
+    first, second = lm.records
+    assert (first.doc_id, second.doc_id) == (0, 1)
+    assert first.visual_tokens_before > first.visual_tokens_after > 0  # random keeps 25 % of the patches
+    assert first.image_sizes == [[336, 1008]] and first.num_images == 1
+    assert first.compression[0]["patch_tokens_kept"] == first.compression[0]["patch_tokens_before"] // 4
+    assert outputs[0].token_counts.input_tokens == first.llm_prompt_tokens < first.prompt_tokens
+
+
+def fake_generate(lm, continuation_ids):
+    """A stand-in for model.generate: encodes the images (so the method records its stats, as in a real
+    call) and returns the prompt followed by ``continuation_ids``."""
+
+    def generate(input_ids, pixel_values, image_sizes, **kwargs):
+        lm.model.model.get_image_features(pixel_values, image_sizes)
+        tail = torch.tensor([continuation_ids] * input_ids.shape[0], dtype=input_ids.dtype)
+        return torch.cat([input_ids, tail], dim=1)
+
+    return generate
+
+
+def test_until_cuts_the_answer_at_the_first_stop_string(lm, docs, monkeypatch):
+    tokens = lm.tokenizer.encode("yes.\n\nASSISTANT: more", add_special_tokens=False)
+    monkeypatch.setattr(lm.model, "generate", fake_generate(lm, tokens))
+    lm.reset_records()
+    gen = {"until": ["ASSISTANT:", "\n\n"], "max_new_tokens": len(tokens)}
+    outputs = lm.generate_until(requests_for(lm, docs[:1], gen_kwargs=gen))
+    assert outputs[0].text == "yes."
+    assert lm.records[0].stop_reason == "stop_string"
+
+
+def test_an_empty_answer_is_counted_and_reported(lm, docs, monkeypatch):
+    from loguru import logger
+
+    eos = lm.model.generation_config.eos_token_id
+    monkeypatch.setattr(lm.model, "generate", fake_generate(lm, [eos, eos]))
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        lm.reset_records()
+        outputs = lm.generate_until(requests_for(lm, docs))
+    finally:
+        logger.remove(sink)
+    assert [o.text for o in outputs] == ["", ""]
+    assert [r.empty_answer for r in lm.records] == [True, True]
+    assert [r.stop_reason for r in lm.records] == ["eos", "eos"]
+    assert lm.records_summary()["empty_answers"] == 2
+    assert any("2 of 2 answers" in str(m) and "empty" in str(m) for m in messages)
+
+
+def test_a_generation_error_propagates_with_context(lm, docs, monkeypatch):
+    def broken(**kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(lm.model, "generate", broken)
+    with pytest.raises(RuntimeError, match=r"generation failed for toy#0.*device-side assert"):
+        lm.generate_until(requests_for(lm, docs))
+
+
+def test_unknown_generation_kwargs_are_refused(lm, docs):
+    with pytest.raises(ValueError, match="unsupported generation_kwargs"):
+        lm.generate_until(requests_for(lm, docs, gen_kwargs={"until": ["\n"], "beam_width": 2}))
+
+
+def test_padding_requests_are_not_generated_or_recorded(lm, docs):
+    requests = requests_for(lm, docs)
+    requests[1].metadata["__padding_only__"] = True
+    lm.reset_records()
+    outputs = lm.generate_until(requests)
+    assert outputs[1].text == "" and [r.doc_id for r in lm.records] == [0]
+
+
+def test_a_batch_may_mix_rows_with_and_without_images(lm, docs, monkeypatch):
+    monkeypatch.setattr(lm, "batch_size_per_device", 3)
+    lm.task_dict = {"toy": {"test": [docs[0], {"image": None}, docs[1]]}}
+    requests = [
+        Instance(
+            request_type="generate_until",
+            arguments=(
+                "Describe.",
+                {"until": ["\n\n"], "max_new_tokens": 2},
+                lambda d: [d["image"]] if d["image"] else [],
+                i,
+                "toy",
+                "test",
+            ),
+            idx=0,
+            metadata={"task": "toy", "doc_id": i, "repeats": 1, "split": "test"},
+        )
+        for i in range(3)
+    ]
+    lm.reset_records()
+    lm.generate_until(requests)
+    assert [r.num_images for r in lm.records] == [1, 0, 1]
+    assert [r.batch_size for r in lm.records] == [3, 3, 3]
+    assert lm.records[1].visual_tokens_before == 0 and lm.records[1].compression == []
+    assert lm.records[2].image_sizes == [[1008, 336]]

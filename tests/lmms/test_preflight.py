@@ -1,0 +1,117 @@
+"""Validation before running: bad tasks, missing data, bad methods fail before any model is loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from globalcom2.evaluation import cli
+from globalcom2.evaluation.local_data import DATA_DIR_ENV
+from globalcom2.evaluation.preflight import PreflightError, check_model_args, preflight
+from globalcom2.methods.random_keep import RandomKeep
+
+GOOD_MODEL = {"pretrained": "tiny", "method": "random", "retention_ratio": 0.5}
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("globalcom2.load_llava_next", refuse)
+    monkeypatch.setattr("globalcom2.models.llava_next.load_llava_next", refuse)
+
+
+def test_known_tasks_with_data_pass_and_report_their_data(fixture_data):
+    checks = {
+        c.name: c
+        for c in preflight(["pope_adv_local", "gqa_local", "globalcom2_demo"], model_args=GOOD_MODEL)
+    }
+    assert checks["pope_adv_local"].data_path == str(fixture_data / "pope")
+    assert checks["pope_adv_local"].data_kind == "synthetic-fixture"
+    assert checks["gqa_local"].data_path == str(fixture_data / "gqa" / "instructions")
+    assert checks["globalcom2_demo"].data_kind == "generated"
+
+
+def test_an_unknown_task_is_named_with_suggestions(fixture_data):
+    with pytest.raises(PreflightError, match=r"unknown task 'pope_adv_locl'\. Did you mean 'pope_adv_local'"):
+        preflight(["pope_adv_locl"])
+
+
+def test_missing_offline_data_names_the_path_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "empty"))
+    with pytest.raises(PreflightError) as err:
+        preflight(["mme_local", "gqa_local"])
+    message = str(err.value)
+    assert (
+        str(tmp_path / "empty" / "mme") in message
+        and str(tmp_path / "empty" / "gqa" / "instructions") in message
+    )
+    assert "make data BENCHMARKS=mme" in message and DATA_DIR_ENV in message
+
+
+def test_a_split_missing_from_the_data_is_reported(fixture_data, tmp_path, monkeypatch):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"a": [1]})}).save_to_disk(
+        str(tmp_path / "mme")
+    )
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(PreflightError, match=r"has splits \['train'\], not 'test'"):
+        preflight(["mme_local"])
+
+
+@pytest.mark.parametrize(
+    ("model_args", "message"),
+    [
+        ({**GOOD_MODEL, "method": "fastvv"}, "unknown compression method 'fastvv'"),
+        ({**GOOD_MODEL, "retention_ratio": 0}, r"retention_ratio must be in \(0, 1\]"),
+        ({**GOOD_MODEL, "budget": 3}, "does not take 'budget'"),
+        ({**GOOD_MODEL, "attn_implementation": "flash_attention_2"}, "does not support attn_implementation"),
+        ({"method": "vanilla"}, "needs pretrained="),
+        ({**GOOD_MODEL, "pretrained": "/nonexistent/llava"}, "has no config.json"),
+    ],
+)
+def test_bad_model_args_are_refused(model_args, message, no_model_loading):
+    with pytest.raises(PreflightError, match=message):
+        check_model_args(model_args)
+
+
+def test_a_method_declares_its_attention_implementations(monkeypatch):
+    monkeypatch.setattr(RandomKeep, "supported_attn_implementations", frozenset({"eager"}))
+    with pytest.raises(
+        PreflightError, match="'random' does not support attn_implementation 'sdpa'; it supports eager"
+    ):
+        check_model_args(GOOD_MODEL)
+    check_model_args({**GOOD_MODEL, "attn_implementation": "eager"})
+    check_model_args(
+        {**GOOD_MODEL, "attn_implementation": '{"text_config": "eager", "vision_config": "eager"}'}
+    )
+
+
+def test_the_cli_stops_before_loading_anything(tmp_path, monkeypatch, capsys, no_model_loading):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "empty"))
+    argv = [
+        *(
+            "--model",
+            "globalcom2_llava_next",
+            "--model_args",
+            "pretrained=tiny,method=random,retention_ratio=2",
+        ),
+        *("--tasks", "pope_adv_local,no_such_task", "--output_path", str(tmp_path / "out")),
+    ]
+    assert cli.main(argv) == cli.EXIT_PREFLIGHT
+    message = capsys.readouterr().err
+    assert "retention_ratio must be in (0, 1]" in message
+    assert "offline data for task 'pope_adv_local' is missing" in message
+    assert "unknown task 'no_such_task'" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_requires_an_output_path(capsys):
+    assert cli.main(["--model", "globalcom2_llava_next", "--tasks", "mme_local"]) == cli.EXIT_PREFLIGHT
+    assert "--output_path is required" in capsys.readouterr().err
+
+
+def test_builtin_tasks_are_known_but_flagged_as_hub_tasks(fixture_data):
+    (check,) = preflight(["mme"])
+    assert check.origin == "lmms-eval" and check.data_path is None

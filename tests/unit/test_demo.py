@@ -1,0 +1,91 @@
+"""The synthetic demo benchmark: deterministic, balanced, answers consistent with the drawings."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from globalcom2.evaluation import demo
+
+
+@pytest.fixture(scope="module")
+def items():
+    return demo.generate_items("test")
+
+
+def test_deterministic_and_prefix_stable(items):
+    assert [i.signature() for i in demo.generate_items("test", size=30)] == [
+        i.signature() for i in items[:30]
+    ]
+    assert demo.make_item(0, 17) == items[17]
+
+
+def test_a_few_hundred_items_balanced_over_types_and_aspect_ratios(items):
+    assert len(items) == 300
+    assert Counter(i.question_type for i in items) == {t: 100 for t in demo.QUESTION_TYPES}
+    sizes = Counter((i.width, i.height) for i in items)
+    assert set(sizes) == set(demo.CANVASES) and set(sizes.values()) == {30}
+    # the five llava-v1.6 AnyRes canvases (width x height) are all present
+    assert {(672, 336), (336, 672), (672, 672), (1008, 336), (336, 1008)} <= set(sizes)
+
+
+def test_answers_follow_from_the_shapes(items):
+    for item in items:
+        assert len({(s.x, s.y) for s in item.shapes}) == len(item.shapes)
+        assert all(12 <= s.size <= 21 for s in item.shapes)
+        target = item.question.split()
+        if item.question_type == "color":
+            kind = target[-1].rstrip("?")
+            (match,) = [s for s in item.shapes if s.kind == kind]
+            assert match.color == item.answer
+        elif item.question_type == "count":
+            color, kind = target[2], target[3][:-1]
+            assert str(sum(s.color == color and s.kind == kind for s in item.shapes)) == item.answer
+        else:
+            color, kind = target[2], target[3]
+            (match,) = [s for s in item.shapes if (s.color, s.kind) == (color, kind)]
+            along = match.x / item.width if item.answer in {"left", "right"} else match.y / item.height
+            assert along < 0.4 if item.answer in {"left", "top"} else along > 0.6
+
+
+def test_the_train_split_is_disjoint_from_the_test_split(items):
+    train = demo.generate_items("train", size=200)
+    assert not {i.signature() for i in train} & {i.signature() for i in items}
+    with pytest.raises(ValueError, match="seed other than the test seed"):
+        demo.generate_items("train", seed=0, size=2)
+
+
+@pytest.mark.parametrize(
+    ("answer", "normalized"), [("Three.", "3"), ("  RED ", "red"), ("the left", "left"), ("5", "5")]
+)
+def test_normalize_answer(answer, normalized):
+    assert demo.normalize_answer(answer) == normalized
+
+
+def test_rendering_draws_the_shape_colours(items):
+    item = next(i for i in items if i.question_type == "color")
+    pixels = np.asarray(demo.render(item))
+    assert pixels.shape == (item.height, item.width, 3)
+    for shape in item.shapes:
+        assert tuple(pixels[shape.y, shape.x]) == demo.COLORS[shape.color]
+
+
+def test_the_dataset_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOBALCOM2_CACHE", str(tmp_path))
+    path = demo.ensure_demo_dataset("test", size=6)
+    assert path.parent == tmp_path / "demo" and demo.ensure_demo_dataset("test", size=6) == path
+    import datasets
+
+    table = datasets.load_from_disk(str(path))["test"]
+    assert table.column_names == [
+        "id",
+        "image",
+        "question",
+        "answer",
+        "question_type",
+        "image_width",
+        "image_height",
+    ]
+    assert table[0]["image"].size == (table[0]["image_width"], table[0]["image_height"])

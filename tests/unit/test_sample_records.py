@@ -1,0 +1,78 @@
+"""Per-sample records: stats -> rows, visual-token counts, summaries, atomic JSONL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from globalcom2.evaluation import sample_records as sr
+from globalcom2.methods.base import ImageStats
+
+
+@dataclass(frozen=True)
+class LayerStats:  # the shape in-LLM methods record (one per batch row)
+    method: str
+    visual_tokens_before: int
+    visual_tokens_per_layer: list[int]
+    tokens_per_layer: list[int]
+    equivalent_visual_tokens: float
+
+
+def image(before: int, kept: int, separators: int = 24) -> ImageStats:
+    return ImageStats("random", (336, 672), before, before - separators, kept, separators)
+
+
+def record(**overrides) -> sr.SampleRecord:
+    base = dict(
+        task="t", split="test", doc_id=0, rank=0, batch_id=0, batch_size=1, method="random", method_params={},
+        attn_implementation={}, num_images=1, image_sizes=[[336, 672]], prompt_tokens=1200, llm_prompt_tokens=400,
+        visual_tokens_before=1176, visual_tokens_llm_input=376, visual_tokens_after=376.0, output_tokens=2,
+        output_token_ids=[5, 6], answer="yes", empty_answer=False, stop_reason="eos", preprocess_s=0.5,
+        prefill_s=1.0, total_s=2.0, peak_memory_bytes=None, peak_memory_note="cpu", clock="perf_counter",
+    )  # fmt: skip
+    return sr.SampleRecord(**{**base, **overrides})
+
+
+def test_per_image_stats_are_split_by_images_per_row():
+    stats = [image(1176, 288), image(2928, 720), image(2328, 576)]
+    rows = sr.assign_stats(stats, [1, 0, 2])
+    assert rows == [[stats[0]], [], stats[1:]]
+    assert sr.visual_token_counts(rows[2]) == (2928 + 2328, 720 + 576 + 48, 720.0 + 576 + 48)
+    assert sr.visual_token_counts([]) == (0, 0, 0.0)
+
+
+def test_per_row_stats_of_in_llm_methods():
+    stats = [LayerStats("fastv", 2928, [2928, 2928, 732, 732], [2969, 2969, 773, 773], 1830.0)]
+    (row,) = sr.assign_stats(stats, [1])
+    assert sr.visual_token_counts(row) == (2928, 2928, 1830.0)
+    assert sr.stat_to_dict(stats[0])["equivalent_visual_tokens"] == 1830.0
+    assert sr.stat_to_dict(image(1176, 288))["tokens_after"] == 312  # the property is recorded too
+
+
+@pytest.mark.parametrize(("stats", "rows"), [([image(1176, 288)], [1, 1]), ([], [1])])
+def test_stats_that_do_not_match_the_batch_are_an_error(stats, rows):
+    with pytest.raises(RuntimeError):
+        sr.assign_stats(stats, rows)
+
+
+def test_summary_counts_calls_once_and_reports_empty_answers():
+    records = [
+        record(doc_id=0, batch_id=0, batch_size=2),
+        record(doc_id=1, batch_id=0, batch_size=2, answer="", empty_answer=True),
+        record(doc_id=2, batch_id=1, total_s=1.0, prefill_s=0.5, peak_memory_note=None, peak_memory_bytes=10),
+    ]
+    summary = sr.summarize(records)
+    assert summary["samples"] == 3 and summary["empty_answers"] == 1 and summary["generate_calls"] == 2
+    assert summary["samples_per_s"] == pytest.approx(3 / (2.0 + 1.0))
+    assert summary["samples_per_s_end_to_end"] == pytest.approx(3 / (2.0 + 1.0 + 0.5 + 0.5))
+    assert summary["mean_prefill_s_per_call"] == pytest.approx(0.75)
+    assert summary["peak_memory_bytes_max"] == 10
+
+
+def test_jsonl_round_trip_is_sorted_and_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "sub" / "records.jsonl"
+    records = [record(task="b", doc_id=1), record(task="a", doc_id=3), record(task="a", doc_id=2)]
+    sr.write_jsonl(path, records)
+    assert [(r.task, r.doc_id) for r in sr.read_jsonl(path)] == [("a", 2), ("a", 3), ("b", 1)]
+    assert [p.name for p in path.parent.iterdir()] == ["records.jsonl"]
