@@ -198,3 +198,28 @@ def test_plain_lmms_eval_exits_0_on_the_same_failure(fixture_data, tmp_path):
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0 and "generation failed for pope_adv_local#" in done.stdout + done.stderr
     assert not list(Path(tmp_path / "out").rglob("*_results.json"))
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("globalcom2", {"retention_ratio": 0.25}),
+        ("fastv", {"retention_ratio": 0.25}),
+        ("sparsevlm", {"retention_ratio": 0.25}),
+    ],
+)
+def test_every_method_gives_batch_invariant_answers_through_the_plugin(
+    fixture_data, tmp_path, monkeypatch, method, params
+):
+    """The same check as above for the methods that score tokens (pre-LLM and in-LLM)."""
+    monkeypatch.chdir(tmp_path)
+    records = {}
+    for batch_size in (1, 4):
+        lm = GlobalCom2LlavaNext(pretrained="tiny", method=method, batch_size=batch_size, **params)
+        api.evaluate(lm, ["globalcom2_demo"], limit=4, gen_kwargs="max_new_tokens=3")
+        records[batch_size] = {r.doc_id: r for r in lm.records}
+    assert records[1].keys() == records[4].keys() and len(records[1]) == 4
+    for doc, record in records[1].items():
+        assert record.output_token_ids == records[4][doc].output_token_ids, doc
+        assert record.visual_tokens_after == records[4][doc].visual_tokens_after
+        assert record.visual_tokens_after < record.visual_tokens_before
