@@ -27,7 +27,8 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-all lint format bench-attach bench-globalcom2 bench-in-llm data clean
+.PHONY: help install test test-all lint format bench-attach bench-globalcom2 bench-in-llm data clean \
+	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -83,6 +84,32 @@ bench-in-llm: install  ## prefill time/memory of FastV and SparseVLM at R=0.25, 
 data: install  ## download the benchmarks for offline evaluation (network + HF_TOKEN; BENCHMARKS=pope,mme)
 	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0 \
 		$(PY) -m globalcom2.evaluation.download $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS),)
+
+# Paper targets: one line each on top of an experiment config. DRY_RUN=1 lists the cells without running;
+# ARGS="..." appends Hydra overrides (e.g. ARGS="launcher=accelerate launcher.num_processes=4").
+RUN := $(PY) -m globalcom2.run -m
+RUN_ARGS = $(if $(DRY_RUN),dry_run=true,) $(ARGS)
+
+demo: install  ## every method x 4 ratios on the tiny model and the synthetic demo benchmark (offline, CPU)
+	$(RUN) experiment=demo $(RUN_ARGS)
+
+table1-7b: install  ## GlobalCom² Table 1 on LLaVA-NeXT-7B (checkpoint + `make data`)
+	$(RUN) experiment=paper_table1_7b $(RUN_ARGS)
+
+table1-13b: install  ## GlobalCom² Table 1 on LLaVA-NeXT-13B (checkpoint + `make data`)
+	$(RUN) experiment=paper_table1_13b $(RUN_ARGS)
+
+ablations: install  ## GlobalCom² allocation x score ablations at R=0.25 (7B)
+	$(RUN) experiment=ablations $(RUN_ARGS)
+
+ablations-hparams: install  ## GlobalCom² alpha x temperature sensitivity at R=0.25 (7B)
+	$(RUN) experiment=ablations_hparams $(RUN_ARGS)
+
+efficiency: install  ## efficiency benchmark (Tables 8/9 protocol); ARGS="model=llava_next_7b model.random_init=true" on a GPU
+	$(RUN) experiment=efficiency $(RUN_ARGS)
+
+sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=tiny benchmark=pope"
+	$(RUN) sweep=methods_x_ratios $(RUN_ARGS)
 
 clean:  ## remove caches (keeps .venv and results/)
 	rm -rf .pytest_cache .ruff_cache

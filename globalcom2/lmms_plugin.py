@@ -10,7 +10,8 @@ Registered through the entry point ``lmms_eval.models: globalcom2 = globalcom2.l
 ``vanilla``), ``dtype`` (``auto`` = the checkpoint's), ``device``, ``batch_size``, ``attn_implementation``
 (default ``sdpa``; a JSON object selects per sub-config), ``max_new_tokens`` (used when a task sets none;
 default 1024), ``records_path`` (JSONL sidecar of per-sample records), ``profile`` (default true),
-``warmup`` (untimed generate calls before the first timed one; default 1). Every other key is a parameter
+``warmup`` (untimed generate calls before the first timed one; default 1), ``random_init`` (build the 7B/13B
+architecture named by ``pretrained`` with random weights: speed and memory only). Every other key is a parameter
 of the method (e.g. ``retention_ratio``), converted to the type its ``__init__`` declares.
 
 What the class guarantees:
@@ -73,6 +74,7 @@ class GlobalCom2LlavaNext(lmms):
         records_path: str | None = None,
         profile: bool = True,
         warmup: int = 1,
+        random_init: bool = False,
         **method_params: Any,
     ) -> None:
         super().__init__()
@@ -83,6 +85,7 @@ class GlobalCom2LlavaNext(lmms):
         self.default_max_new_tokens = coerce(max_new_tokens, int, "max_new_tokens")
         self.warmup_calls = coerce(warmup, int, "warmup")
         self.profile = coerce(profile, bool, "profile")
+        self.random_init = coerce(random_init, bool, "random_init")
         if self.batch_size_per_device < 1 or self.default_max_new_tokens < 1 or self.warmup_calls < 0:
             raise ValueError(
                 f"need batch_size >= 1, max_new_tokens >= 1 and warmup >= 0, got {batch_size!r}, "
@@ -106,7 +109,11 @@ class GlobalCom2LlavaNext(lmms):
 
         self.pretrained = str(pretrained)
         self.model, self.processor = load_llava_next(
-            pretrained, dtype=dtype, device=self._device, attn_implementation=self.attn_implementation
+            pretrained,
+            dtype=dtype,
+            device=self._device,
+            attn_implementation=self.attn_implementation,
+            random_init=self.random_init,
         )
         self.tokenizer = self.processor.tokenizer
         self.attachment = attach(self.model, method, **self.method_kwargs)
@@ -147,6 +154,7 @@ class GlobalCom2LlavaNext(lmms):
         return {
             "model_id": MODEL_ID,
             "pretrained": self.pretrained,
+            "random_init": self.random_init,
             "checkpoint": getattr(config, "_name_or_path", None),
             "method": self.method.name,
             "method_params": self.method.params(),

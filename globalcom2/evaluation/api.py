@@ -22,6 +22,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from globalcom2.evaluation.local_data import tasks_dir
 from globalcom2.evaluation.preflight import PreflightError, TaskCheck, check_tasks
 
@@ -63,6 +65,10 @@ def evaluate(
     cli_args = argparse.Namespace(
         output_path=str(output_path) if output_path else None, process_with_media=False
     )
+    # As lmms-eval's own CLI: with a process group (torchrun / accelerate launch) use raw torch.distributed
+    # collectives. Its "accelerate" path gathers a 0-d tensor and fails on multi-process CPU runs.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    simple_evaluate_kwargs.setdefault("distributed_executor_backend", "torchrun" if distributed else "accelerate")
     results = simple_evaluate(
         model=lm,
         tasks=tasks,

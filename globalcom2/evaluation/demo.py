@@ -14,9 +14,10 @@ which is what visual-token compression trades away. Answers are one word or one 
 match after :func:`normalize_answer`.
 
 Determinism: item ``i`` of a split depends only on ``(seed, i)``, so any prefix of a split is the same
-whatever its size. The ``test`` split (seed 0, 300 items) is the default ``make demo`` evaluates;
+whatever its size. The ``test`` split (seed 0, 300 items) is the default ``make demo`` evaluates.
 ``train`` uses another seed (1) and never contains an item whose layout equals a test item's, so a
-model can be fine-tuned on it. Generation takes a few seconds and is cached under
+model can be fine-tuned on it. ``efficiency`` (seed 2, 30 items) has only 672x672 images, 2928 visual
+tokens each, for the efficiency benchmark. Generation takes a few seconds and is cached under
 ``$GLOBALCOM2_CACHE/demo`` (default ``~/.cache/globalcom2/demo``).
 """
 
@@ -37,8 +38,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 DEMO_VERSION = 1
-DEFAULT_SEED = {"test": 0, "train": 1}
-DEFAULT_SIZE = {"test": 300, "train": 3000}
+DEFAULT_SEED = {"test": 0, "train": 1, "efficiency": 2}
+DEFAULT_SIZE = {"test": 300, "train": 3000, "efficiency": 30}
+# The efficiency benchmark (GlobalCom² Tables 8/9 protocol) uses one canvas only: 672x672 = 2x2 crops,
+# 2928 visual tokens, the maximum of llava-v1.6, so every sample costs the same.
+EFFICIENCY_CANVAS = (672, 672)
 # (width, height): the five llava-v1.6 AnyRes canvases, then letterboxed sizes between them.
 CANVASES = (
     (672, 336), (336, 672), (672, 672), (1008, 336), (336, 1008),
@@ -112,11 +116,11 @@ def _place(rng: np.random.Generator, width: int, height: int, size: int, taken: 
     raise RuntimeError("could not place a shape without overlap")  # pragma: no cover (sizes leave room)
 
 
-def make_item(seed: int, index: int) -> DemoItem:
-    """Item ``index`` of the split drawn with ``seed`` (a pure function of both)."""
+def make_item(seed: int, index: int, canvases: tuple[tuple[int, int], ...] = CANVASES) -> DemoItem:
+    """Item ``index`` of the split drawn with ``seed`` (a pure function of both and of ``canvases``)."""
     rng = np.random.default_rng([seed, index, DEMO_VERSION])
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
-    width, height = CANVASES[(index // len(QUESTION_TYPES)) % len(CANVASES)]
+    width, height = canvases[(index // len(QUESTION_TYPES)) % len(canvases)]
     color = str(rng.choice(list(COLORS)))
     kind = str(rng.choice(SHAPES))
     shapes: list[Shape] = []
@@ -208,6 +212,8 @@ def generate_items(split: str = "test", seed: int | None = None, size: int | Non
                 items.append(item)
             index += 1
         return items
+    if split == "efficiency":
+        return [make_item(seed, i, (EFFICIENCY_CANVAS,)) for i in range(size)]
     return [make_item(seed, i) for i in range(size)]
 
 

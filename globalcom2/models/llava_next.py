@@ -74,6 +74,7 @@ def load_llava_next(
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device = "cpu",
     attn_implementation: str | dict[str, str] = "sdpa",
+    random_init: bool = False,
 ) -> tuple[LlavaNextForConditionalGeneration, Any]:
     """Load a LLaVA-NeXT checkpoint and its processor, ready for left-padded batched generation.
 
@@ -82,10 +83,22 @@ def load_llava_next(
         dtype: weights dtype; transformers 5 otherwise loads the checkpoint's own dtype.
         device: where to put the model.
         attn_implementation: ``"sdpa"`` (default), ``"eager"``, or a per-sub-config dict.
+        random_init: build ``pretrained``'s architecture (7B or 13B, read from its name) with random
+            weights instead of loading it: for speed and memory measurements without the checkpoint.
 
     Returns:
         ``(model, processor)``; the model is in eval mode and passes :func:`check_llava_next_anyres`.
     """
+    if random_init:
+        from globalcom2.models.random_init import build_random_llava_next, size_from_name
+
+        resolved = "float16" if dtype in (None, "auto") else dtype  # the llava-hf checkpoints' dtype
+        return build_random_llava_next(
+            size_from_name(str(pretrained)),
+            dtype=resolved,
+            device=device,
+            attn_implementation=attn_implementation,
+        )
     path = resolve_checkpoint(pretrained)
     try:
         model = LlavaNextForConditionalGeneration.from_pretrained(

@@ -46,6 +46,18 @@ CLIP_L_336 = {
 VOCAB_SIZE = 32064  # llava-hf's vicuna checkpoints (32000 + <image> + padding to a multiple of 64)
 
 
+def size_from_name(pretrained: str) -> Size:
+    """``"7b"`` or ``"13b"`` from a checkpoint name such as ``llava-hf/llava-v1.6-vicuna-13b-hf``."""
+    name = pretrained.lower()
+    sizes = [size for size in VICUNA if f"-{size}" in name or f"_{size}" in name]
+    if len(sizes) != 1:
+        raise ValueError(
+            f"random_init needs a 7B or 13B LLaVA-NeXT name to build, got {pretrained!r} "
+            "(e.g. llava-hf/llava-v1.6-vicuna-7b-hf)"
+        )
+    return sizes[0]  # type: ignore[return-value]
+
+
 def llava_next_config(size: Size, image_token_index: int, pad_token_id: int) -> LlavaNextConfig:
     """The ``llava-v1.6-vicuna-{size}`` architecture (token ids from the byte-level tokenizer)."""
     if size not in VICUNA:

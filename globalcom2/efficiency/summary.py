@@ -1,0 +1,121 @@
+"""The ``efficiency`` block of a cell's record: measured latency and memory, analytic FLOPs and KV cache.
+
+Inputs are the plugin's per-sample records (``globalcom2.evaluation.sample_records``) and the model's
+config. Two FLOPs conventions sit side by side (``globalcom2.efficiency.flops``):
+
+* ``paper``: visual tokens only, at the method's nominal schedule for 2880 visual tokens (GlobalCom²'s
+  Tables 8/9: one number per method and ratio);
+* ``full``: per sample, every token that really entered each decoder layer (text included), plus the
+  method's overhead (FastV's score recompute, SparseVLM's raters and recycling); mean over samples.
+
+Latencies are per ``generate`` call (one sample at batch size 1), over calls that were timed (the warm-up
+call is not). Peak memory is unavailable on CPU and then ``None`` with the reason, never 0.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+from globalcom2.anyres import packed_layout
+from globalcom2.efficiency.flops import (
+    LlmDims,
+    VisionDims,
+    full_prefill_flops,
+    kv_cache_bytes,
+    model_prefill_flops,
+    paper_prefill_flops,
+    vision_flops,
+)
+
+TERA = 1e12
+
+
+def sample_costs(
+    record: Any, dims: LlmDims, vision: VisionDims, pinpoints: list, bytes_per_value: int
+) -> dict[str, float]:
+    """Analytic costs of one answered sample (prefill of its prompt)."""
+    layer_stats = [c for c in record.compression if "tokens_per_layer" in c]
+    if layer_stats:  # an in-LLM method: the counts each layer really saw, and its overhead
+        stats = SimpleNamespace(**layer_stats[0])
+        tokens: Sequence[int] | int = list(stats.tokens_per_layer)
+        visual = list(stats.visual_tokens_per_layer)
+        full = full_prefill_flops(dims, tokens, stats)
+    else:  # vanilla or a pre-LLM method: every layer sees the (compressed) prompt
+        tokens = record.llm_prompt_tokens
+        visual = [record.visual_tokens_llm_input] * dims.num_layers
+        full = model_prefill_flops(dims, tokens)
+    views = sum(packed_layout(tuple(size), pinpoints).num_views for size in record.image_sizes)
+    return {
+        "full_flops": full,
+        "paper_visual_flops": model_prefill_flops(dims, visual),
+        "vision_flops": vision_flops(vision, views),
+        "kv_cache_bytes": kv_cache_bytes(dims, tokens, bytes_per_value),
+        "equivalent_visual_tokens": sum(visual) / len(visual),
+    }
+
+
+def _stats(values: list[float], scale: float = 1.0) -> dict[str, float] | None:
+    if not values:
+        return None
+    scaled = sorted(v * scale for v in values)
+    p90 = scaled[min(len(scaled) - 1, round(0.9 * (len(scaled) - 1)))]
+    return {
+        "median": statistics.median(scaled),
+        "mean": statistics.fmean(scaled),
+        "p90": p90,
+        "n": len(scaled),
+    }
+
+
+def efficiency_summary(
+    records: Sequence[Any], model_config: Any, method: Any, bytes_per_value: int
+) -> dict[str, Any]:
+    """Aggregate ``records`` of one cell into its record's ``efficiency`` block."""
+    if not records:
+        raise ValueError("no sample records: nothing to summarise")
+    dims = LlmDims.from_config(model_config.text_config)
+    vision = VisionDims.from_config(model_config)
+    costs = [
+        sample_costs(r, dims, vision, model_config.image_grid_pinpoints, bytes_per_value) for r in records
+    ]
+
+    calls: dict[tuple[int, int], Any] = {}
+    for r in records:
+        calls.setdefault((r.rank, r.batch_id), r)
+    timed = [c for c in calls.values() if c.total_s is not None]
+    peaks = [c.peak_memory_bytes for c in calls.values() if c.peak_memory_bytes is not None]
+    notes = sorted({c.peak_memory_note for c in calls.values() if c.peak_memory_note})
+    generate_seconds = sum(c.total_s for c in timed)
+    timed_samples = sum(c.batch_size for c in timed)
+
+    def mean(key: str) -> float:
+        return statistics.fmean(c[key] for c in costs)
+
+    return {
+        "samples": len(records),
+        "generate_calls": len(calls),
+        "clock": timed[0].clock if timed else None,
+        "prefill_ms": _stats([c.prefill_s for c in timed if c.prefill_s is not None], 1e3),
+        "total_ms": _stats([c.total_s for c in timed], 1e3),
+        "throughput_samples_per_s": timed_samples / generate_seconds if generate_seconds else None,
+        "peak_memory_gb": (
+            {"max": max(peaks) / 2**30, "mean": statistics.fmean(peaks) / 2**30} if peaks else None
+        ),
+        "peak_memory_note": "; ".join(notes) if notes else None,
+        "visual_tokens": {
+            "before": statistics.fmean(r.visual_tokens_before for r in records),
+            "llm_input": statistics.fmean(r.visual_tokens_llm_input for r in records),
+            "equivalent": mean("equivalent_visual_tokens"),
+        },
+        "tflops": {
+            "paper": paper_prefill_flops(dims, method) / TERA,
+            "full": mean("full_flops") / TERA,
+            "visual_only": mean("paper_visual_flops") / TERA,
+            "vision_tower": mean("vision_flops") / TERA,
+        },
+        "kv_cache_mb": mean("kv_cache_bytes") / 1e6,
+        "attn_implementation": records[0].attn_implementation,
+    }

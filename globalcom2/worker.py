@@ -1,0 +1,150 @@
+"""Evaluate one cell: load the model with its method, run lmms-eval, write the outputs (rank 0).
+
+Runs in the Hydra process for single-process cells, or under ``torchrun``/``accelerate launch`` for
+data-parallel ones (``python -m globalcom2.worker <spec.json> <out_dir>``), so Hydra itself never runs
+inside a process group. Every rank evaluates its share of the documents; rank 0 gathers, saves lmms-eval's
+files with ``EvaluationTracker``, the per-sample records, and ``outcome.json``, which the parent turns
+into the cell's ``record.json``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from globalcom2.cells import CellSpec
+from globalcom2.store import atomic_write_json
+
+OUTCOME_FILE = "outcome.json"
+RECORDS_FILE = "sample_records.jsonl"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def numeric_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``results[task]["metric,filter"]`` -> ``{task: {metric: value}}``, numbers only (no stderr, no alias)."""
+    metrics: dict[str, dict[str, float]] = {}
+    for task, values in results.get("results", {}).items():
+        clean = {}
+        for key, value in values.items():
+            name, _, filter_name = key.partition(",")
+            if "stderr" in name or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            clean[name if filter_name in ("", "none") else f"{name},{filter_name}"] = float(value)
+        metrics[task] = clean
+    return metrics
+
+
+def paper_metrics(results: dict[str, Any], columns: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Each paper column this benchmark fills: value in the paper's unit, or why it has none yet."""
+    from globalcom2.evaluation import PAPER_METRICS, paper_metric_value
+
+    out = {}
+    for column in columns:
+        spec = PAPER_METRICS[column]
+        entry: dict[str, Any] = {"metric": spec.metric, "comparable": spec.comparable, "note": spec.note}
+        if spec.source == "results":
+            entry["value"] = paper_metric_value(column, results)
+        else:
+            entry["value"] = None
+            entry["pending"] = f"needs the separate judging step ({spec.source}); see the MM-Vet note"
+        out[column] = entry
+    return out
+
+
+def evaluate_cell(spec: CellSpec, out_dir: Path) -> dict[str, Any] | None:
+    """Evaluate ``spec``; returns the outcome on rank 0 (``None`` on other ranks)."""
+    from globalcom2.efficiency.summary import efficiency_summary
+    from globalcom2.evaluation import api
+    from globalcom2.evaluation.sample_records import summarize, write_jsonl
+    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+
+    seed_everything(spec.seed)
+    started = time.time()
+    multi_process = spec.launcher.num_processes > 1
+    lm = GlobalCom2LlavaNext(
+        pretrained=spec.model.pretrained,
+        method=spec.method.name,
+        dtype=spec.model.dtype,
+        device=None if multi_process else spec.model.device,
+        batch_size=spec.benchmark.batch_size,
+        attn_implementation=spec.model.attn_implementation,
+        random_init=spec.model.random_init,
+        **spec.method.attach_kwargs(),
+    )
+    loaded = time.time()
+    results = api.evaluate(
+        lm,
+        list(spec.benchmark.tasks),
+        output_path=out_dir,
+        limit=spec.benchmark.limit,
+        gen_kwargs=spec.benchmark.gen_kwargs,
+        random_seed=spec.seed,
+        numpy_random_seed=spec.seed,
+        torch_random_seed=spec.seed,
+        fewshot_random_seed=spec.seed,
+    )
+    evaluated = time.time()
+    records = lm.gather_records()  # collective: every rank takes part
+    try:
+        if results is None:  # not rank 0
+            return None
+        results_file = api.save(results, out_dir, model_name=spec.model.name)
+        write_jsonl(out_dir / RECORDS_FILE, records)
+        outcome = {
+            "run": {
+                **lm.run_info,
+                "seed": spec.seed,
+                "limit": spec.benchmark.limit,
+                "tasks": list(spec.benchmark.tasks),
+            },
+            "timings": {
+                "model_load_s": loaded - started,
+                "evaluate_s": evaluated - loaded,
+                "total_s": time.time() - started,
+            },
+            "metrics": numeric_metrics(results),
+            "paper_metrics": paper_metrics(results, spec.benchmark.columns),
+            "n_samples": {task: v.get("effective") for task, v in results.get("n-samples", {}).items()},
+            "samples": summarize(records),
+            "efficiency": efficiency_summary(
+                records, lm.model.config, lm.method, torch.finfo(lm.model.dtype).bits // 8
+            ),
+            "files": {
+                "results": str(results_file.relative_to(out_dir)),
+                "samples": sorted(
+                    str(p.relative_to(out_dir)) for p in results_file.parent.glob("*_samples_*.jsonl")
+                ),
+                "records": RECORDS_FILE,
+            },
+        }
+        atomic_write_json(out_dir / OUTCOME_FILE, outcome)
+        return outcome
+    finally:  # one Hydra process may run many cells: free this one's model now
+        del lm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m globalcom2.worker <spec.json> <out_dir>`` (under torchrun / accelerate launch)."""
+    spec_path, out_dir = (argv if argv is not None else sys.argv[1:])[:2]
+    spec = CellSpec.from_dict(json.loads(Path(spec_path).read_text()))
+    evaluate_cell(spec, Path(out_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""``python -m globalcom2.run`` end to end on the tiny model and the demo task: multirun, resume after a
+kill, force, and data parallelism. Runs as subprocesses, the way users and Slurm run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FAST = ["benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'"]
+
+
+def run(
+    tmp_path: Path, *overrides: str, multirun: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOBALCOM2_RESULTS": str(tmp_path / "results")}
+    command = [sys.executable, "-m", "globalcom2.run", *(["-m"] if multirun else []), *FAST, *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def records(tmp_path: Path) -> dict[str, dict]:
+    found = {}
+    for path in sorted((tmp_path / "results").rglob("record.json")):
+        found[str(path.parent.relative_to(tmp_path / "results"))] = json.loads(path.read_text())
+    return found
+
+
+def test_multirun_of_two_methods_and_two_ratios_gives_four_complete_cells(tmp_path):
+    out = run(tmp_path, "method=random,globalcom2", "method.retention_ratio=0.5,0.25", "benchmark.limit=3")
+    cells = records(tmp_path)
+    assert sorted(cells) == [
+        "default/tiny/globalcom2/r0.25/demo",
+        "default/tiny/globalcom2/r0.5/demo",
+        "default/tiny/random/r0.25/demo",
+        "default/tiny/random/r0.5/demo",
+    ]
+    for name, record in cells.items():
+        assert record["status"] == "complete" and record["n_samples"] == {"globalcom2_demo": 3}, name
+        assert record["provenance"]["git"]["sha"] and record["provenance"]["versions"]["lmms_eval"]
+        assert record["run"]["seed"] == 0 and record["run"]["batch_size"] == 1
+        assert record["run"]["attn_implementation"] == {"text_config": "sdpa", "vision_config": "sdpa"}
+        assert (
+            record["efficiency"]["peak_memory_gb"] is None
+            and "CPU" in record["efficiency"]["peak_memory_note"]
+        )
+        cell = tmp_path / "results" / name
+        assert (cell / record["files"]["results"]).is_file() and (cell / record["files"]["records"]).is_file()
+        assert not (cell / ".partial").exists() and not (cell / ".lock").exists()
+    assert out.stdout.count("[ok]") == 4
+
+    # A second launch finds every cell finished and runs none; force=true re-runs one.
+    again = run(tmp_path, "method=random,globalcom2", "method.retention_ratio=0.5,0.25", "benchmark.limit=3")
+    assert again.stdout.count("[done]") == 4 and "[run]" not in again.stdout
+    assert records(tmp_path) == cells
+    run(
+        tmp_path,
+        "method=random",
+        "method.retention_ratio=0.5",
+        "benchmark.limit=3",
+        "force=true",
+        multirun=False,
+    )
+    after = records(tmp_path)
+    assert (
+        after["default/tiny/random/r0.5/demo"]["finished"]
+        > cells["default/tiny/random/r0.5/demo"]["finished"]
+    )
+    assert after["default/tiny/random/r0.25/demo"] == cells["default/tiny/random/r0.25/demo"]
+
+
+def test_a_sweep_killed_mid_cell_resumes_without_rerunning_finished_cells(tmp_path):
+    env = {**os.environ, "GLOBALCOM2_RESULTS": str(tmp_path / "results")}
+    sweep = ["method=random", "method.retention_ratio=0.5,0.25", "benchmark.limit=40"]
+    first = tmp_path / "results/default/tiny/random/r0.5/demo"
+    second = tmp_path / "results/default/tiny/random/r0.25/demo"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "globalcom2.run", "-m", *FAST, *sweep],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 400
+        while not ((first / "record.json").exists() and (second / ".partial").exists()):
+            assert process.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.time() < deadline, "the sweep never reached its second cell"
+            time.sleep(0.2)
+        time.sleep(2.0)  # well inside the second cell's 40 samples
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    killed = records(tmp_path)
+    assert list(killed) == ["default/tiny/random/r0.5/demo"], "a killed cell must never pass as finished"
+    assert (second / ".partial").exists() and not (second / "record.json").exists()
+
+    out = run(tmp_path, *sweep)
+    resumed = records(tmp_path)
+    assert resumed["default/tiny/random/r0.5/demo"] == killed["default/tiny/random/r0.5/demo"]  # not re-run
+    assert "[done]" in out.stdout and out.stdout.count("[run]") == 1
+    assert resumed["default/tiny/random/r0.25/demo"]["n_samples"] == {"globalcom2_demo": 40}
+    assert not (second / ".partial").exists() and not (second / ".lock").exists()
+
+
+def test_two_processes_write_one_record_with_the_scores_of_one(tmp_path):
+    common = ["method=random", "method.retention_ratio=0.25", "benchmark.limit=6"]
+    run(tmp_path / "one", *common, "experiment_name=dp", multirun=False)
+    run(
+        tmp_path / "two",
+        *common,
+        "experiment_name=dp",
+        "launcher=accelerate",
+        "launcher.num_processes=2",
+        multirun=False,
+    )
+    (one,) = records(tmp_path / "one").values()
+    (two,) = records(tmp_path / "two").values()
+    assert two["run"]["world_size"] == 2 and one["run"]["world_size"] == 1
+    assert one["metrics"] == two["metrics"]
+
+    def answers(root: Path, record: dict) -> dict:
+        cell = root / "results" / record["cell"]["path"].split("/results/", 1)[1]
+        lines = (cell / record["files"]["records"]).read_text().splitlines()
+        return {r["doc_id"]: r["output_token_ids"] for r in map(json.loads, lines)}
+
+    assert answers(tmp_path / "one", one) == answers(tmp_path / "two", two)
+    assert len(list((tmp_path / "two" / "results").rglob("record.json"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=random", "method.retention_ratio=1.5"], r"retention_ratio must be in \(0, 1\]"),
+        (["method=globalcom3"], "Available options"),
+        (["model=llava_next_13b"], "not in the local Hugging Face cache"),
+    ],
+)
+def test_bad_input_fails_before_anything_loads(tmp_path, overrides, message):
+    env = {
+        **os.environ,
+        "GLOBALCOM2_RESULTS": str(tmp_path / "results"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HYDRA_FULL_ERROR": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "globalcom2.run", *FAST, *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    import re
+
+    assert re.search(message, done.stdout + done.stderr), done.stderr[-2000:]
+    assert not list((tmp_path / "results").rglob("record.json"))
+    assert "generate" not in done.stderr  # no evaluation started
