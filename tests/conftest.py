@@ -39,3 +39,19 @@ def images() -> dict[tuple[int, int], Image.Image]:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def model(tiny):
+    """The shared tiny model; afterwards it must be unmodified (no method attached, no hook left)."""
+    model, _ = tiny
+    yield model
+    assert type(model.model).__name__ == "LlavaNextModel", "a test left a method attached"
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers), (
+        "hooks left behind"
+    )
+
+
+@pytest.fixture
+def processor(tiny):
+    return tiny[1]

@@ -11,7 +11,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from globalcom2.anyres import packed_layout
 from globalcom2.methods.base import ImageContext
+from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.scoring.vision_attention import ClsAttentionCapture
+
+
+def prompt_inputs(processor, images, question="What is in the image?"):
+    """Processor inputs for one Vicuna-v1 prompt with one or several images."""
+    images = images if isinstance(images, list) else [images]
+    text = vicuna_v1_prompt(question, num_images=len(images))
+    return processor(images=images, text=text, return_tensors="pt")
 
 
 def generate_steps(model, inputs, steps: int = 4, **kwargs):

@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from helpers import generate_steps, method_sources, shortened_inputs
+from helpers import generate_steps, method_sources, prompt_inputs, shortened_inputs
 from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2 import attach
@@ -24,27 +24,6 @@ PATH_ATOL = 1e-4
 # paths agree to float64 rounding: measured <= 5.3e-7, which is generate's float32 cast of the step logits.
 CACHE_ATOL = 1e-5
 EAGER_TEXT = {"text_config": "eager", "vision_config": "sdpa"}
-
-
-def prompt_inputs(processor, images, question="What is in the image?"):
-    images = images if isinstance(images, list) else [images]
-    text = vicuna_v1_prompt(question, num_images=len(images))
-    return processor(images=images, text=text, return_tensors="pt")
-
-
-@pytest.fixture
-def model(tiny):
-    model, _ = tiny
-    yield model
-    assert type(model.model).__name__ == "LlavaNextModel", "a test left a method attached"
-    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers), (
-        "hooks left behind"
-    )
-
-
-@pytest.fixture
-def processor(tiny):
-    return tiny[1]
 
 
 @pytest.fixture(scope="module")

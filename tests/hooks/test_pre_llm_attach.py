@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import generate_steps, method_sources, shortened_inputs
+from helpers import generate_steps, method_sources, prompt_inputs, shortened_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from globalcom2 import attach
@@ -22,24 +22,6 @@ RATIOS = [0.75, 0.5, 0.25, 0.1]
 # on logits up to |5.7| (measured 2026-11-21); compressed runs measured 6e-6..1.3e-5. 1e-4 is ~6x that
 # floor and ~2e-5 of the logit range; generated tokens must match exactly.
 PATH_ATOL = 1e-4
-
-
-def prompt_inputs(processor, images, question="What is in the image?"):
-    images = images if isinstance(images, list) else [images]
-    text = vicuna_v1_prompt(question, num_images=len(images))
-    return processor(images=images, text=text, return_tensors="pt")
-
-
-@pytest.fixture
-def model(tiny):
-    model, _ = tiny
-    yield model
-    assert type(model.model).__name__ == "LlavaNextModel", "a test left a method attached"
-
-
-@pytest.fixture
-def processor(tiny):
-    return tiny[1]
 
 
 # --- exactness at retention_ratio = 1.0 ------------------------------------------------------------

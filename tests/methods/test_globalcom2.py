@@ -206,18 +206,6 @@ def test_score_layer_out_of_range(tiny):
 # --- through the model ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def model(tiny):
-    model, _ = tiny
-    yield model
-    assert type(model.model).__name__ == "LlavaNextModel", "a test left a method attached"
-
-
-@pytest.fixture
-def processor(tiny):
-    return tiny[1]
-
-
 def test_clean_ratio_one_is_bit_identical(model, processor, images):
     inputs = processor(images=images[(1008, 336)], text=vicuna_v1_prompt("What is it?"), return_tensors="pt")
     reference_tokens, reference_steps = generate_steps(model, inputs, steps=4)
