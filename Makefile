@@ -28,7 +28,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: help install test test-all lint format bench-attach bench-globalcom2 bench-in-llm data clean \
-	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep
+	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize wandb-sync bench-efficiency
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -90,8 +90,11 @@ data: install  ## download the benchmarks for offline evaluation (network + HF_T
 RUN := $(PY) -m globalcom2.run -m
 RUN_ARGS = $(if $(DRY_RUN),dry_run=true,) $(ARGS)
 
-demo: install  ## every method x 4 ratios on the tiny model and the synthetic demo benchmark (offline, CPU)
+RESULTS ?= $(or $(GLOBALCOM2_RESULTS),results)
+
+demo: install  ## every method x 4 ratios on the tiny model and the synthetic demo benchmark, then tables and plots
 	$(RUN) experiment=demo $(RUN_ARGS)
+	$(if $(DRY_RUN),,$(PY) -m globalcom2.aggregate $(RESULTS) --experiment demo)
 
 table1-7b: install  ## GlobalCom² Table 1 on LLaVA-NeXT-7B (checkpoint + `make data`)
 	$(RUN) experiment=paper_table1_7b $(RUN_ARGS)
@@ -110,6 +113,22 @@ efficiency: install  ## efficiency benchmark (Tables 8/9 protocol); ARGS="model=
 
 sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=tiny benchmark=pope"
 	$(RUN) sweep=methods_x_ratios $(RUN_ARGS)
+
+tables: install  ## tidy results, tables and plots of every experiment under results/ (WANDB=1 also logs them)
+	$(PY) -m globalcom2.aggregate $(RESULTS) $(if $(WANDB),--wandb,)
+
+IMAGE ?=
+R ?= 0.25
+PRETRAINED ?= tiny
+visualize: install  ## kept tokens of GlobalCom² vs random vs FastV: make visualize IMAGE=path R=0.25 [PRETRAINED=...]
+	@test -n "$(IMAGE)" || { echo "usage: make visualize IMAGE=path/to/image.png [R=0.25] [PRETRAINED=tiny]"; exit 2; }
+	$(PY) -m globalcom2.report.visualize --image "$(IMAGE)" --ratio $(R) --pretrained "$(PRETRAINED)" \
+		--out $(RESULTS)/visualize/kept_tokens_r$(R)
+
+wandb-sync: install  ## upload the offline wandb runs under results/ (needs a login and network)
+	@runs=$$(find $(RESULTS) -type d -name 'offline-run-*'); \
+	if [ -z "$$runs" ]; then echo "no offline wandb runs under $(RESULTS)"; exit 0; fi; \
+	$(VENV)/bin/wandb sync $$runs
 
 clean:  ## remove caches (keeps .venv and results/)
 	rm -rf .pytest_cache .ruff_cache

@@ -136,7 +136,24 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         print(f"[busy]    {label}: {err}", flush=True)
         return None
     print(f"[ok]      {label}  {summary_line(record)}", flush=True)
+    track(cfg, record)
     return record
+
+
+def track(cfg: DictConfig, record: dict[str, Any]) -> None:
+    """Log the committed cell to the configured tracker; a failure is reported loudly, the cell stays."""
+    if cfg.logger.name != "wandb":
+        return
+    from globalcom2.tracking import log_cell
+
+    try:
+        print(f"[wandb]   {log_cell(record, OmegaConf.to_container(cfg.logger, resolve=True))}", flush=True)
+    except Exception:  # the result is already safe on disk; never let the tracker undo that
+        log.exception("wandb logging failed for %s (the cell itself is committed)", record["cell"]["path"])
+        print(
+            "[wandb]   LOGGING FAILED (see the traceback above); the cell's record.json is intact",
+            file=sys.stderr,
+        )
 
 
 def summary_line(record: dict[str, Any]) -> str:

@@ -68,7 +68,9 @@ def evaluate(
     # As lmms-eval's own CLI: with a process group (torchrun / accelerate launch) use raw torch.distributed
     # collectives. Its "accelerate" path gathers a 0-d tensor and fails on multi-process CPU runs.
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    simple_evaluate_kwargs.setdefault("distributed_executor_backend", "torchrun" if distributed else "accelerate")
+    simple_evaluate_kwargs.setdefault(
+        "distributed_executor_backend", "torchrun" if distributed else "accelerate"
+    )
     results = simple_evaluate(
         model=lm,
         tasks=tasks,

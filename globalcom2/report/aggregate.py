@@ -1,0 +1,196 @@
+"""Results tree -> one tidy table: a row per cell x benchmark x metric, with the cell's configuration.
+
+Only finished cells count (``record.json`` with ``"status": "complete"``, ``globalcom2/store.py``); partial or
+corrupt ones are skipped and listed in a warning, never read as results and never a crash.
+
+Metric kinds (column ``kind``):
+
+* ``score``: every numeric lmms-eval metric of every task (``task`` set);
+* ``paper``: the paper-table columns (``globalcom2.evaluation.PAPER_METRICS``), in the paper's unit;
+* ``efficiency``: latency, memory, FLOPs, KV cache, visual tokens (``globalcom2/efficiency/summary.py``);
+  unavailable values (peak memory on CPU) are absent rows, never zeros;
+* ``fidelity``: ``agreement_with_vanilla``, the % of samples whose generated token ids equal those of the
+  vanilla cell of the same experiment, model and benchmark (``first_token_agreement``: the first token only). It measures how far a method moves the model's
+  outputs, and stays meaningful when accuracy does not (the tiny model's random weights answer gibberish).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from globalcom2.store import COMPLETE, RECORD_FILE
+
+CONFIG_COLUMNS = [
+    "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
+    "world_size", "attn_implementation", "random_init", "dtype", "limit", "hardware", "git_sha", "git_dirty",
+    "finished", "cell_dir",
+]  # fmt: skip
+EFFICIENCY_METRICS = {
+    "prefill_ms": ("prefill_ms", "median"),
+    "prefill_ms_mean": ("prefill_ms", "mean"),
+    "total_ms": ("total_ms", "median"),
+    "throughput_samples_per_s": ("throughput_samples_per_s", None),
+    "peak_memory_gb": ("peak_memory_gb", "max"),
+    "kv_cache_mb": ("kv_cache_mb", None),
+    "tflops_paper": ("tflops", "paper"),
+    "tflops_full": ("tflops", "full"),
+    "tflops_vision": ("tflops", "vision_tower"),
+    "visual_tokens_before": ("visual_tokens", "before"),
+    "visual_tokens_llm_input": ("visual_tokens", "llm_input"),
+    "equivalent_visual_tokens": ("visual_tokens", "equivalent"),
+}
+
+
+@dataclass(frozen=True)
+class LoadedCell:
+    path: Path  # the cell folder
+    record: dict[str, Any]
+
+
+def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str]]]:
+    """Finished cells under ``root`` and the skipped ones with the reason (partial, corrupt, unfinished)."""
+    root = Path(root)
+    cells, skipped = [], []
+    for partial in sorted(root.rglob(".partial")):
+        if not (partial.parent / RECORD_FILE).exists():
+            skipped.append((partial.parent, "partial: a run was interrupted (no record.json)"))
+    for path in sorted(root.rglob(RECORD_FILE)):
+        if ".partial" in path.parts or "wandb" in path.parts:
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            skipped.append((path.parent, f"corrupt record.json ({err})"))
+            continue
+        if not isinstance(record, dict) or record.get("status") != COMPLETE:
+            skipped.append((path.parent, "record.json is not complete"))
+            continue
+        missing = [k for k in ("cell", "spec", "metrics", "efficiency") if k not in record]
+        if missing:
+            skipped.append((path.parent, f"record.json lacks {missing}"))
+            continue
+        cells.append(LoadedCell(path.parent, record))
+    if skipped:
+        listing = "\n".join(f"  {path}: {why}" for path, why in skipped)
+        warnings.warn(f"skipped {len(skipped)} unfinished or corrupt cell(s):\n{listing}", stacklevel=2)
+    return cells, skipped
+
+
+def _config_row(cell: LoadedCell) -> dict[str, Any]:
+    record = cell.record
+    spec, run = record["spec"], record.get("run", {})
+    hardware = record.get("provenance", {}).get("hardware", {})
+    git = record.get("provenance", {}).get("git", {})
+    attn = run.get("attn_implementation", spec["model"].get("attn_implementation"))
+    return {
+        "experiment": record["cell"]["experiment"],
+        "model": record["cell"]["model"],
+        "method": record["cell"]["method"],
+        "method_name": spec["method"]["name"],
+        "retention_ratio": float(record["cell"]["retention_ratio"]),
+        "benchmark": record["cell"]["benchmark"],
+        "seed": spec.get("seed"),
+        "batch_size": spec["benchmark"].get("batch_size"),
+        "world_size": run.get("world_size", 1),
+        "attn_implementation": json.dumps(attn, sort_keys=True) if isinstance(attn, dict) else attn,
+        "random_init": spec["model"].get("random_init", False),
+        "dtype": run.get("dtype", spec["model"].get("dtype")),
+        "limit": spec["benchmark"].get("limit"),
+        "hardware": hardware.get("gpu")
+        or f"CPU ({hardware.get('machine', '?')}, {hardware.get('cpu_count', '?')} cores)",
+        "git_sha": git.get("sha"),
+        "git_dirty": git.get("dirty"),
+        "finished": record.get("finished"),
+        "cell_dir": str(cell.path),
+    }
+
+
+def _metric_rows(cell: LoadedCell) -> Iterable[dict[str, Any]]:
+    record = cell.record
+    for task, values in record["metrics"].items():
+        for metric, value in values.items():
+            yield {"kind": "score", "task": task, "metric": metric, "value": float(value)}
+    for column, entry in record.get("paper_metrics", {}).items():
+        if entry.get("value") is not None:
+            yield {"kind": "paper", "task": "", "metric": column, "value": float(entry["value"])}
+    efficiency = record["efficiency"]
+    for name, (key, sub) in EFFICIENCY_METRICS.items():
+        value = efficiency.get(key)
+        if isinstance(value, dict):
+            value = value.get(sub)
+        if value is not None:
+            yield {"kind": "efficiency", "task": "", "metric": name, "value": float(value)}
+
+
+def sample_outputs(cell: LoadedCell) -> dict[tuple[str, int], tuple[int, ...]]:
+    """``(task, doc_id) -> generated token ids`` from the cell's ``sample_records.jsonl``."""
+    path = cell.path / cell.record.get("files", {}).get("records", "sample_records.jsonl")
+    outputs = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                outputs[(row["task"], int(row["doc_id"]))] = tuple(row["output_token_ids"])
+    return outputs
+
+
+def agreement_with_vanilla(cells: list[LoadedCell], first_token: bool = False) -> dict[Path, float]:
+    """% of each cell's samples whose generated token ids equal the vanilla cell's (same experiment, model,
+    benchmark), over the samples both answered; ``first_token`` compares only the first generated token (a
+    gentler measure: any later divergence of a greedy decode compounds). Cells without vanilla are absent."""
+
+    def group(cell: LoadedCell) -> tuple[str, str, str]:
+        c = cell.record["cell"]
+        return c["experiment"], c["model"], c["benchmark"]
+
+    vanilla = {group(c): sample_outputs(c) for c in cells if c.record["spec"]["method"]["name"] == "vanilla"}
+    agreement = {}
+    for cell in cells:
+        reference = vanilla.get(group(cell))
+        if not reference:
+            continue
+        outputs = sample_outputs(cell)
+        shared = outputs.keys() & reference.keys()
+        if shared:
+            width = 1 if first_token else None
+            same = sum(outputs[k][:width] == reference[k][:width] for k in shared)
+            agreement[cell.path] = 100.0 * same / len(shared)
+    return agreement
+
+
+def tidy_results(root: str | Path) -> pd.DataFrame:
+    """The tidy table of every finished cell under ``root`` (an empty table with the columns if none)."""
+    cells, _ = load_cells(root)
+    fidelity = {
+        "agreement_with_vanilla": agreement_with_vanilla(cells),
+        "first_token_agreement": agreement_with_vanilla(cells, first_token=True),
+    }
+    rows = []
+    for cell in cells:
+        config = _config_row(cell)
+        for metric in _metric_rows(cell):
+            rows.append({**config, **metric})
+        for metric, values in fidelity.items():
+            if cell.path in values:
+                rows.append(
+                    {**config, "kind": "fidelity", "task": "", "metric": metric, "value": values[cell.path]}
+                )
+    columns = [*CONFIG_COLUMNS, "kind", "task", "metric", "value"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_tidy(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """``tidy.csv`` and ``tidy.parquet`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv, parquet = out_dir / "tidy.csv", out_dir / "tidy.parquet"
+    frame.to_csv(csv, index=False)
+    frame.to_parquet(parquet, index=False)
+    return [csv, parquet]

@@ -1,0 +1,53 @@
+"""Write every table and plot of one experiment: the driver behind ``python -m globalcom2.aggregate``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from globalcom2.report import plots, tables
+from globalcom2.report.aggregate import write_tidy
+
+
+@dataclass
+class Report:
+    experiment: str
+    directory: Path
+    tables: list[tables.Table] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def experiment_tables(frame: pd.DataFrame, experiment: str) -> list[tables.Table]:
+    """The tables an experiment's rows support (Table 1 per model, per-benchmark, efficiency, vs paper)."""
+    rows = frame[frame["experiment"] == experiment]
+    out = []
+    for model in sorted(set(rows["model"])):
+        if not rows[(rows["model"] == model) & (rows["kind"] == "paper")].empty:
+            out.append(tables.table1(rows, model, vanilla_pool=frame))
+        if not rows[(rows["model"] == model) & (rows["kind"] == "efficiency")].empty:
+            out.append(tables.efficiency_table(rows, experiment, model))
+    paper_benchmarks = set(rows.loc[rows["kind"] == "paper", "benchmark"])
+    for benchmark in sorted(set(rows["benchmark"]) - paper_benchmarks):
+        out.append(tables.benchmark_table(rows, experiment, benchmark))
+    if paper_benchmarks:
+        out.append(tables.paper_vs_ours(rows))
+    return out
+
+
+def build_report(frame: pd.DataFrame, experiment: str, out_dir: str | Path) -> Report:
+    """Tidy table, tables and plots of ``experiment`` under ``out_dir`` (``tables/``, ``plots/``)."""
+    out_dir = Path(out_dir)
+    rows = frame[frame["experiment"] == experiment]
+    if rows.empty:
+        raise ValueError(f"no finished cells for experiment {experiment!r}")
+    report = Report(experiment, out_dir)
+    report.files += write_tidy(rows, out_dir)
+    for table in experiment_tables(frame, experiment):
+        report.tables.append(table)
+        report.files += table.write(out_dir / "tables")
+    report.files += plots.score_vs_ratio(rows, out_dir / "plots")
+    report.files += plots.pareto(rows, out_dir / "plots")
+    report.files += plots.latency_memory(rows, out_dir / "plots")
+    return report

@@ -1,0 +1,216 @@
+"""Figures from the tidy results: one style, colour-blind-safe colours (Okabe & Ito), PNG and PDF.
+
+* :func:`score_vs_ratio`: each benchmark's metric against the retention ratio, a line per method, vanilla
+  as a dashed reference;
+* :func:`pareto`: Avg. % of vanilla (or, without paper columns, agreement with vanilla) against TFLOPs;
+* :func:`latency_memory`: prefill latency and peak memory against the ratio (peak memory is marked
+  unavailable on CPU, never drawn as zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from globalcom2.evaluation.benchmarks import PAPER_METRICS
+from globalcom2.report.tables import AVG, METHOD_ORDER, table1
+
+# Okabe & Ito (2008), "Color Universal Design": distinguishable under the common colour-vision deficiencies.
+OKABE_ITO = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F0E442"]
+METHOD_STYLE = {
+    name: (OKABE_ITO[i % len(OKABE_ITO)], "os^vDP*X"[i % 8]) for i, name in enumerate(METHOD_ORDER)
+}
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    with plt.rc_context(
+        {
+            "figure.dpi": 110,
+            "savefig.dpi": 200,
+            "font.size": 9,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "legend.frameon": False,
+        }
+    ):
+        yield
+
+
+def method_style(method: str, method_name: str) -> dict:
+    colour, marker = METHOD_STYLE.get(method_name, ("#0072B2", "o"))
+    return {"color": colour, "marker": marker, "label": method}
+
+
+def save(figure: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
+    """``<name>.png`` and ``<name>.pdf`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    for path in paths:
+        figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)
+    return paths
+
+
+def _series(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(label, registry name, rows) per method, in the paper's method order."""
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    groups = [(label, rows["method_name"].iloc[0], rows) for label, rows in frame.groupby("method")]
+    return sorted(groups, key=lambda g: (rank.get(g[1], len(rank)), g[0]))
+
+
+def panels(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows of one metric) per panel: paper columns when present, else each benchmark's own scores
+    (x100) and agreement with vanilla."""
+    paper = frame[frame["kind"] == "paper"]
+    if not paper.empty:
+        return [(c, paper[paper["metric"] == c]) for c in PAPER_METRICS if c in set(paper["metric"])]
+    out = []
+    for (benchmark, task, metric), rows in frame[frame["kind"] == "score"].groupby(
+        ["benchmark", "task", "metric"]
+    ):
+        out.append(
+            (
+                f"{benchmark}: {metric}" if task == benchmark else f"{task}: {metric}",
+                rows.assign(value=100 * rows["value"]),
+            )
+        )
+    for (benchmark, metric), rows in frame[frame["kind"] == "fidelity"].groupby(["benchmark", "metric"]):
+        out.append((f"{benchmark}: {metric.replace('_', ' ')} (%)", rows))
+    return out
+
+
+def score_vs_ratio(frame: pd.DataFrame, out_dir: str | Path, name: str = "score_vs_ratio") -> list[Path]:
+    items = panels(frame)
+    if not items:
+        raise ValueError("no scores to plot")
+    cols = min(4, len(items))
+    rows_n = -(-len(items) // cols)
+    with style():
+        figure, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+        for ax, (title, rows) in zip(axes.flat, items, strict=False):
+            for label, method_name, series in _series(rows):
+                series = series.sort_values("retention_ratio")
+                if method_name == "vanilla":
+                    ax.axhline(
+                        series["value"].iloc[0], color="#000000", linestyle="--", linewidth=1, label=label
+                    )
+                else:
+                    ax.plot(
+                        series["retention_ratio"],
+                        series["value"],
+                        linewidth=1.4,
+                        markersize=4,
+                        **method_style(label, method_name),
+                    )
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("retention ratio R")
+        for ax in list(axes.flat)[len(items) :]:
+            ax.set_visible(False)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        figure.legend(
+            handles, labels, loc="lower center", ncol=min(6, len(labels)), bbox_to_anchor=(0.5, -0.02)
+        )
+        figure.tight_layout(rect=(0, 0.05, 1, 1))
+        return save(figure, out_dir, name)
+
+
+def pareto(frame: pd.DataFrame, out_dir: str | Path, name: str = "pareto") -> list[Path]:
+    """Quality against compute: Avg. % of vanilla (paper columns) or agreement with vanilla, vs TFLOPs (full)."""
+    tflops = frame[(frame["kind"] == "efficiency") & (frame["metric"] == "tflops_full")]
+    keys = ["model", "method", "method_name", "retention_ratio"]
+    if not frame[frame["kind"] == "paper"].empty:
+        quality = []
+        for model in sorted(set(frame["model"])):
+            table = table1(frame, model).frame.rename(columns={"R": "retention_ratio"})
+            table = table[pd.to_numeric(table[AVG], errors="coerce").notna()]
+            quality.append(
+                table.assign(model=model, value=table[AVG].astype(float))[
+                    ["model", "method", "retention_ratio", "value"]
+                ]
+            )
+        quality = (
+            pd.concat(quality)
+            if quality
+            else pd.DataFrame(columns=["model", "method", "retention_ratio", "value"])
+        )
+        ylabel = AVG
+    else:
+        quality = frame[frame["metric"] == "first_token_agreement"][
+            ["model", "method", "retention_ratio", "value"]
+        ]
+        ylabel = "first-token agreement with vanilla (%)"
+    merged = quality.merge(
+        tflops[[*keys, "value"]].rename(columns={"value": "tflops"}),
+        on=["model", "method", "retention_ratio"],
+    )
+    with style():
+        figure, ax = plt.subplots(figsize=(4.6, 3.4))
+        for label, method_name, series in _series(merged):
+            series = series.sort_values("tflops")
+            ax.plot(
+                series["tflops"],
+                series["value"],
+                linewidth=1.2,
+                markersize=5,
+                **method_style(label, method_name),
+            )
+        ax.set_xlabel("TFLOPs per prefill (full convention)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        if merged.empty:
+            ax.text(0.5, 0.5, "no quality/compute pairs", ha="center", va="center", transform=ax.transAxes)
+        return save(figure, out_dir, name)
+
+
+def latency_memory(frame: pd.DataFrame, out_dir: str | Path, name: str = "latency_memory") -> list[Path]:
+    """Prefill latency and peak memory against the ratio; peak memory marked unavailable when absent (CPU)."""
+    efficiency = frame[frame["kind"] == "efficiency"]
+    with style():
+        figure, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+        for ax, metric, ylabel in (
+            (axes[0], "prefill_ms", "prefill latency (ms, median)"),
+            (axes[1], "peak_memory_gb", "peak GPU memory (GB)"),
+        ):
+            rows = efficiency[efficiency["metric"] == metric]
+            for label, method_name, series in _series(rows):
+                series = series.sort_values("retention_ratio")
+                if method_name == "vanilla":
+                    ax.axhline(
+                        series["value"].iloc[0], color="#000000", linestyle="--", linewidth=1, label=label
+                    )
+                else:
+                    ax.plot(
+                        series["retention_ratio"],
+                        series["value"],
+                        linewidth=1.4,
+                        markersize=4,
+                        **method_style(label, method_name),
+                    )
+            if rows.empty:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "unavailable on CPU\n(torch tracks no CPU allocator peak)",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                )
+            else:
+                ax.legend(fontsize=7)
+            ax.set_xlabel("retention ratio R")
+            ax.set_ylabel(ylabel)
+        hardware = ", ".join(sorted(set(efficiency["hardware"].dropna())))
+        figure.suptitle(f"measured on {hardware}", fontsize=8)
+        figure.tight_layout()
+        return save(figure, out_dir, name)

@@ -1,0 +1,100 @@
+"""Weights & Biases, optional: one run per cell, one run per report. Offline by default (no login).
+
+``logger=wandb`` makes ``python -m globalcom2.run`` log each finished cell: its configuration (model,
+method, ratio, benchmark, parameters) as the run config, its metrics, paper columns and efficiency as the
+summary, grouped by experiment (the sweep). ``python -m globalcom2.aggregate --wandb`` logs the tables as
+``wandb.Table`` and the plots as images. Runs land in ``results/wandb`` (``make wandb-sync`` uploads).
+The tracker runs after the cell is committed: a tracker failure is reported, but never loses a result.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def cell_summary(record: dict[str, Any]) -> dict[str, float]:
+    """Flat summary metrics of a record: ``<task>/<metric>``, ``paper/<column>``, ``efficiency/<metric>``."""
+    from globalcom2.report.aggregate import EFFICIENCY_METRICS
+
+    summary = {
+        f"{task}/{name}": value
+        for task, values in record["metrics"].items()
+        for name, value in values.items()
+    }
+    summary.update(
+        {
+            f"paper/{c}": m["value"]
+            for c, m in record.get("paper_metrics", {}).items()
+            if m["value"] is not None
+        }
+    )
+    for name, (key, sub) in EFFICIENCY_METRICS.items():
+        value = record["efficiency"].get(key)
+        value = value.get(sub) if isinstance(value, dict) else value
+        if value is not None:
+            summary[f"efficiency/{name}"] = value
+    return summary
+
+
+def log_cell(record: dict[str, Any], logger: dict[str, Any]) -> str:
+    """Log one finished cell; returns the run's local directory."""
+    import wandb
+
+    cell, spec = record["cell"], record["spec"]
+    config = {
+        "experiment": cell["experiment"],
+        "model": cell["model"],
+        "method": cell["method"],
+        "method_name": spec["method"]["name"],
+        "retention_ratio": cell["retention_ratio"],
+        "benchmark": cell["benchmark"],
+        "method_params": spec["method"]["params"],
+        "seed": spec["seed"],
+        "batch_size": spec["benchmark"]["batch_size"],
+        "git_sha": record["provenance"]["git"]["sha"],
+        "cell_path": cell["path"],
+    }
+    directory = Path(logger["dir"])
+    directory.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=logger.get("project", "globalcom2"),
+        entity=logger.get("entity"),
+        mode=os.environ.get("WANDB_MODE", logger.get("mode", "offline")),
+        group=logger.get("group") or cell["experiment"],
+        job_type="cell",
+        name=f"{cell['model']}|{cell['method']}|r{cell['retention_ratio']}|{cell['benchmark']}",
+        dir=str(directory),
+        config=config,
+        reinit="finish_previous",
+    )
+    try:
+        run.summary.update(cell_summary(record))
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()
+
+
+def log_report(report: Any, project: str = "globalcom2", mode: str | None = None) -> str:
+    """Log a :class:`globalcom2.report.build.Report`: tables as ``wandb.Table``, plots as images."""
+    import wandb
+
+    directory = report.directory / "wandb"
+    directory.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=project,
+        mode=mode or os.environ.get("WANDB_MODE", "offline"),
+        group=report.experiment,
+        job_type="report",
+        name=f"report|{report.experiment}",
+        dir=str(directory),
+        reinit="finish_previous",
+    )
+    try:
+        payload = {f"tables/{t.name}": wandb.Table(dataframe=t.frame.astype(str)) for t in report.tables}
+        payload |= {f"plots/{p.stem}": wandb.Image(str(p)) for p in report.files if p.suffix == ".png"}
+        run.log(payload)
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()

@@ -1,0 +1,349 @@
+"""Reporting: tidy aggregation, the tables' arithmetic, LaTeX, plots, wandb offline runs, the notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import torch
+from helpers import synthetic_image
+
+from globalcom2.report import plots
+from globalcom2.report.aggregate import load_cells, tidy_results
+from globalcom2.report.build import build_report
+from globalcom2.report.tables import AVG, paper_vs_ours, table1
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.filterwarnings("ignore:skipped .* unfinished or corrupt")
+
+
+def write_cell(
+    root: Path,
+    method: str,
+    ratio: float,
+    paper: dict,
+    *,
+    model="llava_next_7b",
+    experiment="t1",
+    benchmark="paper_suite",
+    outputs=None,
+    name=None,
+    status="complete",
+) -> Path:
+    """A hand-made finished cell with the fields the reporting layer reads."""
+    label = name or method
+    cell = root / experiment / model / label / f"r{ratio!r}" / benchmark
+    cell.mkdir(parents=True)
+    record = {
+        "status": status,
+        "schema": 1,
+        "cell": {
+            "experiment": experiment,
+            "model": model,
+            "method": label,
+            "retention_ratio": ratio,
+            "benchmark": benchmark,
+            "path": str(cell),
+        },
+        "spec": {
+            "seed": 0,
+            "model": {"random_init": False, "dtype": "float16", "attn_implementation": "sdpa"},
+            "method": {"name": method, "params": {}},
+            "benchmark": {"batch_size": 1, "limit": None},
+        },
+        "provenance": {"git": {"sha": "abc", "dirty": False}, "hardware": {"gpu": "NVIDIA H100"}},
+        "finished": "2026-11-21T00:00:00+00:00",
+        "metrics": {"gqa_local": {"exact_match": paper.get("GQA", 0) / 100}},
+        "paper_metrics": {
+            c: {"value": v, "metric": "m", "comparable": True, "note": ""} for c, v in paper.items()
+        },
+        "efficiency": {
+            "prefill_ms": {"median": 100 * ratio},
+            "throughput_samples_per_s": 2 / ratio,
+            "peak_memory_gb": {"max": 10 + ratio},
+            "tflops": {"paper": 41.65 * ratio, "full": 42 * ratio},
+            "kv_cache_mb": 1500 * ratio,
+            "visual_tokens": {"before": 2928, "llm_input": 2928 * ratio, "equivalent": 2928 * ratio},
+        },
+        "files": {"records": "sample_records.jsonl"},
+    }
+    (cell / "record.json").write_text(json.dumps(record))
+    lines = [
+        json.dumps({"task": "gqa_local", "doc_id": i, "output_token_ids": ids})
+        for i, ids in enumerate(outputs or [])
+    ]
+    (cell / "sample_records.jsonl").write_text("\n".join(lines))
+    return cell
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    root = tmp_path / "results"
+    write_cell(
+        root,
+        "vanilla",
+        1.0,
+        {"GQA": 60.0, "MME (perception)": 1500.0},
+        outputs=[[1, 2], [3, 4], [5, 6], [7, 8]],
+    )
+    write_cell(
+        root,
+        "globalcom2",
+        0.25,
+        {"GQA": 54.0, "MME (perception)": 1200.0},
+        outputs=[[1, 2], [3, 9], [5, 6], [0, 0]],
+    )
+    write_cell(root, "fastv", 0.25, {"GQA": 45.0}, outputs=[[1, 2]])
+    corrupt = root / "t1" / "llava_next_7b" / "random" / "r0.25" / "paper_suite"
+    corrupt.mkdir(parents=True)
+    (corrupt / "record.json").write_text('{"status": "comp')  # cut off mid-write
+    (root / "t1" / "llava_next_7b" / "random" / "r0.5" / "paper_suite" / ".partial").mkdir(parents=True)
+    write_cell(root, "sparsevlm", 0.25, {"GQA": 1.0}, status="running")
+    return root
+
+
+def test_aggregation_gives_the_expected_tidy_rows_and_lists_what_it_skipped(tree):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = tidy_results(tree)
+    message = "\n".join(str(w.message) for w in caught)
+    assert "skipped 3" in message and "corrupt record.json" in message and "partial" in message
+    assert "record.json is not complete" in message
+    assert sorted(set(frame["method"])) == ["fastv", "globalcom2", "vanilla"]
+    paper = frame[frame["kind"] == "paper"].set_index(["method", "metric"])["value"]
+    assert paper[("globalcom2", "MME (perception)")] == 1200.0 and ("fastv", "MME (perception)") not in paper
+    score = frame[(frame["kind"] == "score") & (frame["method"] == "globalcom2")].iloc[0]
+    assert (score["task"], score["metric"], score["value"]) == ("gqa_local", "exact_match", 0.54)
+    assert (
+        score["hardware"] == "NVIDIA H100" and score["retention_ratio"] == 0.25 and score["git_sha"] == "abc"
+    )
+    eff = frame[(frame["kind"] == "efficiency") & (frame["method"] == "globalcom2")].set_index("metric")[
+        "value"
+    ]
+    assert eff["prefill_ms"] == 25.0 and eff["tflops_paper"] == pytest.approx(41.65 / 4)
+    fidelity = frame[frame["kind"] == "fidelity"].set_index(["method", "metric"])["value"]
+    assert fidelity[("globalcom2", "agreement_with_vanilla")] == 50.0  # docs 0 and 2 of 4 identical
+    assert fidelity[("globalcom2", "first_token_agreement")] == 75.0  # docs 0, 1, 2 start alike
+    assert fidelity[("fastv", "agreement_with_vanilla")] == 100.0  # over the one sample both answered
+    assert fidelity[("vanilla", "agreement_with_vanilla")] == 100.0
+    cells, skipped = load_cells(tree)
+    assert len(cells) == 3 and len(skipped) == 3
+
+
+def test_table1_average_is_relative_to_vanilla_column_by_column(tree):
+    frame = tidy_results(tree)
+    table = table1(frame, "llava_next_7b").frame.set_index("method")
+    assert table.loc["vanilla", AVG] == pytest.approx(100.0)
+    assert table.loc["globalcom2", AVG] == pytest.approx(
+        (90.0 + 80.0) / 2
+    )  # MME's 0-2000 scale weighs the same
+    assert table.loc["fastv", AVG] == pytest.approx(75.0)  # only the columns it has
+    assert list(table.index) == ["vanilla", "fastv", "globalcom2"]
+    no_vanilla = table1(frame[frame["method"] != "vanilla"], "llava_next_7b")
+    assert set(no_vanilla.frame[AVG]) == {"n/a (no vanilla row)"}
+    assert any("no vanilla row" in note for note in no_vanilla.notes)
+    assert "perception" in " ".join(table1(frame, "llava_next_7b").frame.columns)
+
+
+def test_paper_vs_ours_marks_reproduced_rows(tree):
+    frame = tidy_results(tree)
+    table = paper_vs_ours(frame).frame.set_index(["method", "benchmark"])
+    # MODEL_ZOO 7B vanilla: GQA 64.2, MME 1519 -> deltas -4.2 (not reproduced) and -19 (within 30: reproduced)
+    assert table.loc[("vanilla", "GQA"), "delta"] == pytest.approx(60.0 - 64.2)
+    assert table.loc[("vanilla", "GQA"), "reproduced"] == "no"
+    assert table.loc[("vanilla", "MME (perception)"), "reproduced"] == "yes"
+    assert table.loc[("vanilla", "GQA"), "reliability"] == "primary"
+    assert table.loc[("globalcom2", "GQA"), "paper"] == 61.5  # 7B, R = 0.25
+    empty = paper_vs_ours(frame[frame["model"] == "nope"])
+    assert empty.frame.empty and any("no published counterpart" in n for n in empty.notes)
+
+
+def test_reference_numbers_carry_their_source():
+    for name in ("accuracy.csv", "globalcom2_efficiency.csv"):
+        table = pd.read_csv(REPO / "results" / "reference" / name)
+        assert table["source"].notna().all() and set(table["reliability"]) <= {"primary", "secondary"}
+    efficiency = pd.read_csv(REPO / "results" / "reference" / "globalcom2_efficiency.csv")
+    assert efficiency.query("model == '7B' and retention_ratio == 0.1")["prefill_ms"].item() == 13.3
+
+
+def test_tables_and_plots_are_written(tree, tmp_path):
+    frame = tidy_results(tree)
+    report = build_report(frame, "t1", tmp_path / "out")
+    names = {p.name for p in report.files}
+    for stem in ("table1_llava_next_7b", "efficiency_llava_next_7b", "paper_vs_ours"):
+        assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names
+    for stem in ("score_vs_ratio", "pareto", "latency_memory"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+    assert all(p.stat().st_size > 0 for p in report.files)
+    efficiency = pd.read_csv(tmp_path / "out" / "tables" / "efficiency_llava_next_7b.csv").set_index("method")
+    assert efficiency.loc["globalcom2", "prefill speed-up (x)"] == pytest.approx(4.0)
+    for table in report.tables:
+        check_latex(table.latex(), tmp_path / f"{table.name}.tex")
+
+
+def check_latex(source: str, path: Path) -> None:
+    """Compile with pdflatex when available; otherwise check the structure parses (balanced, booktabs)."""
+    assert source.count("\\begin{") == source.count("\\end{")
+    assert all(rule in source for rule in ("\\toprule", "\\midrule", "\\bottomrule"))
+    if shutil.which("pdflatex"):
+        document = (
+            "\\documentclass{article}\\usepackage{booktabs}\\begin{document}" + source + "\\end{document}"
+        )
+        path.write_text(document)
+        done = subprocess.run(
+            ["pdflatex", "-interaction=nonstopmode", path.name], cwd=path.parent, capture_output=True
+        )
+        assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_peak_memory_is_marked_unavailable_not_zero(tree, tmp_path):
+    frame = tidy_results(tree)
+    frame = frame[frame["metric"] != "peak_memory_gb"].assign(hardware="CPU (x86_64, 2 cores)")
+    table = build_report(frame, "t1", tmp_path / "cpu").tables
+    efficiency = next(t for t in table if t.name.startswith("efficiency"))
+    assert set(efficiency.frame["peak memory (GB)"]) == {"n/a (CPU)"}
+    assert any("unavailable on CPU" in note for note in efficiency.notes)
+
+
+# --- on real demo results -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_results(tmp_path_factory) -> Path:
+    """A small real demo grid: vanilla, random and fastv at two ratios, 3 samples each."""
+    root = tmp_path_factory.mktemp("demo") / "results"
+    env = {**os.environ, "GLOBALCOM2_RESULTS": str(root)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "globalcom2.run",
+            "-m",
+            "experiment=demo",
+            "method=vanilla,random,fastv",
+            "method.retention_ratio=0.5,0.25",
+            "benchmark.limit=3",
+            "benchmark.gen_kwargs='max_new_tokens=3'",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_the_aggregate_cli_writes_the_demo_report(demo_results):
+    done = subprocess.run(
+        [sys.executable, "-m", "globalcom2.aggregate", str(demo_results), "--experiment", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tables:" in done.stdout and "plots:" in done.stdout
+    table = pd.read_csv(demo_results / "demo" / "tables" / "demo_demo.csv")
+    assert len(table) == 5 and "agreement with vanilla (%)" in table.columns
+    assert table.set_index("method").loc["vanilla", "agreement with vanilla (%)"] == 100.0
+    assert (demo_results / "demo" / "plots" / "score_vs_ratio.png").stat().st_size > 10_000
+    assert (demo_results / "tidy.parquet").is_file()
+
+
+def test_the_notebook_executes_and_is_stored_stripped(demo_results):
+    from nbclient import NotebookClient
+
+    path = REPO / "notebooks" / "analysis.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "commit the notebook stripped"
+    os.environ["GLOBALCOM2_RESULTS"], os.environ["GLOBALCOM2_EXPERIMENT"] = str(demo_results), "demo"
+    try:
+        NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        ).execute()
+    finally:
+        del os.environ["GLOBALCOM2_RESULTS"], os.environ["GLOBALCOM2_EXPERIMENT"]
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum(o.output_type == "display_data" and "image/png" in o.data for o in outputs) == 3
+
+
+def test_wandb_offline_runs_contain_the_expected_keys(demo_results, tmp_path, monkeypatch):
+    from globalcom2.report.build import build_report as report_of
+    from globalcom2.tracking import log_cell, log_report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (cell,) = [
+        c
+        for c in load_cells(demo_results)[0]
+        if c.record["cell"]["method"] == "fastv" and c.record["cell"]["retention_ratio"] == 0.25
+    ]
+    run_dir = Path(log_cell(cell.record, {"project": "t", "dir": str(tmp_path / "wandb"), "group": "demo"}))
+    keys = offline_keys(run_dir)
+    assert {"model", "method", "retention_ratio", "benchmark", "method_params"} <= keys["config"]
+    assert {"globalcom2_demo/exact_match", "efficiency/prefill_ms", "efficiency/tflops_full"} <= keys[
+        "summary"
+    ]
+    assert keys["group"] == "demo"
+    report = report_of(tidy_results(demo_results), "demo", tmp_path / "report")
+    keys = offline_keys(Path(log_report(report, project="t")))
+    assert {"tables/demo_demo/_type", "plots/score_vs_ratio/_type"} <= keys["summary"]
+
+
+def offline_keys(run_dir: Path) -> dict:
+    """Config keys, summary keys and group recorded in an offline wandb run's ``.wandb`` file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal import datastore
+
+    (path,) = run_dir.glob("run-*.wandb")
+    store = datastore.DataStore()
+    store.open_for_scan(str(path))
+    keys: dict = {"config": set(), "summary": set(), "group": None}
+    while (data := store.scan_data()) is not None:
+        record = pb.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            keys["config"] |= {item.key for item in record.run.config.update}
+            keys["group"] = record.run.run_group
+        elif kind == "summary":
+            keys["summary"] |= {item.key or "/".join(item.nested_key) for item in record.summary.update}
+    return keys
+
+
+def test_kept_token_visualisation(tiny, tmp_path):
+    from globalcom2 import attach
+    from globalcom2.anyres import packed_layout
+    from globalcom2.prompts import vicuna_v1_prompt
+    from globalcom2.report.visualize import draw, fastv_kept, pre_llm_kept
+
+    model, processor = tiny
+    image = synthetic_image(800, 600)
+    inputs = processor(images=image, text=vicuna_v1_prompt("Q"), return_tensors="pt")
+    layout = packed_layout((600, 800), model.config.image_grid_pinpoints)
+    with attach(model, "globalcom2", retention_ratio=0.25) as handle:
+        model(**inputs)
+        stats = handle.stats[-1]
+        kept = {"globalcom2": pre_llm_kept(model, handle.method, inputs, layout)}
+    assert int(kept["globalcom2"].sum()) == stats.tokens_after
+    kept["fastv"] = fastv_kept(model, inputs, 0.25)
+    assert int(kept["fastv"].sum()) == round(0.25 * layout.num_tokens)  # FastV: round(R * N_vis)
+    assert type(model.model).__name__ == "LlavaNextModel"
+    paths = draw(image, kept, layout, 0.25, tmp_path / "kept")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 10_000 for p in paths)
+    assert torch.is_tensor(kept["fastv"])
+
+
+def test_plots_say_when_memory_is_unavailable(tree, tmp_path):
+    frame = tidy_results(tree)
+    paths = plots.latency_memory(frame[frame["metric"] != "peak_memory_gb"], tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths)
