@@ -62,12 +62,12 @@ test-all: install  ## run every test, the slow ones included
 	$(PY) -m pytest -q -m 'not gpu and not network'
 
 lint: install  ## ruff lint and format check
-	$(VENV)/bin/ruff check globalcom2 tests
-	$(VENV)/bin/ruff format --check globalcom2 tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: install  ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix globalcom2 tests
-	$(VENV)/bin/ruff format globalcom2 tests
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench-attach: install  ## prefill overhead of attach() at retention_ratio=1.0 (tiny model, 672x672)
 	$(PY) -m globalcom2.benchmarks.attach_overhead

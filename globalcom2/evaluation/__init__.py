@@ -13,9 +13,19 @@ The model plugin itself is :mod:`globalcom2.lmms_plugin`.
 from globalcom2.evaluation.benchmarks import (
     BENCHMARKS,
     DEMO_TASK,
+    EFFICIENCY_TASK,
+    GENERATED_TASKS,
     PAPER_METRICS,
     PaperMetric,
     paper_metric_value,
 )
 
-__all__ = ["BENCHMARKS", "DEMO_TASK", "PAPER_METRICS", "PaperMetric", "paper_metric_value"]
+__all__ = [
+    "BENCHMARKS",
+    "DEMO_TASK",
+    "EFFICIENCY_TASK",
+    "GENERATED_TASKS",
+    "PAPER_METRICS",
+    "PaperMetric",
+    "paper_metric_value",
+]

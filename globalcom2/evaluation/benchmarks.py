@@ -100,6 +100,9 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 DEMO_TASK = "globalcom2_demo"
+# The demo data's ``efficiency`` split (30 images at 672x672), the input of `make efficiency`.
+EFFICIENCY_TASK = "globalcom2_efficiency"
+GENERATED_TASKS = (DEMO_TASK, EFFICIENCY_TASK)
 
 
 @dataclass(frozen=True)

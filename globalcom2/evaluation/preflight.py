@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from globalcom2.evaluation.benchmarks import DEMO_TASK
+from globalcom2.evaluation.benchmarks import GENERATED_TASKS
 from globalcom2.evaluation.local_data import MissingDataError, provenance, require_local_dataset, tasks_dir
 
 
@@ -96,7 +96,7 @@ def check_tasks(tasks: list[str], include_path: str | list[str] | None = None) -
                 kind = provenance(local_data).get("kind")
                 checks.append(TaskCheck(name, "globalcom2", entry["yaml_path"], str(path), kind))
             else:
-                kind = "generated" if name == DEMO_TASK else None
+                kind = "generated" if name in GENERATED_TASKS else None
                 checks.append(TaskCheck(name, "globalcom2", entry["yaml_path"], None, kind))
             continue
         if builtin is None:
