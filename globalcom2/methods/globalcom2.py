@@ -18,7 +18,8 @@ Per image (thumbnail + n crops, R = ``retention_ratio``):
 4. Global score of crop tokens: the thumbnail map bilinearly stretched onto the unpadded crop region
    (:func:`global_crop_scores`).
 5. Holistic score: ``alpha * global / ||global|| + (1 - alpha) * local / ||local||``, L2 norms per crop
-   (:func:`holistic_scores`); keep the top ``floor(N_j r_j)`` of each crop (:func:`per_crop_topk`).
+   (:func:`holistic_scores`); keep the top ``floor(N_j r_j)`` of each crop (:func:`top_counts_per_row`,
+   which ranks the thumbnail and every crop in one sort).
 
 Two output layouts:
 
@@ -81,9 +82,11 @@ def ranking_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def thumbnail_keep(thumbnail_scores: torch.Tensor, retention_ratio: float) -> torch.Tensor:
     """``[floor(576 R)]`` thumbnail token indices, best first (ties: lower index first)."""
-    index = torch.arange(thumbnail_scores.numel(), device=thumbnail_scores.device)  # [576]
-    keys = ranking_keys(thumbnail_scores, index)  # [576]
-    return keys.topk(kept_count(thumbnail_scores.numel(), retention_ratio)).indices  # [k0] best first
+    count = kept_count(thumbnail_scores.numel(), retention_ratio)
+    scores = thumbnail_scores[None]  # [1, 576]
+    counts = torch.tensor([count], device=scores.device)
+    _, order = top_counts_per_row(scores, torch.ones_like(scores, dtype=torch.bool), counts)  # [1, 576]
+    return order[0, :count]  # [k0] best first
 
 
 @lru_cache(maxsize=64)
@@ -149,35 +152,49 @@ def crop_retention_ratios(
 
 @dataclass(frozen=True)
 class CropGeometry:
-    """Constants of one image's crop tokens, in packed order (cached: they depend only on the geometry).
+    """Constants of one image's crop tokens (cached: they depend only on the geometry and the device).
+
+    Crop tokens live in two orders. *Packed* order is the LLM's sequence. The *slot grid* ``[n, W]``
+    (``W = 576``) puts crop j's unpadded tokens in row j, row-major over the unpadded rectangle, with the
+    unused tail of a letterboxed crop's row marked invalid. Every per-crop step runs on the slot grid, so
+    a crop is a row and nothing loops over crops or tokens.
 
     Attributes:
         positions: ``[Nc]`` packed positions of the crop tokens.
         crop: ``[Nc]`` crop index (row-major over the grid).
         valid_index: ``[Nc]`` index of the token within its crop's unpadded rectangle, row-major.
-        score_index: ``[Nc]`` flat index into the ``[1 + n, 576]`` score map of the token's own view.
-        region_index: ``[Nc]`` flat index into the ``[Hv, Wv]`` unpadded token rectangle.
-        region: ``(Hv, Wv)``.
-        grid_index: ``[Nc]`` flat index into an ``[n, 576]`` grid of crop slots (``crop * 576 + valid_index``).
+        grid_index: ``[Nc]`` flat slot of each crop token (``crop * W + valid_index``).
+        region: ``(Hv, Wv)``, the unpadded token rectangle.
         tokens_per_crop: ``[n]`` N_j, unpadded tokens of each crop.
+        slot_valid: ``[n, W]`` bool, the slot holds a token.
+        slot_score_index: ``[n, W]`` flat index of the slot's token into the ``[1 + n, W]`` score map.
+        slot_region_index: ``[n, W]`` flat index of the slot's token into the ``[Hv, Wv]`` rectangle.
+        packed_slot: ``[N]`` for each packed position, its entry in the flattened ``[1 + n, W]`` keep map
+            (thumbnail row first) or ``(1 + n) W`` for a separator (an always-kept extra entry).
     """
 
     positions: torch.Tensor
     crop: torch.Tensor
     valid_index: torch.Tensor
-    score_index: torch.Tensor
-    region_index: torch.Tensor
-    region: tuple[int, int]
     grid_index: torch.Tensor
+    region: tuple[int, int]
     tokens_per_crop: torch.Tensor
+    slot_valid: torch.Tensor
+    slot_score_index: torch.Tensor
+    slot_region_index: torch.Tensor
+    packed_slot: torch.Tensor
 
 
 @lru_cache(maxsize=1024)
 def _geometry(
-    side: int, grid: tuple[int, int], valid_rows: tuple[int, int], valid_cols: tuple[int, int]
+    side: int,
+    grid: tuple[int, int],
+    valid_rows: tuple[int, int],
+    valid_cols: tuple[int, int],
+    device: torch.device,
 ) -> CropGeometry:
     view, token = packed_provenance(side, grid, valid_rows, valid_cols)  # [N], [N]
-    num_crops, cols = grid[0] * grid[1], grid[1]
+    num_crops, cols, width = grid[0] * grid[1], grid[1], side * side
     (r0, r1), (c0, c1) = valid_rows, valid_cols
     positions = (view > 0).nonzero().squeeze(1)  # [Nc]
     crop = view[positions] - 1  # [Nc]
@@ -187,28 +204,42 @@ def _geometry(
     one_hot = F.one_hot(crop, num_crops)  # [Nc, n]
     # Packed order walks canvas rows, so within one crop it is that crop's unpadded row-major order.
     valid_index = ((one_hot.cumsum(0) - 1) * one_hot).sum(1)  # [Nc]
-    return CropGeometry(
+    grid_index = crop * width + valid_index  # [Nc]
+
+    def on_slots(values: torch.Tensor) -> torch.Tensor:  # [Nc] -> [n, W], 0 in unused slots
+        return torch.zeros(num_crops * width, dtype=values.dtype).index_copy_(0, grid_index, values)
+
+    packed_slot = torch.full((view.numel(),), (1 + num_crops) * width)  # [N] separators -> extra entry
+    packed_slot[:width] = torch.arange(width)  # thumbnail token t sits at packed position t
+    packed_slot[positions] = width + grid_index
+    geometry = CropGeometry(
         positions=positions,
         crop=crop,
         valid_index=valid_index,
-        score_index=(crop + 1) * side * side + token,
-        region_index=(canvas_row - r0) * (c1 - c0) + (canvas_col - c0),
+        grid_index=grid_index,
         region=(r1 - r0, c1 - c0),
-        grid_index=crop * side * side + valid_index,
         tokens_per_crop=one_hot.sum(0),
+        slot_valid=on_slots(torch.ones_like(crop, dtype=torch.bool)).view(num_crops, width),
+        slot_score_index=on_slots((crop + 1) * width + token).view(num_crops, width),
+        slot_region_index=on_slots((canvas_row - r0) * (c1 - c0) + (canvas_col - c0)).view(num_crops, width),
+        packed_slot=packed_slot,
+    )
+    return CropGeometry(
+        **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(geometry).items()}
     )
 
 
-def crop_geometry(layout: PackedLayout) -> CropGeometry:
-    """Crop-token constants of ``layout`` (cached by grid and unpadded region)."""
-    return _geometry(layout.side, layout.grid, layout.valid_rows, layout.valid_cols)
+def crop_geometry(layout: PackedLayout, device: torch.device | str = "cpu") -> CropGeometry:
+    """Crop-token constants of ``layout`` on ``device`` (cached by grid, unpadded region and device)."""
+    return _geometry(layout.side, layout.grid, layout.valid_rows, layout.valid_cols, torch.device(device))
 
 
 def global_crop_scores(thumbnail_scores: torch.Tensor, geometry: CropGeometry) -> torch.Tensor:
-    """``[Nc]`` thumbnail scores stretched onto the unpadded crop region, read at each crop token.
+    """``[n, W]`` thumbnail scores stretched onto the unpadded crop region, read at each crop slot.
 
     The 24x24 thumbnail map is resized bilinearly (``align_corners=False``) to the ``Hv x Wv`` token
-    rectangle that survives unpadding, so a crop token reads the score of the same image region.
+    rectangle that survives unpadding, so a crop token reads the score of the same image region. Unused
+    slots read an arbitrary value; :func:`holistic_scores` masks them.
     """
     side = math.isqrt(thumbnail_scores.numel())
     stretched = F.interpolate(
@@ -217,59 +248,55 @@ def global_crop_scores(thumbnail_scores: torch.Tensor, geometry: CropGeometry) -
         mode="bilinear",
         align_corners=False,
     )  # [1, 1, Hv, Wv]
-    return stretched.reshape(-1).index_select(0, geometry.region_index.to(thumbnail_scores.device))  # [Nc]
+    return stretched.view(-1).take(geometry.slot_region_index)  # [n, W]
 
 
 def holistic_scores(
     global_scores: torch.Tensor,
     local_scores: torch.Tensor,
-    crop: torch.Tensor,
-    num_crops: int,
+    valid: torch.Tensor,
     alpha: float = 0.5,
     score: Score = "holistic",
 ) -> torch.Tensor:
-    """``[Nc]`` per-crop L2-normalised mix of the global and local scores of the crop tokens.
+    """``[n, W]`` per-crop L2-normalised mix of the global and local scores on the slot grid.
 
     The reference adds the two L2-normalised vectors, i.e. alpha = 0.5 up to a factor 2 (same ranking);
     normalising per crop makes the mix scale-free, which matters because thumbnail and crop logits have
-    different magnitudes (globalcom2.md §3.3).
+    different magnitudes (globalcom2.md §3.3). Unused slots (``~valid``) are 0 and count in no norm.
     """
-
-    def per_crop_normalised(values: torch.Tensor) -> torch.Tensor:
-        values = values.float()
-        sq_norms = torch.zeros(num_crops, device=values.device).index_add_(0, crop, values * values)  # [n]
-        return values / sq_norms.sqrt().clamp(min=L2_EPS).index_select(0, crop)  # [Nc]
-
-    if score == "local_only":
-        return per_crop_normalised(local_scores)
-    if score == "global_only":
-        return per_crop_normalised(global_scores)
-    if score != "holistic":
+    if score not in ("holistic", "local_only", "global_only"):
         raise ValueError(f"unknown score {score!r}; valid: holistic, local_only, global_only")
-    return alpha * per_crop_normalised(global_scores) + (1.0 - alpha) * per_crop_normalised(local_scores)
+    weights = {"holistic": (alpha, 1.0 - alpha), "local_only": (0.0, 1.0), "global_only": (1.0, 0.0)}[score]
+    pair = torch.stack([global_scores.float(), local_scores.float()]).masked_fill_(~valid, 0.0)  # [2, n, W]
+    normalised = pair / torch.linalg.vector_norm(pair, dim=-1, keepdim=True).clamp_(min=L2_EPS)  # [2, n, W]
+    if 0.0 in weights:
+        return normalised[0 if weights[0] else 1]
+    return torch.lerp(normalised[1], normalised[0], weights[0])  # w0 * global + (1 - w0) * local
 
 
-def per_crop_topk(
-    scores: torch.Tensor,
-    valid_index: torch.Tensor,
-    grid_index: torch.Tensor,
-    keep_per_crop: torch.Tensor,
-    width: int,
-) -> torch.Tensor:
-    """``[Nc]`` bool: the ``keep_per_crop[j]`` best tokens of each crop j (ties: lower index first).
+def top_counts_per_row(
+    scores: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``counts[i]`` best entries of each row ``i`` (ties: lower column first), for all rows at once.
 
-    Crop tokens are laid out in a ``[n, width]`` grid by unpadded index (``grid_index`` =
-    ``crop * width + valid_index``); each crop row is ranked by one ``topk`` on :func:`ranking_keys`
-    (a loop over the <= 4 crops, never over tokens).
+    Args:
+        scores: ``[R, W]`` float scores.
+        valid: ``[R, W]`` bool; invalid entries rank last and are never kept while ``counts[i]`` does
+            not exceed the row's valid entries.
+        counts: ``[R]`` int64, entries kept per row.
+
+    Returns:
+        ``(kept [R, W] bool, order [R, K])``: the kept mask and each row's best ``K = max(counts)``
+        columns, best first.
     """
-    slots = keep_per_crop.numel() * width
-    keys = torch.full((slots,), torch.iinfo(torch.long).min, device=scores.device)  # unused slots rank last
-    keys.index_copy_(0, grid_index, ranking_keys(scores, valid_index))  # [n * width]
-    kept = torch.zeros(slots, dtype=torch.bool, device=scores.device)  # [n * width]
-    for row, count in enumerate(keep_per_crop.tolist()):
-        if count > 0:
-            kept.index_fill_(0, keys[row * width : (row + 1) * width].topk(count).indices + row * width, True)
-    return kept.index_select(0, grid_index)  # [Nc]
+    rows, width = scores.shape
+    column = torch.arange(width, device=scores.device)  # [W]
+    keys = ranking_keys(scores, column.expand(rows, -1)).masked_fill_(~valid, torch.iinfo(torch.long).min)
+    # keys are distinct, so the order is deterministic; a top-k of the largest count is a partial sort,
+    # cheaper than a full one at the usual ratios
+    order = keys.topk(int(counts.max()), dim=1).indices  # [R, K] best first
+    kept = torch.zeros_like(valid).scatter_(1, order, column[: order.shape[1]] < counts[:, None])  # [R, W]
+    return kept, order
 
 
 def reference_layout_order(
@@ -358,37 +385,32 @@ class GlobalCom2(PreLLMMethod):
     def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
         if self.layout == "clean" and self.retention_ratio == 1.0:
             return None  # R = 1 is the unmodified model in the clean layout (the reference is not, §3.7)
-        layout, scores = ctx.layout, ctx.vision_scores  # scores: [1 + n, 576]
+        layout, scores = ctx.layout, ctx.vision_scores  # scores: [1 + n, W], W = 576
         if scores is None:
             raise RuntimeError("globalcom2 needs [CLS] scores; attach it with globalcom2.attach")
-        thumbnail = scores[0]  # [576]
-        geometry = crop_geometry(layout)
-        device = scores.device
+        thumbnail = scores[0]  # [W]
+        geometry = crop_geometry(layout, scores.device)
 
-        thumbnail_kept = thumbnail_keep(thumbnail, self.retention_ratio).cpu()  # [k0] best first
         ratios = crop_retention_ratios(
             thumbnail, layout.grid, self.retention_ratio, self.temperature, allocation=self.allocation
         )  # [n] float64
-        keep_per_crop = torch.floor(geometry.tokens_per_crop.to(ratios) * ratios).long()  # [n] k_j
-        crop, score_index = geometry.crop.to(device), geometry.score_index.to(device)  # [Nc], [Nc]
-        local = scores.reshape(-1).index_select(0, score_index)  # [Nc]
-        token_scores = holistic_scores(
-            global_crop_scores(thumbnail, geometry), local, crop, layout.num_crops, self.alpha, self.score
-        )  # [Nc]
-        crop_kept = per_crop_topk(
-            token_scores,
-            geometry.valid_index.to(device),
-            geometry.grid_index.to(device),
-            keep_per_crop,
-            layout.side**2,
-        ).cpu()  # [Nc]
+        keep_per_crop = torch.floor(geometry.tokens_per_crop * ratios).long()  # [n] k_j
+        counts = F.pad(keep_per_crop, (1, 0), value=kept_count(thumbnail.numel(), self.retention_ratio))
+        local = scores.take(geometry.slot_score_index)  # [n, W]
+        crop_scores = holistic_scores(
+            global_crop_scores(thumbnail, geometry), local, geometry.slot_valid, self.alpha, self.score
+        )  # [n, W]
+        all_scores = torch.cat([thumbnail.float()[None], crop_scores])  # [1 + n, W] thumbnail row first
+        all_valid = F.pad(geometry.slot_valid, (0, 0, 1, 0), value=True)  # [1 + n, W]
+        kept, order = top_counts_per_row(all_scores, all_valid, counts)  # [1 + n, W] x 2
 
         if self.layout == "reference":
+            thumbnail_kept = order[0, : int(counts[0])].cpu()  # [k0] best first
+            crop_kept = kept[1:].reshape(-1).take(geometry.grid_index).cpu()  # [Nc]
             source = reference_layout_order(thumbnail_kept, crop_kept, layout)
         else:
-            keep = layout.is_separator.clone()  # [N] one separator per unpadded row, as vanilla
-            keep.index_fill_(0, thumbnail_kept, True)  # thumbnail token t sits at packed position t
-            keep.index_fill_(0, geometry.positions[crop_kept], True)
+            # one separator per unpadded row, as vanilla: the extra always-kept entry of the keep map
+            keep = F.pad(kept.view(-1), (0, 1), value=True).take(geometry.packed_slot)  # [N]
             source = keep.nonzero().squeeze(1)  # spatial (packed) order
         return source.to(features.device)
 
