@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import numpy as np
 import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from globalcom2.anyres import packed_layout
-from globalcom2.methods.base import ImageContext
+from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.prompts import vicuna_v1_prompt
-from globalcom2.scoring.vision_attention import ClsAttentionCapture
 
 
 def prompt_inputs(processor, images, question="What is in the image?"):
@@ -37,47 +33,9 @@ def generate_steps(model, inputs, steps: int = 4, **kwargs):
     return out.sequences[:, prompt_length:], torch.stack(out.logits)
 
 
-def image_views(inputs):
-    """Per image: its ``(height, width)`` and ``[views, 3, 336, 336]`` pixels."""
-    return [
-        (tuple(size.tolist()), pixels)
-        for size, pixels in zip(inputs["image_sizes"], inputs["pixel_values"], strict=True)
-    ]
-
-
 def method_sources(model, method, inputs):
-    """What ``method`` keeps for each image of ``inputs``, computed directly (not through the hook).
-
-    [CLS] scores, when the method wants them, come from a capture of our own on the vision tower.
-    """
-    cfg = model.config
-    sources = []
-    capture = None
-    if method.vision_score_layer is not None:
-        capture = ClsAttentionCapture(
-            model.model.vision_tower, method.vision_score_layer, method.vision_score_kind
-        )
-    try:
-        with torch.no_grad(), capture.capture() if capture else nullcontext() as captured:
-            features = model.model.get_image_features(
-                inputs["pixel_values"], inputs["image_sizes"]
-            ).pooler_output
-    finally:
-        if capture:
-            capture.remove()
-    layouts = [packed_layout(size, cfg.image_grid_pinpoints) for size, _ in image_views(inputs)]
-    scores = (
-        torch.split(torch.cat(captured), [lay.num_views for lay in layouts])
-        if capture
-        else [None] * len(layouts)
-    )
-    for feats, layout, (_, pixels), image_scores in zip(
-        features, layouts, image_views(inputs), scores, strict=True
-    ):
-        ctx = ImageContext(layout=layout, pixel_values=pixels[: layout.num_views], vision_scores=image_scores)
-        source = method.select(feats, ctx)
-        sources.append(torch.arange(feats.shape[0]) if source is None else source)
-    return sources
+    """What ``method`` keeps for each image of ``inputs``, computed directly (not through the hook)."""
+    return pre_llm_sources(model, method, inputs)
 
 
 def shortened_inputs(model, inputs, sources):

@@ -69,6 +69,22 @@ def _series(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     return sorted(groups, key=lambda g: (rank.get(g[1], len(rank)), g[0]))
 
 
+def plot_against_ratio(ax: plt.Axes, rows: pd.DataFrame) -> None:
+    """One line per method of ``value`` against retention ratio; vanilla as a dashed horizontal line."""
+    for label, method_name, series in _series(rows):
+        series = series.sort_values("retention_ratio")
+        if method_name == "vanilla":
+            ax.axhline(series["value"].iloc[0], color="#000000", linestyle="--", linewidth=1, label=label)
+        else:
+            ax.plot(
+                series["retention_ratio"],
+                series["value"],
+                linewidth=1.4,
+                markersize=4,
+                **method_style(label, method_name),
+            )
+
+
 def panels(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(title, rows of one metric) per panel: paper columns when present, else each benchmark's own scores
     (x100) and agreement with vanilla."""
@@ -99,20 +115,7 @@ def score_vs_ratio(frame: pd.DataFrame, out_dir: str | Path, name: str = "score_
     with style():
         figure, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
         for ax, (title, rows) in zip(axes.flat, items, strict=False):
-            for label, method_name, series in _series(rows):
-                series = series.sort_values("retention_ratio")
-                if method_name == "vanilla":
-                    ax.axhline(
-                        series["value"].iloc[0], color="#000000", linestyle="--", linewidth=1, label=label
-                    )
-                else:
-                    ax.plot(
-                        series["retention_ratio"],
-                        series["value"],
-                        linewidth=1.4,
-                        markersize=4,
-                        **method_style(label, method_name),
-                    )
+            plot_against_ratio(ax, rows)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("retention ratio R")
         for ax in list(axes.flat)[len(items) :]:
@@ -183,20 +186,7 @@ def latency_memory(frame: pd.DataFrame, out_dir: str | Path, name: str = "latenc
             (axes[1], "peak_memory_gb", "peak GPU memory (GB)"),
         ):
             rows = efficiency[efficiency["metric"] == metric]
-            for label, method_name, series in _series(rows):
-                series = series.sort_values("retention_ratio")
-                if method_name == "vanilla":
-                    ax.axhline(
-                        series["value"].iloc[0], color="#000000", linestyle="--", linewidth=1, label=label
-                    )
-                else:
-                    ax.plot(
-                        series["retention_ratio"],
-                        series["value"],
-                        linewidth=1.4,
-                        markersize=4,
-                        **method_style(label, method_name),
-                    )
+            plot_against_ratio(ax, rows)
             if rows.empty:
                 ax.text(
                     0.5,

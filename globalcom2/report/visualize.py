@@ -11,7 +11,6 @@ selections are those of random weights: the figure shows the mechanics, not what
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +25,15 @@ from PIL import Image
 
 from globalcom2 import attach, load_llava_next
 from globalcom2.anyres import SEPARATOR, PackedLayout, packed_layout
-from globalcom2.methods.base import ImageContext
+from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.report.plots import save, style
-from globalcom2.scoring.vision_attention import ClsAttentionCapture
 
 
 def pre_llm_kept(model: Any, method: Any, inputs: dict, layout: PackedLayout) -> torch.Tensor:
     """``[N]`` bool over the packed positions a pre-LLM method keeps for the (single) image of ``inputs``."""
-    capture = None
-    if method.vision_score_layer is not None:
-        capture = ClsAttentionCapture(
-            model.model.vision_tower, method.vision_score_layer, method.vision_score_kind
-        )
-    try:
-        with torch.no_grad(), capture.capture() if capture else nullcontext() as scores:
-            features = model.model.get_image_features(
-                inputs["pixel_values"], inputs["image_sizes"]
-            ).pooler_output
-    finally:
-        if capture:
-            capture.remove()
-    pixels = inputs["pixel_values"][0, : layout.num_views]
-    ctx = ImageContext(
-        layout=layout, pixel_values=pixels, vision_scores=torch.cat(scores) if capture else None
-    )
-    source = method.select(features[0], ctx)
     kept = torch.zeros(layout.num_tokens, dtype=torch.bool)
-    kept[torch.arange(layout.num_tokens) if source is None else source.cpu()] = True
+    kept[pre_llm_sources(model, method, inputs)[0].cpu()] = True
     return kept
 
 
