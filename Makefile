@@ -27,7 +27,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-all lint format bench-attach bench-globalcom2 bench-in-llm data clean \
+.PHONY: help install test test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
 	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize wandb-sync bench-efficiency
 
 help:  ## list the targets
@@ -60,6 +60,9 @@ test: install  ## run the default test suite (CPU, tiny model, offline)
 
 test-all: install  ## run every test, the slow ones included
 	$(PY) -m pytest -q -m 'not gpu and not network'
+
+test-gpu: install  ## the tests that need a CUDA device
+	$(PY) -m pytest -q -m gpu
 
 lint: install  ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from globalcom2 import attach
+from globalcom2.budget import validate_retention_ratio
 from globalcom2.efficiency.flops import LlmDims, VisionDims, paper_prefill_flops
 from globalcom2.efficiency.profile import GenerateProfiler
 from globalcom2.efficiency.summary import sample_costs
@@ -44,6 +45,19 @@ DEFAULT_VARIANTS = [("vanilla", 1.0)] + [
                            ("fastv", (0.25, 0.1)), ("sparsevlm", (0.25, 0.1)))
     for ratio in ratios
 ]  # fmt: skip
+
+
+def parse_variant(text: str) -> tuple[str, float]:
+    """``"globalcom2@0.25"`` -> ``("globalcom2", 0.25)``, checked against the registry and the range."""
+    method, sep, ratio = text.partition("@")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not METHOD@R, e.g. globalcom2@0.25")
+    if method not in METHODS.names():
+        raise argparse.ArgumentTypeError(f"unknown method {method!r}; valid: {', '.join(METHODS.names())}")
+    try:
+        return method, validate_retention_ratio(float(ratio))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
 def run_variant(
@@ -68,7 +82,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "efficiency")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        type=parse_variant,
+        default=DEFAULT_VARIANTS,
+        metavar="METHOD@R",
+        help="variants to run, e.g. vanilla@1 globalcom2@0.25 (default: the paper's; vanilla must be one)",
+    )
     args = parser.parse_args(argv)
+    variants = list(dict.fromkeys(args.variants))  # order kept, repeats dropped
+    if ("vanilla", 1.0) not in variants:
+        parser.error("--variants must include vanilla@1 (the speed-ups are relative to it)")
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     pretrained = f"llava-hf/llava-v1.6-vicuna-{args.random_init}-hf" if args.random_init else args.pretrained
@@ -91,14 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     dims, vision = LlmDims.from_config(model.config.text_config), VisionDims.from_config(model.config)
     bytes_per_value = torch.finfo(model.dtype).bits // 8
 
-    for method, ratio in DEFAULT_VARIANTS:  # warm-up, excluded
+    for method, ratio in variants:  # warm-up, excluded
         run_variant(model, prompts[0], method, ratio, profiler, 2)
-    measured: dict[tuple[str, float], list] = {variant: [] for variant in DEFAULT_VARIANTS}
+    measured: dict[tuple[str, float], list] = {variant: [] for variant in variants}
     for index, inputs in enumerate(prompts):
-        order = (
-            DEFAULT_VARIANTS[index % len(DEFAULT_VARIANTS) :]
-            + DEFAULT_VARIANTS[: index % len(DEFAULT_VARIANTS)]
-        )
+        order = variants[index % len(variants) :] + variants[: index % len(variants)]
         for method, ratio in order:  # rotate the order too, so no variant always runs first
             measurement, stats = run_variant(model, inputs, method, ratio, profiler, args.new_tokens)
             before, llm_input, _ = visual_token_counts(stats)
@@ -159,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             "caption": caption,
             "rows": rows,
             "provenance": info,
-            "settings": vars(args) | {"dtype": dtype, "pretrained": pretrained},
+            "settings": vars(args) | {"dtype": dtype, "pretrained": pretrained, "variants": variants},
         },
     )
     print(markdown)
