@@ -16,10 +16,11 @@ model. ``tests/unit/test_anyres.py`` checks it position by position against the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from transformers.image_processing_utils import select_best_resolution
+
+from globalcom2.tensor_cache import cached_constants
 
 SEPARATOR = -1  # `view` value of the row-separator ("image_newline") tokens
 
@@ -109,7 +110,7 @@ def unpadded_region(
     return (0, canvas_h), (pad, canvas_w - pad)
 
 
-@lru_cache(maxsize=1024)
+@cached_constants(maxsize=1024)
 def packed_provenance(
     side: int, grid: tuple[int, int], valid_rows: tuple[int, int], valid_cols: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +135,7 @@ def packed_provenance(
     return view, token
 
 
-@lru_cache(maxsize=512)
+@cached_constants(maxsize=512)
 def _cached_layout(
     image_size: tuple[int, int], pinpoints: tuple[tuple[int, int], ...], crop_size: int, patch_size: int
 ) -> PackedLayout:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 from globalcom2.anyres import PackedLayout, packed_provenance
 from globalcom2.budget import kept_count
 from globalcom2.methods.base import ImageContext, PreLLMMethod, register_method
+from globalcom2.tensor_cache import cached_constants
 
 Allocation = Literal["softmax_sum", "uniform", "softmax_max"]
 Score = Literal["holistic", "local_only", "global_only"]
@@ -89,7 +89,7 @@ def thumbnail_keep(thumbnail_scores: torch.Tensor, retention_ratio: float) -> to
     return order[0, :count]  # [k0] best first
 
 
-@lru_cache(maxsize=64)
+@cached_constants(maxsize=64)
 def thumbnail_blocks(side: int, grid: tuple[int, int]) -> torch.Tensor:
     """``[side * side]`` crop index of each thumbnail token under the reference's block partition.
 
@@ -185,7 +185,7 @@ class CropGeometry:
     packed_slot: torch.Tensor
 
 
-@lru_cache(maxsize=1024)
+@cached_constants(maxsize=1024)
 def _geometry(
     side: int,
     grid: tuple[int, int],
