@@ -143,7 +143,22 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m globalcom2.worker <spec.json> <out_dir>`` (under torchrun / accelerate launch)."""
     spec_path, out_dir = (argv if argv is not None else sys.argv[1:])[:2]
     spec = CellSpec.from_dict(json.loads(Path(spec_path).read_text()))
-    evaluate_cell(spec, Path(out_dir))
+    try:
+        evaluate_cell(spec, Path(out_dir))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank exits while rank 0 still writes the cell
+    finally:
+        shutdown_process_group()
+
+
+def shutdown_process_group() -> None:
+    """Destroy the process group before the interpreter exits.
+
+    A rank that exits with the group still alive can abort in C++ teardown ("terminate called without an
+    active exception", SIGABRT), which fails the whole worker group after the cell is done.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
