@@ -90,7 +90,7 @@ def thumbnail_keep(thumbnail_scores: torch.Tensor, retention_ratio: float) -> to
 
 
 @cached_constants(maxsize=64)
-def thumbnail_blocks(side: int, grid: tuple[int, int]) -> torch.Tensor:
+def thumbnail_blocks(side: int, grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
     """``[side * side]`` crop index of each thumbnail token under the reference's block partition.
 
     The 24x24 thumbnail grid is cut into ``rows x cols`` blocks of ``side // rows`` x ``side // cols``
@@ -101,7 +101,7 @@ def thumbnail_blocks(side: int, grid: tuple[int, int]) -> torch.Tensor:
     block_h, block_w = max(side // rows, 1), max(side // cols, 1)
     block_row = torch.clamp(torch.arange(side) // block_h, max=rows - 1)  # [side]
     block_col = torch.clamp(torch.arange(side) // block_w, max=cols - 1)  # [side]
-    return (block_row[:, None] * cols + block_col[None, :]).flatten()  # [side * side]
+    return (block_row[:, None] * cols + block_col[None, :]).flatten().to(device)  # [side * side]
 
 
 def crop_retention_ratios(
@@ -134,7 +134,7 @@ def crop_retention_ratios(
         ratios = torch.full((num_crops,), float(retention_ratio), dtype=torch.float64)
     else:
         side = math.isqrt(thumbnail_scores.numel())
-        blocks = thumbnail_blocks(side, grid).to(thumbnail_scores.device)  # [576]
+        blocks = thumbnail_blocks(side, grid, thumbnail_scores.device)  # [576], cached on the device
         scores = thumbnail_scores.double()  # [576]
         if allocation == "softmax_sum":
             block_scores = torch.zeros(num_crops, dtype=torch.float64, device=scores.device)
