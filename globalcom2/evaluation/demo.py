@@ -130,6 +130,15 @@ def make_item(seed: int, index: int, canvases: tuple[tuple[int, int], ...] = CAN
         x, y = _place(rng, width, height, size, shapes, region)
         shapes.append(Shape(k, c, x, y, size))
 
+    def add_distractors(count: int) -> None:
+        """``count`` shapes that never repeat the asked (kind, color), so the answer stays unique."""
+        for _ in range(count):
+            while True:
+                k, c = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+                if (k, c) != (kind, color):
+                    break
+            add(k, c)
+
     if qtype == "color":
         add(kind, color)
         others = [s for s in SHAPES if s != kind]
@@ -140,12 +149,7 @@ def make_item(seed: int, index: int, canvases: tuple[tuple[int, int], ...] = CAN
         count = int(rng.integers(1, 6))
         for _ in range(count):
             add(kind, color)
-        for _ in range(int(rng.integers(2, 7))):
-            while True:
-                k, c = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
-                if (k, c) != (kind, color):
-                    break
-            add(k, c)
+        add_distractors(int(rng.integers(2, 7)))
         question, answer = f"How many {color} {kind}s are there?", str(count)
     else:
         horizontal = width > height or (width == height and bool(rng.integers(0, 2)))
@@ -161,12 +165,7 @@ def make_item(seed: int, index: int, canvases: tuple[tuple[int, int], ...] = CAN
             question = f"Is the {color} {kind} at the top or the bottom of the image?"
             answer = "top" if first else "bottom"
         add(kind, color, region)
-        for _ in range(int(rng.integers(3, 7))):
-            while True:
-                k, c = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
-                if (k, c) != (kind, color):
-                    break
-            add(k, c)
+        add_distractors(int(rng.integers(3, 7)))
     background = int(rng.integers(196, 236))
     return DemoItem(index, width, height, background, qtype, question, answer, tuple(shapes))
 
