@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.prompts import vicuna_v1_prompt
 
 
@@ -31,11 +30,6 @@ def generate_steps(model, inputs, steps: int = 4, **kwargs):
     )
     prompt_length = inputs["input_ids"].shape[1]
     return out.sequences[:, prompt_length:], torch.stack(out.logits)
-
-
-def method_sources(model, method, inputs):
-    """What ``method`` keeps for each image of ``inputs``, computed directly (not through the hook)."""
-    return pre_llm_sources(model, method, inputs)
 
 
 def shortened_inputs(model, inputs, sources):

@@ -7,10 +7,11 @@ import functools
 
 import pytest
 import torch
-from helpers import generate_steps, method_sources, prompt_inputs, shortened_inputs
+from helpers import generate_steps, prompt_inputs, shortened_inputs
 from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2 import attach
+from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.methods.sparsevlm import default_prune_layers
 from globalcom2.models.tiny import build_tiny_llava_next, byte_level_tokenizer, tiny_config
 from globalcom2.prompts import vicuna_v1_prompt
@@ -383,7 +384,7 @@ def test_composition_with_a_pre_llm_method(model, processor, images):
     vanilla_tokens, vanilla_steps = generate_steps(model, inputs, steps=4)
     random = attach(model, "random", retention_ratio=0.5)
     random_tokens, random_steps = generate_steps(model, inputs, steps=4)
-    sources = method_sources(model, random.method, inputs)
+    sources = pre_llm_sources(model, random.method, inputs)
 
     fastv = attach(model, "fastv", retention_ratio=0.5)
     tokens, steps = generate_steps(model, inputs, steps=4)

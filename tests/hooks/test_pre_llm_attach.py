@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from helpers import generate_steps, method_sources, prompt_inputs, shortened_inputs
+from helpers import generate_steps, prompt_inputs, shortened_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from globalcom2 import attach
 from globalcom2.anyres import packed_layout
+from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.models.tiny import build_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 
@@ -81,7 +82,7 @@ def test_random_matches_shortened_input_on_unmodified_model(model, processor, im
     with attach(model, "random", retention_ratio=ratio, seed=3) as handle:
         tokens, steps = generate_steps(model, inputs, steps=4)
         stats = handle.stats[-1]
-        sources = method_sources(model, handle.method, inputs)
+        sources = pre_llm_sources(model, handle.method, inputs)
 
     width, height = size
     layout = packed_layout((height, width), model.config.image_grid_pinpoints)
@@ -101,10 +102,10 @@ def test_random_matches_shortened_input_on_unmodified_model(model, processor, im
 def test_random_selection_depends_on_the_seed_and_not_on_the_call(model, processor, images):
     inputs = prompt_inputs(processor, images[(672, 672)])
     with attach(model, "random", retention_ratio=0.25, seed=0) as handle:
-        first = method_sources(model, handle.method, inputs)[0]
-        again = method_sources(model, handle.method, inputs)[0]
+        first = pre_llm_sources(model, handle.method, inputs)[0]
+        again = pre_llm_sources(model, handle.method, inputs)[0]
     with attach(model, "random", retention_ratio=0.25, seed=1) as handle:
-        other_seed = method_sources(model, handle.method, inputs)[0]
+        other_seed = pre_llm_sources(model, handle.method, inputs)[0]
     assert torch.equal(first, again)
     assert not torch.equal(first, other_seed)
 
@@ -143,7 +144,7 @@ def test_several_images_in_one_prompt(model, processor, images):
     inputs = prompt_inputs(processor, [images[(1008, 336)], images[(336, 336)]], "Compare the two images.")
     with attach(model, "random", retention_ratio=0.25) as handle:
         tokens, steps = generate_steps(model, inputs, steps=4)
-        sources = method_sources(model, handle.method, inputs)
+        sources = pre_llm_sources(model, handle.method, inputs)
         assert [s.image_size for s in handle.stats[-2:]] == [(336, 1008), (336, 336)]
     reference_tokens, reference_steps = generate_steps(
         model, shortened_inputs(model, inputs, sources), steps=4
@@ -158,7 +159,7 @@ def test_beam_search(model, processor, images):
         out = model.generate(
             **inputs, max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True, **beams
         )
-        sources = method_sources(model, handle.method, inputs)
+        sources = pre_llm_sources(model, handle.method, inputs)
     short = shortened_inputs(model, inputs, sources)
     ref = model.generate(**short, max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True, **beams)
     prompt = inputs["input_ids"].shape[1]
@@ -182,7 +183,7 @@ def test_eager_text_attention(images):
     inputs = prompt_inputs(processor, images[(800, 600)])
     with attach(model, "random", retention_ratio=0.25) as handle:
         tokens, steps = generate_steps(model, inputs, steps=4)
-        sources = method_sources(model, handle.method, inputs)
+        sources = pre_llm_sources(model, handle.method, inputs)
     reference_tokens, reference_steps = generate_steps(
         model, shortened_inputs(model, inputs, sources), steps=4
     )

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 from globalcom2_spec import spec_globalcom2, symbolic
-from helpers import generate_steps, method_sources, shortened_inputs, synthetic_image
+from helpers import generate_steps, shortened_inputs, synthetic_image
 
 from globalcom2 import attach
 from globalcom2.anyres import packed_layout
 from globalcom2.methods.base import ImageContext
+from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.methods.globalcom2 import GlobalCom2, crop_geometry, crop_retention_ratios, thumbnail_keep
 from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS as PINPOINTS
 from globalcom2.models.tiny import build_tiny_llava_next
@@ -222,7 +223,7 @@ def test_generate_equals_shortened_input(model, processor, images, layout, wh):
     with attach(model, "globalcom2", retention_ratio=0.25, layout=layout) as handle:
         tokens, steps = generate_steps(model, inputs, steps=4)
         stats = handle.stats[-1]
-    sources = method_sources(model, handle.method, inputs)
+    sources = pre_llm_sources(model, handle.method, inputs)
     assert stats.patch_tokens_kept + stats.separators_kept == sources[0].numel()
     reference_tokens, reference_steps = generate_steps(
         model, shortened_inputs(model, inputs, sources), steps=4
@@ -252,7 +253,7 @@ def test_odd_sizes_give_the_counts_the_spec_predicts(model, processor, wh, layou
     with attach(model, "globalcom2", retention_ratio=0.25, layout=layout) as handle:
         generate_steps(model, inputs, steps=1)
         stats = handle.stats[-1]
-        captured = method_sources(model, handle.method, inputs)  # exercises the same scores
+        captured = pre_llm_sources(model, handle.method, inputs)  # exercises the same scores
     size = (wh[1], wh[0])
     layout_ = packed_layout(size, PINPOINTS)
     capture = ClsAttentionCapture(model.model.vision_tower, -1)
@@ -280,9 +281,9 @@ def test_odd_sizes_give_the_counts_the_spec_predicts(model, processor, wh, layou
 def test_ablations_run_and_differ_from_the_default(model, processor, images, params):
     inputs = processor(images=images[(672, 672)], text=vicuna_v1_prompt("Q"), return_tensors="pt")
     with attach(model, "globalcom2", retention_ratio=0.25, **params) as handle:
-        ablated = method_sources(model, handle.method, inputs)[0]
+        ablated = pre_llm_sources(model, handle.method, inputs)[0]
     with attach(model, "globalcom2", retention_ratio=0.25) as handle:
-        default = method_sources(model, handle.method, inputs)[0]
+        default = pre_llm_sources(model, handle.method, inputs)[0]
     assert not torch.equal(ablated, default)
 
 
