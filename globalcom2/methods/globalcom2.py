@@ -18,8 +18,9 @@ Per image (thumbnail + n crops, R = ``retention_ratio``):
 4. Global score of crop tokens: the thumbnail map bilinearly stretched onto the unpadded crop region
    (:func:`global_crop_scores`).
 5. Holistic score: ``alpha * global / ||global|| + (1 - alpha) * local / ||local||``, L2 norms per crop
-   (:func:`holistic_scores`); keep the top ``floor(N_j r_j)`` of each crop (:func:`top_counts_per_row`,
-   which ranks the thumbnail and every crop in one sort).
+   (:func:`holistic_scores`); keep the top ``floor(N_j r_j)`` of each crop. The thumbnail and every crop
+   are ranked in one top-k over the ``[1 + n, 576]`` view grid (``globalcom2/scoring/ranking.py``);
+   everything that depends only on the geometry is cached (``globalcom2_geometry.py``).
 
 Two output layouts:
 
@@ -39,7 +40,11 @@ Deliberate deviations from the reference (all layouts):
   ``torch.topk``/``argsort`` order, §8.7).
 * Batches and several images per prompt use per-image view offsets (the reference reads the thumbnail
   score of image 0 for every image, §3.9), so batch size > 1 is correct.
-* No per-token Python loops; block sums run in float64 without ``.item()``.
+* No per-token or per-crop Python loops. The allocation (at most nine numbers) runs on the host in
+  float64 after one device read, so every device allocates alike; the rest stays on the device.
+* The stretched thumbnail map is computed as two batched matrix products with the separable bilinear
+  weights that ``F.interpolate`` applies (:func:`global_crop_scores`): equal to ``F.interpolate`` up to
+  float32 rounding, as ``F.interpolate``'s own CPU and CUDA kernels are.
 * Ablations are parameters (``allocation``, ``score``, ``alpha``, ``temperature``, ``score_layer``,
   ``attention``); the defaults are the reference's.
 """
@@ -47,15 +52,15 @@ Deliberate deviations from the reference (all layouts):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from globalcom2.anyres import PackedLayout, packed_provenance
 from globalcom2.budget import kept_count
 from globalcom2.methods.base import ImageContext, PreLLMMethod, register_method
+from globalcom2.methods.globalcom2_geometry import CropGeometry, crop_geometry
+from globalcom2.scoring.ranking import column_tie_break, ranking_keys, top_counts_per_row
 from globalcom2.tensor_cache import cached_constants
 
 Allocation = Literal["softmax_sum", "uniform", "softmax_max"]
@@ -68,25 +73,13 @@ L2_EPS = 1e-12  # F.normalize's default, as the reference uses
 # --- step functions (pure, vectorised) -------------------------------------------------------------
 
 
-def ranking_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """int64 keys that order by score descending, then index ascending, with no two keys equal.
-
-    The float32 bit pattern is mapped to an integer with the same order (negative floats reversed), then
-    the inverted index fills the low 16 bits. Any sort or ``topk`` on these keys is deterministic and
-    applies the documented tie rule exactly, without a (slow, on CPU) stable sort.
-    """
-    bits = scores.float().contiguous().view(torch.int32).long()  # [...] in [-2^31, 2^31)
-    monotone = torch.where(bits >= 0, bits, -(2**31) - 1 - bits)  # same order as the float values
-    return monotone * 65536 + (65535 - index)
-
-
 def thumbnail_keep(thumbnail_scores: torch.Tensor, retention_ratio: float) -> torch.Tensor:
     """``[floor(576 R)]`` thumbnail token indices, best first (ties: lower index first)."""
-    count = kept_count(thumbnail_scores.numel(), retention_ratio)
-    scores = thumbnail_scores[None]  # [1, 576]
-    counts = torch.tensor([count], device=scores.device)
-    _, order = top_counts_per_row(scores, torch.ones_like(scores, dtype=torch.bool), counts)  # [1, 576]
-    return order[0, :count]  # [k0] best first
+    width = thumbnail_scores.numel()
+    tie_break = column_tie_break(1, width, thumbnail_scores.device)  # [1, W]
+    count = kept_count(width, retention_ratio)
+    _, order = top_counts_per_row(ranking_keys(thumbnail_scores[None], tie_break), [count])  # [1, count]
+    return order[0]  # [k0] best first
 
 
 @cached_constants(maxsize=64)
@@ -102,6 +95,59 @@ def thumbnail_blocks(side: int, grid: tuple[int, int], device: torch.device | st
     block_row = torch.clamp(torch.arange(side) // block_h, max=rows - 1)  # [side]
     block_col = torch.clamp(torch.arange(side) // block_w, max=cols - 1)  # [side]
     return (block_row[:, None] * cols + block_col[None, :]).flatten().to(device)  # [side * side]
+
+
+@cached_constants(maxsize=64)
+def block_membership(side: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``[n, side * side]`` float64 0/1 matrix of :func:`thumbnail_blocks`: block sums are one ``mv``."""
+    return F.one_hot(thumbnail_blocks(side, grid), grid[0] * grid[1]).T.double().contiguous().to(device)
+
+
+def block_scores(
+    thumbnail_scores: torch.Tensor, grid: tuple[int, int], allocation: Allocation
+) -> torch.Tensor:
+    """``[n]`` float64 sum (``softmax_sum``) or maximum (``softmax_max``) of the thumbnail scores per block."""
+    side = math.isqrt(thumbnail_scores.numel())
+    scores = thumbnail_scores.double()  # [576]
+    if allocation == "softmax_sum":
+        return torch.mv(block_membership(side, grid, scores.device), scores)  # [n]
+    if allocation == "softmax_max":
+        blocks = thumbnail_blocks(side, grid, scores.device)  # [576]
+        maxima = torch.full((grid[0] * grid[1],), -math.inf, dtype=torch.float64, device=scores.device)
+        return maxima.scatter_reduce_(0, blocks, scores, reduce="amax")  # [n]
+    raise ValueError(f"unknown allocation {allocation!r}; valid: softmax_sum, softmax_max, uniform")
+
+
+def ratios_from_block_scores(block: list[float], retention_ratio: float, temperature: float) -> list[float]:
+    """Unclipped ``r_j = R (1 + sigma_j - mean sigma)``, ``sigma = softmax(block / tau)`` with the +1e-8.
+
+    At most nine numbers, so this runs on the host in float64: one device read per image, and the same
+    allocation whichever device scored the image.
+    """
+    top = max(block)
+    weights = [math.exp((value - top) / temperature) for value in block]
+    total = sum(weights) + SOFTMAX_EPS
+    sigma = [weight / total for weight in weights]
+    mean_sigma = sum(sigma) / len(sigma)
+    return [retention_ratio * (1.0 + value - mean_sigma) for value in sigma]
+
+
+def crop_retention_ratios_list(
+    thumbnail_scores: torch.Tensor,
+    grid: tuple[int, int],
+    retention_ratio: float,
+    temperature: float = 10.0,
+    *,
+    allocation: Allocation = "softmax_sum",
+    clip: bool = True,
+) -> list[float]:
+    """:func:`crop_retention_ratios` as host floats (what :class:`GlobalCom2` uses)."""
+    if allocation == "uniform":
+        ratios = [float(retention_ratio)] * (grid[0] * grid[1])
+    else:
+        block = block_scores(thumbnail_scores, grid, allocation).tolist()  # [n] on the host
+        ratios = ratios_from_block_scores(block, retention_ratio, temperature)
+    return [min(ratio, 1.0) for ratio in ratios] if clip else ratios
 
 
 def crop_retention_ratios(
@@ -126,205 +172,56 @@ def crop_retention_ratios(
             is exactly ``n R``).
 
     Returns:
-        ``[rows * cols]`` float64 ratios, crops in row-major order.
+        ``[rows * cols]`` float64 ratios, crops in row-major order, on the scores' device.
     """
-    rows, cols = grid
-    num_crops = rows * cols
-    if allocation == "uniform":
-        ratios = torch.full((num_crops,), float(retention_ratio), dtype=torch.float64)
-    else:
-        side = math.isqrt(thumbnail_scores.numel())
-        blocks = thumbnail_blocks(side, grid, thumbnail_scores.device)  # [576], cached on the device
-        scores = thumbnail_scores.double()  # [576]
-        if allocation == "softmax_sum":
-            block_scores = torch.zeros(num_crops, dtype=torch.float64, device=scores.device)
-            block_scores.index_add_(0, blocks, scores)  # [n]
-        elif allocation == "softmax_max":
-            block_scores = torch.full((num_crops,), -math.inf, dtype=torch.float64, device=scores.device)
-            block_scores.scatter_reduce_(0, blocks, scores, reduce="amax")  # [n]
-        else:
-            raise ValueError(f"unknown allocation {allocation!r}; valid: softmax_sum, softmax_max, uniform")
-        weights = torch.exp((block_scores - block_scores.max()) / temperature)  # [n]
-        sigma = weights / (weights.sum() + SOFTMAX_EPS)  # [n]
-        ratios = retention_ratio * (1.0 + sigma - sigma.mean())  # [n]
-    return ratios.clamp(max=1.0) if clip else ratios
-
-
-@dataclass(frozen=True)
-class CropGeometry:
-    """Constants of one image's crop tokens (cached: they depend only on the geometry and the device).
-
-    Crop tokens live in two orders. *Packed* order is the LLM's sequence. The *slot grid* ``[n, W]``
-    (``W = 576``) puts crop j's unpadded tokens in row j, row-major over the unpadded rectangle, with the
-    unused tail of a letterboxed crop's row marked invalid. Every per-crop step runs on the slot grid, so
-    a crop is a row and nothing loops over crops or tokens.
-
-    Attributes:
-        positions: ``[Nc]`` packed positions of the crop tokens.
-        crop: ``[Nc]`` crop index (row-major over the grid).
-        valid_index: ``[Nc]`` index of the token within its crop's unpadded rectangle, row-major.
-        grid_index: ``[Nc]`` flat slot of each crop token (``crop * W + valid_index``).
-        region: ``(Hv, Wv)``, the unpadded token rectangle.
-        tokens_per_crop: ``[n]`` N_j, unpadded tokens of each crop.
-        slot_valid: ``[n, W]`` bool, the slot holds a token.
-        slot_score_index: ``[n, W]`` flat index of the slot's token into the ``[1 + n, W]`` score map.
-        slot_region_index: ``[n, W]`` flat index of the slot's token into the ``[Hv, Wv]`` rectangle.
-        packed_slot: ``[N]`` for each packed position, its entry in the flattened ``[1 + n, W]`` keep map
-            (thumbnail row first) or ``(1 + n) W`` for a separator (an always-kept extra entry).
-    """
-
-    positions: torch.Tensor
-    crop: torch.Tensor
-    valid_index: torch.Tensor
-    grid_index: torch.Tensor
-    region: tuple[int, int]
-    tokens_per_crop: torch.Tensor
-    slot_valid: torch.Tensor
-    slot_score_index: torch.Tensor
-    slot_region_index: torch.Tensor
-    packed_slot: torch.Tensor
-
-
-@cached_constants(maxsize=1024)
-def _geometry(
-    side: int,
-    grid: tuple[int, int],
-    valid_rows: tuple[int, int],
-    valid_cols: tuple[int, int],
-    device: torch.device,
-) -> CropGeometry:
-    view, token = packed_provenance(side, grid, valid_rows, valid_cols)  # [N], [N]
-    num_crops, cols, width = grid[0] * grid[1], grid[1], side * side
-    (r0, r1), (c0, c1) = valid_rows, valid_cols
-    positions = (view > 0).nonzero().squeeze(1)  # [Nc]
-    crop = view[positions] - 1  # [Nc]
-    token = token[positions]  # [Nc]
-    canvas_row = (crop // cols) * side + token // side  # [Nc]
-    canvas_col = (crop % cols) * side + token % side  # [Nc]
-    one_hot = F.one_hot(crop, num_crops)  # [Nc, n]
-    # Packed order walks canvas rows, so within one crop it is that crop's unpadded row-major order.
-    valid_index = ((one_hot.cumsum(0) - 1) * one_hot).sum(1)  # [Nc]
-    grid_index = crop * width + valid_index  # [Nc]
-
-    def on_slots(values: torch.Tensor) -> torch.Tensor:  # [Nc] -> [n, W], 0 in unused slots
-        return torch.zeros(num_crops * width, dtype=values.dtype).index_copy_(0, grid_index, values)
-
-    packed_slot = torch.full((view.numel(),), (1 + num_crops) * width)  # [N] separators -> extra entry
-    packed_slot[:width] = torch.arange(width)  # thumbnail token t sits at packed position t
-    packed_slot[positions] = width + grid_index
-    geometry = CropGeometry(
-        positions=positions,
-        crop=crop,
-        valid_index=valid_index,
-        grid_index=grid_index,
-        region=(r1 - r0, c1 - c0),
-        tokens_per_crop=one_hot.sum(0),
-        slot_valid=on_slots(torch.ones_like(crop, dtype=torch.bool)).view(num_crops, width),
-        slot_score_index=on_slots((crop + 1) * width + token).view(num_crops, width),
-        slot_region_index=on_slots((canvas_row - r0) * (c1 - c0) + (canvas_col - c0)).view(num_crops, width),
-        packed_slot=packed_slot,
+    ratios = crop_retention_ratios_list(
+        thumbnail_scores, grid, retention_ratio, temperature, allocation=allocation, clip=clip
     )
-    return CropGeometry(
-        **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(geometry).items()}
-    )
-
-
-def crop_geometry(layout: PackedLayout, device: torch.device | str = "cpu") -> CropGeometry:
-    """Crop-token constants of ``layout`` on ``device`` (cached by grid, unpadded region and device)."""
-    return _geometry(layout.side, layout.grid, layout.valid_rows, layout.valid_cols, torch.device(device))
+    return torch.tensor(ratios, dtype=torch.float64, device=thumbnail_scores.device)
 
 
 def global_crop_scores(thumbnail_scores: torch.Tensor, geometry: CropGeometry) -> torch.Tensor:
-    """``[n, W]`` thumbnail scores stretched onto the unpadded crop region, read at each crop slot.
+    """``[n, W]`` global score of each crop tile entry: the thumbnail map, stretched onto the crops.
 
     The 24x24 thumbnail map is resized bilinearly (``align_corners=False``) to the ``Hv x Wv`` token
-    rectangle that survives unpadding, so a crop token reads the score of the same image region. Unused
-    slots read an arbitrary value; :func:`holistic_scores` masks them.
+    rectangle that survives unpadding, so a crop token reads the score of the same image region. Bilinear
+    resizing is separable, so each crop's part of the stretched map is ``rows_j @ T @ cols_j^T`` with the
+    crop's blocks of the row and column weight matrices: two batched matrix products, no resized canvas
+    and no gather. Values equal ``F.interpolate`` up to float32 rounding (at most an ulp or two; the CPU
+    and CUDA kernels of ``F.interpolate`` differ at that level too). Padded entries are 0.
     """
     side = math.isqrt(thumbnail_scores.numel())
-    stretched = F.interpolate(
-        thumbnail_scores.float().view(1, 1, side, side),
-        size=geometry.region,
-        mode="bilinear",
-        align_corners=False,
-    )  # [1, 1, Hv, Wv]
-    return stretched.view(-1).take(geometry.slot_region_index)  # [n, W]
+    num_crops = geometry.row_weights.shape[0]
+    thumbnail = thumbnail_scores.float().view(1, side, side).expand(num_crops, side, side)  # [n, s, s]
+    stretched = torch.bmm(geometry.row_weights, torch.bmm(thumbnail, geometry.col_weights_t))  # [n, s, s]
+    return stretched.view(num_crops, side * side)  # [n, W]
 
 
 def holistic_scores(
     global_scores: torch.Tensor,
     local_scores: torch.Tensor,
-    valid: torch.Tensor,
-    alpha: float = 0.5,
-    score: Score = "holistic",
+    invalid: torch.Tensor | None = None,
+    global_weight: float = 0.5,
 ) -> torch.Tensor:
-    """``[n, W]`` per-crop L2-normalised mix of the global and local scores on the slot grid.
+    """``[n, W]`` per-crop ``w * global / ||global_j|| + (1 - w) * local / ||local_j||`` (one ``lerp``).
 
-    The reference adds the two L2-normalised vectors, i.e. alpha = 0.5 up to a factor 2 (same ranking);
+    The reference adds the two L2-normalised vectors, i.e. w = 0.5 up to a factor 2 (same ranking);
     normalising per crop makes the mix scale-free, which matters because thumbnail and crop logits have
-    different magnitudes (globalcom2.md §3.3). Unused slots (``~valid``) are 0 and count in no norm.
-    """
-    if score not in ("holistic", "local_only", "global_only"):
-        raise ValueError(f"unknown score {score!r}; valid: holistic, local_only, global_only")
-    weights = {"holistic": (alpha, 1.0 - alpha), "local_only": (0.0, 1.0), "global_only": (1.0, 0.0)}[score]
-    pair = torch.stack([global_scores.float(), local_scores.float()]).masked_fill_(~valid, 0.0)  # [2, n, W]
-    normalised = pair / torch.linalg.vector_norm(pair, dim=-1, keepdim=True).clamp_(min=L2_EPS)  # [2, n, W]
-    if 0.0 in weights:
-        return normalised[0 if weights[0] else 1]
-    return torch.lerp(normalised[1], normalised[0], weights[0])  # w0 * global + (1 - w0) * local
-
-
-def top_counts_per_row(
-    scores: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``counts[i]`` best entries of each row ``i`` (ties: lower column first), for all rows at once.
+    different magnitudes (globalcom2.md §3.3). ``w = 0`` is local-only (FasterVLM's selection), ``w = 1``
+    global-only. Invalid (padded) entries are 0 and count in no norm.
 
     Args:
-        scores: ``[R, W]`` float scores.
-        valid: ``[R, W]`` bool; invalid entries rank last and are never kept while ``counts[i]`` does
-            not exceed the row's valid entries.
-        counts: ``[R]`` int64, entries kept per row.
-
-    Returns:
-        ``(kept [R, W] bool, order [R, K])``: the kept mask and each row's best ``K = max(counts)``
-        columns, best first.
+        global_scores: ``[n, W]`` from :func:`global_crop_scores`.
+        local_scores: ``[n, W]`` the crops' own [CLS] scores.
+        invalid: ``[n, W]`` bool, or ``None`` when every entry is a token.
+        global_weight: w in [0, 1].
     """
-    rows, width = scores.shape
-    column = torch.arange(width, device=scores.device)  # [W]
-    keys = ranking_keys(scores, column.expand(rows, -1)).masked_fill_(~valid, torch.iinfo(torch.long).min)
-    # keys are distinct, so the order is deterministic; a top-k of the largest count is a partial sort,
-    # cheaper than a full one at the usual ratios
-    order = keys.topk(int(counts.max()), dim=1).indices  # [R, K] best first
-    kept = torch.zeros_like(valid).scatter_(1, order, column[: order.shape[1]] < counts[:, None])  # [R, W]
-    return kept, order
-
-
-def reference_layout_order(
-    thumbnail_kept: torch.Tensor, crop_kept: torch.Tensor, layout: PackedLayout
-) -> torch.Tensor:
-    """Packed positions in the order the reference implementation emits them (globalcom2.md §2.7).
-
-    Thumbnail tokens in score order; then each kept crop token is written to the slot of its crop's
-    ``24 x 24`` tile given by its *unpadded* index, the canvas is read row by row, and a separator follows
-    every one of the ``rows * 24`` canvas rows.
-
-    Args:
-        thumbnail_kept: ``[k0]`` kept thumbnail tokens, best first.
-        crop_kept: ``[Nc]`` bool over the crop tokens of :func:`crop_geometry`.
-        layout: the image's packed layout.
-    """
-    geometry = crop_geometry(layout)
-    side, (rows, cols) = layout.side, layout.grid
-    width = cols * side + 1  # canvas columns plus the separator column
-    crop = geometry.crop[crop_kept]  # [K]
-    slot = geometry.valid_index[crop_kept]  # [K] unpadded index used as a tile index (the quirk)
-    slot_row = (crop // cols) * side + slot // side  # [K] canvas row of the slot
-    slot_col = (crop % cols) * side + slot % side  # [K]
-    separator = layout.is_separator.nonzero()[0]  # [1] every separator carries the same vector
-    canvas_rows = torch.arange(rows * side)  # [H]
-    keys = torch.cat([slot_row * width + slot_col, canvas_rows * width + width - 1])  # [K + H]
-    sources = torch.cat([geometry.positions[crop_kept], separator.expand(canvas_rows.numel())])  # [K + H]
-    return torch.cat([thumbnail_kept, sources[torch.argsort(keys)]])
+    pair = torch.stack([global_scores.float(), local_scores.float()])  # [2, n, W]
+    if invalid is not None:
+        pair.masked_fill_(invalid, 0.0)
+    norms = torch.linalg.vector_norm(pair, dim=-1, keepdim=True).clamp_(min=L2_EPS)  # [2, n, 1]
+    normalised = pair.div_(norms)  # [2, n, W]
+    return torch.lerp(normalised[1], normalised[0], global_weight)  # [n, W]
 
 
 # --- the method -------------------------------------------------------------------------------------
@@ -381,6 +278,7 @@ class GlobalCom2(PreLLMMethod):
         self.attention = attention
         self.vision_score_layer = score_layer
         self.vision_score_kind = attention
+        self._global_weight = {"holistic": self.alpha, "local_only": 0.0, "global_only": 1.0}[score]
 
     def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
         if self.layout == "clean" and self.retention_ratio == 1.0:
@@ -391,28 +289,30 @@ class GlobalCom2(PreLLMMethod):
         thumbnail = scores[0]  # [W]
         geometry = crop_geometry(layout, scores.device)
 
-        ratios = crop_retention_ratios(
+        ratios = crop_retention_ratios_list(
             thumbnail, layout.grid, self.retention_ratio, self.temperature, allocation=self.allocation
-        )  # [n] float64
-        keep_per_crop = torch.floor(geometry.tokens_per_crop * ratios).long()  # [n] k_j
-        counts = F.pad(keep_per_crop, (1, 0), value=kept_count(thumbnail.numel(), self.retention_ratio))
-        local = scores.take(geometry.slot_score_index)  # [n, W]
+        )  # n host floats: the only device read before the top-k
+        counts = [kept_count(thumbnail.numel(), self.retention_ratio)] + [
+            math.floor(tokens * ratio)
+            for tokens, ratio in zip(geometry.tokens_per_crop_host, ratios, strict=True)
+        ]  # [k0, k_1 .. k_n]
         crop_scores = holistic_scores(
-            global_crop_scores(thumbnail, geometry), local, geometry.slot_valid, self.alpha, self.score
+            global_crop_scores(thumbnail, geometry), scores[1:], geometry.invalid, self._global_weight
         )  # [n, W]
-        all_scores = torch.cat([thumbnail.float()[None], crop_scores])  # [1 + n, W] thumbnail row first
-        all_valid = F.pad(geometry.slot_valid, (0, 0, 1, 0), value=True)  # [1 + n, W]
-        kept, order = top_counts_per_row(all_scores, all_valid, counts)  # [1 + n, W] x 2
+        ranked = torch.cat([scores[:1].float(), crop_scores])  # [1 + n, W], the thumbnail row raw
+        kept, order = top_counts_per_row(ranking_keys(ranked, geometry.tie_break), counts)  # [1 + n, W] x 2
 
         if self.layout == "reference":
-            thumbnail_kept = order[0, : int(counts[0])].cpu()  # [k0] best first
-            crop_kept = kept[1:].reshape(-1).take(geometry.grid_index).cpu()  # [Nc]
-            source = reference_layout_order(thumbnail_kept, crop_kept, layout)
+            # thumbnail in score order, then the canvas walk restricted to the kept crop tokens
+            keep = (
+                kept.view(-1).take(geometry.reference_view_index).logical_or_(geometry.reference_is_separator)
+            )
+            source = torch.cat([order[0, : counts[0]], geometry.reference_sources.masked_select(keep)])
         else:
-            # one separator per unpadded row, as vanilla: the extra always-kept entry of the keep map
-            keep = F.pad(kept.view(-1), (0, 1), value=True).take(geometry.packed_slot)  # [N]
+            # one separator per unpadded row, as vanilla
+            keep = kept.view(-1).take(geometry.packed_index).logical_or_(geometry.is_separator)  # [N]
             source = keep.nonzero().squeeze(1)  # spatial (packed) order
-        return source.to(features.device)
+        return source if source.device == features.device else source.to(features.device)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

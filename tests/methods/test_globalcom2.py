@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from globalcom2_spec import spec_globalcom2, symbolic
 from helpers import generate_steps, shortened_inputs, synthetic_image
 
@@ -13,7 +14,14 @@ from globalcom2 import attach
 from globalcom2.anyres import packed_layout
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.direct import pre_llm_sources
-from globalcom2.methods.globalcom2 import GlobalCom2, crop_geometry, crop_retention_ratios, thumbnail_keep
+from globalcom2.methods.globalcom2 import (
+    GlobalCom2,
+    block_scores,
+    crop_geometry,
+    crop_retention_ratios,
+    global_crop_scores,
+    thumbnail_keep,
+)
 from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS as PINPOINTS
 from globalcom2.models.tiny import build_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
@@ -160,6 +168,40 @@ def test_allocation_variants():
         1.0,
         abs_tol=1e-9,
     )
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (1, 3), (5, 1), (3, 7)])
+def test_block_sums_follow_the_reference_partition(grid):
+    """Equal and uneven blocks (the last row/column of blocks absorbs the remainder, §2.3.6)."""
+    rows, cols = grid
+    thumbnail = random_scores(0, 3)[0]
+    expected = [0.0] * (rows * cols)
+    for token, score in enumerate(thumbnail.tolist()):
+        block_row = min(token // 24 // max(24 // rows, 1), rows - 1)
+        block_col = min(token % 24 // max(24 // cols, 1), cols - 1)
+        expected[block_row * cols + block_col] += score
+    got = block_scores(thumbnail, grid, "softmax_sum")
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("size", GRID_SIZES + ODD_SIZES)
+def test_global_scores_equal_the_interpolated_thumbnail(size):
+    """The two-matmul stretch equals F.interpolate onto the unpadded region, read at each crop token."""
+    layout = packed_layout(size, PINPOINTS)
+    geometry = crop_geometry(layout)
+    thumbnail = random_scores(0, 7)[0]
+    (r0, r1), (c0, c1) = layout.valid_rows, layout.valid_cols
+    stretched = F.interpolate(thumbnail.view(1, 1, 24, 24), size=(r1 - r0, c1 - c0), mode="bilinear")[0, 0]
+    crop, token = geometry.crop, layout.token[geometry.positions]  # [Nc]
+    canvas_row = (crop // layout.grid[1]) * 24 + token // 24 - r0
+    canvas_col = (crop % layout.grid[1]) * 24 + token % 24 - c0
+    got = global_crop_scores(thumbnail, geometry)  # [n, 576]
+    # a few float32 ulps of the inputs: the rounding of another summation order, nothing more
+    tolerance = 4 * torch.finfo(torch.float32).eps * float(thumbnail.abs().max())
+    torch.testing.assert_close(got[crop, token], stretched[canvas_row, canvas_col], atol=tolerance, rtol=0)
+    padded = torch.ones_like(got, dtype=torch.bool)
+    padded[crop, token] = False
+    assert not got[padded].any()  # padding reads exact zeros
 
 
 # --- [CLS] scores from the vision tower -------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""Deterministic per-row top-k: each row keeps its own count, ties break by column, all rows at once.
+
+``torch.topk`` leaves the order of equal values unspecified (and CPU and CUDA differ), while a stable
+sort is several times slower than a top-k on CPU. Ranking on int64 keys that encode (score, column) makes
+every key in a row distinct, so one plain ``topk`` gives a deterministic, device-independent selection
+with the rule "higher score first, then lower column".
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import torch
+
+from globalcom2.tensor_cache import cached_constants
+
+TIE_BREAK_BITS = 16  # low bits of a ranking key; rows are narrower than 2**16 columns
+INVALID_TIE_BREAK = -(2**62)  # below every valid key, whose magnitude stays under 2**47
+
+
+def ranking_keys(scores: torch.Tensor, tie_break: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order by score descending, then by ``tie_break`` descending, with no two equal.
+
+    The float32 bit pattern is mapped to an int32 with the same order (the magnitude bits of negative
+    floats are flipped), shifted up by :data:`TIE_BREAK_BITS`, and ``tie_break`` (distinct values in
+    ``[0, 2**16)`` within a row, e.g. :func:`column_tie_break`) fills the low bits. A tie break of
+    :data:`INVALID_TIE_BREAK` puts an entry below every valid one.
+
+    Args:
+        scores: ``[..., W]`` float scores.
+        tie_break: ``[..., W]`` int64.
+
+    Returns:
+        ``[..., W]`` int64 keys.
+    """
+    bits = scores.float().contiguous().view(torch.int32)  # [..., W]
+    monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # [..., W] int32 in the order of the float values
+    return torch.add(tie_break, monotone, alpha=2**TIE_BREAK_BITS)  # [..., W] int64
+
+
+@cached_constants(maxsize=64)
+def column_tie_break(rows: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[rows, width]`` int64 ``65535 - column``: lower columns win ties in :func:`ranking_keys`."""
+    return (2**TIE_BREAK_BITS - 1 - torch.arange(width)).expand(rows, -1).contiguous().to(device)
+
+
+def int64_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, dtype=torch.int64, device=device)`` without per-element type inference.
+
+    ``torch.tensor`` of a short Python list costs ~20 us on a slow CPU, as much as the comparison it
+    feeds; ``frombuffer`` over a typed array costs a third of that. The tensor keeps the array alive.
+    """
+    host = torch.frombuffer(array("q", values), dtype=torch.int64)  # [len(values)], shares the array
+    return host if device.type == "cpu" else host.to(device)
+
+
+def top_counts_per_row(keys: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``counts[i]`` largest keys of each row ``i``, for all rows at once.
+
+    Args:
+        keys: ``[R, W]`` int64, distinct within each row (:func:`ranking_keys`).
+        counts: ``R`` host integers, entries kept per row; at most the row's valid entries.
+
+    Returns:
+        ``(kept [R, W] bool, order [R, K])``: the kept mask and each row's best ``K = max(counts)``
+        columns, best first.
+    """
+    # a top-k of the largest count is a partial sort, cheaper than a full one at the usual ratios
+    best, order = keys.topk(max(counts), dim=1)  # [R, K] x 2, best first
+    if min(counts) == 0:  # rare (tiny R, a sliver crop): mark the ranks below each count instead
+        rank = torch.arange(order.shape[1], device=keys.device)  # [K]
+        in_count = rank < torch.tensor(counts, device=keys.device).unsqueeze(1)  # [R, K]
+        return torch.zeros_like(keys, dtype=torch.bool).scatter_(1, order, in_count), order
+    # keys are distinct, so "at least the counts[i]-th best key" is exactly the top counts[i]
+    last = int64_tensor([count - 1 for count in counts], keys.device).unsqueeze(1)  # [R, 1]
+    return keys >= best.gather(1, last), order  # [R, W], [R, K]
