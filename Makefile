@@ -75,8 +75,8 @@ format: install  ## apply ruff fixes and formatting
 bench-attach: install  ## prefill overhead of attach() at retention_ratio=1.0 (tiny model, 672x672)
 	$(PY) -m globalcom2.benchmarks.attach_overhead
 
-bench-globalcom2: install  ## GlobalCom² scoring + allocation + selection time per 672x672 image (CPU)
-	$(PY) -m globalcom2.benchmarks.globalcom2_selection
+bench-globalcom2: install  ## GlobalCom² scoring + allocation + selection time per image -> results/efficiency/
+	$(PY) -m globalcom2.benchmarks.globalcom2_selection $(ARGS)
 
 bench-in-llm: install  ## prefill time/memory of FastV and SparseVLM at R=0.25, scoring memory (tiny model, 672x672)
 	$(PY) -m globalcom2.benchmarks.in_llm

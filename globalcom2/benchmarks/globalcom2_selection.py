@@ -1,82 +1,133 @@
-"""Cost of GlobalCom² per 672x672 image, excluding the vision-tower forward (issue 3 benchmark).
+"""Cost of GlobalCom² per image, excluding the vision-tower forward (issue 3 benchmark).
 
-Times, on random but realistically shaped inputs: the [CLS] score step (one query row against the
-layer's keys, at the tiny model's width and at CLIP-L/14's real width), and allocation + interpolation +
-holistic scoring + per-crop selection + layout (``GlobalCom2.select``) for both layouts. Target: <= 1 ms
-per image for scoring + allocation + selection. The reference implementation loops in Python over tokens.
+Times, on random but realistically shaped inputs, the [CLS] score step (the CLS query row against one
+layer's keys, at the tiny model's width and at CLIP-L/14's) and the whole per-image work: scores +
+allocation + interpolation + holistic scoring + per-crop selection + layout (``GlobalCom2.select``), for
+both layouts, at 672x672 (2x2 crops, no padding; the target case) and 1000x600 (letterboxed). Target:
+scores + allocation + selection <= 1 ms per 672x672 image. The reference implementation loops in Python
+over tokens.
 
-    python -m globalcom2.benchmarks.globalcom2_selection [--repeats 500]
+Every variant runs round-robin (:func:`time_interleaved`), so a change in the machine's speed during the
+run affects all rows alike. A calibration row, one elementwise add on 2,880 floats, shows the machine's
+per-operation cost at the time: on a shared VM it moves by 2-3x between runs, and a small-tensor pipeline
+such as this one moves with it.
+
+    python -m globalcom2.benchmarks.globalcom2_selection [--repeats 500] [--device cpu] [--out DIR]
+
+Writes ``DIR/globalcom2_selection_<device>.{md,json}`` (the JSON carries settings and provenance).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from globalcom2.anyres import packed_layout
+from globalcom2.benchmarks.timing import time_interleaved
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.globalcom2 import GlobalCom2
 from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS
+from globalcom2.provenance import provenance
 from globalcom2.scoring.vision_attention import cls_patch_scores
+from globalcom2.store import atomic_write_json, atomic_write_text
+
+TARGET_MS = 1.0
+TARGET_ROW = "scores + selection, 672x672, tiny d=64, clean"
+WIDTHS = {"tiny d=64": (64, 4), "CLIP-L d=1024": (1024, 16)}  # (hidden width, attention heads)
+SIZES = {"672x672": (672, 672), "1000x600": (600, 1000)}  # name -> (height, width)
+RETENTION_RATIO = 0.25
 
 
-def time_us(fn, repeats: int, warmup: int = 50) -> tuple[float, float, float]:
-    """Median, 25th and 75th percentile of ``fn``'s wall time in microseconds."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(1e6 * (time.perf_counter() - start))
-    q25, median, q75 = statistics.quantiles(samples, n=4)
-    return median, q25, q75
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=500)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-
-    layout = packed_layout((672, 672), LLAVA_V16_GRID_PINPOINTS)  # 2x2 crops, 5 views, 2928 tokens
-    features = torch.zeros(layout.num_tokens, 1)
-    rows = []
-    for width, heads, name in [(64, 4, "tiny d=64"), (1024, 16, "CLIP-L d=1024")]:
-        q = torch.randn(layout.num_views, width)  # the [CLS] query rows the hook reads
-        k = torch.randn(layout.num_views, 577, width)  # the keys the hook reads
+def variants(device: torch.device) -> dict[str, Callable[[], object]]:
+    """Name -> one timed call; inputs are built once, outside the timing."""
+    generator = torch.Generator().manual_seed(0)
+    calibration = torch.randn(5, 576, generator=generator).to(device)
+    timed: dict[str, Callable[[], object]] = {"calibration: one add on 5x576 floats": lambda: calibration + 1}
+    for width_name, (width, heads) in WIDTHS.items():
         scale = (width // heads) ** -0.5
-        rows.append(
-            (
-                f"[CLS] scores only, {name}",
-                time_us(lambda q=q, k=k, h=heads, s=scale: cls_patch_scores(q, k, h, s), args.repeats),
-            )
+        for size_name, size in SIZES.items():
+            if width_name != "tiny d=64" and size_name != "672x672":
+                continue  # the letterboxed case differs in selection only, not in the score step
+            layout = packed_layout(size, LLAVA_V16_GRID_PINPOINTS)
+            query = torch.randn(layout.num_views, width, generator=generator).to(device)  # [V, D]
+            keys = torch.randn(layout.num_views, 577, width, generator=generator).to(device)  # [V, 577, D]
+            features = torch.zeros(layout.num_tokens, 1, device=device)
+
+            def scores(query=query, keys=keys, heads=heads, scale=scale) -> torch.Tensor:
+                return cls_patch_scores(query, keys, heads, scale)
+
+            if size_name == "672x672":
+                timed[f"[CLS] scores only, {width_name}"] = scores
+            for layout_name in ("clean", "reference"):
+                method = GlobalCom2(retention_ratio=RETENTION_RATIO, layout=layout_name)
+
+                def full(method=method, layout=layout, features=features, scores=scores) -> object:
+                    ctx = ImageContext(layout=layout, pixel_values=features, vision_scores=scores())
+                    return method.select(features, ctx)
+
+                timed[f"scores + selection, {size_name}, {width_name}, {layout_name}"] = full
+    return timed
+
+
+def summarise(samples: dict[str, list[float]]) -> list[dict[str, object]]:
+    rows = []
+    for name, values in samples.items():
+        q25, median, q75 = (1e3 * q for q in statistics.quantiles(values, n=4))
+        rows.append({"variant": name, "median (ms)": median, "p25 (ms)": q25, "p75 (ms)": q75})
+    return rows
+
+
+def markdown_table(caption: str, rows: list[dict[str, object]]) -> str:
+    lines = [f"**{caption}**", "", "| variant | median (ms) | p25-p75 (ms) |", "|---|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['variant']} | {row['median (ms)']:.3f} | {row['p25 (ms)']:.3f}-{row['p75 (ms)']:.3f} |"
         )
-        for layout_name in ("clean", "reference"):
-            method = GlobalCom2(retention_ratio=0.25, layout=layout_name)
+    return "\n".join(lines) + "\n"
 
-            def full(q=q, k=k, h=heads, s=scale, m=method) -> None:
-                ctx = ImageContext(
-                    layout=layout, pixel_values=features, vision_scores=cls_patch_scores(q, k, h, s)
-                )
-                m.select(features, ctx)
 
-            rows.append(
-                (f"scores + allocation + selection, {name}, {layout_name}", time_us(full, args.repeats))
-            )
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=500, help="interleaved rounds (default 500)")
+    parser.add_argument("--warmup", type=int, default=50, help="discarded rounds first (default 50)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--out", type=Path, default=Path("results/efficiency"), help="output directory")
+    args = parser.parse_args(argv)
+    if args.repeats < 4:
+        parser.error(f"--repeats must be at least 4 (for quartiles), got {args.repeats}")
+    device = torch.device(args.device)
 
-    print(
-        f"GlobalCom² per 672x672 image (5 views, 2928 packed tokens), R=0.25, {args.repeats} runs; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}"
+    with torch.inference_mode():
+        samples = time_interleaved(variants(device), repeats=args.repeats, warmup=args.warmup)
+    rows = summarise(samples)
+    target = next(row for row in rows if row["variant"] == TARGET_ROW)
+    info = provenance()
+    hardware = info["hardware"].get("gpu") if device.type == "cuda" else None
+    hardware = hardware or f"CPU ({info['hardware']['machine']}, {info['hardware']['cpu_count']} cores)"
+    caption = (
+        f"GlobalCom² per image, vision tower excluded, R={RETENTION_RATIO} ({args.device}: {hardware}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads); {args.repeats} interleaved rounds. "
+        f"Target: '{TARGET_ROW}' <= {TARGET_MS} ms: {'met' if target['median (ms)'] <= TARGET_MS else 'NOT met'}"
     )
-    print(f"  {'':<58}{'median':>9}{'p25-p75':>17}")
-    for name, (median, q25, q75) in rows:
-        print(f"  {name:<58}{median / 1000:>7.3f} ms  {q25 / 1000:.3f}-{q75 / 1000:.3f} ms")
-    print("  target: scores + allocation + selection <= 1 ms (vision-tower forward excluded)")
+    markdown = markdown_table(caption, rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"globalcom2_selection_{args.device}"
+    atomic_write_text(stem.with_suffix(".md"), markdown)
+    record = {
+        "caption": caption,
+        "rows": rows,
+        "target": {"row": TARGET_ROW, "ms": TARGET_MS, "met": target["median (ms)"] <= TARGET_MS},
+        "settings": vars(args) | {"out": str(args.out), "retention_ratio": RETENTION_RATIO},
+        "provenance": info,
+    }
+    atomic_write_json(stem.with_suffix(".json"), record)
+    print(markdown)
+    print(f"written: {stem}.{{md,json}}")
+    return record
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""``make bench-globalcom2``: every variant is timed, interleaved, and written with its provenance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from globalcom2.benchmarks.globalcom2_selection import TARGET_ROW, main
+
+
+def test_writes_every_row_and_the_target_verdict(tmp_path):
+    record = main(["--repeats", "4", "--warmup", "1", "--out", str(tmp_path)])
+    names = [row["variant"] for row in record["rows"]]
+    assert names[0].startswith("calibration") and TARGET_ROW in names
+    assert {"[CLS] scores only, tiny d=64", "[CLS] scores only, CLIP-L d=1024"} <= set(names)
+    assert sum(name.startswith("scores + selection") for name in names) == 6  # 2 layouts x 3 cases
+    for row in record["rows"]:
+        assert 0 < row["p25 (ms)"] <= row["median (ms)"] <= row["p75 (ms)"]
+    target = next(row for row in record["rows"] if row["variant"] == TARGET_ROW)
+    assert record["target"]["met"] == (target["median (ms)"] <= 1.0)
+    written = json.loads((tmp_path / "globalcom2_selection_cpu.json").read_text())
+    assert written["rows"] == record["rows"] and written["settings"]["repeats"] == 4
+    assert "torch" in written["provenance"]["versions"]
+    assert (tmp_path / "globalcom2_selection_cpu.md").read_text().startswith("**GlobalCom² per image")
+
+
+def test_too_few_repeats_fail_loudly(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--repeats", "2", "--out", str(tmp_path)])
+
+
+@pytest.mark.gpu
+def test_runs_on_cuda(tmp_path):
+    record = main(["--repeats", "4", "--warmup", "1", "--device", "cuda", "--out", str(tmp_path)])
+    assert (tmp_path / "globalcom2_selection_cuda.json").exists()
+    assert record["provenance"]["hardware"]["gpu"] and "cuda" in record["caption"]
