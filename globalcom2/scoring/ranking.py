@@ -24,7 +24,8 @@ def ranking_keys(scores: torch.Tensor, tie_break: torch.Tensor) -> torch.Tensor:
     The float32 bit pattern is mapped to an int32 with the same order (the magnitude bits of negative
     floats are flipped), shifted up by :data:`TIE_BREAK_BITS`, and ``tie_break`` (distinct values in
     ``[0, 2**16)`` within a row, e.g. :func:`column_tie_break`) fills the low bits. A tie break of
-    :data:`INVALID_TIE_BREAK` puts an entry below every valid one.
+    :data:`INVALID_TIE_BREAK` puts an entry below every valid one. The one pair of equal floats the keys
+    do not treat as a tie is -0.0 and +0.0 (-0.0 ranks just below).
 
     Args:
         scores: ``[..., W]`` float scores.
