@@ -132,14 +132,13 @@ def ratios_from_block_scores(block: list[float], retention_ratio: float, tempera
     return [retention_ratio * (1.0 + value - mean_sigma) for value in sigma]
 
 
-def crop_retention_ratios_list(
+def _host_ratios(
     thumbnail_scores: torch.Tensor,
     grid: tuple[int, int],
     retention_ratio: float,
-    temperature: float = 10.0,
-    *,
-    allocation: Allocation = "softmax_sum",
-    clip: bool = True,
+    temperature: float,
+    allocation: Allocation,
+    clip: bool,
 ) -> list[float]:
     """:func:`crop_retention_ratios` as host floats (what :class:`GlobalCom2` uses)."""
     if allocation == "uniform":
@@ -174,9 +173,7 @@ def crop_retention_ratios(
     Returns:
         ``[rows * cols]`` float64 ratios, crops in row-major order, on the scores' device.
     """
-    ratios = crop_retention_ratios_list(
-        thumbnail_scores, grid, retention_ratio, temperature, allocation=allocation, clip=clip
-    )
+    ratios = _host_ratios(thumbnail_scores, grid, retention_ratio, temperature, allocation, clip)
     return torch.tensor(ratios, dtype=torch.float64, device=thumbnail_scores.device)
 
 
@@ -289,8 +286,8 @@ class GlobalCom2(PreLLMMethod):
         thumbnail = scores[0]  # [W]
         geometry = crop_geometry(layout, scores.device)
 
-        ratios = crop_retention_ratios_list(
-            thumbnail, layout.grid, self.retention_ratio, self.temperature, allocation=self.allocation
+        ratios = _host_ratios(
+            thumbnail, layout.grid, self.retention_ratio, self.temperature, self.allocation, clip=True
         )  # n host floats: the only device read before the top-k
         counts = [kept_count(thumbnail.numel(), self.retention_ratio)] + [
             math.floor(tokens * ratio)
