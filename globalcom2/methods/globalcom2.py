@@ -184,8 +184,9 @@ def global_crop_scores(thumbnail_scores: torch.Tensor, geometry: CropGeometry) -
     rectangle that survives unpadding, so a crop token reads the score of the same image region. Bilinear
     resizing is separable, so each crop's part of the stretched map is ``rows_j @ T @ cols_j^T`` with the
     crop's blocks of the row and column weight matrices: two batched matrix products, no resized canvas
-    and no gather. Values equal ``F.interpolate`` up to float32 rounding (at most an ulp or two; the CPU
-    and CUDA kernels of ``F.interpolate`` differ at that level too). Padded entries are 0.
+    and no gather. Values equal ``F.interpolate`` up to float32 rounding (a few ulps of the input scores,
+    from another summation order; the CPU and CUDA kernels of ``F.interpolate`` differ at that level too).
+    Padded entries are 0.
     """
     side = math.isqrt(thumbnail_scores.numel())
     num_crops = geometry.row_weights.shape[0]

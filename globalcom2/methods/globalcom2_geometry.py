@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from globalcom2.anyres import PackedLayout, packed_provenance
+from globalcom2.anyres import SEPARATOR, PackedLayout, packed_provenance
 from globalcom2.scoring.ranking import INVALID_TIE_BREAK, column_tie_break
 from globalcom2.tensor_cache import cached_constants
 
@@ -153,7 +153,8 @@ def _geometry(
     packed_index[positions] = view_index
     item = reference_canvas_order(crop, valid_index, side, grid)  # [Nc + H]
     item_is_separator, item_token = item < 0, item.clamp(min=0)
-    first_separator = (view < 0).nonzero()[0]  # [1]; every separator carries the same vector
+    is_separator = view == SEPARATOR  # [N]
+    first_separator = is_separator.nonzero()[0]  # [1]; every separator carries the same vector
     row_weights, col_weights_t = _interpolation_blocks(side, grid, valid_rows, valid_cols)
     tokens_per_crop = one_hot.sum(0)  # [n]
     geometry = CropGeometry(
@@ -167,7 +168,7 @@ def _geometry(
         row_weights=row_weights,
         col_weights_t=col_weights_t,
         packed_index=packed_index,
-        is_separator=view < 0,
+        is_separator=is_separator,
         reference_view_index=torch.where(item_is_separator, 0, view_index[item_token]),
         reference_is_separator=item_is_separator,
         reference_sources=torch.where(item_is_separator, first_separator, positions[item_token]),

@@ -70,7 +70,7 @@ def top_counts_per_row(keys: torch.Tensor, counts: list[int]) -> tuple[torch.Ten
     best, order = keys.topk(max(counts), dim=1)  # [R, K] x 2, best first
     if min(counts) == 0:  # rare (tiny R, a sliver crop): mark the ranks below each count instead
         rank = torch.arange(order.shape[1], device=keys.device)  # [K]
-        in_count = rank < torch.tensor(counts, device=keys.device).unsqueeze(1)  # [R, K]
+        in_count = rank < int64_tensor(counts, keys.device).unsqueeze(1)  # [R, K]
         return torch.zeros_like(keys, dtype=torch.bool).scatter_(1, order, in_count), order
     # keys are distinct, so "at least the counts[i]-th best key" is exactly the top counts[i]
     last = int64_tensor([count - 1 for count in counts], keys.device).unsqueeze(1)  # [R, 1]
