@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 
 def validate_retention_ratio(value: object, *, name: str = "retention_ratio") -> float:
@@ -30,3 +31,33 @@ def validate_retention_ratio(value: object, *, name: str = "retention_ratio") ->
 def kept_count(num_tokens: int, retention_ratio: float) -> int:
     """``floor(retention_ratio * num_tokens)``: the number of tokens a ratio keeps out of ``num_tokens``."""
     return math.floor(num_tokens * retention_ratio)
+
+
+#: Patch tokens of the thumbnail view, which every AnyRes image has (24 x 24 at 336 px / patch 14).
+THUMBNAIL_PATCH_TOKENS = 576
+#: Patch tokens of the largest llava-v1.6 image (672 x 672: thumbnail + 4 full crops).
+MAX_PATCH_TOKENS = 2880
+
+
+def warn_if_no_patch_token_kept(retention_ratio: float) -> bool:
+    """Warn (and return True) when ``retention_ratio`` keeps no patch token of some images.
+
+    ``floor(R * N)`` is 0 for every image with fewer than ``1 / R`` patch tokens. Such a run is valid,
+    the LLM sees only the row separators and the text, but it is almost never what was meant.
+    """
+    if kept_count(THUMBNAIL_PATCH_TOKENS, retention_ratio) > 0:
+        return False
+    needed = math.ceil(1 / retention_ratio)
+    scope = (
+        "so no image keeps any"
+        if kept_count(MAX_PATCH_TOKENS, retention_ratio) == 0
+        else "larger ones keep a few"
+    )
+    warnings.warn(
+        f"retention_ratio={retention_ratio!r} keeps floor(R * N) = 0 patch tokens of every image with fewer "
+        f"than {needed} patch tokens ({scope}; a 672x672 image has {MAX_PATCH_TOKENS}, the "
+        f"thumbnail alone {THUMBNAIL_PATCH_TOKENS}); the LLM then sees only row separators and text",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True

@@ -1,26 +1,46 @@
 """A cell of the evaluation grid (model x method x retention ratio x benchmark), checked before anything loads.
 
 :func:`CellSpec.from_config` turns a composed Hydra config into plain, validated values. Everything that
-can be wrong with a cell (an unknown method or parameter, a ratio outside (0, 1], an unknown task, missing
-offline data, a checkpoint that is not on disk while offline) fails here, with a message that says how to
-fix it, before a model or dataset is loaded.
+can be wrong with a cell (an unknown method or parameter, a ratio outside (0, 1], a malformed limit, batch
+size or seed, an unknown task, missing offline data, a checkpoint that is not on disk while offline or is
+not LLaVA-NeXT AnyRes, a layer index past the model's depth, a device this machine lacks) fails here, with
+a message that names the value and what is valid, before a weight or dataset is loaded.
+
+:meth:`CellSpec.identity` is what the results store keys a finished cell on (``globalcom2/store.py``).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from globalcom2.budget import validate_retention_ratio
+from globalcom2.budget import validate_retention_ratio, warn_if_no_patch_token_kept
 from globalcom2.evaluation.method_args import (
     check_attn_compatibility,
     coerce_method_params,
     parse_attn_implementation,
 )
 from globalcom2.methods import METHODS
+from globalcom2.models.llava_next import DTYPE_CHOICES
+from globalcom2.models.preload import check_device, checkpoint_config
 from globalcom2.store import CellKey
+
+LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
+#: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``),
+#: how it is launched (N processes give the answers of one, tests/harness/test_run_cells.py), where it
+#: is logged, run switches, and the names that already form the cell's folder.
+NOT_IDENTITY = (
+    "experiment_name",
+    "force",
+    "dry_run",
+    "paths",
+    "launcher",
+    "logger",
+    "hydra",
+    "model.name",
+    "method.label",
+    "benchmark.name",
+)
 
 
 @dataclass(frozen=True)
@@ -104,33 +124,44 @@ class CellSpec:
 
     @classmethod
     def from_config(cls, cfg: Any) -> CellSpec:
-        """Validated spec of the cell a composed config describes (nothing is loaded)."""
+        """Validated spec of the cell a composed config describes (nothing is loaded).
+
+        Raises ``ValueError``/``TypeError`` naming the bad key, its value and what is valid.
+        """
         plain = _to_plain(cfg)
         method_cfg = plain["method"]
         name = method_cfg["name"]
         params = coerce_method_params(name, dict(method_cfg.get("params") or {}))  # unknown ones raise
         # Vanilla keeps everything: every ratio of a sweep resolves to its single r1.0 cell.
-        ratio = 1.0 if name == "vanilla" else validate_retention_ratio(method_cfg["retention_ratio"])
+        ratio = (
+            1.0
+            if name == "vanilla"
+            else validate_retention_ratio(method_cfg["retention_ratio"], name="method.retention_ratio")
+        )
         method = MethodSpec(
             name=name, label=method_cfg.get("label") or name, retention_ratio=ratio, params=params
         )
         METHODS.create(name, **method.attach_kwargs())  # out-of-range values raise here, without a model
+        warn_if_no_patch_token_kept(ratio)
 
         model_cfg = plain["model"]
         attn = parse_attn_implementation(model_cfg.get("attn_implementation", "sdpa"))
         check_attn_compatibility(name, attn)
+        dtype = str(model_cfg.get("dtype", "auto"))
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"model.dtype={dtype!r} is not a dtype; valid: {', '.join(DTYPE_CHOICES)}")
         model = ModelSpec(
             name=model_cfg["name"],
             pretrained=str(model_cfg["pretrained"]),
-            random_init=bool(model_cfg.get("random_init", False)),
-            dtype=str(model_cfg.get("dtype", "auto")),
+            random_init=_flag(model_cfg.get("random_init", False), "model.random_init"),
+            dtype=dtype,
             device=str(model_cfg.get("device", "cpu")),
             attn_implementation=attn,
         )
         bench_cfg = plain["benchmark"]
         bench_name, tasks = bench_cfg["name"], tuple(bench_cfg["tasks"])
         columns = tuple(bench_cfg.get("columns") or ())
-        if bench_cfg.get("lite"):
+        if _flag(bench_cfg.get("lite", False), "benchmark.lite"):
             tasks = tuple(bench_cfg.get("lite_tasks") or ())
             if not tasks:
                 raise ValueError(
@@ -141,56 +172,96 @@ class CellSpec:
         if not tasks:
             raise ValueError(f"benchmark {bench_name!r} lists no tasks")
         limit = bench_cfg.get("limit")
-        batch_size = int(bench_cfg.get("batch_size", 1))
-        if (limit is not None and int(limit) < 1) or batch_size < 1:
-            raise ValueError(
-                f"benchmark.limit must be >= 1 or null and batch_size >= 1, got {limit!r}, {batch_size!r}"
+        if limit is not None:
+            limit = config_int(
+                limit, "benchmark.limit", minimum=1, meaning="the first N documents; null: all"
             )
         benchmark = BenchmarkSpec(
             name=bench_name,
             tasks=tasks,
             columns=columns,
-            limit=None if limit is None else int(limit),
-            batch_size=batch_size,
+            limit=limit,
+            batch_size=config_int(bench_cfg.get("batch_size", 1), "benchmark.batch_size", minimum=1),
             gen_kwargs=bench_cfg.get("gen_kwargs"),
         )
         launcher_cfg = plain["launcher"]
         launcher = LauncherSpec(
             name=launcher_cfg["name"],
-            num_processes=int(launcher_cfg.get("num_processes", 1)),
+            num_processes=config_int(
+                launcher_cfg.get("num_processes", 1), "launcher.num_processes", minimum=1
+            ),
             tool=str(launcher_cfg.get("tool", "auto")),
         )
-        if launcher.num_processes < 1:
-            raise ValueError(f"launcher.num_processes must be >= 1, got {launcher.num_processes}")
-        return cls(plain["experiment_name"], int(plain.get("seed", 0)), model, method, benchmark, launcher)
+        if launcher.tool not in LAUNCH_TOOLS:
+            raise ValueError(f"launcher.tool={launcher.tool!r}; valid: {', '.join(LAUNCH_TOOLS)}")
+        seed = config_int(plain.get("seed", 0), "seed", minimum=0)
+        return cls(plain["experiment_name"], seed, model, method, benchmark, launcher)
+
+    def identity(self, cfg: Any) -> dict[str, Any]:
+        """Everything that can change this cell's result: the resolved config less :data:`NOT_IDENTITY`,
+        with the values this spec normalised (vanilla's ratio, typed method parameters, ints, the lite task
+        list) in place of the raw ones, so that equivalent configs give one identity."""
+        identity = _to_plain(cfg)
+        for dotted in NOT_IDENTITY:
+            parent, _, leaf = dotted.rpartition(".")
+            node = identity.get(parent, {}) if parent else identity
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+        identity["seed"] = self.seed
+        model = {k: v for k, v in asdict(self.model).items() if k != "name"}
+        method = {k: v for k, v in asdict(self.method).items() if k != "label"}
+        benchmark = {k: v for k, v in asdict(self.benchmark).items() if k != "name"}
+        benchmark["tasks"], benchmark["columns"] = list(self.benchmark.tasks), list(self.benchmark.columns)
+        for group, values in (("model", model), ("method", method), ("benchmark", benchmark)):
+            identity[group] = {**identity.get(group, {}), **values}
+        return identity
 
     def preflight(self) -> None:
-        """Checks that touch the disk (tasks and their data, the checkpoint); still loads nothing."""
+        """Checks that touch the disk (tasks and their data, the checkpoint's config, the device); still
+        loads no weight."""
         from globalcom2.evaluation.api import preflight
 
         preflight(list(self.benchmark.tasks))
-        check_checkpoint(self.model)
+        check_model(self)
 
 
-def check_checkpoint(model: ModelSpec) -> None:
-    """Raise unless the weights can be loaded: a local folder, the tiny model, random init, or a hub id that
-    is in the local cache (when offline) or downloadable (when online)."""
-    name = model.pretrained
-    if model.random_init or name == "tiny" or name.startswith("tiny:"):
-        return
-    if Path(name).exists():
-        if not (Path(name) / "config.json").exists():
-            raise FileNotFoundError(f"checkpoint folder {name!r} has no config.json")
-        return
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        from huggingface_hub import try_to_load_from_cache
+def check_model(spec: CellSpec) -> None:
+    """The device exists, the checkpoint is LLaVA-NeXT AnyRes (from its config alone), and the method's
+    parameters fit that model (layer indices against its depths). Raises one error listing every problem
+    (``FileNotFoundError`` when the checkpoint cannot be found, else ``ValueError``)."""
+    problems: list[Exception] = []
+    if spec.launcher.num_processes == 1:
+        try:
+            check_device(spec.model.device)
+        except ValueError as err:
+            problems.append(err)
+    try:
+        config = checkpoint_config(spec.model.pretrained, random_init=spec.model.random_init)
+        METHODS.create(spec.method.name, **spec.method.attach_kwargs()).check_model_config(config)
+    except (FileNotFoundError, ValueError) as err:
+        problems.append(err)
+    if problems:
+        kind = FileNotFoundError if any(isinstance(p, FileNotFoundError) for p in problems) else ValueError
+        raise kind("; ".join(str(p) for p in problems))
 
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise FileNotFoundError(
-                f"checkpoint {name!r} is not in the local Hugging Face cache and the hub is offline. Download it "
-                f"first (`hf download {name}` with network access), point model.pretrained at a local folder, or "
-                "set model.random_init=true to measure speed and memory with random weights."
-            )
+
+def config_int(value: Any, key: str, *, minimum: int, meaning: str = "") -> int:
+    """``value`` as an int >= ``minimum``, or ``ValueError`` naming the key, the value and what is valid.
+
+    Floats are refused, not truncated (``limit=2.7`` is an error, not 2); so are booleans.
+    """
+    valid = f"an integer >= {minimum}" + (f" ({meaning})" if meaning else "")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be {valid}, got {value!r}")
+    return value
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _to_plain(cfg: Any) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
+from globalcom2.budget import warn_if_no_patch_token_kept
 from globalcom2.evaluation import sample_records as sr
 from globalcom2.evaluation.batching import PreparedBatch, decode_answer, prepare_batch
 from globalcom2.evaluation.generation import GenerationSettings
@@ -52,6 +53,7 @@ from globalcom2.evaluation.method_args import (
 )
 from globalcom2.lmms_manifest import MODEL_ID
 from globalcom2.methods import METHODS
+from globalcom2.models.preload import check_device, checkpoint_config
 
 __all__ = ["MODEL_ID", "GlobalCom2LlavaNext"]
 
@@ -60,6 +62,20 @@ class GlobalCom2LlavaNext(lmms):
     """A simple-type lmms-eval model: LLaVA-NeXT + one attached compression method."""
 
     is_simple = True
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> GlobalCom2LlavaNext:
+        """lmms-eval's constructor path, with ``model_args`` taking precedence over the CLI's own
+        ``--batch_size``/``--device``. lmms-eval passes both as keywords (``lmms.create_from_arg_string``,
+        lmms_eval/api/model.py in 0.7.3), so a ``batch_size`` in ``model_args`` would otherwise always
+        crash with "got multiple values for keyword argument"."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
 
     def __init__(
         self,
@@ -96,6 +112,8 @@ class GlobalCom2LlavaNext(lmms):
         self.method_kwargs = coerce_method_params(method, method_params)
         self.method = METHODS.create(method, **self.method_kwargs)  # ranges checked here, no model needed
         check_attn_compatibility(method, self.attn_implementation)
+        if "retention_ratio" in self.method_kwargs:
+            warn_if_no_patch_token_kept(self.method.retention_ratio)
         self.records_path = records_path
         self._sampling_warned = False
 
@@ -103,6 +121,9 @@ class GlobalCom2LlavaNext(lmms):
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device = self._choose_device(device)
+        # The checkpoint's config alone: a model that is not LLaVA-NeXT AnyRes, or a layer index past its
+        # depth, fails here, before the weights load.
+        self.method.check_model_config(checkpoint_config(str(pretrained), random_init=self.random_init))
 
         from globalcom2 import attach, load_llava_next
         from globalcom2.efficiency.profile import GenerateProfiler
@@ -145,7 +166,7 @@ class GlobalCom2LlavaNext(lmms):
             return torch.device("cpu") if device == "cpu" else self.accelerator.device
         if device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(device)
+        return check_device(device)
 
     @property
     def run_info(self) -> dict[str, Any]:

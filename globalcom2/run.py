@@ -1,20 +1,29 @@
 """``python -m globalcom2.run``: evaluate one cell (model x method x ratio x benchmark); ``-m`` sweeps.
 
-Reads like a recipe: compose -> validate -> skip if finished -> run (here, or as a data-parallel worker
-group) -> commit ``record.json``. Examples::
+Reads like a recipe: compose -> validate -> lock -> skip if finished -> run (here, or as a data-parallel
+worker group) -> commit ``record.json``. Examples::
 
     python -m globalcom2.run method=globalcom2 method.retention_ratio=0.25 benchmark=demo
     python -m globalcom2.run -m experiment=demo                 # the demo grid
     python -m globalcom2.run -m experiment=paper_table1_7b dry_run=true   # list the cells only
 
-Cells land in ``results/<experiment>/<model>/<method>/r<ratio>/<benchmark>/`` (``globalcom2/store.py``).
+Cells land in ``results/<experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/``
+(``globalcom2/store.py``); the id is a hash of the cell's identity (``CellSpec.identity``), so a changed
+config never reuses a finished cell. Every cell prints one line saying what happened and why:
+``[done]`` (finished with these exact settings), ``[run]``, ``[busy]`` (another process holds its lock:
+the sweep goes on with the other cells, then exits non-zero), ``[same]`` or ``[dry-run]``.
+
+Bad input (a value, a checkpoint, a device) is refused before any weight loads, with one line that names
+the value and the valid choices; ``HYDRA_FULL_ERROR=1`` shows the traceback as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,20 +34,29 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from globalcom2.cells import CellSpec
 from globalcom2.provenance import provenance
-from globalcom2.store import Cell, CellBusy
-from globalcom2.worker import OUTCOME_FILE, evaluate_cell
+from globalcom2.store import Cell, CellBusy, identity_diff
+from globalcom2.worker import OUTCOME_FILE, death_signal_setter, die_with_parent, evaluate_cell
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-RECORD_SCHEMA = 1
+RECORD_SCHEMA = 2  # 2: cells carry their identity and id (schema 1 records predate it)
 log = logging.getLogger("globalcom2.run")
 _SEEN_THIS_SWEEP: set[Path] = set()  # cells already handled by this process (vanilla: one cell per sweep)
+#: Errors that mean "this input is wrong": reported in one line, without a traceback.
+INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
+#: Seconds a worker group gets to exit after SIGTERM before it is killed.
+WORKER_GRACE_S = 10.0
 
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+class CellError(CompactHydraException):
+    """A cell that was not run, with the reason in one line (Hydra prints it without a traceback)."""
 
 
 def worker_command(spec: CellSpec, spec_path: Path, out_dir: Path) -> list[str]:
@@ -75,14 +93,53 @@ def execute(spec: CellSpec, partial: Path) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec.to_dict(), indent=2))
     command = worker_command(spec, spec_path, partial)
     log.info("launching %s", " ".join(command))
-    done = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"the worker group exited with {done.returncode}: the cell is not finished")
+    returncode = run_worker_group(command)
+    if returncode != 0:
+        raise RuntimeError(f"the worker group exited with {returncode}: the cell is not finished")
     outcome_file = partial / OUTCOME_FILE
     if not outcome_file.exists():
         raise RuntimeError(f"the worker group exited 0 but wrote no {OUTCOME_FILE}: the cell is not finished")
     spec_path.unlink()
     return json.loads(outcome_file.read_text())
+
+
+def run_worker_group(command: list[str]) -> int:
+    """Run the launcher as the leader of its own process group, and never leave it behind.
+
+    * The launcher and every worker get ``SIGTERM`` from the kernel when their parent dies, SIGKILL
+      included (``PR_SET_PDEATHSIG``, set here for the launcher and in ``globalcom2.worker`` for the ranks).
+    * SIGTERM or SIGINT to this process, or any exception here, ends the whole group: SIGTERM, then
+      SIGKILL after :data:`WORKER_GRACE_S`.
+    """
+    parent = os.getpid()
+    set_death_signal = death_signal_setter()  # resolved here: the forked child only calls it
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # its own group: killpg reaches the workers too
+        preexec_fn=lambda: die_with_parent(parent, set_death_signal),
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if process.poll() is None:
+            _end_group(process)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _end_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=WORKER_GRACE_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group, even if the launcher exited
+    process.wait()
 
 
 def read_outcome(partial: Path) -> None:
@@ -91,52 +148,103 @@ def read_outcome(partial: Path) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Run the cell ``cfg`` describes; returns its record (``None`` for a dry run)."""
-    spec = CellSpec.from_config(cfg)  # everything checkable without loading: method, ratio, launcher...
-    cell = Cell(Path(cfg.paths.results_dir), spec.key)
+    """Run the cell ``cfg`` describes; returns its record (``None`` for a dry run).
+
+    Raises:
+        CellError: bad input (before anything loads), or the cell is busy in another process.
+    """
+    try:
+        spec = CellSpec.from_config(cfg)  # everything checkable without the disk: method, ratio, ints...
+        cell = Cell(Path(cfg.paths.results_dir), spec.key, spec.identity(cfg))
+    except INPUT_ERRORS as err:
+        raise CellError(f"invalid cell: {_message(err)}") from err
     label = f"{spec.model.name} | {spec.method.label} r={spec.method.retention_ratio} | {spec.benchmark.name}"
     if cell.dir in _SEEN_THIS_SWEEP:
         print(f"[same]    {label}  (another job of this sweep resolved to this cell)", flush=True)
         return cell.read_record()
     _SEEN_THIS_SWEEP.add(cell.dir)
-    if cell.is_complete() and not cfg.force:
-        print(f"[done]    {label}  ({cell.dir})", flush=True)
-        return cell.read_record()
     if cfg.dry_run:
-        try:
-            spec.preflight()
-            problem = ""
-        except (FileNotFoundError, ValueError, KeyError) as err:  # report, do not stop the listing
-            problem = f"\n          !! would fail before loading: {err}"
-        print(f"[dry-run] {label}  -> {cell.dir}{problem}", flush=True)
+        print(f"[dry-run] {label}  -> {cell.dir}\n          {why(cell, bool(cfg.force))}", flush=True)
+        with contextlib.suppress(CellError):
+            _preflight(spec, label, dry_run=True)
         return None
-    spec.preflight()  # tasks, their offline data, the checkpoint: still nothing loaded
-    print(f"[run]     {label}", flush=True)
+    if not cfg.force and cell.is_complete():  # fast path; re-checked under the lock below
+        return _reuse(cell, label)
+    _preflight(spec, label)  # tasks, their data, the checkpoint's config, the device: still no weight
     try:
         with cell.lock():
-            partial = cell.prepare()
-            (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            started = datetime.now(timezone.utc)
-            clock = time.perf_counter()
-            outcome = execute(spec, partial)
-            record = {
-                "schema": RECORD_SCHEMA,
-                "cell": {**vars(spec.key), "path": str(cell.dir)},
-                "spec": spec.to_dict(),
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "provenance": provenance(),
-                "started": started.isoformat(),
-                "finished": datetime.now(timezone.utc).isoformat(),
-                "wall_s": time.perf_counter() - clock,
-                **outcome,
-            }
-            read_outcome(partial)
-            cell.commit(record)
+            if not cfg.force and cell.is_complete():  # finished by another runner while we prepared
+                return _reuse(cell, label, note="finished by another process meanwhile")
+            print(f"[run]     {label}  ({why(cell, bool(cfg.force))})", flush=True)
+            record = _evaluate(cfg, spec, cell)
     except CellBusy as err:
         print(f"[busy]    {label}: {err}", flush=True)
-        return None
+        raise CellError(
+            f"cell not run: {err}. Run the same command again once it has finished: the finished cell will "
+            "then be reused."
+        ) from err
     print(f"[ok]      {label}  {summary_line(record)}", flush=True)
     track(cfg, record)
+    return record
+
+
+def _preflight(spec: CellSpec, label: str, dry_run: bool = False) -> None:
+    try:
+        spec.preflight()
+    except INPUT_ERRORS as err:
+        if dry_run:  # report, do not stop the listing
+            print(f"          !! would fail before loading: {_message(err)}", flush=True)
+        raise CellError(f"{label}: {_message(err)}") from err
+
+
+def _message(err: BaseException) -> str:
+    return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+
+
+def _reuse(cell: Cell, label: str, note: str = "same settings") -> dict[str, Any] | None:
+    cell.mark_current()
+    print(f"[done]    {label}  ({note}, cell {cell.id}: {cell.dir})", flush=True)
+    return cell.read_record()
+
+
+def why(cell: Cell, force: bool) -> str:
+    """Why the cell would be skipped or run, in words (for ``[run]`` and ``dry_run``)."""
+    if cell.is_complete():
+        return "finished with these exact settings: force=true re-runs it" if force else "finished: skipped"
+    reasons = ["force=true"] if force else []
+    if cell.partial_dir.exists():
+        reasons.append("an interrupted run left .partial/, deleted first")
+    siblings = cell.siblings()
+    if siblings:
+        for path, record in siblings:
+            changes = identity_diff(record.get("cell", {}).get("identity", {}), cell.identity)
+            shown = "; ".join(changes[:4]) + (f"; +{len(changes) - 4} more" if len(changes) > 4 else "")
+            reasons.append(f"new settings; finished cell {path.name} differs in {shown or 'its identity'}")
+    elif not reasons:
+        reasons.append("not run yet")
+    return "; ".join(reasons)
+
+
+def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell) -> dict[str, Any]:
+    """Run the cell (its lock held) and commit its record."""
+    partial = cell.prepare()
+    (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+    outcome = execute(spec, partial)
+    record = {
+        "schema": RECORD_SCHEMA,
+        "cell": {**vars(spec.key), "id": cell.id, "identity": cell.identity, "path": str(cell.dir)},
+        "spec": spec.to_dict(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "provenance": provenance(),
+        "started": started.isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "wall_s": time.perf_counter() - clock,
+        **outcome,
+    }
+    read_outcome(partial)
+    cell.commit(record)
     return record
 
 
@@ -176,7 +284,10 @@ def summary_line(record: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    from globalcom2.redaction import redacted_console
+
+    with redacted_console():
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,49 @@
 """The results store: one folder per cell, written so that an interrupted sweep loses nothing.
 
-A cell is one (experiment, model, method, retention ratio, benchmark) evaluation and lives in
-``results/<experiment>/<model>/<method>/r<ratio>/<benchmark>/`` (content-derived, no timestamp, so two
-launches of the same cell meet in the same folder: lightning-hydra-template#511).
+A cell is one evaluation: everything that can change its result, its **identity** (the resolved config
+less the keys that cannot, ``globalcom2/cells.py``). It lives in
+``results/<experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/``: the readable part says what
+the cell is, the id (a hash of the identity) says exactly how it was run. A changed config is a different
+folder, so a finished cell is never served for settings it was not run with. Several identities of one
+readable key can sit side by side (e.g. ``limit=20`` and the full set); the key folder's ``current``
+file names the one most recently run or reused, and that is the one the tables show.
 
 Lifecycle, and why it is safe:
 
 * A run writes only into ``<cell>/.partial/``. On success the outputs are moved into the cell and
   ``record.json`` is written **last**, atomically (temporary file + ``os.replace``). A cell is finished
-  if and only if ``record.json`` exists and says ``"status": "complete"``.
+  if and only if ``record.json`` exists, says ``"status": "complete"`` and carries this cell's id.
 * A killed run leaves ``.partial/`` and no record: the cell is not finished, and the next run deletes
   every leftover before starting, so partial files are never read as results.
-* ``<cell>/.lock`` (created with ``O_EXCL``) keeps two launches from running the same cell at once; a
-  lock whose process no longer exists on this host is stale and is taken over.
+* ``<cell>/.lock`` is held with ``flock`` for the whole run. The kernel drops it when its process dies
+  (SIGKILL included), so there are no stale locks to guess about. Whoever holds the lock decides: a
+  runner takes it, then checks again whether the cell is finished (another runner may have finished it
+  meanwhile), and only then deletes leftovers and runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import socket
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 RECORD_FILE = "record.json"
 PARTIAL_DIR = ".partial"
 LOCK_FILE = ".lock"
+CURRENT_FILE = "current"
 COMPLETE = "complete"
+CELL_ID_LENGTH = 12
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -61,9 +72,44 @@ def ratio_label(retention_ratio: float) -> str:
     return f"r{float(retention_ratio)!r}"
 
 
+def cell_id(identity: Mapping[str, Any]) -> str:
+    """The first 12 hex digits of the SHA-256 of the identity's canonical JSON (sorted keys)."""
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:CELL_ID_LENGTH]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``["benchmark.limit: 20 -> 120", ...]``: the settings in which two identities differ."""
+    a, b = flatten(old), flatten(new)
+    return [
+        f"{key}: {_show(a.get(key, _ABSENT))} -> {_show(b.get(key, _ABSENT))}"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, _ABSENT) != b.get(key, _ABSENT)
+    ]
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value, default=str)
+
+
 @dataclass(frozen=True)
 class CellKey:
-    """What identifies a cell; its folder is derived from it alone."""
+    """What a cell is, in words; with the identity's id it names the cell's folder."""
 
     experiment: str
     model: str
@@ -84,11 +130,14 @@ class CellBusy(RuntimeError):
 
 
 class Cell:
-    """One cell folder under a results root."""
+    """One cell folder under a results root: ``<root>/<key path>/<cell id>/``."""
 
-    def __init__(self, root: str | Path, key: CellKey) -> None:
+    def __init__(self, root: str | Path, key: CellKey, identity: Mapping[str, Any]) -> None:
         self.key = key
-        self.dir = Path(root) / key.relative_path()
+        self.identity = dict(identity)
+        self.id = cell_id(identity)
+        self.key_dir = Path(root) / key.relative_path()
+        self.dir = self.key_dir / self.id
 
     @property
     def record_path(self) -> Path:
@@ -99,43 +148,73 @@ class Cell:
         return self.dir / PARTIAL_DIR
 
     def read_record(self) -> dict[str, Any] | None:
-        """The finished record, or ``None`` when the cell is not finished (missing, partial or corrupt)."""
-        try:
-            record = json.loads(self.record_path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        return record if isinstance(record, dict) and record.get("status") == COMPLETE else None
+        """The finished record, or ``None`` when the cell is not finished (missing, partial, corrupt, or
+        written for another identity)."""
+        record = read_finished_record(self.record_path)
+        return record if record is not None and record.get("cell", {}).get("id") == self.id else None
 
     def is_complete(self) -> bool:
         return self.read_record() is not None
 
+    def siblings(self) -> list[tuple[Path, dict[str, Any]]]:
+        """Finished cells of the same key with another identity: ``(folder, record)``."""
+        found = []
+        if self.key_dir.is_dir():
+            for entry in sorted(self.key_dir.iterdir()):
+                if entry.name == self.id or not entry.is_dir():
+                    continue
+                record = read_finished_record(entry / RECORD_FILE)
+                if record is not None:
+                    found.append((entry, record))
+        return found
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the cell's lock for the duration of a run; raise :class:`CellBusy` if a live process has it."""
+        """Hold the cell's lock while running it; raise :class:`CellBusy` at once if a live process has it.
+
+        ``flock`` on ``.lock``: released by the kernel when the holder exits, however it exits. The file
+        is unlinked on release; a runner that locked the unlinked inode sees that and tries again.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
-        lock = self.dir / LOCK_FILE
-        owner = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
+        path = self.dir / LOCK_FILE
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OSError(
+                        f"cannot lock {path}: {err}. The results folder must be on a file system with "
+                        "flock support (local disks and NFS have it; on Lustre mount with -o flock)."
+                    ) from err
+                raise CellBusy(f"{self.dir} is being run by another process ({_owner(path)})") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
                 break
-            except FileExistsError:
-                if not _lock_is_stale(lock):
-                    raise CellBusy(
-                        f"{self.dir} is being run by another process ({lock.read_text().strip()})"
-                    ) from None
-                lock.unlink(missing_ok=True)
-        else:  # pragma: no cover - the stale lock reappeared between unlink and open
-            raise CellBusy(f"could not take the lock of {self.dir}")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(owner, handle)
+            os.close(fd)  # the previous holder unlinked this inode on release: lock the new file
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(owner).encode())
         try:
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            os.close(fd)
 
     def prepare(self) -> Path:
-        """Delete everything a previous (unfinished or forced) run left, and return an empty ``.partial/``."""
+        """Delete everything a previous (unfinished or forced) run left, and return an empty ``.partial/``.
+
+        Only call it while holding :meth:`lock`.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         for entry in self.dir.iterdir():
             if entry.name == LOCK_FILE:
@@ -153,25 +232,33 @@ class Cell:
             os.replace(entry, self.dir / entry.name)
         self.partial_dir.rmdir()
         atomic_write_json(self.record_path, {**record, "status": COMPLETE})
+        self.mark_current()
+
+    def mark_current(self) -> None:
+        """Make this identity the one the tables show for its key (it was just run or reused)."""
+        atomic_write_text(self.key_dir / CURRENT_FILE, self.id + "\n")
 
 
-def _lock_is_stale(lock: Path) -> bool:
-    """A lock is stale when its process is gone (same host) or it is unreadable; other hosts' locks are
-    trusted (a cluster job may still be running)."""
+def read_finished_record(path: Path) -> dict[str, Any] | None:
+    """A record that says it is complete, or ``None`` (missing, unreadable, corrupt or unfinished)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("status") == COMPLETE else None
+
+
+def current_cell_id(key_dir: Path) -> str | None:
+    """The id named by a key folder's ``current`` file, if any."""
+    try:
+        return (key_dir / CURRENT_FILE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _owner(lock: Path) -> str:
     try:
         owner = json.loads(lock.read_text())
-        pid, host = int(owner["pid"]), owner["host"]
+        return f"pid {owner['pid']} on {owner['host']} since {owner['since']}"
     except (OSError, ValueError, KeyError, TypeError):
-        # unreadable: stale unless it was just created (its owner may not have written it yet)
-        with contextlib.suppress(OSError):
-            return time.time() - lock.stat().st_mtime > 10
-        return True
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+        return "owner unknown"

@@ -54,6 +54,8 @@ def log_cell(record: dict[str, Any], logger: dict[str, Any]) -> str:
         "seed": spec["seed"],
         "batch_size": spec["benchmark"]["batch_size"],
         "git_sha": record["provenance"]["git"]["sha"],
+        "cell_id": cell.get("id"),
+        "identity": cell.get("identity"),
         "cell_path": cell["path"],
     }
     directory = Path(logger["dir"])

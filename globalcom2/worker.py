@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +142,29 @@ def evaluate_cell(spec: CellSpec, out_dir: Path) -> dict[str, Any] | None:
             torch.cuda.empty_cache()
 
 
+def death_signal_setter() -> Callable[[], None]:
+    """A function that makes the kernel SIGTERM the calling process when its parent dies (Linux ``prctl``;
+    elsewhere a no-op). Resolve it before ``fork``, so the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def die_with_parent(parent: int, set_death_signal: Callable[[], None]) -> None:
+    """SIGTERM this process when ``parent`` dies; exit at once if it already has (the race before prctl)."""
+    set_death_signal()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m globalcom2.worker <spec.json> <out_dir>`` (under torchrun / accelerate launch)."""
+    # A rank outlives neither its launcher nor, through the launcher's own death signal, ``globalcom2.run``.
+    die_with_parent(os.getppid(), death_signal_setter())
     spec_path, out_dir = (argv if argv is not None else sys.argv[1:])[:2]
     spec = CellSpec.from_dict(json.loads(Path(spec_path).read_text()))
     try:

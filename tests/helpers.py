@@ -64,3 +64,22 @@ def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
     )
     pixels = 127.5 * (base + 1) + rng.normal(0, 25, size=(height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_llava15_checkpoint(path):
+    """The config of a tiny LLaVA-1.5 checkpoint (``model_type: llava``, no AnyRes): what an entry point must
+    refuse before it loads any weight. No weights are written; a loader that got past the config would
+    fail differently."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=336
+        ),
+        text_config=LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=300
+        ),
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(path)
+    return path

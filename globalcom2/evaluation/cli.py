@@ -65,10 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     import lmms_eval.__main__ as lmms_main
     from lmms_eval.utils import simple_parse_args_string
 
+    from globalcom2.redaction import redacted_console
+
     # lmms-eval's parser reads sys.argv, here and again inside cli_evaluate.
     saved_argv, sys.argv = sys.argv, ["lmms_eval", *argv]
     try:
-        return _run(lmms_main, simple_parse_args_string)
+        with redacted_console():  # lmms-eval logs HF_TOKEN among its tracker arguments
+            return _run(lmms_main, simple_parse_args_string)
     finally:
         sys.argv = saved_argv
 
@@ -99,6 +102,12 @@ def _run(lmms_main: Any, simple_parse_args_string: Any) -> int:
     if args.model == MODEL_ID:
         model_args = simple_parse_args_string(args.model_args or "")
         for key in ("batch_size", "device"):
+            given = any(a == f"--{key}" or a.startswith(f"--{key}=") for a in sys.argv)
+            if given and key in model_args and str(model_args[key]) != str(getattr(args, key)):
+                return _fail(
+                    f"--{key} {getattr(args, key)} and model_args {key}={model_args[key]} disagree; give one",
+                    EXIT_PREFLIGHT,
+                )
             if getattr(args, key, None) is not None:
                 model_args.setdefault(key, getattr(args, key))
     try:

@@ -130,6 +130,9 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():
+            # lmms-eval's model_args parser reads "-1" as the float -1.0 (str.isnumeric is False for it)
+            return int(value)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
         raise ValueError(f"{name} must be an integer, got {value!r}")

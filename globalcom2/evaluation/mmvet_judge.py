@@ -12,6 +12,14 @@ The judge is configured as lmms-eval configures it: ``API_TYPE`` (``openai`` by 
 (default ``gpt-4o-2024-11-20``; the LLaVA papers used GPT-4-0613). Without credentials it stops with a
 message and computes nothing; a sample the judge fails to grade stops it too, instead of counting 0.
 
+It fails fast rather than retrying for minutes: one probe request (``--timeout`` seconds, no retry)
+must succeed before any sample is graded; every later request gets the same timeout and at most
+``--retries`` attempts (lmms-eval's defaults are 5 attempts 10 s apart, each inside 3 rounds of
+``get_chat_response``, with the OpenAI client's own retries on top); the first sample the judge cannot
+grade stops the run; and ``--time-limit`` bounds the whole step. These bounds are set on lmms-eval's
+``mmvet.utils`` module for this process only (its ``ServerConfig`` and the judge client's options); the
+prompt, the parsing and the aggregation stay lmms-eval's.
+
 The output (default: ``<samples>`` with ``_judged.json``) has lmms-eval's results layout,
 ``{"results": {"mmvet_local": {"gpt_eval_score,none": ...}}}``, plus the per-sample grades, so
 ``paper_metric_value("MM-Vet", ...)`` reads it like any results file.
@@ -21,23 +29,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 TASK = "mmvet_local"
 CREDENTIALS = {"openai": ("OPENAI_API_KEY",), "azure": ("AZURE_API_KEY", "AZURE_ENDPOINT")}
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_RETRIES = 2
+DEFAULT_TIME_LIMIT_S = 3600.0
 
 
 class JudgeUnavailableError(RuntimeError):
-    """No credentials for the GPT judge: nothing was scored."""
+    """The GPT judge cannot be used (credentials, API type, network): nothing was scored."""
 
 
 def check_credentials() -> str:
-    """The API type, after checking its credentials are set (raises :class:`JudgeUnavailableError`)."""
+    """The API type, after checking it is supported and its credentials are set."""
     api_type = os.environ.get("API_TYPE", "openai")
-    missing = [name for name in CREDENTIALS.get(api_type, ()) if not os.environ.get(name)]
+    if api_type not in CREDENTIALS:
+        raise JudgeUnavailableError(
+            f"API_TYPE={api_type!r} is not a judge API this step supports; valid: {', '.join(CREDENTIALS)}"
+        )
+    missing = [name for name in CREDENTIALS[api_type] if not os.environ.get(name)]
     if missing:
         raise JudgeUnavailableError(
             f"MM-Vet is scored by a GPT judge and {', '.join(missing)} is not set (API_TYPE={api_type}). "
@@ -47,7 +64,41 @@ def check_credentials() -> str:
     return api_type
 
 
+def bound_judge(mmvet: Any, timeout_s: float, retries: int) -> None:
+    """Give every judge request of lmms-eval's MM-Vet module a timeout and at most ``retries`` attempts."""
+    import functools
+
+    mmvet.ServerConfig = functools.partial(
+        mmvet.ServerConfig, timeout=math.ceil(timeout_s), num_retries=retries, retry_delay=1.0
+    )
+    client = getattr(mmvet.server, "client", None)
+    if client is not None and hasattr(client, "with_options"):  # the openai client retries on its own too
+        mmvet.server.client = client.with_options(timeout=timeout_s, max_retries=0)
+
+
+def probe_judge(mmvet: Any, timeout_s: float) -> None:
+    """One short request; :class:`JudgeUnavailableError` (with the cause) unless the judge answers."""
+    from lmms_eval.llm_judge import Request
+
+    config = mmvet.ServerConfig(model_name=mmvet.MODEL_VERSION, max_tokens=1)
+    config.num_retries = 1
+    request = Request(messages=[{"role": "user", "content": "Reply with 1."}], config=config)
+    try:
+        mmvet.server.evaluate(request)
+    except Exception as err:
+        where = os.environ.get("OPENAI_API_URL") or os.environ.get("AZURE_ENDPOINT") or "the default endpoint"
+        raise JudgeUnavailableError(
+            f"the judge at {where} did not answer a probe request within {timeout_s:.0f} s "
+            f"({type(err).__name__}: {err}); no sample was graded. Check the network and the key."
+        ) from err
+
+
 def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"no samples file at {path}: pass the *_samples_mmvet_local.jsonl that a run with mmvet_local "
+            "wrote next to its results"
+        )
     with open(path, encoding="utf-8") as handle:
         samples = [json.loads(line) for line in handle if line.strip()]
     if not samples:
@@ -67,20 +118,45 @@ def answer_of(sample: dict[str, Any]) -> str:
     return value
 
 
-def judge(samples_path: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Grade every sample; write and return the judged results."""
+def judge(
+    samples_path: str | Path,
+    out: str | Path | None = None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    retries: int = DEFAULT_RETRIES,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+) -> dict[str, Any]:
+    """Grade every sample; write and return the judged results.
+
+    Raises:
+        JudgeUnavailableError: no credentials, an unknown API type, or a judge that does not answer.
+        FileNotFoundError: no samples file, or no local MM-Vet data.
+        RuntimeError: a sample the judge could not grade, or ``time_limit_s`` exceeded.
+    """
     import datasets
 
     from globalcom2.evaluation.local_data import require_local_dataset
 
+    if timeout_s <= 0 or retries < 1 or time_limit_s <= 0:
+        raise ValueError(
+            f"need timeout > 0, retries >= 1 and time limit > 0, got {timeout_s}, {retries}, {time_limit_s}"
+        )
     api_type = check_credentials()
     samples = read_samples(samples_path)
     docs = datasets.load_from_disk(str(require_local_dataset("mmvet", "test", TASK)))["test"]
     docs = docs.remove_columns([c for c in docs.column_names if c == "image"])
     from lmms_eval.tasks.mmvet import utils as mmvet  # builds the judge client; needs the credentials
 
+    bound_judge(mmvet, timeout_s, retries)
+    deadline = time.monotonic() + time_limit_s
+    probe_judge(mmvet, timeout_s)
     graded, failures = [], []
     for sample in samples:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the time limit of {time_limit_s:.0f} s ran out after {len(graded)} of {len(samples)} samples; "
+                "no score written (raise --time-limit)"
+            )
         doc = docs[int(sample["doc_id"])]
         if "target" in sample and str(sample["target"]) != doc["answer"]:
             raise ValueError(
@@ -89,6 +165,8 @@ def judge(samples_path: str | Path, out: str | Path | None = None) -> dict[str, 
             )
         grade = mmvet.mmvet_process_results(doc, [answer_of(sample)])["gpt_eval_score"]
         (graded if grade.get("eval_model") else failures).append(grade)
+        if failures:  # lmms-eval counts an ungraded sample as 0; stop instead
+            break
     if failures:
         ids = ", ".join(str(g["question_id"]) for g in failures[:5])
         raise RuntimeError(
@@ -117,12 +195,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Score recorded MM-Vet answers with lmms-eval's GPT judge.")
     parser.add_argument("--samples", required=True, help="the *_samples_mmvet_local.jsonl of a run")
     parser.add_argument("--out", default=None, help="output JSON (default: next to the samples file)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per judge request")
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="attempts per judge request")
+    parser.add_argument(
+        "--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, help="seconds for the whole step"
+    )
     args = parser.parse_args(argv)
-    try:
-        judge(args.samples, args.out)
-    except JudgeUnavailableError as err:
-        print(f"mmvet_judge: {err}", file=sys.stderr)
-        return 2
+    from globalcom2.redaction import redacted_console
+
+    with redacted_console():
+        try:
+            judge(
+                args.samples,
+                args.out,
+                timeout_s=args.timeout,
+                retries=args.retries,
+                time_limit_s=args.time_limit,
+            )
+        except (JudgeUnavailableError, FileNotFoundError, ValueError) as err:
+            print(f"mmvet_judge: {err}", file=sys.stderr)
+            return 2
+        except RuntimeError as err:
+            print(f"mmvet_judge: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

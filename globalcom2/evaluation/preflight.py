@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,56 +123,51 @@ def plugin_arg_names() -> set[str]:
 
 
 def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
-    """Validate plugin ``model_args`` without loading anything; returns the coerced method parameters.
+    """Validate plugin ``model_args`` without loading any weight; returns the coerced method parameters.
 
-    Checks: ``pretrained`` given (and, for a local path, present; offline, in the HF cache), the method
-    and its parameters (types and ranges), and that the method supports the attention implementation.
+    Checks: ``pretrained`` given, and its ``config.json`` (local folder, cache, or hub when online) is a
+    LLaVA-NeXT AnyRes model; the device exists; the method and its parameters (types and ranges, layer
+    indices against the model's depths); that the method supports the attention implementation.
     """
     from globalcom2.evaluation.method_args import (
         build_method,
         check_attn_compatibility,
+        coerce,
         parse_attn_implementation,
     )
+    from globalcom2.models.preload import check_device, checkpoint_config
 
     names = plugin_arg_names()
     plugin = {k: v for k, v in model_args.items() if k in names}
     params = {k: v for k, v in model_args.items() if k not in names}
     problems = []
+    built = None
+    try:
+        built = build_method(plugin.get("method", "vanilla"), params)
+        check_attn_compatibility(
+            plugin.get("method", "vanilla"),
+            parse_attn_implementation(plugin.get("attn_implementation", "sdpa")),
+        )
+    except (TypeError, ValueError) as err:
+        problems.append(str(err))
+    try:
+        check_device(plugin.get("device"))
+    except ValueError as err:
+        problems.append(str(err))
     pretrained = plugin.get("pretrained")
     if not pretrained:
         problems.append("model_args needs pretrained=<hub id | folder | tiny>")
     else:
-        problem = _checkpoint_problem(str(pretrained))
-        if problem:
-            problems.append(problem)
-    method = plugin.get("method", "vanilla")
-    built = None
-    try:
-        built = build_method(method, params)
-        check_attn_compatibility(method, parse_attn_implementation(plugin.get("attn_implementation", "sdpa")))
-    except (TypeError, ValueError) as err:
-        problems.append(str(err))
+        try:
+            random_init = coerce(plugin.get("random_init", False), bool, "random_init")
+            config = checkpoint_config(str(pretrained), random_init=random_init)
+            if built is not None:
+                built.check_model_config(config)
+        except (FileNotFoundError, TypeError, ValueError) as err:
+            problems.append(str(err))
     if problems:
         raise PreflightError("\n".join(["cannot run:", *(f"- {p}" for p in problems)]))
     return built.params() if built is not None else {}
-
-
-def _checkpoint_problem(pretrained: str) -> str | None:
-    if pretrained == "tiny" or pretrained.startswith("tiny:"):
-        return None
-    path = Path(pretrained).expanduser()
-    if path.exists() or pretrained.startswith(("/", ".", "~")):
-        return None if (path / "config.json").is_file() else f"checkpoint folder {path} has no config.json"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    if offline:
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(pretrained, "config.json"), str):
-            return (
-                f"checkpoint {pretrained!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                f"download it first (`hf download {pretrained}`) or pass a local folder"
-            )
-    return None
 
 
 def preflight(

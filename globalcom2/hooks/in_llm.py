@@ -26,7 +26,6 @@ With SDPA and no padding the mask stays ``None`` (the fast path), exactly as in 
 from __future__ import annotations
 
 import functools
-import itertools
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,7 +106,7 @@ class InLLMAdapter:
                 f"{method.name!r} supports the text attention implementations {SUPPORTED_ATTENTION}, the model uses "
                 f"{implementation!r}; load it with attn_implementation='sdpa' (scores are recomputed, so SDPA is fine)"
             )
-        self.stage_layers = _validated_stage_layers(method, self.num_layers)
+        self.stage_layers = method.checked_stage_layers(self.num_layers)
         self.score_layers = tuple(layer - 1 for layer in self.stage_layers)
         self.stats: list[LayerStats] = []
         self._decode_states: weakref.WeakKeyDictionary[object, InLLMDecodeState] = weakref.WeakKeyDictionary()
@@ -177,19 +176,6 @@ class InLLMAdapter:
             use_vmap=False,
             device=hidden_states.device,
         )
-
-
-def _validated_stage_layers(method: InLLMMethod, num_layers: int) -> tuple[int, ...]:
-    layers = tuple(method.stage_layers(num_layers))
-    if (
-        not layers
-        or any(not isinstance(layer, int) or not 1 <= layer < num_layers for layer in layers)
-        or any(b <= a for a, b in itertools.pairwise(layers))
-    ):
-        raise ValueError(
-            f"{method.name!r} gave stage layers {layers}; they must be strictly increasing in [1, {num_layers})"
-        )
-    return layers
 
 
 def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -23,17 +23,19 @@ slicing of hidden states, positions, rotary embeddings, masks and the KV-cache b
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from globalcom2.anyres import PackedLayout
 from globalcom2.budget import validate_retention_ratio
 from globalcom2.registry import Registry
+from globalcom2.scoring.vision_attention import check_vision_layer
 
 Stage = Literal["pre_llm", "in_llm"]
 
@@ -55,6 +57,13 @@ class CompressionMethod:
 
     def __init__(self, *, retention_ratio: float = 1.0) -> None:
         self.retention_ratio = validate_retention_ratio(retention_ratio)
+
+    def check_model_config(self, config: Any) -> None:
+        """Raise ``ValueError`` if the parameters do not fit the model ``config`` describes.
+
+        Called with the checkpoint's config before any weight loads (``globalcom2.models.preload``), so a
+        layer index past the model's depth fails in a second rather than after the load.
+        """
 
     def params(self) -> dict[str, object]:
         """Hyperparameters as plain values, for records and logs."""
@@ -117,6 +126,10 @@ class PreLLMMethod(CompressionMethod):
     stage: ClassVar[Stage] = "pre_llm"
     vision_score_layer: int | None = None
     vision_score_kind: str = "logits"
+
+    def check_model_config(self, config: Any) -> None:
+        if self.vision_score_layer is not None:
+            check_vision_layer(self.vision_score_layer, config.vision_config.num_hidden_layers)
 
     def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
         """Packed positions to keep, in output order (``[M]`` int64), or ``None`` to keep all unchanged.
@@ -240,6 +253,23 @@ class InLLMMethod(CompressionMethod):
     def stage_counts(self, num_visual: int, num_layers: int) -> tuple[int, ...]:
         """Visual tokens of an image of ``num_visual`` positions after each stage (its schedule)."""
         raise NotImplementedError
+
+    def checked_stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        """:meth:`stage_layers`, checked: strictly increasing ints in ``[1, num_layers)``, or ``ValueError``."""
+        layers = tuple(self.stage_layers(num_layers))
+        if (
+            not layers
+            or any(isinstance(layer, bool) or not isinstance(layer, int) for layer in layers)
+            or any(not 1 <= layer < num_layers for layer in layers)
+            or any(b <= a for a, b in itertools.pairwise(layers))
+        ):
+            raise ValueError(
+                f"{self.name!r} gave stage layers {layers}; they must be strictly increasing in [1, {num_layers})"
+            )
+        return layers
+
+    def check_model_config(self, config: Any) -> None:
+        self.checked_stage_layers(config.text_config.num_hidden_layers)
 
     def nominal_visual_tokens(self, num_layers: int, max_visual_tokens: int = 2880) -> tuple[int, ...]:
         counts = [max_visual_tokens] * num_layers

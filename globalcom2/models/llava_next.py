@@ -12,12 +12,15 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-SUPPORTED_CHECKPOINTS = (
-    "llava-hf/llava-v1.6-vicuna-7b-hf",
-    "llava-hf/llava-v1.6-vicuna-13b-hf",
-    "tiny (built in code, see globalcom2.models.tiny)",
+from globalcom2.models.preload import (
+    SUPPORTED_CHECKPOINTS,
+    check_llava_next_config,
+    checkpoint_config,
+    tiny_seed,
 )
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = (*_DTYPES, "auto")
 
 
 def check_llava_next_anyres(model: Any) -> None:
@@ -31,21 +34,7 @@ def check_llava_next_anyres(model: Any) -> None:
             f"expected a LLaVA-NeXT AnyRes model (transformers LlavaNextForConditionalGeneration), got "
             f"{type(model).__name__}. Supported: {', '.join(SUPPORTED_CHECKPOINTS)}."
         )
-    config = model.config
-    if not config.image_grid_pinpoints:
-        raise ValueError("the model config has no image_grid_pinpoints: it does not use AnyRes crops")
-    if config.vision_feature_select_strategy != "default":
-        raise ValueError(
-            "vision_feature_select_strategy must be 'default' ([CLS] dropped, 576 patch tokens per view), "
-            f"got {config.vision_feature_select_strategy!r}"
-        )
-    if not isinstance(config.vision_feature_layer, int):
-        raise ValueError(f"a single vision_feature_layer is required, got {config.vision_feature_layer!r}")
-    vision = config.vision_config
-    if vision.image_size % vision.patch_size:
-        raise ValueError(
-            f"image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}"
-        )
+    check_llava_next_config(model.config)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -53,17 +42,17 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}, auto")
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_CHOICES)}")
     return _DTYPES[dtype]
 
 
 def resolve_checkpoint(pretrained: str | Path) -> str:
     """``"tiny"`` or ``"tiny:<seed>"`` -> the tiny model's folder (built on first use); anything else as is."""
     name = str(pretrained)
-    if name == "tiny" or name.startswith("tiny:"):
+    seed = tiny_seed(name)
+    if seed is not None:
         from globalcom2.models.tiny import tiny_checkpoint
 
-        seed = int(name.partition(":")[2] or 0)
         return str(tiny_checkpoint(seed))
     return name
 
@@ -88,7 +77,12 @@ def load_llava_next(
 
     Returns:
         ``(model, processor)``; the model is in eval mode and passes :func:`check_llava_next_anyres`.
+
+    Raises:
+        UnsupportedModelError: the checkpoint's config is not LLaVA-NeXT AnyRes (read before any weight).
+        FileNotFoundError: no such folder, or not in the cache while offline.
     """
+    resolve_dtype(dtype)  # a bad dtype fails before anything is read
     if random_init:
         from globalcom2.models.random_init import build_random_llava_next, size_from_name
 
@@ -99,6 +93,7 @@ def load_llava_next(
             device=device,
             attn_implementation=attn_implementation,
         )
+    checkpoint_config(pretrained)  # the config alone: a wrong model type fails before the weights load
     path = resolve_checkpoint(pretrained)
     try:
         model = LlavaNextForConditionalGeneration.from_pretrained(

@@ -84,6 +84,14 @@ def llava_next_config(size: Size, image_token_index: int, pad_token_id: int) -> 
     )
 
 
+def llava_next_config_for(pretrained: str) -> LlavaNextConfig:
+    """The config ``random_init`` builds for a checkpoint name (no weights): for checks before building."""
+    tokenizer = byte_level_tokenizer()
+    return llava_next_config(
+        size_from_name(pretrained), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id
+    )
+
+
 def build_random_llava_next(
     size: Size,
     *,

@@ -1,7 +1,7 @@
 """Results tree -> one tidy table: a row per cell x benchmark x metric, with the cell's configuration.
 
-Only finished cells count (``record.json`` with ``"status": "complete"``, ``globalcom2/store.py``); partial or
-corrupt ones are skipped and listed in a warning, never read as results and never a crash.
+Only finished cells count (``record.json`` with ``"status": "complete"``, ``globalcom2/store.py``); partial,
+corrupt or malformed ones are skipped and named in a warning, never read as results and never a crash.
 
 Metric kinds (column ``kind``):
 
@@ -25,12 +25,12 @@ from typing import Any
 
 import pandas as pd
 
-from globalcom2.store import COMPLETE, RECORD_FILE
+from globalcom2.store import COMPLETE, PARTIAL_DIR, RECORD_FILE, current_cell_id
 
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
     "world_size", "attn_implementation", "random_init", "dtype", "limit", "hardware", "git_sha", "git_dirty",
-    "finished", "cell_dir",
+    "finished", "cell_id", "cell_dir",
 ]  # fmt: skip
 EFFICIENCY_METRICS = {
     "prefill_ms": ("prefill_ms", "median"),
@@ -55,32 +55,73 @@ class LoadedCell:
 
 
 def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str]]]:
-    """Finished cells under ``root`` and the skipped ones with the reason (partial, corrupt, unfinished)."""
+    """Finished cells under ``root`` and the skipped ones with the reason.
+
+    A cell is skipped, never a crash, when its run was interrupted, its ``record.json`` is unreadable,
+    corrupt, unfinished, from before cell identities (schema 1), or has a field the tables cannot read
+    (a non-numeric metric, ``metrics`` that is not a mapping, ...). Of several finished identities of one
+    key (``<experiment>/<model>/<method>/r<ratio>/<benchmark>``), only the one named by the key's
+    ``current`` file (the last run or reused) is tabulated; the others are listed as superseded.
+    """
     root = Path(root)
-    cells, skipped = [], []
-    for partial in sorted(root.rglob(".partial")):
+    found, skipped = [], []
+    for partial in sorted(root.rglob(PARTIAL_DIR)):
         if not (partial.parent / RECORD_FILE).exists():
             skipped.append((partial.parent, "partial: a run was interrupted (no record.json)"))
     for path in sorted(root.rglob(RECORD_FILE)):
-        if ".partial" in path.parts or "wandb" in path.parts:
+        if PARTIAL_DIR in path.parts or "wandb" in path.parts:
             continue
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            skipped.append((path.parent, f"corrupt record.json ({err})"))
-            continue
-        if not isinstance(record, dict) or record.get("status") != COMPLETE:
-            skipped.append((path.parent, "record.json is not complete"))
-            continue
-        missing = [k for k in ("cell", "spec", "metrics", "efficiency") if k not in record]
-        if missing:
-            skipped.append((path.parent, f"record.json lacks {missing}"))
-            continue
-        cells.append(LoadedCell(path.parent, record))
+        problem = _record_problem(path)
+        if isinstance(problem, str):
+            skipped.append((path.parent, problem))
+        else:
+            found.append(problem)
+    by_key: dict[Path, list[LoadedCell]] = {}
+    for cell in found:
+        by_key.setdefault(cell.path.parent, []).append(cell)
+    cells = []
+    for key_dir, group in by_key.items():
+        chosen = _current_of(key_dir, group)
+        cells.append(chosen)
+        skipped += [
+            (c.path, f"superseded: {key_dir.name}'s current cell is {chosen.path.name} (other settings)")
+            for c in group
+            if c is not chosen
+        ]
     if skipped:
         listing = "\n".join(f"  {path}: {why}" for path, why in skipped)
-        warnings.warn(f"skipped {len(skipped)} unfinished or corrupt cell(s):\n{listing}", stacklevel=2)
-    return cells, skipped
+        warnings.warn(f"skipped {len(skipped)} cell(s):\n{listing}", stacklevel=2)
+    return sorted(cells, key=lambda c: c.path), skipped
+
+
+def _record_problem(path: Path) -> LoadedCell | str:
+    """The loaded cell, or why ``path`` cannot be tabulated."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # a folder, unreadable, truncated, not UTF-8, not JSON
+        return f"unreadable or corrupt record.json ({type(err).__name__}: {err})"
+    if not isinstance(record, dict) or record.get("status") != COMPLETE:
+        return "record.json is not complete"
+    if not isinstance(record.get("cell"), dict) or not record["cell"].get("id"):
+        return (
+            "record.json predates cell identities (schema 1), so its settings cannot be verified; "
+            "re-run the cell"
+        )
+    cell = LoadedCell(path.parent, record)
+    try:
+        _config_row(cell)
+        list(_metric_rows(cell))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        return f"malformed record.json ({type(err).__name__}: {err})"
+    return cell
+
+
+def _current_of(key_dir: Path, group: list[LoadedCell]) -> LoadedCell:
+    named = current_cell_id(key_dir)
+    for cell in group:
+        if cell.path.name == named:
+            return cell
+    return max(group, key=lambda c: str(c.record.get("finished", "")))
 
 
 def _config_row(cell: LoadedCell) -> dict[str, Any]:
@@ -108,6 +149,7 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "git_sha": git.get("sha"),
         "git_dirty": git.get("dirty"),
         "finished": record.get("finished"),
+        "cell_id": record["cell"]["id"],
         "cell_dir": str(cell.path),
     }
 
@@ -133,11 +175,14 @@ def sample_outputs(cell: LoadedCell) -> dict[tuple[str, int], tuple[int, ...]]:
     """``(task, doc_id) -> generated token ids`` from the cell's ``sample_records.jsonl``."""
     path = cell.path / cell.record.get("files", {}).get("records", "sample_records.jsonl")
     outputs = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                outputs[(row["task"], int(row["doc_id"]))] = tuple(row["output_token_ids"])
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        for line in filter(str.strip, lines):
+            row = json.loads(line)
+            outputs[(row["task"], int(row["doc_id"]))] = tuple(row["output_token_ids"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"{path}: unreadable sample records ({err}); no agreement for this cell", stacklevel=2)
+        return {}
     return outputs
 
 

@@ -51,6 +51,15 @@ def cls_patch_scores(
     return (per_head * scale).softmax(dim=-1).mean(dim=1)[:, 1:]  # [V, T - 1]
 
 
+def check_vision_layer(layer: int, num_layers: int) -> None:
+    """Raise unless ``layer`` indexes one of ``num_layers`` vision encoder layers (negative: from the end)."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+        raise ValueError(
+            f"score_layer must be an int in [{-num_layers}, {num_layers - 1}] for this "
+            f"{num_layers}-layer vision tower, got {layer!r}"
+        )
+
+
 class ClsAttentionCapture:
     """Forward hooks on one CLIP attention layer that record [CLS]->patch scores while capturing.
 
@@ -62,11 +71,7 @@ class ClsAttentionCapture:
 
     def __init__(self, vision_tower: nn.Module, layer: int, kind: ScoreKind = "logits") -> None:
         layers = vision_tower.encoder.layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -len(layers) <= layer < len(layers):
-            raise ValueError(
-                f"score_layer must be an int in [{-len(layers)}, {len(layers) - 1}] for this "
-                f"{len(layers)}-layer vision tower, got {layer!r}"
-            )
+        check_vision_layer(layer, len(layers))
         if kind not in ("logits", "softmax"):
             raise ValueError(f"attention score kind must be 'logits' or 'softmax', got {kind!r}")
         attention = layers[layer].self_attn

@@ -27,9 +27,12 @@ def run(
 
 
 def records(tmp_path: Path) -> dict[str, dict]:
+    """``{"<experiment>/<model>/<method>/r<ratio>/<benchmark>": record}``: one identity per key here."""
     found = {}
     for path in sorted((tmp_path / "results").rglob("record.json")):
-        found[str(path.parent.relative_to(tmp_path / "results"))] = json.loads(path.read_text())
+        key = str(path.parent.parent.relative_to(tmp_path / "results"))
+        assert key not in found, f"two finished identities of {key}"
+        found[key] = json.loads(path.read_text())
     return found
 
 
@@ -51,7 +54,8 @@ def test_multirun_of_two_methods_and_two_ratios_gives_four_complete_cells(tmp_pa
             record["efficiency"]["peak_memory_gb"] is None
             and "CPU" in record["efficiency"]["peak_memory_note"]
         )
-        cell = tmp_path / "results" / name
+        cell = Path(record["cell"]["path"])
+        assert cell.parent == tmp_path / "results" / name and cell.name == record["cell"]["id"]
         assert (cell / record["files"]["results"]).is_file() and (cell / record["files"]["records"]).is_file()
         assert not (cell / ".partial").exists() and not (cell / ".lock").exists()
     assert out.stdout.count("[ok]") == 4
@@ -90,7 +94,7 @@ def test_a_sweep_killed_mid_cell_resumes_without_rerunning_finished_cells(tmp_pa
     )
     try:
         deadline = time.time() + 400
-        while not ((first / "record.json").exists() and (second / ".partial").exists()):
+        while not (list(first.glob("*/record.json")) and list(second.glob("*/.partial"))):
             assert process.poll() is None, "the sweep ended before it could be interrupted"
             assert time.time() < deadline, "the sweep never reached its second cell"
             time.sleep(0.2)
@@ -100,14 +104,15 @@ def test_a_sweep_killed_mid_cell_resumes_without_rerunning_finished_cells(tmp_pa
         process.wait()
     killed = records(tmp_path)
     assert list(killed) == ["default/tiny/random/r0.5/demo"], "a killed cell must never pass as finished"
-    assert (second / ".partial").exists() and not (second / "record.json").exists()
+    (second_cell,) = second.iterdir()
+    assert (second_cell / ".partial").exists() and not (second_cell / "record.json").exists()
 
     out = run(tmp_path, *sweep)
     resumed = records(tmp_path)
     assert resumed["default/tiny/random/r0.5/demo"] == killed["default/tiny/random/r0.5/demo"]  # not re-run
     assert "[done]" in out.stdout and out.stdout.count("[run]") == 1
     assert resumed["default/tiny/random/r0.25/demo"]["n_samples"] == {"globalcom2_demo": 40}
-    assert not (second / ".partial").exists() and not (second / ".lock").exists()
+    assert not (second_cell / ".partial").exists() and not (second_cell / ".lock").exists()
 
 
 def test_two_processes_write_one_record_with_the_scores_of_one(tmp_path):

@@ -42,6 +42,7 @@ def graded_by(monkeypatch):
     def install(grades):
         calls = iter(grades)
         monkeypatch.setattr(utils, "get_chat_response", lambda prompt, **kw: next(calls))
+        monkeypatch.setattr(mmvet_judge, "probe_judge", lambda module, timeout_s: None)
 
     return install
 
@@ -72,6 +73,52 @@ def test_mmvet_judge_detects_data_that_changed(fixture_data, tmp_path, graded_by
     samples = samples_file(tmp_path / "s.jsonl", [("another answer", "x")])
     with pytest.raises(ValueError, match="data changed since the run"):
         mmvet_judge.judge(samples)
+
+
+def test_mmvet_judge_names_a_missing_samples_file(fixture_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
+    assert mmvet_judge.main(["--samples", str(tmp_path / "nope.jsonl")]) == 2
+    assert f"no samples file at {tmp_path / 'nope.jsonl'}" in capsys.readouterr().err
+
+
+def test_mmvet_judge_names_an_unknown_api_type(fixture_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("API_TYPE", "foo")
+    samples = samples_file(tmp_path / "s.jsonl", [(FIXTURE_TARGETS[0], "4.50")])
+    assert mmvet_judge.main(["--samples", str(samples)]) == 2
+    assert (
+        "API_TYPE='foo' is not a judge API this step supports; valid: openai, azure"
+        in capsys.readouterr().err
+    )
+
+
+def test_mmvet_judge_fails_fast_when_the_judge_cannot_be_reached(fixture_data, tmp_path, monkeypatch, capsys):
+    """No network used to mean minutes of retries per sample; now one bounded probe, then a message."""
+    import time
+
+    from lmms_eval.llm_judge import get_server
+    from lmms_eval.tasks.mmvet import utils
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
+    monkeypatch.setenv("OPENAI_API_URL", "http://127.0.0.1:9/v1")  # the discard port: nothing listens
+    monkeypatch.setattr(utils, "server", get_server("openai", utils.server_config))
+    monkeypatch.setattr(utils, "ServerConfig", utils.ServerConfig)  # undone after the test
+    samples = samples_file(
+        tmp_path / "s_samples_mmvet_local.jsonl", zip(FIXTURE_TARGETS, ["4.50", "red", "cat"], strict=True)
+    )
+    started = time.monotonic()
+    assert mmvet_judge.main(["--samples", str(samples), "--timeout", "5"]) == 2
+    assert time.monotonic() - started < 60
+    assert "did not answer a probe request" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*_judged.json"))
+
+
+def test_mmvet_judge_stops_at_its_time_limit(fixture_data, tmp_path, graded_by):
+    graded_by([("1.0", "gpt-test")] * 3)
+    samples = samples_file(
+        tmp_path / "s_samples_mmvet_local.jsonl", zip(FIXTURE_TARGETS, ["4.50", "red", "dog"], strict=True)
+    )
+    with pytest.raises(RuntimeError, match="time limit of 0 s ran out"):
+        mmvet_judge.judge(samples, time_limit_s=1e-9)
 
 
 def test_make_data_explains_what_is_missing(tmp_path, monkeypatch, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from helpers import write_llava15_checkpoint
 
 from globalcom2.evaluation import cli
 from globalcom2.evaluation.local_data import DATA_DIR_ENV
@@ -68,12 +70,87 @@ def test_a_split_missing_from_the_data_is_reported(fixture_data, tmp_path, monke
         ({**GOOD_MODEL, "budget": 3}, "does not take 'budget'"),
         ({**GOOD_MODEL, "attn_implementation": "flash_attention_2"}, "does not support attn_implementation"),
         ({"method": "vanilla"}, "needs pretrained="),
-        ({**GOOD_MODEL, "pretrained": "/nonexistent/llava"}, "has no config.json"),
+        (
+            {**GOOD_MODEL, "pretrained": "/nonexistent/llava"},
+            "'/nonexistent/llava': no such checkpoint folder",
+        ),
+        # model-dependent ranges, checked against the checkpoint's config before any weight loads
+        ({**GOOD_MODEL, "method": "fastv", "K": 999}, r"K must be in \[1, 4\).*got 999"),
+        ({**GOOD_MODEL, "method": "fastv", "K": -1.0}, r"K must be in \[1, num_layers\).*got -1$"),
+        (
+            {**GOOD_MODEL, "method": "sparsevlm", "prune_layers": "[2,6,99]"},
+            r"prune_layers must lie in \[0, 3\)",
+        ),
+        (
+            {**GOOD_MODEL, "method": "globalcom2", "score_layer": 99},
+            r"score_layer must be an int in \[-4, 3\]",
+        ),
+        ({**GOOD_MODEL, "device": f"cuda:{torch.cuda.device_count()}"}, "but this machine has"),
+        ({**GOOD_MODEL, "device": "gpu0"}, "'gpu0' is not a device; valid: cpu, cuda"),
     ],
 )
 def test_bad_model_args_are_refused(model_args, message, no_model_loading):
     with pytest.raises(PreflightError, match=message):
         check_model_args(model_args)
+
+
+def test_a_llava_15_checkpoint_is_refused_by_every_entry_point(tmp_path, capsys, monkeypatch):
+    """Defect 2: LLaVA-1.5 used to load into LlavaNextForConditionalGeneration with a random image_newline."""
+    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+    from globalcom2.models.llava_next import load_llava_next
+    from globalcom2.models.preload import UnsupportedModelError
+
+    folder = str(write_llava15_checkpoint(tmp_path / "llava-1.5"))
+    found = r"'llava' model \(LlavaForConditionalGeneration\); only LLaVA-NeXT AnyRes"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("transformers.LlavaNextForConditionalGeneration.from_pretrained", refuse)
+    with pytest.raises(UnsupportedModelError, match=found):
+        load_llava_next(folder)
+    with pytest.raises(UnsupportedModelError, match=found):
+        GlobalCom2LlavaNext(pretrained=folder, method="random", retention_ratio=0.5)
+    with pytest.raises(PreflightError, match=found):
+        check_model_args({**GOOD_MODEL, "pretrained": folder})
+    argv = [
+        "--model",
+        "globalcom2_llava_next",
+        "--model_args",
+        f"pretrained={folder}",
+        "--tasks",
+        "globalcom2_demo",
+    ]
+    assert cli.main([*argv, "--output_path", str(tmp_path / "out")]) == cli.EXIT_PREFLIGHT
+    assert "'llava' model" in capsys.readouterr().err
+
+
+def test_the_plugin_checks_the_device_and_the_model_dependent_ranges_before_loading(no_model_loading):
+    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+
+    with pytest.raises(ValueError, match=r"K must be in \[1, 4\)"):
+        GlobalCom2LlavaNext(pretrained="tiny", method="fastv", retention_ratio=0.5, K=999)
+    with pytest.raises(ValueError, match="but this machine has"):
+        GlobalCom2LlavaNext(pretrained="tiny", device=f"cuda:{torch.cuda.device_count()}")
+
+
+def test_batch_size_in_model_args_wins_over_the_cli_default():
+    """Defect 3: lmms-eval passes --batch_size (default 1) next to model_args; that used to be a TypeError."""
+    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+
+    lm = GlobalCom2LlavaNext.create_from_arg_string(
+        "pretrained=tiny,batch_size=3", {"batch_size": 1, "max_batch_size": None, "device": None}
+    )
+    assert lm.batch_size == 3
+    lm = GlobalCom2LlavaNext.create_from_arg_string("pretrained=tiny", {"batch_size": 2, "device": None})
+    assert lm.batch_size == 2
+
+
+def test_the_cli_refuses_two_different_batch_sizes(tmp_path, capsys, no_model_loading):
+    argv = ["--model", "globalcom2_llava_next", "--model_args", "pretrained=tiny,batch_size=4"]
+    argv += ["--batch_size", "2", "--tasks", "globalcom2_demo", "--output_path", str(tmp_path / "out")]
+    assert cli.main(argv) == cli.EXIT_PREFLIGHT
+    assert "--batch_size 2 and model_args batch_size=4 disagree" in capsys.readouterr().err
 
 
 def test_a_method_declares_its_attention_implementations(monkeypatch):

@@ -20,9 +20,10 @@ from globalcom2.report import plots
 from globalcom2.report.aggregate import load_cells, tidy_results
 from globalcom2.report.build import build_report
 from globalcom2.report.tables import AVG, paper_vs_ours, table1
+from globalcom2.store import CURRENT_FILE, cell_id
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.filterwarnings("ignore:skipped .* unfinished or corrupt")
+pytestmark = pytest.mark.filterwarnings("ignore:skipped .* cell")
 
 
 def write_cell(
@@ -37,20 +38,25 @@ def write_cell(
     outputs=None,
     name=None,
     status="complete",
+    identity=None,
+    finished="2026-11-21T00:00:00+00:00",
 ) -> Path:
     """A hand-made finished cell with the fields the reporting layer reads."""
     label = name or method
-    cell = root / experiment / model / label / f"r{ratio!r}" / benchmark
+    identity = identity or {"seed": 0}
+    cell = root / experiment / model / label / f"r{ratio!r}" / benchmark / cell_id(identity)
     cell.mkdir(parents=True)
     record = {
         "status": status,
-        "schema": 1,
+        "schema": 2,
         "cell": {
             "experiment": experiment,
             "model": model,
             "method": label,
             "retention_ratio": ratio,
             "benchmark": benchmark,
+            "id": cell_id(identity),
+            "identity": identity,
             "path": str(cell),
         },
         "spec": {
@@ -60,7 +66,7 @@ def write_cell(
             "benchmark": {"batch_size": 1, "limit": None},
         },
         "provenance": {"git": {"sha": "abc", "dirty": False}, "hardware": {"gpu": "NVIDIA H100"}},
-        "finished": "2026-11-21T00:00:00+00:00",
+        "finished": finished,
         "metrics": {"gqa_local": {"exact_match": paper.get("GQA", 0) / 100}},
         "paper_metrics": {
             c: {"value": v, "metric": "m", "comparable": True, "note": ""} for c, v in paper.items()
@@ -102,12 +108,75 @@ def tree(tmp_path) -> Path:
         outputs=[[1, 2], [3, 9], [5, 6], [0, 0]],
     )
     write_cell(root, "fastv", 0.25, {"GQA": 45.0}, outputs=[[1, 2]])
-    corrupt = root / "t1" / "llava_next_7b" / "random" / "r0.25" / "paper_suite"
+    corrupt = root / "t1" / "llava_next_7b" / "random" / "r0.25" / "paper_suite" / "0123456789ab"
     corrupt.mkdir(parents=True)
     (corrupt / "record.json").write_text('{"status": "comp')  # cut off mid-write
-    (root / "t1" / "llava_next_7b" / "random" / "r0.5" / "paper_suite" / ".partial").mkdir(parents=True)
+    (root / "t1" / "llava_next_7b" / "random" / "r0.5" / "paper_suite" / "ba9876543210" / ".partial").mkdir(
+        parents=True
+    )
     write_cell(root, "sparsevlm", 0.25, {"GQA": 1.0}, status="running")
     return root
+
+
+BAD_RECORDS = {
+    "a non-numeric metric": lambda r: r["metrics"]["gqa_local"].update(exact_match="abc"),
+    "metrics as a string": lambda r: r.update(metrics="0.5"),
+    "an empty spec": lambda r: r.update(spec={}),
+    "efficiency: null": lambda r: r.update(efficiency=None),
+    "a cell without its id": lambda r: r["cell"].pop("id"),
+}
+
+
+@pytest.mark.parametrize("defect", [*BAD_RECORDS, "record.json as a folder"])
+def test_one_malformed_record_is_skipped_and_named_never_a_crash(tmp_path, defect):
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, outputs=[[1]])
+    bad = write_cell(root, "fastv", 0.25, {"GQA": 50.0}, outputs=[[1]])
+    if defect == "record.json as a folder":
+        (bad / "record.json").unlink()
+        (bad / "record.json").mkdir()
+    else:
+        record = json.loads((bad / "record.json").read_text())
+        BAD_RECORDS[defect](record)
+        (bad / "record.json").write_text(json.dumps(record))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = tidy_results(root)
+    message = "\n".join(str(w.message) for w in caught)
+    assert str(bad) in message and "skipped 1 cell" in message, message
+    assert set(frame["method"]) == {"vanilla"}
+
+
+def test_the_aggregate_cli_skips_a_malformed_record_and_exits_0(tmp_path):
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, outputs=[[1]])
+    bad = write_cell(root, "fastv", 0.25, {"GQA": 50.0}, outputs=[[1]])
+    record = json.loads((bad / "record.json").read_text())
+    record["metrics"]["gqa_local"]["exact_match"] = "abc"
+    (bad / "record.json").write_text(json.dumps(record))
+    done = subprocess.run(
+        [sys.executable, "-m", "globalcom2.aggregate", str(root)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert str(bad) in done.stderr and "ValueError" in done.stderr
+
+
+def test_of_two_identities_of_one_key_the_current_one_is_tabulated(tmp_path):
+    root = tmp_path / "results"
+    write_cell(
+        root, "vanilla", 1.0, {"GQA": 60.0}, identity={"limit": 20}, finished="2026-11-22T00:00:00+00:00"
+    )
+    full = write_cell(root, "vanilla", 1.0, {"GQA": 61.0}, identity={"limit": None})
+    key_dir = full.parent
+    for current, expected in ((None, 60.0), (full.name, 61.0)):  # no pointer: the latest finished
+        if current:
+            (key_dir / CURRENT_FILE).write_text(current + "\n")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frame = tidy_results(root)
+        paper = frame[frame["kind"] == "paper"]
+        assert paper["value"].tolist() == [expected]
+        assert "superseded" in "\n".join(str(w.message) for w in caught)
 
 
 def test_aggregation_gives_the_expected_tidy_rows_and_lists_what_it_skipped(tree):

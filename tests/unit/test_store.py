@@ -2,62 +2,188 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 
-from globalcom2.store import Cell, CellBusy, CellKey, atomic_write_json, ratio_label
+from globalcom2.store import (
+    Cell,
+    CellBusy,
+    CellKey,
+    atomic_write_json,
+    cell_id,
+    current_cell_id,
+    identity_diff,
+    ratio_label,
+)
 
 KEY = CellKey("demo", "tiny", "random", 0.25, "demo_shapes")
+IDENTITY = {"seed": 0, "benchmark": {"limit": 20}, "method": {"params": {"seed": 0}}}
 
 
-def test_cell_path_is_derived_from_the_key(tmp_path):
-    assert Cell(tmp_path, KEY).dir == tmp_path / "demo" / "tiny" / "random" / "r0.25" / "demo_shapes"
+def finished(root, identity=IDENTITY, **record):
+    cell = Cell(root, KEY, identity)
+    with cell.lock():
+        cell.prepare()
+        cell.commit({"cell": {"id": cell.id, "identity": identity}, **record})
+    return cell
+
+
+def test_cell_path_is_the_key_then_the_identity_hash(tmp_path):
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    assert cell.dir == tmp_path / "demo" / "tiny" / "random" / "r0.25" / "demo_shapes" / cell.id
+    assert len(cell.id) == 12 and cell.id == cell_id(json.loads(json.dumps(IDENTITY)))
     assert [ratio_label(r) for r in (1, 0.1, 0.75)] == ["r1.0", "r0.1", "r0.75"]
     with pytest.raises(ValueError, match="invalid cell path component"):
         CellKey("demo", "../x", "random", 0.25, "b").relative_path()
 
 
-def test_a_cell_is_finished_only_after_commit(tmp_path):
-    cell = Cell(tmp_path, KEY)
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"seed": 1, "benchmark": {"limit": 20}, "method": {"params": {"seed": 0}}},
+        {"seed": 0, "benchmark": {"limit": None}, "method": {"params": {"seed": 0}}},
+        {"seed": 0, "benchmark": {"limit": 20}, "method": {"params": {"seed": 0, "alpha": 0.1}}},
+    ],
+)
+def test_a_changed_identity_is_another_cell_and_never_reuses_a_finished_one(tmp_path, changed):
+    old = finished(tmp_path, metrics={"acc": 0.5})
+    new = Cell(tmp_path, KEY, changed)
+    assert new.dir != old.dir and old.is_complete() and not new.is_complete()
+    assert [path for path, _ in new.siblings()] == [old.dir]
+    assert identity_diff(old.identity, changed)  # the reason a run would print
+
+
+def test_identity_hash_ignores_key_order():
+    assert cell_id({"a": 1, "b": {"c": 2, "d": 3}}) == cell_id({"b": {"d": 3, "c": 2}, "a": 1})
+
+
+def test_identity_diff_names_each_changed_setting():
+    old = {"benchmark": {"limit": 20}, "method": {"params": {"alpha": 0.5}}, "seed": 0}
+    new = {"benchmark": {"limit": None}, "method": {"params": {"alpha": 0.1}}, "seed": 0, "extra": "x"}
+    assert identity_diff(old, new) == [
+        "benchmark.limit: 20 -> null",
+        'extra: (absent) -> "x"',
+        "method.params.alpha: 0.5 -> 0.1",
+    ]
+
+
+def test_a_cell_is_finished_only_after_commit_and_then_becomes_current(tmp_path):
+    cell = Cell(tmp_path, KEY, IDENTITY)
     assert not cell.is_complete()
-    partial = cell.prepare()
-    (partial / "results.json").write_text("{}")
-    assert not cell.is_complete()  # outputs without a record are not a result
-    cell.commit({"metrics": {"acc": 0.5}})
+    with cell.lock():
+        partial = cell.prepare()
+        (partial / "results.json").write_text("{}")
+        assert not cell.is_complete()  # outputs without a record are not a result
+        cell.commit({"cell": {"id": cell.id}, "metrics": {"acc": 0.5}})
     assert cell.is_complete() and cell.read_record()["metrics"] == {"acc": 0.5}
     assert (cell.dir / "results.json").exists() and not cell.partial_dir.exists()
+    assert current_cell_id(cell.key_dir) == cell.id
+
+
+def test_a_record_written_for_another_identity_does_not_count(tmp_path):
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    cell.dir.mkdir(parents=True)
+    atomic_write_json(cell.record_path, {"status": "complete", "cell": {"id": "0" * 12}})
+    assert not cell.is_complete()
 
 
 def test_prepare_deletes_what_a_killed_run_left(tmp_path):
-    cell = Cell(tmp_path, KEY)
-    (cell.prepare() / "half_written.jsonl").write_text("{")
-    (cell.dir / "stray.json").write_text("x")
-    cell.prepare()
-    assert sorted(p.name for p in cell.dir.iterdir()) == [".partial"]
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    with cell.lock():
+        (cell.prepare() / "half_written.jsonl").write_text("{")
+        (cell.dir / "stray.json").write_text("x")
+        cell.prepare()
+        assert sorted(p.name for p in cell.dir.iterdir()) == [".lock", ".partial"]
     assert list(cell.partial_dir.iterdir()) == []
 
 
 @pytest.mark.parametrize("content", ["", "{not json", json.dumps({"status": "running"}), "[1, 2]"])
 def test_corrupt_or_unfinished_records_do_not_count(tmp_path, content):
-    cell = Cell(tmp_path, KEY)
+    cell = Cell(tmp_path, KEY, IDENTITY)
     cell.dir.mkdir(parents=True)
     cell.record_path.write_text(content)
     assert not cell.is_complete()
 
 
-def test_lock_excludes_a_live_process_and_takes_over_a_dead_one(tmp_path):
-    cell = Cell(tmp_path, KEY)
-    with cell.lock(), pytest.raises(CellBusy, match="being run by another process"), cell.lock():
+def test_the_lock_excludes_a_second_holder_and_is_gone_after_release(tmp_path):
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    with (
+        cell.lock(),
+        pytest.raises(CellBusy, match=f"pid {os.getpid()}"),
+        Cell(tmp_path, KEY, IDENTITY).lock(),
+    ):
         pass
     assert not (cell.dir / ".lock").exists()
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    import socket
+    with cell.lock():  # free again
+        pass
 
-    (cell.dir / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
-    with cell.lock():  # the owner is gone: stale
-        assert json.loads((cell.dir / ".lock").read_text())["pid"] == os.getpid()
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from globalcom2.store import Cell, CellKey
+    cell = Cell(sys.argv[1], CellKey("demo", "tiny", "random", 0.25, "demo_shapes"), {"seed": 0})
+    with cell.lock():
+        print("locked", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_a_killed_holder_never_leaves_a_stale_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cell = Cell(tmp_path, KEY, {"seed": 0})
+        with pytest.raises(CellBusy, match=f"pid {holder.pid}"), cell.lock():
+            pass
+        holder.kill()  # SIGKILL: no cleanup code runs, the kernel drops the flock
+        holder.wait()
+        with cell.lock():
+            assert json.loads((cell.dir / ".lock").read_text())["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+RACE = textwrap.dedent(
+    """
+    import sys, time
+    from globalcom2.store import Cell, CellBusy, CellKey
+    cell = Cell(sys.argv[1], CellKey("demo", "tiny", "random", 0.25, "demo_shapes"), {"seed": 0})
+    start = float(sys.argv[2])
+    time.sleep(max(0.0, start - time.time()))
+    runs = 0
+    for _ in range(200):
+        try:
+            with cell.lock():
+                if not cell.is_complete():
+                    cell.prepare()
+                    time.sleep(0.05)
+                    cell.commit({"cell": {"id": cell.id}, "runner": sys.argv[3]})
+                    runs += 1
+                break
+        except CellBusy:
+            time.sleep(0.01)
+    print(runs)
+    """
+)
+
+
+def test_concurrent_runners_run_a_cell_exactly_once(tmp_path):
+    start = time.time() + 1.0
+    runners = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(tmp_path), str(start), str(i)], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(4)
+    ]
+    runs = [int(r.communicate(timeout=120)[0].strip()) for r in runners]
+    assert sorted(runs) == [0, 0, 0, 1]
+    cell = Cell(tmp_path, KEY, {"seed": 0})
+    assert cell.is_complete() and not (cell.dir / ".lock").exists()
 
 
 def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):

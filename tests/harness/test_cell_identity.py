@@ -1,0 +1,121 @@
+"""The results store never serves a stale cell: a cell's identity is everything that can change its result,
+and whoever holds a cell's lock decides whether it runs. In process, through ``globalcom2.run.run``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import globalcom2.run as run_module
+from globalcom2.cells import CellSpec
+from globalcom2.store import Cell, current_cell_id
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FAST = ["model=tiny", "benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'", "method=random"]
+
+
+def compose_cell(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(
+            config_name="eval",
+            overrides=[*FAST, f"paths.results_dir={tmp_path / 'results'}", *overrides],
+        )
+
+
+def run_cell(tmp_path: Path, monkeypatch, capsys, *overrides: str) -> tuple[dict | None, str]:
+    """One ``globalcom2.run`` invocation (a fresh process would start with an empty sweep memory); returns
+    the cell's ``record.json`` as written (``None`` for a dry run) and what it printed."""
+    monkeypatch.setattr(run_module, "_SEEN_THIS_SWEEP", set())
+    capsys.readouterr()
+    record = run_module.run(compose_cell(tmp_path, *overrides))
+    if record is not None:
+        record = json.loads((Path(record["cell"]["path"]) / "record.json").read_text())
+    return record, capsys.readouterr().out
+
+
+def test_a_changed_limit_seed_or_method_parameter_runs_a_new_cell(tmp_path, monkeypatch, capsys):
+    base, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=2")
+    assert "[run]" in out and "not run yet" in out
+    changes = {
+        "benchmark.limit=3": ("benchmark.limit: 2 -> 3", lambda r: r["spec"]["benchmark"]["limit"] == 3),
+        "seed=1": ("seed: 0 -> 1", lambda r: r["spec"]["seed"] == 1 and r["run"]["seed"] == 1),
+        "method.params.seed=1": (
+            "method.params.seed: 0 -> 1",
+            lambda r: r["run"]["method_params"]["seed"] == 1,
+        ),
+    }
+    ids = {base["cell"]["id"]}
+    for override, (reason, holds) in changes.items():
+        extra = [] if override.startswith("benchmark.limit") else ["benchmark.limit=2"]
+        record, out = run_cell(tmp_path, monkeypatch, capsys, override, *extra)
+        assert "[run]" in out and "[done]" not in out, out
+        assert reason in out, out  # the user sees why it ran
+        assert holds(record) and record["cell"]["id"] not in ids
+        ids.add(record["cell"]["id"])
+    assert len(list((tmp_path / "results").rglob("record.json"))) == 4
+
+    # Back to the first settings: that cell is reused, untouched, and becomes the one the tables show.
+    again, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=2")
+    assert "[done]" in out and "same settings" in out and "[run]" not in out
+    assert again == base
+    assert current_cell_id(Path(base["cell"]["path"]).parent) == base["cell"]["id"]
+
+
+def test_dry_run_says_for_every_cell_why_it_would_run_or_be_skipped(tmp_path, monkeypatch, capsys):
+    run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=2")
+    _, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=2", "dry_run=true")
+    assert "[dry-run]" in out and "finished: skipped" in out
+    _, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=5", "dry_run=true")
+    assert "new settings; finished cell" in out and "benchmark.limit: 2 -> 5" in out
+    _, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=2", "dry_run=true", "force=true")
+    assert "force=true re-runs it" in out
+    assert len(list((tmp_path / "results").rglob("record.json"))) == 1  # a dry run writes nothing
+
+
+def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_configs(tmp_path):
+    def identity(*overrides: str) -> dict:
+        cfg = compose_cell(tmp_path, *overrides)
+        return CellSpec.from_config(cfg).identity(cfg)
+
+    base = identity()
+    assert identity("launcher=accelerate", "launcher.num_processes=2") == base
+    assert identity("logger=wandb", f"paths.data_dir={tmp_path}", "experiment_name=other") == base
+    assert identity("method.label=renamed", "force=true") == base
+    assert identity("method.params.seed=0") == base  # the default, spelled out
+    vanilla = [identity("method=vanilla", f"method.retention_ratio={r}") for r in (0.1, 0.5)]
+    assert vanilla[0] == vanilla[1] and vanilla[0]["method"]["retention_ratio"] == 1.0
+    for changed in ("benchmark.batch_size=2", "model.dtype=bfloat16", "model.attn_implementation=eager"):
+        assert identity(changed) != base, changed
+    assert identity("+benchmark.protocol=llava") != base  # a key we do not know yet still counts
+
+
+def test_the_completion_check_is_repeated_under_the_lock(tmp_path, monkeypatch, capsys):
+    """Defect 5: a runner that saw the cell unfinished, then got the lock after another runner finished it,
+    must reuse it, not delete it and run it again."""
+    first, _ = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
+    real = Cell.is_complete
+    calls = []
+
+    def stale_first_look(self):  # as if checked before the other runner committed
+        calls.append(1)
+        return False if len(calls) == 1 else real(self)
+
+    monkeypatch.setattr(Cell, "is_complete", stale_first_look)
+    again, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
+    assert "finished by another process meanwhile" in out and "[run]" not in out
+    assert again == first
+    record_path = Path(first["cell"]["path"]) / "record.json"
+    assert json.loads(record_path.read_text())["finished"] == first["finished"]
+
+
+def test_a_busy_cell_is_not_run_and_the_run_fails_loudly(tmp_path, monkeypatch, capsys):
+    cfg = compose_cell(tmp_path, "benchmark.limit=1")
+    spec = CellSpec.from_config(cfg)
+    cell = Cell(tmp_path / "results", spec.key, spec.identity(cfg))
+    with cell.lock(), pytest.raises(run_module.CellError, match="being run by another process"):
+        run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
+    assert "[busy]" in capsys.readouterr().out
+    assert not cell.record_path.exists()

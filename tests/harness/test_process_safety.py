@@ -1,0 +1,138 @@
+"""Processes and secrets: a killed ``globalcom2.run`` takes its worker group with it, and no credential
+reaches the console or a file we write. Real subprocesses, the way users and Slurm run them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FAST = ["benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'", "method=random"]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (zombies have none)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+    return found
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+    ids=["SIGKILL", "SIGTERM"],
+)
+def test_killing_the_parent_ends_its_worker_group(tmp_path, signum):
+    results = tmp_path / "results"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "globalcom2.run",
+            *FAST,
+            "benchmark.limit=60",
+            "launcher=accelerate",
+            "launcher.num_processes=2",
+        ],
+        env={**os.environ, "GLOBALCOM2_RESULTS": str(results)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = str(results)  # every launcher and worker command line names its cell's .partial/ folder
+    try:
+        wait_for(
+            lambda: len([p for p in processes_mentioning(marker) if "globalcom2.worker" in _cmd(p)]) >= 2,
+            240,
+            "two workers",
+        )
+        os.kill(parent.pid, signum)
+        parent.wait(timeout=60)
+        wait_for(lambda: not processes_mentioning(marker), 60, "the worker group to end")
+    finally:
+        for pid in processes_mentioning(marker):
+            with _suppress():
+                os.kill(pid, signal.SIGKILL)
+        with _suppress():
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert not list(results.rglob("record.json"))
+
+
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _suppress():
+    import contextlib
+
+    return contextlib.suppress(ProcessLookupError, PermissionError)
+
+
+SECRETS = {
+    "HF_TOKEN": "hf_" + "FakeTokenForTheLeakTest" * 2,
+    "OPENAI_API_KEY": "sk-" + "FakeOpenAIKeyForTheLeakTest",
+    "WANDB_API_KEY": "0123456789abcdef" * 2 + "fakewandb",
+}
+
+
+def test_no_secret_reaches_the_console_or_any_file(tmp_path):
+    env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "GLOBALCOM2_RESULTS": str(tmp_path / "results")}
+    evaluation = subprocess.run(
+        [
+            *(sys.executable, "-m", "globalcom2.evaluation", "--model", "globalcom2_llava_next"),
+            *(
+                "--model_args",
+                "pretrained=tiny,method=random,retention_ratio=0.5",
+                "--tasks",
+                "globalcom2_demo",
+            ),
+            *("--limit", "1", "--gen_kwargs", "max_new_tokens=2", "--log_samples"),
+            *("--output_path", str(tmp_path / "cli")),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    # lmms-eval did log its tracker arguments, token included: masked
+    assert "Evaluation tracker args" in evaluation.stdout + evaluation.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "globalcom2.run", *FAST, "benchmark.limit=1", "logger=wandb"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    texts = {"console": evaluation.stdout + evaluation.stderr + run.stdout + run.stderr}
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files) and any(p.name == "record.json" for p in files)
+    texts.update({str(p): p.read_bytes().decode("utf-8", "replace") for p in files})
+    leaks = [
+        (where, name) for where, text in texts.items() for name, value in SECRETS.items() if value in text
+    ]
+    assert not leaks
