@@ -47,10 +47,10 @@ from globalcom2.evaluation.batching import PreparedBatch, decode_answer, prepare
 from globalcom2.evaluation.generation import GenerationSettings
 from globalcom2.evaluation.method_args import (
     check_attn_compatibility,
-    coerce,
     coerce_method_params,
     parse_attn_implementation,
 )
+from globalcom2.evaluation.plugin_options import PluginOptions
 from globalcom2.lmms_manifest import MODEL_ID
 from globalcom2.methods import METHODS
 from globalcom2.models.preload import check_device, checkpoint_config
@@ -95,18 +95,20 @@ class GlobalCom2LlavaNext(lmms):
     ) -> None:
         super().__init__()
         # Everything that can be wrong with the arguments is checked before the model is loaded.
-        if str(batch_size) == "auto" or max_batch_size is not None:
-            raise ValueError("automatic batch sizes are not supported: pass an integer batch_size")
-        self.batch_size_per_device = coerce(batch_size, int, "batch_size")
-        self.default_max_new_tokens = coerce(max_new_tokens, int, "max_new_tokens")
-        self.warmup_calls = coerce(warmup, int, "warmup")
-        self.profile = coerce(profile, bool, "profile")
-        self.random_init = coerce(random_init, bool, "random_init")
-        if self.batch_size_per_device < 1 or self.default_max_new_tokens < 1 or self.warmup_calls < 0:
-            raise ValueError(
-                f"need batch_size >= 1, max_new_tokens >= 1 and warmup >= 0, got {batch_size!r}, "
-                f"{max_new_tokens!r}, {warmup!r}"
-            )
+        options = PluginOptions.from_model_args(
+            batch_size=batch_size,
+            max_batch_size=max_batch_size,
+            max_new_tokens=max_new_tokens,
+            warmup=warmup,
+            profile=profile,
+            random_init=random_init,
+            dtype=dtype,
+        )
+        self.batch_size_per_device = options.batch_size
+        self.default_max_new_tokens = options.max_new_tokens
+        self.warmup_calls = options.warmup
+        self.profile = options.profile
+        self.random_init = options.random_init
         self.attn_implementation = parse_attn_implementation(attn_implementation)
         self.method_name = method
         self.method_kwargs = coerce_method_params(method, method_params)

@@ -45,8 +45,15 @@ class TaskCheck:
 
 def _index(include_path: Any, include_defaults: bool) -> dict[str, dict[str, Any]]:
     from lmms_eval.tasks import TaskManager
+    from loguru import logger
 
-    return TaskManager("ERROR", include_path=include_path, include_defaults=include_defaults).task_index
+    logger.disable(
+        "lmms_eval.tasks"
+    )  # indexing logs a DEBUG line per unloadable YAML, whatever the verbosity
+    try:
+        return TaskManager("ERROR", include_path=include_path, include_defaults=include_defaults).task_index
+    finally:
+        logger.enable("lmms_eval.tasks")
 
 
 @functools.cache
@@ -132,9 +139,9 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     from globalcom2.evaluation.method_args import (
         build_method,
         check_attn_compatibility,
-        coerce,
         parse_attn_implementation,
     )
+    from globalcom2.evaluation.plugin_options import PLUGIN_OPTION_NAMES, PluginOptions
     from globalcom2.models.preload import check_device, checkpoint_config
 
     names = plugin_arg_names()
@@ -154,12 +161,19 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
         check_device(plugin.get("device"))
     except ValueError as err:
         problems.append(str(err))
+    random_init = False
+    try:
+        options = PluginOptions.from_model_args(
+            **{k: v for k, v in plugin.items() if k in PLUGIN_OPTION_NAMES}
+        )
+        random_init = options.random_init
+    except ValueError as err:
+        problems.append(str(err))
     pretrained = plugin.get("pretrained")
     if not pretrained:
         problems.append("model_args needs pretrained=<hub id | folder | tiny>")
     else:
         try:
-            random_init = coerce(plugin.get("random_init", False), bool, "random_init")
             config = checkpoint_config(str(pretrained), random_init=random_init)
             if built is not None:
                 built.check_model_config(config)

@@ -17,16 +17,8 @@ FAST = ["benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'", "method=ran
 
 def processes_mentioning(text: str) -> list[int]:
     """Live processes whose command line contains ``text`` (zombies have none)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline and int(entry.name) != os.getpid():
-                found.append(int(entry.name))
-    return found
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [pid for pid in pids if pid != os.getpid() and text in _cmd(pid)]
 
 
 def wait_for(condition, timeout: float, what: str) -> None:

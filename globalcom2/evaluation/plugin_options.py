@@ -1,0 +1,65 @@
+"""The lmms-eval plugin's own ``model_args`` (everything that is not a method parameter), typed and checked.
+
+One home for these checks: the plugin's constructor and the pre-flight (``preflight.check_model_args``)
+both build a :class:`PluginOptions`, so a bad ``batch_size`` or ``dtype`` is refused before any model
+loads, with the same message on every entry point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from globalcom2.evaluation.method_args import coerce
+from globalcom2.models.llava_next import DTYPE_CHOICES
+
+#: The ``model_args`` keys :meth:`PluginOptions.from_model_args` takes.
+PLUGIN_OPTION_NAMES = (
+    "batch_size",
+    "max_batch_size",
+    "max_new_tokens",
+    "warmup",
+    "profile",
+    "random_init",
+    "dtype",
+)
+
+
+@dataclass(frozen=True)
+class PluginOptions:
+    batch_size: int
+    max_new_tokens: int
+    warmup: int
+    profile: bool
+    random_init: bool
+    dtype: str
+
+    @classmethod
+    def from_model_args(
+        cls,
+        *,
+        batch_size: Any = 1,
+        max_batch_size: Any = None,
+        max_new_tokens: Any = 1024,
+        warmup: Any = 1,
+        profile: Any = True,
+        random_init: Any = False,
+        dtype: Any = "auto",
+    ) -> PluginOptions:
+        """Raises ``ValueError`` naming the argument, its value and what is valid."""
+        if str(batch_size) == "auto" or max_batch_size is not None:
+            raise ValueError("automatic batch sizes are not supported: pass an integer batch_size >= 1")
+        options = cls(
+            batch_size=coerce(batch_size, int, "batch_size"),
+            max_new_tokens=coerce(max_new_tokens, int, "max_new_tokens"),
+            warmup=coerce(warmup, int, "warmup"),
+            profile=coerce(profile, bool, "profile"),
+            random_init=coerce(random_init, bool, "random_init"),
+            dtype=str(dtype),
+        )
+        for name, minimum in (("batch_size", 1), ("max_new_tokens", 1), ("warmup", 0)):
+            if getattr(options, name) < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {getattr(options, name)!r}")
+        if options.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype={options.dtype!r} is not a dtype; valid: {', '.join(DTYPE_CHOICES)}")
+        return options
