@@ -11,6 +11,10 @@ The crops tile a canvas of ``rows x cols`` crops (``24*rows x 24*cols`` tokens) 
 module reproduces that arithmetic (including ``int(round(x, 7))`` and the ``padding : size - padding``
 slice) so that compression methods can reason about crops, rows and separators without touching the
 model. ``tests/unit/test_anyres.py`` checks it position by position against the model's own packing.
+
+Two geometries exist (``globalcom2.models.geometry``): transformers' (the default), and the original LLaVA
+code's, which breaks grid ties the other way (handled by the pinpoints' order) and truncates with ``int(x)``
+when unpadding (``rounding="llava"`` here).
 """
 
 from __future__ import annotations
@@ -91,21 +95,33 @@ def crop_grid(
     return height // crop_size, width // crop_size
 
 
+ROUNDINGS = ("transformers", "llava")
+
+
 def unpadded_region(
-    image_size: tuple[int, int], canvas: tuple[int, int]
+    image_size: tuple[int, int], canvas: tuple[int, int], rounding: str = "transformers"
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Rows and columns ``[start, stop)`` of a ``canvas = (H, W)`` token grid kept by ``unpad_image``.
 
     Same arithmetic as transformers' ``unpad_image`` (strict ``>`` on aspect ratios, ``int(round(., 7))``,
-    symmetric ``padding : size - padding`` slice).
+    symmetric ``padding : size - padding`` slice). ``rounding="llava"`` truncates with ``int(.)`` instead, as
+    haotian-liu/LLaVA's ``unpad_image`` does (c121f043, ``llava/model/llava_arch.py`` L100-128): where the
+    exact value is a whole number that float arithmetic lands just below (861 x 328 on a 1 x 3 canvas:
+    62.99999999999999), LLaVA keeps two columns fewer.
     """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     orig_h, orig_w = image_size
     canvas_h, canvas_w = canvas
+
+    def size(value: float) -> int:
+        return int(value) if rounding == "llava" else int(round(value, 7))
+
     if orig_w / orig_h > canvas_w / canvas_h:
-        new_h = int(round(orig_h * (canvas_w / orig_w), 7))
+        new_h = size(orig_h * (canvas_w / orig_w))
         pad = (canvas_h - new_h) // 2
         return (pad, canvas_h - pad), (0, canvas_w)
-    new_w = int(round(orig_w * (canvas_h / orig_h), 7))
+    new_w = size(orig_w * (canvas_h / orig_h))
     pad = (canvas_w - new_w) // 2
     return (0, canvas_h), (pad, canvas_w - pad)
 
@@ -137,11 +153,15 @@ def packed_provenance(
 
 @cached_constants(maxsize=512)
 def _cached_layout(
-    image_size: tuple[int, int], pinpoints: tuple[tuple[int, int], ...], crop_size: int, patch_size: int
+    image_size: tuple[int, int],
+    pinpoints: tuple[tuple[int, int], ...],
+    crop_size: int,
+    patch_size: int,
+    rounding: str,
 ) -> PackedLayout:
     side = crop_size // patch_size
     grid = crop_grid(image_size, [list(p) for p in pinpoints], crop_size)
-    valid_rows, valid_cols = unpadded_region(image_size, (grid[0] * side, grid[1] * side))
+    valid_rows, valid_cols = unpadded_region(image_size, (grid[0] * side, grid[1] * side), rounding)
     view, token = packed_provenance(side, grid, valid_rows, valid_cols)
     return PackedLayout(image_size, grid, side, valid_rows, valid_cols, view, token)
 
@@ -151,10 +171,23 @@ def packed_layout(
     grid_pinpoints: list[list[int]],
     crop_size: int = 336,
     patch_size: int = 14,
+    rounding: str = "transformers",
 ) -> PackedLayout:
-    """The :class:`PackedLayout` of an image of ``image_size = (height, width)`` pixels (cached, CPU)."""
+    """The :class:`PackedLayout` of an image of ``image_size = (height, width)`` pixels (cached, CPU).
+
+    ``rounding``: the unpadding arithmetic, ``unpad_rounding(model.config)`` for a loaded model.
+    """
     if isinstance(image_size, torch.Tensor):
         image_size = image_size.tolist()
     height, width = (int(v) for v in image_size)
     pinpoints = tuple(tuple(int(v) for v in p) for p in grid_pinpoints)
-    return _cached_layout((height, width), pinpoints, int(crop_size), int(patch_size))
+    return _cached_layout((height, width), pinpoints, int(crop_size), int(patch_size), rounding)
+
+
+def unpad_rounding(config: object) -> str:
+    """The unpadding arithmetic of a model config: ``"llava"`` once ``globalcom2.models.geometry`` set it."""
+    return getattr(config, UNPAD_ROUNDING_ATTR, "transformers")
+
+
+#: The attribute of a LLaVA-NeXT config that records its unpadding arithmetic (absent: transformers').
+UNPAD_ROUNDING_ATTR = "globalcom2_unpad_rounding"

@@ -20,6 +20,8 @@ from globalcom2.evaluation.method_args import (
     coerce_method_params,
     parse_attn_implementation,
 )
+from globalcom2.evaluation.plugin_options import PluginOptions
+from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol, task_protocol
 from globalcom2.methods import METHODS
 from globalcom2.models.llava_next import DTYPE_CHOICES
 from globalcom2.models.preload import check_device, checkpoint_config
@@ -74,6 +76,15 @@ class BenchmarkSpec:
     limit: int | None
     batch_size: int
     gen_kwargs: str | None
+    protocol: str = DEFAULT_PROTOCOL  # lmms_eval | llava (globalcom2.evaluation.protocols)
+
+    def generation_overrides(self) -> dict[str, Any] | None:
+        """Under ``llava``, ``gen_kwargs`` adjusts LLaVA's fixed settings in the plugin (lmms-eval gets none)."""
+        if self.protocol != "llava" or not self.gen_kwargs:
+            return None
+        from lmms_eval.utils import simple_parse_args_string
+
+        return simple_parse_args_string(self.gen_kwargs)
 
 
 @dataclass(frozen=True)
@@ -183,7 +194,14 @@ class CellSpec:
             limit=limit,
             batch_size=config_int(bench_cfg.get("batch_size", 1), "benchmark.batch_size", minimum=1),
             gen_kwargs=bench_cfg.get("gen_kwargs"),
+            protocol=check_protocol(bench_cfg.get("protocol", DEFAULT_PROTOCOL)),
         )
+        if benchmark.protocol == "llava":
+            for task in benchmark.tasks:
+                task_protocol("llava", task)  # a task LLaVA's scripts do not cover raises
+            PluginOptions.from_model_args(
+                protocol="llava", generation_overrides=benchmark.generation_overrides()
+            )
         launcher_cfg = plain["launcher"]
         launcher = LauncherSpec(
             name=launcher_cfg["name"],

@@ -11,13 +11,19 @@ Registered through the entry point ``lmms_eval.models: globalcom2 = globalcom2.l
 (default ``sdpa``; a JSON object selects per sub-config), ``max_new_tokens`` (used when a task sets none;
 default 1024), ``records_path`` (JSONL sidecar of per-sample records), ``profile`` (default true),
 ``warmup`` (untimed generate calls before the first timed one; default 1), ``random_init`` (build the 7B/13B
-architecture named by ``pretrained`` with random weights: speed and memory only). Every other key is a parameter
-of the method (e.g. ``retention_ratio``), converted to the type its ``__init__`` declares.
+architecture named by ``pretrained`` with random weights: speed and memory only), ``protocol``
+(``lmms_eval``, the default: the task's prompt and generation settings; ``llava``: the original LLaVA
+evaluation the paper used, ``globalcom2.evaluation.protocols``), ``generation_overrides`` (under ``llava``
+only: a JSON object or ``k=v`` pairs applied on top of LLaVA's settings, e.g. a smaller ``max_new_tokens``).
+Every other key is a parameter of the method (e.g. ``retention_ratio``), converted to the type its
+``__init__`` declares.
 
 What the class guarantees:
 
-* The Vicuna-v1 prompt is built here (``<image>\\n`` per image + the task's context), as LLaVA's own
-  evaluation does; the checkpoint's chat template is not used.
+* The Vicuna-v1 prompt is built here (``<image>\\n`` per image + the question: the task's context, or
+  LLaVA's question-file text under ``protocol=llava``), as LLaVA's own evaluation does; the checkpoint's
+  chat template is not used. Under ``llava`` the text lmms-eval scores is LLaVA's reading of the answer
+  (POPE: ``eval_pope.py``); the records keep the raw answer.
 * Requests are batched only with requests of identical generation settings, left-padded; answers equal
   those at batch size 1 (the compression hooks are exact under padding, ``tests/lmms``).
 * Data parallelism under ``torchrun``/``accelerate launch``: one full model copy per process; lmms-eval
@@ -51,6 +57,7 @@ from globalcom2.evaluation.method_args import (
     parse_attn_implementation,
 )
 from globalcom2.evaluation.plugin_options import PluginOptions
+from globalcom2.evaluation.protocols import geometry_of, task_protocol
 from globalcom2.lmms_manifest import MODEL_ID
 from globalcom2.methods import METHODS
 from globalcom2.models.preload import check_device, checkpoint_config
@@ -91,6 +98,8 @@ class GlobalCom2LlavaNext(lmms):
         profile: bool = True,
         warmup: int = 1,
         random_init: bool = False,
+        protocol: str = "lmms_eval",
+        generation_overrides: str | dict[str, Any] | None = None,
         **method_params: Any,
     ) -> None:
         super().__init__()
@@ -103,7 +112,11 @@ class GlobalCom2LlavaNext(lmms):
             profile=profile,
             random_init=random_init,
             dtype=dtype,
+            protocol=protocol,
+            generation_overrides=generation_overrides,
         )
+        self.protocol = options.protocol
+        self.generation_overrides = options.generation_overrides
         self.batch_size_per_device = options.batch_size
         self.default_max_new_tokens = options.max_new_tokens
         self.warmup_calls = options.warmup
@@ -137,6 +150,7 @@ class GlobalCom2LlavaNext(lmms):
             device=self._device,
             attn_implementation=self.attn_implementation,
             random_init=self.random_init,
+            geometry=geometry_of(self.protocol),
         )
         self.tokenizer = self.processor.tokenizer
         self.attachment = attach(self.model, method, **self.method_kwargs)
@@ -189,6 +203,9 @@ class GlobalCom2LlavaNext(lmms):
             "attn_implementation": self.resolved_attn_implementation(),
             "profile": self.profile,
             "warmup_calls": self.warmup_calls,
+            "protocol": self.protocol,
+            "geometry": geometry_of(self.protocol),
+            "generation_overrides": self.generation_overrides,
         }
 
     def resolved_attn_implementation(self) -> dict[str, str | None]:
@@ -224,7 +241,9 @@ class GlobalCom2LlavaNext(lmms):
             if request.metadata and request.metadata.get("__padding_only__"):
                 results[index] = GenerationResult(text="")  # lmms-eval drops padding answers unread
                 continue
-            setting = GenerationSettings.from_gen_kwargs(request.args[1], self.default_max_new_tokens)
+            setting = task_protocol(self.protocol, request.args[4]).generation(
+                request.args[1], self.default_max_new_tokens, self.generation_overrides
+            )
             if setting.do_sample and not self._sampling_warned:
                 self._sampling_warned = True
                 logger.warning(
@@ -268,7 +287,7 @@ class GlobalCom2LlavaNext(lmms):
         self, requests: list[Instance], setting: GenerationSettings
     ) -> tuple[list[GenerationResult], list[sr.SampleRecord]]:
         started = time.perf_counter()
-        batch = prepare_batch(requests, self.task_dict)
+        batch = prepare_batch(requests, self.task_dict, self.protocol)
         inputs = self.processor(
             images=batch.images or None, text=batch.prompts, return_tensors="pt", padding=True
         )
@@ -320,7 +339,8 @@ class GlobalCom2LlavaNext(lmms):
                 logger.warning(f"empty answer for {task} doc {doc_id} (stop: {record.stop_reason})")
             records.append(record)
             counts = TokenCounts(input_tokens=record.llm_prompt_tokens, output_tokens=record.output_tokens)
-            outputs.append(GenerationResult(text=record.answer, token_counts=counts))
+            scored = task_protocol(self.protocol, task).read_answer(record.answer)
+            outputs.append(GenerationResult(text=scored, token_counts=counts))
         self._batches += 1
         return outputs, records
 

@@ -1,16 +1,20 @@
 """The Vicuna-v1 conversation format LLaVA-NeXT (vicuna) was trained and evaluated with.
 
-LLaVA's ``conv_vicuna_v1`` (haotian-liu/LLaVA ``llava/conversation.py``, ``sep_style=TWO``, ``sep=" "``)
-renders one user turn as ``"<system> USER: <image>\\n<question> ASSISTANT:"``. The published LLaVA-NeXT
-numbers were produced with this prompt (``--conv-mode vicuna_v1``), so the harness builds it itself
-instead of relying on whatever chat template a checkpoint ships.
+LLaVA's ``conv_vicuna_v1`` (haotian-liu/LLaVA c121f043 ``llava/conversation.py`` L242-252, ``sep_style=TWO``,
+``sep=" "``; rendered by ``get_prompt`` L54-63) turns one user turn into
+``"<system> USER: <image>\\n<question> ASSISTANT:"``, with the system prompt "A chat between a curious
+user and … the user's questions". The published LLaVA-NeXT numbers, and the GlobalCom² paper's, were
+produced with it (every ``scripts/v1_5/eval/*.sh`` passes ``--conv-mode vicuna_v1``); lmms-eval's own
+``llava`` model uses it too. ``conv_llava_v1`` (L325-335, the scripts' argparse default) differs only in
+saying "human" for "user"; it is not what was evaluated. The harness builds the prompt itself instead of
+relying on whatever chat template a checkpoint ships.
 """
 
 from __future__ import annotations
 
 VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 IMAGE_TOKEN = "<image>"
 

@@ -158,7 +158,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         cell = Cell(Path(cfg.paths.results_dir), spec.key, spec.identity(cfg))
     except INPUT_ERRORS as err:
         raise CellError(f"invalid cell: {_message(err)}") from err
-    label = f"{spec.model.name} | {spec.method.label} r={spec.method.retention_ratio} | {spec.benchmark.name}"
+    label = (
+        f"{spec.model.name} | {spec.method.label} r={spec.method.retention_ratio} | {spec.benchmark.name}"
+        f" | protocol={spec.benchmark.protocol}"
+    )
     if cell.dir in _SEEN_THIS_SWEEP:
         print(f"[same]    {label}  (another job of this sweep resolved to this cell)", flush=True)
         return cell.read_record()

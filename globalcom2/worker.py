@@ -85,6 +85,8 @@ def evaluate_cell(spec: CellSpec, out_dir: Path) -> dict[str, Any] | None:
         batch_size=spec.benchmark.batch_size,
         attn_implementation=spec.model.attn_implementation,
         random_init=spec.model.random_init,
+        protocol=spec.benchmark.protocol,
+        generation_overrides=spec.benchmark.generation_overrides(),
         **spec.method.attach_kwargs(),
     )
     loaded = time.time()
@@ -93,7 +95,7 @@ def evaluate_cell(spec: CellSpec, out_dir: Path) -> dict[str, Any] | None:
         list(spec.benchmark.tasks),
         output_path=out_dir,
         limit=spec.benchmark.limit,
-        gen_kwargs=spec.benchmark.gen_kwargs,
+        gen_kwargs=None if spec.benchmark.protocol == "llava" else spec.benchmark.gen_kwargs,
         random_seed=spec.seed,
         numpy_random_seed=spec.seed,
         torch_random_seed=spec.seed,

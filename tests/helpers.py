@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from globalcom2.prompts import vicuna_v1_prompt
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the Hydra configs of this checkout
 
 
 def prompt_inputs(processor, images, question="What is in the image?"):
@@ -18,7 +22,12 @@ def prompt_inputs(processor, images, question="What is in the image?"):
 
 
 def generate_steps(model, inputs, steps: int = 4, **kwargs):
-    """Greedy-generate exactly ``steps`` tokens; return ``(new tokens [B, steps], logits [steps, B, V])``."""
+    """Greedy-generate exactly ``steps`` tokens; return ``(new tokens [B, steps], logits [steps, B, V])``.
+
+    The ``<image>`` placeholder is never generated: the tiny random model could emit it, and a cache-free
+    step would then read it as an image slot (a real checkpoint never emits it).
+    """
+    kwargs.setdefault("suppress_tokens", [model.config.image_token_id])
     out = model.generate(
         **inputs,
         max_new_tokens=steps,

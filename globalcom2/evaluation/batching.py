@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image
 
+from globalcom2.evaluation.protocols import task_protocol
 from globalcom2.prompts import IMAGE_TOKEN, vicuna_v1_prompt
 
 
@@ -37,24 +38,30 @@ class PreparedBatch:
         return [[int(h), int(w)] for h, w in image_sizes[start : start + self.images_per_row[row]].tolist()]
 
 
-def prepare_batch(requests: Sequence[Any], task_dict: dict[str, Any]) -> PreparedBatch:
-    """Vicuna-v1 prompts (``<image>\\n`` per image, then the task's context) and the requests' images.
+def prepare_batch(
+    requests: Sequence[Any], task_dict: dict[str, Any], protocol: str = "lmms_eval"
+) -> PreparedBatch:
+    """Vicuna-v1 prompts (``<image>\\n`` per image, then the question) and the requests' images.
 
     Args:
         requests: lmms-eval simple-model requests; ``args`` is
             ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``.
         task_dict: ``lm.task_dict`` (``task -> split -> docs``), which lmms-eval fills before generating.
+        protocol: ``lmms_eval`` (the question is the task's context) or ``llava`` (LLaVA's question-file
+            text, built from the document: ``globalcom2.evaluation.protocols``).
     """
     prompts, images, images_per_row, keys = [], [], [], []
     for request in requests:
         context, _, doc_to_visual, doc_id, task, split = request.args
-        if IMAGE_TOKEN in context:
-            raise ValueError(f"{task} doc {doc_id}: the context already contains {IMAGE_TOKEN!r}")
-        visuals = list(doc_to_visual(task_dict[task][split][doc_id]) or [])
+        doc = task_dict[task][split][doc_id]
+        question = task_protocol(protocol, task).question(doc, context)
+        if IMAGE_TOKEN in question:
+            raise ValueError(f"{task} doc {doc_id}: the question already contains {IMAGE_TOKEN!r}")
+        visuals = list(doc_to_visual(doc) or [])
         for visual in visuals:
             if not isinstance(visual, Image.Image):
                 raise TypeError(f"{task} doc {doc_id}: expected PIL images, got {type(visual).__name__}")
-        prompts.append(vicuna_v1_prompt(context, num_images=len(visuals)))
+        prompts.append(vicuna_v1_prompt(question, num_images=len(visuals)))
         images += visuals
         images_per_row.append(len(visuals))
         keys.append((task, split, int(doc_id)))

@@ -110,6 +110,12 @@ def _run(lmms_main: Any, simple_parse_args_string: Any) -> int:
                 )
             if getattr(args, key, None) is not None:
                 model_args.setdefault(key, getattr(args, key))
+        if model_args.get("protocol") == "llava" and args.gen_kwargs:
+            return _fail(
+                f"--gen_kwargs {args.gen_kwargs!r} would be ignored under protocol=llava (its generation settings "
+                "are LLaVA's); adjust them with model_args generation_overrides='{\"max_new_tokens\": 8}'",
+                EXIT_PREFLIGHT,
+            )
     try:
         preflight(tasks, include_path=args.include_path, model_args=model_args)
     except PreflightError as err:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from globalcom2.evaluation.generation import GenerationSettings
 from globalcom2.evaluation.method_args import coerce
+from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol
 from globalcom2.models.llava_next import DTYPE_CHOICES
 
 #: The ``model_args`` keys :meth:`PluginOptions.from_model_args` takes.
@@ -33,6 +35,8 @@ class PluginOptions:
     profile: bool
     random_init: bool
     dtype: str
+    protocol: str = DEFAULT_PROTOCOL
+    generation_overrides: dict[str, Any] | None = None
 
     @classmethod
     def from_model_args(
@@ -45,6 +49,8 @@ class PluginOptions:
         profile: Any = True,
         random_init: Any = False,
         dtype: Any = "auto",
+        protocol: Any = DEFAULT_PROTOCOL,
+        generation_overrides: Any = None,
     ) -> PluginOptions:
         """Raises ``ValueError`` naming the argument, its value and what is valid."""
         if str(batch_size) == "auto" or max_batch_size is not None:
@@ -56,10 +62,43 @@ class PluginOptions:
             profile=coerce(profile, bool, "profile"),
             random_init=coerce(random_init, bool, "random_init"),
             dtype=str(dtype),
+            protocol=check_protocol(protocol),
+            generation_overrides=_overrides(generation_overrides),
         )
+        if options.generation_overrides and options.protocol != "llava":
+            raise ValueError(
+                "generation_overrides apply under protocol=llava (whose generation settings are fixed); under "
+                "protocol=lmms_eval pass lmms-eval's --gen_kwargs instead"
+            )
+        if options.generation_overrides:
+            GenerationSettings.from_gen_kwargs(options.generation_overrides, options.max_new_tokens)
         for name, minimum in (("batch_size", 1), ("max_new_tokens", 1), ("warmup", 0)):
             if getattr(options, name) < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {getattr(options, name)!r}")
         if options.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype={options.dtype!r} is not a dtype; valid: {', '.join(DTYPE_CHOICES)}")
         return options
+
+
+def _overrides(value: Any) -> dict[str, Any] | None:
+    """``generation_overrides``: a mapping, a JSON object string, or an lmms-eval ``k=v,k=v`` string."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            import json
+
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"generation_overrides is not valid JSON: {value!r} ({err})") from err
+            if isinstance(parsed, dict):
+                return parsed
+        else:
+            from lmms_eval.utils import simple_parse_args_string
+
+            return simple_parse_args_string(text)
+    raise ValueError(f"generation_overrides must be a mapping or 'k=v,...', got {value!r}")

@@ -198,6 +198,15 @@ def preflight(
         checks = check_tasks(tasks, include_path)
     except PreflightError as err:
         problems += str(err).splitlines()[1:]
+    protocol = (model_args or {}).get("protocol", "lmms_eval")
+    if protocol == "llava":
+        from globalcom2.evaluation.protocols import task_protocol
+
+        for task in tasks:
+            try:
+                task_protocol(protocol, task)
+            except ValueError as err:
+                problems.append(f"- {err}")
     if problems:
         raise PreflightError("\n".join(["cannot run:", *problems]))
     return checks

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
+from globalcom2.models.geometry import GEOMETRIES, apply_geometry
 from globalcom2.models.preload import (
     SUPPORTED_CHECKPOINTS,
     check_llava_next_config,
@@ -64,6 +65,7 @@ def load_llava_next(
     device: str | torch.device = "cpu",
     attn_implementation: str | dict[str, str] = "sdpa",
     random_init: bool = False,
+    geometry: str = "transformers",
 ) -> tuple[LlavaNextForConditionalGeneration, Any]:
     """Load a LLaVA-NeXT checkpoint and its processor, ready for left-padded batched generation.
 
@@ -74,6 +76,8 @@ def load_llava_next(
         attn_implementation: ``"sdpa"`` (default), ``"eager"``, or a per-sub-config dict.
         random_init: build ``pretrained``'s architecture (7B or 13B, read from its name) with random
             weights instead of loading it: for speed and memory measurements without the checkpoint.
+        geometry: ``"transformers"`` (default) or ``"llava"``: the original LLaVA code's AnyRes grid ties and
+            unpadding, for this model and processor (``globalcom2.models.geometry``).
 
     Returns:
         ``(model, processor)``; the model is in eval mode and passes :func:`check_llava_next_anyres`.
@@ -83,16 +87,20 @@ def load_llava_next(
         FileNotFoundError: no such folder, or not in the cache while offline.
     """
     resolve_dtype(dtype)  # a bad dtype fails before anything is read
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry={geometry!r}; valid: {', '.join(GEOMETRIES)}")
     if random_init:
         from globalcom2.models.random_init import build_random_llava_next, size_from_name
 
         resolved = "float16" if dtype in (None, "auto") else dtype  # the llava-hf checkpoints' dtype
-        return build_random_llava_next(
+        model, processor = build_random_llava_next(
             size_from_name(str(pretrained)),
             dtype=resolved,
             device=device,
             attn_implementation=attn_implementation,
         )
+        apply_geometry(model, processor, geometry)
+        return model, processor
     checkpoint_config(pretrained)  # the config alone: a wrong model type fails before the weights load
     path = resolve_checkpoint(pretrained)
     try:
@@ -110,4 +118,5 @@ def load_llava_next(
     # torchvision backend gives slightly different pixels, so one backend keeps numbers comparable.
     processor = AutoProcessor.from_pretrained(path, backend="pil")
     processor.tokenizer.padding_side = "left"  # not serialised by tokenizers; batched generation needs it
+    apply_geometry(model, processor, geometry)
     return model, processor

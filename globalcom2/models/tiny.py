@@ -36,7 +36,7 @@ from globalcom2.prompts import VICUNA_V1_CHAT_TEMPLATE
 # llava-v1.6 AnyRes canvases as (height, width).
 LLAVA_V16_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 # Bump when the recipe changes, so cached checkpoints of an older recipe are never reused.
-TINY_RECIPE_VERSION = 1
+TINY_RECIPE_VERSION = 2  # 2: the chat template's system prompt is vicuna_v1's ("user")
 
 VISION = {
     "hidden_size": 64,

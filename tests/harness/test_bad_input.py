@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_llava15_checkpoint
+from helpers import CONFIGS, write_llava15_checkpoint
 from hydra import compose, initialize_config_dir
 
 import globalcom2.run as run_module
 from globalcom2.cells import CellSpec
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MISSING_CUDA = f"cuda:{torch.cuda.device_count()}"  # one past the last device: absent on every machine
 
 BAD = {

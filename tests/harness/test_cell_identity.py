@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import CONFIGS
 from hydra import compose, initialize_config_dir
 
 import globalcom2.run as run_module
 from globalcom2.cells import CellSpec
 from globalcom2.store import Cell, current_cell_id
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FAST = ["model=tiny", "benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'", "method=random"]
 
 
@@ -89,7 +89,8 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
     assert vanilla[0] == vanilla[1] and vanilla[0]["method"]["retention_ratio"] == 1.0
     for changed in ("benchmark.batch_size=2", "model.dtype=bfloat16", "model.attn_implementation=eager"):
         assert identity(changed) != base, changed
-    assert identity("+benchmark.protocol=llava") != base  # a key we do not know yet still counts
+    assert identity("+benchmark.future_option=1") != base  # a key we do not know yet still counts
+    assert identity("benchmark.protocol=llava", "benchmark.tasks=[globalcom2_demo]") != base
 
 
 def test_the_completion_check_is_repeated_under_the_lock(tmp_path, monkeypatch, capsys):

@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import CONFIGS
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 import globalcom2.run  # registers the project_root resolver
 from globalcom2.cells import CellSpec
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GROUPS = ["model", "method", "benchmark", "launcher", "logger", "experiment", "sweep", "debug"]
 
 

@@ -313,6 +313,7 @@ def test_sparsevlm_cached_decode_equals_no_cache_recompute(processor, images):
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
+            suppress_tokens=[model.config.image_token_id],  # see helpers.generate_steps
         )
         new_tokens = out.sequences[:, prompt_length:]
         choose_raters = handle.method.select_queries

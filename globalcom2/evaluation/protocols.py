@@ -1,0 +1,228 @@
+"""What the model is fed, benchmark by benchmark: the paper's LLaVA protocol, or lmms-eval's task defaults.
+
+``protocol`` (a plugin ``model_args`` key and ``benchmark.protocol`` in Hydra) takes two values:
+
+* ``llava`` reproduces the original LLaVA v1.6 evaluation that the GlobalCom² paper used
+  (haotian-liu/LLaVA at c121f0432da27facab705978f83c4ada465e46fd, ``scripts/v1_5/eval/*.sh`` with
+  ``--temperature 0 --conv-mode vicuna_v1``; xuyang-liu16/GlobalCom2 ships the same scripts):
+  * the prompt is the question-file text after ``<image>\\n`` (:data:`LLAVA_RULES`, one rule per task);
+  * decoding is greedy, one beam, no stop string (EOS only), with ``max_new_tokens`` 128 for the tasks
+    of ``llava/eval/model_vqa_loader.py`` (its argparse default, L141) and 1024 for ScienceQA, MMBench
+    and MM-Vet (hard-coded in ``model_vqa_science.py`` L80, ``model_vqa_mmbench.py`` L120 and
+    ``model_vqa.py`` L71);
+  * POPE answers are read as LLaVA's ``llava/eval/eval_pope.py`` (L10-20) reads them, before lmms-eval
+    scores them (:func:`llava_pope_answer`);
+  * the AnyRes geometry is LLaVA's (grid ties, unpadding: ``globalcom2.models.geometry``).
+* ``lmms_eval`` keeps lmms-eval's own task defaults (its prompts, ``generation_kwargs`` and ``until``),
+  for comparison with lmms-eval-based papers and leaderboards.
+
+Both protocols use the ``vicuna_v1`` conversation (``globalcom2.prompts``). Our own generated tasks (the
+demo and efficiency benchmarks) have one prompt only, which both protocols use.
+
+Question-file suffixes are not in the LLaVA repository (they ship in its ``eval.zip``). They are taken
+from a copy of that archive committed in the LLaVA mirror (``refs/pull/1199/head``, 32cebc38, a
+third-party PR), checked line by line for GQA, VizWiz, TextVQA, POPE, MME, MM-Vet and ScienceQA; VQAv2's
+file is missing there, and its suffix follows ``docs/Evaluation.md`` L13-18 (short-answer format), the
+same one the other short-answer files carry (high confidence, not checked byte for byte). MMBench's
+prompt is built in code (``model_vqa_mmbench.py`` L81-99), so it is certain.
+
+Known deviation: LLaVA tokenises the text before and after ``<image>`` separately
+(``tokenizer_image_token``, ``llava/mm_utils.py`` L185-204); transformers' processor tokenises the whole
+prompt. The boundary tokens may differ; ``show_inputs`` prints our ``input_ids`` so it can be checked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from globalcom2.evaluation.generation import GenerationSettings
+
+PROTOCOLS = ("lmms_eval", "llava")
+DEFAULT_PROTOCOL = "lmms_eval"
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."
+OPTION_LETTER = "Answer with the option's letter from the given choices directly."
+OPTION_LETTER_CN = "请直接回答选项字母。"
+MME_SUFFIX = " Please answer yes or no."
+#: ``model_vqa_loader.py``'s default ``--max_new_tokens`` (L141); the eval scripts do not set it.
+LOADER_MAX_NEW_TOKENS = 128
+#: Hard-coded in ``model_vqa_science.py`` (L80), ``model_vqa_mmbench.py`` (L120) and ``model_vqa.py`` (L71).
+LONG_MAX_NEW_TOKENS = 1024
+
+
+def geometry_of(protocol: str) -> str:
+    """The AnyRes geometry a protocol evaluates with (``globalcom2.models.geometry``): LLaVA's grid ties and
+    unpadding under ``llava``, transformers' under ``lmms_eval``."""
+    return "llava" if check_protocol(protocol) == "llava" else "transformers"
+
+
+def check_protocol(protocol: Any) -> str:
+    """``protocol`` if it is one we define, else ``ValueError`` naming the valid ones."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not a protocol; valid: {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def short_answer(doc: Mapping[str, Any]) -> str:
+    """VQAv2, GQA and POPE: ``llava_vqav2_mscoco_test-dev2015.jsonl``, ``llava_gqa_testdev_balanced.jsonl``,
+    ``llava_pope_test.jsonl``: the question as written, then the short-answer instruction."""
+    return f"{doc['question']}\n{SHORT_ANSWER}"
+
+
+def vizwiz(doc: Mapping[str, Any]) -> str:
+    """``vizwiz/llava_test.jsonl``: the question capitalised, then two instruction lines.
+
+    All 8000 questions of LLaVA's file equal their ``str.capitalize()`` ("How long and what temperature do
+    i bake this pizza for?"), so the file was written from capitalised questions, as lmms-eval does.
+    """
+    return f"{doc['question'].capitalize()}\n{UNANSWERABLE}\n{SHORT_ANSWER}"
+
+
+def textvqa(doc: Mapping[str, Any]) -> str:
+    """``textvqa/llava_textvqa_val_v051_ocr.jsonl``: the question capitalised, the Rosetta OCR tokens, the
+    instruction.
+
+    Every one of its 5000 rows carries the OCR line (lmms-eval's ``textvqa_val`` has ``ocr: false``), and
+    every question equals its ``str.capitalize()`` ("Where will i be if i turn right?"). The paper's vanilla
+    TextVQA (64.9 for 7B) is LLaVA's MODEL_ZOO number, produced with these prompts.
+    """
+    tokens = ", ".join(doc["ocr_tokens"] or [])
+    return f"{doc['question'].capitalize()}\nReference OCR token: {tokens}\n{SHORT_ANSWER}"
+
+
+def mme(doc: Mapping[str, Any]) -> str:
+    """``MME/llava_mme.jsonl``: MME's own " Please answer yes or no." replaced by the short-answer line."""
+    question = doc["question"]
+    if question.endswith(MME_SUFFIX):
+        question = question[: -len(MME_SUFFIX)]
+    return f"{question}\n{SHORT_ANSWER}"
+
+
+def scienceqa(doc: Mapping[str, Any]) -> str:
+    """``scienceqa/llava_test_CQM-A.json`` + ``--single-pred-prompt`` (``model_vqa_science.py`` L43-64):
+    ``Context: <hint>`` (only when there is one), the question, ``A. …`` lines, the letter instruction."""
+    lines = [f"Context: {doc['hint']}"] if doc.get("hint") else []
+    lines.append(doc["question"])
+    lines += [f"{chr(ord('A') + i)}. {choice}" for i, choice in enumerate(doc["choices"])]
+    return "\n".join([*lines, OPTION_LETTER])
+
+
+def _is_none(value: Any) -> bool:
+    """``model_vqa_mmbench.py``'s ``is_none`` (L31-42): None, NaN, "nan" and "none" count as absent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return isinstance(value, str) and value.lower() in ("nan", "none")
+
+
+def _mmbench(instruction: str) -> Callable[[Mapping[str, Any]], str]:
+    def build(doc: Mapping[str, Any]) -> str:
+        """``model_vqa_mmbench.py`` L81-99: ``hint\\nquestion`` (the hint only when present), then one
+        ``X. option`` line for A-D up to the first absent option, then the instruction (``--single-pred-prompt``).
+        No ``--all-rounds``: the dev file already holds the circular copies."""
+        question = doc["question"] if _is_none(doc.get("hint")) else f"{doc['hint']}\n{doc['question']}"
+        for letter in "ABCD":
+            if _is_none(doc.get(letter)):
+                break
+            question += f"\n{letter}. {doc[letter]}"
+        return f"{question}\n{instruction}"
+
+    return build
+
+
+def mmvet(doc: Mapping[str, Any]) -> str:
+    """``mm-vet/llava-mm-vet.jsonl``: the bare question (lmms-eval prepends a "think step by step" line)."""
+    return doc["question"]
+
+
+def llava_pope_answer(text: str) -> str:
+    """``eval_pope.py`` L10-20: the first sentence, commas removed, split on spaces; "No", "not" or "no"
+    among the words means "no", anything else (an empty answer too) means "yes"."""
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if {"No", "not", "no"} & set(words) else "yes"
+
+
+@dataclass(frozen=True)
+class LlavaRule:
+    """How LLaVA's scripts feed and read one task.
+
+    Attributes:
+        question: the question-file text (what follows ``<image>\\n`` in the user turn), from a document.
+        max_new_tokens: the generation budget of the LLaVA module that runs the benchmark.
+        read_answer: LLaVA's post-processing before scoring, if any.
+    """
+
+    question: Callable[[Mapping[str, Any]], str]
+    max_new_tokens: int
+    read_answer: Callable[[str], str] | None = None
+
+
+LLAVA_RULES: dict[str, LlavaRule] = {
+    "vqav2_val_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS),
+    "gqa_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS),
+    "vizwiz_vqa_val_local": LlavaRule(vizwiz, LOADER_MAX_NEW_TOKENS),
+    "scienceqa_img_local": LlavaRule(scienceqa, LONG_MAX_NEW_TOKENS),
+    "textvqa_val_local": LlavaRule(textvqa, LOADER_MAX_NEW_TOKENS),
+    "pope_adv_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer),
+    "pope_pop_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer),
+    "pope_random_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer),
+    "mme_local": LlavaRule(mme, LOADER_MAX_NEW_TOKENS),
+    "mmbench_en_dev_static_local": LlavaRule(_mmbench(OPTION_LETTER), LONG_MAX_NEW_TOKENS),
+    "mmbench_cn_dev_static_local": LlavaRule(_mmbench(OPTION_LETTER_CN), LONG_MAX_NEW_TOKENS),
+    "mmvet_local": LlavaRule(mmvet, LONG_MAX_NEW_TOKENS),
+}
+
+
+@dataclass(frozen=True)
+class TaskProtocol:
+    """How one task is fed and read under one protocol (what the plugin and ``show_inputs`` use)."""
+
+    protocol: str
+    rule: LlavaRule | None  # None: the task's own prompt and generation settings
+
+    def question(self, doc: Mapping[str, Any], context: str) -> str:
+        """The user text after the images: the LLaVA question-file text, or lmms-eval's context."""
+        return context if self.rule is None else self.rule.question(doc)
+
+    def generation(
+        self,
+        task_gen_kwargs: dict[str, Any] | None,
+        default_max_new_tokens: int,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> GenerationSettings:
+        """lmms-eval's request settings, or LLaVA's (greedy, one beam, EOS only) with the task's budget.
+
+        ``overrides`` (``generation_overrides``) apply on top under ``llava``, e.g. a smaller
+        ``max_new_tokens`` for a smoke test; they are part of the cell's identity and of its records.
+        """
+        if self.rule is None:
+            return GenerationSettings.from_gen_kwargs(task_gen_kwargs, default_max_new_tokens)
+        kwargs = {"max_new_tokens": self.rule.max_new_tokens, "do_sample": False, "num_beams": 1, "until": []}
+        return GenerationSettings.from_gen_kwargs({**kwargs, **(overrides or {})}, default_max_new_tokens)
+
+    def read_answer(self, answer: str) -> str:
+        """The text lmms-eval scores (LLaVA's post-processing under ``llava``)."""
+        if self.rule is None or self.rule.read_answer is None:
+            return answer
+        return self.rule.read_answer(answer)
+
+
+def task_protocol(protocol: str, task: str) -> TaskProtocol:
+    """The protocol of ``task``; ``ValueError`` for a task ``llava`` has no rule for (our generated tasks
+    have only one prompt and are fine under either)."""
+    from globalcom2.evaluation.benchmarks import GENERATED_TASKS
+
+    check_protocol(protocol)
+    if protocol == "lmms_eval" or task in GENERATED_TASKS:
+        return TaskProtocol(protocol, None)
+    if task not in LLAVA_RULES:
+        raise ValueError(
+            f"protocol='llava' has no rule for task {task!r} (LLaVA's scripts cover the offline paper tasks: "
+            f"{', '.join(LLAVA_RULES)}); use protocol='lmms_eval' for it"
+        )
+    return TaskProtocol(protocol, LLAVA_RULES[task])

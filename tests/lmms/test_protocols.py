@@ -1,0 +1,215 @@
+"""The two protocols: ``llava`` feeds the model what LLaVA's own eval scripts fed it, ``lmms_eval`` keeps the
+tasks' defaults. Expected prompts are written by hand from haotian-liu/LLaVA c121f043 (conversation.py
+``conv_vicuna_v1``, model_vqa_loader/science/mmbench/model_vqa.py, the eval.zip question files), not from
+our functions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from globalcom2.evaluation import api
+from globalcom2.evaluation.batching import decode_answer
+from globalcom2.evaluation.protocols import llava_pope_answer, task_protocol
+from globalcom2.evaluation.show_inputs import main as show_inputs_main
+from globalcom2.evaluation.show_inputs import show_inputs
+
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+
+
+def turn(text: str) -> str:
+    """conv_vicuna_v1.get_prompt() for one image: system, ' USER: ', '<image>\\n' + text, ' ASSISTANT:'."""
+    return f"{SYSTEM} USER: <image>\n{text} ASSISTANT:"
+
+
+# The first fixture row of every task, as LLaVA's pipeline would prompt it.
+LLAVA_PROMPTS = {
+    "vqav2_val_local": turn(f"What color is the square?\n{SHORT}"),
+    "gqa_local": turn(f"Is it overcast?\n{SHORT}"),
+    "vizwiz_vqa_val_local": turn(
+        f"What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n{SHORT}"
+    ),
+    "scienceqa_img_local": turn(
+        f"Which of these states is farthest north?\nA. West Virginia\nB. Louisiana\nC. Arizona\nD. Oklahoma\n{LETTER}"
+    ),
+    "textvqa_val_local": turn(f"What brand is this?\nReference OCR token: nokia, 5800\n{SHORT}"),
+    "pope_adv_local": turn(f"Is there a dining table in the image?\n{SHORT}"),
+    "pope_pop_local": turn(f"Is there a person in the image?\n{SHORT}"),
+    "pope_random_local": turn(f"Is there a dog in the image?\n{SHORT}"),
+    "mme_local": turn(f"Is there a train in this image?\n{SHORT}"),
+    "mmbench_en_dev_static_local": turn(
+        "The image shows a scene.\nWhich category does this image belong to?\n"
+        f"A. oil painting\nB. sketch\nC. digital art\nD. photo\n{LETTER}"
+    ),
+    "mmbench_cn_dev_static_local": turn(
+        "图片展示了一个场景。\n这张图片属于哪一类？\nA. 油画\nB. 素描\nC. 数字艺术\nD. 照片\n请直接回答选项字母。"
+    ),
+    "mmvet_local": turn("What is the price of the sandwich?"),
+}
+PAPER_TASKS = list(LLAVA_PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def llava_inputs(fixture_data):
+    return {row["task"]: row for row in show_inputs(PAPER_TASKS, 1, "llava")}
+
+
+@pytest.mark.parametrize("task", PAPER_TASKS)
+def test_llava_prompts_are_exactly_llavas(task, llava_inputs):
+    row = llava_inputs[task]
+    assert row["prompt"] == LLAVA_PROMPTS[task]
+    budget = 1024 if task.startswith(("scienceqa", "mmbench", "mmvet")) else 128
+    assert row["gen_kwargs"] == {"max_new_tokens": budget, "do_sample": False, "num_beams": 1, "until": []}
+    assert len(row["visual_tokens"]) == len(row["grid"]) == len(row["image_sizes"]) == 1
+    assert row["input_ids"][0] == 1 and len(row["input_ids"]) > row["visual_tokens"][0]
+
+
+def test_scienceqa_context_line_only_when_there_is_a_hint(fixture_data):
+    (row,) = [r for r in show_inputs(["scienceqa_img_local"], 2, "llava") if r["doc_id"] == 1]
+    assert row["prompt"] == turn(
+        "Context: Moles dig.\nWhich animal's feet are also adapted for digging?\nA. aardvark\nB. sugar glider\n"
+        f"{LETTER}"
+    )
+
+
+def test_mmbench_stops_at_the_first_absent_option_and_skips_an_absent_hint():
+    rule = task_protocol("llava", "mmbench_en_dev_static_local")
+    doc = {"question": "Q?", "hint": "nan", "A": "x", "B": "y", "C": float("nan"), "D": "z"}
+    assert rule.question(doc, "ignored") == f"Q?\nA. x\nB. y\n{LETTER}"
+
+
+def test_the_lmms_eval_protocol_keeps_the_task_defaults(fixture_data):
+    rows = {r["task"]: r for r in show_inputs(["mmbench_en_dev_static_local", "mmvet_local"], 1, "lmms_eval")}
+    assert "There are several options:" in rows["mmbench_en_dev_static_local"]["prompt"]
+    assert "think step by step" in rows["mmvet_local"]["prompt"]
+    assert rows["mmvet_local"]["gen_kwargs"]["until"] == ["\n\n"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "read"),
+    [
+        ("Yes, there is a dog in the image.", "yes"),
+        ("No.", "no"),
+        ("There is not a dog. No, wait.", "no"),  # the first sentence decides
+        ("I think so", "yes"),
+        ("NO", "yes"),  # eval_pope.py matches "No", "not", "no" only
+        ("no, there isn't", "no"),
+        ("Not really.", "yes"),  # "Not" is not in LLaVA's list either
+        ("", "yes"),
+    ],
+)
+def test_pope_answers_are_read_as_eval_pope_reads_them(answer, read):
+    assert llava_pope_answer(answer) == read
+    assert task_protocol("llava", "pope_adv_local").read_answer(answer) == read
+    assert task_protocol("lmms_eval", "pope_adv_local").read_answer(answer) == answer
+
+
+def test_mmvet_under_llava_keeps_a_multi_paragraph_answer(processor):
+    text = "First paragraph.\n\nSecond paragraph."
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    settings = task_protocol("llava", "mmvet_local").generation({"until": ["\n\n"]}, 1024)
+    assert settings.until == () and settings.max_new_tokens == 1024
+    assert decode_answer(processor.tokenizer, ids, {2}, settings.until).answer == text
+    lmms = task_protocol("lmms_eval", "mmvet_local").generation({"until": ["\n\n"]}, 1024)
+    assert decode_answer(processor.tokenizer, ids, {2}, lmms.until).answer == "First paragraph."
+
+
+def test_llava_refuses_a_task_it_has_no_rule_for():
+    with pytest.raises(ValueError, match="protocol='llava' has no rule for task 'mme'"):
+        task_protocol("llava", "mme")
+    with pytest.raises(ValueError, match="protocol='lava' is not a protocol; valid: lmms_eval, llava"):
+        task_protocol("lava", "mme_local")
+    assert task_protocol("llava", "globalcom2_demo").rule is None  # ours: one prompt for both
+
+
+def test_show_inputs_prints_one_json_line_per_sample(fixture_data, capsys):
+    assert (
+        show_inputs_main(["--tasks", "pope_adv_local,mme_local", "--limit", "2", "--protocol", "llava"]) == 0
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted((r["task"], r["doc_id"]) for r in rows) == [
+        ("mme_local", 0),
+        ("mme_local", 1),
+        ("pope_adv_local", 0),
+        ("pope_adv_local", 1),
+    ]
+    keys = {"task", "doc_id", "prompt", "input_ids", "image_sizes", "grid", "visual_tokens", "gen_kwargs"}
+    assert all(set(r) == keys for r in rows)
+
+
+@pytest.mark.parametrize("protocol", ["llava", "lmms_eval"])
+def test_both_protocols_run_all_ten_benchmarks_end_to_end(protocol, fixture_data, tmp_path):
+    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+
+    lm = GlobalCom2LlavaNext(
+        pretrained="tiny",
+        method="random",
+        retention_ratio=0.5,
+        protocol=protocol,
+        profile=False,
+        **({"generation_overrides": {"max_new_tokens": 3}} if protocol == "llava" else {}),
+    )
+    results = api.evaluate(
+        lm,
+        PAPER_TASKS,
+        output_path=tmp_path,
+        limit=2,
+        gen_kwargs=None if protocol == "llava" else "max_new_tokens=3",
+    )
+    assert set(PAPER_TASKS) <= set(results["results"])
+    pope = results["samples"]["pope_adv_local"]
+    answers = {sample["filtered_resps"][0] for sample in pope}
+    if protocol == "llava":
+        assert answers <= {"yes", "no"}  # read as eval_pope.py reads them
+    records = {r.task for r in lm.records}
+    assert records == set(PAPER_TASKS) and all(r.output_tokens <= 3 for r in lm.records)
+
+
+def test_the_cli_refuses_gen_kwargs_that_llava_would_ignore(fixture_data, tmp_path, capsys):
+    from globalcom2.evaluation import cli
+
+    argv = ["--model", "globalcom2_llava_next", "--model_args", "pretrained=tiny,protocol=llava"]
+    argv += ["--tasks", "mme_local", "--gen_kwargs", "max_new_tokens=2", "--output_path", str(tmp_path)]
+    assert cli.main(argv) == cli.EXIT_PREFLIGHT
+    assert "would be ignored under protocol=llava" in capsys.readouterr().err
+
+
+def test_a_cell_under_llava_passes_gen_kwargs_to_the_plugin_not_to_lmms_eval(tmp_path):
+    from helpers import CONFIGS
+    from hydra import compose, initialize_config_dir
+
+    import globalcom2.run  # noqa: F401  (registers the project_root resolver)
+    from globalcom2.cells import CellSpec
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            config_name="eval",
+            overrides=[
+                "benchmark=pope",
+                "benchmark.protocol=llava",
+                "benchmark.gen_kwargs='max_new_tokens=4'",
+            ],
+        )
+    spec = CellSpec.from_config(cfg)
+    assert spec.benchmark.protocol == "llava"
+    assert spec.benchmark.generation_overrides() == {"max_new_tokens": 4}
+    assert spec.identity(cfg)["benchmark"]["protocol"] == "llava"
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        bad = compose(config_name="eval", overrides=["benchmark=pope", "benchmark.protocol=lava"])
+    with pytest.raises(ValueError, match="protocol='lava' is not a protocol"):
+        CellSpec.from_config(bad)
+
+
+def test_llava_inputs_use_llavas_anyres_geometry(fixture_data, llava_inputs):
+    """A small square image ties every grid: LLaVA splits it top/bottom (2 x 1), transformers left/right."""
+    (lmms,) = show_inputs(["pope_adv_local"], 1, "lmms_eval")
+    llava = llava_inputs["pope_adv_local"]
+    assert llava["image_sizes"] == lmms["image_sizes"] == [[80, 80]]
+    assert llava["grid"] == [[2, 1]] and lmms["grid"] == [[1, 2]]
+    assert llava["visual_tokens"] == lmms["visual_tokens"] == [1176]
