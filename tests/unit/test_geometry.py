@@ -51,7 +51,9 @@ def test_grid_and_token_counts_match_llava_by_hand(size):
 def test_processor_model_and_layout_agree_under_the_llava_geometry(llava_tiny, size):
     model, processor = llava_tiny
     config = model.config
-    assert unpad_rounding(config) == "llava" and config.image_grid_pinpoints == llava_order(LLAVA_V16_GRID_PINPOINTS)
+    assert unpad_rounding(config) == "llava" and config.image_grid_pinpoints == llava_order(
+        LLAVA_V16_GRID_PINPOINTS
+    )
     layout = packed_layout(size, config.image_grid_pinpoints, rounding=unpad_rounding(config))
     image = synthetic_image(size[1], size[0])
     inputs = prompt_inputs(processor, image)
