@@ -1,9 +1,16 @@
 """``make data``: download the ten benchmarks from the hub into the offline data directory.
 
 Each benchmark's hub data (``BENCHMARKS[...].parts``: the repos lmms-eval 0.7.3 reads) is pinned to the
-revision current at download time, saved with ``save_to_disk`` under ``$GLOBALCOM2_DATA_DIR/<key>``
-(written to a temporary folder and renamed, so an interrupted download never looks complete), and
-described in ``globalcom2_source.json`` (repo, config, split, revision, rows, date).
+revision current at download time. Only the files of the split we evaluate are fetched: the repo's file
+list is matched against the split's ``data_files`` patterns from its dataset card (or the hub's
+``<config>/<split>-*`` layout when the card has none). ``datasets.load_dataset(split=...)`` would first
+download and prepare every split of the config (VQAv2: val, test-dev and test, with images: hundreds of
+GB). The total size is printed first, then each file with its own progress bar; files already in the
+Hugging Face cache are not fetched again, and the hub resumes a partly downloaded file, so an
+interrupted ``make data`` picks up where it stopped. The split is then saved with ``save_to_disk`` under
+``$GLOBALCOM2_DATA_DIR/<key>`` (written to a temporary folder and renamed, so an interrupted download never
+looks complete), and described in ``globalcom2_source.json`` (repo, config, split, revision, files,
+bytes, rows, date).
 
 It needs network access to the Hugging Face hub and a token (the ``lmms-lab-encoder`` datasets are
 gated behind ``token: True``); without either it says so and exits non-zero:
@@ -13,6 +20,7 @@ gated behind ``token: True``); without either it says so and exits non-zero:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -20,6 +28,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from globalcom2.evaluation.benchmarks import BENCHMARKS, Benchmark
 from globalcom2.evaluation.local_data import DATA_DIR_ENV, SOURCE_FILE, data_dir
@@ -68,8 +77,62 @@ def check_access(repo: str) -> tuple[str, str]:
     return token, info.sha
 
 
+def split_files(
+    repo: str, config: str | None, split: str, revision: str, token: str
+) -> list[tuple[str, int]]:
+    """``(path in the repo, bytes)`` of the files that hold ``config``'s ``split``, nothing else."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().dataset_info(repo, revision=revision, token=token, files_metadata=True)
+    sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+    patterns = card_patterns(getattr(info, "card_data", None), config, split)
+    if not patterns:  # the hub's parquet layout: <config or data>/<split>-NNNNN-of-NNNNN.parquet
+        folder = config or "data"
+        patterns = [f"{folder}/{split}-*", f"{folder}/{split}/*"]
+    chosen = sorted(f for f in sizes if any(fnmatch.fnmatch(f, p) for p in patterns))
+    if not chosen:
+        raise DownloadUnavailableError(
+            f"{repo} [{config or 'default'}] has no files for split {split!r} (looked for {patterns})", 3
+        )
+    return [(f, sizes[f]) for f in chosen]
+
+
+def card_patterns(card_data: Any, config: str | None, split: str) -> list[str]:
+    """The split's ``data_files`` patterns from a dataset card's ``configs`` section (empty if none)."""
+    configs = (
+        (card_data or {}).get("configs")
+        if isinstance(card_data, dict)
+        else getattr(card_data, "configs", None)
+    )
+    for entry in configs or []:
+        if entry.get("config_name", "default") != (config or "default"):
+            continue
+        for files in entry.get("data_files") or []:
+            if isinstance(files, dict) and files.get("split") == split:
+                paths = files.get("path")
+                return [paths] if isinstance(paths, str) else list(paths or [])
+    return []
+
+
+def fetch_split(repo: str, files: list[tuple[str, int]], revision: str, token: str, label: str) -> list[str]:
+    """Local paths of ``files``: from the Hugging Face cache when already there, else downloaded."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    total = sum(size for _, size in files)
+    print(f"{label}: {len(files)} file(s), {total / 2**30:.2f} GiB")
+    paths = []
+    for number, (name, size) in enumerate(files, 1):
+        cached = try_to_load_from_cache(repo, name, revision=revision, repo_type="dataset")
+        state = "cached" if isinstance(cached, str) else "downloading"
+        print(f"{label}: [{number}/{len(files)}] {name} ({size / 2**20:.1f} MiB) {state}", flush=True)
+        if not isinstance(cached, str):
+            cached = hf_hub_download(repo, name, repo_type="dataset", revision=revision, token=token)
+        paths.append(cached)
+    return paths
+
+
 def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) -> Path:
-    """Download every part of ``benchmark`` into ``root / key`` (atomically); returns that folder."""
+    """Download the evaluated split of every part of ``benchmark`` into ``root / key`` (atomically)."""
     import datasets
 
     target = root / benchmark.key
@@ -79,16 +142,17 @@ def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) ->
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{benchmark.key}.", dir=root))
+    arrow_cache = Path(tempfile.mkdtemp(prefix=f".{benchmark.key}.cache.", dir=root))  # gone afterwards
     try:
         parts = {}
         for part in benchmark.parts:
             token, revision = check_access(part.repo)
-            print(
-                f"{benchmark.key}: {part.repo} [{part.config or 'default'}] split {part.split} @ {revision[:10]}"
+            label = (
+                f"{benchmark.key}: {part.repo} [{part.config or 'default'}] {part.split} @ {revision[:10]}"
             )
-            table = datasets.load_dataset(
-                part.repo, name=part.config, split=part.split, token=token, revision=revision
-            )
+            files = split_files(part.repo, part.config, part.split, revision, token)
+            paths = fetch_split(part.repo, files, revision, token, label)
+            table = datasets.Dataset.from_parquet(paths, cache_dir=str(arrow_cache))
             folder = staging / part.subdir if part.subdir else staging
             datasets.DatasetDict({part.split: table}).save_to_disk(str(folder))
             parts[part.subdir or "."] = {
@@ -96,6 +160,8 @@ def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) ->
                 "config": part.config,
                 "split": part.split,
                 "revision": revision,
+                "files": [name for name, _ in files],
+                "bytes": sum(size for _, size in files),
                 "rows": len(table),
             }
         record = {
@@ -110,6 +176,7 @@ def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) ->
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(arrow_cache, ignore_errors=True)
     return target
 
 

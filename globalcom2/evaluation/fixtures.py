@@ -248,7 +248,10 @@ def _mmbench(language: str) -> dict[str, datasets.Dataset]:
         for shift in range(len(options)):  # CircularEval: every rotation of the options is a row
             rotated = options[shift:] + options[:shift]
             row = {
-                "index": q_index + shift * 1_000_000,
+                # the real `en` config stores the index as a string, the `cn` one as int64
+                "index": str(q_index + shift * 1_000_000)
+                if language == "en"
+                else q_index + shift * 1_000_000,
                 "question": question,
                 "hint": hint,
                 "answer": letters[rotated.index(options[answer])],
@@ -262,7 +265,7 @@ def _mmbench(language: str) -> dict[str, datasets.Dataset]:
                 row[letter] = rotated[letters.index(letter)] if letter in letters else None
             rows.append(row)
     features = {
-        "index": INT,
+        "index": STR if language == "en" else INT,
         "question": STR,
         "hint": STR,
         "A": STR,

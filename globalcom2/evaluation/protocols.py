@@ -200,8 +200,9 @@ class TaskProtocol:
         ``overrides`` (``generation_overrides``) apply on top under ``llava``, e.g. a smaller
         ``max_new_tokens`` for a smoke test; they are part of the cell's identity and of its records.
         """
-        if self.rule is None:
-            return GenerationSettings.from_gen_kwargs(task_gen_kwargs, default_max_new_tokens)
+        if self.rule is None:  # the task's own settings (overrides only exist under llava: our demo tasks)
+            merged = {**(task_gen_kwargs or {}), **(overrides or {})}
+            return GenerationSettings.from_gen_kwargs(merged, default_max_new_tokens)
         kwargs = {"max_new_tokens": self.rule.max_new_tokens, "do_sample": False, "num_beams": 1, "until": []}
         return GenerationSettings.from_gen_kwargs({**kwargs, **(overrides or {})}, default_max_new_tokens)
 

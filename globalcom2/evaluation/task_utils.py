@@ -6,6 +6,9 @@ Only what the built-in configs cannot do offline lives here; scoring stays lmms-
   locally saved images config instead (same join on ``imageId``).
 * POPE: one task per COCO split (adversarial, popular, random), filtered from the local test split by
   its ``category`` column, so the paper's "F1 averaged over the three splits" can be computed.
+* MMBench: the real ``en`` config stores ``index`` as a string, and lmms-eval's evaluator compares it with
+  ``int(1e6)`` (``mmbench_evals.py``, ``eval_result``), which raises ``TypeError`` at the very end of a
+  cell; ``mmbench_docs`` casts it to int64 first (both languages, a no-op where it already is).
 * MMBench-CN: the built-in CN tasks only have the GPT-assisted aggregation; ours calls the same
   evaluator with ``eval_method="static"`` (rule-based extraction), as the built-in EN static task does.
 * MM-Vet: predict-only. Scoring needs a GPT judge, so the task records the answers and reports how many
@@ -132,3 +135,13 @@ def demo_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, f
 
     score = float(normalize_answer(results[0]) == normalize_answer(doc["answer"]))
     return {"exact_match": score, f"{doc['question_type']}_accuracy": score}
+
+
+# -- MMBench -----------------------------------------------------------------------------------------
+
+
+def mmbench_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``index`` as int64 (the ``en`` config stores it as a string; the CircularEval grouping needs ints)."""
+    if dataset.features["index"].dtype == "int64":
+        return dataset
+    return dataset.cast_column("index", datasets.Value("int64"))

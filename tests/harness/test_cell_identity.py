@@ -120,3 +120,13 @@ def test_a_busy_cell_is_not_run_and_the_run_fails_loudly(tmp_path, monkeypatch, 
         run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
     assert "[busy]" in capsys.readouterr().out
     assert not cell.record_path.exists()
+
+
+def test_a_llava_cell_records_its_protocol_and_honours_gen_kwargs(tmp_path, monkeypatch, capsys):
+    record, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=2", "benchmark.protocol=llava")
+    assert "protocol=llava" in out
+    assert record["run"]["protocol"] == "llava" and record["run"]["geometry"] == "llava"
+    assert record["run"]["generation_overrides"] == {"max_new_tokens": 2}
+    assert record["cell"]["identity"]["benchmark"]["protocol"] == "llava"
+    lines = (Path(record["cell"]["path"]) / "sample_records.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["output_tokens"] <= 2 for line in lines)

@@ -134,3 +134,19 @@ def test_make_data_explains_what_is_missing(tmp_path, monkeypatch, capsys):
     message = capsys.readouterr().err
     assert "no Hugging Face token" in message and "export HF_TOKEN" in message and "make data" in message
     assert download.main(["--benchmarks", "popee"]) == 2
+
+
+def test_mmbench_en_string_index_is_cast_to_int(fixture_data):
+    """The real MMBench `en` config stores `index` as a string; lmms-eval's evaluator compares it with
+    int(1e6) and raised TypeError at the end of every cell (tests/lmms/test_end_to_end.py scores it)."""
+    import datasets
+
+    from globalcom2.evaluation.task_utils import mmbench_docs
+
+    raw = datasets.load_from_disk(str(fixture_data / "mmbench_en"))["dev"]
+    assert raw.features["index"].dtype == "string"
+    docs = mmbench_docs(raw)
+    assert docs.features["index"].dtype == "int64"
+    assert docs["index"] == [int(i) for i in raw["index"]]
+    cn = datasets.load_from_disk(str(fixture_data / "mmbench_cn"))["dev"]
+    assert mmbench_docs(cn) is cn  # already int64
