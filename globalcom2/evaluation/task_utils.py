@@ -144,4 +144,6 @@ def mmbench_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     """``index`` as int64 (the ``en`` config stores it as a string; the CircularEval grouping needs ints)."""
     if dataset.features["index"].dtype == "int64":
         return dataset
-    return dataset.cast_column("index", datasets.Value("int64"))
+    # A new in-memory column, not ``cast_column``: that writes a cache file next to the (read-only) data.
+    index = [int(value) for value in dataset["index"]]
+    return dataset.remove_columns("index").add_column("index", index, feature=datasets.Value("int64"))
