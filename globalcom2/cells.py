@@ -14,13 +14,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from globalcom2.budget import validate_retention_ratio, warn_if_no_patch_token_kept
+from globalcom2.evaluation.generation import parse_gen_kwargs
 from globalcom2.evaluation.method_args import (
     check_attn_compatibility,
     coerce_method_params,
     parse_attn_implementation,
 )
 from globalcom2.evaluation.plugin_options import PluginOptions
+from globalcom2.evaluation.preflight import data_identity
 from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol, task_protocol
 from globalcom2.methods import METHODS
 from globalcom2.models.llava_next import DTYPE_CHOICES
@@ -28,6 +32,10 @@ from globalcom2.models.preload import check_device, checkpoint_config
 from globalcom2.store import CellKey
 
 LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
+#: Bump when a code change alters the results of unchanged configs (a prompt, a task's scoring), so that
+#: cells finished before it are run again instead of being reused. The git SHA is recorded, not hashed:
+#: a commit that changes nothing a cell computes must not re-run the grid.
+IDENTITY_VERSION = 1
 #: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``),
 #: how it is launched (N processes give the answers of one, tests/harness/test_run_cells.py), where it
 #: is logged, run switches, and the names that already form the cell's folder.
@@ -82,9 +90,7 @@ class BenchmarkSpec:
         """Under ``llava``, ``gen_kwargs`` adjusts LLaVA's fixed settings in the plugin (lmms-eval gets none)."""
         if self.protocol != "llava" or not self.gen_kwargs:
             return None
-        from lmms_eval.utils import simple_parse_args_string
-
-        return simple_parse_args_string(self.gen_kwargs)
+        return parse_gen_kwargs(self.gen_kwargs, "benchmark.gen_kwargs")
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,8 @@ class CellSpec:
             gen_kwargs=bench_cfg.get("gen_kwargs"),
             protocol=check_protocol(bench_cfg.get("protocol", DEFAULT_PROTOCOL)),
         )
+        if benchmark.gen_kwargs:
+            parse_gen_kwargs(str(benchmark.gen_kwargs), "benchmark.gen_kwargs")  # before any weight loads
         if benchmark.protocol == "llava":
             for task in benchmark.tasks:
                 task_protocol("llava", task)  # a task LLaVA's scripts do not cover raises
@@ -218,7 +226,8 @@ class CellSpec:
     def identity(self, cfg: Any) -> dict[str, Any]:
         """Everything that can change this cell's result: the resolved config less :data:`NOT_IDENTITY`,
         with the values this spec normalised (vanilla's ratio, typed method parameters, ints, the lite task
-        list) in place of the raw ones, so that equivalent configs give one identity."""
+        list) in place of the raw ones, so that equivalent configs give one identity; plus the data each
+        task reads (``preflight.data_identity``) and :data:`IDENTITY_VERSION`."""
         identity = _to_plain(cfg)
         for dotted in NOT_IDENTITY:
             parent, _, leaf = dotted.rpartition(".")
@@ -232,6 +241,8 @@ class CellSpec:
         benchmark["tasks"], benchmark["columns"] = list(self.benchmark.tasks), list(self.benchmark.columns)
         for group, values in (("model", model), ("method", method), ("benchmark", benchmark)):
             identity[group] = {**identity.get(group, {}), **values}
+        identity["data"] = data_identity(list(self.benchmark.tasks))
+        identity["identity_version"] = IDENTITY_VERSION
         return identity
 
     def preflight(self) -> None:
@@ -248,11 +259,18 @@ def check_model(spec: CellSpec) -> None:
     parameters fit that model (layer indices against its depths). Raises one error listing every problem
     (``FileNotFoundError`` when the checkpoint cannot be found, else ``ValueError``)."""
     problems: list[Exception] = []
-    if spec.launcher.num_processes == 1:
-        try:
+    try:
+        if spec.launcher.num_processes == 1:
             check_device(spec.model.device)
-        except ValueError as err:
-            problems.append(err)
+        elif spec.model.device.startswith("cuda"):
+            check_device("cuda")
+            if torch.cuda.device_count() < spec.launcher.num_processes:
+                raise ValueError(
+                    f"launcher.num_processes={spec.launcher.num_processes} but this machine has "
+                    f"{torch.cuda.device_count()} CUDA device(s): one process per GPU"
+                )
+    except ValueError as err:
+        problems.append(err)
     try:
         config = checkpoint_config(spec.model.pretrained, random_init=spec.model.random_init)
         METHODS.create(spec.method.name, **spec.method.attach_kwargs()).check_model_config(config)

@@ -14,7 +14,7 @@ default 1024), ``records_path`` (JSONL sidecar of per-sample records), ``profile
 architecture named by ``pretrained`` with random weights: speed and memory only), ``protocol``
 (``lmms_eval``, the default: the task's prompt and generation settings; ``llava``: the original LLaVA
 evaluation the paper used, ``globalcom2.evaluation.protocols``), ``generation_overrides`` (under ``llava``
-only: a JSON object or ``k=v`` pairs applied on top of LLaVA's settings, e.g. a smaller ``max_new_tokens``).
+only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's settings, e.g. a smaller ``max_new_tokens``).
 Every other key is a parameter of the method (e.g. ``retention_ratio``), converted to the type its
 ``__init__`` declares.
 

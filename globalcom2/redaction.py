@@ -4,13 +4,15 @@ lmms-eval's CLI logs ``Evaluation tracker args: {..., 'token': 'hf_...'}`` (it a
 tracker arguments, lmms_eval/__main__.py ``cli_evaluate_single`` in 0.7.3), and a library may echo an API
 key in an error. :func:`redacted_console` wraps ``sys.stdout``/``sys.stderr`` and every loguru message for
 the duration of a command, replacing the value of each secret environment variable (and anything shaped
-like a Hugging Face, OpenAI or W&B key) by ``***``. Files we write hold no secret to begin with
+like a Hugging Face or OpenAI key) by ``***``; it also filters the root logger's handlers (Hydra's console
+and job-log file) and the message of an exception that leaves the block. Files we write hold no secret to begin with
 (``tests/harness/test_secrets.py`` greps every one of them with fake keys set).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -86,12 +88,27 @@ def redacted_console() -> Iterator[None]:
     def mask_record(record: dict[str, Any]) -> None:
         record["message"] = pattern.sub(MASK, record["message"])
 
+    class MaskingFilter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg, record.args = pattern.sub(MASK, record.getMessage()), None
+            return True
+
+    handlers = [h for h in logging.getLogger().handlers]
+    masking = MaskingFilter()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = RedactingStream(saved[0], pattern), RedactingStream(saved[1], pattern)
     logger.configure(patcher=mask_record)
+    for handler in handlers:  # Hydra's console and file handlers hold the real streams
+        handler.addFilter(masking)
     try:
         yield
+    except BaseException as err:  # printed after the streams are restored (Hydra, the interpreter)
+        with contextlib.suppress(Exception):
+            err.args = tuple(pattern.sub(MASK, a) if isinstance(a, str) else a for a in err.args)
+        raise
     finally:
+        for handler in handlers:
+            handler.removeFilter(masking)
         logger.configure(patcher=None)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()

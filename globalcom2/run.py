@@ -83,8 +83,12 @@ def worker_command(spec: CellSpec, spec_path: Path, out_dir: Path) -> list[str]:
     raise ValueError(f"launcher.tool must be auto, torchrun or accelerate, got {tool!r}")
 
 
-def execute(spec: CellSpec, partial: Path) -> dict[str, Any]:
-    """Run the cell's evaluation into ``partial`` and return the outcome rank 0 wrote."""
+def execute(spec: CellSpec, partial: Path, lock_fd: int | None = None) -> dict[str, Any]:
+    """Run the cell's evaluation into ``partial`` and return the outcome rank 0 wrote.
+
+    ``lock_fd``: the cell's lock, inherited by the worker group's launcher so that the cell stays locked
+    until the group is gone, even if this process dies first.
+    """
     if spec.launcher.num_processes == 1:
         outcome = evaluate_cell(spec, partial)
         assert outcome is not None  # a single process is rank 0
@@ -93,7 +97,7 @@ def execute(spec: CellSpec, partial: Path) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec.to_dict(), indent=2))
     command = worker_command(spec, spec_path, partial)
     log.info("launching %s", " ".join(command))
-    returncode = run_worker_group(command)
+    returncode = run_worker_group(command, () if lock_fd is None else (lock_fd,))
     if returncode != 0:
         raise RuntimeError(f"the worker group exited with {returncode}: the cell is not finished")
     outcome_file = partial / OUTCOME_FILE
@@ -103,7 +107,7 @@ def execute(spec: CellSpec, partial: Path) -> dict[str, Any]:
     return json.loads(outcome_file.read_text())
 
 
-def run_worker_group(command: list[str]) -> int:
+def run_worker_group(command: list[str], keep_fds: tuple[int, ...] = ()) -> int:
     """Run the launcher as the leader of its own process group, and never leave it behind.
 
     * The launcher and every worker get ``SIGTERM`` from the kernel when their parent dies, SIGKILL
@@ -118,6 +122,7 @@ def run_worker_group(command: list[str]) -> int:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,  # its own group: killpg reaches the workers too
         preexec_fn=lambda: die_with_parent(parent, set_death_signal),
+        pass_fds=keep_fds,
     )
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
@@ -175,12 +180,17 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         return _reuse(cell, label)
     _preflight(spec, label)  # tasks, their data, the checkpoint's config, the device: still no weight
     try:
-        with cell.lock():
+        with cell.lock() as lock_fd:
             if not cfg.force and cell.is_complete():  # finished by another runner while we prepared
                 return _reuse(cell, label, note="finished by another process meanwhile")
             print(f"[run]     {label}  ({why(cell, bool(cfg.force))})", flush=True)
-            record = _evaluate(cfg, spec, cell)
+            record = _evaluate(cfg, spec, cell, lock_fd)
     except CellBusy as err:
+        if _resolved_duplicate(cfg, spec):
+            # e.g. the four vanilla jobs of a methods x ratios sweep under a parallel launcher (Slurm):
+            # they are one cell by construction, and the job that holds the lock runs it
+            print(f"[same]    {label}  (another job resolved to this cell is running it: {err})", flush=True)
+            return None
         print(f"[busy]    {label}: {err}", flush=True)
         raise CellError(
             f"cell not run: {err}. Run the same command again once it has finished: the finished cell will "
@@ -228,13 +238,19 @@ def why(cell: Cell, force: bool) -> str:
     return "; ".join(reasons)
 
 
-def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell) -> dict[str, Any]:
+def _resolved_duplicate(cfg: DictConfig, spec: CellSpec) -> bool:
+    """Whether this job asked for another ratio than its cell has (vanilla: every ratio is r1.0)."""
+    requested = cfg.method.get("retention_ratio")
+    return requested is not None and float(requested) != spec.method.retention_ratio
+
+
+def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell, lock_fd: int | None = None) -> dict[str, Any]:
     """Run the cell (its lock held) and commit its record."""
     partial = cell.prepare()
     (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
-    outcome = execute(spec, partial)
+    outcome = execute(spec, partial, lock_fd)
     record = {
         "schema": RECORD_SCHEMA,
         "cell": {**vars(spec.key), "id": cell.id, "identity": cell.identity, "path": str(cell.dir)},

@@ -169,11 +169,13 @@ class Cell:
         return found
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> Iterator[int]:
         """Hold the cell's lock while running it; raise :class:`CellBusy` at once if a live process has it.
 
-        ``flock`` on ``.lock``: released by the kernel when the holder exits, however it exits. The file
-        is unlinked on release; a runner that locked the unlinked inode sees that and tries again.
+        ``flock`` on ``.lock``: released by the kernel when every holder of the open file has exited,
+        however it exits (yields the descriptor, so that a worker group can inherit it and keep the cell
+        locked until its last process is gone). The file is unlinked on release; a runner that locked the
+        unlinked inode sees that and tries again.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / LOCK_FILE
@@ -193,41 +195,51 @@ class Cell:
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
                 same = False
+            except BaseException:
+                os.close(fd)
+                raise
             if same:
                 break
             os.close(fd)  # the previous holder unlinked this inode on release: lock the new file
-        owner = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(owner).encode())
         try:
-            yield
+            owner = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(owner).encode())
+            yield fd
         finally:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             os.close(fd)
 
     def prepare(self) -> Path:
-        """Delete everything a previous (unfinished or forced) run left, and return an empty ``.partial/``.
+        """Delete what an unfinished run left and return an empty ``.partial/``. A finished cell's files
+        (a ``force=true`` re-run) stay until :meth:`commit` replaces them, so a killed re-run loses nothing.
 
         Only call it while holding :meth:`lock`.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
+        keep_finished = self.is_complete()
         for entry in self.dir.iterdir():
-            if entry.name == LOCK_FILE:
+            if entry.name == LOCK_FILE or (keep_finished and entry.name != PARTIAL_DIR):
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            _remove(entry)
         self.partial_dir.mkdir()
         return self.partial_dir
 
     def commit(self, record: dict[str, Any]) -> None:
-        """Move the run's outputs from ``.partial/`` into the cell, then write ``record.json`` last."""
+        """Replace the cell's files by the run's outputs from ``.partial/``, then write ``record.json`` last.
+
+        A previous record (``force=true``) is removed first, so no moment shows the old record beside the
+        new outputs as if they belonged together.
+        """
+        self.record_path.unlink(missing_ok=True)
+        for entry in self.dir.iterdir():
+            if entry.name not in (LOCK_FILE, PARTIAL_DIR):
+                _remove(entry)
         for entry in self.partial_dir.iterdir():
             os.replace(entry, self.dir / entry.name)
         self.partial_dir.rmdir()
@@ -237,6 +249,13 @@ class Cell:
     def mark_current(self) -> None:
         """Make this identity the one the tables show for its key (it was just run or reused)."""
         atomic_write_text(self.key_dir / CURRENT_FILE, self.id + "\n")
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
 
 
 def read_finished_record(path: Path) -> dict[str, Any] | None:

@@ -169,12 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     die_with_parent(os.getppid(), death_signal_setter())
     spec_path, out_dir = (argv if argv is not None else sys.argv[1:])[:2]
     spec = CellSpec.from_dict(json.loads(Path(spec_path).read_text()))
-    try:
-        evaluate_cell(spec, Path(out_dir))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank exits while rank 0 still writes the cell
-    finally:
-        shutdown_process_group()
+    from globalcom2.redaction import redacted_console
+
+    with redacted_console():
+        try:
+            evaluate_cell(spec, Path(out_dir))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # no rank exits while rank 0 still writes the cell
+        finally:
+            shutdown_process_group()
 
 
 def shutdown_process_group() -> None:

@@ -89,7 +89,9 @@ def split_files(
     if not patterns:  # the hub's parquet layout: <config or data>/<split>-NNNNN-of-NNNNN.parquet
         folder = config or "data"
         patterns = [f"{folder}/{split}-*", f"{folder}/{split}/*"]
-    chosen = sorted(f for f in sizes if any(fnmatch.fnmatch(f, p) for p in patterns))
+    chosen = sorted(
+        f for f in sizes if f.endswith(".parquet") and any(fnmatch.fnmatch(f, p) for p in patterns)
+    )
     if not chosen:
         raise DownloadUnavailableError(
             f"{repo} [{config or 'default'}] has no files for split {split!r} (looked for {patterns})", 3
@@ -98,7 +100,8 @@ def split_files(
 
 
 def card_patterns(card_data: Any, config: str | None, split: str) -> list[str]:
-    """The split's ``data_files`` patterns from a dataset card's ``configs`` section (empty if none)."""
+    """The split's ``data_files`` patterns from a dataset card's ``configs`` section (empty if none; the
+    caller then falls back to the hub's ``<config>/<split>-*`` layout). Only parquet files are read."""
     configs = (
         (card_data or {}).get("configs")
         if isinstance(card_data, dict)
@@ -107,10 +110,15 @@ def card_patterns(card_data: Any, config: str | None, split: str) -> list[str]:
     for entry in configs or []:
         if entry.get("config_name", "default") != (config or "default"):
             continue
-        for files in entry.get("data_files") or []:
+        data_files = entry.get("data_files") or []
+        if isinstance(data_files, (str, dict)):
+            data_files = [data_files]
+        for files in data_files:
             if isinstance(files, dict) and files.get("split") == split:
                 paths = files.get("path")
                 return [paths] if isinstance(paths, str) else list(paths or [])
+            if isinstance(files, str) and split == "train":  # a bare pattern is the train split
+                return [files]
     return []
 
 

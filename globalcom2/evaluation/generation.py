@@ -68,6 +68,10 @@ class GenerationSettings:
         until = _stop_strings(kwargs.get("until"))
         max_new_tokens = _as_int(kwargs.get("max_new_tokens", default_max_new_tokens), "max_new_tokens")
         num_beams = _as_int(kwargs.get("num_beams", 1), "num_beams")
+        if max_new_tokens < 1 or num_beams < 1:
+            raise ValueError(
+                f"max_new_tokens and num_beams must be >= 1, got max_new_tokens={max_new_tokens}, num_beams={num_beams}"
+            )
         temperature = kwargs.get("temperature")
         temperature = None if temperature is None else _as_float(temperature, "temperature")
         if "do_sample" in kwargs and kwargs["do_sample"] is not None:
@@ -143,3 +147,15 @@ def _as_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     return float(value)
+
+
+def parse_gen_kwargs(text: str, name: str = "gen_kwargs") -> dict[str, Any]:
+    """lmms-eval's ``k=v,k=v`` generation string as a dict, or ``ValueError`` naming the bad part."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    try:
+        parsed = simple_parse_args_string(text)
+    except ValueError as err:
+        raise ValueError(f"{name}={text!r} is not of the form 'key=value,key=value' ({err})") from None
+    GenerationSettings.from_gen_kwargs(parsed, 1)  # unknown keys and bad values raise here
+    return parsed

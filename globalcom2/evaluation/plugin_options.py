@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from globalcom2.evaluation.generation import GenerationSettings
+from globalcom2.evaluation.generation import GenerationSettings, parse_gen_kwargs
 from globalcom2.evaluation.method_args import coerce
 from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol
 from globalcom2.models.llava_next import DTYPE_CHOICES
@@ -98,7 +98,5 @@ def _overrides(value: Any) -> dict[str, Any] | None:
             if isinstance(parsed, dict):
                 return parsed
         else:
-            from lmms_eval.utils import simple_parse_args_string
-
-            return simple_parse_args_string(text)
+            return parse_gen_kwargs(text, "generation_overrides")
     raise ValueError(f"generation_overrides must be a mapping or 'k=v,...', got {value!r}")

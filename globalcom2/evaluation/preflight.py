@@ -121,6 +121,20 @@ def check_tasks(tasks: list[str], include_path: str | list[str] | None = None) -
     return checks
 
 
+def data_identity(tasks: list[str], include_path: str | list[str] | None = None) -> dict[str, Any]:
+    """What data each task reads, for a cell's identity: its folder's ``globalcom2_source.json`` (kind, hub
+    repo, config, split, revision, files, rows; not the download date), ``{}`` when there is none yet,
+    or ``None`` for a task that reads no local folder (generated, or a built-in hub task). Synthetic
+    fixture rows and real data, or two hub revisions, thus make different cells."""
+    ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
+    identity: dict[str, Any] = {}
+    for name in tasks:
+        local_data = _simple_config(ours[name]["yaml_path"]).get("local_data") if name in ours else None
+        source = provenance(local_data) if local_data else None
+        identity[name] = None if source is None else {k: v for k, v in source.items() if k != "created"}
+    return identity
+
+
 def plugin_arg_names() -> set[str]:
     """Keyword arguments the plugin itself takes (everything else in model_args is a method parameter)."""
     from globalcom2.lmms_plugin import GlobalCom2LlavaNext

@@ -96,9 +96,7 @@ def textvqa(doc: Mapping[str, Any]) -> str:
 
 def mme(doc: Mapping[str, Any]) -> str:
     """``MME/llava_mme.jsonl``: MME's own " Please answer yes or no." replaced by the short-answer line."""
-    question = doc["question"]
-    if question.endswith(MME_SUFFIX):
-        question = question[: -len(MME_SUFFIX)]
+    question = doc["question"].replace(MME_SUFFIX, "").strip()
     return f"{question}\n{SHORT_ANSWER}"
 
 

@@ -27,6 +27,8 @@ import pandas as pd
 
 from globalcom2.store import COMPLETE, PARTIAL_DIR, RECORD_FILE, current_cell_id
 
+RECORDS = "sample_records.jsonl"
+
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
     "world_size", "attn_implementation", "random_init", "dtype", "limit", "hardware", "git_sha", "git_dirty",
@@ -109,6 +111,12 @@ def _record_problem(path: Path) -> LoadedCell | str:
         )
     cell = LoadedCell(path.parent, record)
     try:
+        for key in ("experiment", "model", "method", "benchmark"):
+            if not isinstance(record["cell"].get(key), str):
+                raise TypeError(f"cell.{key} is {record['cell'].get(key)!r}, not a string")
+        files = record.get("files", {})
+        if not isinstance(files, dict) or not isinstance(files.get("records", RECORDS), str):
+            raise TypeError(f"files is {files!r}, not a mapping naming the records file")
         _config_row(cell)
         list(_metric_rows(cell))
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -173,9 +181,10 @@ def _metric_rows(cell: LoadedCell) -> Iterable[dict[str, Any]]:
 
 def sample_outputs(cell: LoadedCell) -> dict[tuple[str, int], tuple[int, ...]]:
     """``(task, doc_id) -> generated token ids`` from the cell's ``sample_records.jsonl``."""
-    path = cell.path / cell.record.get("files", {}).get("records", "sample_records.jsonl")
     outputs = {}
+    path = cell.path / RECORDS
     try:
+        path = cell.path / cell.record.get("files", {}).get("records", RECORDS)
         lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
         for line in filter(str.strip, lines):
             row = json.loads(line)

@@ -46,6 +46,15 @@ BAD = {
         r"method 'random' does not take 'sead'.*Its parameters: ",
     ),
     "ratio": (["method.retention_ratio=1.5"], r"method\.retention_ratio must be in \(0, 1\]"),
+    "gen_kwargs form": (
+        ["benchmark.gen_kwargs='max_new_tokens'"],
+        r"benchmark\.gen_kwargs='max_new_tokens' is not",
+    ),
+    "gen_kwargs value": (
+        ["benchmark.gen_kwargs='max_new_tokens=0'"],
+        r"max_new_tokens and num_beams must be >= 1",
+    ),
+    "gen_kwargs key": (["benchmark.gen_kwargs='foo=1'"], r"unsupported generation_kwargs \['foo'\]"),
 }
 
 

@@ -195,3 +195,20 @@ def test_the_cli_requires_an_output_path(capsys):
 def test_builtin_tasks_are_known_but_flagged_as_hub_tasks(fixture_data):
     (check,) = preflight(["mme"])
     assert check.origin == "lmms-eval" and check.data_path is None
+
+
+def test_a_cells_identity_names_the_data_it_reads(fixture_data, tmp_path, monkeypatch):
+    """Synthetic fixture rows and real data (or two hub revisions) must never share a cell."""
+    import json
+    import shutil
+
+    from globalcom2.evaluation.preflight import data_identity
+
+    identity = data_identity(["pope_adv_local", "globalcom2_demo"])
+    assert identity["pope_adv_local"]["kind"] == "synthetic-fixture" and identity["globalcom2_demo"] is None
+    copy = tmp_path / "data"
+    shutil.copytree(fixture_data, copy)
+    source = copy / "pope" / "globalcom2_source.json"
+    source.write_text(json.dumps({**json.loads(source.read_text()), "kind": "hub", "revision": "abc"}))
+    monkeypatch.setenv(DATA_DIR_ENV, str(copy))
+    assert data_identity(["pope_adv_local"])["pope_adv_local"]["kind"] == "hub"

@@ -124,6 +124,9 @@ BAD_RECORDS = {
     "an empty spec": lambda r: r.update(spec={}),
     "efficiency: null": lambda r: r.update(efficiency=None),
     "a cell without its id": lambda r: r["cell"].pop("id"),
+    "files: null": lambda r: r.update(files=None),
+    "a null records file": lambda r: r.update(files={"records": None}),
+    "a list as the model": lambda r: r["cell"].update(model=["x"]),
 }
 
 
@@ -131,7 +134,7 @@ BAD_RECORDS = {
 def test_one_malformed_record_is_skipped_and_named_never_a_crash(tmp_path, defect):
     root = tmp_path / "results"
     write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, outputs=[[1]])
-    bad = write_cell(root, "fastv", 0.25, {"GQA": 50.0}, outputs=[[1]])
+    bad = write_cell(root, "vanilla" if "null" in defect else "fastv", 0.25, {"GQA": 50.0}, outputs=[[1]])
     if defect == "record.json as a folder":
         (bad / "record.json").unlink()
         (bad / "record.json").mkdir()
