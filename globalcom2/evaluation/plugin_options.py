@@ -24,6 +24,8 @@ PLUGIN_OPTION_NAMES = (
     "profile",
     "random_init",
     "dtype",
+    "protocol",
+    "generation_overrides",
 )
 
 

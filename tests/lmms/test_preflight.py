@@ -90,6 +90,12 @@ def test_a_split_missing_from_the_data_is_reported(fixture_data, tmp_path, monke
         ({**GOOD_MODEL, "batch_size": "x"}, "batch_size must be an integer, got 'x'"),
         ({**GOOD_MODEL, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
         ({**GOOD_MODEL, "dtype": "float64"}, "dtype='float64' is not a dtype; valid: float32, float16"),
+        ({**GOOD_MODEL, "protocol": "lava"}, "protocol='lava' is not a protocol; valid: lmms_eval, llava"),
+        (
+            {**GOOD_MODEL, "protocol": "llava", "generation_overrides": '{"max_new_tokens": 0}'},
+            "max_new_tokens and num_beams must be >= 1",
+        ),
+        ({**GOOD_MODEL, "generation_overrides": '{"max_new_tokens": 4}'}, "apply under protocol=llava"),
     ],
 )
 def test_bad_model_args_are_refused(model_args, message, no_model_loading):
