@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from globalcom2.budget import validate_retention_ratio, warn_if_no_patch_token_kept
 from globalcom2.evaluation.generation import parse_gen_kwargs
 from globalcom2.evaluation.method_args import (
@@ -23,12 +21,11 @@ from globalcom2.evaluation.method_args import (
     coerce_method_params,
     parse_attn_implementation,
 )
-from globalcom2.evaluation.plugin_options import PluginOptions
 from globalcom2.evaluation.preflight import data_identity
-from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol, task_protocol
+from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol, check_tasks_covered
 from globalcom2.methods import METHODS
 from globalcom2.models.llava_next import DTYPE_CHOICES
-from globalcom2.models.preload import check_device, checkpoint_config
+from globalcom2.models.preload import model_problems
 from globalcom2.store import CellKey
 
 LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
@@ -204,12 +201,7 @@ class CellSpec:
         )
         if benchmark.gen_kwargs:
             parse_gen_kwargs(str(benchmark.gen_kwargs), "benchmark.gen_kwargs")  # before any weight loads
-        if benchmark.protocol == "llava":
-            for task in benchmark.tasks:
-                task_protocol("llava", task)  # a task LLaVA's scripts do not cover raises
-            PluginOptions.from_model_args(
-                protocol="llava", generation_overrides=benchmark.generation_overrides()
-            )
+        check_tasks_covered(benchmark.protocol, benchmark.tasks)
         launcher_cfg = plain["launcher"]
         launcher = LauncherSpec(
             name=launcher_cfg["name"],
@@ -255,27 +247,15 @@ class CellSpec:
 
 
 def check_model(spec: CellSpec) -> None:
-    """The device exists, the checkpoint is LLaVA-NeXT AnyRes (from its config alone), and the method's
-    parameters fit that model (layer indices against its depths). Raises one error listing every problem
-    (``FileNotFoundError`` when the checkpoint cannot be found, else ``ValueError``)."""
-    problems: list[Exception] = []
-    try:
-        if spec.launcher.num_processes == 1:
-            check_device(spec.model.device)
-        elif spec.model.device.startswith("cuda"):
-            check_device("cuda")
-            if torch.cuda.device_count() < spec.launcher.num_processes:
-                raise ValueError(
-                    f"launcher.num_processes={spec.launcher.num_processes} but this machine has "
-                    f"{torch.cuda.device_count()} CUDA device(s): one process per GPU"
-                )
-    except ValueError as err:
-        problems.append(err)
-    try:
-        config = checkpoint_config(spec.model.pretrained, random_init=spec.model.random_init)
-        METHODS.create(spec.method.name, **spec.method.attach_kwargs()).check_model_config(config)
-    except (FileNotFoundError, ValueError) as err:
-        problems.append(err)
+    """:func:`globalcom2.models.preload.model_problems` for this cell, raised as one error listing every
+    problem (``FileNotFoundError`` when the checkpoint cannot be found, else ``ValueError``)."""
+    problems = model_problems(
+        spec.model.pretrained,
+        random_init=spec.model.random_init,
+        device=spec.model.device,
+        method=METHODS.create(spec.method.name, **spec.method.attach_kwargs()),
+        num_processes=spec.launcher.num_processes,
+    )
     if problems:
         kind = FileNotFoundError if any(isinstance(p, FileNotFoundError) for p in problems) else ValueError
         raise kind("; ".join(str(p) for p in problems))

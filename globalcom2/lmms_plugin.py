@@ -60,7 +60,7 @@ from globalcom2.evaluation.plugin_options import PluginOptions
 from globalcom2.evaluation.protocols import geometry_of, task_protocol
 from globalcom2.lmms_manifest import MODEL_ID
 from globalcom2.methods import METHODS
-from globalcom2.models.preload import check_device, checkpoint_config
+from globalcom2.models.preload import check_device, model_problems
 
 __all__ = ["MODEL_ID", "GlobalCom2LlavaNext"]
 
@@ -138,7 +138,9 @@ class GlobalCom2LlavaNext(lmms):
         self._device = self._choose_device(device)
         # The checkpoint's config alone: a model that is not LLaVA-NeXT AnyRes, or a layer index past its
         # depth, fails here, before the weights load.
-        self.method.check_model_config(checkpoint_config(str(pretrained), random_init=self.random_init))
+        problems = model_problems(str(pretrained), random_init=self.random_init, method=self.method)
+        if problems:
+            raise problems[0]
 
         from globalcom2 import attach, load_llava_next
         from globalcom2.efficiency.profile import GenerateProfiler

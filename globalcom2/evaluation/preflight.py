@@ -17,6 +17,7 @@ from typing import Any
 
 from globalcom2.evaluation.benchmarks import GENERATED_TASKS
 from globalcom2.evaluation.local_data import MissingDataError, provenance, require_local_dataset, tasks_dir
+from globalcom2.evaluation.protocols import PROTOCOLS, check_tasks_covered
 
 
 class PreflightError(ValueError):
@@ -47,9 +48,8 @@ def _index(include_path: Any, include_defaults: bool) -> dict[str, dict[str, Any
     from lmms_eval.tasks import TaskManager
     from loguru import logger
 
-    logger.disable(
-        "lmms_eval.tasks"
-    )  # indexing logs a DEBUG line per unloadable YAML, whatever the verbosity
+    # indexing logs a DEBUG line per unloadable YAML, whatever the verbosity
+    logger.disable("lmms_eval.tasks")
     try:
         return TaskManager("ERROR", include_path=include_path, include_defaults=include_defaults).task_index
     finally:
@@ -156,7 +156,7 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
         parse_attn_implementation,
     )
     from globalcom2.evaluation.plugin_options import PLUGIN_OPTION_NAMES, PluginOptions
-    from globalcom2.models.preload import check_device, checkpoint_config
+    from globalcom2.models.preload import model_problems
 
     names = plugin_arg_names()
     plugin = {k: v for k, v in model_args.items() if k in names}
@@ -171,10 +171,6 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
         )
     except (TypeError, ValueError) as err:
         problems.append(str(err))
-    try:
-        check_device(plugin.get("device"))
-    except ValueError as err:
-        problems.append(str(err))
     random_init = False
     try:
         options = PluginOptions.from_model_args(
@@ -186,13 +182,15 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     pretrained = plugin.get("pretrained")
     if not pretrained:
         problems.append("model_args needs pretrained=<hub id | folder | tiny>")
-    else:
-        try:
-            config = checkpoint_config(str(pretrained), random_init=random_init)
-            if built is not None:
-                built.check_model_config(config)
-        except (FileNotFoundError, TypeError, ValueError) as err:
-            problems.append(str(err))
+    problems += map(
+        str,
+        model_problems(
+            str(pretrained) if pretrained else None,
+            random_init=random_init,
+            device=plugin.get("device"),
+            method=built,
+        ),
+    )
     if problems:
         raise PreflightError("\n".join(["cannot run:", *(f"- {p}" for p in problems)]))
     return built.params() if built is not None else {}
@@ -213,14 +211,11 @@ def preflight(
     except PreflightError as err:
         problems += str(err).splitlines()[1:]
     protocol = (model_args or {}).get("protocol", "lmms_eval")
-    if protocol == "llava":
-        from globalcom2.evaluation.protocols import task_protocol
-
-        for task in tasks:
-            try:
-                task_protocol(protocol, task)
-            except ValueError as err:
-                problems.append(f"- {err}")
+    if protocol in PROTOCOLS:  # an unknown protocol is reported by check_model_args
+        try:
+            check_tasks_covered(protocol, tasks)
+        except ValueError as err:
+            problems.append(f"- {err}")
     if problems:
         raise PreflightError("\n".join(["cannot run:", *problems]))
     return checks

@@ -34,7 +34,7 @@ prompt. The boundary tokens may differ; ``show_inputs`` prints our ``input_ids``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,3 +225,15 @@ def task_protocol(protocol: str, task: str) -> TaskProtocol:
             f"{', '.join(LLAVA_RULES)}); use protocol='lmms_eval' for it"
         )
     return TaskProtocol(protocol, LLAVA_RULES[task])
+
+
+def check_tasks_covered(protocol: str, tasks: Sequence[str]) -> None:
+    """``ValueError`` listing every task ``protocol`` has no rule for (see :func:`task_protocol`)."""
+    problems = []
+    for task in tasks:
+        try:
+            task_protocol(protocol, task)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("; ".join(problems))

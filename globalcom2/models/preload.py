@@ -188,3 +188,41 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
     elif parsed.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"model.device={device!r}: valid devices are cpu, cuda, cuda:<index>, mps")
     return parsed
+
+
+def model_problems(
+    pretrained: str | None,
+    *,
+    random_init: bool = False,
+    device: str | None = None,
+    method: Any = None,
+    num_processes: int = 1,
+) -> list[Exception]:
+    """Everything the checkpoint's config and this machine show to be wrong before any weight loads: the
+    device (with several processes on CUDA, one GPU each), the checkpoint (present, LLaVA-NeXT AnyRes), and
+    ``method``'s parameters against the model (``CompressionMethod.check_model_config``). The one check
+    that ``globalcom2.run``, the pre-flight and the plugin share; ``pretrained=None`` checks the device only.
+    """
+    import torch
+
+    problems: list[Exception] = []
+    try:
+        if num_processes == 1:
+            check_device(device)
+        elif device is not None and str(device).startswith("cuda"):
+            check_device("cuda")
+            if torch.cuda.device_count() < num_processes:
+                raise ValueError(
+                    f"launcher.num_processes={num_processes} but this machine has "
+                    f"{torch.cuda.device_count()} CUDA device(s): one process per GPU"
+                )
+    except ValueError as err:
+        problems.append(err)
+    if pretrained is not None:
+        try:
+            config = checkpoint_config(pretrained, random_init=random_init)
+            if method is not None:
+                method.check_model_config(config)
+        except (FileNotFoundError, TypeError, ValueError) as err:
+            problems.append(err)
+    return problems
