@@ -11,7 +11,7 @@ a message that names the value and what is valid, before a weight or dataset is 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from globalcom2.budget import validate_retention_ratio, warn_if_no_patch_token_kept
@@ -22,7 +22,12 @@ from globalcom2.evaluation.method_args import (
     parse_attn_implementation,
 )
 from globalcom2.evaluation.preflight import data_identity
-from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol, check_tasks_covered
+from globalcom2.evaluation.protocols import (
+    DEFAULT_PROTOCOL,
+    budget_method_params,
+    check_protocol,
+    check_tasks_covered,
+)
 from globalcom2.methods import METHODS
 from globalcom2.models.llava_next import DTYPE_CHOICES
 from globalcom2.models.preload import model_problems
@@ -32,7 +37,7 @@ LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
 #: Bump when a code change alters the results of unchanged configs (a prompt, a task's scoring), so that
 #: cells finished before it are run again instead of being reused. The git SHA is recorded, not hashed:
 #: a commit that changes nothing a cell computes must not re-run the grid.
-IDENTITY_VERSION = 1
+IDENTITY_VERSION = 2  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches
 #: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``),
 #: how it is launched (N processes give the answers of one, tests/harness/test_run_cells.py), where it
 #: is logged, run switches, and the names that already form the cell's folder.
@@ -202,6 +207,9 @@ class CellSpec:
         if benchmark.gen_kwargs:
             parse_gen_kwargs(str(benchmark.gen_kwargs), "benchmark.gen_kwargs")  # before any weight loads
         check_tasks_covered(benchmark.protocol, benchmark.tasks)
+        # The protocol's budget basis, written into the params so that an explicit `budget_basis: patches`
+        # under llava and the implicit one are one identity (and a contradicting one fails here).
+        method = replace(method, params=budget_method_params(benchmark.protocol, name, method.params))
         launcher_cfg = plain["launcher"]
         launcher = LauncherSpec(
             name=launcher_cfg["name"],

@@ -57,7 +57,8 @@ from globalcom2.evaluation.method_args import (
     parse_attn_implementation,
 )
 from globalcom2.evaluation.plugin_options import PluginOptions
-from globalcom2.evaluation.protocols import geometry_of, task_protocol
+from globalcom2.evaluation.protocols import budget_method_params, geometry_of, task_protocol
+from globalcom2.evaluation.tokenization import encode_batch
 from globalcom2.lmms_manifest import MODEL_ID
 from globalcom2.methods import METHODS
 from globalcom2.models.preload import check_device, model_problems
@@ -124,7 +125,9 @@ class GlobalCom2LlavaNext(lmms):
         self.random_init = options.random_init
         self.attn_implementation = parse_attn_implementation(attn_implementation)
         self.method_name = method
-        self.method_kwargs = coerce_method_params(method, method_params)
+        self.method_kwargs = budget_method_params(
+            self.protocol, method, coerce_method_params(method, method_params)
+        )
         self.method = METHODS.create(method, **self.method_kwargs)  # ranges checked here, no model needed
         check_attn_compatibility(method, self.attn_implementation)
         if "retention_ratio" in self.method_kwargs:
@@ -290,10 +293,14 @@ class GlobalCom2LlavaNext(lmms):
     ) -> tuple[list[GenerationResult], list[sr.SampleRecord]]:
         started = time.perf_counter()
         batch = prepare_batch(requests, self.task_dict, self.protocol)
-        inputs = self.processor(
-            images=batch.images or None, text=batch.prompts, return_tensors="pt", padding=True
-        )
-        inputs = inputs.to(self._device)
+        inputs = encode_batch(
+            self.processor,
+            self.model.config,
+            batch.prompts,
+            batch.images,
+            batch.images_per_row,
+            self.protocol,
+        ).to(self._device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         preprocess_s = time.perf_counter() - started

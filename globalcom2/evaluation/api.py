@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from globalcom2.evaluation.benchmarks import EVALAI_TASKS
 from globalcom2.evaluation.local_data import tasks_dir
 from globalcom2.evaluation.preflight import PreflightError, TaskCheck, check_tasks
 
@@ -61,6 +62,12 @@ def evaluate(
     from lmms_eval.evaluator import simple_evaluate
 
     checks = check_tasks(tasks, include_path)
+    submitting = sorted(set(tasks) & set(EVALAI_TASKS))
+    if submitting and not output_path:
+        raise PreflightError(
+            f"tasks {submitting} write EvalAI submission files next to the results; give an output_path "
+            "(checked now rather than after the whole split has been generated)"
+        )
     include_defaults = any(check.origin == "lmms-eval" for check in checks)
     cli_args = argparse.Namespace(
         output_path=str(output_path) if output_path else None, process_with_media=False

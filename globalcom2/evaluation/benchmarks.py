@@ -1,5 +1,5 @@
-"""The ten paper benchmarks: where their data comes from, which offline tasks run them, and which metric
-enters the paper table (:data:`PAPER_METRICS`, the one place the reporting layer reads).
+"""The ten paper benchmarks and the two EvalAI test splits: where their data comes from, which offline tasks
+run them, and which metric enters the paper table (:data:`PAPER_METRICS`, the one place the reporting layer reads).
 
 Offline task names end in ``_local`` (built-in lmms-eval names win on conflicts, so ours must differ).
 Each task inherits its built-in lmms-eval config (prompts, generation settings, scoring) and reads its
@@ -32,12 +32,16 @@ class Benchmark:
         title: human-readable name.
         tasks: our offline lmms-eval task names for it.
         parts: the hub data it needs (lmms-eval 0.7.3 reads these repos; ``HF_TOKEN`` required).
+        evalai: for a split without public answers, the EvalAI challenge that scores its submission file
+            (``globalcom2.evaluation.submissions``); ``None`` for the locally scored benchmarks. Such a split
+            is downloaded only when asked for by name (``make data BENCHMARKS=<key>``).
     """
 
     key: str
     title: str
     tasks: tuple[str, ...]
     parts: tuple[HubPart, ...]
+    evalai: str | None = None
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -96,8 +100,29 @@ BENCHMARKS: dict[str, Benchmark] = {
             (HubPart("lmms-lab-encoder/MMBench", "cn", "dev"),),
         ),
         Benchmark("mmvet", "MM-Vet", ("mmvet_local",), (HubPart("lmms-lab-encoder/MMVet", None, "test"),)),
+        # The two columns the paper reports on test splits; their files go to EvalAI.
+        Benchmark(
+            "vqav2_testdev",
+            "VQAv2 (test-dev, EvalAI)",
+            ("vqav2_testdev_local",),
+            (HubPart("lmms-lab-encoder/VQAv2", None, "testdev"),),
+            evalai="https://eval.ai/web/challenges/challenge-page/830 (VQA Challenge; LLaVA docs/Evaluation.md L46)",
+        ),
+        Benchmark(
+            "vizwiz_vqa_test",
+            "VizWiz (test, EvalAI)",
+            ("vizwiz_vqa_test_local",),
+            (HubPart("lmms-lab-encoder/VizWiz-VQA", None, "test"),),
+            evalai="https://eval.ai/web/challenges/challenge-page/2185 (VizWiz-VQA; LLaVA docs/Evaluation.md L63)",
+        ),
     )
 }
+#: The benchmarks scored here (every paper column has one); `make data` fetches these by default.
+LOCALLY_SCORED = tuple(key for key, benchmark in BENCHMARKS.items() if benchmark.evalai is None)
+#: Tasks whose result is a submission file for an EvalAI server (they need an output path).
+EVALAI_TASKS = tuple(
+    task for benchmark in BENCHMARKS.values() if benchmark.evalai for task in benchmark.tasks
+)
 
 DEMO_TASK = "globalcom2_demo"
 # The demo data's ``efficiency`` split (30 images at 672x672), the input of `make efficiency`.
@@ -141,7 +166,8 @@ PAPER_METRICS: dict[str, PaperMetric] = {
         100.0,
         "results",
         False,
-        "VQA accuracy on val; the paper reports test-dev, which only the EvalAI server scores",
+        "VQA accuracy on val, a local proxy; the paper reports test-dev, which only EvalAI scores "
+        "(benchmark=vqav2_testdev writes the submission file)",
     ),
     "GQA": PaperMetric(
         "gqa",
@@ -161,7 +187,8 @@ PAPER_METRICS: dict[str, PaperMetric] = {
         100.0,
         "results",
         False,
-        "VQA accuracy on val; the paper reports test, which only the EvalAI server scores",
+        "VQA accuracy on val, a local proxy; the paper reports test, which only EvalAI scores "
+        "(benchmark=vizwiz_vqa_test writes the submission file)",
     ),
     "SQA-IMG": PaperMetric(
         "scienceqa_img",
@@ -181,7 +208,8 @@ PAPER_METRICS: dict[str, PaperMetric] = {
         100.0,
         "results",
         True,
-        "VQA accuracy on val without OCR tokens, as the paper",
+        "VQA accuracy on val; protocol=llava sends LLaVA's OCR-token line as the paper's vanilla row did, "
+        "protocol=lmms_eval does not",
     ),
     "POPE": PaperMetric(
         "pope",
@@ -239,7 +267,7 @@ PAPER_METRICS: dict[str, PaperMetric] = {
 
 
 def all_local_tasks() -> list[str]:
-    """Every offline task of the ten benchmarks, in table order."""
+    """Every offline task of the ten benchmarks and the EvalAI test splits, in table order."""
     return [task for b in BENCHMARKS.values() for task in b.tasks]
 
 

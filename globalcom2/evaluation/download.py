@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from globalcom2.evaluation.benchmarks import BENCHMARKS, Benchmark
+from globalcom2.evaluation.benchmarks import BENCHMARKS, LOCALLY_SCORED, Benchmark
 from globalcom2.evaluation.local_data import DATA_DIR_ENV, SOURCE_FILE, data_dir
 
 OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -190,10 +190,14 @@ def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download the paper benchmarks for offline evaluation.")
-    parser.add_argument("--benchmarks", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--benchmarks",
+        default="",
+        help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: the locally scored {','.join(LOCALLY_SCORED)})",
+    )
     parser.add_argument("--force", action="store_true", help="replace folders that already exist")
     args = parser.parse_args(argv)
-    keys = [k for k in args.benchmarks.split(",") if k] or list(BENCHMARKS)
+    keys = [k for k in args.benchmarks.split(",") if k] or list(LOCALLY_SCORED)
     unknown = sorted(set(keys) - set(BENCHMARKS))
     if unknown:
         print(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Synthetic rows in the real schemas of the ten benchmarks, written in the offline data layout.
+"""Synthetic rows in the real schemas of the ten benchmarks (and the two EvalAI test splits), written in the offline data layout.
 
 For each benchmark, a handful of rows with exactly the columns lmms-eval's task code reads (its
 ``utils.py``, the YAML's ``doc_to_target``, and our ``process_docs``), with the types the hub datasets
@@ -96,6 +96,18 @@ def vqav2() -> dict[str, datasets.Dataset]:
     return {"": _table(rows, features)}
 
 
+def vqav2_testdev() -> dict[str, datasets.Dataset]:
+    """Test-dev rows: the val schema with no answers (the split's answers are not public)."""
+    answer = datasets.Features({"answer": STR, "answer_confidence": STR, "answer_id": INT})
+    questions = ["What color is the bus?", "How many people are there?", "Is it raining?"]
+    rows = [
+        {"question_id": 1000001 + i, "question": q, "image": fixture_image(90 + i), "answers": None}
+        for i, q in enumerate(questions)
+    ]
+    features = {"question_id": INT, "question": STR, "image": IMAGE, "answers": [answer]}
+    return {"": _table(rows, features)}
+
+
 def gqa() -> dict[str, datasets.Dataset]:
     questions = [
         ("201307251", "n161313", "Is it overcast?", "no"),
@@ -125,6 +137,21 @@ def vizwiz_vqa() -> dict[str, datasets.Dataset]:
     rows = [
         {"question_id": f"VizWiz_val_{i:08d}", "image": fixture_image(20 + i), "question": q, "answers": a}
         for i, (q, a) in enumerate(questions)
+    ]
+    return {"": _table(rows, {"question_id": STR, "image": IMAGE, "question": STR, "answers": STRS})}
+
+
+def vizwiz_vqa_test() -> dict[str, datasets.Dataset]:
+    """Test rows: the val schema with no answers (the split's answers are not public)."""
+    questions = ["what is this?", "is this milk or juice?", "what does the screen say?"]
+    rows = [
+        {
+            "question_id": f"VizWiz_test_{i:08d}",
+            "image": fixture_image(95 + i),
+            "question": q,
+            "answers": None,
+        }
+        for i, q in enumerate(questions)
     ]
     return {"": _table(rows, {"question_id": STR, "image": IMAGE, "question": STR, "answers": STRS})}
 
@@ -321,11 +348,13 @@ FIXTURES: dict[str, Callable[[], dict[str, datasets.Dataset]]] = {
     "mmbench_en": mmbench_en,
     "mmbench_cn": mmbench_cn,
     "mmvet": mmvet,
+    "vqav2_testdev": vqav2_testdev,
+    "vizwiz_vqa_test": vizwiz_vqa_test,
 }
 
 
 def write_fixtures(out: str | Path, benchmarks: list[str] | None = None) -> Path:
-    """Write the fixtures of ``benchmarks`` (default: all ten) into ``out`` in the offline layout."""
+    """Write the fixtures of ``benchmarks`` (default: all: the ten benchmarks and the two EvalAI test splits) into ``out`` in the offline layout."""
     out = Path(out)
     for key in benchmarks or list(FIXTURES):
         benchmark = BENCHMARKS[key]
@@ -352,7 +381,9 @@ def write_fixtures(out: str | Path, benchmarks: list[str] | None = None) -> Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write synthetic real-schema rows for the ten benchmarks.")
+    parser = argparse.ArgumentParser(
+        description="Write synthetic real-schema rows for the ten benchmarks and the EvalAI test splits."
+    )
     parser.add_argument(
         "--out", required=True, help="data directory to write (use it as GLOBALCOM2_DATA_DIR)"
     )

@@ -17,7 +17,12 @@ from typing import Any
 
 from globalcom2.evaluation.benchmarks import GENERATED_TASKS
 from globalcom2.evaluation.local_data import MissingDataError, provenance, require_local_dataset, tasks_dir
-from globalcom2.evaluation.protocols import PROTOCOLS, check_tasks_covered
+from globalcom2.evaluation.protocols import (
+    DEFAULT_PROTOCOL,
+    PROTOCOLS,
+    budget_method_params,
+    check_tasks_covered,
+)
 
 
 class PreflightError(ValueError):
@@ -153,6 +158,7 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     from globalcom2.evaluation.method_args import (
         build_method,
         check_attn_compatibility,
+        coerce_method_params,
         parse_attn_implementation,
     )
     from globalcom2.evaluation.plugin_options import PLUGIN_OPTION_NAMES, PluginOptions
@@ -163,10 +169,14 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     params = {k: v for k, v in model_args.items() if k not in names}
     problems = []
     built = None
+    method = plugin.get("method", "vanilla")
     try:
-        built = build_method(plugin.get("method", "vanilla"), params)
+        protocol = plugin.get("protocol", DEFAULT_PROTOCOL)
+        if protocol in PROTOCOLS:  # an unknown protocol is reported with the plugin options below
+            params = budget_method_params(protocol, method, coerce_method_params(method, params))
+        built = build_method(method, params)
         check_attn_compatibility(
-            plugin.get("method", "vanilla"),
+            method,
             parse_attn_implementation(plugin.get("attn_implementation", "sdpa")),
         )
     except (TypeError, ValueError) as err:

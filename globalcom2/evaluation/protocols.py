@@ -26,9 +26,9 @@ file is missing there, and its suffix follows ``docs/Evaluation.md`` L13-18 (sho
 same one the other short-answer files carry (high confidence, not checked byte for byte). MMBench's
 prompt is built in code (``model_vqa_mmbench.py`` L81-99), so it is certain.
 
-Known deviation: LLaVA tokenises the text before and after ``<image>`` separately
-(``tokenizer_image_token``, ``llava/mm_utils.py`` L185-204); transformers' processor tokenises the whole
-prompt. The boundary tokens may differ; ``show_inputs`` prints our ``input_ids`` so it can be checked.
+LLaVA tokenises the text before and after ``<image>`` separately (``tokenizer_image_token``, ``llava/mm_utils.py``
+L185-204); under ``llava`` so do we (``globalcom2.evaluation.tokenization``). Under ``llava`` the in-LLM
+methods count their budget in patch tokens, as the paper does (:func:`budget_method_params`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from globalcom2.evaluation.generation import GenerationSettings
+from globalcom2.methods import METHODS, InLLMMethod
 
 PROTOCOLS = ("lmms_eval", "llava")
 DEFAULT_PROTOCOL = "lmms_eval"
@@ -58,6 +59,30 @@ def geometry_of(protocol: str) -> str:
     """The AnyRes geometry a protocol evaluates with (``globalcom2.models.geometry``): LLaVA's grid ties and
     unpadding under ``llava``, transformers' under ``lmms_eval``."""
     return "llava" if check_protocol(protocol) == "llava" else "transformers"
+
+
+def budget_method_params(protocol: str, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` of ``method`` with the budget basis the protocol counts in.
+
+    Under ``llava`` the retention ratio is a fraction of the patch tokens, the "2880" of the GlobalCom²
+    paper ("retain up to 2880·R tokens", which leaves the row separators out: ../shared/reference/
+    globalcom2.md §3 item 8), so the in-LLM methods get
+    ``budget_basis="patches"`` and keep every separator, as GlobalCom² and ``random`` always do. Under
+    ``lmms_eval`` the method's own ``budget_basis`` (default ``"positions"``) stands.
+
+    Raises:
+        ValueError: ``params`` asks ``llava`` for another basis.
+    """
+    params = dict(params)
+    if check_protocol(protocol) != "llava" or not issubclass(METHODS.get(method), InLLMMethod):
+        return params
+    basis = params.setdefault("budget_basis", "patches")
+    if basis != "patches":
+        raise ValueError(
+            f"budget_basis={basis!r} contradicts protocol=llava, which counts the budget in patch tokens as "
+            "the paper does; drop budget_basis or use protocol=lmms_eval"
+        )
+    return params
 
 
 def check_protocol(protocol: Any) -> str:
@@ -162,8 +187,10 @@ class LlavaRule:
 
 LLAVA_RULES: dict[str, LlavaRule] = {
     "vqav2_val_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS),
+    "vqav2_testdev_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS),
     "gqa_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS),
     "vizwiz_vqa_val_local": LlavaRule(vizwiz, LOADER_MAX_NEW_TOKENS),
+    "vizwiz_vqa_test_local": LlavaRule(vizwiz, LOADER_MAX_NEW_TOKENS),
     "scienceqa_img_local": LlavaRule(scienceqa, LONG_MAX_NEW_TOKENS),
     "textvqa_val_local": LlavaRule(textvqa, LOADER_MAX_NEW_TOKENS),
     "pope_adv_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer),

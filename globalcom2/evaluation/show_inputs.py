@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, geometry_of, task_protocol
+from globalcom2.evaluation.tokenization import encode_batch
 
 
 def _leaf_tasks(task_dict: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -82,7 +83,9 @@ def show_inputs(
             settings = rules.generation(
                 dict(task.config.generation_kwargs or {}), default_max_new_tokens, generation_overrides
             )
-            inputs = processor(images=batch.images or None, text=batch.prompts, return_tensors="pt")
+            inputs = encode_batch(
+                processor, config, batch.prompts, batch.images, batch.images_per_row, protocol
+            )
             sizes = batch.image_sizes_of(inputs.get("image_sizes"), 0)
             layouts = [
                 packed_layout(

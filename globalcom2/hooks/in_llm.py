@@ -82,6 +82,7 @@ class _Rows:
 
     valid: torch.Tensor  # [B, L]
     image: torch.Tensor  # [B, L]
+    protected: torch.Tensor  # [B, L] visual rows no stage may drop (separators under budget_basis="patches")
     query: torch.Tensor  # [B, L]
     positions: torch.Tensor  # [B, L]
     cos: torch.Tensor  # [B, L, hd]
@@ -241,6 +242,16 @@ class _Prefill:
             positions = torch.arange(length, device=hidden.device)[None]
         cos, sin = kwargs["position_embeddings"]
         self.image_tokens = torch.bincount(image[image >= 0], minlength=int(image.max()) + 1)  # [I]
+        if self.method.budget_basis == "patches":
+            if self.context.separator is None or self.context.separator.shape != image.shape:
+                raise RuntimeError("budget_basis='patches' needs the separator map of the prompt")
+            protected = self.context.separator & (image >= 0)
+        else:
+            protected = torch.zeros_like(image, dtype=torch.bool)
+        self.protected_tokens = torch.bincount(
+            image[protected], minlength=self.image_tokens.numel()
+        )  # [I] separators per image (0 under "positions")
+        self.budget_tokens = self.image_tokens - self.protected_tokens  # [I] what R is a fraction of
         self.image_row = torch.zeros_like(self.image_tokens).scatter_reduce(
             0,
             image[image >= 0],
@@ -250,13 +261,14 @@ class _Prefill:
         self.prompt_length = length
         # [B] position of each row's last token (left padding: the last column is real)
         self.last_position = positions.expand(batch, length)[:, -1]
-        queries = self.method.select_queries(self._view(hidden, image, valid, layer=0))
+        queries = self.method.select_queries(self._view(hidden, image, protected, valid, layer=0))
         if bool((queries.rows & ~(valid & (image < 0))).any()):
             raise RuntimeError(f"{self.method.name!r} chose query rows that are visual or padding")
         self.rater_candidates = queries.candidates
         self.rows = _Rows(
             valid=valid,
             image=image,
+            protected=protected,
             query=queries.rows,
             positions=positions.expand(batch, length),
             cos=cos.expand(batch, -1, -1),
@@ -265,8 +277,24 @@ class _Prefill:
         )
         self.started = True
 
-    def _view(self, hidden: torch.Tensor, image: torch.Tensor, valid: torch.Tensor, layer: int) -> TokenView:
-        return TokenView(hidden, image, valid, self.image_tokens, layer, self.adapter.num_layers)
+    def _view(
+        self,
+        hidden: torch.Tensor,
+        image: torch.Tensor,
+        protected: torch.Tensor,
+        valid: torch.Tensor,
+        layer: int,
+    ) -> TokenView:
+        return TokenView(
+            hidden,
+            image,
+            valid,
+            self.image_tokens,
+            layer,
+            self.adapter.num_layers,
+            protected=protected,
+            budget_tokens=self.budget_tokens,
+        )
 
     # -- hooks --------------------------------------------------------------------------------------------
     def before_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -302,7 +330,9 @@ class _Prefill:
             attention = attention_rows(
                 module, kwargs["hidden_states"], cos, sin, query_index, query_valid, rows.valid
             )  # [B, Q, L]
-            view = self._view(self.layer_input, rows.image, rows.valid, self.adapter.score_layers[stage])
+            view = self._view(
+                self.layer_input, rows.image, rows.protected, rows.valid, self.adapter.score_layers[stage]
+            )
             self.scores[stage] = self.method.score(stage, attention, query_valid, view)
         self.score_queries[stage] = query_valid.sum(1)
         self.score_keys[stage] = rows.valid.sum(1)
@@ -310,12 +340,13 @@ class _Prefill:
     # -- one stage ----------------------------------------------------------------------------------------
     def _apply_stage(self, stage: int, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         rows = self.rows
-        view = self._view(hidden, rows.image, rows.valid, layer)
+        view = self._view(hidden, rows.image, rows.protected, rows.valid, layer)
         plan: KeepPlan = self.method.keep(stage, self.scores.pop(stage), view)
         keep = plan.keep & rows.valid
-        if bool((rows.valid & (rows.image < 0) & ~keep).any()):
+        if bool((rows.valid & ((rows.image < 0) | rows.protected) & ~keep).any()):
             raise RuntimeError(
-                f"{self.method.name!r} dropped text rows at stage {stage}; only visual rows may go"
+                f"{self.method.name!r} dropped text or protected rows at stage {stage}; only candidate visual "
+                "rows may go"
             )
         merged = plan.merged
         images = self.image_tokens.numel()
@@ -335,12 +366,13 @@ class _Prefill:
         source, valid = layout.source, layout.valid
         new_hidden = gather_rows(hidden, source, layout.inserted_hidden)
         image = gather_rows(rows.image, source, layout.inserted_image).masked_fill(~valid, -1)
-        no_query = (
+        not_inserted = (
             None
             if layout.inserted_image is None
             else torch.zeros_like(layout.inserted_image, dtype=torch.bool)
         )
-        query = gather_rows(rows.query, source, no_query) & valid
+        query = gather_rows(rows.query, source, not_inserted) & valid
+        protected = gather_rows(rows.protected, source, not_inserted) & valid
         if self.method.positions == "original":
             # Kept rows keep their position ids and rotary embeddings (FastV semantics): gathered, not recomputed.
             positions = gather_rows(rows.positions, source)
@@ -352,7 +384,7 @@ class _Prefill:
             cos, sin = self.adapter.rotary(new_hidden, positions)
             shift = self.last_position - positions[:, -1]  # [B]
         mask = self.adapter.layer_mask(new_hidden, valid)
-        self.rows = _Rows(valid, image, query, positions, cos, sin, mask, changed=True)
+        self.rows = _Rows(valid, image, protected, query, positions, cos, sin, mask, changed=True)
         self.stage_layouts.append(StageLayout(layer, valid, shift))
         return new_hidden
 
@@ -400,12 +432,17 @@ class _Prefill:
         return stats, state
 
     def _row_targets(self) -> list[float | None]:
-        """Per batch row, the sum of its images' equivalent-token targets (``None`` if the method has none)."""
+        """Per batch row, the sum of its images' equivalent-token targets (``None`` if the method has none).
+
+        The target counts visual rows, as the realised per-layer counts do: under ``budget_basis="patches"``
+        the method's target for the patch tokens plus the separators that always stay."""
         per_row: list[float | None] = [None] * self.rows.valid.shape[0]
-        for count, row in zip(self.image_tokens.tolist(), self.image_row.tolist(), strict=True):
+        for count, protected, row in zip(
+            self.budget_tokens.tolist(), self.protected_tokens.tolist(), self.image_row.tolist(), strict=True
+        ):
             target = self.method.equivalent_tokens_target(count, self.adapter.num_layers)
             if target is not None:
-                per_row[row] = (per_row[row] or 0.0) + target
+                per_row[row] = (per_row[row] or 0.0) + target + protected
         return per_row
 
 

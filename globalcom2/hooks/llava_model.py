@@ -43,6 +43,8 @@ class PromptContext:
         attention_mask: ``[B, L_total]`` 2-D mask the language model receives, or ``None``.
         position_ids: ``[B or 1, L]`` positions the language model receives, or ``None``.
         past_key_values: the KV cache of this generation, or ``None``.
+        separator: ``[B, L]`` True at the row separators among the visual positions, when the in-LLM method
+            counts its budget in patch tokens (``budget_basis="patches"``); ``None`` otherwise.
     """
 
     input_ids: torch.Tensor | None
@@ -50,6 +52,7 @@ class PromptContext:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     past_key_values: Any
+    separator: torch.Tensor | None = None
 
     @property
     def is_prefill(self) -> bool:
@@ -58,6 +61,8 @@ class PromptContext:
 
 class InLLMStage(Protocol):
     """What the model adapter needs from an in-LLM attachment (``hooks/in_llm.py``)."""
+
+    method: Any  # the attached InLLMMethod (its budget_basis decides whether separators are located)
 
     def active(self, context: PromptContext) -> Any:
         """A context manager entered around the language model's forward for ``context``."""
@@ -115,6 +120,26 @@ def visual_index_map(input_ids: torch.Tensor, image_token_id: int, lengths: list
     """``[B, L]`` image index of every placeholder position (scatter order), -1 elsewhere."""
     image, _ = placeholder_owners(input_ids == image_token_id, torch.tensor(lengths))
     return image
+
+
+def separator_map(
+    image_newline: torch.Tensor,
+    features: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    visual_index: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, L]`` True at the visual positions that hold a row separator.
+
+    ``LlavaNextModel.pack_image_features`` fills every separator row with the learned ``image_newline``
+    vector, cast to the features' dtype; no projected patch equals it in every coordinate. Finding the rows
+    by that equality works wherever the features came from (``generate`` may compute them before the
+    forward, without ``image_sizes``) and after a pre-LLM method reordered or dropped rows.
+    """
+    flags = torch.cat(
+        [(feats == image_newline.to(feats.device, feats.dtype)).all(-1) for feats in features]
+    )  # [sum N] packed order of every image = scatter order
+    separator = torch.zeros_like(visual_index, dtype=torch.bool)
+    separator[visual_index >= 0] = flags.to(visual_index.device)  # row-major over the batch = scatter order
+    return separator
 
 
 class _CompressingMixin:
@@ -214,7 +239,7 @@ class _CompressingMixin:
         if adapter.in_llm is None:
             yield
             return
-        visual_index = None
+        visual_index = separator = None
         if image_output is not None:
             if input_ids is None:
                 raise NotImplementedError(
@@ -223,7 +248,11 @@ class _CompressingMixin:
                 )
             lengths = [feats.shape[0] for feats in image_output.pooler_output]
             visual_index = visual_index_map(input_ids, self.config.image_token_id, lengths)
-        context = PromptContext(input_ids, visual_index, attention_mask, position_ids, past_key_values)
+            if adapter.in_llm.method.budget_basis == "patches":
+                separator = separator_map(self.image_newline, image_output.pooler_output, visual_index)
+        context = PromptContext(
+            input_ids, visual_index, attention_mask, position_ids, past_key_values, separator
+        )
         with adapter.in_llm.active(context):
             yield
 

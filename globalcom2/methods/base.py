@@ -38,6 +38,11 @@ from globalcom2.registry import Registry
 from globalcom2.scoring.vision_attention import check_vision_layer
 
 Stage = Literal["pre_llm", "in_llm"]
+#: What an in-LLM method's retention ratio is a fraction of, per image: ``"positions"``, every visual
+#: position (patches and row separators, ``N_vis``); ``"patches"``, the patch tokens only (``N_patch``, the
+#: count the GlobalCom² paper's "2880" uses), with every row separator kept on top, as the pre-LLM methods do.
+BudgetBasis = Literal["positions", "patches"]
+BUDGET_BASES: tuple[str, ...] = ("positions", "patches")
 
 
 class CompressionMethod:
@@ -169,6 +174,10 @@ class TokenView:
         image_tokens: ``[I]`` visual positions of each image entering layer 0 (``N_vis``, separators included).
         layer: the decoder layer this view enters.
         num_layers: decoder layers of the language model.
+        protected: ``[B, L]`` visual rows that always stay and are no candidate for pruning: the row separators
+            under the ``"patches"`` budget basis, none under ``"positions"``.
+        budget_tokens: ``[I]`` the count each image's retention ratio applies to: ``image_tokens`` under
+            ``"positions"``, the image's patch tokens (``N_patch``) under ``"patches"``.
     """
 
     hidden_states: torch.Tensor
@@ -177,11 +186,23 @@ class TokenView:
     image_tokens: torch.Tensor
     layer: int
     num_layers: int
+    protected: torch.Tensor
+    budget_tokens: torch.Tensor
 
     @property
     def visual(self) -> torch.Tensor:
         """``[B, L]`` True at visual rows."""
         return self.image >= 0
+
+    @property
+    def candidate_image(self) -> torch.Tensor:
+        """``[B, L]`` image index of every visual row a stage may drop, -1 elsewhere (protected rows too)."""
+        return self.image.masked_fill(self.protected, -1)
+
+    def candidates_per_image(self) -> torch.Tensor:
+        """``[I]`` droppable visual rows of each image in this view."""
+        images = self.image[(self.image >= 0) & ~self.protected]
+        return torch.bincount(images, minlength=self.image_tokens.numel())
 
     def tokens_per_image(self) -> torch.Tensor:
         """``[I]`` visual rows of each image in this view."""
@@ -237,10 +258,23 @@ class InLLMMethod(CompressionMethod):
     Attributes:
         positions: ``"original"``: kept rows keep their position ids (FastV); ``"renumber"``: positions are
             renumbered contiguously after every stage and decode positions follow (SparseVLM).
+        budget_basis: what ``retention_ratio`` is a fraction of (:data:`BudgetBasis`). ``"positions"``
+            treats the row separators as visual tokens like any other, as FastV and SparseVLM treat every
+            position of the image span; ``"patches"`` counts patch tokens only and keeps every separator, the
+            paper protocol's count (``protocol=llava``, ``globalcom2.evaluation.protocols``).
     """
 
     stage: ClassVar[Stage] = "in_llm"
     positions: ClassVar[Literal["original", "renumber"]] = "original"
+
+    def __init__(self, *, retention_ratio: float = 1.0, budget_basis: BudgetBasis = "positions") -> None:
+        super().__init__(retention_ratio=retention_ratio)
+        if budget_basis not in BUDGET_BASES:
+            raise ValueError(
+                f"budget_basis must be one of {list(BUDGET_BASES)} (what the retention ratio is a fraction of), "
+                f"got {budget_basis!r}"
+            )
+        self.budget_basis = budget_basis
 
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
         """First decoder layer that sees each stage's reduced sequence, strictly increasing in ``[1, num_layers)``.

@@ -11,7 +11,10 @@ This implementation (the engine in ``globalcom2/hooks/in_llm.py`` does the slici
 
 * ``retention_ratio`` R is the kept fraction: each image keeps ``round(R * N_vis)`` of its ``N_vis`` visual
   positions (Python's ``round``, half to even, as the reference's ``round``), separators included, so
-  ``R = 1 - r`` in the reference's terms. Every image of a multi-image prompt keeps its own budget;
+  ``R = 1 - r`` in the reference's terms. Every image of a multi-image prompt keeps its own budget. With
+  ``budget_basis="patches"`` (the paper protocol, ``protocol=llava``) it keeps ``round(R * N_patch)`` of its
+  patch tokens instead and every row separator on top, the count the GlobalCom² paper's "2880" uses and the
+  basis GlobalCom² and ``random`` count in, so every method's R means the same fraction;
 * scores are recomputed for the single query row from layer ``K-1``'s attention inputs
   (``scoring/text_attention.py``) instead of running that layer with eager ``output_attentions``: the same
   numbers (tested against eager to 1e-6) with SDPA on and no ``L x L`` matrix;
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from globalcom2.methods.base import InLLMMethod, KeepPlan, QueryRows, TokenView, register_method
+from globalcom2.methods.base import BudgetBasis, InLLMMethod, KeepPlan, QueryRows, TokenView, register_method
 from globalcom2.scoring.selection import top_k_per_group
 
 
@@ -42,12 +45,16 @@ class FastV(InLLMMethod):
         retention_ratio: kept fraction of each image's visual positions, in (0, 1].
         K: first decoder layer that sees the pruned sequence (scores come from layer ``K - 1``), in
             ``[1, num_layers)``; the paper's default is 2.
+        budget_basis: ``"positions"`` (default, the reference's image span) or ``"patches"`` (``round(R * N_patch)``
+            patch tokens, every row separator kept: the GlobalCom² paper's count, used under ``protocol=llava``).
     """
 
     positions = "original"
 
-    def __init__(self, *, retention_ratio: float, K: int = 2) -> None:
-        super().__init__(retention_ratio=retention_ratio)
+    def __init__(
+        self, *, retention_ratio: float, K: int = 2, budget_basis: BudgetBasis = "positions"
+    ) -> None:
+        super().__init__(retention_ratio=retention_ratio, budget_basis=budget_basis)
         if isinstance(K, bool) or not isinstance(K, int):
             raise TypeError(
                 f"K must be an int (the first decoder layer that sees the pruned sequence), got {K!r}"
@@ -80,6 +87,6 @@ class FastV(InLLMMethod):
         return attention[:, 0]  # [B, L] the last token's row
 
     def keep(self, stage: int, scores: torch.Tensor, view: TokenView) -> KeepPlan:
-        budget = [round(self.retention_ratio * n) for n in view.image_tokens.tolist()]
-        kept = top_k_per_group(scores, view.image, torch.tensor(budget, device=scores.device))
-        return KeepPlan(keep=kept | (view.valid & ~view.visual))
+        budget = [round(self.retention_ratio * n) for n in view.budget_tokens.tolist()]
+        kept = top_k_per_group(scores, view.candidate_image, torch.tensor(budget, device=scores.device))
+        return KeepPlan(keep=kept | view.protected | (view.valid & ~view.visual))

@@ -20,7 +20,9 @@ Inference", ICML 2025, arXiv 2410.04417), following its v1.5 code: Gumpest/Spars
 
 How budgets map to LLaVA-NeXT (the reference has no LLaVA-NeXT setting): ``retention_ratio`` R asks for a
 layer-averaged visual-token count of ``R * N_vis`` per image (``N_vis`` = that image's visual positions,
-separators included), SparseVLM's "equivalent tokens" (SparseVLMs issue #10). The per-stage counts are the
+separators included), SparseVLM's "equivalent tokens" (SparseVLMs issue #10). With ``budget_basis="patches"``
+(``protocol=llava``) the target is ``R * N_patch`` of the patch tokens and every row separator stays on top,
+the GlobalCom² paper's count. The per-stage counts are the
 official 576-token schedules as fractions of 576, interpolated linearly in R between the three official
 budgets (constant outside them), scaled by one factor that is solved per image so that the layer average,
 recycled tokens included, meets the target (:func:`sparsevlm_schedule`); the realised counts are recorded in
@@ -63,7 +65,15 @@ from typing import Literal
 
 import torch
 
-from globalcom2.methods.base import InLLMMethod, KeepPlan, MergedTokens, QueryRows, TokenView, register_method
+from globalcom2.methods.base import (
+    BudgetBasis,
+    InLLMMethod,
+    KeepPlan,
+    MergedTokens,
+    QueryRows,
+    TokenView,
+    register_method,
+)
 from globalcom2.scoring.clustering import dpc_knn_merge
 from globalcom2.scoring.selection import compact_rows, top_k_per_group
 
@@ -211,6 +221,9 @@ class SparseVLM(InLLMMethod):
             (the reference's ``pruning_loc``); strictly increasing in ``[0, num_layers - 1)``. ``None``:
             :func:`default_prune_layers` for the attached model.
         equivalent_tokens: ``"layer_input"`` or ``"layer_output"``, the layer average R refers to.
+        budget_basis: ``"positions"`` (default: R of ``N_vis``, separators included) or ``"patches"`` (R of the
+            image's patch tokens ``N_patch``; every row separator stays at every stage and is never recycled,
+            the GlobalCom² paper's count, used under ``protocol=llava``).
     """
 
     positions = "renumber"
@@ -221,8 +234,9 @@ class SparseVLM(InLLMMethod):
         retention_ratio: float,
         prune_layers: tuple[int, ...] | list[int] | None = None,
         equivalent_tokens: Convention = "layer_output",
+        budget_basis: BudgetBasis = "positions",
     ) -> None:
-        super().__init__(retention_ratio=retention_ratio)
+        super().__init__(retention_ratio=retention_ratio, budget_basis=budget_basis)
         if prune_layers is not None:
             if isinstance(prune_layers, (str, bytes)) or not all(
                 isinstance(layer, int) and not isinstance(layer, bool) for layer in prune_layers
@@ -290,7 +304,9 @@ class SparseVLM(InLLMMethod):
         columns = torch.arange(visual.shape[1], device=visual.device)
         last_visual = torch.where(visual, columns, -1).max(dim=1).values  # [B]
         after = view.valid & ~visual & (columns[None, :] > last_visual[:, None]) & (last_visual[:, None] >= 0)
-        v_index, v_valid = compact_rows(visual)  # [B, V]
+        # V: the image's tokens; under budget_basis="patches" the separators are structure, not content
+        # (the reference's LLaVA-1.5 images have none), so they do not vote on the raters.
+        v_index, v_valid = compact_rows(visual & ~view.protected)  # [B, V]
         t_index, t_valid = compact_rows(after)  # [B, T]
         hidden = view.hidden_states.float()
         dim = hidden.shape[-1]
@@ -322,12 +338,13 @@ class SparseVLM(InLLMMethod):
     # -- prune and recycle -----------------------------------------------------------------------------------
     def keep(self, stage: int, scores: torch.Tensor, view: TokenView) -> KeepPlan:
         device = scores.device
-        kept_budget = [self.budgets(n, view.num_layers)[stage].kept for n in view.image_tokens.tolist()]
-        present = view.tokens_per_image()  # [I]
+        kept_budget = [self.budgets(n, view.num_layers)[stage].kept for n in view.budget_tokens.tolist()]
+        present = view.candidates_per_image()  # [I]
+        candidate = view.candidate_image  # [B, L] protected rows are no candidate
         kept = top_k_per_group(
-            scores, view.image, torch.minimum(torch.tensor(kept_budget, device=device), present)
+            scores, candidate, torch.minimum(torch.tensor(kept_budget, device=device), present)
         )
-        dropped = view.visual & view.valid & ~kept  # [B, L]
+        dropped = (candidate >= 0) & view.valid & ~kept  # [B, L]
         num_dropped = torch.bincount(view.image[dropped], minlength=present.numel())  # [I]
         candidates = torch.where(
             num_dropped > 0, torch.floor(num_dropped.double() * RECYCLE_FRACTION).long() + 1, 0
@@ -337,7 +354,7 @@ class SparseVLM(InLLMMethod):
         packed = _pack_by_image(view.hidden_states, chosen, view.image, candidates)  # [I, M, D]
         merged = dpc_knn_merge(packed, candidates, clusters)  # [I, C, D]
         return KeepPlan(
-            keep=kept | (view.valid & ~view.visual),
+            keep=kept | view.protected | (view.valid & ~view.visual),
             merged=MergedTokens(hidden_states=merged, count=clusters, candidates=candidates),
         )
 

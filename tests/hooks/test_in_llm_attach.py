@@ -11,6 +11,7 @@ from helpers import generate_steps, prompt_inputs, shortened_inputs
 from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2 import attach
+from globalcom2.anyres import packed_layout, unpad_rounding
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.methods.sparsevlm import default_prune_layers
 from globalcom2.models.tiny import build_tiny_llava_next, byte_level_tokenizer, tiny_config
@@ -529,3 +530,111 @@ def test_second_in_llm_method_is_refused(model):
         pytest.raises(RuntimeError, match=r"'fastv'.*already attached"),
     ):
         attach(model, "sparsevlm", retention_ratio=0.5)
+
+
+# --- budget basis "patches" (protocol=llava): R of the patch tokens, every row separator kept ----------------------
+
+
+def layouts_of(model, inputs):
+    config = model.config
+    return [
+        packed_layout(size, config.image_grid_pinpoints, rounding=unpad_rounding(config))
+        for size in inputs["image_sizes"]
+    ]
+
+
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm"])
+def test_patches_basis_at_ratio_one_is_bit_identical(model, processor, images, method):
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    reference_tokens, reference_steps = generate_steps(model, inputs, steps=4)
+    with attach(model, method, retention_ratio=1.0, budget_basis="patches"):
+        tokens, steps = generate_steps(model, inputs, steps=4)
+    assert torch.equal(tokens, reference_tokens) and torch.equal(steps, reference_steps)
+
+
+def test_fastv_patches_basis_keeps_round_r_patches_and_every_separator(model, processor, images):
+    inputs = prompt_inputs(processor, [images[(1008, 336)], images[(800, 600)]], "Compare the two images.")
+    layouts = layouts_of(model, inputs)
+    patches = [layout.num_patches for layout in layouts]
+    separators = sum(layout.num_separators for layout in layouts)
+    visual = sum(layout.num_tokens for layout in layouts)
+    assert visual == int(visual_columns(model, inputs).sum()) and separators > 0
+    with attach(model, "fastv", retention_ratio=0.3, K=2, budget_basis="patches") as handle:
+        keep_calls = capture(handle.method, "keep")
+        generate_steps(model, inputs, steps=2)
+        stats = handle.stats[0]
+    kept = sum(round(0.3 * n) for n in patches) + separators
+    assert stats.visual_tokens_per_layer == (visual, visual, kept, kept)
+    # every separator is protected at the stage and kept
+    (_, _, view), plan = keep_calls[0]
+    separator_rows = view.protected
+    assert int(separator_rows.sum()) == separators
+    assert bool((plan.keep[separator_rows]).all())
+    assert view.budget_tokens.tolist() == patches
+    # the same ratio on the default basis counts separators as candidates and keeps fewer patches
+    with attach(model, "fastv", retention_ratio=0.3, K=2) as handle:
+        generate_steps(model, inputs, steps=2)
+        positions_stats = handle.stats[0]
+    per_image = [layout.num_tokens for layout in layouts]
+    assert positions_stats.visual_tokens_per_layer[2] == sum(round(0.3 * n) for n in per_image) != kept
+
+
+def test_sparsevlm_patches_basis_targets_r_patches_plus_separators(model, processor, images):
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    (layout,) = layouts_of(model, inputs)
+    with attach(model, "sparsevlm", retention_ratio=0.4, budget_basis="patches") as handle, torch.no_grad():
+        keep_calls = capture(handle.method, "keep")
+        model(**inputs)
+        stats = handle.stats[-1]
+        budgets = handle.method.budgets(layout.num_patches, 4)
+    separators = layout.num_separators
+    assert stats.visual_tokens_per_layer == (layout.num_tokens, *(b.after + separators for b in budgets))
+    assert stats.equivalent_tokens_target == pytest.approx(0.4 * layout.num_patches + separators)
+    assert abs(stats.equivalent_visual_tokens_after_layer - stats.equivalent_tokens_target) <= 1.0
+    for (_, _, view), plan in keep_calls:
+        assert int(view.protected.sum()) == separators, "separators stay through every stage"
+        assert bool(plan.keep[view.protected].all())
+        merged_rows = plan.merged.count.sum()
+        assert int(merged_rows) > 0
+
+
+def test_patches_basis_after_a_pre_llm_method_counts_the_patches_it_kept(model, processor, images):
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    with attach(model, "random", retention_ratio=0.5) as random:
+        with attach(model, "fastv", retention_ratio=0.5, budget_basis="patches") as fastv, torch.no_grad():
+            model(**inputs)
+        image_stats, layer_stats = random.stats[-1], fastv.stats[-1]
+    assert image_stats.separators_kept > 0
+    assert layer_stats.visual_tokens_before == image_stats.tokens_after
+    expected = round(0.5 * image_stats.patch_tokens_kept) + image_stats.separators_kept
+    assert layer_stats.visual_tokens_per_layer == (image_stats.tokens_after,) * 2 + (expected,) * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_separators_are_found_per_row_in_a_mixed_batch(processor, images, dtype):
+    """Rows with different grids, a row with two images and a text-only row; in bf16 too, where the
+    separator rows are the image_newline vector cast to bf16."""
+    model = model_in(dtype)
+    rows = [[images[(1008, 336)]], [images[(800, 600)], images[(336, 336)]], []]
+    text = [vicuna_v1_prompt("Describe it.", num_images=len(r)) for r in rows]
+    inputs = processor(images=[i for r in rows for i in r], text=text, return_tensors="pt", padding=True)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    expected = [
+        sum(layout.num_separators for layout in layouts_of(model, {"image_sizes": sizes}))
+        for sizes in (inputs["image_sizes"][:1], inputs["image_sizes"][1:3], inputs["image_sizes"][:0])
+    ]
+    with attach(model, "fastv", retention_ratio=0.5, budget_basis="patches") as handle, torch.no_grad():
+        keep_calls = capture(handle.method, "keep")
+        model(**inputs)
+    (_, _, view), plan = keep_calls[0]
+    assert view.protected.sum(1).tolist() == expected and expected[2] == 0 < min(expected[:2])
+    assert bool(plan.keep[view.protected].all())
+    assert view.budget_tokens.tolist() == [
+        layout.num_patches for layout in layouts_of(model, {"image_sizes": inputs["image_sizes"]})
+    ]
+
+
+@functools.cache
+def model_in(dtype: torch.dtype) -> LlavaNextForConditionalGeneration:
+    model, _ = build_tiny_llava_next(seed=0, dtype=dtype)
+    return model

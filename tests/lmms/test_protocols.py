@@ -51,6 +51,11 @@ LLAVA_PROMPTS = {
         "图片展示了一个场景。\n这张图片属于哪一类？\nA. 油画\nB. 素描\nC. 数字艺术\nD. 照片\n请直接回答选项字母。"
     ),
     "mmvet_local": turn("What is the price of the sandwich?"),
+    # the two EvalAI test splits: the same question files' text as val (LLaVA's test-dev and test files)
+    "vqav2_testdev_local": turn(f"What color is the bus?\n{SHORT}"),
+    "vizwiz_vqa_test_local": turn(
+        f"What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n{SHORT}"
+    ),
 }
 PAPER_TASKS = list(LLAVA_PROMPTS)
 
@@ -213,3 +218,43 @@ def test_llava_inputs_use_llavas_anyres_geometry(fixture_data, llava_inputs):
     assert llava["image_sizes"] == lmms["image_sizes"] == [[80, 80]]
     assert llava["grid"] == [[2, 1]] and lmms["grid"] == [[1, 2]]
     assert llava["visual_tokens"] == lmms["visual_tokens"] == [1176]
+
+
+def test_llava_counts_the_in_llm_budget_in_patch_tokens(tmp_path):
+    """The paper counts 2880 patch tokens, not the row separators: under ``llava`` FastV and SparseVLM get
+    ``budget_basis="patches"`` in the plugin; a contradicting explicit basis is refused before any load."""
+    from helpers import CONFIGS
+    from hydra import compose, initialize_config_dir
+
+    import globalcom2.run  # noqa: F401  (registers the project_root resolver)
+    from globalcom2.cells import CellSpec
+    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+
+    llava = GlobalCom2LlavaNext(
+        pretrained="tiny", method="fastv", retention_ratio=0.5, protocol="llava", profile=False
+    )
+    assert llava.method.budget_basis == "patches"
+    assert llava.run_info["method_params"]["budget_basis"] == "patches"
+    lmms = GlobalCom2LlavaNext(pretrained="tiny", method="sparsevlm", retention_ratio=0.5, profile=False)
+    assert lmms.method.budget_basis == "positions"
+    pre_llm = GlobalCom2LlavaNext(
+        pretrained="tiny", method="random", retention_ratio=0.5, protocol="llava", profile=False
+    )
+    assert "budget_basis" not in pre_llm.method.params(), "pre-LLM methods always count patches"
+
+    with pytest.raises(ValueError, match="budget_basis='positions' contradicts protocol=llava"):
+        GlobalCom2LlavaNext(
+            pretrained="tiny", method="fastv", retention_ratio=0.5, protocol="llava", budget_basis="positions"
+        )
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            config_name="eval",
+            overrides=[
+                "benchmark=pope",
+                "benchmark.protocol=llava",
+                "method=fastv",
+                "+method.params.budget_basis=positions",
+            ],
+        )
+    with pytest.raises(ValueError, match="contradicts protocol=llava"):
+        CellSpec.from_config(cfg)

@@ -1,0 +1,100 @@
+"""LLaVA's chunked tokenisation around ``<image>`` (``tokenizer_image_token``) under ``protocol=llava``.
+
+The tiny model's byte-level tokenizer encodes a prompt the same whole or in chunks, so these tests use a
+SentencePiece-like tokenizer instead: Metaspace with a dummy prefix on the first word only, as the
+non-legacy Llama tokenizers of ``llava-hf`` checkpoints do. There the boundary differs: LLaVA encodes the
+text after ``<image>`` as a new text, which starts with ``▁``; the whole-prompt encoding does not.
+"""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from globalcom2.anyres import packed_layout
+from globalcom2.evaluation.tokenization import encode_batch, llava_chunk_ids
+from globalcom2.models.tiny import tiny_config, tiny_processor
+from globalcom2.prompts import vicuna_v1_prompt
+
+
+def metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, ``▁`` for spaces and as the dummy prefix of the text's first word."""
+    chars = ["▁"] + [c for c in string.printable if c not in " \t\r\x0b\x0c"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{c: 4 + i for i, c in enumerate(chars)}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return metaspace_tokenizer()
+
+
+def test_chunks_follow_tokenizer_image_token(tokenizer):
+    image = tokenizer.convert_tokens_to_ids("<image>")
+
+    def pieces(ids):
+        return [tokenizer.convert_ids_to_tokens(i) if i != image else "IMG" for i in ids]
+
+    # Written by hand from llava/mm_utils.py L185-204: BOS once, each chunk encoded alone (so the second
+    # one starts with the dummy prefix), one image id between chunks (repeated here to the feature count).
+    ids = llava_chunk_ids(
+        tokenizer, "Hi USER: <image>\nWhat? ASSISTANT:", image_token_id=image, image_tokens=[3]
+    )
+    assert pieces(ids) == [
+        "<s>",
+        *"▁Hi▁USER:▁",
+        "IMG",
+        "IMG",
+        "IMG",
+        *"▁\nWhat?▁ASSISTANT:",
+    ]
+    # two images, and a prompt that ends with one: the empty last chunk adds nothing
+    ids = llava_chunk_ids(tokenizer, "A<image>\n<image>", image_token_id=image, image_tokens=[1, 2])
+    assert pieces(ids) == [
+        "<s>",
+        *"▁A",
+        "IMG",
+        *"▁\n",
+        "IMG",
+        "IMG",
+    ]
+    with pytest.raises(ValueError, match="1 <image> but 2 images"):
+        llava_chunk_ids(tokenizer, "A<image>", image_token_id=image, image_tokens=[1, 2])
+
+
+def test_llava_protocol_feeds_the_chunked_ids_and_lmms_eval_the_processors(tokenizer, images):
+    processor = tiny_processor(tokenizer)
+    config = tiny_config(tokenizer)
+    image_id = config.image_token_id
+    prompts = [vicuna_v1_prompt("What is it?"), vicuna_v1_prompt("Is there a cat in the picture?")]
+    batch_images = [images[(800, 600)], images[(336, 336)]]
+    whole = encode_batch(processor, config, prompts, batch_images, [1, 1], "lmms_eval")
+    chunked = encode_batch(processor, config, prompts, batch_images, [1, 1], "llava")
+    assert chunked["pixel_values"].equal(whole["pixel_values"])
+    assert chunked["image_sizes"].equal(whole["image_sizes"])
+    for row, image in enumerate(batch_images):
+        ids = chunked["input_ids"][row][chunked["attention_mask"][row].bool()].tolist()
+        reference = whole["input_ids"][row][whole["attention_mask"][row].bool()].tolist()
+        size = (image.height, image.width)
+        features = packed_layout(size, config.image_grid_pinpoints).num_tokens
+        end = ids.index(image_id) + features
+        assert ids.count(image_id) == reference.count(image_id) == features
+        assert tokenizer.convert_ids_to_tokens(ids[end : end + 2]) == ["▁", "\n"], "LLaVA's dummy prefix"
+        assert tokenizer.convert_ids_to_tokens(reference[end : end + 1]) == ["\n"], "whole prompt: none"
+        assert ids[: ids.index(image_id)] == reference[: reference.index(image_id)]
+        assert ids[end + 1 :] == reference[end:], "only the boundary differs"
+    # left padding, as the in-LLM methods need
+    shorter = int(chunked["attention_mask"].sum(1).argmin())
+    assert chunked["attention_mask"][shorter, 0] == 0 and chunked["attention_mask"][shorter, -1] == 1
