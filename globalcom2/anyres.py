@@ -20,6 +20,7 @@ when unpadding (``rounding="llava"`` here).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.image_processing_utils import select_best_resolution
@@ -182,6 +183,19 @@ def packed_layout(
     height, width = (int(v) for v in image_size)
     pinpoints = tuple(tuple(int(v) for v in p) for p in grid_pinpoints)
     return _cached_layout((height, width), pinpoints, int(crop_size), int(patch_size), rounding)
+
+
+def config_layout(config: Any, image_size: tuple[int, int] | torch.Tensor | list[int]) -> PackedLayout:
+    """The :class:`PackedLayout` of ``image_size`` under a loaded ``LlavaNextConfig`` (its pinpoints, crop and
+    patch size, and its unpadding arithmetic)."""
+    vision = config.vision_config
+    return packed_layout(
+        image_size,
+        config.image_grid_pinpoints,
+        crop_size=vision.image_size,
+        patch_size=vision.patch_size,
+        rounding=unpad_rounding(config),
+    )
 
 
 def unpad_rounding(config: object) -> str:

@@ -47,7 +47,7 @@ def show_inputs(
     from lmms_eval.tasks import get_task_dict
     from transformers import AutoProcessor
 
-    from globalcom2.anyres import packed_layout, unpad_rounding
+    from globalcom2.anyres import config_layout
     from globalcom2.evaluation.api import preflight, task_manager
     from globalcom2.evaluation.batching import prepare_batch
     from globalcom2.models.geometry import apply_config_geometry, apply_processor_geometry
@@ -87,15 +87,7 @@ def show_inputs(
                 processor, config, batch.prompts, batch.images, batch.images_per_row, protocol
             )
             sizes = batch.image_sizes_of(inputs.get("image_sizes"), 0)
-            layouts = [
-                packed_layout(
-                    size,
-                    config.image_grid_pinpoints,
-                    config.vision_config.image_size,
-                    rounding=unpad_rounding(config),
-                )
-                for size in sizes
-            ]
+            layouts = [config_layout(config, size) for size in sizes]
             yield {
                 "task": name,
                 "doc_id": doc_id,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from globalcom2.anyres import packed_layout, unpad_rounding
+from globalcom2.anyres import config_layout
 from globalcom2.prompts import IMAGE_TOKEN
 
 
@@ -68,15 +68,7 @@ def encode_batch(
     tokenizer = processor.tokenizer
     image_token_id = config.image_token_id
     sizes = inputs["image_sizes"].tolist() if "image_sizes" in inputs else []
-    counts = [
-        packed_layout(
-            size,
-            config.image_grid_pinpoints,
-            config.vision_config.image_size,
-            rounding=unpad_rounding(config),
-        ).num_tokens
-        for size in sizes
-    ]
+    counts = [config_layout(config, size).num_tokens for size in sizes]
     rows, start = [], 0
     for prompt, count in zip(prompts, images_per_row, strict=True):
         rows.append(llava_chunk_ids(tokenizer, prompt, image_token_id, counts[start : start + count]))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from globalcom2.anyres import packed_layout, unpad_rounding
+from globalcom2.anyres import config_layout
 from globalcom2.methods.base import ImageContext, PreLLMMethod
 from globalcom2.scoring.vision_attention import ClsAttentionCapture
 
@@ -39,9 +39,7 @@ def pre_llm_sources(model: Any, method: PreLLMMethod, inputs: dict) -> list[torc
             capture.remove()
     sizes = [tuple(size.tolist()) for size in inputs["image_sizes"]]
     config = model.config
-    layouts = [
-        packed_layout(size, config.image_grid_pinpoints, rounding=unpad_rounding(config)) for size in sizes
-    ]
+    layouts = [config_layout(config, size) for size in sizes]
     views = [layout.num_views for layout in layouts]
     scores = torch.split(torch.cat(captured), views) if capture else [None] * len(layouts)
     sources = []

@@ -185,28 +185,26 @@ def test_the_cli_refuses_gen_kwargs_that_llava_would_ignore(fixture_data, tmp_pa
     assert "would be ignored under protocol=llava" in capsys.readouterr().err
 
 
-def test_a_cell_under_llava_passes_gen_kwargs_to_the_plugin_not_to_lmms_eval(tmp_path):
+def eval_config(*overrides: str):
+    """The composed ``eval`` config with ``overrides``, as ``globalcom2.run`` would see it."""
     from helpers import CONFIGS
     from hydra import compose, initialize_config_dir
 
     import globalcom2.run  # noqa: F401  (registers the project_root resolver)
-    from globalcom2.cells import CellSpec
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(
-            config_name="eval",
-            overrides=[
-                "benchmark=pope",
-                "benchmark.protocol=llava",
-                "benchmark.gen_kwargs='max_new_tokens=4'",
-            ],
-        )
+        return compose(config_name="eval", overrides=list(overrides))
+
+
+def test_a_cell_under_llava_passes_gen_kwargs_to_the_plugin_not_to_lmms_eval(tmp_path):
+    from globalcom2.cells import CellSpec
+
+    cfg = eval_config("benchmark=pope", "benchmark.protocol=llava", "benchmark.gen_kwargs='max_new_tokens=4'")
     spec = CellSpec.from_config(cfg)
     assert spec.benchmark.protocol == "llava"
     assert spec.benchmark.generation_overrides() == {"max_new_tokens": 4}
     assert spec.identity(cfg)["benchmark"]["protocol"] == "llava"
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        bad = compose(config_name="eval", overrides=["benchmark=pope", "benchmark.protocol=lava"])
+    bad = eval_config("benchmark=pope", "benchmark.protocol=lava")
     with pytest.raises(ValueError, match="protocol='lava' is not a protocol"):
         CellSpec.from_config(bad)
 
@@ -223,10 +221,6 @@ def test_llava_inputs_use_llavas_anyres_geometry(fixture_data, llava_inputs):
 def test_llava_counts_the_in_llm_budget_in_patch_tokens(tmp_path):
     """The paper counts 2880 patch tokens, not the row separators: under ``llava`` FastV and SparseVLM get
     ``budget_basis="patches"`` in the plugin; a contradicting explicit basis is refused before any load."""
-    from helpers import CONFIGS
-    from hydra import compose, initialize_config_dir
-
-    import globalcom2.run  # noqa: F401  (registers the project_root resolver)
     from globalcom2.cells import CellSpec
     from globalcom2.lmms_plugin import GlobalCom2LlavaNext
 
@@ -246,15 +240,18 @@ def test_llava_counts_the_in_llm_budget_in_patch_tokens(tmp_path):
         GlobalCom2LlavaNext(
             pretrained="tiny", method="fastv", retention_ratio=0.5, protocol="llava", budget_basis="positions"
         )
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(
-            config_name="eval",
-            overrides=[
-                "benchmark=pope",
-                "benchmark.protocol=llava",
-                "method=fastv",
-                "+method.params.budget_basis=positions",
-            ],
-        )
+    cfg = eval_config(
+        "benchmark=pope", "benchmark.protocol=llava", "method=fastv", "+method.params.budget_basis=positions"
+    )
     with pytest.raises(ValueError, match="contradicts protocol=llava"):
         CellSpec.from_config(cfg)
+    implicit = CellSpec.from_config(eval_config("benchmark=pope", "benchmark.protocol=llava", "method=fastv"))
+    explicit = CellSpec.from_config(
+        eval_config(
+            "benchmark=pope",
+            "benchmark.protocol=llava",
+            "method=fastv",
+            "+method.params.budget_basis=patches",
+        )
+    )
+    assert implicit.method.params == explicit.method.params == {"K": 2, "budget_basis": "patches"}
