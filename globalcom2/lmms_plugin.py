@@ -232,7 +232,7 @@ class GlobalCom2LlavaNext(lmms):
             gathered: list[Any] = [None] * self._world_size
             torch.distributed.all_gather_object(gathered, local)
             local = [row for part in gathered for row in part]
-        return sorted((sr.SampleRecord(**row) for row in local), key=sr.sort_key)
+        return sorted((sr.SampleRecord.from_dict(row) for row in local), key=sr.sort_key)
 
     def reset_records(self) -> None:
         self.records.clear()
@@ -342,7 +342,7 @@ class GlobalCom2LlavaNext(lmms):
                 peak_memory_bytes=measurement.peak_memory_bytes if measurement else None,
                 peak_memory_note=measurement.peak_memory_note if measurement else "profile=false",
                 clock=measurement.clock if measurement else None,
-                compression=[sr.stat_to_dict(s) for s in row_stats[row]],
+                compression=list(row_stats[row]),
             )
             if record.empty_answer:
                 logger.warning(f"empty answer for {task} doc {doc_id} (stop: {record.stop_reason})")

@@ -403,6 +403,10 @@ class LayerStats:
 METHODS: Registry[CompressionMethod] = Registry("compression method")
 
 
+#: What a method records per image (pre-LLM, :class:`ImageStats`) or per batch row (in-LLM, :class:`LayerStats`).
+Stats = ImageStats | LayerStats
+
+
 def register_method(name: str) -> Callable[[type[CompressionMethod]], type[CompressionMethod]]:
     """Class decorator: register a method under ``name`` and record the name on the class."""
 
