@@ -38,12 +38,12 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from globalcom2.cells import CellSpec
+from globalcom2.paths import DATA_DIR_ENV, PROJECT_ROOT, TASKS_DIR_ENV
 from globalcom2.provenance import provenance
 from globalcom2.records import CellOutcome, CellRecord, CellRef, read_outcome
 from globalcom2.store import Cell, CellBusy, identity_diff
 from globalcom2.worker import OUTCOME_FILE, death_signal_setter, die_with_parent, evaluate_cell
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("globalcom2.run")
 _SEEN_THIS_SWEEP: set[Path] = set()  # cells already handled by this process (vanilla: one cell per sweep)
 #: Errors that mean "this input is wrong": reported in one line, without a traceback.
@@ -153,6 +153,7 @@ def run(cfg: DictConfig) -> CellRecord | None:
     Raises:
         CellError: bad input (before anything loads), or the cell is busy in another process.
     """
+    export_paths(cfg)
     try:
         spec = CellSpec.from_config(cfg)  # everything checkable without the disk: method, ratio, ints...
         cell = Cell(Path(cfg.paths.results_dir), spec.key, spec.identity(cfg))
@@ -194,6 +195,14 @@ def run(cfg: DictConfig) -> CellRecord | None:
     print(f"[ok]      {label}  {summary_line(record)}", flush=True)
     track(cfg, record)
     return record
+
+
+def export_paths(cfg: DictConfig) -> None:
+    """Hand ``paths.data_dir`` and ``paths.tasks_dir`` to everything that reads them (the data identity,
+    the pre-flight, lmms-eval's tasks, worker processes) through the environment: the one channel that
+    also reaches a worker group."""
+    os.environ[DATA_DIR_ENV] = str(cfg.paths.data_dir)
+    os.environ[TASKS_DIR_ENV] = str(cfg.paths.tasks_dir)
 
 
 def _preflight(spec: CellSpec, label: str, dry_run: bool = False) -> None:

@@ -33,10 +33,10 @@ from globalcom2.evaluation import demo
 from globalcom2.evaluation.sample_records import visual_token_counts
 from globalcom2.methods import METHODS
 from globalcom2.models.llava_next import load_llava_next
+from globalcom2.paths import PROJECT_ROOT
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.provenance import provenance
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # vanilla; GlobalCom² and random at the paper's four ratios; FastV and SparseVLM at 0.25 and 0.1
 DEFAULT_VARIANTS = [("vanilla", 1.0)] + [
     (method, ratio)
