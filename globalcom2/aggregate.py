@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from globalcom2.paths import PROJECT_ROOT
 from globalcom2.report.aggregate import tidy_results, write_tidy
 from globalcom2.report.build import build_report
 
-DEFAULT_RESULTS = Path(__file__).resolve().parents[1] / "results"
+DEFAULT_RESULTS = PROJECT_ROOT / "results"
 
 
 def main(argv: list[str] | None = None) -> None:

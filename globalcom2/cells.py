@@ -11,7 +11,8 @@ a message that names the value and what is valid, before a weight or dataset is 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 from globalcom2.budget import validate_retention_ratio, warn_if_no_patch_token_kept
@@ -28,7 +29,7 @@ from globalcom2.evaluation.protocols import (
     check_protocol,
     check_tasks_covered,
 )
-from globalcom2.methods import METHODS
+from globalcom2.methods import METHODS, CompressionMethod
 from globalcom2.models.llava_next import DTYPE_CHOICES
 from globalcom2.models.preload import model_problems
 from globalcom2.store import CellKey
@@ -76,6 +77,13 @@ class MethodSpec:
         """Keyword arguments of ``attach``/the plugin (vanilla takes no budget)."""
         ratio = {} if self.name == "vanilla" else {"retention_ratio": self.retention_ratio}
         return {**ratio, **self.params}
+
+    @cached_property
+    def built(self) -> CompressionMethod:
+        """The method, built once per spec: validates out-of-range values without a model, and is what the
+        model check (:func:`check_model`) tests against the checkpoint's config. Not a field, so neither
+        the spec's equality nor its dict form sees it."""
+        return METHODS.create(self.name, **self.attach_kwargs())
 
 
 @dataclass(frozen=True)
@@ -148,9 +156,14 @@ class CellSpec:
         Raises ``ValueError``/``TypeError`` naming the bad key, its value and what is valid.
         """
         plain = _to_plain(cfg)
-        method_cfg = plain["method"]
+        method_cfg, bench_cfg = plain["method"], plain["benchmark"]
         name = method_cfg["name"]
-        params = coerce_method_params(name, dict(method_cfg.get("params") or {}))  # unknown ones raise
+        protocol = check_protocol(bench_cfg.get("protocol", DEFAULT_PROTOCOL))
+        # The protocol's budget basis, written into the params so that an explicit `budget_basis: patches`
+        # under llava and the implicit one are one identity (and a contradicting one fails here).
+        params = budget_method_params(
+            protocol, name, coerce_method_params(name, dict(method_cfg.get("params") or {}))
+        )  # unknown parameters raise
         # Vanilla keeps everything: every ratio of a sweep resolves to its single r1.0 cell.
         ratio = (
             1.0
@@ -160,7 +173,7 @@ class CellSpec:
         method = MethodSpec(
             name=name, label=method_cfg.get("label") or name, retention_ratio=ratio, params=params
         )
-        METHODS.create(name, **method.attach_kwargs())  # out-of-range values raise here, without a model
+        method.built  # noqa: B018  (out-of-range values raise here, without a model)
         warn_if_no_patch_token_kept(ratio)
 
         model_cfg = plain["model"]
@@ -177,7 +190,6 @@ class CellSpec:
             device=str(model_cfg.get("device", "cpu")),
             attn_implementation=attn,
         )
-        bench_cfg = plain["benchmark"]
         bench_name, tasks = bench_cfg["name"], tuple(bench_cfg["tasks"])
         columns = tuple(bench_cfg.get("columns") or ())
         if _flag(bench_cfg.get("lite", False), "benchmark.lite"):
@@ -202,14 +214,11 @@ class CellSpec:
             limit=limit,
             batch_size=config_int(bench_cfg.get("batch_size", 1), "benchmark.batch_size", minimum=1),
             gen_kwargs=bench_cfg.get("gen_kwargs"),
-            protocol=check_protocol(bench_cfg.get("protocol", DEFAULT_PROTOCOL)),
+            protocol=protocol,
         )
         if benchmark.gen_kwargs:
             parse_gen_kwargs(str(benchmark.gen_kwargs), "benchmark.gen_kwargs")  # before any weight loads
         check_tasks_covered(benchmark.protocol, benchmark.tasks)
-        # The protocol's budget basis, written into the params so that an explicit `budget_basis: patches`
-        # under llava and the implicit one are one identity (and a contradicting one fails here).
-        method = replace(method, params=budget_method_params(benchmark.protocol, name, method.params))
         launcher_cfg = plain["launcher"]
         launcher = LauncherSpec(
             name=launcher_cfg["name"],
@@ -261,7 +270,7 @@ def check_model(spec: CellSpec) -> None:
         spec.model.pretrained,
         random_init=spec.model.random_init,
         device=spec.model.device,
-        method=METHODS.create(spec.method.name, **spec.method.attach_kwargs()),
+        method=spec.method.built,
         num_processes=spec.launcher.num_processes,
     )
     if problems:

@@ -128,7 +128,8 @@ class GlobalCom2LlavaNext(lmms):
         self.method_kwargs = budget_method_params(
             self.protocol, method, coerce_method_params(method, method_params)
         )
-        self.method = METHODS.create(method, **self.method_kwargs)  # ranges checked here, no model needed
+        # Built once, here (ranges checked without a model); this same instance is attached below.
+        self.method = METHODS.create(method, **self.method_kwargs)
         check_attn_compatibility(method, self.attn_implementation)
         if "retention_ratio" in self.method_kwargs:
             warn_if_no_patch_token_kept(self.method.retention_ratio)
@@ -158,8 +159,7 @@ class GlobalCom2LlavaNext(lmms):
             geometry=geometry_of(self.protocol),
         )
         self.tokenizer = self.processor.tokenizer
-        self.attachment = attach(self.model, method, **self.method_kwargs)
-        self.method = self.attachment.method
+        self.attachment = attach(self.model, self.method)
         self.profiler = GenerateProfiler(self.model, self._device)
         eos = self.model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -232,7 +232,7 @@ class GlobalCom2LlavaNext(lmms):
             gathered: list[Any] = [None] * self._world_size
             torch.distributed.all_gather_object(gathered, local)
             local = [row for part in gathered for row in part]
-        return sorted((sr.SampleRecord(**row) for row in local), key=sr.sort_key)
+        return sorted((sr.SampleRecord.from_dict(row) for row in local), key=sr.sort_key)
 
     def reset_records(self) -> None:
         self.records.clear()
@@ -342,7 +342,7 @@ class GlobalCom2LlavaNext(lmms):
                 peak_memory_bytes=measurement.peak_memory_bytes if measurement else None,
                 peak_memory_note=measurement.peak_memory_note if measurement else "profile=false",
                 clock=measurement.clock if measurement else None,
-                compression=[sr.stat_to_dict(s) for s in row_stats[row]],
+                compression=list(row_stats[row]),
             )
             if record.empty_answer:
                 logger.warning(f"empty answer for {task} doc {doc_id} (stop: {record.stop_reason})")

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from globalcom2.paths import PROJECT_ROOT
+
 _PACKAGES = (
     "torch",
     "transformers",
@@ -30,7 +32,7 @@ _PACKAGES = (
 def git_state(root: str | Path | None = None) -> dict[str, Any]:
     """``{"sha", "dirty"}`` of the checkout at ``root`` (the project root by default); ``None`` values
     outside a git checkout."""
-    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    root = Path(root) if root is not None else PROJECT_ROOT
 
     def git(*args: str) -> str | None:
         try:

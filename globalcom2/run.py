@@ -38,12 +38,12 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from globalcom2.cells import CellSpec
+from globalcom2.paths import DATA_DIR_ENV, PROJECT_ROOT, TASKS_DIR_ENV
 from globalcom2.provenance import provenance
+from globalcom2.records import CellOutcome, CellRecord, CellRef, read_outcome
 from globalcom2.store import Cell, CellBusy, identity_diff
 from globalcom2.worker import OUTCOME_FILE, death_signal_setter, die_with_parent, evaluate_cell
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-RECORD_SCHEMA = 2  # 2: cells carry their identity and id (schema 1 records predate it)
 log = logging.getLogger("globalcom2.run")
 _SEEN_THIS_SWEEP: set[Path] = set()  # cells already handled by this process (vanilla: one cell per sweep)
 #: Errors that mean "this input is wrong": reported in one line, without a traceback.
@@ -83,7 +83,7 @@ def worker_command(spec: CellSpec, spec_path: Path, out_dir: Path) -> list[str]:
     raise ValueError(f"launcher.tool must be auto, torchrun or accelerate, got {tool!r}")
 
 
-def execute(spec: CellSpec, partial: Path, lock_fd: int | None = None) -> dict[str, Any]:
+def execute(spec: CellSpec, partial: Path, lock_fd: int | None = None) -> CellOutcome:
     """Run the cell's evaluation into ``partial`` and return the outcome rank 0 wrote.
 
     ``lock_fd``: the cell's lock, inherited by the worker group's launcher so that the cell stays locked
@@ -104,7 +104,7 @@ def execute(spec: CellSpec, partial: Path, lock_fd: int | None = None) -> dict[s
     if not outcome_file.exists():
         raise RuntimeError(f"the worker group exited 0 but wrote no {OUTCOME_FILE}: the cell is not finished")
     spec_path.unlink()
-    return json.loads(outcome_file.read_text())
+    return read_outcome(outcome_file)
 
 
 def run_worker_group(command: list[str], keep_fds: tuple[int, ...] = ()) -> int:
@@ -147,17 +147,13 @@ def _end_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def read_outcome(partial: Path) -> None:
-    """Drop the worker's hand-off file: everything in it goes into ``record.json``."""
-    (partial / OUTCOME_FILE).unlink(missing_ok=True)
-
-
-def run(cfg: DictConfig) -> dict[str, Any] | None:
+def run(cfg: DictConfig) -> CellRecord | None:
     """Run the cell ``cfg`` describes; returns its record (``None`` for a dry run).
 
     Raises:
         CellError: bad input (before anything loads), or the cell is busy in another process.
     """
+    export_paths(cfg)
     try:
         spec = CellSpec.from_config(cfg)  # everything checkable without the disk: method, ratio, ints...
         cell = Cell(Path(cfg.paths.results_dir), spec.key, spec.identity(cfg))
@@ -201,6 +197,14 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     return record
 
 
+def export_paths(cfg: DictConfig) -> None:
+    """Hand ``paths.data_dir`` and ``paths.tasks_dir`` to everything that reads them (the data identity,
+    the pre-flight, lmms-eval's tasks, worker processes) through the environment: the one channel that
+    also reaches a worker group."""
+    os.environ[DATA_DIR_ENV] = str(cfg.paths.data_dir)
+    os.environ[TASKS_DIR_ENV] = str(cfg.paths.tasks_dir)
+
+
 def _preflight(spec: CellSpec, label: str, dry_run: bool = False) -> None:
     try:
         spec.preflight()
@@ -214,7 +218,7 @@ def _message(err: BaseException) -> str:
     return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
 
 
-def _reuse(cell: Cell, label: str, note: str = "same settings") -> dict[str, Any] | None:
+def _reuse(cell: Cell, label: str, note: str = "same settings") -> CellRecord | None:
     cell.mark_current()
     print(f"[done]    {label}  ({note}, cell {cell.id}: {cell.dir})", flush=True)
     return cell.read_record()
@@ -230,7 +234,7 @@ def why(cell: Cell, force: bool) -> str:
     siblings = cell.siblings()
     if siblings:
         for path, record in siblings:
-            changes = identity_diff(record.get("cell", {}).get("identity", {}), cell.identity)
+            changes = identity_diff(record.cell.identity, cell.identity)
             shown = "; ".join(changes[:4]) + (f"; +{len(changes) - 4} more" if len(changes) > 4 else "")
             reasons.append(f"new settings; finished cell {path.name} differs in {shown or 'its identity'}")
     elif not reasons:
@@ -244,30 +248,29 @@ def _resolved_duplicate(cfg: DictConfig, spec: CellSpec) -> bool:
     return requested is not None and float(requested) != spec.method.retention_ratio
 
 
-def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell, lock_fd: int | None = None) -> dict[str, Any]:
+def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell, lock_fd: int | None = None) -> CellRecord:
     """Run the cell (its lock held) and commit its record."""
     partial = cell.prepare()
     (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     outcome = execute(spec, partial, lock_fd)
-    record = {
-        "schema": RECORD_SCHEMA,
-        "cell": {**vars(spec.key), "id": cell.id, "identity": cell.identity, "path": str(cell.dir)},
-        "spec": spec.to_dict(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "provenance": provenance(),
-        "started": started.isoformat(),
-        "finished": datetime.now(timezone.utc).isoformat(),
-        "wall_s": time.perf_counter() - clock,
-        **outcome,
-    }
-    read_outcome(partial)
+    record = CellRecord(
+        **vars(outcome),
+        cell=CellRef(**vars(spec.key), id=cell.id, identity=cell.identity, path=str(cell.dir)),
+        spec=spec.to_dict(),
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        provenance=provenance(),
+        started=started.isoformat(),
+        finished=datetime.now(timezone.utc).isoformat(),
+        wall_s=time.perf_counter() - clock,
+    )
+    (partial / OUTCOME_FILE).unlink(missing_ok=True)  # everything in it is in record.json now
     cell.commit(record)
     return record
 
 
-def track(cfg: DictConfig, record: dict[str, Any]) -> None:
+def track(cfg: DictConfig, record: CellRecord) -> None:
     """Log the committed cell to the configured tracker; a failure is reported loudly, the cell stays."""
     if cfg.logger.name != "wandb":
         return
@@ -276,29 +279,27 @@ def track(cfg: DictConfig, record: dict[str, Any]) -> None:
     try:
         print(f"[wandb]   {log_cell(record, OmegaConf.to_container(cfg.logger, resolve=True))}", flush=True)
     except Exception:  # the result is already safe on disk; never let the tracker undo that
-        log.exception("wandb logging failed for %s (the cell itself is committed)", record["cell"]["path"])
+        log.exception("wandb logging failed for %s (the cell itself is committed)", record.cell.path)
         print(
             "[wandb]   LOGGING FAILED (see the traceback above); the cell's record.json is intact",
             file=sys.stderr,
         )
 
 
-def summary_line(record: dict[str, Any]) -> str:
+def summary_line(record: CellRecord) -> str:
     """A one-line digest of a finished record for the console."""
     parts = [
-        f"{col}={m['value']:.2f}"
-        for col, m in record.get("paper_metrics", {}).items()
-        if m.get("value") is not None
+        f"{col}={m['value']:.2f}" for col, m in record.paper_metrics.items() if m.get("value") is not None
     ]
     if not parts:
         parts = [
             f"{task}:{name}={value:.3f}"
-            for task, values in record["metrics"].items()
+            for task, values in record.metrics.items()
             for name, value in list(values.items())[:1]
         ]
-    eff = record["efficiency"]
+    eff = record.efficiency
     prefill = eff["prefill_ms"]["median"] if eff.get("prefill_ms") else float("nan")
-    return f"{' '.join(parts)} | prefill {prefill:.1f} ms | TFLOPs(full) {eff['tflops']['full']:.4f} | {record['wall_s']:.0f} s"
+    return f"{' '.join(parts)} | prefill {prefill:.1f} ms | TFLOPs(full) {eff['tflops']['full']:.4f} | {record.wall_s:.0f} s"
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")

@@ -12,7 +12,8 @@ Lifecycle, and why it is safe:
 
 * A run writes only into ``<cell>/.partial/``. On success the outputs are moved into the cell and
   ``record.json`` is written **last**, atomically (temporary file + ``os.replace``). A cell is finished
-  if and only if ``record.json`` exists, says ``"status": "complete"`` and carries this cell's id.
+  if and only if ``record.json`` is a complete :class:`~globalcom2.records.CellRecord` that carries this
+  cell's id (:meth:`Cell.finished_record`, the one place this rule lives; ``report/aggregate`` uses it).
 * A killed run leaves ``.partial/`` and no record: the cell is not finished, and the next run deletes
   every leftover before starting, so partial files are never read as results.
 * ``<cell>/.lock`` is held with ``flock`` for the whole run. The kernel drops it when its process dies
@@ -31,40 +32,32 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from globalcom2.atomic import atomic_write_json, atomic_write_text
+from globalcom2.records import COMPLETE, CellRecord, RecordError, read_record, write_record
+
+__all__ = [  # the atomic writers are re-exported: callers of the store write through it
+    "Cell",
+    "CellBusy",
+    "CellKey",
+    "atomic_write_json",
+    "atomic_write_text",
+    "cell_id",
+    "current_cell_id",
+    "identity_diff",
+    "ratio_label",
+]
 
 RECORD_FILE = "record.json"
 PARTIAL_DIR = ".partial"
 LOCK_FILE = ".lock"
 CURRENT_FILE = "current"
-COMPLETE = "complete"
 CELL_ID_LENGTH = 12
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def ratio_label(retention_ratio: float) -> str:
@@ -147,25 +140,43 @@ class Cell:
     def partial_dir(self) -> Path:
         return self.dir / PARTIAL_DIR
 
-    def read_record(self) -> dict[str, Any] | None:
-        """The finished record, or ``None`` when the cell is not finished (missing, partial, corrupt, or
-        written for another identity)."""
-        record = read_finished_record(self.record_path)
-        return record if record is not None and record.get("cell", {}).get("id") == self.id else None
+    @staticmethod
+    def finished_record(folder: Path) -> CellRecord:
+        """The record of the finished cell in ``folder``: the only rule for "this cell is finished".
+
+        Finished means ``record.json`` is a complete :class:`CellRecord` whose cell id is the folder's
+        name (a record copied from, or written for, another identity does not count).
+
+        Raises:
+            RecordError: why the cell is not finished (missing, partial, corrupt, old schema, another id).
+        """
+        record = read_record(folder / RECORD_FILE)
+        if record.cell.id != folder.name:
+            raise RecordError(
+                f"record.json was written for cell {record.cell.id}, not for this folder ({folder.name}); "
+                "re-run the cell"
+            )
+        return record
+
+    def read_record(self) -> CellRecord | None:
+        """The finished record, or ``None`` when the cell is not finished (:meth:`finished_record`)."""
+        try:
+            return self.finished_record(self.dir)
+        except RecordError:
+            return None
 
     def is_complete(self) -> bool:
         return self.read_record() is not None
 
-    def siblings(self) -> list[tuple[Path, dict[str, Any]]]:
+    def siblings(self) -> list[tuple[Path, CellRecord]]:
         """Finished cells of the same key with another identity: ``(folder, record)``."""
         found = []
         if self.key_dir.is_dir():
             for entry in sorted(self.key_dir.iterdir()):
                 if entry.name == self.id or not entry.is_dir():
                     continue
-                record = read_finished_record(entry / RECORD_FILE)
-                if record is not None:
-                    found.append((entry, record))
+                with contextlib.suppress(RecordError):
+                    found.append((entry, self.finished_record(entry)))
         return found
 
     @contextlib.contextmanager
@@ -230,7 +241,7 @@ class Cell:
         self.partial_dir.mkdir()
         return self.partial_dir
 
-    def commit(self, record: dict[str, Any]) -> None:
+    def commit(self, record: CellRecord) -> None:
         """Replace the cell's files by the run's outputs from ``.partial/``, then write ``record.json`` last.
 
         A previous record (``force=true``) is removed first, so no moment shows the old record beside the
@@ -243,7 +254,7 @@ class Cell:
         for entry in self.partial_dir.iterdir():
             os.replace(entry, self.dir / entry.name)
         self.partial_dir.rmdir()
-        atomic_write_json(self.record_path, {**record, "status": COMPLETE})
+        write_record(self.record_path, replace(record, status=COMPLETE))
         self.mark_current()
 
     def mark_current(self) -> None:
@@ -256,15 +267,6 @@ def _remove(entry: Path) -> None:
         shutil.rmtree(entry)
     else:
         entry.unlink()
-
-
-def read_finished_record(path: Path) -> dict[str, Any] | None:
-    """A record that says it is complete, or ``None`` (missing, unreadable, corrupt or unfinished)."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return record if isinstance(record, dict) and record.get("status") == COMPLETE else None
 
 
 def current_cell_id(key_dir: Path) -> str | None:

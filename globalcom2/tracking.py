@@ -13,50 +13,46 @@ import os
 from pathlib import Path
 from typing import Any
 
+from globalcom2.records import CellRecord
 
-def cell_summary(record: dict[str, Any]) -> dict[str, float]:
+
+def cell_summary(record: CellRecord) -> dict[str, float]:
     """Flat summary metrics of a record: ``<task>/<metric>``, ``paper/<column>``, ``efficiency/<metric>``."""
     from globalcom2.report.aggregate import EFFICIENCY_METRICS
 
     summary = {
-        f"{task}/{name}": value
-        for task, values in record["metrics"].items()
-        for name, value in values.items()
+        f"{task}/{name}": value for task, values in record.metrics.items() for name, value in values.items()
     }
     summary.update(
-        {
-            f"paper/{c}": m["value"]
-            for c, m in record.get("paper_metrics", {}).items()
-            if m["value"] is not None
-        }
+        {f"paper/{c}": m["value"] for c, m in record.paper_metrics.items() if m["value"] is not None}
     )
     for name, (key, sub) in EFFICIENCY_METRICS.items():
-        value = record["efficiency"].get(key)
+        value = record.efficiency.get(key)
         value = value.get(sub) if isinstance(value, dict) else value
         if value is not None:
             summary[f"efficiency/{name}"] = value
     return summary
 
 
-def log_cell(record: dict[str, Any], logger: dict[str, Any]) -> str:
+def log_cell(record: CellRecord, logger: dict[str, Any]) -> str:
     """Log one finished cell; returns the run's local directory."""
     import wandb
 
-    cell, spec = record["cell"], record["spec"]
+    cell, spec = record.cell, record.spec
     config = {
-        "experiment": cell["experiment"],
-        "model": cell["model"],
-        "method": cell["method"],
+        "experiment": cell.experiment,
+        "model": cell.model,
+        "method": cell.method,
         "method_name": spec["method"]["name"],
-        "retention_ratio": cell["retention_ratio"],
-        "benchmark": cell["benchmark"],
+        "retention_ratio": cell.retention_ratio,
+        "benchmark": cell.benchmark,
         "method_params": spec["method"]["params"],
         "seed": spec["seed"],
         "batch_size": spec["benchmark"]["batch_size"],
-        "git_sha": record["provenance"]["git"]["sha"],
-        "cell_id": cell.get("id"),
-        "identity": cell.get("identity"),
-        "cell_path": cell["path"],
+        "git_sha": record.provenance["git"]["sha"],
+        "cell_id": cell.id,
+        "identity": cell.identity,
+        "cell_path": cell.path,
     }
     directory = Path(logger["dir"])
     directory.mkdir(parents=True, exist_ok=True)
@@ -64,9 +60,9 @@ def log_cell(record: dict[str, Any], logger: dict[str, Any]) -> str:
         project=logger.get("project", "globalcom2"),
         entity=logger.get("entity"),
         mode=os.environ.get("WANDB_MODE", logger.get("mode", "offline")),
-        group=logger.get("group") or cell["experiment"],
+        group=logger.get("group") or cell.experiment,
         job_type="cell",
-        name=f"{cell['model']}|{cell['method']}|r{cell['retention_ratio']}|{cell['benchmark']}",
+        name=f"{cell.model}|{cell.method}|r{cell.retention_ratio}|{cell.benchmark}",
         dir=str(directory),
         config=config,
         reinit="finish_previous",

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from globalcom2.cells import CellSpec
-from globalcom2.store import atomic_write_json
+from globalcom2.records import CellOutcome, write_outcome
 
 OUTCOME_FILE = "outcome.json"
 RECORDS_FILE = "sample_records.jsonl"
@@ -67,7 +67,7 @@ def paper_metrics(results: dict[str, Any], columns: tuple[str, ...]) -> dict[str
     return out
 
 
-def evaluate_cell(spec: CellSpec, out_dir: Path) -> dict[str, Any] | None:
+def evaluate_cell(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
     """Evaluate ``spec``; returns the outcome on rank 0 (``None`` on other ranks)."""
     from globalcom2.efficiency.summary import efficiency_summary
     from globalcom2.evaluation import api
@@ -108,34 +108,34 @@ def evaluate_cell(spec: CellSpec, out_dir: Path) -> dict[str, Any] | None:
             return None
         results_file = api.save(results, out_dir, model_name=spec.model.name)
         write_jsonl(out_dir / RECORDS_FILE, records)
-        outcome = {
-            "run": {
+        outcome = CellOutcome(
+            run={
                 **lm.run_info,
                 "seed": spec.seed,
                 "limit": spec.benchmark.limit,
                 "tasks": list(spec.benchmark.tasks),
             },
-            "timings": {
+            timings={
                 "model_load_s": loaded - started,
                 "evaluate_s": evaluated - loaded,
                 "total_s": time.time() - started,
             },
-            "metrics": numeric_metrics(results),
-            "paper_metrics": paper_metrics(results, spec.benchmark.columns),
-            "n_samples": {task: v.get("effective") for task, v in results.get("n-samples", {}).items()},
-            "samples": summarize(records),
-            "efficiency": efficiency_summary(
+            metrics=numeric_metrics(results),
+            paper_metrics=paper_metrics(results, spec.benchmark.columns),
+            n_samples={task: v.get("effective") for task, v in results.get("n-samples", {}).items()},
+            samples=summarize(records),
+            efficiency=efficiency_summary(
                 records, lm.model.config, lm.method, torch.finfo(lm.model.dtype).bits // 8
             ),
-            "files": {
+            files={
                 "results": str(results_file.relative_to(out_dir)),
                 "samples": sorted(
                     str(p.relative_to(out_dir)) for p in results_file.parent.glob("*_samples_*.jsonl")
                 ),
                 "records": RECORDS_FILE,
             },
-        }
-        atomic_write_json(out_dir / OUTCOME_FILE, outcome)
+        )
+        write_outcome(out_dir / OUTCOME_FILE, outcome)
         return outcome
     finally:  # one Hydra process may run many cells: free this one's model now
         del lm

@@ -18,26 +18,25 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 import torch
 
 from globalcom2 import attach
+from globalcom2.atomic import atomic_write_json, atomic_write_text
 from globalcom2.budget import validate_retention_ratio
 from globalcom2.efficiency.flops import LlmDims, VisionDims, paper_prefill_flops
 from globalcom2.efficiency.profile import GenerateProfiler
-from globalcom2.efficiency.summary import sample_costs
+from globalcom2.efficiency.summary import PromptCounts, sample_costs
 from globalcom2.evaluation import demo
-from globalcom2.evaluation.sample_records import stat_to_dict, visual_token_counts
+from globalcom2.evaluation.sample_records import visual_token_counts
 from globalcom2.methods import METHODS
 from globalcom2.models.llava_next import load_llava_next
+from globalcom2.paths import PROJECT_ROOT
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.provenance import provenance
-from globalcom2.store import atomic_write_json, atomic_write_text
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # vanilla; GlobalCom² and random at the paper's four ratios; FastV and SparseVLM at 0.25 and 0.1
 DEFAULT_VARIANTS = [("vanilla", 1.0)] + [
     (method, ratio)
@@ -124,13 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         for method, ratio in order:  # rotate the order too, so no variant always runs first
             measurement, stats = run_variant(model, inputs, method, ratio, profiler, args.new_tokens)
             before, llm_input, _ = visual_token_counts(stats)
-            record = SimpleNamespace(
-                compression=[stat_to_dict(s) for s in stats],
+            counts = PromptCounts(
+                compression=stats,
                 llm_prompt_tokens=inputs["input_ids"].shape[1] - before + llm_input,
                 visual_tokens_llm_input=llm_input,
                 image_sizes=inputs["image_sizes"].tolist(),
             )
-            costs = sample_costs(record, dims, vision, model.config.image_grid_pinpoints, bytes_per_value)
+            costs = sample_costs(counts, dims, vision, model.config.image_grid_pinpoints, bytes_per_value)
             measured[(method, ratio)].append((measurement, costs))
         print(f"image {index + 1}/{len(prompts)} done", flush=True)
 

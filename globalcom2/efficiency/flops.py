@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from globalcom2.methods.base import LayerStats
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ def vision_flops(dims: VisionDims, num_views: int) -> int:
     return num_views * (embed + encoder + projector)
 
 
-def method_overhead_flops(dims: LlmDims, stats: Any) -> dict[str, int]:
+def method_overhead_flops(dims: LlmDims, stats: LayerStats) -> dict[str, int]:
     """FLOPs an in-LLM method spends beyond the decoder layers, per batch row, from its ``LayerStats``.
 
     * ``score_recompute``: per stage, the scoring rows' attention recomputed at the scoring layer:
@@ -220,7 +223,9 @@ def method_overhead_flops(dims: LlmDims, stats: Any) -> dict[str, int]:
     return {"score_recompute": score, "raters": raters, "recycling": recycling}
 
 
-def full_prefill_flops(dims: LlmDims, tokens_per_layer: int | Sequence[int], stats: Any | None = None) -> int:
+def full_prefill_flops(
+    dims: LlmDims, tokens_per_layer: int | Sequence[int], stats: LayerStats | None = None
+) -> int:
     """The "full" convention for one sample: every (non-padding) token that really entered each layer,
     plus the method's overhead when ``stats`` (its ``LayerStats``) is given."""
     total = model_prefill_flops(dims, tokens_per_layer)

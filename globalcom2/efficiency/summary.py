@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from types import SimpleNamespace
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from globalcom2.anyres import packed_layout
 from globalcom2.efficiency.flops import (
@@ -29,25 +29,46 @@ from globalcom2.efficiency.flops import (
     paper_prefill_flops,
     vision_flops,
 )
+from globalcom2.methods.base import LayerStats, Stats
+
+if TYPE_CHECKING:
+    from globalcom2.evaluation.sample_records import SampleRecord
 
 TERA = 1e12
 
 
+@dataclass(frozen=True)
+class PromptCounts:
+    """What the analytic cost model needs of one sample: its method stats and its prompt's token counts
+    (a :class:`SampleRecord` has them; ``benchmarks/efficiency`` builds them without a record)."""
+
+    compression: Sequence[Stats]
+    llm_prompt_tokens: int
+    visual_tokens_llm_input: int
+    image_sizes: Sequence[Sequence[int]]
+
+    @classmethod
+    def of(cls, record: SampleRecord) -> PromptCounts:
+        return cls(
+            record.compression, record.llm_prompt_tokens, record.visual_tokens_llm_input, record.image_sizes
+        )
+
+
 def sample_costs(
-    record: Any, dims: LlmDims, vision: VisionDims, pinpoints: list, bytes_per_value: int
+    sample: PromptCounts, dims: LlmDims, vision: VisionDims, pinpoints: list, bytes_per_value: int
 ) -> dict[str, float]:
     """Analytic costs of one answered sample (prefill of its prompt)."""
-    layer_stats = [c for c in record.compression if "tokens_per_layer" in c]
+    layer_stats = [s for s in sample.compression if isinstance(s, LayerStats)]
     if layer_stats:  # an in-LLM method: the counts each layer really saw, and its overhead
-        stats = SimpleNamespace(**layer_stats[0])
+        stats = layer_stats[0]
         tokens: Sequence[int] | int = list(stats.tokens_per_layer)
         visual = list(stats.visual_tokens_per_layer)
         full = full_prefill_flops(dims, tokens, stats)
     else:  # vanilla or a pre-LLM method: every layer sees the (compressed) prompt
-        tokens = record.llm_prompt_tokens
-        visual = [record.visual_tokens_llm_input] * dims.num_layers
+        tokens = sample.llm_prompt_tokens
+        visual = [sample.visual_tokens_llm_input] * dims.num_layers
         full = model_prefill_flops(dims, tokens)
-    views = sum(packed_layout(tuple(size), pinpoints).num_views for size in record.image_sizes)
+    views = sum(packed_layout(tuple(size), pinpoints).num_views for size in sample.image_sizes)
     return {
         "full_flops": full,
         "paper_visual_flops": model_prefill_flops(dims, visual),
@@ -70,8 +91,36 @@ def _stats(values: list[float], scale: float = 1.0) -> dict[str, float] | None:
     }
 
 
+def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
+    """Latency, throughput and peak memory of ``records``, over ``generate`` calls (a batch's samples share
+    one call). The one place these are summarised: the record's efficiency block and lmms-eval's log."""
+    calls: dict[tuple[int, int], SampleRecord] = {}
+    for r in records:
+        calls.setdefault((r.rank, r.batch_id), r)
+    timed = [c for c in calls.values() if c.total_s is not None]
+    peaks = [c.peak_memory_bytes for c in calls.values() if c.peak_memory_bytes is not None]
+    notes = sorted({c.peak_memory_note for c in calls.values() if c.peak_memory_note})
+    generate_seconds = sum(c.total_s for c in timed if c.total_s is not None)
+    preprocess_seconds = sum(c.preprocess_s for c in calls.values())
+    timed_samples = sum(c.batch_size for c in timed)
+    return {
+        "generate_calls": len(calls),
+        "clock": timed[0].clock if timed else None,
+        "prefill_ms": _stats([c.prefill_s for c in timed if c.prefill_s is not None], 1e3),
+        "total_ms": _stats([c.total_s for c in timed if c.total_s is not None], 1e3),
+        "throughput_samples_per_s": timed_samples / generate_seconds if generate_seconds else None,
+        "throughput_samples_per_s_end_to_end": (
+            len(records) / (generate_seconds + preprocess_seconds) if timed else None
+        ),  # preprocessing included
+        "peak_memory_gb": (
+            {"max": max(peaks) / 2**30, "mean": statistics.fmean(peaks) / 2**30} if peaks else None
+        ),
+        "peak_memory_note": "; ".join(notes) if notes else None,
+    }
+
+
 def efficiency_summary(
-    records: Sequence[Any], model_config: Any, method: Any, bytes_per_value: int
+    records: Sequence[SampleRecord], model_config: Any, method: Any, bytes_per_value: int
 ) -> dict[str, Any]:
     """Aggregate ``records`` of one cell into its record's ``efficiency`` block."""
     if not records:
@@ -79,32 +128,16 @@ def efficiency_summary(
     dims = LlmDims.from_config(model_config.text_config)
     vision = VisionDims.from_config(model_config)
     costs = [
-        sample_costs(r, dims, vision, model_config.image_grid_pinpoints, bytes_per_value) for r in records
+        sample_costs(PromptCounts.of(r), dims, vision, model_config.image_grid_pinpoints, bytes_per_value)
+        for r in records
     ]
-
-    calls: dict[tuple[int, int], Any] = {}
-    for r in records:
-        calls.setdefault((r.rank, r.batch_id), r)
-    timed = [c for c in calls.values() if c.total_s is not None]
-    peaks = [c.peak_memory_bytes for c in calls.values() if c.peak_memory_bytes is not None]
-    notes = sorted({c.peak_memory_note for c in calls.values() if c.peak_memory_note})
-    generate_seconds = sum(c.total_s for c in timed)
-    timed_samples = sum(c.batch_size for c in timed)
 
     def mean(key: str) -> float:
         return statistics.fmean(c[key] for c in costs)
 
     return {
         "samples": len(records),
-        "generate_calls": len(calls),
-        "clock": timed[0].clock if timed else None,
-        "prefill_ms": _stats([c.prefill_s for c in timed if c.prefill_s is not None], 1e3),
-        "total_ms": _stats([c.total_s for c in timed], 1e3),
-        "throughput_samples_per_s": timed_samples / generate_seconds if generate_seconds else None,
-        "peak_memory_gb": (
-            {"max": max(peaks) / 2**30, "mean": statistics.fmean(peaks) / 2**30} if peaks else None
-        ),
-        "peak_memory_note": "; ".join(notes) if notes else None,
+        **latency_summary(records),
         "visual_tokens": {
             "before": statistics.fmean(r.visual_tokens_before for r in records),
             "llm_input": statistics.fmean(r.visual_tokens_llm_input for r in records),

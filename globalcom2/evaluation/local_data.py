@@ -21,33 +21,18 @@ A missing folder raises :class:`MissingDataError`, whose message names the path 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-DATA_DIR_ENV = "GLOBALCOM2_DATA_DIR"
+from globalcom2.paths import DATA_DIR_ENV, data_dir, tasks_dir
+
+__all__ = ["DATA_DIR_ENV", "MissingDataError", "data_dir", "tasks_dir"]
+
 SOURCE_FILE = "globalcom2_source.json"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TASKS_DIR = REPO_ROOT / "tasks"
 
 
 class MissingDataError(FileNotFoundError):
     """Offline data a task needs is not on disk."""
-
-
-def data_dir() -> Path:
-    """``$GLOBALCOM2_DATA_DIR`` or ``<checkout>/data``."""
-    value = os.environ.get(DATA_DIR_ENV, "").strip()
-    return Path(value).expanduser().resolve() if value else REPO_ROOT / "data"
-
-
-def tasks_dir() -> Path:
-    """The checkout's ``tasks/`` folder (pass it to lmms-eval as ``--include_path``)."""
-    if not TASKS_DIR.is_dir():
-        raise FileNotFoundError(
-            f"task folder {TASKS_DIR} not found; the harness must be installed editable (`make install`)"
-        )
-    return TASKS_DIR
 
 
 def fix_hint(local_data: str) -> str:

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from globalcom2.atomic import atomic_write_json
+
 TASK = "mmvet_local"
 CREDENTIALS = {"openai": ("OPENAI_API_KEY",), "azure": ("AZURE_API_KEY", "AZURE_ENDPOINT")}
 DEFAULT_TIMEOUT_S = 30.0
@@ -184,9 +186,7 @@ def judge(
         "grades": graded,
     }
     out = Path(out) if out else Path(samples_path).with_name(Path(samples_path).stem + "_judged.json")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    tmp.replace(out)
+    atomic_write_json(out, result, ensure_ascii=False, sort_keys=False)
     print(f"MM-Vet gpt_eval_score = {score:.2f} over {len(graded)} samples -> {out}")
     return result
 

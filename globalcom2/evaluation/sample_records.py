@@ -22,13 +22,16 @@ import dataclasses
 import json
 import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from globalcom2.efficiency.profile import throughput
+from globalcom2.atomic import atomic_write_text
+from globalcom2.methods.base import ImageStats, LayerStats, Stats
+
+#: The ``kind`` tag of each stats type in ``sample_records.jsonl`` (typed in memory, tagged on disk).
+STAT_KINDS: dict[str, type[ImageStats] | type[LayerStats]] = {"image": ImageStats, "layer": LayerStats}
 
 
 @dataclass
@@ -66,25 +69,43 @@ class SampleRecord:
     peak_memory_bytes: int | None
     peak_memory_note: str | None
     clock: str | None
-    compression: list[dict[str, Any]] = field(default_factory=list)
+    compression: list[Stats] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**out, "compression": [stat_to_dict(s) for s in self.compression]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SampleRecord:
+        return cls(**{**data, "compression": [stat_from_dict(s) for s in data.get("compression", [])]})
 
 
-def stat_to_dict(stat: Any) -> dict[str, Any]:
-    """A method's stats object as a plain dict (dataclass fields plus ``tokens_after`` when defined)."""
-    if not dataclasses.is_dataclass(stat):
-        raise TypeError(f"compression stats must be dataclasses, got {type(stat).__name__}")
-    out = dataclasses.asdict(stat)
-    if "tokens_after" not in out and hasattr(stat, "tokens_after"):
-        out["tokens_after"] = stat.tokens_after
-    return out
+def stat_to_dict(stat: Stats) -> dict[str, Any]:
+    """``stat`` as a plain dict tagged with its ``kind``, with its derived counts added for readers of the
+    JSONL (``tokens_after``; ``equivalent_visual_tokens``); :func:`stat_from_dict` reverses it."""
+    if isinstance(stat, ImageStats):
+        return {"kind": "image", **dataclasses.asdict(stat), "tokens_after": stat.tokens_after}
+    if isinstance(stat, LayerStats):
+        derived = {"equivalent_visual_tokens": stat.equivalent_visual_tokens}
+        return {"kind": "layer", **dataclasses.asdict(stat), **derived}
+    raise TypeError(f"compression stats must be ImageStats or LayerStats, got {type(stat).__name__}")
 
 
-def is_image_stat(stat: Any) -> bool:
-    """Per-image stats (pre-LLM methods) carry the image's packed counts; per-row stats (in-LLM) do not."""
-    return hasattr(stat, "tokens_before") and hasattr(stat, "tokens_after")
+def stat_from_dict(data: dict[str, Any]) -> Stats:
+    """The stats object :func:`stat_to_dict` wrote (derived keys are recomputed, not read)."""
+    kind = data.get("kind")
+    if kind not in STAT_KINDS:
+        raise ValueError(
+            f"compression stats of kind {kind!r}; valid: {', '.join(STAT_KINDS)}. Files written before the "
+            "kind tag cannot be read back: re-run the cell"
+        )
+    cls = STAT_KINDS[kind]
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            values[f.name] = tuple(value) if isinstance(value, list) else value  # JSON arrays were tuples
+    return cls(**values)
 
 
 def assign_stats(stats: Sequence[Any], images_per_row: Sequence[int]) -> list[list[Any]]:
@@ -99,7 +120,7 @@ def assign_stats(stats: Sequence[Any], images_per_row: Sequence[int]) -> list[li
         if sum(images_per_row) == 0:
             return [[] for _ in range(rows)]
         raise RuntimeError("the attached method recorded no stats for a batch with images")
-    if all(is_image_stat(s) for s in stats):
+    if all(isinstance(s, ImageStats) for s in stats):
         if len(stats) != sum(images_per_row):
             raise RuntimeError(
                 f"expected one per-image stats entry per image ({sum(images_per_row)}), got {len(stats)}"
@@ -114,64 +135,39 @@ def assign_stats(stats: Sequence[Any], images_per_row: Sequence[int]) -> list[li
     return [[s] for s in stats]
 
 
-def visual_token_counts(row_stats: Sequence[Any]) -> tuple[int, int, float]:
+def visual_token_counts(row_stats: Sequence[Stats]) -> tuple[int, int, float]:
     """``(before, llm_input, after)`` visual tokens of one batch row (see the module docstring)."""
     if not row_stats:
         return 0, 0, 0.0
-    if all(is_image_stat(s) for s in row_stats):
+    if all(isinstance(s, ImageStats) for s in row_stats):
         before = sum(int(s.tokens_before) for s in row_stats)
         after = sum(int(s.tokens_after) for s in row_stats)
         return before, after, float(after)
     (stat,) = row_stats
-    try:
-        before = int(stat.visual_tokens_before)
-        llm_input = int(stat.visual_tokens_per_layer[0])
-        equivalent = float(stat.equivalent_visual_tokens)
-    except AttributeError as err:
-        raise TypeError(
-            f"per-row stats {type(stat).__name__} lack visual_tokens_before / visual_tokens_per_layer / "
-            "equivalent_visual_tokens"
-        ) from err
-    return before, llm_input, equivalent
+    if not isinstance(stat, LayerStats):
+        raise TypeError(f"per-row stats must be LayerStats, got {type(stat).__name__}")
+    return stat.visual_tokens_before, stat.visual_tokens_per_layer[0], stat.equivalent_visual_tokens
 
 
 def summarize(records: Sequence[SampleRecord]) -> dict[str, Any]:
-    """Aggregate records: counts, empty answers, mean visual tokens, latencies and throughput.
+    """Counts of a cell's records: samples, empty answers, ``generate`` calls, mean token counts.
 
-    Latency means are over ``generate`` calls (batches), not over samples, because a batch's samples
-    share one call; throughput is samples per second of ``generate`` time (``samples_per_s``) and of
-    preprocessing plus ``generate`` time (``samples_per_s_end_to_end``).
+    Latency, throughput and memory are summarised once, in the efficiency block
+    (:func:`globalcom2.efficiency.summary.latency_summary`), not here.
     """
-    n = len(records)
-    batches: dict[tuple[int, int], SampleRecord] = {}
-    for r in records:
-        batches.setdefault((r.rank, r.batch_id), r)
-    timed = [b for b in batches.values() if b.total_s is not None]
-    total = [b.total_s for b in timed]
-    prefill = [b.prefill_s for b in timed if b.prefill_s is not None]
-    preprocess = [b.preprocess_s for b in batches.values()]
-    peaks = [b.peak_memory_bytes for b in batches.values() if b.peak_memory_bytes is not None]
-    notes = sorted({b.peak_memory_note for b in batches.values() if b.peak_memory_note})
-    timed_samples = sum(b.batch_size for b in timed)
 
     def mean(values: Iterable[float]) -> float | None:
         values = list(values)
         return statistics.fmean(values) if values else None
 
     return {
-        "samples": n,
+        "samples": len(records),
         "empty_answers": sum(r.empty_answer for r in records),
-        "generate_calls": len(batches),
+        "generate_calls": len({(r.rank, r.batch_id) for r in records}),
         "mean_visual_tokens_before": mean(r.visual_tokens_before for r in records),
         "mean_visual_tokens_llm_input": mean(r.visual_tokens_llm_input for r in records),
         "mean_visual_tokens_after": mean(r.visual_tokens_after for r in records),
         "mean_output_tokens": mean(r.output_tokens for r in records),
-        "mean_prefill_s_per_call": mean(prefill),
-        "mean_total_s_per_call": mean(total),
-        "samples_per_s": throughput(timed_samples, total) if timed else None,
-        "samples_per_s_end_to_end": throughput(n, [*total, *preprocess]) if timed else None,
-        "peak_memory_bytes_max": max(peaks) if peaks else None,
-        "peak_memory_note": "; ".join(notes) if notes else None,
     }
 
 
@@ -181,6 +177,8 @@ def report_call(records: Sequence[SampleRecord], rank: int) -> dict[str, Any]:
     from lmms_eval.models.model_utils.gen_metrics import log_metrics
     from loguru import logger
 
+    from globalcom2.efficiency.summary import latency_summary
+
     summary = summarize(records)
     if summary["empty_answers"]:
         logger.warning(
@@ -188,16 +186,18 @@ def report_call(records: Sequence[SampleRecord], rank: int) -> dict[str, Any]:
             "scored as given (see the records' empty_answer / stop_reason)"
         )
     if records:
+        latency = latency_summary(records)
         calls = {(r.rank, r.batch_id): r for r in records}.values()
         total = sum(r.total_s or 0.0 for r in calls)
         tokens = sum(r.output_tokens for r in records)
+        prefill = latency["prefill_ms"]
         extras = {
             "total_requests": len(records),
             "empty_answers": summary["empty_answers"],
             "visual_tokens_before": summary["mean_visual_tokens_before"],
             "visual_tokens_after": summary["mean_visual_tokens_after"],
-            "prefill_s": summary["mean_prefill_s_per_call"],
-            "samples_per_s": summary["samples_per_s"],
+            "prefill_ms": prefill["mean"] if prefill else None,
+            "samples_per_s": latency["throughput_samples_per_s"],
         }
         log_metrics(
             total,
@@ -214,23 +214,13 @@ def sort_key(record: SampleRecord) -> tuple[str, str, int]:
 
 def write_jsonl(path: str | os.PathLike[str], records: Sequence[SampleRecord]) -> Path:
     """Write ``records`` (sorted by task, split, doc id) to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in sorted(records, key=sort_key):
-                handle.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    lines = (
+        json.dumps(record.to_dict(), ensure_ascii=False) + "\n" for record in sorted(records, key=sort_key)
+    )
+    return atomic_write_text(path, "".join(lines))
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[SampleRecord]:
     """Read records written by :func:`write_jsonl`."""
     with open(path, encoding="utf-8") as handle:
-        return [SampleRecord(**json.loads(line)) for line in handle if line.strip()]
+        return [SampleRecord.from_dict(json.loads(line)) for line in handle if line.strip()]

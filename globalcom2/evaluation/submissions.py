@@ -39,8 +39,8 @@ from typing import Any
 
 from loguru import logger
 
+from globalcom2.atomic import atomic_write_json
 from globalcom2.evaluation.local_data import data_dir, provenance
-from globalcom2.store import atomic_write_json
 
 VQAV2_BENCHMARK = "vqav2_testdev"
 VIZWIZ_BENCHMARK = "vizwiz_vqa_test"

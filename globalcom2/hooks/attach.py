@@ -1,4 +1,8 @@
-"""``attach(model, method, **params)``: the single public way to put a compression method on a model."""
+"""``attach(model, method, **params)``: the single public way to put a compression method on a model.
+
+``method`` is a registered name (built here from ``params``) or an instance a caller already built and
+validated, so a harness builds its method once and attaches that same object (``lmms_plugin``).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,11 @@ from globalcom2.hooks.handle import Attachment
 from globalcom2.hooks.in_llm import InLLMAdapter
 from globalcom2.hooks.llava_model import ModelAdapter
 from globalcom2.hooks.pre_llm import PreLLMAdapter
-from globalcom2.methods import METHODS, InLLMMethod, PreLLMMethod
+from globalcom2.methods import METHODS, CompressionMethod, InLLMMethod, PreLLMMethod
 from globalcom2.models.llava_next import check_llava_next_anyres
 
 
-def attach(model: Any, method: str, **params: Any) -> Attachment:
+def attach(model: Any, method: str | CompressionMethod, **params: Any) -> Attachment:
     """Attach the registered compression ``method`` to ``model`` (this instance only).
 
     One pre-LLM and one in-LLM method may be attached at the same time (e.g. GlobalCom² + FastV); the
@@ -20,7 +24,8 @@ def attach(model: Any, method: str, **params: Any) -> Attachment:
 
     Args:
         model: a loaded ``LlavaNextForConditionalGeneration`` with AnyRes (e.g. ``llava-hf/llava-v1.6-vicuna-7b-hf``).
-        method: a registered name, see :func:`globalcom2.list_methods`.
+        method: a registered name, see :func:`globalcom2.list_methods`, or a method instance (then
+            ``params`` must be empty: the instance already holds them).
         **params: the method's hyperparameters, e.g. ``retention_ratio=0.25``.
 
     Returns:
@@ -32,7 +37,8 @@ def attach(model: Any, method: str, **params: Any) -> Attachment:
         RuntimeError: a method of the same stage is already attached.
     """
     check_llava_next_anyres(model)
-    instance = METHODS.create(method, **params)
+    instance = _method_instance(method, params)
+    method = method if isinstance(method, str) else (instance.name or type(instance).__name__)
     if isinstance(instance, PreLLMMethod):
         slot = "pre_llm"
     elif isinstance(instance, InLLMMethod):
@@ -62,3 +68,15 @@ def attach(model: Any, method: str, **params: Any) -> Attachment:
         adapter.release(slot, stage)
 
     return Attachment(instance, stage.stats, detach)
+
+
+def _method_instance(method: str | CompressionMethod, params: dict[str, Any]) -> CompressionMethod:
+    """``method`` built from its name and ``params``, or the instance itself (with no extra ``params``)."""
+    if isinstance(method, CompressionMethod):
+        if params:
+            raise TypeError(
+                f"attach got a built {type(method).__name__} and parameters {sorted(params)}; pass either a "
+                "method name with its parameters or an instance alone"
+            )
+        return method
+    return METHODS.create(method, **params)

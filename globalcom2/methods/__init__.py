@@ -1,4 +1,18 @@
-"""Compression methods. Importing this package registers every method in :data:`METHODS`."""
+"""Compression methods. Importing this package registers every method in :data:`METHODS`.
+
+Adding a method (the checklist; README "Contributing" has the benchmark and model ones):
+
+1. ``globalcom2/methods/<name>.py``: a class decorated ``@register_method("<name>")``, subclassing
+   :class:`PreLLMMethod` (``select``) or :class:`InLLMMethod` (``stage_layers``, ``stage_counts``,
+   ``score``, ``keep``). Store each constructor argument under its own name and derive the rest, so
+   ``METHODS.create(name, **m.params())`` rebuilds it (``tests/methods/test_registry_round_trip.py``).
+2. Import the module in the line below, so the decorator runs.
+3. ``configs/method/<name>.yaml``; the sweep ``configs/sweep/methods_x_ratios.yaml``, ``METHOD_ORDER``
+   (``report/tables.py``) and ``DEFAULT_VARIANTS`` (``benchmarks/efficiency.py``):
+   ``tests/harness/test_method_lists.py`` fails until the method is in each.
+4. ``tests/methods/test_<name>.py``: identity at ratio 1.0, kept count equals the budget, ``remove()``
+   restores the model (see ``test_fastv.py``).
+"""
 
 from globalcom2.methods import fastv, globalcom2, random_keep, sparsevlm, vanilla  # noqa: F401  (registration side effect)
 from globalcom2.methods.base import (

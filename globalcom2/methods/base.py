@@ -71,7 +71,12 @@ class CompressionMethod:
         """
 
     def params(self) -> dict[str, object]:
-        """Hyperparameters as plain values, for records and logs."""
+        """Hyperparameters as plain values, for records and logs.
+
+        ``METHODS.create(self.name, **self.params())`` rebuilds an equal method (tests/methods/
+        test_registry_round_trip.py), so a record's parameters reproduce the method that made it: store
+        every constructor argument under its own name, and derive everything else (properties or
+        ``_private`` attributes)."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def __repr__(self) -> str:
@@ -122,15 +127,22 @@ def image_content_key(pixel_values: torch.Tensor, image_size: tuple[int, int]) -
 class PreLLMMethod(CompressionMethod):
     """A method that chooses visual tokens before the LLM sees them.
 
-    Attributes:
-        vision_score_layer: CLIP layer whose [CLS]->patch scores the method needs (``None``: no scores);
-            negative values count from the last layer.
-        vision_score_kind: ``"logits"`` (pre-softmax, head-averaged) or ``"softmax"`` (probabilities).
+    The two score properties are derived from the method's own parameters (never stored), so that
+    :meth:`CompressionMethod.params` holds constructor arguments only and rebuilds the method.
     """
 
     stage: ClassVar[Stage] = "pre_llm"
-    vision_score_layer: int | None = None
-    vision_score_kind: str = "logits"
+
+    @property
+    def vision_score_layer(self) -> int | None:
+        """CLIP layer whose [CLS]->patch scores the method needs (``None``: no scores); negative values
+        count from the last layer."""
+        return None
+
+    @property
+    def vision_score_kind(self) -> str:
+        """``"logits"`` (pre-softmax, head-averaged) or ``"softmax"`` (probabilities)."""
+        return "logits"
 
     def check_model_config(self, config: Any) -> None:
         if self.vision_score_layer is not None:
@@ -389,6 +401,10 @@ class LayerStats:
 
 
 METHODS: Registry[CompressionMethod] = Registry("compression method")
+
+
+#: What a method records per image (pre-LLM, :class:`ImageStats`) or per batch row (in-LLM, :class:`LayerStats`).
+Stats = ImageStats | LayerStats
 
 
 def register_method(name: str) -> Callable[[type[CompressionMethod]], type[CompressionMethod]]:

@@ -274,9 +274,16 @@ class GlobalCom2(PreLLMMethod):
         self.temperature = float(temperature)
         self.score_layer = score_layer
         self.attention = attention
-        self.vision_score_layer = score_layer
-        self.vision_score_kind = attention
         self._global_weight = {"holistic": self.alpha, "local_only": 0.0, "global_only": 1.0}[score]
+
+    @property
+    def vision_score_layer(self) -> int:
+        """The [CLS] scores come from ``score_layer`` (a property, so ``params()`` rebuilds the method)."""
+        return self.score_layer
+
+    @property
+    def vision_score_kind(self) -> str:
+        return self.attention
 
     def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
         if self.layout == "clean" and self.retention_ratio == 1.0:

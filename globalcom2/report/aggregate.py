@@ -1,6 +1,6 @@
 """Results tree -> one tidy table: a row per cell x benchmark x metric, with the cell's configuration.
 
-Only finished cells count (``record.json`` with ``"status": "complete"``, ``globalcom2/store.py``); partial,
+Only finished cells count (:meth:`globalcom2.store.Cell.finished_record`, the store's one rule); partial,
 corrupt or malformed ones are skipped and named in a warning, never read as results and never a crash.
 
 Metric kinds (column ``kind``):
@@ -25,7 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from globalcom2.store import COMPLETE, PARTIAL_DIR, RECORD_FILE, current_cell_id
+from globalcom2.records import CellRecord, RecordError
+from globalcom2.store import PARTIAL_DIR, RECORD_FILE, Cell, current_cell_id
 
 RECORDS = "sample_records.jsonl"
 
@@ -53,7 +54,7 @@ EFFICIENCY_METRICS = {
 @dataclass(frozen=True)
 class LoadedCell:
     path: Path  # the cell folder
-    record: dict[str, Any]
+    record: CellRecord
 
 
 def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str]]]:
@@ -99,24 +100,13 @@ def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str
 def _record_problem(path: Path) -> LoadedCell | str:
     """The loaded cell, or why ``path`` cannot be tabulated."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # a folder, unreadable, truncated, not UTF-8, not JSON
-        return f"unreadable or corrupt record.json ({type(err).__name__}: {err})"
-    if not isinstance(record, dict) or record.get("status") != COMPLETE:
-        return "record.json is not complete"
-    if not isinstance(record.get("cell"), dict) or not record["cell"].get("id"):
-        return (
-            "record.json predates cell identities (schema 1), so its settings cannot be verified; "
-            "re-run the cell"
-        )
-    cell = LoadedCell(path.parent, record)
+        cell = LoadedCell(path.parent, Cell.finished_record(path.parent))
+    except RecordError as err:
+        return str(err)
     try:
-        for key in ("experiment", "model", "method", "benchmark"):
-            if not isinstance(record["cell"].get(key), str):
-                raise TypeError(f"cell.{key} is {record['cell'].get(key)!r}, not a string")
-        files = record.get("files", {})
-        if not isinstance(files, dict) or not isinstance(files.get("records", RECORDS), str):
-            raise TypeError(f"files is {files!r}, not a mapping naming the records file")
+        records = cell.record.files.get("records", RECORDS)
+        if not isinstance(records, str):
+            raise TypeError(f"files is {cell.record.files!r}, not a mapping naming the records file")
         _config_row(cell)
         list(_metric_rows(cell))
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -129,22 +119,22 @@ def _current_of(key_dir: Path, group: list[LoadedCell]) -> LoadedCell:
     for cell in group:
         if cell.path.name == named:
             return cell
-    return max(group, key=lambda c: str(c.record.get("finished", "")))
+    return max(group, key=lambda c: str(c.record.finished or ""))
 
 
 def _config_row(cell: LoadedCell) -> dict[str, Any]:
-    record = cell.record
-    spec, run = record["spec"], record.get("run", {})
-    hardware = record.get("provenance", {}).get("hardware", {})
-    git = record.get("provenance", {}).get("git", {})
+    record, ref = cell.record, cell.record.cell
+    spec, run = record.spec, record.run
+    hardware = record.provenance.get("hardware", {})
+    git = record.provenance.get("git", {})
     attn = run.get("attn_implementation", spec["model"].get("attn_implementation"))
     return {
-        "experiment": record["cell"]["experiment"],
-        "model": record["cell"]["model"],
-        "method": record["cell"]["method"],
+        "experiment": ref.experiment,
+        "model": ref.model,
+        "method": ref.method,
         "method_name": spec["method"]["name"],
-        "retention_ratio": float(record["cell"]["retention_ratio"]),
-        "benchmark": record["cell"]["benchmark"],
+        "retention_ratio": ref.retention_ratio,
+        "benchmark": ref.benchmark,
         "seed": spec.get("seed"),
         "batch_size": spec["benchmark"].get("batch_size"),
         "world_size": run.get("world_size", 1),
@@ -156,21 +146,21 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         or f"CPU ({hardware.get('machine', '?')}, {hardware.get('cpu_count', '?')} cores)",
         "git_sha": git.get("sha"),
         "git_dirty": git.get("dirty"),
-        "finished": record.get("finished"),
-        "cell_id": record["cell"]["id"],
+        "finished": record.finished,
+        "cell_id": ref.id,
         "cell_dir": str(cell.path),
     }
 
 
 def _metric_rows(cell: LoadedCell) -> Iterable[dict[str, Any]]:
     record = cell.record
-    for task, values in record["metrics"].items():
+    for task, values in record.metrics.items():
         for metric, value in values.items():
             yield {"kind": "score", "task": task, "metric": metric, "value": float(value)}
-    for column, entry in record.get("paper_metrics", {}).items():
+    for column, entry in record.paper_metrics.items():
         if entry.get("value") is not None:
             yield {"kind": "paper", "task": "", "metric": column, "value": float(entry["value"])}
-    efficiency = record["efficiency"]
+    efficiency = record.efficiency
     for name, (key, sub) in EFFICIENCY_METRICS.items():
         value = efficiency.get(key)
         if isinstance(value, dict):
@@ -184,7 +174,7 @@ def sample_outputs(cell: LoadedCell) -> dict[tuple[str, int], tuple[int, ...]]:
     outputs = {}
     path = cell.path / RECORDS
     try:
-        path = cell.path / cell.record.get("files", {}).get("records", RECORDS)
+        path = cell.path / cell.record.files.get("records", RECORDS)
         lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
         for line in filter(str.strip, lines):
             row = json.loads(line)
@@ -201,10 +191,10 @@ def agreement_with_vanilla(cells: list[LoadedCell], first_token: bool = False) -
     gentler measure: any later divergence of a greedy decode compounds). Cells without vanilla are absent."""
 
     def group(cell: LoadedCell) -> tuple[str, str, str]:
-        c = cell.record["cell"]
-        return c["experiment"], c["model"], c["benchmark"]
+        c = cell.record.cell
+        return c.experiment, c.model, c.benchmark
 
-    vanilla = {group(c): sample_outputs(c) for c in cells if c.record["spec"]["method"]["name"] == "vanilla"}
+    vanilla = {group(c): sample_outputs(c) for c in cells if c.record.spec["method"]["name"] == "vanilla"}
     agreement = {}
     for cell in cells:
         reference = vanilla.get(group(cell))

@@ -17,10 +17,11 @@ from pathlib import Path
 import pandas as pd
 
 from globalcom2.evaluation.benchmarks import PAPER_METRICS
+from globalcom2.paths import PROJECT_ROOT
 
 METHOD_ORDER = ["vanilla", "random", "fastv", "sparsevlm", "fastervlm", "globalcom2"]
 AVG = "Avg. (% of vanilla)"
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "reference"
+REFERENCE_DIR = PROJECT_ROOT / "results" / "reference"
 MODEL_SIZES = {"llava_next_7b": "7B", "llava_next_13b": "13B"}
 REPRODUCED_TOLERANCE = {"MME (perception)": 30.0}  # points; 1.0 for every other (0-100) benchmark
 

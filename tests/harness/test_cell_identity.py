@@ -32,7 +32,7 @@ def run_cell(tmp_path: Path, monkeypatch, capsys, *overrides: str) -> tuple[dict
     capsys.readouterr()
     record = run_module.run(compose_cell(tmp_path, *overrides))
     if record is not None:
-        record = json.loads((Path(record["cell"]["path"]) / "record.json").read_text())
+        record = json.loads((Path(record.cell.path) / "record.json").read_text())
     return record, capsys.readouterr().out
 
 

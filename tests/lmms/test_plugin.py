@@ -95,7 +95,7 @@ def test_builds_the_vicuna_prompt_and_records_each_sample(lm, docs, monkeypatch)
     assert (first.doc_id, second.doc_id) == (0, 1)
     assert first.visual_tokens_before > first.visual_tokens_after > 0  # random keeps 25 % of the patches
     assert first.image_sizes == [[336, 1008]] and first.num_images == 1
-    assert first.compression[0]["patch_tokens_kept"] == first.compression[0]["patch_tokens_before"] // 4
+    assert first.compression[0].patch_tokens_kept == first.compression[0].patch_tokens_before // 4
     assert outputs[0].token_counts.input_tokens == first.llm_prompt_tokens < first.prompt_tokens
 
 

@@ -357,7 +357,7 @@ def test_wandb_offline_runs_contain_the_expected_keys(demo_results, tmp_path, mo
     (cell,) = [
         c
         for c in load_cells(demo_results)[0]
-        if c.record["cell"]["method"] == "fastv" and c.record["cell"]["retention_ratio"] == 0.25
+        if c.record.cell.method == "fastv" and c.record.cell.retention_ratio == 0.25
     ]
     run_dir = Path(log_cell(cell.record, {"project": "t", "dir": str(tmp_path / "wandb"), "group": "demo"}))
     keys = offline_keys(run_dir)

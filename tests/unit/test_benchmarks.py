@@ -12,12 +12,12 @@ from globalcom2.evaluation import BENCHMARKS, GENERATED_TASKS, PAPER_METRICS, pa
 from globalcom2.evaluation.benchmarks import LOCALLY_SCORED
 from globalcom2.evaluation.local_data import (
     DATA_DIR_ENV,
-    REPO_ROOT,
     MissingDataError,
     data_dir,
     require_local_dataset,
     tasks_dir,
 )
+from globalcom2.paths import PROJECT_ROOT
 
 BUILTIN = Path(lmms_eval.tasks.__file__).parent
 
@@ -105,7 +105,7 @@ def test_paper_metric_value():
 
 def test_the_data_directory_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    assert data_dir() == REPO_ROOT / "data"
+    assert data_dir() == PROJECT_ROOT / "data"
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
     assert data_dir() == tmp_path
     with pytest.raises(MissingDataError, match=rf"{tmp_path / 'pope'}.*make data BENCHMARKS=pope"):

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
+from globalcom2.efficiency.summary import latency_summary
 from globalcom2.evaluation import sample_records as sr
-from globalcom2.methods.base import ImageStats
-
-
-@dataclass(frozen=True)
-class LayerStats:  # the shape in-LLM methods record (one per batch row)
-    method: str
-    visual_tokens_before: int
-    visual_tokens_per_layer: list[int]
-    tokens_per_layer: list[int]
-    equivalent_visual_tokens: float
+from globalcom2.methods.base import ImageStats, LayerStats
 
 
 def image(before: int, kept: int, separators: int = 24) -> ImageStats:
@@ -43,7 +33,7 @@ def test_per_image_stats_are_split_by_images_per_row():
 
 
 def test_per_row_stats_of_in_llm_methods():
-    stats = [LayerStats("fastv", 2928, [2928, 2928, 732, 732], [2969, 2969, 773, 773], 1830.0)]
+    stats = [LayerStats("fastv", 2928, (2928, 2928, 732, 732), (2969, 2969, 773, 773))]
     (row,) = sr.assign_stats(stats, [1])
     assert sr.visual_token_counts(row) == (2928, 2928, 1830.0)
     assert sr.stat_to_dict(stats[0])["equivalent_visual_tokens"] == 1830.0
@@ -64,10 +54,13 @@ def test_summary_counts_calls_once_and_reports_empty_answers():
     ]
     summary = sr.summarize(records)
     assert summary["samples"] == 3 and summary["empty_answers"] == 1 and summary["generate_calls"] == 2
-    assert summary["samples_per_s"] == pytest.approx(3 / (2.0 + 1.0))
-    assert summary["samples_per_s_end_to_end"] == pytest.approx(3 / (2.0 + 1.0 + 0.5 + 0.5))
-    assert summary["mean_prefill_s_per_call"] == pytest.approx(0.75)
-    assert summary["peak_memory_bytes_max"] == 10
+    assert not {k for k in summary if "_s" in k or "memory" in k}, "latency is summarised once, in efficiency"
+    latency = latency_summary(records)
+    assert latency["generate_calls"] == 2
+    assert latency["throughput_samples_per_s"] == pytest.approx(3 / (2.0 + 1.0))
+    assert latency["throughput_samples_per_s_end_to_end"] == pytest.approx(3 / (2.0 + 1.0 + 0.5 + 0.5))
+    assert latency["prefill_ms"]["mean"] == pytest.approx(750.0)
+    assert latency["peak_memory_gb"]["max"] == pytest.approx(10 / 2**30)
 
 
 def test_jsonl_round_trip_is_sorted_and_leaves_no_temporary_files(tmp_path):
@@ -76,3 +69,23 @@ def test_jsonl_round_trip_is_sorted_and_leaves_no_temporary_files(tmp_path):
     sr.write_jsonl(path, records)
     assert [(r.task, r.doc_id) for r in sr.read_jsonl(path)] == [("a", 2), ("a", 3), ("b", 1)]
     assert [p.name for p in path.parent.iterdir()] == ["records.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [
+        [ImageStats("random", (336, 672), 1176, 1152, 288, 24)],
+        [LayerStats("fastv", 2928, (2928, 732), (2969, 773), (1,), (1,), (2969,))],
+    ],
+    ids=["image", "layer"],
+)
+def test_stats_stay_typed_through_the_jsonl(tmp_path, stats):
+    path = tmp_path / "records.jsonl"
+    sr.write_jsonl(path, [record(compression=stats)])
+    (back,) = sr.read_jsonl(path)
+    assert back.compression == stats and type(back.compression[0]) is type(stats[0])
+
+
+def test_untagged_stats_fail_with_what_to_do():
+    with pytest.raises(ValueError, match="re-run the cell"):
+        sr.stat_from_dict({"method": "random", "tokens_before": 3})

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from globalcom2.records import RECORD_SCHEMA, CellRecord, CellRef, RecordError, read_record
 from globalcom2.store import (
     Cell,
     CellBusy,
@@ -22,11 +23,17 @@ KEY = CellKey("demo", "tiny", "random", 0.25, "demo_shapes")
 IDENTITY = {"seed": 0, "benchmark": {"limit": 20}, "method": {"params": {"seed": 0}}}
 
 
-def finished(root, identity=IDENTITY, **record):
+def record_for(cell: Cell, **outcome) -> CellRecord:
+    """A minimal finished record of ``cell``."""
+    ref = CellRef(**vars(cell.key), id=cell.id, identity=cell.identity, path=str(cell.dir))
+    return CellRecord(cell=ref, spec={"seed": 0}, **outcome)
+
+
+def finished(root, identity=IDENTITY, **outcome):
     cell = Cell(root, KEY, identity)
     with cell.lock():
         cell.prepare()
-        cell.commit({"cell": {"id": cell.id, "identity": identity}, **record})
+        cell.commit(record_for(cell, **outcome))
     return cell
 
 
@@ -48,7 +55,7 @@ def test_cell_path_is_the_key_then_the_identity_hash(tmp_path):
     ],
 )
 def test_a_changed_identity_is_another_cell_and_never_reuses_a_finished_one(tmp_path, changed):
-    old = finished(tmp_path, metrics={"acc": 0.5})
+    old = finished(tmp_path, metrics={"demo": {"acc": 0.5}})
     new = Cell(tmp_path, KEY, changed)
     assert new.dir != old.dir and old.is_complete() and not new.is_complete()
     assert [path for path, _ in new.siblings()] == [old.dir]
@@ -76,8 +83,8 @@ def test_a_cell_is_finished_only_after_commit_and_then_becomes_current(tmp_path)
         partial = cell.prepare()
         (partial / "results.json").write_text("{}")
         assert not cell.is_complete()  # outputs without a record are not a result
-        cell.commit({"cell": {"id": cell.id}, "metrics": {"acc": 0.5}})
-    assert cell.is_complete() and cell.read_record()["metrics"] == {"acc": 0.5}
+        cell.commit(record_for(cell, metrics={"demo": {"acc": 0.5}}))
+    assert cell.is_complete() and cell.read_record().metrics == {"demo": {"acc": 0.5}}
     assert (cell.dir / "results.json").exists() and not cell.partial_dir.exists()
     assert current_cell_id(cell.key_dir) == cell.id
 
@@ -151,8 +158,10 @@ def test_a_killed_holder_never_leaves_a_stale_lock(tmp_path):
 RACE = textwrap.dedent(
     """
     import sys, time
+    from globalcom2.records import CellRecord, CellRef
     from globalcom2.store import Cell, CellBusy, CellKey
     cell = Cell(sys.argv[1], CellKey("demo", "tiny", "random", 0.25, "demo_shapes"), {"seed": 0})
+    ref = CellRef(**vars(cell.key), id=cell.id, identity=cell.identity, path=str(cell.dir))
     start = float(sys.argv[2])
     time.sleep(max(0.0, start - time.time()))
     runs = 0
@@ -162,7 +171,7 @@ RACE = textwrap.dedent(
                 if not cell.is_complete():
                     cell.prepare()
                     time.sleep(0.05)
-                    cell.commit({"cell": {"id": cell.id}, "runner": sys.argv[3]})
+                    cell.commit(CellRecord(cell=ref, spec={}, run={"runner": sys.argv[3]}))
                     runs += 1
                 break
         except CellBusy:
@@ -198,3 +207,41 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
         atomic_write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_a_record_round_trips_through_the_one_reader(tmp_path):
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    record = record_for(cell, metrics={"demo": {"acc": 0.5}}, efficiency={"kv_cache_mb": 1.0})
+    with cell.lock():
+        cell.prepare()
+        cell.commit(record)
+    assert read_record(cell.record_path) == record
+    assert json.loads(cell.record_path.read_text())["schema"] == RECORD_SCHEMA
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r["cell"].pop("id"), "schema 1"),
+        (lambda r: r.update(schema=RECORD_SCHEMA + 1), "re-run the cell"),
+        (lambda r: r.update(metrics="0.5"), "metrics is '0.5', not a mapping"),
+        (lambda r: r.update(surprise=1), "surprise"),
+        (lambda r: r.update(status="running"), "not complete"),
+    ],
+)
+def test_an_unusable_record_fails_with_what_to_do(tmp_path, change, message):
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    data = record_for(cell).to_dict()
+    change(data)
+    atomic_write_json(cell.record_path, data)
+    with pytest.raises(RecordError, match=message):
+        Cell.finished_record(cell.dir)
+    assert not cell.is_complete()
+
+
+def test_a_record_in_another_cells_folder_is_not_finished(tmp_path):
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    other = Cell(tmp_path, KEY, {"seed": 1})
+    atomic_write_json(other.record_path, record_for(cell).to_dict())  # copied from the first cell
+    with pytest.raises(RecordError, match="written for cell"):
+        Cell.finished_record(other.dir)
