@@ -415,7 +415,19 @@ def test_kept_token_visualisation(tiny, tmp_path):
     assert torch.is_tensor(kept["fastv"])
 
 
-def test_plots_say_when_memory_is_unavailable(tree, tmp_path):
+def test_plots_say_when_memory_is_unavailable(tree, tmp_path, monkeypatch):
     frame = tidy_results(tree)
-    paths = plots.latency_memory(frame[frame["metric"] != "peak_memory_gb"], tmp_path)
-    assert all(p.stat().st_size > 0 for p in paths)
+    texts: list[list[str]] = []
+    original = plots.save
+
+    def capturing_save(figure, out_dir, name):
+        texts.append([text.get_text() for ax in figure.axes for text in ax.texts])
+        return original(figure, out_dir, name)
+
+    monkeypatch.setattr(plots, "save", capturing_save)
+    paths = plots.latency_memory(frame[frame["metric"] != "peak_memory_gb"], tmp_path / "cpu")
+    plots.latency_memory(frame, tmp_path / "gpu")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 10_000 for p in paths)
+    without, with_memory = texts
+    assert any("unavailable on CPU" in text for text in without)
+    assert not any("unavailable" in text for text in with_memory)
