@@ -27,6 +27,12 @@ PLUGIN_OPTION_NAMES = (
     "protocol",
     "generation_overrides",
 )
+#: Every ``model_args`` key the plugin itself takes (the rest are method parameters): the options above plus
+#: what the plugin resolves on its own. ``tests/lmms/test_plugin.py`` checks it against the plugin's
+#: signature, so the pre-flight need not import the plugin (a layer above it) to know them.
+PLUGIN_ARG_NAMES = frozenset(
+    {*PLUGIN_OPTION_NAMES, "pretrained", "method", "device", "attn_implementation", "records_path"}
+)
 
 
 @dataclass(frozen=True)

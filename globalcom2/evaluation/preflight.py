@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,14 +139,6 @@ def data_identity(tasks: list[str], include_path: str | list[str] | None = None)
     return identity
 
 
-def plugin_arg_names() -> set[str]:
-    """Keyword arguments the plugin itself takes (everything else in model_args is a method parameter)."""
-    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
-
-    signature = inspect.signature(GlobalCom2LlavaNext.__init__)
-    return {n for n, p in signature.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
-
-
 def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     """Validate plugin ``model_args`` without loading any weight; returns the coerced method parameters.
 
@@ -161,10 +152,10 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
         coerce_method_params,
         parse_attn_implementation,
     )
-    from globalcom2.evaluation.plugin_options import PLUGIN_OPTION_NAMES, PluginOptions
+    from globalcom2.evaluation.plugin_options import PLUGIN_ARG_NAMES, PLUGIN_OPTION_NAMES, PluginOptions
     from globalcom2.models.preload import model_problems
 
-    names = plugin_arg_names()
+    names = PLUGIN_ARG_NAMES
     plugin = {k: v for k, v in model_args.items() if k in names}
     params = {k: v for k, v in model_args.items() if k not in names}
     problems = []

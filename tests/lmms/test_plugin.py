@@ -187,3 +187,13 @@ def test_a_batch_may_mix_rows_with_and_without_images(lm, docs, monkeypatch):
     assert [r.batch_size for r in lm.records] == [3, 3, 3]
     assert lm.records[1].visual_tokens_before == 0 and lm.records[1].compression == []
     assert lm.records[2].image_sizes == [[1008, 336]]
+
+
+def test_the_declared_plugin_arguments_are_the_plugins_signature():
+    """The pre-flight splits model_args with PLUGIN_ARG_NAMES instead of importing the plugin."""
+    import inspect
+
+    from globalcom2.evaluation.plugin_options import PLUGIN_ARG_NAMES
+
+    parameters = inspect.signature(GlobalCom2LlavaNext.__init__).parameters.items()
+    assert {n for n, p in parameters if n != "self" and p.kind is not p.VAR_KEYWORD} == PLUGIN_ARG_NAMES
