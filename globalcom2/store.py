@@ -38,20 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from globalcom2.atomic import atomic_write_json, atomic_write_text
+from globalcom2.atomic import atomic_write_text
 from globalcom2.records import COMPLETE, CellRecord, RecordError, read_record, write_record
-
-__all__ = [  # the atomic writers are re-exported: callers of the store write through it
-    "Cell",
-    "CellBusy",
-    "CellKey",
-    "atomic_write_json",
-    "atomic_write_text",
-    "cell_id",
-    "current_cell_id",
-    "identity_diff",
-    "ratio_label",
-]
 
 RECORD_FILE = "record.json"
 PARTIAL_DIR = ".partial"

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from globalcom2.evaluation.benchmarks import EVALAI_TASKS
-from globalcom2.evaluation.local_data import tasks_dir
 from globalcom2.evaluation.preflight import PreflightError, TaskCheck, check_tasks
+from globalcom2.paths import tasks_dir
 
 
 def preflight(tasks: list[str], include_path: str | list[str] | None = None) -> list[TaskCheck]:

@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(lmms_main: Any, simple_parse_args_string: Any) -> int:
-    from globalcom2.evaluation.local_data import tasks_dir
     from globalcom2.evaluation.preflight import PreflightError, preflight
     from globalcom2.lmms_manifest import MODEL_ID
+    from globalcom2.paths import tasks_dir
 
     _, args = lmms_main.parse_eval_args()
     if not any(a == "--timezone" or a.startswith("--timezone=") for a in sys.argv):

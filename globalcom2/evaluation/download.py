@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from globalcom2.evaluation.benchmarks import BENCHMARKS, LOCALLY_SCORED, Benchmark
-from globalcom2.evaluation.local_data import DATA_DIR_ENV, SOURCE_FILE, data_dir
+from globalcom2.evaluation.local_data import SOURCE_FILE
+from globalcom2.paths import DATA_DIR_ENV, data_dir
 
 OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 INSTRUCTIONS = (

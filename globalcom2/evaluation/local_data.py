@@ -24,9 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from globalcom2.paths import DATA_DIR_ENV, data_dir, tasks_dir
-
-__all__ = ["DATA_DIR_ENV", "MissingDataError", "data_dir", "tasks_dir"]
+from globalcom2.paths import DATA_DIR_ENV, data_dir
 
 SOURCE_FILE = "globalcom2_source.json"
 

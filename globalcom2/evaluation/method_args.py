@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from globalcom2.methods import METHODS, CompressionMethod
+from globalcom2.methods import METHODS
 
 _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0"}
@@ -49,11 +49,6 @@ def coerce_method_params(method: str, raw: dict[str, Any]) -> dict[str, Any]:
         )
     hints = typing.get_type_hints(cls.__init__)
     return {name: coerce(value, hints.get(name, Any), f"{method}.{name}") for name, value in raw.items()}
-
-
-def build_method(method: str, raw: dict[str, Any]) -> CompressionMethod:
-    """Coerce ``raw`` and instantiate the method: validates ranges too (no model involved)."""
-    return METHODS.create(method, **coerce_method_params(method, raw))
 
 
 def check_attn_compatibility(method: str, attn_implementation: str | dict[str, str]) -> None:

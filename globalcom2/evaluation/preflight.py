@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from globalcom2.evaluation.benchmarks import GENERATED_TASKS
-from globalcom2.evaluation.local_data import MissingDataError, provenance, require_local_dataset, tasks_dir
+from globalcom2.evaluation.local_data import MissingDataError, provenance, require_local_dataset
 from globalcom2.evaluation.protocols import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
     budget_method_params,
     check_tasks_covered,
 )
+from globalcom2.paths import tasks_dir
 
 
 class PreflightError(ValueError):
@@ -147,25 +148,25 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     indices against the model's depths); that the method supports the attention implementation.
     """
     from globalcom2.evaluation.method_args import (
-        build_method,
         check_attn_compatibility,
         coerce_method_params,
         parse_attn_implementation,
     )
     from globalcom2.evaluation.plugin_options import PLUGIN_ARG_NAMES, PLUGIN_OPTION_NAMES, PluginOptions
+    from globalcom2.methods import METHODS
     from globalcom2.models.preload import model_problems
 
-    names = PLUGIN_ARG_NAMES
-    plugin = {k: v for k, v in model_args.items() if k in names}
-    params = {k: v for k, v in model_args.items() if k not in names}
+    plugin = {k: v for k, v in model_args.items() if k in PLUGIN_ARG_NAMES}
+    params = {k: v for k, v in model_args.items() if k not in PLUGIN_ARG_NAMES}
     problems = []
     built = None
     method = plugin.get("method", "vanilla")
     try:
+        params = coerce_method_params(method, params)  # unknown names and bad types raise
         protocol = plugin.get("protocol", DEFAULT_PROTOCOL)
         if protocol in PROTOCOLS:  # an unknown protocol is reported with the plugin options below
-            params = budget_method_params(protocol, method, coerce_method_params(method, params))
-        built = build_method(method, params)
+            params = budget_method_params(protocol, method, params)
+        built = METHODS.create(method, **params)  # out-of-range values raise
         check_attn_compatibility(
             method,
             parse_attn_implementation(plugin.get("attn_implementation", "sdpa")),

@@ -40,7 +40,8 @@ from typing import Any
 from loguru import logger
 
 from globalcom2.atomic import atomic_write_json
-from globalcom2.evaluation.local_data import data_dir, provenance
+from globalcom2.evaluation.local_data import provenance
+from globalcom2.paths import data_dir
 
 VQAV2_BENCHMARK = "vqav2_testdev"
 VIZWIZ_BENCHMARK = "vizwiz_vqa_test"

@@ -20,7 +20,7 @@ import torch
 from transformers import LlavaNextForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from globalcom2.anyres import PackedLayout, packed_layout, unpad_rounding
+from globalcom2.anyres import PackedLayout, config_layout
 from globalcom2.hooks.sequence import DecodeState, decode_inputs, rebuild_prompt
 from globalcom2.methods.base import ImageContext, ImageStats, PreLLMMethod
 from globalcom2.scoring.vision_attention import ClsAttentionCapture
@@ -50,10 +50,6 @@ class PreLLMAdapter:
         self.stats: list[ImageStats] = []
         self._decode_states: weakref.WeakKeyDictionary[object, DecodeState] = weakref.WeakKeyDictionary()
         config = model.config
-        self._pinpoints = config.image_grid_pinpoints
-        self._rounding = unpad_rounding(config)
-        self._crop_size = config.vision_config.image_size
-        self._patch_size = config.vision_config.patch_size
         self._image_token_id = config.image_token_id
         pad = config.text_config.pad_token_id
         self._pad_token_id = 0 if pad is None else int(pad)
@@ -82,7 +78,7 @@ class PreLLMAdapter:
             self._pending_scores = torch.cat(captured) if captured else None  # [sum of views, 576]
 
     def layout(self, image_size: torch.Tensor) -> PackedLayout:
-        return packed_layout(image_size, self._pinpoints, self._crop_size, self._patch_size, self._rounding)
+        return config_layout(self.model.config, image_size)
 
     def plan(
         self, output: BaseModelOutputWithPooling, pixel_values: torch.Tensor, image_sizes: torch.Tensor

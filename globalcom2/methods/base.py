@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 
@@ -42,7 +42,7 @@ Stage = Literal["pre_llm", "in_llm"]
 #: position (patches and row separators, ``N_vis``); ``"patches"``, the patch tokens only (``N_patch``, the
 #: count the GlobalCom² paper's "2880" uses), with every row separator kept on top, as the pre-LLM methods do.
 BudgetBasis = Literal["positions", "patches"]
-BUDGET_BASES: tuple[str, ...] = ("positions", "patches")
+BUDGET_BASES: tuple[str, ...] = get_args(BudgetBasis)
 
 
 class CompressionMethod:
@@ -214,11 +214,6 @@ class TokenView:
     def candidates_per_image(self) -> torch.Tensor:
         """``[I]`` droppable visual rows of each image in this view."""
         images = self.image[(self.image >= 0) & ~self.protected]
-        return torch.bincount(images, minlength=self.image_tokens.numel())
-
-    def tokens_per_image(self) -> torch.Tensor:
-        """``[I]`` visual rows of each image in this view."""
-        images = self.image[self.image >= 0]
         return torch.bincount(images, minlength=self.image_tokens.numel())
 
 

@@ -24,7 +24,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from globalcom2 import attach, load_llava_next
-from globalcom2.anyres import SEPARATOR, PackedLayout, packed_layout, unpad_rounding
+from globalcom2.anyres import SEPARATOR, PackedLayout, config_layout
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.report.plots import save, style
@@ -126,9 +126,7 @@ def visualize(
     inputs = processor(images=image, text=vicuna_v1_prompt("Describe the image."), return_tensors="pt").to(
         model.device
     )
-    layout = packed_layout(
-        (image.height, image.width), model.config.image_grid_pinpoints, rounding=unpad_rounding(model.config)
-    )
+    layout = config_layout(model.config, (image.height, image.width))
     selections = {}
     for name in ("globalcom2", "random"):
         with attach(model, name, retention_ratio=ratio) as handle:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from globalcom2.evaluation.fixtures import write_fixtures
-from globalcom2.evaluation.local_data import DATA_DIR_ENV
+from globalcom2.paths import DATA_DIR_ENV
 
 
 @pytest.fixture(scope="session")

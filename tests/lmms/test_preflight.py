@@ -7,9 +7,9 @@ import torch
 from helpers import write_llava15_checkpoint
 
 from globalcom2.evaluation import cli
-from globalcom2.evaluation.local_data import DATA_DIR_ENV
 from globalcom2.evaluation.preflight import PreflightError, check_model_args, preflight
 from globalcom2.methods.random_keep import RandomKeep
+from globalcom2.paths import DATA_DIR_ENV
 
 GOOD_MODEL = {"pretrained": "tiny", "method": "random", "retention_ratio": 0.5}
 

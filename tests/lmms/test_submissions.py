@@ -8,7 +8,6 @@ import pytest
 
 from globalcom2.evaluation import api
 from globalcom2.evaluation.fixtures import write_fixtures
-from globalcom2.evaluation.local_data import DATA_DIR_ENV
 from globalcom2.evaluation.submissions import (
     VIZWIZ_SUBMISSION,
     VQAV2_ANSWERS,
@@ -17,6 +16,7 @@ from globalcom2.evaluation.submissions import (
     main,
     pad_vqav2,
 )
+from globalcom2.paths import DATA_DIR_ENV
 
 TASKS = ["vqav2_testdev_local", "vizwiz_vqa_test_local"]
 

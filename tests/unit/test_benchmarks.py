@@ -10,14 +10,8 @@ from lmms_eval import utils
 
 from globalcom2.evaluation import BENCHMARKS, GENERATED_TASKS, PAPER_METRICS, paper_metric_value
 from globalcom2.evaluation.benchmarks import LOCALLY_SCORED
-from globalcom2.evaluation.local_data import (
-    DATA_DIR_ENV,
-    MissingDataError,
-    data_dir,
-    require_local_dataset,
-    tasks_dir,
-)
-from globalcom2.paths import PROJECT_ROOT
+from globalcom2.evaluation.local_data import MissingDataError, require_local_dataset
+from globalcom2.paths import DATA_DIR_ENV, PROJECT_ROOT, data_dir, tasks_dir
 
 BUILTIN = Path(lmms_eval.tasks.__file__).parent
 

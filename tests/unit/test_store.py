@@ -7,12 +7,12 @@ import time
 
 import pytest
 
+from globalcom2.atomic import atomic_write_json
 from globalcom2.records import RECORD_SCHEMA, CellRecord, CellRef, RecordError, read_record
 from globalcom2.store import (
     Cell,
     CellBusy,
     CellKey,
-    atomic_write_json,
     cell_id,
     current_cell_id,
     identity_diff,
