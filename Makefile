@@ -28,7 +28,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: help install test test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
-	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize wandb-sync bench-efficiency
+	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize cls-share train-tiny wandb-sync bench-efficiency
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -95,7 +95,7 @@ RUN_ARGS = $(if $(DRY_RUN),dry_run=true,) $(ARGS)
 
 RESULTS ?= $(or $(GLOBALCOM2_RESULTS),results)
 
-demo: install  ## every method x 4 ratios on the tiny model and the synthetic demo benchmark, then tables and plots
+demo: install  ## every method x 4 ratios on the trained tiny model (tiny-trained) and the synthetic demo benchmark, then tables and plots
 	$(RUN) experiment=demo $(RUN_ARGS)
 	$(if $(DRY_RUN),,$(PY) -m globalcom2.aggregate $(RESULTS) --experiment demo)
 
@@ -123,13 +123,25 @@ bench-efficiency: install  ## efficiency of every method, interleaved per image 
 tables: install  ## tidy results, tables and plots of every experiment under results/ (WANDB=1 also logs them)
 	$(PY) -m globalcom2.aggregate $(RESULTS) $(if $(WANDB),--wandb,)
 
+# Without IMAGE, draws demo test item DEMO_INDEX (a colour question on a 1008x336 canvas) with the trained
+# tiny model; PRETRAINED=tiny shows the random-weight model, whose selections show the mechanics only.
 IMAGE ?=
+DEMO_INDEX ?= 9
 R ?= 0.25
-PRETRAINED ?= tiny
-visualize: install  ## kept tokens of GlobalCom² vs random vs FastV: make visualize IMAGE=path R=0.25 [PRETRAINED=...]
-	@test -n "$(IMAGE)" || { echo "usage: make visualize IMAGE=path/to/image.png [R=0.25] [PRETRAINED=tiny]"; exit 2; }
-	$(PY) -m globalcom2.report.visualize --image "$(IMAGE)" --ratio $(R) --pretrained "$(PRETRAINED)" \
-		--out $(RESULTS)/visualize/kept_tokens_r$(R)
+PRETRAINED ?= tiny-trained
+visualize: install  ## kept tokens of GlobalCom² vs random vs FastV: make visualize [IMAGE=path] [R=0.25] [PRETRAINED=tiny-trained]
+	$(PY) -m globalcom2.report.visualize --ratio $(R) --pretrained "$(PRETRAINED)" \
+		$(if $(IMAGE),--image "$(IMAGE)" --out $(RESULTS)/visualize/kept_tokens_r$(R),--demo-index $(DEMO_INDEX) --out $(RESULTS)/visualize/demo_test_$(DEMO_INDEX))
+
+# Trains the demo's tiny LLaVA-NeXT (about 45 min on 2 CPU cores) into globalcom2/models/checkpoints/tiny-trained,
+# which is committed: `make demo` does not need this. ARGS="out=/tmp/ckpt align.steps=100" to change the config.
+train-tiny: install  ## train the tiny LLaVA-NeXT on the demo's train split (configs/train/tiny_trained.yaml)
+	$(PY) -m globalcom2.training.train_tiny --config configs/train/tiny_trained.yaml $(ARGS)
+
+# Does the thumbnail's [CLS] attention, which GlobalCom² reads, look at the demo's shapes? Share on shape
+# patches vs the uniform share, per model. ARGS="--items 30 --pretrained tiny path/to/checkpoint" to change.
+cls-share: install  ## [CLS] attention share on demo shapes vs uniform (tiny, tiny-trained) -> results/cls_share/
+	$(PY) -m globalcom2.report.cls_share --out $(RESULTS)/cls_share/cls_share.json $(ARGS)
 
 wandb-sync: install  ## upload the offline wandb runs under results/ (needs a login and network)
 	@runs=$$(find $(RESULTS) -type d -name 'offline-run-*'); \

@@ -2,8 +2,9 @@
 
 The hook (:mod:`globalcom2.hooks.pre_llm`) makes the same decision inside ``model.generate``; this module
 runs the vision tower once, with a [CLS] capture of its own when the method wants scores, and calls the
-method's ``select`` per image. The attach tests compare the two paths, and the kept-token figure
-(:mod:`globalcom2.report.visualize`) draws what this returns.
+method's ``select`` per image. The attach tests compare the two paths, the kept-token figure
+(:mod:`globalcom2.report.visualize`) draws what this returns, and :mod:`globalcom2.report.cls_share`
+measures where the captured [CLS] attention falls.
 """
 
 from __future__ import annotations
@@ -15,20 +16,28 @@ import torch
 
 from globalcom2.anyres import config_layout
 from globalcom2.methods.base import ImageContext, PreLLMMethod
-from globalcom2.scoring.vision_attention import ClsAttentionCapture
+from globalcom2.scoring.vision_attention import ClsAttentionCapture, ScoreKind
 
 
-def pre_llm_sources(model: Any, method: PreLLMMethod, inputs: dict) -> list[torch.Tensor]:
-    """Per image of ``inputs`` (processor outputs), the packed positions ``method`` keeps, in order.
+def image_features_and_scores(
+    model: Any, inputs: dict, layer: int | None, kind: ScoreKind = "logits"
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """One vision-tower forward, as the hook runs it: per image, packed features and [CLS] scores.
+
+    Shared by :func:`pre_llm_sources` and the [CLS]-share measurement (``globalcom2.report.cls_share``),
+    so both read the scores a pre-LLM method is given, through the same capture.
+
+    Args:
+        model: a LLaVA-NeXT model (``model.model.get_image_features``).
+        inputs: processor outputs with ``pixel_values`` ``[I, V_max, 3, H, W]`` and ``image_sizes`` ``[I, 2]``.
+        layer: CLIP layer of the scores (negative: from the end); ``None`` captures nothing.
+        kind: see :func:`globalcom2.scoring.vision_attention.cls_patch_scores`.
 
     Returns:
-        one ``[K_i]`` int64 tensor per image; every position (``arange(N_i)``) where the method bypasses.
+        ``I x [N_i, D]`` packed features and ``I x [V_i, 576]`` scores (thumbnail first; ``None`` when
+        ``layer`` is ``None``).
     """
-    capture = None
-    if method.vision_score_layer is not None:
-        capture = ClsAttentionCapture(
-            model.model.vision_tower, method.vision_score_layer, method.vision_score_kind
-        )
+    capture = None if layer is None else ClsAttentionCapture(model.model.vision_tower, layer, kind)
     try:
         with torch.no_grad(), capture.capture() if capture else nullcontext() as captured:
             features = model.model.get_image_features(
@@ -37,11 +46,24 @@ def pre_llm_sources(model: Any, method: PreLLMMethod, inputs: dict) -> list[torc
     finally:
         if capture:
             capture.remove()
-    sizes = [tuple(size.tolist()) for size in inputs["image_sizes"]]
+    if capture is None:
+        return list(features), [None] * len(features)
     config = model.config
-    layouts = [config_layout(config, size) for size in sizes]
-    views = [layout.num_views for layout in layouts]
-    scores = torch.split(torch.cat(captured), views) if capture else [None] * len(layouts)
+    views = [config_layout(config, tuple(size.tolist())).num_views for size in inputs["image_sizes"]]
+    return list(features), list(torch.split(torch.cat(captured), views))  # [sum V_i, 576] -> I x [V_i, 576]
+
+
+def pre_llm_sources(model: Any, method: PreLLMMethod, inputs: dict) -> list[torch.Tensor]:
+    """Per image of ``inputs`` (processor outputs), the packed positions ``method`` keeps, in order.
+
+    Returns:
+        one ``[K_i]`` int64 tensor per image; every position (``arange(N_i)``) where the method bypasses.
+    """
+    features, scores = image_features_and_scores(
+        model, inputs, method.vision_score_layer, method.vision_score_kind
+    )
+    config = model.config
+    layouts = [config_layout(config, tuple(size.tolist())) for size in inputs["image_sizes"]]
     sources = []
     for feats, layout, pixels, image_scores in zip(
         features, layouts, inputs["pixel_values"], scores, strict=True

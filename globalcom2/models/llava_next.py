@@ -17,6 +17,7 @@ from globalcom2.models.preload import (
     SUPPORTED_CHECKPOINTS,
     check_llava_next_config,
     checkpoint_config,
+    named_checkpoint,
     tiny_seed,
 )
 
@@ -48,8 +49,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
 
 
 def resolve_checkpoint(pretrained: str | Path) -> str:
-    """``"tiny"`` or ``"tiny:<seed>"`` -> the tiny model's folder (built on first use); anything else as is."""
+    """``"tiny"`` or ``"tiny:<seed>"`` -> the random tiny model's folder (built on first use); ``"tiny-trained"``
+    -> the committed trained one; anything else as is."""
     name = str(pretrained)
+    named = named_checkpoint(name)
+    if named is not None:
+        return str(named)
     seed = tiny_seed(name)
     if seed is not None:
         from globalcom2.models.tiny import tiny_checkpoint
@@ -70,7 +75,8 @@ def load_llava_next(
     """Load a LLaVA-NeXT checkpoint and its processor, ready for left-padded batched generation.
 
     Args:
-        pretrained: a hub id or local folder (``llava-hf/llava-v1.6-vicuna-7b-hf``), or ``"tiny[:seed]"``.
+        pretrained: a hub id or local folder (``llava-hf/llava-v1.6-vicuna-7b-hf``), ``"tiny[:seed]"`` (random
+            weights) or ``"tiny-trained"`` (trained by ``make train-tiny``).
         dtype: weights dtype; transformers 5 otherwise loads the checkpoint's own dtype.
         device: where to put the model.
         attn_implementation: ``"sdpa"`` (default), ``"eager"``, or a per-sub-config dict.

@@ -29,8 +29,10 @@ SUPPORTED_CHECKPOINTS = (
     "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava-hf/llava-v1.6-vicuna-13b-hf",
     "tiny (built in code, see globalcom2.models.tiny)",
+    "tiny-trained (trained by `make train-tiny`, committed; see globalcom2.models.tiny_trained)",
 )
 TINY = "tiny"
+TINY_TRAINED = "tiny-trained"
 
 
 class UnsupportedModelError(ValueError):
@@ -49,11 +51,26 @@ def tiny_seed(name: str) -> int | None:
     return int(seed or 0)
 
 
+def named_checkpoint(name: str) -> Path | None:
+    """The folder of a checkpoint the project ships by name (``"tiny-trained"``), else ``None``."""
+    if name != TINY_TRAINED:
+        return None
+    from globalcom2.models.tiny_trained import CHECKPOINT_DIR
+
+    if not (CHECKPOINT_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"pretrained={name!r}: the trained tiny checkpoint is missing from {CHECKPOINT_DIR}; it is "
+            "committed with the project, or rebuilt by `make train-tiny`"
+        )
+    return CHECKPOINT_DIR
+
+
 def checkpoint_config(pretrained: str | Path, *, random_init: bool = False) -> LlavaNextConfig:
     """The config of the checkpoint ``pretrained`` names, read without loading any weight.
 
     Args:
-        pretrained: a hub id (``llava-hf/llava-v1.6-vicuna-7b-hf``), a local folder, or ``tiny[:seed]``.
+        pretrained: a hub id (``llava-hf/llava-v1.6-vicuna-7b-hf``), a local folder, ``tiny[:seed]`` or
+            ``tiny-trained``.
         random_init: the 7B/13B architecture named by ``pretrained`` is built, not read.
 
     Raises:
@@ -71,7 +88,9 @@ def checkpoint_config(pretrained: str | Path, *, random_init: bool = False) -> L
         from globalcom2.models.tiny import byte_level_tokenizer, tiny_config
 
         return tiny_config(byte_level_tokenizer())
-    raw = json.loads(_config_file(name).read_text(encoding="utf-8"))
+    named = named_checkpoint(name)
+    config_file = named / "config.json" if named is not None else _config_file(name)
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
     check_config_type(raw, name)
     config = LlavaNextConfig.from_dict(raw)
     check_llava_next_config(config, name)

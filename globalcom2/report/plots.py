@@ -2,7 +2,8 @@
 
 * :func:`score_vs_ratio`: each benchmark's metric against the retention ratio, a line per method, vanilla
   as a dashed reference;
-* :func:`pareto`: Avg. % of vanilla (or, without paper columns, agreement with vanilla) against TFLOPs;
+* :func:`pareto`: Avg. % of vanilla (or, without paper columns, each benchmark's accuracy metrics x100,
+  one panel each) against TFLOPs;
 * :func:`latency_memory`: prefill latency and peak memory against the ratio (peak memory is marked
   unavailable on CPU, never drawn as zero).
 """
@@ -20,7 +21,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from globalcom2.evaluation.benchmarks import PAPER_METRICS
-from globalcom2.report.tables import AVG, METHOD_ORDER, table1
+from globalcom2.report.tables import AVG, METHOD_ORDER, ordered_scores, table1
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under the common colour-vision deficiencies.
 OKABE_ITO = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F0E442"]
@@ -129,51 +130,110 @@ def score_vs_ratio(frame: pd.DataFrame, out_dir: str | Path, name: str = "score_
 
 
 def pareto(frame: pd.DataFrame, out_dir: str | Path, name: str = "pareto") -> list[Path]:
-    """Quality against compute: Avg. % of vanilla (paper columns) or agreement with vanilla, vs TFLOPs (full)."""
-    tflops = frame[(frame["kind"] == "efficiency") & (frame["metric"] == "tflops_full")]
-    keys = ["model", "method", "method_name", "retention_ratio"]
+    """Quality against compute (TFLOPs per prefill, full convention), a line per method.
+
+    With paper columns: Avg. % of vanilla, one panel. Without (the demo): one panel per score metric of each
+    benchmark, x100 (overall ``exact_match``, then each question type's accuracy), because on a trained
+    model accuracy is what compression trades for compute; agreement with vanilla, which measures how far
+    a method moves the outputs rather than whether they are right, stays in the tables and in
+    :func:`score_vs_ratio`.
+    """
     if not frame[frame["kind"] == "paper"].empty:
-        quality = []
-        for model in sorted(set(frame["model"])):
-            table = table1(frame, model).frame.rename(columns={"R": "retention_ratio"})
-            table = table[pd.to_numeric(table[AVG], errors="coerce").notna()]
-            quality.append(
-                table.assign(model=model, value=table[AVG].astype(float))[
-                    ["model", "method", "retention_ratio", "value"]
-                ]
-            )
-        quality = (
-            pd.concat(quality)
-            if quality
-            else pd.DataFrame(columns=["model", "method", "retention_ratio", "value"])
-        )
-        ylabel = AVG
-    else:
-        quality = frame[frame["metric"] == "first_token_agreement"][
-            ["model", "method", "retention_ratio", "value"]
-        ]
-        ylabel = "first-token agreement with vanilla (%)"
-    merged = quality.merge(
-        tflops[[*keys, "value"]].rename(columns={"value": "tflops"}),
-        on=["model", "method", "retention_ratio"],
-    )
+        merged = _paper_quality_vs_tflops(frame)
+        with style():
+            figure, ax = plt.subplots(figsize=(4.6, 3.4))
+            _plot_vs_tflops(ax, merged)
+            ax.set_ylabel(AVG)
+            ax.legend(fontsize=8)
+            if merged.empty:
+                _say_empty(ax)
+            return save(figure, out_dir, name)
+    items = _accuracy_vs_tflops(frame)
+    cols = min(4, max(len(items), 1))
+    rows_n = max(-(-len(items) // cols), 1)
     with style():
-        figure, ax = plt.subplots(figsize=(4.6, 3.4))
-        for label, method_name, series in _series(merged):
-            series = series.sort_values("tflops")
-            ax.plot(
-                series["tflops"],
-                series["value"],
-                linewidth=1.2,
-                markersize=5,
-                **method_style(label, method_name),
+        figure, axes = plt.subplots(rows_n, cols, figsize=(3.4 * cols, 2.8 * rows_n), squeeze=False)
+        for ax, (title, merged) in zip(axes.flat, items, strict=False):
+            _plot_vs_tflops(ax, merged)
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel("accuracy (%)")
+        for ax in list(axes.flat)[len(items) :]:
+            ax.set_visible(False)
+        if not items:
+            _say_empty(axes.flat[0])
+            axes.flat[0].set_visible(True)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        if labels:
+            figure.legend(
+                handles, labels, loc="lower center", ncol=min(6, len(labels)), bbox_to_anchor=(0.5, -0.02)
             )
-        ax.set_xlabel("TFLOPs per prefill (full convention)")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-        if merged.empty:
-            ax.text(0.5, 0.5, "no quality/compute pairs", ha="center", va="center", transform=ax.transAxes)
+        figure.tight_layout(rect=(0, 0.07 if labels else 0, 1, 1))
         return save(figure, out_dir, name)
+
+
+def _plot_vs_tflops(ax: plt.Axes, merged: pd.DataFrame) -> None:
+    """One line per method of ``value`` against ``tflops`` (vanilla: its single point)."""
+    for label, method_name, series in _series(merged):
+        series = series.sort_values("tflops")
+        ax.plot(
+            series["tflops"], series["value"], linewidth=1.2, markersize=5, **method_style(label, method_name)
+        )
+    ax.set_xlabel("TFLOPs per prefill (full convention)")
+
+
+def _say_empty(ax: plt.Axes) -> None:
+    ax.text(0.5, 0.5, "no quality/compute pairs", ha="center", va="center", transform=ax.transAxes)
+
+
+def _tflops(frame: pd.DataFrame) -> pd.DataFrame:
+    """``tflops_full`` per cell, its value renamed ``tflops``."""
+    rows = frame[(frame["kind"] == "efficiency") & (frame["metric"] == "tflops_full")]
+    columns = ["model", "method", "method_name", "retention_ratio", "benchmark", "value"]
+    return rows[columns].rename(columns={"value": "tflops"})
+
+
+def _paper_quality_vs_tflops(frame: pd.DataFrame) -> pd.DataFrame:
+    """Avg. % of vanilla (Table 1) per model, method and ratio, beside each cell's TFLOPs."""
+    quality = []
+    for model in sorted(set(frame["model"])):
+        table = table1(frame, model).frame.rename(columns={"R": "retention_ratio"})
+        table = table[pd.to_numeric(table[AVG], errors="coerce").notna()]
+        quality.append(
+            table.assign(model=model, value=table[AVG].astype(float))[
+                ["model", "method", "retention_ratio", "value"]
+            ]
+        )
+    quality = (
+        pd.concat(quality)
+        if quality
+        else pd.DataFrame(columns=["model", "method", "retention_ratio", "value"])
+    )
+    return quality.merge(_tflops(frame).drop(columns="benchmark"), on=["model", "method", "retention_ratio"])
+
+
+def _accuracy_vs_tflops(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) per (model, benchmark, task, metric) of the score metrics: value x100 beside TFLOPs.
+
+    The model is named in the title only when the frame holds several (each panel holds one model, so a
+    method's line never joins two models' points)."""
+    scores = frame[frame["kind"] == "score"]
+    merged = scores.merge(
+        _tflops(frame).drop(columns="method_name"), on=["model", "method", "retention_ratio", "benchmark"]
+    )
+    several_models = merged["model"].nunique() > 1
+    items = []
+    for model, benchmark, task in (
+        merged[["model", "benchmark", "task"]].drop_duplicates().itertuples(index=False)
+    ):
+        rows = merged[
+            (merged["model"] == model) & (merged["benchmark"] == benchmark) & (merged["task"] == task)
+        ]
+        for metric in ordered_scores(set(rows["metric"])):
+            subject = benchmark if task == benchmark else task
+            title = f"{model}, {subject}: {metric}" if several_models else f"{subject}: {metric}"
+            metric_rows = rows[rows["metric"] == metric]
+            items.append((title, metric_rows.assign(value=100 * metric_rows["value"])))
+    return items
 
 
 def latency_memory(frame: pd.DataFrame, out_dir: str | Path, name: str = "latency_memory") -> list[Path]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,11 +146,25 @@ def _find_vanilla(wide: pd.DataFrame) -> pd.Series | None:
     return vanilla.iloc[0] if len(vanilla) else None
 
 
+PER_TYPE_SUFFIX = "_accuracy"  # the demo's per-question-type metrics: color_accuracy, count_accuracy, ...
+
+
+def ordered_scores(metrics: Iterable[str]) -> list[str]:
+    """Overall metrics first, then per-question-type ones (``*_accuracy``), each group sorted.
+
+    The demo reports ``exact_match`` over every sample and ``<type>_accuracy`` over one question type's;
+    alphabetical order would put the overall score between the per-type ones.
+    """
+    return sorted(metrics, key=lambda m: (m.endswith(PER_TYPE_SUFFIX), m))
+
+
 def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Table:
-    """One benchmark by its own metrics (x100), agreement with vanilla, and cost columns."""
+    """One benchmark by its own metrics (x100; overall before per-type), agreement with vanilla, and costs."""
     rows = frame[(frame["experiment"] == experiment) & (frame["benchmark"] == benchmark)]
     scores = _wide(rows, "score")
-    metrics = [c for c in scores.columns if c not in ("model", "method", "method_name", "retention_ratio")]
+    metrics = ordered_scores(
+        c for c in scores.columns if c not in ("model", "method", "method_name", "retention_ratio")
+    )
     for metric in metrics:
         scores[metric] = 100.0 * scores[metric]
     extra = _wide(rows, "fidelity").merge(
@@ -185,6 +200,12 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
         "the first generated token only); it measures how far a method moves the model's outputs, not accuracy.",
         "equivalent visual tokens: visual tokens entering each decoder layer, averaged over layers.",
     ]
+    per_type = [m for m in metrics if m.endswith(PER_TYPE_SUFFIX)]
+    if per_type:
+        notes.append(
+            f"{', '.join(per_type)}: exact match over the samples of that question type only "
+            "(exact_match: over all samples)."
+        )
     if set(display.get("model", [])) == {"tiny"}:
         notes.append(
             "The tiny model has random weights: its accuracy is ~0 by construction; compare agreement and costs."

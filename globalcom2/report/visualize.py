@@ -1,11 +1,16 @@
 """Which visual tokens survive: GlobalCom² vs random vs FastV on one image (the paper's qualitative figure).
 
-``make visualize IMAGE=path R=0.25`` (``python -m globalcom2.report.visualize``) draws, for each method, the
-thumbnail's 24x24 grid and the crops' unpadded token grid over the image, dimming the tokens the method
-drops. Pre-LLM methods are asked directly (their ``select``, with the [CLS] scores they use); FastV decides
-inside the LLM, so a read-only pre-hook on decoder layer K reads the position ids of the rows that reach it
-(FastV keeps original positions, so they name the surviving prompt positions). On the tiny model the
-selections are those of random weights: the figure shows the mechanics, not what a trained model attends to.
+``make visualize [IMAGE=path] [R=0.25] [PRETRAINED=tiny-trained]`` (``python -m globalcom2.report.visualize``)
+draws, for each method, the thumbnail's 24x24 grid and the crops' unpadded token grid over the image,
+dimming the tokens the method drops. Pre-LLM methods are asked directly (their ``select``, with the [CLS]
+scores they use); FastV decides inside the LLM, so a read-only pre-hook on decoder layer K reads the
+position ids of the rows that reach it (FastV keeps original positions, so they name the surviving prompt
+positions).
+
+By default the model is the trained tiny LLaVA-NeXT (``tiny-trained``) and the image is demo ``test`` item
+:data:`DEMO_INDEX` (a colour question on a 1008x336 canvas, asked as the demo task asks it, which is what
+FastV's text-guided choice reads), so the figure shows what a model that answers the demo's questions
+attends to. ``--pretrained tiny`` gives the random-weight model: its selections show the mechanics only.
 """
 
 from __future__ import annotations
@@ -25,9 +30,15 @@ from PIL import Image
 
 from globalcom2 import attach, load_llava_next
 from globalcom2.anyres import SEPARATOR, PackedLayout, config_layout
+from globalcom2.evaluation.demo import ANSWER_INSTRUCTION, DEFAULT_SEED, DEFAULT_SIZE, make_item, render
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.report.plots import save, style
+
+DEMO_INDEX = 9  # demo test item 9: "What color is the square?" (purple), 1008x336 canvas, 7 shapes, 3 crops
+DEFAULT_PRETRAINED = "tiny-trained"
+OUT_DIR = Path("results/visualize")
+GENERIC_QUESTION = "Describe the image."
 
 
 def pre_llm_kept(model: Any, method: Any, inputs: dict, layout: PackedLayout) -> torch.Tensor:
@@ -117,15 +128,36 @@ def draw(
         return save(figure, out.parent, out.name)
 
 
+def demo_image(index: int = DEMO_INDEX) -> tuple[Image.Image, str]:
+    """Demo ``test`` item ``index`` rendered, and its question with the demo task's answer instruction."""
+    if not 0 <= index < DEFAULT_SIZE["test"]:
+        raise ValueError(f"demo test items are 0..{DEFAULT_SIZE['test'] - 1}, got {index}")
+    item = make_item(DEFAULT_SEED["test"], index)
+    return render(item), item.question + ANSWER_INSTRUCTION
+
+
 def visualize(
-    image_path: str | Path, ratio: float, out: str | Path, pretrained: str = "tiny", **load_kwargs: Any
+    image: str | Path | Image.Image,
+    ratio: float,
+    out: str | Path,
+    pretrained: str = DEFAULT_PRETRAINED,
+    question: str = GENERIC_QUESTION,
+    **load_kwargs: Any,
 ) -> list[Path]:
-    """Kept tokens of GlobalCom², random and FastV at ``ratio`` on one image; returns the PNG and PDF."""
+    """Kept tokens of GlobalCom², random and FastV at ``ratio`` on one image; returns the PNG and PDF.
+
+    Args:
+        image: an image or the path of one.
+        ratio: retention ratio R.
+        out: output path without suffix (``.png`` and ``.pdf`` are written).
+        pretrained: any name :func:`globalcom2.load_llava_next` takes.
+        question: the prompt's text; only FastV's selection depends on it.
+    """
     model, processor = load_llava_next(pretrained, **load_kwargs)
-    image = Image.open(image_path).convert("RGB")
-    inputs = processor(images=image, text=vicuna_v1_prompt("Describe the image."), return_tensors="pt").to(
-        model.device
-    )
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    image = image.convert("RGB")
+    inputs = processor(images=image, text=vicuna_v1_prompt(question), return_tensors="pt").to(model.device)
     layout = config_layout(model.config, (image.height, image.width))
     selections = {}
     for name in ("globalcom2", "random"):
@@ -136,17 +168,36 @@ def visualize(
     return draw(image, selections, layout, ratio, Path(out))
 
 
-def main(argv: list[str] | None = None) -> None:
+def default_out(image: Path | None, demo_index: int, ratio: float) -> Path:
+    """``results/visualize/demo_test_<index>`` for a demo item, ``kept_tokens_r<R>`` for an image file."""
+    return OUT_DIR / (f"kept_tokens_r{ratio}" if image is not None else f"demo_test_{demo_index}")
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description="Kept-token overlay: GlobalCom² vs random vs FastV.")
-    parser.add_argument("--image", required=True, type=Path)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--image", type=Path, help="an image file (default: a demo test item)")
+    source.add_argument(
+        "--demo-index", type=int, default=DEMO_INDEX, help=f"demo test item to draw (default {DEMO_INDEX})"
+    )
     parser.add_argument("--ratio", type=float, default=0.25)
-    parser.add_argument("--pretrained", default="tiny")
-    parser.add_argument("--out", type=Path, default=Path("results/visualize/kept_tokens"))
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED)
+    parser.add_argument("--out", type=Path, default=None, help="output path without suffix")
     args = parser.parse_args(argv)
-    if not args.image.is_file():
-        raise SystemExit(f"no image at {args.image}")
-    for path in visualize(args.image, args.ratio, args.out, args.pretrained):
+    out = args.out or default_out(args.image, args.demo_index, args.ratio)
+    if args.image is not None:
+        if not args.image.is_file():
+            raise SystemExit(f"no image at {args.image}")
+        image, question = args.image, GENERIC_QUESTION
+    else:
+        try:
+            image, question = demo_image(args.demo_index)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+    paths = visualize(image, args.ratio, out, args.pretrained, question)
+    for path in paths:
         print(path)
+    return paths
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def test_the_groups_cover_what_the_issue_names():
         ("model", "llava_next_7b"),
         ("model", "llava_next_13b"),
         ("model", "tiny"),
+        ("model", "tiny_trained"),
         ("launcher", "local"),
         ("launcher", "accelerate"),
         ("launcher", "slurm"),
@@ -60,6 +61,15 @@ def test_the_groups_cover_what_the_issue_names():
         "sparsevlm",
     }
     assert len([o for g, o in options if g == "benchmark"]) >= 12  # the ten, paper_suite, demo
+
+
+def test_the_trained_tiny_model_config_mirrors_tiny_and_names_the_committed_checkpoint():
+    tiny, trained = (compose_eval(f"model={name}").model for name in ("tiny", "tiny_trained"))
+    assert (trained.name, trained.pretrained) == ("tiny_trained", "tiny-trained")
+    assert {k: v for k, v in trained.items() if k not in ("name", "pretrained")} == {
+        k: v for k, v in tiny.items() if k not in ("name", "pretrained")
+    }
+    assert compose_eval("experiment=demo").model.name == "tiny_trained"  # the demo runs the trained model
 
 
 def test_experiments_are_global_deltas_with_their_command_on_line_2():

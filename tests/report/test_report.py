@@ -40,6 +40,7 @@ def write_cell(
     status="complete",
     identity=None,
     finished="2026-11-21T00:00:00+00:00",
+    metrics=None,
 ) -> Path:
     """A hand-made finished cell with the fields the reporting layer reads."""
     label = name or method
@@ -67,7 +68,7 @@ def write_cell(
         },
         "provenance": {"git": {"sha": "abc", "dirty": False}, "hardware": {"gpu": "NVIDIA H100"}},
         "finished": finished,
-        "metrics": {"gqa_local": {"exact_match": paper.get("GQA", 0) / 100}},
+        "metrics": metrics or {"gqa_local": {"exact_match": paper.get("GQA", 0) / 100}},
         "paper_metrics": {
             c: {"value": v, "metric": "m", "comparable": True, "note": ""} for c, v in paper.items()
         },
@@ -325,6 +326,9 @@ def test_the_aggregate_cli_writes_the_demo_report(demo_results):
     assert "tables:" in done.stdout and "plots:" in done.stdout
     table = pd.read_csv(demo_results / "demo" / "tables" / "demo_demo.csv")
     assert len(table) == 5 and "agreement with vanilla (%)" in table.columns
+    scores = [c for c in table.columns if c == "exact_match" or c.endswith("_accuracy")]
+    assert scores == ["exact_match", "color_accuracy", "count_accuracy", "position_accuracy"]
+    assert table[scores].notna().all().all()  # limit=3: one item of each question type per cell
     assert table.set_index("method").loc["vanilla", "agreement with vanilla (%)"] == 100.0
     assert (demo_results / "demo" / "plots" / "score_vs_ratio.png").stat().st_size > 10_000
     assert (demo_results / "tidy.parquet").is_file()
@@ -431,3 +435,90 @@ def test_plots_say_when_memory_is_unavailable(tree, tmp_path, monkeypatch):
     without, with_memory = texts
     assert any("unavailable on CPU" in text for text in without)
     assert not any("unavailable" in text for text in with_memory)
+
+
+# --- the demo benchmark: accuracy per question type, no paper columns -----------------------------------
+
+DEMO_METRICS = ("exact_match", "color_accuracy", "count_accuracy", "position_accuracy")
+DEMO_CELLS = {  # (method, R): (exact_match, color, count, position), generated ids of 4 samples
+    ("vanilla", 1.0): ((0.6, 0.9, 0.3, 0.6), [[1], [2], [3], [4]]),
+    ("globalcom2", 0.5): ((0.5, 0.8, 0.2, 0.5), [[1], [2], [3], [0]]),
+    ("globalcom2", 0.25): ((0.4, 0.7, 0.1, 0.4), [[1], [2], [0], [0]]),
+    ("fastv", 0.5): ((0.3, 0.5, 0.1, 0.3), [[1], [0], [0], [0]]),
+    ("fastv", 0.25): ((0.2, 0.3, 0.0, 0.3), [[0], [0], [0], [0]]),
+}
+
+
+@pytest.fixture
+def demo_tree(tmp_path) -> Path:
+    """Hand-made demo cells of the trained tiny model: lmms-eval's four demo metrics, TFLOPs, outputs."""
+    root = tmp_path / "results"
+    for (method, ratio), (scores, outputs) in DEMO_CELLS.items():
+        write_cell(
+            root,
+            method,
+            ratio,
+            {},
+            model="tiny_trained",
+            experiment="demo",
+            benchmark="demo",
+            metrics={"globalcom2_demo": dict(zip(DEMO_METRICS, scores, strict=True))},
+            outputs=outputs,
+        )
+    return root
+
+
+def test_the_demo_table_has_overall_and_per_type_accuracy_and_agreement_for_every_cell(demo_tree):
+    from globalcom2.report.tables import benchmark_table
+
+    rendered = benchmark_table(tidy_results(demo_tree), "demo", "demo")
+    table = rendered.frame
+    assert any(
+        note.startswith("color_accuracy, count_accuracy, position_accuracy:") for note in rendered.notes
+    )
+    columns = list(table.columns)
+    assert columns[3:7] == list(DEMO_METRICS), columns  # overall first, then the question types
+    assert {"agreement with vanilla (%)", "first-token agreement (%)", "TFLOPs (full)"} <= set(columns)
+    assert sorted(zip(table["method"], table["R"], strict=True)) == sorted(DEMO_CELLS)
+    rows = table.set_index(["method", "R"])
+    for key, (scores, _) in DEMO_CELLS.items():
+        assert rows.loc[key, list(DEMO_METRICS)].tolist() == pytest.approx([100 * s for s in scores])
+    assert rows.loc[("globalcom2", 0.25), "agreement with vanilla (%)"] == 50.0
+    assert rows.loc[("fastv", 0.5), "first-token agreement (%)"] == 25.0
+
+
+def test_demo_pareto_plots_accuracy_per_question_type_against_tflops(demo_tree, tmp_path, monkeypatch):
+    frame = tidy_results(demo_tree)
+    figures: list = []
+    original = plots.save
+
+    def capturing_save(figure, out_dir, name):
+        figures.append(
+            [
+                (ax.get_title(), ax.get_ylabel(), {line.get_label(): line.get_xydata() for line in ax.lines})
+                for ax in figure.axes
+                if ax.get_visible()
+            ]
+        )
+        return original(figure, out_dir, name)
+
+    monkeypatch.setattr(plots, "save", capturing_save)
+    paths = plots.pareto(frame, tmp_path / "plots")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 10_000 for p in paths)
+    (panels,) = figures
+    assert [title for title, _, _ in panels] == [f"globalcom2_demo: {m}" for m in DEMO_METRICS]
+    assert {ylabel for _, ylabel, _ in panels} == {"accuracy (%)"}  # not agreement with vanilla
+    for (_, _, lines), column in zip(panels, range(4), strict=True):
+        assert set(lines) == {"vanilla", "globalcom2", "fastv"}
+        for method in ("globalcom2", "fastv"):  # write_cell: tflops_full = 42 R; sorted by TFLOPs
+            expected = [(42 * r, 100 * DEMO_CELLS[(method, r)][0][column]) for r in (0.25, 0.5)]
+            assert lines[method].ravel().tolist() == pytest.approx(sum(expected, ()))
+        assert lines["vanilla"].ravel().tolist() == pytest.approx(
+            [42.0, 100 * DEMO_CELLS[("vanilla", 1.0)][0][column]]
+        )
+
+
+def test_demo_agreement_with_vanilla_stays_in_score_vs_ratio(demo_tree):
+    titles = [title for title, _ in plots.panels(tidy_results(demo_tree))]
+    assert "demo: agreement with vanilla (%)" in titles and "demo: first token agreement (%)" in titles
+    assert "globalcom2_demo: color_accuracy" in titles

@@ -34,7 +34,7 @@ def test_a_few_hundred_items_balanced_over_types_and_aspect_ratios(items):
 def test_answers_follow_from_the_shapes(items):
     for item in items:
         assert len({(s.x, s.y) for s in item.shapes}) == len(item.shapes)
-        assert all(12 <= s.size <= 21 for s in item.shapes)
+        assert all(24 <= s.size <= 36 for s in item.shapes)
         target = item.question.split()
         if item.question_type == "color":
             kind = target[-1].rstrip("?")

@@ -1,0 +1,147 @@
+"""The committed ``tiny-trained`` checkpoint: it loads like a real one, it can see, and R = 1.0 is exact."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from helpers import generate_steps, prompt_inputs
+
+from globalcom2 import attach, load_llava_next
+from globalcom2.evaluation import demo
+from globalcom2.methods import list_methods
+from globalcom2.models.llava_next import check_llava_next_anyres
+from globalcom2.models.preload import checkpoint_config
+from globalcom2.models.tiny_trained import CHECKPOINT_DIR, TINY_TRAINED
+from globalcom2.prompts import vicuna_v1_prompt
+
+# On the balanced slice below, chance is 1/6 (colour), 1/5 (count) and 1/2 (position), and a constant answer
+# scores exactly that, since the slice is balanced over answer values.
+CHANCE = {"color": 1 / 6, "count": 1 / 5, "position": 1 / 2}
+# What issue 14 asks of vanilla, set before the checkpoint existed. The committed checkpoint misses two of
+# them (measured on this slice: colour 3/20, count 13/20, position 14/20), hence the strict xfail below,
+# which turns into a failure, to be removed, the day a checkpoint meets them.
+THRESHOLDS = {"color": 0.50, "count": 0.40, "position": 0.75}
+PER_TYPE = 20
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return load_llava_next(TINY_TRAINED)
+
+
+def balanced_slice(per_type: int = PER_TYPE) -> list[demo.DemoItem]:
+    """``per_type`` test items per question type, cycling through the answer values in a fixed order, so
+    every answer value appears (nearly) equally often: a constant answer cannot pass."""
+    chosen = []
+    for qtype in demo.QUESTION_TYPES:
+        pool = [i for i in demo.generate_items("test") if i.question_type == qtype]
+        by_answer: dict[str, list[demo.DemoItem]] = {}
+        for item in pool:
+            by_answer.setdefault(item.answer, []).append(item)
+        values = sorted(by_answer)
+        picked = []
+        while len(picked) < per_type:
+            value = values[len(picked) % len(values)]
+            picked.append(by_answer[value][len([p for p in picked if p.answer == value])])
+        chosen += picked
+    return chosen
+
+
+def accuracy(model, processor, items) -> dict[str, float]:
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(items), 6):
+        chunk = items[start : start + 6]
+        prompts = [vicuna_v1_prompt(i.question + demo.ANSWER_INSTRUCTION) for i in chunk]
+        inputs = processor(
+            images=[demo.render(i) for i in chunk], text=prompts, return_tensors="pt", padding=True
+        )
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        texts = processor.tokenizer.batch_decode(
+            out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        for item, text in zip(chunk, texts, strict=True):
+            ok = demo.normalize_answer(text.split("\n")[0]) == demo.normalize_answer(item.answer)
+            hits.setdefault(item.question_type, []).append(ok)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def test_loads_offline_by_name_through_the_real_loader(trained, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, _ = trained
+    check_llava_next_anyres(model)
+    config = checkpoint_config(TINY_TRAINED)  # what the pre-flight reads, before any weight
+    assert config.text_config.hidden_size == model.config.text_config.hidden_size == 128
+    assert config.image_token_index == model.config.image_token_index
+    assert config.vision_config.to_dict()["hidden_size"] == model.config.vision_config.hidden_size
+    assert model.config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    weights = sum(p.stat().st_size for p in CHECKPOINT_DIR.glob("*.safetensors"))
+    assert 0 < weights <= 10 * 2**20
+
+
+def test_training_record_documents_the_run():
+    record = json.loads((CHECKPOINT_DIR / "training_record.json").read_text())
+    for key in (
+        "config",
+        "recipe_hash",
+        "data",
+        "vision",
+        "align",
+        "tune",
+        "test",
+        "git_sha",
+        "torch",
+        "transformers",
+        "hardware",
+        "wall_seconds",
+    ):
+        assert key in record, key
+    for qtype in demo.QUESTION_TYPES:
+        assert {"accuracy", "best_constant_answer", "best_constant_accuracy"} <= set(record["test"][qtype])
+
+
+def test_the_slice_is_balanced_over_answer_values():
+    items = balanced_slice()
+    for qtype in demo.QUESTION_TYPES:
+        counts = Counter(i.answer for i in items if i.question_type == qtype)
+        assert max(counts.values()) - min(counts.values()) <= 1, counts
+
+
+@pytest.fixture(scope="module")
+def trained_scores(trained):
+    return accuracy(*trained, balanced_slice())
+
+
+def test_vanilla_beats_chance_on_the_balanced_slice(trained_scores):
+    """Overall, and by a margin of 10 items in 60; the random model scores 0 (next test)."""
+    overall = sum(trained_scores.values()) / len(trained_scores)
+    assert overall >= sum(CHANCE.values()) / len(CHANCE) + 10 / 60, trained_scores
+
+
+@pytest.mark.xfail(
+    strict=True, reason="issue 14's targets are not met yet: colour is at chance (see THRESHOLDS)"
+)
+def test_vanilla_meets_the_issue_thresholds_on_every_question_type(trained_scores):
+    assert all(trained_scores[qtype] >= threshold for qtype, threshold in THRESHOLDS.items()), trained_scores
+
+
+def test_the_random_model_fails_both(model, processor):
+    scores = accuracy(model, processor, balanced_slice())
+    assert sum(scores.values()) / len(scores) < sum(CHANCE.values()) / len(CHANCE), scores
+    assert all(scores.get(qtype, 0.0) < threshold for qtype, threshold in THRESHOLDS.items()), scores
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_ratio_one_is_bit_identical_on_the_trained_weights(trained, images, method):
+    model, processor = trained
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    reference_tokens, reference_steps = generate_steps(model, inputs, steps=3)
+    with attach(model, method, retention_ratio=1.0), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+        tokens, steps = generate_steps(model, inputs, steps=3)
+        assert torch.equal(tokens, reference_tokens) and torch.equal(steps, reference_steps)
