@@ -65,8 +65,14 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
     core.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return llama_style_tokenizer(core)
+
+
+def llama_style_tokenizer(core: Tokenizer) -> PreTrainedTokenizerFast:
+    """``core`` with LLaMA's conventions: ``<s>`` prepended, ``</s>``/``<unk>``/``<pad>``, an ``<image>``
+    special token, and left padding (batched generation needs it)."""
     core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", core.token_to_id("<s>"))]
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
@@ -78,12 +84,20 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlavaNextConfig:
     """LLaVA-NeXT config with llava-v1.6 geometry and tiny widths."""
+    return llava_v16_config(tokenizer, VISION, TEXT, INITIALIZER_RANGE)
+
+
+def llava_v16_config(
+    tokenizer: PreTrainedTokenizerFast, vision: dict, text: dict, initializer_range: float
+) -> LlavaNextConfig:
+    """llava-v1.6's geometry (336 px CLIP views, the five pinpoints, feature layer -2, [CLS] dropped) with
+    the given widths: the one recipe behind both tiny models."""
     return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**VISION, initializer_range=INITIALIZER_RANGE),
+        vision_config=CLIPVisionConfig(**vision, initializer_range=initializer_range),
         text_config=LlamaConfig(
-            **TEXT,
+            **text,
             vocab_size=len(tokenizer),
-            initializer_range=INITIALIZER_RANGE,
+            initializer_range=initializer_range,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

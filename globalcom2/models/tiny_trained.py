@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlavaNextConfig, PreTrainedTokenizerFast
 
-from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS
+from globalcom2.models.tiny import llama_style_tokenizer, llava_v16_config
 
 TINY_TRAINED = "tiny-trained"
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints" / TINY_TRAINED
@@ -52,7 +52,6 @@ TEXT = {
 }
 INITIALIZER_RANGE = 0.02
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
-IMAGE_TOKEN = "<image>"
 # Ample for the demo vocabulary (the trainer stops at ~460: every word merged, nothing left to merge).
 TOKENIZER_VOCAB_LIMIT = 2000
 
@@ -73,33 +72,9 @@ def train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     core.train_from_iterator(corpus, trainer=trainer)
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", core.token_to_id("<s>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    tokenizer.padding_side = "left"
-    return tokenizer
+    return llama_style_tokenizer(core)
 
 
 def tiny_trained_config(tokenizer: PreTrainedTokenizerFast) -> LlavaNextConfig:
     """LLaVA-NeXT config with llava-v1.6 geometry and the ``tiny-trained`` widths."""
-    return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**VISION, initializer_range=INITIALIZER_RANGE),
-        text_config=LlamaConfig(
-            **TEXT,
-            vocab_size=len(tokenizer),
-            initializer_range=INITIALIZER_RANGE,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_grid_pinpoints=LLAVA_V16_GRID_PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=576,
-        tie_word_embeddings=False,
-    )
+    return llava_v16_config(tokenizer, VISION, TEXT, INITIALIZER_RANGE)

@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from globalcom2.evaluation.benchmarks import PAPER_METRICS
@@ -107,25 +108,37 @@ def panels(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
+def panel_grid(count: int, width: float, height: float) -> tuple[plt.Figure, np.ndarray]:
+    """Up to 4 columns of ``width`` x ``height`` panels for ``count`` plots (at least one); extra panels hidden."""
+    cols = min(4, max(count, 1))
+    rows = max(-(-count // cols), 1)
+    figure, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[count:]:
+        ax.set_visible(False)
+    return figure, axes
+
+
+def legend_below(figure: plt.Figure, axes: np.ndarray, bottom: float) -> None:
+    """The first panel's legend, once, under the grid (``bottom``: the figure fraction it takes)."""
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if labels:
+        figure.legend(
+            handles, labels, loc="lower center", ncol=min(6, len(labels)), bbox_to_anchor=(0.5, -0.02)
+        )
+    figure.tight_layout(rect=(0, bottom if labels else 0, 1, 1))
+
+
 def score_vs_ratio(frame: pd.DataFrame, out_dir: str | Path, name: str = "score_vs_ratio") -> list[Path]:
     items = panels(frame)
     if not items:
         raise ValueError("no scores to plot")
-    cols = min(4, len(items))
-    rows_n = -(-len(items) // cols)
     with style():
-        figure, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+        figure, axes = panel_grid(len(items), 3.2, 2.6)
         for ax, (title, rows) in zip(axes.flat, items, strict=False):
             plot_against_ratio(ax, rows)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("retention ratio R")
-        for ax in list(axes.flat)[len(items) :]:
-            ax.set_visible(False)
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        figure.legend(
-            handles, labels, loc="lower center", ncol=min(6, len(labels)), bbox_to_anchor=(0.5, -0.02)
-        )
-        figure.tight_layout(rect=(0, 0.05, 1, 1))
+        legend_below(figure, axes, bottom=0.05)
         return save(figure, out_dir, name)
 
 
@@ -149,25 +162,16 @@ def pareto(frame: pd.DataFrame, out_dir: str | Path, name: str = "pareto") -> li
                 _say_empty(ax)
             return save(figure, out_dir, name)
     items = _accuracy_vs_tflops(frame)
-    cols = min(4, max(len(items), 1))
-    rows_n = max(-(-len(items) // cols), 1)
     with style():
-        figure, axes = plt.subplots(rows_n, cols, figsize=(3.4 * cols, 2.8 * rows_n), squeeze=False)
+        figure, axes = panel_grid(len(items), 3.4, 2.8)
         for ax, (title, merged) in zip(axes.flat, items, strict=False):
             _plot_vs_tflops(ax, merged)
             ax.set_title(title, fontsize=9)
             ax.set_ylabel("accuracy (%)")
-        for ax in list(axes.flat)[len(items) :]:
-            ax.set_visible(False)
         if not items:
             _say_empty(axes.flat[0])
             axes.flat[0].set_visible(True)
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        if labels:
-            figure.legend(
-                handles, labels, loc="lower center", ncol=min(6, len(labels)), bbox_to_anchor=(0.5, -0.02)
-            )
-        figure.tight_layout(rect=(0, 0.07 if labels else 0, 1, 1))
+        legend_below(figure, axes, bottom=0.07)
         return save(figure, out_dir, name)
 
 
