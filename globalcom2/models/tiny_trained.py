@@ -29,9 +29,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlavaNextConfig, PreTrainedTokenizerFast
 
 from globalcom2.models import tiny
+from globalcom2.models.preload import TINY_TRAINED
 from globalcom2.models.tiny import llama_style_tokenizer, llava_v16_config
 
-TINY_TRAINED = "tiny-trained"
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints" / TINY_TRAINED
 
 # The random tiny model's tower with a wider MLP, and its LLM at twice the width (GQA 4/2 heads kept).

@@ -60,7 +60,9 @@ from globalcom2.anyres import SEPARATOR, config_layout
 from globalcom2.evaluation import demo
 from globalcom2.models.tiny import tiny_processor
 from globalcom2.models.tiny_trained import CHECKPOINT_DIR, tiny_trained_config, train_tokenizer
+from globalcom2.paths import PROJECT_ROOT
 from globalcom2.prompts import VICUNA_V1_SYSTEM, vicuna_v1_prompt
+from globalcom2.provenance import git_state, hardware, package_versions
 from globalcom2.training.targets import (
     COLOR_NAMES,
     NO_OBJECT,
@@ -70,8 +72,7 @@ from globalcom2.training.targets import (
     view_labels,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "train" / "tiny_trained.yaml"
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "train" / "tiny_trained.yaml"
 IGNORE = -100
 
 
@@ -287,7 +288,7 @@ def train_vision(model, image_processor, items, cfg: DictConfig, rng: np.random.
         out = tower(pixel_values, output_hidden_states=True)
         # The heads read the raw feature-layer output, exactly what the projector reads, so what they learn
         # to decode is linearly there for the language model too.
-        dense = out.hidden_states[-2][:, 1:]  # [sum V, 576, width]
+        dense = out.hidden_states[model.config.vision_feature_layer][:, 1:]  # [sum V, 576, width]
         cls = out.pooler_output  # [sum V, width]: post-layernorm [CLS] of the last layer
         shape = target["kind"] > 0  # [sum V, 576]; ~1 % of the patches
         # Colour and kind are learnt on shape patches alone: averaged with the ~99 % background patches, a
@@ -427,14 +428,10 @@ def best_constant(answers: list[str]) -> tuple[str, float]:
 
 
 @torch.no_grad()
-def test_accuracy(checkpoint: Path, items: list[demo.DemoItem], batch_size: int = 4) -> dict[str, Any]:
-    """Vanilla accuracy on ``items`` with the saved checkpoint, loaded and run as the harness does
-    (``load_llava_next`` + processor + greedy ``generate``), per question type, beside the best constant."""
-    from globalcom2.models.llava_next import load_llava_next
-
-    model, processor = load_llava_next(str(checkpoint))
-    scores: dict[str, list[float]] = {}
-    answers: dict[str, list[str]] = {}
+def answer_hits(model, processor, items: list[demo.DemoItem], batch_size: int = 4) -> list[bool]:
+    """Whether greedy ``generate`` answers each item right, prompted as the demo task prompts (Vicuna-v1,
+    the task's answer instruction, its ``until="\\n"``) and scored by its normalised exact match."""
+    hits = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
         prompts = [vicuna_v1_prompt(item.question + demo.ANSWER_INSTRUCTION) for item in chunk]
@@ -445,20 +442,32 @@ def test_accuracy(checkpoint: Path, items: list[demo.DemoItem], batch_size: int 
         texts = processor.tokenizer.batch_decode(
             out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
-        for item, text in zip(chunk, texts, strict=True):
-            ok = demo.normalize_answer(text.split("\n")[0]) == demo.normalize_answer(item.answer)
-            scores.setdefault(item.question_type, []).append(float(ok))
-            answers.setdefault(item.question_type, []).append(item.answer)
-    result = {}
-    for qtype in sorted(scores):
-        constant, constant_accuracy = best_constant(answers[qtype])
+        hits += [
+            demo.normalize_answer(text.split("\n")[0]) == demo.normalize_answer(item.answer)
+            for item, text in zip(chunk, texts, strict=True)
+        ]
+    return hits
+
+
+def test_accuracy(checkpoint: Path, items: list[demo.DemoItem]) -> dict[str, Any]:
+    """Vanilla accuracy on ``items`` with the saved checkpoint, loaded and run as the harness does
+    (``load_llava_next`` + processor + greedy ``generate``), per question type, beside the best constant."""
+    from globalcom2.models.llava_next import load_llava_next
+
+    hits = answer_hits(*load_llava_next(str(checkpoint)), items)
+    result: dict[str, Any] = {}
+    for qtype in sorted({item.question_type for item in items}):
+        of_type = [
+            (hit, item.answer) for hit, item in zip(hits, items, strict=True) if item.question_type == qtype
+        ]
+        constant, constant_accuracy = best_constant([answer for _, answer in of_type])
         result[qtype] = {
-            "accuracy": round(100 * float(np.mean(scores[qtype])), 1),
+            "accuracy": round(100 * float(np.mean([hit for hit, _ in of_type])), 1),
             "best_constant_answer": constant,
             "best_constant_accuracy": constant_accuracy,
-            "items": len(scores[qtype]),
+            "items": len(of_type),
         }
-    result["overall"] = round(100 * float(np.mean([s for v in scores.values() for s in v])), 1)
+    result["overall"] = round(100 * float(np.mean(hits)), 1)
     return result
 
 
@@ -466,34 +475,17 @@ def test_accuracy(checkpoint: Path, items: list[demo.DemoItem], batch_size: int 
 
 
 def provenance() -> dict[str, Any]:
-    import subprocess
-
-    import transformers
-
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True
-            ).stdout
-        )
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = None, None
+    """The project's provenance (:mod:`globalcom2.provenance`), flattened as the training record has it."""
+    git = git_state()
+    versions = package_versions()
     return {
-        "git_sha": sha,
-        "git_dirty": dirty,
+        "git_sha": git["sha"],
+        "git_dirty": git["dirty"],
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "hardware": {
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpus": __import__("os").cpu_count(),
-        },
-        "platform": platform.platform(),
+        "torch": versions["torch"],
+        "transformers": versions["transformers"],
+        "numpy": versions["numpy"],
+        "hardware": hardware(),
     }
 
 
@@ -507,18 +499,16 @@ def recipe_hash(cfg: DictConfig) -> str:
         "models/tiny_trained.py",
         "evaluation/demo.py",
     ):
-        digest.update((REPO_ROOT / "globalcom2" / module).read_bytes())
+        digest.update((PROJECT_ROOT / "globalcom2" / module).read_bytes())
     return digest.hexdigest()
 
 
 def load_config(path: str | Path, overrides: list[str]) -> DictConfig:
-    cfg = OmegaConf.load(path)
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    unknown = set(OmegaConf.to_container(cfg)) - set(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG)))
+    valid = set(OmegaConf.load(DEFAULT_CONFIG))
+    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+    unknown = set(cfg) - valid
     if unknown:
-        raise ValueError(
-            f"unknown config keys {sorted(unknown)}; valid: {sorted(OmegaConf.load(DEFAULT_CONFIG))}"
-        )
+        raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(valid)}")
     return cfg
 
 

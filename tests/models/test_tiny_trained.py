@@ -15,7 +15,7 @@ from globalcom2.methods import list_methods
 from globalcom2.models.llava_next import check_llava_next_anyres
 from globalcom2.models.preload import checkpoint_config
 from globalcom2.models.tiny_trained import CHECKPOINT_DIR, TINY_TRAINED
-from globalcom2.prompts import vicuna_v1_prompt
+from globalcom2.training.train_tiny import answer_hits
 
 # On the balanced slice below, chance is 1/6 (colour), 1/5 (count) and 1/2 (position), and a constant answer
 # scores exactly that, since the slice is balanced over answer values.
@@ -51,21 +51,10 @@ def balanced_slice(per_type: int = PER_TYPE) -> list[demo.DemoItem]:
 
 
 def accuracy(model, processor, items) -> dict[str, float]:
+    """Per question type, the share of ``items`` answered right (the recipe's own scoring loop)."""
     hits: dict[str, list[bool]] = {}
-    for start in range(0, len(items), 6):
-        chunk = items[start : start + 6]
-        prompts = [vicuna_v1_prompt(i.question + demo.ANSWER_INSTRUCTION) for i in chunk]
-        inputs = processor(
-            images=[demo.render(i) for i in chunk], text=prompts, return_tensors="pt", padding=True
-        )
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        texts = processor.tokenizer.batch_decode(
-            out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        for item, text in zip(chunk, texts, strict=True):
-            ok = demo.normalize_answer(text.split("\n")[0]) == demo.normalize_answer(item.answer)
-            hits.setdefault(item.question_type, []).append(ok)
+    for item, hit in zip(items, answer_hits(model, processor, items, batch_size=6), strict=True):
+        hits.setdefault(item.question_type, []).append(hit)
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
