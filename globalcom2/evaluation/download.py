@@ -32,9 +32,9 @@ from typing import Any
 
 from globalcom2.evaluation.benchmarks import BENCHMARKS, LOCALLY_SCORED, Benchmark
 from globalcom2.evaluation.local_data import SOURCE_FILE
+from globalcom2.hub import offline_flags
 from globalcom2.paths import DATA_DIR_ENV, data_dir
 
-OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 INSTRUCTIONS = (
     "To download: (1) get a Hugging Face token with access to the lmms-lab-encoder datasets and "
     "`export HF_TOKEN=hf_...` (or `hf auth login`); (2) make sure https://huggingface.co is reachable; "
@@ -49,16 +49,13 @@ class DownloadUnavailableError(RuntimeError):
         self.code = code
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def check_access(repo: str) -> tuple[str, str]:
     """``(token, revision of repo)`` or :class:`DownloadUnavailableError` saying what is missing."""
     where = data_dir()
-    if any(_truthy(flag) for flag in OFFLINE_FLAGS):
+    offline = offline_flags()
+    if offline:
         raise DownloadUnavailableError(
-            f"offline mode is set ({', '.join(f for f in OFFLINE_FLAGS if _truthy(f))}); downloading needs "
+            f"offline mode is set ({', '.join(offline)}); downloading needs "
             f"the network. {INSTRUCTIONS.format(where=where)}",
             2,
         )

@@ -9,19 +9,20 @@ checkpoint and draws a random ``image_newline``). The config is also what the mo
 ranges are checked against (FastV's ``K`` against the decoder depth, GlobalCom²'s ``score_layer`` against
 the vision tower's), through :meth:`globalcom2.methods.CompressionMethod.check_model_config`.
 
-Whether the hub may be used is read from ``huggingface_hub.constants.HF_HUB_OFFLINE``, the switch
-``from_pretrained`` obeys, or from the environment if it was set after import (:func:`hub_offline`).
+Whether the hub may be used is decided by :func:`globalcom2.hub.hub_offline`, the one reading of the
+offline switches that ``make data`` shares.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlavaNextConfig
+
+from globalcom2.hub import hub_offline
 
 SUPPORTED_MODEL_TYPE = "llava_next"
 SUPPORTED_ARCHITECTURE = "LlavaNextForConditionalGeneration"
@@ -133,14 +134,6 @@ def _config_file(name: str) -> Path:
         return Path(hf_hub_download(name, "config.json"))
     except Exception as err:  # network, auth, missing repo: all mean "cannot read the config"
         raise FileNotFoundError(f"cannot read config.json of {name!r} from the hub: {err}") from err
-
-
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as huggingface_hub read it at import, or as the environment says now."""
-    from huggingface_hub import constants
-
-    now = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    return bool(constants.HF_HUB_OFFLINE) or now
 
 
 def check_config_type(raw: dict[str, Any], source: str) -> None:

@@ -14,6 +14,7 @@ import pytest
 from globalcom2.evaluation import download
 from globalcom2.evaluation.benchmarks import Benchmark, HubPart
 from globalcom2.evaluation.local_data import SOURCE_FILE
+from globalcom2.hub import OFFLINE_FLAGS
 
 REPO = "fake-org/FakeVQA"
 
@@ -64,8 +65,9 @@ class FakeHub:
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
         monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", try_to_load_from_cache)
         monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_the_fake_hub")
-        for flag in download.OFFLINE_FLAGS:
+        for flag in OFFLINE_FLAGS:
             monkeypatch.setenv(flag, "0")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # latched by conftest's "1"
 
 
 BENCH = Benchmark("fakevqa", "Fake VQA", ("fakevqa_local",), (HubPart(REPO, None, "validation"),))

@@ -127,6 +127,7 @@ def test_make_data_explains_what_is_missing(tmp_path, monkeypatch, capsys):
     assert "offline mode is set" in capsys.readouterr().err
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # latched on by conftest
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored login either
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
