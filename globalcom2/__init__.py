@@ -10,7 +10,7 @@ Public API::
 
 from globalcom2.hooks.attach import attach
 from globalcom2.methods import list_methods
-from globalcom2.models.llava_next import load_llava_next
+from globalcom2.models.loader import load_llava_next
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "attach", "list_methods", "load_llava_next"]

@@ -30,7 +30,7 @@ from globalcom2.evaluation.protocols import (
     check_tasks_covered,
 )
 from globalcom2.methods import METHODS, CompressionMethod
-from globalcom2.models.llava_next import DTYPE_CHOICES
+from globalcom2.models.base import DTYPE_CHOICES
 from globalcom2.models.preload import model_problems
 from globalcom2.store import CellKey
 

@@ -15,7 +15,7 @@ import torch
 from helpers import synthetic_image
 from PIL import Image
 
-from globalcom2.models.tiny import build_tiny_llava_next
+from globalcom2.models.loader import load_tiny_llava_next
 
 # (width, height) in pixels: one per AnyRes canvas family, plus a letterboxed one.
 IMAGE_SIZES = [(336, 336), (672, 672), (1008, 336), (336, 1008), (800, 600)]
@@ -27,7 +27,7 @@ def tiny():
 
     Tests must leave it unmodified (attachments removed); ``test_attach`` checks that removal restores it.
     """
-    return build_tiny_llava_next(seed=0)
+    return load_tiny_llava_next(seed=0)
 
 
 @pytest.fixture(scope="session")

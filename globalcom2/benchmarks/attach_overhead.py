@@ -19,7 +19,7 @@ from PIL import Image
 
 from globalcom2 import attach
 from globalcom2.benchmarks.timing import median_ms, time_interleaved
-from globalcom2.models.tiny import build_tiny_llava_next
+from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=60)
     args = parser.parse_args()
 
-    model, processor = build_tiny_llava_next(seed=0)
+    model, processor = load_tiny_llava_next(seed=0)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, size=(672, 672, 3), dtype=np.uint8))
     inputs = processor(images=image, text=vicuna_v1_prompt("What is in the image?"), return_tensors="pt")

@@ -32,7 +32,7 @@ from globalcom2.efficiency.summary import PromptCounts, sample_costs
 from globalcom2.evaluation import demo
 from globalcom2.evaluation.sample_records import visual_token_counts
 from globalcom2.methods import METHODS
-from globalcom2.models.llava_next import load_llava_next
+from globalcom2.models.loader import load_llava_next
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.provenance import provenance

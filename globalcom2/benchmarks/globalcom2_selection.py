@@ -31,7 +31,7 @@ from globalcom2.atomic import atomic_write_json, atomic_write_text
 from globalcom2.benchmarks.timing import time_interleaved
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.globalcom2 import GlobalCom2
-from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS
+from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
 from globalcom2.provenance import provenance
 from globalcom2.scoring.vision_attention import cls_patch_scores
 

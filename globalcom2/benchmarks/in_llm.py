@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from globalcom2 import attach
 from globalcom2.benchmarks.timing import median_ms, time_interleaved
-from globalcom2.models.tiny import build_tiny_llava_next
+from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.scoring.text_attention import attention_rows
 
@@ -137,8 +137,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    processor = build_tiny_llava_next(seed=0)[1]
-    models = {name: build_tiny_llava_next(seed=0)[0] for name in VARIANTS}
+    processor = load_tiny_llava_next(seed=0)[1]
+    models = {name: load_tiny_llava_next(seed=0)[0] for name in VARIANTS}
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, size=(672, 672, 3), dtype=np.uint8))
     inputs = processor(images=image, text=vicuna_v1_prompt("What is in the image?"), return_tensors="pt")

@@ -13,7 +13,7 @@ from typing import Any
 from globalcom2.evaluation.generation import GenerationSettings, parse_gen_kwargs
 from globalcom2.evaluation.method_args import coerce
 from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol
-from globalcom2.models.llava_next import DTYPE_CHOICES
+from globalcom2.models.base import DTYPE_CHOICES
 
 #: The ``model_args`` keys :meth:`PluginOptions.from_model_args` takes.
 PLUGIN_OPTION_NAMES = (

@@ -51,7 +51,7 @@ def show_inputs(
     from globalcom2.evaluation.api import preflight, task_manager
     from globalcom2.evaluation.batching import prepare_batch
     from globalcom2.models.geometry import apply_config_geometry, apply_processor_geometry
-    from globalcom2.models.llava_next import resolve_checkpoint
+    from globalcom2.models.loader import resolve_checkpoint
     from globalcom2.models.preload import checkpoint_config
 
     if limit < 1:

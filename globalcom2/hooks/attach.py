@@ -13,7 +13,7 @@ from globalcom2.hooks.in_llm import InLLMAdapter
 from globalcom2.hooks.llava_model import ModelAdapter
 from globalcom2.hooks.pre_llm import PreLLMAdapter
 from globalcom2.methods import METHODS, CompressionMethod, InLLMMethod, PreLLMMethod
-from globalcom2.models.llava_next import check_llava_next_anyres
+from globalcom2.models.base import check_llava_next_anyres
 
 
 def attach(model: Any, method: str | CompressionMethod, **params: Any) -> Attachment:

@@ -23,41 +23,22 @@ import torch
 from transformers import LlavaNextConfig
 
 from globalcom2.hub import hub_offline
-
-SUPPORTED_MODEL_TYPE = "llava_next"
-SUPPORTED_ARCHITECTURE = "LlavaNextForConditionalGeneration"
-SUPPORTED_CHECKPOINTS = (
-    "llava-hf/llava-v1.6-vicuna-7b-hf",
-    "llava-hf/llava-v1.6-vicuna-13b-hf",
-    "tiny (built in code, see globalcom2.models.tiny)",
-    "tiny-trained (trained by `make train-tiny`, committed; see globalcom2.models.tiny_trained)",
+from globalcom2.models.base import (
+    SUPPORTED_CHECKPOINTS,
+    TINY_TRAINED,
+    check_config_type,
+    check_llava_next_config,
+    tiny_seed,
 )
-TINY = "tiny"
-TINY_TRAINED = "tiny-trained"
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not a LLaVA-NeXT AnyRes model."""
-
-
-def tiny_seed(name: str) -> int | None:
-    """``"tiny"`` -> 0, ``"tiny:3"`` -> 3, anything else -> ``None``; ``"tiny:x"`` raises."""
-    if name != TINY and not name.startswith(f"{TINY}:"):
-        return None
-    seed = name.partition(":")[2]
-    if seed and not seed.isdigit():
-        raise ValueError(
-            f"pretrained={name!r}: the tiny model is 'tiny' or 'tiny:<seed>' with an integer seed"
-        )
-    return int(seed or 0)
+from globalcom2.models.random_init import llava_next_config_for
+from globalcom2.models.tiny import byte_level_tokenizer, tiny_config
+from globalcom2.models.tiny_trained import CHECKPOINT_DIR
 
 
 def named_checkpoint(name: str) -> Path | None:
     """The folder of a checkpoint the project ships by name (``"tiny-trained"``), else ``None``."""
     if name != TINY_TRAINED:
         return None
-    from globalcom2.models.tiny_trained import CHECKPOINT_DIR
-
     if not (CHECKPOINT_DIR / "config.json").is_file():
         raise FileNotFoundError(
             f"pretrained={name!r}: the trained tiny checkpoint is missing from {CHECKPOINT_DIR}; it is "
@@ -82,12 +63,8 @@ def checkpoint_config(pretrained: str | Path, *, random_init: bool = False) -> L
     """
     name = str(pretrained)
     if random_init:
-        from globalcom2.models.random_init import llava_next_config_for
-
         return llava_next_config_for(name)
     if tiny_seed(name) is not None:
-        from globalcom2.models.tiny import byte_level_tokenizer, tiny_config
-
         return tiny_config(byte_level_tokenizer())
     named = named_checkpoint(name)
     config_file = named / "config.json" if named is not None else _config_file(name)
@@ -134,42 +111,6 @@ def _config_file(name: str) -> Path:
         return Path(hf_hub_download(name, "config.json"))
     except Exception as err:  # network, auth, missing repo: all mean "cannot read the config"
         raise FileNotFoundError(f"cannot read config.json of {name!r} from the hub: {err}") from err
-
-
-def check_config_type(raw: dict[str, Any], source: str) -> None:
-    """Refuse a config whose ``model_type`` or ``architectures`` is not LLaVA-NeXT's."""
-    model_type = raw.get("model_type")
-    architectures = raw.get("architectures") or []
-    if model_type != SUPPORTED_MODEL_TYPE or (architectures and SUPPORTED_ARCHITECTURE not in architectures):
-        raise UnsupportedModelError(
-            f"{source!r} is a {model_type!r} model ({', '.join(architectures) or 'no architectures listed'}); "
-            f"only LLaVA-NeXT AnyRes checkpoints are supported (model_type {SUPPORTED_MODEL_TYPE!r}, "
-            f"{SUPPORTED_ARCHITECTURE}), e.g. {', '.join(SUPPORTED_CHECKPOINTS)}."
-        )
-
-
-def check_llava_next_config(config: Any, source: str = "the model") -> None:
-    """Raise unless ``config`` describes AnyRes crops with [CLS] dropped and one feature layer.
-
-    The compression methods reason about LLaVA-NeXT's packed layout (thumbnail + unpadded crops + row
-    separators, ``globalcom2.anyres``); other layouts would be silently mis-compressed.
-    """
-    if not getattr(config, "image_grid_pinpoints", None):
-        raise UnsupportedModelError(f"{source}: the config has no image_grid_pinpoints, so no AnyRes crops")
-    if config.vision_feature_select_strategy != "default":
-        raise UnsupportedModelError(
-            f"{source}: vision_feature_select_strategy must be 'default' ([CLS] dropped, 576 patch tokens per "
-            f"view), got {config.vision_feature_select_strategy!r}"
-        )
-    if not isinstance(config.vision_feature_layer, int):
-        raise UnsupportedModelError(
-            f"{source}: a single vision_feature_layer is required, got {config.vision_feature_layer!r}"
-        )
-    vision = config.vision_config
-    if vision.image_size % vision.patch_size:
-        raise UnsupportedModelError(
-            f"{source}: image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}"
-        )
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:

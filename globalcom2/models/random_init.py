@@ -15,8 +15,8 @@ from typing import Any, Literal
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from globalcom2.models.llava_next import check_llava_next_anyres, resolve_dtype
-from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS, byte_level_tokenizer, tiny_processor
+from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS, check_llava_next_anyres, resolve_dtype
+from globalcom2.models.tiny import byte_level_tokenizer, tiny_processor
 
 Size = Literal["7b", "13b"]
 

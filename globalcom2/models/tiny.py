@@ -4,7 +4,7 @@ Geometry is exactly llava-v1.6's: CLIP at 336 px with patch 14 (24 x 24 = 576 to
 v1.6 grid pinpoints, unpadding, one row separator per unpadded row, [CLS] dropped, feature layer -2. Only
 the widths and depths are tiny, so every count, index and shape our methods compute is the one they
 compute on the 7B/13B checkpoints. The checkpoint is written with ``save_pretrained`` and read back
-through :func:`globalcom2.models.llava_next.load_llava_next`, the loader real checkpoints use.
+through :func:`globalcom2.models.loader.load_llava_next`, the loader real checkpoints use.
 
 Recipe after ../shared/reference/transformers_llava_next.md §3, with a byte-level tokenizer built from
 ``tokenizers`` primitives (every string encodes, spaces stay spaces) and the Vicuna-v1 chat template.
@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
@@ -31,10 +30,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
 from globalcom2.prompts import VICUNA_V1_CHAT_TEMPLATE
 
-# llava-v1.6 AnyRes canvases as (height, width).
-LLAVA_V16_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 # Bump when the recipe changes, so cached checkpoints of an older recipe are never reused.
 TINY_RECIPE_VERSION = 2  # 2: the chat template's system prompt is vicuna_v1's ("user")
 
@@ -172,16 +170,3 @@ def tiny_checkpoint(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def build_tiny_llava_next(seed: int = 0, **load_kwargs: Any) -> tuple[LlavaNextForConditionalGeneration, Any]:
-    """``(model, processor)`` of the tiny LLaVA-NeXT for ``seed``, loaded like a real checkpoint.
-
-    Args:
-        seed: weights are a deterministic function of it.
-        **load_kwargs: forwarded to :func:`globalcom2.models.llava_next.load_llava_next`
-            (``dtype``, ``device``, ``attn_implementation``).
-    """
-    from globalcom2.models.llava_next import load_llava_next
-
-    return load_llava_next(tiny_checkpoint(seed), **load_kwargs)

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlavaNextConfig, PreTrainedTokenizerFast
 
 from globalcom2.models import tiny
-from globalcom2.models.preload import TINY_TRAINED
+from globalcom2.models.base import TINY_TRAINED
 from globalcom2.models.tiny import llama_style_tokenizer, llava_v16_config
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints" / TINY_TRAINED

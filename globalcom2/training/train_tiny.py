@@ -452,7 +452,7 @@ def answer_hits(model, processor, items: list[demo.DemoItem], batch_size: int = 
 def test_accuracy(checkpoint: Path, items: list[demo.DemoItem]) -> dict[str, Any]:
     """Vanilla accuracy on ``items`` with the saved checkpoint, loaded and run as the harness does
     (``load_llava_next`` + processor + greedy ``generate``), per question type, beside the best constant."""
-    from globalcom2.models.llava_next import load_llava_next
+    from globalcom2.models.loader import load_llava_next
 
     hits = answer_hits(*load_llava_next(str(checkpoint)), items)
     result: dict[str, Any] = {}

@@ -24,7 +24,7 @@ from globalcom2.efficiency.flops import (
     vision_flops,
 )
 from globalcom2.methods import METHODS
-from globalcom2.models.tiny import build_tiny_llava_next
+from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 
 TERA = 1e12
@@ -82,9 +82,7 @@ def counted_llm_flops(model, inputs) -> int:
 
 @pytest.fixture(scope="module")
 def eager_tiny():
-    return build_tiny_llava_next(
-        seed=0, attn_implementation={"text_config": "eager", "vision_config": "sdpa"}
-    )
+    return load_tiny_llava_next(seed=0, attn_implementation={"text_config": "eager", "vision_config": "sdpa"})
 
 
 @pytest.mark.parametrize(
@@ -108,7 +106,7 @@ def test_analytic_equals_flop_counter_for_pre_llm_methods(eager_tiny, method, pa
 
 
 def test_vision_flops_count_the_tower_and_projector():
-    model, processor = build_tiny_llava_next(
+    model, processor = load_tiny_llava_next(
         seed=0, attn_implementation="eager"
     )  # the counter sees eager only
     inputs = processor(images=synthetic_image(672, 672), text=vicuna_v1_prompt("Q"), return_tensors="pt")

@@ -14,7 +14,8 @@ from globalcom2 import attach
 from globalcom2.anyres import packed_layout, unpad_rounding
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.methods.sparsevlm import default_prune_layers
-from globalcom2.models.tiny import build_tiny_llava_next, byte_level_tokenizer, tiny_config
+from globalcom2.models.loader import load_tiny_llava_next
+from globalcom2.models.tiny import byte_level_tokenizer, tiny_config
 from globalcom2.prompts import vicuna_v1_prompt
 
 # A left-padded batch row and the sample alone, or cached and uncached decoding, run through different kernel
@@ -30,14 +31,14 @@ EAGER_TEXT = {"text_config": "eager", "vision_config": "sdpa"}
 
 @pytest.fixture(scope="module")
 def eager_model():
-    model, _ = build_tiny_llava_next(seed=0, attn_implementation=EAGER_TEXT)
+    model, _ = load_tiny_llava_next(seed=0, attn_implementation=EAGER_TEXT)
     return model
 
 
 @functools.cache
 def float64_model(attention: str) -> LlavaNextForConditionalGeneration:
     implementation = EAGER_TEXT if attention == "eager" else "sdpa"
-    model, _ = build_tiny_llava_next(seed=0, dtype=torch.float64, attn_implementation=implementation)
+    model, _ = load_tiny_llava_next(seed=0, dtype=torch.float64, attn_implementation=implementation)
     return model
 
 
@@ -636,5 +637,5 @@ def test_separators_are_found_per_row_in_a_mixed_batch(processor, images, dtype)
 
 @functools.cache
 def model_in(dtype: torch.dtype) -> LlavaNextForConditionalGeneration:
-    model, _ = build_tiny_llava_next(seed=0, dtype=dtype)
+    model, _ = load_tiny_llava_next(seed=0, dtype=dtype)
     return model

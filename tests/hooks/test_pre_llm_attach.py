@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from globalcom2 import attach
 from globalcom2.anyres import packed_layout
 from globalcom2.methods.direct import pre_llm_sources
-from globalcom2.models.tiny import build_tiny_llava_next
+from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 
 SIZES = [(336, 336), (672, 672), (1008, 336), (336, 1008), (800, 600)]  # (width, height)
@@ -48,7 +48,7 @@ def test_ratio_one_is_bit_identical_forward_and_generate(model, processor, image
 
 
 def test_remove_restores_the_instance_and_leaves_others_untouched(model, processor, images):
-    other, _ = build_tiny_llava_next(seed=1)
+    other, _ = load_tiny_llava_next(seed=1)
     inputs = prompt_inputs(processor, images[(336, 336)])
     with torch.no_grad():
         other_before = other(**inputs).logits
@@ -177,7 +177,7 @@ def test_generate_without_cache_matches_cached(model, processor, images):
 
 
 def test_eager_text_attention(images):
-    model, processor = build_tiny_llava_next(
+    model, processor = load_tiny_llava_next(
         seed=0, attn_implementation={"text_config": "eager", "vision_config": "sdpa"}
     )
     inputs = prompt_inputs(processor, images[(800, 600)])

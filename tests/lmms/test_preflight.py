@@ -20,7 +20,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr("globalcom2.load_llava_next", refuse)
-    monkeypatch.setattr("globalcom2.models.llava_next.load_llava_next", refuse)
+    monkeypatch.setattr("globalcom2.models.loader.load_llava_next", refuse)
 
 
 def test_known_tasks_with_data_pass_and_report_their_data(fixture_data):
@@ -106,8 +106,8 @@ def test_bad_model_args_are_refused(model_args, message, no_model_loading):
 def test_a_llava_15_checkpoint_is_refused_by_every_entry_point(tmp_path, capsys, monkeypatch):
     """Defect 2: LLaVA-1.5 used to load into LlavaNextForConditionalGeneration with a random image_newline."""
     from globalcom2.lmms_plugin import GlobalCom2LlavaNext
-    from globalcom2.models.llava_next import load_llava_next
-    from globalcom2.models.preload import UnsupportedModelError
+    from globalcom2.models.base import UnsupportedModelError
+    from globalcom2.models.loader import load_llava_next
 
     folder = str(write_llava15_checkpoint(tmp_path / "llava-1.5"))
     found = r"'llava' model \(LlavaForConditionalGeneration\); only LLaVA-NeXT AnyRes"

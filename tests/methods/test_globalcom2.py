@@ -22,8 +22,8 @@ from globalcom2.methods.globalcom2 import (
     global_crop_scores,
     thumbnail_keep,
 )
-from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS as PINPOINTS
-from globalcom2.models.tiny import build_tiny_llava_next
+from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS as PINPOINTS
+from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.scoring.vision_attention import ClsAttentionCapture
 
@@ -210,8 +210,8 @@ def test_global_scores_equal_the_interpolated_thumbnail(size):
 @pytest.mark.parametrize("layer", [-1, -2, 0])
 def test_scores_equal_eager_attention(images, layer):
     """Captured while the tower runs SDPA; compared with a separate eager model's attention maps."""
-    sdpa, processor = build_tiny_llava_next(seed=0)
-    eager, _ = build_tiny_llava_next(
+    sdpa, processor = load_tiny_llava_next(seed=0)
+    eager, _ = load_tiny_llava_next(
         seed=0, attn_implementation={"vision_config": "eager", "text_config": "sdpa"}
     )
     inputs = processor(images=images[(800, 600)], text=vicuna_v1_prompt("Q"), return_tensors="pt")

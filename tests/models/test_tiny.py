@@ -3,8 +3,9 @@ import torch
 from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2.anyres import packed_layout
-from globalcom2.models.llava_next import load_llava_next, resolve_checkpoint
-from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS, byte_level_tokenizer, save_tiny_llava_next
+from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
+from globalcom2.models.loader import load_llava_next, resolve_checkpoint
+from globalcom2.models.tiny import byte_level_tokenizer, save_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 
 

@@ -12,9 +12,9 @@ from helpers import generate_steps, prompt_inputs
 from globalcom2 import attach, load_llava_next
 from globalcom2.evaluation import demo
 from globalcom2.methods import list_methods
-from globalcom2.models.llava_next import check_llava_next_anyres
+from globalcom2.models.base import TINY_TRAINED, check_llava_next_anyres
 from globalcom2.models.preload import checkpoint_config
-from globalcom2.models.tiny_trained import CHECKPOINT_DIR, TINY_TRAINED
+from globalcom2.models.tiny_trained import CHECKPOINT_DIR
 from globalcom2.training.train_tiny import answer_hits
 
 # On the balanced slice below, chance is 1/6 (colour), 1/5 (count) and 1/2 (position), and a constant answer

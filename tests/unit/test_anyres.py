@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from globalcom2.anyres import SEPARATOR, packed_layout
-from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS
+from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
 
 # (height, width) pixels: every canvas, letterboxing on both axes, odd and extreme sizes.
 SIZES = [

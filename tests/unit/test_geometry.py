@@ -13,9 +13,10 @@ from helpers import generate_steps, prompt_inputs, synthetic_image
 
 from globalcom2 import attach
 from globalcom2.anyres import SEPARATOR, packed_layout, unpad_rounding
+from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
 from globalcom2.models.geometry import apply_geometry, llava_order
-from globalcom2.models.llava_next import load_llava_next
-from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS, tiny_checkpoint
+from globalcom2.models.loader import load_llava_next
+from globalcom2.models.tiny import tiny_checkpoint
 
 # (height, width) -> ((rows, cols), visual tokens) under LLaVA and under transformers
 HAND_WORKED = {

@@ -8,7 +8,7 @@ from globalcom2.anyres import _cached_layout, packed_layout, packed_provenance
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.globalcom2 import GlobalCom2, block_membership, thumbnail_blocks
 from globalcom2.methods.globalcom2_geometry import _geometry, crop_geometry
-from globalcom2.models.tiny import LLAVA_V16_GRID_PINPOINTS as PINPOINTS
+from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS as PINPOINTS
 from globalcom2.scoring.ranking import column_tie_break
 
 

@@ -1,4 +1,4 @@
-"""Loading LLaVA-NeXT checkpoints, and checking that a model is one we can compress.
+"""Loading LLaVA-NeXT checkpoints: the one path from a name to ``(model, processor)``.
 
 One loader serves ``llava-hf/llava-v1.6-vicuna-7b-hf``, ``-13b-hf`` and the tiny offline model, so tests
 exercise exactly the code path real evaluations use.
@@ -12,40 +12,11 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
+from globalcom2.models.base import check_llava_next_anyres, resolve_dtype, tiny_seed
 from globalcom2.models.geometry import GEOMETRIES, apply_geometry
-from globalcom2.models.preload import (
-    SUPPORTED_CHECKPOINTS,
-    check_llava_next_config,
-    checkpoint_config,
-    named_checkpoint,
-    tiny_seed,
-)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_CHOICES = (*_DTYPES, "auto")
-
-
-def check_llava_next_anyres(model: Any) -> None:
-    """Raise unless ``model`` is a ``LlavaNextForConditionalGeneration`` with AnyRes crops and [CLS] dropped.
-
-    The compression methods reason about LLaVA-NeXT's packed layout (thumbnail + unpadded crops +
-    row separators, ``globalcom2.anyres``); other architectures would be silently mis-compressed.
-    """
-    if not isinstance(model, LlavaNextForConditionalGeneration):
-        raise TypeError(
-            f"expected a LLaVA-NeXT AnyRes model (transformers LlavaNextForConditionalGeneration), got "
-            f"{type(model).__name__}. Supported: {', '.join(SUPPORTED_CHECKPOINTS)}."
-        )
-    check_llava_next_config(model.config)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    """``"float32" | "float16" | "bfloat16" | "auto" | torch.dtype | None`` -> what ``from_pretrained`` takes."""
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_CHOICES)}")
-    return _DTYPES[dtype]
+from globalcom2.models.preload import checkpoint_config, named_checkpoint
+from globalcom2.models.random_init import build_random_llava_next, size_from_name
+from globalcom2.models.tiny import tiny_checkpoint
 
 
 def resolve_checkpoint(pretrained: str | Path) -> str:
@@ -57,8 +28,6 @@ def resolve_checkpoint(pretrained: str | Path) -> str:
         return str(named)
     seed = tiny_seed(name)
     if seed is not None:
-        from globalcom2.models.tiny import tiny_checkpoint
-
         return str(tiny_checkpoint(seed))
     return name
 
@@ -96,8 +65,6 @@ def load_llava_next(
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry={geometry!r}; valid: {', '.join(GEOMETRIES)}")
     if random_init:
-        from globalcom2.models.random_init import build_random_llava_next, size_from_name
-
         resolved = "float16" if dtype in (None, "auto") else dtype  # the llava-hf checkpoints' dtype
         model, processor = build_random_llava_next(
             size_from_name(str(pretrained)),
@@ -126,3 +93,13 @@ def load_llava_next(
     processor.tokenizer.padding_side = "left"  # not serialised by tokenizers; batched generation needs it
     apply_geometry(model, processor, geometry)
     return model, processor
+
+
+def load_tiny_llava_next(seed: int = 0, **load_kwargs: Any) -> tuple[LlavaNextForConditionalGeneration, Any]:
+    """``(model, processor)`` of the random tiny LLaVA-NeXT for ``seed``, loaded like a real checkpoint.
+
+    Args:
+        seed: weights are a deterministic function of it.
+        **load_kwargs: forwarded to :func:`load_llava_next` (``dtype``, ``device``, ``attn_implementation``).
+    """
+    return load_llava_next(tiny_checkpoint(seed), **load_kwargs)
