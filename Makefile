@@ -73,20 +73,20 @@ format: install  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff format .
 
 bench-attach: install  ## prefill overhead of attach() at retention_ratio=1.0 (tiny model, 672x672)
-	$(PY) -m globalcom2.benchmarks.attach_overhead
+	$(PY) -m globalcom2.perf.attach_overhead
 
 bench-globalcom2: install  ## GlobalCom² scoring + allocation + selection time per image -> results/efficiency/
-	$(PY) -m globalcom2.benchmarks.globalcom2_selection $(ARGS)
+	$(PY) -m globalcom2.perf.globalcom2_selection $(ARGS)
 
 bench-in-llm: install  ## prefill time/memory of FastV and SparseVLM at R=0.25, scoring memory (tiny model, 672x672)
-	$(PY) -m globalcom2.benchmarks.in_llm
+	$(PY) -m globalcom2.perf.in_llm
 
 # The ten benchmarks' hub data, saved for offline runs into $GLOBALCOM2_DATA_DIR (default: data/).
 # Needs network access and HF_TOKEN; says what is missing and exits non-zero otherwise.
-# Subset: make data BENCHMARKS=pope,mme (names: python -c "from globalcom2.evaluation import BENCHMARKS; print(*BENCHMARKS)")
+# Subset: make data BENCHMARKS=pope,mme (names: python -c "from globalcom2.data.benchmarks import BENCHMARKS; print(*BENCHMARKS)")
 data: install  ## download the benchmarks for offline evaluation (network + HF_TOKEN; BENCHMARKS=pope,mme)
 	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0 \
-		$(PY) -m globalcom2.evaluation.download $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS),)
+		$(PY) -m globalcom2.data.download $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS),)
 
 # Paper targets: one line each on top of an experiment config. DRY_RUN=1 lists the cells without running;
 # ARGS="..." appends Hydra overrides (e.g. ARGS="launcher=accelerate launcher.num_processes=4").
@@ -97,7 +97,7 @@ RESULTS ?= $(or $(GLOBALCOM2_RESULTS),results)
 
 demo: install  ## every method x 4 ratios on the trained tiny model (tiny-trained) and the synthetic demo benchmark, then tables and plots
 	$(RUN) experiment=demo $(RUN_ARGS)
-	$(if $(DRY_RUN),,$(PY) -m globalcom2.aggregate $(RESULTS) --experiment demo)
+	$(if $(DRY_RUN),,$(PY) -m globalcom2.report $(RESULTS) --experiment demo)
 
 table1-7b: install  ## GlobalCom² Table 1 on LLaVA-NeXT-7B (checkpoint + `make data`)
 	$(RUN) experiment=paper_table1_7b $(RUN_ARGS)
@@ -118,10 +118,10 @@ sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=
 	$(RUN) sweep=methods_x_ratios $(RUN_ARGS)
 
 bench-efficiency: install  ## efficiency of every method, interleaved per image (tiny model, CPU; ARGS="--random-init 7b --device cuda" on a GPU)
-	$(PY) -m globalcom2.benchmarks.efficiency $(ARGS)
+	$(PY) -m globalcom2.perf.efficiency $(ARGS)
 
 tables: install  ## tidy results, tables and plots of every experiment under results/ (WANDB=1 also logs them)
-	$(PY) -m globalcom2.aggregate $(RESULTS) $(if $(WANDB),--wandb,)
+	$(PY) -m globalcom2.report $(RESULTS) $(if $(WANDB),--wandb,)
 
 # Without IMAGE, draws demo test item DEMO_INDEX (a colour question on a 1008x336 canvas) with the trained
 # tiny model; PRETRAINED=tiny shows the random-weight model, whose selections show the mechanics only.

@@ -16,14 +16,14 @@ from functools import cached_property
 from typing import Any
 
 from globalcom2.budget import validate_retention_ratio, warn_if_no_patch_token_kept
-from globalcom2.evaluation.generation import parse_gen_kwargs
-from globalcom2.evaluation.method_args import (
+from globalcom2.lmms.generation import parse_gen_kwargs
+from globalcom2.lmms.method_args import (
     check_attn_compatibility,
     coerce_method_params,
     parse_attn_implementation,
 )
-from globalcom2.evaluation.preflight import data_identity
-from globalcom2.evaluation.protocols import (
+from globalcom2.lmms.preflight import data_identity
+from globalcom2.lmms.protocols import (
     DEFAULT_PROTOCOL,
     budget_method_params,
     check_protocol,
@@ -94,7 +94,7 @@ class BenchmarkSpec:
     limit: int | None
     batch_size: int
     gen_kwargs: str | None
-    protocol: str = DEFAULT_PROTOCOL  # lmms_eval | llava (globalcom2.evaluation.protocols)
+    protocol: str = DEFAULT_PROTOCOL  # lmms_eval | llava (globalcom2.lmms.protocols)
 
     def generation_overrides(self) -> dict[str, Any] | None:
         """Under ``llava``, ``gen_kwargs`` adjusts LLaVA's fixed settings in the plugin (lmms-eval gets none)."""
@@ -257,7 +257,7 @@ class CellSpec:
     def preflight(self) -> None:
         """Checks that touch the disk (tasks and their data, the checkpoint's config, the device); still
         loads no weight."""
-        from globalcom2.evaluation.api import preflight
+        from globalcom2.lmms.api import preflight
 
         preflight(list(self.benchmark.tasks))
         check_model(self)

@@ -14,12 +14,19 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR_ENV = "GLOBALCOM2_DATA_DIR"
 TASKS_DIR_ENV = "GLOBALCOM2_TASKS_DIR"
+CACHE_DIR_ENV = "GLOBALCOM2_CACHE"
 
 
 def data_dir() -> Path:
     """``$GLOBALCOM2_DATA_DIR`` or ``<project root>/data``."""
     value = os.environ.get(DATA_DIR_ENV, "").strip()
     return Path(value).expanduser().resolve() if value else PROJECT_ROOT / "data"
+
+
+def cache_dir() -> Path:
+    """``$GLOBALCOM2_CACHE`` or ``~/.cache/globalcom2``: what the harness builds once and reuses (the random
+    tiny checkpoints, the demo dataset)."""
+    return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "globalcom2"))
 
 
 def tasks_dir() -> Path:

@@ -38,6 +38,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from globalcom2.cells import CellSpec
+from globalcom2.methods import swept_methods
 from globalcom2.paths import DATA_DIR_ENV, PROJECT_ROOT, TASKS_DIR_ENV
 from globalcom2.provenance import provenance
 from globalcom2.records import CellOutcome, CellRecord, CellRef, read_outcome
@@ -53,6 +54,8 @@ WORKER_GRACE_S = 10.0
 
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+if not OmegaConf.has_resolver("registered_methods"):  # the method sweep, read from the registry
+    OmegaConf.register_new_resolver("registered_methods", lambda: ",".join(swept_methods()))
 
 
 class CellError(CompactHydraException):

@@ -52,7 +52,7 @@ def numeric_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def paper_metrics(results: dict[str, Any], columns: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Each paper column this benchmark fills: value in the paper's unit, or why it has none yet."""
-    from globalcom2.evaluation import PAPER_METRICS, paper_metric_value
+    from globalcom2.data.benchmarks import PAPER_METRICS, paper_metric_value
 
     out = {}
     for column in columns:
@@ -70,9 +70,9 @@ def paper_metrics(results: dict[str, Any], columns: tuple[str, ...]) -> dict[str
 def evaluate_cell(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
     """Evaluate ``spec``; returns the outcome on rank 0 (``None`` on other ranks)."""
     from globalcom2.efficiency.summary import efficiency_summary
-    from globalcom2.evaluation import api
-    from globalcom2.evaluation.sample_records import summarize, write_jsonl
-    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms import api
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms.sample_records import summarize, write_jsonl
 
     seed_everything(spec.seed)
     started = time.time()

@@ -36,8 +36,8 @@ import torch
 from transformers import DynamicCache, LlavaNextForConditionalGeneration
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
+from globalcom2.hooks.in_llm_sequence import gather_rows, plan_relayout, renumber_positions
 from globalcom2.hooks.llava_model import PromptContext
-from globalcom2.hooks.token_layout import gather_rows, plan_relayout, renumber_positions
 from globalcom2.methods.base import InLLMMethod, KeepPlan, LayerStats, TokenView
 from globalcom2.scoring.selection import compact_rows
 from globalcom2.scoring.text_attention import attention_rows

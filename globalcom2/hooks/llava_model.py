@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from transformers import LlavaNextForConditionalGeneration
 
-from globalcom2.hooks.sequence import placeholder_owners
+from globalcom2.hooks.pre_llm_sequence import placeholder_owners
 
 _ADAPTER_ATTR = "_globalcom2"
 

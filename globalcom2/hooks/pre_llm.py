@@ -4,7 +4,7 @@
 packed features of every image; the method returns packed positions to keep, and the plan is stored next
 to the features (keyed by the feature tensor itself, so it survives transformers' beam expansion, which
 repeats the same tensor objects). At prefill, :meth:`PreLLMAdapter.prefill` gathers the kept features and,
-when any image changed length, rebuilds the prompt (``hooks/sequence.py``); the resulting
+when any image changed length, rebuilds the prompt (``hooks/pre_llm_sequence.py``); the resulting
 :class:`DecodeState` is tied to the KV cache so :meth:`PreLLMAdapter.decode` can translate every later
 step into compressed coordinates.
 """
@@ -21,7 +21,7 @@ from transformers import LlavaNextForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from globalcom2.anyres import PackedLayout, config_layout
-from globalcom2.hooks.sequence import DecodeState, decode_inputs, rebuild_prompt
+from globalcom2.hooks.pre_llm_sequence import DecodeState, decode_inputs, rebuild_prompt
 from globalcom2.methods.base import ImageContext, ImageStats, PreLLMMethod
 from globalcom2.scoring.vision_attention import ClsAttentionCapture
 

@@ -7,9 +7,10 @@ Adding a method (the checklist; README "Contributing" has the benchmark and mode
    ``score``, ``keep``). Store each constructor argument under its own name and derive the rest, so
    ``METHODS.create(name, **m.params())`` rebuilds it (``tests/methods/test_registry_round_trip.py``).
 2. Import the module in the line below, so the decorator runs.
-3. ``configs/method/<name>.yaml``; the sweep ``configs/sweep/methods_x_ratios.yaml``, ``METHOD_ORDER``
-   (``report/tables.py``) and ``DEFAULT_VARIANTS`` (``benchmarks/efficiency.py``):
-   ``tests/harness/test_method_lists.py`` fails until the method is in each.
+3. ``configs/method/<name>.yaml`` (its Hydra parameters). The sweep (``configs/sweep/methods_x_ratios.yaml``),
+   the tables and plots (``report.tables.method_order``) and the efficiency benchmark
+   (``perf.efficiency.default_variants``) read the registry, so they need no edit;
+   ``tests/harness/test_method_lists.py`` checks both.
 4. ``tests/methods/test_<name>.py``: identity at ratio 1.0, kept count equals the budget, ``remove()``
    restores the model (see ``test_fastv.py``).
 """
@@ -32,6 +33,12 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
+def swept_methods() -> list[str]:
+    """Every registered method, the control (``vanilla``) first: what ``configs/sweep/methods_x_ratios.yaml``
+    sweeps (through the ``${registered_methods:}`` resolver of ``globalcom2.run``)."""
+    return sorted(METHODS.names(), key=lambda name: (name != "vanilla", name))
+
+
 __all__ = [
     "METHODS",
     "CompressionMethod",
@@ -42,4 +49,5 @@ __all__ = [
     "PreLLMMethod",
     "list_methods",
     "register_method",
+    "swept_methods",
 ]

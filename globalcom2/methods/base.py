@@ -268,7 +268,7 @@ class InLLMMethod(CompressionMethod):
         budget_basis: what ``retention_ratio`` is a fraction of (:data:`BudgetBasis`). ``"positions"``
             treats the row separators as visual tokens like any other, as FastV and SparseVLM treat every
             position of the image span; ``"patches"`` counts patch tokens only and keeps every separator, the
-            paper protocol's count (``protocol=llava``, ``globalcom2.evaluation.protocols``).
+            paper protocol's count (``protocol=llava``, ``globalcom2.lmms.protocols``).
     """
 
     stage: ClassVar[Stage] = "in_llm"

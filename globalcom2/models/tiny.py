@@ -12,7 +12,6 @@ Recipe after ../shared/reference/transformers_llava_next.md §3, with a byte-lev
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
+from globalcom2.paths import cache_dir as cache_dir_path
 from globalcom2.prompts import VICUNA_V1_CHAT_TEMPLATE
 
 # Bump when the recipe changes, so cached checkpoints of an older recipe are never reused.
@@ -142,11 +142,6 @@ def save_tiny_llava_next(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def default_cache_dir() -> Path:
-    """``$GLOBALCOM2_CACHE`` or ``~/.cache/globalcom2``."""
-    return Path(os.environ.get("GLOBALCOM2_CACHE", Path.home() / ".cache" / "globalcom2"))
-
-
 def tiny_checkpoint(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """Folder of the tiny checkpoint for ``seed``, built on first use.
 
@@ -154,7 +149,7 @@ def tiny_checkpoint(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     temporary sibling and renamed into place, so a concurrent or interrupted build never leaves a
     half-written checkpoint behind.
     """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else cache_dir_path()
     target = root / f"tiny-llava-next-r{TINY_RECIPE_VERSION}-tf{transformers.__version__}-seed{seed}"
     if (target / "config.json").exists():
         return target

@@ -6,7 +6,7 @@ corrupt or malformed ones are skipped and named in a warning, never read as resu
 Metric kinds (column ``kind``):
 
 * ``score``: every numeric lmms-eval metric of every task (``task`` set);
-* ``paper``: the paper-table columns (``globalcom2.evaluation.PAPER_METRICS``), in the paper's unit;
+* ``paper``: the paper-table columns (``globalcom2.data.benchmarks.PAPER_METRICS``), in the paper's unit;
 * ``efficiency``: latency, memory, FLOPs, KV cache, visual tokens (``globalcom2/efficiency/summary.py``);
   unavailable values (peak memory on CPU) are absent rows, never zeros;
 * ``fidelity``: ``agreement_with_vanilla``, the % of samples whose generated token ids equal those of the

@@ -1,4 +1,4 @@
-"""Write every table and plot of one experiment: the driver behind ``python -m globalcom2.aggregate``."""
+"""Write every table and plot of one experiment: the driver behind ``python -m globalcom2.report``."""
 
 from __future__ import annotations
 

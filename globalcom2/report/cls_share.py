@@ -33,7 +33,7 @@ import torch
 
 from globalcom2 import load_llava_next
 from globalcom2.atomic import atomic_write_json
-from globalcom2.evaluation.demo import DEFAULT_SEED, DEFAULT_SIZE, generate_items, render
+from globalcom2.data.demo import DEFAULT_SEED, DEFAULT_SIZE, generate_items, render
 from globalcom2.methods.direct import image_features_and_scores
 from globalcom2.methods.globalcom2 import GlobalCom2
 from globalcom2.models.preload import checkpoint_config

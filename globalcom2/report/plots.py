@@ -21,14 +21,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from globalcom2.evaluation.benchmarks import PAPER_METRICS
-from globalcom2.report.tables import AVG, METHOD_ORDER, ordered_scores, table1
+from globalcom2.data.benchmarks import PAPER_METRICS
+from globalcom2.report.tables import AVG, method_order, ordered_scores, table1
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under the common colour-vision deficiencies.
 OKABE_ITO = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F0E442"]
-METHOD_STYLE = {
-    name: (OKABE_ITO[i % len(OKABE_ITO)], "os^vDP*X"[i % 8]) for i, name in enumerate(METHOD_ORDER)
-}
+MARKERS = "os^vDP*X"
 
 
 @contextmanager
@@ -49,8 +47,10 @@ def style() -> Iterator[None]:
 
 
 def method_style(method: str, method_name: str) -> dict:
-    colour, marker = METHOD_STYLE.get(method_name, ("#0072B2", "o"))
-    return {"color": colour, "marker": marker, "label": method}
+    """Colour and marker of a method, fixed by its place in :func:`method_order`."""
+    order = method_order()
+    i = order.index(method_name) if method_name in order else len(order)
+    return {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)], "label": method}
 
 
 def save(figure: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
@@ -66,7 +66,7 @@ def save(figure: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
 
 def _series(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     """(label, registry name, rows) per method, in the paper's method order."""
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rank = {m: i for i, m in enumerate(method_order())}
     groups = [(label, rows["method_name"].iloc[0], rows) for label, rows in frame.groupby("method")]
     return sorted(groups, key=lambda g: (rank.get(g[1], len(rank)), g[0]))
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 from globalcom2 import attach, load_llava_next
 from globalcom2.anyres import SEPARATOR, PackedLayout, config_layout
-from globalcom2.evaluation.demo import ANSWER_INSTRUCTION, DEFAULT_SEED, DEFAULT_SIZE, make_item, render
+from globalcom2.data.demo import ANSWER_INSTRUCTION, DEFAULT_SEED, DEFAULT_SIZE, make_item, render
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.report.plots import save, style

@@ -3,7 +3,7 @@
 The generator places every shape itself, so two kinds of supervision come for free:
 
 * **Per-patch object labels for every view.** The object masks are painted with the drawing code of
-  :func:`globalcom2.evaluation.demo.render` and sent through the image processor's *own* AnyRes geometry
+  :func:`globalcom2.data.demo.render` and sent through the image processor's *own* AnyRes geometry
   (``get_image_patches``: best canvas, aspect-preserving resize, centred padding, 336-px crops, plus the
   squashed 336x336 thumbnail) with nearest-neighbour resampling, so a label lands on exactly the patch the
   model sees the shape in.
@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers.image_utils import PILImageResampling
 
-from globalcom2.evaluation.demo import COLORS, SHAPES, DemoItem, draw_shape
+from globalcom2.data.demo import COLORS, SHAPES, DemoItem, draw_shape
 
 COLOR_NAMES = tuple(COLORS)
 NO_OBJECT = -1

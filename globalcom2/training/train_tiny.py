@@ -57,7 +57,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from globalcom2.anyres import SEPARATOR, config_layout
-from globalcom2.evaluation import demo
+from globalcom2.data import demo
 from globalcom2.models.tiny import tiny_processor
 from globalcom2.models.tiny_trained import CHECKPOINT_DIR, tiny_trained_config, train_tokenizer
 from globalcom2.paths import PROJECT_ROOT
@@ -497,7 +497,7 @@ def recipe_hash(cfg: DictConfig) -> str:
         "training/train_tiny.py",
         "training/targets.py",
         "models/tiny_trained.py",
-        "evaluation/demo.py",
+        "data/demo.py",
     ):
         digest.update((PROJECT_ROOT / "globalcom2" / module).read_bytes())
     return digest.hexdigest()
@@ -542,7 +542,7 @@ def train(cfg: DictConfig) -> Path:
         "config": OmegaConf.to_container(cfg),
         "recipe_hash": recipe_hash(cfg),
         "data": {
-            "generator": f"globalcom2.evaluation.demo v{demo.DEMO_VERSION}",
+            "generator": f"globalcom2.data.demo v{demo.DEMO_VERSION}",
             "split": "train",
             "seed": demo.DEFAULT_SEED["train"],
             "train_items": len(train_items),

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from globalcom2.benchmarks.efficiency import main, parse_variant
+from globalcom2.perf.efficiency import main, parse_variant
 
 VARIANTS = ["vanilla@1", "globalcom2@0.5", "globalcom2@0.1", "random@0.25", "fastv@0.25", "sparsevlm@0.25"]
 

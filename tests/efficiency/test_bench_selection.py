@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from globalcom2.benchmarks.globalcom2_selection import TARGET_ROW, main, summarise
-from globalcom2.benchmarks.timing import time_interleaved
+from globalcom2.perf.globalcom2_selection import TARGET_ROW, main, summarise
+from globalcom2.perf.timing import time_interleaved
 
 
 def test_writes_every_row_and_the_target_verdict(tmp_path):

@@ -1,4 +1,4 @@
-"""The Hydra benchmark configs agree with the one benchmark table (``globalcom2.evaluation.benchmarks``).
+"""The Hydra benchmark configs agree with the one benchmark table (``globalcom2.data.benchmarks``).
 
 ``BENCHMARKS`` says which offline tasks run a benchmark and ``PAPER_METRICS`` which paper column each
 fills; the YAML files under ``configs/benchmark`` restate that for Hydra. This test makes the table the
@@ -12,7 +12,7 @@ from helpers import CONFIGS
 from hydra import compose, initialize_config_dir
 
 import globalcom2.run  # noqa: F401  (registers the project_root resolver)
-from globalcom2.evaluation.benchmarks import BENCHMARKS, GENERATED_TASKS, LOCALLY_SCORED, PAPER_METRICS
+from globalcom2.data.benchmarks import BENCHMARKS, GENERATED_TASKS, LOCALLY_SCORED, PAPER_METRICS
 
 FILES = sorted(p.stem for p in (CONFIGS / "benchmark").glob("*.yaml") if not p.stem.startswith("_"))
 

@@ -1,39 +1,60 @@
-"""A newly registered method appears in the sweep and the tables without a hand edit (or this fails)."""
+"""A newly registered method appears in the sweep, the tables and the efficiency benchmark without a hand
+edit: each reads the registry. A stand-in method is registered for the duration of a test to show it."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from globalcom2.methods import METHODS
+import globalcom2.run  # noqa: F401  (registers the ${registered_methods:} resolver, as a sweep does)
+from globalcom2.methods import METHODS, swept_methods
+from globalcom2.methods.vanilla import Vanilla
 from globalcom2.paths import PROJECT_ROOT
+from globalcom2.perf.efficiency import default_variants
+from globalcom2.report.plots import method_style
+from globalcom2.report.tables import method_order
+
+NEW = "zz_new_method"
+
+
+@pytest.fixture
+def new_method(monkeypatch):
+    """A method registered under a new name, removed again after the test."""
+    monkeypatch.setitem(METHODS._entries, NEW, type("NewMethod", (Vanilla,), {}))
+    return NEW
+
+
+def swept(path: str = "configs/sweep/methods_x_ratios.yaml") -> list[str]:
+    """The methods the sweep config names, with its interpolations resolved as Hydra resolves them."""
+    config = OmegaConf.create(yaml.safe_load((PROJECT_ROOT / path).read_text()))
+    return str(OmegaConf.to_container(config, resolve=True)["hydra"]["sweeper"]["params"]["method"]).split(
+        ","
+    )
 
 
 def test_every_registered_method_has_a_method_config():
-    configs = {p.stem for p in (PROJECT_ROOT / "configs" / "method").glob("*.yaml")}
     names = {
         yaml.safe_load(p.read_text())["name"] for p in (PROJECT_ROOT / "configs" / "method").glob("*.yaml")
     }
     assert set(METHODS.names()) <= names, f"add configs/method/<name>.yaml for {set(METHODS.names()) - names}"
-    assert configs
 
 
-def test_the_methods_x_ratios_sweep_covers_every_registered_method():
-    sweep = yaml.safe_load((PROJECT_ROOT / "configs" / "sweep" / "methods_x_ratios.yaml").read_text())
-    swept = str(sweep["hydra"]["sweeper"]["params"]["method"]).replace(" ", "").split(",")
-    method_files = {
-        p.stem: yaml.safe_load(p.read_text())["name"]
-        for p in (PROJECT_ROOT / "configs" / "method").glob("*.yaml")
-    }
-    assert {method_files[m] for m in swept} == set(METHODS.names())
+def test_the_sweep_runs_every_registered_method_vanilla_first():
+    assert swept() == swept_methods() and sorted(swept()) == METHODS.names() and swept()[0] == "vanilla"
 
 
-def test_the_tables_order_every_registered_method():
-    from globalcom2.report.tables import METHOD_ORDER
+def test_a_new_method_is_swept_tabled_plotted_and_measured_without_an_edit(new_method):
+    assert new_method in swept()
+    assert method_order()[-1] == new_method and method_order()[0] == "vanilla"
+    assert (
+        method_style(new_method, new_method)["marker"] != method_style("globalcom2", "globalcom2")["marker"]
+    )
+    assert {(new_method, 0.25), (new_method, 0.1)} <= set(default_variants())
 
-    assert set(METHODS.names()) <= set(METHOD_ORDER), "report/tables.py METHOD_ORDER misses a method"
 
-
-def test_the_efficiency_benchmark_measures_every_registered_method():
-    from globalcom2.benchmarks.efficiency import DEFAULT_VARIANTS
-
-    assert {method for method, _ in DEFAULT_VARIANTS} == set(METHODS.names())
+def test_the_efficiency_benchmark_keeps_the_papers_variants():
+    variants = default_variants()
+    assert variants[0] == ("vanilla", 1.0) and {m for m, _ in variants} == set(METHODS.names())
+    assert [r for m, r in variants if m == "globalcom2"] == [0.75, 0.5, 0.25, 0.1]
+    assert [r for m, r in variants if m == "fastv"] == [0.25, 0.1]

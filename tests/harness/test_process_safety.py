@@ -94,7 +94,7 @@ def test_no_secret_reaches_the_console_or_any_file(tmp_path):
     env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "GLOBALCOM2_RESULTS": str(tmp_path / "results")}
     evaluation = subprocess.run(
         [
-            *(sys.executable, "-m", "globalcom2.evaluation", "--model", "globalcom2_llava_next"),
+            *(sys.executable, "-m", "globalcom2.lmms", "--model", "globalcom2_llava_next"),
             *(
                 "--model_args",
                 "pretrained=tiny,method=random,retention_ratio=0.5",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from globalcom2.evaluation.fixtures import write_fixtures
+from globalcom2.data.fixtures import write_fixtures
 from globalcom2.paths import DATA_DIR_ENV
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from globalcom2.evaluation.benchmarks import DEMO_TASK, all_local_tasks
+from globalcom2.data.benchmarks import DEMO_TASK, all_local_tasks
 
 ALL_TASKS = [*all_local_tasks(), DEMO_TASK]
 REPO = Path(__file__).resolve().parents[2]

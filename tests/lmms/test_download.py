@@ -11,9 +11,9 @@ import datasets
 import huggingface_hub
 import pytest
 
-from globalcom2.evaluation import download
-from globalcom2.evaluation.benchmarks import Benchmark, HubPart
-from globalcom2.evaluation.local_data import SOURCE_FILE
+from globalcom2.data import download
+from globalcom2.data.benchmarks import Benchmark, HubPart
+from globalcom2.data.local import SOURCE_FILE
 from globalcom2.hub import OFFLINE_FLAGS
 
 REPO = "fake-org/FakeVQA"

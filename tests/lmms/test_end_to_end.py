@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from lmms_helpers import ALL_TASKS, REPO, run_cli
 
-from globalcom2.evaluation import PAPER_METRICS, api, paper_metric_value
-from globalcom2.evaluation.sample_records import read_jsonl
-from globalcom2.lmms_plugin import MODEL_ID, GlobalCom2LlavaNext
+from globalcom2.data.benchmarks import PAPER_METRICS, paper_metric_value
+from globalcom2.lmms import api
+from globalcom2.lmms.plugin import MODEL_ID, GlobalCom2LlavaNext
+from globalcom2.lmms.sample_records import read_jsonl
 
 # One metric each task must report (lmms-eval's names).
 EXPECTED_METRIC = {
@@ -137,7 +138,7 @@ def test_two_processes_give_the_same_scores_as_one(fixture_data, tmp_path, monke
 
     out, records = tmp_path / "out", tmp_path / "records.jsonl"
     args = [
-        *("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "globalcom2.evaluation"),
+        *("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "globalcom2.lmms"),
         *(
             "--model",
             MODEL_ID,
@@ -168,7 +169,7 @@ def test_two_processes_give_the_same_scores_as_one(fixture_data, tmp_path, monke
 def test_a_failing_generation_fails_the_run(fixture_data, tmp_path):
     """lmms-eval's CLI exits 0 when generation raises; the harness CLI must not."""
     args = [
-        *("-m", "globalcom2.evaluation", "--model", MODEL_ID, "--model_args", "pretrained=tiny"),
+        *("-m", "globalcom2.lmms", "--model", MODEL_ID, "--model_args", "pretrained=tiny"),
         *("--tasks", "pope_adv_local", "--output_path", str(tmp_path / "out")),
         *("--gen_kwargs", "max_new_tokens=3,do_sample=true,temperature=-1.0"),  # transformers refuses this
     ]

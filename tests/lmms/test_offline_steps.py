@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from globalcom2.evaluation import download, mmvet_judge, paper_metric_value
+from globalcom2.data import download
+from globalcom2.data.benchmarks import paper_metric_value
+from globalcom2.lmms import mmvet_judge
 
 
 def samples_file(path, answers):
@@ -142,7 +144,7 @@ def test_mmbench_en_string_index_is_cast_to_int(fixture_data):
     int(1e6) and raised TypeError at the end of every cell (tests/lmms/test_end_to_end.py scores it)."""
     import datasets
 
-    from globalcom2.evaluation.task_utils import mmbench_docs
+    from globalcom2.lmms.task_utils import mmbench_docs
 
     raw = datasets.load_from_disk(str(fixture_data / "mmbench_en"))["dev"]
     assert raw.features["index"].dtype == "string"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
 
-from globalcom2.lmms_plugin import MODEL_ID, GlobalCom2LlavaNext
+from globalcom2.lmms.plugin import MODEL_ID, GlobalCom2LlavaNext
 from globalcom2.prompts import vicuna_v1_prompt
 
 
@@ -41,7 +41,7 @@ def test_entry_point_resolves_and_passes_lmms_eval_type_checks():
     from lmms_eval.models import MODEL_REGISTRY_V2, get_model
 
     points = importlib.metadata.entry_points(group="lmms_eval.models")
-    assert "globalcom2.lmms_manifest:manifests" in {p.value for p in points}
+    assert "globalcom2.lmms.manifest:manifests" in {p.value for p in points}
     # get_model_class validates: subclass of lmms, is_simple matching the resolved (simple) kind.
     assert MODEL_REGISTRY_V2.get_model_class(MODEL_ID) is GlobalCom2LlavaNext
     assert get_model(MODEL_ID) is GlobalCom2LlavaNext
@@ -193,7 +193,7 @@ def test_the_declared_plugin_arguments_are_the_plugins_signature():
     """The pre-flight splits model_args with PLUGIN_ARG_NAMES instead of importing the plugin."""
     import inspect
 
-    from globalcom2.evaluation.plugin_options import PLUGIN_ARG_NAMES
+    from globalcom2.lmms.plugin_options import PLUGIN_ARG_NAMES
 
     parameters = inspect.signature(GlobalCom2LlavaNext.__init__).parameters.items()
     assert {n for n, p in parameters if n != "self" and p.kind is not p.VAR_KEYWORD} == PLUGIN_ARG_NAMES

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import write_llava15_checkpoint
 
-from globalcom2.evaluation import cli
-from globalcom2.evaluation.preflight import PreflightError, check_model_args, preflight
+from globalcom2.lmms import cli
+from globalcom2.lmms.preflight import PreflightError, check_model_args, preflight
 from globalcom2.methods.random_keep import RandomKeep
 from globalcom2.paths import DATA_DIR_ENV
 
@@ -105,7 +105,7 @@ def test_bad_model_args_are_refused(model_args, message, no_model_loading):
 
 def test_a_llava_15_checkpoint_is_refused_by_every_entry_point(tmp_path, capsys, monkeypatch):
     """Defect 2: LLaVA-1.5 used to load into LlavaNextForConditionalGeneration with a random image_newline."""
-    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
     from globalcom2.models.base import UnsupportedModelError
     from globalcom2.models.loader import load_llava_next
 
@@ -135,7 +135,7 @@ def test_a_llava_15_checkpoint_is_refused_by_every_entry_point(tmp_path, capsys,
 
 
 def test_the_plugin_checks_the_device_and_the_model_dependent_ranges_before_loading(no_model_loading):
-    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 
     with pytest.raises(ValueError, match=r"K must be in \[1, 4\)"):
         GlobalCom2LlavaNext(pretrained="tiny", method="fastv", retention_ratio=0.5, K=999)
@@ -145,7 +145,7 @@ def test_the_plugin_checks_the_device_and_the_model_dependent_ranges_before_load
 
 def test_batch_size_in_model_args_wins_over_the_cli_default():
     """Defect 3: lmms-eval passes --batch_size (default 1) next to model_args; that used to be a TypeError."""
-    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 
     lm = GlobalCom2LlavaNext.create_from_arg_string(
         "pretrained=tiny,batch_size=3", {"batch_size": 1, "max_batch_size": None, "device": None}
@@ -208,7 +208,7 @@ def test_a_cells_identity_names_the_data_it_reads(fixture_data, tmp_path, monkey
     import json
     import shutil
 
-    from globalcom2.evaluation.preflight import data_identity
+    from globalcom2.lmms.preflight import data_identity
 
     identity = data_identity(["pope_adv_local", "globalcom2_demo"])
     assert identity["pope_adv_local"]["kind"] == "synthetic-fixture" and identity["globalcom2_demo"] is None

@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from globalcom2.evaluation import api
-from globalcom2.evaluation.batching import decode_answer
-from globalcom2.evaluation.protocols import llava_pope_answer, task_protocol
-from globalcom2.evaluation.show_inputs import main as show_inputs_main
-from globalcom2.evaluation.show_inputs import show_inputs
+from globalcom2.lmms import api
+from globalcom2.lmms.batching import decode_answer
+from globalcom2.lmms.protocols import llava_pope_answer, task_protocol
+from globalcom2.lmms.show_inputs import main as show_inputs_main
+from globalcom2.lmms.show_inputs import show_inputs
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -150,7 +150,7 @@ def test_show_inputs_prints_one_json_line_per_sample(fixture_data, capsys):
 
 @pytest.mark.parametrize("protocol", ["llava", "lmms_eval"])
 def test_both_protocols_run_all_ten_benchmarks_end_to_end(protocol, fixture_data, tmp_path):
-    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 
     lm = GlobalCom2LlavaNext(
         pretrained="tiny",
@@ -177,7 +177,7 @@ def test_both_protocols_run_all_ten_benchmarks_end_to_end(protocol, fixture_data
 
 
 def test_the_cli_refuses_gen_kwargs_that_llava_would_ignore(fixture_data, tmp_path, capsys):
-    from globalcom2.evaluation import cli
+    from globalcom2.lmms import cli
 
     argv = ["--model", "globalcom2_llava_next", "--model_args", "pretrained=tiny,protocol=llava"]
     argv += ["--tasks", "mme_local", "--gen_kwargs", "max_new_tokens=2", "--output_path", str(tmp_path)]
@@ -222,7 +222,7 @@ def test_llava_counts_the_in_llm_budget_in_patch_tokens(tmp_path):
     """The paper counts 2880 patch tokens, not the row separators: under ``llava`` FastV and SparseVLM get
     ``budget_basis="patches"`` in the plugin; a contradicting explicit basis is refused before any load."""
     from globalcom2.cells import CellSpec
-    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 
     llava = GlobalCom2LlavaNext(
         pretrained="tiny", method="fastv", retention_ratio=0.5, protocol="llava", profile=False

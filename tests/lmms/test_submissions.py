@@ -1,4 +1,4 @@
-"""EvalAI submission files for VQAv2 test-dev and VizWiz test (``globalcom2.evaluation.submissions``)."""
+"""EvalAI submission files for VQAv2 test-dev and VizWiz test (``globalcom2.lmms.submissions``)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from globalcom2.evaluation import api
-from globalcom2.evaluation.fixtures import write_fixtures
-from globalcom2.evaluation.submissions import (
+from globalcom2.data.fixtures import write_fixtures
+from globalcom2.lmms import api
+from globalcom2.lmms.submissions import (
     VIZWIZ_SUBMISSION,
     VQAV2_ANSWERS,
     VQAV2_QUESTIONS,
@@ -23,7 +23,7 @@ TASKS = ["vqav2_testdev_local", "vizwiz_vqa_test_local"]
 
 @pytest.fixture(scope="module")
 def lm():
-    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 
     return GlobalCom2LlavaNext(
         pretrained="tiny",
@@ -87,7 +87,7 @@ def test_a_partial_run_never_writes_an_upload_file(lm, tmp_path, monkeypatch):
 
 
 def test_the_test_splits_need_an_output_path_before_generating(lm, fixture_data):
-    from globalcom2.evaluation.preflight import PreflightError
+    from globalcom2.lmms.preflight import PreflightError
 
     lm.reset_records()
     with pytest.raises(PreflightError, match=r"write EvalAI submission files.*give an output_path"):

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from globalcom2.anyres import packed_layout
-from globalcom2.evaluation.tokenization import encode_batch, llava_chunk_ids
+from globalcom2.lmms.tokenization import encode_batch, llava_chunk_ids
 from globalcom2.models.tiny import tiny_config, tiny_processor
 from globalcom2.prompts import vicuna_v1_prompt
 

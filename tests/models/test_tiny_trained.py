@@ -10,7 +10,7 @@ import torch
 from helpers import generate_steps, prompt_inputs
 
 from globalcom2 import attach, load_llava_next
-from globalcom2.evaluation import demo
+from globalcom2.data import demo
 from globalcom2.methods import list_methods
 from globalcom2.models.base import TINY_TRAINED, check_llava_next_anyres
 from globalcom2.models.preload import checkpoint_config

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from globalcom2 import load_llava_next
-from globalcom2.evaluation.demo import generate_items, render
+from globalcom2.data.demo import generate_items, render
 from globalcom2.methods.globalcom2 import GlobalCom2
 from globalcom2.report import cls_share
 from globalcom2.training.targets import view_labels

@@ -159,7 +159,7 @@ def test_the_aggregate_cli_skips_a_malformed_record_and_exits_0(tmp_path):
     record["metrics"]["gqa_local"]["exact_match"] = "abc"
     (bad / "record.json").write_text(json.dumps(record))
     done = subprocess.run(
-        [sys.executable, "-m", "globalcom2.aggregate", str(root)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "globalcom2.report", str(root)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert str(bad) in done.stderr and "ValueError" in done.stderr
@@ -317,7 +317,7 @@ def demo_results(tmp_path_factory) -> Path:
 
 def test_the_aggregate_cli_writes_the_demo_report(demo_results):
     done = subprocess.run(
-        [sys.executable, "-m", "globalcom2.aggregate", str(demo_results), "--experiment", "demo"],
+        [sys.executable, "-m", "globalcom2.report", str(demo_results), "--experiment", "demo"],
         capture_output=True,
         text=True,
         timeout=300,

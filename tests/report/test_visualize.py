@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from globalcom2.evaluation.demo import ANSWER_INSTRUCTION, make_item
+from globalcom2.data.demo import ANSWER_INSTRUCTION, make_item
 from globalcom2.report import visualize
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from globalcom2.anyres import config_layout
-from globalcom2.evaluation import demo
+from globalcom2.data import demo
 from globalcom2.models.tiny import byte_level_tokenizer, tiny_config, tiny_processor
 from globalcom2.training.targets import NO_OBJECT, extra_questions, patch_targets, view_labels
 

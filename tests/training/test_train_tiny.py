@@ -13,7 +13,7 @@ from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2 import load_llava_next
 from globalcom2.anyres import SEPARATOR
-from globalcom2.evaluation import demo
+from globalcom2.data import demo
 from globalcom2.models.tiny import tiny_processor
 from globalcom2.models.tiny_trained import tiny_trained_config, train_tokenizer
 from globalcom2.prompts import vicuna_v1_prompt

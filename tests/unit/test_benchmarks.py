@@ -8,9 +8,14 @@ import lmms_eval.tasks
 import pytest
 from lmms_eval import utils
 
-from globalcom2.evaluation import BENCHMARKS, GENERATED_TASKS, PAPER_METRICS, paper_metric_value
-from globalcom2.evaluation.benchmarks import LOCALLY_SCORED
-from globalcom2.evaluation.local_data import MissingDataError, require_local_dataset
+from globalcom2.data.benchmarks import (
+    BENCHMARKS,
+    GENERATED_TASKS,
+    LOCALLY_SCORED,
+    PAPER_METRICS,
+    paper_metric_value,
+)
+from globalcom2.data.local import MissingDataError, require_local_dataset
 from globalcom2.paths import DATA_DIR_ENV, PROJECT_ROOT, data_dir, tasks_dir
 
 BUILTIN = Path(lmms_eval.tasks.__file__).parent
@@ -80,7 +85,7 @@ def test_mmvet_restates_the_builtin_prompt_and_generation_settings():
 
 
 def test_no_task_name_collides_with_a_builtin_one():
-    from globalcom2.evaluation.preflight import _builtin_index  # cached: indexing takes seconds
+    from globalcom2.lmms.preflight import _builtin_index  # cached: indexing takes seconds
 
     assert not set(our_task_configs()) & set(_builtin_index())  # built-in names would win over ours
 

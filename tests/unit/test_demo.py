@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from globalcom2.evaluation import demo
+from globalcom2.data import demo
 
 
 @pytest.fixture(scope="module")

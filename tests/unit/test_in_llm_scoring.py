@@ -8,7 +8,7 @@ from references import dpc_knn_reference
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-from globalcom2.hooks.token_layout import gather_rows, plan_relayout, renumber_positions
+from globalcom2.hooks.in_llm_sequence import gather_rows, plan_relayout, renumber_positions
 from globalcom2.methods.base import LayerStats, MergedTokens
 from globalcom2.scoring.clustering import dpc_knn_merge
 from globalcom2.scoring.selection import compact_rows, top_k_per_group

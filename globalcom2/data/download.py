@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from globalcom2.evaluation.benchmarks import BENCHMARKS, LOCALLY_SCORED, Benchmark
-from globalcom2.evaluation.local_data import SOURCE_FILE
+from globalcom2.data.benchmarks import BENCHMARKS, LOCALLY_SCORED, Benchmark
+from globalcom2.data.local import SOURCE_FILE
 from globalcom2.hub import offline_flags
 from globalcom2.paths import DATA_DIR_ENV, data_dir
 

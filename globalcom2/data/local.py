@@ -1,11 +1,11 @@
-"""Where offline benchmark data lives, and the lmms-eval task class that reads it.
+"""Where offline benchmark data lives, and the checks that it is there.
 
 **Mechanism.** The data directory is ``$GLOBALCOM2_DATA_DIR``, or ``<checkout>/data`` when unset. Each
 benchmark is a folder there holding ``datasets.DatasetDict.save_to_disk`` output in the hub dataset's
 own schema (GQA has two: ``gqa/instructions`` and ``gqa/images``) plus ``globalcom2_source.json``
 (where it came from: the hub with its revision, or synthetic fixtures).
 
-Our task YAMLs (``tasks/``) name ``globalcom2.evaluation.lmms_tasks.LocalDataTask`` as their ``class`` and say which built-in YAML
+Our task YAMLs (``tasks/``) name ``globalcom2.lmms.tasks.LocalDataTask`` (the lmms-eval side) as their ``class`` and say which built-in YAML
 they inherit (``base_yaml``, relative to ``lmms_eval/tasks``) and which data folder they read
 (``local_data``). The folder is resolved when the task is loaded, not when the YAML is written, which is
 why an environment variable and not a path in the YAML: YAML paths are fixed per machine (absolute) or
@@ -15,7 +15,7 @@ Inheriting the built-in YAML by package-relative path keeps prompts, generation 
 exactly lmms-eval's, with no copy that could drift.
 
 A missing folder raises :class:`MissingDataError`, whose message names the path and the fixes;
-``globalcom2.evaluation.preflight`` runs the same check before any model is loaded.
+``globalcom2.lmms.preflight`` runs the same check before any model is loaded.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def fix_hint(local_data: str) -> str:
     return (
         f"Fix: `make data BENCHMARKS={benchmark}` (needs network access and HF_TOKEN), or set {DATA_DIR_ENV} "
         f"to a folder that has it (now: {data_dir()}), or for a dry run with synthetic rows: "
-        f"`python -m globalcom2.evaluation.fixtures --out DIR` and {DATA_DIR_ENV}=DIR."
+        f"`python -m globalcom2.data.fixtures --out DIR` and {DATA_DIR_ENV}=DIR."
     )
 
 
@@ -63,23 +63,7 @@ def require_local_dataset(local_data: str, split: str, task: str = "") -> Path:
     return path
 
 
-def provenance(local_data: str) -> dict[str, Any]:
+def data_source(local_data: str) -> dict[str, Any]:
     """The ``globalcom2_source.json`` of the benchmark folder holding ``local_data`` ({} if absent)."""
     source = data_dir() / local_data.split("/")[0] / SOURCE_FILE
     return json.loads(source.read_text()) if source.is_file() else {}
-
-
-def load_builtin_config(base_yaml: str) -> dict[str, Any]:
-    """A built-in lmms-eval task config (``<lmms_eval>/tasks/<base_yaml>``), includes and functions resolved."""
-    import lmms_eval.tasks
-    from lmms_eval import utils
-
-    path = Path(lmms_eval.tasks.__file__).parent / base_yaml
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"built-in lmms-eval task config {path} not found (lmms-eval version changed?)"
-        )
-    config = utils.load_yaml_config(yaml_path=str(path), mode="full")
-    for key in ("task", "tag", "group", "group_alias", "task_alias"):
-        config.pop(key, None)
-    return config

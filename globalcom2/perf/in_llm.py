@@ -22,7 +22,7 @@ an eager layer with ``output_attentions`` materialises (what the reference imple
 On a 4-layer model SparseVLM cannot reach a layer-input average of 0.25 (layer 0 always sees every token), so it
 runs with ``equivalent_tokens="layer_output"`` (the average SparseVLM's own code prints); both averages are shown.
 
-    python -m globalcom2.benchmarks.in_llm [--repeats 30] [--threads N]
+    python -m globalcom2.perf.in_llm [--repeats 30] [--threads N]
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 from globalcom2 import attach
-from globalcom2.benchmarks.timing import median_ms, time_interleaved
 from globalcom2.models.loader import load_tiny_llava_next
+from globalcom2.perf.timing import median_ms, time_interleaved
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.scoring.text_attention import attention_rows
 

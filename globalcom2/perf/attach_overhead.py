@@ -4,7 +4,7 @@ Times one prefill (a forward over the whole 672x672 prompt, as ``generate``'s fi
 tiny model unattached, and attached with ``vanilla`` and ``random`` at R=1.0, interleaved round-robin,
 and reports medians. Target: <= 2 % overhead.
 
-    python -m globalcom2.benchmarks.attach_overhead [--repeats 60]
+    python -m globalcom2.perf.attach_overhead [--repeats 60]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from globalcom2 import attach
-from globalcom2.benchmarks.timing import median_ms, time_interleaved
 from globalcom2.models.loader import load_tiny_llava_next
+from globalcom2.perf.timing import median_ms, time_interleaved
 from globalcom2.prompts import vicuna_v1_prompt
 
 

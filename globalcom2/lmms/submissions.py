@@ -13,7 +13,7 @@ generate the answers and, at the end of the cell, write the files to upload into
   official ``v2_OpenEnded_mscoco_test2015_questions.json`` (visualqa.org's ``v2_Questions_Test_mscoco.zip``)
   when it lies in ``$GLOBALCOM2_DATA_DIR`` (outside the dataset folder, so ``make data --force`` keeps it).
   Without it the task writes the test-dev answers, sorted by id, and says how to pad them
-  (``python -m globalcom2.evaluation.submissions pad-vqav2``).
+  (``python -m globalcom2.lmms.submissions pad-vqav2``).
 * VizWiz (``scripts/convert_vizwiz_for_submission.py``): ``[{"image": "VizWiz_test_XXXXXXXX.jpg",
   "answer": str}]``, processed answers, sorted by image (the server matches by image, not by position).
 
@@ -40,7 +40,7 @@ from typing import Any
 from loguru import logger
 
 from globalcom2.atomic import atomic_write_json
-from globalcom2.evaluation.local_data import provenance
+from globalcom2.data.local import data_source
 from globalcom2.paths import data_dir
 
 VQAV2_BENCHMARK = "vqav2_testdev"
@@ -91,7 +91,7 @@ def write_vqav2_submission(results: list[dict[str, Any]], args: Any) -> int:
     else:
         logger.warning(
             f"VQAv2: wrote {len(answers)} test-dev answers to {folder / VQAV2_ANSWERS}, not yet uploadable: "
-            "EvalAI expects every test2015 question. Pad them with `python -m globalcom2.evaluation.submissions "
+            "EvalAI expects every test2015 question. Pad them with `python -m globalcom2.lmms.submissions "
             f"pad-vqav2 --answers {folder / VQAV2_ANSWERS} --questions <{VQAV2_QUESTIONS}> --out "
             f"{folder / VQAV2_SUBMISSION}` (the file is in visualqa.org's v2_Questions_Test_mscoco.zip; put it "
             f"into {questions.parent} and later cells pad by themselves)"
@@ -138,7 +138,7 @@ def unique_answers(results: list[dict[str, Any]], key: str) -> list[dict[str, An
 
 def split_rows(benchmark: str) -> int | None:
     """Rows of the benchmark's split as ``make data`` (or the fixtures) recorded them; ``None`` if unknown."""
-    rows = [part.get("rows") for part in provenance(benchmark).get("parts", {}).values()]
+    rows = [part.get("rows") for part in data_source(benchmark).get("parts", {}).values()]
     return rows[0] if len(rows) == 1 and isinstance(rows[0], int) else None
 
 

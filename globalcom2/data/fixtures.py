@@ -16,7 +16,7 @@ extraction and scoring end to end without any download:
 Every folder gets a ``globalcom2_source.json`` with ``"kind": "synthetic-fixture"``, and the tasks log a
 warning when they read one: these numbers test the wiring, they are not results.
 
-``python -m globalcom2.evaluation.fixtures --out DIR`` writes all ten into ``DIR``.
+``python -m globalcom2.data.fixtures --out DIR`` writes all ten into ``DIR``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from globalcom2.evaluation.benchmarks import BENCHMARKS
-from globalcom2.evaluation.local_data import SOURCE_FILE
+from globalcom2.data.benchmarks import BENCHMARKS
+from globalcom2.data.local import SOURCE_FILE
 
 # (width, height): different AnyRes grids (336x672, 672x336, 672x672, 1008x336 canvases).
 _SIZES = ((96, 64), (64, 96), (80, 80), (120, 40), (40, 120), (100, 75))

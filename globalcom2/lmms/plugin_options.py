@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from globalcom2.evaluation.generation import GenerationSettings, parse_gen_kwargs
-from globalcom2.evaluation.method_args import coerce
-from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, check_protocol
+from globalcom2.lmms.generation import GenerationSettings, parse_gen_kwargs
+from globalcom2.lmms.method_args import coerce
+from globalcom2.lmms.protocols import DEFAULT_PROTOCOL, check_protocol
 from globalcom2.models.base import DTYPE_CHOICES
 
 #: The ``model_args`` keys :meth:`PluginOptions.from_model_args` takes.

@@ -27,7 +27,7 @@ same one the other short-answer files carry (high confidence, not checked byte f
 prompt is built in code (``model_vqa_mmbench.py`` L81-99), so it is certain.
 
 LLaVA tokenises the text before and after ``<image>`` separately (``tokenizer_image_token``, ``llava/mm_utils.py``
-L185-204); under ``llava`` so do we (``globalcom2.evaluation.tokenization``). Under ``llava`` the in-LLM
+L185-204); under ``llava`` so do we (``globalcom2.lmms.tokenization``). Under ``llava`` the in-LLM
 methods count their budget in patch tokens, as the paper does (:func:`budget_method_params`).
 """
 
@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from globalcom2.evaluation.generation import GenerationSettings
+from globalcom2.lmms.generation import GenerationSettings
 from globalcom2.methods import METHODS, InLLMMethod
 
 PROTOCOLS = ("lmms_eval", "llava")
@@ -241,7 +241,7 @@ class TaskProtocol:
 def task_protocol(protocol: str, task: str) -> TaskProtocol:
     """The protocol of ``task``; ``ValueError`` for a task ``llava`` has no rule for (our generated tasks
     have only one prompt and are fine under either)."""
-    from globalcom2.evaluation.benchmarks import GENERATED_TASKS
+    from globalcom2.data.benchmarks import GENERATED_TASKS
 
     check_protocol(protocol)
     if protocol == "lmms_eval" or task in GENERATED_TASKS:

@@ -1,4 +1,4 @@
-"""``python -m globalcom2.aggregate [results_dir]``: tidy results, tables and plots (``make tables``).
+"""``python -m globalcom2.report [results_dir]``: tidy results, tables and plots (``make tables``).
 
 For every experiment under ``results_dir`` (or only ``--experiment``) it writes, next to the cells,
 ``<results_dir>/<experiment>/{tidy.csv, tidy.parquet, tables/, plots/}``, and the tidy table of everything

@@ -4,7 +4,7 @@
 step reads the samples file of such a run, looks each document up in the local MM-Vet data by its
 ``doc_id``, and calls lmms-eval's ``mmvet_process_results`` / ``mmvet_aggregate_results`` unchanged::
 
-    OPENAI_API_KEY=... python -m globalcom2.evaluation.mmvet_judge \\
+    OPENAI_API_KEY=... python -m globalcom2.lmms.mmvet_judge \\
         --samples results/.../20250101_000000_samples_mmvet_local.jsonl
 
 The judge is configured as lmms-eval configures it: ``API_TYPE`` (``openai`` by default, or ``azure``),
@@ -137,7 +137,7 @@ def judge(
     """
     import datasets
 
-    from globalcom2.evaluation.local_data import require_local_dataset
+    from globalcom2.data.local import require_local_dataset
 
     if timeout_s <= 0 or retries < 1 or time_limit_s <= 0:
         raise ValueError(

@@ -2,8 +2,8 @@
 
 ::
 
-    from globalcom2.evaluation import api
-    from globalcom2.lmms_plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms import api
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 
     tasks = ["pope_adv_local", "globalcom2_demo"]
     api.preflight(tasks)                                    # before loading the model
@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from globalcom2.evaluation.benchmarks import EVALAI_TASKS
-from globalcom2.evaluation.preflight import PreflightError, TaskCheck, check_tasks
+from globalcom2.data.benchmarks import EVALAI_TASKS
+from globalcom2.lmms.preflight import PreflightError, TaskCheck, check_tasks
 from globalcom2.paths import tasks_dir
 
 
 def preflight(tasks: list[str], include_path: str | list[str] | None = None) -> list[TaskCheck]:
-    """Task and data checks (:func:`globalcom2.evaluation.preflight.check_tasks`); call before loading."""
+    """Task and data checks (:func:`globalcom2.lmms.preflight.check_tasks`); call before loading."""
     return check_tasks(tasks, include_path)
 
 

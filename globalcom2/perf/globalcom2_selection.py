@@ -12,7 +12,7 @@ run affects all rows alike. A calibration row, one elementwise add on 2,880 floa
 per-operation cost at the time: on a shared VM it moves by 2-3x between runs, and a small-tensor pipeline
 such as this one moves with it.
 
-    python -m globalcom2.benchmarks.globalcom2_selection [--repeats 500] [--device cpu] [--out DIR]
+    python -m globalcom2.perf.globalcom2_selection [--repeats 500] [--device cpu] [--out DIR]
 
 Writes ``DIR/globalcom2_selection_<device>.{md,json}`` (the JSON carries settings and provenance).
 """
@@ -28,10 +28,10 @@ import torch
 
 from globalcom2.anyres import packed_layout
 from globalcom2.atomic import atomic_write_json, atomic_write_text
-from globalcom2.benchmarks.timing import time_interleaved
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.globalcom2 import GlobalCom2
 from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
+from globalcom2.perf.timing import time_interleaved
 from globalcom2.provenance import provenance
 from globalcom2.scoring.vision_attention import cls_patch_scores
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from globalcom2.hooks.sequence import decode_inputs, rebuild_prompt
+from globalcom2.hooks.pre_llm_sequence import decode_inputs, rebuild_prompt
 
 IMG, PAD = 9, 0
 

@@ -1,8 +1,8 @@
-"""``python -m globalcom2.evaluation`` (or ``globalcom2-eval``): lmms-eval's CLI, made loud.
+"""``python -m globalcom2.lmms`` (or ``globalcom2-eval``): lmms-eval's CLI, made loud.
 
 Takes exactly lmms-eval's arguments and adds three things:
 
-1. **Pre-flight** (:mod:`globalcom2.evaluation.preflight`): unknown tasks, missing offline data, an unknown
+1. **Pre-flight** (:mod:`globalcom2.lmms.preflight`): unknown tasks, missing offline data, an unknown
    method or parameter, or a method that does not support the attention implementation stop the run
    before any model is loaded (exit code 2).
 2. **Defaults**: ``--include_path`` defaults to this checkout's ``tasks/``, ``--timezone`` to UTC;
@@ -14,7 +14,7 @@ Takes exactly lmms-eval's arguments and adds three things:
 
 Example::
 
-    python -m globalcom2.evaluation --model globalcom2_llava_next \\
+    python -m globalcom2.lmms --model globalcom2_llava_next \\
         --model_args pretrained=tiny,method=random,retention_ratio=0.25 \\
         --tasks pope_adv_local,globalcom2_demo --batch_size 4 --output_path results/x --log_samples
 """
@@ -32,7 +32,7 @@ EXIT_OK, EXIT_FAILED, EXIT_PREFLIGHT = 0, 1, 2
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"globalcom2.evaluation: {message}", file=sys.stderr, flush=True)
+    print(f"globalcom2.lmms: {message}", file=sys.stderr, flush=True)
     return code
 
 
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(lmms_main: Any, simple_parse_args_string: Any) -> int:
-    from globalcom2.evaluation.preflight import PreflightError, preflight
-    from globalcom2.lmms_manifest import MODEL_ID
+    from globalcom2.lmms.manifest import MODEL_ID
+    from globalcom2.lmms.preflight import PreflightError, preflight
     from globalcom2.paths import tasks_dir
 
     _, args = lmms_main.parse_eval_args()
@@ -151,7 +151,7 @@ def _run(lmms_main: Any, simple_parse_args_string: Any) -> int:
         if "mmvet_local" in tasks:
             print(
                 "MM-Vet answers are recorded, not scored. Judge them with\n"
-                f"  python -m globalcom2.evaluation.mmvet_judge --samples {args.output_path}/<model>/*_samples_mmvet_local.jsonl",
+                f"  python -m globalcom2.lmms.mmvet_judge --samples {args.output_path}/<model>/*_samples_mmvet_local.jsonl",
                 flush=True,
             )
     return EXIT_OK

@@ -1,8 +1,8 @@
-"""``python -m globalcom2.evaluation.show_inputs``: see exactly what the model is fed, sample by sample.
+"""``python -m globalcom2.lmms.show_inputs``: see exactly what the model is fed, sample by sample.
 
 ::
 
-    python -m globalcom2.evaluation.show_inputs --tasks pope_adv_local,mme_local --limit 2 --protocol llava
+    python -m globalcom2.lmms.show_inputs --tasks pope_adv_local,mme_local --limit 2 --protocol llava
 
 One JSON line per sample: ``task``, ``doc_id``, ``prompt`` (the full text passed to the tokenizer,
 conversation template included), ``input_ids``, ``image_sizes`` (``[height, width]`` per image),
@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
-from globalcom2.evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS, geometry_of, task_protocol
-from globalcom2.evaluation.tokenization import encode_batch
+from globalcom2.lmms.protocols import DEFAULT_PROTOCOL, PROTOCOLS, geometry_of, task_protocol
+from globalcom2.lmms.tokenization import encode_batch
 
 
 def _leaf_tasks(task_dict: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -48,8 +48,8 @@ def show_inputs(
     from transformers import AutoProcessor
 
     from globalcom2.anyres import config_layout
-    from globalcom2.evaluation.api import preflight, task_manager
-    from globalcom2.evaluation.batching import prepare_batch
+    from globalcom2.lmms.api import preflight, task_manager
+    from globalcom2.lmms.batching import prepare_batch
     from globalcom2.models.geometry import apply_config_geometry, apply_processor_geometry
     from globalcom2.models.loader import resolve_checkpoint
     from globalcom2.models.preload import checkpoint_config

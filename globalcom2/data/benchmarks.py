@@ -3,7 +3,7 @@ run them, and which metric enters the paper table (:data:`PAPER_METRICS`, the on
 
 Offline task names end in ``_local`` (built-in lmms-eval names win on conflicts, so ours must differ).
 Each task inherits its built-in lmms-eval config (prompts, generation settings, scoring) and reads its
-data from ``$GLOBALCOM2_DATA_DIR/<local_data>`` (``globalcom2.evaluation.local_data``).
+data from ``$GLOBALCOM2_DATA_DIR/<local_data>`` (``globalcom2.data.local``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Benchmark:
         tasks: our offline lmms-eval task names for it.
         parts: the hub data it needs (lmms-eval 0.7.3 reads these repos; ``HF_TOKEN`` required).
         evalai: for a split without public answers, the EvalAI challenge that scores its submission file
-            (``globalcom2.evaluation.submissions``); ``None`` for the locally scored benchmarks. Such a split
+            (``globalcom2.lmms.submissions``); ``None`` for the locally scored benchmarks. Such a split
             is downloaded only when asked for by name (``make data BENCHMARKS=<key>``).
     """
 
@@ -260,7 +260,7 @@ PAPER_METRICS: dict[str, PaperMetric] = {
         1.0,
         "mmvet_judge",
         False,
-        "GPT-judged score from `python -m globalcom2.evaluation.mmvet_judge`; the judge model "
+        "GPT-judged score from `python -m globalcom2.lmms.mmvet_judge`; the judge model "
         "(MODEL_VERSION, default gpt-4o-2024-11-20) differs from the paper's GPT-4-0613",
     ),
 }

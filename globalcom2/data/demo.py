@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from globalcom2.paths import cache_dir
+
 # 2: shapes 24-36 px (were 12-21): at 12-21 px a 14-px-patch CLIP tower as small as the tiny model's did not
 # learn to tell a circle from a square within the CPU training budget (issue 14), so no model could.
 DEMO_VERSION = 2
@@ -283,9 +285,7 @@ def build_dataset(items: list[DemoItem], split: str):
 
 
 def demo_cache_dir() -> Path:
-    from globalcom2.models.tiny import default_cache_dir
-
-    return default_cache_dir() / "demo"
+    return cache_dir() / "demo"
 
 
 def ensure_demo_dataset(split: str = "test", seed: int | None = None, size: int | None = None) -> Path:

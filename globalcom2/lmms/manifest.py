@@ -1,6 +1,6 @@
 """The lmms-eval entry point (group ``lmms_eval.models``): registers ``globalcom2_llava_next``.
 
-Kept apart from ``globalcom2.lmms_plugin`` on purpose. lmms-eval loads entry points while
+Kept apart from ``globalcom2.lmms.plugin`` on purpose. lmms-eval loads entry points while
 ``lmms_eval.models`` is being imported, and importing the plugin module imports ``lmms_eval.models``:
 with the manifest in the plugin module, importing the plugin first would load this entry point
 half-initialised, and lmms-eval would skip it with only a warning ("model not found" later).
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 MODEL_ID = "globalcom2_llava_next"
-CLASS_PATH = "globalcom2.lmms_plugin.GlobalCom2LlavaNext"
+CLASS_PATH = "globalcom2.lmms.plugin.GlobalCom2LlavaNext"
 
 
 def manifests() -> list[Any]:

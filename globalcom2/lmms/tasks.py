@@ -1,4 +1,4 @@
-"""lmms-eval task classes our YAMLs name with ``class: !function globalcom2.evaluation.lmms_tasks.<Name>``.
+"""lmms-eval task classes our YAMLs name with ``class: !function globalcom2.lmms.tasks.<Name>``.
 
 lmms-eval passes the whole YAML mapping to the class; the keys below are ours and are removed before
 ``ConfigurableTask`` sees the config.
@@ -6,12 +6,29 @@ lmms-eval passes the whole YAML mapping to the class; the keys below are ours an
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lmms_eval.api.task import ConfigurableTask
 from loguru import logger
 
-from globalcom2.evaluation.local_data import load_builtin_config, provenance, require_local_dataset
+from globalcom2.data.local import data_source, require_local_dataset
+
+
+def load_builtin_config(base_yaml: str) -> dict[str, Any]:
+    """A built-in lmms-eval task config (``<lmms_eval>/tasks/<base_yaml>``), includes and functions resolved."""
+    import lmms_eval.tasks
+    from lmms_eval import utils
+
+    path = Path(lmms_eval.tasks.__file__).parent / base_yaml
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"built-in lmms-eval task config {path} not found (lmms-eval version changed?)"
+        )
+    config = utils.load_yaml_config(yaml_path=str(path), mode="full")
+    for key in ("task", "tag", "group", "group_alias", "task_alias"):
+        config.pop(key, None)
+    return config
 
 
 def _on_disk(config: dict[str, Any], path: str) -> dict[str, Any]:
@@ -36,7 +53,7 @@ class LocalDataTask(ConfigurableTask):
         merged = {**(load_builtin_config(base_yaml) if base_yaml else {}), **config}
         task = merged.get("task", "")
         path = require_local_dataset(local_data, merged.get("test_split") or "", task)
-        if provenance(local_data).get("kind") == "synthetic-fixture":
+        if data_source(local_data).get("kind") == "synthetic-fixture":
             logger.warning(
                 f"task {task!r} reads SYNTHETIC FIXTURE rows from {path}: its scores test the wiring, "
                 "they are not benchmark results"
@@ -52,7 +69,7 @@ class DemoTask(ConfigurableTask):
     """
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        from globalcom2.evaluation import demo
+        from globalcom2.data import demo
 
         config = dict(config or {})
         config.pop("class", None)

@@ -1,4 +1,4 @@
-"""Functions our task YAMLs reference (``!function globalcom2.evaluation.task_utils.<name>``).
+"""Functions our task YAMLs reference (``!function globalcom2.lmms.task_utils.<name>``).
 
 Only what the built-in configs cannot do offline lives here; scoring stays lmms-eval's own:
 
@@ -12,7 +12,7 @@ Only what the built-in configs cannot do offline lives here; scoring stays lmms-
 * MMBench-CN: the built-in CN tasks only have the GPT-assisted aggregation; ours calls the same
   evaluator with ``eval_method="static"`` (rule-based extraction), as the built-in EN static task does.
 * MM-Vet: predict-only. Scoring needs a GPT judge, so the task records the answers and reports how many
-  await judging; ``globalcom2.evaluation.mmvet_judge`` scores them later (and needs an API key).
+  await judging; ``globalcom2.lmms.mmvet_judge`` scores them later (and needs an API key).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import datasets
 from loguru import logger
 
-from globalcom2.evaluation.local_data import require_local_dataset
+from globalcom2.data.local import require_local_dataset
 
 # -- GQA ---------------------------------------------------------------------------------------------
 
@@ -111,7 +111,7 @@ def mmvet_count_pending(items: list[dict[str, Any]]) -> int:
     """How many MM-Vet answers await judging. Deliberately not a score: see the warning."""
     logger.warning(
         f"MM-Vet: {len(items)} answers recorded and NOT scored (the score needs a GPT judge). Run "
-        "`python -m globalcom2.evaluation.mmvet_judge --samples <…_samples_mmvet_local.jsonl>` with "
+        "`python -m globalcom2.lmms.mmvet_judge --samples <…_samples_mmvet_local.jsonl>` with "
         "OPENAI_API_KEY set to compute gpt_eval_score."
     )
     return len(items)
@@ -131,7 +131,7 @@ def demo_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, A
 
 def demo_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     """Exact match after normalisation, overall and for the item's question type."""
-    from globalcom2.evaluation.demo import normalize_answer
+    from globalcom2.data.demo import normalize_answer
 
     score = float(normalize_answer(results[0]) == normalize_answer(doc["answer"]))
     return {"exact_match": score, f"{doc['question_type']}_accuracy": score}

@@ -1,6 +1,6 @@
 """lmms-eval model plugin: LLaVA-NeXT with a compression method attached (id ``globalcom2_llava_next``).
 
-Registered through the entry point ``lmms_eval.models: globalcom2 = globalcom2.lmms_manifest:manifests``
+Registered through the entry point ``lmms_eval.models: globalcom2 = globalcom2.lmms.manifest:manifests``
 (see that module for why it is separate), so after ``pip install -e .``::
 
     python -m lmms_eval --model globalcom2_llava_next \\
@@ -13,7 +13,7 @@ default 1024), ``records_path`` (JSONL sidecar of per-sample records), ``profile
 ``warmup`` (untimed generate calls before the first timed one; default 1), ``random_init`` (build the 7B/13B
 architecture named by ``pretrained`` with random weights: speed and memory only), ``protocol``
 (``lmms_eval``, the default: the task's prompt and generation settings; ``llava``: the original LLaVA
-evaluation the paper used, ``globalcom2.evaluation.protocols``), ``generation_overrides`` (under ``llava``
+evaluation the paper used, ``globalcom2.lmms.protocols``), ``generation_overrides`` (under ``llava``
 only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's settings, e.g. a smaller ``max_new_tokens``).
 Every other key is a parameter of the method (e.g. ``retention_ratio``), converted to the type its
 ``__init__`` declares.
@@ -30,7 +30,7 @@ What the class guarantees:
   shards the documents, gathers the answers and scores on rank 0.
 * Generation errors propagate (with the task and doc ids added); nothing is swallowed. Empty answers
   are counted, logged and flagged in the records.
-* Per-sample :class:`~globalcom2.evaluation.sample_records.SampleRecord`\\ s: ``lm.records`` (this
+* Per-sample :class:`~globalcom2.lmms.sample_records.SampleRecord`\\ s: ``lm.records`` (this
   process), ``lm.gather_records()`` (all processes, collective), ``lm.records_summary()``.
 """
 
@@ -48,18 +48,18 @@ from loguru import logger
 from tqdm import tqdm
 
 from globalcom2.budget import warn_if_no_patch_token_kept
-from globalcom2.evaluation import sample_records as sr
-from globalcom2.evaluation.batching import PreparedBatch, decode_answer, prepare_batch
-from globalcom2.evaluation.generation import GenerationSettings
-from globalcom2.evaluation.method_args import (
+from globalcom2.lmms import sample_records as sr
+from globalcom2.lmms.batching import PreparedBatch, decode_answer, prepare_batch
+from globalcom2.lmms.generation import GenerationSettings
+from globalcom2.lmms.manifest import MODEL_ID
+from globalcom2.lmms.method_args import (
     check_attn_compatibility,
     coerce_method_params,
     parse_attn_implementation,
 )
-from globalcom2.evaluation.plugin_options import PluginOptions
-from globalcom2.evaluation.protocols import budget_method_params, geometry_of, task_protocol
-from globalcom2.evaluation.tokenization import encode_batch
-from globalcom2.lmms_manifest import MODEL_ID
+from globalcom2.lmms.plugin_options import PluginOptions
+from globalcom2.lmms.protocols import budget_method_params, geometry_of, task_protocol
+from globalcom2.lmms.tokenization import encode_batch
 from globalcom2.methods import METHODS
 from globalcom2.models.preload import check_device, model_problems
 
@@ -222,7 +222,7 @@ class GlobalCom2LlavaNext(lmms):
 
     # -- records -----------------------------------------------------------------------------------------
     def records_summary(self) -> dict[str, Any]:
-        """:func:`~globalcom2.evaluation.sample_records.summarize` of this process's records."""
+        """:func:`~globalcom2.lmms.sample_records.summarize` of this process's records."""
         return sr.summarize(self.records)
 
     def gather_records(self) -> list[sr.SampleRecord]:

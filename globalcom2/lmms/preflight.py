@@ -2,7 +2,7 @@
 
 lmms-eval loads the model first and the tasks afterwards, and its CLI exits 0 when a task then fails
 to load; a typo or a missing dataset would cost a model load and still look like success. The wrapper
-CLI (``globalcom2.evaluation.cli``) and the Python helper (``globalcom2.evaluation.api``) call
+CLI (``globalcom2.lmms.cli``) and the Python helper (``globalcom2.lmms.api``) call
 :func:`preflight` first; it collects every problem and raises one :class:`PreflightError` listing them.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from globalcom2.evaluation.benchmarks import GENERATED_TASKS
-from globalcom2.evaluation.local_data import MissingDataError, provenance, require_local_dataset
-from globalcom2.evaluation.protocols import (
+from globalcom2.data.benchmarks import GENERATED_TASKS
+from globalcom2.data.local import MissingDataError, data_source, require_local_dataset
+from globalcom2.lmms.protocols import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
     budget_method_params,
@@ -104,7 +104,7 @@ def check_tasks(tasks: list[str], include_path: str | list[str] | None = None) -
                 except MissingDataError as err:
                     problems.append(str(err))
                     continue
-                kind = provenance(local_data).get("kind")
+                kind = data_source(local_data).get("kind")
                 checks.append(TaskCheck(name, "globalcom2", entry["yaml_path"], str(path), kind))
             else:
                 kind = "generated" if name in GENERATED_TASKS else None
@@ -135,7 +135,7 @@ def data_identity(tasks: list[str], include_path: str | list[str] | None = None)
     identity: dict[str, Any] = {}
     for name in tasks:
         local_data = _simple_config(ours[name]["yaml_path"]).get("local_data") if name in ours else None
-        source = provenance(local_data) if local_data else None
+        source = data_source(local_data) if local_data else None
         identity[name] = None if source is None else {k: v for k, v in source.items() if k != "created"}
     return identity
 
@@ -147,12 +147,12 @@ def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     LLaVA-NeXT AnyRes model; the device exists; the method and its parameters (types and ranges, layer
     indices against the model's depths); that the method supports the attention implementation.
     """
-    from globalcom2.evaluation.method_args import (
+    from globalcom2.lmms.method_args import (
         check_attn_compatibility,
         coerce_method_params,
         parse_attn_implementation,
     )
-    from globalcom2.evaluation.plugin_options import PLUGIN_ARG_NAMES, PLUGIN_OPTION_NAMES, PluginOptions
+    from globalcom2.lmms.plugin_options import PLUGIN_ARG_NAMES, PLUGIN_OPTION_NAMES, PluginOptions
     from globalcom2.methods import METHODS
     from globalcom2.models.preload import model_problems
 

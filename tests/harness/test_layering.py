@@ -1,0 +1,127 @@
+"""The package's import graph: no cycles anywhere, the models package layered, the data package free of
+lmms-eval. Read from the source (AST), so a function-level import that dodges a cycle counts as an import.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import globalcom2
+
+PACKAGE_DIR = Path(globalcom2.__file__).parent
+# Top to bottom; a models module may import the modules of any earlier layer (see globalcom2.models.base).
+MODELS_LAYERS = [["base"], ["geometry", "tiny"], ["tiny_trained", "random_init"], ["preload"], ["loader"]]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def imports(path: Path, modules: dict[str, Path]) -> dict[str, bool]:
+    """``{imported name: at module level?}`` for every import in ``path`` (``if TYPE_CHECKING`` blocks
+    aside); a ``from package import module`` names the module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = {id(n) for block in ast.walk(tree) if _type_checking_only(block) for n in ast.walk(block)}
+    found: dict[str, bool] = {}
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                for a in node.names
+            ]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            found[name] = found.get(name, False) or node in tree.body
+    return found
+
+
+def internal_graph() -> dict[str, set[str]]:
+    modules = all_modules()
+    return {
+        m: {name for name in imports(p, modules) if name in modules and name != m} for m, p in modules.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that ends where it starts), or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle_even_through_function_level_imports():
+    assert find_cycle(internal_graph()) is None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_models_module_has_a_layer():
+    found = {name.rpartition(".")[2] for name in all_modules() if name.startswith("globalcom2.models.")}
+    assert found == {m for layer in MODELS_LAYERS for m in layer}
+
+
+def test_each_models_module_imports_only_the_layers_above_it_and_only_at_module_level():
+    modules = all_modules()
+    allowed: set[str] = set()
+    for layer in MODELS_LAYERS:
+        for module in layer:
+            found = imports(modules[f"globalcom2.models.{module}"], modules)
+            siblings = {
+                n.rpartition(".")[2]: top for n, top in found.items() if n.startswith("globalcom2.models.")
+            }
+            assert all(siblings.values()), f"{module} imports a sibling inside a function: {siblings}"
+            assert set(siblings) <= allowed, (
+                f"{module} imports {sorted(set(siblings) - allowed)}, not above it"
+            )
+        allowed.update(layer)
+
+
+@pytest.mark.parametrize("forbidden", ["lmms_eval", "globalcom2.lmms"])
+def test_the_data_package_does_not_depend_on_lmms_eval(forbidden):
+    modules = all_modules()
+    for name, path in modules.items():
+        if name.startswith("globalcom2.data"):
+            bad = [n for n in imports(path, modules) if n == forbidden or n.startswith(f"{forbidden}.")]
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_a_function_level_import_is_seen(tmp_path):
+    """The checks above can fail: an import inside a function is found and marked as not module-level."""
+    module = tmp_path / "m.py"
+    module.write_text("import lmms_eval\n\ndef f():\n    from globalcom2.models.loader import x\n")
+    assert imports(module, {}) == {"lmms_eval": True, "globalcom2.models.loader": False}
