@@ -135,8 +135,7 @@ class PaperMetric:
     """How one paper-table column is computed from lmms-eval results.
 
     Attributes:
-        benchmark: key into :data:`BENCHMARKS`.
-        tasks: the tasks whose results enter the value.
+        benchmark: key into :data:`BENCHMARKS`; its tasks are the ones whose results enter the value.
         metric: lmms-eval metric name (results key ``"<metric>,none"``).
         reduce: ``"single"`` (one task) or ``"mean"`` (the mean over ``tasks``).
         scale: multiply by this to get the paper's unit (lmms-eval accuracies are fractions).
@@ -146,7 +145,6 @@ class PaperMetric:
     """
 
     benchmark: str
-    tasks: tuple[str, ...]
     metric: str
     reduce: Literal["single", "mean"]
     scale: float
@@ -154,13 +152,17 @@ class PaperMetric:
     comparable: bool
     note: str
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The benchmark's tasks (stated once, in :data:`BENCHMARKS`)."""
+        return BENCHMARKS[self.benchmark].tasks
+
 
 # Column header -> how the column is computed. MME is the perception score only (sum over its ten
 # perception subtasks, max 2000), as GlobalCom² and LLaVA report it.
 PAPER_METRICS: dict[str, PaperMetric] = {
     "VQAv2": PaperMetric(
         "vqav2",
-        ("vqav2_val_local",),
         "exact_match",
         "single",
         100.0,
@@ -171,7 +173,6 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "GQA": PaperMetric(
         "gqa",
-        ("gqa_local",),
         "exact_match",
         "single",
         100.0,
@@ -181,7 +182,6 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "VizWiz": PaperMetric(
         "vizwiz_vqa",
-        ("vizwiz_vqa_val_local",),
         "exact_match",
         "single",
         100.0,
@@ -192,7 +192,6 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "SQA-IMG": PaperMetric(
         "scienceqa_img",
-        ("scienceqa_img_local",),
         "exact_match",
         "single",
         100.0,
@@ -202,7 +201,6 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "TextVQA": PaperMetric(
         "textvqa",
-        ("textvqa_val_local",),
         "exact_match",
         "single",
         100.0,
@@ -213,7 +211,6 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "POPE": PaperMetric(
         "pope",
-        ("pope_adv_local", "pope_pop_local", "pope_random_local"),
         "pope_f1_score",
         "mean",
         100.0,
@@ -223,7 +220,6 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "MME (perception)": PaperMetric(
         "mme",
-        ("mme_local",),
         "mme_perception_score",
         "single",
         1.0,
@@ -233,7 +229,6 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "MMBench-EN": PaperMetric(
         "mmbench_en",
-        ("mmbench_en_dev_static_local",),
         "gpt_eval_score",
         "single",
         1.0,
@@ -244,7 +239,6 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "MMBench-CN": PaperMetric(
         "mmbench_cn",
-        ("mmbench_cn_dev_static_local",),
         "gpt_eval_score",
         "single",
         1.0,
@@ -254,7 +248,6 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "MM-Vet": PaperMetric(
         "mmvet",
-        ("mmvet_local",),
         "gpt_eval_score",
         "single",
         1.0,
