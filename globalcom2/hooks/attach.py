@@ -1,7 +1,7 @@
 """``attach(model, method, **params)``: the single public way to put a compression method on a model.
 
 ``method`` is a registered name (built here from ``params``) or an instance a caller already built and
-validated, so a harness builds its method once and attaches that same object (``lmms_plugin``).
+validated, so a harness builds its method once and attaches that same object (``globalcom2.lmms.plugin``).
 """
 
 from __future__ import annotations
