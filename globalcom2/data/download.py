@@ -32,7 +32,7 @@ from typing import Any
 
 from globalcom2.data.benchmarks import BENCHMARKS, LOCALLY_SCORED, Benchmark
 from globalcom2.data.local import SOURCE_FILE
-from globalcom2.hub import offline_flags
+from globalcom2.hub import offline_reasons
 from globalcom2.paths import DATA_DIR_ENV, data_dir
 
 INSTRUCTIONS = (
@@ -52,10 +52,10 @@ class DownloadUnavailableError(RuntimeError):
 def check_access(repo: str) -> tuple[str, str]:
     """``(token, revision of repo)`` or :class:`DownloadUnavailableError` saying what is missing."""
     where = data_dir()
-    offline = offline_flags()
+    offline = offline_reasons()
     if offline:
         raise DownloadUnavailableError(
-            f"offline mode is set ({', '.join(offline)}); downloading needs "
+            f"offline mode is set ({'; '.join(offline)}); downloading needs "
             f"the network. {INSTRUCTIONS.format(where=where)}",
             2,
         )

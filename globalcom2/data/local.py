@@ -5,14 +5,12 @@ benchmark is a folder there holding ``datasets.DatasetDict.save_to_disk`` output
 own schema (GQA has two: ``gqa/instructions`` and ``gqa/images``) plus ``globalcom2_source.json``
 (where it came from: the hub with its revision, or synthetic fixtures).
 
-Our task YAMLs (``tasks/``) name ``globalcom2.lmms.tasks.LocalDataTask`` (the lmms-eval side) as their ``class`` and say which built-in YAML
-they inherit (``base_yaml``, relative to ``lmms_eval/tasks``) and which data folder they read
-(``local_data``). The folder is resolved when the task is loaded, not when the YAML is written, which is
-why an environment variable and not a path in the YAML: YAML paths are fixed per machine (absolute) or
-per file location (relative), generated YAMLs go stale and need a render step before every run, whereas
-an environment variable is inherited by ``torchrun`` workers, Slurm jobs and the Python API alike.
-Inheriting the built-in YAML by package-relative path keeps prompts, generation settings and scoring
-exactly lmms-eval's, with no copy that could drift.
+A task names its folder relative to the data directory (the ``local_data`` key of our task YAMLs, read
+by ``globalcom2.lmms.tasks.LocalDataTask``), and the folder is resolved when the task is loaded, not when
+the YAML is written. Hence an environment variable and not a path in the YAML: YAML paths are fixed per
+machine (absolute) or per file location (relative), and generated YAMLs go stale and need a render step
+before every run, whereas an environment variable is inherited by ``torchrun`` workers, Slurm jobs and the
+Python API alike.
 
 A missing folder raises :class:`MissingDataError`, whose message names the path and the fixes;
 ``globalcom2.lmms.preflight`` runs the same check before any model is loaded.

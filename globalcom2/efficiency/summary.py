@@ -40,7 +40,7 @@ TERA = 1e12
 @dataclass(frozen=True)
 class PromptCounts:
     """What the analytic cost model needs of one sample: its method stats and its prompt's token counts
-    (a :class:`SampleRecord` has them; ``benchmarks/efficiency`` builds them without a record)."""
+    (a :class:`SampleRecord` has them; ``perf/efficiency`` builds them without a record)."""
 
     compression: Sequence[Stats]
     llm_prompt_tokens: int

@@ -1,7 +1,10 @@
 """lmms-eval task classes our YAMLs name with ``class: !function globalcom2.lmms.tasks.<Name>``.
 
 lmms-eval passes the whole YAML mapping to the class; the keys below are ours and are removed before
-``ConfigurableTask`` sees the config.
+``ConfigurableTask`` sees the config. A task YAML in ``tasks/`` names the built-in lmms-eval YAML it
+inherits (``base_yaml``, relative to ``lmms_eval/tasks``) and the data folder it reads (``local_data``,
+under ``$GLOBALCOM2_DATA_DIR``: ``globalcom2.data.local``). Inheriting the built-in YAML by package-relative
+path keeps prompts, generation settings and scoring exactly lmms-eval's, with no copy that could drift.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Adding a method (the checklist; README "Contributing" has the benchmark and mode
 3. ``configs/method/<name>.yaml`` (its Hydra parameters). The sweep (``configs/sweep/methods_x_ratios.yaml``),
    the tables and plots (``report.tables.method_order``) and the efficiency benchmark
    (``perf.efficiency.default_variants``) read the registry, so they need no edit;
-   ``tests/harness/test_method_lists.py`` checks both.
+   ``tests/harness/test_method_lists.py`` checks the config file and all three lists.
 4. ``tests/methods/test_<name>.py``: identity at ratio 1.0, kept count equals the budget, ``remove()``
    restores the model (see ``test_fastv.py``).
 """
@@ -33,14 +33,21 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
+#: The order sweeps run the paper's methods in: the control first, then the cheap baseline, then the rest.
+SWEEP_ORDER = ("vanilla", "random", "globalcom2", "fastv", "sparsevlm")
+
+
 def swept_methods() -> list[str]:
-    """Every registered method, the control (``vanilla``) first: what ``configs/sweep/methods_x_ratios.yaml``
-    sweeps (through the ``${registered_methods:}`` resolver of ``globalcom2.run``)."""
-    return sorted(METHODS.names(), key=lambda name: (name != "vanilla", name))
+    """Every registered method, in :data:`SWEEP_ORDER` and then by name: what
+    ``configs/sweep/methods_x_ratios.yaml`` sweeps (through the ``${registered_methods:}`` resolver of
+    ``globalcom2.run``), so a newly registered method is swept without an edit there."""
+    known = [name for name in SWEEP_ORDER if name in METHODS]
+    return [*known, *(name for name in METHODS.names() if name not in SWEEP_ORDER)]
 
 
 __all__ = [
     "METHODS",
+    "SWEEP_ORDER",
     "CompressionMethod",
     "ImageContext",
     "ImageStats",

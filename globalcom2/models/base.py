@@ -3,13 +3,13 @@
 The package is layered so that no module needs a function-level import to dodge a cycle::
 
     base                          names, the AnyRes checks, dtypes, llava-v1.6's grid
-    geometry                      the original LLaVA code's AnyRes grid ties and unpadding
-    tiny, tiny_trained, random_init
-                                  model builders (configs, tokenizers, processors), on base
+    geometry, tiny                the original LLaVA code's AnyRes grid ties and unpadding; the random tiny
+                                  model (config, byte-level tokenizer, processor)
+    tiny_trained, random_init     the other builders, on tiny's tokenizer and processor recipes
     preload                       a checkpoint's config and the device, checked before any weight loads
     loader                        ``load_llava_next``: the one path from a name to ``(model, processor)``
 
-Each layer imports only the layers above it.
+Each layer imports only the layers above it (``tests/harness/test_layering.py``).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         type=parse_variant,
         default=None,
         metavar="METHOD@R",
-        help="variants to run, e.g. vanilla@1 globalcom2@0.25 (default: the paper's; vanilla must be one)",
+        help="variants to run, e.g. vanilla@1 globalcom2@0.25 (default: the paper's, and any other registered method at 0.25 and 0.1; vanilla must be one)",
     )
     args = parser.parse_args(argv)
     variants = list(dict.fromkeys(args.variants or default_variants()))  # order kept, repeats dropped

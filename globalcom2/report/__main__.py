@@ -23,7 +23,7 @@ DEFAULT_RESULTS = PROJECT_ROOT / "results"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m globalcom2.report", description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", nargs="?", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--experiment", help="only this experiment (default: every one found)")
     parser.add_argument(

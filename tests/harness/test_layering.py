@@ -5,6 +5,8 @@ lmms-eval. Read from the source (AST), so a function-level import that dodges a 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,16 @@ def test_a_function_level_import_is_seen(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("import lmms_eval\n\ndef f():\n    from globalcom2.models.loader import x\n")
     assert imports(module, {}) == {"lmms_eval": True, "globalcom2.models.loader": False}
+
+
+def test_importing_the_data_package_loads_no_lmms_eval():
+    """What the data modules import, transitively, in a fresh interpreter: neither lmms-eval nor our
+    integration package comes in (the static check above sees only each module's own imports)."""
+    data = sorted(name for name in all_modules() if name.startswith("globalcom2.data"))
+    probe = (
+        f"import importlib, sys\nfor m in {data!r}: importlib.import_module(m)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lmms_eval' or m.startswith('globalcom2.lmms')))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import huggingface_hub.constants
 import pytest
 
-from globalcom2.hub import DATASETS_OFFLINE, HUB_OFFLINE, hub_offline, offline_flags
+from globalcom2.hub import DATASETS_OFFLINE, HUB_OFFLINE, hub_offline, offline_reasons
 
 
 @pytest.fixture
@@ -18,18 +18,28 @@ def online(monkeypatch):
 
 
 def test_no_switch_on_means_online(online):
-    assert offline_flags() == [] and not hub_offline()
+    assert offline_reasons() == [] and not hub_offline()
 
 
-@pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
-def test_the_environment_switches_are_parsed_like_huggingface_hub(online, value):
+@pytest.mark.parametrize("value", ["1", "true", "YES", "On"])
+def test_a_switch_set_in_the_environment_is_named(online, value):
     online.setenv(DATASETS_OFFLINE, value)
-    assert offline_flags() == [DATASETS_OFFLINE] and not hub_offline()
+    assert offline_reasons() == [f"{DATASETS_OFFLINE} is set"] and not hub_offline()
     online.setenv(HUB_OFFLINE, value)
-    assert offline_flags() == [HUB_OFFLINE, DATASETS_OFFLINE] and hub_offline()
+    assert offline_reasons() == [f"{HUB_OFFLINE} is set", f"{DATASETS_OFFLINE} is set"] and hub_offline()
+
+
+@pytest.mark.parametrize("value", ["0", "false", "", " 1 ", "y"])
+def test_values_huggingface_hub_reads_as_off_are_off(online, value):
+    online.setenv(HUB_OFFLINE, value)
+    assert huggingface_hub.constants._is_true(value) is False  # the library's own parser agrees
+    assert not hub_offline() and offline_reasons() == []
 
 
 def test_a_switch_latched_at_import_stays_on_whatever_the_environment_says_later(online):
-    """huggingface_hub obeys its constant; "0" in the environment after import cannot make it download."""
+    """huggingface_hub obeys its constant (set from HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE at import); "0"
+    in the environment afterwards cannot make it download, and the reason says so."""
     online.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert offline_flags() == [HUB_OFFLINE] and hub_offline()
+    assert hub_offline()
+    (reason,) = offline_reasons()
+    assert "imported" in reason and "TRANSFORMERS_OFFLINE" in reason
