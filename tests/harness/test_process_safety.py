@@ -21,11 +21,23 @@ def processes_mentioning(text: str) -> list[int]:
     return [pid for pid in pids if pid != os.getpid() and text in _cmd(pid)]
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, detail=lambda: "") -> None:
     deadline = time.time() + timeout
     while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}{detail()}"
         time.sleep(0.2)
+
+
+def describe(pids: list[int]) -> str:
+    """``; still alive:`` each process's state, parent and command line, for a failure message."""
+    lines = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            lines.append(f"pid {pid} state {stat[0]} ppid {stat[1]}: {_cmd(pid)[:200]}")
+        except OSError:
+            continue
+    return "; still alive: " + " | ".join(lines) if lines else ""
 
 
 @pytest.mark.parametrize(
@@ -59,7 +71,12 @@ def test_killing_the_parent_ends_its_worker_group(tmp_path, signum):
         )
         os.kill(parent.pid, signum)
         parent.wait(timeout=60)
-        wait_for(lambda: not processes_mentioning(marker), 60, "the worker group to end")
+        wait_for(
+            lambda: not processes_mentioning(marker),
+            60,
+            "the worker group to end",
+            lambda: describe(processes_mentioning(marker)),
+        )
     finally:
         for pid in processes_mentioning(marker):
             with _suppress():
