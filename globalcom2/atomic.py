@@ -1,7 +1,9 @@
-"""Atomic file writes: the one helper every record, sidecar and result file goes through.
+"""Atomic writes: the one home for every record, sidecar and result file, and for every folder built in
+one go (a checkpoint, a dataset).
 
 Readers (a resumed sweep, ``aggregate``, a second runner) must see either the old file or the whole new
-one, never a part: a temporary file in the same folder, fsynced, then ``os.replace``.
+one, never a part: a temporary file in the same folder, fsynced, then ``os.replace``. A folder is built in
+a temporary sibling and renamed into place (:func:`staged_folder`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +40,33 @@ def atomic_write_json(path: str | os.PathLike[str], payload: Any, **dumps: Any) 
     """``payload`` as indented JSON with sorted keys (non-JSON values as ``str``), written atomically."""
     options = {"indent": 2, "sort_keys": True, "default": str, **dumps}
     return atomic_write_text(path, json.dumps(payload, **options) + "\n")
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike[str], *, complete_marker: str | None = None) -> Iterator[Path]:
+    """An empty sibling folder to build ``target`` in; when the block succeeds it is renamed into place.
+
+    Readers see no ``target``, the old one, or the whole new one, never a part; an interrupted or failed
+    build leaves ``target`` as it was and no staging folder behind.
+
+    Args:
+        target: the folder to build.
+        complete_marker: ``None`` replaces an existing ``target`` (a rebuild). A file name: ``target`` is
+            built once, and if another process renamed its own copy into place first (the rename fails on a
+            non-empty folder) and that copy holds ``complete_marker``, it is kept and this one dropped;
+            both are the same build.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if complete_marker is None and target.exists():
+            shutil.rmtree(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if complete_marker is None or not (target / complete_marker).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from globalcom2.atomic import staged_folder
 from globalcom2.paths import cache_dir
 
 # 2: shapes 24-36 px (were 12-21): at 12-21 px a 14-px-patch CLIP tower as small as the tiny model's did not
@@ -295,17 +296,8 @@ def ensure_demo_dataset(split: str = "test", seed: int | None = None, size: int 
     target = demo_cache_dir() / f"v{DEMO_VERSION}-{split}-seed{seed}-n{size}"
     if (target / "dataset_dict.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build_dataset(generate_items(split, seed, size), split).save_to_disk(str(staging / "data"))
-        try:
-            (staging / "data").rename(target)
-        except OSError:  # another process finished first; its content is identical
-            if not (target / "dataset_dict.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_folder(target, complete_marker="dataset_dict.json") as staging:
+        build_dataset(generate_items(split, seed, size), split).save_to_disk(str(staging))
     return target
 
 

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from globalcom2.atomic import staged_folder
 from globalcom2.data.benchmarks import BENCHMARKS, LOCALLY_SCORED, Benchmark
 from globalcom2.data.local import SOURCE_FILE
 from globalcom2.hub import offline_reasons
@@ -147,41 +148,37 @@ def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) ->
         print(f"{benchmark.key}: already present ({kind}) at {target}; --force replaces it")
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{benchmark.key}.", dir=root))
     arrow_cache = Path(tempfile.mkdtemp(prefix=f".{benchmark.key}.cache.", dir=root))  # gone afterwards
     try:
-        parts = {}
-        for part in benchmark.parts:
-            token, revision = check_access(part.repo)
-            label = (
-                f"{benchmark.key}: {part.repo} [{part.config or 'default'}] {part.split} @ {revision[:10]}"
-            )
-            files = split_files(part.repo, part.config, part.split, revision, token)
-            paths = fetch_split(part.repo, files, revision, token, label)
-            table = datasets.Dataset.from_parquet(paths, cache_dir=str(arrow_cache))
-            folder = staging / part.subdir if part.subdir else staging
-            datasets.DatasetDict({part.split: table}).save_to_disk(str(folder))
-            parts[part.subdir or "."] = {
-                "repo": part.repo,
-                "config": part.config,
-                "split": part.split,
-                "revision": revision,
-                "files": [name for name, _ in files],
-                "bytes": sum(size for _, size in files),
-                "rows": len(table),
+        with staged_folder(target) as staging:
+            parts = {}
+            for part in benchmark.parts:
+                token, revision = check_access(part.repo)
+                label = (
+                    f"{benchmark.key}: {part.repo} [{part.config or 'default'}] {part.split} @ {revision[:10]}"
+                )
+                files = split_files(part.repo, part.config, part.split, revision, token)
+                paths = fetch_split(part.repo, files, revision, token, label)
+                table = datasets.Dataset.from_parquet(paths, cache_dir=str(arrow_cache))
+                folder = staging / part.subdir if part.subdir else staging
+                datasets.DatasetDict({part.split: table}).save_to_disk(str(folder))
+                parts[part.subdir or "."] = {
+                    "repo": part.repo,
+                    "config": part.config,
+                    "split": part.split,
+                    "revision": revision,
+                    "files": [name for name, _ in files],
+                    "bytes": sum(size for _, size in files),
+                    "rows": len(table),
+                }
+            record = {
+                "benchmark": benchmark.key,
+                "kind": "hub",
+                "parts": parts,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-        record = {
-            "benchmark": benchmark.key,
-            "kind": "hub",
-            "parts": parts,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        (staging / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+            (staging / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(arrow_cache, ignore_errors=True)
     return target
 

@@ -12,8 +12,6 @@ Recipe after ../shared/reference/transformers_llava_next.md §3, with a byte-lev
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from globalcom2.atomic import staged_folder
 from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
 from globalcom2.paths import cache_dir as cache_dir_path
 from globalcom2.prompts import VICUNA_V1_CHAT_TEMPLATE
@@ -153,15 +152,6 @@ def tiny_checkpoint(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     target = root / f"tiny-llava-next-r{TINY_RECIPE_VERSION}-tf{transformers.__version__}-seed{seed}"
     if (target / "config.json").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
+    with staged_folder(target, complete_marker="config.json") as staging:
         save_tiny_llava_next(staging, seed)
-        try:
-            staging.rename(target)
-        except OSError:  # another process won the race; its checkpoint is identical
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -41,9 +41,7 @@ import hashlib
 import json
 import math
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -57,6 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from globalcom2.anyres import SEPARATOR, config_layout
+from globalcom2.atomic import atomic_write_text, staged_folder
 from globalcom2.data import demo
 from globalcom2.models.tiny import tiny_processor
 from globalcom2.models.tiny_trained import CHECKPOINT_DIR, tiny_trained_config, train_tokenizer
@@ -73,6 +72,7 @@ from globalcom2.training.targets import (
 )
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "train" / "tiny_trained.yaml"
+RECORD_FILE = "training_record.json"
 IGNORE = -100
 
 
@@ -581,21 +581,21 @@ def train(cfg: DictConfig) -> Path:
     wall["test"] = round(time.time() - t, 1)
     wall["total"] = round(time.time() - started, 1)
     log(f"test accuracy (vanilla, generate): {record['test']}")
-    (out / "training_record.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    write_record(out, record)
     return out
 
 
 def save_checkpoint(model, processor, out: Path, record: dict[str, Any]) -> None:
     """Write weights, processor and the record to a sibling folder, then swap it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    (staging / "training_record.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    with staged_folder(out) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        write_record(staging, record)
     log(f"checkpoint written to {out}")
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(folder / RECORD_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
