@@ -30,8 +30,6 @@ import io
 import json
 import math
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

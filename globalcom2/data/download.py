@@ -154,9 +154,7 @@ def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) ->
             parts = {}
             for part in benchmark.parts:
                 token, revision = check_access(part.repo)
-                label = (
-                    f"{benchmark.key}: {part.repo} [{part.config or 'default'}] {part.split} @ {revision[:10]}"
-                )
+                label = f"{benchmark.key}: {part.repo} [{part.config or 'default'}] {part.split} @ {revision[:10]}"
                 files = split_files(part.repo, part.config, part.split, revision, token)
                 paths = fetch_split(part.repo, files, revision, token, label)
                 table = datasets.Dataset.from_parquet(paths, cache_dir=str(arrow_cache))

@@ -140,3 +140,12 @@ def test_importing_the_data_package_loads_no_lmms_eval():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_every_package_folder_has_an_init_module():
+    """A folder without ``__init__.py`` still imports (a namespace package) in an editable install, but a
+    wheel leaves it out, and a ``.gitignore`` pattern once kept ``globalcom2/data/__init__.py`` from a clone."""
+    folders = {path.parent for path in PACKAGE_DIR.rglob("*.py")}
+    assert [
+        str(f.relative_to(PACKAGE_DIR)) for f in sorted(folders) if not (f / "__init__.py").is_file()
+    ] == []
