@@ -53,10 +53,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2.anyres import SEPARATOR, config_layout
 from globalcom2.atomic import atomic_write_text, staged_folder
 from globalcom2.data import demo
+from globalcom2.models.loader import load_llava_next
 from globalcom2.models.tiny import tiny_processor
 from globalcom2.models.tiny_trained import CHECKPOINT_DIR, tiny_trained_config, train_tokenizer
 from globalcom2.paths import PROJECT_ROOT
@@ -452,8 +454,6 @@ def answer_hits(model, processor, items: list[demo.DemoItem], batch_size: int = 
 def test_accuracy(checkpoint: Path, items: list[demo.DemoItem]) -> dict[str, Any]:
     """Vanilla accuracy on ``items`` with the saved checkpoint, loaded and run as the harness does
     (``load_llava_next`` + processor + greedy ``generate``), per question type, beside the best constant."""
-    from globalcom2.models.loader import load_llava_next
-
     hits = answer_hits(*load_llava_next(str(checkpoint)), items)
     result: dict[str, Any] = {}
     for qtype in sorted({item.question_type for item in items}):
@@ -525,8 +525,6 @@ def train(cfg: DictConfig) -> Path:
     processor = tiny_processor(tokenizer)
     image_processor = processor.image_processor
     config = tiny_trained_config(tokenizer)
-    from transformers import LlavaNextForConditionalGeneration
-
     model = LlavaNextForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     log(
