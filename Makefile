@@ -117,7 +117,7 @@ efficiency: install  ## efficiency benchmark (Tables 8/9 protocol); ARGS="model=
 sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=tiny benchmark=pope"
 	$(RUN) sweep=methods_x_ratios $(RUN_ARGS)
 
-bench-efficiency: install  ## efficiency of every method, interleaved per image (tiny model, CPU; ARGS="--random-init 7b --device cuda" on a GPU)
+bench-efficiency: install  ## stage-resolved efficiency of every method, interleaved per image (tiny, CPU; ARGS="--random-init 7b --device cuda --compile" on a GPU)
 	$(PY) -m globalcom2.perf.efficiency $(ARGS)
 
 tables: install  ## tidy results, tables and plots of every experiment under results/ (WANDB=1 also logs them)

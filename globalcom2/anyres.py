@@ -84,8 +84,13 @@ class PackedLayout:
 
     @property
     def patch_positions(self) -> torch.Tensor:
-        """``[num_patches]`` int64: packed positions of the patch tokens, in packed order."""
-        return (self.view != SEPARATOR).nonzero().squeeze(1)
+        """``[num_patches]`` int64: packed positions of the patch tokens, in packed order (cached, CPU)."""
+        return _positions(self.side, self.grid, self.valid_rows, self.valid_cols)[0]
+
+    @property
+    def separator_positions(self) -> torch.Tensor:
+        """``[num_separators]`` int64: packed positions of the row separators, in packed order (cached, CPU)."""
+        return _positions(self.side, self.grid, self.valid_rows, self.valid_cols)[1]
 
 
 def crop_grid(
@@ -150,6 +155,15 @@ def packed_provenance(
     view = torch.cat([torch.zeros(thumb, dtype=torch.long), crop_view])  # [N]
     token = torch.cat([torch.arange(thumb), crop_token])  # [N]
     return view, token
+
+
+@cached_constants(maxsize=1024)
+def _positions(
+    side: int, grid: tuple[int, int], valid_rows: tuple[int, int], valid_cols: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(patch positions, separator positions)`` of one geometry, each ascending."""
+    view, _ = packed_provenance(side, grid, valid_rows, valid_cols)
+    return (view != SEPARATOR).nonzero().squeeze(1), (view == SEPARATOR).nonzero().squeeze(1)
 
 
 @cached_constants(maxsize=512)

@@ -31,6 +31,7 @@ from globalcom2.lmms.protocols import (
 )
 from globalcom2.methods import METHODS, CompressionMethod
 from globalcom2.models.base import DTYPE_CHOICES
+from globalcom2.models.compiled import compile_problem, resolve_compile
 from globalcom2.models.preload import model_problems
 from globalcom2.store import CellKey
 
@@ -53,6 +54,7 @@ NOT_IDENTITY = (
     "model.name",
     "method.label",
     "benchmark.name",
+    "compile",  # in the identity as model.compile, and only when on (cells from before it keep their identity)
 )
 
 
@@ -64,6 +66,7 @@ class ModelSpec:
     dtype: str
     device: str
     attn_implementation: Any
+    compile: str | None = None  # a torch.compile mode (globalcom2.models.compiled), None: eager
 
 
 @dataclass(frozen=True)
@@ -182,13 +185,15 @@ class CellSpec:
         dtype = str(model_cfg.get("dtype", "auto"))
         if dtype not in DTYPE_CHOICES:
             raise ValueError(f"model.dtype={dtype!r} is not a dtype; valid: {', '.join(DTYPE_CHOICES)}")
+        device = str(model_cfg.get("device", "cpu"))
         model = ModelSpec(
             name=model_cfg["name"],
             pretrained=str(model_cfg["pretrained"]),
             random_init=_flag(model_cfg.get("random_init", False), "model.random_init"),
             dtype=dtype,
-            device=str(model_cfg.get("device", "cpu")),
+            device=device,
             attn_implementation=attn,
+            compile=resolve_compile(plain.get("compile", False), device),
         )
         bench_name, tasks = bench_cfg["name"], tuple(bench_cfg["tasks"])
         columns = tuple(bench_cfg.get("columns") or ())
@@ -245,6 +250,8 @@ class CellSpec:
                 node.pop(leaf, None)
         identity["seed"] = self.seed
         model = {k: v for k, v in asdict(self.model).items() if k != "name"}
+        if model["compile"] is None:
+            del model["compile"]  # eager, as every cell before compile mode existed: the same identity
         method = {k: v for k, v in asdict(self.method).items() if k != "label"}
         benchmark = {k: v for k, v in asdict(self.benchmark).items() if k != "name"}
         benchmark["tasks"], benchmark["columns"] = list(self.benchmark.tasks), list(self.benchmark.columns)
@@ -273,6 +280,10 @@ def check_model(spec: CellSpec) -> None:
         method=spec.method.built,
         num_processes=spec.launcher.num_processes,
     )
+    if spec.model.compile is not None:
+        problem = compile_problem(spec.model.device, spec.model.compile)
+        if problem:
+            problems.append(RuntimeError(f"compile={spec.model.compile}: {problem}"))
     if problems:
         kind = FileNotFoundError if any(isinstance(p, FileNotFoundError) for p in problems) else ValueError
         raise kind("; ".join(str(p) for p in problems))

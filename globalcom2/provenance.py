@@ -1,7 +1,7 @@
 """Where a number came from: code version, library versions, hardware.
 
 Every ``record.json`` carries this block, so a table cell can always be traced to the exact code, stack
-and machine that produced it (../shared/style.md §7.5 rule 8).
+and machine that produced it: git SHA and dirty flag, library versions, CPU, GPU, CUDA and driver.
 """
 
 from __future__ import annotations
@@ -74,8 +74,23 @@ def hardware() -> dict[str, Any]:
             gpu_memory_gb=round(props.total_memory / 2**30, 1),
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
+            driver=_nvidia_driver(),
         )
     return info
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version ``nvidia-smi`` reports (``None`` without it)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def provenance() -> dict[str, Any]:

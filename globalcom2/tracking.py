@@ -13,22 +13,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
 from globalcom2.records import CellRecord
 
 
 def cell_summary(record: CellRecord) -> dict[str, float]:
     """Flat summary metrics of a record: ``<task>/<metric>``, ``paper/<column>``, ``efficiency/<metric>``."""
-    from globalcom2.report.aggregate import EFFICIENCY_METRICS
-
     summary = {
         f"{task}/{name}": value for task, values in record.metrics.items() for name, value in values.items()
     }
     summary.update(
         {f"paper/{c}": m["value"] for c, m in record.paper_metrics.items() if m["value"] is not None}
     )
-    for name, (key, sub) in EFFICIENCY_METRICS.items():
-        value = record.efficiency.get(key)
-        value = value.get(sub) if isinstance(value, dict) else value
+    for name, paths in EFFICIENCY_METRICS.items():
+        value = efficiency_value(record.efficiency, paths)
         if value is not None:
             summary[f"efficiency/{name}"] = value
     return summary

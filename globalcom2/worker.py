@@ -87,6 +87,7 @@ def evaluate_cell(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
         random_init=spec.model.random_init,
         protocol=spec.benchmark.protocol,
         generation_overrides=spec.benchmark.generation_overrides(),
+        compile=spec.model.compile or False,
         **spec.method.attach_kwargs(),
     )
     loaded = time.time()

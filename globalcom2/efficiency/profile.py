@@ -1,4 +1,4 @@
-"""Measuring one ``model.generate`` call: prefill latency, total latency, peak memory.
+"""Measuring one ``model.generate`` call: prefill latency, total latency, stage times, peak memory.
 
 Design (the rules the efficiency tables rely on):
 
@@ -10,19 +10,27 @@ Design (the rules the efficiency tables rely on):
   The end of the first forward is caught by a forward hook on the top-level model, registered only
   while a measurement is open; the hook only records an event or a timestamp, so it cannot change any
   output, and it costs one Python call per decoding step.
-* **Clocks.** On a CUDA device the interval is measured with CUDA events (recorded on the current
+* **Stages** (``globalcom2.stage_timing``): the same call split into ``vision`` (vision tower and
+  projector), ``compression`` (the attached method's own work: [CLS] scores, selection, prompt surgery, an
+  in-LLM method's scoring and pruning at its layers), ``llm_prefill`` (the language model and LM head in
+  the first forward, what the GlobalCom² paper's Tables 8/9 time as prefill), ``decode`` (the same in the
+  later forwards) and ``other`` (the rest of the wall time: ``generate``'s own host work). Each stage is
+  charged its exclusive time, so the stages add up to the total.
+* **Clocks.** On a CUDA device every interval is measured with CUDA events (recorded on the current
   stream, read after ``torch.cuda.synchronize``), so asynchronous kernel launches are not mistaken for
   finished work. On CPU it is ``time.perf_counter``; CPU kernels complete before an operator returns,
-  so reading the clock in the hook is already synchronised (``synchronize`` is still called, and is
+  so reading the clock in a hook is already synchronised (``synchronize`` is still called, and is
   a no-op there).
 * **Total latency** is the wall time of the whole ``generate`` call, on the same clock.
-* **Peak memory** is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the start of
-  every measurement, i.e. **per generate call** (per sample at batch size 1, per batch otherwise). On CPU
-  torch keeps no allocator peak, and process RSS is not comparable across runs, so the value is
+* **Peak memory** is ``torch.cuda.max_memory_allocated`` (live tensors) and ``max_memory_reserved`` (what the
+  caching allocator holds, closer to what ``nvidia-smi`` shows) after ``reset_peak_memory_stats`` at the
+  start of every measurement, i.e. **per generate call** (per sample at batch size 1, per batch otherwise).
+  On CPU torch keeps no allocator peak, and process RSS is not comparable across runs, so the values are
   ``None`` with a reason, never 0.
 * **Warm-up** is excluded by construction: :meth:`GenerateProfiler.warmup` runs calls that are not
   measured, and callers run it before their first measured call (lazy initialisation, kernel selection
-  and allocator growth would otherwise inflate the first sample).
+  and allocator growth would otherwise inflate the first sample); a harness also reports its first
+  measured call apart (``SampleRecord.first_call``).
 
 Throughput (samples per second) is derived from many measurements by :func:`throughput`.
 """
@@ -32,10 +40,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from globalcom2.stage_timing import OTHER, StageClock, clock_running
 
 CPU_PEAK_MEMORY_NOTE = (
     "unavailable on CPU: torch has no allocator peak statistic for CPU tensors, and process RSS "
@@ -51,10 +61,14 @@ class Measurement:
         prefill_s: start of ``generate`` to the end of the model's first forward call, in seconds.
         total_s: the whole ``generate`` call, in seconds.
         peak_memory_bytes: ``torch.cuda.max_memory_allocated`` during the call; ``None`` when unavailable.
-        peak_memory_note: why ``peak_memory_bytes`` is ``None`` (``None`` when it is available).
+        peak_memory_note: why the peaks are ``None`` (``None`` when they are available).
         clock: ``"cuda_event"`` or ``"perf_counter"``.
         device: the device the model ran on, e.g. ``"cuda:0"`` or ``"cpu"``.
         forward_calls: forward calls of the model during the call (prefill + decoding steps).
+        stages: exclusive seconds of every stage of :data:`~globalcom2.stage_timing.STAGES` and ``"other"``
+            (the rest of ``total_s``); they add up to ``total_s``.
+        peak_memory_reserved_bytes: ``torch.cuda.max_memory_reserved`` during the call; ``None`` when
+            unavailable.
     """
 
     prefill_s: float
@@ -64,6 +78,8 @@ class Measurement:
     clock: str
     device: str
     forward_calls: int
+    stages: dict[str, float] = field(default_factory=dict)
+    peak_memory_reserved_bytes: int | None = None
 
     @property
     def decode_s(self) -> float:
@@ -111,6 +127,17 @@ class GenerateProfiler:
             fn()
         self.synchronize()
 
+    def _stage_modules(self) -> list[tuple[torch.nn.Module, str | None]]:
+        """The modules whose forward is a stage: ``None`` for the LLM, whose stage depends on the call."""
+        inner = getattr(self.model, "model", None)
+        named = [
+            (getattr(inner, "vision_tower", None), "vision"),
+            (getattr(inner, "multi_modal_projector", None), "vision"),
+            (getattr(inner, "language_model", None), None),
+            (getattr(self.model, "lm_head", None), None),
+        ]
+        return [(module, stage) for module, stage in named if isinstance(module, torch.nn.Module)]
+
     @contextmanager
     def measure(self) -> Iterator[PendingMeasurement]:
         """Measure the generate call made inside the block.
@@ -119,13 +146,14 @@ class GenerateProfiler:
 
             with profiler.measure() as pending:
                 model.generate(**inputs)
-            pending.result.prefill_s
+            pending.result.prefill_s, pending.result.stages
 
         If the block raises, the exception propagates unchanged and no result is produced.
         """
         pending = PendingMeasurement()
         calls = [0]
         self.synchronize()
+        clock = StageClock(self.device)
         if self.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             start, first, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
@@ -133,39 +161,68 @@ class GenerateProfiler:
         marks: list[float] = []
         t_start = time.perf_counter()
 
-        def on_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+        def before_forward(module: torch.nn.Module, args: Any) -> None:
             calls[0] += 1
+
+        def on_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
             if calls[0] == 1:
                 if self.is_cuda:
                     first.record()
                 else:
                     marks.append(time.perf_counter())
 
-        handle = self.model.register_forward_hook(on_forward)
+        opened: dict[int, list[str]] = {}
+
+        def open_stage(stage: str | None) -> Callable[[torch.nn.Module, Any], None]:
+            def hook(module: torch.nn.Module, args: Any) -> None:
+                name = stage or ("llm_prefill" if calls[0] <= 1 else "decode")
+                opened.setdefault(id(module), []).append(name)
+                clock.open(name)
+
+            return hook
+
+        def close_stage(module: torch.nn.Module, args: Any, output: Any) -> None:
+            clock.close(opened[id(module)].pop())
+
+        handles = [
+            self.model.register_forward_pre_hook(before_forward),
+            self.model.register_forward_hook(on_forward),
+        ]
+        for module, stage in self._stage_modules():
+            handles.append(module.register_forward_pre_hook(open_stage(stage)))
+            handles.append(module.register_forward_hook(close_stage))
         try:
-            yield pending
+            with clock_running(clock):
+                yield pending
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if calls[0] == 0:
             raise RuntimeError("the measured block never called the model's forward: nothing to time")
+        reserved = None
         if self.is_cuda:
             end.record()
             torch.cuda.synchronize(self.device)
             prefill = start.elapsed_time(first) / 1e3
             total = start.elapsed_time(end) / 1e3
-            peak, note, clock = torch.cuda.max_memory_allocated(self.device), None, "cuda_event"
+            peak, note, clock_name = torch.cuda.max_memory_allocated(self.device), None, "cuda_event"
+            reserved = torch.cuda.max_memory_reserved(self.device)
         else:
             t_end = time.perf_counter()
             prefill, total = marks[0] - t_start, t_end - t_start
-            peak, note, clock = None, CPU_PEAK_MEMORY_NOTE, "perf_counter"
+            peak, note, clock_name = None, CPU_PEAK_MEMORY_NOTE, "perf_counter"
+        stages = clock.totals()
+        stages[OTHER] = total - sum(stages.values())
         pending._result = Measurement(
             prefill_s=prefill,
             total_s=total,
             peak_memory_bytes=peak,
             peak_memory_note=note,
-            clock=clock,
+            clock=clock_name,
             device=str(self.device),
             forward_calls=calls[0],
+            stages=stages,
+            peak_memory_reserved_bytes=reserved,
         )
 
 

@@ -9,7 +9,9 @@ config. Two FLOPs conventions sit side by side (``globalcom2.efficiency.flops``)
   method's overhead (FastV's score recompute, SparseVLM's raters and recycling); mean over samples.
 
 Latencies are per ``generate`` call (one sample at batch size 1), over calls that were timed (the warm-up
-call is not). Peak memory is unavailable on CPU and then ``None`` with the reason, never 0.
+call is not, and each process's first measured call is reported apart), whole and per stage
+(``globalcom2.stage_timing``). Peak memory (GiB, allocated and reserved) is unavailable on CPU and then
+``None`` with the reason, never 0.
 """
 
 from __future__ import annotations
@@ -35,6 +37,43 @@ if TYPE_CHECKING:
     from globalcom2.lmms.sample_records import SampleRecord
 
 TERA = 1e12
+
+#: Tidy efficiency metric -> where it sits in a record's efficiency block (a path of keys; the first
+#: path that exists wins, so records written before a key was renamed still read).
+EFFICIENCY_METRICS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "prefill_ms": (("prefill_ms", "median"),),
+    "prefill_ms_mean": (("prefill_ms", "mean"),),
+    "prefill_p25_ms": (("prefill_ms", "p25"),),
+    "prefill_p75_ms": (("prefill_ms", "p75"),),
+    "total_ms": (("total_ms", "median"),),
+    "vision_ms": (("stages_ms", "vision", "median"),),
+    "compression_ms": (("stages_ms", "compression", "median"),),
+    "llm_prefill_ms": (("stages_ms", "llm_prefill", "median"),),
+    "decode_ms": (("stages_ms", "decode", "median"),),
+    "first_call_prefill_ms": (("first_call", "prefill_ms"),),
+    "throughput_samples_per_s": (("throughput_samples_per_s",),),
+    "peak_memory_gib": (("peak_memory_gib", "max"), ("peak_memory_gb", "max")),
+    "peak_memory_reserved_gib": (("peak_memory_reserved_gib", "max"),),
+    "kv_cache_mb": (("kv_cache_mb",),),
+    "tflops_paper": (("tflops", "paper"),),
+    "tflops_full": (("tflops", "full"),),
+    "tflops_vision": (("tflops", "vision_tower"),),
+    "text_tokens": (("text_tokens",),),
+    "visual_tokens_before": (("visual_tokens", "before"),),
+    "visual_tokens_llm_input": (("visual_tokens", "llm_input"),),
+    "equivalent_visual_tokens": (("visual_tokens", "equivalent"),),
+}
+
+
+def efficiency_value(block: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> Any:
+    """The value at the first of ``paths`` that exists in an efficiency ``block`` (``None`` if none does)."""
+    for path in paths:
+        value: Any = block
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -83,37 +122,69 @@ def _stats(values: list[float], scale: float = 1.0) -> dict[str, float] | None:
         return None
     scaled = sorted(v * scale for v in values)
     p90 = scaled[min(len(scaled) - 1, round(0.9 * (len(scaled) - 1)))]
+    quartiles = statistics.quantiles(scaled, n=4) if len(scaled) > 1 else [scaled[0]] * 3
     return {
         "median": statistics.median(scaled),
         "mean": statistics.fmean(scaled),
+        "p25": quartiles[0],
+        "p75": quartiles[2],
         "p90": p90,
         "n": len(scaled),
     }
 
 
 def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
-    """Latency, throughput and peak memory of ``records``, over ``generate`` calls (a batch's samples share
-    one call). The one place these are summarised: the record's efficiency block and lmms-eval's log."""
+    """Latency, stage times, throughput and peak memory of ``records``, over ``generate`` calls (a batch's
+    samples share one call). The one place these are summarised: the record's efficiency block and
+    lmms-eval's log.
+
+    A process's first measured call is left out of every latency and throughput statistic and reported
+    apart under ``first_call`` (its one-off costs would otherwise pull the mean and the tail); peak memory
+    counts every call.
+    """
     calls: dict[tuple[int, int], SampleRecord] = {}
     for r in records:
         calls.setdefault((r.rank, r.batch_id), r)
-    timed = [c for c in calls.values() if c.total_s is not None]
+    timed_all = [c for c in calls.values() if c.total_s is not None]
+    timed = [c for c in timed_all if not c.first_call]
+    first = [c for c in timed_all if c.first_call]
     peaks = [c.peak_memory_bytes for c in calls.values() if c.peak_memory_bytes is not None]
+    reserved = [
+        c.peak_memory_reserved_bytes for c in calls.values() if c.peak_memory_reserved_bytes is not None
+    ]
     notes = sorted({c.peak_memory_note for c in calls.values() if c.peak_memory_note})
     generate_seconds = sum(c.total_s for c in timed if c.total_s is not None)
-    preprocess_seconds = sum(c.preprocess_s for c in calls.values())
+    preprocess_seconds = sum(c.preprocess_s for c in timed)
     timed_samples = sum(c.batch_size for c in timed)
+    stages = sorted({name for c in timed if c.stages_s for name in c.stages_s})
     return {
         "generate_calls": len(calls),
-        "clock": timed[0].clock if timed else None,
+        "timed_calls": len(timed),
+        "clock": timed_all[0].clock if timed_all else None,
         "prefill_ms": _stats([c.prefill_s for c in timed if c.prefill_s is not None], 1e3),
         "total_ms": _stats([c.total_s for c in timed if c.total_s is not None], 1e3),
+        "stages_ms": {
+            name: _stats([c.stages_s[name] for c in timed if c.stages_s and name in c.stages_s], 1e3)
+            for name in stages
+        },
+        "first_call": (
+            {
+                "calls": len(first),
+                "prefill_ms": statistics.fmean(c.prefill_s for c in first if c.prefill_s is not None) * 1e3,
+                "total_ms": statistics.fmean(c.total_s for c in first if c.total_s is not None) * 1e3,
+            }
+            if first
+            else None
+        ),
         "throughput_samples_per_s": timed_samples / generate_seconds if generate_seconds else None,
         "throughput_samples_per_s_end_to_end": (
-            len(records) / (generate_seconds + preprocess_seconds) if timed else None
+            timed_samples / (generate_seconds + preprocess_seconds) if generate_seconds else None
         ),  # preprocessing included
-        "peak_memory_gb": (
+        "peak_memory_gib": (
             {"max": max(peaks) / 2**30, "mean": statistics.fmean(peaks) / 2**30} if peaks else None
+        ),
+        "peak_memory_reserved_gib": (
+            {"max": max(reserved) / 2**30, "mean": statistics.fmean(reserved) / 2**30} if reserved else None
         ),
         "peak_memory_note": "; ".join(notes) if notes else None,
     }
@@ -138,6 +209,11 @@ def efficiency_summary(
     return {
         "samples": len(records),
         **latency_summary(records),
+        "text_tokens": (
+            statistics.fmean(r.text_tokens for r in records)
+            if all(r.text_tokens is not None for r in records)
+            else None
+        ),
         "visual_tokens": {
             "before": statistics.fmean(r.visual_tokens_before for r in records),
             "llm_input": statistics.fmean(r.visual_tokens_llm_input for r in records),

@@ -39,8 +39,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask
 from globalcom2.hooks.in_llm_sequence import gather_rows, plan_relayout, renumber_positions
 from globalcom2.hooks.llava_model import PromptContext
 from globalcom2.methods.base import InLLMMethod, KeepPlan, LayerStats, TokenView
+from globalcom2.scoring.ranking import int64_tensor
 from globalcom2.scoring.selection import compact_rows
 from globalcom2.scoring.text_attention import attention_rows
+from globalcom2.stage_timing import stage_section
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -54,11 +56,14 @@ class StageLayout:
         valid: ``[B, P]`` real rows among the stage's ``P`` cached prompt rows.
         position_shift: ``[B]`` original minus stage position of the tokens after the prompt (renumbering
             methods), or ``None`` when positions are unchanged.
+        padded: whether any of the ``P`` rows is padding (host-known; without padding a decode step needs no
+            mask under SDPA, as in the unmodified model).
     """
 
     first_layer: int
     valid: torch.Tensor
     position_shift: torch.Tensor | None
+    padded: bool
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class InLLMDecodeState:
     """What decode steps of one generation need: the prompt length at layer 0 and each reduced layout."""
 
     prompt_length: int
+    prompt_padded: bool
     stages: tuple[StageLayout, ...]  # only stages whose (cumulative) layout differs from the prompt
 
     def stage_of(self, layer: int) -> StageLayout | None:
@@ -88,7 +94,19 @@ class _Rows:
     cos: torch.Tensor  # [B, L, hd]
     sin: torch.Tensor  # [B, L, hd]
     mask: Any  # what the attention receives (None, 4-D bool or float)
+    candidates: tuple[int, ...]  # per image, droppable visual rows (host)
+    rows: tuple[int, ...]  # per batch row, real rows (host)
     changed: bool = False
+
+
+@dataclass(frozen=True)
+class _StageCounts:
+    """Host counts of one stage, per batch row (for :class:`LayerStats`)."""
+
+    queries: tuple[int, ...]
+    keys: tuple[int, ...]
+    recycle_candidates: tuple[int, ...]
+    recycled: tuple[int, ...]
 
 
 class InLLMAdapter:
@@ -156,13 +174,18 @@ class InLLMAdapter:
 
     def _before_attention(self, stage: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if isinstance(self._run, _Prefill):
-            self._run.score(stage, module, kwargs)
+            with stage_section("compression"):
+                self._run.score(stage, module, kwargs)
 
-    def layer_mask(self, hidden_states: torch.Tensor, key_valid: torch.Tensor) -> Any:
-        """The mask the model's attention expects for queries at the end of ``key_valid`` (causal + padding),
-        built by the model's own mask function (``None`` on SDPA's ``is_causal`` fast path)."""
+    def layer_mask(self, hidden_states: torch.Tensor, kv_length: int, key_valid: torch.Tensor | None) -> Any:
+        """The mask the model's attention expects for queries at the end of ``kv_length`` keys, built by the
+        model's own mask function.
+
+        ``key_valid`` (``[B, kv_length]``) is given only when some key is padding (the host knows); without it
+        the function returns SDPA's ``is_causal`` fast path (``None``) or the plain causal mask (eager), as the
+        unmodified model does, and never inspects a mask on the device.
+        """
         batch, query_length = hidden_states.shape[:2]
-        kv_length = key_valid.shape[1]
         return ALL_MASK_ATTENTION_FUNCTIONS[self.config._attn_implementation](
             batch_size=batch,
             q_length=query_length,
@@ -170,8 +193,8 @@ class InLLMAdapter:
             q_offset=kv_length - query_length,
             kv_offset=0,
             mask_function=causal_mask_function,
-            attention_mask=key_valid.bool(),
-            allow_is_causal_skip=True,
+            attention_mask=None if key_valid is None else key_valid.bool(),
+            allow_is_causal_skip=key_valid is None,
             dtype=hidden_states.dtype,
             config=self.config,
             use_vmap=False,
@@ -189,8 +212,35 @@ def _with_hidden(args: tuple, kwargs: dict, hidden_states: torch.Tensor) -> tupl
     return args, {**kwargs, "hidden_states": hidden_states}
 
 
+def _image_rows(visual_per_row: list[int], image_lengths: tuple[int, ...]) -> tuple[int, ...]:
+    """The batch row of each image, from each row's visual positions and the images' lengths (images fill
+    the rows in scatter order)."""
+    rows, image = [], 0
+    for row, visual in enumerate(visual_per_row):
+        while visual > 0:
+            if image >= len(image_lengths) or image_lengths[image] > visual:
+                raise RuntimeError(
+                    "the visual positions of the prompt do not match the image features' lengths "
+                    f"{list(image_lengths)} (per row: {visual_per_row})"
+                )
+            visual -= image_lengths[image]
+            rows.append(row)
+            image += 1
+    if image != len(image_lengths):
+        raise RuntimeError(
+            f"{len(image_lengths)} images but the prompt has visual positions for {image} (per row: {visual_per_row})"
+        )
+    return tuple(rows)
+
+
 class _Prefill:
-    """One prefill forward: the layouts, scores and counts of every stage."""
+    """One prefill forward: the layouts, scores and counts of every stage.
+
+    Everything the engine sizes (how many rows each batch row keeps, how many query rows, merged rows) is
+    counted on the host: one small device read at layer 0 (per-row counts of the prompt), then each stage's
+    counts follow from the method's budgets. Consistency checks run on the device
+    (``torch._assert_async``), so a prefill never waits for the device in between.
+    """
 
     def __init__(self, adapter: InLLMAdapter, context: PromptContext) -> None:
         self.adapter = adapter
@@ -201,13 +251,9 @@ class _Prefill:
         self.rows: _Rows | None = None
         self.scores: dict[int, torch.Tensor] = {}
         self.layer_input: torch.Tensor | None = None
-        self.visual_counts: list[torch.Tensor] = []  # per layer, [B]
-        self.token_counts: list[torch.Tensor] = []  # per layer, [B]
-        num_stages = len(adapter.stage_layers)
-        self.score_queries: list[torch.Tensor | None] = [None] * num_stages
-        self.score_keys: list[torch.Tensor | None] = [None] * num_stages
-        self.recycle_candidates: list[torch.Tensor | None] = [None] * num_stages
-        self.recycled: list[torch.Tensor | None] = [None] * num_stages
+        self.visual_counts: list[list[int]] = []  # per layer, per batch row
+        self.token_counts: list[tuple[int, ...]] = []  # per layer, per batch row
+        self.stage_counts: dict[int, _StageCounts] = {}
         self.stage_layouts: list[StageLayout] = []
 
     # -- layer 0 ----------------------------------------------------------------------------------------
@@ -224,7 +270,9 @@ class _Prefill:
                 )
         self.cache = cache
         batch, length = hidden.shape[:2]
+        device = hidden.device
         image = self.context.visual_index
+        lengths = self.context.image_lengths
         if image is None or image.shape != (batch, length):
             raise RuntimeError(
                 "the in-LLM stage got no visual-position map matching the language model's input"
@@ -233,83 +281,105 @@ class _Prefill:
         if mask is not None and mask.dim() != 2:
             raise NotImplementedError("in-LLM compression needs a 2-D attention_mask (got a 4-D mask)")
         valid = mask.bool() if mask is not None else torch.ones_like(image, dtype=torch.bool)
-        if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
-            raise NotImplementedError(
-                "in-LLM compression needs left padding (or none); set processor.tokenizer.padding_side = 'left'"
-            )
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = torch.arange(length, device=hidden.device)[None]
+            positions = torch.arange(length, device=device)[None]
         cos, sin = kwargs["position_embeddings"]
-        self.image_tokens = torch.bincount(image[image >= 0], minlength=int(image.max()) + 1)  # [I]
+        images = len(lengths)
+        visual = image >= 0  # [B, L]
         if self.method.budget_basis == "patches":
             if self.context.separator is None or self.context.separator.shape != image.shape:
                 raise RuntimeError("budget_basis='patches' needs the separator map of the prompt")
-            protected = self.context.separator & (image >= 0)
+            protected = self.context.separator & visual
         else:
-            protected = torch.zeros_like(image, dtype=torch.bool)
-        self.protected_tokens = torch.bincount(
-            image[protected], minlength=self.image_tokens.numel()
-        )  # [I] separators per image (0 under "positions")
-        self.budget_tokens = self.image_tokens - self.protected_tokens  # [I] what R is a fraction of
-        self.image_row = torch.zeros_like(self.image_tokens).scatter_reduce(
-            0,
-            image[image >= 0],
-            torch.arange(batch, device=image.device)[:, None].expand_as(image)[image >= 0],
-            "amax",
-        )  # [I] batch row of each image
+            protected = torch.zeros_like(visual)
+        # The one device read of the prefill: per batch row its real rows, visual rows, rows after its last
+        # visual row and whether it is right-padded; per image its protected rows.
+        columns = torch.arange(length, device=device)
+        last_visual = torch.where(visual, columns, -1).max(dim=1).values  # [B]
+        after = valid & (columns[None, :] > last_visual[:, None]) & (last_visual[:, None] >= 0)  # [B, L]
+        right_padded = (valid[:, :-1] & ~valid[:, 1:]).any(1)  # [B]
+        owners = torch.where(protected, image, images).flatten()  # [B L]; unprotected rows to a scratch slot
+        protected_per_image = torch.zeros(images + 1, dtype=torch.long, device=device).scatter_add_(
+            0, owners, torch.ones_like(owners)
+        )[:images]  # [I]
+        summary = torch.cat(
+            [valid.sum(1), visual.sum(1), after.sum(1), right_padded.long(), protected_per_image]
+        ).tolist()
+        real_rows, visual_rows = summary[:batch], summary[batch : 2 * batch]
+        text_after, bad_padding = summary[2 * batch : 3 * batch], summary[3 * batch : 4 * batch]
+        protected_counts = summary[4 * batch :]
+        if any(bad_padding):
+            raise NotImplementedError(
+                "in-LLM compression needs left padding (or none); set processor.tokenizer.padding_side = 'left'"
+            )
+        self.image_row = _image_rows(visual_rows, lengths)
+        self.image_tokens = tuple(lengths)
+        self.protected_tokens = tuple(protected_counts)  # [I] separators per image (0 under "positions")
+        self.budget_tokens = tuple(n - p for n, p in zip(lengths, protected_counts, strict=True))
+        self.text_after = tuple(text_after)
         self.prompt_length = length
+        self.prompt_padded = any(n != length for n in real_rows)
         # [B] position of each row's last token (left padding: the last column is real)
         self.last_position = positions.expand(batch, length)[:, -1]
-        queries = self.method.select_queries(self._view(hidden, image, protected, valid, layer=0))
-        if bool((queries.rows & ~(valid & (image < 0))).any()):
-            raise RuntimeError(f"{self.method.name!r} chose query rows that are visual or padding")
-        self.rater_candidates = queries.candidates
-        self.rows = _Rows(
+        rows = _Rows(
             valid=valid,
             image=image,
             protected=protected,
-            query=queries.rows,
+            query=torch.zeros_like(valid),
             positions=positions.expand(batch, length),
             cos=cos.expand(batch, -1, -1),
             sin=sin.expand(batch, -1, -1),
             mask=kwargs.get("attention_mask"),
+            candidates=self.budget_tokens,
+            rows=tuple(real_rows),
         )
+        queries = self.method.select_queries(self._view(hidden, rows, layer=0))
+        text = valid & ~visual
+        torch._assert_async(
+            ~(queries.rows & ~text).any(), f"{self.method.name!r} chose query rows that are visual or padding"
+        )
+        self.rater_candidates = tuple(queries.candidates)
+        self.query_count = (
+            tuple(queries.count) if queries.count is not None else tuple(queries.rows.sum(1).tolist())
+        )
+        rows.query = queries.rows
+        self.rows = rows
         self.started = True
 
-    def _view(
-        self,
-        hidden: torch.Tensor,
-        image: torch.Tensor,
-        protected: torch.Tensor,
-        valid: torch.Tensor,
-        layer: int,
-    ) -> TokenView:
+    def _view(self, hidden: torch.Tensor, rows: _Rows, layer: int) -> TokenView:
         return TokenView(
-            hidden,
-            image,
-            valid,
-            self.image_tokens,
-            layer,
-            self.adapter.num_layers,
-            protected=protected,
+            hidden_states=hidden,
+            image=rows.image,
+            valid=rows.valid,
+            layer=layer,
+            num_layers=self.adapter.num_layers,
+            protected=rows.protected,
+            image_tokens=self.image_tokens,
             budget_tokens=self.budget_tokens,
+            candidates=rows.candidates,
+            image_row=self.image_row,
+            rows=rows.rows,
+            text_after=self.text_after,
         )
 
     # -- hooks --------------------------------------------------------------------------------------------
     def before_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         hidden = _hidden_argument(args, kwargs)
         if index == 0:
-            self._start(hidden, kwargs)
+            with stage_section("compression"):
+                self._start(hidden, kwargs)
         rows = self.rows
         if rows is None:
             return None
         if index in self.adapter.stage_layers:
-            hidden = self._apply_stage(self.adapter.stage_layers.index(index), index, hidden)
+            with stage_section("compression"):
+                hidden = self._apply_stage(self.adapter.stage_layers.index(index), index, hidden)
             rows = self.rows
         self.layer_input = hidden
-        self.visual_counts.append(((rows.image >= 0) & rows.valid).sum(1))
-        self.token_counts.append(rows.valid.sum(1))
+        visual = [c + p for c, p in zip(rows.candidates, self.protected_tokens, strict=True)]
+        self.visual_counts.append(self._view(hidden, rows, index).per_row(visual))
+        self.token_counts.append(rows.rows)
         if not rows.changed:
             return None
         kwargs = {
@@ -325,44 +395,65 @@ class _Prefill:
         if rows is None:
             return
         cos, sin = kwargs["position_embeddings"]
-        query_index, query_valid = compact_rows(rows.query)  # [B, Q]
+        query_index, query_valid = compact_rows(rows.query, max(self.query_count, default=0))  # [B, Q]
         with torch.profiler.record_function("globalcom2.in_llm.score"):
             attention = attention_rows(
                 module, kwargs["hidden_states"], cos, sin, query_index, query_valid, rows.valid
             )  # [B, Q, L]
-            view = self._view(
-                self.layer_input, rows.image, rows.protected, rows.valid, self.adapter.score_layers[stage]
-            )
+            view = self._view(self.layer_input, rows, self.adapter.score_layers[stage])
             self.scores[stage] = self.method.score(stage, attention, query_valid, view)
-        self.score_queries[stage] = query_valid.sum(1)
-        self.score_keys[stage] = rows.valid.sum(1)
+        self.stage_counts[stage] = _StageCounts(
+            self.query_count, rows.rows, (0,) * len(rows.rows), (0,) * len(rows.rows)
+        )
 
     # -- one stage ----------------------------------------------------------------------------------------
     def _apply_stage(self, stage: int, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         rows = self.rows
-        view = self._view(hidden, rows.image, rows.protected, rows.valid, layer)
+        view = self._view(hidden, rows, layer)
         plan: KeepPlan = self.method.keep(stage, self.scores.pop(stage), view)
-        keep = plan.keep & rows.valid
-        if bool((rows.valid & ((rows.image < 0) | rows.protected) & ~keep).any()):
-            raise RuntimeError(
-                f"{self.method.name!r} dropped text or protected rows at stage {stage}; only candidate visual "
-                "rows may go"
-            )
+        images = len(self.image_tokens)
+        kept = tuple(plan.kept)
         merged = plan.merged
-        images = self.image_tokens.numel()
-        zeros = torch.zeros(images, dtype=torch.long, device=hidden.device)
-        candidates = merged.candidates if merged is not None else zeros
-        inserted = merged.count if merged is not None else zeros
-        self.recycle_candidates[stage] = self._per_row(candidates)
-        self.recycled[stage] = self._per_row(inserted)
-        if torch.equal(keep, rows.valid) and int(inserted.sum()) == 0:
+        merged_count = tuple(merged.count) if merged is not None else (0,) * images
+        merged_candidates = tuple(merged.candidates) if merged is not None else (0,) * images
+        if len(kept) != images or any(not 0 <= k <= c for k, c in zip(kept, rows.candidates, strict=True)):
+            raise RuntimeError(
+                f"{self.method.name!r} kept {list(kept)} rows at stage {stage}; each image has "
+                f"{list(rows.candidates)} candidates"
+            )
+        if len(merged_count) != images:
+            raise RuntimeError(f"{self.method.name!r} merged rows for {len(merged_count)} of {images} images")
+        counts = self.stage_counts[stage]
+        self.stage_counts[stage] = _StageCounts(
+            counts.queries,
+            counts.keys,
+            tuple(view.per_row(merged_candidates)),
+            tuple(view.per_row(merged_count)),
+        )
+        if kept == rows.candidates and not any(merged_count):
             return hidden  # nothing dropped: layout (and bit-identity) unchanged
-        if self.method.positions == "original" and int(inserted.sum()) > 0:
+        if self.method.positions == "original" and any(merged_count):
             raise RuntimeError(
                 f"{self.method.name!r} keeps original positions, so it cannot insert merged rows"
             )
 
-        layout = plan_relayout(keep, rows.image, merged)
+        candidate = rows.valid & (rows.image >= 0) & ~rows.protected  # [B, L]
+        keep = (plan.keep & candidate) | (rows.valid & ~candidate)  # text and protected rows always stay
+        owners = torch.where(plan.keep & candidate, rows.image, images).flatten()  # [B L]
+        marked = torch.zeros(images + 1, dtype=torch.long, device=hidden.device).scatter_add_(
+            0, owners, torch.ones_like(owners)
+        )[:images]  # [I] rows the plan marks per image
+        torch._assert_async(
+            (marked == int64_tensor(kept, hidden.device)).all(),
+            f"{self.method.name!r}: the keep mask of stage {stage} disagrees with its kept counts {list(kept)}",
+        )
+        dropped = [c - k for c, k in zip(rows.candidates, kept, strict=True)]
+        new_rows = [
+            r - d + m
+            for r, d, m in zip(rows.rows, view.per_row(dropped), view.per_row(merged_count), strict=True)
+        ]
+        new_length = max(new_rows)
+        layout = plan_relayout(keep, rows.image, new_length, merged, self.image_row)
         source, valid = layout.source, layout.valid
         new_hidden = gather_rows(hidden, source, layout.inserted_hidden)
         image = gather_rows(rows.image, source, layout.inserted_image).masked_fill(~valid, -1)
@@ -383,52 +474,50 @@ class _Prefill:
             positions = renumber_positions(valid, first)
             cos, sin = self.adapter.rotary(new_hidden, positions)
             shift = self.last_position - positions[:, -1]  # [B]
-        mask = self.adapter.layer_mask(new_hidden, valid)
-        self.rows = _Rows(valid, image, protected, query, positions, cos, sin, mask, changed=True)
-        self.stage_layouts.append(StageLayout(layer, valid, shift))
-        return new_hidden
-
-    def _per_row(self, per_image: torch.Tensor) -> torch.Tensor:
-        batch = self.rows.valid.shape[0]
-        return torch.zeros(batch, dtype=torch.long, device=per_image.device).index_add(
-            0, self.image_row, per_image.long()
+        padded = any(n != new_length for n in new_rows)
+        mask = self.adapter.layer_mask(new_hidden, new_length, valid if padded else None)
+        candidates = tuple(k + m for k, m in zip(kept, merged_count, strict=True))
+        self.rows = _Rows(
+            valid,
+            image,
+            protected,
+            query,
+            positions,
+            cos,
+            sin,
+            mask,
+            candidates,
+            tuple(new_rows),
+            changed=True,
         )
+        self.stage_layouts.append(StageLayout(layer, valid, shift, padded))
+        return new_hidden
 
     # -- after the forward --------------------------------------------------------------------------------
     def finish(self) -> tuple[list[LayerStats], InLLMDecodeState | None]:
-        visual = torch.stack(self.visual_counts, 1).tolist()  # [B, layers]
-        tokens = torch.stack(self.token_counts, 1).tolist()
-        batch = len(visual)
-
-        def per_stage(values: list[torch.Tensor | None]) -> list[tuple[int, ...]]:
-            filled = [v if v is not None else torch.zeros(batch, dtype=torch.long) for v in values]
-            return [
-                tuple(int(x) for x in column) for column in zip(*(v.tolist() for v in filled), strict=True)
-            ]
-
-        queries, keys = per_stage(self.score_queries), per_stage(self.score_keys)
-        candidates, recycled = per_stage(self.recycle_candidates), per_stage(self.recycled)
-        raters = self.rater_candidates.tolist()
+        batch = len(self.token_counts[0])
+        empty = _StageCounts((0,) * batch, (0,) * batch, (0,) * batch, (0,) * batch)
+        stages = [self.stage_counts.get(s, empty) for s in range(len(self.adapter.stage_layers))]
         targets = self._row_targets()
         stats = [
             LayerStats(
                 method=self.method.name,
-                visual_tokens_before=visual[row][0],
-                visual_tokens_per_layer=tuple(visual[row]),
-                tokens_per_layer=tuple(tokens[row]),
+                visual_tokens_before=self.visual_counts[0][row],
+                visual_tokens_per_layer=tuple(layer[row] for layer in self.visual_counts),
+                tokens_per_layer=tuple(layer[row] for layer in self.token_counts),
                 score_layers=self.adapter.score_layers,
-                score_query_tokens=queries[row],
-                score_key_tokens=keys[row],
-                rater_candidates=int(raters[row]),
-                recycle_candidates=candidates[row],
-                recycled_tokens=recycled[row],
+                score_query_tokens=tuple(s.queries[row] for s in stages),
+                score_key_tokens=tuple(s.keys[row] for s in stages),
+                rater_candidates=int(self.rater_candidates[row]),
+                recycle_candidates=tuple(s.recycle_candidates[row] for s in stages),
+                recycled_tokens=tuple(s.recycled[row] for s in stages),
                 equivalent_tokens_target=targets[row],
             )
             for row in range(batch)
         ]
         state = None
         if self.stage_layouts:
-            state = InLLMDecodeState(self.prompt_length, tuple(self.stage_layouts))
+            state = InLLMDecodeState(self.prompt_length, self.prompt_padded, tuple(self.stage_layouts))
         return stats, state
 
     def _row_targets(self) -> list[float | None]:
@@ -436,9 +525,9 @@ class _Prefill:
 
         The target counts visual rows, as the realised per-layer counts do: under ``budget_basis="patches"``
         the method's target for the patch tokens plus the separators that always stay."""
-        per_row: list[float | None] = [None] * self.rows.valid.shape[0]
+        per_row: list[float | None] = [None] * len(self.token_counts[0])
         for count, protected, row in zip(
-            self.budget_tokens.tolist(), self.protected_tokens.tolist(), self.image_row.tolist(), strict=True
+            self.budget_tokens, self.protected_tokens, self.image_row, strict=True
         ):
             target = self.method.equivalent_tokens_target(count, self.adapter.num_layers)
             if target is not None:
@@ -460,7 +549,8 @@ class _Decode:
         if stage is None:
             return None
         if stage.first_layer not in self._substitutes:
-            self._substitutes[stage.first_layer] = self._substitute(index, stage, args, kwargs)
+            with stage_section("compression"):
+                self._substitutes[stage.first_layer] = self._substitute(index, stage, args, kwargs)
         return args, {**kwargs, **self._substitutes[stage.first_layer]}
 
     def _substitute(self, index: int, stage: StageLayout, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -489,9 +579,11 @@ class _Decode:
                 )
         else:
             tail = torch.ones(batch, tail_length, dtype=torch.bool, device=hidden.device)
-        substitute: dict[str, Any] = {
-            "attention_mask": self.adapter.layer_mask(hidden, torch.cat([stage.valid, tail], dim=1))
-        }
+        # Without padding in the prompt (known since the prefill), generate's mask is all ones: the model's
+        # own fast path applies. With padding, the mask is built from the stage's cached rows.
+        padded = stage.padded or self.state.prompt_padded
+        key_valid = torch.cat([stage.valid, tail], dim=1) if padded else None
+        substitute: dict[str, Any] = {"attention_mask": self.adapter.layer_mask(hidden, kv_length, key_valid)}
         if stage.position_shift is not None:
             positions = kwargs["position_ids"].expand(batch, query_length) - stage.position_shift[:, None]
             substitute["position_ids"] = positions

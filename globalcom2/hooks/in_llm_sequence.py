@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from globalcom2.methods.base import MergedTokens
+from globalcom2.scoring.ranking import int64_tensor
+from globalcom2.scoring.selection import masked_positions
 
 
 @dataclass(frozen=True)
@@ -32,42 +34,54 @@ class Relayout:
     inserted_image: torch.Tensor | None
 
 
-def plan_relayout(keep: torch.Tensor, image: torch.Tensor, merged: MergedTokens | None = None) -> Relayout:
+def plan_relayout(
+    keep: torch.Tensor,
+    image: torch.Tensor,
+    new_length: int,
+    merged: MergedTokens | None = None,
+    image_row: tuple[int, ...] = (),
+) -> Relayout:
     """Keep the rows marked in ``keep`` and insert each image's merged rows after that image's last row.
+
+    Every size comes from the host (``new_length``, the merged counts and the images' batch rows), so the
+    relayout is a fixed sequence of kernels that never waits for the device.
 
     Args:
         keep: ``[B, L]`` bool, True for the real rows that go on (padding must be False).
         image: ``[B, L]`` image index of each visual row (scatter order over the batch), -1 elsewhere.
+        new_length: the most rows any batch row keeps, merged rows included.
         merged: per-image merged rows, or ``None``.
+        image_row: the batch row of each image (needed with ``merged``).
     """
     batch, length = keep.shape
     device = keep.device
     columns = torch.arange(length, device=device).expand(batch, length)  # [B, L]
-    if merged is None or int(merged.count.sum()) == 0:
+    total = sum(merged.count) if merged is not None else 0
+    if merged is None or total == 0:
         keys, selected = columns, keep
         inserted_hidden = inserted_image = None
     else:
-        count = merged.count.to(device)  # [I]
         images, per_image, dim = merged.hidden_states.shape
+        if len(image_row) != images or len(merged.count) != images:
+            raise ValueError(f"{images} images of merged rows need {images} batch rows and counts")
+        count = int64_tensor(merged.count, device)  # [I]
+        owner_row = int64_tensor(image_row, device)  # [I] batch row of each image
+        per_row = [0] * batch
+        for row, rows_of_image in zip(image_row, merged.count, strict=True):
+            per_row[row] += rows_of_image
+        width = max(per_row)
         stride = per_image + 1  # sort keys: an image's merged rows fall between its last row and the next row
-        visual = image >= 0
-        batch_rows = torch.arange(batch, device=device)[:, None].expand(batch, length)  # [B, L]
-        owner_row = torch.zeros(images, dtype=torch.long, device=device)
-        owner_row = owner_row.scatter_reduce(
-            0, image[visual], batch_rows[visual], "amax"
-        )  # batch row of each image
-        anchor = torch.full((images,), -1, dtype=torch.long, device=device)
-        anchor = anchor.scatter_reduce(0, image[visual], columns[visual], "amax")  # last column of each image
+        owners = torch.where(image >= 0, image, images).flatten()  # [B L], non-visual rows to a scratch slot
+        anchor = torch.full((images + 1,), -1, dtype=torch.long, device=device)
+        anchor = anchor.scatter_reduce(0, owners, columns.flatten(), "amax")[:images]  # last column per image
         # Slots of each batch row: its images' merged rows one after the other (images of a row are consecutive).
         before = count.cumsum(0) - count  # [I] merged rows of all earlier images
-        row_start = torch.full((batch,), int(before.sum()) + 1, dtype=torch.long, device=device)
+        row_start = torch.full((batch,), total + 1, dtype=torch.long, device=device)
         row_start = row_start.scatter_reduce(0, owner_row, before, "amin")
         offset = before - row_start[owner_row]  # [I] first slot of each image within its batch row
-        per_row = torch.zeros(batch, dtype=torch.long, device=device).index_add(0, owner_row, count)
-        width = int(per_row.max())
-        slot_image, slot_rank = (torch.arange(per_image, device=device)[None, :] < count[:, None]).nonzero(
-            as_tuple=True
-        )  # [T] image and rank of every real merged row
+        slots = torch.arange(per_image, device=device)[None, :] < count[:, None]  # [I, M] real merged rows
+        flat = masked_positions(slots.flatten(), total)  # [T]
+        slot_image, slot_rank = flat // per_image, flat % per_image  # [T] image and rank of every merged row
         dst_row, dst_col = owner_row[slot_image], offset[slot_image] + slot_rank
         inserted_hidden = merged.hidden_states.new_zeros(batch, width, dim)
         inserted_hidden[dst_row, dst_col] = merged.hidden_states[slot_image, slot_rank]
@@ -81,7 +95,6 @@ def plan_relayout(keep: torch.Tensor, image: torch.Tensor, merged: MergedTokens 
         selected = torch.cat([keep, inserted_valid], dim=1)
     sort_key = torch.where(selected, keys, -1)  # padding first, then rows in order
     order = torch.argsort(sort_key, dim=1, stable=True)  # [B, L + M]
-    new_length = int(selected.sum(1).max())
     source = order[:, order.shape[1] - new_length :]  # [B, L']
     return Relayout(source, selected.gather(1, source), inserted_hidden, inserted_image)
 

@@ -28,6 +28,8 @@ import torch
 from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2.hooks.pre_llm_sequence import placeholder_owners
+from globalcom2.scoring.ranking import int64_tensor
+from globalcom2.stage_timing import stage_section
 
 _ADAPTER_ATTR = "_globalcom2"
 
@@ -45,6 +47,8 @@ class PromptContext:
         past_key_values: the KV cache of this generation, or ``None``.
         separator: ``[B, L]`` True at the row separators among the visual positions, when the in-LLM method
             counts its budget in patch tokens (``budget_basis="patches"``); ``None`` otherwise.
+        image_lengths: visual positions of each image (scatter order), known on the host from the features'
+            shapes; empty in steps without images.
     """
 
     input_ids: torch.Tensor | None
@@ -53,6 +57,7 @@ class PromptContext:
     position_ids: torch.Tensor | None
     past_key_values: Any
     separator: torch.Tensor | None = None
+    image_lengths: tuple[int, ...] = ()
 
     @property
     def is_prefill(self) -> bool:
@@ -116,16 +121,19 @@ class ModelAdapter:
             delattr(inner, _ADAPTER_ATTR)
 
 
-def visual_index_map(input_ids: torch.Tensor, image_token_id: int, lengths: list[int]) -> torch.Tensor:
-    """``[B, L]`` image index of every placeholder position (scatter order), -1 elsewhere."""
-    image, _ = placeholder_owners(input_ids == image_token_id, torch.tensor(lengths))
-    return image
+def visual_index_map(
+    input_ids: torch.Tensor, image_token_id: int, lengths: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image [B, L], offset [B, L])``: image index (scatter order) and position within that image of every
+    placeholder, -1 elsewhere (:func:`~globalcom2.hooks.pre_llm_sequence.placeholder_owners`)."""
+    return placeholder_owners(input_ids == image_token_id, int64_tensor(lengths, input_ids.device))
 
 
 def separator_map(
     image_newline: torch.Tensor,
     features: list[torch.Tensor] | tuple[torch.Tensor, ...],
     visual_index: torch.Tensor,
+    visual_offset: torch.Tensor,
 ) -> torch.Tensor:
     """``[B, L]`` True at the visual positions that hold a row separator.
 
@@ -136,10 +144,11 @@ def separator_map(
     """
     flags = torch.cat(
         [(feats == image_newline.to(feats.device, feats.dtype)).all(-1) for feats in features]
-    )  # [sum N] packed order of every image = scatter order
-    separator = torch.zeros_like(visual_index, dtype=torch.bool)
-    separator[visual_index >= 0] = flags.to(visual_index.device)  # row-major over the batch = scatter order
-    return separator
+    ).to(visual_index.device)  # [sum N] packed order of every image = scatter order
+    lengths = [feats.shape[0] for feats in features]
+    starts = int64_tensor([sum(lengths[:i]) for i in range(len(lengths))], visual_index.device)  # [I]
+    flat = starts[visual_index.clamp(min=0)] + visual_offset.clamp(min=0)  # [B, L] index into flags
+    return (visual_index >= 0) & flags[flat]
 
 
 class _CompressingMixin:
@@ -166,7 +175,8 @@ class _CompressingMixin:
                 **kwargs,
             )
         if adapter.pre_llm is not None:
-            output = adapter.pre_llm.plan(output, pixel_values, image_sizes)
+            with stage_section("compression"):
+                output = adapter.pre_llm.plan(output, pixel_values, image_sizes)
         return output if return_dict else output.to_tuple()
 
     def forward(
@@ -200,15 +210,17 @@ class _CompressingMixin:
         state = None
         if image_output is not None:
             if adapter.pre_llm is not None:
-                input_ids, attention_mask, position_ids, image_output, state = adapter.pre_llm.prefill(
-                    input_ids, attention_mask, position_ids, past_key_values, image_output
-                )
+                with stage_section("compression"):
+                    input_ids, attention_mask, position_ids, image_output, state = adapter.pre_llm.prefill(
+                        input_ids, attention_mask, position_ids, past_key_values, image_output
+                    )
             mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": image_output}
         elif adapter.pre_llm is not None:
             query = input_ids if input_ids is not None else inputs_embeds
-            attention_mask, position_ids = adapter.pre_llm.decode(
-                past_key_values, attention_mask, position_ids, query.shape[1]
-            )
+            with stage_section("compression"):
+                attention_mask, position_ids = adapter.pre_llm.decode(
+                    past_key_values, attention_mask, position_ids, query.shape[1]
+                )
 
         return_dict = kwargs.pop("return_dict", True)
         with self._in_llm_stage(
@@ -240,18 +252,23 @@ class _CompressingMixin:
             yield
             return
         visual_index = separator = None
+        lengths: tuple[int, ...] = ()
         if image_output is not None:
             if input_ids is None:
                 raise NotImplementedError(
                     f"{adapter.in_llm.method.name!r} needs input_ids to find the visual tokens; "
                     "inputs_embeds with images is not supported"
                 )
-            lengths = [feats.shape[0] for feats in image_output.pooler_output]
-            visual_index = visual_index_map(input_ids, self.config.image_token_id, lengths)
+            lengths = tuple(feats.shape[0] for feats in image_output.pooler_output)  # shapes: host-known
+            visual_index, visual_offset = visual_index_map(
+                input_ids, self.config.image_token_id, list(lengths)
+            )
             if adapter.in_llm.method.budget_basis == "patches":
-                separator = separator_map(self.image_newline, image_output.pooler_output, visual_index)
+                separator = separator_map(
+                    self.image_newline, image_output.pooler_output, visual_index, visual_offset
+                )
         context = PromptContext(
-            input_ids, visual_index, attention_mask, position_ids, past_key_values, separator
+            input_ids, visual_index, attention_mask, position_ids, past_key_values, separator, lengths
         )
         with adapter.in_llm.active(context):
             yield

@@ -77,7 +77,7 @@ class PreLLMAdapter:
             yield
             self._pending_scores = torch.cat(captured) if captured else None  # [sum of views, 576]
 
-    def layout(self, image_size: torch.Tensor) -> PackedLayout:
+    def layout(self, image_size: torch.Tensor | list[int]) -> PackedLayout:
         return config_layout(self.model.config, image_size)
 
     def plan(
@@ -85,7 +85,7 @@ class PreLLMAdapter:
     ) -> PlannedImageFeatures:
         """Decide, for every image of this call, which packed positions the LLM will see."""
         features = list(output.pooler_output)  # I x [N_i, D]
-        layouts = [self.layout(size) for size in image_sizes]
+        layouts = [self.layout(size) for size in image_sizes.tolist()]  # one read of the sizes for all
         num_views = [layout.num_views for layout in layouts]
         views = _views_per_image(pixel_values, num_views)
         scores = self._scores_per_image(num_views)
@@ -119,8 +119,8 @@ class PreLLMAdapter:
         if source is None:
             patches, separators = layout.num_patches, layout.num_separators
         else:
-            kept_separators = int(layout.is_separator[source.cpu()].sum())
-            patches, separators = source.numel() - kept_separators, kept_separators
+            separators = self.method.separators_kept(layout, source)
+            patches = source.numel() - separators
         return ImageStats(
             method=self.method.name,
             image_size=layout.image_size,
@@ -175,8 +175,8 @@ class PreLLMAdapter:
             attention_mask,
             position_ids,
             image_token_id=self._image_token_id,
-            original_lengths=torch.tensor(original),
-            new_lengths=torch.tensor(kept),
+            original_lengths=original,
+            new_lengths=kept,
             pad_token_id=self._pad_token_id,
         )
         return rebuilt.input_ids, rebuilt.attention_mask, rebuilt.position_ids, compressed, rebuilt.state

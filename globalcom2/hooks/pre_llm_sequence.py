@@ -10,9 +10,12 @@ vectorised over the batch, and used for every pre-LLM method.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from globalcom2.scoring.ranking import int64_tensor
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,8 @@ def rebuild_prompt(
     position_ids: torch.Tensor | None,
     *,
     image_token_id: int,
-    original_lengths: torch.Tensor,
-    new_lengths: torch.Tensor,
+    original_lengths: Sequence[int],
+    new_lengths: Sequence[int],
     pad_token_id: int,
 ) -> RebuiltPrompt:
     """Replace each image's ``N_i`` placeholders by ``M_i`` and left-pad the batch again.
@@ -87,50 +90,55 @@ def rebuild_prompt(
         attention_mask: ``[B, L]`` 1 for real tokens, or ``None`` (no padding).
         position_ids: ``[B, L]`` or ``[1, L]`` positions the caller would use, or ``None`` (``arange``).
         image_token_id: the placeholder id.
-        original_lengths: ``[I]`` placeholders per image, in scatter order.
-        new_lengths: ``[I]`` tokens kept per image.
+        original_lengths: placeholders per image, in scatter order (host ints).
+        new_lengths: tokens kept per image (host ints).
         pad_token_id: id written into new padding slots (they are masked out).
     """
     batch, length = input_ids.shape
     device = input_ids.device
-    original_lengths = original_lengths.to(device)
-    new_lengths = new_lengths.to(device)
+    original, kept = [int(n) for n in original_lengths], [int(n) for n in new_lengths]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise NotImplementedError("pre-LLM compression needs a 2-D attention_mask (got a 4-D mask)")
 
     is_image = input_ids == image_token_id  # [B, L]
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise NotImplementedError("pre-LLM compression needs a 2-D attention_mask (got a 4-D mask)")
-        real = attention_mask.bool()  # [B, L]
-        if bool((real[:, :-1] & ~real[:, 1:]).any()):
-            raise NotImplementedError(
-                "pre-LLM compression needs left padding (or none); set processor.tokenizer.padding_side = 'left'"
-            )
-    else:
-        real = torch.ones_like(is_image)
-    num_placeholders = int(is_image.sum())
-    if num_placeholders != int(original_lengths.sum()):
-        raise ValueError(
-            f"the prompt has {num_placeholders} image placeholders but the images have "
-            f"{int(original_lengths.sum())} packed tokens; were images and text processed together?"
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)  # [B, L]
+    # The one device read of the surgery: per row, its real tokens, its placeholders and whether it is
+    # right-padded. Every size below follows from these on the host.
+    right_padded = (real[:, :-1] & ~real[:, 1:]).any(1)  # [B]
+    real_per_row, placeholders_per_row, bad_padding = torch.stack(
+        [real.sum(1), is_image.sum(1), right_padded.long()]
+    ).tolist()
+    if any(bad_padding):
+        raise NotImplementedError(
+            "pre-LLM compression needs left padding (or none); set processor.tokenizer.padding_side = 'left'"
         )
+    if sum(placeholders_per_row) != sum(original):
+        raise ValueError(
+            f"the prompt has {sum(placeholders_per_row)} image placeholders but the images have "
+            f"{sum(original)} packed tokens; were images and text processed together?"
+        )
+    row_lengths = _compressed_row_lengths(real_per_row, placeholders_per_row, original, kept)
+    new_length = max(row_lengths)
+    total = sum(row_lengths)
 
+    original_device = int64_tensor(original, device)  # [I]
+    kept_device = int64_tensor(kept, device)  # [I]
     # Which image each placeholder belongs to, and whether it is that image's first placeholder.
-    image, offset = placeholder_owners(is_image, original_lengths)  # [B, L], [B, L]
+    image, offset = placeholder_owners(is_image, original_device)  # [B, L], [B, L]
     first = is_image & (offset == 0)  # [B, L]
 
     # Every real token is copied once; an image's first placeholder becomes M_i copies, the rest none.
-    counts = torch.where(is_image, first.long() * new_lengths[image], real.long())  # [B, L]
+    counts = torch.where(is_image, first.long() * kept_device[image.clamp(min=0)], real.long())  # [B, L]
     real_lengths = counts.sum(1)  # [B]
-    new_length = int(real_lengths.max())
-    tokens = torch.repeat_interleave(input_ids.flatten(), counts.flatten())  # [T]
-    rows = torch.repeat_interleave(torch.arange(batch, device=device), real_lengths)  # [T]
+    tokens = torch.repeat_interleave(input_ids.flatten(), counts.flatten(), output_size=total)  # [T]
+    rows = torch.repeat_interleave(torch.arange(batch, device=device), real_lengths, output_size=total)  # [T]
     row_starts = real_lengths.cumsum(0) - real_lengths  # [B]
-    within = torch.arange(tokens.numel(), device=device) - row_starts[rows]  # [T]
+    within = torch.arange(total, device=device) - row_starts[rows]  # [T]
     cols = (new_length - real_lengths)[rows] + within  # [T] left-padded column
 
     new_ids = input_ids.new_full((batch, new_length), pad_token_id)
     new_ids[rows, cols] = tokens
-    padded = bool((real_lengths != new_length).any())
+    padded = any(n != new_length for n in row_lengths)
     if attention_mask is not None or padded:
         dtype = attention_mask.dtype if attention_mask is not None else torch.long
         new_mask = torch.zeros((batch, new_length), dtype=dtype, device=device)
@@ -152,6 +160,26 @@ def rebuild_prompt(
         attention_mask=new_mask,
     )
     return RebuiltPrompt(new_ids, new_mask, new_positions, state)
+
+
+def _compressed_row_lengths(
+    real_per_row: list[int], placeholders_per_row: list[int], original: list[int], kept: list[int]
+) -> list[int]:
+    """Real tokens of each row after every image ``i`` of it went from ``original[i]`` to ``kept[i]``
+    placeholders (images fill the rows in scatter order)."""
+    lengths, image = [], 0
+    for real, placeholders in zip(real_per_row, placeholders_per_row, strict=True):
+        change = 0
+        while placeholders > 0:
+            if image >= len(original) or original[image] > placeholders:
+                raise ValueError(
+                    "an image's placeholders span two prompts of the batch; were images and text processed together?"
+                )
+            placeholders -= original[image]
+            change += kept[image] - original[image]
+            image += 1
+        lengths.append(real + change)
+    return lengths
 
 
 def decode_inputs(

@@ -10,7 +10,9 @@ Registered through the entry point ``lmms_eval.models: globalcom2 = globalcom2.l
 ``vanilla``), ``dtype`` (``auto`` = the checkpoint's), ``device``, ``batch_size``, ``attn_implementation``
 (default ``sdpa``; a JSON object selects per sub-config), ``max_new_tokens`` (used when a task sets none;
 default 1024), ``records_path`` (JSONL sidecar of per-sample records), ``profile`` (default true),
-``warmup`` (untimed generate calls before the first timed one; default 1), ``random_init`` (build the 7B/13B
+``warmup`` (untimed generate calls before the first timed one; default 1; the first timed call is also
+reported apart, ``SampleRecord.first_call``), ``compile`` (``true`` or a ``torch.compile`` mode: the vision
+tower's and the LLM's layers run compiled in a prefill, ``globalcom2.models.compiled``), ``random_init`` (build the 7B/13B
 architecture named by ``pretrained`` with random weights: speed and memory only), ``protocol``
 (``lmms_eval``, the default: the task's prompt and generation settings; ``llava``: the original LLaVA
 evaluation the paper used, ``globalcom2.lmms.protocols``), ``generation_overrides`` (under ``llava``
@@ -61,6 +63,7 @@ from globalcom2.lmms.plugin_options import PluginOptions
 from globalcom2.lmms.protocols import budget_method_params, geometry_of, task_protocol
 from globalcom2.lmms.tokenization import encode_batch
 from globalcom2.methods import METHODS
+from globalcom2.models.compiled import compile_model, compile_problem, resolve_compile
 from globalcom2.models.preload import check_device, model_problems
 
 __all__ = ["MODEL_ID", "GlobalCom2LlavaNext"]
@@ -101,6 +104,7 @@ class GlobalCom2LlavaNext(lmms):
         random_init: bool = False,
         protocol: str = "lmms_eval",
         generation_overrides: str | dict[str, Any] | None = None,
+        compile: bool | str = False,
         **method_params: Any,
     ) -> None:
         super().__init__()
@@ -115,6 +119,7 @@ class GlobalCom2LlavaNext(lmms):
             dtype=dtype,
             protocol=protocol,
             generation_overrides=generation_overrides,
+            compile=compile,
         )
         self.protocol = options.protocol
         self.generation_overrides = options.generation_overrides
@@ -140,6 +145,11 @@ class GlobalCom2LlavaNext(lmms):
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device = self._choose_device(device)
+        self.compile_mode = resolve_compile(options.compile, self._device)
+        if self.compile_mode is not None:
+            problem = compile_problem(self._device, self.compile_mode)
+            if problem:
+                raise RuntimeError(f"compile={options.compile!r}: {problem}")
         # The checkpoint's config alone: a model that is not LLaVA-NeXT AnyRes, or a layer index past its
         # depth, fails here, before the weights load.
         problems = model_problems(str(pretrained), random_init=self.random_init, method=self.method)
@@ -160,11 +170,14 @@ class GlobalCom2LlavaNext(lmms):
         )
         self.tokenizer = self.processor.tokenizer
         self.attachment = attach(self.model, self.method)
+        # Compiled after attaching: the method's hooks stay outside the compiled layers (models/compiled.py).
+        self.compiled = compile_model(self.model, self.compile_mode) if self.compile_mode else None
         self.profiler = GenerateProfiler(self.model, self._device)
         eos = self.model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._pad_id = self.tokenizer.pad_token_id
         self._warmed_up = False
+        self._measured_calls = 0
         self._batches = 0
         self.records: list[sr.SampleRecord] = []
 
@@ -211,6 +224,7 @@ class GlobalCom2LlavaNext(lmms):
             "protocol": self.protocol,
             "geometry": geometry_of(self.protocol),
             "generation_overrides": self.generation_overrides,
+            "compile": self.compile_mode,
         }
 
     def resolved_attn_implementation(self) -> dict[str, str | None]:
@@ -305,6 +319,7 @@ class GlobalCom2LlavaNext(lmms):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         preprocess_s = time.perf_counter() - started
         sequences, measurement, row_stats = self._generate(inputs, setting, batch)
+        first_call = measurement is not None and self._measured_calls == 1
 
         prompt_length = inputs["input_ids"].shape[1]
         outputs, records = [], []
@@ -343,6 +358,10 @@ class GlobalCom2LlavaNext(lmms):
                 peak_memory_note=measurement.peak_memory_note if measurement else "profile=false",
                 clock=measurement.clock if measurement else None,
                 compression=list(row_stats[row]),
+                peak_memory_reserved_bytes=measurement.peak_memory_reserved_bytes if measurement else None,
+                stages_s=dict(measurement.stages) if measurement else None,
+                first_call=first_call,
+                text_tokens=prompt_tokens - before,
             )
             if record.empty_answer:
                 logger.warning(f"empty answer for {task} doc {doc_id} (stop: {record.stop_reason})")
@@ -370,6 +389,7 @@ class GlobalCom2LlavaNext(lmms):
                     with self.profiler.measure() as pending:
                         sequences = self.model.generate(**inputs, **kwargs)
                     measurement = pending.result
+                    self._measured_calls += 1
                 else:
                     sequences = self.model.generate(**inputs, **kwargs)
         except Exception as err:

@@ -26,6 +26,7 @@ PLUGIN_OPTION_NAMES = (
     "dtype",
     "protocol",
     "generation_overrides",
+    "compile",
 )
 #: Every ``model_args`` key the plugin itself takes (the rest are method parameters): the options above plus
 #: what the plugin resolves on its own. ``tests/lmms/test_plugin.py`` checks it against the plugin's
@@ -45,6 +46,7 @@ class PluginOptions:
     dtype: str
     protocol: str = DEFAULT_PROTOCOL
     generation_overrides: dict[str, Any] | None = None
+    compile: bool | str = False  # False, True (the device's default mode) or a torch.compile mode
 
     @classmethod
     def from_model_args(
@@ -59,6 +61,7 @@ class PluginOptions:
         dtype: Any = "auto",
         protocol: Any = DEFAULT_PROTOCOL,
         generation_overrides: Any = None,
+        compile: Any = False,
     ) -> PluginOptions:
         """Raises ``ValueError`` naming the argument, its value and what is valid."""
         if str(batch_size) == "auto" or max_batch_size is not None:
@@ -72,6 +75,7 @@ class PluginOptions:
             dtype=str(dtype),
             protocol=check_protocol(protocol),
             generation_overrides=_overrides(generation_overrides),
+            compile=_compile_setting(compile),
         )
         if options.generation_overrides and options.protocol != "llava":
             raise ValueError(
@@ -86,6 +90,17 @@ class PluginOptions:
         if options.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype={options.dtype!r} is not a dtype; valid: {', '.join(DTYPE_CHOICES)}")
         return options
+
+
+def _compile_setting(value: Any) -> bool | str:
+    """``compile``: a boolean (also ``"true"``/``"false"`` from a ``model_args`` string) or a compile mode."""
+    from globalcom2.models.compiled import COMPILE_MODES
+
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, bool) or value in COMPILE_MODES:
+        return value
+    raise ValueError(f"compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {value!r}")
 
 
 def _overrides(value: Any) -> dict[str, Any] | None:

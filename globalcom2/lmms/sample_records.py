@@ -40,6 +40,8 @@ class SampleRecord:
 
     Latencies are those of the ``generate`` call that produced the answer; with ``batch_size > 1`` that
     call served the whole batch (``batch_size`` rows), so divide by it for an amortised per-sample cost.
+    A process's first measured call (``first_call``) carries one-off costs (kernel selection, allocator
+    growth, compilation under ``compile=true``), so the statistics leave it out and report it apart.
     """
 
     task: str
@@ -70,6 +72,10 @@ class SampleRecord:
     peak_memory_note: str | None
     clock: str | None
     compression: list[Stats] = field(default_factory=list)
+    peak_memory_reserved_bytes: int | None = None
+    stages_s: dict[str, float] | None = None  # exclusive seconds per stage (globalcom2.stage_timing)
+    first_call: bool = False  # the process's first measured generate call: reported apart, not in statistics
+    text_tokens: int | None = None  # prompt tokens that are not image placeholders (no padding)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

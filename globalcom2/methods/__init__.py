@@ -3,9 +3,13 @@
 Adding a method (the checklist; README "Contributing" has the benchmark and model ones):
 
 1. ``globalcom2/methods/<name>.py``: a class decorated ``@register_method("<name>")``, subclassing
-   :class:`PreLLMMethod` (``select``) or :class:`InLLMMethod` (``stage_layers``, ``stage_counts``,
-   ``score``, ``keep``). Store each constructor argument under its own name and derive the rest, so
-   ``METHODS.create(name, **m.params())`` rebuilds it (``tests/methods/test_registry_round_trip.py``).
+   :class:`PreLLMMethod` (``select``, and ``separators_kept`` when the layout fixes that count) or
+   :class:`InLLMMethod` (``stage_layers``, ``stage_counts``, ``select_queries``, ``score``, ``keep``). Store
+   each constructor argument under its own name and derive the rest, so ``METHODS.create(name, **m.params())``
+   rebuilds it (``tests/methods/test_registry_round_trip.py``). Size every output from host counts (the
+   view's tuples, the image size and R) with the fixed-size helpers of ``globalcom2/scoring/selection.py``:
+   ``tests/efficiency/test_host_syncs.py`` holds every registered method to at most 3 host reads per
+   prefill forward (3 per stage for a multi-stage method).
 2. Import the module in the line below, so the decorator runs.
 3. ``configs/method/<name>.yaml`` (its Hydra parameters). The sweep (``configs/sweep/methods_x_ratios.yaml``),
    the tables and plots (``report.tables.method_order``) and the efficiency benchmark

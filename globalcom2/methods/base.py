@@ -157,6 +157,15 @@ class PreLLMMethod(CompressionMethod):
         """
         raise NotImplementedError
 
+    def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int:
+        """How many of the positions :meth:`select` returned are row separators (for the record).
+
+        This default counts them, which reads ``source`` back to the host and so waits for the device; a
+        method whose layout fixes the count (every built-in one keeps every separator) returns it instead,
+        so that attaching it adds no wait to a prefill.
+        """
+        return int(layout.is_separator[source.cpu()].sum())
+
 
 @dataclass(frozen=True)
 class ImageStats:
@@ -178,28 +187,39 @@ class ImageStats:
 class TokenView:
     """The prompt entering one decoder layer during a prefill, for the whole batch (left-padded).
 
+    Device tensors describe the rows; the counts a method needs to size its work are given on the host
+    (tuples), so that no method has to read them back from the device in the middle of a prefill.
+
     Attributes:
         hidden_states: ``[B, L, D]`` input of the layer (layer 0: the embeddings with image features scattered in).
         image: ``[B, L]`` image index (scatter order over the batch) of every visual row, -1 for text and padding.
             Rows merged by an earlier stage count as visual rows of their image.
         valid: ``[B, L]`` True for real (non-padding) rows.
-        image_tokens: ``[I]`` visual positions of each image entering layer 0 (``N_vis``, separators included).
         layer: the decoder layer this view enters.
         num_layers: decoder layers of the language model.
         protected: ``[B, L]`` visual rows that always stay and are no candidate for pruning: the row separators
             under the ``"patches"`` budget basis, none under ``"positions"``.
-        budget_tokens: ``[I]`` the count each image's retention ratio applies to: ``image_tokens`` under
+        image_tokens: per image, its visual positions entering layer 0 (``N_vis``, separators included).
+        budget_tokens: per image, the count its retention ratio applies to: ``image_tokens`` under
             ``"positions"``, the image's patch tokens (``N_patch``) under ``"patches"``.
+        candidates: per image, the visual rows of this view a stage may drop (not protected).
+        image_row: per image, the batch row it belongs to.
+        rows: per batch row, its real rows in this view.
+        text_after: per batch row, the real rows after its last visual row in the layer-0 input (the question).
     """
 
     hidden_states: torch.Tensor
     image: torch.Tensor
     valid: torch.Tensor
-    image_tokens: torch.Tensor
     layer: int
     num_layers: int
     protected: torch.Tensor
-    budget_tokens: torch.Tensor
+    image_tokens: tuple[int, ...]
+    budget_tokens: tuple[int, ...]
+    candidates: tuple[int, ...]
+    image_row: tuple[int, ...]
+    rows: tuple[int, ...]
+    text_after: tuple[int, ...]
 
     @property
     def visual(self) -> torch.Tensor:
@@ -211,10 +231,12 @@ class TokenView:
         """``[B, L]`` image index of every visual row a stage may drop, -1 elsewhere (protected rows too)."""
         return self.image.masked_fill(self.protected, -1)
 
-    def candidates_per_image(self) -> torch.Tensor:
-        """``[I]`` droppable visual rows of each image in this view."""
-        images = self.image[(self.image >= 0) & ~self.protected]
-        return torch.bincount(images, minlength=self.image_tokens.numel())
+    def per_row(self, per_image: tuple[int, ...] | list[int]) -> list[int]:
+        """Sum a per-image count over the images of each batch row."""
+        totals = [0] * len(self.rows)
+        for row, count in zip(self.image_row, per_image, strict=True):
+            totals[row] += count
+        return totals
 
 
 @dataclass(frozen=True)
@@ -223,12 +245,15 @@ class QueryRows:
 
     Attributes:
         rows: ``[B, L]`` True at the query rows (never visual rows, never padding).
-        candidates: ``[B]`` rows the method examined to choose them (SparseVLM's rater candidates; 0 when the
-            choice costs nothing, as FastV's last token). Recorded for overhead accounting.
+        candidates: per batch row, the rows the method examined to choose them (SparseVLM's rater candidates;
+            0 when the choice costs nothing, as FastV's last token). Recorded for overhead accounting.
+        count: per batch row, how many query rows were chosen, when the method knows it on the host (FastV:
+            one); ``None`` makes the engine read it from ``rows`` (one device read per prefill).
     """
 
     rows: torch.Tensor
-    candidates: torch.Tensor
+    candidates: tuple[int, ...]
+    count: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -237,20 +262,29 @@ class MergedTokens:
 
     Attributes:
         hidden_states: ``[I, M, D]`` merged rows; row ``j`` of image ``i`` is real when ``j < count[i]``.
-        count: ``[I]`` merged rows per image.
-        candidates: ``[I]`` dropped rows that were merged into them (the clustering input size).
+        count: merged rows per image.
+        candidates: dropped rows per image that were merged into them (the clustering input size).
     """
 
     hidden_states: torch.Tensor
-    count: torch.Tensor
-    candidates: torch.Tensor
+    count: tuple[int, ...]
+    candidates: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class KeepPlan:
-    """What one stage keeps: ``keep`` must be True on every real text row (only visual rows may go)."""
+    """What one stage keeps of the candidate rows (text and protected rows always stay, whatever ``keep``
+    says of them).
 
-    keep: torch.Tensor  # [B, L] bool
+    Attributes:
+        keep: ``[B, L]`` bool, True at the candidate rows that go on.
+        kept: per image, how many candidate rows ``keep`` marks (the host's copy of the count, which sizes
+            the new sequence; the engine checks on the device that the two agree).
+        merged: merged rows to insert, or ``None``.
+    """
+
+    keep: torch.Tensor
+    kept: tuple[int, ...]
     merged: MergedTokens | None = None
 
 
@@ -343,7 +377,11 @@ class InLLMMethod(CompressionMethod):
         raise NotImplementedError
 
     def keep(self, stage: int, scores: torch.Tensor, view: TokenView) -> KeepPlan:
-        """Which rows of ``view`` (the input of the pruning layer) go on, and merged rows to insert."""
+        """Which candidate rows of ``view`` (the input of the pruning layer) go on, and merged rows to insert.
+
+        The counts (``KeepPlan.kept``, ``MergedTokens.count``) are host values derived from ``view``'s host
+        counts, never read back from the device: the engine sizes the new sequence with them.
+        """
         raise NotImplementedError
 
 

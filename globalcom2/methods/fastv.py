@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from globalcom2.methods.base import BudgetBasis, InLLMMethod, KeepPlan, QueryRows, TokenView, register_method
+from globalcom2.scoring.ranking import int64_tensor
 from globalcom2.scoring.selection import top_k_per_group
 
 
@@ -79,7 +80,10 @@ class FastV(InLLMMethod):
         columns = torch.arange(text.shape[1], device=text.device)
         last = torch.where(text, columns, -1).max(dim=1).values  # [B] last text row
         rows = (columns[None, :] == last[:, None]) & text
-        return QueryRows(rows=rows, candidates=torch.zeros_like(last))
+        text_rows = [r - v for r, v in zip(view.rows, view.per_row(view.image_tokens), strict=True)]
+        return QueryRows(
+            rows=rows, candidates=(0,) * len(view.rows), count=tuple(int(n > 0) for n in text_rows)
+        )
 
     def score(
         self, stage: int, attention: torch.Tensor, query_valid: torch.Tensor, view: TokenView
@@ -87,6 +91,9 @@ class FastV(InLLMMethod):
         return attention[:, 0]  # [B, L] the last token's row
 
     def keep(self, stage: int, scores: torch.Tensor, view: TokenView) -> KeepPlan:
-        budget = [round(self.retention_ratio * n) for n in view.budget_tokens.tolist()]
-        kept = top_k_per_group(scores, view.candidate_image, torch.tensor(budget, device=scores.device))
-        return KeepPlan(keep=kept | view.protected | (view.valid & ~view.visual))
+        kept = tuple(
+            min(round(self.retention_ratio * n), present)
+            for n, present in zip(view.budget_tokens, view.candidates, strict=True)
+        )
+        chosen = top_k_per_group(scores, view.candidate_image, int64_tensor(kept, scores.device))
+        return KeepPlan(keep=chosen, kept=kept)

@@ -57,10 +57,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from globalcom2.anyres import PackedLayout
 from globalcom2.budget import kept_count
 from globalcom2.methods.base import ImageContext, PreLLMMethod, register_method
 from globalcom2.methods.globalcom2_geometry import CropGeometry, crop_geometry
 from globalcom2.scoring.ranking import column_tie_break, ranking_keys, top_counts_per_row
+from globalcom2.scoring.selection import masked_positions
 from globalcom2.tensor_cache import cached_constants
 
 Allocation = Literal["softmax_sum", "uniform", "softmax_max"]
@@ -307,17 +309,25 @@ class GlobalCom2(PreLLMMethod):
         ranked = torch.cat([scores[:1].float(), crop_scores])  # [1 + n, W], the thumbnail row raw
         kept, order = top_counts_per_row(ranking_keys(ranked, geometry.tie_break), counts)  # [1 + n, W] x 2
 
+        crops_kept = sum(counts[1:])  # host-known, so every output below has a fixed size
         if self.layout == "reference":
             # thumbnail in score order, then the canvas walk restricted to the kept crop tokens
             keep = (
                 kept.view(-1).take(geometry.reference_view_index).logical_or_(geometry.reference_is_separator)
-            )
-            source = torch.cat([order[0, : counts[0]], geometry.reference_sources.masked_select(keep)])
+            )  # [Nc + rows * side]
+            items = masked_positions(keep, crops_kept + geometry.reference_separators)
+            source = torch.cat([order[0, : counts[0]], geometry.reference_sources.take(items)])
         else:
             # one separator per unpadded row, as vanilla
             keep = kept.view(-1).take(geometry.packed_index).logical_or_(geometry.is_separator)  # [N]
-            source = keep.nonzero().squeeze(1)  # spatial (packed) order
+            source = masked_positions(keep, counts[0] + crops_kept + layout.num_separators)  # packed order
         return source if source.device == features.device else source.to(features.device)
+
+    def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int:
+        """Every row separator stays: one per unpadded row (clean), one per canvas row (reference)."""
+        if self.layout == "reference":
+            return layout.grid[0] * layout.side
+        return layout.num_separators
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -46,6 +46,7 @@ class CropGeometry:
             separator).
         reference_is_separator: ``[Nc + rows * side]`` bool, the item is a separator.
         reference_sources: ``[Nc + rows * side]`` the packed position each item copies.
+        reference_separators: ``rows * side``, the separators of the reference layout (host int).
     """
 
     positions: torch.Tensor
@@ -62,6 +63,7 @@ class CropGeometry:
     reference_view_index: torch.Tensor
     reference_is_separator: torch.Tensor
     reference_sources: torch.Tensor
+    reference_separators: int
 
 
 def crop_geometry(layout: PackedLayout, device: torch.device | str = "cpu") -> CropGeometry:
@@ -172,6 +174,7 @@ def _geometry(
         reference_view_index=torch.where(item_is_separator, 0, view_index[item_token]),
         reference_is_separator=item_is_separator,
         reference_sources=torch.where(item_is_separator, first_separator, positions[item_token]),
+        reference_separators=grid[0] * side,
     )
     return CropGeometry(
         **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(geometry).items()}

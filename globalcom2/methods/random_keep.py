@@ -12,8 +12,10 @@ import hashlib
 
 import torch
 
+from globalcom2.anyres import PackedLayout
 from globalcom2.budget import kept_count
 from globalcom2.methods.base import ImageContext, PreLLMMethod, register_method
+from globalcom2.scoring.ranking import host_to_device
 
 
 @register_method("random")
@@ -39,11 +41,16 @@ class RandomKeep(PreLLMMethod):
         num_keep = kept_count(layout.num_patches, self.retention_ratio)
         if num_keep == layout.num_patches:
             return None
+        # The draw happens on the host (a CPU generator, the same subset on every device); reading the
+        # image's content key is the method's one device read, and the indices go back without a wait.
         generator = torch.Generator().manual_seed(_mix(self.seed, ctx.sample_key))
         chosen = torch.randperm(layout.num_patches, generator=generator)[:num_keep]  # [k] patch ranks
-        keep = layout.is_separator.clone()  # [N] separators always stay
-        keep[layout.patch_positions[chosen]] = True
-        return keep.nonzero().squeeze(1).to(features.device)  # [M] ascending = original order
+        kept = torch.cat([layout.separator_positions, layout.patch_positions[chosen]])  # separators all stay
+        source = kept.sort().values  # [M] ascending = original order
+        return host_to_device(source, features.device)
+
+    def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int:
+        return layout.num_separators
 
 
 def _mix(seed: int, key: str) -> int:

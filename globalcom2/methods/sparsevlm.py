@@ -75,7 +75,8 @@ from globalcom2.methods.base import (
     register_method,
 )
 from globalcom2.scoring.clustering import dpc_knn_merge
-from globalcom2.scoring.selection import compact_rows, top_k_per_group
+from globalcom2.scoring.ranking import int64_tensor
+from globalcom2.scoring.selection import compact_rows, masked_positions, top_k_per_group
 
 OFFICIAL_PRUNE_LAYERS = (2, 6, 15)  # score.py layer_dict / LlamaDynamicvitModel(pruning_loc=...)
 OFFICIAL_NUM_LAYERS = 32  # LLaVA-1.5-7B, for which the schedules were written
@@ -306,8 +307,10 @@ class SparseVLM(InLLMMethod):
         after = view.valid & ~visual & (columns[None, :] > last_visual[:, None]) & (last_visual[:, None] >= 0)
         # V: the image's tokens; under budget_basis="patches" the separators are structure, not content
         # (the reference's LLaVA-1.5 images have none), so they do not vote on the raters.
-        v_index, v_valid = compact_rows(visual & ~view.protected)  # [B, V]
-        t_index, t_valid = compact_rows(after)  # [B, T]
+        v_index, v_valid = compact_rows(
+            visual & ~view.protected, max(view.per_row(view.candidates))
+        )  # [B, V]
+        t_index, t_valid = compact_rows(after, max(view.text_after))  # [B, T]
         hidden = view.hidden_states.float()
         dim = hidden.shape[-1]
         v = hidden.gather(1, v_index[..., None].expand(-1, -1, dim))  # [B, V, D]
@@ -322,12 +325,14 @@ class SparseVLM(InLLMMethod):
         best = torch.where(t_valid, relevance, float("-inf")).argmax(
             dim=1
         )  # [B] fallback: the single best row
-        alone = (raters.sum(1) == 0) & t_valid.any(1)
-        raters[alone, best[alone]] = True
+        alone = (raters.sum(1) == 0) & t_valid.any(1)  # [B]
+        slots = torch.arange(t_index.shape[1], device=visual.device)
+        raters |= alone[:, None] & (slots[None, :] == best[:, None])
         # Back to [B, L]; padded slots of t_index point at arbitrary columns but add 0 there.
         rows = torch.zeros(visual.shape, dtype=torch.uint8, device=visual.device)
         rows = rows.scatter_add(1, t_index, raters.to(torch.uint8)).bool()
-        return QueryRows(rows=rows, candidates=t_valid.sum(1))
+        # How many raters each row has depends on the scores: the engine reads it (count=None).
+        return QueryRows(rows=rows, candidates=view.text_after)
 
     def score(
         self, stage: int, attention: torch.Tensor, query_valid: torch.Tensor, view: TokenView
@@ -338,35 +343,42 @@ class SparseVLM(InLLMMethod):
     # -- prune and recycle -----------------------------------------------------------------------------------
     def keep(self, stage: int, scores: torch.Tensor, view: TokenView) -> KeepPlan:
         device = scores.device
-        kept_budget = [self.budgets(n, view.num_layers)[stage].kept for n in view.budget_tokens.tolist()]
-        present = view.candidates_per_image()  # [I]
-        candidate = view.candidate_image  # [B, L] protected rows are no candidate
-        kept = top_k_per_group(
-            scores, candidate, torch.minimum(torch.tensor(kept_budget, device=device), present)
+        # Every count is known on the host: the schedule's budget, the rows present, what the reference
+        # then recycles (recycled_count). Only which rows is decided on the device.
+        kept = tuple(
+            min(self.budgets(n, view.num_layers)[stage].kept, present)
+            for n, present in zip(view.budget_tokens, view.candidates, strict=True)
         )
-        dropped = (candidate >= 0) & view.valid & ~kept  # [B, L]
-        num_dropped = torch.bincount(view.image[dropped], minlength=present.numel())  # [I]
-        candidates = torch.where(
-            num_dropped > 0, torch.floor(num_dropped.double() * RECYCLE_FRACTION).long() + 1, 0
-        )  # [I]
-        clusters = torch.where(candidates > 0, candidates // CLUSTER_DIVISOR + 1, 0)  # [I]
-        chosen = top_k_per_group(scores, torch.where(dropped, view.image, -1), candidates)  # [B, L]
+        recycle = [recycled_count(present - k) for present, k in zip(view.candidates, kept, strict=True)]
+        candidates = tuple(c for c, _ in recycle)
+        clusters = tuple(k for _, k in recycle)
+        candidate = view.candidate_image  # [B, L] protected rows are no candidate
+        chosen_kept = top_k_per_group(scores, candidate, int64_tensor(kept, device))
+        dropped = (candidate >= 0) & view.valid & ~chosen_kept  # [B, L]
+        chosen = top_k_per_group(
+            scores, torch.where(dropped, view.image, -1), int64_tensor(candidates, device)
+        )  # [B, L]
         packed = _pack_by_image(view.hidden_states, chosen, view.image, candidates)  # [I, M, D]
-        merged = dpc_knn_merge(packed, candidates, clusters)  # [I, C, D]
+        merged = dpc_knn_merge(
+            packed, int64_tensor(candidates, device), int64_tensor(clusters, device), max(clusters, default=0)
+        )  # [I, C, D]
         return KeepPlan(
-            keep=kept | view.protected | (view.valid & ~view.visual),
+            keep=chosen_kept,
+            kept=kept,
             merged=MergedTokens(hidden_states=merged, count=clusters, candidates=candidates),
         )
 
 
 def _pack_by_image(
-    hidden: torch.Tensor, chosen: torch.Tensor, image: torch.Tensor, count: torch.Tensor
+    hidden: torch.Tensor, chosen: torch.Tensor, image: torch.Tensor, count: tuple[int, ...]
 ) -> torch.Tensor:
-    """``[I, max(count), D]``: each image's chosen rows in position order, zero-padded."""
-    flat = chosen.flatten().nonzero().squeeze(1)  # row-major = (image, position) order: images are contiguous
-    owner = image.flatten()[flat]
-    rank = torch.arange(flat.numel(), device=hidden.device) - (count.cumsum(0) - count)[owner]
-    width = int(count.max()) if count.numel() else 0
-    packed = hidden.new_zeros(count.numel(), width, hidden.shape[-1])
+    """``[I, max(count), D]``: each image's chosen rows in position order, zero-padded (``count[i]`` of image
+    ``i`` are chosen, a host count, so the gather has a fixed size)."""
+    total = sum(count)
+    flat = masked_positions(chosen.flatten(), total)  # row-major = (image, position): images are contiguous
+    owner = image.flatten()[flat]  # [T]
+    starts = int64_tensor([sum(count[:i]) for i in range(len(count))], hidden.device)  # [I]
+    rank = torch.arange(total, device=hidden.device) - starts[owner]
+    packed = hidden.new_zeros(len(count), max(count, default=0), hidden.shape[-1])
     packed[owner, rank] = hidden.flatten(0, 1)[flat]
     return packed

@@ -1,16 +1,30 @@
-"""Efficiency of every method on one model, interleaved: the GlobalCom² Tables 8/9 protocol, drift-proof.
+"""Efficiency of every method on one model, interleaved and stage-resolved: the GlobalCom² Tables 8/9 protocol.
 
 ``experiment=efficiency`` runs the same protocol as separate cells (records, sweeps, clusters). On a shared
-CPU, cells run minutes apart see different machine speeds, so their latency ratios drift. This benchmark
-keeps one model in memory and, for every image, runs every variant in turn (attach, generate, remove), so
-drift hits all variants alike. Inputs: the efficiency split (672x672, 2928 visual tokens each), batch size
-1, greedy decoding of 8 tokens (the demo task's), one warm-up pass per variant excluded.
+machine, cells run minutes apart see different speeds, so their latency ratios drift. This benchmark keeps
+one model in memory and, for every image, runs every variant in turn (attach, generate, remove), so drift
+hits all variants alike. Inputs: the efficiency split (672x672, 2928 visual tokens each), batch size 1,
+greedy decoding of 8 tokens (the demo task's), one warm-up pass per variant excluded.
 
-    python -m globalcom2.perf.efficiency                      # tiny model, CPU (make bench-efficiency)
-    python -m globalcom2.perf.efficiency --random-init 7b --device cuda --dtype bfloat16   # real 7B size
+Every row reports, per generate call (medians over the images; ``globalcom2.efficiency.profile``):
 
-Writes ``results/efficiency/<model>_<device>.{md,csv,json}`` (the JSON carries provenance) and prints the
-table: TFLOPs in both conventions, peak memory (GPU), KV cache, prefill ms, throughput, speed-ups.
+* stage times: vision tower + projector, compression (the method's own work), LLM prefill (what the paper's
+  Tables 8/9 time), decode; and the whole prefill (everything up to the first token's logits), p25-p75;
+* TFLOPs in both conventions with their ratios to vanilla, the KV cache, the host reads a prefill makes
+  (``globalcom2.efficiency.host_syncs``, counted once per variant), and on a GPU both peak memories;
+* with ``--measure-ceilings`` (on by default on CUDA) a roofline floor per row from the bf16 matmul peak and
+  copy bandwidth measured at the start (``globalcom2.perf.ceilings``).
+
+``--compile`` adds compiled rows (``globalcom2.models.compiled``) beside the eager ones, interleaved with
+them; ``--attention sdpa eager`` (the default on CUDA) repeats the eager rows under
+``attn_implementation=eager``, where peak memory differs most. For ``--random-init`` the byte-level prompt is
+cut to the text length Vicuna's tokenizer gives it (``globalcom2.perf.vicuna_prompt``).
+
+    python -m globalcom2.perf.efficiency                                   # tiny model, CPU
+    python -m globalcom2.perf.efficiency --random-init 7b --device cuda --compile   # the paper's 7B setting
+
+Writes ``results/efficiency/<model>_<device>.{md,csv,json}`` (the JSON carries the settings, the ceilings and
+provenance) and prints the table.
 """
 
 from __future__ import annotations
@@ -28,14 +42,21 @@ from globalcom2.atomic import atomic_write_json, atomic_write_text
 from globalcom2.budget import validate_retention_ratio
 from globalcom2.data import demo
 from globalcom2.efficiency.flops import LlmDims, VisionDims, paper_prefill_flops
-from globalcom2.efficiency.profile import GenerateProfiler
+from globalcom2.efficiency.host_syncs import HostSyncCounter
+from globalcom2.efficiency.profile import GenerateProfiler, Measurement
 from globalcom2.efficiency.summary import PromptCounts, sample_costs
+from globalcom2.efficiency.table import efficiency_display
 from globalcom2.lmms.sample_records import visual_token_counts
 from globalcom2.methods import METHODS
+from globalcom2.models.compiled import COMPILE_MODES, compile_model, compile_problem, default_compile_mode
 from globalcom2.models.loader import load_llava_next
 from globalcom2.paths import PROJECT_ROOT
+from globalcom2.perf.ceilings import measure_ceilings, roofline_floor_ms
+from globalcom2.perf.vicuna_prompt import SOURCE as VICUNA_SOURCE
+from globalcom2.perf.vicuna_prompt import fit_text_tokens, vicuna_text_tokens
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.provenance import provenance
+from globalcom2.stage_timing import STAGES
 
 #: The ratios the paper's efficiency tables report per method (Tables 8/9): GlobalCom² and random at all
 #: four, FastV and SparseVLM at 0.25 and 0.1. A registered method not named here runs at ``OTHER_RATIOS``.
@@ -46,9 +67,10 @@ PAPER_RATIOS = {
     "sparsevlm": (0.25, 0.1),
 }
 OTHER_RATIOS = (0.25, 0.1)
+Variant = tuple[str, float]
 
 
-def default_variants() -> list[tuple[str, float]]:
+def default_variants() -> list[Variant]:
     """vanilla at 1.0, then every other registered method at its ratios: a newly registered method is
     measured without an edit here."""
     others = [m for m in METHODS.names() if m != "vanilla" and m not in PAPER_RATIOS]
@@ -59,7 +81,7 @@ def default_variants() -> list[tuple[str, float]]:
     ]
 
 
-def parse_variant(text: str) -> tuple[str, float]:
+def parse_variant(text: str) -> Variant:
     """``"globalcom2@0.25"`` -> ``("globalcom2", 0.25)``, checked against the registry and the range."""
     method, sep, ratio = text.partition("@")
     if not sep:
@@ -72,18 +94,94 @@ def parse_variant(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
+def method_params(method: str, ratio: float) -> dict[str, Any]:
+    return {} if method == "vanilla" else {"retention_ratio": ratio}
+
+
 def run_variant(
     model: Any, inputs: dict, method: str, ratio: float, profiler: GenerateProfiler, new_tokens: int
-):
+) -> tuple[Measurement, list]:
     """One measured generate with ``method`` attached; returns the measurement and the row's stats."""
-    params = {} if method == "vanilla" else {"retention_ratio": ratio}
-    with attach(model, method, **params) as handle, torch.inference_mode():
+    with attach(model, method, **method_params(method, ratio)) as handle, torch.inference_mode():
         with profiler.measure() as pending:
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         return pending.result, list(handle.stats)
 
 
-def main(argv: list[str] | None = None) -> None:
+def count_host_syncs(model: Any, inputs: dict, method: str, ratio: float) -> int:
+    """Host reads of one prefill forward with ``method`` attached (after a warm forward)."""
+    with attach(model, method, **method_params(method, ratio)), torch.inference_mode():
+        model(**inputs, use_cache=True)
+        with HostSyncCounter() as syncs:
+            model(**inputs, use_cache=True)
+    return syncs.total
+
+
+def build_prompts(processor: Any, model: Any, items: list, device: str, vicuna_text: bool) -> list[dict]:
+    """Processor inputs of every item on ``device``; with ``vicuna_text`` cut to Vicuna's text length."""
+    prompts = []
+    for item in items:
+        inputs = dict(
+            processor(images=demo.render(item), text=vicuna_v1_prompt(item.question), return_tensors="pt")
+        )
+        if vicuna_text:
+            inputs = fit_text_tokens(inputs, model.config.image_token_id, vicuna_text_tokens(item.question))
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        prompts.append(inputs)
+    return prompts
+
+
+def summarise(
+    samples: list[tuple[Measurement, dict[str, float], int]],
+    method: str,
+    ratio: float,
+    dims: LlmDims,
+    weight_bytes: int,
+    ceilings: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """One row of the table from a variant's measurements (see :data:`globalcom2.efficiency.table.MEASURED`)."""
+    measurements = [m for m, _, _ in samples]
+    costs = [c for _, c, _ in samples]
+
+    def median_ms(values: list[float]) -> float:
+        return 1e3 * statistics.median(values)
+
+    prefill = [m.prefill_s * 1e3 for m in measurements]
+    quartiles = statistics.quantiles(prefill, n=4) if len(prefill) > 1 else [prefill[0]] * 3
+    peaks = [m.peak_memory_bytes for m in measurements if m.peak_memory_bytes is not None]
+    reserved = [
+        m.peak_memory_reserved_bytes for m in measurements if m.peak_memory_reserved_bytes is not None
+    ]
+    tflops_full = statistics.fmean(c["full_flops"] for c in costs) / 1e12
+    tflops_vision = statistics.fmean(c["vision_flops"] for c in costs) / 1e12
+    row = {
+        "method": method,
+        "method_name": method,
+        "retention_ratio": ratio,
+        "equivalent_visual_tokens": statistics.fmean(c["equivalent_visual_tokens"] for c in costs),
+        "text_tokens": statistics.fmean(text for _, _, text in samples),
+        "tflops_paper": paper_prefill_flops(dims, METHODS.create(method, **method_params(method, ratio)))
+        / 1e12,
+        "tflops_full": tflops_full,
+        "tflops_vision": tflops_vision,
+        "peak_memory_gib": max(peaks) / 2**30 if peaks else None,
+        "peak_memory_reserved_gib": max(reserved) / 2**30 if reserved else None,
+        "kv_cache_mb": statistics.fmean(c["kv_cache_bytes"] for c in costs) / 1e6,
+        **{f"{stage}_ms": median_ms([m.stages[stage] for m in measurements]) for stage in STAGES},
+        "prefill_ms": statistics.median(prefill),
+        "prefill_p25_ms": quartiles[0],
+        "prefill_p75_ms": quartiles[2],
+        "throughput_samples_per_s": len(measurements) / sum(m.total_s for m in measurements),
+    }
+    if ceilings is not None:
+        row["roofline_floor_ms"] = roofline_floor_ms(
+            (tflops_full + tflops_vision) * 1e12, weight_bytes, ceilings
+        )
+    return row
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", default="tiny")
     parser.add_argument(
@@ -102,15 +200,96 @@ def main(argv: list[str] | None = None) -> None:
         metavar="METHOD@R",
         help="variants to run, e.g. vanilla@1 globalcom2@0.25 (default: the paper's, and any other registered method at 0.25 and 0.1; vanilla must be one)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add compiled rows (vision tower and LLM prefill, globalcom2.models.compiled) beside the eager ones",
+    )
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, help="default: the device's")
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        choices=["sdpa", "eager"],
+        default=None,
+        help="attention implementations to measure (default: sdpa and eager on CUDA, sdpa on CPU)",
+    )
+    parser.add_argument(
+        "--measure-ceilings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure matmul peak and copy bandwidth first, for the roofline floor (default: on CUDA only)",
+    )
+    parser.add_argument(
+        "--vicuna-text",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cut the prompt text to Vicuna's token count (default: with --random-init, whose tokenizer is byte-level)",
+    )
     args = parser.parse_args(argv)
-    variants = list(dict.fromkeys(args.variants or default_variants()))  # order kept, repeats dropped
-    if ("vanilla", 1.0) not in variants:
+    args.variants = list(dict.fromkeys(args.variants or default_variants()))  # order kept, repeats dropped
+    if ("vanilla", 1.0) not in args.variants:
         parser.error("--variants must include vanilla@1 (the speed-ups are relative to it)")
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.attention = list(dict.fromkeys(args.attention or (["sdpa", "eager"] if cuda else ["sdpa"])))
+    args.measure_ceilings = cuda if args.measure_ceilings is None else args.measure_ceilings
+    args.vicuna_text = bool(args.random_init) if args.vicuna_text is None else args.vicuna_text
+    if args.compile:
+        args.compile_mode = args.compile_mode or default_compile_mode(args.device)
+        problem = compile_problem(args.device, args.compile_mode)
+        if problem:
+            parser.error(f"--compile: {problem}")
+    return args
 
-    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+
+def measure_phase(
+    model: Any,
+    prompts: list[dict],
+    variants: list[Variant],
+    modes: list[str | None],
+    profiler: GenerateProfiler,
+    new_tokens: int,
+    costs_of: Any,
+) -> dict[tuple[str | None, Variant], list]:
+    """Every (mode, variant) on every image, interleaved: for image ``i`` the order is rotated by ``i`` so no
+    variant always runs first. ``modes``: ``None`` (eager) and/or a compile mode."""
+    compiled = None
+    runs = [(mode, variant) for mode in modes for variant in variants]
+
+    def set_mode(mode: str | None) -> None:
+        nonlocal compiled
+        if compiled is not None and compiled.mode != mode:
+            compiled.remove()
+            compiled = None
+        if mode is not None and compiled is None:
+            compiled = compile_model(model, mode)
+
+    try:
+        for mode, (method, ratio) in runs:  # warm-up (and compilation), excluded
+            set_mode(mode)
+            run_variant(model, prompts[0], method, ratio, profiler, 2)
+        measured: dict[tuple[str | None, Variant], list] = {run: [] for run in runs}
+        for index, inputs in enumerate(prompts):
+            shift = index % len(runs)
+            for mode, variant in runs[shift:] + runs[:shift]:
+                set_mode(mode)
+                measurement, stats = run_variant(model, inputs, *variant, profiler, new_tokens)
+                measured[(mode, variant)].append((measurement, *costs_of(inputs, stats)))
+            print(f"image {index + 1}/{len(prompts)} done", flush=True)
+    finally:
+        set_mode(None)
+    return measured
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     pretrained = f"llava-hf/llava-v1.6-vicuna-{args.random_init}-hf" if args.random_init else args.pretrained
     model, processor = load_llava_next(
-        pretrained, dtype=dtype, device=args.device, random_init=bool(args.random_init)
+        pretrained,
+        dtype=args.dtype,
+        device=args.device,
+        random_init=bool(args.random_init),
+        attn_implementation=args.attention[0],
     )
     name = (
         f"llava_next_{args.random_init}_random_init"
@@ -118,72 +297,59 @@ def main(argv: list[str] | None = None) -> None:
         else str(pretrained).replace("/", "__")
     )
     items = demo.generate_items("efficiency", size=args.images)
-    prompts = [
-        processor(images=demo.render(item), text=vicuna_v1_prompt(item.question), return_tensors="pt").to(
-            args.device
-        )
-        for item in items
-    ]
+    prompts = build_prompts(processor, model, items, args.device, args.vicuna_text)
     profiler = GenerateProfiler(model, args.device)
     dims, vision = LlmDims.from_config(model.config.text_config), VisionDims.from_config(model.config)
     bytes_per_value = torch.finfo(model.dtype).bits // 8
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ceilings = measure_ceilings(args.device, model.dtype) if args.measure_ceilings else None
+    image_token = model.config.image_token_id
 
-    for method, ratio in variants:  # warm-up, excluded
-        run_variant(model, prompts[0], method, ratio, profiler, 2)
-    measured: dict[tuple[str, float], list] = {variant: [] for variant in variants}
-    for index, inputs in enumerate(prompts):
-        order = variants[index % len(variants) :] + variants[: index % len(variants)]
-        for method, ratio in order:  # rotate the order too, so no variant always runs first
-            measurement, stats = run_variant(model, inputs, method, ratio, profiler, args.new_tokens)
-            before, llm_input, _ = visual_token_counts(stats)
-            counts = PromptCounts(
-                compression=stats,
-                llm_prompt_tokens=inputs["input_ids"].shape[1] - before + llm_input,
-                visual_tokens_llm_input=llm_input,
-                image_sizes=inputs["image_sizes"].tolist(),
-            )
-            costs = sample_costs(counts, dims, vision, model.config.image_grid_pinpoints, bytes_per_value)
-            measured[(method, ratio)].append((measurement, costs))
-        print(f"image {index + 1}/{len(prompts)} done", flush=True)
-
-    rows = []
-    for (method, ratio), samples in measured.items():
-        params = {} if method == "vanilla" else {"retention_ratio": ratio}
-        prefill = [m.prefill_s * 1e3 for m, _ in samples]
-        total = [m.total_s for m, _ in samples]
-        peaks = [m.peak_memory_bytes for m, _ in samples if m.peak_memory_bytes is not None]
-        rows.append(
-            {
-                "method": method,
-                "R": ratio,
-                "visual tokens (layer mean)": statistics.fmean(
-                    c["equivalent_visual_tokens"] for _, c in samples
-                ),
-                "TFLOPs (paper)": paper_prefill_flops(dims, METHODS.create(method, **params)) / 1e12,
-                "TFLOPs (full)": statistics.fmean(c["full_flops"] for _, c in samples) / 1e12,
-                "peak memory (GB)": max(peaks) / 2**30 if peaks else "n/a (CPU)",
-                "KV cache (MB)": statistics.fmean(c["kv_cache_bytes"] for _, c in samples) / 1e6,
-                "prefill (ms)": statistics.median(prefill),
-                "prefill p25-p75 (ms)": "{:.1f}-{:.1f}".format(*statistics.quantiles(prefill, n=4)[::2]),
-                "throughput (samples/s)": len(total) / sum(total),
-            }
+    def costs_of(inputs: dict, stats: list) -> tuple[dict[str, float], int]:
+        before, llm_input, _ = visual_token_counts(stats)
+        counts = PromptCounts(
+            compression=stats,
+            llm_prompt_tokens=inputs["input_ids"].shape[1] - before + llm_input,
+            visual_tokens_llm_input=llm_input,
+            image_sizes=inputs["image_sizes"].tolist(),
         )
-    table = pd.DataFrame(rows)
-    vanilla = table[table["method"] == "vanilla"].iloc[0]
-    table["prefill speed-up (x)"] = vanilla["prefill (ms)"] / table["prefill (ms)"]
-    table["throughput gain (x)"] = table["throughput (samples/s)"] / vanilla["throughput (samples/s)"]
+        text = int((inputs["input_ids"] != image_token).sum())
+        return sample_costs(counts, dims, vision, model.config.image_grid_pinpoints, bytes_per_value), text
+
+    syncs = {variant: count_host_syncs(model, prompts[0], *variant) for variant in args.variants}
+    rows = []
+    for phase, attention in enumerate(args.attention):
+        if phase:
+            model.set_attn_implementation(attention)
+        modes: list[str | None] = [None] + ([args.compile_mode] if args.compile and phase == 0 else [])
+        measured = measure_phase(model, prompts, args.variants, modes, profiler, args.new_tokens, costs_of)
+        for (mode, (method, ratio)), samples in measured.items():
+            row = summarise(samples, method, ratio, dims, weight_bytes, ceilings)
+            row.update(compile=mode or "no", attn_implementation=attention, host_syncs=syncs[(method, ratio)])
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    table = efficiency_display(frame)
+    table.insert(table.columns.get_loc("R") + 1, "host reads", frame["host_syncs"])
+    if "peak allocated (GiB)" not in table:
+        table["peak allocated (GiB)"] = "n/a (CPU)"  # torch keeps no CPU allocator peak: unavailable, not 0
 
     info = provenance()
     hardware = (
         info["hardware"].get("gpu")
         or f"CPU ({info['hardware']['machine']}, {info['hardware']['cpu_count']} cores)"
     )
+    text_note = f", prompt text at Vicuna's length ({VICUNA_SOURCE})" if args.vicuna_text else ""
     caption = (
-        f"Efficiency, {name} ({dtype}, {args.device}: {hardware}); {len(prompts)} images at 672x672 "
-        f"(2928 visual tokens), batch 1, {args.new_tokens} new tokens, variants interleaved per image"
+        f"Efficiency, {name} ({args.dtype}, {args.device}: {hardware}); {len(prompts)} images at 672x672 "
+        f"(2928 visual tokens), batch 1, {args.new_tokens} new tokens, variants interleaved per image{text_note}"
     )
+    if ceilings:
+        caption += (
+            f"; ceilings measured here: {ceilings['matmul_tflops']:.3g} TFLOP/s {ceilings['dtype']} matmul, "
+            f"{ceilings['bandwidth_tb_s']:.2f} TB/s copy"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{name}_{args.device}"
+    stem = args.out / f"{name}_{args.device.replace(':', '')}"
     markdown = f"**{caption}**\n\n{table.to_markdown(index=False, floatfmt='.4g')}\n"
     atomic_write_text(stem.with_suffix(".md"), markdown)
     atomic_write_text(stem.with_suffix(".csv"), table.to_csv(index=False))
@@ -192,8 +358,10 @@ def main(argv: list[str] | None = None) -> None:
         {
             "caption": caption,
             "rows": rows,
+            "ceilings": ceilings,
+            "weight_bytes": weight_bytes,
             "provenance": info,
-            "settings": vars(args) | {"dtype": dtype, "pretrained": pretrained, "variants": variants},
+            "settings": {**vars(args), "out": str(args.out), "pretrained": pretrained},
         },
     )
     print(markdown)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
 from globalcom2.records import CellRecord, RecordError
 from globalcom2.store import PARTIAL_DIR, RECORD_FILE, Cell, current_cell_id
 
@@ -32,23 +33,10 @@ RECORDS = "sample_records.jsonl"
 
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
-    "world_size", "attn_implementation", "random_init", "dtype", "limit", "hardware", "git_sha", "git_dirty",
+    "world_size", "attn_implementation", "random_init", "dtype", "compile", "limit", "hardware", "git_sha",
+    "git_dirty",
     "finished", "cell_id", "cell_dir",
 ]  # fmt: skip
-EFFICIENCY_METRICS = {
-    "prefill_ms": ("prefill_ms", "median"),
-    "prefill_ms_mean": ("prefill_ms", "mean"),
-    "total_ms": ("total_ms", "median"),
-    "throughput_samples_per_s": ("throughput_samples_per_s", None),
-    "peak_memory_gb": ("peak_memory_gb", "max"),
-    "kv_cache_mb": ("kv_cache_mb", None),
-    "tflops_paper": ("tflops", "paper"),
-    "tflops_full": ("tflops", "full"),
-    "tflops_vision": ("tflops", "vision_tower"),
-    "visual_tokens_before": ("visual_tokens", "before"),
-    "visual_tokens_llm_input": ("visual_tokens", "llm_input"),
-    "equivalent_visual_tokens": ("visual_tokens", "equivalent"),
-}
 
 
 @dataclass(frozen=True)
@@ -141,6 +129,7 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "attn_implementation": json.dumps(attn, sort_keys=True) if isinstance(attn, dict) else attn,
         "random_init": spec["model"].get("random_init", False),
         "dtype": run.get("dtype", spec["model"].get("dtype")),
+        "compile": run.get("compile") or spec["model"].get("compile") or "no",
         "limit": spec["benchmark"].get("limit"),
         "hardware": hardware.get("gpu")
         or f"CPU ({hardware.get('machine', '?')}, {hardware.get('cpu_count', '?')} cores)",
@@ -160,12 +149,9 @@ def _metric_rows(cell: LoadedCell) -> Iterable[dict[str, Any]]:
     for column, entry in record.paper_metrics.items():
         if entry.get("value") is not None:
             yield {"kind": "paper", "task": "", "metric": column, "value": float(entry["value"])}
-    efficiency = record.efficiency
-    for name, (key, sub) in EFFICIENCY_METRICS.items():
-        value = efficiency.get(key)
-        if isinstance(value, dict):
-            value = value.get(sub)
-        if value is not None:
+    for name, paths in EFFICIENCY_METRICS.items():
+        value = efficiency_value(record.efficiency, paths)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             yield {"kind": "efficiency", "task": "", "metric": name, "value": float(value)}
 
 

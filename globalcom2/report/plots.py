@@ -247,7 +247,7 @@ def latency_memory(frame: pd.DataFrame, out_dir: str | Path, name: str = "latenc
         figure, axes = plt.subplots(1, 2, figsize=(8, 3.2))
         for ax, metric, ylabel in (
             (axes[0], "prefill_ms", "prefill latency (ms, median)"),
-            (axes[1], "peak_memory_gb", "peak GPU memory (GB)"),
+            (axes[1], "peak_memory_gib", "peak GPU memory allocated (GiB)"),
         ):
             rows = efficiency[efficiency["metric"] == metric]
             plot_against_ratio(ax, rows)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from globalcom2.data.benchmarks import PAPER_METRICS
+from globalcom2.efficiency.table import efficiency_display
 from globalcom2.methods import METHODS
 from globalcom2.paths import PROJECT_ROOT
 
@@ -222,48 +222,40 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
 
 
 def efficiency_table(frame: pd.DataFrame, experiment: str, model: str) -> Table:
-    """GlobalCom² Tables 8/9 layout: cost per method and ratio, speed-ups against vanilla."""
+    """GlobalCom² Tables 8/9 layout, stage-resolved: cost per method and ratio, ratios to vanilla
+    (:func:`globalcom2.efficiency.table.efficiency_display`, shared with ``make bench-efficiency``)."""
     rows = frame[(frame["experiment"] == experiment) & (frame["model"] == model)]
     wide = _wide(rows, "efficiency")
     if wide.empty:
         return Table(
             f"efficiency_{model}", wide, f"Efficiency, {model} ({experiment})", ["No efficiency records."]
         )
+    kinds = rows.drop_duplicates("method")[["method", "compile"]] if "compile" in rows else None
+    if kinds is not None:
+        wide = wide.merge(kinds, on="method", how="left")
     wide = _order(wide)
-    vanilla = _find_vanilla(wide)
-    columns = {
-        "equivalent_visual_tokens": "visual tokens (layer mean)",
-        "tflops_paper": "TFLOPs (paper)",
-        "tflops_full": "TFLOPs (full)",
-        "peak_memory_gb": "peak memory (GB)",
-        "kv_cache_mb": "KV cache (MB)",
-        "prefill_ms": "prefill (ms)",
-        "throughput_samples_per_s": "throughput (samples/s)",
-    }
-    display = wide[["method", "retention_ratio"]].rename(columns={"retention_ratio": "R"})
-    for key, label in columns.items():
-        display[label] = wide.get(key, math.nan)
-    if vanilla is not None:
-        display["prefill speed-up (x)"] = vanilla.get("prefill_ms") / wide["prefill_ms"]
-        display["throughput gain (x)"] = wide["throughput_samples_per_s"] / vanilla.get(
-            "throughput_samples_per_s"
-        )
+    display = efficiency_display(wide)
     hardware = ", ".join(sorted(set(rows["hardware"].dropna())))
+    batch_sizes = sorted(set(rows["batch_size"].dropna().astype(int))) if "batch_size" in rows else []
     notes = [
-        f"Measured on {hardware}; batch size 1; median prefill over the benchmark's samples, warm-up excluded.",
-        "TFLOPs (paper): visual tokens only at each method's nominal schedule for 2880 tokens (GlobalCom² Tables 8/9). "
-        "TFLOPs (full): every token entering each decoder layer, plus method overhead, mean per sample.",
+        f"Measured on {hardware}; batch size {', '.join(map(str, batch_sizes)) or 'n/a'}; medians over the "
+        "benchmark's generate calls, warm-up and each process's first measured call excluded.",
+        "Stage times (vision, compression, LLM prefill, decode) are exclusive and add up with generate's own "
+        "host work to the total; LLM prefill is what the paper's Tables 8/9 time, prefill is everything up "
+        "to the first token's logits.",
+        "TFLOPs (paper): visual tokens only at each method's nominal schedule for 2880 tokens (GlobalCom² Tables "
+        "8/9). TFLOPs (full): every token entering each decoder layer, plus method overhead, mean per sample.",
     ]
-    if "peak_memory_gb" not in wide or wide["peak_memory_gb"].isna().all():
-        display["peak memory (GB)"] = "n/a (CPU)"
+    if "peak_memory_gib" not in wide or wide["peak_memory_gib"].isna().all():
+        display["peak allocated (GiB)"] = "n/a (CPU)"
         notes.append("Peak memory: unavailable on CPU (torch tracks no CPU allocator peak); not zero.")
-    if not rows["hardware"].dropna().str.contains("GPU|NVIDIA|H100|A100", regex=True).any():
+    if not rows["hardware"].dropna().str.contains("GPU|NVIDIA|H100|H200|A100", regex=True).any():
         notes.append(
             "CPU timings of cells run one after another drift with the machine's load; for speed-ups on CPU use "
             "`make bench-efficiency`, which interleaves the methods."
         )
-    if vanilla is None:
-        notes.append("Speed-ups: n/a, no vanilla row.")
+    if _find_vanilla(wide) is None:
+        notes.append("Speed-ups and FLOPs ratios: n/a, no vanilla row.")
     if set(rows["random_init"]) == {True}:
         notes.append("Random-initialised weights: costs are real, scores are not.")
     return Table(

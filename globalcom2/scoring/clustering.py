@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 
 
-def dpc_knn_merge(tokens: torch.Tensor, count: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+def dpc_knn_merge(
+    tokens: torch.Tensor, count: torch.Tensor, clusters: torch.Tensor, max_clusters: int
+) -> torch.Tensor:
     """Cluster each group's tokens into ``clusters[g]`` clusters and return the cluster means.
 
     Args:
@@ -26,14 +28,14 @@ def dpc_knn_merge(tokens: torch.Tensor, count: torch.Tensor, clusters: torch.Ten
         count: ``[G]`` real tokens per group.
         clusters: ``[G]`` clusters per group, ``1 <= clusters[g] <= count[g]`` (0 for an empty group); also the
             ``k`` of the k-nearest-neighbour density, as in the reference.
+        max_clusters: ``max(clusters)``, known on the host (it sizes the output).
 
     Returns:
-        ``[G, K, C]`` merged tokens (``K = max(clusters)``) in the dtype of ``tokens``, ordered by decreasing
+        ``[G, K, C]`` merged tokens (``K = max_clusters``) in the dtype of ``tokens``, ordered by decreasing
         cluster-centre score; rows ``>= clusters[g]`` are zero.
     """
     groups, size, channels = tokens.shape
     device = tokens.device
-    max_clusters = int(clusters.max()) if clusters.numel() else 0
     if max_clusters == 0:
         return tokens.new_zeros(groups, 0, channels)
     x = tokens.float()
@@ -69,9 +71,11 @@ def dpc_knn_merge(tokens: torch.Tensor, count: torch.Tensor, clusters: torch.Ten
     slots = torch.arange(max_clusters, device=device).expand(groups, -1)
     assign = assign.scatter(1, centres, torch.where(use, slots, assign.gather(1, centres)))  # centres -> self
 
-    # Mean of each cluster's members.
-    flat = (assign + torch.arange(groups, device=device)[:, None] * max_clusters)[real]  # [T]
-    sums = x.new_zeros(groups * max_clusters, channels).index_add_(0, flat, x[real])
-    sizes = x.new_zeros(groups * max_clusters).index_add_(0, flat, x.new_ones(flat.numel()))
-    merged = sums / sizes.clamp(min=1)[:, None]
+    # Mean of each cluster's members; padding rows go to a scratch slot past the last cluster.
+    slots_total = groups * max_clusters
+    flat = assign + torch.arange(groups, device=device)[:, None] * max_clusters  # [G, M]
+    flat = torch.where(real, flat, slots_total).flatten()  # [G M]
+    sums = x.new_zeros(slots_total + 1, channels).index_add_(0, flat, x.flatten(0, 1))
+    sizes = x.new_zeros(slots_total + 1).index_add_(0, flat, real.flatten().to(x.dtype))
+    merged = sums[:slots_total] / sizes[:slots_total].clamp(min=1)[:, None]
     return merged.view(groups, max_clusters, channels).to(tokens.dtype)

@@ -45,14 +45,30 @@ def column_tie_break(rows: int, width: int, device: torch.device | str = "cpu") 
     return (2**TIE_BREAK_BITS - 1 - torch.arange(width)).expand(rows, -1).contiguous().to(device)
 
 
-def int64_tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    """``torch.tensor(values, dtype=torch.int64, device=device)`` without per-element type inference.
+def int64_tensor(values: list[int] | tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values, dtype=torch.int64, device=device)`` without a device sync or type inference.
 
-    ``torch.tensor`` of a short Python list costs ~20 us on a slow CPU, as much as the comparison it
-    feeds; ``frombuffer`` over a typed array costs a third of that. The tensor keeps the array alive.
+    ``torch.tensor(..., device="cuda")`` copies from pageable host memory and then waits for the stream, i.e.
+    for every kernel queued before it; here the values go through pinned memory with ``non_blocking=True``,
+    so the copy is queued like a kernel (the caching host allocator keeps the buffer alive until it ran).
+    On CPU, ``frombuffer`` over a typed array costs a third of ``torch.tensor`` of a short list; the tensor
+    keeps the array alive.
     """
-    host = torch.frombuffer(array("q", values), dtype=torch.int64)  # [len(values)], shares the array
-    return host if device.type == "cpu" else host.to(device)
+    host = (
+        torch.frombuffer(array("q", values), dtype=torch.int64)
+        if values
+        else torch.zeros(0, dtype=torch.long)
+    )
+    return host_to_device(host, device)
+
+
+def host_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device``, queued without waiting for the device (pinned, non-blocking);
+    ``host`` itself on CPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def top_counts_per_row(keys: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

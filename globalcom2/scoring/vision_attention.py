@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from globalcom2.stage_timing import stage_section
+
 ScoreKind = Literal["logits", "softmax"]
 
 
@@ -94,9 +96,10 @@ class ClsAttentionCapture:
             return
         if self._cls_query is None:
             raise RuntimeError("CLIP attention computed keys before queries; the score hook cannot follow")
-        self._captured.append(
-            cls_patch_scores(self._cls_query, output, self.num_heads, self.scale, self.kind)
-        )
+        with stage_section("compression"):
+            self._captured.append(
+                cls_patch_scores(self._cls_query, output, self.num_heads, self.scale, self.kind)
+            )
         self._cls_query = None
 
     @contextmanager

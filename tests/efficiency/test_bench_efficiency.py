@@ -10,13 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
+from globalcom2.data import demo
 from globalcom2.perf.efficiency import main, parse_variant
+from globalcom2.perf.vicuna_prompt import vicuna_text_tokens
+from globalcom2.prompts import vicuna_v1_prompt
 
 VARIANTS = ["vanilla@1", "globalcom2@0.5", "globalcom2@0.1", "random@0.25", "fastv@0.25", "sparsevlm@0.25"]
+STAGE_COLUMNS = ["vision ms", "compression ms", "LLM prefill ms", "decode ms"]
 
 
-def run_bench(tmp_path, device: str) -> tuple[pd.DataFrame, dict]:
-    args = ["--images", "2", "--new-tokens", "2", "--device", device, "--out", str(tmp_path)]
+def run_bench(tmp_path, device: str, *extra: str) -> tuple[pd.DataFrame, dict]:
+    args = ["--images", "2", "--new-tokens", "2", "--device", device, "--out", str(tmp_path), *extra]
     main([*args, "--variants", *VARIANTS])
     stem = tmp_path / f"tiny_{device}"
     assert stem.with_suffix(".md").read_text().startswith("**Efficiency, tiny")
@@ -27,7 +31,13 @@ def check_table(table: pd.DataFrame) -> None:
     assert list(zip(table["method"], table["R"], strict=True)) == [parse_variant(v) for v in VARIANTS]
     vanilla = table.iloc[0]
     assert vanilla["visual tokens (layer mean)"] == 2928  # 672x672: thumbnail, 2x2 crops, 48 separators
-    assert vanilla["prefill speed-up (x)"] == 1.0 and vanilla["throughput gain (x)"] == 1.0
+    for ratio in (
+        "prefill speed-up (x)",
+        "LLM prefill speed-up (x)",
+        "FLOPs ratio (full)",
+        "throughput gain (x)",
+    ):
+        assert vanilla[ratio] == 1.0
     globalcom2 = table[table["method"] == "globalcom2"].sort_values("R")
     assert globalcom2["visual tokens (layer mean)"].is_monotonic_increasing
     assert globalcom2["TFLOPs (full)"].is_monotonic_increasing
@@ -35,7 +45,15 @@ def check_table(table: pd.DataFrame) -> None:
     assert (compressed["visual tokens (layer mean)"] < 2928).all()
     assert (compressed["TFLOPs (full)"] < vanilla["TFLOPs (full)"]).all()
     assert (compressed["KV cache (MB)"] < vanilla["KV cache (MB)"]).all()
-    assert (table["prefill (ms)"] > 0).all()
+    assert (compressed["FLOPs ratio (full)"] > 1).all() and (compressed["FLOPs ratio (paper)"] > 1).all()
+    # every stage is measured, and the LLM prefill is a part of the whole prefill
+    assert (table[STAGE_COLUMNS] >= 0).all().all() and (table["LLM prefill ms"] > 0).all()
+    assert (table["LLM prefill ms"] + table["vision ms"] <= table["prefill ms"]).all()
+    assert (table["prefill p25 ms"] <= table["prefill ms"]).all() and (
+        table["prefill ms"] <= table["prefill p75 ms"]
+    ).all()
+    assert (table["host reads"] >= vanilla["host reads"]).all()
+    assert (table["host reads"] <= vanilla["host reads"] + 9).all()  # 3 a stage at most (SparseVLM: 3 stages)
 
 
 def test_variant_parsing_fails_loudly():
@@ -54,15 +72,61 @@ def test_variant_parsing_fails_loudly():
 def test_cpu_table_is_complete_and_marks_memory_unavailable(tmp_path):
     table, record = run_bench(tmp_path, "cpu")
     check_table(table)
-    assert set(table["peak memory (GB)"]) == {"n/a (CPU)"}
+    assert set(table["peak allocated (GiB)"]) == {"n/a (CPU)"}
     assert record["provenance"]["hardware"]["cuda_available"] == torch.cuda.is_available()
     assert record["settings"]["images"] == 2 and record["settings"]["dtype"] == "float32"
+    assert record["ceilings"] is None and "roofline floor ms" not in table  # not measured on CPU by default
+    for row in record["rows"]:  # the stages of each row's medians are all there
+        assert {"vision_ms", "compression_ms", "llm_prefill_ms", "decode_ms"} <= set(row)
+
+
+def test_vicuna_text_length_and_ceilings(tmp_path):
+    """With --vicuna-text (on by default for --random-init) every prompt has the text length Vicuna's tokenizer
+    gives it; with --measure-ceilings every row gets a roofline floor below its measured prefill."""
+    table, record = run_bench(tmp_path, "cpu", "--vicuna-text", "--measure-ceilings")
+    questions = [item.question for item in demo.generate_items("efficiency", size=2)]
+    expected = sum(vicuna_text_tokens(q) for q in questions) / 2
+    assert (table["text tokens"] == expected).all() and 45 < expected < 60
+    ceilings = record["ceilings"]
+    assert ceilings["matmul_tflops"] > 0 and ceilings["bandwidth_tb_s"] > 0
+    for row, floor in zip(record["rows"], table["roofline floor ms"], strict=True):
+        flops = (row["tflops_full"] + row["tflops_vision"]) * 1e12
+        expected = 1e3 * max(
+            record["weight_bytes"] / (ceilings["bandwidth_tb_s"] * 1e12),
+            flops / (ceilings["matmul_tflops"] * 1e12),
+        )
+        assert floor == pytest.approx(expected)
+    assert (table["prefill / floor"] == table["prefill ms"] / table["roofline floor ms"]).all()
 
 
 @pytest.mark.gpu
 def test_gpu_table_reports_peak_memory(tmp_path):
     table, record = run_bench(tmp_path, "cuda")
     check_table(table)
-    peaks = pd.to_numeric(table["peak memory (GB)"])
+    peaks = pd.to_numeric(table["peak allocated (GiB)"])
     assert (peaks > 0).all() and peaks.iloc[0] >= peaks.max() - 1e-6  # vanilla holds the most tokens
     assert record["provenance"]["hardware"]["gpu"]
+
+
+def test_fit_text_tokens_keeps_bos_and_the_image_and_refuses_what_it_cannot_do(processor):
+    from helpers import synthetic_image
+
+    from globalcom2.perf.vicuna_prompt import fit_text_tokens
+
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    question = "What color is the square?"
+    inputs = dict(
+        processor(images=synthetic_image(672, 672), text=vicuna_v1_prompt(question), return_tensors="pt")
+    )
+    ids = inputs["input_ids"][0]
+    text = int((ids != image_token).sum())
+    fitted = fit_text_tokens(inputs, image_token, vicuna_text_tokens(question))
+    new = fitted["input_ids"][0]
+    assert int((new != image_token).sum()) == 48 < text
+    assert new[0] == ids[0] and torch.equal(new[-20:], ids[-20:])  # BOS and the question's end stay
+    assert int((new == image_token).sum()) == int((ids == image_token).sum()) == 2928
+    assert fitted["attention_mask"].shape == fitted["input_ids"].shape
+    with pytest.raises(ValueError, match="cannot bring"):
+        fit_text_tokens(inputs, image_token, text + 1)
+    with pytest.raises(KeyError, match="no recorded Vicuna token count for 'Why\\?'"):
+        vicuna_text_tokens("Why?")

@@ -69,3 +69,61 @@ def test_warmup_runs_unmeasured_calls():
 def test_throughput():
     assert throughput(10, [1.0, 1.5, 2.5]) == 2.0
     assert throughput(3, []) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        (None, {}),
+        ("globalcom2", {"retention_ratio": 0.25}),
+        ("fastv", {"retention_ratio": 0.25}),
+        ("sparsevlm", {"retention_ratio": 0.4, "equivalent_tokens": "layer_output"}),
+    ],
+)
+def test_every_stage_is_timed_and_the_stages_add_up_to_the_total(model, processor, images, method, params):
+    """Vision, compression, LLM prefill and decode of a real generate call; compression is the method's own
+    work (none for the unmodified model), and nested intervals are charged once."""
+    from contextlib import nullcontext
+
+    from helpers import prompt_inputs
+
+    from globalcom2 import attach
+    from globalcom2.stage_timing import OTHER, STAGES
+
+    inputs = prompt_inputs(processor, images[(672, 672)])
+    profiler = GenerateProfiler(model, "cpu")
+    attached = attach(model, method, **params) if method else nullcontext()
+    with attached, torch.inference_mode(), profiler.measure() as pending:
+        model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    m = pending.result
+    assert set(m.stages) == {*STAGES, OTHER}
+    assert all(m.stages[stage] > 0 for stage in ("vision", "llm_prefill", "decode"))
+    assert (m.stages["compression"] > 0) == (method is not None)
+    assert m.stages[OTHER] >= 0 and sum(m.stages.values()) == pytest.approx(m.total_s)
+    assert m.stages["vision"] + m.stages["llm_prefill"] <= m.prefill_s  # both end before the first logits
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in profiler_modules(model))
+
+
+def profiler_modules(model) -> list[torch.nn.Module]:
+    inner = model.model
+    return [model, inner.vision_tower, inner.multi_modal_projector, inner.language_model, model.lm_head]
+
+
+def test_stage_clock_charges_nested_intervals_once_and_refuses_unbalanced_hooks():
+    from globalcom2.stage_timing import StageClock, clock_running, stage_section
+
+    clock = StageClock("cpu")
+    with clock_running(clock):
+        clock.open("vision")
+        time.sleep(0.02)
+        with stage_section("compression"):
+            time.sleep(0.03)
+        clock.close("vision")
+    totals = clock.totals()
+    assert 0.02 <= totals["vision"] < 0.03 + 0.01 and totals["compression"] >= 0.03
+    assert totals["llm_prefill"] == totals["decode"] == 0.0
+    with stage_section("compression"):  # no clock running: nothing happens
+        pass
+    clock.open("vision")
+    with pytest.raises(RuntimeError, match="unbalanced"):
+        clock.close("decode")

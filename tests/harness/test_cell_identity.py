@@ -91,6 +91,13 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
         assert identity(changed) != base, changed
     assert identity("+benchmark.future_option=1") != base  # a key we do not know yet still counts
     assert identity("benchmark.protocol=llava", "benchmark.tasks=[globalcom2_demo]") != base
+    # compile mode: off is the identity every cell had before the option existed; on is recorded by mode
+    assert "compile" not in base and "compile" not in base["model"] and identity("compile=false") == base
+    compiled = identity("compile=true")
+    assert compiled != base and compiled["model"]["compile"] == "default"  # the CPU's default mode
+    assert identity("compile=default") == compiled and identity("compile=max-autotune") != compiled
+    with pytest.raises(ValueError, match="compile must be true, false or one of default, reduce-overhead"):
+        identity("compile=fast")
 
 
 def test_the_completion_check_is_repeated_under_the_lock(tmp_path, monkeypatch, capsys):

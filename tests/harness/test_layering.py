@@ -15,7 +15,13 @@ import globalcom2
 
 PACKAGE_DIR = Path(globalcom2.__file__).parent
 # Top to bottom; a models module may import the modules of any earlier layer (see globalcom2.models.base).
-MODELS_LAYERS = [["base"], ["geometry", "tiny"], ["tiny_trained", "random_init"], ["preload"], ["loader"]]
+MODELS_LAYERS = [
+    ["base", "compiled"],
+    ["geometry", "tiny"],
+    ["tiny_trained", "random_init"],
+    ["preload"],
+    ["loader"],
+]
 
 
 def module_name(path: Path) -> str:
@@ -136,6 +142,20 @@ def test_importing_the_data_package_loads_no_lmms_eval():
     probe = (
         f"import importlib, sys\nfor m in {data!r}: importlib.import_module(m)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lmms_eval' or m.startswith('globalcom2.lmms')))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_benchmarks_import_only_torch_transformers_pandas_and_pillow():
+    """``globalcom2.perf`` runs on GPU machines that have torch and transformers but not the evaluation stack:
+    importing every benchmark loads none of lmms-eval, Hydra, OmegaConf, datasets or wandb."""
+    perf = sorted(name for name in all_modules() if name.startswith("globalcom2.perf"))
+    heavy = ("lmms_eval", "hydra", "omegaconf", "datasets", "wandb")
+    probe = (
+        f"import importlib, sys\nfor m in {perf!r}: importlib.import_module(m)\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -50,10 +50,15 @@ def test_multirun_of_two_methods_and_two_ratios_gives_four_complete_cells(tmp_pa
         assert record["provenance"]["git"]["sha"] and record["provenance"]["versions"]["lmms_eval"]
         assert record["run"]["seed"] == 0 and record["run"]["batch_size"] == 1
         assert record["run"]["attn_implementation"] == {"text_config": "sdpa", "vision_config": "sdpa"}
-        assert (
-            record["efficiency"]["peak_memory_gb"] is None
-            and "CPU" in record["efficiency"]["peak_memory_note"]
-        )
+        efficiency = record["efficiency"]
+        assert efficiency["peak_memory_gib"] is None and "CPU" in efficiency["peak_memory_note"]
+        # three calls: the first is reported apart; every stage of the other two is there, within the total
+        assert efficiency["first_call"]["calls"] == 1 and efficiency["timed_calls"] == 2
+        stages = efficiency["stages_ms"]
+        assert set(stages) == {"vision", "compression", "llm_prefill", "decode", "other"}
+        assert all(stages[s]["median"] > 0 for s in ("vision", "compression", "llm_prefill"))
+        assert sum(stages[s]["mean"] for s in stages) == pytest.approx(efficiency["total_ms"]["mean"])
+        assert efficiency["text_tokens"] > 0
         cell = Path(record["cell"]["path"])
         assert cell.parent == tmp_path / "results" / name and cell.name == record["cell"]["id"]
         assert (cell / record["files"]["results"]).is_file() and (cell / record["files"]["records"]).is_file()

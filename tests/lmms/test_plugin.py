@@ -60,6 +60,7 @@ def test_entry_point_resolves_and_passes_lmms_eval_type_checks():
             "supports eager, sdpa",
         ),
         ({"batch_size": "auto"}, "automatic batch sizes"),
+        ({"compile": "fast"}, "compile must be true, false or one of default, reduce-overhead"),
     ],
 )
 def test_bad_arguments_fail_before_the_model_is_loaded(monkeypatch, kwargs, message):
@@ -69,6 +70,20 @@ def test_bad_arguments_fail_before_the_model_is_loaded(monkeypatch, kwargs, mess
     monkeypatch.setattr("globalcom2.load_llava_next", no_loading)
     with pytest.raises((ValueError, TypeError), match=message):
         GlobalCom2LlavaNext(pretrained="tiny", **kwargs)
+
+
+def test_compile_mode_is_applied_after_attaching_and_recorded():
+    """``compile=true`` (a ``model_args`` string) compiles the layers in the device's default mode (compilation
+    itself happens at the first call, so nothing is generated here); a backend that cannot run is refused
+    before the model loads."""
+    lm = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.5, compile="true")
+    try:
+        assert lm.run_info["compile"] == "default" and lm.compiled.mode == "default"
+        assert all("forward" in vars(layer) for layer in lm.model.model.language_model.layers)
+    finally:
+        lm.compiled.remove()
+    with pytest.raises(RuntimeError, match="CUDA graphs, which need a CUDA device"):
+        GlobalCom2LlavaNext(pretrained="tiny", device="cpu", compile="reduce-overhead")
 
 
 def test_typed_method_parameters_and_run_info(lm):

@@ -76,7 +76,7 @@ def write_cell(
         "efficiency": {
             "prefill_ms": {"median": 100 * ratio},
             "throughput_samples_per_s": 2 / ratio,
-            "peak_memory_gb": {"max": 10 + ratio},
+            "peak_memory_gib": {"max": 10 + ratio},
             "tflops": {"paper": 41.65 * ratio, "full": 42 * ratio},
             "kv_cache_mb": 1500 * ratio,
             "visual_tokens": {"before": 2928, "llm_input": 2928 * ratio, "equivalent": 2928 * ratio},
@@ -280,10 +280,10 @@ def check_latex(source: str, path: Path) -> None:
 
 def test_peak_memory_is_marked_unavailable_not_zero(tree, tmp_path):
     frame = tidy_results(tree)
-    frame = frame[frame["metric"] != "peak_memory_gb"].assign(hardware="CPU (x86_64, 2 cores)")
+    frame = frame[frame["metric"] != "peak_memory_gib"].assign(hardware="CPU (x86_64, 2 cores)")
     table = build_report(frame, "t1", tmp_path / "cpu").tables
     efficiency = next(t for t in table if t.name.startswith("efficiency"))
-    assert set(efficiency.frame["peak memory (GB)"]) == {"n/a (CPU)"}
+    assert set(efficiency.frame["peak allocated (GiB)"]) == {"n/a (CPU)"}
     assert any("unavailable on CPU" in note for note in efficiency.notes)
 
 
@@ -444,7 +444,7 @@ def test_plots_say_when_memory_is_unavailable(tree, tmp_path, monkeypatch):
         return original(figure, out_dir, name)
 
     monkeypatch.setattr(plots, "save", capturing_save)
-    paths = plots.latency_memory(frame[frame["metric"] != "peak_memory_gb"], tmp_path / "cpu")
+    paths = plots.latency_memory(frame[frame["metric"] != "peak_memory_gib"], tmp_path / "cpu")
     plots.latency_memory(frame, tmp_path / "gpu")
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 10_000 for p in paths)
     without, with_memory = texts

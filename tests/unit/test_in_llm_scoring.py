@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotary
 from globalcom2.hooks.in_llm_sequence import gather_rows, plan_relayout, renumber_positions
 from globalcom2.methods.base import LayerStats, MergedTokens
 from globalcom2.scoring.clustering import dpc_knn_merge
-from globalcom2.scoring.selection import compact_rows, top_k_per_group
+from globalcom2.scoring.selection import compact_rows, masked_positions, top_k_per_group
 from globalcom2.scoring.text_attention import attention_rows
 
 
@@ -61,9 +61,21 @@ def test_top_k_per_group_matches_a_loop_and_breaks_ties_by_position():
 
 
 def test_compact_rows():
-    index, valid = compact_rows(torch.tensor([[0, 1, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool))
+    index, valid = compact_rows(
+        torch.tensor([[0, 1, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool), width=2
+    )
     assert valid.tolist() == [[True, True], [True, False], [False, False]]
     assert index[0].tolist() == [1, 3] and index[1, 0] == 0
+
+
+def test_masked_positions_equals_nonzero_and_refuses_a_short_count():
+    mask = torch.rand(50, generator=torch.Generator().manual_seed(3)) > 0.6
+    count = int(mask.sum())
+    assert torch.equal(masked_positions(mask, count), mask.nonzero().squeeze(1))
+    assert masked_positions(torch.zeros(4, dtype=torch.bool), 0).numel() == 0
+    for wrong in (count - 1, count + 1):  # never a silent cut or an unfilled slot
+        with pytest.raises(RuntimeError, match=f"does not have {wrong} entries"):
+            masked_positions(mask, wrong)
 
 
 def test_relayout_keeps_order_inserts_after_each_image_and_left_pads():
@@ -74,10 +86,10 @@ def test_relayout_keeps_order_inserts_after_each_image_and_left_pads():
     keep[0, 2] = keep[1, 3] = False
     merged = MergedTokens(
         hidden_states=torch.tensor([[[10.0], [11.0]], [[20.0], [0.0]]]),  # image 0: two rows, image 1: one
-        count=torch.tensor([2, 1]),
-        candidates=torch.tensor([1, 1]),
+        count=(2, 1),
+        candidates=(1, 1),
     )
-    layout = plan_relayout(keep, image, merged)
+    layout = plan_relayout(keep, image, 7, merged, image_row=(0, 1))
     values = torch.arange(12, dtype=torch.float).view(2, 6, 1)
     rows = gather_rows(values, layout.source, layout.inserted_hidden).squeeze(-1)
     assert layout.valid.tolist() == [[True] * 7, [False] * 3 + [True] * 4]
@@ -91,10 +103,8 @@ def test_relayout_keeps_order_inserts_after_each_image_and_left_pads():
 def test_relayout_places_merged_rows_after_their_own_image_in_a_row_with_two_images():
     image = torch.tensor([[-1, 0, 0, -1, 1, 1, -1]])
     keep = torch.tensor([[1, 0, 1, 1, 1, 0, 1]], dtype=torch.bool)
-    merged = MergedTokens(
-        torch.tensor([[[10.0]], [[20.0]]]), count=torch.tensor([1, 1]), candidates=torch.ones(2)
-    )
-    layout = plan_relayout(keep, image, merged)
+    merged = MergedTokens(torch.tensor([[[10.0]], [[20.0]]]), count=(1, 1), candidates=(1, 1))
+    layout = plan_relayout(keep, image, 7, merged, image_row=(0, 0))
     rows = gather_rows(torch.arange(7.0).view(1, 7, 1), layout.source, layout.inserted_hidden).squeeze(-1)
     assert rows.tolist() == [[0, 2, 10, 3, 4, 20, 6]]
 
@@ -106,7 +116,7 @@ def test_dpc_knn_merge_matches_the_single_group_reference(dtype):
     tokens = torch.randn(len(sizes), max(sizes), 16, generator=generator)
     tokens[:, :, :4] += 3 * torch.randint(0, 3, (len(sizes), max(sizes), 1), generator=generator)  # blobs
     tokens = tokens.to(dtype)
-    merged = dpc_knn_merge(tokens, torch.tensor(sizes), torch.tensor(clusters))
+    merged = dpc_knn_merge(tokens, torch.tensor(sizes), torch.tensor(clusters), max(clusters))
     assert merged.shape == (5, 6, 16) and merged.dtype == dtype
     for g, (size, k) in enumerate(zip(sizes, clusters, strict=True)):
         if k:
@@ -117,7 +127,9 @@ def test_dpc_knn_merge_matches_the_single_group_reference(dtype):
     # Padding rows never influence a group.
     noisy = tokens.clone()
     noisy[1, 5:] = 1e3
-    assert torch.equal(dpc_knn_merge(noisy, torch.tensor(sizes), torch.tensor(clusters)), merged)
+    assert torch.equal(
+        dpc_knn_merge(noisy, torch.tensor(sizes), torch.tensor(clusters), max(clusters)), merged
+    )
 
 
 def test_layer_stats_averages():

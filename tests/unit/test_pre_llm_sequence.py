@@ -22,8 +22,8 @@ def test_two_images_in_one_row_shrink_and_grow():
         None,
         None,
         image_token_id=IMG,
-        original_lengths=torch.tensor([4, 3]),
-        new_lengths=torch.tensor([2, 5]),
+        original_lengths=[4, 3],
+        new_lengths=[2, 5],
         pad_token_id=PAD,
     )
     assert r.input_ids.tolist() == [row(1, ("img", 2), 2, ("img", 5), 3)]
@@ -41,8 +41,8 @@ def test_left_padded_batch_becomes_ragged_and_is_repadded():
         mask,
         pos,
         image_token_id=IMG,
-        original_lengths=torch.tensor([3, 5]),
-        new_lengths=torch.tensor([1, 2]),
+        original_lengths=[3, 5],
+        new_lengths=[1, 2],
         pad_token_id=PAD,
     )
     assert r.input_ids.tolist() == [[PAD, 1, IMG, 2], [1, IMG, IMG, 2]]
@@ -59,8 +59,8 @@ def test_image_dropped_entirely():
         None,
         None,
         image_token_id=IMG,
-        original_lengths=torch.tensor([3]),
-        new_lengths=torch.tensor([0]),
+        original_lengths=[3],
+        new_lengths=[0],
         pad_token_id=PAD,
     )
     assert r.input_ids.tolist() == [[1, 2]]
@@ -75,8 +75,8 @@ def test_decode_translates_positions_and_mask():
         mask,
         pos,
         image_token_id=IMG,
-        original_lengths=torch.tensor([3, 4]),
-        new_lengths=torch.tensor([1, 2]),
+        original_lengths=[3, 4],
+        new_lengths=[1, 2],
         pad_token_id=PAD,
     )
     assert r.input_ids.tolist() == [[PAD, 1, IMG, 2], [1, IMG, IMG, 2]]  # ragged again: re-padded
@@ -101,8 +101,8 @@ def test_right_padding_is_refused():
             (ids != PAD).long(),
             None,
             image_token_id=IMG,
-            original_lengths=torch.tensor([2]),
-            new_lengths=torch.tensor([1]),
+            original_lengths=[2],
+            new_lengths=[1],
             pad_token_id=PAD,
         )
 
@@ -115,7 +115,7 @@ def test_placeholder_count_mismatch_is_loud():
             None,
             None,
             image_token_id=IMG,
-            original_lengths=torch.tensor([3]),
-            new_lengths=torch.tensor([1]),
+            original_lengths=[3],
+            new_lengths=[1],
             pad_token_id=PAD,
         )

@@ -60,7 +60,22 @@ def test_summary_counts_calls_once_and_reports_empty_answers():
     assert latency["throughput_samples_per_s"] == pytest.approx(3 / (2.0 + 1.0))
     assert latency["throughput_samples_per_s_end_to_end"] == pytest.approx(3 / (2.0 + 1.0 + 0.5 + 0.5))
     assert latency["prefill_ms"]["mean"] == pytest.approx(750.0)
-    assert latency["peak_memory_gb"]["max"] == pytest.approx(10 / 2**30)
+    assert latency["peak_memory_gib"]["max"] == pytest.approx(10 / 2**30)
+
+
+def test_the_first_measured_call_is_reported_apart_and_kept_out_of_the_statistics():
+    stages = {"vision": 0.1, "compression": 0.0, "llm_prefill": 0.3, "decode": 0.5, "other": 0.1}
+    records = [
+        record(doc_id=0, batch_id=0, prefill_s=5.0, total_s=9.0, first_call=True, stages_s=stages),
+        record(doc_id=1, batch_id=1, prefill_s=0.4, total_s=1.0, stages_s=stages),
+        record(doc_id=2, batch_id=2, prefill_s=0.6, total_s=1.0, stages_s=stages),
+    ]
+    latency = latency_summary(records)
+    assert latency["first_call"] == {"calls": 1, "prefill_ms": 5000.0, "total_ms": 9000.0}
+    assert latency["timed_calls"] == 2 and latency["prefill_ms"]["median"] == pytest.approx(500.0)
+    assert latency["throughput_samples_per_s"] == pytest.approx(2 / 2.0)
+    assert latency["stages_ms"]["llm_prefill"]["median"] == pytest.approx(300.0)
+    assert set(latency["stages_ms"]) == set(stages)
 
 
 def test_jsonl_round_trip_is_sorted_and_leaves_no_temporary_files(tmp_path):

@@ -1,0 +1,129 @@
+"""Every method's prefill stays within its budget of host reads (what stalls a GPU's launch queue).
+
+Counted on CPU with :class:`~globalcom2.efficiency.host_syncs.HostSyncCounter`, which flags the calls that wait
+for a CUDA device; ``tests/gpu/test_cuda_syncs.py`` checks the same budgets with CUDA's own sync detector.
+Budget over the unmodified model's own count: a pre-LLM method and FastV at most 3 per prefill forward,
+SparseVLM (a multi-stage method) at most 3 per pruning stage; decode steps after a compressed prefill add none.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import prompt_inputs
+
+from globalcom2 import attach
+from globalcom2.efficiency.host_syncs import HostSyncCounter
+from globalcom2.methods import METHODS, InLLMMethod
+from globalcom2.prompts import vicuna_v1_prompt
+
+PER_FORWARD = 3  # extra host reads a pre-LLM method (or a one-stage in-LLM method) may add to a prefill
+
+
+def method_params(name: str) -> dict:
+    params = {} if name == "vanilla" else {"retention_ratio": 0.25}
+    if name == "sparsevlm":
+        params["equivalent_tokens"] = "layer_output"  # the 4-layer tiny model cannot reach 0.25 layer_input
+    return params
+
+
+def budget(handle, num_layers: int) -> int:
+    method = handle.method
+    if isinstance(method, InLLMMethod):
+        return PER_FORWARD * len(method.checked_stage_layers(num_layers))
+    return PER_FORWARD
+
+
+def count_prefill(model, inputs) -> HostSyncCounter:
+    with torch.inference_mode():
+        model(**inputs, use_cache=True)  # warm: caches of geometry constants are built outside the count
+        with HostSyncCounter() as syncs:
+            model(**inputs, use_cache=True)
+    return syncs
+
+
+@pytest.fixture(scope="module")
+def single(tiny, images):
+    return prompt_inputs(tiny[1], images[(672, 672)])
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_prefill_adds_at_most_its_budget_of_host_reads(model, single, name):
+    baseline = count_prefill(model, single).total
+    with attach(model, name, **method_params(name)) as handle:
+        syncs = count_prefill(model, single)
+    extra = syncs.total - baseline
+    allowed = budget(handle, len(model.model.language_model.layers))
+    assert extra <= allowed, (
+        f"{name} adds {extra} host reads to a prefill (allowed {allowed}); where: {dict(syncs.by_line)}"
+    )
+    if name != "vanilla":
+        assert handle.stats, "the method ran (and recorded what it kept)"
+
+
+@pytest.mark.parametrize("name", ["globalcom2", "fastv", "sparsevlm"])
+def test_a_batch_costs_no_more_host_reads_per_forward_than_one_prompt(model, processor, images, name):
+    """The budget is per forward, not per image: two images in a left-padded batch read no more."""
+    text = [vicuna_v1_prompt("What is here?"), vicuna_v1_prompt("Describe the picture in a few words.")]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(
+        images=[images[(672, 672)], images[(1008, 336)]], text=text, return_tensors="pt", padding=True
+    )
+    baseline = count_prefill(model, batch).total
+    with attach(model, name, **method_params(name)) as handle:
+        syncs = count_prefill(model, batch)
+    extra = syncs.total - baseline
+    assert extra <= budget(handle, len(model.model.language_model.layers)) + (name == "globalcom2"), (
+        f"{name}: {extra} extra reads for a batch of two; where: {dict(syncs.by_line)}"
+    )  # GlobalCom²'s crop allocation is read once per image (its counts depend on the scores)
+
+
+@pytest.mark.parametrize("name", ["globalcom2", "random", "fastv", "sparsevlm"])
+def test_decode_steps_after_a_compressed_prefill_add_no_host_read(model, single, name):
+    def decode_syncs() -> int:
+        with torch.inference_mode():
+            out = model(**single, use_cache=True)
+            step = {
+                "input_ids": out.logits[:, -1:].argmax(-1),
+                "attention_mask": torch.ones(1, single["input_ids"].shape[1] + 1, dtype=torch.long),
+                "past_key_values": out.past_key_values,
+                "position_ids": torch.tensor([[single["input_ids"].shape[1]]]),
+            }
+            with HostSyncCounter() as syncs:
+                model(**step, use_cache=True)
+        return syncs.total
+
+    baseline = decode_syncs()
+    with attach(model, name, **method_params(name)):
+        assert decode_syncs() <= baseline
+
+
+def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
+    x = torch.arange(10)
+    mask = x > 4
+    with HostSyncCounter() as syncs:
+        x.sum().item()
+        x.tolist()
+        bool(mask.any())
+        x[mask]
+        x.nonzero()
+        torch.repeat_interleave(x, x)
+        torch.bincount(x, minlength=12)
+        torch.tensor([1, 2], device=torch.device("meta"))  # a copy from host memory (on CUDA: a wait)
+    assert syncs.by_kind == {
+        "item": 1,
+        "tolist": 1,
+        "bool": 1,
+        "bool_mask_index": 1,
+        "nonzero": 1,
+        "repeat_interleave": 1,
+        "bincount": 1,
+        "host_to_device": 1,
+    }
+    with HostSyncCounter() as quiet:
+        x[x.clamp(max=3)]  # integer indexing
+        torch.repeat_interleave(x, x, output_size=45)
+        x.topk(3)
+        torch.where(mask, x, 0)
+        x.to(torch.float32)
+    assert quiet.total == 0, dict(quiet.by_kind)

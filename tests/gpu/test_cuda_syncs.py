@@ -1,0 +1,61 @@
+"""On a GPU, CUDA's own sync detector holds every method to the budget the CPU counter checks in CI.
+
+``torch.cuda.set_sync_debug_mode("warn")`` warns at every call that makes the host wait for the device
+(reading a value, a data-dependent size, a blocking copy). A prefill of each method may add at most 3 such
+waits to the unmodified model's own (SparseVLM: 3 per pruning stage), as ``tests/efficiency/test_host_syncs.py``
+asserts with the CPU counter.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import prompt_inputs
+
+from globalcom2 import attach
+from globalcom2.methods import METHODS, InLLMMethod
+
+pytestmark = pytest.mark.gpu
+PER_FORWARD = 3
+
+
+def cuda_syncs(model, inputs) -> int:
+    with torch.inference_mode():
+        model(**inputs, use_cache=True)  # warm: constant caches are built outside the count
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(**inputs, use_cache=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.fixture(scope="module")
+def cuda_model():
+    from globalcom2.models.loader import load_tiny_llava_next
+
+    return load_tiny_llava_next(seed=0, device="cuda", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_prefill_waits_for_the_device_at_most_its_budget(cuda_model, images, name):
+    model, processor = cuda_model
+    inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    baseline = cuda_syncs(model, inputs)
+    params = {} if name == "vanilla" else {"retention_ratio": 0.25}
+    if name == "sparsevlm":
+        params["equivalent_tokens"] = "layer_output"
+    with attach(model, name, **params) as handle:
+        syncs = cuda_syncs(model, inputs)
+        stages = (
+            len(handle.method.checked_stage_layers(model.config.text_config.num_hidden_layers))
+            if isinstance(handle.method, InLLMMethod)
+            else 1
+        )
+    assert syncs - baseline <= PER_FORWARD * stages, f"{name}: {syncs} waits vs vanilla's {baseline}"
