@@ -79,7 +79,7 @@ bench-globalcom2: install  ## GlobalCom² scoring + allocation + selection time 
 	$(PY) -m globalcom2.perf.globalcom2_selection $(ARGS)
 
 bench-in-llm: install  ## prefill time/memory of FastV and SparseVLM at R=0.25, scoring memory (tiny model, 672x672)
-	$(PY) -m globalcom2.perf.in_llm
+	$(PY) -m globalcom2.perf.in_llm_cost
 
 # The ten benchmarks' hub data, saved for offline runs into $GLOBALCOM2_DATA_DIR (default: data/).
 # Needs network access and HF_TOKEN; says what is missing and exits non-zero otherwise.

@@ -1,39 +1,33 @@
 """A cell of the evaluation grid (model x method x retention ratio x benchmark), checked before anything loads.
 
-:func:`CellSpec.from_config` turns a composed Hydra config into plain, validated values. Everything that
-can be wrong with a cell (an unknown method or parameter, a ratio outside (0, 1], a malformed limit, batch
-size or seed, an unknown task, missing offline data, a checkpoint that is not on disk while offline or is
-not LLaVA-NeXT AnyRes, a layer index past the model's depth, a device this machine lacks) fails here, with
-a message that names the value and what is valid, before a weight or dataset is loaded.
+:meth:`CellSpec.from_config` reads a composed Hydra config: the model, the method and the plugin's options go
+through the one front door (:func:`globalcom2.run_spec.parse_run`, which the lmms-eval ``model_args`` path
+uses too), the benchmark and the launcher are read here. Everything that can be wrong with a cell (an unknown
+key, method or parameter, a ratio outside (0, 1], a malformed limit, batch size or seed, an unknown task,
+missing offline data, a checkpoint that is not on disk while offline, has no weights or is not LLaVA-NeXT
+AnyRes, a layer index past the model's depth, a device this machine lacks, a compile backend it lacks) fails
+here, with a message that names the value and what is valid, before a weight or dataset is loaded.
 
 :meth:`CellSpec.identity` is what the results store keys a finished cell on (``globalcom2/store.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from globalcom2.budget import validate_retention_ratio, warn_if_no_patch_token_kept
-from globalcom2.lmms.generation import parse_gen_kwargs
-from globalcom2.lmms.method_args import (
-    check_attn_compatibility,
-    coerce_method_params,
-    parse_attn_implementation,
+from globalcom2.protocol.generation import parse_gen_kwargs
+from globalcom2.protocol.rules import DEFAULT_PROTOCOL, check_tasks_covered
+from globalcom2.records import CellKey
+from globalcom2.run_spec import (
+    HYDRA_KEYS,
+    MethodSpec,
+    ModelSpec,
+    RunOptions,
+    RunSpec,
+    parse_run,
+    run_problems,
 )
-from globalcom2.lmms.preflight import data_identity
-from globalcom2.lmms.protocols import (
-    DEFAULT_PROTOCOL,
-    budget_method_params,
-    check_protocol,
-    check_tasks_covered,
-)
-from globalcom2.methods import METHODS, CompressionMethod
-from globalcom2.models.base import DTYPE_CHOICES
-from globalcom2.models.compiled import compile_problem, resolve_compile
-from globalcom2.models.preload import model_problems
-from globalcom2.store import CellKey
 
 LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
 #: Bump when a code change alters the results of unchanged configs (a prompt, a task's scoring), so that
@@ -56,37 +50,23 @@ NOT_IDENTITY = (
     "benchmark.name",
     "compile",  # in the identity as model.compile, and only when on (cells from before it keep their identity)
 )
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str  # results folder name
-    pretrained: str
-    random_init: bool
-    dtype: str
-    device: str
-    attn_implementation: Any
-    compile: str | None = None  # a torch.compile mode (globalcom2.models.compiled), None: eager
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str  # registry name
-    label: str  # results folder name (distinguishes ablation variants)
-    retention_ratio: float
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def attach_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``attach``/the plugin (vanilla takes no budget)."""
-        ratio = {} if self.name == "vanilla" else {"retention_ratio": self.retention_ratio}
-        return {**ratio, **self.params}
-
-    @cached_property
-    def built(self) -> CompressionMethod:
-        """The method, built once per spec: validates out-of-range values without a model, and is what the
-        model check (:func:`check_model`) tests against the checkpoint's config. Not a field, so neither
-        the spec's equality nor its dict form sees it."""
-        return METHODS.create(self.name, **self.attach_kwargs())
+#: The keys of each config group (``None``: the primary config's own). An override of any other key, such as
+#: ``+benchmark.limt=3``, would do nothing, so it is refused (``tests/harness/test_config_keys_read.py``
+#: checks these sets against the config files).
+GROUP_KEYS: dict[str | None, frozenset[str]] = {
+    None: frozenset(
+        {"experiment_name", "seed", "force", "dry_run", "compile", "model", "method", "benchmark"}
+        | {"launcher", "logger", "paths"}
+    ),
+    "model": frozenset({"name", "pretrained", "random_init", "dtype", "device", "attn_implementation"}),
+    "method": frozenset({"name", "label", "retention_ratio", "params"}),
+    "benchmark": frozenset(
+        {"name", "tasks", "columns", "lite", "lite_tasks", "limit", "batch_size", "gen_kwargs", "protocol"}
+    ),
+    "launcher": frozenset({"name", "num_processes", "tool"}),
+    "logger": frozenset({"name", "project", "entity", "mode", "group", "dir"}),
+    "paths": frozenset({"root", "results_dir", "data_dir", "tasks_dir"}),
+}
 
 
 @dataclass(frozen=True)
@@ -97,13 +77,17 @@ class BenchmarkSpec:
     limit: int | None
     batch_size: int
     gen_kwargs: str | None
-    protocol: str = DEFAULT_PROTOCOL  # lmms_eval | llava (globalcom2.lmms.protocols)
+    protocol: str = DEFAULT_PROTOCOL  # lmms_eval | llava (globalcom2.protocol.rules)
 
     def generation_overrides(self) -> dict[str, Any] | None:
         """Under ``llava``, ``gen_kwargs`` adjusts LLaVA's fixed settings in the plugin (lmms-eval gets none)."""
         if self.protocol != "llava" or not self.gen_kwargs:
             return None
         return parse_gen_kwargs(self.gen_kwargs, "benchmark.gen_kwargs")
+
+    def lmms_gen_kwargs(self) -> str | None:
+        """What lmms-eval's ``gen_kwargs`` gets: the override under ``lmms_eval``, nothing under ``llava``."""
+        return None if self.protocol == "llava" else self.gen_kwargs
 
 
 @dataclass(frozen=True)
@@ -132,6 +116,15 @@ class CellSpec:
             self.benchmark.name,
         )
 
+    def run_spec(self) -> RunSpec:
+        """What the plugin runs for this cell (validated values: nothing is checked again)."""
+        options = RunOptions(
+            batch_size=self.benchmark.batch_size,
+            protocol=self.benchmark.protocol,
+            generation_overrides=self.benchmark.generation_overrides(),
+        )
+        return RunSpec(model=self.model, method=self.method, options=options)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -159,41 +152,25 @@ class CellSpec:
         Raises ``ValueError``/``TypeError`` naming the bad key, its value and what is valid.
         """
         plain = _to_plain(cfg)
-        method_cfg, bench_cfg = plain["method"], plain["benchmark"]
-        name = method_cfg["name"]
-        protocol = check_protocol(bench_cfg.get("protocol", DEFAULT_PROTOCOL))
-        # The protocol's budget basis, written into the params so that an explicit `budget_basis: patches`
-        # under llava and the implicit one are one identity (and a contradicting one fails here).
-        params = budget_method_params(
-            protocol, name, coerce_method_params(name, dict(method_cfg.get("params") or {}))
-        )  # unknown parameters raise
-        # Vanilla keeps everything: every ratio of a sweep resolves to its single r1.0 cell.
-        ratio = (
-            1.0
-            if name == "vanilla"
-            else validate_retention_ratio(method_cfg["retention_ratio"], name="method.retention_ratio")
-        )
-        method = MethodSpec(
-            name=name, label=method_cfg.get("label") or name, retention_ratio=ratio, params=params
-        )
-        method.built  # noqa: B018  (out-of-range values raise here, without a model)
-        warn_if_no_patch_token_kept(ratio)
-
-        model_cfg = plain["model"]
-        attn = parse_attn_implementation(model_cfg.get("attn_implementation", "sdpa"))
-        check_attn_compatibility(name, attn)
-        dtype = str(model_cfg.get("dtype", "auto"))
-        if dtype not in DTYPE_CHOICES:
-            raise ValueError(f"model.dtype={dtype!r} is not a dtype; valid: {', '.join(DTYPE_CHOICES)}")
-        device = str(model_cfg.get("device", "cpu"))
-        model = ModelSpec(
-            name=model_cfg["name"],
-            pretrained=str(model_cfg["pretrained"]),
-            random_init=_flag(model_cfg.get("random_init", False), "model.random_init"),
-            dtype=dtype,
-            device=device,
-            attn_implementation=attn,
-            compile=resolve_compile(plain.get("compile", False), device),
+        check_keys(plain)
+        method_cfg, bench_cfg, model_cfg = plain["method"], plain["benchmark"], plain["model"]
+        protocol = bench_cfg.get("protocol", DEFAULT_PROTOCOL)
+        run = parse_run(
+            pretrained=model_cfg["pretrained"],
+            method=method_cfg["name"],
+            retention_ratio=method_cfg.get("retention_ratio"),
+            method_params=method_cfg.get("params") or {},
+            dtype=model_cfg.get("dtype", "auto"),
+            device=str(model_cfg.get("device", "cpu")),
+            attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
+            random_init=model_cfg.get("random_init", False),
+            compile=plain.get("compile", False),
+            batch_size=bench_cfg.get("batch_size", 1),
+            protocol=protocol,
+            generation_overrides=bench_cfg.get("gen_kwargs") if protocol == "llava" else None,
+            model_name=model_cfg["name"],
+            method_label=method_cfg.get("label"),
+            keys=HYDRA_KEYS,
         )
         bench_name, tasks = bench_cfg["name"], tuple(bench_cfg["tasks"])
         columns = tuple(bench_cfg.get("columns") or ())
@@ -212,36 +189,30 @@ class CellSpec:
             limit = config_int(
                 limit, "benchmark.limit", minimum=1, meaning="the first N documents; null: all"
             )
+        gen_kwargs = bench_cfg.get("gen_kwargs")
+        if gen_kwargs and protocol != "llava":
+            parse_gen_kwargs(str(gen_kwargs), "benchmark.gen_kwargs")  # before any weight loads
         benchmark = BenchmarkSpec(
             name=bench_name,
             tasks=tasks,
             columns=columns,
             limit=limit,
-            batch_size=config_int(bench_cfg.get("batch_size", 1), "benchmark.batch_size", minimum=1),
-            gen_kwargs=bench_cfg.get("gen_kwargs"),
-            protocol=protocol,
+            batch_size=run.options.batch_size,
+            gen_kwargs=gen_kwargs,
+            protocol=run.options.protocol,
         )
-        if benchmark.gen_kwargs:
-            parse_gen_kwargs(str(benchmark.gen_kwargs), "benchmark.gen_kwargs")  # before any weight loads
         check_tasks_covered(benchmark.protocol, benchmark.tasks)
-        launcher_cfg = plain["launcher"]
-        launcher = LauncherSpec(
-            name=launcher_cfg["name"],
-            num_processes=config_int(
-                launcher_cfg.get("num_processes", 1), "launcher.num_processes", minimum=1
-            ),
-            tool=str(launcher_cfg.get("tool", "auto")),
-        )
-        if launcher.tool not in LAUNCH_TOOLS:
-            raise ValueError(f"launcher.tool={launcher.tool!r}; valid: {', '.join(LAUNCH_TOOLS)}")
+        launcher = _launcher(plain["launcher"])
         seed = config_int(plain.get("seed", 0), "seed", minimum=0)
-        return cls(plain["experiment_name"], seed, model, method, benchmark, launcher)
+        return cls(plain["experiment_name"], seed, run.model, run.method, benchmark, launcher)
 
     def identity(self, cfg: Any) -> dict[str, Any]:
         """Everything that can change this cell's result: the resolved config less :data:`NOT_IDENTITY`,
         with the values this spec normalised (vanilla's ratio, typed method parameters, ints, the lite task
         list) in place of the raw ones, so that equivalent configs give one identity; plus the data each
         task reads (``preflight.data_identity``) and :data:`IDENTITY_VERSION`."""
+        from globalcom2.lmms.preflight import data_identity
+
         identity = _to_plain(cfg)
         for dotted in NOT_IDENTITY:
             parent, _, leaf = dotted.rpartition(".")
@@ -262,31 +233,49 @@ class CellSpec:
         return identity
 
     def preflight(self) -> None:
-        """Checks that touch the disk (tasks and their data, the checkpoint's config, the device); still
-        loads no weight."""
-        from globalcom2.lmms.api import preflight
+        """Checks that touch the disk (tasks and their data, the checkpoint, the device, the compile
+        backend); still loads no weight. One error lists every problem."""
+        from globalcom2.lmms.preflight import check_tasks
 
-        preflight(list(self.benchmark.tasks))
-        check_model(self)
+        check_tasks(list(self.benchmark.tasks))
+        problems = run_problems(self.run_spec(), num_processes=self.launcher.num_processes)
+        if problems:
+            kind = (
+                FileNotFoundError if any(isinstance(p, FileNotFoundError) for p in problems) else ValueError
+            )
+            raise kind("; ".join(str(p) for p in problems))
 
 
-def check_model(spec: CellSpec) -> None:
-    """:func:`globalcom2.models.preload.model_problems` for this cell, raised as one error listing every
-    problem (``FileNotFoundError`` when the checkpoint cannot be found, else ``ValueError``)."""
-    problems = model_problems(
-        spec.model.pretrained,
-        random_init=spec.model.random_init,
-        device=spec.model.device,
-        method=spec.method.built,
-        num_processes=spec.launcher.num_processes,
+def check_keys(plain: dict[str, Any]) -> None:
+    """Refuse a key no reader reads (a typo such as ``+benchmark.limt=3`` would otherwise do nothing)."""
+    for group, known in GROUP_KEYS.items():
+        node = plain if group is None else plain.get(group)
+        if not isinstance(node, dict):
+            continue
+        unknown = sorted(set(node) - known)
+        if unknown:
+            where = "" if group is None else f"{group}."
+            raise ValueError(
+                f"unknown config key {', '.join(where + k for k in unknown)}; the {group or 'top-level'} keys "
+                f"are {', '.join(sorted(known))} (an override of any other key would do nothing)"
+            )
+
+
+def _launcher(launcher_cfg: dict[str, Any]) -> LauncherSpec:
+    launcher = LauncherSpec(
+        name=launcher_cfg["name"],
+        num_processes=config_int(launcher_cfg.get("num_processes", 1), "launcher.num_processes", minimum=1),
+        tool=str(launcher_cfg.get("tool", "auto")),
     )
-    if spec.model.compile is not None:
-        problem = compile_problem(spec.model.device, spec.model.compile)
-        if problem:
-            problems.append(RuntimeError(f"compile={spec.model.compile}: {problem}"))
-    if problems:
-        kind = FileNotFoundError if any(isinstance(p, FileNotFoundError) for p in problems) else ValueError
-        raise kind("; ".join(str(p) for p in problems))
+    if launcher.tool not in LAUNCH_TOOLS:
+        raise ValueError(f"launcher.tool={launcher.tool!r}; valid: {', '.join(LAUNCH_TOOLS)}")
+    if launcher.name == "local" and launcher.num_processes != 1:
+        raise ValueError(
+            f"launcher=local runs a cell in this process, so launcher.num_processes must be 1, got "
+            f"{launcher.num_processes}; for data parallelism use launcher=accelerate "
+            f"launcher.num_processes={launcher.num_processes}"
+        )
+    return launcher
 
 
 def config_int(value: Any, key: str, *, minimum: int, meaning: str = "") -> int:

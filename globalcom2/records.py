@@ -1,7 +1,10 @@
-"""``record.json``, typed: the one module that writes and reads a cell's record (and the worker's outcome).
+"""A cell's names and ``record.json``, typed: the one module that writes and reads a cell's record (and the
+worker's outcome).
 
-A finished cell's record is a :class:`CellRecord`: which cell it is (:class:`CellRef`, the identity the
-results store keys it on), what produced it (spec, resolved config, provenance), and what came out of it
+A cell is named by its :class:`CellKey` (experiment, model, method label, ratio, benchmark: its folder in the
+results store). A finished cell's record is a :class:`CellRecord`: which cell it is (:class:`CellRef`, the
+key plus the identity the results store keys it on), what produced it (spec, resolved config, provenance),
+and what came out of it
 (:class:`CellOutcome`, written by rank 0 of the evaluation as ``outcome.json`` and folded into the record
 by ``globalcom2.run``). Writers build these classes, readers get them back from :func:`read_record`, so a
 renamed or missing field fails here, with the file named, rather than as a ``KeyError`` in a report.
@@ -32,18 +35,40 @@ class RecordError(ValueError):
     """A ``record.json`` or ``outcome.json`` that cannot be used; the message says why and what to do."""
 
 
+def ratio_label(retention_ratio: float) -> str:
+    """``r0.25``, ``r0.1``, ``r1.0``: the folder name of a retention ratio."""
+    return f"r{float(retention_ratio)!r}"
+
+
 @dataclass(frozen=True)
-class CellRef:
-    """Which cell a record belongs to: its readable key, its id (hash of ``identity``) and its folder."""
+class CellKey:
+    """What a cell is, in words; with the identity's id it names the cell's folder."""
 
     experiment: str
     model: str
     method: str  # the method's label (results folder name), not necessarily its registry name
     retention_ratio: float
     benchmark: str
+
+    def relative_path(self) -> Path:
+        parts = (self.experiment, self.model, self.method, ratio_label(self.retention_ratio), self.benchmark)
+        for part in parts:
+            if not part or "/" in part or part.startswith("."):
+                raise ValueError(f"invalid cell path component {part!r} in {self}")
+        return Path(*parts)
+
+
+@dataclass(frozen=True)
+class CellRef(CellKey):
+    """Which cell a record belongs to: its key, its id (hash of ``identity``) and its folder."""
+
     id: str
     identity: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+
+    @property
+    def key(self) -> CellKey:
+        return CellKey(self.experiment, self.model, self.method, self.retention_ratio, self.benchmark)
 
 
 @dataclass(frozen=True)

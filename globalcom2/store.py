@@ -33,24 +33,19 @@ import os
 import shutil
 import socket
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from globalcom2.atomic import atomic_write_text
-from globalcom2.records import COMPLETE, CellRecord, RecordError, read_record, write_record
+from globalcom2.records import COMPLETE, CellKey, CellRecord, RecordError, read_record, write_record
 
 RECORD_FILE = "record.json"
 PARTIAL_DIR = ".partial"
 LOCK_FILE = ".lock"
 CURRENT_FILE = "current"
 CELL_ID_LENGTH = 12
-
-
-def ratio_label(retention_ratio: float) -> str:
-    """``r0.25``, ``r0.1``, ``r1.0``: the folder name of a retention ratio."""
-    return f"r{float(retention_ratio)!r}"
 
 
 def cell_id(identity: Mapping[str, Any]) -> str:
@@ -86,24 +81,6 @@ _ABSENT = object()
 
 def _show(value: Any) -> str:
     return "(absent)" if value is _ABSENT else json.dumps(value, default=str)
-
-
-@dataclass(frozen=True)
-class CellKey:
-    """What a cell is, in words; with the identity's id it names the cell's folder."""
-
-    experiment: str
-    model: str
-    method: str
-    retention_ratio: float
-    benchmark: str
-
-    def relative_path(self) -> Path:
-        parts = (self.experiment, self.model, self.method, ratio_label(self.retention_ratio), self.benchmark)
-        for part in parts:
-            if not part or "/" in part or part.startswith("."):
-                raise ValueError(f"invalid cell path component {part!r} in {self}")
-        return Path(*parts)
 
 
 class CellBusy(RuntimeError):

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,31 +73,24 @@ def evaluate_cell(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
     from globalcom2.efficiency.summary import efficiency_summary
     from globalcom2.lmms import api
     from globalcom2.lmms.plugin import GlobalCom2LlavaNext
-    from globalcom2.lmms.sample_records import summarize, write_jsonl
+    from globalcom2.sample_records import summarize, write_jsonl
 
     seed_everything(spec.seed)
     started = time.time()
     multi_process = spec.launcher.num_processes > 1
+    run = spec.run_spec()
+    if multi_process:  # each rank takes its own device (the process's accelerator)
+        run = replace(run, model=replace(run.model, device=None))
     lm = GlobalCom2LlavaNext(
-        pretrained=spec.model.pretrained,
-        method=spec.method.name,
-        dtype=spec.model.dtype,
-        device=None if multi_process else spec.model.device,
-        batch_size=spec.benchmark.batch_size,
-        attn_implementation=spec.model.attn_implementation,
-        random_init=spec.model.random_init,
-        protocol=spec.benchmark.protocol,
-        generation_overrides=spec.benchmark.generation_overrides(),
-        compile=spec.model.compile or False,
-        **spec.method.attach_kwargs(),
-    )
+        run
+    )  # validated by CellSpec.from_config and the pre-flight: nothing is re-parsed
     loaded = time.time()
     results = api.evaluate(
         lm,
         list(spec.benchmark.tasks),
         output_path=out_dir,
         limit=spec.benchmark.limit,
-        gen_kwargs=None if spec.benchmark.protocol == "llava" else spec.benchmark.gen_kwargs,
+        gen_kwargs=spec.benchmark.lmms_gen_kwargs(),
         random_seed=spec.seed,
         numpy_random_seed=spec.seed,
         torch_random_seed=spec.seed,

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from globalcom2.budget import MAX_PATCH_TOKENS
+
 if TYPE_CHECKING:
     from globalcom2.methods.base import LayerStats
 
@@ -234,7 +236,7 @@ def full_prefill_flops(
     return total
 
 
-def paper_prefill_flops(dims: LlmDims, method: Any, max_visual_tokens: int = 2880) -> int:
+def paper_prefill_flops(dims: LlmDims, method: Any, max_visual_tokens: int = MAX_PATCH_TOKENS) -> int:
     """The "paper" convention (GlobalCom² Tables 8/9): visual tokens only, at the method's nominal schedule
     for ``max_visual_tokens`` (``method.nominal_visual_tokens``)."""
     return model_prefill_flops(dims, method.nominal_visual_tokens(dims.num_layers, max_visual_tokens))

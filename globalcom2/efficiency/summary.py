@@ -1,6 +1,6 @@
 """The ``efficiency`` block of a cell's record: measured latency and memory, analytic FLOPs and KV cache.
 
-Inputs are the plugin's per-sample records (``globalcom2.lmms.sample_records``) and the model's
+Inputs are the plugin's per-sample records (``globalcom2.sample_records``) and the model's
 config. Two FLOPs conventions sit side by side (``globalcom2.efficiency.flops``):
 
 * ``paper``: visual tokens only, at the method's nominal schedule for 2880 visual tokens (GlobalCom²'s
@@ -34,7 +34,7 @@ from globalcom2.efficiency.flops import (
 from globalcom2.methods.base import LayerStats, Stats
 
 if TYPE_CHECKING:
-    from globalcom2.lmms.sample_records import SampleRecord
+    from globalcom2.sample_records import SampleRecord
 
 TERA = 1e12
 

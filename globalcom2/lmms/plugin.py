@@ -15,7 +15,7 @@ reported apart, ``SampleRecord.first_call``), ``compile`` (``true`` or a ``torch
 tower's and the LLM's layers run compiled in a prefill, ``globalcom2.models.compiled``), ``random_init`` (build the 7B/13B
 architecture named by ``pretrained`` with random weights: speed and memory only), ``protocol``
 (``lmms_eval``, the default: the task's prompt and generation settings; ``llava``: the original LLaVA
-evaluation the paper used, ``globalcom2.lmms.protocols``), ``generation_overrides`` (under ``llava``
+evaluation the paper used, ``globalcom2.protocol.rules``), ``generation_overrides`` (under ``llava``
 only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's settings, e.g. a smaller ``max_new_tokens``).
 Every other key is a parameter of the method (e.g. ``retention_ratio``), converted to the type its
 ``__init__`` declares.
@@ -32,7 +32,7 @@ What the class guarantees:
   shards the documents, gathers the answers and scores on rank 0.
 * Generation errors propagate (with the task and doc ids added); nothing is swallowed. Empty answers
   are counted, logged and flagged in the records.
-* Per-sample :class:`~globalcom2.lmms.sample_records.SampleRecord`\\ s: ``lm.records`` (this
+* Per-sample :class:`~globalcom2.sample_records.SampleRecord`\\ s: ``lm.records`` (this
   process), ``lm.gather_records()`` (all processes, collective), ``lm.records_summary()``.
 """
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,22 +50,16 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from globalcom2.budget import warn_if_no_patch_token_kept
-from globalcom2.lmms import sample_records as sr
-from globalcom2.lmms.batching import PreparedBatch, decode_answer, prepare_batch
-from globalcom2.lmms.generation import GenerationSettings
+from globalcom2 import sample_records as sr
+from globalcom2.efficiency.summary import latency_summary
 from globalcom2.lmms.manifest import MODEL_ID
-from globalcom2.lmms.method_args import (
-    check_attn_compatibility,
-    coerce_method_params,
-    parse_attn_implementation,
-)
-from globalcom2.lmms.plugin_options import PluginOptions
-from globalcom2.lmms.protocols import budget_method_params, geometry_of, task_protocol
-from globalcom2.lmms.tokenization import encode_batch
-from globalcom2.methods import METHODS
-from globalcom2.models.compiled import compile_model, compile_problem, resolve_compile
-from globalcom2.models.preload import check_device, model_problems
+from globalcom2.models.compiled import compile_model
+from globalcom2.models.preload import check_device
+from globalcom2.protocol.batching import PreparedBatch, decode_answer, prepare_batch
+from globalcom2.protocol.generation import GenerationSettings
+from globalcom2.protocol.rules import geometry_of, task_protocol
+from globalcom2.protocol.tokenization import encode_batch
+from globalcom2.run_spec import RunSpec, parse_model_args, run_problems
 
 __all__ = ["MODEL_ID", "GlobalCom2LlavaNext"]
 
@@ -78,91 +73,59 @@ class GlobalCom2LlavaNext(lmms):
     def create_from_arg_string(
         cls, arg_string: str, additional_config: dict[str, Any] | None = None
     ) -> GlobalCom2LlavaNext:
-        """lmms-eval's constructor path, with ``model_args`` taking precedence over the CLI's own
-        ``--batch_size``/``--device``. lmms-eval passes both as keywords (``lmms.create_from_arg_string``,
-        lmms_eval/api/model.py in 0.7.3), so a ``batch_size`` in ``model_args`` would otherwise always
-        crash with "got multiple values for keyword argument"."""
-        from lmms_eval.utils import simple_parse_args_string
-
-        args = simple_parse_args_string(arg_string)
+        """lmms-eval's constructor path: the ``model_args`` string through the front door
+        (:meth:`RunSpec.from_model_args`), with ``model_args`` taking precedence over the CLI's own
+        ``--batch_size``/``--device`` (lmms-eval passes both as keywords, ``lmms.create_from_arg_string``,
+        lmms_eval/api/model.py in 0.7.3)."""
+        args = parse_model_args(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
         return cls(**args, **extra)
 
-    def __init__(
-        self,
-        pretrained: str,
-        method: str = "vanilla",
-        dtype: str = "auto",
-        device: str | None = None,
-        batch_size: int | str = 1,
-        max_batch_size: int | None = None,
-        attn_implementation: str | dict[str, str] = "sdpa",
-        max_new_tokens: int = 1024,
-        records_path: str | None = None,
-        profile: bool = True,
-        warmup: int = 1,
-        random_init: bool = False,
-        protocol: str = "lmms_eval",
-        generation_overrides: str | dict[str, Any] | None = None,
-        compile: bool | str = False,
-        **method_params: Any,
-    ) -> None:
+    def __init__(self, spec: RunSpec | None = None, **model_args: Any) -> None:
+        """``GlobalCom2LlavaNext(pretrained=..., method=..., retention_ratio=0.25, ...)``: ``model_args``, parsed
+        and checked against the checkpoint's config (no weight loaded yet); or ``GlobalCom2LlavaNext(spec)``
+        with a :class:`RunSpec` that has passed that check already (``globalcom2.worker``)."""
         super().__init__()
-        # Everything that can be wrong with the arguments is checked before the model is loaded.
-        options = PluginOptions.from_model_args(
-            batch_size=batch_size,
-            max_batch_size=max_batch_size,
-            max_new_tokens=max_new_tokens,
-            warmup=warmup,
-            profile=profile,
-            random_init=random_init,
-            dtype=dtype,
-            protocol=protocol,
-            generation_overrides=generation_overrides,
-            compile=compile,
-        )
+        if spec is None:
+            spec = RunSpec.from_model_args(model_args)
+            checked = False
+        elif model_args:
+            raise TypeError(f"give a RunSpec or model_args, not both (got {sorted(model_args)} too)")
+        else:
+            checked = True
+        self.spec = spec
+        options = spec.options
         self.protocol = options.protocol
         self.generation_overrides = options.generation_overrides
         self.batch_size_per_device = options.batch_size
         self.default_max_new_tokens = options.max_new_tokens
         self.warmup_calls = options.warmup
         self.profile = options.profile
-        self.random_init = options.random_init
-        self.attn_implementation = parse_attn_implementation(attn_implementation)
-        self.method_name = method
-        self.method_kwargs = budget_method_params(
-            self.protocol, method, coerce_method_params(method, method_params)
-        )
-        # Built once, here (ranges checked without a model); this same instance is attached below.
-        self.method = METHODS.create(method, **self.method_kwargs)
-        check_attn_compatibility(method, self.attn_implementation)
-        if "retention_ratio" in self.method_kwargs:
-            warn_if_no_patch_token_kept(self.method.retention_ratio)
-        self.records_path = records_path
+        self.records_path = options.records_path
+        self.random_init = spec.model.random_init
+        self.attn_implementation = spec.model.attn_implementation
+        self.method = spec.method.built  # built once, by the spec; this same instance is attached below
         self._sampling_warned = False
 
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
-        self._device = self._choose_device(device)
-        self.compile_mode = resolve_compile(options.compile, self._device)
-        if self.compile_mode is not None:
-            problem = compile_problem(self._device, self.compile_mode)
-            if problem:
-                raise RuntimeError(f"compile={options.compile!r}: {problem}")
-        # The checkpoint's config alone: a model that is not LLaVA-NeXT AnyRes, or a layer index past its
-        # depth, fails here, before the weights load.
-        problems = model_problems(str(pretrained), random_init=self.random_init, method=self.method)
-        if problems:
-            raise problems[0]
+        self._device = self._choose_device(spec.model.device)
+        self.compile_mode = spec.model.compile
+        if not checked:
+            # The checkpoint's config alone (and the compile backend): a model that is not LLaVA-NeXT AnyRes,
+            # or a layer index past its depth, fails here, before the weights load.
+            problems = run_problems(replace(spec, model=replace(spec.model, device=str(self._device))))
+            if problems:
+                raise problems[0]
 
         from globalcom2 import attach, load_llava_next
         from globalcom2.efficiency.profile import GenerateProfiler
 
-        self.pretrained = str(pretrained)
+        self.pretrained = spec.model.pretrained
         self.model, self.processor = load_llava_next(
-            pretrained,
-            dtype=dtype,
+            self.pretrained,
+            dtype=spec.model.dtype,
             device=self._device,
             attn_implementation=self.attn_implementation,
             random_init=self.random_init,
@@ -236,7 +199,7 @@ class GlobalCom2LlavaNext(lmms):
 
     # -- records -----------------------------------------------------------------------------------------
     def records_summary(self) -> dict[str, Any]:
-        """:func:`~globalcom2.lmms.sample_records.summarize` of this process's records."""
+        """:func:`~globalcom2.sample_records.summarize` of this process's records."""
         return sr.summarize(self.records)
 
     def gather_records(self) -> list[sr.SampleRecord]:
@@ -402,8 +365,42 @@ class GlobalCom2LlavaNext(lmms):
 
     def _report(self, new_records: list[sr.SampleRecord]) -> None:
         """Warn about empty answers, pass the call's summary to lmms-eval, write the sidecar (rank 0)."""
-        sr.report_call(new_records, self._rank)
+        report_call(new_records, self._rank)
         if self.records_path:
             everything = self.gather_records()
             if self._rank == 0:
                 sr.write_jsonl(self.records_path, everything)
+
+
+def report_call(records: list[sr.SampleRecord], rank: int) -> dict[str, Any]:
+    """Summarise one ``generate_until`` call: warn about empty answers and hand lmms-eval the numbers
+    for its ``throughput`` block (``log_metrics``; lmms-eval keeps them per process, not gathered)."""
+    from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+    summary = sr.summarize(records)
+    if summary["empty_answers"]:
+        logger.warning(
+            f"{summary['empty_answers']} of {summary['samples']} answers on rank {rank} are empty; they are "
+            "scored as given (see the records' empty_answer / stop_reason)"
+        )
+    if records:
+        latency = latency_summary(records)
+        calls = {(r.rank, r.batch_id): r for r in records}.values()
+        total = sum(r.total_s or 0.0 for r in calls)
+        tokens = sum(r.output_tokens for r in records)
+        prefill = latency["prefill_ms"]
+        extras = {
+            "total_requests": len(records),
+            "empty_answers": summary["empty_answers"],
+            "visual_tokens_before": summary["mean_visual_tokens_before"],
+            "visual_tokens_after": summary["mean_visual_tokens_after"],
+            "prefill_ms": prefill["mean"] if prefill else None,
+            "samples_per_s": latency["throughput_samples_per_s"],
+        }
+        log_metrics(
+            total,
+            tokens,
+            tokens / total if total else 0.0,
+            {k: v for k, v in extras.items() if v is not None},
+        )
+    return summary

@@ -16,13 +16,10 @@ from typing import Any
 
 from globalcom2.data.benchmarks import GENERATED_TASKS
 from globalcom2.data.local import MissingDataError, data_source, require_local_dataset
-from globalcom2.lmms.protocols import (
-    DEFAULT_PROTOCOL,
-    PROTOCOLS,
-    budget_method_params,
-    check_tasks_covered,
-)
+from globalcom2.models.preload import model_problems
 from globalcom2.paths import tasks_dir
+from globalcom2.protocol.rules import DEFAULT_PROTOCOL, PROTOCOLS, check_tasks_covered
+from globalcom2.run_spec import RunSpec, run_problems
 
 
 class PreflightError(ValueError):
@@ -140,62 +137,38 @@ def data_identity(tasks: list[str], include_path: str | list[str] | None = None)
     return identity
 
 
-def check_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
-    """Validate plugin ``model_args`` without loading any weight; returns the coerced method parameters.
+def check_model_args(model_args: dict[str, Any]) -> RunSpec:
+    """Validate plugin ``model_args`` without loading any weight; returns the spec the plugin would run.
 
-    Checks: ``pretrained`` given, and its ``config.json`` (local folder, cache, or hub when online) is a
-    LLaVA-NeXT AnyRes model; the device exists; the method and its parameters (types and ranges, layer
-    indices against the model's depths); that the method supports the attention implementation.
+    The same front door as the plugin's own (:meth:`RunSpec.from_model_args`): the method, its parameters
+    (types and ranges), the attention implementation and the plugin's options; then what the disk and the
+    machine show (:func:`run_problems`): the checkpoint's ``config.json`` (local folder, cache, or hub when
+    online) is LLaVA-NeXT AnyRes and has weights, layer indices fit its depths, the device and the compile
+    backend exist. A value the front door refuses is listed with whatever is wrong with the checkpoint.
     """
-    from globalcom2.lmms.method_args import (
-        check_attn_compatibility,
-        coerce_method_params,
-        parse_attn_implementation,
-    )
-    from globalcom2.lmms.plugin_options import PLUGIN_ARG_NAMES, PLUGIN_OPTION_NAMES, PluginOptions
-    from globalcom2.methods import METHODS
-    from globalcom2.models.preload import model_problems
-
-    plugin = {k: v for k, v in model_args.items() if k in PLUGIN_ARG_NAMES}
-    params = {k: v for k, v in model_args.items() if k not in PLUGIN_ARG_NAMES}
-    problems = []
-    built = None
-    method = plugin.get("method", "vanilla")
+    problems: list[str] = []
+    spec = None
     try:
-        params = coerce_method_params(method, params)  # unknown names and bad types raise
-        protocol = plugin.get("protocol", DEFAULT_PROTOCOL)
-        if protocol in PROTOCOLS:  # an unknown protocol is reported with the plugin options below
-            params = budget_method_params(protocol, method, params)
-        built = METHODS.create(method, **params)  # out-of-range values raise
-        check_attn_compatibility(
-            method,
-            parse_attn_implementation(plugin.get("attn_implementation", "sdpa")),
-        )
+        spec = RunSpec.from_model_args(model_args)
     except (TypeError, ValueError) as err:
         problems.append(str(err))
-    random_init = False
-    try:
-        options = PluginOptions.from_model_args(
-            **{k: v for k, v in plugin.items() if k in PLUGIN_OPTION_NAMES}
+    if spec is not None:
+        problems += map(str, run_problems(spec))
+    else:  # the front door stopped at the first bad value; still say what is wrong with the checkpoint
+        pretrained = model_args.get("pretrained")
+        random_init = str(model_args.get("random_init", False)).lower() == "true"
+        problems += map(
+            str,
+            model_problems(
+                str(pretrained) if pretrained else None,
+                random_init=random_init,
+                device=model_args.get("device"),
+            ),
         )
-        random_init = options.random_init
-    except ValueError as err:
-        problems.append(str(err))
-    pretrained = plugin.get("pretrained")
-    if not pretrained:
-        problems.append("model_args needs pretrained=<hub id | folder | tiny>")
-    problems += map(
-        str,
-        model_problems(
-            str(pretrained) if pretrained else None,
-            random_init=random_init,
-            device=plugin.get("device"),
-            method=built,
-        ),
-    )
     if problems:
-        raise PreflightError("\n".join(["cannot run:", *(f"- {p}" for p in problems)]))
-    return built.params() if built is not None else {}
+        raise PreflightError("\n".join(["cannot run:", *(f"- {p}" for p in dict.fromkeys(problems))]))
+    assert spec is not None
+    return spec
 
 
 def preflight(
@@ -212,7 +185,7 @@ def preflight(
         checks = check_tasks(tasks, include_path)
     except PreflightError as err:
         problems += str(err).splitlines()[1:]
-    protocol = (model_args or {}).get("protocol", "lmms_eval")
+    protocol = (model_args or {}).get("protocol", DEFAULT_PROTOCOL)
     if protocol in PROTOCOLS:  # an unknown protocol is reported by check_model_args
         try:
             check_tasks_covered(protocol, tasks)

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
-from globalcom2.lmms.protocols import DEFAULT_PROTOCOL, PROTOCOLS, geometry_of, task_protocol
-from globalcom2.lmms.tokenization import encode_batch
+from globalcom2.protocol.rules import DEFAULT_PROTOCOL, PROTOCOLS, geometry_of, task_protocol
+from globalcom2.protocol.tokenization import encode_batch
 
 
 def _leaf_tasks(task_dict: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -49,10 +49,10 @@ def show_inputs(
 
     from globalcom2.anyres import config_layout
     from globalcom2.lmms.api import preflight, task_manager
-    from globalcom2.lmms.batching import prepare_batch
     from globalcom2.models.geometry import apply_config_geometry, apply_processor_geometry
     from globalcom2.models.loader import resolve_checkpoint
     from globalcom2.models.preload import checkpoint_config
+    from globalcom2.protocol.batching import prepare_batch
 
     if limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 
 from globalcom2.anyres import PackedLayout
-from globalcom2.budget import validate_retention_ratio
+from globalcom2.budget import MAX_PATCH_TOKENS, validate_retention_ratio, warn_if_no_patch_token_kept
 from globalcom2.registry import Registry
 from globalcom2.scoring.vision_attention import check_vision_layer
 
@@ -59,9 +59,13 @@ class CompressionMethod:
     name: ClassVar[str] = ""
     stage: ClassVar[Stage]
     supported_attn_implementations: ClassVar[frozenset[str]] = frozenset({"sdpa", "eager"})
+    #: Whether the method takes a budget (``retention_ratio``); ``vanilla`` keeps everything and takes none.
+    has_budget: ClassVar[bool] = True
 
     def __init__(self, *, retention_ratio: float = 1.0) -> None:
         self.retention_ratio = validate_retention_ratio(retention_ratio)
+        if self.has_budget:
+            warn_if_no_patch_token_kept(self.retention_ratio)
 
     def check_model_config(self, config: Any) -> None:
         """Raise ``ValueError`` if the parameters do not fit the model ``config`` describes.
@@ -83,7 +87,9 @@ class CompressionMethod:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
 
-    def nominal_visual_tokens(self, num_layers: int, max_visual_tokens: int = 2880) -> tuple[int, ...]:
+    def nominal_visual_tokens(
+        self, num_layers: int, max_visual_tokens: int = MAX_PATCH_TOKENS
+    ) -> tuple[int, ...]:
         """Visual tokens entering each decoder layer for an image of ``max_visual_tokens`` visual tokens.
 
         The "paper" FLOPs convention (GlobalCom² Tables 8/9) counts only visual tokens, at this nominal
@@ -302,7 +308,7 @@ class InLLMMethod(CompressionMethod):
         budget_basis: what ``retention_ratio`` is a fraction of (:data:`BudgetBasis`). ``"positions"``
             treats the row separators as visual tokens like any other, as FastV and SparseVLM treat every
             position of the image span; ``"patches"`` counts patch tokens only and keeps every separator, the
-            paper protocol's count (``protocol=llava``, ``globalcom2.lmms.protocols``).
+            paper protocol's count (``protocol=llava``, ``globalcom2.protocol.rules``).
     """
 
     stage: ClassVar[Stage] = "in_llm"
@@ -346,7 +352,9 @@ class InLLMMethod(CompressionMethod):
     def check_model_config(self, config: Any) -> None:
         self.checked_stage_layers(config.text_config.num_hidden_layers)
 
-    def nominal_visual_tokens(self, num_layers: int, max_visual_tokens: int = 2880) -> tuple[int, ...]:
+    def nominal_visual_tokens(
+        self, num_layers: int, max_visual_tokens: int = MAX_PATCH_TOKENS
+    ) -> tuple[int, ...]:
         counts = [max_visual_tokens] * num_layers
         stages = self.stage_counts(max_visual_tokens, num_layers)
         for first, count in zip(self.stage_layers(num_layers), stages, strict=True):

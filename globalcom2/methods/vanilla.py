@@ -16,6 +16,8 @@ class Vanilla(PreLLMMethod):
             1.0 is meaningful: vanilla keeps everything.
     """
 
+    has_budget = False
+
     def __init__(self, *, retention_ratio: float = 1.0) -> None:
         super().__init__(retention_ratio=retention_ratio)
         if self.retention_ratio != 1.0:

@@ -46,7 +46,6 @@ from globalcom2.efficiency.host_syncs import HostSyncCounter
 from globalcom2.efficiency.profile import GenerateProfiler, Measurement
 from globalcom2.efficiency.summary import PromptCounts, sample_costs
 from globalcom2.efficiency.table import efficiency_display
-from globalcom2.lmms.sample_records import visual_token_counts
 from globalcom2.methods import METHODS
 from globalcom2.models.compiled import COMPILE_MODES, compile_model, compile_problem, default_compile_mode
 from globalcom2.models.loader import load_llava_next
@@ -56,6 +55,7 @@ from globalcom2.perf.vicuna_prompt import SOURCE as VICUNA_SOURCE
 from globalcom2.perf.vicuna_prompt import fit_text_tokens, vicuna_text_tokens
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.provenance import provenance
+from globalcom2.sample_records import visual_token_counts
 from globalcom2.stage_timing import STAGES
 
 #: The ratios the paper's efficiency tables report per method (Tables 8/9): GlobalCom² and random at all

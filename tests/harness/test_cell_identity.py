@@ -89,7 +89,8 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
     assert vanilla[0] == vanilla[1] and vanilla[0]["method"]["retention_ratio"] == 1.0
     for changed in ("benchmark.batch_size=2", "model.dtype=bfloat16", "model.attn_implementation=eager"):
         assert identity(changed) != base, changed
-    assert identity("+benchmark.future_option=1") != base  # a key we do not know yet still counts
+    with pytest.raises(ValueError, match=r"unknown config key benchmark\.future_option"):
+        identity("+benchmark.future_option=1")  # a key no reader reads would do nothing: refused
     assert identity("benchmark.protocol=llava", "benchmark.tasks=[globalcom2_demo]") != base
     # compile mode: off is the identity every cell had before the option existed; on is recorded by mode
     assert "compile" not in base and "compile" not in base["model"] and identity("compile=false") == base

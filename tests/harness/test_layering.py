@@ -1,5 +1,7 @@
-"""The package's import graph: no cycles anywhere, the models package layered, the data package free of
-lmms-eval. Read from the source (AST), so a function-level import that dodges a cycle counts as an import.
+"""The package's import graph: layered top to bottom, without cycles; the data package free of lmms-eval.
+
+Read from the source (AST), so a function-level import that dodges a cycle counts as an import, and so does
+one under ``if TYPE_CHECKING:`` (a circle of types is still a circle).
 """
 
 from __future__ import annotations
@@ -14,6 +16,34 @@ import pytest
 import globalcom2
 
 PACKAGE_DIR = Path(globalcom2.__file__).parent
+#: The package's layers, top to bottom: a unit (a subpackage, or a module of the package's top level;
+#: ``globalcom2`` is the package's own ``__init__``, the public API) may import its own layer and the layers
+#: below it, never one above.
+LAYERS: list[list[str]] = [
+    ["run"],  # the Hydra entry point
+    ["worker", "report"],  # one cell's evaluation; tables and plots from the records
+    ["cells", "tracking", "training"],  # a cell's spec from Hydra; wandb; make train-tiny
+    ["lmms"],  # everything that talks to lmms-eval
+    ["run_spec", "perf"],  # the front door of the plugin and of a cell; the benchmarks
+    ["globalcom2"],  # attach, load_llava_next, list_methods
+    ["protocol", "efficiency", "store", "data"],
+    ["records", "sample_records", "hooks"],
+    ["methods", "models"],
+    ["scoring"],
+    [
+        "anyres",
+        "budget",
+        "registry",
+        "tensor_cache",
+        "stage_timing",
+        "atomic",
+        "paths",
+        "hub",
+        "prompts",
+        "provenance",
+        "redaction",
+    ],
+]
 # Top to bottom; a models module may import the modules of any earlier layer (see globalcom2.models.base).
 MODELS_LAYERS = [
     ["base", "compiled"],
@@ -38,14 +68,12 @@ def _type_checking_only(node: ast.AST) -> bool:
 
 
 def imports(path: Path, modules: dict[str, Path]) -> dict[str, bool]:
-    """``{imported name: at module level?}`` for every import in ``path`` (``if TYPE_CHECKING`` blocks
-    aside); a ``from package import module`` names the module."""
+    """``{imported name: at module level?}`` for every import in ``path``, those under ``if TYPE_CHECKING:``
+    included (as module-level); a ``from package import module`` names the module."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = {id(n) for block in ast.walk(tree) if _type_checking_only(block) for n in ast.walk(block)}
+    typing_only = {id(n) for block in ast.walk(tree) if _type_checking_only(block) for n in ast.walk(block)}
     found: dict[str, bool] = {}
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names = [
@@ -55,7 +83,7 @@ def imports(path: Path, modules: dict[str, Path]) -> dict[str, bool]:
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         for name in names:
-            found[name] = found.get(name, False) or node in tree.body
+            found[name] = found.get(name, False) or node in tree.body or id(node) in typing_only
     return found
 
 
@@ -91,6 +119,51 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_package_has_no_import_cycle_even_through_function_level_imports():
     assert find_cycle(internal_graph()) is None
+
+
+def unit_of(module: str) -> str:
+    """``globalcom2.lmms.plugin`` -> ``lmms``; ``globalcom2.cells`` -> ``cells``; ``globalcom2`` -> ``globalcom2``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[list[str]]) -> list[str]:
+    """Every import of ``graph`` from a unit to a unit of a higher layer, as ``"a.b -> c.d (layer i < j)"``."""
+    level = {unit: index for index, layer in enumerate(layers) for unit in layer}
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            here, there = level[unit_of(module)], level[unit_of(target)]
+            if there < here:
+                found.append(f"{module} -> {target} (layer {here} imports layer {there})")
+    return found
+
+
+def test_every_unit_of_the_package_has_a_layer():
+    units = {unit_of(name) for name in all_modules()}
+    listed = [unit for layer in LAYERS for unit in layer]
+    assert len(listed) == len(set(listed)), "a unit is listed twice"
+    assert units == set(listed)
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    assert upward_imports(internal_graph(), LAYERS) == []
+
+
+def test_an_upward_import_and_a_type_checking_import_are_seen(tmp_path):
+    """The checks can fail: a low unit importing a high one is reported, also under ``TYPE_CHECKING``."""
+    graph = {
+        "globalcom2.records": {"globalcom2.lmms.plugin"},
+        "globalcom2.lmms.plugin": {"globalcom2.records"},
+    }
+    assert upward_imports(graph, LAYERS) == [
+        "globalcom2.records -> globalcom2.lmms.plugin (layer 7 imports layer 3)"
+    ]
+    module = tmp_path / "m.py"
+    module.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from globalcom2.lmms import plugin\n"
+    )
+    assert imports(module, {"globalcom2.lmms.plugin": module})["globalcom2.lmms.plugin"] is True
 
 
 def test_the_cycle_finder_finds_a_cycle():

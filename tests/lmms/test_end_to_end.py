@@ -18,7 +18,7 @@ from lmms_helpers import ALL_TASKS, REPO, run_cli
 from globalcom2.data.benchmarks import PAPER_METRICS, paper_metric_value
 from globalcom2.lmms import api
 from globalcom2.lmms.plugin import MODEL_ID, GlobalCom2LlavaNext
-from globalcom2.lmms.sample_records import read_jsonl
+from globalcom2.sample_records import read_jsonl
 
 # One metric each task must report (lmms-eval's names).
 EXPECTED_METRIC = {

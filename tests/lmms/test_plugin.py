@@ -204,11 +204,23 @@ def test_a_batch_may_mix_rows_with_and_without_images(lm, docs, monkeypatch):
     assert lm.records[2].image_sizes == [[1008, 336]]
 
 
-def test_the_declared_plugin_arguments_are_the_plugins_signature():
-    """The pre-flight splits model_args with PLUGIN_ARG_NAMES instead of importing the plugin."""
-    import inspect
+def test_model_args_keys_are_the_plugins_options_and_a_spec_is_taken_as_it_is(lm):
+    """The front door knows every plugin key (the rest are method parameters), and a plugin built from a
+    spec attaches that spec's method instance, checking nothing again."""
+    from dataclasses import fields
 
-    from globalcom2.lmms.plugin_options import PLUGIN_ARG_NAMES
+    from globalcom2.run_spec import MODEL_ARG_KEYS, RunOptions, RunSpec
 
-    parameters = inspect.signature(GlobalCom2LlavaNext.__init__).parameters.items()
-    assert {n for n, p in parameters if n != "self" and p.kind is not p.VAR_KEYWORD} == PLUGIN_ARG_NAMES
+    assert {f.name for f in fields(RunOptions)} <= MODEL_ARG_KEYS
+    assert {"pretrained", "method", "retention_ratio", "device", "compile"} <= MODEL_ARG_KEYS
+    spec = RunSpec.from_model_args(
+        {"pretrained": "tiny", "method": "random", "retention_ratio": 0.5, "seed": 3}
+    )
+    assert spec.method.params == {"seed": 3} and spec.method.built.params() == {
+        "retention_ratio": 0.5,
+        "seed": 3,
+    }
+    built = GlobalCom2LlavaNext(spec)
+    assert built.method is spec.method.built and built.attachment.method is spec.method.built
+    with pytest.raises(TypeError, match="a RunSpec or model_args, not both"):
+        GlobalCom2LlavaNext(spec, batch_size=2)

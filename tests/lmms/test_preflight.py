@@ -87,7 +87,7 @@ def test_a_split_missing_from_the_data_is_reported(fixture_data, tmp_path, monke
         ),
         ({**GOOD_MODEL, "device": f"cuda:{torch.cuda.device_count()}"}, "but this machine has"),
         ({**GOOD_MODEL, "device": "gpu0"}, "'gpu0' is not a device; valid: cpu, cuda"),
-        ({**GOOD_MODEL, "batch_size": "x"}, "batch_size must be an integer, got 'x'"),
+        ({**GOOD_MODEL, "batch_size": "x"}, "batch_size must be an integer >= 1, got 'x'"),
         ({**GOOD_MODEL, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
         ({**GOOD_MODEL, "dtype": "float64"}, "dtype='float64' is not a dtype; valid: float32, float16"),
         ({**GOOD_MODEL, "protocol": "lava"}, "protocol='lava' is not a protocol; valid: lmms_eval, llava"),

@@ -10,10 +10,10 @@ import json
 import pytest
 
 from globalcom2.lmms import api
-from globalcom2.lmms.batching import decode_answer
-from globalcom2.lmms.protocols import llava_pope_answer, task_protocol
 from globalcom2.lmms.show_inputs import main as show_inputs_main
 from globalcom2.lmms.show_inputs import show_inputs
+from globalcom2.protocol.batching import decode_answer
+from globalcom2.protocol.rules import llava_pope_answer, task_protocol
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "

@@ -15,9 +15,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from globalcom2.anyres import packed_layout
-from globalcom2.lmms.tokenization import encode_batch, llava_chunk_ids
 from globalcom2.models.tiny import tiny_config, tiny_processor
 from globalcom2.prompts import vicuna_v1_prompt
+from globalcom2.protocol.tokenization import encode_batch, llava_chunk_ids
 
 
 def metaspace_tokenizer() -> PreTrainedTokenizerFast:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from globalcom2.lmms.generation import GenerationSettings, cut_at_stop
+from globalcom2.protocol.generation import GenerationSettings, cut_at_stop
 
 
 def settings(**kwargs):

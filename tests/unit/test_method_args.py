@@ -6,7 +6,7 @@ from typing import Literal
 
 import pytest
 
-from globalcom2.lmms.method_args import (
+from globalcom2.methods.params import (
     check_attn_compatibility,
     coerce,
     coerce_method_params,

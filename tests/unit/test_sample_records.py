@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from globalcom2 import sample_records as sr
 from globalcom2.efficiency.summary import latency_summary
-from globalcom2.lmms import sample_records as sr
 from globalcom2.methods.base import ImageStats, LayerStats
 
 

@@ -8,16 +8,16 @@ import time
 import pytest
 
 from globalcom2.atomic import atomic_write_json
-from globalcom2.records import RECORD_SCHEMA, CellRecord, CellRef, RecordError, read_record
-from globalcom2.store import (
-    Cell,
-    CellBusy,
+from globalcom2.records import (
+    RECORD_SCHEMA,
     CellKey,
-    cell_id,
-    current_cell_id,
-    identity_diff,
+    CellRecord,
+    CellRef,
+    RecordError,
     ratio_label,
+    read_record,
 )
+from globalcom2.store import Cell, CellBusy, cell_id, current_cell_id, identity_diff
 
 KEY = CellKey("demo", "tiny", "random", 0.25, "demo_shapes")
 IDENTITY = {"seed": 0, "benchmark": {"limit": 20}, "method": {"params": {"seed": 0}}}
@@ -130,7 +130,8 @@ def test_the_lock_excludes_a_second_holder_and_is_gone_after_release(tmp_path):
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from globalcom2.store import Cell, CellKey
+    from globalcom2.records import CellKey
+    from globalcom2.store import Cell
     cell = Cell(sys.argv[1], CellKey("demo", "tiny", "random", 0.25, "demo_shapes"), {"seed": 0})
     with cell.lock():
         print("locked", flush=True)
@@ -158,8 +159,8 @@ def test_a_killed_holder_never_leaves_a_stale_lock(tmp_path):
 RACE = textwrap.dedent(
     """
     import sys, time
-    from globalcom2.records import CellRecord, CellRef
-    from globalcom2.store import Cell, CellBusy, CellKey
+    from globalcom2.records import CellKey, CellRecord, CellRef
+    from globalcom2.store import Cell, CellBusy
     cell = Cell(sys.argv[1], CellKey("demo", "tiny", "random", 0.25, "demo_shapes"), {"seed": 0})
     ref = CellRef(**vars(cell.key), id=cell.id, identity=cell.identity, path=str(cell.dir))
     start = float(sys.argv[2])

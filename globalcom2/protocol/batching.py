@@ -13,8 +13,8 @@ from typing import Any
 
 from PIL import Image
 
-from globalcom2.lmms.protocols import task_protocol
 from globalcom2.prompts import IMAGE_TOKEN, vicuna_v1_prompt
+from globalcom2.protocol.rules import task_protocol
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def prepare_batch(
             ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``.
         task_dict: ``lm.task_dict`` (``task -> split -> docs``), which lmms-eval fills before generating.
         protocol: ``lmms_eval`` (the question is the task's context) or ``llava`` (LLaVA's question-file
-            text, built from the document: ``globalcom2.lmms.protocols``).
+            text, built from the document: ``globalcom2.protocol.rules``).
     """
     prompts, images, images_per_row, keys = [], [], [], []
     for request in requests:
@@ -82,7 +82,7 @@ def decode_answer(
 ) -> DecodedAnswer:
     """Ids after the prompt -> the answer: cut at the first EOS (the rest is padding), decode without
     special tokens, cut before the earliest stop string of ``until``, strip whitespace."""
-    from globalcom2.lmms.generation import cut_at_stop
+    from globalcom2.protocol.generation import cut_at_stop
 
     stop_reason, ids = "max_new_tokens", list(generated)
     for position, token in enumerate(ids):

@@ -1,9 +1,11 @@
 """Per-sample records of an evaluation: what the model saw, what it answered, what it cost.
 
 One :class:`SampleRecord` is kept for every answered request (padding requests that lmms-eval adds to
-even out data-parallel ranks are not recorded). The plugin keeps them on the model instance
-(``lm.records``), can gather them from all ranks (``lm.gather_records()``) and can write them to a JSONL
-sidecar (:func:`write_jsonl`, atomic). :func:`summarize` aggregates them.
+even out data-parallel ranks are not recorded). The plugin (``globalcom2.lmms.plugin``) keeps them on the
+model instance (``lm.records``), can gather them from all ranks (``lm.gather_records()``) and writes them
+to a JSONL sidecar (:func:`write_jsonl`, atomic) beside the cell's ``record.json``
+(``globalcom2.records``). :func:`summarize` counts them; ``globalcom2.efficiency.summary`` turns their
+timings and token counts into the cell's efficiency block.
 
 Visual-token fields (see :func:`visual_token_counts`):
 
@@ -175,43 +177,6 @@ def summarize(records: Sequence[SampleRecord]) -> dict[str, Any]:
         "mean_visual_tokens_after": mean(r.visual_tokens_after for r in records),
         "mean_output_tokens": mean(r.output_tokens for r in records),
     }
-
-
-def report_call(records: Sequence[SampleRecord], rank: int) -> dict[str, Any]:
-    """Summarise one ``generate_until`` call: warn about empty answers and hand lmms-eval the numbers
-    for its ``throughput`` block (``log_metrics``; lmms-eval keeps them per process, not gathered)."""
-    from lmms_eval.models.model_utils.gen_metrics import log_metrics
-    from loguru import logger
-
-    from globalcom2.efficiency.summary import latency_summary
-
-    summary = summarize(records)
-    if summary["empty_answers"]:
-        logger.warning(
-            f"{summary['empty_answers']} of {summary['samples']} answers on rank {rank} are empty; they are "
-            "scored as given (see the records' empty_answer / stop_reason)"
-        )
-    if records:
-        latency = latency_summary(records)
-        calls = {(r.rank, r.batch_id): r for r in records}.values()
-        total = sum(r.total_s or 0.0 for r in calls)
-        tokens = sum(r.output_tokens for r in records)
-        prefill = latency["prefill_ms"]
-        extras = {
-            "total_requests": len(records),
-            "empty_answers": summary["empty_answers"],
-            "visual_tokens_before": summary["mean_visual_tokens_before"],
-            "visual_tokens_after": summary["mean_visual_tokens_after"],
-            "prefill_ms": prefill["mean"] if prefill else None,
-            "samples_per_s": latency["throughput_samples_per_s"],
-        }
-        log_metrics(
-            total,
-            tokens,
-            tokens / total if total else 0.0,
-            {k: v for k, v in extras.items() if v is not None},
-        )
-    return summary
 
 
 def sort_key(record: SampleRecord) -> tuple[str, str, int]:

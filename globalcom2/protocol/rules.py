@@ -27,7 +27,7 @@ same one the other short-answer files carry (high confidence, not checked byte f
 prompt is built in code (``model_vqa_mmbench.py`` L81-99), so it is certain.
 
 LLaVA tokenises the text before and after ``<image>`` separately (``tokenizer_image_token``, ``llava/mm_utils.py``
-L185-204); under ``llava`` so do we (``globalcom2.lmms.tokenization``). Under ``llava`` the in-LLM
+L185-204); under ``llava`` so do we (``globalcom2.protocol.tokenization``). Under ``llava`` the in-LLM
 methods count their budget in patch tokens, as the paper does (:func:`budget_method_params`).
 """
 
@@ -38,8 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from globalcom2.lmms.generation import GenerationSettings
 from globalcom2.methods import METHODS, InLLMMethod
+from globalcom2.protocol.generation import GenerationSettings
 
 PROTOCOLS = ("lmms_eval", "llava")
 DEFAULT_PROTOCOL = "lmms_eval"

@@ -22,7 +22,7 @@ an eager layer with ``output_attentions`` materialises (what the reference imple
 On a 4-layer model SparseVLM cannot reach a layer-input average of 0.25 (layer 0 always sees every token), so it
 runs with ``equivalent_tokens="layer_output"`` (the average SparseVLM's own code prints); both averages are shown.
 
-    python -m globalcom2.perf.in_llm [--repeats 30] [--threads N]
+    python -m globalcom2.perf.in_llm_cost [--repeats 30] [--threads N]
 """
 
 from __future__ import annotations

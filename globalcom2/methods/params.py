@@ -1,11 +1,11 @@
-"""Typed method parameters from lmms-eval's ``model_args`` strings, and attention compatibility.
+"""A method's parameters from a command line: typed by its own signature; its budget word; attention support.
 
 ``--model_args k=v,...`` reaches the plugin as keyword arguments that lmms-eval has already guessed
-types for (``"0.25"`` -> 0.25, ``"1"`` -> 1, ``"true"`` -> True, anything else stays a string). A method's
-keyword-only ``__init__`` signature is the single source of truth for its parameters: its type hints
-convert those guesses into the declared types, and anything that does not fit is refused with the
-parameter's name, the value and what was expected. Nothing here loads a model, so all of it can run
-before one is loaded.
+types for (``"0.25"`` -> 0.25, ``"1"`` -> 1, ``"true"`` -> True, anything else stays a string), and Hydra
+overrides arrive as YAML scalars. A method's keyword-only ``__init__`` signature is the single source of truth
+for its parameters: its type hints convert those values into the declared types, and anything that does not
+fit is refused with the parameter's name, the value and what was expected. Nothing here loads a model, so all
+of it runs before one is loaded (``globalcom2.run_spec`` is the one caller for both entry points).
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ def coerce_method_params(method: str, raw: dict[str, Any]) -> dict[str, Any]:
         )
     hints = typing.get_type_hints(cls.__init__)
     return {name: coerce(value, hints.get(name, Any), f"{method}.{name}") for name, value in raw.items()}
+
+
+def budget_kwargs(method: str, retention_ratio: float) -> dict[str, Any]:
+    """``{"retention_ratio": R}`` for a method with a budget, ``{}`` for one without (``vanilla``): the one
+    place that knows which methods take the budget word."""
+    return {"retention_ratio": retention_ratio} if METHODS.get(method).has_budget else {}
 
 
 def check_attn_compatibility(method: str, attn_implementation: str | dict[str, str]) -> None:

@@ -1,0 +1,340 @@
+"""One front door for what an evaluation runs: the model, the built method, the plugin's options, the protocol.
+
+Two spellings reach it. A composed Hydra config (``globalcom2.run`` -> ``globalcom2.cells.CellSpec``) nests the
+values in groups (``model.dtype``, ``method.retention_ratio``, ``benchmark.batch_size``); an lmms-eval
+``model_args`` string (``--model_args pretrained=...,method=random,retention_ratio=0.25``, read by the
+plugin's ``create_from_arg_string`` and by the pre-flight of ``python -m globalcom2.lmms``) is flat. Both are
+mapped, by name only, onto the keyword arguments of :func:`parse_run`, which checks every value once and
+returns a :class:`RunSpec` holding the already-built :class:`~globalcom2.methods.CompressionMethod`. The
+plugin takes that spec and checks nothing again; a value that is wrong is refused in the same words on every
+entry point, naming the key as that entry point spells it (:data:`HYDRA_KEYS`).
+
+What needs the disk or the machine (the checkpoint's config and weights, the device, the compile backend) is
+checked by :func:`run_problems`, and the tasks and their data by the task pre-flight
+(``globalcom2.lmms.preflight``), still before any weight loads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from globalcom2.budget import validate_retention_ratio
+from globalcom2.methods import METHODS, CompressionMethod
+from globalcom2.methods.params import (
+    budget_kwargs,
+    check_attn_compatibility,
+    coerce,
+    coerce_method_params,
+    parse_attn_implementation,
+)
+from globalcom2.models.base import DTYPE_CHOICES
+from globalcom2.models.compiled import COMPILE_MODES, compile_problem, resolve_compile
+from globalcom2.models.preload import model_problems
+from globalcom2.protocol.generation import GenerationSettings, parse_gen_kwargs
+from globalcom2.protocol.rules import DEFAULT_PROTOCOL, budget_method_params, check_protocol
+
+#: How Hydra spells each key of :func:`parse_run` (``model_args`` spells them as the parameter names).
+HYDRA_KEYS: dict[str, str] = {
+    "pretrained": "model.pretrained",
+    "method": "method.name",
+    "retention_ratio": "method.retention_ratio",
+    "dtype": "model.dtype",
+    "device": "model.device",
+    "attn_implementation": "model.attn_implementation",
+    "random_init": "model.random_init",
+    "compile": "compile",
+    "batch_size": "benchmark.batch_size",
+    "protocol": "benchmark.protocol",
+    "generation_overrides": "benchmark.gen_kwargs",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The checkpoint and how it runs. ``name`` is the results folder name (Hydra; empty from ``model_args``)."""
+
+    name: str
+    pretrained: str
+    random_init: bool
+    dtype: str
+    device: str | None  # None: chosen by the plugin (the process's accelerator, else CUDA if present)
+    attn_implementation: Any  # a string, or a mapping per sub-config
+    compile: str | None = None  # a torch.compile mode (globalcom2.models.compiled); None: eager
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """The method as a cell names it; ``params`` are typed, and include the protocol's budget basis."""
+
+    name: str  # registry name
+    label: str  # results folder name (distinguishes ablation variants)
+    retention_ratio: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def attach_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``METHODS.create``/``attach`` (a method without a budget takes no ratio)."""
+        return {**budget_kwargs(self.name, self.retention_ratio), **self.params}
+
+    @cached_property
+    def built(self) -> CompressionMethod:
+        """The method, built once: what the model check tests against the checkpoint's config and what the
+        plugin attaches. Not a field, so neither equality nor the dict form sees it."""
+        return METHODS.create(self.name, **self.attach_kwargs())
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the plugin runs the model (everything of ``model_args`` that is neither model nor method)."""
+
+    batch_size: int = 1
+    max_new_tokens: int = 1024  # when a task sets none
+    warmup: int = 1  # untimed generate calls before the first timed one
+    profile: bool = True
+    protocol: str = DEFAULT_PROTOCOL
+    generation_overrides: dict[str, Any] | None = None  # on top of LLaVA's settings, under protocol=llava
+    records_path: str | None = None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one evaluation runs, parsed and validated (:func:`parse_run`)."""
+
+    model: ModelSpec
+    method: MethodSpec
+    options: RunOptions
+
+    @classmethod
+    def from_model_args(cls, args: Mapping[str, Any]) -> RunSpec:
+        """The spec of an lmms-eval ``model_args`` mapping: the plugin's keys (:data:`MODEL_ARG_KEYS`), every
+        other key a parameter of the method (converted to the type its ``__init__`` declares)."""
+        own = {k: v for k, v in args.items() if k in MODEL_ARG_KEYS}
+        if own.get("batch_size") == "auto" or own.get("max_batch_size") is not None:
+            raise ValueError("automatic batch sizes are not supported: pass an integer batch_size >= 1")
+        own.pop("max_batch_size", None)
+        if not own.get("pretrained"):
+            raise ValueError("model_args needs pretrained=<hub id | folder | tiny>")
+        params = {k: v for k, v in args.items() if k not in MODEL_ARG_KEYS}
+        return parse_run(**own, method_params=params)
+
+
+#: The ``model_args`` keys that are the plugin's own (all others are method parameters).
+MODEL_ARG_KEYS = frozenset(
+    {
+        "pretrained",
+        "method",
+        "retention_ratio",
+        "dtype",
+        "device",
+        "attn_implementation",
+        "random_init",
+        "compile",
+        *(f.name for f in fields(RunOptions)),
+        "max_batch_size",
+    }
+)
+
+
+def parse_model_args(text: str) -> dict[str, Any]:
+    """lmms-eval's ``--model_args`` string (``k=v,k=v``) as a mapping, values typed as lmms-eval types them
+    (``true``/``false``, integers, numbers, else strings); a comma inside ``[...]`` or ``{...}`` belongs to
+    the value (``prune_layers=[2,6,15]``).
+
+    Raises:
+        ValueError: an entry without ``=``, an empty key, or a key given twice.
+    """
+    args: dict[str, Any] = {}
+    for entry in _split_top_level(text.strip()):
+        if not entry.strip():
+            continue
+        name, sep, value = entry.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(
+                f"model_args entry {entry.strip()!r} is not key=value; model_args is 'key=value,key=value', "
+                "e.g. pretrained=tiny,method=random,retention_ratio=0.25"
+            )
+        if name in args:
+            raise ValueError(f"model_args gives {name!r} twice")
+        args[name] = _typed(value.strip())
+    return args
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _typed(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_run(
+    *,
+    pretrained: Any,
+    method: Any = "vanilla",
+    retention_ratio: Any = None,
+    method_params: Mapping[str, Any] | None = None,
+    dtype: Any = "auto",
+    device: Any = None,
+    attn_implementation: Any = "sdpa",
+    random_init: Any = False,
+    compile: Any = False,
+    batch_size: Any = 1,
+    max_new_tokens: Any = 1024,
+    warmup: Any = 1,
+    profile: Any = True,
+    protocol: Any = DEFAULT_PROTOCOL,
+    generation_overrides: Any = None,
+    records_path: Any = None,
+    model_name: str = "",
+    method_label: str | None = None,
+    keys: Mapping[str, str] | None = None,
+) -> RunSpec:
+    """Check every value once and build the spec (the method included). Nothing touches the disk.
+
+    Args:
+        keys: how the caller spells each key in messages (:data:`HYDRA_KEYS`); default: the parameter name.
+
+    Raises:
+        ValueError/TypeError: the first bad value, named as the caller spells it, with what is valid.
+    """
+    keys = keys or {}
+
+    def key(name: str) -> str:
+        return keys.get(name, name)
+
+    def integer(value: Any, name: str, minimum: int) -> int:
+        try:
+            number = coerce(value, int, key(name))
+        except ValueError:
+            raise ValueError(f"{key(name)} must be an integer >= {minimum}, got {value!r}") from None
+        if number < minimum:
+            raise ValueError(f"{key(name)} must be an integer >= {minimum}, got {number!r}")
+        return number
+
+    protocol = check_protocol(protocol)
+    name = str(method)
+    METHODS.get(name)  # an unknown method lists the registered ones
+    if budget_kwargs(name, 1.0):
+        if retention_ratio is None:
+            raise ValueError(f"method {name!r} needs {key('retention_ratio')} (the kept fraction, in (0, 1])")
+        ratio = validate_retention_ratio(
+            coerce(retention_ratio, float, key("retention_ratio")), name=key("retention_ratio")
+        )
+    else:
+        ratio = 1.0  # no budget (vanilla): every ratio of a sweep is its one r1.0 cell
+    params = budget_method_params(protocol, name, coerce_method_params(name, dict(method_params or {})))
+    method_spec = MethodSpec(name=name, label=method_label or name, retention_ratio=ratio, params=params)
+    method_spec.built  # noqa: B018  (out-of-range parameters raise here, without a model)
+    attn = parse_attn_implementation(attn_implementation)
+    check_attn_compatibility(name, attn)
+
+    dtype = str(dtype)
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"{key('dtype')}={dtype!r} is not a dtype; valid: {', '.join(DTYPE_CHOICES)}")
+    device = None if device is None else str(device)
+    compile_value = _compile_setting(compile, key("compile"))
+    model = ModelSpec(
+        name=model_name,
+        pretrained=str(pretrained),
+        random_init=coerce(random_init, bool, key("random_init")),
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn,
+        compile=resolve_compile(compile_value, device or default_device()),
+    )
+    overrides = _overrides(generation_overrides, key("generation_overrides"))
+    if overrides and protocol != "llava":
+        raise ValueError(
+            "generation_overrides apply under protocol=llava (whose generation settings are fixed); under "
+            "protocol=lmms_eval pass lmms-eval's --gen_kwargs instead"
+        )
+    options = RunOptions(
+        batch_size=integer(batch_size, "batch_size", 1),
+        max_new_tokens=integer(max_new_tokens, "max_new_tokens", 1),
+        warmup=integer(warmup, "warmup", 0),
+        profile=coerce(profile, bool, key("profile")),
+        protocol=protocol,
+        generation_overrides=overrides,
+        records_path=None if records_path is None else str(records_path),
+    )
+    if overrides:
+        GenerationSettings.from_gen_kwargs(overrides, options.max_new_tokens)
+    return RunSpec(model=model, method=method_spec, options=options)
+
+
+def default_device() -> str:
+    """The device a spec without one runs on (one process): CUDA when present, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_problems(spec: RunSpec, *, num_processes: int = 1) -> list[Exception]:
+    """What the disk and this machine show to be wrong with ``spec`` before any weight loads: the device, the
+    checkpoint (present, LLaVA-NeXT AnyRes, with weights), the method against the checkpoint's config, the
+    compile backend. Empty when it can run."""
+    model = spec.model
+    problems = model_problems(
+        model.pretrained,
+        random_init=model.random_init,
+        device=model.device,
+        method=spec.method.built,
+        num_processes=num_processes,
+    )
+    if model.compile is not None:
+        problem = compile_problem(model.device or default_device(), model.compile)
+        if problem:
+            problems.append(RuntimeError(f"compile={model.compile}: {problem}"))
+    return problems
+
+
+def _compile_setting(value: Any, name: str) -> bool | str:
+    """``compile``: a boolean (also ``"true"``/``"false"`` from a ``model_args`` string) or a compile mode."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if value is None:
+        return False
+    if isinstance(value, bool) or value in COMPILE_MODES:
+        return value
+    raise ValueError(f"{name} must be true, false or one of {', '.join(COMPILE_MODES)}; got {value!r}")
+
+
+def _overrides(value: Any, name: str) -> dict[str, Any] | None:
+    """``generation_overrides``: a mapping, a JSON object string, or an lmms-eval ``k=v,k=v`` string."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{name} is not valid JSON: {value!r} ({err})") from err
+            if isinstance(parsed, dict):
+                return parsed
+        else:
+            return parse_gen_kwargs(text, name)
+    raise ValueError(f"{name} must be a mapping or 'k=v,...', got {value!r}")
