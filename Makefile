@@ -45,7 +45,7 @@ else
 	$(PY) -m pip freeze | grep -E '^torch==' > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -c $(VENV)/torch-constraint.txt -e '.[dev]'
 	@# lmms-eval pulls a CUDA-only torchvision from PyPI; with a CPU torch it breaks every
-	@# LLaVA-NeXT import in transformers (../shared/reference/lmms_eval.md §4.1). timm imports it
+	@# LLaVA-NeXT import in transformers ("operator torchvision::nms does not exist"). timm imports it
 	@# too and breaks the accelerate CLI. transformers falls back to its PIL image processors.
 	@if ! $(PY) -c 'import torchvision' >/dev/null 2>&1; then \
 		echo ">> removing the torchvision/timm that cannot load on this torch"; \

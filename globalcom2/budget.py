@@ -2,7 +2,9 @@
 
 A ratio R in (0, 1] keeps ``floor(R * N)`` of N candidate tokens. Every method and every record uses
 this word and this rounding, so a table column "R = 0.25" means the same thing for all methods
-(see ../shared/style.md §7.5 rule 5 for why one name matters).
+(compression toolkits name the same budget four ways, ``rate``, ``prune_ratio``, ``reduction_ratio`` and
+``dominant``/``contextual`` in ModelTC/LightCompress's FastV, random, SparseVLM and VisionZip configs, so
+their "R" columns need not mean the same fraction).
 """
 
 from __future__ import annotations

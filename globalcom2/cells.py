@@ -232,7 +232,7 @@ class CellSpec:
         identity["identity_version"] = IDENTITY_VERSION
         return identity
 
-    def preflight(self) -> None:
+    def check_environment(self) -> None:
         """Checks that touch the disk (tasks and their data, the checkpoint, the device, the compile
         backend); still loads no weight. One error lists every problem."""
         from globalcom2.lmms.preflight import check_tasks

@@ -6,7 +6,7 @@ key in an error. :func:`redacted_console` wraps ``sys.stdout``/``sys.stderr`` an
 the duration of a command, replacing the value of each secret environment variable (and anything shaped
 like a Hugging Face or OpenAI key) by ``***``; it also filters the root logger's handlers (Hydra's console
 and job-log file) and the message of an exception that leaves the block. Files we write hold no secret to begin with
-(``tests/harness/test_secrets.py`` greps every one of them with fake keys set).
+(``tests/harness/test_process_safety.py`` greps every one of them with fake keys set).
 """
 
 from __future__ import annotations
@@ -65,13 +65,13 @@ class RedactingStream:
         self._pending += text
         complete, newline, rest = self._pending.rpartition("\n")
         if newline:
-            self._stream.write(self._pattern.sub(MASK, complete + newline))
+            self._stream.write(redact(complete + newline, self._pattern))
             self._pending = rest
         return len(text)
 
     def flush(self) -> None:
         if self._pending:
-            self._stream.write(self._pattern.sub(MASK, self._pending))
+            self._stream.write(redact(self._pending, self._pattern))
             self._pending = ""
         self._stream.flush()
 
@@ -86,11 +86,11 @@ def redacted_console() -> Iterator[None]:
     from loguru import logger
 
     def mask_record(record: dict[str, Any]) -> None:
-        record["message"] = pattern.sub(MASK, record["message"])
+        record["message"] = redact(record["message"], pattern)
 
     class MaskingFilter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            record.msg, record.args = pattern.sub(MASK, record.getMessage()), None
+            record.msg, record.args = redact(record.getMessage(), pattern), None
             return True
 
     handlers = [h for h in logging.getLogger().handlers]
@@ -104,7 +104,7 @@ def redacted_console() -> Iterator[None]:
         yield
     except BaseException as err:  # printed after the streams are restored (Hydra, the interpreter)
         with contextlib.suppress(Exception):
-            err.args = tuple(pattern.sub(MASK, a) if isinstance(a, str) else a for a in err.args)
+            err.args = tuple(redact(a, pattern) if isinstance(a, str) else a for a in err.args)
         raise
     finally:
         for handler in handlers:

@@ -54,18 +54,27 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def create(self, name: str, **params: Any) -> T:
-        """Instantiate ``name`` with keyword ``params``; unknown parameters list the accepted ones."""
+        """Instantiate ``name`` with keyword ``params``; unknown or missing parameters list the accepted ones."""
         cls = self.get(name)
-        accepted = [
-            p.name
+        signature = [
+            p
             for p in inspect.signature(cls).parameters.values()
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
+        accepted = [p.name for p in signature]
         unknown = sorted(set(params) - set(accepted))
         if unknown:
             raise ValueError(
                 f"{self.kind} {name!r} does not take {', '.join(map(repr, unknown))}. "
                 f"Accepted parameters: {', '.join(accepted) or '(none)'}."
+            )
+        missing = [p.name for p in signature if p.default is p.empty and p.name not in params]
+        if missing:
+            raise ValueError(
+                f"{self.kind} {name!r} needs {', '.join(missing)} (e.g. retention_ratio=0.25, the kept "
+                f"fraction in (0, 1]). Accepted parameters: {', '.join(accepted)}."
+                if missing == ["retention_ratio"]
+                else f"{self.kind} {name!r} needs {', '.join(missing)}. Accepted parameters: {', '.join(accepted)}."
             )
         return cls(**params)
 

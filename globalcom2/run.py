@@ -20,6 +20,7 @@ the value and the valid choices; ``HYDRA_FULL_ERROR=1`` shows the traceback as w
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from globalcom2.cells import CellSpec
@@ -42,7 +44,8 @@ from globalcom2.methods import swept_methods
 from globalcom2.paths import DATA_DIR_ENV, PROJECT_ROOT, TASKS_DIR_ENV
 from globalcom2.provenance import provenance
 from globalcom2.records import CellOutcome, CellRecord, CellRef, read_outcome
-from globalcom2.store import Cell, CellBusy, identity_diff
+from globalcom2.store import Cell, CellBusy, identity_diff, writable_problem
+from globalcom2.tracking import check_logger
 from globalcom2.worker import OUTCOME_FILE, death_signal_setter, die_with_parent, evaluate_cell
 
 log = logging.getLogger("globalcom2.run")
@@ -66,7 +69,7 @@ def worker_command(spec: CellSpec, spec_path: Path, out_dir: Path) -> list[str]:
     """The command that runs ``globalcom2.worker`` on ``launcher.num_processes`` processes."""
     n = spec.launcher.num_processes
     tool = spec.launcher.tool
-    if tool == "auto":  # accelerate launch starts a single process on a CPU-only machine (lmms_eval.md §4.3b)
+    if tool == "auto":  # `accelerate launch --num_processes N` starts one process on a machine without GPUs
         tool = "accelerate" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "torchrun"
     worker = ["-m", "globalcom2.worker", str(spec_path), str(out_dir)]
     if tool == "torchrun":
@@ -158,10 +161,16 @@ def run(cfg: DictConfig) -> CellRecord | None:
     """
     export_paths(cfg)
     try:
+        check_logger(cfg.logger)  # a bad tracker setting would otherwise fail after the cell has run
         spec = CellSpec.from_config(cfg)  # everything checkable without the disk: method, ratio, ints...
         cell = Cell(Path(cfg.paths.results_dir), spec.key, spec.identity(cfg))
     except INPUT_ERRORS as err:
         raise CellError(f"invalid cell: {_message(err)}") from err
+    problem = writable_problem(Path(cfg.paths.results_dir))
+    if problem:
+        raise CellError(
+            f"paths.results_dir: {problem}; set paths.results_dir (or GLOBALCOM2_RESULTS) to a writable folder"
+        )
     label = (
         f"{spec.model.name} | {spec.method.label} r={spec.method.retention_ratio} | {spec.benchmark.name}"
         f" | protocol={spec.benchmark.protocol}"
@@ -173,11 +182,11 @@ def run(cfg: DictConfig) -> CellRecord | None:
     if cfg.dry_run:
         print(f"[dry-run] {label}  -> {cell.dir}\n          {why(cell, bool(cfg.force))}", flush=True)
         with contextlib.suppress(CellError):
-            _preflight(spec, label, dry_run=True)
+            _check_environment(spec, label, dry_run=True)
         return None
     if not cfg.force and cell.is_complete():  # fast path; re-checked under the lock below
         return _reuse(cell, label)
-    _preflight(spec, label)  # tasks, their data, the checkpoint's config, the device: still no weight
+    _check_environment(spec, label)  # tasks, their data, the checkpoint's config, the device: still no weight
     try:
         with cell.lock() as lock_fd:
             if not cfg.force and cell.is_complete():  # finished by another runner while we prepared
@@ -208,9 +217,9 @@ def export_paths(cfg: DictConfig) -> None:
     os.environ[TASKS_DIR_ENV] = str(cfg.paths.tasks_dir)
 
 
-def _preflight(spec: CellSpec, label: str, dry_run: bool = False) -> None:
+def _check_environment(spec: CellSpec, label: str, dry_run: bool = False) -> None:
     try:
-        spec.preflight()
+        spec.check_environment()
     except INPUT_ERRORS as err:
         if dry_run:  # report, do not stop the listing
             print(f"          !! would fail before loading: {_message(err)}", flush=True)
@@ -252,12 +261,18 @@ def _resolved_duplicate(cfg: DictConfig, spec: CellSpec) -> bool:
 
 
 def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell, lock_fd: int | None = None) -> CellRecord:
-    """Run the cell (its lock held) and commit its record."""
+    """Run the cell (its lock held) and commit its record. A failed run removes its ``.partial/`` (an
+    interrupted one, Ctrl-C or a kill, leaves it for the next run to delete, as the store expects)."""
     partial = cell.prepare()
     (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
-    outcome = execute(spec, partial, lock_fd)
+    try:
+        outcome = execute(spec, partial, lock_fd)
+    except Exception as err:
+        cell.discard_partial()
+        print(f"[failed]  {cell.key.relative_path()}: {type(err).__name__}: {_message(err)}", flush=True)
+        raise
     record = CellRecord(
         **vars(outcome),
         cell=CellRef(**vars(spec.key), id=cell.id, identity=cell.identity, path=str(cell.dir)),
@@ -305,11 +320,79 @@ def summary_line(record: CellRecord) -> str:
     return f"{' '.join(parts)} | prefill {prefill:.1f} ms | TFLOPs(full) {eff['tflops']['full']:.4f} | {record.wall_s:.0f} s"
 
 
+def check_launch_mode(cfg: DictConfig) -> None:
+    """``launcher=slurm`` submits jobs through Hydra's submitit launcher, which only a multirun uses: without
+    ``-m`` the cell would silently run here instead."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.launcher.name == "slurm" and HydraConfig.get().mode == RunMode.RUN:
+        raise CellError(
+            "launcher=slurm submits the cells as Slurm jobs, which Hydra does only for a multirun: add -m "
+            "(python -m globalcom2.run -m launcher=slurm ...)"
+        )
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """The overrides of every job a sweep launches, expanded as Hydra's basic sweeper does: the config's
+    ``hydra.sweeper.params``, then the command line, a Cartesian product over the swept keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    choices: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if override.is_sweep_override() and override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def sweep_problems(config: DictConfig) -> list[str]:
+    """One line per job of the sweep that would be refused (its value checks and its pre-flight), before
+    any job runs; every distinct benchmark, model and method is pre-flighted once."""
+    from hydra import compose
+
+    problems, checked = [], set()
+    for overrides in sweep_jobs(config):
+        try:
+            cfg = compose(config_name="eval", overrides=overrides)
+            check_logger(cfg.logger)
+            spec = CellSpec.from_config(cfg)
+            key = repr((spec.benchmark.tasks, spec.model, spec.method, spec.launcher.num_processes))
+            if key not in checked:
+                checked.add(key)
+                spec.check_environment()
+        except INPUT_ERRORS as err:
+            problems.append(f"{' '.join(overrides) or '(the defaults)'}: {_message(err)}")
+    return problems
+
+
+class SweepCheck(Callback):
+    """A Hydra callback (``configs/hydra/default.yaml``): before the first cell of a multirun starts, every
+    cell of it is checked, so a bad value in the fourth cell does not surface after three have run."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("dry_run"):
+            return  # a dry run lists every cell and what would fail, cell by cell
+        export_paths(config)
+        problems = sweep_problems(config)
+        if problems:
+            listing = "\n".join(f"  - {p}" for p in problems)
+            # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings and goes on
+            raise SystemExit(
+                f"the sweep was not started: {len(problems)} of its cells would be refused:\n{listing}"
+            )
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from globalcom2.redaction import redacted_console
 
     with redacted_console():
+        check_launch_mode(cfg)
         run(cfg)
 
 

@@ -36,7 +36,7 @@ from globalcom2.methods.params import (
 from globalcom2.models.base import DTYPE_CHOICES
 from globalcom2.models.compiled import COMPILE_MODES, compile_problem, resolve_compile
 from globalcom2.models.preload import model_problems
-from globalcom2.protocol.generation import GenerationSettings, parse_gen_kwargs
+from globalcom2.protocol.generation import GenerationSettings, parse_gen_kwargs, parse_key_values
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL, budget_method_params, check_protocol
 
 #: How Hydra spells each key of :func:`parse_run` (``model_args`` spells them as the parameter names).
@@ -141,53 +141,18 @@ MODEL_ARG_KEYS = frozenset(
 
 
 def parse_model_args(text: str) -> dict[str, Any]:
-    """lmms-eval's ``--model_args`` string (``k=v,k=v``) as a mapping, values typed as lmms-eval types them
-    (``true``/``false``, integers, numbers, else strings); a comma inside ``[...]`` or ``{...}`` belongs to
-    the value (``prune_layers=[2,6,15]``).
+    """lmms-eval's ``--model_args`` string (``k=v,k=v``) as a mapping (:func:`parse_key_values`).
 
     Raises:
-        ValueError: an entry without ``=``, an empty key, or a key given twice.
+        ValueError: a malformed entry, named, with the form expected.
     """
-    args: dict[str, Any] = {}
-    for entry in _split_top_level(text.strip()):
-        if not entry.strip():
-            continue
-        name, sep, value = entry.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ValueError(
-                f"model_args entry {entry.strip()!r} is not key=value; model_args is 'key=value,key=value', "
-                "e.g. pretrained=tiny,method=random,retention_ratio=0.25"
-            )
-        if name in args:
-            raise ValueError(f"model_args gives {name!r} twice")
-        args[name] = _typed(value.strip())
-    return args
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, []
-    for char in text:
-        depth += char in "[{"
-        depth -= char in "]}"
-        if char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def _typed(value: str) -> Any:
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+    try:
+        return parse_key_values(text)
+    except ValueError as err:
+        raise ValueError(
+            f"model_args: {err}; model_args is 'key=value,key=value', e.g. "
+            "pretrained=tiny,method=random,retention_ratio=0.25"
+        ) from None
 
 
 def parse_run(

@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator, Mapping
@@ -222,6 +223,11 @@ class Cell:
         write_record(self.record_path, replace(record, status=COMPLETE))
         self.mark_current()
 
+    def discard_partial(self) -> None:
+        """Remove what a failed run left in ``.partial/`` (only while holding :meth:`lock`)."""
+        if self.partial_dir.exists():
+            shutil.rmtree(self.partial_dir)
+
     def mark_current(self) -> None:
         """Make this identity the one the tables show for its key (it was just run or reused)."""
         atomic_write_text(self.key_dir / CURRENT_FILE, self.id + "\n")
@@ -234,12 +240,40 @@ def _remove(entry: Path) -> None:
         entry.unlink()
 
 
+def writable_problem(root: Path) -> str | None:
+    """Why cells cannot be written under ``root`` (its nearest existing folder is not writable, or is a
+    file), or ``None``: checked before a cell runs, so that it fails in one line rather than after loading."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{root} cannot be created or written ({existing} is not writable by this user)"
+    return None
+
+
 def current_cell_id(key_dir: Path) -> str | None:
-    """The id named by a key folder's ``current`` file, if any."""
+    """The id named by a key folder's ``current`` file; ``None`` when it has none.
+
+    Raises:
+        RecordError: the file exists but names no cell (unreadable, not text, not an id): then nobody can
+            tell which identity of the key is current, and no other may be shown in its place.
+    """
+    path = key_dir / CURRENT_FILE
     try:
-        return (key_dir / CURRENT_FILE).read_text(encoding="utf-8").strip() or None
-    except OSError:
+        content = path.read_bytes()
+    except FileNotFoundError:
         return None
+    except OSError as err:
+        raise RecordError(f"{path} is unreadable ({err})") from err
+    try:
+        named = content.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise RecordError(f"{path} is not text, so it names no cell") from None
+    if not re.fullmatch(f"[0-9a-f]{{{CELL_ID_LENGTH}}}", named):
+        raise RecordError(f"{path} names no cell id ({named[:40]!r})")
+    return named
 
 
 def _owner(lock: Path) -> str:

@@ -32,6 +32,23 @@ def cell_summary(record: CellRecord) -> dict[str, float]:
     return summary
 
 
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check_logger(logger: Any) -> None:
+    """Refuse a logger config that would fail only after the cell has run: an unknown ``logger`` or a wandb
+    ``mode`` (or ``WANDB_MODE``) wandb does not know."""
+    name = logger.get("name")
+    if name not in LOGGERS:
+        raise ValueError(f"logger={name!r}; valid: {', '.join(LOGGERS)}")
+    if name == "wandb":
+        mode = os.environ.get("WANDB_MODE", logger.get("mode", "offline"))
+        if mode not in WANDB_MODES:
+            source = "WANDB_MODE" if "WANDB_MODE" in os.environ else "logger.mode"
+            raise ValueError(f"{source}={mode!r} is not a wandb mode; valid: {', '.join(WANDB_MODES)}")
+
+
 def log_cell(record: CellRecord, logger: dict[str, Any]) -> str:
     """Log one finished cell; returns the run's local directory."""
     import wandb

@@ -40,7 +40,7 @@ from globalcom2.atomic import staged_folder
 from globalcom2.paths import cache_dir
 
 # 2: shapes 24-36 px (were 12-21): at 12-21 px a 14-px-patch CLIP tower as small as the tiny model's did not
-# learn to tell a circle from a square within the CPU training budget (issue 14), so no model could.
+# learn to tell a circle from a square within the CPU training budget, so no model could.
 DEMO_VERSION = 2
 DEFAULT_SEED = {"test": 0, "train": 1, "efficiency": 2}
 DEFAULT_SIZE = {"test": 300, "train": 3000, "efficiency": 30}

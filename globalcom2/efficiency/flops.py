@@ -1,7 +1,7 @@
 """Analytic FLOPs and KV-cache size of LLaVA-NeXT, in the LLM-Viewer convention.
 
-Convention (hahnyuan/LLM-Viewer ``model_analyzer.py`` @ ``472f71f``; ../shared/reference/
-related_work_and_numbers.md §3): one multiply-accumulate is 2 FLOPs; a Llama decoder layer has the
+Convention (hahnyuan/LLM-Viewer @ ``472f71f``, ``model_analyzer.py``: per decoder layer, times the layer
+count): one multiply-accumulate is 2 FLOPs; a Llama decoder layer has the
 q, k, v, o projections (k and v of width ``d_kv = d * kv_heads / heads`` under grouped-query attention),
 a SwiGLU MLP counted as three ``d x m`` matrices, and the two attention matmuls (``QK^T`` and ``AV``,
 ``2 n^2 d`` each). For ``n`` tokens entering a layer::

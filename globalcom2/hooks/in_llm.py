@@ -3,8 +3,9 @@
 Written once for every in-LLM method (FastV, SparseVLM); methods only choose query rows, score and keep
 (``globalcom2/methods/base.py`` :class:`InLLMMethod`). Everything acts through forward pre-hooks on the
 language model's decoder layers and on the attention modules of the scoring layers; no class or function of
-transformers is replaced, and ``LlamaModel.forward`` runs unchanged (../shared/reference/
-transformers_llava_next.md §2).
+transformers is replaced, and ``LlamaModel.forward`` runs unchanged (transformers 5.23
+``models/llama/modeling_llama.py``: it hands every decoder layer the hidden states, the mask, the position
+ids and the rotary ``position_embeddings`` as keyword arguments, which a pre-hook may replace).
 
 Prefill (``PromptContext.is_prefill``), for a stage whose first reduced layer is ``b``:
 

@@ -1,6 +1,7 @@
 """The per-instance subclass of ``LlavaNextModel`` through which every compression method acts.
 
-How it works (transformers 5.x, ../shared/reference/transformers_llava_next.md §1 and §4):
+How it works (transformers 5.23, ``models/llava_next/modeling_llava_next.py`` and
+``generation/utils.py``):
 
 * ``generate`` encodes images *before* prefill through ``model.model.get_image_features`` and hands the
   result to the prefill forward as ``mm_encoder_outputs``; a plain forward calls the same function. The

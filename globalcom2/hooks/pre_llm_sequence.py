@@ -2,7 +2,8 @@
 
 The processor expands every ``<image>`` into exactly N placeholders before the model runs, and
 ``generate`` derives positions and masks from that original length at every step
-(../shared/reference/transformers_llava_next.md §1.7 and pitfalls 3-4). When a method keeps M != N
+(transformers 5.23: ``LlavaNextProcessor`` expands the placeholders, and ``GenerationMixin`` grows the
+attention mask and the cache positions from the prompt's length at every step). When a method keeps M != N
 tokens of an image, the prompt must be rebuilt (``rebuild_prompt``) and every later decode step
 translated from original to compressed coordinates (``decode_inputs``). Both are written once here,
 vectorised over the batch, and used for every pre-LLM method.

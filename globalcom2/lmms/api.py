@@ -4,9 +4,10 @@
 
     from globalcom2.lmms import api
     from globalcom2.lmms.plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms.preflight import check_tasks
 
     tasks = ["pope_adv_local", "globalcom2_demo"]
-    api.preflight(tasks)                                    # before loading the model
+    check_tasks(tasks)                                      # before loading the model (lmms.preflight)
     lm = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.25)
     results = api.evaluate(lm, tasks, output_path="results/x")
     api.save(results, "results/x", model_name="tiny")      # lmms-eval's own file layout
@@ -25,13 +26,8 @@ from typing import Any
 import torch
 
 from globalcom2.data.benchmarks import EVALAI_TASKS
-from globalcom2.lmms.preflight import PreflightError, TaskCheck, check_tasks
+from globalcom2.lmms.preflight import PreflightError, check_tasks
 from globalcom2.paths import tasks_dir
-
-
-def preflight(tasks: list[str], include_path: str | list[str] | None = None) -> list[TaskCheck]:
-    """Task and data checks (:func:`globalcom2.lmms.preflight.check_tasks`); call before loading."""
-    return check_tasks(tasks, include_path)
 
 
 def task_manager(include_path: str | list[str] | None = None, include_defaults: bool = False) -> Any:

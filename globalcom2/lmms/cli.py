@@ -2,9 +2,10 @@
 
 Takes exactly lmms-eval's arguments and adds three things:
 
-1. **Pre-flight** (:mod:`globalcom2.lmms.preflight`): unknown tasks, missing offline data, an unknown
-   method or parameter, or a method that does not support the attention implementation stop the run
-   before any model is loaded (exit code 2).
+1. **Pre-flight** (:mod:`globalcom2.lmms.preflight`): an unknown model, task, method or parameter, missing
+   offline data, a ``--limit`` that is not a count or a fraction, a malformed ``--model_args``, or a method
+   that does not support the attention implementation stop the run before any model is loaded (exit code
+   2); the front door's warnings (a ratio that keeps no patch token) are printed.
 2. **Defaults**: ``--include_path`` defaults to this checkout's ``tasks/``, ``--timezone`` to UTC;
    ``--output_path`` is required.
 3. **Failure detection**: lmms-eval's CLI catches a failing evaluation, prints the traceback and exits 0
@@ -25,6 +26,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,6 @@ def verify_outputs(output_path: str | Path, tasks: list[str], since: float, log_
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     import lmms_eval.__main__ as lmms_main
-    from lmms_eval.utils import simple_parse_args_string
 
     from globalcom2.redaction import redacted_console
 
@@ -71,17 +72,49 @@ def main(argv: list[str] | None = None) -> int:
     saved_argv, sys.argv = sys.argv, ["lmms_eval", *argv]
     try:
         with redacted_console():  # lmms-eval logs HF_TOKEN among its tracker arguments
-            return _run(lmms_main, simple_parse_args_string)
+            return _run(lmms_main)
     finally:
         sys.argv = saved_argv
 
 
-def _run(lmms_main: Any, simple_parse_args_string: Any) -> int:
+def limit_problem(limit: float | None) -> str | None:
+    """Why ``--limit`` is refused: lmms-eval reads it as a float and runs everything for a negative one and a
+    truncated count for 2.7, where a user meant something else."""
+    if limit is None or 0 < limit < 1 or (limit >= 1 and float(limit).is_integer()):
+        return None
+    return (
+        f"--limit {limit:g}: give an integer >= 1 (documents per task) or a fraction in (0, 1); omit --limit "
+        "to evaluate every document"
+    )
+
+
+def model_problem(model: str) -> str | None:
+    """Why ``--model`` names no lmms-eval model (with the close names, and ours)."""
+    import difflib
+
+    from lmms_eval.models import MODEL_REGISTRY_V2
+
+    from globalcom2.lmms.manifest import MODEL_ID
+
+    try:
+        MODEL_REGISTRY_V2.resolve(model)
+    except (KeyError, ValueError):
+        close = difflib.get_close_matches(model, MODEL_REGISTRY_V2.list_model_names(), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        return f"unknown model {model!r}.{hint} This harness's model is --model {MODEL_ID}."
+    return None
+
+
+def _run(lmms_main: Any) -> int:
     from globalcom2.lmms.manifest import MODEL_ID
     from globalcom2.lmms.preflight import PreflightError, preflight
     from globalcom2.paths import tasks_dir
+    from globalcom2.run_spec import parse_model_args
 
     _, args = lmms_main.parse_eval_args()
+    for problem in (limit_problem(args.limit), model_problem(args.model)):
+        if problem:
+            return _fail(problem, EXIT_PREFLIGHT)
     if not any(a == "--timezone" or a.startswith("--timezone=") for a in sys.argv):
         args.timezone = "UTC"  # lmms-eval stamps file names in Asia/Singapore time by default
     if args.config:
@@ -100,7 +133,10 @@ def _run(lmms_main: Any, simple_parse_args_string: Any) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     model_args: dict[str, Any] | None = None
     if args.model == MODEL_ID:
-        model_args = simple_parse_args_string(args.model_args or "")
+        try:
+            model_args = parse_model_args(args.model_args or "")
+        except ValueError as err:
+            return _fail(str(err), EXIT_PREFLIGHT)
         for key in ("batch_size", "device"):
             given = any(a == f"--{key}" or a.startswith(f"--{key}=") for a in sys.argv)
             if given and key in model_args and str(model_args[key]) != str(getattr(args, key)):
@@ -116,10 +152,14 @@ def _run(lmms_main: Any, simple_parse_args_string: Any) -> int:
                 "are LLaVA's); adjust them with model_args generation_overrides='{\"max_new_tokens\": 8}'",
                 EXIT_PREFLIGHT,
             )
-    try:
-        preflight(tasks, include_path=args.include_path, model_args=model_args)
-    except PreflightError as err:
-        return _fail(str(err), EXIT_PREFLIGHT)
+    with warnings.catch_warnings(record=True) as caught:  # shown even where lmms-eval filters warnings
+        warnings.simplefilter("always")
+        try:
+            preflight(tasks, include_path=args.include_path, model_args=model_args)
+        except PreflightError as err:
+            return _fail(str(err), EXIT_PREFLIGHT)
+    for warning in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        print(f"globalcom2.lmms: warning: {warning}", file=sys.stderr, flush=True)
 
     failures: list[BaseException] = []
     original = lmms_main.cli_evaluate_single

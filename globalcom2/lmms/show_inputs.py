@@ -48,7 +48,8 @@ def show_inputs(
     from transformers import AutoProcessor
 
     from globalcom2.anyres import config_layout
-    from globalcom2.lmms.api import preflight, task_manager
+    from globalcom2.lmms.api import task_manager
+    from globalcom2.lmms.preflight import check_tasks
     from globalcom2.models.geometry import apply_config_geometry, apply_processor_geometry
     from globalcom2.models.loader import resolve_checkpoint
     from globalcom2.models.preload import checkpoint_config
@@ -58,7 +59,7 @@ def show_inputs(
         raise ValueError(f"--limit must be >= 1, got {limit}")
     for task in tasks:
         task_protocol(protocol, task)  # a task the protocol does not cover fails before anything loads
-    checks = preflight(tasks)
+    checks = check_tasks(tasks)
     config = apply_config_geometry(checkpoint_config(pretrained), geometry_of(protocol))
     processor = AutoProcessor.from_pretrained(resolve_checkpoint(pretrained), backend="pil")
     apply_processor_geometry(processor, config)

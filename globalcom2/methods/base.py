@@ -7,7 +7,8 @@ they are scattered into the prompt and return which packed positions to feed to 
 
 Expressing every output as indices into the unmodified packed sequence keeps methods pure (no model
 access), makes the realised counts exact and auditable, and lets a layout repeat a separator (the
-GlobalCom² reference layout emits more separators than vanilla, ../shared/reference/globalcom2.md §2.7).
+GlobalCom² reference layout, xuyang-liu16/GlobalCom2 @ 96b2d00 ``llava/model/llava_arch.py``, emits a
+separator after every canvas row, padded rows included).
 The hook in ``globalcom2/hooks/pre_llm.py`` does the gathering and the sequence surgery, once for all
 methods.
 

@@ -2,10 +2,10 @@
 
 Paper: X. Liu et al., "Global Compression Commander: Plug-and-Play Inference Acceleration for
 High-Resolution Large Vision-Language Models" (arXiv 2501.05179; v1/v2 titled "Compression with Global
-Guidance"). Reference code: github.com/xuyang-liu16/GlobalCom2, spec read at HEAD ``96b2d00``
-(algorithm files ``llava/model/llava_arch.py`` @ ``4e544e5``, ``apply_customvit.py`` @ ``a270020``), as
-re-stated in ../shared/reference/globalcom2.md §2. No reference code is copied; every step below is a
-vectorised re-implementation of that statement.
+Guidance"). Reference code: github.com/xuyang-liu16/GlobalCom2 at HEAD ``96b2d00`` (algorithm files
+``llava/model/llava_arch.py`` @ ``4e544e5``: ``prepare_inputs_labels_for_multimodal`` and the crop selection;
+``llava/model/multimodal_encoder/apply_customvit.py`` @ ``a270020``: the scores). No reference code is copied;
+every step below is a vectorised re-implementation of what that code computes.
 
 Per image (thumbnail + n crops, R = ``retention_ratio``):
 
@@ -27,7 +27,7 @@ Two output layouts:
 * ``layout="clean"`` (default): kept tokens in their original spatial order, one separator per unpadded
   row exactly as vanilla, R = 1.0 returns the unmodified model (bypass), features in the model's dtype,
   per-image view offsets so batches and several images per prompt are correct.
-* ``layout="reference"``: reproduces the reference's token layout position for position (§2.7):
+* ``layout="reference"``: reproduces the reference's token layout position for position:
   thumbnail in score order; crops placed in a slot grid by their index in the *unpadded* crop (the
   reference's indexing quirk, which scrambles column-padded images); a separator after every one of the
   ``rows * 24`` canvas rows, padded ones included. Use it to compare with published numbers, not for new
@@ -37,9 +37,9 @@ Deliberate deviations from the reference (all layouts):
 
 * Scores are accumulated in float32 (reference: fp16 logits), so fp16 rounding ties do not decide ranks.
 * Ties in every top-k break by score descending, then token index ascending (reference: unspecified
-  ``torch.topk``/``argsort`` order, §8.7).
+  ``torch.topk``/``argsort`` order).
 * Batches and several images per prompt use per-image view offsets (the reference reads the thumbnail
-  score of image 0 for every image, §3.9), so batch size > 1 is correct.
+  score of image 0 for every image; its evaluation loader asserts batch size 1), so batch size > 1 is correct.
 * No per-token or per-crop Python loops. The allocation (at most nine numbers) runs on the host in
   float64 after one device read, so every device allocates alike; the rest stays on the device.
 * The stretched thumbnail map is computed as two batched matrix products with the separable bilinear
@@ -90,7 +90,7 @@ def thumbnail_blocks(side: int, grid: tuple[int, int], device: torch.device | st
 
     The 24x24 thumbnail grid is cut into ``rows x cols`` blocks of ``side // rows`` x ``side // cols``
     tokens, the last block of each axis absorbing any remainder. The partition ignores letterbox padding,
-    as the reference does (globalcom2.md §2.3.6).
+    as the reference does.
     """
     rows, cols = grid
     block_h, block_w = max(side // rows, 1), max(side // cols, 1)
@@ -207,7 +207,7 @@ def holistic_scores(
 
     The reference adds the two L2-normalised vectors, i.e. w = 0.5 up to a factor 2 (same ranking);
     normalising per crop makes the mix scale-free, which matters because thumbnail and crop logits have
-    different magnitudes (globalcom2.md §3.3). ``w = 0`` is local-only (FasterVLM's selection), ``w = 1``
+    different magnitudes. ``w = 0`` is local-only (FasterVLM's selection), ``w = 1``
     global-only. Invalid (padded) entries are 0 and count in no norm.
 
     Args:
@@ -289,7 +289,7 @@ class GlobalCom2(PreLLMMethod):
 
     def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
         if self.layout == "clean" and self.retention_ratio == 1.0:
-            return None  # R = 1 is the unmodified model in the clean layout (the reference is not, §3.7)
+            return None  # R = 1 is the unmodified model in the clean layout (the reference's is not)
         layout, scores = ctx.layout, ctx.vision_scores  # scores: [1 + n, W], W = 576
         if scores is None:
             raise RuntimeError("globalcom2 needs [CLS] scores; attach it with globalcom2.attach")

@@ -85,7 +85,8 @@ def bilinear_weights(size_in: int, size_out: int) -> torch.Tensor:
 def reference_canvas_order(
     crop: torch.Tensor, valid_index: torch.Tensor, side: int, grid: tuple[int, int]
 ) -> torch.Tensor:
-    """The reference layout's crop part (globalcom2.md §2.7) with every crop token kept.
+    """The reference layout's crop part (``llava_arch.py`` of xuyang-liu16/GlobalCom2 @ 96b2d00) with every
+    crop token kept.
 
     Each crop token is written to the slot of its crop's ``side x side`` tile given by its *unpadded*
     index (the reference's quirk), the canvas is read row by row, and a separator follows every one of

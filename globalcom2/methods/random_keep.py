@@ -32,8 +32,8 @@ class RandomKeep(PreLLMMethod):
 
     def __init__(self, *, retention_ratio: float, seed: int = 0) -> None:
         super().__init__(retention_ratio=retention_ratio)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.seed = seed
 
     def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from globalcom2.models.base import check_llava_next_anyres, resolve_dtype, tiny_seed
 from globalcom2.models.geometry import GEOMETRIES, apply_geometry
-from globalcom2.models.preload import checkpoint_config, named_checkpoint
+from globalcom2.models.preload import check_device, checkpoint_config, named_checkpoint
 from globalcom2.models.random_init import build_random_llava_next, size_from_name
 from globalcom2.models.tiny import tiny_checkpoint
 
@@ -62,6 +62,7 @@ def load_llava_next(
         FileNotFoundError: no such folder, or not in the cache while offline.
     """
     resolve_dtype(dtype)  # a bad dtype fails before anything is read
+    check_device(device)  # so does a device this machine lacks
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry={geometry!r}; valid: {', '.join(GEOMETRIES)}")
     if random_init:

@@ -56,8 +56,8 @@ def checkpoint_config(pretrained: str | Path, *, random_init: bool = False) -> L
         random_init: the 7B/13B architecture named by ``pretrained`` is built, not read.
 
     Raises:
-        FileNotFoundError: a missing folder, a folder without ``config.json``, or a hub checkpoint that is
-            not in the local cache while the hub is offline (or cannot be reached).
+        FileNotFoundError: a missing folder, a folder without ``config.json`` or without weights, or a hub
+            checkpoint that is not in the local cache while the hub is offline (or cannot be reached).
         ValueError: a name that is neither a folder nor a valid hub id.
         UnsupportedModelError: the checkpoint is not LLaVA-NeXT with AnyRes crops.
     """
@@ -72,7 +72,21 @@ def checkpoint_config(pretrained: str | Path, *, random_init: bool = False) -> L
     check_config_type(raw, name)
     config = LlavaNextConfig.from_dict(raw)
     check_llava_next_config(config, name)
+    if config_file.parent.is_dir() and not _has_weights(config_file.parent) and _is_local(name):
+        raise FileNotFoundError(
+            f"checkpoint folder {name!r} has a config.json but no weights (no *.safetensors or *.bin file); "
+            "copy the whole checkpoint there, or pass a hub id"
+        )
     return config
+
+
+def _is_local(name: str) -> bool:
+    """Whether ``pretrained`` names a local folder (not a hub id resolved through the cache)."""
+    return Path(name).expanduser().is_dir()
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
 def _config_file(name: str) -> Path:

@@ -6,8 +6,11 @@ the widths and depths are tiny, so every count, index and shape our methods comp
 compute on the 7B/13B checkpoints. The checkpoint is written with ``save_pretrained`` and read back
 through :func:`globalcom2.models.loader.load_llava_next`, the loader real checkpoints use.
 
-Recipe after ../shared/reference/transformers_llava_next.md §3, with a byte-level tokenizer built from
-``tokenizers`` primitives (every string encodes, spaces stay spaces) and the Vicuna-v1 chat template.
+The config is transformers' ``LlavaNextConfig`` with a ``CLIPVisionConfig`` and a ``LlamaConfig`` of tiny
+widths (``num_additional_image_tokens=1`` and ``vision_feature_select_strategy="default"``, as the llava-hf
+processors set them, so the processor's placeholder count equals the packed feature count), with a
+byte-level tokenizer built from ``tokenizers`` primitives (every string encodes, spaces stay spaces) and the
+Vicuna-v1 chat template.
 """
 
 from __future__ import annotations

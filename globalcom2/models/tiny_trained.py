@@ -9,7 +9,7 @@ the random ``tiny`` model, each because a model that must *learn* needs it and t
   which the exactness tests want and which stalls training.
 * **The language model is 128 wide** (the vision tower stays 64): the retrieval the questions need
   (find the one triangle among ~2,000 visual tokens, read its colour) did not emerge at width 64 within
-  the CPU budget in the first attempt (issue 14).
+  the CPU budget.
 * **A BPE tokenizer learnt on the demo's own prompts** (ByteLevel, so every string still encodes and
   decodes exactly): each word of a question and each answer is one token ("Ġtriangle", "Ġyellow"),
   instead of one token per byte. A byte-level model must first learn to assemble "t-r-i-a-n-g-l-e" into a

@@ -47,6 +47,7 @@ from globalcom2.efficiency.profile import GenerateProfiler, Measurement
 from globalcom2.efficiency.summary import PromptCounts, sample_costs
 from globalcom2.efficiency.table import efficiency_display
 from globalcom2.methods import METHODS
+from globalcom2.methods.params import budget_kwargs
 from globalcom2.models.compiled import COMPILE_MODES, compile_model, compile_problem, default_compile_mode
 from globalcom2.models.loader import load_llava_next
 from globalcom2.paths import PROJECT_ROOT
@@ -95,7 +96,7 @@ def parse_variant(text: str) -> Variant:
 
 
 def method_params(method: str, ratio: float) -> dict[str, Any]:
-    return {} if method == "vanilla" else {"retention_ratio": ratio}
+    return budget_kwargs(method, ratio)
 
 
 def run_variant(

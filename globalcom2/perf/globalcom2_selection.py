@@ -1,4 +1,4 @@
-"""Cost of GlobalCom² per image, excluding the vision-tower forward (issue 3 benchmark).
+"""Cost of GlobalCom² per image, excluding the vision-tower forward.
 
 Times, on random but realistically shaped inputs, the [CLS] score step (the CLS query row against one
 layer's keys, at the tiny model's width and at CLIP-L/14's) and the whole per-image work: scores +

@@ -1,4 +1,4 @@
-"""Prefill time and memory of the in-LLM methods, and proof that scoring builds no ``L x L`` matrix (issue 4).
+"""Prefill time and memory of the in-LLM methods, and proof that scoring builds no ``L x L`` matrix.
 
 On the tiny model with one 672x672 image (2928 visual tokens in a 3125-token Vicuna-v1 prompt), one prefill (a
 forward over the whole prompt with a KV cache, as ``generate``'s first step, vision tower included) is timed for

@@ -149,12 +149,57 @@ def _as_float(value: Any, name: str) -> float:
     return float(value)
 
 
+def parse_key_values(text: str) -> dict[str, Any]:
+    """An lmms-eval ``k=v,k=v`` string (``--model_args``, ``--gen_kwargs``) as a mapping, values typed as
+    lmms-eval types them (``true``/``false``, integers, numbers, else strings; lmms_eval/utils.py
+    ``simple_parse_args_string`` in 0.7.3); a comma inside ``[...]`` or ``{...}`` belongs to the value.
+
+    Raises:
+        ValueError: an entry without ``=`` or with an empty key (the message names it), or a key twice.
+    """
+    parsed: dict[str, Any] = {}
+    for entry in _split_top_level(text.strip()):
+        if not entry.strip():
+            continue
+        key, sep, value = entry.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{entry.strip()!r} is not key=value")
+        if key in parsed:
+            raise ValueError(f"{key!r} is given twice")
+        parsed[key] = _typed(value.strip())
+    return parsed
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _typed(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_gen_kwargs(text: str, name: str = "gen_kwargs") -> dict[str, Any]:
     """lmms-eval's ``k=v,k=v`` generation string as a dict, or ``ValueError`` naming the bad part."""
-    from lmms_eval.utils import simple_parse_args_string
-
     try:
-        parsed = simple_parse_args_string(text)
+        parsed = parse_key_values(text)
     except ValueError as err:
         raise ValueError(f"{name}={text!r} is not of the form 'key=value,key=value' ({err})") from None
     GenerationSettings.from_gen_kwargs(parsed, 1)  # unknown keys and bad values raise here

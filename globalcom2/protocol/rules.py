@@ -65,8 +65,8 @@ def budget_method_params(protocol: str, method: str, params: Mapping[str, Any]) 
     """``params`` of ``method`` with the budget basis the protocol counts in.
 
     Under ``llava`` the retention ratio is a fraction of the patch tokens, the "2880" of the GlobalCom²
-    paper ("retain up to 2880·R tokens", which leaves the row separators out: ../shared/reference/
-    globalcom2.md §3 item 8), so the in-LLM methods get
+    paper ("retain up to 2880·R tokens": 2880 = 5 x 576 patch tokens, while a 672x672 image has 2928 visual
+    positions with its 48 row separators), so the in-LLM methods get
     ``budget_basis="patches"`` and keep every separator, as GlobalCom² and ``random`` always do. Under
     ``lmms_eval`` the method's own ``budget_basis`` (default ``"positions"``) stands.
 

@@ -32,10 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wandb-project", default="globalcom2")
     args = parser.parse_args(argv)
 
+    if not args.results_dir.is_dir():
+        raise SystemExit(f"results folder {args.results_dir} does not exist: nothing to report")
     frame = tidy_results(args.results_dir)
     if frame.empty:
-        raise SystemExit(f"no finished cells under {args.results_dir}")
+        raise SystemExit(f"no finished cells under {args.results_dir} (the warnings above say why)")
     experiments = [args.experiment] if args.experiment else sorted(set(frame["experiment"]))
+    missing = [e for e in experiments if e not in set(frame["experiment"])]
+    if missing:
+        raise SystemExit(
+            f"no finished cells for experiment {missing[0]!r} under {args.results_dir} (the warnings above say "
+            f"why); experiments with finished cells: {', '.join(sorted(set(frame['experiment'])))}"
+        )
     write_tidy(frame, args.results_dir)
     for experiment in experiments:
         report = build_report(frame, experiment, args.results_dir / experiment)

@@ -27,7 +27,7 @@ import pandas as pd
 
 from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
 from globalcom2.records import CellRecord, RecordError
-from globalcom2.store import PARTIAL_DIR, RECORD_FILE, Cell, current_cell_id
+from globalcom2.store import CURRENT_FILE, PARTIAL_DIR, RECORD_FILE, Cell, current_cell_id
 
 RECORDS = "sample_records.jsonl"
 
@@ -46,42 +46,61 @@ class LoadedCell:
 
 
 def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str]]]:
-    """Finished cells under ``root`` and the skipped ones with the reason.
+    """The cell each key shows, and every cell or key left out with the reason (a warning lists them).
 
     A cell is skipped, never a crash, when its run was interrupted, its ``record.json`` is unreadable,
     corrupt, unfinished, from before cell identities (schema 1), or has a field the tables cannot read
-    (a non-numeric metric, ``metrics`` that is not a mapping, ...). Of several finished identities of one
-    key (``<experiment>/<model>/<method>/r<ratio>/<benchmark>``), only the one named by the key's
-    ``current`` file (the last run or reused) is tabulated; the others are listed as superseded.
+    (a non-numeric metric, ``metrics`` that is not a mapping, ...). A key
+    (``<experiment>/<model>/<method>/r<ratio>/<benchmark>``) shows the cell its ``current`` file names (the
+    last run or reused); its other finished identities have other settings and are listed as superseded.
+    When the current cell cannot be read (corrupt, deleted, unfinished, a ``current`` file that names no
+    cell), the key shows **no row**: another identity is never shown in its place. Without a ``current``
+    file, a key shows its one finished cell, or none when it has several.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder {root} does not exist")
     found, skipped = [], []
     for partial in sorted(root.rglob(PARTIAL_DIR)):
         if not (partial.parent / RECORD_FILE).exists():
             skipped.append((partial.parent, "partial: a run was interrupted (no record.json)"))
+    unreadable: dict[Path, str] = {}
     for path in sorted(root.rglob(RECORD_FILE)):
         if PARTIAL_DIR in path.parts or "wandb" in path.parts:
             continue
         problem = _record_problem(path)
         if isinstance(problem, str):
             skipped.append((path.parent, problem))
+            unreadable[path.parent] = problem
         else:
             found.append(problem)
     by_key: dict[Path, list[LoadedCell]] = {}
     for cell in found:
         by_key.setdefault(cell.path.parent, []).append(cell)
+    key_dirs = set(by_key) | {current.parent for current in root.rglob(CURRENT_FILE)}
     cells = []
-    for key_dir, group in by_key.items():
-        chosen = _current_of(key_dir, group)
-        cells.append(chosen)
+    for key_dir in sorted(key_dirs):
+        group = by_key.get(key_dir, [])
+        chosen, reason = _current_of(key_dir, group, unreadable)
+        if chosen is not None:
+            cells.append(chosen)
+        elif reason:
+            skipped.append((key_dir, reason))
         skipped += [
-            (c.path, f"superseded: {key_dir.name}'s current cell is {chosen.path.name} (other settings)")
+            (c.path, f"superseded: {key_dir.name}'s current cell is not this one (other settings)")
             for c in group
             if c is not chosen
         ]
     if skipped:
         listing = "\n".join(f"  {path}: {why}" for path, why in skipped)
         warnings.warn(f"skipped {len(skipped)} cell(s):\n{listing}", stacklevel=2)
+    incomplete = [(cell.path, problem) for cell in cells for problem in _file_problems(cell)]
+    if incomplete:
+        listing = "\n".join(f"  {path}: {why}" for path, why in incomplete)
+        warnings.warn(f"{len(incomplete)} file(s) missing from shown cells:\n{listing}", stacklevel=2)
     return sorted(cells, key=lambda c: c.path), skipped
 
 
@@ -102,12 +121,50 @@ def _record_problem(path: Path) -> LoadedCell | str:
     return cell
 
 
-def _current_of(key_dir: Path, group: list[LoadedCell]) -> LoadedCell:
-    named = current_cell_id(key_dir)
+def _current_of(
+    key_dir: Path, group: list[LoadedCell], unreadable: dict[Path, str]
+) -> tuple[LoadedCell | None, str | None]:
+    """The cell ``key_dir`` shows, or ``None`` with why it shows no row (see :func:`load_cells`)."""
+    try:
+        named = current_cell_id(key_dir)
+    except RecordError as err:
+        return None, f"no row for this key: {err}"
+    if named is None:
+        if len(group) > 1:
+            return None, (
+                f"no row for this key: {len(group)} finished identities and no current file naming one of them"
+            )
+        return (group[0], None) if group else (None, None)
     for cell in group:
         if cell.path.name == named:
-            return cell
-    return max(group, key=lambda c: str(c.record.finished or ""))
+            return cell, None
+    why = unreadable.get(key_dir / named, "its folder is gone")
+    others = (
+        f"; its other cells ({', '.join(c.path.name for c in group)}) have other settings" if group else ""
+    )
+    return None, f"no row for this key: its current cell {named} cannot be read ({why}){others}"
+
+
+def _file_problems(cell: LoadedCell) -> list[str]:
+    """What is missing of the files a finished cell's record names: the per-sample records (the agreement
+    columns need them) and lmms-eval's results and samples files."""
+    files, problems = cell.record.files, []
+    records = cell.path / files.get("records", RECORDS)
+    expected = cell.record.samples.get("samples")
+    try:
+        lines = [line for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for line in lines:
+            json.loads(line)
+        if isinstance(expected, int) and len(lines) != expected:
+            problems.append(f"{records.name} has {len(lines)} of its {expected} sample records")
+    except FileNotFoundError:
+        problems.append(f"{records.name} is missing: no agreement with vanilla for this cell")
+    except (OSError, ValueError) as err:
+        problems.append(f"{records.name} is unreadable or truncated ({type(err).__name__}): no agreement")
+    for name in [files.get("results"), *(files.get("samples") or [])]:
+        if isinstance(name, str) and not (cell.path / name).is_file():
+            problems.append(f"lmms-eval's {name} is missing")
+    return problems
 
 
 def _config_row(cell: LoadedCell) -> dict[str, Any]:
@@ -165,9 +222,8 @@ def sample_outputs(cell: LoadedCell) -> dict[tuple[str, int], tuple[int, ...]]:
         for line in filter(str.strip, lines):
             row = json.loads(line)
             outputs[(row["task"], int(row["doc_id"]))] = tuple(row["output_token_ids"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        warnings.warn(f"{path}: unreadable sample records ({err}); no agreement for this cell", stacklevel=2)
-        return {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # load_cells has named the problem (_file_problems)
     return outputs
 
 

@@ -1,8 +1,10 @@
 """[CLS]->patch attention scores of one CLIP layer, without switching the vision tower to eager.
 
 GlobalCom² ranks tokens by the attention the [CLS] query pays to each patch in CLIP's last layer; its
-reference implementation class-swaps CLIP's attention to eager and stores 24 layers x 577 x 577 maps
-(../shared/reference/globalcom2.md §2.1, §3.12). We need one query row of one layer. CLIP's attention
+reference implementation (xuyang-liu16/GlobalCom2 @ 96b2d00, ``llava/model/multimodal_encoder/
+apply_customvit.py``) class-swaps CLIP's attention modules to eager ones that return the head-averaged
+pre-softmax logits of every layer, ``24 x [views, 577, 577]``, of which ``llava/model/llava_arch.py`` reads
+the last layer's [CLS] row. We need one query row of one layer. CLIP's attention
 computes ``q_proj`` then ``k_proj`` on the layer-normed input; forward hooks on those two projections
 read their outputs as the attention itself uses them, and the only extra work is the CLS row against all
 keys: ``[V, heads, 577]`` per call, O(V * 577 * d) time and O(V * 577 * heads) memory. SDPA (or

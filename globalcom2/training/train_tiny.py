@@ -16,8 +16,8 @@ size a 2-core CPU trains in under an hour:
    (:func:`curriculum`): first only the patches of the shapes the question asks about, then the other
    shapes' patches come back, then background patches and row separators, up to ``keep_background_end``.
    Kept tokens keep their original position ids, so the geometry the model learns is the full sequence's.
-   Without it, a model that sees all ~2,000 tokens from step one learns only the answer priors (issue 14,
-   first attempt), and so does one that sees every shape's patches from step one (measured: colour stays
+   Without it, a model that sees all ~2,000 tokens from step one learns only the answer priors (measured
+   while the recipe was built), and so does one that sees every shape's patches from step one (colour stays
    at chance for 1,000 steps even with oracle features).
 3. **Instruction tuning** (same parameters) on the full, unmodified visual sequence: exactly what the
    model sees at inference.

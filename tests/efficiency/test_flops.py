@@ -32,7 +32,7 @@ TERA = 1e12
 
 @pytest.mark.parametrize(
     ("dims", "tokens", "tflops"),
-    # GlobalCom² Tables 8/9 (first version printed two decimals): related_work_and_numbers.md §3.4
+    # GlobalCom² Tables 8/9 (arXiv 2501.05179; its first version printed two decimals)
     [
         (VICUNA_7B, 2880, 41.65),
         (VICUNA_7B, 720, 9.60),

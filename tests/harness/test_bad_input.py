@@ -4,6 +4,7 @@ what is valid; a traceback only with HYDRA_FULL_ERROR=1."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,23 @@ BAD = {
         r"max_new_tokens and num_beams must be >= 1",
     ),
     "gen_kwargs key": (["benchmark.gen_kwargs='foo=1'"], r"unsupported generation_kwargs \['foo'\]"),
+    "a typo in a key": (
+        ["+benchmark.limt=3"],
+        r"unknown config key benchmark\.limt; the benchmark keys are ",
+    ),
+    "an unknown model key": (["+model.foo=1"], r"unknown config key model\.foo"),
+    "an unknown top-level key": (["+foo=bar"], r"unknown config key foo; the top-level keys are "),
+    "a negative method seed": (["method.params.seed=-5"], r"seed must be an integer >= 0, got -5"),
+    "local with two processes": (
+        ["launcher=local", "launcher.num_processes=2"],
+        r"launcher=local runs a cell in this process, so launcher\.num_processes must be 1, got 2",
+    ),
+    "a wandb mode": (["logger=wandb", "logger.mode=foo"], r"logger\.mode='foo' is not a wandb mode"),
+    "a compile mode": (["compile=fast"], r"compile must be true, false or one of default"),
+    "no ratio": (
+        ["method=globalcom2", "~method.retention_ratio"],
+        r"method 'globalcom2' needs method\.retention_ratio",
+    ),
 }
 
 
@@ -113,13 +131,15 @@ def test_a_ratio_that_keeps_no_patch_token_warns(tmp_path):
         CellSpec.from_config(compose_cell(tmp_path, "method.retention_ratio=0.0001"))
 
 
-def hydra_run(tmp_path: Path, *overrides: str, full_error: bool) -> subprocess.CompletedProcess:
+def hydra_run(
+    tmp_path: Path, *overrides: str, full_error: bool, multirun: bool = False
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "GLOBALCOM2_RESULTS": str(tmp_path / "results")}
     env.pop("HYDRA_FULL_ERROR", None)
     if full_error:
         env["HYDRA_FULL_ERROR"] = "1"
     return subprocess.run(
-        [sys.executable, "-m", "globalcom2.run", "benchmark=demo", *overrides],
+        [sys.executable, "-m", "globalcom2.run", *(["-m"] if multirun else []), "benchmark=demo", *overrides],
         capture_output=True,
         text=True,
         env=env,
@@ -134,3 +154,79 @@ def test_the_hydra_path_prints_one_line_without_a_traceback_wall(tmp_path):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 4, done.stderr
     full = hydra_run(tmp_path, "benchmark.limit=abc", full_error=True)
     assert full.returncode != 0 and "Traceback" in full.stderr and "benchmark.limit must be" in full.stderr
+
+
+def test_a_checkpoint_folder_without_weights_is_refused_before_running(tmp_path, nothing_loads):
+    from globalcom2.models.tiny_trained import CHECKPOINT_DIR
+
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    shutil.copy(CHECKPOINT_DIR / "config.json", folder / "config.json")
+    with pytest.raises(run_module.CellError, match=r"has a config\.json but no weights"):
+        run_module.run(compose_cell(tmp_path, f"model.pretrained={folder}"))
+    assert not list((tmp_path / "results").rglob(".partial"))
+
+
+def test_a_results_folder_that_cannot_be_written_is_named_before_anything_loads(tmp_path, nothing_loads):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = compose_cell(tmp_path)
+    cfg.paths.results_dir = str(blocker / "results")
+    with pytest.raises(run_module.CellError, match=r"paths\.results_dir: .*a-file is not a folder"):
+        run_module.run(cfg)
+
+
+#: The same bad value through Hydra and through lmms-eval's model_args: (Hydra overrides, model_args).
+SAME_VALUE = {
+    "ratio": (["method.retention_ratio=1.5"], {"retention_ratio": 1.5}),
+    "dtype": (["model.dtype=float64"], {"dtype": "float64"}),
+    "parameter": (["+method.params.sead=1"], {"sead": 1}),
+    "seed": (["method.params.seed=-5"], {"seed": -5}),
+    "compile": (["compile=fast"], {"compile": "fast"}),
+    "batch size": (["benchmark.batch_size=0"], {"batch_size": 0}),
+    "depth": (["method=fastv", "method.params.K=999"], {"method": "fastv", "K": 999}),
+    "no ratio": (
+        ["method=globalcom2", "~method.retention_ratio"],
+        {"method": "globalcom2", "retention_ratio": None},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SAME_VALUE))
+def test_every_entry_point_says_the_same_line_for_the_same_bad_value(case, tmp_path, nothing_loads):
+    """Hydra and model_args go through one front door: one message, the key spelled as each entry point
+    spells it (``method.retention_ratio`` in Hydra, ``retention_ratio`` in model_args)."""
+    from globalcom2.lmms.preflight import PreflightError, check_model_args
+
+    overrides, model_args = SAME_VALUE[case]
+    with pytest.raises(run_module.CellError) as hydra:
+        run_module.run(compose_cell(tmp_path, *overrides))
+    args = {"pretrained": "tiny", "method": "random", "retention_ratio": 0.5, **model_args}
+    with pytest.raises(PreflightError) as lmms:
+        check_model_args({k: v for k, v in args.items() if v is not None})
+    said_by_hydra = str(hydra.value).split(": ", 1)[1]  # after "invalid cell:" or the cell's label
+    said_by_lmms = str(lmms.value).splitlines()[1].removeprefix("- ")
+    for group in ("method.", "model.", "benchmark."):
+        said_by_hydra = said_by_hydra.replace(group, "")
+    assert said_by_hydra == said_by_lmms
+
+
+def test_a_sweep_is_checked_cell_by_cell_before_its_first_cell_runs(tmp_path):
+    done = hydra_run(
+        tmp_path,
+        "method=random",
+        "method.retention_ratio=0.5,2",
+        "benchmark.limit=2",
+        full_error=False,
+        multirun=True,
+    )
+    assert done.returncode != 0
+    assert "the sweep was not started: 1 of its cells would be refused" in done.stderr, done.stderr[-3000:]
+    assert "method.retention_ratio=2" in done.stderr and "must be in (0, 1]" in done.stderr
+    assert not list((tmp_path / "results").rglob("record.json")), "no cell ran"
+
+
+def test_slurm_without_multirun_is_refused_instead_of_running_here(tmp_path):
+    done = hydra_run(tmp_path, "launcher=slurm", "benchmark.limit=2", full_error=False)
+    assert done.returncode != 0 and "add -m" in done.stderr, done.stderr[-2000:]
+    assert not list((tmp_path / "results").rglob("record.json"))

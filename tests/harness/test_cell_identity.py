@@ -102,8 +102,8 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
 
 
 def test_the_completion_check_is_repeated_under_the_lock(tmp_path, monkeypatch, capsys):
-    """Defect 5: a runner that saw the cell unfinished, then got the lock after another runner finished it,
-    must reuse it, not delete it and run it again."""
+    """A runner that saw the cell unfinished, then got the lock after another runner finished it, reuses it
+    instead of deleting it and running it again."""
     first, _ = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
     real = Cell.is_complete
     calls = []

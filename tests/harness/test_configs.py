@@ -108,14 +108,14 @@ def test_missing_checkpoint_and_missing_data_fail_preflight_with_a_fix(tmp_path,
         FileNotFoundError,
         match=r"llava-v1.6-vicuna-7b-hf.*not in the local Hugging Face cache.*random_init=true",
     ):
-        spec.preflight()
+        spec.check_environment()
     assert CellSpec.from_config(
         compose_eval("model=llava_next_7b", "model.random_init=true")
     ).model.random_init
     monkeypatch.setenv("GLOBALCOM2_DATA_DIR", str(tmp_path / "no-data"))
     spec = CellSpec.from_config(compose_eval("benchmark=pope"))
     with pytest.raises(ValueError, match=r"offline data for task 'pope_adv_local' is missing.*make data"):
-        spec.preflight()
+        spec.check_environment()
 
 
 def test_lite_subset_option():

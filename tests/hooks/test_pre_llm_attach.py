@@ -238,3 +238,20 @@ def test_model_that_is_not_llava_next_anyres(model):
             attach(model, "random", retention_ratio=0.5)
     finally:
         model.config.vision_feature_select_strategy = original
+
+
+def test_attach_refuses_a_missing_ratio_and_a_negative_seed_and_warns_about_an_empty_budget(model):
+    with pytest.raises(ValueError, match=r"compression method 'globalcom2' needs retention_ratio \(e\.g\."):
+        attach(model, "globalcom2")
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        attach(model, "random", retention_ratio=0.5, seed=-1)
+    with pytest.warns(UserWarning, match=r"retention_ratio=1e-06 keeps floor\(R \* N\) = 0"):
+        attach(model, "random", retention_ratio=1e-6).remove()
+
+
+def test_loading_onto_a_device_this_machine_lacks_is_a_clear_error():
+    from globalcom2.models.loader import load_llava_next
+
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=r"but this machine has"):
+        load_llava_next("tiny", device=missing)

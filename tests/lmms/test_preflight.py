@@ -104,7 +104,8 @@ def test_bad_model_args_are_refused(model_args, message, no_model_loading):
 
 
 def test_a_llava_15_checkpoint_is_refused_by_every_entry_point(tmp_path, capsys, monkeypatch):
-    """Defect 2: LLaVA-1.5 used to load into LlavaNextForConditionalGeneration with a random image_newline."""
+    """A LLaVA-1.5 checkpoint would load into LlavaNextForConditionalGeneration with a random image_newline;
+    every entry point refuses it from its config, before any weight."""
     from globalcom2.lmms.plugin import GlobalCom2LlavaNext
     from globalcom2.models.base import UnsupportedModelError
     from globalcom2.models.loader import load_llava_next
@@ -144,7 +145,8 @@ def test_the_plugin_checks_the_device_and_the_model_dependent_ranges_before_load
 
 
 def test_batch_size_in_model_args_wins_over_the_cli_default():
-    """Defect 3: lmms-eval passes --batch_size (default 1) next to model_args; that used to be a TypeError."""
+    """lmms-eval passes --batch_size (default 1) next to model_args; the model_args value wins, without a
+    clash of keyword arguments."""
     from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 
     lm = GlobalCom2LlavaNext.create_from_arg_string(
@@ -218,3 +220,61 @@ def test_a_cells_identity_names_the_data_it_reads(fixture_data, tmp_path, monkey
     source.write_text(json.dumps({**json.loads(source.read_text()), "kind": "hub", "revision": "abc"}))
     monkeypatch.setenv(DATA_DIR_ENV, str(copy))
     assert data_identity(["pope_adv_local"])["pope_adv_local"]["kind"] == "hub"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--limit", "2.7"],
+            "--limit 2.7: give an integer >= 1 (documents per task) or a fraction in (0, 1)",
+        ),
+        (["--limit", "-1"], "--limit -1: give an integer >= 1"),
+        (["--limit", "0"], "--limit 0: give an integer >= 1"),
+    ],
+)
+def test_the_cli_refuses_a_limit_that_is_neither_a_count_nor_a_fraction(tmp_path, capsys, extra, message):
+    argv = [
+        "--model",
+        "globalcom2_llava_next",
+        "--model_args",
+        "pretrained=tiny",
+        "--tasks",
+        "globalcom2_demo",
+    ]
+    assert cli.main([*argv, "--output_path", str(tmp_path / "out"), *extra]) == cli.EXIT_PREFLIGHT
+    assert message in capsys.readouterr().err
+
+
+def test_the_cli_names_an_unknown_model_and_a_malformed_model_args_in_one_line(
+    tmp_path, capsys, no_model_loading
+):
+    out = ["--tasks", "globalcom2_demo", "--output_path", str(tmp_path / "out")]
+    assert cli.main(["--model", "globalcom2_llava_nxt", *out]) == cli.EXIT_PREFLIGHT
+    err = capsys.readouterr().err
+    assert "unknown model 'globalcom2_llava_nxt'. Did you mean 'globalcom2_llava_next'" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (
+        cli.main(["--model", "globalcom2_llava_next", "--model_args", "pretrained", *out])
+        == cli.EXIT_PREFLIGHT
+    )
+    err = capsys.readouterr().err
+    assert "model_args: 'pretrained' is not key=value" in err and "Traceback" not in err
+    argv = ["--model", "globalcom2_llava_next", "--model_args", "pretrained=tiny,method=globalcom2", *out]
+    assert cli.main(argv) == cli.EXIT_PREFLIGHT
+    assert "method 'globalcom2' needs retention_ratio" in capsys.readouterr().err
+
+
+def test_the_cli_prints_the_warning_of_a_ratio_that_keeps_no_patch_token(tmp_path, capsys, monkeypatch):
+    def stop(*args, **kwargs):
+        raise SystemExit(0)  # after the pre-flight: no evaluation
+
+    monkeypatch.setattr("lmms_eval.__main__.cli_evaluate", stop)
+    argv = [
+        "--model",
+        "globalcom2_llava_next",
+        "--model_args",
+        "pretrained=tiny,method=random,retention_ratio=0.0001",
+    ]
+    cli.main([*argv, "--tasks", "globalcom2_demo", "--output_path", str(tmp_path / "out")])
+    assert "warning: retention_ratio=0.0001 keeps floor(R * N) = 0 patch tokens" in capsys.readouterr().err

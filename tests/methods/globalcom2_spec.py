@@ -1,4 +1,6 @@
-"""A literal, loop-based re-statement of GlobalCom² (../shared/reference/globalcom2.md §2.2-2.7).
+"""A literal, loop-based re-statement of GlobalCom² as xuyang-liu16/GlobalCom2 @ 96b2d00 computes it
+(``llava/model/llava_arch.py``: thumbnail top-k, crop budgets, unpadding, interpolation, holistic score,
+per-crop top-k, the reference layout).
 
 Deliberately slow and step-by-step, in the shape of the reference implementation (per-token loops,
 ``.item()`` sums, a slot grid, a canvas walk), so that it is an independent oracle for the vectorised
@@ -30,7 +32,7 @@ def spec_globalcom2(scores, image_size, pinpoints, ratio, temperature=10.0):
     n = nph * npw
     H, W = nph * SIDE, npw * SIDE
 
-    # §2.4 unpadding (transformers' arithmetic)
+    # unpadding (transformers' arithmetic)
     if w / h > W / H:
         nh = int(round(h * (W / w), 7))
         p = (H - nh) // 2
@@ -42,11 +44,11 @@ def spec_globalcom2(scores, image_size, pinpoints, ratio, temperature=10.0):
 
     thumb = [float(x) for x in scores[0].tolist()]
 
-    # §2.2 thumbnail top-k
+    # thumbnail top-k
     k0 = int(576 * ratio)
     thumb_order = sorted(range(576), key=lambda i: (-thumb[i], i))[:k0]
 
-    # §2.3 block sums, softmax, ratios
+    # block sums, softmax, ratios
     ph, pw = max(SIDE // nph, 1), max(SIDE // npw, 1)
     g = [0.0] * n
     for rr in range(SIDE):
@@ -60,7 +62,7 @@ def spec_globalcom2(scores, image_size, pinpoints, ratio, temperature=10.0):
     mean_sigma = sum(sigma) / n
     r = [min(1.0, ratio * (1.0 + s - mean_sigma)) for s in sigma]
 
-    # §2.4 valid rectangle of each crop
+    # valid rectangle of each crop
     rects = []
     for j in range(n):
         a, b = divmod(j, npw)
@@ -68,7 +70,7 @@ def spec_globalcom2(scores, image_size, pinpoints, ratio, temperature=10.0):
         left, right = max(b * SIDE, c0), min(b * SIDE + SIDE, c1)
         rects.append((top_row, max(bottom_row - top_row, 0), left, max(right - left, 0)))
 
-    # §2.5 interpolate onto the unpadded region and split by walking the crop grid
+    # interpolate onto the unpadded region and split by walking the crop grid
     stretched = F.interpolate(
         scores[0].float().view(1, 1, SIDE, SIDE),
         size=(r1 - r0, c1 - c0),
@@ -86,7 +88,7 @@ def spec_globalcom2(scores, image_size, pinpoints, ratio, temperature=10.0):
             col_offset += wj
         row_offset += rects[a * npw][1]
 
-    # §2.6 holistic score and per-crop top-k in the valid index space
+    # holistic score and per-crop top-k in the valid index space
     kept_valid, ks = [], []
     for j in range(n):
         top_row, hj, left, wj = rects[j]
@@ -103,7 +105,7 @@ def spec_globalcom2(scores, image_size, pinpoints, ratio, temperature=10.0):
         ks.append(kj)
         kept_valid.append(set(sorted(range(len(combined)), key=lambda i: (-combined[i], i))[:kj]))
 
-    # §2.7 reference layout: slot grid indexed by valid index, canvas walk, a separator per canvas row
+    # reference layout: slot grid indexed by valid index, canvas walk, a separator per canvas row
     reference = [("thumb", t) for t in thumb_order]
     for rr in range(H):
         for cc in range(W):

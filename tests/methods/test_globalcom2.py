@@ -33,7 +33,9 @@ ODD_SIZES = [(1000, 600), (600, 1000), (1001, 333), (500, 1500), (64, 64), (400,
 
 
 def vector_scores(num_crops: int) -> torch.Tensor:
-    """globalcom2.md §2.9 inputs: s^G_i = 3 sin(0.05 i) + 0.01 i, s^L_{j,i} = 2 cos(0.07 (j+1) i)."""
+    """Test-vector inputs: s^G_i = 3 sin(0.05 i) + 0.01 i, s^L_{j,i} = 2 cos(0.07 (j+1) i); the expected
+    outputs below come from the reference's own functions (xuyang-liu16/GlobalCom2 @ 96b2d00,
+    ``llava/model/llava_arch.py``) run unmodified on CPU in float32."""
     i = torch.arange(576, dtype=torch.float64)
     rows = [3 * torch.sin(0.05 * i) + 0.01 * i] + [
         2 * torch.cos(0.07 * (j + 1) * i) for j in range(num_crops)
@@ -47,7 +49,7 @@ def run(method: GlobalCom2, size, scores):
     return layout, method.select(torch.zeros(layout.num_tokens, 1), ctx)
 
 
-# --- §2.9 test vectors ------------------------------------------------------------------------------
+# --- reference test vectors ------------------------------------------------------------------------------
 
 
 def test_thumbnail_top5():
@@ -121,7 +123,7 @@ def test_vectorised_equals_spec_on_random_maps(size, ratio):
 
 
 def test_column_padded_reference_layout_is_scrambled_like_the_reference():
-    """§2.7: for a tall image the reference packs each crop's kept tokens by unpadded index, so its
+    """For a tall image the reference packs each crop's kept tokens by unpadded index, so its
     order differs from vanilla's raster order while the multiset of tokens is the same."""
     size = (1000, 600)  # (h, w): tall, columns padded on a 2x2 canvas
     layout = packed_layout(size, PINPOINTS)
@@ -172,7 +174,7 @@ def test_allocation_variants():
 
 @pytest.mark.parametrize("grid", [(2, 2), (1, 3), (5, 1), (3, 7)])
 def test_block_sums_follow_the_reference_partition(grid):
-    """Equal and uneven blocks (the last row/column of blocks absorbs the remainder, §2.3.6)."""
+    """Equal and uneven blocks (the last row/column of blocks absorbs the remainder, as in the reference)."""
     rows, cols = grid
     thumbnail = random_scores(0, 3)[0]
     expected = [0.0] * (rows * cols)

@@ -173,15 +173,96 @@ def test_of_two_identities_of_one_key_the_current_one_is_tabulated(tmp_path):
     )
     full = write_cell(root, "vanilla", 1.0, {"GQA": 61.0}, identity={"limit": None})
     key_dir = full.parent
-    for current, expected in ((None, 60.0), (full.name, 61.0)):  # no pointer: the latest finished
+    # no pointer: nobody can tell which is current, so neither is shown (not the newest in its place)
+    for current, expected, said in ((None, [], "no current file"), (full.name, [61.0], "superseded")):
         if current:
             (key_dir / CURRENT_FILE).write_text(current + "\n")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             frame = tidy_results(root)
         paper = frame[frame["kind"] == "paper"]
-        assert paper["value"].tolist() == [expected]
-        assert "superseded" in "\n".join(str(w.message) for w in caught)
+        assert paper["value"].tolist() == expected
+        assert said in "\n".join(str(w.message) for w in caught)
+
+
+CURRENT_DEFECTS = {
+    "truncated": lambda cell: (cell / "record.json").write_text('{"status": "comp'),
+    "empty": lambda cell: (cell / "record.json").write_text(""),
+    "wrong-typed field": lambda cell: _edit(cell, lambda r: r.update(metrics="0.5")),
+    "another cell's id": lambda cell: _edit(cell, lambda r: r["cell"].update(id="0123456789ab")),
+    "still running": lambda cell: _edit(cell, lambda r: r.update(status="running")),
+    "deleted": lambda cell: shutil.rmtree(cell),
+    "binary current file": lambda cell: (cell.parent / CURRENT_FILE).write_bytes(b"\xff\xfe\x00\x01"),
+}
+
+
+def _edit(cell: Path, change) -> None:
+    record = json.loads((cell / "record.json").read_text())
+    change(record)
+    (cell / "record.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("defect", list(CURRENT_DEFECTS))
+def test_a_key_whose_current_cell_is_unreadable_shows_no_row_never_another_cell(tmp_path, defect):
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, outputs=[[1]])
+    write_cell(root, "fastv", 0.25, {"GQA": 40.0}, identity={"alpha": 1}, outputs=[[1]])  # other settings
+    current = write_cell(root, "fastv", 0.25, {"GQA": 50.0}, identity={"alpha": 2}, outputs=[[1]])
+    (current.parent / CURRENT_FILE).write_text(current.name + "\n")
+    CURRENT_DEFECTS[defect](current)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = tidy_results(root)
+    assert set(frame["method"]) == {"vanilla"}, "the other fastv identity is never shown in its place"
+    message = "\n".join(str(w.message) for w in caught)
+    assert "no row for this key" in message and str(current.parent) in message
+
+
+def test_missing_per_sample_and_lmms_eval_files_are_named(tmp_path):
+    root = tmp_path / "results"
+    cell = write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, outputs=[[1], [2]])
+    _edit(cell, lambda r: r.update(samples={"samples": 3}, files={**r["files"], "results": "x/res.json"}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tidy_results(root)
+    message = "\n".join(str(w.message) for w in caught)
+    assert "sample_records.jsonl has 2 of its 3 sample records" in message
+    assert "lmms-eval's x/res.json is missing" in message
+    (cell / "sample_records.jsonl").write_text('{"task": "gqa_local", "doc_id": 0, "outp')  # cut off
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tidy_results(root)
+    assert "unreadable or truncated" in "\n".join(str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    ("arrange", "message"),
+    [
+        (lambda root: None, "does not exist: nothing to report"),
+        (
+            lambda root: (root / "t1").mkdir(parents=True),
+            "no finished cells under",
+        ),
+        (
+            lambda root: (
+                write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, experiment="other"),
+                (write_cell(root, "fastv", 0.25, {"GQA": 50.0}) / "record.json").write_text("{"),
+            ),
+            "no finished cells for experiment 't1'",
+        ),
+    ],
+)
+def test_the_report_cli_says_what_is_wrong_in_one_line_and_fails(tmp_path, arrange, message):
+    root = tmp_path / "results"
+    arrange(root)
+    done = subprocess.run(
+        [sys.executable, "-m", "globalcom2.report", str(root), "--experiment", "t1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
 
 
 def test_aggregation_gives_the_expected_tidy_rows_and_lists_what_it_skipped(tree):

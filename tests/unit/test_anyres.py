@@ -48,7 +48,7 @@ def test_layout_matches_hf_packing(tiny, size):
 
 @pytest.mark.parametrize(
     ("size", "tokens"),
-    # ../shared/reference/transformers_llava_next.md §1, measured table (W x H there, H x W here)
+    # counts transformers 5.23's LlavaNextProcessor gives these sizes (H x W), measured on the tiny model
     [
         ((336, 336), 1176),
         ((672, 672), 2928),
