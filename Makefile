@@ -28,7 +28,8 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: help install test test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
-	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize cls-share train-tiny wandb-sync bench-efficiency
+	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize cls-share train-tiny wandb-sync bench-efficiency \
+	gpu-checklist
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -116,6 +117,11 @@ efficiency: install  ## efficiency benchmark (Tables 8/9 protocol); ARGS="model=
 
 sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=tiny benchmark=pope"
 	$(RUN) sweep=methods_x_ratios $(RUN_ARGS)
+
+# On a lent GPU machine (no make install there: PYTHONPATH=. and carried wheels), in order of value, with a
+# time budget; every step's files land in $(OUT) (default gpu_checklist_out/) as soon as it ends.
+gpu-checklist:  ## the GPU measurements in one command: 7B/13B efficiency tables, GPU tests, selection time
+	PYTHONPATH=. $(PYTHON) -m globalcom2.perf.gpu_checklist $(if $(OUT),--out $(OUT),) $(ARGS)
 
 bench-efficiency: install  ## stage-resolved efficiency of every method, interleaved per image (tiny, CPU; ARGS="--random-init 7b --device cuda --compile" on a GPU)
 	$(PY) -m globalcom2.perf.efficiency $(ARGS)

@@ -1,0 +1,40 @@
+"""``make gpu-checklist``: the steps run in order, each within its limit and the budget, and every step's
+files reach the output folder even when a step fails."""
+
+from __future__ import annotations
+
+import sys
+
+from globalcom2.perf import gpu_checklist
+from globalcom2.perf.gpu_checklist import Step, main
+
+
+def test_dry_run_lists_the_steps_in_order_of_value(capsys):
+    assert main(["--dry-run"]) == 0
+    names = [line.split(" ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["efficiency_7b", "gpu_tests", "selection", "efficiency_13b"]
+
+
+def test_a_failing_step_does_not_stop_the_next_and_outputs_are_copied(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "table.md").write_text("| a |")
+    monkeypatch.setattr(gpu_checklist, "RESULTS", results)
+    plan = [
+        Step("fails", [sys.executable, "-c", "raise SystemExit(3)"], 30),
+        Step("writes", [sys.executable, "-c", "print('measured')"], 30, ("table.md",)),
+        Step("slow", [sys.executable, "-c", "import time; time.sleep(5)"], 1),
+    ]
+    monkeypatch.setattr(gpu_checklist, "steps", lambda images: plan)
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--budget-s", "600"]) == 1
+    log = (out / "checklist.log").read_text()
+    assert "===== fails" in log and "measured" in log and "===== slow" in log
+    assert (out / "table.md").read_text() == "| a |"
+    assert sorted(p.name for p in out.iterdir()) == ["checklist.log", "table.md"]
+
+
+def test_no_step_starts_without_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_checklist, "steps", lambda images: [Step("x", [sys.executable, "-c", "1"], 30)])
+    assert main(["--out", str(tmp_path), "--budget-s", "10"]) == 0
+    assert "[skip] x" in capsys.readouterr().out
