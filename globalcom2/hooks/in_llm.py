@@ -162,7 +162,8 @@ class InLLMAdapter:
         finally:
             self._run = None
         if isinstance(run, _Prefill) and run.started:  # reached only when the forward succeeded
-            stats, state = run.finish()
+            with stage_section("compression"):
+                stats, state = run.finish()
             self.stats.extend(stats)
             if run.cache is not None:
                 if state is None:
@@ -215,18 +216,20 @@ def _with_hidden(args: tuple, kwargs: dict, hidden_states: torch.Tensor) -> tupl
 
 def _image_rows(visual_per_row: list[int], image_lengths: tuple[int, ...]) -> tuple[int, ...]:
     """The batch row of each image, from each row's visual positions and the images' lengths (images fill
-    the rows in scatter order)."""
+    the rows in scatter order; an image a pre-LLM method reduced to no token joins the row being filled)."""
     rows, image = [], 0
     for row, visual in enumerate(visual_per_row):
-        while visual > 0:
-            if image >= len(image_lengths) or image_lengths[image] > visual:
-                raise RuntimeError(
-                    "the visual positions of the prompt do not match the image features' lengths "
-                    f"{list(image_lengths)} (per row: {visual_per_row})"
-                )
+        while image < len(image_lengths) and image_lengths[image] <= visual:
+            if image_lengths[image] == 0 and visual == 0 and row + 1 < len(visual_per_row):
+                break  # an empty image between rows: the next row takes it
             visual -= image_lengths[image]
             rows.append(row)
             image += 1
+        if visual:
+            raise RuntimeError(
+                "the visual positions of the prompt do not match the image features' lengths "
+                f"{list(image_lengths)} (per row: {visual_per_row})"
+            )
     if image != len(image_lengths):
         raise RuntimeError(
             f"{len(image_lengths)} images but the prompt has visual positions for {image} (per row: {visual_per_row})"
@@ -580,10 +583,17 @@ class _Decode:
                 )
         else:
             tail = torch.ones(batch, tail_length, dtype=torch.bool, device=hidden.device)
-        # Without padding in the prompt (known since the prefill), generate's mask is all ones: the model's
-        # own fast path applies. With padding, the mask is built from the stage's cached rows.
+        # Without padding in the prompt (known since the prefill), the model's own fast path applies: no mask.
+        # That holds while the generated part of the mask is all ones, as generate builds it; a caller's zero
+        # there is refused on the device instead of being silently ignored by the pruned layers.
         padded = stage.padded or self.state.prompt_padded
         key_valid = torch.cat([stage.valid, tail], dim=1) if padded else None
+        if not padded:
+            torch._assert_async(
+                tail.all(),
+                "decoding after in-LLM compression of an unpadded prompt needs the generated part of the "
+                "attention mask to be all ones (as generate builds it)",
+            )
         substitute: dict[str, Any] = {"attention_mask": self.adapter.layer_mask(hidden, kv_length, key_valid)}
         if stage.position_shift is not None:
             positions = kwargs["position_ids"].expand(batch, query_length) - stage.position_shift[:, None]

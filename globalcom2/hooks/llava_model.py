@@ -252,27 +252,34 @@ class _CompressingMixin:
         if adapter.in_llm is None:
             yield
             return
-        visual_index = separator = None
-        lengths: tuple[int, ...] = ()
-        if image_output is not None:
-            if input_ids is None:
-                raise NotImplementedError(
-                    f"{adapter.in_llm.method.name!r} needs input_ids to find the visual tokens; "
-                    "inputs_embeds with images is not supported"
-                )
-            lengths = tuple(feats.shape[0] for feats in image_output.pooler_output)  # shapes: host-known
-            visual_index, visual_offset = visual_index_map(
-                input_ids, self.config.image_token_id, list(lengths)
-            )
-            if adapter.in_llm.method.budget_basis == "patches":
-                separator = separator_map(
-                    self.image_newline, image_output.pooler_output, visual_index, visual_offset
-                )
+        with stage_section("compression"):
+            visual_index, separator, lengths = self._visual_maps(adapter, input_ids, image_output)
         context = PromptContext(
             input_ids, visual_index, attention_mask, position_ids, past_key_values, separator, lengths
         )
         with adapter.in_llm.active(context):
             yield
+
+    def _visual_maps(
+        self, adapter: ModelAdapter, input_ids: torch.Tensor | None, image_output: Any
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
+        """Where the prompt's visual positions are (and its row separators, for a ``"patches"`` budget), with
+        each image's length read from its features' shape (host-known)."""
+        if image_output is None:
+            return None, None, ()
+        if input_ids is None:
+            raise NotImplementedError(
+                f"{adapter.in_llm.method.name!r} needs input_ids to find the visual tokens; "
+                "inputs_embeds with images is not supported"
+            )
+        lengths = tuple(feats.shape[0] for feats in image_output.pooler_output)
+        visual_index, visual_offset = visual_index_map(input_ids, self.config.image_token_id, list(lengths))
+        separator = None
+        if adapter.in_llm.method.budget_basis == "patches":
+            separator = separator_map(
+                self.image_newline, image_output.pooler_output, visual_index, visual_offset
+            )
+        return visual_index, separator, lengths
 
 
 _SUBCLASSES: dict[type, type] = {}

@@ -19,9 +19,7 @@ def masked_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     once on CPU, a device-side assert on CUDA), never by waiting for it.
     """
     slot = mask.long().cumsum(0) - 1  # [N] output slot of each True entry
-    torch._assert_async(
-        slot[-1:].sum() + 1 == count, f"masked_positions: the mask does not have {count} entries"
-    )
+    torch._assert_async(mask.sum() == count, f"masked_positions: the mask does not have {count} entries")
     slot = torch.where(mask, slot, count)  # False entries go to a scratch slot past the end
     out = torch.full((count + 1,), -1, dtype=torch.long, device=mask.device)
     out.scatter_(0, slot, torch.arange(mask.numel(), device=mask.device))

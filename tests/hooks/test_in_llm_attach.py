@@ -12,6 +12,7 @@ from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2 import attach
 from globalcom2.anyres import packed_layout, unpad_rounding
+from globalcom2.methods.base import PreLLMMethod
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.methods.sparsevlm import default_prune_layers
 from globalcom2.models.loader import load_tiny_llava_next
@@ -638,3 +639,47 @@ def test_separators_are_found_per_row_in_a_mixed_batch(processor, images, dtype)
 def model_in(dtype: torch.dtype) -> LlavaNextForConditionalGeneration:
     model, _ = load_tiny_llava_next(seed=0, dtype=dtype)
     return model
+
+
+def test_an_image_a_pre_llm_method_empties_still_gets_its_batch_row(model, processor, images):
+    """A pre-LLM method may keep no token of an image (a custom one can; the built-in ones keep the
+    separators): the in-LLM stage then assigns that image to a batch row from the host counts alone."""
+
+    class DropSmall(PreLLMMethod):
+        name = "drop_small"
+
+        def select(self, features, ctx):  # every token of a 336x336 image goes, the others stay whole
+            return torch.zeros(0, dtype=torch.long) if ctx.layout.image_size == (336, 336) else None
+
+        def separators_kept(self, layout, source):
+            return 0
+
+    processor.tokenizer.padding_side = "left"
+    rows = [[images[(800, 600)], images[(336, 336)]], []]
+    text = [vicuna_v1_prompt("Describe it.", num_images=len(r)) for r in rows]
+    batch = processor(images=[i for r in rows for i in r], text=text, return_tensors="pt", padding=True)
+    with attach(model, DropSmall(retention_ratio=0.5)), attach(model, "fastv", retention_ratio=0.5) as fastv:
+        with torch.no_grad():
+            model(**batch)
+        first, text_only = fastv.stats[-2:]
+    assert first.visual_tokens_before > 0 and text_only.visual_tokens_before == 0
+
+
+def test_a_zero_in_the_generated_part_of_the_mask_is_refused_not_ignored(model, processor, images):
+    """Without padding the pruned layers use the fast path (no mask), which holds for generate's masks (ones
+    after the prompt); a caller's zero there would be ignored by those layers, so it is refused."""
+    from transformers import DynamicCache
+
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    length = inputs["input_ids"].shape[1]
+    with attach(model, "fastv", retention_ratio=0.5), torch.no_grad():
+        cache = DynamicCache(config=model.config.text_config)
+        model(**inputs, past_key_values=cache, use_cache=True)
+        step = {"past_key_values": cache, "use_cache": True}
+        model(
+            input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, length + 1, dtype=torch.long), **step
+        )
+        mask = torch.ones(1, length + 2, dtype=torch.long)
+        mask[0, length] = 0
+        with pytest.raises(RuntimeError, match="generated part of the attention mask to be all ones"):
+            model(input_ids=torch.tensor([[7]]), attention_mask=mask, **step)

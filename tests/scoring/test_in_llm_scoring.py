@@ -73,6 +73,9 @@ def test_masked_positions_equals_nonzero_and_refuses_a_short_count():
     count = int(mask.sum())
     assert torch.equal(masked_positions(mask, count), mask.nonzero().squeeze(1))
     assert masked_positions(torch.zeros(4, dtype=torch.bool), 0).numel() == 0
+    assert masked_positions(torch.zeros(0, dtype=torch.bool), 0).numel() == 0  # an empty mask
+    with pytest.raises(RuntimeError, match="does not have 1 entries"):
+        masked_positions(torch.zeros(0, dtype=torch.bool), 1)
     for wrong in (count - 1, count + 1):  # never a silent cut or an unfilled slot
         with pytest.raises(RuntimeError, match=f"does not have {wrong} entries"):
             masked_positions(mask, wrong)
