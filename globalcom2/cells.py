@@ -161,7 +161,7 @@ class CellSpec:
             retention_ratio=method_cfg.get("retention_ratio"),
             method_params=method_cfg.get("params") or {},
             dtype=model_cfg.get("dtype", "auto"),
-            device=str(model_cfg.get("device", "cpu")),
+            device=None if model_cfg.get("device", "cpu") is None else str(model_cfg.get("device", "cpu")),
             attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
             random_init=model_cfg.get("random_init", False),
             compile=plain.get("compile", False),
@@ -172,10 +172,10 @@ class CellSpec:
             method_label=method_cfg.get("label"),
             keys=HYDRA_KEYS,
         )
-        bench_name, tasks = bench_cfg["name"], tuple(bench_cfg["tasks"])
+        bench_name, tasks = bench_cfg["name"], _task_list(bench_cfg.get("tasks"), "benchmark.tasks")
         columns = tuple(bench_cfg.get("columns") or ())
         if _flag(bench_cfg.get("lite", False), "benchmark.lite"):
-            tasks = tuple(bench_cfg.get("lite_tasks") or ())
+            tasks = _task_list(bench_cfg.get("lite_tasks") or [], "benchmark.lite_tasks")
             if not tasks:
                 raise ValueError(
                     f"benchmark {bench_name!r} has no LMMs-Eval-Lite subset; lite exists for vqav2, gqa, "
@@ -232,13 +232,25 @@ class CellSpec:
         identity["identity_version"] = IDENTITY_VERSION
         return identity
 
-    def check_environment(self) -> None:
+    def check_environment(self, memo: dict[Any, Any] | None = None) -> None:
         """Checks that touch the disk (tasks and their data, the checkpoint, the device, the compile
-        backend); still loads no weight. One error lists every problem."""
-        from globalcom2.lmms.preflight import check_tasks
+        backend); still loads no weight. One error lists every problem. ``memo``: shared by the cells of a
+        sweep, so that each benchmark's tasks and each model are checked once."""
+        from globalcom2.lmms.preflight import PreflightError, check_tasks
 
-        check_tasks(list(self.benchmark.tasks))
-        problems = run_problems(self.run_spec(), num_processes=self.launcher.num_processes)
+        memo = {} if memo is None else memo
+        tasks_key = ("tasks", self.benchmark.tasks)
+        if tasks_key not in memo:
+            try:
+                check_tasks(list(self.benchmark.tasks))
+                memo[tasks_key] = None
+            except PreflightError as err:
+                memo[tasks_key] = err
+        if memo[tasks_key] is not None:
+            raise memo[tasks_key]
+        problems = run_problems(
+            self.run_spec(), num_processes=self.launcher.num_processes, keys=HYDRA_KEYS, memo=memo
+        )
         if problems:
             kind = (
                 FileNotFoundError if any(isinstance(p, FileNotFoundError) for p in problems) else ValueError
@@ -289,6 +301,18 @@ def config_int(value: Any, key: str, *, minimum: int, meaning: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{key} must be {valid}, got {value!r}")
     return value
+
+
+def _task_list(value: Any, key: str) -> tuple[str, ...]:
+    """Task names: a list of strings (one string is one task), or ``ValueError`` naming the key."""
+    if value == "???" or value is None:
+        raise ValueError(f"{key} is not set: choose a benchmark (e.g. benchmark=demo) or list tasks=[...]")
+    tasks = [value] if isinstance(value, str) else value
+    if not isinstance(tasks, (list, tuple)) or not all(
+        isinstance(t, str) and t and t != "???" for t in tasks
+    ):
+        raise ValueError(f"{key} must be a list of task names, e.g. [globalcom2_demo], got {value!r}")
+    return tuple(tasks)
 
 
 def _flag(value: Any, key: str) -> bool:

@@ -333,17 +333,18 @@ def check_launch_mode(cfg: DictConfig) -> None:
         )
 
 
-def sweep_jobs(config: DictConfig) -> list[list[str]]:
+def sweep_jobs(config: DictConfig, config_loader: Any) -> list[list[str]]:
     """The overrides of every job a sweep launches, expanded as Hydra's basic sweeper does: the config's
-    ``hydra.sweeper.params``, then the command line, a Cartesian product over the swept keys."""
+    ``hydra.sweeper.params``, then the command line, a Cartesian product over the swept keys (glob and range
+    sweeps included, resolved by the running app's config loader)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = config.hydra.sweeper.get("params") or {}
     arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
     choices: dict[str, list[str]] = {}
-    for override in OverridesParser.create().parse_overrides(arguments):
+    for override in OverridesParser.create(config_loader=config_loader).parse_overrides(arguments):
         key = override.get_key_element()
-        if override.is_sweep_override() and override.is_discrete_sweep():
+        if override.is_sweep_override():
             choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
             choices[key] = [f"{key}={override.get_value_element_as_str()}"]
@@ -351,40 +352,68 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
 
 
 def sweep_problems(config: DictConfig) -> list[str]:
-    """One line per job of the sweep that would be refused (its value checks and its pre-flight), before
-    any job runs; every distinct benchmark, model and method is pre-flighted once."""
-    from hydra import compose
+    """What would be refused in the sweep, before any job runs: each job's config composed as its launcher
+    will compose it (the running app's config loader: its primary config, search path and overrides), its
+    values checked, and every distinct benchmark and model checked once on the disk. One line per distinct
+    problem, with the jobs it concerns."""
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
 
-    problems, checked = [], set()
-    for overrides in sweep_jobs(config):
+    loader = GlobalHydra.instance().config_loader()
+    problems: dict[str, list[str]] = {}
+    memo: dict[Any, Any] = {}
+    for overrides in sweep_jobs(config, loader):
         try:
-            cfg = compose(config_name="eval", overrides=overrides)
+            cfg = loader.load_sweep_config(config, list(overrides))
+            with open_dict(cfg):
+                cfg.pop("hydra", None)  # the task function never sees it either
             check_logger(cfg.logger)
-            spec = CellSpec.from_config(cfg)
-            key = repr((spec.benchmark.tasks, spec.model, spec.method, spec.launcher.num_processes))
-            if key not in checked:
-                checked.add(key)
-                spec.check_environment()
+            CellSpec.from_config(cfg).check_environment(memo)
         except INPUT_ERRORS as err:
-            problems.append(f"{' '.join(overrides) or '(the defaults)'}: {_message(err)}")
-    return problems
+            problems.setdefault(_message(err), []).append(" ".join(overrides) or "(the defaults)")
+    lines = []
+    for message, jobs in problems.items():
+        where = jobs[0] if len(jobs) == 1 else f"{len(jobs)} cells, e.g. {jobs[0]}"
+        lines.append(f"{message}  [{where}]")
+    return lines
 
 
-class SweepCheck(Callback):
-    """A Hydra callback (``configs/hydra/default.yaml``): before the first cell of a multirun starts, every
-    cell of it is checked, so a bad value in the fourth cell does not surface after three have run."""
+class PreRunChecks(Callback):
+    """Hydra callbacks (``configs/hydra/default.yaml``) that run before Hydra creates any folder or starts
+    any job: the results folder must be writable; every cell of a multirun is checked before the first one
+    starts, so a bad value in the fourth cell does not surface after three have run. They end the process
+    (``SystemExit``) rather than raise: Hydra turns a callback's exceptions into warnings and goes on."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_if_unwritable(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_if_unwritable(config)
         if config.get("dry_run"):
+            if config.launcher.name == "slurm":
+                raise SystemExit(
+                    "dry_run=true with launcher=slurm would submit Slurm jobs; drop launcher=slurm to list the cells"
+                )
             return  # a dry run lists every cell and what would fail, cell by cell
         export_paths(config)
-        problems = sweep_problems(config)
+        try:
+            problems = sweep_problems(config)
+        except Exception as err:  # the check itself failed: never start a sweep that was not checked
+            raise SystemExit(
+                f"the sweep was not started: its cells could not be checked ({type(err).__name__}: {err}); "
+                "dry_run=true lists them cell by cell"
+            ) from err
         if problems:
             listing = "\n".join(f"  - {p}" for p in problems)
-            # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings and goes on
-            raise SystemExit(
-                f"the sweep was not started: {len(problems)} of its cells would be refused:\n{listing}"
-            )
+            raise SystemExit(f"the sweep was not started: some of its cells would be refused:\n{listing}")
+
+
+def _exit_if_unwritable(config: DictConfig) -> None:
+    problem = writable_problem(Path(config.paths.results_dir))
+    if problem:
+        raise SystemExit(
+            f"paths.results_dir: {problem}; set paths.results_dir (or GLOBALCOM2_RESULTS) to a writable folder"
+        )
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")

@@ -20,7 +20,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -35,7 +35,7 @@ from globalcom2.methods.params import (
 )
 from globalcom2.models.base import DTYPE_CHOICES
 from globalcom2.models.compiled import COMPILE_MODES, compile_problem, resolve_compile
-from globalcom2.models.preload import model_problems
+from globalcom2.models.preload import checkpoint_config, model_problems
 from globalcom2.protocol.generation import GenerationSettings, parse_gen_kwargs, parse_key_values
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL, budget_method_params, check_protocol
 
@@ -52,6 +52,7 @@ HYDRA_KEYS: dict[str, str] = {
     "batch_size": "benchmark.batch_size",
     "protocol": "benchmark.protocol",
     "generation_overrides": "benchmark.gen_kwargs",
+    "method_params": "method.params.",  # a prefix: method.params.<name>
 }
 
 
@@ -114,13 +115,15 @@ class RunSpec:
         """The spec of an lmms-eval ``model_args`` mapping: the plugin's keys (:data:`MODEL_ARG_KEYS`), every
         other key a parameter of the method (converted to the type its ``__init__`` declares)."""
         own = {k: v for k, v in args.items() if k in MODEL_ARG_KEYS}
-        if own.get("batch_size") == "auto" or own.get("max_batch_size") is not None:
-            raise ValueError("automatic batch sizes are not supported: pass an integer batch_size >= 1")
-        own.pop("max_batch_size", None)
+        if own.pop("max_batch_size", None) is not None:
+            raise ValueError(
+                "max_batch_size: automatic batch sizes are not supported; pass an integer batch_size >= 1"
+            )
         if not own.get("pretrained"):
             raise ValueError("model_args needs pretrained=<hub id | folder | tiny>")
         params = {k: v for k, v in args.items() if k not in MODEL_ARG_KEYS}
-        return parse_run(**own, method_params=params)
+        # one run, not a sweep: a ratio for a method that takes none (vanilla) is a mistake, not a grid point
+        return parse_run(**own, method_params=params, ratio_without_budget="refuse")
 
 
 #: The ``model_args`` keys that are the plugin's own (all others are method parameters).
@@ -176,11 +179,14 @@ def parse_run(
     model_name: str = "",
     method_label: str | None = None,
     keys: Mapping[str, str] | None = None,
+    ratio_without_budget: Literal["ignore", "refuse"] = "ignore",
 ) -> RunSpec:
     """Check every value once and build the spec (the method included). Nothing touches the disk.
 
     Args:
         keys: how the caller spells each key in messages (:data:`HYDRA_KEYS`); default: the parameter name.
+        ratio_without_budget: what a ratio other than 1 means for a method that takes none (``vanilla``):
+            ``"ignore"`` in a sweep (every ratio of it is vanilla's one r1.0 cell), ``"refuse"`` for one run.
 
     Raises:
         ValueError/TypeError: the first bad value, named as the caller spells it, with what is valid.
@@ -191,6 +197,10 @@ def parse_run(
         return keys.get(name, name)
 
     def integer(value: Any, name: str, minimum: int) -> int:
+        if value == "auto":
+            raise ValueError(
+                f"{key(name)}=auto: automatic batch sizes are not supported; give an integer >= {minimum}"
+            )
         try:
             number = coerce(value, int, key(name))
         except ValueError:
@@ -199,20 +209,37 @@ def parse_run(
             raise ValueError(f"{key(name)} must be an integer >= {minimum}, got {number!r}")
         return number
 
+    if pretrained is None or str(pretrained) in ("", "???"):
+        raise ValueError(
+            f"{key('pretrained')} is not set: give a hub id, a checkpoint folder, tiny or tiny-trained"
+        )
     protocol = check_protocol(protocol)
     name = str(method)
-    METHODS.get(name)  # an unknown method lists the registered ones
-    if budget_kwargs(name, 1.0):
-        if retention_ratio is None:
+    budgeted = METHODS.get(name).has_budget  # an unknown method lists the registered ones
+    if retention_ratio is None:
+        if budgeted:
             raise ValueError(f"method {name!r} needs {key('retention_ratio')} (the kept fraction, in (0, 1])")
+        ratio = 1.0
+    else:
         ratio = validate_retention_ratio(
             coerce(retention_ratio, float, key("retention_ratio")), name=key("retention_ratio")
         )
-    else:
-        ratio = 1.0  # no budget (vanilla): every ratio of a sweep is its one r1.0 cell
-    params = budget_method_params(protocol, name, coerce_method_params(name, dict(method_params or {})))
+        if not budgeted:
+            if ratio != 1.0 and ratio_without_budget == "refuse":
+                raise ValueError(
+                    f"method {name!r} keeps every token, so {key('retention_ratio')} must be 1.0 or absent, got "
+                    f"{retention_ratio!r}; use {', '.join(n for n in METHODS.names() if METHODS.get(n).has_budget)} "
+                    "to compress"
+                )
+            ratio = 1.0  # no budget (vanilla): every ratio of a sweep is its one r1.0 cell
+    prefix = keys.get("method_params", "")  # "method.params." in Hydra, nothing in model_args
+    params = coerce_method_params(name, dict(method_params or {}), spell=lambda param: prefix + param)
+    params = budget_method_params(protocol, name, params)
     method_spec = MethodSpec(name=name, label=method_label or name, retention_ratio=ratio, params=params)
-    method_spec.built  # noqa: B018  (out-of-range parameters raise here, without a model)
+    try:
+        method_spec.built  # noqa: B018  (out-of-range parameters raise here, without a model)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"method {name!r}: {err}") from None
     attn = parse_attn_implementation(attn_implementation)
     check_attn_compatibility(name, attn)
 
@@ -255,22 +282,45 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_problems(spec: RunSpec, *, num_processes: int = 1) -> list[Exception]:
+def run_problems(
+    spec: RunSpec,
+    *,
+    num_processes: int = 1,
+    keys: Mapping[str, str] | None = None,
+    memo: dict[Any, Any] | None = None,
+) -> list[Exception]:
     """What the disk and this machine show to be wrong with ``spec`` before any weight loads: the device, the
     checkpoint (present, LLaVA-NeXT AnyRes, with weights), the method against the checkpoint's config, the
-    compile backend. Empty when it can run."""
+    compile backend. Empty when it can run.
+
+    Args:
+        keys: how the caller spells the keys (:data:`HYDRA_KEYS`).
+        memo: shared by the checks of many specs (a sweep): each model is checked, and its config read, once.
+    """
     model = spec.model
-    problems = model_problems(
-        model.pretrained,
-        random_init=model.random_init,
-        device=model.device,
-        method=spec.method.built,
-        num_processes=num_processes,
-    )
-    if model.compile is not None:
-        problem = compile_problem(model.device or default_device(), model.compile)
-        if problem:
-            problems.append(RuntimeError(f"compile={model.compile}: {problem}"))
+    memo = {} if memo is None else memo
+    key = repr((model, num_processes))  # a spec may hold a mapping (attn_implementation): not hashable
+    if key not in memo:
+        problems: list[Exception] = model_problems(
+            None, device=model.device, num_processes=num_processes, keys=keys
+        )  # the device alone
+        config = None
+        try:
+            config = checkpoint_config(model.pretrained, random_init=model.random_init, keys=keys)
+        except (FileNotFoundError, TypeError, ValueError) as err:
+            problems.append(err)
+        if model.compile is not None:
+            problem = compile_problem(model.device or default_device(), model.compile)
+            if problem:
+                problems.append(RuntimeError(f"compile={model.compile}: {problem}"))
+        memo[key] = (problems, config)
+    problems, config = memo[key]
+    problems = list(problems)
+    if config is not None:
+        try:
+            spec.method.built.check_model_config(config)  # layer indices against the model's depths
+        except (TypeError, ValueError) as err:
+            problems.append(err)
     return problems
 
 

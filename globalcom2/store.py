@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -241,15 +242,20 @@ def _remove(entry: Path) -> None:
 
 
 def writable_problem(root: Path) -> str | None:
-    """Why cells cannot be written under ``root`` (its nearest existing folder is not writable, or is a
-    file), or ``None``: checked before a cell runs, so that it fails in one line rather than after loading."""
+    """Why cells cannot be written under ``root``, or ``None``: its nearest existing folder must take a new
+    file (tried, then removed; nothing else is created). Checked before a cell runs, so that it fails in one
+    line rather than after loading."""
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    verb = "written" if existing == root else "created"
     if not existing.is_dir():
-        return f"{existing} is not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{root} cannot be created or written ({existing} is not writable by this user)"
+        return f"{root} cannot be {verb} ({existing} is not a folder)"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return f"{root} cannot be {verb} ({existing}: {err.strerror or err})"
     return None
 
 

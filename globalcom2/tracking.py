@@ -33,7 +33,7 @@ def cell_summary(record: CellRecord) -> dict[str, float]:
 
 
 LOGGERS = ("none", "wandb")
-WANDB_MODES = ("offline", "online", "disabled")
+WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")  # wandb 0.25's Settings.mode
 
 
 def check_logger(logger: Any) -> None:

@@ -14,6 +14,7 @@ import inspect
 import json
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, Union
 
 from globalcom2.methods import METHODS
@@ -32,8 +33,13 @@ def method_parameters(method: str) -> dict[str, inspect.Parameter]:
     }
 
 
-def coerce_method_params(method: str, raw: dict[str, Any]) -> dict[str, Any]:
+def coerce_method_params(
+    method: str, raw: dict[str, Any], spell: Callable[[str], str] | None = None
+) -> dict[str, Any]:
     """Convert ``raw`` (values from a command line) to the types ``method``'s ``__init__`` declares.
+
+    Args:
+        spell: how the caller spells a parameter in messages (``method.params.K`` in Hydra); default: its name.
 
     Raises:
         ValueError: unknown method, unknown parameter (the accepted ones are listed), or a value that
@@ -48,7 +54,8 @@ def coerce_method_params(method: str, raw: dict[str, Any]) -> dict[str, Any]:
             f"Its parameters: {', '.join(params) or '(none)'}."
         )
     hints = typing.get_type_hints(cls.__init__)
-    return {name: coerce(value, hints.get(name, Any), f"{method}.{name}") for name, value in raw.items()}
+    spell = spell or (lambda name: name)
+    return {name: coerce(value, hints.get(name, Any), spell(name)) for name, value in raw.items()}
 
 
 def budget_kwargs(method: str, retention_ratio: float) -> dict[str, Any]:
@@ -85,7 +92,16 @@ def parse_attn_implementation(value: Any) -> str | dict[str, str]:
         raise TypeError(f"attn_implementation must be a string or a mapping, got {value!r}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()):
         raise TypeError(f"attn_implementation mapping must map sub-config names to strings, got {parsed!r}")
+    unknown = sorted(set(parsed) - set(ATTENTION_SUB_CONFIGS))
+    if unknown:
+        raise ValueError(
+            f"attn_implementation names sub-configs {unknown}; LLaVA-NeXT's are {', '.join(ATTENTION_SUB_CONFIGS)}"
+        )
     return dict(parsed)
+
+
+#: The sub-configs of LLaVA-NeXT an ``attn_implementation`` mapping may name.
+ATTENTION_SUB_CONFIGS = ("text_config", "vision_config")
 
 
 def coerce(value: Any, annotation: Any, name: str) -> Any:

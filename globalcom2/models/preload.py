@@ -16,6 +16,7 @@ offline switches that ``make data`` shares.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ def named_checkpoint(name: str) -> Path | None:
     return CHECKPOINT_DIR
 
 
-def checkpoint_config(pretrained: str | Path, *, random_init: bool = False) -> LlavaNextConfig:
+def checkpoint_config(
+    pretrained: str | Path, *, random_init: bool = False, keys: Mapping[str, str] | None = None
+) -> LlavaNextConfig:
     """The config of the checkpoint ``pretrained`` names, read without loading any weight.
 
     Args:
@@ -67,7 +70,7 @@ def checkpoint_config(pretrained: str | Path, *, random_init: bool = False) -> L
     if tiny_seed(name) is not None:
         return tiny_config(byte_level_tokenizer())
     named = named_checkpoint(name)
-    config_file = named / "config.json" if named is not None else _config_file(name)
+    config_file = named / "config.json" if named is not None else _config_file(name, keys or {})
     raw = json.loads(config_file.read_text(encoding="utf-8"))
     check_config_type(raw, name)
     config = LlavaNextConfig.from_dict(raw)
@@ -89,13 +92,14 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
-def _config_file(name: str) -> Path:
+def _config_file(name: str, keys: Mapping[str, str]) -> Path:
     """``config.json`` of a local folder or a hub checkpoint (cache first; the hub only when online)."""
+    pretrained, random_init = keys.get("pretrained", "pretrained"), keys.get("random_init", "random_init")
     path = Path(name).expanduser()
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
         if not path.is_dir():
             raise FileNotFoundError(
-                f"model.pretrained={name!r}: no such checkpoint folder. Pass an existing folder, a hub id "
+                f"{pretrained}={name!r}: no such checkpoint folder. Pass an existing folder, a hub id "
                 f"(e.g. {SUPPORTED_CHECKPOINTS[0]}) or 'tiny'."
             )
         if not (path / "config.json").is_file():
@@ -109,7 +113,7 @@ def _config_file(name: str) -> Path:
         validate_repo_id(name)
     except HFValidationError as err:
         raise ValueError(
-            f"model.pretrained={name!r} is neither an existing folder nor a hub id (owner/name): {err}"
+            f"{pretrained}={name!r} is neither an existing folder nor a hub id (owner/name): {err}"
         ) from None
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
@@ -118,7 +122,7 @@ def _config_file(name: str) -> Path:
         raise FileNotFoundError(
             f"checkpoint {name!r} is not in the local Hugging Face cache and the hub is offline "
             f"(HF_HUB_OFFLINE). Download it first (`hf download {name}` with network access), point "
-            "model.pretrained at a local folder, or set model.random_init=true to measure speed and memory "
+            f"{pretrained} at a local folder, or set {random_init}=true to measure speed and memory "
             "with random weights."
         )
     try:
@@ -127,8 +131,9 @@ def _config_file(name: str) -> Path:
         raise FileNotFoundError(f"cannot read config.json of {name!r} from the hub: {err}") from err
 
 
-def check_device(device: str | torch.device | None) -> torch.device | None:
-    """``device`` as a ``torch.device`` that exists on this machine (``None`` stays ``None``: automatic).
+def check_device(device: str | torch.device | None, key: str = "device") -> torch.device | None:
+    """``device`` as a ``torch.device`` that exists on this machine (``None`` stays ``None``: automatic);
+    ``key`` is how the caller spells it in messages (``model.device`` in Hydra).
 
     Raises:
         ValueError: not a device string, or a CUDA/MPS device this machine does not have.
@@ -138,22 +143,20 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"model.device={device!r} is not a device; valid: cpu, cuda, cuda:<index>, mps"
-        ) from err
+        raise ValueError(f"{key}={device!r} is not a device; valid: cpu, cuda, cuda:<index>, mps") from err
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ValueError(
-                f"model.device={device!r} but this machine has no CUDA device (torch {torch.__version__}); "
-                "use model.device=cpu"
+                f"{key}={device!r} but this machine has no CUDA device (torch {torch.__version__}); "
+                f"use {key}=cpu"
             )
         if parsed.index is not None and parsed.index >= count:
-            raise ValueError(f"model.device={device!r} but this machine has {count} CUDA device(s)")
+            raise ValueError(f"{key}={device!r} but this machine has {count} CUDA device(s)")
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"model.device={device!r} but MPS is not available here; use model.device=cpu")
+        raise ValueError(f"{key}={device!r} but MPS is not available here; use {key}=cpu")
     elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"model.device={device!r}: valid devices are cpu, cuda, cuda:<index>, mps")
+        raise ValueError(f"{key}={device!r}: valid devices are cpu, cuda, cuda:<index>, mps")
     return parsed
 
 
@@ -164,20 +167,23 @@ def model_problems(
     device: str | None = None,
     method: Any = None,
     num_processes: int = 1,
+    keys: Mapping[str, str] | None = None,
 ) -> list[Exception]:
     """Everything the checkpoint's config and this machine show to be wrong before any weight loads: the
     device (with several processes on CUDA, one GPU each), the checkpoint (present, LLaVA-NeXT AnyRes), and
     ``method``'s parameters against the model (``CompressionMethod.check_model_config``). The one check
     that ``globalcom2.run``, the pre-flight and the plugin share; ``pretrained=None`` checks the device only.
+    ``keys``: how the caller spells ``device``, ``pretrained`` and ``random_init`` in messages.
     """
     import torch
 
+    keys = keys or {}
     problems: list[Exception] = []
     try:
         if num_processes == 1:
-            check_device(device)
+            check_device(device, keys.get("device", "device"))
         elif device is not None and str(device).startswith("cuda"):
-            check_device("cuda")
+            check_device("cuda", keys.get("device", "device"))
             if torch.cuda.device_count() < num_processes:
                 raise ValueError(
                     f"launcher.num_processes={num_processes} but this machine has "
@@ -187,7 +193,7 @@ def model_problems(
         problems.append(err)
     if pretrained is not None:
         try:
-            config = checkpoint_config(pretrained, random_init=random_init)
+            config = checkpoint_config(pretrained, random_init=random_init, keys=keys)
             if method is not None:
                 method.check_model_config(config)
         except (FileNotFoundError, TypeError, ValueError) as err:

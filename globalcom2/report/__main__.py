@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if not args.results_dir.is_dir():
-        raise SystemExit(f"results folder {args.results_dir} does not exist: nothing to report")
+        state = "is not a folder" if args.results_dir.exists() else "does not exist"
+        raise SystemExit(f"results folder {args.results_dir} {state}: nothing to report")
     frame = tidy_results(args.results_dir)
     if frame.empty:
         raise SystemExit(f"no finished cells under {args.results_dir} (the warnings above say why)")

@@ -30,6 +30,7 @@ from globalcom2.records import CellRecord, RecordError
 from globalcom2.store import CURRENT_FILE, PARTIAL_DIR, RECORD_FILE, Cell, current_cell_id
 
 RECORDS = "sample_records.jsonl"
+CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/record.json
 
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
@@ -62,14 +63,18 @@ def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"results folder {root} does not exist")
+        raise FileNotFoundError(
+            f"results folder {root} {'is not a folder' if root.exists() else 'does not exist'}"
+        )
     found, skipped = [], []
     for partial in sorted(root.rglob(PARTIAL_DIR)):
         if not (partial.parent / RECORD_FILE).exists():
             skipped.append((partial.parent, "partial: a run was interrupted (no record.json)"))
     unreadable: dict[Path, str] = {}
     for path in sorted(root.rglob(RECORD_FILE)):
-        if PARTIAL_DIR in path.parts or "wandb" in path.parts:
+        # a cell's record sits at <experiment>/<model>/<method>/r<ratio>/<benchmark>/<id>/record.json; any
+        # other record.json (a tracker's files, a copy) is no cell
+        if PARTIAL_DIR in path.parts or len(path.relative_to(root).parts) != CELL_DEPTH:
             continue
         problem = _record_problem(path)
         if isinstance(problem, str):
@@ -80,7 +85,11 @@ def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str
     by_key: dict[Path, list[LoadedCell]] = {}
     for cell in found:
         by_key.setdefault(cell.path.parent, []).append(cell)
-    key_dirs = set(by_key) | {current.parent for current in root.rglob(CURRENT_FILE)}
+    key_dirs = set(by_key) | {
+        current.parent
+        for current in root.rglob(CURRENT_FILE)
+        if len(current.relative_to(root).parts) == CELL_DEPTH - 1
+    }
     cells = []
     for key_dir in sorted(key_dirs):
         group = by_key.get(key_dir, [])

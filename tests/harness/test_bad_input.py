@@ -73,6 +73,16 @@ BAD = {
         ["method=globalcom2", "~method.retention_ratio"],
         r"method 'globalcom2' needs method\.retention_ratio",
     ),
+    "a task list as a number": (["benchmark.tasks=5"], r"benchmark\.tasks must be a list of task names"),
+    "no benchmark": (["benchmark=_default"], r"benchmark\.tasks is not set: choose a benchmark"),
+    "an attention sub-config": (
+        ["model.attn_implementation={bogus_config:eager}"],
+        r"attn_implementation names sub-configs \['bogus_config'\]",
+    ),
+    "vanilla's ignored ratio is still a ratio": (
+        ["method=vanilla", "method.retention_ratio=-3"],
+        r"method\.retention_ratio must be in \(0, 1\]",
+    ),
 }
 
 
@@ -172,8 +182,16 @@ def test_a_results_folder_that_cannot_be_written_is_named_before_anything_loads(
     blocker.write_text("not a folder")
     cfg = compose_cell(tmp_path)
     cfg.paths.results_dir = str(blocker / "results")
-    with pytest.raises(run_module.CellError, match=r"paths\.results_dir: .*a-file is not a folder"):
+    with pytest.raises(run_module.CellError, match=r"paths\.results_dir: .*a-file/results cannot be created"):
         run_module.run(cfg)
+    done = subprocess.run(  # through Hydra, before it creates its own folders under the results folder
+        [sys.executable, "-m", "globalcom2.run", f"paths.results_dir={blocker / 'results'}", "dry_run=true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "a-file is not a folder" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
 
 
 #: The same bad value through Hydra and through lmms-eval's model_args: (Hydra overrides, model_args).
@@ -221,7 +239,7 @@ def test_a_sweep_is_checked_cell_by_cell_before_its_first_cell_runs(tmp_path):
         multirun=True,
     )
     assert done.returncode != 0
-    assert "the sweep was not started: 1 of its cells would be refused" in done.stderr, done.stderr[-3000:]
+    assert "the sweep was not started: some of its cells would be refused" in done.stderr, done.stderr[-3000:]
     assert "method.retention_ratio=2" in done.stderr and "must be in (0, 1]" in done.stderr
     assert not list((tmp_path / "results").rglob("record.json")), "no cell ran"
 
@@ -230,3 +248,18 @@ def test_slurm_without_multirun_is_refused_instead_of_running_here(tmp_path):
     done = hydra_run(tmp_path, "launcher=slurm", "benchmark.limit=2", full_error=False)
     assert done.returncode != 0 and "add -m" in done.stderr, done.stderr[-2000:]
     assert not list((tmp_path / "results").rglob("record.json"))
+
+
+def test_a_glob_sweep_is_checked_and_one_problem_of_many_cells_is_said_once(tmp_path):
+    done = hydra_run(
+        tmp_path,
+        "method=glob(*,exclude=vanilla)",
+        "method.retention_ratio=0.5,1.5",
+        "benchmark.limit=2",
+        full_error=False,
+        multirun=True,
+    )
+    assert done.returncode != 0, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if "must be in (0, 1]" in line]
+    assert len(said) == 1 and "4 cells, e.g." in said[0], done.stderr[-3000:]
+    assert not list((tmp_path / "results").rglob("record.json")), "no cell ran"

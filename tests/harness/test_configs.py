@@ -18,7 +18,13 @@ GROUPS = ["model", "method", "benchmark", "launcher", "logger", "experiment", "s
 
 
 def all_options() -> list[tuple[str, str]]:
-    return [(group, p.stem) for group in GROUPS for p in sorted((CONFIGS / group).glob("*.yaml"))]
+    """Every selectable option (a ``_``-prefixed file is a base the others inherit, refused on its own)."""
+    return [
+        (group, p.stem)
+        for group in GROUPS
+        for p in sorted((CONFIGS / group).glob("*.yaml"))
+        if not p.stem.startswith("_")
+    ]
 
 
 def compose_eval(*overrides: str):

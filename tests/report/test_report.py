@@ -618,3 +618,13 @@ def test_demo_agreement_with_vanilla_stays_in_score_vs_ratio(demo_tree):
     titles = [title for title, _ in plots.panels(tidy_results(demo_tree))]
     assert "demo: agreement with vanilla (%)" in titles and "demo: first token agreement (%)" in titles
     assert "globalcom2_demo: color_accuracy" in titles
+
+
+def test_cells_of_an_experiment_named_like_a_trackers_folder_are_shown(tmp_path):
+    """Only records at a cell's depth are cells: an experiment called ``wandb`` is tabulated like any other."""
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, experiment="wandb")
+    (root / "wandb" / "offline-run-1" / "files").mkdir(parents=True)
+    (root / "wandb" / "offline-run-1" / "files" / "record.json").write_text("{}")  # a tracker's file
+    frame = tidy_results(root)
+    assert set(frame["experiment"]) == {"wandb"} and set(frame["method"]) == {"vanilla"}
