@@ -15,17 +15,22 @@ def row(*parts):
     return out
 
 
-def test_two_images_in_one_row_shrink_and_grow():
-    ids = torch.tensor([row(1, ("img", 4), 2, ("img", 3), 3)])
-    r = rebuild_prompt(
+def rebuild(ids, mask, positions, *, old, new):
+    """``rebuild_prompt`` with this file's token ids; ``old``/``new`` are per-image lengths."""
+    return rebuild_prompt(
         ids,
-        None,
-        None,
+        mask,
+        positions,
         image_token_id=IMG,
-        original_lengths=[4, 3],
-        new_lengths=[2, 5],
+        original_lengths=old,
+        new_lengths=new,
         pad_token_id=PAD,
     )
+
+
+def test_two_images_in_one_row_shrink_and_grow():
+    ids = torch.tensor([row(1, ("img", 4), 2, ("img", 3), 3)])
+    r = rebuild(ids, None, None, old=[4, 3], new=[2, 5])
     assert r.input_ids.tolist() == [row(1, ("img", 2), 2, ("img", 5), 3)]
     assert r.attention_mask is None  # no padding and none given: keeps SDPA's is_causal path
     assert r.position_ids.tolist() == [list(range(10))]
@@ -36,15 +41,7 @@ def test_left_padded_batch_becomes_ragged_and_is_repadded():
     ids = torch.tensor([row(PAD, PAD, 1, ("img", 3), 2), row(1, ("img", 5), 2)])
     mask = (ids != PAD).long()
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    r = rebuild_prompt(
-        ids,
-        mask,
-        pos,
-        image_token_id=IMG,
-        original_lengths=[3, 5],
-        new_lengths=[1, 2],
-        pad_token_id=PAD,
-    )
+    r = rebuild(ids, mask, pos, old=[3, 5], new=[1, 2])
     assert r.input_ids.tolist() == [[PAD, 1, IMG, 2], [1, IMG, IMG, 2]]
     assert r.attention_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
     assert r.position_ids.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3]]
@@ -54,15 +51,7 @@ def test_left_padded_batch_becomes_ragged_and_is_repadded():
 
 def test_image_dropped_entirely():
     ids = torch.tensor([row(1, ("img", 3), 2)])
-    r = rebuild_prompt(
-        ids,
-        None,
-        None,
-        image_token_id=IMG,
-        original_lengths=[3],
-        new_lengths=[0],
-        pad_token_id=PAD,
-    )
+    r = rebuild(ids, None, None, old=[3], new=[0])
     assert r.input_ids.tolist() == [[1, 2]]
 
 
@@ -70,15 +59,7 @@ def test_decode_translates_positions_and_mask():
     ids = torch.tensor([row(PAD, 1, ("img", 3), 2), row(1, ("img", 4), 2)])
     mask = (ids != PAD).long()
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # last prompt positions 4 and 5
-    r = rebuild_prompt(
-        ids,
-        mask,
-        pos,
-        image_token_id=IMG,
-        original_lengths=[3, 4],
-        new_lengths=[1, 2],
-        pad_token_id=PAD,
-    )
+    r = rebuild(ids, mask, pos, old=[3, 4], new=[1, 2])
     assert r.input_ids.tolist() == [[PAD, 1, IMG, 2], [1, IMG, IMG, 2]]  # ragged again: re-padded
     assert r.state.position_shift.tolist() == [4 - 2, 5 - 3]
     # generate's second decode step: original-coordinate mask of width L + 2 and positions last + 2
@@ -96,26 +77,10 @@ def test_decode_translates_positions_and_mask():
 def test_right_padding_is_refused():
     ids = torch.tensor([row(1, ("img", 2), 2, PAD)])
     with pytest.raises(NotImplementedError, match="left padding"):
-        rebuild_prompt(
-            ids,
-            (ids != PAD).long(),
-            None,
-            image_token_id=IMG,
-            original_lengths=[2],
-            new_lengths=[1],
-            pad_token_id=PAD,
-        )
+        rebuild(ids, (ids != PAD).long(), None, old=[2], new=[1])
 
 
 def test_placeholder_count_mismatch_is_loud():
     ids = torch.tensor([row(1, ("img", 2), 2)])
     with pytest.raises(ValueError, match="2 image placeholders but the images have 3"):
-        rebuild_prompt(
-            ids,
-            None,
-            None,
-            image_token_id=IMG,
-            original_lengths=[3],
-            new_lengths=[1],
-            pad_token_id=PAD,
-        )
+        rebuild(ids, None, None, old=[3], new=[1])
