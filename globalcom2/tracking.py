@@ -43,10 +43,14 @@ def check_logger(logger: Any) -> None:
     if name not in LOGGERS:
         raise ValueError(f"logger={name!r}; valid: {', '.join(LOGGERS)}")
     if name == "wandb":
-        mode = os.environ.get("WANDB_MODE", logger.get("mode", "offline"))
-        if mode not in WANDB_MODES:
-            source = "WANDB_MODE" if "WANDB_MODE" in os.environ else "logger.mode"
-            raise ValueError(f"{source}={mode!r} is not a wandb mode; valid: {', '.join(WANDB_MODES)}")
+        # Both are checked, not only the one that wins: ``make`` exports WANDB_MODE, and a typo in
+        # ``logger.mode`` must not pass just because the environment happens to override it today.
+        for source, mode in (
+            ("logger.mode", logger.get("mode", "offline")),
+            ("WANDB_MODE", os.environ.get("WANDB_MODE")),
+        ):
+            if mode is not None and mode not in WANDB_MODES:
+                raise ValueError(f"{source}={mode!r} is not a wandb mode; valid: {', '.join(WANDB_MODES)}")
 
 
 def log_cell(record: CellRecord, logger: dict[str, Any]) -> str:

@@ -134,6 +134,21 @@ def test_dry_run_lists_the_problem_instead_of_stopping(tmp_path, nothing_loads, 
     assert "would fail before loading: K must be in [1, 4)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("environment", "overrides", "message"),
+    [
+        ("offline", ["logger.mode=foo"], r"logger\.mode='foo' is not a wandb mode"),  # as under `make`
+        ("bar", ["logger.mode=offline"], r"WANDB_MODE='bar' is not a wandb mode"),
+    ],
+)
+def test_a_wandb_mode_is_checked_wherever_it_is_set(
+    environment, overrides, message, tmp_path, nothing_loads, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", environment)
+    with pytest.raises(run_module.CellError, match=message):
+        run_module.run(compose_cell(tmp_path, "logger=wandb", *overrides))
+
+
 def test_a_ratio_that_keeps_no_patch_token_warns(tmp_path):
     with pytest.warns(
         UserWarning, match=r"retention_ratio=0\.0001 keeps floor\(R \* N\) = 0 .*no image keeps"
