@@ -27,24 +27,38 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
+.PHONY: help install test test-exactness test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
 	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize cls-share train-tiny wandb-sync bench-efficiency \
-	gpu-checklist
+	gpu-checklist bench-throughput bench-batch-effect wheelhouse
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
-install: $(STAMP)  ## create .venv and install the project (editable) with its dev tools
+install: $(STAMP)  ## create .venv and install the project (editable) with its dev tools (WHEELHOUSE=dir: offline)
+
+# make install WHEELHOUSE=<folder> installs from a wheelhouse (make wheelhouse) with no index; the machine's
+# pip configuration is ignored, so nothing comes from anywhere else. An interpreter that already has a CUDA
+# torch (a cluster module, a container) keeps it: the venv sees its site-packages and pins that torch.
+WHEELHOUSE ?=
+PIP_SOURCE := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)),)
+PIP := $(if $(WHEELHOUSE),env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null ,)$(PY) -m pip
+TORCH_PIN = $$(test -s $(VENV)/torch-constraint.txt && echo -c $(VENV)/torch-constraint.txt)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@cuda_torch=$$($(PYTHON) -c 'import torch; print(torch.__version__ if torch.version.cuda else "")' 2>/dev/null || true); \
+	if [ -n "$$cuda_torch" ]; then \
+		echo ">> keeping $(PYTHON)'s CUDA torch $$cuda_torch"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV) && echo "torch==$$cuda_torch" > $(VENV)/torch-constraint.txt; \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
 ifeq ($(HAS_CUDA),1)
-	$(PY) -m pip install -e '.[dev]'
+	$(PIP) install $(PIP_SOURCE) $(TORCH_PIN) -e '.[dev]'
 else
 	@echo ">> no NVIDIA driver found: installing CPU $(TORCH_SPEC) and keeping it pinned"
-	$(PY) -m pip install $(PIP_TORCH_ARGS) '$(TORCH_SPEC)'
+	$(PIP) install $(PIP_SOURCE) $(PIP_TORCH_ARGS) '$(TORCH_SPEC)'
 	$(PY) -m pip freeze | grep -E '^torch==' > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -c $(VENV)/torch-constraint.txt -e '.[dev]'
+	$(PIP) install $(PIP_SOURCE) -c $(VENV)/torch-constraint.txt -e '.[dev]'
 	@# lmms-eval pulls a CUDA-only torchvision from PyPI; with a CPU torch it breaks every
 	@# LLaVA-NeXT import in transformers ("operator torchvision::nms does not exist"). timm imports it
 	@# too and breaks the accelerate CLI. transformers falls back to its PIL image processors.
@@ -56,8 +70,31 @@ endif
 	$(PY) -c 'from transformers import LlavaNextForConditionalGeneration; import lmms_eval, globalcom2; print("install ok")'
 	@touch $@
 
+# Every wheel of an offline install, for this machine or for another target (a cluster's compute nodes):
+#   make wheelhouse PYTHON_VERSION=3.12 PLATFORM=manylinux_2_28_x86_64   (then: make install WHEELHOUSE=wheelhouse)
+WHEELHOUSE_DIR ?= wheelhouse
+PYTHON_VERSION ?=
+PLATFORM ?=
+wheelhouse:  ## download every wheel the project needs into wheelhouse/ (PYTHON_VERSION=3.12 PLATFORM=manylinux_2_28_x86_64)
+	$(PYTHON) globalcom2/wheelhouse.py --out $(WHEELHOUSE_DIR) --torch-spec '$(TORCH_SPEC)' \
+		$(if $(PLATFORM),--platform $(PLATFORM),) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION),)
+
 test: install  ## run the default test suite (CPU, tiny model, offline)
 	$(PY) -m pytest -q
+
+# The exactness tests (R = 1 bit-identical, batch = single, FastV/SparseVLM parity) on a second transformers:
+# `make test` runs on the newest that `make install` resolves, this on the oldest supported one. It is
+# installed without dependencies into its own folder inside the venv and shadows the venv's copy through
+# PYTHONPATH, so the venv itself never changes.
+EXACTNESS_TRANSFORMERS ?= 5.23.0
+ALT_TRANSFORMERS := $(VENV)/alt-transformers-$(EXACTNESS_TRANSFORMERS)
+
+test-exactness: install  ## the exactness tests on a second transformers (EXACTNESS_TRANSFORMERS=5.23.0)
+	@test -f $(ALT_TRANSFORMERS)/.complete || { rm -rf $(ALT_TRANSFORMERS) && \
+		$(PY) -m pip install -q --no-deps --target $(ALT_TRANSFORMERS) 'transformers==$(EXACTNESS_TRANSFORMERS)' && \
+		touch $(ALT_TRANSFORMERS)/.complete; }
+	PYTHONPATH=$(ALT_TRANSFORMERS) $(PY) -c 'import sys, transformers as t; print("transformers", t.__version__, "from", t.__file__); sys.exit(t.__version__ != "$(EXACTNESS_TRANSFORMERS)")'
+	PYTHONPATH=$(ALT_TRANSFORMERS) $(PY) -m pytest -q -m exactness
 
 test-all: install  ## run every test, the slow ones included
 	$(PY) -m pytest -q -m 'not gpu and not network'
@@ -120,8 +157,14 @@ sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=
 
 # On a lent GPU machine (no make install there: PYTHONPATH=. and carried wheels), in order of value, with a
 # time budget; every step's files land in $(OUT) (default gpu_checklist_out/) as soon as it ends.
-gpu-checklist:  ## the GPU measurements in one command: 7B/13B efficiency tables, GPU tests, selection time
+gpu-checklist:  ## the GPU measurements in one command: 7B/13B efficiency, GPU tests, selection time, throughput, batch effect
 	PYTHONPATH=. $(PYTHON) -m globalcom2.perf.gpu_checklist $(if $(OUT),--out $(OUT),) $(ARGS)
+
+bench-throughput: install  ## samples/s and stage times of globalcom2.run cells at batch 1/4/8/16 (tiny-trained, CPU; ARGS for a GPU)
+	$(PY) -m globalcom2.perf.throughput $(ARGS)
+
+bench-batch-effect: install  ## answers and metrics that change between batch 1 and batch 8, per method (ARGS="--device cuda --dtype bfloat16")
+	$(PY) -m globalcom2.perf.throughput --mode batch-effect $(ARGS)
 
 bench-efficiency: install  ## stage-resolved efficiency of every method, interleaved per image (tiny, CPU; ARGS="--random-init 7b --device cuda --compile" on a GPU)
 	$(PY) -m globalcom2.perf.efficiency $(ARGS)

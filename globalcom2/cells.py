@@ -49,13 +49,14 @@ NOT_IDENTITY = (
     "method.label",
     "benchmark.name",
     "compile",  # in the identity as model.compile, and only when on (cells from before it keep their identity)
+    "prefetch",  # when the host prepares a batch, not what is in it (tests/lmms/test_plugin.py)
 )
 #: The keys of each config group (``None``: the primary config's own). An override of any other key, such as
 #: ``+benchmark.limt=3``, would do nothing, so it is refused (``tests/harness/test_config_keys_read.py``
 #: checks these sets against the config files).
 GROUP_KEYS: dict[str | None, frozenset[str]] = {
     None: frozenset(
-        {"experiment_name", "seed", "force", "dry_run", "compile", "model", "method", "benchmark"}
+        {"experiment_name", "seed", "force", "dry_run", "compile", "prefetch", "model", "method", "benchmark"}
         | {"launcher", "logger", "paths"}
     ),
     "model": frozenset({"name", "pretrained", "random_init", "dtype", "device", "attn_implementation"}),
@@ -105,6 +106,7 @@ class CellSpec:
     method: MethodSpec
     benchmark: BenchmarkSpec
     launcher: LauncherSpec
+    prefetch: bool | None = None  # RunOptions.prefetch (None: auto, on when the model runs on CUDA)
 
     @property
     def key(self) -> CellKey:
@@ -122,6 +124,7 @@ class CellSpec:
             batch_size=self.benchmark.batch_size,
             protocol=self.benchmark.protocol,
             generation_overrides=self.benchmark.generation_overrides(),
+            prefetch=self.prefetch,
         )
         return RunSpec(model=self.model, method=self.method, options=options)
 
@@ -143,6 +146,7 @@ class CellSpec:
                 }
             ),
             launcher=LauncherSpec(**data["launcher"]),
+            prefetch=data.get("prefetch"),
         )
 
     @classmethod
@@ -165,6 +169,7 @@ class CellSpec:
             attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
             random_init=model_cfg.get("random_init", False),
             compile=plain.get("compile", False),
+            prefetch=plain.get("prefetch", "auto"),
             batch_size=bench_cfg.get("batch_size", 1),
             protocol=protocol,
             generation_overrides=bench_cfg.get("gen_kwargs") if protocol == "llava" else None,
@@ -204,7 +209,9 @@ class CellSpec:
         check_tasks_covered(benchmark.protocol, benchmark.tasks)
         launcher = _launcher(plain["launcher"])
         seed = config_int(plain.get("seed", 0), "seed", minimum=0)
-        return cls(plain["experiment_name"], seed, run.model, run.method, benchmark, launcher)
+        return cls(
+            plain["experiment_name"], seed, run.model, run.method, benchmark, launcher, run.options.prefetch
+        )
 
     def identity(self, cfg: Any) -> dict[str, Any]:
         """Everything that can change this cell's result: the resolved config less :data:`NOT_IDENTITY`,

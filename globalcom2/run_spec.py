@@ -49,6 +49,7 @@ HYDRA_KEYS: dict[str, str] = {
     "attn_implementation": "model.attn_implementation",
     "random_init": "model.random_init",
     "compile": "compile",
+    "prefetch": "prefetch",
     "batch_size": "benchmark.batch_size",
     "protocol": "benchmark.protocol",
     "generation_overrides": "benchmark.gen_kwargs",
@@ -100,6 +101,9 @@ class RunOptions:
     protocol: str = DEFAULT_PROTOCOL
     generation_overrides: dict[str, Any] | None = None  # on top of LLaVA's settings, under protocol=llava
     records_path: str | None = None
+    # Prepare the next batch in a background thread while this one generates (globalcom2/lmms/batch_pipeline.py).
+    # None (auto): on when the model runs on CUDA. On a CPU the thread competes with the model for the cores.
+    prefetch: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ def parse_run(
     protocol: Any = DEFAULT_PROTOCOL,
     generation_overrides: Any = None,
     records_path: Any = None,
+    prefetch: Any = "auto",
     model_name: str = "",
     method_label: str | None = None,
     keys: Mapping[str, str] | None = None,
@@ -271,10 +276,21 @@ def parse_run(
         protocol=protocol,
         generation_overrides=overrides,
         records_path=None if records_path is None else str(records_path),
+        prefetch=_prefetch_setting(prefetch, key("prefetch")),
     )
     if overrides:
         GenerationSettings.from_gen_kwargs(overrides, options.max_new_tokens)
     return RunSpec(model=model, method=method_spec, options=options)
+
+
+def _prefetch_setting(value: Any, name: str) -> bool | None:
+    """``true``/``false``, or ``auto`` (``None``: the plugin decides from the device)."""
+    if value is None or value == "auto":
+        return None
+    try:
+        return coerce(value, bool, name)
+    except ValueError:
+        raise ValueError(f"{name} must be true, false or auto, got {value!r}") from None
 
 
 def default_device() -> str:

@@ -36,6 +36,10 @@ from globalcom2.methods.base import ImageStats, LayerStats, Stats
 STAT_KINDS: dict[str, type[ImageStats] | type[LayerStats]] = {"image": ImageStats, "layer": LayerStats}
 
 
+#: A cell's per-sample records, one JSON object per line, next to its ``record.json``.
+RECORDS_FILE = "sample_records.jsonl"
+
+
 @dataclass
 class SampleRecord:
     """One answered request.
@@ -78,6 +82,14 @@ class SampleRecord:
     stages_s: dict[str, float] | None = None  # exclusive seconds per stage (globalcom2.stage_timing)
     first_call: bool = False  # the process's first measured generate call: reported apart, not in statistics
     text_tokens: int | None = None  # prompt tokens that are not image placeholders (no padding)
+    # Host stages of the batch (seconds; globalcom2/lmms/batch_pipeline.py). load_s and preprocess_s run in the
+    # background thread when prefetching, so they may overlap the previous batch's generate; wait_s is how long
+    # the generating thread waited for this batch, postprocess_s its answer decoding and records, and loop_s
+    # its whole turn of the loop (wait, transfer, generate, postprocess): the sum of loop_s is wall time.
+    load_s: float | None = None
+    wait_s: float | None = None
+    postprocess_s: float | None = None
+    loop_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -26,9 +26,9 @@ import torch
 
 from globalcom2.cells import CellSpec
 from globalcom2.records import CellOutcome, write_outcome
+from globalcom2.sample_records import RECORDS_FILE
 
 OUTCOME_FILE = "outcome.json"
-RECORDS_FILE = "sample_records.jsonl"
 
 
 def seed_everything(seed: int) -> None:
@@ -113,6 +113,7 @@ def evaluate_cell(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
             timings={
                 "model_load_s": loaded - started,
                 "evaluate_s": evaluated - loaded,
+                "generate_until_s": lm.generate_until_s,  # this process's; the rest of evaluate_s is lmms-eval's
                 "total_s": time.time() - started,
             },
             metrics=numeric_metrics(results),

@@ -37,6 +37,7 @@ import torch
 from transformers import DynamicCache, LlavaNextForConditionalGeneration
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
+from globalcom2.hooks.cache_keyword import cache_argument
 from globalcom2.hooks.in_llm_sequence import gather_rows, plan_relayout, renumber_positions
 from globalcom2.hooks.llava_model import PromptContext
 from globalcom2.methods.base import InLLMMethod, KeepPlan, LayerStats, TokenView
@@ -152,8 +153,8 @@ class InLLMAdapter:
         run: _Prefill | _Decode | None = None
         if context.is_prefill:
             run = _Prefill(self, context)
-        elif context.past_key_values is not None:
-            state = self._decode_states.get(context.past_key_values)
+        elif context.cache is not None:
+            state = self._decode_states.get(context.cache)
             if state is not None:
                 run = _Decode(self, context, state)
         self._run = run
@@ -262,7 +263,7 @@ class _Prefill:
 
     # -- layer 0 ----------------------------------------------------------------------------------------
     def _start(self, hidden: torch.Tensor, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if cache is not None:
             if not isinstance(cache, DynamicCache):
                 raise NotImplementedError(
@@ -564,7 +565,7 @@ class _Decode:
             raise RuntimeError(
                 f"batch size changed from {stage.valid.shape[0]} to {batch} since the reduced prefill"
             )
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if cache is None:
             raise RuntimeError("a decode step after an in-LLM reduced prefill needs its KV cache")
         kv_length = (

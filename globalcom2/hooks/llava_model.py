@@ -1,7 +1,7 @@
 """The per-instance subclass of ``LlavaNextModel`` through which every compression method acts.
 
-How it works (transformers 5.23, ``models/llava_next/modeling_llava_next.py`` and
-``generation/utils.py``):
+How it works (transformers 5.23-5.25, ``models/llava_next/modeling_llava_next.py`` and
+``generation/utils.py``; the KV cache's keyword changed in 5.24, ``hooks/cache_keyword.py``):
 
 * ``generate`` encodes images *before* prefill through ``model.model.get_image_features`` and hands the
   result to the prefill forward as ``mm_encoder_outputs``; a plain forward calls the same function. The
@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from transformers import LlavaNextForConditionalGeneration
 
+from globalcom2.hooks.cache_keyword import CACHE_KEYWORD, cache_argument, output_cache, without_cache
 from globalcom2.hooks.pre_llm_sequence import placeholder_owners
 from globalcom2.scoring.ranking import int64_tensor
 from globalcom2.stage_timing import stage_section
@@ -45,7 +46,7 @@ class PromptContext:
             ``None`` in steps without images (decode) or without ``input_ids``.
         attention_mask: ``[B, L_total]`` 2-D mask the language model receives, or ``None``.
         position_ids: ``[B or 1, L]`` positions the language model receives, or ``None``.
-        past_key_values: the KV cache of this generation, or ``None``.
+        cache: the KV cache of this generation, or ``None``.
         separator: ``[B, L]`` True at the row separators among the visual positions, when the in-LLM method
             counts its budget in patch tokens (``budget_basis="patches"``); ``None`` otherwise.
         image_lengths: visual positions of each image (scatter order), known on the host from the features'
@@ -56,7 +57,7 @@ class PromptContext:
     visual_index: torch.Tensor | None
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
-    past_key_values: Any
+    cache: Any
     separator: torch.Tensor | None = None
     image_lengths: tuple[int, ...] = ()
 
@@ -187,7 +188,7 @@ class _CompressingMixin:
         image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -196,6 +197,9 @@ class _CompressingMixin:
         **kwargs,
     ):
         adapter: ModelAdapter = getattr(self, _ADAPTER_ATTR)
+        # The KV cache comes as ``cache`` (transformers >= 5.24) or ``past_key_values`` (5.23).
+        cache = cache if cache is not None else cache_argument(kwargs)
+        kwargs = without_cache(kwargs)
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
         image_output = (mm_encoder_outputs or {}).get("image")
@@ -213,41 +217,39 @@ class _CompressingMixin:
             if adapter.pre_llm is not None:
                 with stage_section("compression"):
                     input_ids, attention_mask, position_ids, image_output, state = adapter.pre_llm.prefill(
-                        input_ids, attention_mask, position_ids, past_key_values, image_output
+                        input_ids, attention_mask, position_ids, cache, image_output
                     )
             mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": image_output}
         elif adapter.pre_llm is not None:
             query = input_ids if input_ids is not None else inputs_embeds
             with stage_section("compression"):
                 attention_mask, position_ids = adapter.pre_llm.decode(
-                    past_key_values, attention_mask, position_ids, query.shape[1]
+                    cache, attention_mask, position_ids, query.shape[1]
                 )
 
         return_dict = kwargs.pop("return_dict", True)
-        with self._in_llm_stage(
-            adapter, input_ids, image_output, attention_mask, position_ids, past_key_values
-        ):
+        with self._in_llm_stage(adapter, input_ids, image_output, attention_mask, position_ids, cache):
             outputs = super().forward(
                 input_ids=input_ids,
                 image_sizes=image_sizes,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 use_cache=use_cache,
                 mm_encoder_outputs=mm_encoder_outputs,
                 return_dict=True,
+                **{CACHE_KEYWORD: cache},
                 **kwargs,
             )
         if image_output is not None and adapter.pre_llm is not None:
-            adapter.pre_llm.remember(outputs.past_key_values, state)
+            adapter.pre_llm.remember(output_cache(outputs), state)
         return outputs if return_dict else outputs.to_tuple()
 
     @contextmanager
     def _in_llm_stage(
-        self, adapter, input_ids, image_output, attention_mask, position_ids, past_key_values
+        self, adapter, input_ids, image_output, attention_mask, position_ids, cache
     ) -> Iterator[None]:
         if adapter.in_llm is None:
             yield
@@ -255,7 +257,7 @@ class _CompressingMixin:
         with stage_section("compression"):
             visual_index, separator, lengths = self._visual_maps(adapter, input_ids, image_output)
         context = PromptContext(
-            input_ids, visual_index, attention_mask, position_ids, past_key_values, separator, lengths
+            input_ids, visual_index, attention_mask, position_ids, cache, separator, lengths
         )
         with adapter.in_llm.active(context):
             yield

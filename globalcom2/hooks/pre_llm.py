@@ -136,7 +136,7 @@ class PreLLMAdapter:
         input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
-        past_key_values: object | None,
+        cache: object | None,
         image_output: BaseModelOutputWithPooling,
     ) -> tuple[
         torch.Tensor | None,
@@ -168,7 +168,7 @@ class PreLLMAdapter:
             raise NotImplementedError(
                 "compression that changes the token count needs input_ids, not inputs_embeds"
             )
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("compressed images must be in the first forward of a KV cache")
         rebuilt = rebuild_prompt(
             input_ids,

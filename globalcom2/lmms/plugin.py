@@ -16,7 +16,8 @@ tower's and the LLM's layers run compiled in a prefill, ``globalcom2.models.comp
 architecture named by ``pretrained`` with random weights: speed and memory only), ``protocol``
 (``lmms_eval``, the default: the task's prompt and generation settings; ``llava``: the original LLaVA
 evaluation the paper used, ``globalcom2.protocol.rules``), ``generation_overrides`` (under ``llava``
-only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's settings, e.g. a smaller ``max_new_tokens``).
+only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's settings, e.g. a smaller ``max_new_tokens``),
+``prefetch`` (``true``/``false``/``auto``: prepare the next batch in a background thread; auto = on CUDA).
 Every other key is a parameter of the method (e.g. ``retention_ratio``), converted to the type its
 ``__init__`` declares.
 
@@ -26,8 +27,10 @@ What the class guarantees:
   LLaVA's question-file text under ``protocol=llava``), as LLaVA's own evaluation does; the checkpoint's
   chat template is not used. Under ``llava`` the text lmms-eval scores is LLaVA's reading of the answer
   (POPE: ``eval_pope.py``); the records keep the raw answer.
-* Requests are batched only with requests of identical generation settings, left-padded; answers equal
-  those at batch size 1 (the compression hooks are exact under padding, ``tests/lmms``).
+* Requests are batched only with requests of identical generation settings, grouped by length and
+  left-padded; answers equal those at batch size 1 in fp32 (the compression hooks are exact under padding,
+  ``tests/lmms``) and return in lmms-eval's order. With ``prefetch`` (``auto``: on when the model runs on
+  CUDA) the next batches are prepared in a background thread while one generates (``lmms/batch_pipeline.py``).
 * Data parallelism under ``torchrun``/``accelerate launch``: one full model copy per process; lmms-eval
   shards the documents, gathers the answers and scores on rank 0.
 * Generation errors propagate (with the task and doc ids added); nothing is swallowed. Empty answers
@@ -38,8 +41,10 @@ What the class guarantees:
 
 from __future__ import annotations
 
+import copy
 import gc
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -51,7 +56,9 @@ from loguru import logger
 from tqdm import tqdm
 
 from globalcom2 import sample_records as sr
+from globalcom2.anyres import config_layout
 from globalcom2.efficiency.summary import latency_summary
+from globalcom2.lmms.batch_pipeline import DEFAULT_LOOKAHEAD, BatchFeeder, ReadyBatch
 from globalcom2.lmms.manifest import MODEL_ID
 from globalcom2.models.compiled import compile_model
 from globalcom2.models.preload import check_device
@@ -111,6 +118,8 @@ class GlobalCom2LlavaNext(lmms):
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device = self._choose_device(spec.model.device)
+        # auto: a background thread helps when the model runs on a GPU; on a CPU it takes cores from the model
+        self.prefetch = self._device.type == "cuda" if options.prefetch is None else options.prefetch
         self.compile_mode = spec.model.compile
         if not checked:
             # The checkpoint's config alone (and the compile backend): a model that is not LLaVA-NeXT AnyRes,
@@ -143,6 +152,7 @@ class GlobalCom2LlavaNext(lmms):
         self._measured_calls = 0
         self._batches = 0
         self.records: list[sr.SampleRecord] = []
+        self.generate_until_s = 0.0  # wall time inside generate_until (the rest of lmms-eval's is scoring)
 
     # -- properties lmms-eval uses ---------------------------------------------------------------------
     @property
@@ -188,6 +198,7 @@ class GlobalCom2LlavaNext(lmms):
             "geometry": geometry_of(self.protocol),
             "generation_overrides": self.generation_overrides,
             "compile": self.compile_mode,
+            "prefetch": self.prefetch,
         }
 
     def resolved_attn_implementation(self) -> dict[str, str | None]:
@@ -216,6 +227,7 @@ class GlobalCom2LlavaNext(lmms):
 
     # -- lmms-eval API ---------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        began = time.perf_counter()
         results: list[GenerationResult | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         settings: dict[str, GenerationSettings] = {}
@@ -237,18 +249,24 @@ class GlobalCom2LlavaNext(lmms):
             settings[setting.key()] = setting
             groups.setdefault(setting.key(), []).append(index)
         progress = tqdm(total=len(requests), disable=self._rank != 0, desc="globalcom2 generate")
-        new_records: list[sr.SampleRecord] = []
+        by_position: dict[int, sr.SampleRecord] = {}
         for key, indices in groups.items():
-            for start in range(0, len(indices), self.batch_size_per_device):
-                batch = indices[start : start + self.batch_size_per_device]
-                outputs, records = self._generate_batch([requests[i] for i in batch], settings[key])
-                for i, output in zip(batch, outputs, strict=True):
+            feeder = self._feeder(requests)
+            mark = time.perf_counter()
+            for ready, waited in feeder.batches(indices):
+                outputs, records = self._generate_batch(ready, settings[key], waited)
+                now = time.perf_counter()
+                for i, output, record in zip(ready.indices, outputs, records, strict=True):
                     results[i] = output
-                new_records += records
-                progress.update(len(batch))
+                    record.loop_s = now - mark  # the batch's whole turn of the loop, waiting included
+                    by_position[i] = record
+                mark = now
+                progress.update(len(ready.indices))
         progress.close()
+        new_records = [by_position[i] for i in sorted(by_position)]  # lmms-eval's order
         self.records += new_records
         self._report(new_records)
+        self.generate_until_s += time.perf_counter() - began
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -265,45 +283,65 @@ class GlobalCom2LlavaNext(lmms):
             torch.cuda.empty_cache()
 
     # -- one batch -------------------------------------------------------------------------------------
+    def _feeder(self, requests: list[Instance]) -> BatchFeeder:
+        """Batches of ``requests``, grouped by length and prepared in a background thread
+        (``lmms/batch_pipeline.py``) with its own copy of the processor: a fast tokenizer is not safe to use
+        from two threads at once (huggingface/tokenizers#537), and this thread decodes answers meanwhile."""
+        processor = copy.deepcopy(self.processor) if self.prefetch else self.processor
+        config, dtype = self.model.config, self.model.dtype
+        pin = self._device.type == "cuda"
+
+        def load(positions: Sequence[int]) -> PreparedBatch:
+            return prepare_batch([requests[i] for i in positions], self.task_dict, self.protocol)
+
+        def encode(batch: PreparedBatch) -> Any:
+            inputs = dict(
+                encode_batch(
+                    processor, config, batch.prompts, batch.images, batch.images_per_row, self.protocol
+                )
+            )
+            if "pixel_values" in inputs:  # cast on the host: half the bytes to copy in bf16, same values
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            return {k: v.pin_memory() if pin else v for k, v in inputs.items()}
+
+        return BatchFeeder(
+            load,
+            encode,
+            lambda image: config_layout(config, (image.height, image.width)).num_tokens,
+            self.batch_size_per_device,
+            lookahead=DEFAULT_LOOKAHEAD if self.prefetch else 0,
+        )
+
     def _generate_batch(
-        self, requests: list[Instance], setting: GenerationSettings
+        self, ready: ReadyBatch, setting: GenerationSettings, waited: float
     ) -> tuple[list[GenerationResult], list[sr.SampleRecord]]:
-        started = time.perf_counter()
-        batch = prepare_batch(requests, self.task_dict, self.protocol)
-        inputs = encode_batch(
-            self.processor,
-            self.model.config,
-            batch.prompts,
-            batch.images,
-            batch.images_per_row,
-            self.protocol,
-        ).to(self._device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        preprocess_s = time.perf_counter() - started
+        batch = ready.prepared
+        host = ready.inputs  # the same values, on the host: read from here, not from the device
+        inputs = {k: v.to(self._device, non_blocking=True) for k, v in host.items()}
         sequences, measurement, row_stats = self._generate(inputs, setting, batch)
         first_call = measurement is not None and self._measured_calls == 1
+        generated = time.perf_counter()
 
-        prompt_length = inputs["input_ids"].shape[1]
+        prompt_length = host["input_ids"].shape[1]
+        new_tokens = sequences[:, prompt_length:].tolist()  # [B][new tokens], one device read
+        prompt_lengths = host["attention_mask"].sum(1).tolist()  # [B] unpadded prompt tokens
         outputs, records = [], []
         for row, (task, split, doc_id) in enumerate(batch.keys):
-            decoded = decode_answer(
-                self.tokenizer, sequences[row, prompt_length:].tolist(), self._eos_ids, setting.until
-            )
+            decoded = decode_answer(self.tokenizer, new_tokens[row], self._eos_ids, setting.until)
             before, llm_input, after = sr.visual_token_counts(row_stats[row])
-            prompt_tokens = int(inputs["attention_mask"][row].sum())
+            prompt_tokens = int(prompt_lengths[row])
             record = sr.SampleRecord(
                 task=task,
                 split=split,
                 doc_id=doc_id,
                 rank=self._rank,
                 batch_id=self._batches,
-                batch_size=len(requests),
+                batch_size=len(batch.keys),
                 method=self.method.name,
                 method_params=self.method.params(),
                 attn_implementation=self.resolved_attn_implementation(),
                 num_images=batch.images_per_row[row],
-                image_sizes=batch.image_sizes_of(inputs.get("image_sizes"), row),
+                image_sizes=batch.image_sizes_of(host.get("image_sizes"), row),
                 prompt_tokens=prompt_tokens,
                 llm_prompt_tokens=prompt_tokens - before + llm_input,
                 visual_tokens_before=before,
@@ -314,7 +352,9 @@ class GlobalCom2LlavaNext(lmms):
                 answer=decoded.answer,
                 empty_answer=decoded.answer == "",
                 stop_reason=decoded.stop_reason,
-                preprocess_s=preprocess_s,
+                preprocess_s=ready.preprocess_s,
+                load_s=ready.load_s,
+                wait_s=waited,
                 prefill_s=measurement.prefill_s if measurement else None,
                 total_s=measurement.total_s if measurement else None,
                 peak_memory_bytes=measurement.peak_memory_bytes if measurement else None,
@@ -332,6 +372,9 @@ class GlobalCom2LlavaNext(lmms):
             counts = TokenCounts(input_tokens=record.llm_prompt_tokens, output_tokens=record.output_tokens)
             scored = task_protocol(self.protocol, task).read_answer(record.answer)
             outputs.append(GenerationResult(text=scored, token_counts=counts))
+        postprocess_s = time.perf_counter() - generated
+        for record in records:
+            record.postprocess_s = postprocess_s
         self._batches += 1
         return outputs, records
 

@@ -15,7 +15,14 @@ Steps:
 2. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, compile mode on CUDA, the benchmark's
    GPU columns);
 3. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
-4. the 13B efficiency table (SDPA, eager and compiled), if time is left.
+4. throughput through the real path, 7B random-init in bf16 at batch 1/8/16 (``globalcom2.perf.throughput``);
+5. the batch effect in bf16 on the trained tiny model, every method at R = 0.25, batch 1 against 8;
+6. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
+   through ``launcher=accelerate``);
+7. the 13B efficiency table (SDPA, eager and compiled), if time is left.
+
+Steps 4-6 run ``globalcom2.run`` and so need lmms-eval and Hydra: carry their wheels (the device tool's
+README says how); without them those steps fail and the others still run.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ def steps(images: int) -> list[Step]:
         Step(
             "gpu_tests",
             [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
-             "tests/models/test_compiled.py", "tests/efficiency"],
+             "tests/models/test_compiled.py", "tests/efficiency", "--ignore=tests/gpu/test_run_on_gpu.py"],
             180,
         ),
         Step(
@@ -63,6 +70,25 @@ def steps(images: int) -> list[Step]:
             [python, "-m", "globalcom2.perf.globalcom2_selection", "--device", "cuda"],
             60,
             ("globalcom2_selection_cuda.md", "globalcom2_selection_cuda.json"),
+        ),
+        Step(
+            "throughput_7b",
+            [python, "-m", "globalcom2.perf.throughput", "--model", "llava_next_7b", "--random-init",
+             "--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "1", "8", "16", "--prefetch", "both"],
+            420,
+            ("../throughput/llava_next_7b_cuda_throughput.md", "../throughput/llava_next_7b_cuda_throughput.json"),
+        ),
+        Step(
+            "batch_effect_bf16",
+            [python, "-m", "globalcom2.perf.throughput", "--mode", "batch-effect", "--device", "cuda",
+             "--dtype", "bfloat16"],
+            240,
+            ("../throughput/tiny_trained_cuda_batch_effect.md", "../throughput/tiny_trained_cuda_batch_effect.json"),
+        ),
+        Step(
+            "main_path_tests",
+            [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu/test_run_on_gpu.py"],
+            300,
         ),
         Step(
             "efficiency_13b",
@@ -115,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         failed += status != "ok"
         for name in step.outputs:
             if (RESULTS / name).is_file():
-                shutil.copy(RESULTS / name, args.out / name)
+                shutil.copy(RESULTS / name, args.out / Path(name).name)
         print(f"[{status}] {step.name}: {time.monotonic() - began:.0f} s, log {log}", flush=True)
     return 1 if failed else 0
 

@@ -30,6 +30,20 @@ class PreparedBatch:
         """``task#doc`` of every row, for error messages."""
         return ", ".join(f"{task}#{doc_id}" for task, _, doc_id in self.keys)
 
+    def row_images(self, row: int) -> list[Image.Image]:
+        """The images of ``row``."""
+        start = sum(self.images_per_row[:row])
+        return self.images[start : start + self.images_per_row[row]]
+
+    def select(self, rows: Sequence[int]) -> PreparedBatch:
+        """The batch of ``rows`` (in that order), each with its own images."""
+        return PreparedBatch(
+            prompts=[self.prompts[row] for row in rows],
+            images=[image for row in rows for image in self.row_images(row)],
+            images_per_row=[self.images_per_row[row] for row in rows],
+            keys=[self.keys[row] for row in rows],
+        )
+
     def image_sizes_of(self, image_sizes: Any, row: int) -> list[list[int]]:
         """``[[height, width], ...]`` of ``row``'s images, from the processor's flat ``image_sizes``."""
         if image_sizes is None or not self.images_per_row[row]:

@@ -27,9 +27,10 @@ import pandas as pd
 
 from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
 from globalcom2.records import CellRecord, RecordError
+from globalcom2.sample_records import RECORDS_FILE
 from globalcom2.store import CURRENT_FILE, PARTIAL_DIR, RECORD_FILE, Cell, current_cell_id
 
-RECORDS = "sample_records.jsonl"
+RECORDS = RECORDS_FILE
 CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/record.json
 
 CONFIG_COLUMNS = [

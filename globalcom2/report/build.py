@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,26 @@ class Report:
     directory: Path
     tables: list[tables.Table] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+
+
+#: Settings that change answers beyond the method and its ratio: in bf16 on a GPU, a batch's shape changes its
+#: rows' answers (README "Exactness"), and the dtype changes every answer. A table compares cells, so its
+#: cells should agree on these.
+COMPARABILITY = ("batch_size", "dtype")
+
+
+def mixed_settings(rows: pd.DataFrame) -> list[str]:
+    """One line per model of ``rows`` (one experiment) whose cells differ in a :data:`COMPARABILITY`
+    setting, with each value's cell count."""
+    problems = []
+    for model, group in rows.groupby("model", sort=True):
+        cells = group.drop_duplicates("cell_dir")
+        for column in COMPARABILITY:
+            counts = cells[column].astype(str).value_counts().sort_index()
+            if len(counts) > 1:
+                listing = ", ".join(f"{value} ({count} cells)" for value, count in counts.items())
+                problems.append(f"{model}: {column} differs between cells: {listing}")
+    return problems
 
 
 def experiment_tables(frame: pd.DataFrame, experiment: str) -> list[tables.Table]:
@@ -42,6 +63,12 @@ def build_report(frame: pd.DataFrame, experiment: str, out_dir: str | Path) -> R
     rows = frame[frame["experiment"] == experiment]
     if rows.empty:
         raise ValueError(f"no finished cells for experiment {experiment!r}")
+    for problem in mixed_settings(rows):
+        warnings.warn(
+            f"experiment {experiment!r}, {problem}; its tables compare cells run differently (re-run them "
+            "with one setting, or read the differences as part of the comparison)",
+            stacklevel=2,
+        )
     report = Report(experiment, out_dir)
     report.files += write_tidy(rows, out_dir)
     for table in experiment_tables(frame, experiment):

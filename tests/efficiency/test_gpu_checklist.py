@@ -12,7 +12,15 @@ from globalcom2.perf.gpu_checklist import Step, main
 def test_dry_run_lists_the_steps_in_order_of_value(capsys):
     assert main(["--dry-run"]) == 0
     names = [line.split(" ")[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["efficiency_7b", "gpu_tests", "selection", "efficiency_13b"]
+    assert names == [
+        "efficiency_7b",
+        "gpu_tests",
+        "selection",
+        "throughput_7b",
+        "batch_effect_bf16",
+        "main_path_tests",
+        "efficiency_13b",
+    ]
 
 
 def test_a_failing_step_does_not_stop_the_next_and_outputs_are_copied(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from helpers import prompt_inputs
 
 from globalcom2 import attach
 from globalcom2.efficiency.host_syncs import HostSyncCounter
+from globalcom2.hooks.cache_keyword import CACHE_KEYWORD, output_cache
 from globalcom2.methods import METHODS, InLLMMethod
 from globalcom2.prompts import vicuna_v1_prompt
 
@@ -86,7 +87,7 @@ def test_decode_steps_after_a_compressed_prefill_add_no_host_read(model, single,
             step = {
                 "input_ids": out.logits[:, -1:].argmax(-1),
                 "attention_mask": torch.ones(1, single["input_ids"].shape[1] + 1, dtype=torch.long),
-                "past_key_values": out.past_key_values,
+                CACHE_KEYWORD: output_cache(out),
                 "position_ids": torch.tensor([[single["input_ids"].shape[1]]]),
             }
             with HostSyncCounter() as syncs:

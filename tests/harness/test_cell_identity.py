@@ -99,6 +99,15 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
     assert identity("compile=default") == compiled and identity("compile=max-autotune") != compiled
     with pytest.raises(ValueError, match="compile must be true, false or one of default, reduce-overhead"):
         identity("compile=fast")
+    # prefetching changes when a batch is prepared, not what is in it: same identity, and it reaches the plugin
+    assert identity("prefetch=false") == base and "prefetch" not in base
+    serial = CellSpec.from_config(compose_cell(tmp_path, "prefetch=false"))
+    assert serial.run_spec().options.prefetch is False
+    assert CellSpec.from_dict(serial.to_dict()) == serial
+    assert CellSpec.from_config(compose_cell(tmp_path)).run_spec().options.prefetch is None  # auto
+    assert CellSpec.from_config(compose_cell(tmp_path, "prefetch=true")).run_spec().options.prefetch is True
+    with pytest.raises(ValueError, match="prefetch must be true, false or auto, got 'sometimes'"):
+        identity("prefetch=sometimes")
 
 
 def test_the_completion_check_is_repeated_under_the_lock(tmp_path, monkeypatch, capsys):

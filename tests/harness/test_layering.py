@@ -42,6 +42,7 @@ LAYERS: list[list[str]] = [
         "prompts",
         "provenance",
         "redaction",
+        "wheelhouse",  # run by path before any environment exists: the standard library only
     ],
 ]
 # Top to bottom; a models module may import the modules of any earlier layer (see globalcom2.models.base).

@@ -12,12 +12,16 @@ from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2 import attach
 from globalcom2.anyres import packed_layout, unpad_rounding
+from globalcom2.hooks.cache_keyword import CACHE_KEYWORD, output_cache
 from globalcom2.methods.base import PreLLMMethod
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.methods.sparsevlm import default_prune_layers
 from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.models.tiny import byte_level_tokenizer, tiny_config
 from globalcom2.prompts import vicuna_v1_prompt
+
+# Claims that rest on transformers internals: CI runs them on every supported transformers.
+pytestmark = pytest.mark.exactness
 
 # A left-padded batch row and the sample alone, or cached and uncached decoding, run through different kernel
 # paths: the unmodified tiny model itself differs by up to 1.7e-5 there (tests/hooks/test_pre_llm_attach.py).
@@ -160,7 +164,7 @@ def test_fastv_cached_generate_equals_masked_full_recompute(processor, images, a
 
     # Layers >= K cached only the kept rows, and every layer one row per generated token (the last step's
     # token is not cached).
-    cache = out.past_key_values
+    cache = output_cache(out)
     kept = prompt_length - int(dropped.sum())
     lengths = [cache.get_seq_length(layer) for layer in range(4)]
     assert lengths == [prompt_length + 4] * 2 + [kept + 4] * 2
@@ -340,7 +344,7 @@ def test_sparsevlm_cached_decode_equals_no_cache_recompute(processor, images):
         torch.stack(out.logits), torch.stack(reference).float(), atol=CACHE_ATOL, rtol=0
     )
     stats = handle.stats[0]
-    lengths = [out.past_key_values.get_seq_length(layer) for layer in range(4)]
+    lengths = [output_cache(out).get_seq_length(layer) for layer in range(4)]
     assert lengths == [count + 3 for count in stats.tokens_per_layer]
 
 
@@ -674,8 +678,8 @@ def test_a_zero_in_the_generated_part_of_the_mask_is_refused_not_ignored(model, 
     length = inputs["input_ids"].shape[1]
     with attach(model, "fastv", retention_ratio=0.5), torch.no_grad():
         cache = DynamicCache(config=model.config.text_config)
-        model(**inputs, past_key_values=cache, use_cache=True)
-        step = {"past_key_values": cache, "use_cache": True}
+        model(**inputs, **{CACHE_KEYWORD: cache}, use_cache=True)
+        step = {CACHE_KEYWORD: cache, "use_cache": True}
         model(
             input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, length + 1, dtype=torch.long), **step
         )

@@ -15,6 +15,9 @@ from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 
+# Claims that rest on transformers internals: CI runs them on every supported transformers.
+pytestmark = pytest.mark.exactness
+
 SIZES = [(336, 336), (672, 672), (1008, 336), (336, 1008), (800, 600)]  # (width, height)
 RATIOS = [0.75, 0.5, 0.25, 0.1]
 # The same computation through a different kernel path (a left-padded batch row vs the sample alone, where

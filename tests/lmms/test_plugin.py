@@ -224,3 +224,32 @@ def test_model_args_keys_are_the_plugins_options_and_a_spec_is_taken_as_it_is(lm
     assert built.method is spec.method.built and built.attachment.method is spec.method.built
     with pytest.raises(TypeError, match="a RunSpec or model_args, not both"):
         GlobalCom2LlavaNext(spec, batch_size=2)
+
+
+def test_grouped_and_prefetched_batches_answer_as_one_by_one(lm, images, monkeypatch):
+    """Batches of three, grouped by length and prepared in the background, give every request the answer and
+    the record it gets alone and in turn (fp32): same tokens, same visual-token counts, lmms-eval's order."""
+    sizes = [(336, 1008), (336, 336), (800, 600), (336, 336), (1008, 336), (672, 672), (336, 1008)]
+    docs = [{"image": images[size]} for size in sizes]
+    gen = {"until": ["\n\n"], "max_new_tokens": 3}
+
+    def answer(batch_size: int, prefetch: bool) -> tuple[list[str], list]:
+        monkeypatch.setattr(lm, "batch_size_per_device", batch_size)
+        monkeypatch.setattr(lm, "prefetch", prefetch)
+        lm.reset_records()
+        outputs = lm.generate_until(requests_for(lm, docs, gen_kwargs=gen))
+        return [o.text for o in outputs], list(lm.records)
+
+    assert lm.prefetch is False and lm.run_info["prefetch"] is False  # auto: off when the model runs on a CPU
+    alone, alone_records = answer(1, prefetch=False)
+    batched, batched_records = answer(3, prefetch=True)
+    assert batched == alone
+    assert [r.doc_id for r in batched_records] == list(range(len(docs)))
+    for one, many in zip(alone_records, batched_records, strict=True):
+        assert many.output_token_ids == one.output_token_ids
+        assert (many.prompt_tokens, many.visual_tokens_after) == (one.prompt_tokens, one.visual_tokens_after)
+        assert many.batch_size == 3 or many.batch_size == len(docs) % 3
+        assert None not in (many.load_s, many.wait_s, many.postprocess_s, many.loop_s)
+    # the two (336, 336) images share a batch: grouping by length put them together
+    square = {r.batch_id for r in batched_records if r.image_sizes == [[336, 336]]}
+    assert len(square) == 1

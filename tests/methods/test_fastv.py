@@ -9,6 +9,9 @@ from helpers import prompt_inputs
 from globalcom2 import attach
 from globalcom2.methods import METHODS
 
+# Claims that rest on transformers internals: CI runs them on every supported transformers.
+pytestmark = pytest.mark.exactness
+
 
 def logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():

@@ -85,6 +85,7 @@ def test_only_the_given_instances_change(llava_tiny, tiny):
         load_llava_next("tiny", geometry="anyres")
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("method", ["vanilla", "random", "globalcom2", "fastv", "sparsevlm"])
 def test_ratio_one_is_bit_identical_under_the_llava_geometry(llava_tiny, method):
     model, processor = llava_tiny

@@ -123,6 +123,7 @@ def test_the_random_model_fails_both(model, processor):
     assert all(scores.get(qtype, 0.0) < threshold for qtype, threshold in THRESHOLDS.items()), scores
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("method", list_methods())
 def test_ratio_one_is_bit_identical_on_the_trained_weights(trained, images, method):
     model, processor = trained

@@ -628,3 +628,21 @@ def test_cells_of_an_experiment_named_like_a_trackers_folder_are_shown(tmp_path)
     (root / "wandb" / "offline-run-1" / "files" / "record.json").write_text("{}")  # a tracker's file
     frame = tidy_results(root)
     assert set(frame["experiment"]) == {"wandb"} and set(frame["method"]) == {"vanilla"}
+
+
+def test_a_table_that_mixes_batch_sizes_or_dtypes_warns(tmp_path):
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one setting throughout: no warning
+        build_report(tidy_results(root), "t1", tmp_path / "same")
+    cell = write_cell(root, "globalcom2", 0.25, {"GQA": 54.0})
+    record = json.loads((cell / "record.json").read_text())
+    record["spec"]["benchmark"]["batch_size"] = 8
+    record["spec"]["model"]["dtype"] = "bfloat16"
+    (cell / "record.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning) as caught:
+        build_report(tidy_results(root), "t1", tmp_path / "mixed")
+    messages = [str(w.message) for w in caught]
+    assert any("batch_size differs between cells: 1 (1 cells), 8 (1 cells)" in m for m in messages), messages
+    assert any("dtype differs between cells: bfloat16 (1 cells), float16 (1 cells)" in m for m in messages)

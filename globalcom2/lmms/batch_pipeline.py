@@ -1,0 +1,193 @@
+"""The plugin's batches: grouped so that each pads little, and prepared in a background thread while the model
+generates the one before.
+
+lmms-eval hands a simple model every request of a process in one ``generate_until`` call. Preparing a batch
+(reading its documents and images, then running the processor) is host work; done between two ``generate``
+calls it leaves the device idle. Here one background thread does it up to ``lookahead`` batches ahead, so the
+host work of batch ``k + 1`` overlaps the generation of batch ``k``.
+
+Grouping: the requests of one generation setting are read ``window`` batches at a time. Inside a window they
+are ordered by length: visual tokens (each image's AnyRes layout, known from its size), then the prompt's
+characters. A batch then holds requests of similar length and left-pads little. lmms-eval's own models order
+by the tokenised context alone (``_collate`` in lmms_eval/models/simple/llava_hf.py, 0.7.3), which misses the
+images, the larger part of a LLaVA-NeXT prompt. The window bounds how many decoded images are held at once.
+Answers go back to their request's position, so lmms-eval sees its own order; with ``batch_size = 1`` nothing
+is reordered.
+
+Why a thread and not a process pool: the documents live in lmms-eval's ``task_dict`` (datasets objects and
+task callables that do not pickle reliably), and the heavy parts of preparation (image decoding, resizing,
+tensor conversion) release the GIL.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from globalcom2.protocol.batching import PreparedBatch
+
+#: Batches read (and ordered by length) together; bounds the decoded images held in memory.
+DEFAULT_WINDOW = 8
+#: Batches prepared ahead of the one generating.
+DEFAULT_LOOKAHEAD = 2
+
+
+@dataclass(frozen=True)
+class ReadyBatch:
+    """One batch, prepared on the host and ready to move to the device.
+
+    Attributes:
+        indices: the batch rows' positions in the request list ``generate_until`` received.
+        prepared: prompts, images and keys of the rows.
+        inputs: the processor's ``BatchFeature`` (CPU tensors).
+        load_s: seconds spent reading this batch's documents and images (its share of its window's).
+        preprocess_s: seconds spent in the processor for this batch.
+    """
+
+    indices: list[int]
+    prepared: PreparedBatch
+    inputs: Any
+    load_s: float
+    preprocess_s: float
+
+
+def length_order(prepared: PreparedBatch, visual_tokens: Callable[[Any], int]) -> list[int]:
+    """Rows of ``prepared`` from shortest to longest (stable): visual tokens of the row's images, then the
+    prompt's length in characters."""
+    keys = [
+        (sum(visual_tokens(image) for image in prepared.row_images(row)), len(prompt))
+        for row, prompt in enumerate(prepared.prompts)
+    ]
+    return sorted(range(len(keys)), key=keys.__getitem__)
+
+
+def plan_batches(
+    prepared: PreparedBatch, batch_size: int, visual_tokens: Callable[[Any], int]
+) -> list[list[int]]:
+    """The rows of one window split into batches of ``batch_size``: in order when ``batch_size`` is 1, else
+    grouped by length (:func:`length_order`)."""
+    order = list(range(len(prepared.prompts))) if batch_size == 1 else length_order(prepared, visual_tokens)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class _Failure:
+    """An exception raised in the background thread, carried to the consumer."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_DONE = object()
+
+
+class BatchFeeder:
+    """Yields :class:`ReadyBatch` es for a list of request positions, prepared ahead in a background thread.
+
+    Args:
+        load: request positions -> :class:`PreparedBatch` (documents, prompts, images).
+        encode: :class:`PreparedBatch` -> the processor's inputs (CPU).
+        visual_tokens: a PIL image -> its visual-token count (for grouping by length).
+        batch_size: rows per batch.
+        window: batches read and ordered together.
+        lookahead: batches prepared ahead; 0 prepares each batch in the consumer's thread, in turn (no
+            overlap), which the throughput benchmark uses as its baseline.
+
+    An error while preparing is raised in the consumer, at the batch it concerns, with its own type and
+    message; the thread stops when the consumer stops early (``close``, or leaving the ``with`` block).
+    """
+
+    def __init__(
+        self,
+        load: Callable[[Sequence[int]], PreparedBatch],
+        encode: Callable[[PreparedBatch], Any],
+        visual_tokens: Callable[[Any], int],
+        batch_size: int,
+        *,
+        window: int = DEFAULT_WINDOW,
+        lookahead: int = DEFAULT_LOOKAHEAD,
+    ) -> None:
+        if batch_size < 1 or window < 1 or lookahead < 0:
+            raise ValueError(
+                f"batch_size and window must be >= 1 and lookahead >= 0, got {batch_size}, {window}, {lookahead}"
+            )
+        self._load, self._encode, self._visual_tokens = load, encode, visual_tokens
+        self.batch_size, self.window, self.lookahead = batch_size, window, lookahead
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- producing --------------------------------------------------------------------------------------
+    def _produce(self, positions: Sequence[int]) -> Iterator[ReadyBatch]:
+        span = self.batch_size * self.window
+        for start in range(0, len(positions), span):
+            window = list(positions[start : start + span])
+            began = time.perf_counter()
+            prepared = self._load(window)
+            load_share = (time.perf_counter() - began) / len(window)
+            for rows in plan_batches(prepared, self.batch_size, self._visual_tokens):
+                batch = prepared.select(rows)
+                began = time.perf_counter()
+                inputs = self._encode(batch)
+                encoded = time.perf_counter() - began
+                yield ReadyBatch(
+                    [window[row] for row in rows], batch, inputs, load_share * len(rows), encoded
+                )
+
+    def _fill(self, positions: Sequence[int], out: queue.Queue) -> None:
+        try:
+            for batch in self._produce(positions):
+                if not self._put(out, batch):
+                    return
+            self._put(out, _DONE)
+        except BaseException as err:  # handed to the consumer, which raises it
+            self._put(out, _Failure(err))
+
+    def _put(self, out: queue.Queue, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- consuming --------------------------------------------------------------------------------------
+    def batches(self, positions: Sequence[int]) -> Iterator[tuple[ReadyBatch, float]]:
+        """``(batch, wait_s)`` for every batch of ``positions``; ``wait_s`` is how long the consumer waited for
+        it (0 when the thread kept ahead; the whole preparation when ``lookahead`` is 0)."""
+        if self.lookahead == 0:
+            produced = self._produce(positions)
+            while True:
+                began = time.perf_counter()
+                batch = next(produced, None)
+                if batch is None:
+                    return
+                yield batch, time.perf_counter() - began
+        out: queue.Queue = queue.Queue(maxsize=self.lookahead)
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._fill, args=(positions, out), name="globalcom2-batch-feeder", daemon=True
+        )
+        self._thread.start()
+        try:
+            while True:
+                began = time.perf_counter()
+                item = out.get()
+                waited = time.perf_counter() - began
+                if item is _DONE:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item, waited
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the background thread (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

@@ -1,0 +1,334 @@
+"""Evaluation throughput of the real path, and what batching changes: ``globalcom2.run`` cells at several batch
+sizes, each through lmms-eval and the plugin, read back from their records.
+
+Every cell is one ``python -m globalcom2.run`` process (a user's cell, ``force=true``, in its own results
+folder), so what is timed is what a sweep pays: data loading, preprocessing, generation, answer decoding and
+lmms-eval's scoring. Two reports come from the same cells:
+
+* **throughput** (``make bench-throughput``): per method x R x batch size, samples/s over the plugin's batch
+  loop (first call excluded, as in every latency figure) and over lmms-eval's whole ``evaluate`` (task
+  building and scoring included); the seconds spent in each stage, summed over the batches (data loading and
+  preprocessing run in the plugin's background thread, ``globalcom2/lmms/batch_pipeline.py``, so their sum
+  with generate may exceed the loop's wall time: the ``overlap`` column is that ratio); the padded share of
+  the batches' prompt tokens; and peak memory. ``--prefetch both`` (this mode's default) runs every cell with
+  the background thread and without it.
+* **batch effect** (``make bench-batch-effect``): per method and batch size N > 1, how many answers (generated
+  token ids) differ from batch 1's, and every metric's change. In fp32 none should (the harness's exactness
+  claim, ``tests/lmms``); in bf16 on a GPU, kernels depend on the batch shape and this measures how much.
+
+    python -m globalcom2.perf.throughput                                    # tiny-trained, CPU, efficiency split
+    python -m globalcom2.perf.throughput --mode batch-effect --benchmark demo --limit 64
+    python -m globalcom2.perf.throughput --model llava_next_7b --random-init --device cuda --dtype bfloat16
+
+Writes ``results/throughput/<model>_<device>_<mode>.{md,json}`` (the JSON carries every row, the settings,
+each cell's folder and provenance) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from globalcom2.atomic import atomic_write_json, atomic_write_text
+from globalcom2.efficiency.summary import latency_summary
+from globalcom2.paths import PROJECT_ROOT
+from globalcom2.perf.efficiency import Variant, parse_variant
+from globalcom2.provenance import provenance
+from globalcom2.records import CellRecord, ratio_label
+from globalcom2.sample_records import RECORDS_FILE, SampleRecord
+from globalcom2.store import Cell, current_cell_id
+
+MODES = ("throughput", "batch-effect")
+PREFETCH: dict[str, tuple[bool | None, ...]] = {
+    "auto": (None,),
+    "on": (True,),
+    "off": (False,),
+    "both": (True, False),
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "throughput": {
+        "variants": ["vanilla@1", "globalcom2@0.25"],
+        "batch_sizes": [1, 4, 8, 16],
+        "benchmark": "efficiency",
+        "limit": None,  # the efficiency split's 30 images
+        "prefetch": "both",
+    },
+    "batch-effect": {
+        "variants": ["vanilla@1", "random@0.25", "globalcom2@0.25", "fastv@0.25", "sparsevlm@0.25"],
+        "batch_sizes": [1, 8],
+        "benchmark": "demo",
+        "limit": 96,  # of the demo's 300 test items: every question type, ten cells in minutes on a CPU
+        "prefetch": "auto",
+    },
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cell of the benchmark."""
+
+    method: str
+    ratio: float
+    batch_size: int
+    prefetch: bool | None  # None: the harness's default (auto)
+
+    @property
+    def experiment(self) -> str:
+        mode = {None: "", True: "_prefetch", False: "_serial"}[self.prefetch]
+        return f"throughput_b{self.batch_size}{mode}"
+
+
+def cell_overrides(setting: Setting, args: argparse.Namespace, results_dir: Path) -> list[str]:
+    """The ``globalcom2.run`` command line of one setting."""
+    overrides = [
+        f"model={args.model}",
+        f"benchmark={args.benchmark}",
+        f"method={setting.method}",
+        f"benchmark.batch_size={setting.batch_size}",
+        f"prefetch={'auto' if setting.prefetch is None else str(setting.prefetch).lower()}",
+        f"experiment_name={setting.experiment}",
+        f"paths.results_dir={results_dir}",
+        "force=true",
+    ]
+    if setting.method != "vanilla":
+        overrides.append(f"method.retention_ratio={setting.ratio}")
+    if args.limit is not None:
+        overrides.append(f"benchmark.limit={args.limit}")
+    if args.device:
+        overrides.append(f"model.device={args.device}")
+    if args.dtype:
+        overrides.append(f"model.dtype={args.dtype}")
+    if args.random_init:
+        overrides.append("model.random_init=true")
+    if args.compile:
+        overrides.append("compile=true")
+    return overrides + list(args.extra)
+
+
+def run_cell(setting: Setting, args: argparse.Namespace, results_dir: Path) -> None:
+    """Run one cell in its own process; its output goes to the console, a failure stops the benchmark."""
+    command = [sys.executable, "-m", "globalcom2.run", *cell_overrides(setting, args, results_dir)]
+    print("$", " ".join(command), flush=True)
+    done = subprocess.run(command, cwd=PROJECT_ROOT, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"cell {setting} failed (exit {done.returncode}); its output is above")
+
+
+@dataclass(frozen=True)
+class FinishedCell:
+    path: Path  # the cell folder
+    record: CellRecord
+
+
+def find_cell(results_dir: Path, setting: Setting) -> FinishedCell:
+    """The cell a setting ran: the one its key folder's ``current`` file names (the store's rule)."""
+    ratio = ratio_label(1.0 if setting.method == "vanilla" else setting.ratio)
+    key_dirs = sorted(results_dir.glob(f"{setting.experiment}/*/{setting.method}/{ratio}/*"))
+    if len(key_dirs) != 1:
+        raise LookupError(f"expected one key folder for {setting} under {results_dir}, found {key_dirs}")
+    current = current_cell_id(key_dirs[0])
+    if current is None:
+        raise LookupError(f"{key_dirs[0]} names no current cell: the run of {setting} did not finish")
+    folder = key_dirs[0] / current
+    return FinishedCell(folder, Cell.finished_record(folder))
+
+
+def read_records(cell: FinishedCell) -> list[SampleRecord]:
+    path = cell.path / cell.record.files.get("records", RECORDS_FILE)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [SampleRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
+
+
+def padded_share(records: list[SampleRecord]) -> float:
+    """Share of the batches' token slots that are padding: 1 - sum(prompt) / sum(batch x longest prompt)."""
+    batches: dict[tuple[int, int], list[int]] = {}
+    for record in records:
+        batches.setdefault((record.rank, record.batch_id), []).append(record.prompt_tokens)
+    slots = sum(len(lengths) * max(lengths) for lengths in batches.values())
+    return 1.0 - sum(sum(lengths) for lengths in batches.values()) / slots
+
+
+def throughput_row(setting: Setting, cell: FinishedCell, records: list[SampleRecord]) -> dict[str, Any]:
+    """One row of the throughput table from a finished cell. Stage seconds are summed over the timed batches:
+    the first (which also carries the warm-up generate) is left out, as in every latency figure."""
+    calls = [c for c in {(r.rank, r.batch_id): r for r in records}.values() if not c.first_call]
+    latency = latency_summary(records)
+    timings = cell.record.timings
+
+    def total(name: str) -> float:
+        return sum(getattr(c, name) or 0.0 for c in calls)
+
+    stages = {
+        "load_s": total("load_s"),
+        "preprocess_s": total("preprocess_s"),
+        "generate_s": total("total_s"),
+        "postprocess_s": total("postprocess_s"),
+    }
+    loop = total("loop_s")
+    evaluate = timings.get("evaluate_s")
+    generate_until = timings.get("generate_until_s")
+    peak = latency.get("peak_memory_gib") or {}
+    first = latency.get("first_call")
+    return {
+        "method": setting.method,
+        "R": setting.ratio,
+        "batch": setting.batch_size,
+        "prefetch": cell.record.run.get("prefetch"),  # as the plugin resolved it
+        "samples": len(records),
+        "timed batches": len(calls),
+        "samples/s (loop)": latency["throughput_samples_per_s_end_to_end"],
+        "samples/s (evaluate)": len(records) / evaluate if evaluate else None,
+        **stages,
+        "wait_s": total("wait_s"),
+        "loop_s": loop,
+        "overlap": sum(stages.values()) / loop if loop else None,
+        "scoring_s": evaluate - generate_until if evaluate and generate_until is not None else None,
+        "padded share": padded_share(records),
+        "peak GiB": peak.get("max"),
+        "first call s": first["total_ms"] / 1e3 if first else None,
+        "cell": str(cell.path),
+    }
+
+
+def batch_effect_rows(
+    cells: dict[Setting, tuple[FinishedCell, list[SampleRecord]]],
+) -> list[dict[str, Any]]:
+    """Per method and batch size N > 1: answers that differ from batch 1's and each metric's change."""
+    rows = []
+    singles = {(s.method, s.ratio, s.prefetch): v for s, v in cells.items() if s.batch_size == 1}
+    for setting, (cell, records) in cells.items():
+        single = singles.get((setting.method, setting.ratio, setting.prefetch))
+        if setting.batch_size == 1 or single is None:
+            continue
+        single_cell, single_records = single
+        alone = {(r.task, r.doc_id): r.output_token_ids for r in single_records}
+        together = {(r.task, r.doc_id): r.output_token_ids for r in records}
+        shared = alone.keys() & together.keys()
+        changed = sum(alone[key] != together[key] for key in shared)
+        first = sum(alone[key][:1] != together[key][:1] for key in shared)
+        deltas = {}
+        for task, metrics in cell.record.metrics.items():
+            for metric, value in metrics.items():
+                base = single_cell.record.metrics.get(task, {}).get(metric)
+                if base is not None:
+                    deltas[f"{task}/{metric}"] = value - base
+        rows.append(
+            {
+                "method": setting.method,
+                "R": setting.ratio,
+                "batch": setting.batch_size,
+                "samples": len(shared),
+                "answers changed": changed,
+                "first token changed": first,
+                "largest metric change": max(deltas.values(), key=abs) if deltas else None,
+                "metric changes": deltas,
+                "cell": str(cell.path),
+                "batch-1 cell": str(single_cell.path),
+            }
+        )
+    return rows
+
+
+def markdown(frame: pd.DataFrame, drop: tuple[str, ...] = ("cell", "batch-1 cell", "metric changes")) -> str:
+    shown = frame.drop(columns=[c for c in drop if c in frame.columns])
+    return shown.to_markdown(index=False, floatfmt=".3g")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=MODES, default="throughput")
+    parser.add_argument("--model", default="tiny_trained", help="a configs/model option")
+    parser.add_argument("--benchmark", default=None, help="a configs/benchmark option (default: per mode)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="first N documents per task (default: per mode)"
+    )
+    parser.add_argument("--variants", nargs="+", type=parse_variant, default=None, help="METHOD@R ...")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None)
+    parser.add_argument(
+        "--prefetch",
+        choices=PREFETCH,
+        default=None,
+        help="the plugin's background preparation: auto, on, off, or both (each cell twice); default per mode",
+    )
+    parser.add_argument("--device", default=None, help="model.device (default: the model config's)")
+    parser.add_argument("--dtype", default=None, help="model.dtype (default: the model config's)")
+    parser.add_argument("--random-init", action="store_true", help="model.random_init=true (7B/13B)")
+    parser.add_argument("--compile", action="store_true", help="compile=true")
+    parser.add_argument(
+        "--results-dir", type=Path, default=None, help="where the cells go (default: a temp dir)"
+    )
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "throughput")
+    parser.add_argument("extra", nargs="*", help="further Hydra overrides for every cell")
+    args = parser.parse_args(argv)
+    defaults = DEFAULTS[args.mode]
+    args.variants = args.variants or [parse_variant(v) for v in defaults["variants"]]
+    args.batch_sizes = args.batch_sizes or defaults["batch_sizes"]
+    args.benchmark = args.benchmark or defaults["benchmark"]
+    args.prefetch = args.prefetch or defaults["prefetch"]
+    args.limit = args.limit if args.limit is not None else defaults["limit"]
+    if any(size < 1 for size in args.batch_sizes):
+        parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    if args.mode == "batch-effect" and 1 not in args.batch_sizes:
+        parser.error("--mode batch-effect compares with batch size 1: include 1 in --batch-sizes")
+    return args
+
+
+def settings_of(args: argparse.Namespace) -> list[Setting]:
+    variants: list[Variant] = args.variants
+    prefetch = PREFETCH[args.prefetch]
+    return [
+        Setting(method, ratio, size, on)
+        for on in prefetch
+        for size in args.batch_sizes
+        for method, ratio in variants
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    results_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="globalcom2-throughput-"))
+    settings = settings_of(args)
+    for setting in settings:
+        run_cell(setting, args, results_dir)
+    cells = {}
+    for setting in settings:
+        cell = find_cell(results_dir, setting)
+        cells[setting] = (cell, read_records(cell))
+    if args.mode == "throughput":
+        rows = [throughput_row(s, cell, records) for s, (cell, records) in cells.items()]
+    else:
+        rows = batch_effect_rows(cells)
+    frame = pd.DataFrame(rows)
+    any_record = next(iter(cells.values()))[0].record
+    device, dtype = any_record.run.get("device"), any_record.run.get("dtype")
+    stem = args.out / f"{args.model}_{str(device).split(':')[0]}_{args.mode.replace('-', '_')}"
+    title = (
+        f"{args.mode} of {args.model} on {args.benchmark} ({len(next(iter(cells.values()))[1])} samples per cell), "
+        f"{device}, {dtype}"
+    )
+    text = f"# {title}\n\n{markdown(frame)}\n"
+    atomic_write_text(stem.with_suffix(".md"), text)
+    payload = {
+        "title": title,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": rows,
+        "torch_threads": torch.get_num_threads(),
+        "provenance": provenance(),
+    }
+    atomic_write_json(stem.with_suffix(".json"), payload, default=str)
+    print(text)
+    print(f"wrote {stem}.md and .json; cells under {results_dir}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The throughput and batch-effect benchmark: real globalcom2.run cells read back into rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from globalcom2.perf import throughput
+from globalcom2.sample_records import SampleRecord
+
+
+def record(doc_id: int, batch_id: int, prompt_tokens: int, tokens: list[int]) -> SampleRecord:
+    return SampleRecord(
+        task="toy",
+        split="test",
+        doc_id=doc_id,
+        rank=0,
+        batch_id=batch_id,
+        batch_size=2,
+        method="vanilla",
+        method_params={},
+        attn_implementation="sdpa",
+        num_images=1,
+        image_sizes=[[336, 336]],
+        prompt_tokens=prompt_tokens,
+        llm_prompt_tokens=prompt_tokens,
+        visual_tokens_before=0,
+        visual_tokens_llm_input=0,
+        visual_tokens_after=0,
+        output_tokens=len(tokens),
+        output_token_ids=tokens,
+        answer="",
+        empty_answer=False,
+        stop_reason="eos",
+        preprocess_s=0.0,
+        prefill_s=None,
+        total_s=None,
+        peak_memory_bytes=None,
+        peak_memory_note=None,
+        clock=None,
+    )
+
+
+def test_padded_share_counts_the_slots_of_each_batch():
+    records = [record(0, 0, 10, []), record(1, 0, 6, []), record(2, 1, 8, []), record(3, 1, 8, [])]
+    assert throughput.padded_share(records) == pytest.approx(1 - 32 / 36)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--mode", "batch-effect", "--batch-sizes", "4", "8"])
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--variants", "nonsense@0.5"])
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--batch-sizes", "0"])
+
+
+def test_batch_effect_of_real_cells_is_none_in_fp32(tmp_path):
+    """Two real cells (batch 1 and 3, fp32) through globalcom2.run: the batch-effect row finds every answer
+    unchanged and no metric moved (the exactness claim), and the throughput rows carry every stage."""
+    args = [
+        "--mode", "batch-effect", "--model", "tiny", "--benchmark", "demo", "--limit", "6",
+        "--variants", "globalcom2@0.25", "--batch-sizes", "1", "3",
+        "--results-dir", str(tmp_path / "cells"), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    payload = throughput.main(args)
+    (row,) = payload["rows"]
+    assert (row["method"], row["batch"], row["samples"]) == ("globalcom2", 3, 6)
+    assert row["answers changed"] == 0 and row["first token changed"] == 0
+    assert row["metric changes"] and all(delta == 0 for delta in row["metric changes"].values())
+    written = json.loads((tmp_path / "out" / "tiny_cpu_batch_effect.json").read_text())
+    assert written["rows"] == payload["rows"] and written["provenance"]["versions"]
+
+    # the same cells as a throughput table (no re-run: the cells are read from their folder)
+    cells = {}
+    for size in (1, 3):
+        setting = throughput.Setting("globalcom2", 0.25, size, None)
+        cell = throughput.find_cell(tmp_path / "cells", setting)
+        cells[size] = throughput.throughput_row(setting, cell, throughput.read_records(cell))
+    for size, row in cells.items():
+        assert (
+            row["samples"] == 6 and row["timed batches"] == 6 // size - 1
+        )  # the first batch is reported apart
+        assert row["samples/s (loop)"] > 0 and row["generate_s"] > 0 and row["loop_s"] > 0
+        assert row["scoring_s"] is not None and row["scoring_s"] >= 0
+    assert cells[1]["padded share"] == 0

@@ -1,0 +1,142 @@
+"""Batches grouped by length and prepared in a background thread: every request once, in lmms-eval's order at
+the end, errors raised where they belong, and preparation overlapping generation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from PIL import Image
+
+from globalcom2.lmms.batch_pipeline import BatchFeeder, length_order, plan_batches
+from globalcom2.protocol.batching import PreparedBatch
+
+
+def prepared_for(sizes: list[tuple[int, int] | None], prompts: list[str] | None = None) -> PreparedBatch:
+    """One row per entry: an image of that (width, height), or none."""
+    images = [Image.new("RGB", size) for size in sizes if size is not None]
+    return PreparedBatch(
+        prompts=prompts or [f"q{i}" for i in range(len(sizes))],
+        images=images,
+        images_per_row=[0 if size is None else 1 for size in sizes],
+        keys=[("toy", "test", i) for i in range(len(sizes))],
+    )
+
+
+def area(image: Image.Image) -> int:
+    return image.width * image.height
+
+
+def test_rows_are_ordered_by_visual_tokens_then_prompt_length():
+    prepared = prepared_for([(30, 30), (10, 10), None, (10, 10)], prompts=["a", "long prompt", "b", "c"])
+    assert length_order(prepared, area) == [2, 3, 1, 0]
+
+
+def test_select_keeps_each_rows_own_images():
+    prepared = prepared_for([(30, 30), None, (10, 20)])
+    picked = prepared.select([2, 1, 0])
+    assert [image.size for image in picked.images] == [(10, 20), (30, 30)]
+    assert picked.images_per_row == [1, 0, 1] and [k[2] for k in picked.keys] == [2, 1, 0]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
+def test_batches_cover_every_row_once(batch_size):
+    prepared = prepared_for([(20, 20), (10, 10), (30, 30), (10, 10), (20, 20)])
+    batches = plan_batches(prepared, batch_size, area)
+    assert sorted(row for batch in batches for row in batch) == list(range(5))
+    assert all(len(batch) <= batch_size for batch in batches)
+    if batch_size == 1:
+        assert batches == [[0], [1], [2], [3], [4]]  # nothing reordered at batch size 1
+    if batch_size == 2:
+        assert batches == [[1, 3], [0, 4], [2]]  # equal lengths share a batch: no padding in the first two
+
+
+def feeder_for(sizes, batch_size, lookahead, window=8, load=None, encode=None):
+    prepared = prepared_for(sizes)
+
+    def default_load(positions):
+        return prepared.select(list(positions))
+
+    return BatchFeeder(
+        load or default_load,
+        encode or (lambda batch: [k[2] for k in batch.keys]),
+        area,
+        batch_size,
+        window=window,
+        lookahead=lookahead,
+    )
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+@pytest.mark.parametrize("window", [1, 2, 8])
+def test_every_position_is_fed_once_with_its_own_inputs(lookahead, window):
+    sizes = [(20, 20), (10, 10), (30, 30), (10, 10), (20, 20), (40, 10), None]
+    positions = [6, 0, 2, 5, 1, 3, 4]  # any subset order, as a settings group gives it
+    feeder = feeder_for(sizes, batch_size=2, lookahead=lookahead, window=window)
+    seen = []
+    for ready, waited in feeder.batches(positions):
+        assert ready.inputs == [key[2] for key in ready.prepared.keys] == ready.indices  # rows stay aligned
+        assert waited >= 0 and ready.load_s >= 0 and ready.preprocess_s >= 0
+        seen += ready.indices
+    assert sorted(seen) == sorted(positions)
+
+
+def test_the_same_batches_with_and_without_the_background_thread():
+    sizes = [(20, 20), (10, 10), (30, 30), (10, 10), (20, 20), (40, 10), None, (30, 30)]
+    runs = [
+        [ready.indices for ready, _ in feeder_for(sizes, 3, lookahead).batches(range(len(sizes)))]
+        for lookahead in (0, 1, 3)
+    ]
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_a_preparation_error_reaches_the_consumer_with_its_type_and_message(lookahead):
+    def load(positions):
+        if 3 in positions:
+            raise ValueError("toy doc 3: expected PIL images, got str")
+        return prepared_for([(10, 10)] * len(positions))
+
+    feeder = feeder_for([(10, 10)] * 6, batch_size=1, lookahead=lookahead, window=1, load=load)
+    fed = []
+    with pytest.raises(ValueError, match="toy doc 3: expected PIL images"):
+        for ready, _ in feeder.batches(range(6)):
+            fed += ready.indices
+    assert fed == [0, 1, 2]  # every batch before the bad one was served
+
+
+def test_a_consumer_that_stops_early_stops_the_thread():
+    feeder = feeder_for([(10, 10)] * 50, batch_size=1, lookahead=2, window=1)
+    batches = feeder.batches(range(50))
+    next(batches)
+    batches.close()  # what leaving a for loop early (or an exception in its body) does to the generator
+    assert feeder._thread is None
+    assert not any(t.name == "globalcom2-batch-feeder" for t in threading.enumerate())
+
+
+def test_the_next_batch_is_prepared_while_the_consumer_works_on_this_one():
+    """No clock: while the consumer holds batch k, it waits for the feeder to start preparing batch k + 1.
+    With the background thread that happens; without it (lookahead 0) it cannot, and the wait times out."""
+
+    def run(lookahead: int) -> list[bool]:
+        started = {k: threading.Event() for k in range(4)}
+
+        def encode(batch):
+            started[batch.keys[0][2]].set()
+            return None
+
+        feeder = feeder_for([(10, 10)] * 4, batch_size=1, lookahead=lookahead, window=4, encode=encode)
+        overlapped = []
+        for ready, _ in feeder.batches(range(4)):
+            k = ready.indices[0]
+            if k < 3:
+                overlapped.append(started[k + 1].wait(timeout=0.5 if lookahead == 0 else 30))
+        return overlapped
+
+    assert run(lookahead=2) == [True, True, True]
+    assert run(lookahead=0) == [False, False, False]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="batch_size and window must be >= 1 and lookahead >= 0"):
+        feeder_for([(10, 10)], batch_size=0, lookahead=2)
