@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml
 		echo ">> keeping $(PYTHON)'s CUDA torch $$cuda_torch"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV) && echo "torch==$$cuda_torch" > $(VENV)/torch-constraint.txt; \
 	else \
-		$(PYTHON) -m venv $(VENV); \
+		$(PYTHON) -m venv $(VENV) && rm -f $(VENV)/torch-constraint.txt; \
 	fi
 ifeq ($(HAS_CUDA),1)
 	$(PIP) install $(PIP_SOURCE) $(TORCH_PIN) -e '.[dev]'
@@ -73,11 +73,11 @@ endif
 # Every wheel of an offline install, for this machine or for another target (a cluster's compute nodes):
 #   make wheelhouse PYTHON_VERSION=3.12 PLATFORM=manylinux_2_28_x86_64   (then: make install WHEELHOUSE=wheelhouse)
 WHEELHOUSE_DIR ?= wheelhouse
-PYTHON_VERSION ?=
-PLATFORM ?=
+# Only from the command line: Python's Docker images export PYTHON_VERSION (e.g. 3.12.7) for their own use.
+TARGET_ARGS = $(if $(filter command line,$(origin PLATFORM)),--platform $(PLATFORM),) \
+	$(if $(filter command line,$(origin PYTHON_VERSION)),--python-version $(PYTHON_VERSION),)
 wheelhouse:  ## download every wheel the project needs into wheelhouse/ (PYTHON_VERSION=3.12 PLATFORM=manylinux_2_28_x86_64)
-	$(PYTHON) globalcom2/wheelhouse.py --out $(WHEELHOUSE_DIR) --torch-spec '$(TORCH_SPEC)' \
-		$(if $(PLATFORM),--platform $(PLATFORM),) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION),)
+	$(PYTHON) globalcom2/wheelhouse.py --out $(WHEELHOUSE_DIR) --torch-spec '$(TORCH_SPEC)' $(TARGET_ARGS)
 
 test: install  ## run the default test suite (CPU, tiny model, offline)
 	$(PY) -m pytest -q
@@ -91,10 +91,11 @@ ALT_TRANSFORMERS := $(VENV)/alt-transformers-$(EXACTNESS_TRANSFORMERS)
 
 test-exactness: install  ## the exactness tests on a second transformers (EXACTNESS_TRANSFORMERS=5.23.0)
 	@test -f $(ALT_TRANSFORMERS)/.complete || { rm -rf $(ALT_TRANSFORMERS) && \
-		$(PY) -m pip install -q --no-deps --target $(ALT_TRANSFORMERS) 'transformers==$(EXACTNESS_TRANSFORMERS)' && \
+		$(PIP) install -q $(PIP_SOURCE) --no-deps --target $(ALT_TRANSFORMERS) 'transformers==$(EXACTNESS_TRANSFORMERS)' && \
 		touch $(ALT_TRANSFORMERS)/.complete; }
-	PYTHONPATH=$(ALT_TRANSFORMERS) $(PY) -c 'import sys, transformers as t; print("transformers", t.__version__, "from", t.__file__); sys.exit(t.__version__ != "$(EXACTNESS_TRANSFORMERS)")'
-	PYTHONPATH=$(ALT_TRANSFORMERS) $(PY) -m pytest -q -m exactness
+	@# An absolute path: the tests' subprocesses (two processes = one, the lmms-eval CLI) start in other folders.
+	PYTHONPATH=$(abspath $(ALT_TRANSFORMERS)) $(PY) -c 'import sys, transformers as t; print("transformers", t.__version__, "from", t.__file__); sys.exit(t.__version__ != "$(EXACTNESS_TRANSFORMERS)")'
+	PYTHONPATH=$(abspath $(ALT_TRANSFORMERS)) $(PY) -m pytest -q -m exactness
 
 test-all: install  ## run every test, the slow ones included
 	$(PY) -m pytest -q -m 'not gpu and not network'

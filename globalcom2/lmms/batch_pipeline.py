@@ -44,7 +44,8 @@ class ReadyBatch:
         indices: the batch rows' positions in the request list ``generate_until`` received.
         prepared: prompts, images and keys of the rows.
         inputs: the processor's ``BatchFeature`` (CPU tensors).
-        load_s: seconds spent reading this batch's documents and images (its share of its window's).
+        load_s: seconds spent reading documents and images for this batch: its whole window's for the first
+            batch of a window (the one that waits for the reading), 0 for the others.
         preprocess_s: seconds spent in the processor for this batch.
     """
 
@@ -97,7 +98,8 @@ class BatchFeeder:
             overlap), which the throughput benchmark uses as its baseline.
 
     An error while preparing is raised in the consumer, at the batch it concerns, with its own type and
-    message; the thread stops when the consumer stops early (``close``, or leaving the ``with`` block).
+    message; the thread stops when the consumer stops early (leaving the loop over :meth:`batches`, by
+    ``break`` or an exception, closes the generator, which calls :meth:`close`).
     """
 
     def __init__(
@@ -126,15 +128,14 @@ class BatchFeeder:
             window = list(positions[start : start + span])
             began = time.perf_counter()
             prepared = self._load(window)
-            load_share = (time.perf_counter() - began) / len(window)
-            for rows in plan_batches(prepared, self.batch_size, self._visual_tokens):
+            loaded = time.perf_counter() - began
+            for number, rows in enumerate(plan_batches(prepared, self.batch_size, self._visual_tokens)):
                 batch = prepared.select(rows)
                 began = time.perf_counter()
                 inputs = self._encode(batch)
                 encoded = time.perf_counter() - began
-                yield ReadyBatch(
-                    [window[row] for row in rows], batch, inputs, load_share * len(rows), encoded
-                )
+                load_s = loaded if number == 0 else 0.0  # charged where it was waited for
+                yield ReadyBatch([window[row] for row in rows], batch, inputs, load_s, encoded)
 
     def _fill(self, positions: Sequence[int], out: queue.Queue) -> None:
         try:
@@ -175,7 +176,7 @@ class BatchFeeder:
         try:
             while True:
                 began = time.perf_counter()
-                item = out.get()
+                item = self._get(out)
                 waited = time.perf_counter() - began
                 if item is _DONE:
                     return
@@ -184,6 +185,15 @@ class BatchFeeder:
                 yield item, waited
         finally:
             self.close()
+
+    def _get(self, out: queue.Queue) -> object:
+        while True:
+            try:
+                return out.get(timeout=0.1)
+            except queue.Empty:
+                alive = self._thread is not None and self._thread.is_alive()
+                if (self._stop.is_set() or not alive) and out.empty():
+                    raise RuntimeError("the batch feeder stopped before its last batch") from None
 
     def close(self) -> None:
         """Stop the background thread (idempotent)."""

@@ -191,7 +191,8 @@ def throughput_row(setting: Setting, cell: FinishedCell, records: list[SampleRec
         "wait_s": total("wait_s"),
         "loop_s": loop,
         "overlap": sum(stages.values()) / loop if loop else None,
-        "scoring_s": evaluate - generate_until if evaluate and generate_until is not None else None,
+        # lmms-eval's own time around the plugin: building tasks and datasets, then scoring
+        "lmms_eval_s": evaluate - generate_until if evaluate and generate_until is not None else None,
         "padded share": padded_share(records),
         "peak GiB": peak.get("max"),
         "first call s": first["total_ms"] / 1e3 if first else None,

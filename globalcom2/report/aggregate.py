@@ -35,7 +35,8 @@ CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/r
 
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
-    "world_size", "attn_implementation", "random_init", "dtype", "compile", "limit", "hardware", "git_sha",
+    "world_size", "attn_implementation", "random_init", "dtype", "compile", "prefetch", "limit", "hardware",
+    "git_sha",
     "git_dirty",
     "finished", "cell_id", "cell_dir",
 ]  # fmt: skip
@@ -197,6 +198,7 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "random_init": spec["model"].get("random_init", False),
         "dtype": run.get("dtype", spec["model"].get("dtype")),
         "compile": run.get("compile") or spec["model"].get("compile") or "no",
+        "prefetch": bool(run.get("prefetch", False)),  # cells from before the option ran every batch in turn
         "limit": spec["benchmark"].get("limit"),
         "hardware": hardware.get("gpu")
         or f"CPU ({hardware.get('machine', '?')}, {hardware.get('cpu_count', '?')} cores)",

@@ -20,10 +20,10 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
-#: Settings that change answers beyond the method and its ratio: in bf16 on a GPU, a batch's shape changes its
-#: rows' answers (README "Exactness"), and the dtype changes every answer. A table compares cells, so its
-#: cells should agree on these.
-COMPARABILITY = ("batch_size", "dtype")
+#: Settings that change what a table compares beyond the method and its ratio: in bf16 on a GPU a batch's
+#: shape changes its rows' answers, the dtype changes every answer, and prefetching (host work beside the
+#: timed calls) changes latency. A table's cells should agree on these.
+COMPARABILITY = ("batch_size", "dtype", "prefetch")
 
 
 def mixed_settings(rows: pd.DataFrame) -> list[str]:

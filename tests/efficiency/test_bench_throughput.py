@@ -83,5 +83,5 @@ def test_batch_effect_of_real_cells_is_none_in_fp32(tmp_path):
             row["samples"] == 6 and row["timed batches"] == 6 // size - 1
         )  # the first batch is reported apart
         assert row["samples/s (loop)"] > 0 and row["generate_s"] > 0 and row["loop_s"] > 0
-        assert row["scoring_s"] is not None and row["scoring_s"] >= 0
+        assert row["lmms_eval_s"] is not None and row["lmms_eval_s"] >= 0
     assert cells[1]["padded share"] == 0

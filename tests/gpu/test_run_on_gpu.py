@@ -4,7 +4,7 @@
 Tolerance, stated: fp32 on both devices still differs by rounding (cuDNN runs the vision tower's patch
 convolution in TF32 by default, and the kernels sum in other orders), and a greedy decode can turn on a near
 tie. So at least 90 % of the answers must be identical token for token, and the demo's accuracy within 5
-points. On one device, ``launcher=accelerate`` must give exactly the local run's answers.
+points. With two GPUs, ``launcher=accelerate`` must give exactly the local run's answers.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_a_cell_on_cuda_answers_as_on_the_cpu_and_records_the_gpu(cpu_record, gp
     assert agreement(cpu_record["answers"], gpu_record["answers"]) >= 0.9
     for task, metrics in cpu_record["metrics"].items():
         for name, value in metrics.items():
-            if name.startswith("accuracy") or name == "exact_match":
+            if "accuracy" in name or name == "exact_match":
                 assert abs(gpu_record["metrics"][task][name] - value) <= 0.05, (task, name)
     efficiency = gpu_record["efficiency"]
     assert efficiency["peak_memory_gib"]["max"] > 0 and efficiency["peak_memory_reserved_gib"]["max"] > 0
@@ -86,11 +86,12 @@ def test_bf16_on_cuda_is_recorded_as_bf16_with_less_memory(gpu_record, tmp_path)
 
 
 def test_launcher_accelerate_on_cuda_gives_the_local_answers(gpu_record, tmp_path):
-    processes = min(2, torch.cuda.device_count())
-    launched = run_cell(
-        tmp_path, "launcher=accelerate", f"launcher.num_processes={processes}", "model.device=cuda"
-    )
-    assert launched["run"]["world_size"] == processes
+    """Two ranks, one GPU each. A single process runs in the Hydra process itself (``globalcom2/run.py``
+    ``execute``), so it would not exercise the worker group: with one GPU this test cannot run."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs for a two-rank accelerate group, found {torch.cuda.device_count()}")
+    launched = run_cell(tmp_path, "launcher=accelerate", "launcher.num_processes=2", "model.device=cuda")
+    assert launched["run"]["world_size"] == 2
     assert launched["run"]["device"].startswith("cuda")
     assert launched["answers"] == gpu_record["answers"]
     assert launched["metrics"] == gpu_record["metrics"]

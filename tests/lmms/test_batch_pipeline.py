@@ -4,6 +4,7 @@ the end, errors raised where they belong, and preparation overlapping generation
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from PIL import Image
@@ -140,3 +141,13 @@ def test_the_next_batch_is_prepared_while_the_consumer_works_on_this_one():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="batch_size and window must be >= 1 and lookahead >= 0"):
         feeder_for([(10, 10)], batch_size=0, lookahead=2)
+
+
+def test_a_windows_loading_is_charged_to_the_batch_that_waits_for_it():
+    def load(positions):
+        time.sleep(0.001)
+        return prepared_for([(10, 10)] * len(positions))
+
+    feeder = feeder_for([(10, 10)] * 5, batch_size=1, lookahead=0, window=2, load=load)
+    loads = [ready.load_s for ready, _ in feeder.batches(range(5))]
+    assert [load > 0 for load in loads] == [True, False, True, False, True]
