@@ -1,7 +1,11 @@
-"""Test helpers: generation with per-step logits, and explicit (hook-free) shortened references."""
+"""Test helpers: generation with per-step logits, explicit (hook-free) shortened references, and
+``python -m globalcom2.run`` as a subprocess."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,20 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from globalcom2.prompts import vicuna_v1_prompt
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the Hydra configs of this checkout
+
+
+def run_globalcom2(
+    results: Path, *arguments: str, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m globalcom2.run <arguments>`` in its own process, the way users and Slurm run it, writing
+    under ``results``; the caller checks the exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", "globalcom2.run", *arguments],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {}), "GLOBALCOM2_RESULTS": str(results)},
+        timeout=timeout,
+    )
 
 
 def prompt_inputs(processor, images, question="What is in the image?"):

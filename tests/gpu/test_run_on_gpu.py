@@ -10,13 +10,11 @@ points. With two GPUs, ``launcher=accelerate`` must give exactly the local run's
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_globalcom2
 
 pytestmark = pytest.mark.gpu
 CELL = [
@@ -31,14 +29,7 @@ CELL = [
 
 def run_cell(root: Path, *overrides: str) -> dict:
     """One cell in its own process; returns its ``record.json`` with its answers under ``"answers"``."""
-    env = {**os.environ, "GLOBALCOM2_RESULTS": str(root)}
-    done = subprocess.run(
-        [sys.executable, "-m", "globalcom2.run", *CELL, *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+    done = run_globalcom2(root, *CELL, *overrides, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     (path,) = root.rglob("record.json")
     record = json.loads(path.read_text())

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import run_globalcom2
 
 FAST = ["benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'"]
 
@@ -19,9 +20,8 @@ FAST = ["benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'"]
 def run(
     tmp_path: Path, *overrides: str, multirun: bool = True, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GLOBALCOM2_RESULTS": str(tmp_path / "results")}
-    command = [sys.executable, "-m", "globalcom2.run", *(["-m"] if multirun else []), *FAST, *overrides]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    arguments = [*(["-m"] if multirun else []), *FAST, *overrides]
+    done = run_globalcom2(tmp_path / "results", *arguments, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 
@@ -154,20 +154,8 @@ def test_two_processes_write_one_record_with_the_scores_of_one(tmp_path):
     ],
 )
 def test_bad_input_fails_before_anything_loads(tmp_path, overrides, message):
-    env = {
-        **os.environ,
-        "GLOBALCOM2_RESULTS": str(tmp_path / "results"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"),
-        "HYDRA_FULL_ERROR": "1",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "globalcom2.run", *FAST, *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HYDRA_FULL_ERROR": "1"}
+    done = run_globalcom2(tmp_path / "results", *FAST, *overrides, timeout=300, env=env)
     assert done.returncode != 0
     import re
 
