@@ -296,6 +296,7 @@ def settings_of(args: argparse.Namespace) -> list[Setting]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    info = provenance()  # the code the cells run, taken before this benchmark writes its own tables
     results_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="globalcom2-throughput-"))
     settings = settings_of(args)
     for setting in settings:
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "rows": rows,
         "torch_threads": torch.get_num_threads(),
-        "provenance": provenance(),
+        "provenance": info,
     }
     atomic_write_json(stem.with_suffix(".json"), payload, default=str)
     print(text)
