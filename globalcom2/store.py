@@ -35,7 +35,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,14 @@ def _show(value: Any) -> str:
 
 class CellBusy(RuntimeError):
     """Another live process holds the cell's lock."""
+
+
+@dataclass(frozen=True)
+class LoadedCell:
+    """A finished cell as read back: its folder and its record (:meth:`Cell.finished_record`)."""
+
+    path: Path  # the cell folder
+    record: CellRecord
 
 
 class Cell:

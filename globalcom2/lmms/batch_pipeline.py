@@ -75,13 +75,6 @@ def plan_batches(
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-class _Failure:
-    """An exception raised in the background thread, carried to the consumer."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 _DONE = object()
 
 
@@ -144,7 +137,7 @@ class BatchFeeder:
                     return
             self._put(out, _DONE)
         except BaseException as err:  # handed to the consumer, which raises it
-            self._put(out, _Failure(err))
+            self._put(out, err)
 
     def _put(self, out: queue.Queue, item: object) -> bool:
         while not self._stop.is_set():
@@ -180,8 +173,8 @@ class BatchFeeder:
                 waited = time.perf_counter() - began
                 if item is _DONE:
                     return
-                if isinstance(item, _Failure):
-                    raise item.error
+                if isinstance(item, BaseException):
+                    raise item
                 yield item, waited
         finally:
             self.close()

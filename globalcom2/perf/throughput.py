@@ -27,7 +27,6 @@ each cell's folder and provenance) and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -43,9 +42,9 @@ from globalcom2.efficiency.summary import latency_summary
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.perf.efficiency import Variant, parse_variant
 from globalcom2.provenance import provenance
-from globalcom2.records import CellRecord, ratio_label
-from globalcom2.sample_records import RECORDS_FILE, SampleRecord
-from globalcom2.store import Cell, current_cell_id
+from globalcom2.records import ratio_label
+from globalcom2.sample_records import RECORDS_FILE, SampleRecord, read_jsonl
+from globalcom2.store import Cell, LoadedCell, current_cell_id
 
 MODES = ("throughput", "batch-effect")
 PREFETCH: dict[str, tuple[bool | None, ...]] = {
@@ -123,13 +122,7 @@ def run_cell(setting: Setting, args: argparse.Namespace, results_dir: Path) -> N
         raise SystemExit(f"cell {setting} failed (exit {done.returncode}); its output is above")
 
 
-@dataclass(frozen=True)
-class FinishedCell:
-    path: Path  # the cell folder
-    record: CellRecord
-
-
-def find_cell(results_dir: Path, setting: Setting) -> FinishedCell:
+def find_cell(results_dir: Path, setting: Setting) -> LoadedCell:
     """The cell a setting ran: the one its key folder's ``current`` file names (the store's rule)."""
     ratio = ratio_label(1.0 if setting.method == "vanilla" else setting.ratio)
     key_dirs = sorted(results_dir.glob(f"{setting.experiment}/*/{setting.method}/{ratio}/*"))
@@ -139,13 +132,11 @@ def find_cell(results_dir: Path, setting: Setting) -> FinishedCell:
     if current is None:
         raise LookupError(f"{key_dirs[0]} names no current cell: the run of {setting} did not finish")
     folder = key_dirs[0] / current
-    return FinishedCell(folder, Cell.finished_record(folder))
+    return LoadedCell(folder, Cell.finished_record(folder))
 
 
-def read_records(cell: FinishedCell) -> list[SampleRecord]:
-    path = cell.path / cell.record.files.get("records", RECORDS_FILE)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [SampleRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
+def read_records(cell: LoadedCell) -> list[SampleRecord]:
+    return read_jsonl(cell.path / cell.record.files.get("records", RECORDS_FILE))
 
 
 def padded_share(records: list[SampleRecord]) -> float:
@@ -157,7 +148,7 @@ def padded_share(records: list[SampleRecord]) -> float:
     return 1.0 - sum(sum(lengths) for lengths in batches.values()) / slots
 
 
-def throughput_row(setting: Setting, cell: FinishedCell, records: list[SampleRecord]) -> dict[str, Any]:
+def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecord]) -> dict[str, Any]:
     """One row of the throughput table from a finished cell. Stage seconds are summed over the timed batches:
     the first (which also carries the warm-up generate) is left out, as in every latency figure."""
     calls = [c for c in {(r.rank, r.batch_id): r for r in records}.values() if not c.first_call]
@@ -201,7 +192,7 @@ def throughput_row(setting: Setting, cell: FinishedCell, records: list[SampleRec
 
 
 def batch_effect_rows(
-    cells: dict[Setting, tuple[FinishedCell, list[SampleRecord]]],
+    cells: dict[Setting, tuple[LoadedCell, list[SampleRecord]]],
 ) -> list[dict[str, Any]]:
     """Per method and batch size N > 1: answers that differ from batch 1's and each metric's change."""
     rows = []

@@ -30,10 +30,14 @@ class PreparedBatch:
         """``task#doc`` of every row, for error messages."""
         return ", ".join(f"{task}#{doc_id}" for task, _, doc_id in self.keys)
 
+    def _row_span(self, row: int) -> slice:
+        """Where ``row``'s images are in the flat image list (and the processor's flat ``image_sizes``)."""
+        start = sum(self.images_per_row[:row])
+        return slice(start, start + self.images_per_row[row])
+
     def row_images(self, row: int) -> list[Image.Image]:
         """The images of ``row``."""
-        start = sum(self.images_per_row[:row])
-        return self.images[start : start + self.images_per_row[row]]
+        return self.images[self._row_span(row)]
 
     def select(self, rows: Sequence[int]) -> PreparedBatch:
         """The batch of ``rows`` (in that order), each with its own images."""
@@ -48,8 +52,7 @@ class PreparedBatch:
         """``[[height, width], ...]`` of ``row``'s images, from the processor's flat ``image_sizes``."""
         if image_sizes is None or not self.images_per_row[row]:
             return []
-        start = sum(self.images_per_row[:row])
-        return [[int(h), int(w)] for h, w in image_sizes[start : start + self.images_per_row[row]].tolist()]
+        return [[int(h), int(w)] for h, w in image_sizes[self._row_span(row)].tolist()]
 
 
 def prepare_batch(

@@ -19,16 +19,15 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
-from globalcom2.records import CellRecord, RecordError
+from globalcom2.records import RecordError
 from globalcom2.sample_records import RECORDS_FILE
-from globalcom2.store import CURRENT_FILE, PARTIAL_DIR, RECORD_FILE, Cell, current_cell_id
+from globalcom2.store import CURRENT_FILE, PARTIAL_DIR, RECORD_FILE, Cell, LoadedCell, current_cell_id
 
 RECORDS = RECORDS_FILE
 CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/record.json
@@ -40,12 +39,6 @@ CONFIG_COLUMNS = [
     "git_dirty",
     "finished", "cell_id", "cell_dir",
 ]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class LoadedCell:
-    path: Path  # the cell folder
-    record: CellRecord
 
 
 def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str]]]:
