@@ -286,7 +286,8 @@ class GlobalCom2LlavaNext(lmms):
     def _feeder(self, requests: list[Instance]) -> BatchFeeder:
         """Batches of ``requests``, grouped by length and prepared in a background thread
         (``lmms/batch_pipeline.py``) with its own copy of the processor: a fast tokenizer is not safe to use
-        from two threads at once (huggingface/tokenizers#537), and this thread decodes answers meanwhile."""
+        from two threads at once (PyO3 refuses a second borrow: "Already borrowed",
+        https://github.com/huggingface/tokenizers/issues/537), and this thread decodes answers meanwhile."""
         processor = copy.deepcopy(self.processor) if self.prefetch else self.processor
         config, dtype = self.model.config, self.model.dtype
         pin = self._device.type == "cuda"
