@@ -214,6 +214,8 @@ def method_overhead_flops(dims: LlmDims, stats: LayerStats) -> dict[str, int]:
     * ``raters``: SparseVLM's ``V T^T`` on the embeddings (``2 N_vis T d``).
     * ``recycling``: SparseVLM's pairwise distances among the ``m`` recycling candidates per stage
       (``3 m^2 d``: difference, square, sum); computed elementwise, so torch's FLOP counter does not see it.
+    * ``duplication``: DART's pivot-to-row cosine similarities, ``2 d`` per dot product (a matmul); the norms are
+      elementwise and left out, as in the layers.
     """
     d, kv = dims.hidden_size, dims.kv_width
     score = sum(
@@ -222,7 +224,8 @@ def method_overhead_flops(dims: LlmDims, stats: LayerStats) -> dict[str, int]:
     )
     raters = 2 * stats.visual_tokens_before * stats.rater_candidates * d
     recycling = sum(3 * m * m * d for m in stats.recycle_candidates)
-    return {"score_recompute": score, "raters": raters, "recycling": recycling}
+    duplication = sum(2 * products * d for products in stats.similarity_products)
+    return {"score_recompute": score, "raters": raters, "recycling": recycling, "duplication": duplication}
 
 
 def full_prefill_flops(

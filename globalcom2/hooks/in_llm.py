@@ -1,6 +1,6 @@
 """The in-LLM stage: scoring, pruning and KV-cache-consistent decoding between decoder layers.
 
-Written once for every in-LLM method (FastV, SparseVLM); methods only choose query rows, score and keep
+Written once for every in-LLM method (FastV, SparseVLM, PDrop, DART); methods only choose query rows, score and keep
 (``globalcom2/methods/base.py`` :class:`InLLMMethod`). Everything acts through forward pre-hooks on the
 language model's decoder layers and on the attention modules of the scoring layers; no class or function of
 transformers is replaced, and ``LlamaModel.forward`` runs unchanged (transformers 5.23
@@ -10,7 +10,10 @@ ids and the rotary ``position_embeddings`` as keyword arguments, which a pre-hoo
 Prefill (``PromptContext.is_prefill``), for a stage whose first reduced layer is ``b``:
 
 * a pre-hook on ``layers[b - 1].self_attn`` recomputes the attention of the query rows from the module's own
-  inputs (``scoring/text_attention.py``): SDPA stays on, no ``L x L`` matrix is built;
+  inputs (``scoring/text_attention.py``): SDPA stays on, no ``L x L`` matrix is built. A method that rates rows
+  with the pruned layer's own weights (``score_layer="pruned_layer"``, PDrop) is scored instead in the pre-hook
+  of ``layers[b]``, from that layer's input norm and projections; one that rates rows by their keys
+  (``score_signal="keys"``, DART) gets the rotary-embedded keys of every row instead of attention rows;
 * a pre-hook on ``layers[b]`` asks the method what to keep, gathers the hidden states, position ids and rotary
   ``cos``/``sin`` of the kept rows (or renumbers positions and recomputes ``cos``/``sin``), inserts merged rows,
   left-pads ragged batch rows again and builds the layer's mask with the model's own mask function;
@@ -43,7 +46,7 @@ from globalcom2.hooks.llava_model import PromptContext
 from globalcom2.methods.base import InLLMMethod, KeepPlan, LayerStats, TokenView
 from globalcom2.scoring.ranking import int64_tensor
 from globalcom2.scoring.selection import compact_rows
-from globalcom2.scoring.text_attention import attention_rows
+from globalcom2.scoring.text_attention import attention_rows, rotated_keys
 from globalcom2.stage_timing import stage_section
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -109,6 +112,7 @@ class _StageCounts:
     keys: tuple[int, ...]
     recycle_candidates: tuple[int, ...]
     recycled: tuple[int, ...]
+    similarity_products: tuple[int, ...] = ()
 
 
 class InLLMAdapter:
@@ -127,8 +131,13 @@ class InLLMAdapter:
                 f"{method.name!r} supports the text attention implementations {SUPPORTED_ATTENTION}, the model uses "
                 f"{implementation!r}; load it with attn_implementation='sdpa' (scores are recomputed, so SDPA is fine)"
             )
+        self.output_norm = language_model.norm
         self.stage_layers = method.checked_stage_layers(self.num_layers)
-        self.score_layers = tuple(layer - 1 for layer in self.stage_layers)
+        # "previous_layer": scored by layer b - 1's attention inputs (a hook on that module); "pruned_layer": by
+        # layer b's own norm and projections, applied to the rows about to enter it (in the layer's pre-hook).
+        self.scores_before_cut = method.score_layer == "previous_layer"
+        offset = 1 if self.scores_before_cut else 0
+        self.score_layers = tuple(layer - offset for layer in self.stage_layers)
         self.stats: list[LayerStats] = []
         self._decode_states: weakref.WeakKeyDictionary[object, InLLMDecodeState] = weakref.WeakKeyDictionary()
         self._run: _Prefill | _Decode | None = None
@@ -138,9 +147,12 @@ class InLLMAdapter:
         for index, layer in enumerate(self.layers):
             hook = functools.partial(self._before_layer, index)
             self._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        for stage, index in enumerate(self.score_layers):
-            hook = functools.partial(self._before_attention, stage)
-            self._hooks.append(self.layers[index].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+        if self.scores_before_cut:
+            for stage, index in enumerate(self.score_layers):
+                hook = functools.partial(self._before_attention, stage)
+                self._hooks.append(
+                    self.layers[index].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+                )
 
     def uninstall(self) -> None:
         for hook in self._hooks:
@@ -366,6 +378,7 @@ class _Prefill:
             image_row=self.image_row,
             rows=rows.rows,
             text_after=self.text_after,
+            output_norm=self.adapter.output_norm,
         )
 
     # -- hooks --------------------------------------------------------------------------------------------
@@ -378,8 +391,15 @@ class _Prefill:
         if rows is None:
             return None
         if index in self.adapter.stage_layers:
+            stage = self.adapter.stage_layers.index(index)
             with stage_section("compression"):
-                hidden = self._apply_stage(self.adapter.stage_layers.index(index), index, hidden)
+                if not self.adapter.scores_before_cut:
+                    self.layer_input = hidden
+                    layer = self.adapter.layers[index]
+                    self._score_with(
+                        stage, layer.self_attn, layer.input_layernorm(hidden), rows.cos, rows.sin
+                    )
+                hidden = self._apply_stage(stage, index, hidden)
             rows = self.rows
         self.layer_input = hidden
         visual = [c + p for c, p in zip(rows.candidates, self.protected_tokens, strict=True)]
@@ -396,17 +416,28 @@ class _Prefill:
         return _with_hidden(args, kwargs, hidden)
 
     def score(self, stage: int, module: torch.nn.Module, kwargs: dict) -> None:
-        rows = self.rows
-        if rows is None:
+        """Scores from the attention module of the layer before the cut (``score_layer="previous_layer"``)."""
+        if self.rows is None:
             return
         cos, sin = kwargs["position_embeddings"]
+        self._score_with(stage, module, kwargs["hidden_states"], cos, sin)
+
+    def _score_with(
+        self, stage: int, module: torch.nn.Module, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> None:
+        """Ask the method for stage ``stage``'s scores from ``module`` (an attention module) applied to ``normed``
+        (``[B, L, D]``, the rows entering the scoring layer after its input norm)."""
+        rows = self.rows
         query_index, query_valid = compact_rows(rows.query, max(self.query_count, default=0))  # [B, Q]
         with torch.profiler.record_function("globalcom2.in_llm.score"):
-            attention = attention_rows(
-                module, kwargs["hidden_states"], cos, sin, query_index, query_valid, rows.valid
-            )  # [B, Q, L]
+            if self.method.score_signal == "keys":
+                signal = rotated_keys(module, normed, cos, sin)  # [B, L, KV * hd]
+            else:
+                signal = attention_rows(
+                    module, normed, cos, sin, query_index, query_valid, rows.valid
+                )  # [B, Q, L]
             view = self._view(self.layer_input, rows, self.adapter.score_layers[stage])
-            self.scores[stage] = self.method.score(stage, attention, query_valid, view)
+            self.scores[stage] = self.method.score(stage, signal, query_valid, view)
         self.stage_counts[stage] = _StageCounts(
             self.query_count, rows.rows, (0,) * len(rows.rows), (0,) * len(rows.rows)
         )
@@ -428,12 +459,18 @@ class _Prefill:
             )
         if len(merged_count) != images:
             raise RuntimeError(f"{self.method.name!r} merged rows for {len(merged_count)} of {images} images")
+        similarity = tuple(plan.similarity_products) or (0,) * images
+        if len(similarity) != images:
+            raise RuntimeError(
+                f"{self.method.name!r} reported similarity products for {len(similarity)} of {images} images"
+            )
         counts = self.stage_counts[stage]
         self.stage_counts[stage] = _StageCounts(
             counts.queries,
             counts.keys,
             tuple(view.per_row(merged_candidates)),
             tuple(view.per_row(merged_count)),
+            tuple(view.per_row(similarity)),
         )
         if kept == rows.candidates and not any(merged_count):
             return hidden  # nothing dropped: layout (and bit-identity) unchanged
@@ -501,7 +538,7 @@ class _Prefill:
     # -- after the forward --------------------------------------------------------------------------------
     def finish(self) -> tuple[list[LayerStats], InLLMDecodeState | None]:
         batch = len(self.token_counts[0])
-        empty = _StageCounts((0,) * batch, (0,) * batch, (0,) * batch, (0,) * batch)
+        empty = _StageCounts((0,) * batch, (0,) * batch, (0,) * batch, (0,) * batch, (0,) * batch)
         stages = [self.stage_counts.get(s, empty) for s in range(len(self.adapter.stage_layers))]
         targets = self._row_targets()
         stats = [
@@ -516,6 +553,9 @@ class _Prefill:
                 rater_candidates=int(self.rater_candidates[row]),
                 recycle_candidates=tuple(s.recycle_candidates[row] for s in stages),
                 recycled_tokens=tuple(s.recycled[row] for s in stages),
+                similarity_products=tuple(
+                    s.similarity_products[row] if s.similarity_products else 0 for s in stages
+                ),
                 equivalent_tokens_target=targets[row],
             )
             for row in range(batch)

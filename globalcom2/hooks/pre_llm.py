@@ -1,19 +1,20 @@
 """The pre-LLM stage: per-image keep-plans, feature gathering, and prompt surgery.
 
 ``ModelAdapter``'s ``get_image_features`` override calls :meth:`PreLLMAdapter.plan` with the unmodified
-packed features of every image; the method returns packed positions to keep, and the plan is stored next
+packed features of every image; the method returns packed positions to keep (or a
+:class:`~globalcom2.methods.base.Replacement` of the image's features), and the plan is stored next
 to the features (keyed by the feature tensor itself, so it survives transformers' beam expansion, which
-repeats the same tensor objects). At prefill, :meth:`PreLLMAdapter.prefill` gathers the kept features and,
-when any image changed length, rebuilds the prompt (``hooks/pre_llm_sequence.py``); the resulting
-:class:`DecodeState` is tied to the KV cache so :meth:`PreLLMAdapter.decode` can translate every later
-step into compressed coordinates.
+repeats the same tensor objects). At prefill, :meth:`PreLLMAdapter.prefill` gathers the kept features (or
+takes the replacement) and, when any image changed length, rebuilds the prompt
+(``hooks/pre_llm_sequence.py``); the resulting :class:`DecodeState` is tied to the KV cache so
+:meth:`PreLLMAdapter.decode` can translate every later step into compressed coordinates.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -22,8 +23,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from globalcom2.anyres import PackedLayout, config_layout
 from globalcom2.hooks.pre_llm_sequence import DecodeState, decode_inputs, rebuild_prompt
-from globalcom2.methods.base import ImageContext, ImageStats, PreLLMMethod
+from globalcom2.methods.base import ImageContext, ImageStats, PreLLMMethod, Replacement
 from globalcom2.scoring.vision_attention import ClsAttentionCapture
+from globalcom2.scoring.vision_capture import CapturedViews, ViewCapture
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,16 @@ class ImagePlan:
     """The kept positions of one image, tied to the exact feature tensor they index."""
 
     features: torch.Tensor  # [N, D] identity anchor: plans are looked up by this object
-    source: torch.Tensor | None  # [M] packed positions in output order; None keeps all unchanged
+    # [M] packed positions in output order; a Replacement of all [N, D] features; None keeps all unchanged
+    source: torch.Tensor | Replacement | None
+
+    def apply(self) -> torch.Tensor:
+        """``[M, D]`` the features the LLM sees for this image."""
+        if self.source is None:
+            return self.features
+        if isinstance(self.source, Replacement):
+            return self.source.features
+        return self.features.index_select(0, self.source)
 
 
 @dataclass
@@ -59,23 +70,35 @@ class PreLLMAdapter:
             self._scores = ClsAttentionCapture(
                 model.model.vision_tower, method.vision_score_layer, method.vision_score_kind
             )
+        self._views: ViewCapture | None = None
+        self._pending_views: CapturedViews | None = None
+        if method.vision_capture_layer is not None:
+            self._views = ViewCapture(model.model.vision_tower, method.vision_capture_layer)
 
     def close(self) -> None:
-        """Remove the score hooks (called when the attachment is removed)."""
+        """Remove the score and capture hooks (called when the attachment is removed)."""
         if self._scores is not None:
             self._scores.remove()
+        if self._views is not None:
+            self._views.remove()
         self._decode_states.clear()
 
     # -- planning (inside get_image_features) -------------------------------------------------------
     @contextmanager
     def capturing_scores(self) -> Iterator[None]:
-        """Active around the vision tower's forward: records [CLS] scores when the method needs them."""
-        if self._scores is None:
+        """Active around the vision tower's forward: records [CLS] scores and per-view layer states when
+        the method needs them."""
+        if self._scores is None and self._views is None:
             yield
             return
-        with self._scores.capture() as captured:
+        with ExitStack() as stack:
+            scores = stack.enter_context(self._scores.capture()) if self._scores is not None else None
+            views = stack.enter_context(self._views.capture()) if self._views is not None else None
             yield
-            self._pending_scores = torch.cat(captured) if captured else None  # [sum of views, 576]
+            if scores is not None:
+                self._pending_scores = torch.cat(scores) if scores else None  # [sum of views, 576]
+            if views is not None:
+                self._pending_views = CapturedViews.cat(views) if views else None  # [sum of views, ...]
 
     def layout(self, image_size: torch.Tensor | list[int]) -> PackedLayout:
         return config_layout(self.model.config, image_size)
@@ -89,15 +112,27 @@ class PreLLMAdapter:
         num_views = [layout.num_views for layout in layouts]
         views = _views_per_image(pixel_values, num_views)
         scores = self._scores_per_image(num_views)
+        captured = self._views_per_image(num_views)
+        project = self.model.model.multi_modal_projector
         plans: dict[int, ImagePlan] = {}
-        for feats, layout, pixels, image_scores in zip(features, layouts, views, scores, strict=True):
+        for feats, layout, pixels, image_scores, image_views in zip(
+            features, layouts, views, scores, captured, strict=True
+        ):
             if feats.shape[0] != layout.num_tokens:
                 raise RuntimeError(
                     f"packed features of an image of size {layout.image_size} have {feats.shape[0]} tokens, "
                     f"the AnyRes geometry predicts {layout.num_tokens}; is this a LLaVA-NeXT AnyRes model?"
                 )
-            ctx = ImageContext(layout=layout, pixel_values=pixels, vision_scores=image_scores)
+            ctx = ImageContext(
+                layout=layout,
+                pixel_values=pixels,
+                vision_scores=image_scores,
+                views=image_views,
+                project=project,
+            )
             source = self.method.select(feats, ctx)
+            if isinstance(source, Replacement):
+                _check_replacement(self.method.name, feats, source)
             plans[id(feats)] = ImagePlan(features=feats, source=source)
             self.stats.append(self._image_stats(layout, source))
         kept = {f.name: getattr(output, f.name) for f in fields(BaseModelOutputWithPooling)}
@@ -115,9 +150,23 @@ class PreLLMAdapter:
             )
         return list(torch.split(scores, num_views))
 
-    def _image_stats(self, layout: PackedLayout, source: torch.Tensor | None) -> ImageStats:
+    def _views_per_image(self, num_views: list[int]) -> list[CapturedViews | None]:
+        """Split the captured per-view layer states per image (``None`` if not requested)."""
+        if self._views is None:
+            return [None] * len(num_views)
+        views, self._pending_views = self._pending_views, None
+        if views is None or views.num_views != sum(num_views):
+            raise RuntimeError(
+                f"{self.method.name!r} needs the CLIP layer states of every view, but the vision tower produced "
+                f"{0 if views is None else views.num_views} for {sum(num_views)} views"
+            )
+        return views.split(num_views)
+
+    def _image_stats(self, layout: PackedLayout, source: torch.Tensor | Replacement | None) -> ImageStats:
         if source is None:
             patches, separators = layout.num_patches, layout.num_separators
+        elif isinstance(source, Replacement):
+            patches, separators = source.patch_tokens, source.separators
         else:
             separators = self.method.separators_kept(layout, source)
             patches = source.numel() - separators
@@ -145,7 +194,8 @@ class PreLLMAdapter:
         BaseModelOutputWithPooling,
         DecodeState | None,
     ]:
-        """Gather the kept features and, if any image changed length, rebuild the prompt."""
+        """Gather the kept features (or take the replacements) and, if any image changed length, rebuild the
+        prompt."""
         plans = getattr(image_output, "plans", None)
         if plans is None:
             raise RuntimeError(
@@ -157,7 +207,7 @@ class PreLLMAdapter:
             plan = plans.get(id(feats))
             if plan is None or plan.features is not feats:
                 raise RuntimeError("could not match image features to their compression plan")
-            out = feats if plan.source is None else feats.index_select(0, plan.source)
+            out = plan.apply()
             selected.append(out)
             original.append(feats.shape[0])
             kept.append(out.shape[0])
@@ -203,6 +253,24 @@ class PreLLMAdapter:
             return attention_mask, position_ids
         return decode_inputs(
             state, attention_mask, position_ids, past_length=cache.get_seq_length(), query_length=query_length
+        )
+
+
+def _check_replacement(method: str, features: torch.Tensor, replacement: Replacement) -> None:
+    """Raise unless ``replacement`` can stand in for ``features`` (host metadata only: no device read)."""
+    new = replacement.features
+    if (
+        new.dim() != 2
+        or new.shape[0] != replacement.patch_tokens + replacement.separators
+        or new.shape[1] != features.shape[1]
+        or new.dtype != features.dtype
+        or new.device != features.device
+    ):
+        raise RuntimeError(
+            f"{method!r} replaced features [{features.shape[0]}, {features.shape[1]}] {features.dtype} on "
+            f"{features.device} with {list(new.shape)} {new.dtype} on {new.device}, counted as "
+            f"{replacement.patch_tokens} patch tokens + {replacement.separators} separators; a replacement must be "
+            f"[patch_tokens + separators, {features.shape[1]}] in the features' dtype and device"
         )
 
 

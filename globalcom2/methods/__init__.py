@@ -19,7 +19,17 @@ Adding a method (the checklist; README "Contributing" has the benchmark and mode
    restores the model (see ``test_fastv.py``).
 """
 
-from globalcom2.methods import fastv, globalcom2, random_keep, sparsevlm, vanilla  # noqa: F401  (registration side effect)
+from globalcom2.methods import (  # noqa: F401  (registration side effect)
+    dart,
+    divprune,
+    fastv,
+    globalcom2,
+    pdrop,
+    random_keep,
+    sparsevlm,
+    vanilla,
+    visionzip,
+)
 from globalcom2.methods.base import (
     METHODS,
     CompressionMethod,
@@ -37,8 +47,19 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-#: The order sweeps run the paper's methods in: the control first, then the cheap baseline, then the rest.
-SWEEP_ORDER = ("vanilla", "random", "globalcom2", "fastv", "sparsevlm")
+#: The order sweeps run the paper's methods in: the control first, then the cheap baseline, then the paper's
+#: baselines, then the later ones a reviewer asks for.
+SWEEP_ORDER = (
+    "vanilla",
+    "random",
+    "globalcom2",
+    "fastv",
+    "sparsevlm",
+    "pdrop",
+    "visionzip",
+    "dart",
+    "divprune",
+)
 
 
 def swept_methods() -> list[str]:

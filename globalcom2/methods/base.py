@@ -37,6 +37,7 @@ from globalcom2.anyres import PackedLayout
 from globalcom2.budget import MAX_PATCH_TOKENS, validate_retention_ratio, warn_if_no_patch_token_kept
 from globalcom2.registry import Registry
 from globalcom2.scoring.vision_attention import check_vision_layer
+from globalcom2.scoring.vision_capture import CapturedViews
 
 Stage = Literal["pre_llm", "in_llm"]
 #: What an in-LLM method's retention ratio is a fraction of, per image: ``"positions"``, every visual
@@ -108,11 +109,17 @@ class ImageContext:
         layout: provenance of every packed position (view, token, separators).
         pixel_values: ``[1 + crops, 3, 336, 336]`` the image's views as fed to CLIP (thumbnail first).
         vision_scores: ``[1 + crops, 576]`` [CLS]->patch scores, when the method asked for them.
+        views: per-view states of one CLIP layer (output, [CLS] attention row, keys), when the method
+            asked for them (:attr:`PreLLMMethod.vision_capture_layer`).
+        project: the model's multimodal projector (CLIP width -> LLM width), for a method that builds
+            new tokens in CLIP space (set by the hook; ``None`` elsewhere).
     """
 
     layout: PackedLayout
     pixel_values: torch.Tensor
     vision_scores: torch.Tensor | None = None
+    views: CapturedViews | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @cached_property
     def sample_key(self) -> str:
@@ -129,6 +136,22 @@ def image_content_key(pixel_values: torch.Tensor, image_size: tuple[int, int]) -
     digest.update(str(thumbnail.dtype).encode())
     digest.update(thumbnail.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A pre-LLM method's full replacement of one image's packed features, for a method whose tokens are
+    not a subset of the packed sequence (e.g. VisionZip merges tokens in CLIP space and projects them).
+
+    Attributes:
+        features: ``[M, D]`` what the LLM sees for this image, in the packed features' dtype and device.
+        patch_tokens: how many of the ``M`` rows count as patch tokens in :class:`ImageStats`.
+        separators: how many count as row separators (``patch_tokens + separators == M``).
+    """
+
+    features: torch.Tensor
+    patch_tokens: int
+    separators: int
 
 
 class PreLLMMethod(CompressionMethod):
@@ -151,12 +174,20 @@ class PreLLMMethod(CompressionMethod):
         """``"logits"`` (pre-softmax, head-averaged) or ``"softmax"`` (probabilities)."""
         return "logits"
 
-    def check_model_config(self, config: Any) -> None:
-        if self.vision_score_layer is not None:
-            check_vision_layer(self.vision_score_layer, config.vision_config.num_hidden_layers)
+    @property
+    def vision_capture_layer(self) -> int | None:
+        """CLIP layer whose per-view states (:class:`ImageContext` ``views``) the method needs (``None``:
+        none); negative values count from the last layer."""
+        return None
 
-    def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
-        """Packed positions to keep, in output order (``[M]`` int64), or ``None`` to keep all unchanged.
+    def check_model_config(self, config: Any) -> None:
+        for layer in (self.vision_score_layer, self.vision_capture_layer):
+            if layer is not None:
+                check_vision_layer(layer, config.vision_config.num_hidden_layers)
+
+    def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | Replacement | None:
+        """Packed positions to keep, in output order (``[M]`` int64), or ``None`` to keep all unchanged, or a
+        :class:`Replacement` of the image's packed features.
 
         Args:
             features: ``[N, D]`` the image's packed features (patches and separators).
@@ -213,6 +244,8 @@ class TokenView:
         image_row: per image, the batch row it belongs to.
         rows: per batch row, its real rows in this view.
         text_after: per batch row, the real rows after its last visual row in the layer-0 input (the question).
+        output_norm: the language model's final norm (``model.norm``), for methods that compare rows in the space
+            the LM head reads (DART's duplication measure).
     """
 
     hidden_states: torch.Tensor
@@ -227,6 +260,7 @@ class TokenView:
     image_row: tuple[int, ...]
     rows: tuple[int, ...]
     text_after: tuple[int, ...]
+    output_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def visual(self) -> torch.Tensor:
@@ -288,11 +322,25 @@ class KeepPlan:
         kept: per image, how many candidate rows ``keep`` marks (the host's copy of the count, which sizes
             the new sequence; the engine checks on the device that the two agree).
         merged: merged rows to insert, or ``None``.
+        similarity_products: per image, the ``d``-wide dot products the stage computed between rows of the
+            view to decide (DART's pivot-to-row cosines), for the FLOPs of the "full" convention; empty if none.
     """
 
     keep: torch.Tensor
     kept: tuple[int, ...]
     merged: MergedTokens | None = None
+    similarity_products: tuple[int, ...] = ()
+
+
+def last_text_row(view: TokenView) -> QueryRows:
+    """One query row per batch row: its last text row, the last prompt token (FastV's ``attn[:, :, -1, :]``,
+    PyramidDrop's ``prompt_total_len - 1``); a batch row without text gets none."""
+    text = view.valid & ~view.visual  # [B, L]
+    columns = torch.arange(text.shape[1], device=text.device)
+    last = torch.where(text, columns, -1).max(dim=1).values  # [B] last text row
+    rows = (columns[None, :] == last[:, None]) & text
+    text_rows = [r - v for r, v in zip(view.rows, view.per_row(view.image_tokens), strict=True)]
+    return QueryRows(rows=rows, candidates=(0,) * len(view.rows), count=tuple(int(n > 0) for n in text_rows))
 
 
 class InLLMMethod(CompressionMethod):
@@ -314,6 +362,15 @@ class InLLMMethod(CompressionMethod):
 
     stage: ClassVar[Stage] = "in_llm"
     positions: ClassVar[Literal["original", "renumber"]] = "original"
+    #: Which layer's weights rate the rows of stage ``s`` (first reduced layer ``b``): ``"previous_layer"``, the
+    #: attention of layer ``b - 1`` on its own input (FastV's and SparseVLM's ``output_attentions`` of the layer
+    #: before the cut); ``"pruned_layer"``, layer ``b``'s input norm and q/k projections applied to the rows about
+    #: to enter it (PyramidDrop's ``pdrop_rank_drop``).
+    score_layer: ClassVar[Literal["previous_layer", "pruned_layer"]] = "previous_layer"
+    #: What :meth:`score` receives from the scoring layer: ``"attention"``, the query rows' head-averaged softmax
+    #: attention ``[B, Q, L]``; ``"keys"``, the rotary-embedded keys of every row ``[B, L, KV * hd]`` (DART's pivot
+    #: norms), for which the method chooses no query rows.
+    score_signal: ClassVar[Literal["attention", "keys"]] = "attention"
 
     def __init__(self, *, retention_ratio: float = 1.0, budget_basis: BudgetBasis = "positions") -> None:
         super().__init__(retention_ratio=retention_ratio)
@@ -374,12 +431,14 @@ class InLLMMethod(CompressionMethod):
     def score(
         self, stage: int, attention: torch.Tensor, query_valid: torch.Tensor, view: TokenView
     ) -> torch.Tensor:
-        """Relevance ``[B, L]`` of every row of ``view`` from the query rows' attention.
+        """Relevance ``[B, L]`` of every row of ``view`` from the scoring layer's signal.
 
         Args:
             stage: index of the stage.
-            attention: ``[B, Q, L]`` head-averaged softmax attention of each query row over the rows entering the
-                scoring layer (causal; padding gets 0), float32.
+            attention: under ``score_signal="attention"``, ``[B, Q, L]`` head-averaged softmax attention of each
+                query row over the rows entering the scoring layer (causal; padding gets 0), float32; under
+                ``"keys"``, ``[B, L, KV * hd]`` the scoring layer's rotary-embedded keys of every row (padding
+                rows hold arbitrary values), in the model dtype.
             query_valid: ``[B, Q]`` which of the ``Q`` slots hold a real query row.
             view: the rows entering the scoring layer.
         """
@@ -412,6 +471,8 @@ class LayerStats:
             ``softmax(V T^T)`` on the embeddings, ``visual_tokens_before x rater_candidates`` dot products); 0 for FastV.
         recycle_candidates: per stage, dropped visual rows that were clustered (pairwise distances among them).
         recycled_tokens: per stage, merged rows inserted after the kept visual rows.
+        similarity_products: per stage, ``d``-wide dot products between rows computed to decide (DART's
+            pivot-to-row cosine similarities; 0 for attention-rated methods).
         equivalent_tokens_target: the layer-averaged visual-token count the method's schedule aimed at
             (SparseVLM: ``R * N_vis`` under its ``equivalent_tokens`` convention); ``None`` for methods with a
             fixed keep count (FastV).
@@ -427,6 +488,7 @@ class LayerStats:
     rater_candidates: int = 0
     recycle_candidates: tuple[int, ...] = ()
     recycled_tokens: tuple[int, ...] = ()
+    similarity_products: tuple[int, ...] = ()
     equivalent_tokens_target: float | None = None
 
     @property

@@ -33,7 +33,15 @@ from __future__ import annotations
 
 import torch
 
-from globalcom2.methods.base import BudgetBasis, InLLMMethod, KeepPlan, QueryRows, TokenView, register_method
+from globalcom2.methods.base import (
+    BudgetBasis,
+    InLLMMethod,
+    KeepPlan,
+    QueryRows,
+    TokenView,
+    last_text_row,
+    register_method,
+)
 from globalcom2.scoring.ranking import int64_tensor
 from globalcom2.scoring.selection import top_k_per_group
 
@@ -76,14 +84,7 @@ class FastV(InLLMMethod):
         return (round(self.retention_ratio * num_visual),)
 
     def select_queries(self, view: TokenView) -> QueryRows:
-        text = view.valid & ~view.visual  # [B, L]
-        columns = torch.arange(text.shape[1], device=text.device)
-        last = torch.where(text, columns, -1).max(dim=1).values  # [B] last text row
-        rows = (columns[None, :] == last[:, None]) & text
-        text_rows = [r - v for r, v in zip(view.rows, view.per_row(view.image_tokens), strict=True)]
-        return QueryRows(
-            rows=rows, candidates=(0,) * len(view.rows), count=tuple(int(n > 0) for n in text_rows)
-        )
+        return last_text_row(view)
 
     def score(
         self, stage: int, attention: torch.Tensor, query_valid: torch.Tensor, view: TokenView

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from globalcom2.methods import METHODS, InLLMMethod
+from globalcom2.methods.params import method_parameters
 from globalcom2.protocol.generation import GenerationSettings
 
 PROTOCOLS = ("lmms_eval", "llava")
@@ -66,15 +66,15 @@ def budget_method_params(protocol: str, method: str, params: Mapping[str, Any]) 
 
     Under ``llava`` the retention ratio is a fraction of the patch tokens, the "2880" of the GlobalCom²
     paper ("retain up to 2880·R tokens": 2880 = 5 x 576 patch tokens, while a 672x672 image has 2928 visual
-    positions with its 48 row separators), so the in-LLM methods get
-    ``budget_basis="patches"`` and keep every separator, as GlobalCom² and ``random`` always do. Under
-    ``lmms_eval`` the method's own ``budget_basis`` (default ``"positions"``) stands.
+    positions with its 48 row separators), so every method with a ``budget_basis`` parameter (the in-LLM methods
+    and DivPrune) gets ``budget_basis="patches"`` and keeps every separator, as GlobalCom² and ``random`` always
+    do. Under ``lmms_eval`` the method's own ``budget_basis`` (default ``"positions"``) stands.
 
     Raises:
         ValueError: ``params`` asks ``llava`` for another basis.
     """
     params = dict(params)
-    if check_protocol(protocol) != "llava" or not issubclass(METHODS.get(method), InLLMMethod):
+    if check_protocol(protocol) != "llava" or "budget_basis" not in method_parameters(method):
         return params
     basis = params.setdefault("budget_basis", "patches")
     if basis != "patches":

@@ -21,8 +21,12 @@ from globalcom2.efficiency.table import efficiency_display
 from globalcom2.methods import METHODS
 from globalcom2.paths import PROJECT_ROOT
 
-#: The paper's Table 1 row order (``fastervlm`` is a published row we do not run).
-PAPER_METHOD_ORDER = ("vanilla", "random", "fastv", "sparsevlm", "fastervlm", "globalcom2")
+#: The paper's Table 1 row order, baselines first and GlobalCom² last, with the later baselines (VisionZip, DART,
+#: DivPrune) among the baselines (``fastervlm`` is a published row we do not run).
+PAPER_METHOD_ORDER = (
+    *("vanilla", "random", "fastv", "sparsevlm", "pdrop"),
+    *("visionzip", "dart", "divprune", "fastervlm", "globalcom2"),
+)
 AVG = "Avg. (% of vanilla)"
 REFERENCE_DIR = PROJECT_ROOT / "results" / "reference"
 MODEL_SIZES = {"llava_next_7b": "7B", "llava_next_13b": "13B"}
@@ -275,8 +279,9 @@ def paper_vs_ours(frame: pd.DataFrame, reference: pd.DataFrame | None = None) ->
     ours["size"] = ours["model"].map(MODEL_SIZES)
     ours = ours.dropna(subset=["size"])
     rank = {"primary": 0, "secondary": 1}
-    ref = reference.assign(_rank=reference["reliability"].map(rank)).sort_values("_rank")
-    ref = ref.drop_duplicates(["model", "method", "retention_ratio", "column"])  # the most reliable source
+    ref = reference.assign(_rank=reference["reliability"].map(rank)).sort_values("_rank", kind="stable")
+    # the most reliable source; among equally reliable ones the first listed (a stable sort: the file's order)
+    ref = ref.drop_duplicates(["model", "method", "retention_ratio", "column"])
     merged = ours.merge(
         ref,
         left_on=["size", "method_name", "retention_ratio", "metric"],

@@ -31,6 +31,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def rotated_keys(
+    attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """The layer's keys of every row after the rotary embedding, heads side by side: ``[B, L, KV * hd]``.
+
+    What DART rates its pivots by (the key states a Llama layer caches, its ``layer_outputs[-2]``); the key
+    heads are not repeated for grouped-query attention, which scales every row's L1 norm by the same factor.
+
+    Args:
+        attn: the layer's attention module (``k_proj``, ``head_dim``).
+        hidden_states: ``[B, L, D]`` input of the attention module (after the layer's input norm).
+        cos: ``[B or 1, L, hd]`` rotary cosines of the rows.
+        sin: ``[B or 1, L, hd]`` rotary sines.
+    """
+    batch, length, _ = hidden_states.shape
+    head_dim = attn.head_dim
+    keys = attn.k_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, KV, L, hd]
+    keys = apply_rotary(keys, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+    return keys.transpose(1, 2).reshape(batch, length, -1)  # [B, L, KV * hd]
+
+
 def attention_rows(
     attn: nn.Module,
     hidden_states: torch.Tensor,

@@ -124,6 +124,10 @@ def test_vision_flops_count_the_tower_and_projector():
         ("fastv", {"retention_ratio": 0.5, "K": 1}),
         ("sparsevlm", {"retention_ratio": 0.25}),
         ("sparsevlm", {"retention_ratio": 0.5}),
+        ("pdrop", {"retention_ratio": 0.25}),
+        ("pdrop", {"retention_ratio": 0.5, "layers": [2]}),
+        ("dart", {"retention_ratio": 0.25}),
+        ("dart", {"retention_ratio": 1 / 9, "K": 1, "budget_basis": "patches"}),
     ],
 )
 def test_analytic_full_convention_equals_flop_counter_for_in_llm_methods(eager_tiny, method, params):
@@ -138,11 +142,15 @@ def test_analytic_full_convention_equals_flop_counter_for_in_llm_methods(eager_t
     overhead = method_overhead_flops(dims, stats)
     assert overhead["score_recompute"] > 0
     matmuls = (
-        model_prefill_flops(dims, stats.tokens_per_layer) + overhead["score_recompute"] + overhead["raters"]
+        model_prefill_flops(dims, stats.tokens_per_layer)
+        + overhead["score_recompute"]
+        + overhead["raters"]
+        + overhead["duplication"]
     )
     assert matmuls == counted
     assert full_prefill_flops(dims, stats.tokens_per_layer, stats) == counted + overhead["recycling"]
     assert (overhead["recycling"] > 0) == (method == "sparsevlm")
+    assert (overhead["duplication"] > 0) == (method == "dart")
     assert stats.tokens_per_layer[0] == inputs["input_ids"].shape[1]  # layer 0 sees the whole prompt
 
 

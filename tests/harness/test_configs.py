@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 
 import globalcom2.run  # registers the project_root resolver
 from globalcom2.cells import CellSpec
+from globalcom2.methods import METHODS
 
 GROUPS = ["model", "method", "benchmark", "launcher", "logger", "experiment", "sweep", "debug"]
 
@@ -166,5 +167,6 @@ def test_the_cli_dry_run_lists_the_demo_grid(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("[dry-run]") == 17 and done.stdout.count("[same]") == 3  # vanilla: one cell
+    cells = 1 + 4 * (len(METHODS.names()) - 1)  # vanilla once, every other method at four ratios
+    assert done.stdout.count("[dry-run]") == cells and done.stdout.count("[same]") == 3  # vanilla: one cell
     assert "would fail" not in done.stdout

@@ -41,7 +41,10 @@ def test_every_registered_method_has_a_method_config():
 
 
 def test_the_sweep_runs_every_registered_method_in_a_fixed_order():
-    assert swept() == ["vanilla", "random", "globalcom2", "fastv", "sparsevlm"]
+    assert swept() == [
+        *("vanilla", "random", "globalcom2", "fastv", "sparsevlm"),
+        *("pdrop", "visionzip", "dart", "divprune"),
+    ]
     assert sorted(swept()) == METHODS.names()
 
 
@@ -56,7 +59,8 @@ def test_a_new_method_is_swept_tabled_plotted_and_measured_without_an_edit(new_m
 
 
 def test_the_efficiency_benchmark_keeps_the_papers_variants():
-    """Tables 8/9: vanilla; GlobalCom² and random at the four ratios; FastV and SparseVLM at 0.25 and 0.1."""
+    """Tables 8/9: vanilla; GlobalCom² and random at the four ratios; FastV and SparseVLM at 0.25 and 0.1; then
+    the later baselines at 0.25 and 0.1, by name."""
     four, two = [0.75, 0.5, 0.25, 0.1], [0.25, 0.1]
     assert default_variants() == [
         ("vanilla", 1.0),
@@ -64,4 +68,5 @@ def test_the_efficiency_benchmark_keeps_the_papers_variants():
         *[("random", r) for r in four],
         *[("fastv", r) for r in two],
         *[("sparsevlm", r) for r in two],
+        *[(method, r) for method in ("dart", "divprune", "pdrop", "visionzip") for r in two],
     ]

@@ -42,8 +42,8 @@ EXPECTED_METRIC = {
 GEN = "max_new_tokens=3"  # the tiny model never stops by itself; real runs use each task's settings
 
 
-def model(**kwargs):
-    return GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.25, **kwargs)
+def model(method: str = "random", **kwargs):
+    return GlobalCom2LlavaNext(pretrained="tiny", method=method, retention_ratio=0.25, **kwargs)
 
 
 def scores(results, task):
@@ -132,10 +132,13 @@ def test_batch_size_4_gives_the_same_answers_as_batch_size_1(fixture_data, tmp_p
     assert len({tuple(r.output_token_ids) for r in rec1.values()}) > 1  # the comparison is not vacuous
 
 
-def test_two_processes_give_the_same_scores_as_one(fixture_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "method", ["random", "dart"]
+)  # a pre-LLM method, and an in-LLM one that reads the device
+def test_two_processes_give_the_same_scores_as_one(fixture_data, tmp_path, monkeypatch, method):
     monkeypatch.chdir(tmp_path)
     tasks = ["globalcom2_demo", "pope_adv_local", "mme_local"]  # MME pairs are split across the ranks
-    lm = model(batch_size=2)
+    lm = model(method, batch_size=2)
     single = api.evaluate(lm, tasks, limit=6, gen_kwargs=GEN)
     single_records = {(r.task, r.doc_id): r.output_token_ids for r in lm.records}
 
@@ -146,7 +149,7 @@ def test_two_processes_give_the_same_scores_as_one(fixture_data, tmp_path, monke
             "--model",
             MODEL_ID,
             "--model_args",
-            f"pretrained=tiny,method=random,retention_ratio=0.25,records_path={records}",
+            f"pretrained=tiny,method={method},retention_ratio=0.25,records_path={records}",
         ),
         *("--tasks", ",".join(tasks), "--batch_size", "2", "--limit", "6", "--gen_kwargs", GEN),
         *("--output_path", str(out), "--log_samples", "--timezone", "UTC"),

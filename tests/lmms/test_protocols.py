@@ -219,8 +219,8 @@ def test_llava_inputs_use_llavas_anyres_geometry(fixture_data, llava_inputs):
 
 
 def test_llava_counts_the_in_llm_budget_in_patch_tokens(tmp_path):
-    """The paper counts 2880 patch tokens, not the row separators: under ``llava`` FastV and SparseVLM get
-    ``budget_basis="patches"`` in the plugin; a contradicting explicit basis is refused before any load."""
+    """The paper counts 2880 patch tokens, not the row separators: under ``llava`` FastV, SparseVLM and DivPrune
+    get ``budget_basis="patches"`` in the plugin; a contradicting explicit basis is refused before any load."""
     from globalcom2.cells import CellSpec
     from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 
@@ -235,6 +235,10 @@ def test_llava_counts_the_in_llm_budget_in_patch_tokens(tmp_path):
         pretrained="tiny", method="random", retention_ratio=0.5, protocol="llava", profile=False
     )
     assert "budget_basis" not in pre_llm.method.params(), "pre-LLM methods always count patches"
+    divprune = GlobalCom2LlavaNext(
+        pretrained="tiny", method="divprune", retention_ratio=0.5, protocol="llava", profile=False
+    )
+    assert divprune.method.budget_basis == "patches", "a pre-LLM method with a basis gets the paper's"
 
     with pytest.raises(ValueError, match="budget_basis='positions' contradicts protocol=llava"):
         GlobalCom2LlavaNext(

@@ -1,0 +1,159 @@
+"""``divprune``: DivPrune, keep the most diverse visual tokens by greedy max-min cosine distance.
+
+Paper: S. R. Alvar, G. Singh, M. Akbari, Y. Zhang, "DivPrune: Diversity-based Visual Token Pruning for
+Large Multimodal Models" (CVPR 2025, arXiv 2503.02175). Official code: github.com/vbdi/divprune at
+``799e2d950aa01ba7860907f5a6d86061f885dca6``, ``LLaVA/llava/model/llava_arch.py`` (unchanged since the
+first upload). No official code is copied; this is a re-implementation of what it computes.
+
+What the official code does (line numbers of that file at that commit):
+
+* Where: in ``prepare_inputs_labels_for_multimodal``, after the prompt embeddings are assembled (L337,
+  L352-385), when ``LAYER_INDEX=0`` and ``SUBSET_RATIO=R`` are set. So it prunes the LLM *input
+  embeddings* of the image span, i.e. the projector outputs as LLaVA packs them, newline vectors included.
+* Count: ``int(round(R * L))`` (L153; Python ``round``, half to even) with ``L`` the length of the image
+  span; for LLaVA-1.6 that is the whole packed sequence of the image (L369-370).
+* Distance: rows divided by their L2 norm, ``D = 1 - X X^T`` (L147-150, L155), in the model's dtype.
+* Greedy max-min (L157-171): the first pick maximises, over the columns of ``D``, the second-smallest
+  entry of the column (the distance to the nearest *other* token; the smallest is the ~0 self-distance);
+  each later pick maximises the column-wise minimum over the rows of the tokens picked so far. Ties go to
+  the lowest index (``torch.argmax``). Picked tokens are not masked: they only score their ~0 self-distance.
+* Order: the kept positions are sorted (L377-385), so the survivors keep their packed order. The
+  maintainer notes (vbdi/divprune issue #8) that the paper's tables were produced before that sort was
+  added, with tokens in selection order; the public code, and this port, sort.
+* Positions: the pruned embeddings go to the LLM without position ids, so positions are renumbered
+  contiguously; the harness's prompt surgery (``globalcom2/hooks/pre_llm_sequence.py``) does the same.
+
+How it meets AnyRes: under ``budget_basis="positions"`` (the default, the official LLaVA-1.6 path) the
+candidates are every packed position of the image (thumbnail, unpadded crops and the row separators, the
+``image_newline`` vectors) in one global selection over the whole packed sequence; a separator competes
+like any token (being identical vectors, at most one of them normally survives) and a dropped separator is
+gone. Under ``"patches"`` (the harness's paper protocol, as ``random`` and ``globalcom2``) only the patch
+tokens compete, ``floor(R * N_patch)`` of them are kept, and every separator is kept on top.
+
+Deliberate deviations from the official code:
+
+* Distances are computed in float32 (official: the model's dtype, fp16 in its runs, where distances are
+  quantised to ~5e-4 and ties among thousands of tokens are plausible). fp32 picks can differ from fp16
+  picks at near-ties.
+* Every image is pruned on its own span, located by the image token id (official: a hard-coded 35-token
+  prefix, the first image of the first sample only), so batches of any size, left padding and several
+  images per prompt work.
+* ``budget_basis="patches"`` is an option the official code does not have (see above).
+* ``R = 1.0``, or any ratio whose count keeps every candidate (and every separator), returns ``None``:
+  the unmodified model, bit for bit. The official code would still run the greedy, and with ``k = N`` it
+  re-picks tokens (identical newline vectors are then dropped while other tokens appear twice).
+* Degenerate duplicates are kept as in the official code, not masked: once every remaining candidate is a
+  (numerical) duplicate of a picked one, the argmax can return an already-picked position, which then
+  appears twice in the output (the hook feeds it twice, as the official indexing would). This needs more
+  kept tokens than distinct vectors, e.g. a high ratio on the ``positions`` basis with many identical
+  separators; masking picked tokens would change nothing before that point.
+* An all-zero feature row gives NaN distances in both (no epsilon, as the official code); the projector
+  never outputs one in practice.
+
+Work per image: one ``[C, C]`` float32 distance matrix (``C`` candidates, at most 2,928 on LLaVA-NeXT-7B,
+34 MB) and one device loop of ``k`` steps with a running minimum-distance vector (the greedy is
+sequential), sized from host counts with no device read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from globalcom2.anyres import PackedLayout
+from globalcom2.budget import kept_count
+from globalcom2.methods.base import BUDGET_BASES, BudgetBasis, ImageContext, PreLLMMethod, register_method
+from globalcom2.scoring.ranking import host_to_device
+
+
+def official_keep_count(retention_ratio: float, num_tokens: int) -> int:
+    """``int(round(R * N))``: the official count over the whole image span (``llava_arch.py`` L153)."""
+    return round(retention_ratio * num_tokens)  # Python round: half to even
+
+
+def cosine_distances(features: torch.Tensor) -> torch.Tensor:
+    """``[C, C]`` float32 ``1 - cos`` between the rows of ``features [C, D]`` (official L147-150, L155, but
+    in float32: the rows are divided by their norm, no epsilon, then one matrix product)."""
+    rows = features.float()  # [C, D]
+    unit = rows / rows.norm(dim=1, keepdim=True)  # [C, D]
+    return 1.0 - unit @ unit.T  # [C, C], diagonal ~0
+
+
+def max_min_picks(distances: torch.Tensor, count: int) -> torch.Tensor:
+    """``[count]`` int64 rows of the greedy max-min selection, in selection order (official L157-171).
+
+    The first pick is the column whose second-smallest distance (to its nearest other candidate) is
+    largest; each later one maximises the minimum distance to the picks so far, kept as a running minimum
+    over the picked rows (equal to the official minimum over the picked rows at every step, min being
+    exact). ``argmax`` returns the first maximum, as in the official code. Picked rows are not masked.
+
+    Args:
+        distances: ``[C, C]`` distance matrix, ``C >= 2``.
+        count: picks to make, ``1 <= count``.
+    """
+    nearest_other = torch.topk(distances, 2, dim=0, largest=False).values[1]  # [C] per column
+    pick = nearest_other.argmax()  # [] first maximum
+    picks = torch.empty(count, dtype=torch.long, device=distances.device)  # [count]
+    picks[0] = pick
+    running = distances.index_select(0, pick.view(1))[0]  # [C] distance to the picked set
+    for step in range(1, count):
+        pick = running.argmax()  # [] stays on the device
+        picks[step] = pick
+        running = torch.minimum(running, distances.index_select(0, pick.view(1))[0])  # [C]
+    return picks
+
+
+@register_method("divprune")
+class DivPrune(PreLLMMethod):
+    """Keep the visual tokens that are farthest apart in cosine distance (greedy max-min diversity).
+
+    Args:
+        retention_ratio: kept fraction, in (0, 1]; of every packed position (``int(round(R * N))``, the
+            official count) under ``"positions"``, of the patch tokens (``floor(R * N_patch)``) under
+            ``"patches"``.
+        budget_basis: ``"positions"`` (default, the official LLaVA-1.6 path: separators are candidates) or
+            ``"patches"`` (the paper protocol: only patch tokens compete, every separator stays).
+    """
+
+    def __init__(self, *, retention_ratio: float, budget_basis: BudgetBasis = "positions") -> None:
+        super().__init__(retention_ratio=retention_ratio)
+        if budget_basis not in BUDGET_BASES:
+            raise ValueError(
+                f"budget_basis must be one of {list(BUDGET_BASES)} (what the retention ratio is a fraction of), "
+                f"got {budget_basis!r}"
+            )
+        self.budget_basis = budget_basis
+
+    def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
+        layout = ctx.layout
+        device = features.device
+        if self.budget_basis == "positions":
+            count = official_keep_count(self.retention_ratio, layout.num_tokens)
+            if count >= layout.num_tokens:
+                return None
+            if count == 0:
+                return torch.zeros(0, dtype=torch.long, device=device)
+            picks = max_min_picks(cosine_distances(features), count)  # [k] packed positions
+            return picks.sort().values  # [k] ascending = packed order
+
+        count = kept_count(layout.num_patches, self.retention_ratio)
+        if count >= layout.num_patches:
+            return None
+        separators = host_to_device(layout.separator_positions, device)  # [S]
+        if count == 0:
+            return separators.clone()  # a fresh tensor: the layout's positions are cached
+        patches = host_to_device(layout.patch_positions, device)  # [P] packed position of each patch
+        distances = cosine_distances(features.index_select(0, patches))  # [P, P]
+        kept = patches.index_select(0, max_min_picks(distances, count))  # [k] packed positions
+        return torch.cat([separators, kept]).sort().values  # [S + k] ascending
+
+    def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int:
+        """Separators among the kept positions.
+
+        Under ``"patches"`` every separator is kept, so the layout gives the count without a device read.
+        Under ``"positions"`` separators compete like any token and the count depends on the selection:
+        it is read back once per image (``source.cpu()``, one wait for the device) and counted on the host.
+        """
+        if self.budget_basis == "patches":
+            return layout.num_separators
+        kept = source.cpu().numpy()  # [M] the one device read
+        return int(layout.is_separator.numpy()[kept].sum())

@@ -1,0 +1,319 @@
+"""VisionZip on the tiny model: parity with the plain reference, identity at ratio 1, batches, counts, costs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import generate_steps, prompt_inputs, synthetic_image
+from references import reference_clip_states, visionzip_reference_image
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import globalcom2.methods.visionzip  # noqa: F401  (registers "visionzip" before the package imports it)
+from globalcom2 import attach
+from globalcom2.anyres import config_layout
+from globalcom2.efficiency.flops import LlmDims, model_prefill_flops
+from globalcom2.efficiency.host_syncs import HostSyncCounter
+from globalcom2.methods import METHODS, ImageContext
+from globalcom2.methods.visionzip import view_budget
+from globalcom2.models.loader import load_tiny_llava_next
+from globalcom2.prompts import vicuna_v1_prompt
+from globalcom2.scoring.vision_capture import CapturedViews, ViewCapture
+
+# Claims that rest on transformers internals: CI runs them on every supported transformers.
+pytestmark = pytest.mark.exactness
+
+PARITY_SIZES = [(336, 336), (800, 600), (1008, 336), (672, 672)]  # (width, height)
+PARITY_RATIOS = [0.1, 1 / 9, 0.25, 0.5]
+ATOL = 1e-5  # float32: the method and the reference sum the merged tokens in another order (measured <= 5e-6)
+PATH_ATOL = 1e-4  # a left-padded batch row vs the sample alone (see tests/hooks/test_pre_llm_attach.py)
+# The hook recomputes the [CLS] attention row from the layer's projections on the SDPA model; it differs from
+# the eager forward's full matrix by float32 rounding (measured <= 2e-9 on scores ~7e-3; cosines ~1 ulp). Two
+# candidates closer than this may be ordered either way; only such a near tie may explain a difference.
+NEAR_TIE = 1e-8
+
+
+@pytest.fixture(scope="module")
+def eager_tiny():
+    """The tiny model (same seed, same weights) with eager attention everywhere: the reference's CLIP returns
+    attentions, and torch's FLOP counter sees the text attention's matmuls."""
+    return load_tiny_llava_next(seed=0, attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def reference_states(eager_tiny):
+    """Per image size: the processor inputs and the eager CLIP states of layer -2 (computed once)."""
+    model, processor = eager_tiny
+    out = {}
+    for size in PARITY_SIZES:
+        inputs = prompt_inputs(processor, synthetic_image(*size))
+        out[size] = (inputs, reference_clip_states(model, inputs)[0])
+    return out
+
+
+def hooked_features(model, inputs) -> list[torch.Tensor]:
+    """The packed features the attached method hands the LLM, per image (through the hook's own path)."""
+    with torch.no_grad():
+        output = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+    return [output.plans[id(feats)].apply() for feats in output.pooler_output]
+
+
+def near_tie_gap(states: dict, dominant: int, contextual: int) -> float:
+    """The smallest margin, over the views of the reference's inputs, of a decision VisionZip takes: the
+    [CLS] score of the last dominant patch over the next one, and each merged token's best cosine over its
+    second best target."""
+    scores = states["attention"][:, :, 0, 1:].sum(1)  # [V, 576]
+    ranked = scores.sort(dim=1, descending=True)
+    gaps = [float((ranked.values[:, dominant - 2] - ranked.values[:, dominant - 1]).min())]
+    metric = states["keys"].mean(1)  # [V, 577, d]
+    for v in range(scores.shape[0]):
+        keep = torch.zeros(metric.shape[1], dtype=torch.bool)
+        keep[0] = True
+        keep[ranked.indices[v, : dominant - 1] + 1] = True
+        rest = metric[v][~keep]
+        rest = rest / rest.norm(dim=-1, keepdim=True)
+        targets = torch.arange(0, rest.shape[0], max(1, rest.shape[0] // contextual))[:contextual]
+        is_target = torch.zeros(rest.shape[0], dtype=torch.bool)
+        is_target[targets] = True
+        best = (rest[~is_target] @ rest[targets].T).topk(2, dim=1).values  # [n - c, 2]
+        gaps.append(float((best[:, 0] - best[:, 1]).min()))
+    return min(gaps)
+
+
+def fed_reference_inputs(method, model, inputs, states) -> torch.Tensor:
+    """The method's ``select`` given the reference's own CLIP states (algorithm and layout only)."""
+    layout = config_layout(model.config, inputs["image_sizes"][0])
+    views = CapturedViews(
+        hidden=states["hidden"],
+        cls_attention=states["attention"][:, :, 0, 1:].sum(1),
+        keys=states["keys"].mean(1),
+    )
+    ctx = ImageContext(
+        layout=layout,
+        pixel_values=inputs["pixel_values"][0],
+        views=views,
+        project=model.model.multi_modal_projector,
+    )
+    features = torch.zeros(layout.num_tokens, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        return method.select(features, ctx).features
+
+
+def replaced_inputs(model, inputs, features: list[torch.Tensor]) -> dict:
+    """Batch-1 inputs for the *unmodified* model: each image's placeholder run cut to the length of the given
+    features, which go in through ``mm_encoder_outputs``."""
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        original = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    ids, out, i, image = inputs["input_ids"][0].tolist(), [], 0, 0
+    while i < len(ids):
+        if ids[i] == image_id:
+            out += [image_id] * features[image].shape[0]
+            i += original[image].shape[0]
+            image += 1
+        else:
+            out.append(ids[i])
+            i += 1
+    return {
+        "input_ids": torch.tensor([out]),
+        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)},
+    }
+
+
+# --- budget ---------------------------------------------------------------------------------------------
+
+
+def test_per_view_budget_reproduces_the_official_splits():
+    assert view_budget(1 / 9, 10 / 64) == (54, 10)  # README: dominant=54, contextual=10 (64 per view)
+    assert view_budget(2 / 9, 10 / 64) == (108, 20)
+    assert view_budget(1 / 3, 10 / 64) == (162, 30)
+    assert view_budget(0.25, 10 / 64) == (121, 23)  # 144 * 10/64 = 22.5, rounded half up
+    assert view_budget(1 / 576, 10 / 64) == (1, 0)  # [CLS] alone
+    assert view_budget(0.1, 0.999) == (1, 56)  # contextual at most k - 1: [CLS] always stays
+    assert METHODS.create("visionzip", retention_ratio=1 / 9).budget == (54, 10)
+    # the paper convention's nominal image (2880 = 5 views) keeps 5 k tokens: 5 x 57 at R = 0.1, not 288
+    assert METHODS.create("visionzip", retention_ratio=0.1).nominal_visual_tokens(2) == (285, 285)
+    assert METHODS.create("visionzip", retention_ratio=1 / 9).nominal_visual_tokens(1) == (320,)
+
+
+# --- parity with the reference ---------------------------------------------------------------------------
+
+
+def test_capture_equals_the_eager_clip_forward(model, reference_states):
+    inputs, states = reference_states[(800, 600)]
+    capture = ViewCapture(model.model.vision_tower, -2)
+    try:
+        with torch.no_grad(), capture.capture() as captured:
+            model.model.vision_tower(inputs["pixel_values"][0][:5], output_hidden_states=True)
+    finally:
+        capture.remove()
+    (views,) = captured
+    torch.testing.assert_close(views.hidden, states["hidden"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        views.cls_attention, states["attention"][:, :, 0, 1:].sum(1), atol=1e-8, rtol=0
+    )
+    torch.testing.assert_close(views.keys, states["keys"].mean(1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", PARITY_SIZES)
+def test_packed_features_equal_the_reference(model, eager_tiny, reference_states, size):
+    eager, _ = eager_tiny
+    inputs, states = reference_states[size]
+    layout = config_layout(model.config, inputs["image_sizes"][0])
+    for ratio in PARITY_RATIOS:
+        dominant, contextual = view_budget(ratio, 10 / 64)
+        reference = visionzip_reference_image(eager, states, dominant, contextual)
+        assert reference.shape[0] == layout.num_views * (dominant + contextual)
+        with attach(model, "visionzip", retention_ratio=ratio) as handle:
+            (features,) = hooked_features(model, inputs)
+            fed = fed_reference_inputs(handle.method, model, inputs, states)
+            stats = handle.stats[-1]
+        torch.testing.assert_close(fed, reference, atol=ATOL, rtol=0)  # same inputs: always equal
+        if not torch.allclose(features, reference, atol=ATOL, rtol=0):  # the hook's own inputs (SDPA)
+            gap = near_tie_gap(states, dominant, contextual)
+            assert gap < NEAR_TIE, f"{size} R={ratio}: differs from the reference without a near tie ({gap})"
+        assert (stats.patch_tokens_kept, stats.separators_kept) == (reference.shape[0], 0)
+        assert (stats.tokens_before, stats.patch_tokens_before) == (layout.num_tokens, layout.num_patches)
+        assert stats.tokens_after == layout.num_views * dominant + layout.num_views * contextual
+
+
+@pytest.mark.parametrize(
+    ("sizes", "ratio"), [([(672, 672)], 0.25), ([(1008, 336)], 1 / 9), ([(800, 600), (336, 336)], 0.5)]
+)
+def test_logits_equal_the_unmodified_model_fed_the_reference(model, eager_tiny, sizes, ratio):
+    eager, processor = eager_tiny
+    inputs = prompt_inputs(processor, [synthetic_image(*s) for s in sizes], "Compare.")
+    dominant, contextual = view_budget(ratio, 10 / 64)
+    reference = [
+        visionzip_reference_image(eager, states, dominant, contextual)
+        for states in reference_clip_states(eager, inputs)
+    ]
+    with torch.no_grad():
+        with attach(model, "visionzip", retention_ratio=ratio) as handle:
+            hooked = model(**inputs).logits[0, -1]
+            assert [s.tokens_after for s in handle.stats] == [r.shape[0] for r in reference]
+        unmodified = model(**replaced_inputs(model, inputs, reference)).logits[0, -1]
+    torch.testing.assert_close(hooked, unmodified, atol=1e-5, rtol=0)
+
+
+# --- identity, batches, determinism ----------------------------------------------------------------------
+
+
+def test_ratio_one_is_bit_identical_forward_and_generate_and_remove_restores(model, processor, images):
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    with torch.no_grad():
+        reference_logits = model(**inputs).logits
+    reference_tokens, reference_steps = generate_steps(model, inputs, steps=4)
+    attention = model.model.vision_tower.encoder.layers[-2]
+    hooks = (len(attention._forward_hooks), len(attention.self_attn.k_proj._forward_hooks))
+
+    with attach(model, "visionzip", retention_ratio=1.0) as handle, torch.no_grad():
+        assert handle.method.vision_capture_layer is None  # nothing is captured at R = 1
+        assert torch.equal(model(**inputs).logits, reference_logits)
+        tokens, steps = generate_steps(model, inputs, steps=4)
+        assert torch.equal(tokens, reference_tokens) and torch.equal(steps, reference_steps)
+        assert handle.stats[-1].patch_tokens_kept == handle.stats[-1].patch_tokens_before
+
+    with attach(model, "visionzip", retention_ratio=0.25), torch.no_grad():
+        assert len(attention._forward_hooks) == hooks[0] + 1
+        compressed = model(**inputs).logits
+    assert compressed.shape[1] < reference_logits.shape[1]
+    assert (len(attention._forward_hooks), len(attention.self_attn.k_proj._forward_hooks)) == hooks
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference_logits)
+    tokens, steps = generate_steps(model, inputs, steps=4)
+    assert torch.equal(tokens, reference_tokens) and torch.equal(steps, reference_steps)
+
+
+def test_left_padded_batch_rows_equal_single_runs(model, processor, images):
+    batch_images = [images[(336, 336)], images[(1008, 336)], images[(800, 600)]]
+    texts = [
+        vicuna_v1_prompt(q) for q in ["What is it?", "Describe the left side of the picture.", "Colour?"]
+    ]
+    batch = processor(images=batch_images, text=texts, padding=True, return_tensors="pt")
+    assert int((batch["attention_mask"] == 0).sum()) > 0, "the batch must be left-padded"
+    with attach(model, "visionzip", retention_ratio=0.25) as handle:
+        tokens, steps = generate_steps(model, batch, steps=3)
+        assert [s.tokens_after for s in handle.stats] == [3 * 144, 4 * 144, 5 * 144]
+        for row, (image, text) in enumerate(zip(batch_images, texts, strict=True)):
+            alone = processor(images=image, text=text, return_tensors="pt")
+            row_tokens, row_steps = generate_steps(model, alone, steps=3)
+            torch.testing.assert_close(steps[:, row : row + 1], row_steps, atol=PATH_ATOL, rtol=0)
+            assert torch.equal(tokens[row : row + 1], row_tokens)
+
+
+def test_deterministic_and_params_rebuild(model, processor, images):
+    inputs = prompt_inputs(processor, images[(672, 672)])
+    with attach(model, "visionzip", retention_ratio=1 / 9, contextual_fraction=0.25) as handle:
+        first, again = hooked_features(model, inputs)[0], hooked_features(model, inputs)[0]
+        method = handle.method
+    assert torch.equal(first, again) and first.shape[0] == 5 * 64
+    assert method.params() == {"retention_ratio": 1 / 9, "contextual_fraction": 0.25}
+    assert METHODS.create("visionzip", **method.params()).params() == method.params()
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "error", "pattern"),
+    [
+        ({"retention_ratio": 0}, ValueError, r"retention_ratio must be in \(0, 1\].*got 0"),
+        ({"retention_ratio": 1e-3}, ValueError, r"retention_ratio must be in \[1/576, 1\], got 0\.001"),
+        ({"retention_ratio": "0.5"}, TypeError, r"retention_ratio must be a real number.*'0\.5'"),
+        ({"retention_ratio": 0.5, "contextual_fraction": 1.0}, ValueError, r"in \[0, 1\).*got 1\.0"),
+        ({"retention_ratio": 0.5, "contextual_fraction": -0.1}, ValueError, r"in \[0, 1\).*got -0\.1"),
+        ({"retention_ratio": 0.5, "contextual_fraction": float("nan")}, ValueError, r"in \[0, 1\).*got nan"),
+        ({"retention_ratio": 0.5, "contextual_fraction": True}, ValueError, r"in \[0, 1\).*got True"),
+    ],
+)
+def test_bad_params_name_the_value_and_the_range(model, params, error, pattern):
+    with pytest.raises(error, match=pattern):
+        attach(model, "visionzip", **params)
+
+
+def test_refuses_a_model_whose_feature_layer_is_not_minus_two(model):
+    method = METHODS.create("visionzip", retention_ratio=0.25)
+    config = model.config
+    original = config.vision_feature_layer
+    config.vision_feature_layer = -1
+    try:
+        with pytest.raises(ValueError, match=r"hidden_states\[-2\].*vision_feature_layer=-1"):
+            method.check_model_config(config)
+    finally:
+        config.vision_feature_layer = original
+    method.check_model_config(config)
+
+
+# --- costs ----------------------------------------------------------------------------------------------
+
+
+def test_analytic_flops_equal_the_flop_counter(eager_tiny):
+    model, processor = eager_tiny
+    inputs = processor(images=synthetic_image(800, 600), text=vicuna_v1_prompt("Where?"), return_tensors="pt")
+    with attach(model, "visionzip", retention_ratio=0.25) as handle:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(**inputs, logits_to_keep=1)
+        stats = handle.stats[-1]
+    counted = sum(
+        counter.get_flop_counts()["LlavaNextForConditionalGeneration.model.language_model"].values()
+    )
+    prompt = inputs["input_ids"].shape[1] - stats.tokens_before + stats.tokens_after
+    assert stats.tokens_after == 5 * 144
+    assert model_prefill_flops(LlmDims.from_config(model.config.text_config), prompt) == counted
+
+
+def test_prefill_adds_at_most_three_host_reads(model, processor, images):
+    inputs = prompt_inputs(processor, images[(672, 672)])
+
+    def count() -> HostSyncCounter:
+        with torch.inference_mode():
+            model(**inputs, use_cache=True)  # warm: cached geometry constants are built outside the count
+            with HostSyncCounter() as syncs:
+                model(**inputs, use_cache=True)
+        return syncs
+
+    baseline = count().total
+    with attach(model, "visionzip", retention_ratio=0.25):
+        syncs = count()
+    assert syncs.total - baseline <= 3, dict(syncs.by_line)
