@@ -134,7 +134,7 @@ RUN_ARGS = $(if $(DRY_RUN),dry_run=true,) $(ARGS)
 
 RESULTS ?= $(or $(GLOBALCOM2_RESULTS),results)
 
-demo: install  ## every method x 4 ratios on the trained tiny model (tiny-trained) and the synthetic demo benchmark, then tables and plots
+demo: install  ## every method x 3 ratios on the trained tiny model (tiny-trained) and the synthetic demo benchmark, then tables and plots
 	$(RUN) experiment=demo $(RUN_ARGS)
 	$(if $(DRY_RUN),,$(PY) -m globalcom2.report $(RESULTS) --experiment demo)
 

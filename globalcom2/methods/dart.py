@@ -3,36 +3,45 @@
 DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More",
 arXiv 2502.11494). Its official code is read from the copy vendored in Chenfei-Liao/VTC-Bench @ 983e443
 (``external/DART/llava/model/language_model/modeling_llama_self.py``, ``DART.forward`` lines 331-359 and
-``get_retained_image_token`` lines 397-449; ``llava/eval/model_vqa_loader.py`` lines 18-34, 127-129, 172-179), the
-upstream ZichenWen1/DART being unavailable here. What the reference does, and this implementation with it:
+``get_retained_image_token`` lines 397-449; ``llava/eval/model_vqa_loader.py`` lines 18-34, 127-129, 172-179),
+the upstream ZichenWen1/DART being unavailable here. What the reference does, and this implementation with it:
 
-1. **Where.** Before decoder layer ``K`` (``--pruned_layer 2``) in the prefill; layers ``0..K-1`` see every token.
-2. **Pivots** (lines 419-428): the L1 norm of each row's layer ``K-1`` keys (after the rotary embedding, heads side
-   by side) ranks the rows; the top ``pivot_image_tokens`` (4) of the image span and the top
+1. **Where.** Before decoder layer ``K`` (``--pruned_layer 2``) in the prefill; layers ``0..K-1`` see every
+   token.
+2. **Pivots** (lines 419-428): the L1 norm of each row's layer ``K-1`` keys (after the rotary embedding, heads
+   side by side) ranks the rows; the top ``pivot_image_tokens`` (4) of the image span and the top
    ``pivot_text_tokens`` (4) of the rows after it (the question, to the end of the prompt) are the pivots.
-3. **Duplication** (lines 429-443): rows are compared by the cosine similarity of the layer ``K-1`` output passed
-   through the model's **final** norm (``self.norm``, lines 340-341). Pivots are visited in the iteration order of
-   the Python ``set`` of their positions; each takes, from the image tokens not yet taken (image pivots
-   excluded), the ``T`` least similar to it. Image pivots and every taken token stay:
+3. **Duplication** (lines 429-443): rows are compared by the cosine similarity of the layer ``K-1`` output
+   passed through the model's **final** norm (``self.norm``, lines 340-341). Pivots are visited in the
+   iteration order of the Python ``set`` of their positions; each takes, from the image tokens not yet taken
+   (image pivots excluded), the ``T`` least similar to it. Image pivots and every taken token stay:
    ``pivot_image + (pivot_image + pivot_text) * T`` image tokens. Text always stays.
-4. **Budget on LLaVA-NeXT** (lines 413-417): ``T = int(min(budget, N - pivot_image) // (pivot_image + pivot_text))``
-   with the absolute ``retain_token_num_for_llava_next = 320`` (the scripts never change it). Here the budget is
-   ``round(R * N)``: R = 1/9 under ``protocol=llava`` on a 2880-patch image is the official 320 (324 kept).
+4. **Budget on LLaVA-NeXT** (lines 413-417): ``T = int(min(budget, N - pivot_image) // (pivot_image +
+   pivot_text))`` with the absolute ``retain_token_num_for_llava_next = 320`` (the scripts never change it).
+   Here the budget is ``round(R * N)``: R = 1/9 under ``protocol=llava`` on a 2880-patch image is the official
+   320 (324 kept).
 5. **Positions** stay the original ones (line 359), in the prefill and in decode steps.
-6. **AnyRes.** The whole packed image span is one pool, thumbnail and ``image_newline`` rows included (start 35,
-   length ``seq_len - text_length``): the official LLaVA-NeXT path, followed under ``budget_basis="positions"``.
+6. **AnyRes.** The whole packed image span is one pool, thumbnail and ``image_newline`` rows included (start
+   35, length ``seq_len - text_length``): the official LLaVA-NeXT path, followed under
+   ``budget_basis="positions"``.
 
 Deviations from the reference code:
 
-* a budget that covers every candidate (``round(R * N) >= N - pivot_image``, e.g. R = 1) keeps the image whole,
-  so that R = 1 is the unmodified model (the official count can leave up to 7 tokens out);
-* the similarities are computed in float32 as ``x . p / max(|x| |p|, 1e-8)`` (the reference runs
-  ``F.cosine_similarity`` in fp16); key norms are taken without repeating grouped-query key heads, which scales
-  every row's norm by the same factor (LLaVA-NeXT's Vicuna is MHA);
+* a budget that covers every candidate (``round(R * N) >= N - pivot_image``, e.g. R = 1) keeps the image
+  whole, so that R = 1 is the unmodified model (the official count can leave up to 7 tokens out);
+* the key L1 norms and the similarities are computed in float32, the similarities as ``x . p / max(|x| |p|,
+  1e-8)`` (the reference runs ``torch.norm`` and ``F.cosine_similarity`` in fp16, where norms in the thousands
+  are quantised to steps of about 2 and pivot ties fall to ``topk``'s order); key norms are taken without
+  repeating grouped-query key heads, which scales every row's norm by the same factor (LLaVA-NeXT's Vicuna is
+  MHA);
+* each pivot's similarities are computed against every row of its prompt and masked to the pool (one batched
+  matrix product per pivot), where the reference computes them against the shrinking pool only; the FLOPs of
+  the "full" convention count what runs here (``similarity_products``), and the recomputed keys of layer ``K -
+  1`` (the reference reuses the layer's own) count as the score recompute;
 * positions for the pivot order are each prompt's unpadded positions (the reference's absolute positions at
   batch 1), read once per prefill, the method's one device read;
-* batches of any size with left padding, and per-image budgets for multi-image prompts (the reference handles one
-  image with a hard-coded start of 35); text pivots come from the rows after the prompt's last image;
+* batches of any size with left padding, and per-image budgets for multi-image prompts (the reference handles
+  one image with a hard-coded start of 35); text pivots come from the rows after the prompt's last image;
 * ties go to the earlier position (``torch.topk`` leaves them unspecified);
 * with ``budget_basis="patches"`` (``protocol=llava``) the pool and ``N`` are the patch tokens and every row
   separator stays, the GlobalCom² paper's count; the official path treats separators as image tokens.
@@ -138,16 +147,14 @@ class DART(InLLMMethod):
         text_pivots_row = tuple(min(self.pivot_text_tokens, n) for n in view.text_after)
         text_pivots = tuple(text_pivots_row[row] for row in view.image_row)  # [I] host
         image_pivots = tuple(min(self.pivot_image_tokens, n) for n in view.candidates)
-        kept = tuple(
-            self.kept_tokens(n, t) if n == present else min(self.kept_tokens(n, t), present)
-            for n, present, t in zip(view.budget_tokens, view.candidates, text_pivots, strict=True)
-        )
+        # One stage: every candidate of layer 0 is still present (view.candidates == view.budget_tokens).
+        kept = tuple(self.kept_tokens(n, t) for n, t in zip(view.candidates, text_pivots, strict=True))
         whole = tuple(k == present for k, present in zip(kept, view.candidates, strict=True))
         candidate = view.candidate_image  # [B, L]
         if all(whole):
             return KeepPlan(keep=candidate >= 0, kept=kept)
         per_pivot = tuple(
-            0 if w else (k - p) // (p + t) if p + t else 0
+            0 if w else (k - p) // (p + t)  # an image that is not whole has p >= 1
             for w, k, p, t in zip(whole, kept, image_pivots, text_pivots, strict=True)
         )
 

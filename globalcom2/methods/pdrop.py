@@ -2,19 +2,19 @@
 
 PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
 Redundancy Reduction", CVPR 2025, arXiv 2410.17247), following its code: Cooperx521/PyramidDrop @ 6444f30
-(``llava/model/modeling_llama_pdrop.py`` ``pdrop_forward`` lines 1106-1288 and ``pdrop_rank_drop`` lines 1291-1468;
-``llava/model/llava_arch.py`` ``prepare_inputs_labels_for_multimodal_pdrop`` lines 326-527, which also builds
-LLaVA-NeXT's AnyRes sequence). What the reference does, and this implementation with it:
+(``llava/model/modeling_llama_pdrop.py`` ``pdrop_forward`` lines 1106-1288 and ``pdrop_rank_drop`` lines
+1291-1468; ``llava/model/llava_arch.py`` ``prepare_inputs_labels_for_multimodal_pdrop`` lines 326-527, which
+also builds LLaVA-NeXT's AnyRes sequence). What the reference does, and this implementation with it:
 
-1. **Stages.** ``layer_list`` (official ``[8, 16, 24]``, every script, ``scripts/v1_6/pdrop_eval/*.sh``) names the
-   first layer of each reduced stage: layers 0-7 see every image token, 8-15 ``int(N * r_1)``, 16-23
-   ``int(N * r_2)``, 24-31 ``int(N * r_3)``, with the official ratios ``[0.5, 0.25, 0.125]`` (``lambda = 0.5``,
-   README "Options to note"). Counts are floors of ``N * r_s`` with the **original** count ``N``
+1. **Stages.** ``layer_list`` (official ``[8, 16, 24]``, every script, ``scripts/v1_6/pdrop_eval/*.sh``) names
+   the first layer of each reduced stage: layers 0-7 see every image token, 8-15 ``int(N * r_1)``, 16-23
+   ``int(N * r_2)``, 24-31 ``int(N * r_3)``, with the official ratios ``[0.5, 0.25, 0.125]`` (``lambda =
+   0.5``, README "Options to note"). Counts are floors of ``N * r_s`` with the **original** count ``N``
    (``modeling_llama_pdrop.py`` lines 1306-1307).
 2. **Rating.** Before stage layer ``b`` runs, the rows entering it go through **layer b's own** input norm,
-   ``q_proj``/``k_proj`` and rotary embedding (lines 1321-1342); the last prompt token's softmax attention over
-   every key (fp32 softmax, then the mean over heads) is read at the image columns (lines 1389-1401). The top
-   ``int(N * r_{s+1})`` image tokens stay, in their original order (lines 1405-1412); text always stays.
+   ``q_proj``/``k_proj`` and rotary embedding (lines 1321-1342); the last prompt token's softmax attention
+   over every key (fp32 softmax, then the mean over heads) is read at the image columns (lines 1389-1401). The
+   top ``int(N * r_{s+1})`` image tokens stay, in their original order (lines 1405-1412); text always stays.
 3. **Positions** are renumbered contiguously after every drop (line 1446), and decode steps continue each
    stage's renumbered sequence (lines 1259-1268).
 4. **AnyRes.** The whole packed image (thumbnail, unpadded crops and their ``image_newline`` rows) is one
@@ -22,16 +22,17 @@ LLaVA-NeXT's AnyRes sequence). What the reference does, and this implementation 
    ``budget_basis="positions"``.
 
 How ``retention_ratio`` maps to PyramidDrop's knobs (the authors publish one setting and no rule for others):
-R is the fraction the **last** stage keeps, the ratios are geometric as in the paper (``r_s = lambda ** s``), so
-``lambda = R ** (1 / S)`` for ``S`` stages: R = 0.125 is exactly the official ``[0.5, 0.25, 0.125]``. Like FastV's
-R here (the fraction kept from layer K on), it names what the deepest layers see; the layer average is higher
-and is what the FLOPs columns show. Every R in (0, 1] is reachable with the official layers, which a
+R is the fraction the **last** stage keeps, the ratios are geometric as in the paper (``r_s = lambda ** s``),
+so ``lambda = R ** (1 / S)`` for ``S`` stages: R = 0.125 is exactly the official ``[0.5, 0.25, 0.125]``. Like
+FastV's R here (the fraction kept from layer K on), it names what the deepest layers see; the layer average is
+higher and is what the FLOPs columns show. Every R in (0, 1] is reachable with the official layers, which a
 layer-averaged R is not (the first 8 of 32 layers alone hold a quarter of the average).
 
 Deviations from the reference code:
 
-* counts are ``floor(N * R ** (s / S) + 1e-9)``: the guard keeps float error in the root from losing a token
-  (R = 0.125 gives the official 1/2, 1/4, 1/8 exactly);
+* counts are ``floor(N * R ** (s / S))``, with a product within 1e-9 of an integer taken as that integer
+  (float error in the root; R = 0.125 gives the official 1/2, 1/4, 1/8 exactly) and the last stage exactly
+  ``floor(N * R)``;
 * the rater is each prompt's last text row, found per batch row (the reference computes its index by counting,
   which assumes right padding or none, lines 1390-1392), and padding keys are masked out of its softmax;
 * scores are computed in float32 (the reference casts the softmax back to fp16 before the head mean) with the
@@ -54,6 +55,7 @@ import math
 
 import torch
 
+from globalcom2.budget import kept_count
 from globalcom2.methods.base import (
     BudgetBasis,
     InLLMMethod,
@@ -68,8 +70,6 @@ from globalcom2.scoring.selection import top_k_per_group
 
 OFFICIAL_LAYERS = (8, 16, 24)  # scripts/v1_6/pdrop_eval/*.sh --layer_list
 OFFICIAL_NUM_LAYERS = 32  # LLaVA-1.5/NeXT-7B, for which the layers were chosen
-#: Added before flooring ``N * R ** (s / S)`` so that float error in the root never drops a token.
-FLOOR_GUARD = 1e-9
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -91,11 +91,21 @@ def stage_ratios(retention_ratio: float, stages: int) -> tuple[float, ...]:
 
 
 def stage_kept(num_tokens: int, retention_ratio: float, stages: int) -> tuple[int, ...]:
-    """Tokens of an image of ``num_tokens`` candidates left after each stage (``int(N * r_s)``, guarded)."""
-    return tuple(
-        min(num_tokens, math.floor(num_tokens * r + FLOOR_GUARD))
-        for r in stage_ratios(retention_ratio, stages)
-    )
+    """Tokens of an image of ``num_tokens`` candidates left after each stage: the reference's ``int(N * r_s)``.
+
+    The last stage's ratio is R itself, so its count is exactly ``floor(N * R)``. An earlier stage's ratio is a
+    root of R, computed with float error; a product within 1e-9 of an integer is taken as that integer, so that
+    R = 0.125 gives the official 1/2 and 1/4 exactly, and any other product is floored.
+    """
+    counts = []
+    for ratio in stage_ratios(retention_ratio, stages)[:-1]:
+        product = num_tokens * ratio
+        nearest = round(product)
+        counts.append(
+            nearest if math.isclose(product, nearest, rel_tol=0.0, abs_tol=1e-9) else math.floor(product)
+        )
+    counts.append(kept_count(num_tokens, retention_ratio))
+    return tuple(min(num_tokens, count) for count in counts)
 
 
 @register_method("pdrop")

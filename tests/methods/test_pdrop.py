@@ -22,6 +22,7 @@ def test_r_one_eighth_is_the_official_setting_and_counts_floor_the_original_coun
     assert stage_kept(2928, 0.125, 3) == (1464, 732, 366)
     assert stage_kept(2880, 0.1, 3) == (1336, 620, 288)  # lambda = 0.1 ** (1/3); the last stage keeps R
     assert stage_kept(577, 1.0, 3) == (577, 577, 577)
+    assert stage_kept(90, 0.7, 1) == (62,) and stage_kept(100, 0.29, 1) == (28,)  # int(N * r), float and all
     assert default_layers(32) == default_layers(40) == OFFICIAL_LAYERS
     assert default_layers(4) == (1, 2, 3) and default_layers(2) == (1,)
     method = METHODS.create("pdrop", retention_ratio=0.125)
