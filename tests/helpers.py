@@ -62,23 +62,31 @@ def generate_steps(model, inputs, steps: int = 4, **kwargs):
 def shortened_inputs(model, inputs, sources):
     """Batch-1 inputs for the *unmodified* model: each image's placeholder run cut to its kept length and
     its features passed pre-gathered through ``mm_encoder_outputs``."""
-    assert inputs["input_ids"].shape[0] == 1
-    image_id = model.config.image_token_id
     with torch.no_grad():
         features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
     kept = [feats.index_select(0, src) for feats, src in zip(features, sources, strict=True)]
+    return inputs_with_features(model, inputs, kept)
+
+
+def inputs_with_features(model, inputs, features):
+    """Batch-1 inputs for the *unmodified* model that feed it ``features`` (one ``[M_i, D]`` per image) in
+    place of each image's own: its placeholder run cut to ``M_i``, the features through ``mm_encoder_outputs``."""
+    assert inputs["input_ids"].shape[0] == 1
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        original = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
     ids, out, i, image = inputs["input_ids"][0].tolist(), [], 0, 0
     while i < len(ids):
         if ids[i] == image_id:
-            out += [image_id] * len(sources[image])
-            i += features[image].shape[0]
+            out += [image_id] * features[image].shape[0]
+            i += original[image].shape[0]
             image += 1
         else:
             out.append(ids[i])
             i += 1
     return {
         "input_ids": torch.tensor([out]),
-        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept)},
+        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))},
     }
 
 

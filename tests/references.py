@@ -108,23 +108,6 @@ def _prompt_embeddings(model, inputs) -> torch.Tensor:
     return hidden[None]
 
 
-def last_row_attention(
-    layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row: int
-) -> torch.Tensor:
-    """``[L]``: query ``row``'s causal softmax attention over all keys, averaged over heads, for decoder ``layer``
-    taking ``hidden [1, L, D]`` as input (its own input norm, q/k projections and rotary embedding)."""
-    attn = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    length = hidden.shape[1]
-    q = attn.q_proj(normed).view(1, length, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(normed).view(1, length, -1, attn.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = repeat_kv(k, attn.num_key_value_groups)  # the official code is MHA-only; GQA repeats the key heads
-    logits = torch.einsum("hd,hld->hl", q[0, :, row], k[0]) * attn.head_dim**-0.5  # [H, L]
-    logits = logits.masked_fill(torch.arange(length) > row, float("-inf"))
-    return torch.softmax(logits, dim=-1, dtype=torch.float32).mean(dim=0)
-
-
 @torch.no_grad()
 def pdrop_reference(model, inputs, layer_list, kept_counts, steps: int = 1):
     """PyramidDrop's greedy generation for one unpadded prompt with one image, the official way.
@@ -152,9 +135,8 @@ def pdrop_reference(model, inputs, layer_list, kept_counts, steps: int = 1):
         if index + 1 in layer_list:
             present = origin.numel()
             cos, sin = language_model.rotary_emb(x, torch.arange(x.shape[1])[None])
-            scores = last_row_attention(layers[index + 1], x, cos, sin, x.shape[1] - 1)[
-                start : start + present
-            ]
+            # the next layer's own norm and projections rate the rows; the last prompt token's row of it
+            scores = layer_attention(layers[index + 1], x, cos, sin)[-1, start : start + present]
             kept = torch.topk(scores, kept_counts[layer_list.index(index + 1)]).indices.sort().values
             x = torch.cat([x[0, :start], x[0, start + kept], x[0, start + present :]])[None]
             origin = origin[kept]

@@ -47,6 +47,16 @@ BudgetBasis = Literal["positions", "patches"]
 BUDGET_BASES: tuple[str, ...] = get_args(BudgetBasis)
 
 
+def check_budget_basis(value: object) -> BudgetBasis:
+    """``value`` if it is a :data:`BudgetBasis`, else ``ValueError`` naming the valid ones."""
+    if value not in BUDGET_BASES:
+        raise ValueError(
+            f"budget_basis must be one of {list(BUDGET_BASES)} (what the retention ratio is a fraction of), "
+            f"got {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
 class CompressionMethod:
     """Base of every registered method. Subclasses hold only their hyperparameters.
 
@@ -374,12 +384,7 @@ class InLLMMethod(CompressionMethod):
 
     def __init__(self, *, retention_ratio: float = 1.0, budget_basis: BudgetBasis = "positions") -> None:
         super().__init__(retention_ratio=retention_ratio)
-        if budget_basis not in BUDGET_BASES:
-            raise ValueError(
-                f"budget_basis must be one of {list(BUDGET_BASES)} (what the retention ratio is a fraction of), "
-                f"got {budget_basis!r}"
-            )
-        self.budget_basis = budget_basis
+        self.budget_basis = check_budget_basis(budget_basis)
 
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
         """First decoder layer that sees each stage's reduced sequence, strictly increasing in ``[1, num_layers)``.

@@ -61,7 +61,13 @@ import torch
 
 from globalcom2.anyres import PackedLayout
 from globalcom2.budget import kept_count
-from globalcom2.methods.base import BUDGET_BASES, BudgetBasis, ImageContext, PreLLMMethod, register_method
+from globalcom2.methods.base import (
+    BudgetBasis,
+    ImageContext,
+    PreLLMMethod,
+    check_budget_basis,
+    register_method,
+)
 from globalcom2.scoring.ranking import host_to_device
 
 
@@ -116,12 +122,7 @@ class DivPrune(PreLLMMethod):
 
     def __init__(self, *, retention_ratio: float, budget_basis: BudgetBasis = "positions") -> None:
         super().__init__(retention_ratio=retention_ratio)
-        if budget_basis not in BUDGET_BASES:
-            raise ValueError(
-                f"budget_basis must be one of {list(BUDGET_BASES)} (what the retention ratio is a fraction of), "
-                f"got {budget_basis!r}"
-            )
-        self.budget_basis = budget_basis
+        self.budget_basis = check_budget_basis(budget_basis)
 
     def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
         layout = ctx.layout

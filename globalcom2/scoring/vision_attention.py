@@ -64,30 +64,35 @@ def check_vision_layer(layer: int, num_layers: int) -> None:
         )
 
 
-class ClsAttentionCapture:
-    """Forward hooks on one CLIP attention layer that record [CLS]->patch scores while capturing.
+class ClsQueryKeyHooks:
+    """Forward hooks on one CLIP attention layer's ``q_proj`` and ``k_proj`` that hand the [CLS] query and every
+    key to :meth:`on_keys` while capturing; the attention itself is untouched, so SDPA stays on.
 
     Args:
         vision_tower: transformers' ``CLIPVisionModel`` (``model.model.vision_tower``).
         layer: encoder layer index; negative values count from the end (-1 = last layer).
-        kind: see :func:`cls_patch_scores`.
     """
 
-    def __init__(self, vision_tower: nn.Module, layer: int, kind: ScoreKind = "logits") -> None:
+    def __init__(self, vision_tower: nn.Module, layer: int) -> None:
         layers = vision_tower.encoder.layers
         check_vision_layer(layer, len(layers))
-        if kind not in ("logits", "softmax"):
-            raise ValueError(f"attention score kind must be 'logits' or 'softmax', got {kind!r}")
-        attention = layers[layer].self_attn
+        self.layer = layers[layer]
+        attention = self.layer.self_attn
         self.num_heads = attention.num_heads
         self.scale = attention.scale
-        self.kind = kind
         self._cls_query: torch.Tensor | None = None
-        self._captured: list[torch.Tensor] | None = None
+        self._captured: list | None = None
         self._handles = [
             attention.q_proj.register_forward_hook(self._on_query),
             attention.k_proj.register_forward_hook(self._on_keys),
         ]
+
+    def on_keys(self, cls_query: torch.Tensor, keys: torch.Tensor) -> None:
+        """Called once per forward while capturing: ``cls_query [V, D]``, ``keys [V, T, D]``."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget per-forward state when a capture ends."""
 
     def _on_query(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self._captured is not None:
@@ -97,23 +102,43 @@ class ClsAttentionCapture:
         if self._captured is None:
             return
         if self._cls_query is None:
-            raise RuntimeError("CLIP attention computed keys before queries; the score hook cannot follow")
-        with stage_section("compression"):
-            self._captured.append(
-                cls_patch_scores(self._cls_query, output, self.num_heads, self.scale, self.kind)
+            raise RuntimeError(
+                f"CLIP attention computed keys before queries; {type(self).__name__} cannot follow"
             )
+        with stage_section("compression"):
+            self.on_keys(self._cls_query, output)
         self._cls_query = None
 
     @contextmanager
-    def capture(self) -> Iterator[list[torch.Tensor]]:
-        """Record the scores of every forward inside the block into the yielded list (``[V, 576]`` each)."""
+    def capture(self) -> Iterator[list]:
+        """Record every forward inside the block into the yielded list."""
         self._captured = []
         try:
             yield self._captured
         finally:
             self._captured, self._cls_query = None, None
+            self.reset()
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class ClsAttentionCapture(ClsQueryKeyHooks):
+    """Records [CLS]->patch scores (``[V, 576]`` per forward) of one CLIP attention layer while capturing.
+
+    Args:
+        vision_tower: transformers' ``CLIPVisionModel`` (``model.model.vision_tower``).
+        layer: encoder layer index; negative values count from the end (-1 = last layer).
+        kind: see :func:`cls_patch_scores`.
+    """
+
+    def __init__(self, vision_tower: nn.Module, layer: int, kind: ScoreKind = "logits") -> None:
+        if kind not in ("logits", "softmax"):
+            raise ValueError(f"attention score kind must be 'logits' or 'softmax', got {kind!r}")
+        super().__init__(vision_tower, layer)
+        self.kind = kind
+
+    def on_keys(self, cls_query: torch.Tensor, keys: torch.Tensor) -> None:
+        self._captured.append(cls_patch_scores(cls_query, keys, self.num_heads, self.scale, self.kind))

@@ -13,15 +13,12 @@ O(V * 577 * D). SDPA (or FlashAttention) stays on for the real forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from globalcom2.scoring.vision_attention import check_vision_layer
-from globalcom2.stage_timing import stage_section
+from globalcom2.scoring.vision_attention import ClsQueryKeyHooks
 
 
 @dataclass(frozen=True)
@@ -90,7 +87,7 @@ def cls_attention_and_mean_keys(
     return cls_attention, k.mean(dim=1)  # [V, T - 1], [V, T, d]
 
 
-class ViewCapture:
+class ViewCapture(ClsQueryKeyHooks):
     """Forward hooks on one CLIP encoder layer that record :class:`CapturedViews` while capturing.
 
     Args:
@@ -100,32 +97,15 @@ class ViewCapture:
     """
 
     def __init__(self, vision_tower: nn.Module, layer: int) -> None:
-        layers = vision_tower.encoder.layers
-        check_vision_layer(layer, len(layers))
-        attention = layers[layer].self_attn
-        self.num_heads = attention.num_heads
-        self.scale = attention.scale
-        self._cls_query: torch.Tensor | None = None
+        super().__init__(vision_tower, layer)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._captured: list[CapturedViews] | None = None
-        self._handles = [
-            attention.q_proj.register_forward_hook(self._on_query),
-            attention.k_proj.register_forward_hook(self._on_keys),
-            layers[layer].register_forward_hook(self._on_output),
-        ]
+        self._handles.append(self.layer.register_forward_hook(self._on_output))
 
-    def _on_query(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if self._captured is not None:
-            self._cls_query = output[:, 0]  # [V, D]
+    def on_keys(self, cls_query: torch.Tensor, keys: torch.Tensor) -> None:
+        self._pending = cls_attention_and_mean_keys(cls_query, keys, self.num_heads, self.scale)
 
-    def _on_keys(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if self._captured is None:
-            return
-        if self._cls_query is None:
-            raise RuntimeError("CLIP attention computed keys before queries; the view capture cannot follow")
-        with stage_section("compression"):
-            self._pending = cls_attention_and_mean_keys(self._cls_query, output, self.num_heads, self.scale)
-        self._cls_query = None
+    def reset(self) -> None:
+        self._pending = None
 
     def _on_output(self, module: nn.Module, inputs: tuple, output: torch.Tensor | tuple) -> None:
         if self._captured is None:
@@ -137,17 +117,3 @@ class ViewCapture:
         hidden = output[0] if isinstance(output, tuple) else output  # [V, T, C]
         self._captured.append(CapturedViews(hidden, *self._pending))
         self._pending = None
-
-    @contextmanager
-    def capture(self) -> Iterator[list[CapturedViews]]:
-        """Record every forward inside the block into the yielded list (one entry per forward)."""
-        self._captured = []
-        try:
-            yield self._captured
-        finally:
-            self._captured, self._cls_query, self._pending = None, None, None
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

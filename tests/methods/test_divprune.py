@@ -188,7 +188,7 @@ def test_hooked_model_equals_shortened_input_on_unmodified_model(
     assert not torch.allclose(steps, vanilla_steps, atol=1e-3), "negative control: pruning changes the output"
 
 
-@pytest.mark.parametrize("basis", BASES)
+@pytest.mark.parametrize("basis", ["patches"])  # the default basis: tests/methods/test_every_method.py
 def test_left_padded_batch_rows_equal_single_runs(model, processor, images, basis):
     batch_images = [images[(336, 336)], images[(1008, 336)], images[(800, 600)]]
     texts = [

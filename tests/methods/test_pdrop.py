@@ -49,19 +49,6 @@ def test_prefill_and_decoding_match_a_plain_reference_of_the_official_code(
     assert [k.numel() for k in reference_kept] == list(kept)
 
 
-def test_ratio_one_is_the_unmodified_model_and_remove_restores_it(model, processor, images):
-    inputs = prompt_inputs(processor, images[(800, 600)])
-    reference_tokens, reference_steps = generate_steps(model, inputs, steps=4)
-    with attach(model, "pdrop", retention_ratio=1.0):
-        tokens, steps = generate_steps(model, inputs, steps=4)
-    assert torch.equal(tokens, reference_tokens) and torch.equal(steps, reference_steps)
-    with attach(model, "pdrop", retention_ratio=0.25):
-        _, pruned = generate_steps(model, inputs, steps=4)
-    assert not torch.allclose(pruned, reference_steps, atol=1e-3), "a 25% budget must change the logits"
-    tokens, steps = generate_steps(model, inputs, steps=4)
-    assert torch.equal(tokens, reference_tokens) and torch.equal(steps, reference_steps)
-
-
 def test_patches_basis_keeps_every_separator_and_budgets_the_patches(model, processor, images):
     inputs = prompt_inputs(processor, images[(800, 600)])
     (size,) = inputs["image_sizes"].tolist()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import generate_steps, prompt_inputs, synthetic_image
+from helpers import generate_steps, inputs_with_features, prompt_inputs, synthetic_image
 from references import reference_clip_states, visionzip_reference_image
 from torch.utils.flop_counter import FlopCounterMode
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import globalcom2.methods.visionzip  # noqa: F401  (registers "visionzip" before the package imports it)
 from globalcom2 import attach
@@ -99,27 +98,6 @@ def fed_reference_inputs(method, model, inputs, states) -> torch.Tensor:
         return method.select(features, ctx).features
 
 
-def replaced_inputs(model, inputs, features: list[torch.Tensor]) -> dict:
-    """Batch-1 inputs for the *unmodified* model: each image's placeholder run cut to the length of the given
-    features, which go in through ``mm_encoder_outputs``."""
-    image_id = model.config.image_token_id
-    with torch.no_grad():
-        original = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-    ids, out, i, image = inputs["input_ids"][0].tolist(), [], 0, 0
-    while i < len(ids):
-        if ids[i] == image_id:
-            out += [image_id] * features[image].shape[0]
-            i += original[image].shape[0]
-            image += 1
-        else:
-            out.append(ids[i])
-            i += 1
-    return {
-        "input_ids": torch.tensor([out]),
-        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)},
-    }
-
-
 # --- budget ---------------------------------------------------------------------------------------------
 
 
@@ -192,7 +170,7 @@ def test_logits_equal_the_unmodified_model_fed_the_reference(model, eager_tiny, 
         with attach(model, "visionzip", retention_ratio=ratio) as handle:
             hooked = model(**inputs).logits[0, -1]
             assert [s.tokens_after for s in handle.stats] == [r.shape[0] for r in reference]
-        unmodified = model(**replaced_inputs(model, inputs, reference)).logits[0, -1]
+        unmodified = model(**inputs_with_features(model, inputs, reference)).logits[0, -1]
     torch.testing.assert_close(hooked, unmodified, atol=1e-5, rtol=0)
 
 
@@ -223,23 +201,6 @@ def test_ratio_one_is_bit_identical_forward_and_generate_and_remove_restores(mod
         assert torch.equal(model(**inputs).logits, reference_logits)
     tokens, steps = generate_steps(model, inputs, steps=4)
     assert torch.equal(tokens, reference_tokens) and torch.equal(steps, reference_steps)
-
-
-def test_left_padded_batch_rows_equal_single_runs(model, processor, images):
-    batch_images = [images[(336, 336)], images[(1008, 336)], images[(800, 600)]]
-    texts = [
-        vicuna_v1_prompt(q) for q in ["What is it?", "Describe the left side of the picture.", "Colour?"]
-    ]
-    batch = processor(images=batch_images, text=texts, padding=True, return_tensors="pt")
-    assert int((batch["attention_mask"] == 0).sum()) > 0, "the batch must be left-padded"
-    with attach(model, "visionzip", retention_ratio=0.25) as handle:
-        tokens, steps = generate_steps(model, batch, steps=3)
-        assert [s.tokens_after for s in handle.stats] == [3 * 144, 4 * 144, 5 * 144]
-        for row, (image, text) in enumerate(zip(batch_images, texts, strict=True)):
-            alone = processor(images=image, text=text, return_tensors="pt")
-            row_tokens, row_steps = generate_steps(model, alone, steps=3)
-            torch.testing.assert_close(steps[:, row : row + 1], row_steps, atol=PATH_ATOL, rtol=0)
-            assert torch.equal(tokens[row : row + 1], row_tokens)
 
 
 def test_deterministic_and_params_rebuild(model, processor, images):
