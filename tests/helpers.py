@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -57,6 +58,29 @@ def generate_steps(model, inputs, steps: int = 4, **kwargs):
     )
     prompt_length = inputs["input_ids"].shape[1]
     return out.sequences[:, prompt_length:], torch.stack(out.logits)
+
+
+def assert_batch_equals_single_runs(
+    model, processor, rows, texts, steps: int = 3, atol: float = 1e-4
+) -> None:
+    """Generate ``texts`` (with ``rows[i]``, the images of prompt ``i``) as one left-padded batch and each prompt
+    alone: the same tokens, and step logits within ``atol`` (a batch row and the prompt alone run through
+    different kernels; the unmodified tiny model already differs by up to 1.7e-5 there)."""
+    processor.tokenizer.padding_side = "left"
+    flat = [image for row in rows for image in row]
+    batch = processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
+    assert int((batch["attention_mask"] == 0).sum()) > 0, "the batch must be left-padded"
+    tokens, logits = generate_steps(model, batch, steps=steps)
+    for index, (row, text) in enumerate(zip(rows, texts, strict=True)):
+        alone = processor(images=row or None, text=text, return_tensors="pt")
+        row_tokens, row_logits = generate_steps(model, alone, steps=steps)
+        torch.testing.assert_close(logits[:, index : index + 1], row_logits, atol=atol, rtol=0)
+        assert torch.equal(tokens[index : index + 1], row_tokens)
+
+
+def decoder_config(num_layers: int) -> SimpleNamespace:
+    """The least of a LLaVA-NeXT config a method's depth checks read: ``text_config.num_hidden_layers``."""
+    return SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=num_layers))
 
 
 def shortened_inputs(model, inputs, sources):

@@ -112,7 +112,7 @@ class _StageCounts:
     keys: tuple[int, ...]
     recycle_candidates: tuple[int, ...]
     recycled: tuple[int, ...]
-    similarity_products: tuple[int, ...] = ()
+    similarity_products: tuple[int, ...]
 
 
 class InLLMAdapter:
@@ -438,9 +438,8 @@ class _Prefill:
                 )  # [B, Q, L]
             view = self._view(self.layer_input, rows, self.adapter.score_layers[stage])
             self.scores[stage] = self.method.score(stage, signal, query_valid, view)
-        self.stage_counts[stage] = _StageCounts(
-            self.query_count, rows.rows, (0,) * len(rows.rows), (0,) * len(rows.rows)
-        )
+        zeros = (0,) * len(rows.rows)
+        self.stage_counts[stage] = _StageCounts(self.query_count, rows.rows, zeros, zeros, zeros)
 
     # -- one stage ----------------------------------------------------------------------------------------
     def _apply_stage(self, stage: int, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -553,9 +552,7 @@ class _Prefill:
                 rater_candidates=int(self.rater_candidates[row]),
                 recycle_candidates=tuple(s.recycle_candidates[row] for s in stages),
                 recycled_tokens=tuple(s.recycled[row] for s in stages),
-                similarity_products=tuple(
-                    s.similarity_products[row] if s.similarity_products else 0 for s in stages
-                ),
+                similarity_products=tuple(s.similarity_products[row] for s in stages),
                 equivalent_tokens_target=targets[row],
             )
             for row in range(batch)

@@ -278,6 +278,15 @@ class TokenView:
         return self.image >= 0
 
     @property
+    def after_last_image(self) -> torch.Tensor:
+        """``[B, L]`` True at the real rows after each batch row's last visual row (none in a row without an
+        image): the question, which SparseVLM's raters and DART's text pivots come from."""
+        visual = self.visual & self.valid
+        columns = torch.arange(visual.shape[1], device=visual.device)
+        last_visual = torch.where(visual, columns, -1).max(dim=1).values  # [B]
+        return self.valid & ~visual & (columns[None, :] > last_visual[:, None]) & (last_visual[:, None] >= 0)
+
+    @property
     def candidate_image(self) -> torch.Tensor:
         """``[B, L]`` image index of every visual row a stage may drop, -1 elsewhere (protected rows too)."""
         return self.image.masked_fill(self.protected, -1)
@@ -351,6 +360,35 @@ def last_text_row(view: TokenView) -> QueryRows:
     rows = (columns[None, :] == last[:, None]) & text
     text_rows = [r - v for r, v in zip(view.rows, view.per_row(view.image_tokens), strict=True)]
     return QueryRows(rows=rows, candidates=(0,) * len(view.rows), count=tuple(int(n > 0) for n in text_rows))
+
+
+def check_layer_list(name: str, layers: object, lowest: int) -> tuple[int, ...] | None:
+    """``layers`` as a tuple of decoder-layer indices, or ``None``; raise unless it is a non-empty, strictly
+    increasing sequence of ints ``>= lowest`` (a method's depth-independent check; the model's depth is checked
+    when the method meets it)."""
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes)) or not all(
+        isinstance(layer, int) and not isinstance(layer, bool) for layer in layers
+    ):
+        raise TypeError(f"{name} must be a sequence of ints (decoder layer indices), got {layers!r}")
+    layers = tuple(layers)
+    if not layers or any(b <= a for a, b in itertools.pairwise(layers)):
+        raise ValueError(f"{name} must be non-empty and strictly increasing, got {list(layers)}")
+    if layers[0] < lowest:
+        raise ValueError(f"{name} must be >= {lowest}, got {list(layers)}")
+    return layers
+
+
+def scale_official_layers(
+    official: tuple[int, ...], official_depth: int, num_layers: int, lowest: int, highest: int
+) -> tuple[int, ...]:
+    """Layers a reference chose for an ``official_depth``-layer decoder, moved to a ``num_layers``-layer one:
+    each scaled by ``num_layers / official_depth``, rounded half up, clamped to ``[lowest, highest]``, deduplicated."""
+    scaled = {
+        min(max(math.floor(layer * num_layers / official_depth + 0.5), lowest), highest) for layer in official
+    }
+    return tuple(sorted(scaled))
 
 
 class InLLMMethod(CompressionMethod):

@@ -160,11 +160,9 @@ class DART(InLLMMethod):
 
         # Pivots: the image rows and the question rows with the largest key L1 norms.
         image_pivot = top_k_per_group(scores, candidate, int64_tensor(image_pivots, device))  # [B, L]
-        columns = torch.arange(scores.shape[1], device=device)
-        visual = view.visual & view.valid
-        last_visual = torch.where(visual, columns, -1).max(dim=1).values  # [B]
-        after = view.valid & ~visual & (columns[None, :] > last_visual[:, None]) & (last_visual[:, None] >= 0)
-        row_group = torch.where(after, torch.arange(len(view.rows), device=device)[:, None], -1)  # [B, L]
+        row_group = torch.where(
+            view.after_last_image, torch.arange(len(view.rows), device=device)[:, None], -1
+        )  # [B, L] the question rows, grouped by batch row
         text_pivot = top_k_per_group(scores, row_group, int64_tensor(text_pivots_row, device))  # [B, L]
 
         # The one device read: every pivot's column, unpadded position and image (-1: a text pivot).

@@ -50,7 +50,6 @@ Deviations from the reference code:
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -62,8 +61,10 @@ from globalcom2.methods.base import (
     KeepPlan,
     QueryRows,
     TokenView,
+    check_layer_list,
     last_text_row,
     register_method,
+    scale_official_layers,
 )
 from globalcom2.scoring.ranking import int64_tensor
 from globalcom2.scoring.selection import top_k_per_group
@@ -78,11 +79,7 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
         raise ValueError(f"PDrop needs a language model with at least 2 decoder layers, got {num_layers}")
     if num_layers > OFFICIAL_LAYERS[-1]:
         return OFFICIAL_LAYERS
-    scaled = {
-        min(max(math.floor(layer * num_layers / OFFICIAL_NUM_LAYERS + 0.5), 1), num_layers - 1)
-        for layer in OFFICIAL_LAYERS
-    }
-    return tuple(sorted(scaled))
+    return scale_official_layers(OFFICIAL_LAYERS, OFFICIAL_NUM_LAYERS, num_layers, 1, num_layers - 1)
 
 
 def stage_ratios(retention_ratio: float, stages: int) -> tuple[float, ...]:
@@ -133,18 +130,7 @@ class PDrop(InLLMMethod):
         budget_basis: BudgetBasis = "positions",
     ) -> None:
         super().__init__(retention_ratio=retention_ratio, budget_basis=budget_basis)
-        if layers is not None:
-            if isinstance(layers, (str, bytes)) or not all(
-                isinstance(layer, int) and not isinstance(layer, bool) for layer in layers
-            ):
-                raise TypeError(f"layers must be a sequence of ints (decoder layer indices), got {layers!r}")
-            layers = tuple(layers)
-            if not layers or any(b <= a for a, b in itertools.pairwise(layers)) or layers[0] < 1:
-                raise ValueError(
-                    f"layers must be non-empty, strictly increasing and >= 1 (the first layer of each reduced "
-                    f"stage), got {list(layers)}"
-                )
-        self.layers = layers
+        self.layers = check_layer_list("layers", layers, lowest=1)  # first layer of each reduced stage
 
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.layers if self.layers is not None else default_layers(num_layers)

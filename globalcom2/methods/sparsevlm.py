@@ -72,7 +72,9 @@ from globalcom2.methods.base import (
     MergedTokens,
     QueryRows,
     TokenView,
+    check_layer_list,
     register_method,
+    scale_official_layers,
 )
 from globalcom2.scoring.clustering import dpc_knn_merge
 from globalcom2.scoring.ranking import int64_tensor
@@ -117,11 +119,7 @@ def default_prune_layers(num_layers: int) -> tuple[int, ...]:
         raise ValueError(f"SparseVLM needs a language model with at least 2 decoder layers, got {num_layers}")
     if num_layers > OFFICIAL_PRUNE_LAYERS[-1] + 1:
         return OFFICIAL_PRUNE_LAYERS
-    scaled = {
-        min(math.floor(layer * num_layers / OFFICIAL_NUM_LAYERS + 0.5), num_layers - 2)
-        for layer in OFFICIAL_PRUNE_LAYERS
-    }
-    return tuple(sorted(scaled))
+    return scale_official_layers(OFFICIAL_PRUNE_LAYERS, OFFICIAL_NUM_LAYERS, num_layers, 0, num_layers - 2)
 
 
 def schedule_shape(retention_ratio: float) -> tuple[float, ...]:
@@ -238,20 +236,7 @@ class SparseVLM(InLLMMethod):
         budget_basis: BudgetBasis = "positions",
     ) -> None:
         super().__init__(retention_ratio=retention_ratio, budget_basis=budget_basis)
-        if prune_layers is not None:
-            if isinstance(prune_layers, (str, bytes)) or not all(
-                isinstance(layer, int) and not isinstance(layer, bool) for layer in prune_layers
-            ):
-                raise TypeError(
-                    f"prune_layers must be a sequence of ints (decoder layer indices), got {prune_layers!r}"
-                )
-            prune_layers = tuple(prune_layers)
-            if not prune_layers or any(b <= a for a, b in itertools.pairwise(prune_layers)):
-                raise ValueError(
-                    f"prune_layers must be non-empty and strictly increasing, got {list(prune_layers)}"
-                )
-            if prune_layers[0] < 0:
-                raise ValueError(f"prune_layers must be >= 0, got {list(prune_layers)}")
+        prune_layers = check_layer_list("prune_layers", prune_layers, lowest=0)
         if equivalent_tokens not in ("layer_input", "layer_output"):
             raise ValueError(
                 f"equivalent_tokens must be 'layer_input' or 'layer_output', got {equivalent_tokens!r}"
@@ -302,9 +287,7 @@ class SparseVLM(InLLMMethod):
     # -- raters ----------------------------------------------------------------------------------------------
     def select_queries(self, view: TokenView) -> QueryRows:
         visual = view.visual & view.valid  # [B, L]
-        columns = torch.arange(visual.shape[1], device=visual.device)
-        last_visual = torch.where(visual, columns, -1).max(dim=1).values  # [B]
-        after = view.valid & ~visual & (columns[None, :] > last_visual[:, None]) & (last_visual[:, None] >= 0)
+        after = view.after_last_image  # [B, L]
         # V: the image's tokens; under budget_basis="patches" the separators are structure, not content
         # (the reference's LLaVA-1.5 images have none), so they do not vote on the raters.
         v_index, v_valid = compact_rows(

@@ -46,10 +46,19 @@ def rotated_keys(
         sin: ``[B or 1, L, hd]`` rotary sines.
     """
     batch, length, _ = hidden_states.shape
-    head_dim = attn.head_dim
-    keys = attn.k_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, KV, L, hd]
-    keys = apply_rotary(keys, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
-    return keys.transpose(1, 2).reshape(batch, length, -1)  # [B, L, KV * hd]
+    return (
+        key_heads(attn, hidden_states, cos, sin).transpose(1, 2).reshape(batch, length, -1)
+    )  # [B, L, KV * hd]
+
+
+def key_heads(
+    attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """``[B, KV, L, hd]`` the layer's keys of every row, per key head, after the rotary embedding (arguments as
+    :func:`rotated_keys`)."""
+    batch, length, _ = hidden_states.shape
+    keys = attn.k_proj(hidden_states).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # [B, KV, L, hd]
+    return apply_rotary(keys, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
 
 
 def attention_rows(
@@ -84,8 +93,7 @@ def attention_rows(
     cos = cos.expand(batch, -1, -1)
     sin = sin.expand(batch, -1, -1)
 
-    keys = attn.k_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, KV, L, hd]
-    keys = apply_rotary(keys, cos, sin)
+    keys = key_heads(attn, hidden_states, cos, sin)  # [B, KV, L, hd]
     kv_heads = keys.shape[1]
 
     rows = query_index.unsqueeze(-1)  # [B, Q, 1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import prompt_inputs
+from helpers import decoder_config, prompt_inputs
 from references import dart_reference_logits
 
 import globalcom2.methods.dart  # noqa: F401  (registration)
@@ -80,6 +80,6 @@ def test_patches_basis_keeps_every_separator(model, processor, images):
     ],
 )
 def test_bad_parameters_are_refused_before_any_model(params, error, message):
-    config = type("C", (), {"text_config": type("T", (), {"num_hidden_layers": 4})()})()
+    config = decoder_config(4)
     with pytest.raises(error, match=message):
         METHODS.create("dart", **{"retention_ratio": 0.25, **params}).check_model_config(config)

@@ -9,7 +9,13 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import generate_steps, prompt_inputs, shortened_inputs, synthetic_image
+from helpers import (
+    assert_batch_equals_single_runs,
+    generate_steps,
+    prompt_inputs,
+    shortened_inputs,
+    synthetic_image,
+)
 from references import divprune_keep_count, divprune_reference
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -194,17 +200,11 @@ def test_left_padded_batch_rows_equal_single_runs(model, processor, images, basi
     texts = [
         vicuna_v1_prompt(q) for q in ["What is it?", "Describe the left side of the picture.", "Colour?"]
     ]
-    batch = processor(images=batch_images, text=texts, padding=True, return_tensors="pt")
-    assert int((batch["attention_mask"] == 0).sum()) > 0, "the batch must be left-padded"
-
     with attach(model, "divprune", retention_ratio=0.3, budget_basis=basis) as handle:
-        tokens, steps = generate_steps(model, batch, steps=4)
-        assert len(handle.stats) == 3
-        for row, (image, text) in enumerate(zip(batch_images, texts, strict=True)):
-            alone = processor(images=image, text=text, return_tensors="pt")
-            row_tokens, row_steps = generate_steps(model, alone, steps=4)
-            torch.testing.assert_close(steps[:, row : row + 1], row_steps, atol=PATH_ATOL, rtol=0)
-            assert torch.equal(tokens[row : row + 1], row_tokens)
+        assert_batch_equals_single_runs(
+            model, processor, [[image] for image in batch_images], texts, steps=4, atol=PATH_ATOL
+        )
+        assert len(handle.stats) == 3 + 3  # the batch's three images, then each alone
 
 
 # --- counts, determinism, parameters ------------------------------------------------------------------

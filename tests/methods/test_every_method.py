@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import generate_steps, prompt_inputs
+from helpers import assert_batch_equals_single_runs, generate_steps, prompt_inputs
 
 from globalcom2 import attach
 from globalcom2.methods import METHODS, list_methods
@@ -62,19 +62,6 @@ def test_left_padded_batch_rows_equal_single_runs_and_repeat_exactly(model, proc
             assert handle.stats[-1] == batch_stats[row], "the same counts alone as in the batch"
 
 
-def _rows_equal_single_runs(model, processor, rows, texts):
-    """Generate the left-padded batch of ``rows`` (images per prompt) and each prompt alone; assert equality."""
-    processor.tokenizer.padding_side = "left"
-    flat = [image for row in rows for image in row]
-    batch = processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
-    tokens, steps = generate_steps(model, batch, steps=3)
-    for index, (row, text) in enumerate(zip(rows, texts, strict=True)):
-        alone = processor(images=row or None, text=text, return_tensors="pt")
-        row_tokens, row_steps = generate_steps(model, alone, steps=3)
-        torch.testing.assert_close(steps[:, index : index + 1], row_steps, atol=PATH_ATOL, rtol=0)
-        assert torch.equal(tokens[index : index + 1], row_tokens)
-
-
 @pytest.mark.parametrize("method", [m for m in list_methods() if METHODS.get(m).has_budget])
 def test_a_two_image_prompt_and_a_text_only_prompt_in_one_batch(model, processor, images, method):
     """Every image of a prompt keeps its own budget, and a prompt without an image passes untouched."""
@@ -85,7 +72,7 @@ def test_a_two_image_prompt_and_a_text_only_prompt_in_one_batch(model, processor
         vicuna_v1_prompt("Colour?"),
     ]
     with attach(model, method, retention_ratio=0.25):
-        _rows_equal_single_runs(model, processor, rows, texts)
+        assert_batch_equals_single_runs(model, processor, rows, texts, atol=PATH_ATOL)
 
 
 @pytest.mark.parametrize(("pre_llm", "in_llm"), [("visionzip", "pdrop"), ("divprune", "dart")])
@@ -100,5 +87,5 @@ def test_a_pre_llm_and_an_in_llm_baseline_together_keep_batch_equal_single(
         attach(model, pre_llm, retention_ratio=0.5) as first,
         attach(model, in_llm, retention_ratio=0.5) as second,
     ):
-        _rows_equal_single_runs(model, processor, rows, texts)
+        assert_batch_equals_single_runs(model, processor, rows, texts, atol=PATH_ATOL)
         assert second.stats[-1].visual_tokens_before == first.stats[-1].tokens_after

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import prompt_inputs
+from helpers import decoder_config, prompt_inputs
 
 from globalcom2 import attach
 from globalcom2.methods import METHODS
@@ -54,6 +54,4 @@ def test_keeps_round_r_n_visual_tokens_from_layer_k_and_is_deterministic(model, 
 )
 def test_bad_parameters_fail_before_any_model(params, error):
     with pytest.raises(error):
-        METHODS.create("fastv", retention_ratio=0.5, **params).check_model_config(
-            type("C", (), {"text_config": type("T", (), {"num_hidden_layers": 4})()})()
-        )
+        METHODS.create("fastv", retention_ratio=0.5, **params).check_model_config(decoder_config(4))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import generate_steps, prompt_inputs
+from helpers import decoder_config, generate_steps, prompt_inputs
 from references import pdrop_reference
 
 import globalcom2.methods.pdrop  # noqa: F401  (registration)
@@ -73,7 +73,7 @@ def test_patches_basis_keeps_every_separator_and_budgets_the_patches(model, proc
     ],
 )
 def test_bad_parameters_are_refused_before_any_model(params, error, message):
-    config = type("C", (), {"text_config": type("T", (), {"num_hidden_layers": 4})()})()
+    config = decoder_config(4)
     with pytest.raises(error, match=message):
         METHODS.create("pdrop", **{"retention_ratio": 0.25, **params}).check_model_config(config)
 
