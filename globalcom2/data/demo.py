@@ -17,7 +17,10 @@ match after :func:`normalize_answer`.
 Determinism: item ``i`` of a split depends only on ``(seed, i)``, so any prefix of a split is the same
 whatever its size. The ``test`` split (seed 0, 300 items) is the default ``make demo`` evaluates.
 ``train`` uses another seed (1) and never contains an item whose layout equals a test item's, so a
-model can be fine-tuned on it. ``efficiency`` (seed 2, 30 items) has only 672x672 images, 2928 visual
+model can be fine-tuned on it. ``validation`` (seed 3, 300 items) is the split a training recipe is judged
+by: it never contains an item whose content equals a ``test`` item's or one of the first
+``DEFAULT_SIZE["train"]`` ``train`` items' (a trainer that uses more train items checks the rest itself).
+``efficiency`` (seed 2, 30 items) has only 672x672 images, 2928 visual
 tokens each, for the efficiency benchmark. Generation takes a few seconds and is cached under
 ``$GLOBALCOM2_CACHE/demo`` (default ``~/.cache/globalcom2/demo``).
 """
@@ -42,8 +45,8 @@ from globalcom2.paths import cache_dir
 # 2: shapes 24-36 px (were 12-21): at 12-21 px a 14-px-patch CLIP tower as small as the tiny model's did not
 # learn to tell a circle from a square within the CPU training budget, so no model could.
 DEMO_VERSION = 2
-DEFAULT_SEED = {"test": 0, "train": 1, "efficiency": 2}
-DEFAULT_SIZE = {"test": 300, "train": 3000, "efficiency": 30}
+DEFAULT_SEED = {"test": 0, "train": 1, "efficiency": 2, "validation": 3}
+DEFAULT_SIZE = {"test": 300, "train": 3000, "efficiency": 30, "validation": 300}
 # The efficiency benchmark (GlobalCom² Tables 8/9 protocol) uses one canvas only: 672x672 = 2x2 crops,
 # 2928 visual tokens, the maximum of llava-v1.6, so every sample costs the same.
 EFFICIENCY_CANVAS = (672, 672)
@@ -228,27 +231,37 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill: tuple[int, int, in
 
 
 def generate_items(split: str = "test", seed: int | None = None, size: int | None = None) -> list[DemoItem]:
-    """The items of ``split``; ``train`` skips any item whose content equals a test item's."""
+    """The items of ``split``. ``train`` skips any item whose content equals a test item's; ``validation``
+    skips those and any equal to one of the default ``train`` split's items."""
     if split not in DEFAULT_SEED:
         raise ValueError(f"split must be one of {sorted(DEFAULT_SEED)}, got {split!r}")
     seed = DEFAULT_SEED[split] if seed is None else int(seed)
     size = DEFAULT_SIZE[split] if size is None else int(size)
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    if split == "train":
-        if seed == DEFAULT_SEED["test"]:
-            raise ValueError(f"the train split needs a seed other than the test seed {DEFAULT_SEED['test']}")
-        test = {make_item(DEFAULT_SEED["test"], i).signature() for i in range(DEFAULT_SIZE["test"])}
-        items, index = [], 0
-        while len(items) < size:
-            item = make_item(seed, index)
-            if item.signature() not in test:
-                items.append(item)
-            index += 1
-        return items
     if split == "efficiency":
         return [make_item(seed, i, (EFFICIENCY_CANVAS,)) for i in range(size)]
-    return [make_item(seed, i) for i in range(size)]
+    if split == "test":
+        return [make_item(seed, i) for i in range(size)]
+    held_apart = {"train": ("test",), "validation": ("test", "train")}[split]
+    for other in held_apart:
+        if seed == DEFAULT_SEED[other]:
+            raise ValueError(
+                f"the {split} split needs a seed other than the {other} seed {DEFAULT_SEED[other]}"
+            )
+    excluded = {item.signature() for other in held_apart for item in generate_items(other)}
+    return _items_not_in(seed, size, excluded)
+
+
+def _items_not_in(seed: int, size: int, excluded: set[str]) -> list[DemoItem]:
+    """The first ``size`` items drawn with ``seed`` whose signature is not in ``excluded``."""
+    items, index = [], 0
+    while len(items) < size:
+        item = make_item(seed, index)
+        if item.signature() not in excluded:
+            items.append(item)
+        index += 1
+    return items
 
 
 def build_dataset(items: list[DemoItem], split: str):

@@ -57,6 +57,25 @@ def test_the_train_split_is_disjoint_from_the_test_split(items):
         demo.generate_items("train", seed=0, size=2)
 
 
+def test_the_validation_split_is_disjoint_from_test_and_train(items):
+    validation = demo.generate_items("validation", size=300)
+    train = demo.generate_items("train")
+    assert len({i.signature() for i in validation}) == 300
+    assert not {i.signature() for i in validation} & (
+        {i.signature() for i in train} | {i.signature() for i in items}
+    )
+    assert [i.question_type for i in validation[:3]] == list(demo.QUESTION_TYPES)
+    for seed in (demo.DEFAULT_SEED["test"], demo.DEFAULT_SEED["train"]):
+        with pytest.raises(ValueError, match="validation split needs a seed other than"):
+            demo.generate_items("validation", seed=seed, size=2)
+
+
+def test_an_excluded_item_is_skipped_not_returned():
+    first, second, third = (demo.make_item(7, i) for i in range(3))
+    kept = demo._items_not_in(7, 2, {second.signature()})
+    assert [i.signature() for i in kept] == [first.signature(), third.signature()]
+
+
 @pytest.mark.parametrize(
     ("answer", "normalized"), [("Three.", "3"), ("  RED ", "red"), ("the left", "left"), ("5", "5")]
 )

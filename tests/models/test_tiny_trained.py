@@ -15,16 +15,18 @@ from globalcom2.methods import list_methods
 from globalcom2.models.base import TINY_TRAINED, check_llava_next_anyres
 from globalcom2.models.preload import checkpoint_config
 from globalcom2.models.tiny_trained import CHECKPOINT_DIR
-from globalcom2.training.train_tiny import answer_hits
+from globalcom2.training.evaluate import answer_hits
 
 # On the balanced slice below, chance is 1/6 (colour), 1/5 (count) and 1/2 (position), and a constant answer
 # scores exactly that, since the slice is balanced over answer values.
 CHANCE = {"color": 1 / 6, "count": 1 / 5, "position": 1 / 2}
-# What vanilla must reach to make the demo's ranking meaningful, set before the checkpoint existed. The committed checkpoint misses two of
-# them (measured on this slice: colour 3/20, count 13/20, position 14/20), hence the strict xfail below,
-# which turns into a failure, to be removed, the day a checkpoint meets them.
+# What vanilla must reach to make the demo's ranking meaningful, set before the first checkpoint existed. The
+# committed checkpoint, after its one declared retrain, meets colour and misses count and position (measured
+# on this slice: colour 18/20, count 7/20, position 12/20), hence the strict xfails below, each of which
+# turns into a failure, to be removed, the day a checkpoint meets its threshold.
 THRESHOLDS = {"color": 0.50, "count": 0.40, "position": 0.75}
 PER_TYPE = 20
+SLICE_SEED = 4  # none of demo.DEFAULT_SEED's splits
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,16 @@ def trained():
 
 
 def balanced_slice(per_type: int = PER_TYPE) -> list[demo.DemoItem]:
-    """``per_type`` test items per question type, cycling through the answer values in a fixed order, so
-    every answer value appears (nearly) equally often: a constant answer cannot pass."""
+    """``per_type`` items per question type from a seed no split uses (``SLICE_SEED``), cycling through the
+    answer values in a fixed order, so every answer value appears (nearly) equally often: a constant answer
+    cannot pass, and neither the recipe's validation split nor the demo's test split is reused."""
+    pool = [demo.make_item(SLICE_SEED, i) for i in range(300)]
     chosen = []
     for qtype in demo.QUESTION_TYPES:
-        pool = [i for i in demo.generate_items("test") if i.question_type == qtype]
         by_answer: dict[str, list[demo.DemoItem]] = {}
         for item in pool:
-            by_answer.setdefault(item.answer, []).append(item)
+            if item.question_type == qtype:
+                by_answer.setdefault(item.answer, []).append(item)
         values = sorted(by_answer)
         picked = []
         while len(picked) < per_type:
@@ -79,8 +83,12 @@ def test_training_record_documents_the_run():
         "data",
         "vision",
         "align",
+        "sampled",
         "tune",
+        "validation",
         "test",
+        "freeze",
+        "retrain",
         "git_sha",
         "torch",
         "transformers",
@@ -88,12 +96,16 @@ def test_training_record_documents_the_run():
         "wall_seconds",
     ):
         assert key in record, key
-    for qtype in demo.QUESTION_TYPES:
-        assert {"accuracy", "best_constant_answer", "best_constant_accuracy"} <= set(record["test"][qtype])
+    for split in ("validation", "test"):
+        for qtype in demo.QUESTION_TYPES:
+            assert {"accuracy", "best_constant_answer", "best_constant_accuracy"} <= set(record[split][qtype])
 
 
-def test_the_slice_is_balanced_over_answer_values():
+def test_the_slice_is_balanced_over_answer_values_and_unseen():
     items = balanced_slice()
+    assert SLICE_SEED not in demo.DEFAULT_SEED.values()
+    seen = {i.signature() for split in ("train", "validation", "test") for i in demo.generate_items(split)}
+    assert not seen & {i.signature() for i in items}
     for qtype in demo.QUESTION_TYPES:
         counts = Counter(i.answer for i in items if i.question_type == qtype)
         assert max(counts.values()) - min(counts.values()) <= 1, counts
@@ -110,11 +122,14 @@ def test_vanilla_beats_chance_on_the_balanced_slice(trained_scores):
     assert overall >= sum(CHANCE.values()) / len(CHANCE) + 10 / 60, trained_scores
 
 
-@pytest.mark.xfail(
-    strict=True, reason="vanilla's targets are not met yet: colour is at chance (see THRESHOLDS)"
+MISSED = pytest.mark.xfail(strict=True, reason="the retrained checkpoint misses this type's threshold")
+
+
+@pytest.mark.parametrize(
+    "qtype", ["color", pytest.param("count", marks=MISSED), pytest.param("position", marks=MISSED)]
 )
-def test_vanilla_meets_the_issue_thresholds_on_every_question_type(trained_scores):
-    assert all(trained_scores[qtype] >= threshold for qtype, threshold in THRESHOLDS.items()), trained_scores
+def test_vanilla_meets_the_issue_threshold(trained_scores, qtype):
+    assert trained_scores[qtype] >= THRESHOLDS[qtype], trained_scores
 
 
 def test_the_random_model_fails_both(model, processor):
