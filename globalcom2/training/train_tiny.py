@@ -154,7 +154,7 @@ def conversation(
     shape_words = shape_word_ids(tokenizer) if grounding else set()
     turns: list[int] = []
     labels: list[int] = []
-    first_turn_length = 0
+    first_turn_length = first_answer = 0
     for number, (question, answer) in enumerate([(item.question, item.answer), *extra]):
         lead = "\n" if number == 0 else "USER: "
         asked = tokenizer(f"{lead}{question}{demo.ANSWER_INSTRUCTION} ASSISTANT:", add_special_tokens=False)
@@ -164,13 +164,11 @@ def conversation(
         if grounding:
             (word,) = [i for i, token in enumerate(asked_ids) if token in shape_words]
             asked_labels[word + 1] = answered[0]  # label k is predicted at position k - 1
+        if number == 0:
+            first_answer, first_turn_length = len(asked_ids), len(asked_ids) + len(answered)
         turns += asked_ids + answered
         labels += asked_labels + answered
-        first_turn_length = first_turn_length or len(turns)
     questions = [item.question, *(question for question, _ in extra)]
-    first_answer = first_turn_length - len(
-        tokenizer(f" {item.answer}</s>", add_special_tokens=False)["input_ids"]
-    )
     return Conversation(prefix, turns, labels, first_turn_length, first_answer, item.question_type, questions)
 
 
@@ -289,22 +287,21 @@ def batch_loss(
         conv = image.conversation
         n = image.view.numel()
         keep = curriculum_keep(image, keep_distractors, keep_background, rng)
-        length = len(conv.turns)
-        turns, turn_labels = conv.turns, conv.turn_labels
+        text_length = len(conv.turns)
         p = len(conv.prefix)
         rows.append(
             torch.cat(
                 [
                     embed(torch.tensor(conv.prefix)),
                     visual_sequence(model, image, keep),
-                    embed(torch.tensor(turns)),
+                    embed(torch.tensor(conv.turns)),
                 ]
             )
         )
-        positions.append(torch.cat([torch.arange(p), p + keep, p + n + torch.arange(length)]))
+        positions.append(torch.cat([torch.arange(p), p + keep, p + n + torch.arange(text_length)]))
         visual_bias = sampled_background_bias(image.shape[keep] == NO_OBJECT, keep_background)
-        biases.append(torch.cat([torch.zeros(p), visual_bias, torch.zeros(length)]))
-        labels.append(torch.tensor([IGNORE] * (p + keep.numel()) + turn_labels))
+        biases.append(torch.cat([torch.zeros(p), visual_bias, torch.zeros(text_length)]))
+        labels.append(torch.tensor([IGNORE] * (p + keep.numel()) + conv.turn_labels))
         first.append(p + keep.numel() + conv.first_answer - 1)  # the position predicting the first answer
     length = max(r.shape[0] for r in rows)
     width = rows[0].shape[1]
@@ -592,7 +589,7 @@ def train(cfg: DictConfig) -> Path:
     }
 
     t = time.time()
-    record["vision"] = vision_stage(model, image_processor, cfg, default_stage_dir=cfg.out is None)
+    record["vision"] = vision_stage(model, image_processor, cfg)
     wall["vision"] = round(time.time() - t, 1)
 
     # One generator per stage, so a reused stage 1 leaves every later draw as a trained one would.
@@ -632,7 +629,16 @@ def vision_stage_config(cfg: DictConfig) -> dict[str, Any]:
     return {"seed": int(cfg.seed), "threads": int(cfg.threads), "vision": vision}
 
 
-def vision_stage(model, image_processor, cfg: DictConfig, default_stage_dir: bool) -> dict[str, Any]:
+def vision_stage_folder(where: str | None) -> Path | None:
+    """``vision.checkpoint`` as a folder: the committed one for ``default`` (or null), none for ``none``."""
+    if where == "none":
+        return None
+    if where in (None, "default"):
+        return VISION_STAGE_DIR
+    return Path(where)
+
+
+def vision_stage(model, image_processor, cfg: DictConfig) -> dict[str, Any]:
     """Stage 1, or its saved result when one with the same :func:`vision_stage_config` exists.
 
     Stage 1 is most of the wall time (35 min on the 2-core CPU) and the language stages never change the
@@ -641,11 +647,14 @@ def vision_stage(model, image_processor, cfg: DictConfig, default_stage_dir: boo
     weights and the stage's record, in ``vision.checkpoint`` (default
     ``globalcom2/models/checkpoints/tiny-trained-vision``, committed). ``vision.checkpoint=none`` trains
     it again; the tower's initial weights and the stage's random draws (generator ``seed``, the first
-    consumer, as it always was) do not depend on the later stages, so it trains the same tower.
+    consumer, as it always was) do not depend on the later stages, so it trains the same tower. The
+    committed stage is rewritten only by a run that writes the committed checkpoint (``out: null``); an
+    explicit ``vision.checkpoint`` folder is always written.
     """
     tower = model.model.vision_tower
     where = cfg.vision.checkpoint
-    folder = VISION_STAGE_DIR if where in (None, "default") else None if where == "none" else Path(where)
+    committed = where in (None, "default")
+    folder = vision_stage_folder(where)
     wanted = vision_stage_config(cfg)
     if folder is not None and (folder / VISION_STAGE_RECORD).is_file():
         saved = json.loads((folder / VISION_STAGE_RECORD).read_text())
@@ -672,7 +681,7 @@ def vision_stage(model, image_processor, cfg: DictConfig, default_stage_dir: boo
         "wall_seconds": round(time.time() - started, 1),
         **provenance(),
     }
-    if folder is not None and (default_stage_dir or where not in (None, "default")):
+    if folder is not None and (cfg.out is None or not committed):
         with staged_folder(folder) as staging:
             save_file(
                 {k: v.contiguous() for k, v in tower.state_dict().items()},
