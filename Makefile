@@ -27,7 +27,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-exactness test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
+.PHONY: help install test test-slow test-exactness test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
 	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize cls-share train-tiny evaluate-tiny wandb-sync bench-efficiency \
 	gpu-checklist bench-throughput bench-batch-effect wheelhouse
 
@@ -96,6 +96,11 @@ test-exactness: install  ## the exactness tests on a second transformers (EXACTN
 	@# An absolute path: the tests' subprocesses (two processes = one, the lmms-eval CLI) start in other folders.
 	PYTHONPATH=$(abspath $(ALT_TRANSFORMERS)) $(PY) -c 'import sys, transformers as t; print("transformers", t.__version__, "from", t.__file__); sys.exit(t.__version__ != "$(EXACTNESS_TRANSFORMERS)")'
 	PYTHONPATH=$(abspath $(ALT_TRANSFORMERS)) $(PY) -m pytest -q -m exactness
+
+# `make test` is the quick loop (under 15 minutes on a 2-core CPU). The `slow` tests check the same paths end to
+# end (whole cells in subprocesses, two processes, the CLIs, training, compilation): CI runs them after it.
+test-slow: install  ## the slow tests only (CI runs them after make test)
+	$(PY) -m pytest -q -m 'slow and not gpu and not network'
 
 test-all: install  ## run every test, the slow ones included
 	$(PY) -m pytest -q -m 'not gpu and not network'

@@ -56,6 +56,7 @@ def test_bad_arguments_are_refused():
         throughput.parse_args(["--batch-sizes", "0"])
 
 
+@pytest.mark.slow
 def test_batch_effect_of_real_cells_is_none_in_fp32(tmp_path):
     """Two real cells (batch 1 and 3, fp32) through globalcom2.run: the batch-effect row finds every answer
     unchanged and no metric moved (the exactness claim), and the throughput rows carry every stage."""

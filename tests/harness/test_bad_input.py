@@ -173,6 +173,7 @@ def hydra_run(
     )
 
 
+@pytest.mark.slow
 def test_the_hydra_path_prints_one_line_without_a_traceback_wall(tmp_path):
     done = hydra_run(tmp_path, "benchmark.limit=abc", full_error=False)
     assert done.returncode != 0
@@ -266,6 +267,7 @@ def test_slurm_without_multirun_is_refused_instead_of_running_here(tmp_path):
     assert not list((tmp_path / "results").rglob("record.json"))
 
 
+@pytest.mark.slow
 def test_a_glob_sweep_is_checked_and_one_problem_of_many_cells_is_said_once(tmp_path):
     done = hydra_run(
         tmp_path,

@@ -143,7 +143,17 @@ def sweep_cells(experiment: str) -> list[list[str]]:
     return jobs
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
+# The two Table 1 grids dry-run 33 cells on the ten benchmarks each (17 s each on the 2-core CI machine): `slow`.
+LARGE_GRIDS = {"paper_table1_7b", "paper_table1_13b"}
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in LARGE_GRIDS else name
+        for name in sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+    ],
+)
 def test_every_experiment_dry_runs(experiment, tmp_path, monkeypatch, capsys):
     """Every job of the grid resolves to a valid cell and is listed; nothing is written."""
     monkeypatch.setenv("GLOBALCOM2_RESULTS", str(tmp_path / "results"))
@@ -157,6 +167,7 @@ def test_every_experiment_dry_runs(experiment, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "results").exists(), "a dry run writes no cell"
 
 
+@pytest.mark.slow
 def test_the_cli_dry_run_lists_the_demo_grid(tmp_path):
     env = {**os.environ, "GLOBALCOM2_RESULTS": str(tmp_path / "results")}
     done = subprocess.run(

@@ -107,6 +107,7 @@ SECRETS = {
 }
 
 
+@pytest.mark.slow
 def test_no_secret_reaches_the_console_or_any_file(tmp_path):
     env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "GLOBALCOM2_RESULTS": str(tmp_path / "results")}
     evaluation = subprocess.run(

@@ -36,6 +36,7 @@ def records(tmp_path: Path) -> dict[str, dict]:
     return found
 
 
+@pytest.mark.slow
 def test_multirun_of_two_methods_and_two_ratios_gives_four_complete_cells(tmp_path):
     out = run(tmp_path, "method=random,globalcom2", "method.retention_ratio=0.5,0.25", "benchmark.limit=3")
     cells = records(tmp_path)
@@ -85,6 +86,7 @@ def test_multirun_of_two_methods_and_two_ratios_gives_four_complete_cells(tmp_pa
     assert after["default/tiny/random/r0.25/demo"] == cells["default/tiny/random/r0.25/demo"]
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_mid_cell_resumes_without_rerunning_finished_cells(tmp_path):
     env = {**os.environ, "GLOBALCOM2_RESULTS": str(tmp_path / "results")}
     sweep = ["method=random", "method.retention_ratio=0.5,0.25", "benchmark.limit=40"]
@@ -120,6 +122,7 @@ def test_a_sweep_killed_mid_cell_resumes_without_rerunning_finished_cells(tmp_pa
     assert not (second_cell / ".partial").exists() and not (second_cell / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_record_with_the_scores_of_one(tmp_path):
     common = ["method=random", "method.retention_ratio=0.25", "benchmark.limit=6"]
     run(tmp_path / "one", *common, "experiment_name=dp", multirun=False)

@@ -87,6 +87,7 @@ def test_python_api_scores_every_offline_task(fixture_data, tmp_path, monkeypatc
     assert not list(fixture_data.rglob("cache-*")), "tasks must not write into the data directory"
 
 
+@pytest.mark.slow
 def test_cli_scores_every_offline_task(fixture_data, tmp_path):
     out = tmp_path / "out"
     args = [
@@ -132,6 +133,7 @@ def test_batch_size_4_gives_the_same_answers_as_batch_size_1(fixture_data, tmp_p
     assert len({tuple(r.output_token_ids) for r in rec1.values()}) > 1  # the comparison is not vacuous
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method", ["random", "dart"]
 )  # a pre-LLM method, and an in-LLM one that reads the device
@@ -172,6 +174,7 @@ def test_two_processes_give_the_same_scores_as_one(fixture_data, tmp_path, monke
     assert {(r.task, r.doc_id): r.output_token_ids for r in gathered} == single_records
 
 
+@pytest.mark.slow
 def test_a_failing_generation_fails_the_run(fixture_data, tmp_path):
     """lmms-eval's CLI exits 0 when generation raises; the harness CLI must not."""
     args = [

@@ -96,6 +96,7 @@ PARITY_CASES = [(size, ratio) for size in SIZES for ratio in (0.1, 0.25)] + [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("basis", BASES)
 def test_kept_positions_equal_the_reference(packed, basis):
     for size, ratio in PARITY_CASES:

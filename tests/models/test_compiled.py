@@ -22,6 +22,7 @@ def prompts(tiny, images):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "params"),
     [("vanilla", {}), ("globalcom2", {"retention_ratio": 0.25}), ("fastv", {"retention_ratio": 0.25})],
@@ -38,6 +39,7 @@ def test_compiled_prefill_equals_eager(model, prompts, method, params):
         torch.testing.assert_close(compiled_logits, logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_remove_restores_the_eager_forwards_and_hooked_layers_stay_eager(model, prompts):
     layers = [*model.model.vision_tower.encoder.layers, *model.model.language_model.layers]
     with attach(model, "globalcom2", retention_ratio=0.5) as globalcom2, torch.inference_mode():

@@ -116,6 +116,7 @@ def trained_scores(trained):
     return accuracy(*trained, balanced_slice())
 
 
+@pytest.mark.slow
 def test_vanilla_beats_chance_on_the_balanced_slice(trained_scores):
     """Overall, and by a margin of 10 items in 60; the random model scores 0 (next test)."""
     overall = sum(trained_scores.values()) / len(trained_scores)
@@ -125,6 +126,7 @@ def test_vanilla_beats_chance_on_the_balanced_slice(trained_scores):
 MISSED = pytest.mark.xfail(strict=True, reason="the retrained checkpoint misses this type's threshold")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "qtype", ["color", pytest.param("count", marks=MISSED), pytest.param("position", marks=MISSED)]
 )
@@ -132,6 +134,7 @@ def test_vanilla_meets_the_issue_threshold(trained_scores, qtype):
     assert trained_scores[qtype] >= THRESHOLDS[qtype], trained_scores
 
 
+@pytest.mark.slow
 def test_the_random_model_fails_both(model, processor):
     scores = accuracy(model, processor, balanced_slice())
     assert sum(scores.values()) / len(scores) < sum(CHANCE.values()) / len(CHANCE), scores

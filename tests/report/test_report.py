@@ -152,6 +152,7 @@ def test_one_malformed_record_is_skipped_and_named_never_a_crash(tmp_path, defec
     assert set(frame["method"]) == {"vanilla"}
 
 
+@pytest.mark.slow
 def test_the_aggregate_cli_skips_a_malformed_record_and_exits_0(tmp_path):
     root = tmp_path / "results"
     write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, outputs=[[1]])
@@ -397,6 +398,7 @@ def demo_results(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_the_aggregate_cli_writes_the_demo_report(demo_results):
     done = subprocess.run(
         [sys.executable, "-m", "globalcom2.report", str(demo_results), "--experiment", "demo"],
@@ -416,6 +418,7 @@ def test_the_aggregate_cli_writes_the_demo_report(demo_results):
     assert (demo_results / "tidy.parquet").is_file()
 
 
+@pytest.mark.slow
 def test_the_notebook_executes_and_is_stored_stripped(demo_results):
     from nbclient import NotebookClient
 
@@ -435,6 +438,7 @@ def test_the_notebook_executes_and_is_stored_stripped(demo_results):
     assert sum(o.output_type == "display_data" and "image/png" in o.data for o in outputs) == 3
 
 
+@pytest.mark.slow
 def test_wandb_offline_runs_contain_the_expected_keys(demo_results, tmp_path, monkeypatch):
     from globalcom2.report.build import build_report as report_of
     from globalcom2.tracking import log_cell, log_report

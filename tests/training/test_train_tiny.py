@@ -207,6 +207,7 @@ def small_run(tmp_path, name: str, *extra: str) -> Path:
     return train_tiny.train(train_tiny.load_config(train_tiny.DEFAULT_CONFIG, overrides))
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss_and_write_a_checkpoint_that_loads(tmp_path, capsys):
     out = small_run(tmp_path, "first")
     record = json.loads((out / "training_record.json").read_text())

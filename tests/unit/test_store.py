@@ -182,6 +182,7 @@ RACE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_concurrent_runners_run_a_cell_exactly_once(tmp_path):
     start = time.time() + 1.0
     runners = [
