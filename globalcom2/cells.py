@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from globalcom2.models.fingerprint import checkpoint_identity
 from globalcom2.protocol.generation import parse_gen_kwargs
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL, check_tasks_covered
 from globalcom2.records import CellKey
@@ -33,7 +34,8 @@ LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
 #: Bump when a code change alters the results of unchanged configs (a prompt, a task's scoring), so that
 #: cells finished before it are run again instead of being reused. The git SHA is recorded, not hashed:
 #: a commit that changes nothing a cell computes must not re-run the grid.
-IDENTITY_VERSION = 2  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches
+IDENTITY_VERSION = 3  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
+# 3: the checkpoint's content (``weights``) joined the identity, so cells that may hold other weights run again
 #: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``),
 #: how it is launched (N processes give the answers of one, tests/harness/test_run_cells.py), where it
 #: is logged, run switches, and the names that already form the cell's folder.
@@ -217,7 +219,9 @@ class CellSpec:
         """Everything that can change this cell's result: the resolved config less :data:`NOT_IDENTITY`,
         with the values this spec normalised (vanilla's ratio, typed method parameters, ints, the lite task
         list) in place of the raw ones, so that equivalent configs give one identity; plus the data each
-        task reads (``preflight.data_identity``) and :data:`IDENTITY_VERSION`."""
+        task reads (``preflight.data_identity``), the checkpoint's content (``weights``: its hub commit or
+        its files' SHA-256, ``globalcom2.models.fingerprint``; the same name with other weights is another
+        cell) and :data:`IDENTITY_VERSION`."""
         from globalcom2.lmms.preflight import data_identity
 
         identity = _to_plain(cfg)
@@ -236,6 +240,7 @@ class CellSpec:
         for group, values in (("model", model), ("method", method), ("benchmark", benchmark)):
             identity[group] = {**identity.get(group, {}), **values}
         identity["data"] = data_identity(list(self.benchmark.tasks))
+        identity["weights"] = checkpoint_identity(self.model.pretrained, random_init=self.model.random_init)
         identity["identity_version"] = IDENTITY_VERSION
         return identity
 

@@ -4,14 +4,17 @@ and whoever holds a cell's lock decides whether it runs. In process, through ``g
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from helpers import CONFIGS
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file, save_file
 
 import globalcom2.run as run_module
 from globalcom2.cells import CellSpec
+from globalcom2.models.tiny import tiny_checkpoint
 from globalcom2.store import Cell, current_cell_id
 
 FAST = ["model=tiny", "benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'", "method=random"]
@@ -62,6 +65,28 @@ def test_a_changed_limit_seed_or_method_parameter_runs_a_new_cell(tmp_path, monk
     assert "[done]" in out and "same settings" in out and "[run]" not in out
     assert again == base
     assert current_cell_id(Path(base["cell"]["path"]).parent) == base["cell"]["id"]
+
+
+def test_other_weights_under_the_same_checkpoint_name_run_a_new_cell(tmp_path, monkeypatch, capsys):
+    """A checkpoint folder retrained or replaced in place (a ``git pull`` of ``tiny-trained``) is not served
+    the cells of its old weights: the weights' content is part of the identity."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint(0), folder)
+    first, _ = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1", f"model.pretrained={folder}")
+    again, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1", f"model.pretrained={folder}")
+    assert "[done]" in out and again == first
+    state = load_file(folder / "model.safetensors")
+    name = sorted(state)[0]
+    state[name] = state[name] + 1.0
+    (folder / "model.safetensors").unlink()  # as git or a trainer replaces the file
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    retrained, out = run_cell(
+        tmp_path, monkeypatch, capsys, "benchmark.limit=1", f"model.pretrained={folder}"
+    )
+    assert "[run]" in out and "[done]" not in out, out
+    assert "weights.files.model.safetensors: " in out, out  # the user sees why it ran
+    assert retrained["cell"]["id"] != first["cell"]["id"]
+    assert current_cell_id(Path(first["cell"]["path"]).parent) == retrained["cell"]["id"]
 
 
 def test_dry_run_says_for_every_cell_why_it_would_run_or_be_skipped(tmp_path, monkeypatch, capsys):

@@ -51,7 +51,7 @@ MODELS_LAYERS = [
     ["geometry", "tiny"],
     ["tiny_trained", "random_init"],
     ["preload"],
-    ["loader"],
+    ["loader", "fingerprint"],
 ]
 
 
