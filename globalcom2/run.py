@@ -187,6 +187,12 @@ def run(cfg: DictConfig) -> CellRecord | None:
     if not cfg.force and cell.is_complete():  # fast path; re-checked under the lock below
         return _reuse(cell, label)
     _check_environment(spec, label)  # tasks, their data, the checkpoint's config, the device: still no weight
+    weights = cell.identity.get("weights") or {}
+    if "unresolved" in weights:  # a cell is never stored without naming the weights it was computed with
+        raise CellError(
+            f"{label}: cannot tell which weights model.pretrained={weights['unresolved']!r} names "
+            f"({weights['reason']}); pass a local folder, or a hub id that is cached or reachable"
+        )
     try:
         with cell.lock() as lock_fd:
             if not cfg.force and cell.is_complete():  # finished by another runner while we prepared

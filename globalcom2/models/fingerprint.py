@@ -6,25 +6,33 @@ folder, a new revision of a hub repository. :func:`checkpoint_identity` names th
 of these is a new cell (``globalcom2/cells.py``, ``globalcom2/store.py``):
 
 * **A hub id** (``llava-hf/llava-v1.6-vicuna-7b-hf``): the repository and the commit that
-  ``from_pretrained`` will load. A git commit fixes every file of the repository. Offline (the Makefile's
-  default), that is the cached snapshot (``…/snapshots/<commit>/``); online, it is the hub's current
-  ``main``, which ``from_pretrained`` downloads, falling back to the cached snapshot when the hub cannot
-  be reached, as transformers does.
+  ``from_pretrained`` will load, a git commit fixing every file of the repository. It is resolved as
+  transformers resolves it, through ``hf_hub_download(repo, "config.json")``: online, the hub's ``main``
+  (the cache's ``refs/main`` is updated to it, so the load that follows reads the same snapshot), falling
+  back to the cached snapshot when the hub cannot be reached; offline (the Makefile's default), the cached
+  snapshot (``…/snapshots/<commit>/``). The one window left: online, if the hub answers the load's request
+  but did not answer this one seconds earlier, the load may read a newer ``main`` than the identity names.
 * **A folder** (a local path, ``tiny-trained``, and ``tiny[:seed]``, which is built into a folder on first
-  use): the SHA-256 of each file in it that is not hidden. A 7B checkpoint (about 14 GB) takes seconds to
-  tens of seconds to hash, so each file's digest is kept under ``<cache_dir>/sha256/``, keyed by the
-  file's resolved path, size, modification time (ns) and inode: a file rewritten later gets a new key.
-  The one blind spot is a rewrite in place to the same size within one tick of the filesystem's clock.
+  use): the SHA-256 of each file in it that the loaders read (:data:`LOADED_SUFFIXES`: weights, configs,
+  tokenizer and templates; not logs, optimiser states or READMEs). A 7B checkpoint (about 14 GB) takes
+  seconds to tens of seconds to hash, so each file's digest is kept under ``<cache_dir>/sha256/``, keyed
+  by the file's device, inode, size, modification and change times (ns), read from the open file before
+  and after hashing (a file that changes while it is hashed is not cached). ``ctime`` cannot be set by
+  ``cp -p``, ``rsync -t`` or ``touch``, so a file rewritten later gets a new key; the blind spot is a
+  same-size rewrite within one tick of the filesystem's clock (seconds on some network filesystems).
 * **Random weights** (``random_init``): ``None``. They are drawn from the architecture and seed that the
   identity already holds.
 
-A checkpoint that cannot be found yet gets ``{"unresolved": <name>}``: a dry run still lists its cell, and
-a real run is stopped by the checkpoint check that follows (``CellSpec.check_environment``).
+A checkpoint that cannot be resolved gets ``{"unresolved": <name>, "reason": …}``: a dry run still lists
+its cell, and ``globalcom2.run`` refuses to run and store a cell whose weights it cannot name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,10 @@ from globalcom2.models.tiny import tiny_checkpoint
 from globalcom2.paths import cache_dir
 
 _CHUNK = 8 << 20  # bytes read at a time while hashing
+#: What ``from_pretrained`` and ``AutoProcessor.from_pretrained`` read from a folder: weights, configs,
+#: tokenizer files (``tokenizer.json``, ``tokenizer.model``, ``vocab.json``, ``merges.txt``) and templates.
+LOADED_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", ".tiktoken")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # a well-formed digest-cache entry
 
 
 def checkpoint_identity(pretrained: str, *, random_init: bool = False) -> dict[str, Any] | None:
@@ -43,52 +55,52 @@ def checkpoint_identity(pretrained: str, *, random_init: bool = False) -> dict[s
 
     Returns:
         ``None`` for random weights; ``{"hub": repo, "commit": sha}`` for a hub id;
-        ``{"files": {name: sha256}}`` for a folder; ``{"unresolved": name}`` when neither is found.
+        ``{"files": {name: sha256}}`` for a folder; ``{"unresolved": name, "reason": why}`` otherwise.
     """
     if random_init:
         return None
-    folder = _folder(pretrained)
-    if folder is not None:
-        return {"files": folder_digests(folder)}
-    commit = _hub_commit(pretrained)
-    return {"hub": pretrained, "commit": commit} if commit else {"unresolved": pretrained}
+    try:
+        folder = _folder(pretrained)
+        if folder is not None:
+            return {"files": folder_digests(folder)}
+        commit, reason = _hub_commit(pretrained)
+    except (OSError, ValueError) as err:  # an unreadable file, a malformed tiny seed, a bad cache entry
+        return {"unresolved": pretrained, "reason": f"{type(err).__name__}: {err}"}
+    return {"hub": pretrained, "commit": commit} if commit else {"unresolved": pretrained, "reason": reason}
 
 
 def folder_digests(folder: Path) -> dict[str, str]:
-    """``{file name: SHA-256}`` of every regular file directly in ``folder`` whose name does not start with
-    a dot (``hf download --local-dir`` keeps its bookkeeping in ``.cache/``)."""
+    """``{file name: SHA-256}`` of every regular file directly in ``folder`` that the loaders read
+    (:data:`LOADED_SUFFIXES`; hidden files such as ``hf download --local-dir``'s ``.cache/`` excluded)."""
     return {
         path.name: file_sha256(path)
         for path in sorted(folder.iterdir())
-        if not path.name.startswith(".") and path.is_file()
+        if not path.name.startswith(".") and path.suffix in LOADED_SUFFIXES and path.is_file()
     }
 
 
 def file_sha256(path: Path) -> str:
-    """The file's SHA-256, read from the digest cache when the file is unchanged since it was hashed."""
-    resolved = path.resolve()
-    stat = resolved.stat()
-    key = hashlib.sha256(
-        f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}".encode()
-    ).hexdigest()
-    cached = cache_dir() / "sha256" / key
-    try:
-        digest = cached.read_text(encoding="ascii").strip()
-        if len(digest) == 64:
-            return digest
-    except OSError:
-        pass
-    hasher = hashlib.sha256()
-    with resolved.open("rb") as handle:
+    """The file's SHA-256, from the digest cache when the open file's identity and times match an entry."""
+    with path.open("rb") as handle:
+        before = _stat_key(os.fstat(handle.fileno()))
+        entry = cache_dir() / "sha256" / hashlib.sha256(f"{path.resolve()}\0{before}".encode()).hexdigest()
+        with contextlib.suppress(OSError, ValueError):
+            digest = entry.read_text(encoding="ascii").strip()
+            if _HEX64.fullmatch(digest):
+                return digest
+        hasher = hashlib.sha256()
         while block := handle.read(_CHUNK):
             hasher.update(block)
-    digest = hasher.hexdigest()
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cached, digest)
-    except OSError:
-        pass  # a read-only cache costs a re-hash next time, never a wrong digest
+        digest = hasher.hexdigest()
+        if _stat_key(os.fstat(handle.fileno())) == before:  # unchanged while read: safe to remember
+            with contextlib.suppress(OSError):  # a read-only cache costs a re-hash, never a wrong digest
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(entry, digest)
     return digest
+
+
+def _stat_key(stat: os.stat_result) -> str:
+    return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
 
 
 def _folder(pretrained: str) -> Path | None:
@@ -96,35 +108,31 @@ def _folder(pretrained: str) -> Path | None:
     seed = tiny_seed(pretrained)
     if seed is not None:
         return tiny_checkpoint(seed)
-    try:
-        named = named_checkpoint(pretrained)
-    except FileNotFoundError:
-        return None
+    named = named_checkpoint(pretrained)  # FileNotFoundError when the shipped checkpoint is missing
     if named is not None:
         return named
     path = Path(pretrained).expanduser()
     return path if path.is_dir() else None
 
 
-def _hub_commit(repo: str) -> str | None:
-    """The commit of ``repo`` that ``from_pretrained`` loads: the hub's ``main`` when online and reachable,
-    else the cached snapshot's; ``None`` when neither is known (or ``repo`` is no hub id)."""
-    from huggingface_hub import try_to_load_from_cache
+def _hub_commit(repo: str) -> tuple[str | None, str]:
+    """``(commit, "")`` of ``repo`` as ``from_pretrained`` resolves it, or ``(None, why not)``."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
-    if not hub_offline():
-        from huggingface_hub import HfApi
-
-        try:
-            sha = HfApi().model_info(repo).sha
-            if sha:
-                return sha
-        except Exception:  # unreachable, private, missing: from_pretrained falls back to the cache too
-            pass
     try:
-        cached = try_to_load_from_cache(repo, "config.json")
-    except HFValidationError:
-        return None
-    if isinstance(cached, str) and Path(cached).parent.parent.name == "snapshots":
-        return Path(cached).parent.name
-    return None
+        if hub_offline():
+            cached = try_to_load_from_cache(repo, "config.json")
+            found = cached if isinstance(cached, str) else None
+        else:
+            found = hf_hub_download(repo, "config.json")  # the hub's main, or the cache when unreachable
+    except HFValidationError as err:
+        return None, f"neither a folder nor a hub id: {err}"
+    except Exception as err:  # not cached and unreachable, missing, gated: the load would fail too
+        return None, f"{type(err).__name__}: {err}"
+    if found is None:
+        return None, "not in the Hugging Face cache and the hub is offline"
+    snapshot = Path(found).parent
+    if snapshot.parent.name != "snapshots":
+        return None, f"{found} is not in a Hugging Face cache snapshot"
+    return snapshot.name, ""

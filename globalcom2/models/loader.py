@@ -21,7 +21,7 @@ from globalcom2.models.tiny import tiny_checkpoint
 
 def resolve_checkpoint(pretrained: str | Path) -> str:
     """``"tiny"`` or ``"tiny:<seed>"`` -> the random tiny model's folder (built on first use); ``"tiny-trained"``
-    -> the committed trained one; anything else as is."""
+    -> the committed trained one; ``~/…`` expanded, as the config check reads it; anything else as is."""
     name = str(pretrained)
     named = named_checkpoint(name)
     if named is not None:
@@ -29,7 +29,7 @@ def resolve_checkpoint(pretrained: str | Path) -> str:
     seed = tiny_seed(name)
     if seed is not None:
         return str(tiny_checkpoint(seed))
-    return name
+    return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def load_llava_next(

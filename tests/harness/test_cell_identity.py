@@ -12,6 +12,7 @@ from helpers import CONFIGS
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
+import globalcom2.cells as cells_module
 import globalcom2.run as run_module
 from globalcom2.cells import CellSpec
 from globalcom2.models.tiny import tiny_checkpoint
@@ -87,6 +88,18 @@ def test_other_weights_under_the_same_checkpoint_name_run_a_new_cell(tmp_path, m
     assert "weights.files.model.safetensors: " in out, out  # the user sees why it ran
     assert retrained["cell"]["id"] != first["cell"]["id"]
     assert current_cell_id(Path(first["cell"]["path"]).parent) == retrained["cell"]["id"]
+
+
+def test_a_cell_whose_weights_cannot_be_named_is_never_run_or_stored(tmp_path, monkeypatch, capsys):
+    unresolved = {"unresolved": "tiny", "reason": "ConnectionError: no route to host"}
+    monkeypatch.setattr(cells_module, "checkpoint_identity", lambda pretrained, random_init: unresolved)
+    with pytest.raises(
+        run_module.CellError, match=r"cannot tell which weights model.pretrained='tiny' names"
+    ):
+        run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
+    assert not list((tmp_path / "results").rglob("record.json"))
+    _, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1", "dry_run=true")
+    assert "[dry-run]" in out  # a dry run still lists it
 
 
 def test_dry_run_says_for_every_cell_why_it_would_run_or_be_skipped(tmp_path, monkeypatch, capsys):

@@ -4,9 +4,9 @@ store never serves a cell computed with other weights under the same name (``glo
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +14,7 @@ from globalcom2.models import fingerprint
 from globalcom2.models.fingerprint import checkpoint_identity, file_sha256, folder_digests
 from globalcom2.models.tiny_trained import CHECKPOINT_DIR
 
-REPO = "llava-hf/llava-v1.6-vicuna-7b-hf"
+REPO = "example-org/llava-next-test-repo"  # made up: no local folder of that name can shadow it
 
 
 @pytest.fixture
@@ -39,6 +39,8 @@ def test_a_folder_is_named_by_the_sha256_of_its_visible_files(tmp_path, digest_c
     (folder / ".cache" / "x.metadata").write_text("downloaded at noon")
     (folder / "model.safetensors").write_bytes(b"weights")
     (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("notes")  # files no loader reads are not content either
+    (folder / "optimizer.pt").write_bytes(b"state")
     assert folder_digests(folder) == {
         "config.json": hashlib.sha256(b"{}").hexdigest(),
         "model.safetensors": hashlib.sha256(b"weights").hexdigest(),
@@ -55,9 +57,15 @@ def test_the_digest_cache_is_used_for_an_unchanged_file_and_missed_for_a_rewritt
     (entry,) = digest_cache.iterdir()
     entry.write_text("f" * 64)  # a planted digest is served: the cache is read, the file is not
     assert file_sha256(weights) == "f" * 64
-    weights.unlink()
-    weights.write_bytes(b"second")  # a retrain rewrites the file: new inode and time, so a new key
+    for corrupt in (b"not a digest", b"\xff" * 64):  # a damaged entry is ignored, never served or fatal
+        entry.write_bytes(corrupt)
+        assert file_sha256(weights) == hashlib.sha256(b"first").hexdigest()
+    weights.write_bytes(b"second")  # rewritten in place: the size alone already changes the key
     assert file_sha256(weights) == hashlib.sha256(b"second").hexdigest()
+    stat = weights.stat()
+    weights.write_bytes(b"third!")  # the same size, times set back: the change time still moves
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_sha256(weights) == hashlib.sha256(b"third!").hexdigest()
 
 
 def test_an_unwritable_digest_cache_still_gives_the_digest(tmp_path, monkeypatch):
@@ -87,23 +95,54 @@ def test_random_weights_have_no_content_identity():
 def test_a_hub_id_offline_is_named_by_the_cached_snapshot_commit(tmp_path, monkeypatch):
     monkeypatch.setattr(fingerprint, "hub_offline", lambda: True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
-    assert checkpoint_identity(REPO) == {"unresolved": REPO}  # not cached: a dry run still lists the cell
+    missing = checkpoint_identity(REPO)  # not cached: a dry run still lists the cell, saying why
+    assert missing == {"unresolved": REPO, "reason": "not in the Hugging Face cache and the hub is offline"}
     fake_hub_cache(tmp_path, REPO, "a" * 40)
     assert checkpoint_identity(REPO) == {"hub": REPO, "commit": "a" * 40}
 
 
-def test_a_hub_id_online_is_named_by_the_hubs_main_and_falls_back_to_the_cache(tmp_path, monkeypatch):
+def test_a_hub_id_online_is_resolved_as_from_pretrained_resolves_it(tmp_path, monkeypatch):
+    """Through ``hf_hub_download(repo, "config.json")``: the snapshot it returns (the hub's main, or the
+    cache's when the hub is unreachable) names the commit; a failure leaves the weights unresolved."""
     monkeypatch.setattr(fingerprint, "hub_offline", lambda: False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
-    fake_hub_cache(tmp_path, REPO, "a" * 40)
-    monkeypatch.setattr("huggingface_hub.HfApi.model_info", lambda self, repo: SimpleNamespace(sha="b" * 40))
-    assert checkpoint_identity(REPO) == {"hub": REPO, "commit": "b" * 40}  # what from_pretrained downloads
+    newer = fake_hub_cache(tmp_path, REPO, "b" * 40)
+    asked = []
 
-    def unreachable(self, repo):
+    def download(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        return str(newer / filename)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    assert checkpoint_identity(REPO) == {"hub": REPO, "commit": "b" * 40}
+    assert asked == [(REPO, "config.json")]
+
+    def unreachable(repo, filename, **kwargs):
         raise ConnectionError("no route to host")
 
-    monkeypatch.setattr("huggingface_hub.HfApi.model_info", unreachable)
-    assert checkpoint_identity(REPO) == {"hub": REPO, "commit": "a" * 40}
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", unreachable)
+    assert checkpoint_identity(REPO) == {"unresolved": REPO, "reason": "ConnectionError: no route to host"}
+    monkeypatch.setattr(
+        "huggingface_hub.hf_hub_download", lambda repo, filename, **kw: str(tmp_path / "x.json")
+    )
+    assert "not in a Hugging Face cache snapshot" in checkpoint_identity(REPO)["reason"]
+
+
+def test_what_cannot_be_read_is_unresolved_not_a_crash(tmp_path, digest_cache, monkeypatch):
+    assert checkpoint_identity("tiny:x")["reason"].startswith("ValueError: pretrained='tiny:x'")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").mkdir()  # a name the loader would read, but not a file
+    (folder / "config.json").symlink_to(folder / "gone.json")  # a dangling link
+    assert checkpoint_identity(str(folder)) == {"files": {}}
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    (folder / "gone.json").write_text("{}")
+    monkeypatch.setattr(fingerprint, "file_sha256", denied)
+    unresolved = checkpoint_identity(str(folder))
+    assert unresolved["unresolved"] == str(folder)
+    assert unresolved["reason"].startswith("PermissionError") and "config.json" in unresolved["reason"]
 
 
 def test_a_copied_folder_with_other_weights_has_another_identity(tmp_path, digest_cache):

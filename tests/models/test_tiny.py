@@ -45,6 +45,14 @@ def test_tiny_resolves_to_a_saved_checkpoint():
     assert (__import__("pathlib").Path(path) / "model.safetensors").exists()
 
 
+def test_a_home_relative_folder_loads_from_the_folder_the_config_check_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_tiny_llava_next(tmp_path / "ckpt", seed=0)
+    assert resolve_checkpoint("~/ckpt") == str(tmp_path / "ckpt")
+    model, _ = load_llava_next("~/ckpt")  # transformers alone would take "~/ckpt" for a hub id
+    assert model.config.model_type == "llava_next"
+
+
 @pytest.mark.parametrize("size", [(336, 336), (672, 672), (1008, 336), (336, 1008), (800, 600)])
 def test_placeholders_match_the_packed_layout(tiny, images, size):
     model, processor = tiny
