@@ -38,9 +38,7 @@ from typing import Any
 
 from globalcom2.atomic import atomic_write_text
 from globalcom2.hub import hub_offline
-from globalcom2.models.base import tiny_seed
-from globalcom2.models.preload import named_checkpoint
-from globalcom2.models.tiny import tiny_checkpoint
+from globalcom2.models.loader import resolve_checkpoint
 from globalcom2.paths import cache_dir
 
 _CHUNK = 8 << 20  # bytes read at a time while hashing
@@ -104,14 +102,9 @@ def _stat_key(stat: os.stat_result) -> str:
 
 
 def _folder(pretrained: str) -> Path | None:
-    """The folder ``pretrained`` loads from, if it names one (``tiny[:seed]`` is built on first use)."""
-    seed = tiny_seed(pretrained)
-    if seed is not None:
-        return tiny_checkpoint(seed)
-    named = named_checkpoint(pretrained)  # FileNotFoundError when the shipped checkpoint is missing
-    if named is not None:
-        return named
-    path = Path(pretrained).expanduser()
+    """The folder ``load_llava_next`` reads ``pretrained`` from (its own :func:`resolve_checkpoint`:
+    ``tiny[:seed]`` built on first use, ``tiny-trained`` or its ``FileNotFoundError``), if it is one."""
+    path = Path(resolve_checkpoint(pretrained))
     return path if path.is_dir() else None
 
 

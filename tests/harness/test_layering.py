@@ -51,7 +51,8 @@ MODELS_LAYERS = [
     ["geometry", "tiny"],
     ["tiny_trained", "random_init"],
     ["preload"],
-    ["loader", "fingerprint"],
+    ["loader"],
+    ["fingerprint"],  # names the folder the loader reads, through the loader's own resolve_checkpoint
 ]
 
 

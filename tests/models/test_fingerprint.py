@@ -25,11 +25,12 @@ def digest_cache(tmp_path, monkeypatch) -> Path:
 
 def fake_hub_cache(root: Path, repo: str, commit: str) -> Path:
     """The layout huggingface_hub's cache gives one cached file: ``models--o--n/snapshots/<commit>/``."""
-    snapshot = root / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    repo_folder = root / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_folder / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
-    (root / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
-    (root / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(commit)
+    (repo_folder / "refs").mkdir()
+    (repo_folder / "refs" / "main").write_text(commit)
     return snapshot
 
 
