@@ -13,7 +13,7 @@ here, with a message that names the value and what is valid, before a weight or 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from globalcom2.models.fingerprint import checkpoint_identity
@@ -48,6 +48,7 @@ NOT_IDENTITY = (
     "logger",
     "hydra",
     "model.name",
+    "model.revision",  # how the weights were named; ``weights`` holds the commit it resolved to
     "method.label",
     "benchmark.name",
     "compile",  # in the identity as model.compile, and only when on (cells from before it keep their identity)
@@ -61,7 +62,9 @@ GROUP_KEYS: dict[str | None, frozenset[str]] = {
         {"experiment_name", "seed", "force", "dry_run", "compile", "prefetch", "model", "method", "benchmark"}
         | {"launcher", "logger", "paths"}
     ),
-    "model": frozenset({"name", "pretrained", "random_init", "dtype", "device", "attn_implementation"}),
+    "model": frozenset(
+        {"name", "pretrained", "revision", "random_init", "dtype", "device", "attn_implementation"}
+    ),
     "method": frozenset({"name", "label", "retention_ratio", "params"}),
     "benchmark": frozenset(
         {"name", "tasks", "columns", "lite", "lite_tasks", "limit", "batch_size", "gen_kwargs", "protocol"}
@@ -130,6 +133,14 @@ class CellSpec:
         )
         return RunSpec(model=self.model, method=self.method, options=options)
 
+    def pinned(self, weights: dict[str, Any] | None) -> CellSpec:
+        """This spec loading exactly the weights its identity names: a hub id at the resolved ``commit``
+        (``weights`` is :meth:`identity`'s entry), so a branch that moves after the identity was computed
+        cannot put other weights under it. Folders and random weights are returned unchanged."""
+        if not weights or "commit" not in weights:
+            return self
+        return replace(self, model=replace(self.model, revision=weights["commit"]))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -170,6 +181,7 @@ class CellSpec:
             device=None if model_cfg.get("device", "cpu") is None else str(model_cfg.get("device", "cpu")),
             attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
             random_init=model_cfg.get("random_init", False),
+            revision=model_cfg.get("revision"),
             compile=plain.get("compile", False),
             prefetch=plain.get("prefetch", "auto"),
             batch_size=bench_cfg.get("batch_size", 1),
@@ -231,7 +243,7 @@ class CellSpec:
             if isinstance(node, dict):
                 node.pop(leaf, None)
         identity["seed"] = self.seed
-        model = {k: v for k, v in asdict(self.model).items() if k != "name"}
+        model = {k: v for k, v in asdict(self.model).items() if k not in ("name", "revision")}
         if model["compile"] is None:
             del model["compile"]  # eager, as every cell before compile mode existed: the same identity
         method = {k: v for k, v in asdict(self.method).items() if k != "label"}
@@ -240,7 +252,9 @@ class CellSpec:
         for group, values in (("model", model), ("method", method), ("benchmark", benchmark)):
             identity[group] = {**identity.get(group, {}), **values}
         identity["data"] = data_identity(list(self.benchmark.tasks))
-        identity["weights"] = checkpoint_identity(self.model.pretrained, random_init=self.model.random_init)
+        identity["weights"] = checkpoint_identity(
+            self.model.pretrained, random_init=self.model.random_init, revision=self.model.revision
+        )
         identity["identity_version"] = IDENTITY_VERSION
         return identity
 

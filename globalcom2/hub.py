@@ -1,4 +1,5 @@
-"""Whether the Hugging Face hub may be used: the one reading of the offline switches.
+"""The Hugging Face hub: whether it may be used (the one reading of the offline switches), and which file a
+hub id and revision resolve to (:func:`hub_file`, shared by the config check and the weights identity).
 
 Two switches matter: ``HF_HUB_OFFLINE`` (``from_pretrained``, ``hf_hub_download``) and
 ``HF_DATASETS_OFFLINE`` (``datasets``). huggingface_hub decides once, when it is imported, from
@@ -16,6 +17,7 @@ in any case, and nothing else).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 HUB_OFFLINE = "HF_HUB_OFFLINE"
 DATASETS_OFFLINE = "HF_DATASETS_OFFLINE"
@@ -51,3 +53,47 @@ def offline_reasons() -> list[str]:
     if _env_on(DATASETS_OFFLINE):
         reasons.append(f"{DATASETS_OFFLINE} is set")
     return reasons
+
+
+def hub_file(repo: str, filename: str, revision: str | None = None) -> Path:
+    """``filename`` of hub repository ``repo`` at ``revision`` (a branch, tag or commit; ``None``: ``main``),
+    found the way ``from_pretrained`` finds it, so that what we read is what it will load.
+
+    Offline, the local cache (``refs/<revision>``, or ``snapshots/<commit>`` for a commit). Online,
+    ``hf_hub_download``: the hub's ``revision``, which also moves the cache's ``refs/<revision>`` to it, or the
+    cache when the hub cannot be reached (``huggingface_hub/file_download.py``, ``hf_hub_download``).
+
+    Raises:
+        ValueError: ``repo`` is not a valid hub id (``owner/name``).
+        FileNotFoundError: not cached while offline, or neither on the hub nor in the cache.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo)  # HFValidationError is a ValueError
+    at = f"{repo}@{revision}" if revision else repo
+    if hub_offline():
+        cached = try_to_load_from_cache(repo, filename, revision=revision)
+        if not isinstance(cached, str):
+            raise FileNotFoundError(
+                f"{filename} of {at} is not in the local Hugging Face cache and the hub is offline "
+                f"({'; '.join(offline_reasons()) or HUB_OFFLINE})"
+            )
+        return Path(cached)
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except Exception as err:  # network, authentication, a missing repo or revision: none is readable
+        raise FileNotFoundError(f"cannot read {filename} of {at} from the hub or the cache: {err}") from err
+
+
+def snapshot_commit(path: Path) -> str:
+    """The commit of the cache snapshot ``path`` (a file ``hub_file`` returned) lies in:
+    ``…/models--owner--name/snapshots/<commit>/<file>``.
+
+    Raises:
+        ValueError: ``path`` is not inside a Hugging Face cache snapshot.
+    """
+    snapshot = path.parent
+    if snapshot.parent.name != "snapshots" or not snapshot.name:
+        raise ValueError(f"{path} is not in a Hugging Face cache snapshot")
+    return snapshot.name

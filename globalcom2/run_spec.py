@@ -35,7 +35,7 @@ from globalcom2.methods.params import (
 )
 from globalcom2.models.base import DTYPE_CHOICES
 from globalcom2.models.compiled import COMPILE_MODES, compile_problem, resolve_compile
-from globalcom2.models.preload import checkpoint_config, model_problems
+from globalcom2.models.preload import check_revision, checkpoint_config, model_problems
 from globalcom2.protocol.generation import GenerationSettings, parse_gen_kwargs, parse_key_values
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL, budget_method_params, check_protocol
 
@@ -48,6 +48,7 @@ HYDRA_KEYS: dict[str, str] = {
     "device": "model.device",
     "attn_implementation": "model.attn_implementation",
     "random_init": "model.random_init",
+    "revision": "model.revision",
     "compile": "compile",
     "prefetch": "prefetch",
     "batch_size": "benchmark.batch_size",
@@ -68,6 +69,9 @@ class ModelSpec:
     device: str | None  # None: chosen by the plugin (the process's accelerator, else CUDA if present)
     attn_implementation: Any  # a string, or a mapping per sub-config
     compile: str | None = None  # a torch.compile mode (globalcom2.models.compiled); None: eager
+    # A hub id's branch, tag or commit (None: main). A cell's identity names the commit it resolves to, and
+    # globalcom2.run pins this field to that commit before anything loads (CellSpec.pinned).
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ MODEL_ARG_KEYS = frozenset(
         "device",
         "attn_implementation",
         "random_init",
+        "revision",
         "compile",
         *(f.name for f in fields(RunOptions)),
         "max_batch_size",
@@ -172,6 +177,7 @@ def parse_run(
     device: Any = None,
     attn_implementation: Any = "sdpa",
     random_init: Any = False,
+    revision: Any = None,
     compile: Any = False,
     batch_size: Any = 1,
     max_new_tokens: Any = 1024,
@@ -253,14 +259,18 @@ def parse_run(
         raise ValueError(f"{key('dtype')}={dtype!r} is not a dtype; valid: {', '.join(DTYPE_CHOICES)}")
     device = None if device is None else str(device)
     compile_value = _compile_setting(compile, key("compile"))
+    random_init = coerce(random_init, bool, key("random_init"))
+    revision = None if revision is None else str(revision)
+    check_revision(str(pretrained), revision, random_init=random_init, keys=keys)
     model = ModelSpec(
         name=model_name,
         pretrained=str(pretrained),
-        random_init=coerce(random_init, bool, key("random_init")),
+        random_init=random_init,
         dtype=dtype,
         device=device,
         attn_implementation=attn,
         compile=resolve_compile(compile_value, device or default_device()),
+        revision=revision,
     )
     overrides = _overrides(generation_overrides, key("generation_overrides"))
     if overrides and protocol != "llava":
@@ -322,7 +332,9 @@ def run_problems(
         )  # the device alone
         config = None
         try:
-            config = checkpoint_config(model.pretrained, random_init=model.random_init, keys=keys)
+            config = checkpoint_config(
+                model.pretrained, random_init=model.random_init, keys=keys, revision=model.revision
+            )
         except (FileNotFoundError, TypeError, ValueError) as err:
             problems.append(err)
         if model.compile is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,23 @@ def run_globalcom2(
         env={**os.environ, **(env or {}), "GLOBALCOM2_RESULTS": str(results)},
         timeout=timeout,
     )
+
+
+def fake_hub_repo(cache: Path, repo: str, snapshots: dict[str, Path | None], main: str) -> Path:
+    """A hub repository as huggingface_hub's cache holds it (``models--owner--name/snapshots/<commit>/`` and
+    ``refs/main``): each commit's snapshot is a copy of its folder (``None``: a bare ``config.json``).
+    Returns the repository's cache folder; point ``huggingface_hub.constants.HF_HUB_CACHE`` at ``cache``."""
+    repo_folder = cache / f"models--{repo.replace('/', '--')}"
+    for commit, folder in snapshots.items():
+        snapshot = repo_folder / "snapshots" / commit
+        if folder is None:
+            snapshot.mkdir(parents=True)
+            (snapshot / "config.json").write_text("{}")
+        else:
+            shutil.copytree(folder, snapshot)
+    (repo_folder / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_folder / "refs" / "main").write_text(main)
+    return repo_folder
 
 
 def prompt_inputs(processor, images, question="What is in the image?"):

@@ -6,8 +6,8 @@ Registered through the entry point ``lmms_eval.models: globalcom2 = globalcom2.l
     python -m lmms_eval --model globalcom2_llava_next \\
         --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=random,retention_ratio=0.25 ...
 
-``model_args``: ``pretrained`` (hub id, folder or ``tiny[:seed]``; required), ``method`` (default
-``vanilla``), ``dtype`` (``auto`` = the checkpoint's), ``device``, ``batch_size``, ``attn_implementation``
+``model_args``: ``pretrained`` (hub id, folder or ``tiny[:seed]``; required), ``revision`` (a hub id's
+branch, tag or commit; default ``main``), ``method`` (default ``vanilla``), ``dtype`` (``auto`` = the checkpoint's), ``device``, ``batch_size``, ``attn_implementation``
 (default ``sdpa``; a JSON object selects per sub-config), ``max_new_tokens`` (used when a task sets none;
 default 1024), ``records_path`` (JSONL sidecar of per-sample records), ``profile`` (default true),
 ``warmup`` (untimed generate calls before the first timed one; default 1; the first timed call is also
@@ -139,6 +139,7 @@ class GlobalCom2LlavaNext(lmms):
             attn_implementation=self.attn_implementation,
             random_init=self.random_init,
             geometry=geometry_of(self.protocol),
+            revision=spec.model.revision,
         )
         self.tokenizer = self.processor.tokenizer
         self.attachment = attach(self.model, self.method)

@@ -163,6 +163,7 @@ def check_model_args(model_args: dict[str, Any]) -> RunSpec:
                 str(pretrained) if pretrained else None,
                 random_init=random_init,
                 device=model_args.get("device"),
+                revision=model_args.get("revision"),
             ),
         )
     if problems:

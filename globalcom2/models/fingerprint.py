@@ -5,13 +5,13 @@ folder behind the name changes: a retrained ``tiny-trained`` after a ``git pull`
 folder, a new revision of a hub repository. :func:`checkpoint_identity` names the content instead, so any
 of these is a new cell (``globalcom2/cells.py``, ``globalcom2/store.py``):
 
-* **A hub id** (``llava-hf/llava-v1.6-vicuna-7b-hf``): the repository and the commit that
-  ``from_pretrained`` will load, a git commit fixing every file of the repository. It is resolved as
-  transformers resolves it, through ``hf_hub_download(repo, "config.json")``: online, the hub's ``main``
-  (the cache's ``refs/main`` is updated to it, so the load that follows reads the same snapshot), falling
-  back to the cached snapshot when the hub cannot be reached; offline (the Makefile's default), the cached
-  snapshot (``…/snapshots/<commit>/``). The one window left: online, if the hub answers the load's request
-  but did not answer this one seconds earlier, the load may read a newer ``main`` than the identity names.
+* **A hub id** (``llava-hf/llava-v1.6-vicuna-7b-hf``, with ``model.revision`` if one is given): the
+  repository and the commit that ``from_pretrained`` will load, a git commit fixing every file of the
+  repository. It is resolved as transformers resolves it (:func:`globalcom2.hub.hub_file`): online, the
+  hub's ``main`` (or the given branch or tag), falling back to the cached snapshot when the hub cannot be
+  reached; offline (the Makefile's default), the cached snapshot (``…/snapshots/<commit>/``).
+  ``globalcom2.run`` then loads that commit (``load_llava_next(revision=commit)``), so a ``main`` that moves
+  between the two reads cannot put other weights under this identity.
 * **A folder** (a local path, ``tiny-trained``, and ``tiny[:seed]``, which is built into a folder on first
   use): the SHA-256 of each file in it that the loaders read (:data:`LOADED_SUFFIXES`: weights, configs,
   tokenizer and templates; not logs, optimiser states or READMEs). A 7B checkpoint (about 14 GB) takes
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from globalcom2.atomic import atomic_write_text
-from globalcom2.hub import hub_offline
+from globalcom2.hub import hub_file, snapshot_commit
 from globalcom2.models.loader import resolve_checkpoint
 from globalcom2.paths import cache_dir
 
@@ -48,8 +48,12 @@ LOADED_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", 
 _HEX64 = re.compile(r"[0-9a-f]{64}")  # a well-formed digest-cache entry
 
 
-def checkpoint_identity(pretrained: str, *, random_init: bool = False) -> dict[str, Any] | None:
-    """The content ``load_llava_next(pretrained, random_init=random_init)`` loads, as plain JSON values.
+def checkpoint_identity(
+    pretrained: str, *, random_init: bool = False, revision: str | None = None
+) -> dict[str, Any] | None:
+    """The content ``load_llava_next(pretrained, random_init=random_init, revision=revision)`` loads, as plain
+    JSON values. ``revision`` (a hub id's branch, tag or commit) is resolved to its commit, so two names of
+    one commit are one identity.
 
     Returns:
         ``None`` for random weights; ``{"hub": repo, "commit": sha}`` for a hub id;
@@ -61,7 +65,7 @@ def checkpoint_identity(pretrained: str, *, random_init: bool = False) -> dict[s
         folder = _folder(pretrained)
         if folder is not None:
             return {"files": folder_digests(folder)}
-        commit, reason = _hub_commit(pretrained)
+        commit, reason = _hub_commit(pretrained, revision)
     except (OSError, ValueError) as err:  # an unreadable file, a malformed tiny seed, a bad cache entry
         return {"unresolved": pretrained, "reason": f"{type(err).__name__}: {err}"}
     return {"hub": pretrained, "commit": commit} if commit else {"unresolved": pretrained, "reason": reason}
@@ -108,24 +112,9 @@ def _folder(pretrained: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def _hub_commit(repo: str) -> tuple[str | None, str]:
-    """``(commit, "")`` of ``repo`` as ``from_pretrained`` resolves it, or ``(None, why not)``."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-
+def _hub_commit(repo: str, revision: str | None) -> tuple[str | None, str]:
+    """``(commit, "")`` of ``repo`` at ``revision`` as ``from_pretrained`` resolves it, or ``(None, why not)``."""
     try:
-        if hub_offline():
-            cached = try_to_load_from_cache(repo, "config.json")
-            found = cached if isinstance(cached, str) else None
-        else:
-            found = hf_hub_download(repo, "config.json")  # the hub's main, or the cache when unreachable
-    except HFValidationError as err:
-        return None, f"neither a folder nor a hub id: {err}"
-    except Exception as err:  # not cached and unreachable, missing, gated: the load would fail too
-        return None, f"{type(err).__name__}: {err}"
-    if found is None:
-        return None, "not in the Hugging Face cache and the hub is offline"
-    snapshot = Path(found).parent
-    if snapshot.parent.name != "snapshots":
-        return None, f"{found} is not in a Hugging Face cache snapshot"
-    return snapshot.name, ""
+        return snapshot_commit(hub_file(repo, "config.json", revision)), ""
+    except (FileNotFoundError, ValueError) as err:  # not cached and unreachable, missing, gated, not a hub id
+        return None, str(err)

@@ -14,7 +14,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from globalcom2.models.base import check_llava_next_anyres, resolve_dtype, tiny_seed
 from globalcom2.models.geometry import GEOMETRIES, apply_geometry
-from globalcom2.models.preload import check_device, checkpoint_config, named_checkpoint
+from globalcom2.models.preload import check_device, check_revision, checkpoint_config, named_checkpoint
 from globalcom2.models.random_init import build_random_llava_next, size_from_name
 from globalcom2.models.tiny import tiny_checkpoint
 
@@ -40,6 +40,7 @@ def load_llava_next(
     attn_implementation: str | dict[str, str] = "sdpa",
     random_init: bool = False,
     geometry: str = "transformers",
+    revision: str | None = None,
 ) -> tuple[LlavaNextForConditionalGeneration, Any]:
     """Load a LLaVA-NeXT checkpoint and its processor, ready for left-padded batched generation.
 
@@ -53,6 +54,9 @@ def load_llava_next(
             weights instead of loading it: for speed and memory measurements without the checkpoint.
         geometry: ``"transformers"`` (default) or ``"llava"``: the original LLaVA code's AnyRes grid ties and
             unpadding, for this model and processor (``globalcom2.models.geometry``).
+        revision: for a hub id, the branch, tag or commit to load (``None``: ``main``). ``globalcom2.run``
+            passes the commit a cell's identity names, so the weights loaded are the ones the cell is
+            stored under (``globalcom2.models.fingerprint``).
 
     Returns:
         ``(model, processor)``; the model is in eval mode and passes :func:`check_llava_next_anyres`.
@@ -62,6 +66,7 @@ def load_llava_next(
         FileNotFoundError: no such folder, or not in the cache while offline.
     """
     resolve_dtype(dtype)  # a bad dtype fails before anything is read
+    check_revision(str(pretrained), revision, random_init=random_init)
     check_device(device)  # so does a device this machine lacks
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry={geometry!r}; valid: {', '.join(GEOMETRIES)}")
@@ -75,11 +80,11 @@ def load_llava_next(
         )
         apply_geometry(model, processor, geometry)
         return model, processor
-    checkpoint_config(pretrained)  # the config alone: a wrong model type fails before the weights load
+    checkpoint_config(pretrained, revision=revision)  # a wrong model type fails before the weights load
     path = resolve_checkpoint(pretrained)
     try:
         model = LlavaNextForConditionalGeneration.from_pretrained(
-            path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+            path, revision=revision, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
         )
     except OSError as err:
         raise FileNotFoundError(
@@ -90,7 +95,7 @@ def load_llava_next(
     check_llava_next_anyres(model)
     # Pin the PIL image processor: it exists on every machine (no torchvision needed), and the
     # torchvision backend gives slightly different pixels, so one backend keeps numbers comparable.
-    processor = AutoProcessor.from_pretrained(path, backend="pil")
+    processor = AutoProcessor.from_pretrained(path, revision=revision, backend="pil")
     processor.tokenizer.padding_side = "left"  # not serialised by tokenizers; batched generation needs it
     apply_geometry(model, processor, geometry)
     return model, processor

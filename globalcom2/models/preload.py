@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import LlavaNextConfig
 
-from globalcom2.hub import hub_offline
+from globalcom2.hub import hub_file, hub_offline
 from globalcom2.models.base import (
     SUPPORTED_CHECKPOINTS,
     TINY_TRAINED,
@@ -49,7 +49,11 @@ def named_checkpoint(name: str) -> Path | None:
 
 
 def checkpoint_config(
-    pretrained: str | Path, *, random_init: bool = False, keys: Mapping[str, str] | None = None
+    pretrained: str | Path,
+    *,
+    random_init: bool = False,
+    keys: Mapping[str, str] | None = None,
+    revision: str | None = None,
 ) -> LlavaNextConfig:
     """The config of the checkpoint ``pretrained`` names, read without loading any weight.
 
@@ -57,6 +61,8 @@ def checkpoint_config(
         pretrained: a hub id (``llava-hf/llava-v1.6-vicuna-7b-hf``), a local folder, ``tiny[:seed]`` or
             ``tiny-trained``.
         random_init: the 7B/13B architecture named by ``pretrained`` is built, not read.
+        keys: how the caller spells ``pretrained``, ``random_init`` and ``revision`` in messages.
+        revision: a hub id's branch, tag or commit (``None``: ``main``); only for a hub id.
 
     Raises:
         FileNotFoundError: a missing folder, a folder without ``config.json`` or without weights, or a hub
@@ -65,12 +71,13 @@ def checkpoint_config(
         UnsupportedModelError: the checkpoint is not LLaVA-NeXT with AnyRes crops.
     """
     name = str(pretrained)
+    check_revision(name, revision, random_init=random_init, keys=keys)
     if random_init:
         return llava_next_config_for(name)
     if tiny_seed(name) is not None:
         return tiny_config(byte_level_tokenizer())
     named = named_checkpoint(name)
-    config_file = named / "config.json" if named is not None else _config_file(name, keys or {})
+    config_file = named / "config.json" if named is not None else _config_file(name, keys or {}, revision)
     raw = json.loads(config_file.read_text(encoding="utf-8"))
     check_config_type(raw, name)
     config = LlavaNextConfig.from_dict(raw)
@@ -83,6 +90,33 @@ def checkpoint_config(
     return config
 
 
+def check_revision(
+    pretrained: str, revision: str | None, *, random_init: bool = False, keys: Mapping[str, str] | None = None
+) -> None:
+    """Refuse a revision where none exists: random weights and the project's own checkpoints (``tiny[:seed]``,
+    ``tiny-trained``). Reads nothing (a local folder is refused where its config is read).
+
+    Raises:
+        ValueError: naming the revision and why it cannot apply.
+    """
+    if revision is None:
+        return
+    keys = keys or {}
+    spell = keys.get("revision", "revision")
+    if not isinstance(revision, str) or not revision.strip():
+        raise ValueError(f"{spell} must be a hub branch, tag or commit, got {revision!r}")
+    if random_init:
+        raise ValueError(
+            f"{spell}={revision!r} with {keys.get('random_init', 'random_init')}=true: random weights come from "
+            "no revision; drop one of them"
+        )
+    if tiny_seed(pretrained) is not None or pretrained == TINY_TRAINED:
+        raise ValueError(
+            f"{spell}={revision!r}: {keys.get('pretrained', 'pretrained')}={pretrained!r} is built or shipped by "
+            "the project, not a hub repository; drop the revision"
+        )
+
+
 def _is_local(name: str) -> bool:
     """Whether ``pretrained`` names a local folder (not a hub id resolved through the cache)."""
     return Path(name).expanduser().is_dir()
@@ -92,8 +126,9 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
-def _config_file(name: str, keys: Mapping[str, str]) -> Path:
-    """``config.json`` of a local folder or a hub checkpoint (cache first; the hub only when online)."""
+def _config_file(name: str, keys: Mapping[str, str], revision: str | None = None) -> Path:
+    """``config.json`` of a local folder, or of a hub checkpoint at ``revision`` resolved as
+    ``from_pretrained`` resolves it (:func:`globalcom2.hub.hub_file`: the cache offline, the hub online)."""
     pretrained, random_init = keys.get("pretrained", "pretrained"), keys.get("random_init", "random_init")
     path = Path(name).expanduser()
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
@@ -102,33 +137,27 @@ def _config_file(name: str, keys: Mapping[str, str]) -> Path:
                 f"{pretrained}={name!r}: no such checkpoint folder. Pass an existing folder, a hub id "
                 f"(e.g. {SUPPORTED_CHECKPOINTS[0]}) or 'tiny'."
             )
+        if revision is not None:
+            raise ValueError(
+                f"{keys.get('revision', 'revision')}={revision!r} names a hub revision, but {pretrained}={name!r} "
+                "is a local folder, which has none; drop the revision, or pass the hub id"
+            )
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"checkpoint folder {name!r} has no config.json")
         return path / "config.json"
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
-        validate_repo_id(name)
-    except HFValidationError as err:
+        return hub_file(name, "config.json", revision)
+    except FileNotFoundError as err:
+        if not hub_offline():
+            raise
+        raise FileNotFoundError(
+            f"{err}. Download it first (`hf download {name}` with network access), point {pretrained} at a "
+            f"local folder, or set {random_init}=true to measure speed and memory with random weights."
+        ) from None
+    except ValueError as err:  # not owner/name
         raise ValueError(
             f"{pretrained}={name!r} is neither an existing folder nor a hub id (owner/name): {err}"
         ) from None
-    cached = try_to_load_from_cache(name, "config.json")
-    if isinstance(cached, str):
-        return Path(cached)
-    if hub_offline():
-        raise FileNotFoundError(
-            f"checkpoint {name!r} is not in the local Hugging Face cache and the hub is offline "
-            f"(HF_HUB_OFFLINE). Download it first (`hf download {name}` with network access), point "
-            f"{pretrained} at a local folder, or set {random_init}=true to measure speed and memory "
-            "with random weights."
-        )
-    try:
-        return Path(hf_hub_download(name, "config.json"))
-    except Exception as err:  # network, auth, missing repo: all mean "cannot read the config"
-        raise FileNotFoundError(f"cannot read config.json of {name!r} from the hub: {err}") from err
 
 
 def check_device(device: str | torch.device | None, key: str = "device") -> torch.device | None:
@@ -168,12 +197,14 @@ def model_problems(
     method: Any = None,
     num_processes: int = 1,
     keys: Mapping[str, str] | None = None,
+    revision: str | None = None,
 ) -> list[Exception]:
     """Everything the checkpoint's config and this machine show to be wrong before any weight loads: the
     device (with several processes on CUDA, one GPU each), the checkpoint (present, LLaVA-NeXT AnyRes), and
     ``method``'s parameters against the model (``CompressionMethod.check_model_config``). The one check
     that ``globalcom2.run``, the pre-flight and the plugin share; ``pretrained=None`` checks the device only.
-    ``keys``: how the caller spells ``device``, ``pretrained`` and ``random_init`` in messages.
+    ``keys``: how the caller spells ``device``, ``pretrained`` and ``random_init`` in messages; ``revision``:
+    the hub id's branch, tag or commit (:func:`checkpoint_config`).
     """
     import torch
 
@@ -193,7 +224,7 @@ def model_problems(
         problems.append(err)
     if pretrained is not None:
         try:
-            config = checkpoint_config(pretrained, random_init=random_init, keys=keys)
+            config = checkpoint_config(pretrained, random_init=random_init, keys=keys, revision=revision)
             if method is not None:
                 method.check_model_config(config)
         except (FileNotFoundError, TypeError, ValueError) as err:

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import CONFIGS
+from helpers import CONFIGS, fake_hub_repo
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
+import globalcom2
 import globalcom2.cells as cells_module
 import globalcom2.run as run_module
 from globalcom2.cells import CellSpec
@@ -92,7 +93,7 @@ def test_other_weights_under_the_same_checkpoint_name_run_a_new_cell(tmp_path, m
 
 def test_a_cell_whose_weights_cannot_be_named_is_never_run_or_stored(tmp_path, monkeypatch, capsys):
     unresolved = {"unresolved": "tiny", "reason": "ConnectionError: no route to host"}
-    monkeypatch.setattr(cells_module, "checkpoint_identity", lambda pretrained, random_init: unresolved)
+    monkeypatch.setattr(cells_module, "checkpoint_identity", lambda pretrained, **kwargs: unresolved)
     with pytest.raises(
         run_module.CellError, match=r"cannot tell which weights model.pretrained='tiny' names"
     ):
@@ -185,3 +186,44 @@ def test_a_llava_cell_records_its_protocol_and_honours_gen_kwargs(tmp_path, monk
     assert record["cell"]["identity"]["benchmark"]["protocol"] == "llava"
     lines = (Path(record["cell"]["path"]) / "sample_records.jsonl").read_text().splitlines()
     assert all(json.loads(line)["output_tokens"] <= 2 for line in lines)
+
+
+def test_a_cell_loads_the_commit_its_identity_names_when_main_moves_meanwhile(tmp_path, monkeypatch, capsys):
+    """``main`` moves to another commit after the identity was computed (a push between the two reads): the
+    cell still checks, loads and records the commit it is stored under (``CellSpec.pinned``); naming that
+    commit as ``model.revision`` is the same cell."""
+    repo, older, newer = "example-org/tiny-llava-next-hub", "a" * 40, "b" * 40
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshots = {older: tiny_checkpoint(1), newer: tiny_checkpoint(0)}
+    refs_main = fake_hub_repo(tmp_path / "hub", repo, snapshots, main=older) / "refs" / "main"
+    check_environment = cells_module.CellSpec.check_environment
+
+    def push_then_check(self, memo=None):
+        refs_main.write_text(newer)  # main moves after the identity resolved the older commit
+        return check_environment(self, memo)
+
+    loads = []
+    load = globalcom2.load_llava_next
+
+    def spy(pretrained, **kwargs):
+        loads.append((pretrained, kwargs.get("revision")))
+        return load(pretrained, **kwargs)
+
+    monkeypatch.setattr(cells_module.CellSpec, "check_environment", push_then_check)
+    monkeypatch.setattr(globalcom2, "load_llava_next", spy)  # what the plugin calls
+    record, _ = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1", f"model.pretrained={repo}")
+    assert record["cell"]["identity"]["weights"] == {"hub": repo, "commit": older}
+    assert record["spec"]["model"]["revision"] == older
+    assert loads == [(repo, older)]
+    assert "revision" not in record["cell"]["identity"]["model"]  # the commit names the content
+
+    refs_main.write_text(older)
+    again, out = run_cell(
+        tmp_path,
+        monkeypatch,
+        capsys,
+        "benchmark.limit=1",
+        f"model.pretrained={repo}",
+        f"+model.revision={older}",
+    )
+    assert "[done]" in out and again["cell"]["id"] == record["cell"]["id"], out

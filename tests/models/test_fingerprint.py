@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import fake_hub_repo
 
+from globalcom2 import hub
 from globalcom2.models import fingerprint
 from globalcom2.models.fingerprint import checkpoint_identity, file_sha256, folder_digests
 from globalcom2.models.tiny_trained import CHECKPOINT_DIR
@@ -21,17 +23,6 @@ REPO = "example-org/llava-next-test-repo"  # made up: no local folder of that na
 def digest_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("GLOBALCOM2_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "sha256"
-
-
-def fake_hub_cache(root: Path, repo: str, commit: str) -> Path:
-    """The layout huggingface_hub's cache gives one cached file: ``models--o--n/snapshots/<commit>/``."""
-    repo_folder = root / f"models--{repo.replace('/', '--')}"
-    snapshot = repo_folder / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (repo_folder / "refs").mkdir()
-    (repo_folder / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def test_a_folder_is_named_by_the_sha256_of_its_visible_files(tmp_path, digest_cache):
@@ -94,38 +85,55 @@ def test_random_weights_have_no_content_identity():
 
 
 def test_a_hub_id_offline_is_named_by_the_cached_snapshot_commit(tmp_path, monkeypatch):
-    monkeypatch.setattr(fingerprint, "hub_offline", lambda: True)
+    monkeypatch.setattr(hub, "hub_offline", lambda: True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     missing = checkpoint_identity(REPO)  # not cached: a dry run still lists the cell, saying why
-    assert missing == {"unresolved": REPO, "reason": "not in the Hugging Face cache and the hub is offline"}
-    fake_hub_cache(tmp_path, REPO, "a" * 40)
-    assert checkpoint_identity(REPO) == {"hub": REPO, "commit": "a" * 40}
+    assert missing["unresolved"] == REPO
+    assert "is not in the local Hugging Face cache and the hub is offline" in missing["reason"]
+    older, newer = "a" * 40, "b" * 40
+    repo_folder = fake_hub_repo(tmp_path, REPO, {older: None, newer: None}, main=newer)
+    assert checkpoint_identity(REPO) == {"hub": REPO, "commit": newer}
+    # A pinned revision: a commit names its own snapshot, a branch or tag its ref; both are the commit.
+    assert checkpoint_identity(REPO, revision=older) == {"hub": REPO, "commit": older}
+    (repo_folder / "refs" / "v1.0").write_text(older)
+    assert checkpoint_identity(REPO, revision="v1.0") == checkpoint_identity(REPO, revision=older)
+    uncached = checkpoint_identity(REPO, revision="c" * 40)
+    assert uncached["unresolved"] == REPO and f"{REPO}@{'c' * 40}" in uncached["reason"]
 
 
 def test_a_hub_id_online_is_resolved_as_from_pretrained_resolves_it(tmp_path, monkeypatch):
-    """Through ``hf_hub_download(repo, "config.json")``: the snapshot it returns (the hub's main, or the
-    cache's when the hub is unreachable) names the commit; a failure leaves the weights unresolved."""
-    monkeypatch.setattr(fingerprint, "hub_offline", lambda: False)
-    newer = fake_hub_cache(tmp_path, REPO, "b" * 40)
+    """Through ``hf_hub_download(repo, "config.json", revision=...)``: the snapshot it returns (the hub's
+    revision, or the cache's when the hub is unreachable) names the commit; a failure leaves the weights
+    unresolved."""
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    repo_folder = fake_hub_repo(tmp_path, REPO, {"b" * 40: None}, main="b" * 40)
+    newer = repo_folder / "snapshots" / ("b" * 40)
     asked = []
 
-    def download(repo, filename, **kwargs):
-        asked.append((repo, filename))
+    def download(repo, filename, revision=None, **kwargs):
+        asked.append((repo, filename, revision))
         return str(newer / filename)
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
     assert checkpoint_identity(REPO) == {"hub": REPO, "commit": "b" * 40}
-    assert asked == [(REPO, "config.json")]
+    assert checkpoint_identity(REPO, revision="v2") == {"hub": REPO, "commit": "b" * 40}
+    assert asked == [(REPO, "config.json", None), (REPO, "config.json", "v2")]
 
     def unreachable(repo, filename, **kwargs):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", unreachable)
-    assert checkpoint_identity(REPO) == {"unresolved": REPO, "reason": "ConnectionError: no route to host"}
+    unresolved = checkpoint_identity(REPO)
+    assert unresolved["unresolved"] == REPO and unresolved["reason"].endswith("no route to host")
     monkeypatch.setattr(
         "huggingface_hub.hf_hub_download", lambda repo, filename, **kw: str(tmp_path / "x.json")
     )
     assert "not in a Hugging Face cache snapshot" in checkpoint_identity(REPO)["reason"]
+
+
+def test_a_name_that_is_neither_a_folder_nor_a_hub_id_is_unresolved(tmp_path):
+    reason = checkpoint_identity("not/a/hub/id?")["reason"]
+    assert "Repo id must" in reason or "repo_id" in reason, reason
 
 
 def test_what_cannot_be_read_is_unresolved_not_a_crash(tmp_path, digest_cache, monkeypatch):
