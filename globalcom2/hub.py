@@ -74,12 +74,16 @@ def hub_file(repo: str, filename: str, revision: str | None = None) -> Path:
     at = f"{repo}@{revision}" if revision else repo
     if hub_offline():
         cached = try_to_load_from_cache(repo, filename, revision=revision)
-        if not isinstance(cached, str):
-            raise FileNotFoundError(
-                f"{filename} of {at} is not in the local Hugging Face cache and the hub is offline "
-                f"({'; '.join(offline_reasons()) or HUB_OFFLINE})"
-            )
-        return Path(cached)
+        if isinstance(cached, str):
+            return Path(cached)
+        if cached is not None:  # the cache remembers the hub saying the file does not exist
+            raise FileNotFoundError(f"{at} has no {filename}, as the hub said when it was last asked")
+        short = revision is not None and len(revision) < 40 and all(c in "0123456789abcdef" for c in revision)
+        raise FileNotFoundError(
+            f"{filename} of {at} is not in the local Hugging Face cache and the hub is offline "
+            f"({offline_reasons()[0]})"  # the hub's switch comes first
+            + ("; offline, a commit must be given in full (40 characters)" if short else "")
+        )
     try:
         return Path(hf_hub_download(repo, filename, revision=revision))
     except Exception as err:  # network, authentication, a missing repo or revision: none is readable

@@ -152,6 +152,10 @@ MODEL_ARG_KEYS = frozenset(
 )
 
 
+#: ``model_args`` values kept as written: names, where ``revision=0123456`` must not become ``123456``.
+RAW_MODEL_ARGS = frozenset({"pretrained", "revision", "records_path"})
+
+
 def parse_model_args(text: str) -> dict[str, Any]:
     """lmms-eval's ``--model_args`` string (``k=v,k=v``) as a mapping (:func:`parse_key_values`).
 
@@ -159,7 +163,7 @@ def parse_model_args(text: str) -> dict[str, Any]:
         ValueError: a malformed entry, named, with the form expected.
     """
     try:
-        return parse_key_values(text)
+        return parse_key_values(text, raw_keys=RAW_MODEL_ARGS)
     except ValueError as err:
         raise ValueError(
             f"model_args: {err}; model_args is 'key=value,key=value', e.g. "
@@ -260,7 +264,12 @@ def parse_run(
     device = None if device is None else str(device)
     compile_value = _compile_setting(compile, key("compile"))
     random_init = coerce(random_init, bool, key("random_init"))
-    revision = None if revision is None else str(revision)
+    if revision is not None and not isinstance(revision, str):  # Hydra reads 1.10 as 1.1, true as a boolean
+        raise ValueError(
+            f"{key('revision')}={revision!r} was read as a {type(revision).__name__}, which may not be the "
+            f"revision meant (1.10 reads as 1.1); quote it, e.g. {key('revision')}='\"v1.10\"', or give the "
+            "full 40-character commit"
+        )
     check_revision(str(pretrained), revision, random_init=random_init, keys=keys)
     model = ModelSpec(
         name=model_name,

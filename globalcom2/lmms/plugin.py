@@ -6,20 +6,20 @@ Registered through the entry point ``lmms_eval.models: globalcom2 = globalcom2.l
     python -m lmms_eval --model globalcom2_llava_next \\
         --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=random,retention_ratio=0.25 ...
 
-``model_args``: ``pretrained`` (hub id, folder or ``tiny[:seed]``; required), ``revision`` (a hub id's
-branch, tag or commit; default ``main``), ``method`` (default ``vanilla``), ``dtype`` (``auto`` = the checkpoint's), ``device``, ``batch_size``, ``attn_implementation``
-(default ``sdpa``; a JSON object selects per sub-config), ``max_new_tokens`` (used when a task sets none;
-default 1024), ``records_path`` (JSONL sidecar of per-sample records), ``profile`` (default true),
-``warmup`` (untimed generate calls before the first timed one; default 1; the first timed call is also
-reported apart, ``SampleRecord.first_call``), ``compile`` (``true`` or a ``torch.compile`` mode: the vision
-tower's and the LLM's layers run compiled in a prefill, ``globalcom2.models.compiled``), ``random_init`` (build the 7B/13B
-architecture named by ``pretrained`` with random weights: speed and memory only), ``protocol``
-(``lmms_eval``, the default: the task's prompt and generation settings; ``llava``: the original LLaVA
-evaluation the paper used, ``globalcom2.protocol.rules``), ``generation_overrides`` (under ``llava``
-only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's settings, e.g. a smaller ``max_new_tokens``),
-``prefetch`` (``true``/``false``/``auto``: prepare the next batch in a background thread; auto = on CUDA).
-Every other key is a parameter of the method (e.g. ``retention_ratio``), converted to the type its
-``__init__`` declares.
+``model_args``: ``pretrained`` (hub id, folder or ``tiny[:seed]``; required), ``revision`` (a hub id's branch,
+tag or commit; default ``main``), ``method`` (default ``vanilla``), ``dtype`` (``auto`` = the checkpoint's),
+``device``, ``batch_size``, ``attn_implementation`` (default ``sdpa``; a JSON object selects per sub-config),
+``max_new_tokens`` (used when a task sets none; default 1024), ``records_path`` (JSONL sidecar of per-sample
+records), ``profile`` (default true), ``warmup`` (untimed generate calls before the first timed one; default
+1; the first timed call is also reported apart, ``SampleRecord.first_call``), ``compile`` (``true`` or a
+``torch.compile`` mode: the vision tower's and the LLM's layers run compiled in a prefill,
+``globalcom2.models.compiled``), ``random_init`` (build the 7B/13B architecture named by ``pretrained`` with
+random weights: speed and memory only), ``protocol`` (``lmms_eval``, the default: the task's prompt and
+generation settings; ``llava``: the original LLaVA evaluation the paper used, ``globalcom2.protocol.rules``),
+``generation_overrides`` (under ``llava`` only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's
+settings, e.g. a smaller ``max_new_tokens``), ``prefetch`` (``true``/``false``/``auto``: prepare the next
+batch in a background thread; auto = on CUDA). Every other key is a parameter of the method (e.g.
+``retention_ratio``), converted to the type its ``__init__`` declares.
 
 What the class guarantees:
 
@@ -130,8 +130,11 @@ class GlobalCom2LlavaNext(lmms):
 
         from globalcom2 import attach, load_llava_next
         from globalcom2.efficiency.profile import GenerateProfiler
+        from globalcom2.models.loader import hub_commit
 
         self.pretrained = spec.model.pretrained
+        # Resolved once here: every read of this load, and the record, name one commit (a cell's is already one).
+        self.revision = None if self.random_init else hub_commit(self.pretrained, spec.model.revision)
         self.model, self.processor = load_llava_next(
             self.pretrained,
             dtype=spec.model.dtype,
@@ -139,7 +142,7 @@ class GlobalCom2LlavaNext(lmms):
             attn_implementation=self.attn_implementation,
             random_init=self.random_init,
             geometry=geometry_of(self.protocol),
-            revision=spec.model.revision,
+            revision=self.revision,
         )
         self.tokenizer = self.processor.tokenizer
         self.attachment = attach(self.model, self.method)
@@ -185,6 +188,7 @@ class GlobalCom2LlavaNext(lmms):
             "pretrained": self.pretrained,
             "random_init": self.random_init,
             "checkpoint": getattr(config, "_name_or_path", None),
+            "revision": self.revision,  # the hub commit loaded; None for a folder or random weights
             "method": self.method.name,
             "method_params": self.method.params(),
             "dtype": str(self.model.dtype),

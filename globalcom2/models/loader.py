@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
+from globalcom2.hub import hub_file, snapshot_commit
 from globalcom2.models.base import check_llava_next_anyres, resolve_dtype, tiny_seed
 from globalcom2.models.geometry import GEOMETRIES, apply_geometry
 from globalcom2.models.preload import check_device, check_revision, checkpoint_config, named_checkpoint
@@ -30,6 +31,21 @@ def resolve_checkpoint(pretrained: str | Path) -> str:
     if seed is not None:
         return str(tiny_checkpoint(seed))
     return str(Path(name).expanduser()) if name.startswith("~") else name
+
+
+def hub_commit(pretrained: str | Path, revision: str | None = None) -> str | None:
+    """The commit ``revision`` (``None``: ``main``) of hub id ``pretrained`` resolves to now
+    (:func:`globalcom2.hub.hub_file`: the cache offline, the hub online); ``None`` for a folder, ``tiny`` or
+    ``tiny-trained``. A commit resolves to itself without the network, so a pinned load stays pinned.
+
+    Raises:
+        FileNotFoundError: the revision is neither cached nor reachable.
+        ValueError: ``pretrained`` is neither a folder nor a hub id.
+    """
+    path = resolve_checkpoint(pretrained)
+    if Path(path).is_dir():
+        return None
+    return snapshot_commit(hub_file(path, "config.json", revision))
 
 
 def load_llava_next(
@@ -54,9 +70,9 @@ def load_llava_next(
             weights instead of loading it: for speed and memory measurements without the checkpoint.
         geometry: ``"transformers"`` (default) or ``"llava"``: the original LLaVA code's AnyRes grid ties and
             unpadding, for this model and processor (``globalcom2.models.geometry``).
-        revision: for a hub id, the branch, tag or commit to load (``None``: ``main``). ``globalcom2.run``
-            passes the commit a cell's identity names, so the weights loaded are the ones the cell is
-            stored under (``globalcom2.models.fingerprint``).
+        revision: for a hub id, the branch, tag or commit to load (``None``: ``main``). It is resolved to its
+            commit once (:func:`hub_commit`), so the weights and the processor come from one snapshot. ``globalcom2.run`` passes the commit a cell's identity names, so the weights loaded are
+            the ones the cell is stored under (``globalcom2.models.fingerprint``).
 
     Returns:
         ``(model, processor)``; the model is in eval mode and passes :func:`check_llava_next_anyres`.
@@ -64,6 +80,8 @@ def load_llava_next(
     Raises:
         UnsupportedModelError: the checkpoint's config is not LLaVA-NeXT AnyRes (read before any weight).
         FileNotFoundError: no such folder, or not in the cache while offline.
+        ValueError: a bad dtype or geometry, or a ``revision`` where there is none (random weights, tiny, a
+            folder).
     """
     resolve_dtype(dtype)  # a bad dtype fails before anything is read
     check_revision(str(pretrained), revision, random_init=random_init)
@@ -82,14 +100,16 @@ def load_llava_next(
         return model, processor
     checkpoint_config(pretrained, revision=revision)  # a wrong model type fails before the weights load
     path = resolve_checkpoint(pretrained)
+    revision = hub_commit(pretrained, revision) or revision  # one snapshot for the weights and the processor
     try:
         model = LlavaNextForConditionalGeneration.from_pretrained(
             path, revision=revision, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
         )
     except OSError as err:
         raise FileNotFoundError(
-            f"cannot load a LLaVA-NeXT checkpoint from {path!r}: {err}. Pass a local folder, download it first "
-            "(e.g. `hf download llava-hf/llava-v1.6-vicuna-7b-hf`), or use pretrained='tiny'."
+            f"cannot load a LLaVA-NeXT checkpoint from {path!r}{f' at {revision}' if revision else ''}: {err}. "
+            "Pass a local folder, download it first (e.g. `hf download llava-hf/llava-v1.6-vicuna-7b-hf"
+            f"{f' --revision {revision}' if revision else ''}`), or use pretrained='tiny'."
         ) from err
     model = model.to(device).eval()
     check_llava_next_anyres(model)

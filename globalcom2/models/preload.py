@@ -66,8 +66,10 @@ def checkpoint_config(
 
     Raises:
         FileNotFoundError: a missing folder, a folder without ``config.json`` or without weights, or a hub
-            checkpoint that is not in the local cache while the hub is offline (or cannot be reached).
-        ValueError: a name that is neither a folder nor a valid hub id.
+            checkpoint (at ``revision``) that is not in the local cache while the hub is offline (or cannot
+            be reached).
+        ValueError: a name that is neither a folder nor a valid hub id, or a ``revision`` where there is none
+            (:func:`check_revision`).
         UnsupportedModelError: the checkpoint is not LLaVA-NeXT with AnyRes crops.
     """
     name = str(pretrained)
@@ -93,8 +95,8 @@ def checkpoint_config(
 def check_revision(
     pretrained: str, revision: str | None, *, random_init: bool = False, keys: Mapping[str, str] | None = None
 ) -> None:
-    """Refuse a revision where none exists: random weights and the project's own checkpoints (``tiny[:seed]``,
-    ``tiny-trained``). Reads nothing (a local folder is refused where its config is read).
+    """Refuse a revision where none exists: random weights, the project's own checkpoints (``tiny[:seed]``,
+    ``tiny-trained``) and local folders. Reads nothing but whether ``pretrained`` is a folder.
 
     Raises:
         ValueError: naming the revision and why it cannot apply.
@@ -114,6 +116,11 @@ def check_revision(
         raise ValueError(
             f"{spell}={revision!r}: {keys.get('pretrained', 'pretrained')}={pretrained!r} is built or shipped by "
             "the project, not a hub repository; drop the revision"
+        )
+    if Path(pretrained).expanduser().is_dir():  # before its files are hashed for a cell's identity
+        raise ValueError(
+            f"{spell}={revision!r} names a hub revision, but {keys.get('pretrained', 'pretrained')}={pretrained!r} "
+            "is a local folder, which has none; drop the revision, or pass the hub id"
         )
 
 
@@ -137,11 +144,6 @@ def _config_file(name: str, keys: Mapping[str, str], revision: str | None = None
                 f"{pretrained}={name!r}: no such checkpoint folder. Pass an existing folder, a hub id "
                 f"(e.g. {SUPPORTED_CHECKPOINTS[0]}) or 'tiny'."
             )
-        if revision is not None:
-            raise ValueError(
-                f"{keys.get('revision', 'revision')}={revision!r} names a hub revision, but {pretrained}={name!r} "
-                "is a local folder, which has none; drop the revision, or pass the hub id"
-            )
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"checkpoint folder {name!r} has no config.json")
         return path / "config.json"
@@ -150,6 +152,11 @@ def _config_file(name: str, keys: Mapping[str, str], revision: str | None = None
     except FileNotFoundError as err:
         if not hub_offline():
             raise
+        if revision is not None:
+            raise FileNotFoundError(
+                f"{err}. Download that revision first (`hf download {name} --revision {revision}` with network "
+                f"access), or drop {keys.get('revision', 'revision')} to use the cached main"
+            ) from None
         raise FileNotFoundError(
             f"{err}. Download it first (`hf download {name}` with network access), point {pretrained} at a "
             f"local folder, or set {random_init}=true to measure speed and memory with random weights."

@@ -149,10 +149,11 @@ def _as_float(value: Any, name: str) -> float:
     return float(value)
 
 
-def parse_key_values(text: str) -> dict[str, Any]:
+def parse_key_values(text: str, raw_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
     """An lmms-eval ``k=v,k=v`` string (``--model_args``, ``--gen_kwargs``) as a mapping, values typed as
     lmms-eval types them (``true``/``false``, integers, numbers, else strings; lmms_eval/utils.py
-    ``simple_parse_args_string`` in 0.7.3); a comma inside ``[...]`` or ``{...}`` belongs to the value.
+    ``simple_parse_args_string`` in 0.7.3), except the ``raw_keys``, kept as written; a comma inside
+    ``[...]`` or ``{...}`` belongs to the value.
 
     Raises:
         ValueError: an entry without ``=`` or with an empty key (the message names it), or a key twice.
@@ -167,7 +168,7 @@ def parse_key_values(text: str) -> dict[str, Any]:
             raise ValueError(f"{entry.strip()!r} is not key=value")
         if key in parsed:
             raise ValueError(f"{key!r} is given twice")
-        parsed[key] = _typed(value.strip())
+        parsed[key] = value.strip() if key in raw_keys else _typed(value.strip())
     return parsed
 
 

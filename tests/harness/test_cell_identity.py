@@ -215,6 +215,7 @@ def test_a_cell_loads_the_commit_its_identity_names_when_main_moves_meanwhile(tm
     assert record["cell"]["identity"]["weights"] == {"hub": repo, "commit": older}
     assert record["spec"]["model"]["revision"] == older
     assert loads == [(repo, older)]
+    assert record["run"]["revision"] == older  # what the plugin loaded, in the record beside the identity
     assert "revision" not in record["cell"]["identity"]["model"]  # the commit names the content
 
     refs_main.write_text(older)
@@ -227,3 +228,16 @@ def test_a_cell_loads_the_commit_its_identity_names_when_main_moves_meanwhile(tm
         f"+model.revision={older}",
     )
     assert "[done]" in out and again["cell"]["id"] == record["cell"]["id"], out
+
+
+def test_a_pinned_spec_reaches_the_worker_processes_unchanged(tmp_path):
+    """Several processes read the spec from ``cell_spec.json`` (``globalcom2.run.execute``): the pinned commit
+    survives the round trip, and a record from before revisions existed still reads."""
+    cfg = compose_cell(tmp_path, "model.pretrained=example-org/repo", "launcher=accelerate")
+    spec = CellSpec.from_config(cfg).pinned({"hub": "example-org/repo", "commit": "a" * 40})
+    assert spec.model.revision == "a" * 40
+    assert CellSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    older = spec.to_dict()
+    del older["model"]["revision"]
+    assert CellSpec.from_dict(older).model.revision is None
+    assert CellSpec.from_config(cfg).pinned({"files": {}}) == CellSpec.from_config(cfg)  # a folder: unchanged

@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import fake_hub_repo
 
-from globalcom2.models.loader import load_llava_next
+from globalcom2.models.loader import hub_commit, load_llava_next
 from globalcom2.models.preload import checkpoint_config
 from globalcom2.models.tiny import tiny_checkpoint
-from globalcom2.run_spec import parse_run
+from globalcom2.run_spec import HYDRA_KEYS, RunSpec, parse_model_args, parse_run
 
 REPO = "example-org/tiny-llava-next-hub"  # made up: served from a fake cache, offline
 OLDER, NEWER = "a" * 40, "b" * 40
@@ -60,13 +60,35 @@ def test_a_revision_where_there_is_none_is_refused_before_anything_loads(pretrai
         load_llava_next(pretrained, revision="v1", **extra)
 
 
-def test_a_revision_of_a_local_folder_is_refused_with_the_hydra_spelling(tmp_path):
-    spec = parse_run(pretrained=str(tiny_checkpoint(0)), revision="v1")  # the disk is read later
+def test_a_revision_of_a_local_folder_or_one_typed_by_a_parser_is_refused_with_the_callers_spelling():
+    folder = str(tiny_checkpoint(0))
     with pytest.raises(ValueError, match=r"model.revision='v1' names a hub revision, but model.pretrained="):
-        checkpoint_config(
-            spec.model.pretrained,
-            revision="v1",
-            keys={"revision": "model.revision", "pretrained": "model.pretrained"},
-        )
+        parse_run(pretrained=folder, revision="v1", keys=HYDRA_KEYS)  # before its files are hashed
     with pytest.raises(ValueError, match=r"revision must be a hub branch, tag or commit, got ''"):
         parse_run(pretrained=REPO, revision="")
+    # Hydra types what it reads: 1.10 arrives as 1.1, a tag that may exist and is not the one meant
+    for typed in (1.1, 123456, True):
+        with pytest.raises(
+            ValueError, match=rf"model.revision={typed!r} was read as a {type(typed).__name__}"
+        ):
+            parse_run(pretrained=REPO, revision=typed, keys=HYDRA_KEYS)
+
+
+def test_model_args_keep_a_revision_as_written():
+    args = parse_model_args(f"pretrained={REPO},revision=0123456,retention_ratio=0.25,method=random")
+    assert args["revision"] == "0123456" and args["retention_ratio"] == 0.25  # the rest still typed
+    assert RunSpec.from_model_args(args).model.revision == "0123456"
+
+
+def test_offline_messages_say_which_revision_is_missing_and_how_to_get_it(hub_repo):
+    with pytest.raises(FileNotFoundError) as short:
+        checkpoint_config(REPO, revision="a" * 7)  # a short commit resolves only online
+    assert "--revision aaaaaaa" in str(short.value) and "must be given in full (40 characters)" in str(
+        short.value
+    )
+    assert "HF_DATASETS_OFFLINE" not in str(short.value)  # model files depend on the hub's switch alone
+
+
+def test_a_hub_id_resolves_to_the_commit_it_loads_and_a_folder_to_none(hub_repo):
+    assert hub_commit(REPO) == NEWER and hub_commit(REPO, OLDER) == OLDER
+    assert hub_commit(tiny_checkpoint(0)) is None and hub_commit("tiny-trained") is None
