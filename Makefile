@@ -29,7 +29,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: help install test test-slow test-exactness test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
 	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize cls-share train-tiny evaluate-tiny wandb-sync bench-efficiency \
-	gpu-checklist bench-throughput bench-batch-effect wheelhouse
+	gpu-checklist bench-throughput bench-batch-effect wheelhouse carry-wheels
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -160,6 +160,15 @@ efficiency: install  ## efficiency benchmark (Tables 8/9 protocol); ARGS="model=
 
 sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=tiny benchmark=pope"
 	$(RUN) sweep=methods_x_ratios $(RUN_ARGS)
+
+# The wheels a machine with torch already installed lacks (HAVE: its `pip list --format=freeze`), for its Python
+# and platform, traced from one tiny cell of the main path: e.g. a GPU container or a lent benchmark machine.
+CARRY_DIR ?= .whl
+CARRY_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+carry-wheels: install  ## wheels a prepared machine lacks to run the harness: make carry-wheels HAVE=freeze.txt [PYTHON_VERSION=3.12]
+	@test -n "$(HAVE)" || { echo "HAVE=<the machine's pip list --format=freeze> is required"; exit 2; }
+	$(PY) -m globalcom2.carry --have $(HAVE) --out $(CARRY_DIR) $(addprefix --platform ,$(CARRY_PLATFORMS)) \
+		$(if $(filter command line,$(origin PYTHON_VERSION)),--python-version $(PYTHON_VERSION),)
 
 # On a lent GPU machine (no make install there: PYTHONPATH=. and carried wheels), in order of value, with a
 # time budget; every step's files land in $(OUT) (default gpu_checklist_out/) as soon as it ends.

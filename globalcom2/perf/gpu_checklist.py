@@ -21,8 +21,10 @@ Steps:
    through ``launcher=accelerate``);
 7. the 13B efficiency table (SDPA, eager and compiled), if time is left.
 
-Steps 4-6 run ``globalcom2.run`` and so need lmms-eval and Hydra: carry their wheels (the device tool's
-README says how); without them those steps fail and the others still run.
+Steps 4-6 run ``globalcom2.run`` and so need lmms-eval and Hydra: ``make carry-wheels HAVE=<the machine's pip
+list>`` makes the wheels it lacks (``globalcom2/carry.py``); with ``--carried <their folder>`` a first step
+checks that the environment holds them at the versions required. Without them those steps fail and the
+others still run.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ class Step:
     outputs: tuple[str, ...] = ()  # files under RESULTS it writes (copied to --out)
 
 
-def steps(images: int) -> list[Step]:
+def steps(images: int, carried: Path | None = None) -> list[Step]:
     python = sys.executable
-    return [
+    check = [Step("carried_wheels", [python, "-m", "globalcom2.carry", "--verify", str(carried)], 30)]
+    return [*(check if carried is not None else []),
         Step(
             "efficiency_7b",
             [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda", "--compile",
@@ -108,8 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--images", type=int, default=10, help="efficiency images per table")
     parser.add_argument("--dry-run", action="store_true", help="list the steps and exit")
+    parser.add_argument(
+        "--carried",
+        type=Path,
+        default=None,
+        help="first check the environment against the wheels made here"
+        " by `make carry-wheels` (their folder, with carry.json)",
+    )
     args = parser.parse_args(argv)
-    plan = steps(args.images)
+    plan = steps(args.images, args.carried)
     if args.dry_run:
         for step in plan:
             print(f"{step.name} (<= {step.limit_s} s): {' '.join(step.command)}")

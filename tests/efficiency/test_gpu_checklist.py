@@ -21,6 +21,9 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
         "main_path_tests",
         "efficiency_13b",
     ]
+    assert main(["--dry-run", "--carried", ".whl"]) == 0  # the carried wheels are checked before any step
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("carried_wheels ") and first.endswith("-m globalcom2.carry --verify .whl")
 
 
 def test_a_failing_step_does_not_stop_the_next_and_outputs_are_copied(tmp_path, monkeypatch):
@@ -33,7 +36,7 @@ def test_a_failing_step_does_not_stop_the_next_and_outputs_are_copied(tmp_path, 
         Step("writes", [sys.executable, "-c", "print('measured')"], 30, ("table.md",)),
         Step("slow", [sys.executable, "-c", "import time; time.sleep(5)"], 1),
     ]
-    monkeypatch.setattr(gpu_checklist, "steps", lambda images: plan)
+    monkeypatch.setattr(gpu_checklist, "steps", lambda images, carried=None: plan)
     out = tmp_path / "out"
     assert main(["--out", str(out), "--budget-s", "600"]) == 1
     log = (out / "checklist.log").read_text()
@@ -43,6 +46,6 @@ def test_a_failing_step_does_not_stop_the_next_and_outputs_are_copied(tmp_path, 
 
 
 def test_no_step_starts_without_budget(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(gpu_checklist, "steps", lambda images: [Step("x", [sys.executable, "-c", "1"], 30)])
+    monkeypatch.setattr(gpu_checklist, "steps", lambda images, carried=None: [Step("x", [sys.executable, "-c", "1"], 30)])
     assert main(["--out", str(tmp_path), "--budget-s", "10"]) == 0
     assert "[skip] x" in capsys.readouterr().out

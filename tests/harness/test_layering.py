@@ -43,6 +43,7 @@ LAYERS: list[list[str]] = [
         "provenance",
         "redaction",
         "wheelhouse",  # run by path before any environment exists: the standard library only
+        "carry",  # make carry-wheels: what a prepared machine lacks
     ],
 ]
 # Top to bottom; a models module may import the modules of any earlier layer (see globalcom2.models.base).
