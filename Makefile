@@ -161,19 +161,20 @@ efficiency: install  ## efficiency benchmark (Tables 8/9 protocol); ARGS="model=
 sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=tiny benchmark=pope"
 	$(RUN) sweep=methods_x_ratios $(RUN_ARGS)
 
-# The wheels a machine with torch already installed lacks (HAVE: its `pip list --format=freeze`), for its Python
-# and platform, traced from one tiny cell of the main path: e.g. a GPU container or a lent benchmark machine.
+# The wheels a machine with torch already installed lacks (HAVE: its `pip list --format=freeze`), traced from one
+# tiny cell of the main path: e.g. a GPU container or a lent benchmark machine. PYTHON_VERSION=<the target's>
+# (e.g. 3.12) downloads for that Python and CARRY_PLATFORMS; without it, for this machine.
 CARRY_DIR ?= .whl
 CARRY_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
-carry-wheels: install  ## wheels a prepared machine lacks to run the harness: make carry-wheels HAVE=freeze.txt [PYTHON_VERSION=3.12]
+carry-wheels: install  ## wheels a prepared machine lacks to run the harness: make carry-wheels HAVE=freeze.txt PYTHON_VERSION=3.12
 	@test -n "$(HAVE)" || { echo "HAVE=<the machine's pip list --format=freeze> is required"; exit 2; }
-	$(PY) -m globalcom2.carry --have $(HAVE) --out $(CARRY_DIR) $(addprefix --platform ,$(CARRY_PLATFORMS)) \
-		$(if $(filter command line,$(origin PYTHON_VERSION)),--python-version $(PYTHON_VERSION),)
+	$(PY) -m globalcom2.carry --have $(HAVE) --out $(CARRY_DIR) $(if $(filter command line,$(origin PYTHON_VERSION)),\
+		--python-version $(PYTHON_VERSION) $(addprefix --platform ,$(CARRY_PLATFORMS)),)
 
 # On a lent GPU machine (no make install there: PYTHONPATH=. and carried wheels), in order of value, with a
 # time budget; every step's files land in $(OUT) (default gpu_checklist_out/) as soon as it ends.
 gpu-checklist:  ## the GPU measurements in one command: 7B/13B efficiency, GPU tests, selection time, throughput, batch effect
-	PYTHONPATH=. $(PYTHON) -m globalcom2.perf.gpu_checklist $(if $(OUT),--out $(OUT),) $(ARGS)
+	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON) -m globalcom2.perf.gpu_checklist $(if $(OUT),--out $(OUT),) $(ARGS)
 
 bench-throughput: install  ## samples/s and stage times of globalcom2.run cells at batch 1/4/8/16 (tiny-trained, CPU; ARGS for a GPU)
 	$(PY) -m globalcom2.perf.throughput $(ARGS)

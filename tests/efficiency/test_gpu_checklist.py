@@ -4,6 +4,7 @@ files reach the output folder even when a step fails."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from globalcom2.perf import gpu_checklist
 from globalcom2.perf.gpu_checklist import Step, main
@@ -23,7 +24,8 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
     ]
     assert main(["--dry-run", "--carried", ".whl"]) == 0  # the carried wheels are checked before any step
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("carried_wheels ") and first.endswith("-m globalcom2.carry --verify .whl")
+    assert first.startswith("carried_wheels ")  # by path: the check imports nothing of the package
+    assert first.endswith(f"globalcom2/carry.py --verify {Path('.whl').resolve()}")
 
 
 def test_a_failing_step_does_not_stop_the_next_and_outputs_are_copied(tmp_path, monkeypatch):
@@ -46,6 +48,20 @@ def test_a_failing_step_does_not_stop_the_next_and_outputs_are_copied(tmp_path, 
 
 
 def test_no_step_starts_without_budget(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(gpu_checklist, "steps", lambda images, carried=None: [Step("x", [sys.executable, "-c", "1"], 30)])
+    monkeypatch.setattr(
+        gpu_checklist, "steps", lambda images, carried=None: [Step("x", [sys.executable, "-c", "1"], 30)]
+    )
     assert main(["--out", str(tmp_path), "--budget-s", "10"]) == 0
     assert "[skip] x" in capsys.readouterr().out
+
+
+def test_failed_carried_wheels_skip_the_main_path_steps_only(tmp_path, monkeypatch, capsys):
+    plan = [
+        Step("carried_wheels", [sys.executable, "-c", "raise SystemExit(1)"], 30),
+        Step("efficiency", [sys.executable, "-c", "1"], 30),
+        Step("throughput", [sys.executable, "-c", "1"], 30, main_path=True),
+    ]
+    monkeypatch.setattr(gpu_checklist, "steps", lambda images, carried=None: plan)
+    assert main(["--out", str(tmp_path), "--budget-s", "600"]) == 1
+    printed = capsys.readouterr().out
+    assert "[ok] efficiency" in printed and "[skip] throughput: the carried wheels failed" in printed

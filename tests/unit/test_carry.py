@@ -4,6 +4,8 @@ machine has at versions that satisfy every declared requirement (``globalcom2/ca
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
@@ -21,14 +23,17 @@ def test_a_pip_freeze_or_bare_names_give_the_machines_distributions():
     Torch==2.11.0
     typing_extensions==4.12.2
     pandas
-    -e git+https://example.org/x.git#egg=x
+    -e git+https://example.org/x.git#egg=my_x
+    --index-url https://example.org/simple
     mylib @ file:///tmp/mylib
     weird==not-a-version
     """
-    assert parse_have(text) == {
+    assert parse_have(text) == {  # what is installed from a URL or a checkout is there, at an unknown version
         "torch": Version("2.11.0"),
         "typing-extensions": Version("4.12.2"),
         "pandas": None,
+        "my-x": None,
+        "mylib": None,
         "weird": None,
     }
 
@@ -45,7 +50,7 @@ def test_missing_and_too_old_distributions_are_carried_and_the_rest_kept():
         ],
     }
     have = parse_have("transformers==5.17.0\ntorch==2.11.0\npandas\nhuggingface-hub==1.33.0")
-    carried, unchecked = select(
+    carried, constraints = select(
         needed, have, versions, requires, ENV_312, ["transformers>=5.23,<5.26", "torch>=2.4"]
     )
     assert carried == [
@@ -54,7 +59,17 @@ def test_missing_and_too_old_distributions_are_carried_and_the_rest_kept():
         Carried("lmms-eval", "9.9", "missing"),
         Carried("transformers", "5.25.0", "the machine has 5.17.0; needs transformers<5.26,>=5.23"),
     ]
-    assert unchecked == ["pandas"]  # kept: its version is unknown, so it is reported, not assumed wrong
+    # pandas is kept: its version is unknown, so its requirement is left for --verify to check there
+    assert [str(r) for r in constraints["pandas"]] == ['pandas>=1; python_version >= "3.9"']
+    assert "torch" not in {c.name for c in carried}  # 2.11.0 meets both torch>=2.2 and torch>=2.4
+
+
+def test_a_foreign_platform_needs_the_targets_python(tmp_path, capsys):
+    have = tmp_path / "freeze.txt"
+    have.write_text("")
+    with pytest.raises(SystemExit):
+        carry.main(["--have", str(have), "--platform", "manylinux_2_28_x86_64"])
+    assert "--platform needs --python-version" in capsys.readouterr().err
 
 
 def test_markers_are_evaluated_for_the_targets_python():
@@ -68,24 +83,47 @@ def test_markers_are_evaluated_for_the_targets_python():
 def test_a_traced_command_names_the_distributions_it_imports():
     modules = carry.imported_modules(["pytest", "--version"])
     assert {"pytest", "pluggy"} <= modules
-    assert {"pytest", "pluggy"} <= carry.distributions_of(modules)
-    assert carry.PROJECT_DISTRIBUTION not in carry.distributions_of({"globalcom2"})
+    distributions, unclaimed = carry.distributions_of(modules)
+    assert {"pytest", "pluggy"} <= distributions and not unclaimed
+    assert "setuptools" not in distributions  # a venv's start-up (_distutils_hack) is not the command's
+    assert carry.distributions_of({"globalcom2", "json", "no_such_top_level"}) == (
+        set(),
+        {"no_such_top_level"},
+    )
     with pytest.raises(SystemExit, match="traced command failed"):
         carry.imported_modules(["globalcom2.no_such_module"])
 
 
-def test_verify_names_what_is_missing_or_at_a_wrong_version():
+def test_verify_names_what_is_missing_or_at_a_wrong_version(tmp_path):
     pytest_version = metadata.version("pytest")
     assert verify({"pytest": [f"=={pytest_version}", ">=1"], "pluggy": [""]}) == []
     assert verify({"pytest": ["<1"], "no-such-distribution-xyz": []}) == [
         "no-such-distribution-xyz: not installed",
         f"pytest {pytest_version}: needs <1",
     ]
+    # pip install --target into a used folder keeps the old metadata beside the new: which one is read is luck
+    for old_or_new in ("six-1.16.0.dist-info", "six-1.17.0.dist-info"):
+        (tmp_path / old_or_new).mkdir()
+    assert verify({"six": []}, path=[str(tmp_path)])[-1].startswith(
+        f"six: 2 versions installed in {tmp_path}"
+    )
+
+
+def test_the_checker_imports_nothing_of_the_package():
+    """Run by path there, it must not import ``globalcom2`` (whose ``__init__`` imports transformers, which
+    refuses to import with some of the mismatches it should list)."""
+    code = (
+        "import runpy, sys; sys.argv = ['carry.py', '--help']\n"
+        "try:\n    runpy.run_path(sys.argv_path, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('globalcom2', 'torch', 'transformers'))))"
+    ).replace("sys.argv_path", repr(str(carry.PROJECT_ROOT / "globalcom2" / "carry.py")))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_a_machine_that_has_everything_gets_no_wheel_and_a_manifest_that_verifies_here(tmp_path, capsys):
     modules = carry.imported_modules(["pytest", "--version"])
-    needed = carry.distributions_of(modules)
+    needed, _ = carry.distributions_of(modules)
     have = tmp_path / "freeze.txt"
     have.write_text("".join(f"{n}=={metadata.version(n)}\n" for n in sorted(needed)))
     out = tmp_path / "carry"
