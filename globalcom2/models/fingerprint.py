@@ -7,7 +7,7 @@ of these is a new cell (``globalcom2/cells.py``, ``globalcom2/store.py``):
 
 * **A hub id** (``llava-hf/llava-v1.6-vicuna-7b-hf``, with ``model.revision`` if one is given): the
   repository and the commit that ``from_pretrained`` will load, a git commit fixing every file of the
-  repository. It is resolved as transformers resolves it (:func:`globalcom2.hub.hub_file`): online, the
+  repository. It is resolved as transformers resolves it (``loader.hub_commit``, :func:`globalcom2.hub.hub_file`): online, the
   hub's ``main`` (or the given branch or tag), falling back to the cached snapshot when the hub cannot be
   reached; offline (the Makefile's default), the cached snapshot (``…/snapshots/<commit>/``).
   ``globalcom2.run`` then loads that commit (``load_llava_next(revision=commit)``), so a ``main`` that moves
@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from globalcom2.atomic import atomic_write_text
-from globalcom2.hub import hub_file, snapshot_commit
-from globalcom2.models.loader import resolve_checkpoint
+from globalcom2.models.loader import hub_commit, resolve_checkpoint
 from globalcom2.paths import cache_dir
 
 _CHUNK = 8 << 20  # bytes read at a time while hashing
@@ -65,10 +64,10 @@ def checkpoint_identity(
         folder = _folder(pretrained)
         if folder is not None:
             return {"files": folder_digests(folder)}
-        commit, reason = _hub_commit(pretrained, revision)
-    except (OSError, ValueError) as err:  # an unreadable file, a malformed tiny seed, a bad cache entry
+        return {"hub": pretrained, "commit": hub_commit(pretrained, revision)}
+    # an unreadable file, a malformed tiny seed, a hub id not cached and unreachable (or missing, gated, invalid)
+    except (OSError, ValueError) as err:
         return {"unresolved": pretrained, "reason": f"{type(err).__name__}: {err}"}
-    return {"hub": pretrained, "commit": commit} if commit else {"unresolved": pretrained, "reason": reason}
 
 
 def folder_digests(folder: Path) -> dict[str, str]:
@@ -110,11 +109,3 @@ def _folder(pretrained: str) -> Path | None:
     ``tiny[:seed]`` built on first use, ``tiny-trained`` or its ``FileNotFoundError``), if it is one."""
     path = Path(resolve_checkpoint(pretrained))
     return path if path.is_dir() else None
-
-
-def _hub_commit(repo: str, revision: str | None) -> tuple[str | None, str]:
-    """``(commit, "")`` of ``repo`` at ``revision`` as ``from_pretrained`` resolves it, or ``(None, why not)``."""
-    try:
-        return snapshot_commit(hub_file(repo, "config.json", revision)), ""
-    except (FileNotFoundError, ValueError) as err:  # not cached and unreachable, missing, gated, not a hub id
-        return None, str(err)

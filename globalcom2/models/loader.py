@@ -71,8 +71,9 @@ def load_llava_next(
         geometry: ``"transformers"`` (default) or ``"llava"``: the original LLaVA code's AnyRes grid ties and
             unpadding, for this model and processor (``globalcom2.models.geometry``).
         revision: for a hub id, the branch, tag or commit to load (``None``: ``main``). It is resolved to its
-            commit once (:func:`hub_commit`), so the weights and the processor come from one snapshot. ``globalcom2.run`` passes the commit a cell's identity names, so the weights loaded are
-            the ones the cell is stored under (``globalcom2.models.fingerprint``).
+            commit once (:func:`hub_commit`), so the weights and the processor come from one snapshot.
+            ``globalcom2.run`` passes the commit a cell's identity names, so the weights loaded are the ones
+            the cell is stored under (``globalcom2.models.fingerprint``).
 
     Returns:
         ``(model, processor)``; the model is in eval mode and passes :func:`check_llava_next_anyres`.

@@ -117,7 +117,7 @@ def check_revision(
             f"{spell}={revision!r}: {keys.get('pretrained', 'pretrained')}={pretrained!r} is built or shipped by "
             "the project, not a hub repository; drop the revision"
         )
-    if Path(pretrained).expanduser().is_dir():  # before its files are hashed for a cell's identity
+    if _is_local(pretrained):  # before its files are hashed for a cell's identity
         raise ValueError(
             f"{spell}={revision!r} names a hub revision, but {keys.get('pretrained', 'pretrained')}={pretrained!r} "
             "is a local folder, which has none; drop the revision, or pass the hub id"

@@ -54,19 +54,7 @@ class Step:
 
 def steps(images: int, carried: Path | None = None) -> list[Step]:
     python = sys.executable
-    # By path: the check imports nothing of the package (globalcom2/carry.py says why).
-    check = (
-        []
-        if carried is None
-        else [
-            Step(
-                "carried_wheels",
-                [python, str(PROJECT_ROOT / "globalcom2" / "carry.py"), "--verify", str(carried.resolve())],
-                30,
-            )
-        ]
-    )
-    return [*check,
+    plan = [
         Step(
             "efficiency_7b",
             [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda", "--compile",
@@ -116,6 +104,12 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             ("llava_next_13b_random_init_cuda.md", "llava_next_13b_random_init_cuda.json"),
         ),
     ]  # fmt: skip
+    if (
+        carried is not None
+    ):  # by path: the check imports nothing of the package (globalcom2/carry.py says why)
+        verify = [python, str(PROJECT_ROOT / "globalcom2" / "carry.py"), "--verify", str(carried.resolve())]
+        plan.insert(0, Step("carried_wheels", verify, 30))
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
