@@ -278,7 +278,7 @@ def parse_run(
         dtype=dtype,
         device=device,
         attn_implementation=attn,
-        compile=resolve_compile(compile_value, device or default_device()),
+        compile=resolve_compile(compile_value),
         revision=revision,
     )
     overrides = _overrides(generation_overrides, key("generation_overrides"))

@@ -25,6 +25,9 @@ Design (the rules the efficiency tables rely on):
 * **Peak memory** is ``torch.cuda.max_memory_allocated`` (live tensors) and ``max_memory_reserved`` (what the
   caching allocator holds, closer to what ``nvidia-smi`` shows) after ``reset_peak_memory_stats`` at the
   start of every measurement, i.e. **per generate call** (per sample at batch size 1, per batch otherwise).
+  A reset sets the reserved peak to what the allocator holds at that moment, so it also counts blocks kept
+  from earlier calls: in a cell (one method in its process) that is the run's own footprint, while a process
+  that runs several methods in turn measures it from an emptied cache (``perf.efficiency.memory_pass``).
   On CPU torch keeps no allocator peak, and process RSS is not comparable across runs, so the values are
   ``None`` with a reason, never 0.
 * **Warm-up** is excluded by construction: :meth:`GenerateProfiler.warmup` runs calls that are not

@@ -1,10 +1,9 @@
 """An overhead-free execution mode: the vision tower's and the LLM's layers run compiled in a prefill.
 
 At the token counts compression leaves (a few hundred), a 7B prefill is bound by the host: every decoder
-layer launches a few dozen small kernels from Python, and the GPU waits for them. ``torch.compile`` turns each
-layer into a few fused kernels launched from one call (``mode="default"``), and with
-``mode="reduce-overhead"`` (the default on CUDA) replays them as a CUDA graph, so the measured prefill shows
-the work, not the launches.
+layer launches a few dozen small kernels from Python, and the GPU waits for them. ``torch.compile`` fuses
+each layer into a few kernels launched from one call, so the measured prefill shows more of the work and
+less of the launches.
 
 What is compiled, and why exactly that:
 
@@ -16,9 +15,24 @@ What is compiled, and why exactly that:
   layer's projections, an in-LLM method's scoring hook on an attention module), so a method's hooks always
   see eager tensors and its code is never traced.
 
-Shapes are dynamic (``dynamic=True``), so a new prompt length does not recompile, and the decoder layer's
-``layer_idx`` is a dynamic integer (``torch._dynamo.config.allow_unspec_int_on_nn_module``, set for the
-process while a model is compiled), so all layers share one compiled graph instead of one per layer.
+Shapes are dynamic (``dynamic=True``), so a new prompt length does not recompile. The vision layers share
+one graph. Each decoder layer gets its own: ``Cache.update`` indexes the cache's per-layer list with the
+layer's ``layer_idx``, and dynamo guards on that slot. dynamo counts these graphs against one
+``recompile_limit`` (8 by default; in transformers 5.x the CLIP and LLaMA layers' forwards share one code
+object), past which it silently runs the remaining layers eager: :func:`compile_model` raises the limit to
+the model's layer count plus a margin while a model is compiled, and restores it when the last handle is
+removed. The decoder layers' graphs are identical, so inductor's FX graph cache compiles the first ones and
+serves the rest (on CPU, 6 LLaMA layers: 2 compiled, 4 served from the cache).
+
+**The default mode is ``default`` on every device**, not ``reduce-overhead`` (CUDA graphs). Two reasons,
+both from compiling per layer: under inference, every call of a compiled function starts a new CUDA-graph
+"generation", which frees the previous layer's outputs (the next layer's input and the KV cache) while they
+are still in use (pytorch/pytorch#152887); and with dynamic shapes CUDA graphs record a new graph for each
+new prompt length, inside the measured call. ``reduce-overhead`` (and ``max-autotune``) stay available by
+name: for them :func:`compile_model` marks a new CUDA-graph step at each of the model's forwards
+(``torch.compiler.cudagraph_mark_step_begin``, the remedy torch's own error message names), so one prefill's
+layers form one generation; ``tests/models/test_compiled.py`` checks both modes on CUDA.
+
 The first call compiles (seconds to minutes); harnesses report it apart (``SampleRecord.first_call``).
 Outputs equal eager within floating-point reassociation, and greedy answers are identical on the tests'
 prompts (``tests/models/test_compiled.py``).
@@ -34,20 +48,22 @@ from typing import Any
 import torch
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: What ``compile=true`` means on every device (the module docstring says why not ``reduce-overhead``).
+DEFAULT_COMPILE_MODE = "default"
+#: The modes that replay CUDA graphs: each model forward marks a new CUDA-graph step under them.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: dynamo's recompile limit while a model is compiled: one graph per decoder layer, one for the vision
+#: layers, and room for a few shape or dtype changes.
+RECOMPILE_MARGIN = 8
 
 
-def default_compile_mode(device: torch.device | str) -> str:
-    """``reduce-overhead`` (CUDA graphs) on CUDA, ``default`` elsewhere (CUDA graphs need a GPU)."""
-    return "reduce-overhead" if str(device).startswith("cuda") else "default"
-
-
-def resolve_compile(value: Any, device: torch.device | str) -> str | None:
-    """A ``compile`` setting as a mode: ``False``/``None`` -> ``None`` (eager), ``True`` -> the device's
-    default, a mode name -> itself; anything else raises with the valid choices."""
+def resolve_compile(value: Any) -> str | None:
+    """A ``compile`` setting as a mode: ``False``/``None`` -> ``None`` (eager), ``True`` ->
+    :data:`DEFAULT_COMPILE_MODE`, a mode name -> itself; anything else raises with the valid choices."""
     if value is None or value is False:
         return None
     if value is True:
-        return default_compile_mode(device)
+        return DEFAULT_COMPILE_MODE
     if isinstance(value, str) and value in COMPILE_MODES:
         return value
     raise ValueError(f"compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {value!r}")
@@ -75,9 +91,10 @@ def compile_problem(device: torch.device | str, mode: str) -> str | None:
 class CompiledLayers:
     """The handle :func:`compile_model` returns; :meth:`remove` restores the eager forwards."""
 
-    def __init__(self, mode: str, layers: list[torch.nn.Module]) -> None:
+    def __init__(self, mode: str, layers: list[torch.nn.Module], hooks: list[Any]) -> None:
         self.mode = mode
         self._layers = layers
+        self._hooks = hooks
 
     @property
     def active(self) -> bool:
@@ -86,7 +103,11 @@ class CompiledLayers:
     def remove(self) -> None:
         for layer in self._layers:
             del layer.forward  # the instance attribute; the class's forward shows through again
-        self._layers = []
+        for hook in self._hooks:
+            hook.remove()
+        if self._layers:
+            _release_recompile_limit()
+        self._layers, self._hooks = [], []
 
     def __enter__(self) -> CompiledLayers:
         return self
@@ -94,6 +115,33 @@ class CompiledLayers:
     def __exit__(self, *exc: object) -> None:
         if self.active:
             self.remove()
+
+
+#: dynamo's ``recompile_limit`` before the first live handle raised it, and how many handles are live.
+_recompile_limit_state: dict[str, int] = {"live": 0, "saved": 0}
+
+
+def _raise_recompile_limit(layers: int) -> None:
+    config = torch._dynamo.config
+    if _recompile_limit_state["live"] == 0:
+        _recompile_limit_state["saved"] = config.recompile_limit
+    _recompile_limit_state["live"] += 1
+    config.recompile_limit = max(config.recompile_limit, layers + RECOMPILE_MARGIN)
+
+
+def _release_recompile_limit() -> None:
+    _recompile_limit_state["live"] -= 1
+    if _recompile_limit_state["live"] == 0:
+        torch._dynamo.config.recompile_limit = _recompile_limit_state["saved"]
+
+
+def _replays_cuda_graphs(device: torch.device, mode: str) -> bool:
+    return device.type == "cuda" and mode in CUDA_GRAPH_MODES
+
+
+def _mark_cuda_graph_step(module: torch.nn.Module, args: Any) -> None:
+    """A forward pre-hook: the layers this forward runs form one CUDA-graph generation (module docstring)."""
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def _has_hooks(modules: list[torch.nn.Module]) -> bool:
@@ -119,26 +167,29 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
 
     Args:
         model: a loaded ``LlavaNextForConditionalGeneration``.
-        mode: a ``torch.compile`` mode (:data:`COMPILE_MODES`); default: :func:`default_compile_mode`.
+        mode: a ``torch.compile`` mode (:data:`COMPILE_MODES`); default: :data:`DEFAULT_COMPILE_MODE`.
 
     Raises:
         RuntimeError: the backend cannot run here (the message says what is missing).
         ValueError: an unknown mode, or a model that is already compiled.
     """
     device = next(model.parameters()).device
-    mode = mode or default_compile_mode(device)
+    mode = mode or DEFAULT_COMPILE_MODE
     problem = compile_problem(device, mode)
     if problem:
         raise (ValueError if problem.startswith("unknown") else RuntimeError)(problem)
     inner = model.model
     vision_layers = list(inner.vision_tower.encoder.layers)
     decoder_layers = list(inner.language_model.layers)
-    if any("forward" in vars(layer) for layer in vision_layers + decoder_layers):
+    layers = vision_layers + decoder_layers
+    if any("forward" in vars(layer) for layer in layers):
         raise ValueError("this model's layers are already compiled (or their forward was replaced)")
-    # layer_idx (the KV cache slot) becomes a graph input, so all layers share one compiled graph.
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    _raise_recompile_limit(len(layers))
     for layer in vision_layers:
         layer.forward = _compiled_forward(layer, mode, prefill_only=False)
     for layer in decoder_layers:
         layer.forward = _compiled_forward(layer, mode, prefill_only=True)
-    return CompiledLayers(mode, vision_layers + decoder_layers)
+    hooks = []
+    if _replays_cuda_graphs(device, mode):
+        hooks.append(model.register_forward_pre_hook(_mark_cuda_graph_step))
+    return CompiledLayers(mode, layers, hooks)

@@ -15,10 +15,14 @@ Every row reports, per generate call (medians over the images; ``globalcom2.effi
 * with ``--measure-ceilings`` (on by default on CUDA) a roofline floor per row from the bf16 matmul peak and
   copy bandwidth measured at the start (``globalcom2.perf.ceilings``).
 
-``--compile`` adds compiled rows (``globalcom2.models.compiled``) beside the eager ones, interleaved with
-them; ``--attention sdpa eager`` (the default on CUDA) repeats the eager rows under
-``attn_implementation=eager``, where peak memory differs most. For ``--random-init`` the byte-level prompt is
-cut to the text length Vicuna's tokenizer gives it (``globalcom2.perf.vicuna_prompt``).
+``--compile`` adds compiled rows (``globalcom2.models.compiled``) beside the eager ones; ``--attention sdpa
+eager`` (the default on CUDA) repeats the eager rows under ``attn_implementation=eager``, where peak memory
+differs most. Each of these is a phase of its own, run over every image after the eager SDPA phase
+(:func:`phases`; speed-ups compare rows of one phase), and the table is rewritten when each phase ends: a
+phase that fails is recorded in the JSON's ``failures`` and the exit status, and the others' rows stay. On
+CUDA each row's peak memories come from one extra untimed call from an emptied allocator cache
+(:func:`memory_pass`). For ``--random-init`` the byte-level prompt is cut to the text length Vicuna's
+tokenizer gives it (``globalcom2.perf.vicuna_prompt``).
 
     python -m globalcom2.perf.efficiency                                   # tiny model, CPU
     python -m globalcom2.perf.efficiency --random-init 7b --device cuda --compile   # the paper's 7B setting
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +53,7 @@ from globalcom2.efficiency.summary import PromptCounts, sample_costs
 from globalcom2.efficiency.table import efficiency_display
 from globalcom2.methods import METHODS
 from globalcom2.methods.params import budget_kwargs
-from globalcom2.models.compiled import COMPILE_MODES, compile_model, compile_problem, default_compile_mode
+from globalcom2.models.compiled import COMPILE_MODES, DEFAULT_COMPILE_MODE, compile_model, compile_problem
 from globalcom2.models.loader import load_llava_next
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.perf.ceilings import measure_ceilings, roofline_floor_ms
@@ -140,8 +145,10 @@ def summarise(
     dims: LlmDims,
     weight_bytes: int,
     ceilings: dict[str, Any] | None,
+    memory: Measurement | None = None,
 ) -> dict[str, Any]:
-    """One row of the table from a variant's measurements (see :data:`globalcom2.efficiency.table.MEASURED`)."""
+    """One row of the table from a variant's measurements (see :data:`globalcom2.efficiency.table.MEASURED`);
+    its peak memories from ``memory`` (:func:`memory_pass`) when given."""
     measurements = [m for m, _, _ in samples]
     costs = [c for _, c, _ in samples]
 
@@ -150,10 +157,9 @@ def summarise(
 
     prefill = [m.prefill_s * 1e3 for m in measurements]
     quartiles = statistics.quantiles(prefill, n=4) if len(prefill) > 1 else [prefill[0]] * 3
-    peaks = [m.peak_memory_bytes for m in measurements if m.peak_memory_bytes is not None]
-    reserved = [
-        m.peak_memory_reserved_bytes for m in measurements if m.peak_memory_reserved_bytes is not None
-    ]
+    peaked = [memory] if memory is not None else measurements
+    peaks = [m.peak_memory_bytes for m in peaked if m.peak_memory_bytes is not None]
+    reserved = [m.peak_memory_reserved_bytes for m in peaked if m.peak_memory_reserved_bytes is not None]
     tflops_full = statistics.fmean(c["full_flops"] for c in costs) / 1e12
     tflops_vision = statistics.fmean(c["vision_flops"] for c in costs) / 1e12
     row = {
@@ -206,7 +212,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="add compiled rows (vision tower and LLM prefill, globalcom2.models.compiled) beside the eager ones",
     )
-    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, help="default: the device's")
+    parser.add_argument(
+        "--compile-mode", choices=COMPILE_MODES, default=None, help=f"default: {DEFAULT_COMPILE_MODE}"
+    )
     parser.add_argument(
         "--attention",
         nargs="+",
@@ -236,50 +244,71 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.measure_ceilings = cuda if args.measure_ceilings is None else args.measure_ceilings
     args.vicuna_text = bool(args.random_init) if args.vicuna_text is None else args.vicuna_text
     if args.compile:
-        args.compile_mode = args.compile_mode or default_compile_mode(args.device)
+        args.compile_mode = args.compile_mode or DEFAULT_COMPILE_MODE
         problem = compile_problem(args.device, args.compile_mode)
         if problem:
             parser.error(f"--compile: {problem}")
     return args
 
 
+#: One pass over every image: the attention implementation, and the compile mode (``None``: eager).
+Phase = tuple[str, str | None]
+
+
+def phases(attention: list[str], compile_mode: str | None) -> list[Phase]:
+    """Eager rows under the first attention implementation first (every target needs them), then its compiled
+    rows, then the other implementations' eager rows. Each phase is written when it ends, so a failure or a
+    time limit costs only the phases after it."""
+    first, *others = attention
+    compiled = [(first, compile_mode)] if compile_mode else []
+    return [(first, None), *compiled, *((other, None) for other in others)]
+
+
+def memory_pass(
+    model: Any, inputs: dict, method: str, ratio: float, profiler: GenerateProfiler, new_tokens: int
+) -> Measurement:
+    """One untimed generate from an emptied allocator cache, for the row's peak memories.
+
+    ``reset_peak_memory_stats`` sets the reserved peak to what the caching allocator holds at the reset: in
+    a timed call, that is the largest footprint of any variant run before it. Emptying the cache first makes
+    ``max_memory_reserved`` this variant's own (CUDA graph pools of a compiled phase stay, being private to
+    their graphs). Kept out of the timed calls, which would otherwise time the ``cudaMalloc`` calls."""
+    torch.cuda.empty_cache()
+    return run_variant(model, inputs, method, ratio, profiler, new_tokens)[0]
+
+
 def measure_phase(
     model: Any,
     prompts: list[dict],
     variants: list[Variant],
-    modes: list[str | None],
+    mode: str | None,
     profiler: GenerateProfiler,
     new_tokens: int,
     costs_of: Any,
-) -> dict[tuple[str | None, Variant], list]:
-    """Every (mode, variant) on every image, interleaved: for image ``i`` the order is rotated by ``i`` so no
-    variant always runs first. ``modes``: ``None`` (eager) and/or a compile mode."""
-    compiled = None
-    runs = [(mode, variant) for mode in modes for variant in variants]
-
-    def set_mode(mode: str | None) -> None:
-        nonlocal compiled
-        if compiled is not None and compiled.mode != mode:
-            compiled.remove()
-            compiled = None
-        if mode is not None and compiled is None:
-            compiled = compile_model(model, mode)
-
+) -> tuple[dict[Variant, list], dict[Variant, Measurement]]:
+    """Every variant on every image, interleaved: for image ``i`` the order is rotated by ``i`` so no variant
+    always runs first. ``mode``: ``None`` (eager) or a compile mode, on for the whole phase. Returns the
+    measurements and, on CUDA, each variant's :func:`memory_pass`."""
+    compiled = compile_model(model, mode) if mode else None
     try:
-        for mode, (method, ratio) in runs:  # warm-up (and compilation), excluded
-            set_mode(mode)
+        for method, ratio in variants:  # warm-up (and compilation), excluded
             run_variant(model, prompts[0], method, ratio, profiler, 2)
-        measured: dict[tuple[str | None, Variant], list] = {run: [] for run in runs}
+        measured: dict[Variant, list] = {variant: [] for variant in variants}
         for index, inputs in enumerate(prompts):
-            shift = index % len(runs)
-            for mode, variant in runs[shift:] + runs[:shift]:
-                set_mode(mode)
+            shift = index % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
                 measurement, stats = run_variant(model, inputs, *variant, profiler, new_tokens)
-                measured[(mode, variant)].append((measurement, *costs_of(inputs, stats)))
+                measured[variant].append((measurement, *costs_of(inputs, stats)))
             print(f"image {index + 1}/{len(prompts)} done", flush=True)
+        memory = (
+            {v: memory_pass(model, prompts[0], *v, profiler, new_tokens) for v in variants}
+            if profiler.is_cuda
+            else {}
+        )
     finally:
-        set_mode(None)
-    return measured
+        if compiled is not None:
+            compiled.remove()
+    return measured, memory
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,22 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         return sample_costs(counts, dims, vision, model.config.image_grid_pinpoints, bytes_per_value), text
 
     syncs = {variant: count_host_syncs(model, prompts[0], *variant) for variant in args.variants}
-    rows = []
-    for phase, attention in enumerate(args.attention):
-        if phase:
-            model.set_attn_implementation(attention)
-        modes: list[str | None] = [None] + ([args.compile_mode] if args.compile and phase == 0 else [])
-        measured = measure_phase(model, prompts, args.variants, modes, profiler, args.new_tokens, costs_of)
-        for (mode, (method, ratio)), samples in measured.items():
-            row = summarise(samples, method, ratio, dims, weight_bytes, ceilings)
-            row.update(compile=mode or "no", attn_implementation=attention, host_syncs=syncs[(method, ratio)])
-            rows.append(row)
-    frame = pd.DataFrame(rows)
-    table = efficiency_display(frame)
-    table.insert(table.columns.get_loc("R") + 1, "host reads", frame["host_syncs"])
-    if "peak allocated (GiB)" not in table:
-        table["peak allocated (GiB)"] = "n/a (CPU)"  # torch keeps no CPU allocator peak: unavailable, not 0
-
+    plan = phases(args.attention, args.compile_mode if args.compile else None)
     info = provenance()
     hardware = (
         info["hardware"].get("gpu")
@@ -351,22 +365,86 @@ def main(argv: list[str] | None = None) -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{name}_{args.device.replace(':', '')}"
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    attention = args.attention[0]
+    for done, (phase_attention, mode) in enumerate(plan, start=1):
+        if phase_attention != attention:
+            model.set_attn_implementation(phase_attention)
+            attention = phase_attention
+        try:
+            measured, memory = measure_phase(
+                model, prompts, args.variants, mode, profiler, args.new_tokens, costs_of
+            )
+        except Exception as error:  # one phase's failure must not lose the other phases' rows
+            traceback.print_exc()
+            failures.append(
+                {
+                    "attn_implementation": phase_attention,
+                    "compile": mode or "no",
+                    "error": f"{type(error).__name__}: {error}",
+                }
+            )
+        else:
+            for (method, ratio), samples in measured.items():
+                row = summarise(
+                    samples, method, ratio, dims, weight_bytes, ceilings, memory.get((method, ratio))
+                )
+                row.update(
+                    compile=mode or "no",
+                    attn_implementation=phase_attention,
+                    host_syncs=syncs[(method, ratio)],
+                )
+                rows.append(row)
+        write_outputs(
+            stem,
+            caption,
+            rows,
+            failures,
+            plan[done:],
+            {
+                "ceilings": ceilings,
+                "weight_bytes": weight_bytes,
+                "provenance": info,
+                "settings": {**vars(args), "out": str(args.out), "pretrained": pretrained},
+            },
+        )
+    if failures:
+        raise SystemExit(
+            f"{len(failures)} of {len(plan)} phases failed (rows of the others written to {stem}.*): {failures}"
+        )
+
+
+def write_outputs(
+    stem: Path,
+    caption: str,
+    rows: list[dict[str, Any]],
+    failures: list[dict[str, str]],
+    pending: list[Phase],
+    record: dict[str, Any],
+) -> None:
+    """The table as it stands (``.md``, ``.csv``; none before a first row) and its JSON, written atomically
+    after every phase; the caption names the phases still to run and those that failed."""
+    if pending:
+        caption += "; PARTIAL, not yet measured: " + ", ".join(f"{a} {m or 'eager'}" for a, m in pending)
+    if failures:
+        caption += "; FAILED: " + ", ".join(f"{f['attn_implementation']} {f['compile']}" for f in failures)
+    atomic_write_json(
+        stem.with_suffix(".json"),
+        {"caption": caption, "rows": rows, "failures": failures, "complete": not pending, **record},
+    )
+    if not rows:
+        return
+    frame = pd.DataFrame(rows)
+    table = efficiency_display(frame)
+    table.insert(table.columns.get_loc("R") + 1, "host reads", frame["host_syncs"])
+    if "peak allocated (GiB)" not in table:
+        table["peak allocated (GiB)"] = "n/a (CPU)"  # torch keeps no CPU allocator peak: unavailable, not 0
     markdown = f"**{caption}**\n\n{table.to_markdown(index=False, floatfmt='.4g')}\n"
     atomic_write_text(stem.with_suffix(".md"), markdown)
     atomic_write_text(stem.with_suffix(".csv"), table.to_csv(index=False))
-    atomic_write_json(
-        stem.with_suffix(".json"),
-        {
-            "caption": caption,
-            "rows": rows,
-            "ceilings": ceilings,
-            "weight_bytes": weight_bytes,
-            "provenance": info,
-            "settings": {**vars(args), "out": str(args.out), "pretrained": pretrained},
-        },
-    )
     print(markdown)
-    print(f"written: {stem}.{{md,csv,json}}")
+    print(f"written: {stem}.{{md,csv,json}}", flush=True)
 
 
 if __name__ == "__main__":

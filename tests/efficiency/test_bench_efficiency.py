@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from globalcom2.data import demo
-from globalcom2.perf.efficiency import main, parse_variant
+from globalcom2.perf import efficiency
+from globalcom2.perf.efficiency import main, parse_variant, phases
 from globalcom2.perf.vicuna_prompt import vicuna_text_tokens
 from globalcom2.prompts import vicuna_v1_prompt
 
@@ -99,12 +100,56 @@ def test_vicuna_text_length_and_ceilings(tmp_path):
     assert (table["prefill / floor"] == table["prefill ms"] / table["roofline floor ms"]).all()
 
 
+def test_phases_put_the_eager_rows_first():
+    assert phases(["sdpa", "eager"], "default") == [("sdpa", None), ("sdpa", "default"), ("eager", None)]
+    assert phases(["sdpa"], None) == [("sdpa", None)]
+
+
+def test_a_failed_phase_keeps_the_rows_measured_before_it_and_fails_loudly(tmp_path, monkeypatch):
+    """A compile backend that breaks (on a GPU lent for minutes) must not lose the eager rows."""
+
+    def broken_compile(model, mode):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(efficiency, "compile_problem", lambda device, mode: None)
+    monkeypatch.setattr(efficiency, "compile_model", broken_compile)
+    with pytest.raises(SystemExit, match="1 of 2 phases failed"):
+        run_bench(tmp_path, "cpu", "--compile")
+    stem = tmp_path / "tiny_cpu"
+    record = json.loads(stem.with_suffix(".json").read_text())
+    assert record["complete"] is True
+    assert record["failures"] == [
+        {"attn_implementation": "sdpa", "compile": "default", "error": "RuntimeError: inductor exploded"}
+    ]
+    assert {row["compile"] for row in record["rows"]} == {"no"} and len(record["rows"]) == len(VARIANTS)
+    check_table(pd.read_csv(stem.with_suffix(".csv")))
+    assert "FAILED: sdpa default" in stem.with_suffix(".md").read_text()
+
+
+def test_the_table_is_written_after_each_phase_and_marked_partial_until_the_last(tmp_path, monkeypatch):
+    written = []
+    real_write = efficiency.write_outputs
+
+    def spy(stem, caption, rows, failures, pending, record):
+        real_write(stem, caption, rows, failures, pending, record)
+        written.append((len(rows), json.loads(stem.with_suffix(".json").read_text())))
+
+    monkeypatch.setattr(efficiency, "write_outputs", spy)
+    run_bench(tmp_path, "cpu", "--attention", "sdpa", "eager")
+    (first_rows, first), (last_rows, last) = written
+    assert (first_rows, last_rows) == (len(VARIANTS), 2 * len(VARIANTS))
+    assert first["complete"] is False and "PARTIAL, not yet measured: eager eager" in first["caption"]
+    assert last["complete"] is True and "PARTIAL" not in last["caption"]
+
+
 @pytest.mark.gpu
 def test_gpu_table_reports_peak_memory(tmp_path):
-    table, record = run_bench(tmp_path, "cuda")
+    table, record = run_bench(tmp_path, "cuda", "--attention", "sdpa")
     check_table(table)
     peaks = pd.to_numeric(table["peak allocated (GiB)"])
+    reserved = pd.to_numeric(table["peak reserved (GiB)"])
     assert (peaks > 0).all() and peaks.iloc[0] >= peaks.max() - 1e-6  # vanilla holds the most tokens
+    assert (reserved >= peaks).all()  # the allocator holds at least what is live
     assert record["provenance"]["hardware"]["gpu"]
 
 

@@ -62,11 +62,11 @@ def test_remove_restores_the_eager_forwards_and_hooked_layers_stay_eager(model, 
 
 
 def test_compile_settings_are_checked_with_the_valid_choices(monkeypatch):
-    assert resolve_compile(False, "cuda") is None and resolve_compile(None, "cpu") is None
-    assert resolve_compile(True, "cuda:0") == "reduce-overhead" and resolve_compile(True, "cpu") == "default"
-    assert resolve_compile("max-autotune", "cpu") == "max-autotune"
+    assert resolve_compile(False) is None and resolve_compile(None) is None
+    assert resolve_compile(True) == "default"  # on every device: the module docstring says why
+    assert resolve_compile("max-autotune") == "max-autotune"
     with pytest.raises(ValueError, match="compile must be true, false or one of default, reduce-overhead"):
-        resolve_compile("fast", "cpu")
+        resolve_compile("fast")
     assert "CUDA graphs, which need a CUDA device" in compile_problem("cpu", "reduce-overhead")
     assert compile_problem("cpu", "default") is None
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
@@ -82,18 +82,77 @@ def test_a_missing_backend_is_refused_before_anything_is_compiled(model, monkeyp
         compile_model(model, "reduce-overhead")
 
 
+def deep_tiny_model(decoder_layers: int):
+    """The tiny model's recipe with more decoder layers than dynamo's default recompile limit (8)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from globalcom2.models.tiny import INITIALIZER_RANGE, TEXT, VISION, byte_level_tokenizer, llava_v16_config
+
+    text = {**TEXT, "num_hidden_layers": decoder_layers}
+    config = llava_v16_config(byte_level_tokenizer(), VISION, text, INITIALIZER_RANGE)
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+def test_every_decoder_layer_of_a_deep_model_runs_compiled(prompts, monkeypatch):
+    """Each decoder layer compiles to its own graph (dynamo guards on its KV-cache slot): past dynamo's
+    default recompile limit of 8 the rest would silently run eager, so a 7B (32 layers) would be measured
+    mostly uncompiled. The eager backend keeps this fast: what is counted is dynamo's frames, not kernels."""
+    from torch._dynamo.utils import counters
+
+    model = deep_tiny_model(decoder_layers=12)
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        compiled.torch,
+        "compile",
+        lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic),
+    )
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.reset()
+    counters.clear()
+    with compile_model(model), torch.inference_mode():
+        assert torch._dynamo.config.recompile_limit >= 4 + 12
+        model(**prompts[0], use_cache=True)
+    assert counters["frames"]["ok"] == counters["frames"]["total"]  # no frame fell back to eager
+    assert counters["stats"]["unique_graphs"] >= 12
+    assert torch._dynamo.config.recompile_limit == limit  # restored with the handle
+    torch._dynamo.reset()
+
+
+def test_cuda_graph_modes_mark_a_new_step_at_each_forward(model, prompts, monkeypatch):
+    """Under a CUDA-graph mode every top-level forward starts a new CUDA-graph step, so a prefill's layers
+    share one generation (pytorch/pytorch#152887); the mark is removed with the handle. CPU stands in for
+    CUDA here: the hook's placement and lifetime are what is checked, and the GPU test checks its effect."""
+    marks = []
+    monkeypatch.setattr(compiled, "compile_problem", lambda device, mode: None)
+    monkeypatch.setattr(compiled, "_replays_cuda_graphs", lambda device, mode: mode == "reduce-overhead")
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, mode, dynamic: fn)
+    monkeypatch.setattr(compiled.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    with compile_model(model, "reduce-overhead"), torch.inference_mode():
+        generate_steps(model, prompts[0], 3)
+    assert len(marks) == 3  # the prefill and two decode steps
+    generate_steps(model, prompts[0], 2)
+    assert len(marks) == 3 and not model._forward_pre_hooks
+    with compile_model(model, "default"):
+        generate_steps(model, prompts[0], 2)
+    assert len(marks) == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_prefill_equals_eager_on_cuda(mode, images):
+    """float32: greedy tokens identical and logits within reassociation; bfloat16: logits within bf16 rounding
+    (the random tiny model's logits are nearly flat, so a bf16 near-tie may flip a greedy token)."""
     from globalcom2.models.loader import load_tiny_llava_next
 
-    model, processor = load_tiny_llava_next(seed=0, device="cuda", dtype="bfloat16")
-    inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    with attach(model, "globalcom2", retention_ratio=0.25):
-        tokens, logits = generate_steps(model, inputs, STEPS)
-        with compile_model(model, mode):
-            for _ in range(2):  # the second call replays (CUDA graphs under reduce-overhead)
-                compiled_tokens, compiled_logits = generate_steps(model, inputs, STEPS)
-    assert torch.equal(tokens, compiled_tokens)
-    torch.testing.assert_close(compiled_logits.float(), logits.float(), atol=0.1, rtol=0.05)
+    for dtype, tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 0.1)):
+        model, processor = load_tiny_llava_next(seed=0, device="cuda", dtype=dtype)
+        inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with attach(model, "globalcom2", retention_ratio=0.25):
+            tokens, logits = generate_steps(model, inputs, STEPS)
+            with compile_model(model, mode):
+                for _ in range(3):  # under CUDA graphs: warm-up, record, replay
+                    compiled_tokens, compiled_logits = generate_steps(model, inputs, STEPS)
+        if dtype == torch.float32:
+            assert torch.equal(tokens, compiled_tokens)
+        torch.testing.assert_close(compiled_logits.float(), logits.float(), atol=tolerance, rtol=tolerance)
