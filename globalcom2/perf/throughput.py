@@ -113,13 +113,11 @@ def cell_overrides(setting: Setting, args: argparse.Namespace, results_dir: Path
     return overrides + list(args.extra)
 
 
-def run_cell(setting: Setting, args: argparse.Namespace, results_dir: Path) -> None:
-    """Run one cell in its own process; its output goes to the console, a failure stops the benchmark."""
+def run_cell(setting: Setting, args: argparse.Namespace, results_dir: Path) -> int:
+    """Run one cell in its own process (its output goes to the console); returns its exit status."""
     command = [sys.executable, "-m", "globalcom2.run", *cell_overrides(setting, args, results_dir)]
     print("$", " ".join(command), flush=True)
-    done = subprocess.run(command, cwd=PROJECT_ROOT, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"cell {setting} failed (exit {done.returncode}); its output is above")
+    return subprocess.run(command, cwd=PROJECT_ROOT, check=False).returncode
 
 
 def find_cell(results_dir: Path, setting: Setting) -> LoadedCell:
@@ -286,40 +284,71 @@ def settings_of(args: argparse.Namespace) -> list[Setting]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run every setting's cell in turn and rewrite the table after each one, so a time limit or a failed
+    cell costs only the cells after it; a failed cell is listed in the JSON's ``failures`` and the benchmark
+    exits non-zero once the others have run."""
     args = parse_args(argv)
     info = provenance()  # the code the cells run, taken before this benchmark writes its own tables
     results_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="globalcom2-throughput-"))
     settings = settings_of(args)
-    for setting in settings:
-        run_cell(setting, args, results_dir)
-    cells = {}
-    for setting in settings:
-        cell = find_cell(results_dir, setting)
-        cells[setting] = (cell, read_records(cell))
+    cells: dict[Setting, tuple[LoadedCell, list[SampleRecord]]] = {}
+    failures: list[dict[str, Any]] = []
+    payload: dict[str, Any] = {}
+    for done, setting in enumerate(settings, start=1):
+        status = run_cell(setting, args, results_dir)
+        if status == 0:
+            cell = find_cell(results_dir, setting)
+            cells[setting] = (cell, read_records(cell))
+        else:
+            failures.append({"setting": repr(setting), "exit": status})
+            print(f"cell {setting} failed (exit {status}); its output is above", flush=True)
+        if cells:
+            payload = write_tables(args, cells, failures, len(settings) - done, info, results_dir)
+    if failures:
+        raise SystemExit(f"{len(failures)} of {len(settings)} cells failed: {failures}")
+    return payload
+
+
+def write_tables(
+    args: argparse.Namespace,
+    cells: dict[Setting, tuple[LoadedCell, list[SampleRecord]]],
+    failures: list[dict[str, Any]],
+    pending: int,
+    info: dict[str, Any],
+    results_dir: Path,
+) -> dict[str, Any]:
+    """The table of the cells finished so far (``.md`` and ``.json``, written atomically); its title says how
+    many cells are still to run and how many failed."""
     if args.mode == "throughput":
         rows = [throughput_row(s, cell, records) for s, (cell, records) in cells.items()]
     else:
         rows = batch_effect_rows(cells)
-    frame = pd.DataFrame(rows)
-    any_record = next(iter(cells.values()))[0].record
-    device, dtype = any_record.run.get("device"), any_record.run.get("dtype")
+    any_cell, any_records = next(iter(cells.values()))
+    device, dtype = any_cell.record.run.get("device"), any_cell.record.run.get("dtype")
     stem = args.out / f"{args.model}_{str(device).split(':')[0]}_{args.mode.replace('-', '_')}"
     title = (
-        f"{args.mode} of {args.model} on {args.benchmark} ({len(next(iter(cells.values()))[1])} samples per cell), "
+        f"{args.mode} of {args.model} on {args.benchmark} ({len(any_records)} samples per cell), "
         f"{device}, {dtype}"
     )
-    text = f"# {title}\n\n{markdown(frame)}\n"
+    if pending:
+        title += f"; PARTIAL, {pending} cells still to run"
+    if failures:
+        title += f"; {len(failures)} cells FAILED"
+    text = f"# {title}\n\n{markdown(pd.DataFrame(rows))}\n" if rows else f"# {title}\n\n(no rows yet)\n"
+    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stem.with_suffix(".md"), text)
     payload = {
         "title": title,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "rows": rows,
+        "failures": failures,
+        "complete": pending == 0,
         "torch_threads": torch.get_num_threads(),
         "provenance": info,
     }
     atomic_write_json(stem.with_suffix(".json"), payload, default=str)
     print(text)
-    print(f"wrote {stem}.md and .json; cells under {results_dir}")
+    print(f"wrote {stem}.md and .json; cells under {results_dir}", flush=True)
     return payload
 
 

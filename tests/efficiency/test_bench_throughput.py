@@ -86,3 +86,23 @@ def test_batch_effect_of_real_cells_is_none_in_fp32(tmp_path):
         assert row["samples/s (loop)"] > 0 and row["generate_s"] > 0 and row["loop_s"] > 0
         assert row["lmms_eval_s"] is not None and row["lmms_eval_s"] >= 0
     assert cells[1]["padded share"] == 0
+
+
+def test_a_failed_cell_costs_only_itself_and_the_table_is_rewritten_after_each_cell(tmp_path, monkeypatch):
+    """On a GPU lent for minutes, a time limit or one failed cell must not lose the cells already run."""
+    statuses = iter([0, 1, 0])
+    written = []
+    monkeypatch.setattr(throughput, "run_cell", lambda setting, args, results_dir: next(statuses))
+    monkeypatch.setattr(throughput, "find_cell", lambda results_dir, setting: f"cell of {setting.batch_size}")
+    monkeypatch.setattr(throughput, "read_records", lambda cell: [])
+    monkeypatch.setattr(
+        throughput,
+        "write_tables",
+        lambda args, cells, failures, pending, info, results_dir: written.append(
+            (sorted(s.batch_size for s in cells), [f["exit"] for f in failures], pending)
+        ),
+    )
+    argv = ["--variants", "vanilla@1", "--batch-sizes", "1", "4", "8", "--prefetch", "on"]
+    with pytest.raises(SystemExit, match="1 of 3 cells failed"):
+        throughput.main([*argv, "--results-dir", str(tmp_path)])
+    assert written == [([1], [], 2), ([1], [1], 1), ([1, 8], [1], 0)]
