@@ -103,8 +103,16 @@ def load_llava_next(
     path = resolve_checkpoint(pretrained)
     revision = hub_commit(pretrained, revision) or revision  # one snapshot for the weights and the processor
     try:
+        # use_kernels=False: transformers 5.25 swaps hub kernels in by default (``kernels`` installed; on
+        # CUDA LigerRMSNorm, SiLU and rotary from kernels-community, fetched from the hub) where 5.23 did
+        # not; pinned off, both run the plain PyTorch forwards the reference stack ran, and offline nothing
+        # is fetched.
         model = LlavaNextForConditionalGeneration.from_pretrained(
-            path, revision=revision, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+            path,
+            revision=revision,
+            dtype=resolve_dtype(dtype),
+            attn_implementation=attn_implementation,
+            use_kernels=False,
         )
     except OSError as err:
         raise FileNotFoundError(
