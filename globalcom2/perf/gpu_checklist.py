@@ -1,46 +1,68 @@
 """The measurements only a GPU gives, as one command with a time budget: ``make gpu-checklist``.
 
-A GPU is lent for minutes, so the checks run in order of value, each in its own process with a time limit,
-and each step's files are copied to ``--out`` as soon as it ends (a step that fails or runs out of time does
-not stop the next). Importable with torch, transformers, pandas and pillow only (no lmms-eval): the GPU
-machine may have nothing else. Run from the checkout with ``PYTHONPATH=.``::
+A GPU is lent for minutes, so the checks run in order of value, each in its own process group with a time
+limit, and none is lost to another: a step that fails or runs out of time does not stop the next, its
+processes (``globalcom2.run`` cells included) are killed with it so they cannot slow the next step, and the
+benchmarks rewrite their tables as they go, so a step cut short still leaves what it measured. Importable
+with torch, transformers, pandas and pillow only (no lmms-eval): the GPU machine may have nothing else. Run
+from the checkout with ``PYTHONPATH=.``::
 
     python -m globalcom2.perf.gpu_checklist --out "$OUT" --budget-s 540
-    python -m globalcom2.perf.gpu_checklist --dry-run          # list the steps
+    python -m globalcom2.perf.gpu_checklist --dry-run                  # list the steps
+    python -m globalcom2.perf.gpu_checklist --only throughput_7b main_path_tests --out "$OUT"
 
 Steps:
 
-1. the 7B efficiency table, eager and compiled, SDPA and eager attention, with measured ceilings
+1. the 7B efficiency table: eager, then compiled, under SDPA, then eager attention, with measured ceilings
    (``globalcom2.perf.efficiency``);
 2. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, compile mode on CUDA, the benchmark's
    GPU columns);
 3. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
-4. throughput through the real path, 7B random-init in bf16 at batch 1/8/16 (``globalcom2.perf.throughput``);
+4. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
 5. the batch effect in bf16 on the trained tiny model, every method at R = 0.25, batch 1 against 8;
 6. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
-   through ``launcher=accelerate``);
+   through ``launcher=accelerate`` where there are two GPUs);
 7. the 13B efficiency table (SDPA, eager and compiled), if time is left.
 
 Steps 4-6 run ``globalcom2.run`` and so need lmms-eval and Hydra: ``make carry-wheels HAVE=<the machine's pip
 list>`` makes the wheels it lacks (``globalcom2/carry.py``); with ``--carried <their folder>`` a first step
-checks that the environment holds them at the versions required. Without them those steps fail and the
-others still run.
+checks that the environment holds them at the versions required. Without them those steps are skipped and
+the others still run.
+
+What comes back: the device tool returns at most 8 files from ``--out``, so there are three, rewritten after
+every step: ``checklist.log`` (every step's output), ``checklist.json`` (each step's status and seconds) and
+``results.tar.gz`` (the tables the finished steps wrote, under their paths in ``results/``). A table is
+taken only if its step wrote it: a committed table from an earlier run is never passed off as new.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from globalcom2.atomic import atomic_write_bytes, atomic_write_json
 from globalcom2.paths import PROJECT_ROOT
 
-RESULTS = PROJECT_ROOT / "results" / "efficiency"
+RESULTS = PROJECT_ROOT / "results"
+#: The environment every step runs in, unless the caller set these: nothing may reach a hub (the GPU
+#: machine has no network; a cluster node may not either) or a tracking server.
+STEP_ENVIRONMENT = {
+    "PYTHONUNBUFFERED": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "offline",
+}
 
 
 @dataclass(frozen=True)
@@ -48,52 +70,54 @@ class Step:
     name: str
     command: list[str]
     limit_s: int  # the most this step may take
-    outputs: tuple[str, ...] = ()  # files under RESULTS it writes (copied to --out)
+    outputs: tuple[str, ...] = ()  # files under RESULTS it writes (packed into results.tar.gz)
     main_path: bool = False  # runs globalcom2.run (lmms-eval, Hydra): skipped when the carried wheels fail
 
 
 def steps(images: int, carried: Path | None = None) -> list[Step]:
     python = sys.executable
+    efficiency_7b = "efficiency/llava_next_7b_random_init_cuda"
+    efficiency_13b = "efficiency/llava_next_13b_random_init_cuda"
     plan = [
         Step(
             "efficiency_7b",
             [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda", "--compile",
              "--images", str(images)],
-            300,
-            ("llava_next_7b_random_init_cuda.md", "llava_next_7b_random_init_cuda.json"),
+            270,
+            (f"{efficiency_7b}.md", f"{efficiency_7b}.json"),
         ),
         Step(
             "gpu_tests",
             [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
              "tests/models/test_compiled.py", "tests/efficiency", "--ignore=tests/gpu/test_run_on_gpu.py"],
-            180,
+            150,
         ),
         Step(
             "selection",
             [python, "-m", "globalcom2.perf.globalcom2_selection", "--device", "cuda"],
-            60,
-            ("globalcom2_selection_cuda.md", "globalcom2_selection_cuda.json"),
+            45,
+            ("efficiency/globalcom2_selection_cuda.md", "efficiency/globalcom2_selection_cuda.json"),
         ),
         Step(
             "throughput_7b",
             [python, "-m", "globalcom2.perf.throughput", "--model", "llava_next_7b", "--random-init",
-             "--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "1", "8", "16", "--prefetch", "both"],
-            420,
-            ("../throughput/llava_next_7b_cuda_throughput.md", "../throughput/llava_next_7b_cuda_throughput.json"),
+             "--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "16", "1", "8", "--prefetch", "on"],
+            300,
+            ("throughput/llava_next_7b_cuda_throughput.md", "throughput/llava_next_7b_cuda_throughput.json"),
             main_path=True,
         ),
         Step(
             "batch_effect_bf16",
             [python, "-m", "globalcom2.perf.throughput", "--mode", "batch-effect", "--device", "cuda",
              "--dtype", "bfloat16"],
-            240,
-            ("../throughput/tiny_trained_cuda_batch_effect.md", "../throughput/tiny_trained_cuda_batch_effect.json"),
+            200,
+            ("throughput/tiny_trained_cuda_batch_effect.md", "throughput/tiny_trained_cuda_batch_effect.json"),
             main_path=True,
         ),
         Step(
             "main_path_tests",
             [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu/test_run_on_gpu.py"],
-            300,
+            240,
             main_path=True,
         ),
         Step(
@@ -101,7 +125,7 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             [python, "-m", "globalcom2.perf.efficiency", "--random-init", "13b", "--device", "cuda", "--compile",
              "--images", str(images), "--attention", "sdpa"],
             240,
-            ("llava_next_13b_random_init_cuda.md", "llava_next_13b_random_init_cuda.json"),
+            (f"{efficiency_13b}.md", f"{efficiency_13b}.json"),
         ),
     ]  # fmt: skip
     if (
@@ -112,13 +136,79 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
     return plan
 
 
+def select(plan: list[Step], only: list[str] | None, skip: list[str]) -> list[Step]:
+    """The steps ``--only`` keeps (all by default) minus ``--skip``, in the plan's order; an unknown name is
+    refused with the valid ones."""
+    names = [step.name for step in plan]
+    unknown = [name for name in [*(only or []), *skip] if name not in names]
+    if unknown:
+        raise SystemExit(f"unknown step {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+    return [
+        s
+        for s in plan
+        if (only is None or s.name in only or s.name == "carried_wheels") and s.name not in skip
+    ]
+
+
+def run_step(step: Step, log: Path, limit_s: float) -> str:
+    """Run ``step`` in a process group of its own, its output appended to ``log``; on its time limit the whole
+    group is killed (a benchmark's ``globalcom2.run`` children too). Returns ``ok``, ``exit N`` or
+    ``timed out``."""
+    with log.open("a") as handle:
+        handle.write(f"\n===== {step.name}: {' '.join(step.command)}\n")
+        handle.flush()
+        process = subprocess.Popen(
+            step.command,
+            cwd=PROJECT_ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**STEP_ENVIRONMENT, **os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+        try:
+            returncode = process.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return "timed out"
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # children a step left behind go with it
+                os.killpg(process.pid, signal.SIGKILL)
+    return "ok" if returncode == 0 else f"exit {returncode}"
+
+
+def output_states(step: Step) -> dict[str, tuple[int, int] | None]:
+    """Each output file's (inode, mtime in ns), or ``None`` where there is none yet."""
+    states: dict[str, tuple[int, int] | None] = {}
+    for name in step.outputs:
+        path = RESULTS / name
+        states[name] = (path.stat().st_ino, path.stat().st_mtime_ns) if path.is_file() else None
+    return states
+
+
+def fresh_outputs(step: Step, before: dict[str, tuple[int, int] | None]) -> list[str]:
+    """The step's output files that it wrote (every write here is a new file renamed into place, so a new
+    inode or time): a table left from an earlier run, committed or not, is not this run's measurement."""
+    after = output_states(step)
+    return [name for name, state in after.items() if state is not None and state != before[name]]
+
+
+def pack(names: list[str]) -> bytes:
+    """``results.tar.gz`` of ``names`` (paths under ``results/``), in memory."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name in names:
+            archive.add(RESULTS / name, arcname=f"results/{name}")
+    return buffer.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_checklist_out")))
     parser.add_argument(
         "--budget-s", type=int, default=540, help="stop starting steps after this many seconds"
     )
-    parser.add_argument("--images", type=int, default=10, help="efficiency images per table")
+    parser.add_argument("--images", type=int, default=5, help="efficiency images per table")
     parser.add_argument("--dry-run", action="store_true", help="list the steps and exit")
     parser.add_argument(
         "--carried",
@@ -127,46 +217,40 @@ def main(argv: list[str] | None = None) -> int:
         help="first check the environment against the wheels made here"
         " by `make carry-wheels` (their folder, with carry.json)",
     )
+    parser.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="STEP", help="leave these steps out")
     args = parser.parse_args(argv)
-    plan = steps(args.images, args.carried)
+    plan = select(steps(args.images, args.carried), args.only, args.skip)
     if args.dry_run:
         for step in plan:
             print(f"{step.name} (<= {step.limit_s} s): {' '.join(step.command)}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "checklist.log"  # one log for every step: the device tool returns few files
-    started, failed, wheels_failed = time.monotonic(), 0, False
+    started, wheels_failed, failed = time.monotonic(), False, 0
+    report: list[dict[str, object]] = []
+    tables: list[str] = []
     for step in plan:
         left = args.budget_s - (time.monotonic() - started)
-        if left < 30:
-            print(f"[skip] {step.name}: {left:.0f} s of the budget left", flush=True)
-            continue
-        if step.main_path and wheels_failed:  # known to fail: its minutes go to the steps that can run
-            print(f"[skip] {step.name}: the carried wheels failed their check", flush=True)
+        if left < 30:  # not a failure: the budget was spent on the steps before it
+            status, seconds = f"skipped: {left:.0f} s of the budget left", 0.0
+        elif step.main_path and wheels_failed:  # known to fail: its minutes go to the steps that can run
+            status, seconds = "skipped: the carried wheels failed their check", 0.0
             failed += 1
-            continue
-        began = time.monotonic()
-        try:
-            with log.open("a") as handle:
-                handle.write(f"\n===== {step.name}: {' '.join(step.command)}\n")
-                handle.flush()
-                done = subprocess.run(
-                    step.command,
-                    cwd=PROJECT_ROOT,
-                    stdout=handle,
-                    stderr=subprocess.STDOUT,
-                    timeout=min(step.limit_s, left),
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-            status = "ok" if done.returncode == 0 else f"exit {done.returncode}"
-        except subprocess.TimeoutExpired:
-            status = "timed out"
-        failed += status != "ok"
-        wheels_failed |= step.name == "carried_wheels" and status != "ok"
-        for name in step.outputs:
-            if (RESULTS / name).is_file():
-                shutil.copy(RESULTS / name, args.out / Path(name).name)
-        print(f"[{status}] {step.name}: {time.monotonic() - began:.0f} s, log {log}", flush=True)
+        else:
+            began, before = time.monotonic(), output_states(step)
+            status = run_step(step, log, min(step.limit_s, left))
+            seconds = time.monotonic() - began
+            failed += status != "ok"
+            wheels_failed |= step.name == "carried_wheels" and status != "ok"
+            tables += fresh_outputs(step, before)
+            atomic_write_bytes(args.out / "results.tar.gz", pack(tables))
+        report.append({"step": step.name, "status": status, "seconds": round(seconds, 1)})
+        atomic_write_json(args.out / "checklist.json", {"budget_s": args.budget_s, "steps": report})
+        if status.startswith("skipped: "):
+            print(f"[skip] {step.name}: {status.removeprefix('skipped: ')}", flush=True)
+        else:
+            print(f"[{status}] {step.name}: {seconds:.0f} s, log {log}", flush=True)
     return 1 if failed else 0
 
 

@@ -3,8 +3,13 @@ files reach the output folder even when a step fails."""
 
 from __future__ import annotations
 
+import json
 import sys
+import tarfile
+import time
 from pathlib import Path
+
+import pytest
 
 from globalcom2.perf import gpu_checklist
 from globalcom2.perf.gpu_checklist import Step, main
@@ -28,14 +33,16 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
     assert first.endswith(f"globalcom2/carry.py --verify {Path('.whl').resolve()}")
 
 
-def test_a_failing_step_does_not_stop_the_next_and_outputs_are_copied(tmp_path, monkeypatch):
+def test_a_failing_step_does_not_stop_the_next_and_only_fresh_outputs_are_packed(tmp_path, monkeypatch):
     results = tmp_path / "results"
-    results.mkdir()
-    (results / "table.md").write_text("| a |")
+    (results / "efficiency").mkdir(parents=True)
+    (results / "efficiency" / "old.md").write_text("| from an earlier run |")
     monkeypatch.setattr(gpu_checklist, "RESULTS", results)
+    write = f"open({str(results / 'efficiency' / 'table.md')!r}, 'w').write('| a |'); print('measured')"
     plan = [
         Step("fails", [sys.executable, "-c", "raise SystemExit(3)"], 30),
-        Step("writes", [sys.executable, "-c", "print('measured')"], 30, ("table.md",)),
+        Step("writes", [sys.executable, "-c", write], 30, ("efficiency/table.md",)),
+        Step("stale", [sys.executable, "-c", "1"], 30, ("efficiency/old.md",)),
         Step("slow", [sys.executable, "-c", "import time; time.sleep(5)"], 1),
     ]
     monkeypatch.setattr(gpu_checklist, "steps", lambda images, carried=None: plan)
@@ -43,8 +50,58 @@ def test_a_failing_step_does_not_stop_the_next_and_outputs_are_copied(tmp_path, 
     assert main(["--out", str(out), "--budget-s", "600"]) == 1
     log = (out / "checklist.log").read_text()
     assert "===== fails" in log and "measured" in log and "===== slow" in log
-    assert (out / "table.md").read_text() == "| a |"
-    assert sorted(p.name for p in out.iterdir()) == ["checklist.log", "table.md"]
+    with tarfile.open(out / "results.tar.gz") as archive:
+        assert archive.getnames() == ["results/efficiency/table.md"]  # not the stale table
+        assert archive.extractfile("results/efficiency/table.md").read() == b"| a |"
+    report = json.loads((out / "checklist.json").read_text())["steps"]
+    assert [(s["step"], s["status"]) for s in report] == [
+        ("fails", "exit 3"),
+        ("writes", "ok"),
+        ("stale", "ok"),
+        ("slow", "timed out"),
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["checklist.json", "checklist.log", "results.tar.gz"]
+
+
+def test_a_timed_out_step_takes_its_children_with_it(tmp_path, monkeypatch):
+    """A benchmark's globalcom2.run cells are its children: left running, they would slow the next step."""
+    pid_file = tmp_path / "child.pid"
+    spawn = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
+    )
+    plan = [Step("spawns", [sys.executable, "-c", spawn], 2)]
+    monkeypatch.setattr(gpu_checklist, "steps", lambda images, carried=None: plan)
+    assert main(["--out", str(tmp_path / "out"), "--budget-s", "600"]) == 1
+    child = int(pid_file.read_text())
+    for _ in range(50):  # reaped by init: gone within moments of the SIGKILL
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step's child {child} outlived the step")
+
+
+def test_only_and_skip_select_steps_and_refuse_unknown_names(capsys):
+    assert main(["--dry-run", "--only", "selection", "throughput_7b", "--carried", ".whl"]) == 0
+    names = [line.split(" ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["carried_wheels", "selection", "throughput_7b"]  # the wheels' check stays first
+    assert main(["--dry-run", "--skip", "efficiency_7b", "gpu_tests"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("selection ")
+    with pytest.raises(SystemExit, match="unknown step 'selektion'; valid: efficiency_7b, gpu_tests"):
+        main(["--dry-run", "--only", "selektion"])
+
+
+def test_steps_run_offline_unless_the_caller_says_otherwise(tmp_path, monkeypatch):
+    show = "import os; print('env', os.environ['HF_HUB_OFFLINE'], os.environ['WANDB_MODE'])"
+    monkeypatch.setattr(
+        gpu_checklist, "steps", lambda images, carried=None: [Step("env", [sys.executable, "-c", show], 30)]
+    )
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["--out", str(tmp_path), "--budget-s", "600"]) == 0
+    assert "env 1 disabled" in (tmp_path / "checklist.log").read_text()
 
 
 def test_no_step_starts_without_budget(tmp_path, monkeypatch, capsys):
