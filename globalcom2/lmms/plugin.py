@@ -114,7 +114,9 @@ class GlobalCom2LlavaNext(lmms):
         self.method = spec.method.built  # built once, by the spec; this same instance is attached below
         self._sampling_warned = False
 
-        self.accelerator = Accelerator()
+        # cpu=True for a CPU cell: under accelerate/torchrun on a machine with GPUs, Accelerator() would pick
+        # NCCL and cuda:<local_rank>, and lmms-eval's gathers of CPU tensors would fail there.
+        self.accelerator = Accelerator(cpu=spec.model.device == "cpu")
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device = self._choose_device(spec.model.device)

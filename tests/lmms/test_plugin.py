@@ -86,6 +86,19 @@ def test_compile_mode_is_applied_after_attaching_and_recorded():
         GlobalCom2LlavaNext(pretrained="tiny", device="cpu", compile="reduce-overhead")
 
 
+def test_a_cpu_cell_asks_accelerate_for_the_cpu(monkeypatch):
+    """Under accelerate or torchrun on a machine with GPUs, a bare ``Accelerator()`` picks NCCL and
+    ``cuda:<local_rank>``; a CPU cell must ask for the CPU (gloo), and a cell on no named device must not."""
+    from globalcom2.lmms import plugin
+
+    asked = []
+    real = plugin.Accelerator
+    monkeypatch.setattr(plugin, "Accelerator", lambda **kwargs: asked.append(kwargs) or real(**kwargs))
+    GlobalCom2LlavaNext(pretrained="tiny", device="cpu", method="vanilla")
+    GlobalCom2LlavaNext(pretrained="tiny", method="vanilla")
+    assert asked == [{"cpu": True}, {"cpu": False}]
+
+
 def test_typed_method_parameters_and_run_info(lm):
     assert lm.method.params() == {"retention_ratio": 0.25, "seed": 0}
     info = lm.run_info
