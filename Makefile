@@ -172,7 +172,8 @@ carry-wheels: install  ## wheels a prepared machine lacks to run the harness: ma
 		--python-version $(PYTHON_VERSION) $(addprefix --platform ,$(CARRY_PLATFORMS)),)
 
 # On a lent GPU machine (no make install there: PYTHONPATH=. and carried wheels), in order of value, with a
-# time budget; every step's files land in $(OUT) (default gpu_checklist_out/) as soon as it ends.
+# time budget; after every step $(OUT) (default gpu_checklist_out/) holds checklist.log, checklist.json and
+# results.tar.gz (the tables the steps wrote). ARGS="--only STEP ..." or "--skip STEP ..." pick steps.
 gpu-checklist:  ## the GPU measurements in one command: 7B/13B efficiency, GPU tests, selection time, throughput, batch effect
 	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON) -m globalcom2.perf.gpu_checklist $(if $(OUT),--out $(OUT),) $(ARGS)
 
