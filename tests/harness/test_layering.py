@@ -238,6 +238,18 @@ def test_the_benchmarks_import_only_torch_transformers_pandas_and_pillow():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_gpu_checklist_starts_without_torch_or_transformers():
+    """The checklist's first step reports which carried wheels are wrong; it must start where transformers
+    refuses to import (the package's public names load on first use, ``globalcom2/__init__.py``)."""
+    probe = (
+        "import sys, globalcom2.perf.gpu_checklist, globalcom2.carry\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'numpy'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_every_package_folder_has_an_init_module():
     """A folder without ``__init__.py`` still imports (a namespace package) in an editable install, but a
     wheel leaves it out, and a ``.gitignore`` pattern once kept ``globalcom2/data/__init__.py`` from a clone."""
