@@ -53,10 +53,9 @@ from globalcom2.atomic import atomic_write_bytes, atomic_write_json
 from globalcom2.paths import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "results"
-#: The environment every step runs in, unless the caller set these: nothing may reach a hub (the GPU
-#: machine has no network; a cluster node may not either) or a tracking server.
+#: The environment every step runs in unless the caller set these (``PYTHONUNBUFFERED=1`` always): nothing
+#: may reach a hub (the GPU machine has no network; a cluster node may not either) or a tracking server.
 STEP_ENVIRONMENT = {
-    "PYTHONUNBUFFERED": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -166,14 +165,15 @@ def run_step(step: Step, log: Path, limit_s: float) -> str:
             start_new_session=True,
         )
         try:
-            returncode = process.wait(timeout=limit_s)
+            returncode: int | None = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return "timed out"
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # children a step left behind go with it
+            returncode = None
+        finally:  # the group goes at the limit, and so do children a step that ended left behind
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    if returncode is None:
+        return "timed out"
     return "ok" if returncode == 0 else f"exit {returncode}"
 
 
@@ -182,7 +182,8 @@ def output_states(step: Step) -> dict[str, tuple[int, int] | None]:
     states: dict[str, tuple[int, int] | None] = {}
     for name in step.outputs:
         path = RESULTS / name
-        states[name] = (path.stat().st_ino, path.stat().st_mtime_ns) if path.is_file() else None
+        stat = path.stat() if path.is_file() else None
+        states[name] = None if stat is None else (stat.st_ino, stat.st_mtime_ns)
     return states
 
 
