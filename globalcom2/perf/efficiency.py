@@ -365,6 +365,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{name}_{args.device.replace(':', '')}"
+    record = {  # what every write of the JSON carries beside the rows
+        "ceilings": ceilings,
+        "weight_bytes": weight_bytes,
+        "provenance": info,
+        "settings": {**vars(args), "out": str(args.out), "pretrained": pretrained},
+    }
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     attention = args.attention[0]
@@ -396,19 +402,7 @@ def main(argv: list[str] | None = None) -> None:
                     host_syncs=syncs[(method, ratio)],
                 )
                 rows.append(row)
-        write_outputs(
-            stem,
-            caption,
-            rows,
-            failures,
-            plan[done:],
-            {
-                "ceilings": ceilings,
-                "weight_bytes": weight_bytes,
-                "provenance": info,
-                "settings": {**vars(args), "out": str(args.out), "pretrained": pretrained},
-            },
-        )
+        write_outputs(stem, caption, rows, failures, plan[done:], record)
     if failures:
         raise SystemExit(
             f"{len(failures)} of {len(plan)} phases failed (rows of the others written to {stem}.*): {failures}"
