@@ -52,6 +52,7 @@ NOT_IDENTITY = (
     "method.label",
     "benchmark.name",
     "compile",  # in the identity as model.compile, and only when on (cells from before it keep their identity)
+    "batch_invariant",  # in the identity as model.batch_invariant, and only when on (likewise)
     "prefetch",  # when the host prepares a batch, not what is in it (tests/lmms/test_plugin.py)
 )
 #: The keys of each config group (``None``: the primary config's own). An override of any other key, such as
@@ -59,7 +60,8 @@ NOT_IDENTITY = (
 #: checks these sets against the config files).
 GROUP_KEYS: dict[str | None, frozenset[str]] = {
     None: frozenset(
-        {"experiment_name", "seed", "force", "dry_run", "compile", "prefetch", "model", "method", "benchmark"}
+        {"experiment_name", "seed", "force", "dry_run", "compile", "batch_invariant", "prefetch"}
+        | {"model", "method", "benchmark"}
         | {"launcher", "logger", "paths"}
     ),
     "model": frozenset(
@@ -149,7 +151,7 @@ class CellSpec:
         return cls(
             experiment=data["experiment"],
             seed=data["seed"],
-            model=ModelSpec(**data["model"]),
+            model=ModelSpec(**data["model"]),  # a spec written before batch_invariant existed: its default
             method=MethodSpec(**data["method"]),
             benchmark=BenchmarkSpec(
                 **{
@@ -183,6 +185,7 @@ class CellSpec:
             random_init=model_cfg.get("random_init", False),
             revision=model_cfg.get("revision"),
             compile=plain.get("compile", False),
+            batch_invariant=plain.get("batch_invariant", False),
             prefetch=plain.get("prefetch", "auto"),
             batch_size=bench_cfg.get("batch_size", 1),
             protocol=protocol,
@@ -246,6 +249,8 @@ class CellSpec:
         model = {k: v for k, v in asdict(self.model).items() if k not in ("name", "revision")}
         if model["compile"] is None:
             del model["compile"]  # eager, as every cell before compile mode existed: the same identity
+        if not model["batch_invariant"]:
+            del model["batch_invariant"]  # likewise: cells from before the mode keep their identity
         method = {k: v for k, v in asdict(self.method).items() if k != "label"}
         benchmark = {k: v for k, v in asdict(self.benchmark).items() if k != "name"}
         benchmark["tasks"], benchmark["columns"] = list(self.benchmark.tasks), list(self.benchmark.columns)

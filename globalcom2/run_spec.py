@@ -17,7 +17,7 @@ checked by :func:`run_problems`, and the tasks and their data by the task pre-fl
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any, Literal
@@ -50,6 +50,7 @@ HYDRA_KEYS: dict[str, str] = {
     "random_init": "model.random_init",
     "revision": "model.revision",
     "compile": "compile",
+    "batch_invariant": "batch_invariant",
     "prefetch": "prefetch",
     "batch_size": "benchmark.batch_size",
     "protocol": "benchmark.protocol",
@@ -69,6 +70,8 @@ class ModelSpec:
     device: str | None  # None: chosen by the plugin (the process's accelerator, else CUDA if present)
     attn_implementation: Any  # a string, or a mapping per sub-config
     compile: str | None = None  # a torch.compile mode (globalcom2.models.compiled); None: eager
+    # Every row's numbers independent of its batch (globalcom2.models.batch_invariant); other numbers than off.
+    batch_invariant: bool = False
     # A hub id's branch, tag or commit (None: main). A cell's identity names the commit it resolves to, and
     # globalcom2.run pins this field to that commit before anything loads (CellSpec.pinned).
     revision: str | None = None
@@ -146,6 +149,7 @@ MODEL_ARG_KEYS = frozenset(
         "random_init",
         "revision",
         "compile",
+        "batch_invariant",
         *(f.name for f in fields(RunOptions)),
         "max_batch_size",
     }
@@ -183,6 +187,7 @@ def parse_run(
     random_init: Any = False,
     revision: Any = None,
     compile: Any = False,
+    batch_invariant: Any = False,
     batch_size: Any = 1,
     max_new_tokens: Any = 1024,
     warmup: Any = 1,
@@ -263,6 +268,9 @@ def parse_run(
         raise ValueError(f"{key('dtype')}={dtype!r} is not a dtype; valid: {', '.join(DTYPE_CHOICES)}")
     device = None if device is None else str(device)
     compile_value = _compile_setting(compile, key("compile"))
+    invariant = coerce(batch_invariant, bool, key("batch_invariant"))
+    if invariant:
+        _check_batch_invariant(compile_value, attn, key)
     random_init = coerce(random_init, bool, key("random_init"))
     if revision is not None and not isinstance(revision, str):  # Hydra reads 1.10 as 1.1, true as a boolean
         raise ValueError(
@@ -279,6 +287,7 @@ def parse_run(
         device=device,
         attn_implementation=attn,
         compile=resolve_compile(compile_value),
+        batch_invariant=invariant,
         revision=revision,
     )
     overrides = _overrides(generation_overrides, key("generation_overrides"))
@@ -359,6 +368,22 @@ def run_problems(
         except (TypeError, ValueError) as err:
             problems.append(err)
     return problems
+
+
+def _check_batch_invariant(compile_value: bool | str, attn: Any, key: Callable[[str], str]) -> None:
+    """``batch_invariant`` runs eagerly and needs SDPA everywhere (``globalcom2.models.batch_invariant``): eager
+    attention's softmax spans the padded keys, and compiled layers would trace through the mode."""
+    if compile_value:
+        raise ValueError(
+            f"{key('batch_invariant')}=true cannot run with {key('compile')}={compile_value!r}: the batch-invariant "
+            f"mode is eager by construction; set {key('compile')}=false"
+        )
+    values = attn.values() if isinstance(attn, Mapping) else [attn]
+    if any(value != "sdpa" for value in values):
+        raise ValueError(
+            f"{key('batch_invariant')}=true needs {key('attn_implementation')}=sdpa (it runs attention row by row "
+            f"on each row's own keys), got {attn!r}"
+        )
 
 
 def _compile_setting(value: Any, name: str) -> bool | str:

@@ -13,8 +13,9 @@ tag or commit; default ``main``), ``method`` (default ``vanilla``), ``dtype`` (`
 records), ``profile`` (default true), ``warmup`` (untimed generate calls before the first timed one; default
 1; the first timed call is also reported apart, ``SampleRecord.first_call``), ``compile`` (``true`` or a
 ``torch.compile`` mode: the vision tower's and the LLM's layers run compiled in a prefill,
-``globalcom2.models.compiled``), ``random_init`` (build the 7B/13B architecture named by ``pretrained`` with
-random weights: speed and memory only), ``protocol`` (``lmms_eval``, the default: the task's prompt and
+``globalcom2.models.compiled``), ``batch_invariant`` (every ``generate`` under
+``globalcom2.models.batch_invariant``: a batch row gets its batch-1 answer bit for bit), ``random_init``
+(build the 7B/13B architecture named by ``pretrained`` with random weights: speed and memory only), ``protocol`` (``lmms_eval``, the default: the task's prompt and
 generation settings; ``llava``: the original LLaVA evaluation the paper used, ``globalcom2.protocol.rules``),
 ``generation_overrides`` (under ``llava`` only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's
 settings, e.g. a smaller ``max_new_tokens``), ``prefetch`` (``true``/``false``/``auto``: prepare the next
@@ -41,6 +42,7 @@ What the class guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import time
@@ -60,6 +62,7 @@ from globalcom2.anyres import config_layout
 from globalcom2.efficiency.summary import latency_summary
 from globalcom2.lmms.batch_pipeline import DEFAULT_LOOKAHEAD, BatchFeeder, ReadyBatch
 from globalcom2.lmms.manifest import MODEL_ID
+from globalcom2.models.batch_invariant import batch_invariant
 from globalcom2.models.compiled import compile_model
 from globalcom2.models.preload import check_device
 from globalcom2.protocol.batching import PreparedBatch, decode_answer, prepare_batch
@@ -123,6 +126,7 @@ class GlobalCom2LlavaNext(lmms):
         # auto: a background thread helps when the model runs on a GPU; on a CPU it takes cores from the model
         self.prefetch = self._device.type == "cuda" if options.prefetch is None else options.prefetch
         self.compile_mode = spec.model.compile
+        self.batch_invariant = spec.model.batch_invariant
         if not checked:
             # The checkpoint's config alone (and the compile backend): a model that is not LLaVA-NeXT AnyRes,
             # or a layer index past its depth, fails here, before the weights load.
@@ -205,6 +209,7 @@ class GlobalCom2LlavaNext(lmms):
             "geometry": geometry_of(self.protocol),
             "generation_overrides": self.generation_overrides,
             "compile": self.compile_mode,
+            "batch_invariant": self.batch_invariant,
             "prefetch": self.prefetch,
         }
 
@@ -392,8 +397,9 @@ class GlobalCom2LlavaNext(lmms):
         """``model.generate`` (warm-up first if due; measured if profiling); errors re-raised with context."""
         kwargs = {**setting.generate_kwargs(), "pad_token_id": self._pad_id}
         measurement = None
+        mode = batch_invariant() if self.batch_invariant else contextlib.nullcontext()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), mode:
                 if self.profile and not self._warmed_up and self.warmup_calls:
                     warm = {**kwargs, "max_new_tokens": min(2, setting.max_new_tokens)}
                     self.profiler.warmup(lambda: self.model.generate(**inputs, **warm), self.warmup_calls)

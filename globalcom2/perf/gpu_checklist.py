@@ -88,7 +88,8 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
         Step(
             "gpu_tests",
             [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
-             "tests/models/test_compiled.py", "tests/efficiency", "--ignore=tests/gpu/test_run_on_gpu.py"],
+             "tests/models/test_compiled.py", "tests/models/test_batch_invariant.py", "tests/efficiency",
+             "--ignore=tests/gpu/test_run_on_gpu.py"],
             150,
         ),
         Step(
@@ -108,9 +109,11 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
         Step(
             "batch_effect_bf16",
             [python, "-m", "globalcom2.perf.throughput", "--mode", "batch-effect", "--device", "cuda",
-             "--dtype", "bfloat16"],
-            200,
-            ("throughput/tiny_trained_cuda_batch_effect.md", "throughput/tiny_trained_cuda_batch_effect.json"),
+             "--dtype", "bfloat16", "--batch-invariant", "both",
+             "--variants", "vanilla@1", "globalcom2@0.25", "sparsevlm@0.25"],
+            240,
+            ("throughput/tiny_trained_cuda_batch_effect_invariant_both.md",
+             "throughput/tiny_trained_cuda_batch_effect_invariant_both.json"),
             main_path=True,
         ),
         Step(

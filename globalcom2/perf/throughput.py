@@ -15,9 +15,13 @@ lmms-eval's scoring. Two reports come from the same cells:
 * **batch effect** (``make bench-batch-effect``): per method and batch size N > 1, how many answers (generated
   token ids) differ from batch 1's, and every metric's change. In fp32 none should (the harness's exactness
   claim, ``tests/lmms``); in bf16 on a GPU, kernels depend on the batch shape and this measures how much.
+  ``--batch-invariant both`` runs every cell also under ``batch_invariant=true``
+  (``globalcom2/models/batch_invariant.py``), whose rows must show no change at all; the throughput columns
+  of the same cells price it.
 
     python -m globalcom2.perf.throughput                                    # tiny-trained, CPU, efficiency split
     python -m globalcom2.perf.throughput --mode batch-effect --benchmark demo --limit 64
+    python -m globalcom2.perf.throughput --mode batch-effect --batch-invariant both --dtype bfloat16
     python -m globalcom2.perf.throughput --model llava_next_7b --random-init --device cuda --dtype bfloat16
 
 Writes ``results/throughput/<model>_<device>_<mode>.{md,json}`` (the JSON carries every row, the settings,
@@ -53,6 +57,7 @@ PREFETCH: dict[str, tuple[bool | None, ...]] = {
     "off": (False,),
     "both": (True, False),
 }
+BATCH_INVARIANT: dict[str, tuple[bool, ...]] = {"off": (False,), "on": (True,), "both": (False, True)}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "throughput": {
         "variants": ["vanilla@1", "globalcom2@0.25"],
@@ -79,11 +84,12 @@ class Setting:
     ratio: float
     batch_size: int
     prefetch: bool | None  # None: the harness's default (auto)
+    batch_invariant: bool = False
 
     @property
     def experiment(self) -> str:
         mode = {None: "", True: "_prefetch", False: "_serial"}[self.prefetch]
-        return f"throughput_b{self.batch_size}{mode}"
+        return f"throughput_b{self.batch_size}{mode}{'_invariant' if self.batch_invariant else ''}"
 
 
 def cell_overrides(setting: Setting, args: argparse.Namespace, results_dir: Path) -> list[str]:
@@ -110,6 +116,8 @@ def cell_overrides(setting: Setting, args: argparse.Namespace, results_dir: Path
         overrides.append("model.random_init=true")
     if args.compile:
         overrides.append("compile=true")
+    if setting.batch_invariant:
+        overrides.append("batch_invariant=true")
     return overrides + list(args.extra)
 
 
@@ -172,6 +180,7 @@ def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecor
         "R": setting.ratio,
         "batch": setting.batch_size,
         "prefetch": cell.record.run.get("prefetch"),  # as the plugin resolved it
+        "batch-invariant": setting.batch_invariant,
         "samples": len(records),
         "timed batches": len(calls),
         "samples/s (loop)": latency["throughput_samples_per_s_end_to_end"],
@@ -194,9 +203,13 @@ def batch_effect_rows(
 ) -> list[dict[str, Any]]:
     """Per method and batch size N > 1: answers that differ from batch 1's and each metric's change."""
     rows = []
-    singles = {(s.method, s.ratio, s.prefetch): v for s, v in cells.items() if s.batch_size == 1}
+
+    def group(s: Setting) -> tuple:
+        return s.method, s.ratio, s.prefetch, s.batch_invariant
+
+    singles = {group(s): v for s, v in cells.items() if s.batch_size == 1}
     for setting, (cell, records) in cells.items():
-        single = singles.get((setting.method, setting.ratio, setting.prefetch))
+        single = singles.get(group(setting))
         if setting.batch_size == 1 or single is None:
             continue
         single_cell, single_records = single
@@ -216,6 +229,7 @@ def batch_effect_rows(
                 "method": setting.method,
                 "R": setting.ratio,
                 "batch": setting.batch_size,
+                "batch-invariant": setting.batch_invariant,
                 "samples": len(shared),
                 "answers changed": changed,
                 "first token changed": first,
@@ -254,6 +268,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--random-init", action="store_true", help="model.random_init=true (7B/13B)")
     parser.add_argument("--compile", action="store_true", help="compile=true")
     parser.add_argument(
+        "--batch-invariant",
+        choices=BATCH_INVARIANT,
+        default="off",
+        help="batch_invariant=true for every cell (on), or every cell with and without it (both)",
+    )
+    parser.add_argument(
         "--results-dir", type=Path, default=None, help="where the cells go (default: a temp dir)"
     )
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "throughput")
@@ -276,7 +296,8 @@ def settings_of(args: argparse.Namespace) -> list[Setting]:
     variants: list[Variant] = args.variants
     prefetch = PREFETCH[args.prefetch]
     return [
-        Setting(method, ratio, size, on)
+        Setting(method, ratio, size, on, invariant)
+        for invariant in BATCH_INVARIANT[args.batch_invariant]
         for on in prefetch
         for size in args.batch_sizes
         for method, ratio in variants
@@ -325,7 +346,8 @@ def write_tables(
         rows = batch_effect_rows(cells)
     any_cell, any_records = next(iter(cells.values()))
     device, dtype = any_cell.record.run.get("device"), any_cell.record.run.get("dtype")
-    stem = args.out / f"{args.model}_{str(device).split(':')[0]}_{args.mode.replace('-', '_')}"
+    invariant = "" if args.batch_invariant == "off" else f"_invariant_{args.batch_invariant}"
+    stem = args.out / f"{args.model}_{str(device).split(':')[0]}_{args.mode.replace('-', '_')}{invariant}"
     title = (
         f"{args.mode} of {args.model} on {args.benchmark} ({len(any_records)} samples per cell), "
         f"{device}, {dtype}"

@@ -34,7 +34,8 @@ CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/r
 
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
-    "world_size", "attn_implementation", "random_init", "dtype", "compile", "prefetch", "limit", "hardware",
+    "world_size", "attn_implementation", "random_init", "dtype", "compile", "batch_invariant", "prefetch", "limit",
+    "hardware",
     "git_sha",
     "git_dirty",
     "finished", "cell_id", "cell_dir",
@@ -191,6 +192,7 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "random_init": spec["model"].get("random_init", False),
         "dtype": run.get("dtype", spec["model"].get("dtype")),
         "compile": run.get("compile") or spec["model"].get("compile") or "no",
+        "batch_invariant": bool(spec["model"].get("batch_invariant", False)),  # off in cells from before it
         "prefetch": bool(run.get("prefetch", False)),  # cells from before the option ran every batch in turn
         "limit": spec["benchmark"].get("limit"),
         "hardware": hardware.get("gpu")

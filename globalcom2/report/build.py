@@ -21,9 +21,10 @@ class Report:
 
 
 #: Settings that change what a table compares beyond the method and its ratio: in bf16 on a GPU a batch's
-#: shape changes its rows' answers, the dtype changes every answer, and prefetching (host work beside the
-#: timed calls) changes latency. A table's cells should agree on these.
-COMPARABILITY = ("batch_size", "dtype", "prefetch")
+#: shape changes its rows' answers, the dtype changes every answer, the batch-invariant mode changes the
+#: kernels' shapes (so answers, and latency), and prefetching (host work beside the timed calls) changes
+#: latency. A table's cells should agree on these.
+COMPARABILITY = ("batch_size", "dtype", "batch_invariant", "prefetch")
 
 
 def mixed_settings(rows: pd.DataFrame) -> list[str]:

@@ -48,7 +48,7 @@ LAYERS: list[list[str]] = [
 ]
 # Top to bottom; a models module may import the modules of any earlier layer (see globalcom2.models.base).
 MODELS_LAYERS = [
-    ["base", "compiled"],
+    ["base", "compiled", "batch_invariant"],
     ["geometry", "tiny"],
     ["tiny_trained", "random_init"],
     ["preload"],

@@ -634,7 +634,7 @@ def test_cells_of_an_experiment_named_like_a_trackers_folder_are_shown(tmp_path)
     assert set(frame["experiment"]) == {"wandb"} and set(frame["method"]) == {"vanilla"}
 
 
-def test_a_table_that_mixes_batch_sizes_or_dtypes_warns(tmp_path):
+def test_a_table_that_mixes_batch_sizes_dtypes_or_batch_invariance_warns(tmp_path):
     root = tmp_path / "results"
     write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
     with warnings.catch_warnings():
@@ -644,9 +644,13 @@ def test_a_table_that_mixes_batch_sizes_or_dtypes_warns(tmp_path):
     record = json.loads((cell / "record.json").read_text())
     record["spec"]["benchmark"]["batch_size"] = 8
     record["spec"]["model"]["dtype"] = "bfloat16"
+    record["spec"]["model"]["batch_invariant"] = True
     (cell / "record.json").write_text(json.dumps(record))
     with pytest.warns(UserWarning) as caught:
         build_report(tidy_results(root), "t1", tmp_path / "mixed")
     messages = [str(w.message) for w in caught]
     assert any("batch_size differs between cells: 1 (1 cells), 8 (1 cells)" in m for m in messages), messages
     assert any("dtype differs between cells: bfloat16 (1 cells), float16 (1 cells)" in m for m in messages)
+    assert any(
+        "batch_invariant differs between cells: False (1 cells), True (1 cells)" in m for m in messages
+    )
