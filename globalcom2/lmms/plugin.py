@@ -62,7 +62,7 @@ from globalcom2.anyres import config_layout
 from globalcom2.efficiency.summary import latency_summary
 from globalcom2.lmms.batch_pipeline import DEFAULT_LOOKAHEAD, BatchFeeder, ReadyBatch
 from globalcom2.lmms.manifest import MODEL_ID
-from globalcom2.models.batch_invariant import batch_invariant
+from globalcom2.models.batch_invariant import batch_invariant, enable_gqa_switch
 from globalcom2.models.compiled import compile_model
 from globalcom2.models.preload import check_device
 from globalcom2.protocol.batching import PreparedBatch, decode_answer, prepare_batch
@@ -127,6 +127,8 @@ class GlobalCom2LlavaNext(lmms):
         self.prefetch = self._device.type == "cuda" if options.prefetch is None else options.prefetch
         self.compile_mode = spec.model.compile
         self.batch_invariant = spec.model.batch_invariant
+        if self.batch_invariant:
+            enable_gqa_switch()  # once, before the prefetch thread exists (batch_invariant.py says why)
         if not checked:
             # The checkpoint's config alone (and the compile backend): a model that is not LLaVA-NeXT AnyRes,
             # or a layer index past its depth, fails here, before the weights load.

@@ -10,7 +10,8 @@ Differences from the reference, all numerical or tie-breaking:
 * the reference adds ``torch.rand * 1e-6`` to the densities to break ties; here ties are broken by position
   (the earlier token counts as denser), so results are deterministic;
 * distances and the merge run in float32 (the reference uses the model dtype);
-* the merge is the exact mean (the reference divides by ``count + 1e-6``).
+* the merge is the exact mean (the reference divides by ``count + 1e-6``), summed as a product with the one-hot
+  membership, which adds in the same order on every call (float ``index_add_`` on CUDA does not).
 """
 
 from __future__ import annotations
@@ -71,11 +72,10 @@ def dpc_knn_merge(
     slots = torch.arange(max_clusters, device=device).expand(groups, -1)
     assign = assign.scatter(1, centres, torch.where(use, slots, assign.gather(1, centres)))  # centres -> self
 
-    # Mean of each cluster's members; padding rows go to a scratch slot past the last cluster.
-    slots_total = groups * max_clusters
-    flat = assign + torch.arange(groups, device=device)[:, None] * max_clusters  # [G, M]
-    flat = torch.where(real, flat, slots_total).flatten()  # [G M]
-    sums = x.new_zeros(slots_total + 1, channels).index_add_(0, flat, x.flatten(0, 1))
-    sizes = x.new_zeros(slots_total + 1).index_add_(0, flat, real.flatten().to(x.dtype))
-    merged = sums[:slots_total] / sizes[:slots_total].clamp(min=1)[:, None]
-    return merged.view(groups, max_clusters, channels).to(tokens.dtype)
+    # Mean of each cluster's members, as a product with the one-hot membership (padding rows belong to none):
+    # float atomics (index_add_ on CUDA) would add the members in a different order on every call.
+    members = (assign[:, :, None] == slots[:, None, :]) & real[:, :, None]  # [G, M, K]
+    members = members.to(x.dtype)
+    sums = members.transpose(1, 2) @ x  # [G, K, C]
+    merged = sums / members.sum(dim=1).clamp(min=1)[:, :, None]  # [G, K, C]
+    return merged.to(tokens.dtype)

@@ -18,9 +18,11 @@ from globalcom2.models.batch_invariant import (
     DECODE_ROWS,
     FORCE_GQA_VARIABLE,
     PREFILL_ROWS,
+    BatchInvariantMode,
     attention_plan,
     batch_invariant,
     in_fixed_blocks,
+    sequences_in_blocks,
 )
 from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
@@ -110,6 +112,49 @@ def test_fixed_blocks_give_each_row_the_result_it_gets_among_any_other_rows():
     assert DECODE_ROWS < PREFILL_ROWS
 
 
+def test_a_sequence_sits_at_the_same_offsets_of_its_blocks_with_and_without_left_padding():
+    """A stand-in for a kernel whose numbers depend on a row's offset in its call: the end-aligned blocks give
+    a prompt's rows the same offsets alone and left-padded, flat blocks do not."""
+
+    def offset_dependent(block):  # [C, K] -> [C, K]: each row marked with its offset in the call
+        return block * 10 + torch.arange(block.shape[0], dtype=block.dtype)[:, None]
+
+    prompt = torch.rand(1, 300, 4)  # [1, S, K]
+    padded = torch.cat([torch.rand(1, 37, 4), prompt], dim=1)  # [1, 37 + S, K]: 37 padding rows in front
+    alone = sequences_in_blocks(prompt, offset_dependent, PREFILL_ROWS)
+    in_batch = sequences_in_blocks(padded, offset_dependent, PREFILL_ROWS)[:, 37:]
+    assert torch.equal(alone, in_batch)
+    flat = in_fixed_blocks(padded[0], offset_dependent, PREFILL_ROWS)[37:]
+    assert not torch.equal(flat, alone[0]), "flat blocks shift the rows: the stand-in must notice"
+
+
+def test_the_mode_routes_softmax_layer_norm_and_means_through_blocks(monkeypatch):
+    import globalcom2.models.batch_invariant as module
+
+    routed = []
+    original = module._last_dim_in_blocks
+
+    def spy(x, fn):
+        routed.append(tuple(x.shape))
+        return original(x, fn)
+
+    monkeypatch.setattr(module, "_last_dim_in_blocks", spy)
+    x = torch.randn(2, 3, 4)
+    norm = torch.nn.LayerNorm(4)
+    with BatchInvariantMode():
+        outputs = [
+            norm(x),
+            F.softmax(x, dim=-1),
+            torch.softmax(x, -1, dtype=torch.float64),
+            x.mean(-1),
+            x.mean(0),
+        ]
+    assert len(routed) == 4, "the mean over dimension 0 runs unchanged"
+    torch.testing.assert_close(outputs[0], norm(x))
+    torch.testing.assert_close(outputs[1], x.softmax(-1))
+    assert outputs[2].dtype == torch.float64 and outputs[3].shape == (2, 3) and outputs[4].shape == (3, 4)
+
+
 def test_attention_plans_read_the_left_padding_of_a_prompt_and_a_decode_step():
     lengths = torch.tensor([5, 3])  # real tokens per row of a left-padded batch of length 5
     keys = torch.arange(5)
@@ -127,6 +172,18 @@ def test_attention_plans_read_the_left_padding_of_a_prompt_and_a_decode_step():
     assert attention_plan(None, 2, 5, 5, is_causal=True) == [(0, 0, True), (0, 0, True)]
 
 
+def test_a_mask_is_read_once_per_call_shape():
+    mode = BatchInvariantMode()
+    keys = torch.arange(4)
+    mask = (keys[None, :] <= keys[:, None])[None, None].expand(2, 1, 4, 4).clone()  # [2, 1, 4, 4]
+    first = mode._plan(mask, 2, 4, 4, False)
+    assert mode._plan(mask, 2, 4, 4, False) is first, "every layer of a forward reuses the plan"
+    with pytest.raises(ValueError, match="a one-query decode step"):
+        mode._plan(mask, 2, 1, 4, False)  # the same mask at another shape is read (and refused) again
+    del mask
+    assert not mode._plans, "a plan goes with its mask"
+
+
 def test_a_mask_the_mode_cannot_split_by_rows_is_refused():
     keys = torch.arange(4)
     causal = (keys[None, :] <= keys[:, None])[None, None].expand(2, 1, 4, 4).clone()  # [2, 1, 4, 4]
@@ -134,10 +191,12 @@ def test_a_mask_the_mode_cannot_split_by_rows_is_refused():
     holed[1, 0, 3, 1] = False  # a hole inside row 1's keys
     with pytest.raises(ValueError, match=r"rows \[1\].*left-padded causal prompt"):
         attention_plan(holed, 2, 4, 4, is_causal=False)
-    with pytest.raises(ValueError, match=r"prompt \(queries == keys\) or one-query decode step"):
+    with pytest.raises(ValueError, match=r"prompt \(queries == keys\) or a one-query decode step"):
         attention_plan(causal[:, :, 2:], 2, 2, 4, is_causal=False)
     with pytest.raises(ValueError, match=r"needs a \[batch, 1, queries or 1, 4\] mask"):
         attention_plan(causal[:, 0], 2, 4, 4, is_causal=False)
+    with pytest.raises(ValueError, match="one for all heads"):
+        attention_plan(causal.expand(2, 3, 4, 4), 2, 4, 4, is_causal=False)
 
 
 def test_a_run_spec_takes_the_mode_and_refuses_what_it_cannot_run_with():
@@ -160,3 +219,30 @@ def test_every_batch_row_equals_its_single_run_bit_for_bit_in_bf16_on_cuda(metho
     for row, (row_tokens, row_logits) in enumerate(alone):
         assert torch.equal(tokens[row : row + 1], row_tokens)
         assert torch.equal(logits[:, row : row + 1], row_logits), f"row {row} of {method or 'vanilla'}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("rows", "width", "out"),
+    [
+        (PREFILL_ROWS, 4096, 11008),
+        (PREFILL_ROWS, 11008, 4096),
+        (DECODE_ROWS, 4096, 32064),
+        (PREFILL_ROWS, 1024, 4096),
+    ],
+)
+def test_a_fixed_shape_gemm_gives_a_row_the_same_numbers_at_any_offset_on_cuda(rows, width, out):
+    """The assumption the blocks rest on, at LLaVA-NeXT 7B's and CLIP-L's shapes in bf16: a row's result does not
+    depend on where in a fixed-shape call it sits, nor on the other rows. The sequences' end-aligned blocks
+    do not need it; the decode steps' shared blocks do."""
+    if not torch.cuda.is_available():
+        pytest.fail("needs CUDA")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(out, width, device="cuda", dtype=torch.bfloat16, generator=generator) / width**0.5
+    probe = torch.randn(1, width, device="cuda", dtype=torch.bfloat16, generator=generator)
+    results = []
+    for offset in sorted({0, 1, 17, rows // 2 + 5, rows - 1}):
+        block = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16, generator=generator)
+        block[offset] = probe[0]
+        results.append(F.linear(block, weight)[offset])
+    assert all(torch.equal(result, results[0]) for result in results[1:])
