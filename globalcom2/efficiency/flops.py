@@ -214,6 +214,8 @@ def method_overhead_flops(dims: LlmDims, stats: LayerStats) -> dict[str, int]:
     * ``raters``: SparseVLM's ``V T^T`` on the embeddings (``2 N_vis T d``).
     * ``recycling``: SparseVLM's pairwise distances among the ``m`` recycling candidates per stage
       (``3 m^2 d``: difference, square, sum); computed elementwise, so torch's FLOP counter does not see it.
+    * ``merge``: SparseVLM's cluster means, a product of the ``k x m`` one-hot membership with the ``m``
+      candidates (``2 k m d``, ``k`` the recycled rows; ``scoring/clustering.py``).
     * ``duplication``: DART's pivot-to-row cosine similarities, ``2 d`` per dot product (a matmul); the norms are
       elementwise and left out, as in the layers.
     """
@@ -224,8 +226,15 @@ def method_overhead_flops(dims: LlmDims, stats: LayerStats) -> dict[str, int]:
     )
     raters = 2 * stats.visual_tokens_before * stats.rater_candidates * d
     recycling = sum(3 * m * m * d for m in stats.recycle_candidates)
+    merge = sum(2 * k * m * d for m, k in zip(stats.recycle_candidates, stats.recycled_tokens, strict=True))
     duplication = sum(2 * products * d for products in stats.similarity_products)
-    return {"score_recompute": score, "raters": raters, "recycling": recycling, "duplication": duplication}
+    return {
+        "score_recompute": score,
+        "raters": raters,
+        "recycling": recycling,
+        "merge": merge,
+        "duplication": duplication,
+    }
 
 
 def full_prefill_flops(

@@ -145,11 +145,12 @@ def test_analytic_full_convention_equals_flop_counter_for_in_llm_methods(eager_t
         model_prefill_flops(dims, stats.tokens_per_layer)
         + overhead["score_recompute"]
         + overhead["raters"]
+        + overhead["merge"]
         + overhead["duplication"]
     )
     assert matmuls == counted
     assert full_prefill_flops(dims, stats.tokens_per_layer, stats) == counted + overhead["recycling"]
-    assert (overhead["recycling"] > 0) == (method == "sparsevlm")
+    assert (overhead["recycling"] > 0) == (overhead["merge"] > 0) == (method == "sparsevlm")
     assert (overhead["duplication"] > 0) == (method == "dart")
     assert stats.tokens_per_layer[0] == inputs["input_ids"].shape[1]  # layer 0 sees the whole prompt
 
