@@ -7,8 +7,9 @@ rounding this changes rarely flips a token; in bf16 about half of a random 7B's 
 between batch 1 and batch 4 on an H200, and EvolvingLMMs-Lab/lmms-eval issue 236 reports a real LLaVA-1.5-7B
 losing 11 ScienceQA-IMG points at batch 2. The remedy follows "Defeating Nondeterminism in LLM Inference"
 (He and Thinking Machines Lab, 2025; its kernels: thinking-machines-lab/batch_invariant_ops): make every
-operation compute each row with a reduction order that does not depend on the other rows. Instead of new kernels, this module gives the existing ones shapes
-that do not depend on the batch, so it runs on any device:
+operation compute each row with a reduction order that does not depend on the other rows. Instead of new
+kernels, this module gives the existing ones shapes that do not depend on the batch, so it runs on any
+device:
 
 * **Matrix products** (``F.linear``): rows go through in calls of a fixed number of rows, the last block
   padded with zeros, so every GEMM call has the same shape whatever the batch, and a GEMM computes each
