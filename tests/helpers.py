@@ -160,3 +160,33 @@ def write_llava15_checkpoint(path):
     config.architectures = ["LlavaForConditionalGeneration"]
     config.save_pretrained(path)
     return path
+
+
+# Three prompts of different lengths and canvases: their batch is left-padded, and its longest row is not.
+PADDED_BATCH_IMAGES = [(400, 300), (640, 480), (336, 700)]
+PADDED_BATCH_QUESTIONS = ["What is it?", "What colour is the big shape on the left side?", "Count."]
+
+
+def batch_and_single_runs(model, processor, method: str | None, invariant: bool, device: str = "cpu"):
+    """4 greedy steps of a left-padded batch of three prompts and of each prompt alone, with ``method`` attached
+    at R = 0.25 (``None``: the unmodified model) and under the batch-invariant mode if ``invariant``:
+    ``(batch tokens [3, 4], batch logits [4, 3, V], [(tokens [1, 4], logits [4, 1, V]) per prompt])``."""
+    import contextlib
+
+    from globalcom2 import attach
+    from globalcom2.models.batch_invariant import batch_invariant
+
+    images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(PADDED_BATCH_IMAGES)]
+    texts = [vicuna_v1_prompt(q) for q in PADDED_BATCH_QUESTIONS]
+    processor.tokenizer.padding_side = "left"
+    method_ctx = attach(model, method, retention_ratio=0.25) if method else contextlib.nullcontext()
+    mode = batch_invariant() if invariant else contextlib.nullcontext()
+    with torch.inference_mode(), mode, method_ctx:
+        batch = processor(images=images, text=texts, padding=True, return_tensors="pt").to(device)
+        assert int((batch["attention_mask"] == 0).sum()) > 0, "the batch must be left-padded"
+        tokens, logits = generate_steps(model, batch, steps=4)
+        alone = []
+        for image, text in zip(images, texts, strict=True):
+            single = processor(images=image, text=text, return_tensors="pt").to(device)
+            alone.append(generate_steps(model, single, steps=4))
+    return tokens, logits, alone

@@ -88,8 +88,7 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
         Step(
             "gpu_tests",
             [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
-             "tests/models/test_compiled.py", "tests/models/test_batch_invariant.py", "tests/efficiency",
-             "--ignore=tests/gpu/test_run_on_gpu.py"],
+             "tests/models/test_compiled.py", "tests/efficiency", "--ignore=tests/gpu/test_run_on_gpu.py"],
             150,
         ),
         Step(

@@ -4,15 +4,13 @@ and its refusals."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import generate_steps, synthetic_image
+from helpers import batch_and_single_runs
 
-from globalcom2 import attach
 from globalcom2.methods import METHODS, list_methods
 from globalcom2.models.batch_invariant import (
     DECODE_ROWS,
@@ -25,39 +23,16 @@ from globalcom2.models.batch_invariant import (
     sequences_in_blocks,
 )
 from globalcom2.models.loader import load_tiny_llava_next
-from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.run_spec import parse_run
 
-pytestmark = pytest.mark.exactness  # rests on transformers' attention code (its GQA switch and masks)
-
-# Three prompts of different lengths and canvases: the batch is left-padded, and its longest row is not.
-IMAGES = [(400, 300), (640, 480), (336, 700)]
-QUESTIONS = ["What is it?", "What colour is the big shape on the left side?", "Count."]
+# Rests on transformers' attention code (its GQA switch and masks); the CUDA tests are in tests/gpu.
+pytestmark = pytest.mark.exactness
 
 
 @pytest.fixture(scope="module")
 def bf16():
-    """The tiny model in bf16 on the CPU, where a batch changes logits by up to 0.7 (measured below)."""
-    model, processor = load_tiny_llava_next(seed=0, dtype="bfloat16")
-    processor.tokenizer.padding_side = "left"
-    return model, processor
-
-
-def batch_and_rows(model, processor, method: str | None, invariant: bool, device: str = "cpu"):
-    """4 greedy steps of the batch and of each prompt alone: ``(batch tokens, batch logits, [(tokens, logits)])``."""
-    images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(IMAGES)]
-    texts = [vicuna_v1_prompt(q) for q in QUESTIONS]
-    method_ctx = attach(model, method, retention_ratio=0.25) if method else contextlib.nullcontext()
-    mode = batch_invariant() if invariant else contextlib.nullcontext()
-    with torch.inference_mode(), mode, method_ctx:
-        batch = processor(images=images, text=texts, padding=True, return_tensors="pt").to(device)
-        assert int((batch["attention_mask"] == 0).sum()) > 0, "the batch must be left-padded"
-        tokens, logits = generate_steps(model, batch, steps=4)
-        alone = []
-        for image, text in zip(images, texts, strict=True):
-            single = processor(images=image, text=text, return_tensors="pt").to(device)
-            alone.append(generate_steps(model, single, steps=4))
-    return tokens, logits, alone
+    """The tiny model in bf16 on the CPU, where a batch changes logits by up to 0.7."""
+    return load_tiny_llava_next(seed=0, dtype="bfloat16")
 
 
 def largest_row_difference(tokens, logits, alone) -> float:
@@ -72,13 +47,13 @@ def largest_row_difference(tokens, logits, alone) -> float:
 
 def test_the_unmodified_model_in_bf16_changes_with_the_batch(bf16):
     """The problem the mode solves, on this machine: without it, batch rows differ from their single runs."""
-    assert largest_row_difference(*batch_and_rows(*bf16, None, invariant=False)) > 0.01
+    assert largest_row_difference(*batch_and_single_runs(*bf16, None, invariant=False)) > 0.01
 
 
 @pytest.mark.parametrize("method", [None, *(m for m in list_methods() if METHODS.get(m).has_budget)])
 def test_every_batch_row_equals_its_single_run_bit_for_bit_in_bf16(bf16, method):
     model, processor = bf16
-    tokens, logits, alone = batch_and_rows(model, processor, method, invariant=True)
+    tokens, logits, alone = batch_and_single_runs(model, processor, method, invariant=True)
     for row, (row_tokens, row_logits) in enumerate(alone):
         assert torch.equal(tokens[row : row + 1], row_tokens)
         assert torch.equal(logits[:, row : row + 1], row_logits), f"row {row} of {method or 'vanilla'}"
@@ -206,43 +181,3 @@ def test_a_run_spec_takes_the_mode_and_refuses_what_it_cannot_run_with():
         parse_run(pretrained="tiny", batch_invariant=True, compile=True)
     with pytest.raises(ValueError, match=r"batch_invariant=true needs attn_implementation=sdpa.*eager"):
         parse_run(pretrained="tiny", batch_invariant=True, attn_implementation="eager")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("method", [None, "globalcom2", "fastv", "sparsevlm"])
-def test_every_batch_row_equals_its_single_run_bit_for_bit_in_bf16_on_cuda(method):
-    if not torch.cuda.is_available():
-        pytest.fail("needs CUDA")
-    model, processor = load_tiny_llava_next(seed=0, dtype="bfloat16", device="cuda")
-    processor.tokenizer.padding_side = "left"
-    tokens, logits, alone = batch_and_rows(model, processor, method, invariant=True, device="cuda")
-    for row, (row_tokens, row_logits) in enumerate(alone):
-        assert torch.equal(tokens[row : row + 1], row_tokens)
-        assert torch.equal(logits[:, row : row + 1], row_logits), f"row {row} of {method or 'vanilla'}"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("rows", "width", "out"),
-    [
-        (PREFILL_ROWS, 4096, 11008),
-        (PREFILL_ROWS, 11008, 4096),
-        (DECODE_ROWS, 4096, 32064),
-        (PREFILL_ROWS, 1024, 4096),
-    ],
-)
-def test_a_fixed_shape_gemm_gives_a_row_the_same_numbers_at_any_offset_on_cuda(rows, width, out):
-    """The assumption the blocks rest on, at LLaVA-NeXT 7B's and CLIP-L's shapes in bf16: a row's result does not
-    depend on where in a fixed-shape call it sits, nor on the other rows. The sequences' end-aligned blocks
-    do not need it; the decode steps' shared blocks do."""
-    if not torch.cuda.is_available():
-        pytest.fail("needs CUDA")
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    weight = torch.randn(out, width, device="cuda", dtype=torch.bfloat16, generator=generator) / width**0.5
-    probe = torch.randn(1, width, device="cuda", dtype=torch.bfloat16, generator=generator)
-    results = []
-    for offset in sorted({0, 1, 17, rows // 2 + 5, rows - 1}):
-        block = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16, generator=generator)
-        block[offset] = probe[0]
-        results.append(F.linear(block, weight)[offset])
-    assert all(torch.equal(result, results[0]) for result in results[1:])
