@@ -138,6 +138,18 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
     assert identity("compile=default") == compiled and identity("compile=max-autotune") != compiled
     with pytest.raises(ValueError, match="compile must be true, false or one of default, reduce-overhead"):
         identity("compile=fast")
+    # the batch-invariant mode changes the numbers: in the identity when on, absent (as before it existed) when off
+    assert "batch_invariant" not in base["model"] and identity("batch_invariant=false") == base
+    invariant = identity("batch_invariant=true")
+    assert (
+        invariant != base
+        and invariant["model"]["batch_invariant"] is True
+        and "batch_invariant" not in invariant
+    )
+    spec = CellSpec.from_config(compose_cell(tmp_path, "batch_invariant=true"))
+    assert spec.run_spec().model.batch_invariant is True and CellSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="batch_invariant=true cannot run with compile=True"):
+        identity("batch_invariant=true", "compile=true")
     # prefetching changes when a batch is prepared, not what is in it: same identity, and it reaches the plugin
     assert identity("prefetch=false") == base and "prefetch" not in base
     serial = CellSpec.from_config(compose_cell(tmp_path, "prefetch=false"))
