@@ -62,7 +62,7 @@ from globalcom2.anyres import config_layout
 from globalcom2.efficiency.summary import latency_summary
 from globalcom2.lmms.batch_pipeline import DEFAULT_LOOKAHEAD, BatchFeeder, ReadyBatch
 from globalcom2.lmms.manifest import MODEL_ID
-from globalcom2.models.batch_invariant import batch_invariant, enable_gqa_switch
+from globalcom2.models.batch_invariant import batch_invariant, forced_gqa
 from globalcom2.models.compiled import compile_model
 from globalcom2.models.preload import check_device
 from globalcom2.protocol.batching import PreparedBatch, decode_answer, prepare_batch
@@ -127,8 +127,6 @@ class GlobalCom2LlavaNext(lmms):
         self.prefetch = self._device.type == "cuda" if options.prefetch is None else options.prefetch
         self.compile_mode = spec.model.compile
         self.batch_invariant = spec.model.batch_invariant
-        if self.batch_invariant:
-            enable_gqa_switch()  # once, before the prefetch thread exists (batch_invariant.py says why)
         if not checked:
             # The checkpoint's config alone (and the compile backend): a model that is not LLaVA-NeXT AnyRes,
             # or a layer index past its depth, fails here, before the weights load.
@@ -264,18 +262,20 @@ class GlobalCom2LlavaNext(lmms):
             groups.setdefault(setting.key(), []).append(index)
         progress = tqdm(total=len(requests), disable=self._rank != 0, desc="globalcom2 generate")
         by_position: dict[int, sr.SampleRecord] = {}
-        for key, indices in groups.items():
-            feeder = self._feeder(requests)
-            mark = time.perf_counter()
-            for ready, waited in feeder.batches(indices):
-                outputs, records = self._generate_batch(ready, settings[key], waited)
-                now = time.perf_counter()
-                for i, output, record in zip(ready.indices, outputs, records, strict=True):
-                    results[i] = output
-                    record.loop_s = now - mark  # the batch's whole turn of the loop, waiting included
-                    by_position[i] = record
-                mark = now
-                progress.update(len(ready.indices))
+        # the batch-invariant mode's environment switch, set while no prefetch thread runs (batch_invariant.py)
+        with forced_gqa() if self.batch_invariant else contextlib.nullcontext():
+            for key, indices in groups.items():
+                feeder = self._feeder(requests)
+                mark = time.perf_counter()
+                for ready, waited in feeder.batches(indices):  # the feeder's thread is joined when this ends
+                    outputs, records = self._generate_batch(ready, settings[key], waited)
+                    now = time.perf_counter()
+                    for i, output, record in zip(ready.indices, outputs, records, strict=True):
+                        results[i] = output
+                        record.loop_s = now - mark  # the batch's whole turn of the loop, waiting included
+                        by_position[i] = record
+                    mark = now
+                    progress.update(len(ready.indices))
         progress.close()
         new_records = [by_position[i] for i in sorted(by_position)]  # lmms-eval's order
         self.records += new_records

@@ -45,10 +45,12 @@ not:
 * **Costs** a padded block per sequence and matrix product, and one attention call per row: ``make
   bench-throughput ARGS="--batch-invariant both"`` measures it next to the plain mode.
 * **Not with** ``compile``: dynamo would trace through the mode's Python.
-* **A method's own tensor code** runs under the mode too. Its products and last-dimension reductions get the
-  blocks above; a score reduced over a width the batch pads (a softmax over padded keys) can differ in its
-  last bit, which changes a selection only at an exact near-tie. The tests check every registered method
-  end to end on the CPU.
+* **A method's own tensor code is covered only in part.** It runs under the mode, but what the mode makes
+  invariant is the model's own operations. A method's batched products are split per element, yet each call
+  keeps the widths the batch pads (the scoring layer's ``[KV, G Q, hd] @ [KV, hd, L]``); its ``sum``,
+  ``norm`` and ``einsum`` reductions are not routed at all. Such a score can differ in its last bit with the
+  batch, which changes a selection only at an exact near-tie. The tests check every registered method end to
+  end in bf16 on the CPU, where no row differed; on CUDA that is open.
 * **One host read per attention mask** (not per layer): a mask's row padding is read and checked once and
   remembered while that tensor lives, so a decode step costs one read (``generate`` reads once per step for
   its stopping criteria already).
@@ -56,6 +58,7 @@ not:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
@@ -113,15 +116,16 @@ def sequences_in_blocks(
 
 
 def _last_dim_in_blocks(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``fn`` (``[M, K] -> [M, N]``) over the last dimension of ``x [..., K]`` in fixed blocks: a sequence
-    (``x [..., S, K]`` with ``S > 1``) in end-aligned blocks of :data:`PREFILL_ROWS`; one-token rows
-    (``S == 1``: decode steps) together in blocks of :data:`DECODE_ROWS`, since a block per row would read the
-    weights once per row; anything of fewer dimensions in blocks of :data:`PREFILL_ROWS`."""
-    if x.dim() >= 3 and x.shape[-2] > 1:
-        sequences = x.reshape(-1, x.shape[-2], x.shape[-1])  # [B, S, K]
-        out = sequences_in_blocks(sequences, fn, PREFILL_ROWS)  # [B, S, N]
+    """``fn`` (``[M, K] -> [M, N]``) over the last dimension of ``x [..., K]`` in fixed blocks: the hidden states
+    of sequences (``x [B, S, K]`` with ``S > 1``) in end-aligned blocks of :data:`PREFILL_ROWS`; one-token rows
+    (``[B, 1, K]``: decode steps) together in blocks of :data:`DECODE_ROWS`, since a block per row would read
+    the weights once per row; anything else (a method's ``[B, H, Q, L]`` scores, ``[M, K]`` rows) flat in
+    blocks of :data:`PREFILL_ROWS`, where a row's offset moves with the batch (harmless for row-wise kernels
+    such as softmax)."""
+    if x.dim() == 3 and x.shape[1] > 1:
+        out = sequences_in_blocks(x, fn, PREFILL_ROWS)  # [B, S, N]
     else:
-        block = DECODE_ROWS if x.dim() >= 3 else PREFILL_ROWS
+        block = DECODE_ROWS if x.dim() == 3 else PREFILL_ROWS
         out = in_fixed_blocks(x.reshape(-1, x.shape[-1]), fn, block)  # [M, N]
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -211,6 +215,8 @@ class BatchInvariantMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if args and isinstance(args[0], torch.Tensor) and args[0].numel() == 0:
+            return func(*args, **kwargs)  # nothing to compute, and no block to build
         if func is F.linear and 2 <= len(args) <= 3 and not kwargs:
             weight, bias = args[1], args[2] if len(args) == 3 else None
             return _last_dim_in_blocks(args[0], lambda rows: F.linear(rows, weight, bias))
@@ -317,28 +323,28 @@ def _check_gqa_switch() -> None:
         )
 
 
-def enable_gqa_switch() -> None:
-    """Set :data:`FORCE_GQA_VARIABLE` for the rest of the process, and check that transformers reads it. The
-    plugin calls this once, before its background thread starts: changing the environment while another
-    thread reads it (the tokenizer reads ``TOKENIZERS_PARALLELISM``) is a data race in the C library."""
-    os.environ[FORCE_GQA_VARIABLE] = "1"
-    _check_gqa_switch()
+@contextmanager
+def forced_gqa() -> Iterator[None]:
+    """:data:`FORCE_GQA_VARIABLE` set for the block (and checked), then restored. Changing the environment while
+    another thread reads it (the tokenizer reads ``TOKENIZERS_PARALLELISM``) is a data race in the C library,
+    so the plugin enters this around a whole ``generate_until``, before its prefetch thread starts and after
+    it has been joined; restoring it keeps a later cell of the same process (a Hydra multirun) plain."""
+    previous = os.environ.get(FORCE_GQA_VARIABLE)
+    try:
+        os.environ[FORCE_GQA_VARIABLE] = "1"
+        _check_gqa_switch()
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_GQA_VARIABLE, None)
+        else:
+            os.environ[FORCE_GQA_VARIABLE] = previous
 
 
 @contextmanager
 def batch_invariant() -> Iterator[BatchInvariantMode]:
-    """Run the block batch-invariantly (module docstring). Sets :data:`FORCE_GQA_VARIABLE` if it is not set
-    (and removes it again on exit); a process that set it already (:func:`enable_gqa_switch`) keeps it."""
-    owned = os.environ.get(FORCE_GQA_VARIABLE) != "1"
-    if owned:
-        previous = os.environ.get(FORCE_GQA_VARIABLE)
-        enable_gqa_switch()
-    try:
-        with BatchInvariantMode() as mode:
-            yield mode
-    finally:
-        if owned:
-            if previous is None:
-                os.environ.pop(FORCE_GQA_VARIABLE, None)
-            else:
-                os.environ[FORCE_GQA_VARIABLE] = previous
+    """Run the block batch-invariantly (module docstring). Sets :data:`FORCE_GQA_VARIABLE` for the block unless a
+    caller's :func:`forced_gqa` already has."""
+    switch = contextlib.nullcontext() if os.environ.get(FORCE_GQA_VARIABLE) == "1" else forced_gqa()
+    with switch, BatchInvariantMode() as mode:
+        yield mode

@@ -10,8 +10,9 @@ Differences from the reference, all numerical or tie-breaking:
 * the reference adds ``torch.rand * 1e-6`` to the densities to break ties; here ties are broken by position
   (the earlier token counts as denser), so results are deterministic;
 * distances and the merge run in float32 (the reference uses the model dtype);
-* the merge is the exact mean (the reference divides by ``count + 1e-6``), summed as a product with the one-hot
-  membership, which adds in the same order on every call (float ``index_add_`` on CUDA does not).
+* the merge is the exact mean (the reference divides by ``count + 1e-6``), summed in float64 as a product with
+  the one-hot membership, so it does not depend on the order of addition (float ``index_add_`` on CUDA adds
+  in a different order on every call).
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ def dpc_knn_merge(
     slots = torch.arange(max_clusters, device=device).expand(groups, -1)
     assign = assign.scatter(1, centres, torch.where(use, slots, assign.gather(1, centres)))  # centres -> self
 
-    # Mean of each cluster's members, as a product with the one-hot membership (padding rows belong to none):
-    # float atomics (index_add_ on CUDA) would add the members in a different order on every call.
-    members = (assign[:, :, None] == slots[:, None, :]) & real[:, :, None]  # [G, M, K]
-    members = members.to(x.dtype)
-    sums = members.transpose(1, 2) @ x  # [G, K, C]
+    # Mean of each cluster's members, as a product with the one-hot membership (padding rows belong to none).
+    # Float atomics (index_add_ on CUDA) would add the members in a different order on every call; in float64 the
+    # sum of a few hundred float32 values is exact in practice, so neither the order nor the batch's padded
+    # widths (M, K) nor TF32 can change the float32 mean.
+    members = ((assign[:, :, None] == slots[:, None, :]) & real[:, :, None]).double()  # [G, M, K]
+    sums = members.transpose(1, 2) @ x.double()  # [G, K, C]
     merged = sums / members.sum(dim=1).clamp(min=1)[:, :, None]  # [G, K, C]
     return merged.to(tokens.dtype)

@@ -32,8 +32,11 @@ def test_every_batch_row_equals_its_single_run_bit_for_bit_in_bf16_on_cuda(metho
     [
         (PREFILL_ROWS, 4096, 11008),
         (PREFILL_ROWS, 11008, 4096),
-        (DECODE_ROWS, 4096, 32064),
         (PREFILL_ROWS, 1024, 4096),
+        (DECODE_ROWS, 4096, 4096),
+        (DECODE_ROWS, 4096, 11008),
+        (DECODE_ROWS, 11008, 4096),
+        (DECODE_ROWS, 4096, 32064),
     ],
 )
 def test_a_fixed_shape_gemm_gives_a_row_the_same_numbers_at_any_offset_on_cuda(rows, width, out):

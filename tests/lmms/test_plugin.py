@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 
 import pytest
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
 
 from globalcom2.lmms.plugin import MODEL_ID, GlobalCom2LlavaNext
+from globalcom2.models.batch_invariant import FORCE_GQA_VARIABLE
 from globalcom2.prompts import vicuna_v1_prompt
 
 
@@ -266,3 +268,35 @@ def test_grouped_and_prefetched_batches_answer_as_one_by_one(lm, images, monkeyp
     # the two (336, 336) images share a batch: grouping by length put them together
     square = {r.batch_id for r in batched_records if r.image_sizes == [[336, 336]]}
     assert len(square) == 1
+
+
+def test_batch_invariant_runs_every_generate_under_the_mode_and_restores_the_switch(images, monkeypatch):
+    """``batch_invariant=true``: every ``generate`` runs inside the mode with transformers' GQA switch set, the
+    switch is gone after ``generate_until`` (a later plain cell of the process stays plain), and prefetched
+    batches of three answer as one by one in bf16."""
+    lm = GlobalCom2LlavaNext(
+        pretrained="tiny", method="globalcom2", retention_ratio=0.25, profile=False, dtype="bfloat16",
+        batch_invariant=True,
+    )  # fmt: skip
+    assert lm.run_info["batch_invariant"] is True
+    generate, inside = lm.model.generate, []
+
+    def watched_generate(**kwargs):
+        inside.append((torch._C._is_torch_function_mode_enabled(), os.environ.get(FORCE_GQA_VARIABLE)))
+        return generate(**kwargs)
+
+    monkeypatch.setattr(lm.model, "generate", watched_generate)
+    monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
+    docs = [{"image": images[size]} for size in [(336, 1008), (800, 600), (336, 336), (1008, 336)]]
+    gen = {"until": ["\n\n"], "max_new_tokens": 3}
+
+    def answer(batch_size: int, prefetch: bool) -> list[list[int]]:
+        monkeypatch.setattr(lm, "batch_size_per_device", batch_size)
+        monkeypatch.setattr(lm, "prefetch", prefetch)
+        lm.reset_records()
+        lm.generate_until(requests_for(lm, docs, gen_kwargs=gen))
+        assert FORCE_GQA_VARIABLE not in os.environ
+        return [record.output_token_ids for record in lm.records]
+
+    assert answer(3, prefetch=True) == answer(1, prefetch=False)
+    assert len(inside) == 2 + 4 and set(inside) == {(True, "1")}
