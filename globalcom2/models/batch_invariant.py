@@ -5,10 +5,10 @@ its GEMM (tile, split-K) from the row count ``M``, attention kernels pick their 
 left-padded row sits at other offsets of its attention's key blocks than the same prompt alone. In fp32 the
 rounding this changes rarely flips a token; in bf16 about half of a random 7B's 8-token answers changed
 between batch 1 and batch 4 on an H200, and a real LLaVA-1.5-7B lost 11 ScienceQA-IMG points at batch 2
-(https://github.com/EvolvingLMMs-Lab/lmms-eval/issues/236). The remedy follows "Defeating Nondeterminism in LLM Inference"
-(He and Thinking Machines Lab, 2025; its kernels: thinking-machines-lab/batch_invariant_ops): make every
-operation compute each row with a reduction order that does not depend on the other rows. Instead of new
-kernels, this module gives the existing ones shapes that do not depend on the batch, so it runs on any
+(https://github.com/EvolvingLMMs-Lab/lmms-eval/issues/236). The remedy follows "Defeating Nondeterminism in
+LLM Inference" (He and Thinking Machines Lab, 2025; its kernels: thinking-machines-lab/batch_invariant_ops):
+make every operation compute each row with a reduction order that does not depend on the other rows. Instead
+of new kernels, this module gives the existing ones shapes that do not depend on the batch, so it runs on any
 device:
 
 * **Matrix products** (``F.linear``): rows go through in calls of a fixed number of rows, the last block
