@@ -151,7 +151,8 @@ class CellSpec:
         return cls(
             experiment=data["experiment"],
             seed=data["seed"],
-            model=ModelSpec(**data["model"]),  # a spec written before batch_invariant existed: its default
+            # a key an older spec lacks (batch_invariant) takes its default
+            model=ModelSpec(**data["model"]),
             method=MethodSpec(**data["method"]),
             benchmark=BenchmarkSpec(
                 **{

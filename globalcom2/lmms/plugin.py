@@ -15,8 +15,9 @@ records), ``profile`` (default true), ``warmup`` (untimed generate calls before 
 ``torch.compile`` mode: the vision tower's and the LLM's layers run compiled in a prefill,
 ``globalcom2.models.compiled``), ``batch_invariant`` (every ``generate`` under
 ``globalcom2.models.batch_invariant``: a batch row gets its batch-1 answer bit for bit), ``random_init``
-(build the 7B/13B architecture named by ``pretrained`` with random weights: speed and memory only), ``protocol`` (``lmms_eval``, the default: the task's prompt and
-generation settings; ``llava``: the original LLaVA evaluation the paper used, ``globalcom2.protocol.rules``),
+(build the 7B/13B architecture named by ``pretrained`` with random weights: speed and memory only),
+``protocol`` (``lmms_eval``, the default: the task's prompt and generation settings; ``llava``: the original
+LLaVA evaluation the paper used, ``globalcom2.protocol.rules``),
 ``generation_overrides`` (under ``llava`` only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's
 settings, e.g. a smaller ``max_new_tokens``), ``prefetch`` (``true``/``false``/``auto``: prepare the next
 batch in a background thread; auto = on CUDA). Every other key is a parameter of the method (e.g.

@@ -273,9 +273,8 @@ class BatchInvariantMode(TorchFunctionMode):
                 enable_gqa=enable_gqa,
             )  # [1, H, Q - first_query, hd]
 
-        if all(
-            first_query == 0 for first_query, _, _ in plan
-        ):  # decode steps, vision views: no query padding
+        # decode steps and vision views pad no query row: the rows' outputs are simply stacked
+        if not any(first_query for first_query, _, _ in plan):
             return torch.cat([row_attention(row, *entry) for row, entry in enumerate(plan)])
         output = query.new_zeros((*query.shape[:-1], value.shape[-1]))  # [B, H, Q, hd]; padded rows stay 0
         for row, (first_query, first_key, causal) in enumerate(plan):
