@@ -5,17 +5,21 @@ container image, a lent benchmark machine), no package index, and a limit on wha
 ``make wheelhouse`` resolves every dependency, torch and its CUDA wheels included (gigabytes); this brings
 only the difference:
 
-1. **What a run imports.** Each traced command (by default one ``globalcom2.run`` cell of the tiny model
-   on the demo benchmark, the path every evaluation takes: Hydra, lmms-eval, the plugin) runs here, and the
-   top-level modules it imported (less those the interpreter had loaded before it started) are mapped to
-   their distributions (``importlib.metadata``). A distribution that is installed but never imported on
-   that path (most of lmms-eval's declared dependencies: ``openai``, ``av``, ``yt-dlp`` …) stays behind,
+1. **What a run imports.** Each traced command (by default one cell of the tiny model on the demo
+   benchmark through each front door: ``globalcom2.run``, the path every evaluation takes through Hydra,
+   lmms-eval and the plugin; and ``globalcom2.lmms``, lmms-eval's own CLI) runs here, and the top-level
+   modules it imported (less those the interpreter had loaded before it started) are mapped to their
+   distributions (``importlib.metadata``). A distribution that is installed but never imported on those
+   paths (most of lmms-eval's declared dependencies: ``openai``, ``av``, ``yt-dlp`` …) stays behind,
    and so do the requirements that brought ones declare on such distributions.
 2. **Minus what the machine has.** ``HAVE`` lists the machine's distributions (``pip list --format=freeze``
    or bare names). One it has is kept, unless its version is known and fails a requirement that this
    project or a brought-along distribution declares on it (transformers older than ``pyproject.toml``
    allows, filelock 4 under lmms-eval's ``<4``): then this machine's version is brought. A bare name
-   (version unknown) is kept and reported as unchecked. Requirements behind extras are not followed.
+   (version unknown) is kept and reported as unchecked, unless a requirement caps its version (filelock
+   ``<4``, fsspec ``<=2026.9.0`` under datasets): a machine newer than the cap would fail ``--verify``
+   there and lose the main path for want of a few kilobytes, so it is brought. Requirements behind extras
+   are not followed.
 3. **Downloaded for the target** (``--platform`` with ``--python-version``) at the versions installed here,
    the ones the tests pass with: ``pip download --no-deps --only-binary=:all:`` (the target has no index,
    so nothing may be resolved there). A distribution with no wheel on the index is built here, and refused
@@ -75,7 +79,10 @@ class Carried:
 
 
 def default_commands(results_dir: Path) -> list[list[str]]:
-    """One tiny cell through the main path (``globalcom2.run`` -> lmms-eval -> plugin), in a scratch store."""
+    """One tiny cell through each front door, in a scratch folder: the main path (``globalcom2.run`` ->
+    lmms-eval -> plugin), then lmms-eval's own CLI with the plugin (``globalcom2.lmms``), which imports what
+    the first does not (``pytablewriter`` and its dependencies, for the results table it prints). The first
+    generates the demo data the second reads."""
     return [
         [
             "globalcom2.run",
@@ -86,7 +93,13 @@ def default_commands(results_dir: Path) -> list[list[str]]:
             "method=globalcom2",
             "method.retention_ratio=0.25",
             f"paths.results_dir={results_dir}",
-        ]
+        ],
+        [
+            *("globalcom2.lmms", "--model", "globalcom2_llava_next"),
+            *("--model_args", "pretrained=tiny,method=globalcom2,retention_ratio=0.25"),
+            *("--tasks", "globalcom2_demo", "--limit", "1", "--gen_kwargs", "max_new_tokens=2"),
+            *("--output_path", str(results_dir / "lmms_cli"), "--timezone", "UTC"),
+        ],
     ]
 
 
@@ -168,6 +181,13 @@ def requirements_on(
     return found
 
 
+def caps_versions(requirement: Requirement) -> bool:
+    """Whether ``requirement`` refuses some version newer than every one it allows (``<``, ``<=``, ``==``,
+    ``===``, ``~=``): a machine's newer release can fail it, where a lower bound is what an up-to-date image
+    already meets."""
+    return any(spec.operator in ("<", "<=", "==", "===", "~=") for spec in requirement.specifier)
+
+
 def select(
     needed: set[str],
     have: dict[str, Version | None],
@@ -197,6 +217,9 @@ def select(
         for name in sorted(needed - set(carried)):
             version = have[name]
             if version is None:
+                capped = [str(r) for r in constraints.get(name, []) if caps_versions(r)]
+                if capped:
+                    failing[name] = f"the machine's version is unknown; {', '.join(capped)} caps it"
                 continue
             failed = [
                 str(r)

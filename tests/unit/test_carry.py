@@ -9,6 +9,7 @@ import sys
 from importlib import metadata
 
 import pytest
+from packaging.requirements import Requirement
 from packaging.version import Version
 
 from globalcom2 import carry
@@ -62,6 +63,23 @@ def test_missing_and_too_old_distributions_are_carried_and_the_rest_kept():
     # pandas is kept: its version is unknown, so its requirement is left for --verify to check there
     assert [str(r) for r in constraints["pandas"]] == ['pandas>=1; python_version >= "3.9"']
     assert "torch" not in {c.name for c in carried}  # 2.11.0 meets both torch>=2.2 and torch>=2.4
+
+
+def test_a_version_unknown_there_is_brought_when_a_requirement_caps_it():
+    """A bare name is trusted unless a requirement caps it: an image newer than ``filelock<4`` would fail
+    ``--verify`` there, and the checklist would skip every main-path step."""
+    needed = {"lmms-eval", "filelock", "pandas", "fsspec"}
+    versions = {"lmms-eval": "0.7.3", "filelock": "3.32.7", "pandas": "3.1.1", "fsspec": "2026.9.0"}
+    requires = {"lmms-eval": ["filelock<4,>=3.16", "pandas>=1", "fsspec>=2023.5.0"]}
+    have = parse_have("filelock\npandas\nfsspec")
+    carried, _ = select(needed, have, versions, requires, ENV_312, [])
+    assert carried == [
+        Carried("filelock", "3.32.7", "the machine's version is unknown; filelock<4,>=3.16 caps it"),
+        Carried("lmms-eval", "0.7.3", "missing"),
+    ]  # pandas and fsspec: lower bounds only, kept
+    assert [carry.caps_versions(Requirement(t)) for t in ("a<4", "a~=1.2", "a==1", "a>=1", "a!=2", "a")] == [
+        True, True, True, False, False, False,
+    ]  # fmt: skip
 
 
 def test_a_foreign_platform_needs_the_targets_python(tmp_path, capsys):
@@ -141,3 +159,18 @@ def test_a_machine_that_has_everything_gets_no_wheel_and_a_manifest_that_verifie
     with pytest.raises(SystemExit) as failed:
         carry.main(["--verify", str(out)])
     assert failed.value.code == 1 and "pytest" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_default_traces_cover_both_front_doors(tmp_path):
+    """``globalcom2.run`` and ``python -m globalcom2.lmms`` each import what the other does not: the CLI's
+    results table needs ``pytablewriter``, which a carry traced from ``globalcom2.run`` alone left behind, so
+    the CLI failed at its last step on a machine that had only the carried wheels."""
+    run_cell, lmms_cli = carry.default_commands(tmp_path)
+    assert run_cell[0] == "globalcom2.run" and lmms_cli[0] == "globalcom2.lmms"
+    through_run, _ = carry.distributions_of(carry.imported_modules(run_cell))
+    through_cli, _ = carry.distributions_of(carry.imported_modules(lmms_cli))
+    assert {"lmms-eval", "hydra-core", "transformers"} <= through_run
+    assert {"lmms-eval", "transformers", "pytablewriter"} <= through_cli
+    assert "pytablewriter" not in through_run  # why the second trace exists
+    assert list((tmp_path / "lmms_cli").rglob("*_results.json")), "the traced CLI cell wrote no results"
