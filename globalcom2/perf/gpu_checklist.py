@@ -64,6 +64,17 @@ STEP_ENVIRONMENT = {
 }
 
 
+def step_environment() -> dict[str, str]:
+    """The environment of every step: :data:`STEP_ENVIRONMENT` under the caller's own settings, unbuffered, and
+    ``PYTHONPATH`` with each relative entry (an empty one means the current directory) made absolute against
+    the caller's directory. The device command runs with ``PYTHONPATH=.:/tmp/site``; a process that a step
+    starts in another directory (a test's scratch folder) would otherwise lose the checkout."""
+    environment = {**STEP_ENVIRONMENT, **os.environ, "PYTHONUNBUFFERED": "1"}
+    if entries := environment.get("PYTHONPATH"):
+        environment["PYTHONPATH"] = os.pathsep.join(map(os.path.abspath, entries.split(os.pathsep)))
+    return environment
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -163,7 +174,7 @@ def run_step(step: Step, log: Path, limit_s: float) -> str:
             cwd=PROJECT_ROOT,
             stdout=handle,
             stderr=subprocess.STDOUT,
-            env={**STEP_ENVIRONMENT, **os.environ, "PYTHONUNBUFFERED": "1"},
+            env=step_environment(),
             start_new_session=True,
         )
         try:

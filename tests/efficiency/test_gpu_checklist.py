@@ -104,6 +104,28 @@ def test_steps_run_offline_unless_the_caller_says_otherwise(tmp_path, monkeypatc
     assert "env 1 disabled" in (tmp_path / "checklist.log").read_text()
 
 
+def test_relative_pythonpath_entries_hold_in_any_directory_a_step_starts_a_process_in(tmp_path, monkeypatch):
+    """The device runs the checklist with ``PYTHONPATH=.:/tmp/site``; a test that starts a process in its scratch
+    folder must still import the checkout."""
+    caller = tmp_path / "checkout"
+    caller.mkdir()
+    (caller / "probe_module.py").write_text("WHERE = 'caller'\n")
+    child = "import probe_module; print('found', probe_module.WHERE)"
+    command = (
+        f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], cwd='/', check=True)"
+    )
+    monkeypatch.setattr(
+        gpu_checklist,
+        "steps",
+        lambda images, carried=None: [Step("probe", [sys.executable, "-c", command], 30)],
+    )
+    monkeypatch.chdir(caller)
+    monkeypatch.setenv("PYTHONPATH", ".")
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--budget-s", "600"]) == 0
+    assert "found caller" in (out / "checklist.log").read_text()
+
+
 def test_no_step_starts_without_budget(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
         gpu_checklist, "steps", lambda images, carried=None: [Step("x", [sys.executable, "-c", "1"], 30)]
