@@ -9,6 +9,7 @@ The tracker runs after the cell is committed: a tracker failure is reported, but
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,10 @@ WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")  # wa
 
 
 def check_logger(logger: Any) -> None:
-    """Refuse a logger config that would fail only after the cell has run: an unknown ``logger`` or a wandb
-    ``mode`` (or ``WANDB_MODE``) wandb does not know."""
+    """Refuse a logger config that would fail only after the cell has run: an unknown ``logger``, a wandb
+    ``mode`` (or ``WANDB_MODE``) wandb does not know, or ``wandb`` where the package is not installed (a
+    machine given only ``make carry-wheels``' wheels, which trace cells that log nowhere). The configuration
+    is checked before the environment, so a typo is named the same way on every machine."""
     name = logger.get("name")
     if name not in LOGGERS:
         raise ValueError(f"logger={name!r}; valid: {', '.join(LOGGERS)}")
@@ -51,6 +54,11 @@ def check_logger(logger: Any) -> None:
         ):
             if mode is not None and mode not in WANDB_MODES:
                 raise ValueError(f"{source}={mode!r} is not a wandb mode; valid: {', '.join(WANDB_MODES)}")
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError(
+                "logger=wandb, but the wandb package is not installed in this environment; install it "
+                "(pip install wandb) or choose logger=none"
+            )
 
 
 def log_cell(record: CellRecord, logger: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@ what is valid; a traceback only with HYDRA_FULL_ERROR=1."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -148,6 +149,18 @@ def test_a_wandb_mode_is_checked_wherever_it_is_set(
     monkeypatch.setenv("WANDB_MODE", environment)
     with pytest.raises(run_module.CellError, match=message):
         run_module.run(compose_cell(tmp_path, "logger=wandb", *overrides))
+
+
+def test_wandb_logging_without_the_package_is_refused_before_the_cell_runs(
+    tmp_path, nothing_loads, monkeypatch
+):
+    """Found on a machine given only the carried wheels: the cell ran, then its logging failed."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a)
+    )
+    with pytest.raises(run_module.CellError, match=r"logger=wandb, but the wandb package is not installed"):
+        run_module.run(compose_cell(tmp_path, "logger=wandb"))
 
 
 def test_a_ratio_that_keeps_no_patch_token_warns(tmp_path):
