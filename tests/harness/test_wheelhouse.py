@@ -15,13 +15,19 @@ from globalcom2.paths import PROJECT_ROOT
 pytestmark = pytest.mark.slow  # about 4 minutes: it downloads and installs every dependency
 
 
+def own_environment() -> dict[str, str]:
+    """This process's environment less what would leak into the project under test: an outer make's flags,
+    and a ``PYTHONPATH`` (a carried-wheels folder, say) that would shadow the venv this test builds."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "PYTHONPATH")}
+
+
 def make(directory: Path, *args: str, timeout: int = 1800) -> str:
     done = subprocess.run(
         ["make", "-C", str(directory), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")},
+        env=own_environment(),
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
@@ -41,6 +47,7 @@ def test_a_wheelhouse_installs_the_project_offline(tmp_path):
         capture_output=True,
         text=True,
         check=True,
+        env=own_environment(),
     ).stdout.split()
     for name in tracked:
         source = PROJECT_ROOT / name
@@ -56,5 +63,6 @@ def test_a_wheelhouse_installs_the_project_offline(tmp_path):
         capture_output=True,
         text=True,
         check=True,
+        env=own_environment(),
     ).stdout
     assert versions.startswith("2.13.0"), versions  # TORCH_SPEC's CPU torch, from the wheelhouse
