@@ -4,9 +4,9 @@ A random-initialised 7B/13B (``globalcom2.models.random_init``) has no checkpoin
 processor's tokenizer is byte-level, and it turns the Vicuna-v1 prompt's text into about 200 tokens where the
 real tokenizer makes about 50. At R = 0.1 the text would then be a third of the LLM's sequence and the
 measured prefill would time text the real model never sees. The counts below are what the real tokenizer
-gives each efficiency prompt; :func:`fit_text_tokens` drops tokens from the start of the system prompt until
-the byte-level prompt has that many text tokens (the weights are random, so which text tokens stay does not
-matter; only how many).
+gives each efficiency prompt, and :func:`fit_text_tokens` cuts the byte-level prompt to it on both sides of the
+image: :data:`PREFIX_TOKENS` before it, the rest after it (the weights are random, so which text tokens stay
+does not matter; how many do, and where the image sits among them).
 
 Provenance of the counts: the LLaMA-2 SentencePiece model (32,000 pieces; the tokenizer of Vicuna v1.5 and so
 of ``llava-hf/llava-v1.6-vicuna-{7b,13b}-hf``), file ``tokenizer.model`` of github.com/karpathy/llama2.c at
@@ -49,6 +49,8 @@ VICUNA_TEXT_TOKENS: dict[str, int] = {
     "What color is the square?": 48,
     "What color is the triangle?": 48,
 }
+#: Vicuna's text tokens before the image in every efficiency prompt: BOS, the system prompt and ``" USER: "``.
+PREFIX_TOKENS = 34
 SOURCE = (
     "LLaMA-2 SentencePiece (karpathy/llama2.c@350e04f tokenizer.model), LLaVA tokenizer_image_token "
     "(haotian-liu/LLaVA@c121f04 llava/mm_utils.py L185-204)"
@@ -66,29 +68,37 @@ def vicuna_text_tokens(question: str) -> int:
     return VICUNA_TEXT_TOKENS[question]
 
 
-def fit_text_tokens(inputs: dict[str, Any], image_token_id: int, target: int) -> dict[str, Any]:
-    """``inputs`` (one processor prompt, batch 1, no padding) with ``target`` text tokens.
+def fit_text_tokens(
+    inputs: dict[str, Any], image_token_id: int, target: int, prefix: int = PREFIX_TOKENS
+) -> dict[str, Any]:
+    """``inputs`` (one processor prompt, batch 1, no padding, one image) with ``target`` text tokens, ``prefix``
+    of them before the image as in Vicuna's prompt.
 
-    Keeps the first token (BOS), the image placeholders and everything after the first of them; drops the
-    tokens right after the first one (the start of the system prompt) as needed.
+    Keeps the first token (BOS) and the last ``prefix - 1`` tokens before the image, the image placeholders,
+    and the last ``target - prefix`` tokens after them (so the prompt still ends in ``" ASSISTANT:"``). Both
+    sides are cut, never grown: a byte-level tokenizer gives every text at least as many tokens as Vicuna's,
+    whose pieces are a byte or longer, and a question's bytes alone can outnumber the whole prompt's Vicuna
+    count, so cutting before the image alone cannot reach it.
 
     Raises:
-        ValueError: a batch, padding, or a prompt whose text before the image is too short to drop from.
+        ValueError: a batch, padding, no image or a split one, or a side too short to cut to its count.
     """
     ids = inputs["input_ids"]
     if ids.shape[0] != 1 or ("attention_mask" in inputs and not bool(inputs["attention_mask"].all())):
         raise ValueError("fit_text_tokens takes one prompt without padding")
-    row = ids[0]
-    is_image = row == image_token_id
-    text = int((~is_image).sum())
-    drop = text - target
-    first_image = int(is_image.float().argmax())
-    if drop < 0 or drop > first_image - 1:
+    row = ids[0]  # [L]
+    positions = (row == image_token_id).nonzero().flatten()  # [V]: the image placeholders
+    if positions.numel() == 0 or int(positions[-1] - positions[0]) + 1 != positions.numel():
+        raise ValueError("fit_text_tokens takes a prompt with one image, its placeholders in one run")
+    first, end = int(positions[0]), int(positions[-1]) + 1
+    before, after = first, row.numel() - end  # text tokens on each side, BOS in `before`
+    if not 1 <= prefix <= before or not 0 <= target - prefix <= after:
         raise ValueError(
-            f"cannot bring {text} text tokens to {target}: {first_image} tokens precede the image, the first "
-            "of which (BOS) stays"
+            f"cannot bring {before} + {after} text tokens (before + after the image) to {prefix} + "
+            f"{target - prefix}: a side can only be cut, and the BOS stays"
         )
-    keep = torch.cat([row[:1], row[1 + drop :]])[None]  # [1, L - drop]
+    tail = row.numel() - (target - prefix)  # where the kept text after the image starts
+    keep = torch.cat([row[:1], row[first - (prefix - 1) : end], row[tail:]])[None]  # [1, V + target]
     fitted = {**inputs, "input_ids": keep}
     if "attention_mask" in inputs:
         fitted["attention_mask"] = torch.ones_like(keep, dtype=inputs["attention_mask"].dtype)

@@ -13,7 +13,12 @@ import torch
 from globalcom2.data import demo
 from globalcom2.perf import efficiency
 from globalcom2.perf.efficiency import main, parse_variant, phases
-from globalcom2.perf.vicuna_prompt import vicuna_text_tokens
+from globalcom2.perf.vicuna_prompt import (
+    PREFIX_TOKENS,
+    VICUNA_TEXT_TOKENS,
+    fit_text_tokens,
+    vicuna_text_tokens,
+)
 from globalcom2.prompts import vicuna_v1_prompt
 
 VARIANTS = ["vanilla@1", "globalcom2@0.5", "globalcom2@0.1", "random@0.25", "fastv@0.25", "sparsevlm@0.25"]
@@ -153,10 +158,32 @@ def test_gpu_table_reports_peak_memory(tmp_path):
     assert record["provenance"]["hardware"]["gpu"]
 
 
-def test_fit_text_tokens_keeps_bos_and_the_image_and_refuses_what_it_cannot_do(processor):
+@pytest.mark.parametrize("question", sorted(VICUNA_TEXT_TOKENS))
+def test_every_efficiency_prompt_is_cut_to_vicunas_length_on_both_sides_of_the_image(processor, question):
+    """Every efficiency question, the long ones too: a question's bytes can outnumber its whole prompt's Vicuna
+    count, which a cut before the image alone could not reach (the first H100 run failed on one)."""
     from helpers import synthetic_image
 
-    from globalcom2.perf.vicuna_prompt import fit_text_tokens
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    inputs = dict(
+        processor(images=synthetic_image(672, 672), text=vicuna_v1_prompt(question), return_tensors="pt")
+    )
+    ids = inputs["input_ids"][0]
+    target = vicuna_text_tokens(question)
+    fitted = fit_text_tokens(inputs, image_token, target)
+    new = fitted["input_ids"][0]
+    is_image = new == image_token
+    assert int((~is_image).sum()) == target < int((ids != image_token).sum())
+    assert (
+        int(is_image.float().argmax()) == PREFIX_TOKENS
+    )  # BOS + system prompt + " USER: " in Vicuna's count
+    assert int(is_image.sum()) == int((ids == image_token).sum()) == 2928
+    assert new[0] == ids[0] and torch.equal(new[-8:], ids[-8:])  # BOS and the prompt's end stay
+    assert fitted["attention_mask"].shape == fitted["input_ids"].shape
+
+
+def test_fit_text_tokens_refuses_what_it_cannot_do(processor):
+    from helpers import synthetic_image
 
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     question = "What color is the square?"
@@ -164,14 +191,13 @@ def test_fit_text_tokens_keeps_bos_and_the_image_and_refuses_what_it_cannot_do(p
         processor(images=synthetic_image(672, 672), text=vicuna_v1_prompt(question), return_tensors="pt")
     )
     ids = inputs["input_ids"][0]
-    text = int((ids != image_token).sum())
-    fitted = fit_text_tokens(inputs, image_token, vicuna_text_tokens(question))
-    new = fitted["input_ids"][0]
-    assert int((new != image_token).sum()) == 48 < text
-    assert new[0] == ids[0] and torch.equal(new[-20:], ids[-20:])  # BOS and the question's end stay
-    assert int((new == image_token).sum()) == int((ids == image_token).sum()) == 2928
-    assert fitted["attention_mask"].shape == fitted["input_ids"].shape
-    with pytest.raises(ValueError, match="cannot bring"):
+    text, first = int((ids != image_token).sum()), int((ids == image_token).float().argmax())
+    with pytest.raises(ValueError, match="a side can only be cut"):
         fit_text_tokens(inputs, image_token, text + 1)
+    with pytest.raises(ValueError, match="a side can only be cut"):
+        fit_text_tokens(inputs, image_token, text, prefix=first + 1)
+    no_image = {**inputs, "input_ids": inputs["input_ids"][:, :first]}
+    with pytest.raises(ValueError, match="one image"):
+        fit_text_tokens(no_image, image_token, 10)
     with pytest.raises(KeyError, match="no recorded Vicuna token count for 'Why\\?'"):
         vicuna_text_tokens("Why?")
