@@ -3,8 +3,8 @@
 A GPU runs ahead of the Python thread that feeds it as long as nothing asks for a value on the host. Every call
 below does: reading a number (``item``, ``tolist``, ``bool(t)``, ``int(t)``), a result whose *size* depends on
 the data (``nonzero``, ``unique``, ``masked_select``, boolean-mask indexing, ``repeat_interleave`` without
-``output_size``, ``bincount``), a copy to host memory, or ``torch.tensor(data, device=...)`` (a copy from
-pageable host memory, which waits for the stream). On CUDA each one stalls
+``output_size``, ``bincount``), a copy to host memory, or a copy from pageable host memory, which waits for the
+stream (``torch.tensor(data, device=...)``, and a Python number put at tensor indices, ``t[rows, cols] = 1``). On CUDA each one stalls
 the launch queue until the device has caught up, which at small token counts is what makes a compressed prefill
 no faster than the full one. ``torch.cuda.set_sync_debug_mode`` finds them on a GPU only; this counter finds
 the same calls on a CPU, so CI can hold every method to a sync budget (``tests/efficiency/test_host_syncs.py``).
@@ -62,6 +62,18 @@ def _is_bool_index(index: Any) -> bool:
     return False
 
 
+def _number_put_by_tensor_index(index: Any, value: Any) -> bool:
+    """``t[rows, cols] = 1``: a Python number put at tensor indices. PyTorch wraps the number in a host
+    tensor and ``index_put_`` copies it to ``t``'s device with a blocking copy (pytorch/pytorch
+    ``aten/src/ATen/native/TensorAdvancedIndexing.cpp``, ``_index_put_impl_``: ``value.to(self.device())``),
+    which on CUDA waits for the stream. A slice or a boolean mask filled with a number (``fill_``,
+    ``masked_fill_``) does not; put a device tensor (``torch.ones_like``) or build the result without a
+    scatter instead."""
+    parts = index if isinstance(index, (tuple, list)) else (index,)
+    has_tensor = any(isinstance(part, torch.Tensor) and part.dim() > 0 for part in parts)
+    return has_tensor and isinstance(value, (bool, int, float, complex))
+
+
 def _to_host(args: tuple, kwargs: dict) -> bool:
     """``Tensor.to("cpu")``: a copy to host memory by name. (A ``torch.device`` target is the model's device
     in practice, ``x.to(other.device)``, which on a CPU run cannot be told apart from a copy to the host.)"""
@@ -85,7 +97,15 @@ def sync_kind(func: Callable[..., Any], args: tuple, kwargs: dict) -> str | None
     if kind is not None:
         return kind
     if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1:
-        return "bool_mask_index" if _is_bool_index(args[1]) else None
+        if _is_bool_index(args[1]):
+            return "bool_mask_index"
+        if (
+            func is torch.Tensor.__setitem__
+            and len(args) > 2
+            and _number_put_by_tensor_index(args[1], args[2])
+        ):
+            return "host_to_device"
+        return None
     if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
         if isinstance(repeats, torch.Tensor) and repeats.numel() > 1 and kwargs.get("output_size") is None:

@@ -87,8 +87,8 @@ def plan_relayout(
         inserted_hidden[dst_row, dst_col] = merged.hidden_states[slot_image, slot_rank]
         inserted_image = torch.full((batch, width), -1, dtype=torch.long, device=device)
         inserted_image[dst_row, dst_col] = slot_image
-        inserted_valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
-        inserted_valid[dst_row, dst_col] = True
+        # Not `inserted_valid[dst_row, dst_col] = True`: a number put at tensor indices is a blocking copy on CUDA.
+        inserted_valid = inserted_image >= 0  # [B, width]
         inserted_keys = torch.zeros(batch, width, dtype=torch.long, device=device)
         inserted_keys[dst_row, dst_col] = anchor[slot_image] * stride + 1 + slot_rank
         keys = torch.cat([columns * stride, inserted_keys], dim=1)  # [B, L + M]

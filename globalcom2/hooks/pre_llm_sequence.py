@@ -142,8 +142,10 @@ def rebuild_prompt(
     padded = any(n != new_length for n in row_lengths)
     if attention_mask is not None or padded:
         dtype = attention_mask.dtype if attention_mask is not None else torch.long
-        new_mask = torch.zeros((batch, new_length), dtype=dtype, device=device)
-        new_mask[rows, cols] = 1
+        # Left padding: a row's real tokens fill its last columns. (Not `new_mask[rows, cols] = 1`: a number put
+        # at tensor indices is a blocking host-to-device copy on CUDA.)
+        starts = (new_length - real_lengths)[:, None]  # [B, 1]
+        new_mask = (torch.arange(new_length, device=device) >= starts).to(dtype)  # [B, L']
         new_positions = new_mask.long().cumsum(-1) - 1  # [B, L']
         new_positions = new_positions.masked_fill(new_mask == 0, 0)
     else:

@@ -118,6 +118,8 @@ def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
         torch.repeat_interleave(x, x)
         torch.bincount(x, minlength=12)
         torch.tensor([1, 2], device=torch.device("meta"))  # a copy from host memory (on CUDA: a wait)
+        grid = torch.zeros(3, 4)
+        grid[x[:2], x[1:3]] = 1  # the number goes to the device as a blocking copy (index_put_)
     assert syncs.by_kind == {
         "item": 1,
         "tolist": 1,
@@ -126,7 +128,7 @@ def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
         "nonzero": 1,
         "repeat_interleave": 1,
         "bincount": 1,
-        "host_to_device": 1,
+        "host_to_device": 2,
     }
     with HostSyncCounter() as quiet:
         x[x.clamp(max=3)]  # integer indexing
@@ -134,4 +136,7 @@ def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
         x.topk(3)
         torch.where(mask, x, 0)
         x.to(torch.float32)
+        grid[x[:2], x[1:3]] = torch.ones(2)  # a device tensor put at tensor indices
+        grid[:, 2:] = 0  # a slice filled with a number (fill_)
+        grid[1] = 5
     assert quiet.total == 0, dict(quiet.by_kind)
