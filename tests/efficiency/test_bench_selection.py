@@ -6,19 +6,21 @@ import json
 
 import pytest
 
-from globalcom2.perf.globalcom2_selection import TARGET_ROW, main, summarise
+from globalcom2.perf.globalcom2_selection import TARGETS, main, summarise
 from globalcom2.perf.timing import time_interleaved
 
 
 def test_writes_every_row_and_the_target_verdict(tmp_path):
     record = main(["--repeats", "4", "--warmup", "1", "--out", str(tmp_path)])
     names = [row["variant"] for row in record["rows"]]
-    assert names[0].startswith("calibration") and TARGET_ROW in names
+    target_row, target_ms = TARGETS["cpu"]
+    assert names[0].startswith("calibration") and {row for row, _ in TARGETS.values()} <= set(names)
     assert {"[CLS] scores only, tiny d=64", "[CLS] scores only, CLIP-L d=1024"} <= set(names)
     assert sum(name.startswith("scores + selection") for name in names) == 6  # 2 layouts x 3 cases
     assert all(row["p25 (ms)"] > 0 for row in record["rows"])
-    target = next(row for row in record["rows"] if row["variant"] == TARGET_ROW)
-    assert record["target"]["met"] == (target["median (ms)"] <= 1.0)
+    target = next(row for row in record["rows"] if row["variant"] == target_row)
+    assert record["target"] == {"row": target_row, "ms": target_ms, "met": target["median (ms)"] <= target_ms}
+    assert "inputs in float32" in record["caption"]
     written = json.loads((tmp_path / "globalcom2_selection_cpu.json").read_text())
     assert written["rows"] == record["rows"] and written["settings"]["repeats"] == 4
     assert "torch" in written["provenance"]["versions"]
@@ -51,3 +53,4 @@ def test_runs_on_cuda(tmp_path):
     record = main(["--repeats", "4", "--warmup", "1", "--device", "cuda", "--out", str(tmp_path)])
     assert (tmp_path / "globalcom2_selection_cuda.json").exists()
     assert record["provenance"]["hardware"]["gpu"] and "cuda" in record["caption"]
+    assert record["target"]["row"] == TARGETS["cuda"][0] and "inputs in float16" in record["caption"]
