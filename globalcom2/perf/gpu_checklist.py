@@ -18,10 +18,11 @@ Steps:
 2. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, compile mode on CUDA, the benchmark's
    GPU columns);
 3. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
-4. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
-5. the batch effect in bf16 on the trained tiny model, every method at R = 0.25, batch 1 against 8;
-6. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
-   through ``launcher=accelerate`` where there are two GPUs);
+4. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
+   through ``launcher=accelerate`` where there are two GPUs): correctness before speed, and the first H100
+   run, which had them last, ran out of budget inside them;
+5. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
+6. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
 7. the 13B efficiency table (SDPA, eager and compiled), if time is left.
 
 Steps 4-6 run ``globalcom2.run`` and so need lmms-eval and Hydra: ``make carry-wheels HAVE=<the machine's pip
@@ -109,6 +110,12 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             ("efficiency/globalcom2_selection_cuda.md", "efficiency/globalcom2_selection_cuda.json"),
         ),
         Step(
+            "main_path_tests",
+            [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu/test_run_on_gpu.py"],
+            240,
+            main_path=True,
+        ),
+        Step(
             "throughput_7b",
             [python, "-m", "globalcom2.perf.throughput", "--model", "llava_next_7b", "--random-init",
              "--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "16", "1", "8", "--prefetch", "on"],
@@ -124,12 +131,6 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             240,
             ("throughput/tiny_trained_cuda_batch_effect_invariant_both.md",
              "throughput/tiny_trained_cuda_batch_effect_invariant_both.json"),
-            main_path=True,
-        ),
-        Step(
-            "main_path_tests",
-            [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu/test_run_on_gpu.py"],
-            240,
             main_path=True,
         ),
         Step(

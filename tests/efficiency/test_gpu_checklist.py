@@ -22,9 +22,9 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
         "efficiency_7b",
         "gpu_tests",
         "selection",
+        "main_path_tests",
         "throughput_7b",
         "batch_effect_bf16",
-        "main_path_tests",
         "efficiency_13b",
     ]
     assert main(["--dry-run", "--carried", ".whl"]) == 0  # the carried wheels are checked before any step
