@@ -48,6 +48,7 @@ from globalcom2.perf.efficiency import Variant, parse_variant
 from globalcom2.provenance import provenance
 from globalcom2.records import ratio_label
 from globalcom2.sample_records import RECORDS_FILE, SampleRecord, read_jsonl
+from globalcom2.stage_timing import OTHER, STAGES
 from globalcom2.store import Cell, LoadedCell, current_cell_id
 
 MODES = ("throughput", "batch-effect")
@@ -170,6 +171,15 @@ def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecor
         "generate_s": total("total_s"),
         "postprocess_s": total("postprocess_s"),
     }
+    # Where generate's time went, from each call's stage clock (CUDA events on a GPU): the columns that say
+    # whether a slow cell is prefill-bound, decode-bound or host-bound. Not part of `overlap`: they split
+    # generate_s, they are not beside it.
+    generate_stages = {
+        f"{name}_s": sum((c.stages_s or {}).get(name, 0.0) for c in calls)
+        if any(c.stages_s for c in calls)
+        else None
+        for name in (*STAGES, OTHER)
+    }
     loop = total("loop_s")
     evaluate = timings.get("evaluate_s")
     generate_until = timings.get("generate_until_s")
@@ -186,6 +196,7 @@ def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecor
         "samples/s (loop)": latency["throughput_samples_per_s_end_to_end"],
         "samples/s (evaluate)": len(records) / evaluate if evaluate else None,
         **stages,
+        **generate_stages,
         "wait_s": total("wait_s"),
         "loop_s": loop,
         "overlap": sum(stages.values()) / loop if loop else None,

@@ -85,6 +85,9 @@ def test_batch_effect_of_real_cells_is_none_in_fp32(tmp_path):
         )  # the first batch is reported apart
         assert row["samples/s (loop)"] > 0 and row["generate_s"] > 0 and row["loop_s"] > 0
         assert row["lmms_eval_s"] is not None and row["lmms_eval_s"] >= 0
+        split = [row[f"{name}_s"] for name in ("vision", "compression", "llm_prefill", "decode", "other")]
+        assert all(part > 0 for part in split[:4]), split  # GlobalCom² compresses: every stage took time
+        assert sum(split) == pytest.approx(row["generate_s"], rel=1e-6)  # the stages split generate's time
     assert cells[1]["padded share"] == 0
 
 
