@@ -201,3 +201,34 @@ def test_fit_text_tokens_refuses_what_it_cannot_do(processor):
         fit_text_tokens(no_image, image_token, 10)
     with pytest.raises(KeyError, match="no recorded Vicuna token count for 'Why\\?'"):
         vicuna_text_tokens("Why?")
+
+
+def test_the_random_init_path_runs_end_to_end_on_a_shrunken_7b(tmp_path, monkeypatch):
+    """``--random-init 7b`` as the GPU checklist runs it (five images, Vicuna-length prompts), on the CPU: the
+    7B's geometry (CLIP at 336 px, AnyRes, the byte-level processor) with its widths and depths cut down.
+    The first H100 run lost its efficiency step to a prompt that only this path builds."""
+    from globalcom2.models import random_init
+
+    monkeypatch.setitem(
+        random_init.VICUNA,
+        "7b",
+        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+    )
+    monkeypatch.setattr(
+        random_init,
+        "CLIP_L_336",
+        {**random_init.CLIP_L_336, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "projection_dim": 32},
+    )  # fmt: skip
+    argv = ["--random-init", "7b", "--device", "cpu", "--images", "5", "--new-tokens", "2"]
+    main([*argv, "--out", str(tmp_path), "--variants", "vanilla@1", "globalcom2@0.1"])
+    record = json.loads((tmp_path / "llava_next_7b_random_init_cpu.json").read_text())
+    questions = [item.question for item in demo.generate_items("efficiency", size=5)]
+    after_image = [len(f"\n{q} ASSISTANT:".encode()) for q in questions]  # byte-level tokens after the image
+    assert any(
+        n >= vicuna_text_tokens(q) for n, q in zip(after_image, questions, strict=True)
+    )  # the hard case
+    mean_text = sum(vicuna_text_tokens(q) for q in questions) / 5
+    table = pd.read_csv(tmp_path / "llava_next_7b_random_init_cpu.csv")
+    assert list(table["method"]) == ["vanilla", "globalcom2"] and (table["text tokens"] == mean_text).all()
+    assert record["complete"] is True and not record["failures"]
