@@ -1,4 +1,5 @@
-"""On a GPU, CUDA's own sync detector holds every method to the budget the CPU counter checks in CI.
+"""On a GPU, CUDA's own sync detector holds every method to the budget the CPU counter checks in CI, and
+checks that the counter sees every wait a method adds.
 
 ``torch.cuda.set_sync_debug_mode("warn")`` warns at every call that makes the host wait for the device
 (reading a value, a data-dependent size, a blocking copy). A prefill of each method may add at most 3 such
@@ -15,24 +16,30 @@ import torch
 from helpers import prompt_inputs
 
 from globalcom2 import attach
+from globalcom2.efficiency.host_syncs import HostSyncCounter
 from globalcom2.methods import METHODS, InLLMMethod
 
 pytestmark = pytest.mark.gpu
 PER_FORWARD = 3
 
 
-def cuda_syncs(model, inputs) -> int:
+def both_counts(model, inputs) -> tuple[int, int]:
+    """``(CUDA's waits, the CPU counter's reads)`` of one warm prefill forward, counted in the same call."""
     with torch.inference_mode():
         model(**inputs, use_cache=True)  # warm: constant caches are built outside the count
         torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, HostSyncCounter() as counter:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 model(**inputs, use_cache=True)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sum("synchroniz" in str(w.message) for w in caught), counter.total
+
+
+def cuda_syncs(model, inputs) -> int:
+    return both_counts(model, inputs)[0]
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +66,22 @@ def test_prefill_waits_for_the_device_at_most_its_budget(cuda_model, images, nam
             else 1
         )
     assert syncs - baseline <= PER_FORWARD * stages, f"{name}: {syncs} waits vs vanilla's {baseline}"
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS.names() if m != "vanilla"])
+def test_the_cpu_counter_sees_every_wait_a_method_adds(cuda_model, images, name):
+    """CI holds the methods to their budgets with the CPU counter only; that is sound while every wait a method
+    adds on CUDA is one the counter also sees. The unmodified model's own waits (CUDA sees one the counter
+    does not, inside transformers or a C++ op) cancel out in the difference."""
+    model, processor = cuda_model
+    inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    cuda_base, counter_base = both_counts(model, inputs)
+    params = {"retention_ratio": 0.25}
+    if name == "sparsevlm":
+        params["equivalent_tokens"] = "layer_output"
+    with attach(model, name, **params):
+        cuda, counter = both_counts(model, inputs)
+    assert cuda - cuda_base == counter - counter_base, (
+        f"{name}: CUDA waits {cuda_base} -> {cuda}, CPU counter {counter_base} -> {counter}"
+    )
