@@ -3,11 +3,12 @@
 A GPU runs ahead of the Python thread that feeds it as long as nothing asks for a value on the host. Every call
 below does: reading a number (``item``, ``tolist``, ``bool(t)``, ``int(t)``), a result whose *size* depends on
 the data (``nonzero``, ``unique``, ``masked_select``, boolean-mask indexing, ``repeat_interleave`` without
-``output_size``, ``bincount``), a copy to host memory, or a copy from pageable host memory, which waits for the
-stream (``torch.tensor(data, device=...)``, and a Python number put at tensor indices, ``t[rows, cols] = 1``). On CUDA each one stalls
-the launch queue until the device has caught up, which at small token counts is what makes a compressed prefill
-no faster than the full one. ``torch.cuda.set_sync_debug_mode`` finds them on a GPU only; this counter finds
-the same calls on a CPU, so CI can hold every method to a sync budget (``tests/efficiency/test_host_syncs.py``).
+``output_size``, ``bincount``), a copy to host memory, or a copy from pageable host memory, which waits for
+the stream (``torch.tensor(data, device=...)``; indexing with host data or putting a number at tensor indices,
+:func:`indexing_sync`). On CUDA each one stalls the launch queue until the device has caught up, which at small
+token counts is what makes a compressed prefill no faster than the full one. ``torch.cuda.set_sync_debug_mode``
+finds them on a GPU only; this counter finds the same calls on a CPU, so CI can hold every method to a sync
+budget (``tests/efficiency/test_host_syncs.py``).
 
 It is a :class:`torch.overrides.TorchFunctionMode`: it sees the torch functions and tensor methods called from
 Python (all of transformers and of this package), not the ones C++ code calls internally, so it is a lower
@@ -17,6 +18,7 @@ while its own handler runs).
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -53,25 +55,52 @@ ALWAYS_SYNC: dict[Callable[..., Any], str] = {
 }
 
 
-def _is_bool_index(index: Any) -> bool:
-    """A boolean tensor anywhere in an indexing expression (``x[mask]``, ``x[:, mask]``)."""
-    if isinstance(index, torch.Tensor):
-        return index.dtype == torch.bool and index.dim() > 0
-    if isinstance(index, (tuple, list)):
-        return any(_is_bool_index(part) for part in index)
-    return False
+_NO_VALUE = object()
 
 
-def _number_put_by_tensor_index(index: Any, value: Any) -> bool:
-    """``t[rows, cols] = 1``: a Python number put at tensor indices. PyTorch wraps the number in a host
-    tensor and ``index_put_`` copies it to ``t``'s device with a blocking copy (pytorch/pytorch
-    ``aten/src/ATen/native/TensorAdvancedIndexing.cpp``, ``_index_put_impl_``: ``value.to(self.device())``),
-    which on CUDA waits for the stream. A slice or a boolean mask filled with a number (``fill_``,
-    ``masked_fill_``) does not; put a device tensor (``torch.ones_like``) or build the result without a
-    scatter instead."""
-    parts = index if isinstance(index, (tuple, list)) else (index,)
-    has_tensor = any(isinstance(part, torch.Tensor) and part.dim() > 0 for part in parts)
-    return has_tensor and isinstance(value, (bool, int, float, complex))
+def _is_integer_scalar_tensor(part: Any) -> bool:
+    return (
+        isinstance(part, torch.Tensor)
+        and part.dim() == 0
+        and not (part.is_floating_point() or part.is_complex())
+    )
+
+
+def indexing_sync(tensor: torch.Tensor, index: Any, value: Any = _NO_VALUE) -> str | None:
+    """The kind under which ``tensor[index]`` (or ``tensor[index] = value``) is counted, or ``None``.
+
+    How PyTorch runs Python indexing on a CUDA tensor (``torch/csrc/autograd/python_variable_indexing.cpp``
+    and ``aten/src/ATen/native/TensorAdvancedIndexing.cpp`` in the 2.x sources; a torch 2.11 H100 run saw
+    CUDA's sync detector flag the number put at tensor indices):
+
+    * a 0-dim integer tensor in the index is read on the host (``item``), getting or putting;
+    * a boolean mask is expanded by ``nonzero`` (a data-dependent size), except ``t[mask] = number`` (also
+      with slices beside the mask), which becomes ``masked_fill_`` and reads nothing;
+    * a list in the index is host data, copied to the device with a blocking copy;
+    * a number put at tensor indices (``t[rows, cols] = 1``) is wrapped in a host tensor that
+      ``_index_put_impl_`` copies to the device with a blocking copy (``value.to(self.device())``), and a
+      number put into one element (``t[0, 3] = 1``) is a blocking 0-dim ``copy_``. A slice or a row filled
+      with a number (``fill_``) is not: put a device tensor (``torch.ones_like``) or build the result
+      without a scatter instead. (Newer PyTorch may drop the first of these waits: pytorch/pytorch#188330.)
+    """
+    parts = index if isinstance(index, tuple) else (index,)  # a list is one advanced index, as in NumPy
+    if any(_is_integer_scalar_tensor(part) for part in parts):
+        return "index"
+    masks = [p for p in parts if isinstance(p, torch.Tensor) and p.dtype == torch.bool and p.dim() > 0]
+    putting_number = value is not _NO_VALUE and isinstance(value, numbers.Number)
+    if masks:
+        others_are_slices = all(isinstance(p, slice) or p is Ellipsis for p in parts if p is not masks[0])
+        return None if putting_number and len(masks) == 1 and others_are_slices else "bool_mask_index"
+    if any(isinstance(part, list) for part in parts):
+        return "host_to_device"
+    if putting_number:
+        if any(isinstance(part, torch.Tensor) and part.dim() > 0 for part in parts):
+            return "host_to_device"
+        one_element = len(parts) == tensor.dim() and all(
+            isinstance(part, int) and not isinstance(part, bool) for part in parts
+        )
+        return "host_to_device" if one_element else None
+    return None
 
 
 def _to_host(args: tuple, kwargs: dict) -> bool:
@@ -96,16 +125,10 @@ def sync_kind(func: Callable[..., Any], args: tuple, kwargs: dict) -> str | None
     kind = ALWAYS_SYNC.get(func)
     if kind is not None:
         return kind
-    if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1:
-        if _is_bool_index(args[1]):
-            return "bool_mask_index"
-        if (
-            func is torch.Tensor.__setitem__
-            and len(args) > 2
-            and _number_put_by_tensor_index(args[1], args[2])
-        ):
-            return "host_to_device"
-        return None
+    if func is torch.Tensor.__getitem__ and len(args) > 1:
+        return indexing_sync(args[0], args[1])
+    if func is torch.Tensor.__setitem__ and len(args) > 2:
+        return indexing_sync(args[0], args[1], args[2])
     if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
         if isinstance(repeats, torch.Tensor) and repeats.numel() > 1 and kwargs.get("output_size") is None:

@@ -5,7 +5,8 @@ layer's keys, at the tiny model's width and at CLIP-L/14's) and the whole per-im
 allocation + interpolation + holistic scoring + per-crop selection + layout (``GlobalCom2.select``), for
 both layouts, at 672x672 (2x2 crops, no padding; the target case) and 1000x600 (letterboxed). Targets
 per 672x672 image (:data:`TARGETS`): on a CPU, scores + allocation + selection <= 1 ms at the tiny width;
-on a GPU, <= 0.13 ms at CLIP-L's width in fp16, where launch overhead, not arithmetic, sets the time. The
+on a GPU, <= 0.13 ms at CLIP-L's width in fp16, where launch overhead, not arithmetic, sets the time (the
+project's GPU target; its first measurement, on an H200, was 0.38 ms). The
 reference implementation loops in Python over tokens.
 
 Every variant runs round-robin (:func:`time_interleaved`), so a change in the machine's speed during the
@@ -64,7 +65,7 @@ def variants(device: torch.device) -> dict[str, Callable[[], object]]:
             keys = torch.randn(layout.num_views, 577, width, generator=generator).to(
                 device, dtype
             )  # [V, 577, D]
-            features = torch.zeros(layout.num_tokens, 1, device=device)
+            features = torch.zeros(layout.num_tokens, 1, device=device, dtype=dtype)
 
             def scores(query=query, keys=keys, heads=heads, scale=scale) -> torch.Tensor:
                 return cls_patch_scores(query, keys, heads, scale)

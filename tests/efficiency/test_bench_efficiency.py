@@ -178,7 +178,13 @@ def test_every_efficiency_prompt_is_cut_to_vicunas_length_on_both_sides_of_the_i
         int(is_image.float().argmax()) == PREFIX_TOKENS
     )  # BOS + system prompt + " USER: " in Vicuna's count
     assert int(is_image.sum()) == int((ids == image_token).sum()) == 2928
-    assert new[0] == ids[0] and torch.equal(new[-8:], ids[-8:])  # BOS and the prompt's end stay
+    first = int((ids == image_token).float().argmax())
+    after = target - PREFIX_TOKENS
+    assert new[0] == ids[0]  # BOS
+    assert torch.equal(
+        new[1:PREFIX_TOKENS], ids[first - PREFIX_TOKENS + 1 : first]
+    )  # the end of the text before
+    assert torch.equal(new[-after:], ids[-after:])  # the end of the prompt (" ASSISTANT:")
     assert fitted["attention_mask"].shape == fitted["input_ids"].shape
 
 
@@ -192,6 +198,11 @@ def test_fit_text_tokens_refuses_what_it_cannot_do(processor):
     )
     ids = inputs["input_ids"][0]
     text, first = int((ids != image_token).sum()), int((ids == image_token).float().argmax())
+    images = int((ids == image_token).sum())
+    bare = fit_text_tokens(inputs, image_token, 1, prefix=1)["input_ids"][0]  # BOS and the image only
+    assert bare[0] == ids[0] and int((bare == image_token).sum()) == images == bare.numel() - 1
+    before_only = fit_text_tokens(inputs, image_token, 5, prefix=5)["input_ids"][0]
+    assert torch.equal(before_only[1:5], ids[first - 4 : first]) and before_only[-1] == image_token
     with pytest.raises(ValueError, match="a side can only be cut"):
         fit_text_tokens(inputs, image_token, text + 1)
     with pytest.raises(ValueError, match="a side can only be cut"):

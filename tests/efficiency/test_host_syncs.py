@@ -120,15 +120,20 @@ def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
         torch.tensor([1, 2], device=torch.device("meta"))  # a copy from host memory (on CUDA: a wait)
         grid = torch.zeros(3, 4)
         grid[x[:2], x[1:3]] = 1  # the number goes to the device as a blocking copy (index_put_)
+        grid[0, 3] = 1  # one element: a blocking 0-dim copy
+        x[[0, 2]]  # a list index is host data copied to the device
+        x[x[3]]  # a 0-dim integer tensor index is read on the host
+        grid[x[:3] > 0] = torch.ones(4)  # a mask put with a tensor: index_put_ expands the mask (nonzero)
     assert syncs.by_kind == {
         "item": 1,
         "tolist": 1,
         "bool": 1,
-        "bool_mask_index": 1,
+        "bool_mask_index": 2,
         "nonzero": 1,
         "repeat_interleave": 1,
         "bincount": 1,
-        "host_to_device": 2,
+        "host_to_device": 4,
+        "index": 1,
     }
     with HostSyncCounter() as quiet:
         x[x.clamp(max=3)]  # integer indexing
@@ -138,5 +143,7 @@ def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
         x.to(torch.float32)
         grid[x[:2], x[1:3]] = torch.ones(2)  # a device tensor put at tensor indices
         grid[:, 2:] = 0  # a slice filled with a number (fill_)
-        grid[1] = 5
+        grid[1] = 5  # a row filled with a number
+        grid[grid > 0] = 0  # a mask filled with a number: masked_fill_
+        grid[:, x[:4] > 1] = 2
     assert quiet.total == 0, dict(quiet.by_kind)

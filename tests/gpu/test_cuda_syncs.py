@@ -71,7 +71,7 @@ def test_prefill_waits_for_the_device_at_most_its_budget(cuda_model, images, nam
 @pytest.mark.parametrize("name", [m for m in METHODS.names() if m != "vanilla"])
 def test_the_cpu_counter_sees_every_wait_a_method_adds(cuda_model, images, name):
     """CI holds the methods to their budgets with the CPU counter only; that is sound while every wait a method
-    adds on CUDA is one the counter also sees. The unmodified model's own waits (CUDA sees one the counter
+    adds on CUDA is one the counter also sees (it may see more). The unmodified model's own waits (CUDA sees one the counter
     does not, inside transformers or a C++ op) cancel out in the difference."""
     model, processor = cuda_model
     inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
@@ -82,6 +82,6 @@ def test_the_cpu_counter_sees_every_wait_a_method_adds(cuda_model, images, name)
         params["equivalent_tokens"] = "layer_output"
     with attach(model, name, **params):
         cuda, counter = both_counts(model, inputs)
-    assert cuda - cuda_base == counter - counter_base, (
+    assert cuda - cuda_base <= counter - counter_base, (
         f"{name}: CUDA waits {cuda_base} -> {cuda}, CPU counter {counter_base} -> {counter}"
-    )
+    )  # the counter may count more (it judges by pattern, on any device): that only makes CI stricter
