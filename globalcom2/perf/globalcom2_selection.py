@@ -6,8 +6,8 @@ allocation + interpolation + holistic scoring + per-crop selection + layout (``G
 both layouts, at 672x672 (2x2 crops, no padding; the target case) and 1000x600 (letterboxed). Targets
 per 672x672 image (:data:`TARGETS`): on a CPU, scores + allocation + selection <= 1 ms at the tiny width;
 on a GPU, <= 0.13 ms at CLIP-L's width in fp16, where launch overhead, not arithmetic, sets the time (the
-project's GPU target; its first measurement, on an H200, was 0.38 ms). The
-reference implementation loops in Python over tokens.
+project's GPU target; its first measurement, on an H200, was 0.38 ms). The reference implementation loops
+in Python over tokens.
 
 Every variant runs round-robin (:func:`time_interleaved`), so a change in the machine's speed during the
 run affects all rows alike. A calibration row, one elementwise add on 2,880 floats, shows the machine's
