@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import prompt_inputs
+from helpers import prompt_inputs, sync_budget_params
 
 from globalcom2 import attach
 from globalcom2.efficiency.host_syncs import HostSyncCounter
@@ -19,13 +19,6 @@ from globalcom2.methods import METHODS, InLLMMethod
 from globalcom2.prompts import vicuna_v1_prompt
 
 PER_FORWARD = 3  # extra host reads a pre-LLM method (or a one-stage in-LLM method) may add to a prefill
-
-
-def method_params(name: str) -> dict:
-    params = {} if name == "vanilla" else {"retention_ratio": 0.25}
-    if name == "sparsevlm":
-        params["equivalent_tokens"] = "layer_output"  # the 4-layer tiny model cannot reach 0.25 layer_input
-    return params
 
 
 def budget(handle, num_layers: int) -> int:
@@ -51,7 +44,7 @@ def single(tiny, images):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_prefill_adds_at_most_its_budget_of_host_reads(model, single, name):
     baseline = count_prefill(model, single).total
-    with attach(model, name, **method_params(name)) as handle:
+    with attach(model, name, **sync_budget_params(name)) as handle:
         syncs = count_prefill(model, single)
     extra = syncs.total - baseline
     allowed = budget(handle, len(model.model.language_model.layers))
@@ -78,7 +71,7 @@ def test_a_batch_costs_no_more_host_reads_per_forward_than_one_prompt(model, pro
         images=[images[(672, 672)], images[(1008, 336)]], text=text, return_tensors="pt", padding=True
     )
     baseline = count_prefill(model, batch).total
-    with attach(model, name, **method_params(name)) as handle:
+    with attach(model, name, **sync_budget_params(name)) as handle:
         syncs = count_prefill(model, batch)
     extra = syncs.total - baseline
     assert extra <= budget(handle, len(model.model.language_model.layers)) + (name in PER_IMAGE_READ), (
@@ -102,7 +95,7 @@ def test_decode_steps_after_a_compressed_prefill_add_no_host_read(model, single,
         return syncs.total
 
     baseline = decode_syncs()
-    with attach(model, name, **method_params(name)):
+    with attach(model, name, **sync_budget_params(name)):
         assert decode_syncs() <= baseline
 
 

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import prompt_inputs
+from helpers import prompt_inputs, sync_budget_params
 
 from globalcom2 import attach
 from globalcom2.efficiency.host_syncs import HostSyncCounter
@@ -49,16 +49,18 @@ def cuda_model():
     return load_tiny_llava_next(seed=0, device="cuda", dtype="bfloat16")
 
 
+def cuda_inputs(processor, images):
+    inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    return inputs
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_prefill_waits_for_the_device_at_most_its_budget(cuda_model, images, name):
     model, processor = cuda_model
-    inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    inputs = cuda_inputs(processor, images)
     baseline = cuda_syncs(model, inputs)
-    params = {} if name == "vanilla" else {"retention_ratio": 0.25}
-    if name == "sparsevlm":
-        params["equivalent_tokens"] = "layer_output"
-    with attach(model, name, **params) as handle:
+    with attach(model, name, **sync_budget_params(name)) as handle:
         syncs = cuda_syncs(model, inputs)
         stages = (
             len(handle.method.checked_stage_layers(model.config.text_config.num_hidden_layers))
@@ -71,16 +73,12 @@ def test_prefill_waits_for_the_device_at_most_its_budget(cuda_model, images, nam
 @pytest.mark.parametrize("name", [m for m in METHODS.names() if m != "vanilla"])
 def test_the_cpu_counter_sees_every_wait_a_method_adds(cuda_model, images, name):
     """CI holds the methods to their budgets with the CPU counter only; that is sound while every wait a method
-    adds on CUDA is one the counter also sees (it may see more). The unmodified model's own waits (CUDA sees one the counter
-    does not, inside transformers or a C++ op) cancel out in the difference."""
+    adds on CUDA is one the counter also sees (it may see more). The unmodified model's own waits (CUDA sees
+    one the counter does not, inside transformers or a C++ op) cancel out in the difference."""
     model, processor = cuda_model
-    inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    inputs = cuda_inputs(processor, images)
     cuda_base, counter_base = both_counts(model, inputs)
-    params = {"retention_ratio": 0.25}
-    if name == "sparsevlm":
-        params["equivalent_tokens"] = "layer_output"
-    with attach(model, name, **params):
+    with attach(model, name, **sync_budget_params(name)):
         cuda, counter = both_counts(model, inputs)
     assert cuda - cuda_base <= counter - counter_base, (
         f"{name}: CUDA waits {cuda_base} -> {cuda}, CPU counter {counter_base} -> {counter}"
