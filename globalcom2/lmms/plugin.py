@@ -64,7 +64,7 @@ from globalcom2.efficiency.summary import latency_summary
 from globalcom2.lmms.batch_pipeline import DEFAULT_LOOKAHEAD, BatchFeeder, ReadyBatch
 from globalcom2.lmms.manifest import MODEL_ID
 from globalcom2.models.batch_invariant import batch_invariant, forced_gqa
-from globalcom2.models.compiled import compile_model
+from globalcom2.models.compiled import WARMUP_NEW_TOKENS, compile_model
 from globalcom2.models.preload import check_device
 from globalcom2.protocol.batching import PreparedBatch, decode_answer, prepare_batch
 from globalcom2.protocol.generation import GenerationSettings
@@ -404,7 +404,8 @@ class GlobalCom2LlavaNext(lmms):
         try:
             with torch.inference_mode(), mode:
                 if self.profile and not self._warmed_up and self.warmup_calls:
-                    warm = {**kwargs, "max_new_tokens": min(2, setting.max_new_tokens)}
+                    tokens = min(WARMUP_NEW_TOKENS, setting.max_new_tokens)  # every graph compile mode needs
+                    warm = {**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}
                     self.profiler.warmup(lambda: self.model.generate(**inputs, **warm), self.warmup_calls)
                 self._warmed_up = True
                 self.attachment.stats.clear()  # only this call's stats from here on

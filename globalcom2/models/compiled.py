@@ -1,28 +1,34 @@
-"""An overhead-free execution mode: the vision tower's and the LLM's layers run compiled in a prefill.
+"""An overhead-free execution mode: the vision tower's and the LLM's layers run compiled.
 
 At the token counts compression leaves (a few hundred), a 7B prefill is bound by the host: every decoder
-layer launches a few dozen small kernels from Python, and the GPU waits for them. ``torch.compile`` fuses
-each layer into a few kernels launched from one call, so the measured prefill shows more of the work and
-less of the launches.
+layer launches a few dozen small kernels from Python, and the GPU waits for them. A decode step (one token)
+is bound by the host at every token count. ``torch.compile`` fuses each layer into a few kernels launched
+from one call, so the measured prefill and decode show more of the work and less of the launches.
 
 What is compiled, and why exactly that:
 
 * each CLIP encoder layer and each decoder layer's ``forward`` (the module's own hooks stay outside the
   compiled code, so the in-LLM methods' pre-hooks on the decoder layers act as in eager mode);
-* decoder layers only for prompts longer than one token: decode steps grow the KV cache by one each, which
-  under CUDA graphs would record a new graph per step;
+* the decoder layers in the prefill and in the decode steps under the modes without CUDA graphs
+  (``default``, ``max-autotune-no-cudagraphs``); under the CUDA-graph modes in the prefill only, since decode
+  steps grow the KV cache by one each, so CUDA graphs would record a new graph per step;
 * a layer runs eager whenever one of its submodules carries a hook (GlobalCom²'s [CLS] capture on the score
   layer's projections, an in-LLM method's scoring hook on an attention module), so a method's hooks always
-  see eager tensors and its code is never traced.
+  see eager tensors and its code is never traced. transformers' own output-capturing hooks do not count:
+  ``capture_outputs`` installs them on every CLIP attention module at the vision tower's first call, and
+  they stay, so counting them kept every vision layer eager. dynamo cannot trace their ``ContextVar.get``
+  and breaks each vision layer's graph in two around the hook, which then runs eager as it must.
 
-Shapes are dynamic (``dynamic=True``), so a new prompt length does not recompile. The vision layers share
-one graph. Each decoder layer gets its own: ``Cache.update`` indexes the cache's per-layer list with the
-layer's ``layer_idx``, and dynamo guards on that slot. dynamo counts these graphs against one
+Shapes are dynamic (``dynamic=True``), so a new prompt length or a longer KV cache does not recompile; sizes
+0 and 1 are specialised, so the one-token decode step and batch size 1 get graphs of their own, and so does
+the second decode step, whose cache has another memory layout than the first's (:data:`WARMUP_NEW_TOKENS`). The vision
+layers share one graph. Each decoder layer gets its own: ``Cache.update`` indexes the cache's per-layer list
+with the layer's ``layer_idx``, and dynamo guards on that slot. dynamo counts these graphs against one
 ``recompile_limit`` (8 by default; in transformers 5.x the CLIP and LLaMA layers' forwards share one code
 object), past which it silently runs the remaining layers eager: :func:`compile_model` raises the limit to
-the model's layer count plus a margin while a model is compiled, and restores it when the last handle is
-removed. The decoder layers' graphs are identical, so inductor's FX graph cache compiles the first ones and
-serves the rest (on CPU, 6 LLaMA layers: 2 compiled, 4 served from the cache).
+what the model can need (:func:`recompile_limit_for`) while a model is compiled, and restores it when the
+last handle is removed. The decoder layers' graphs are identical, so inductor's FX graph cache compiles the
+first ones and serves the rest (on CPU, 6 LLaMA layers: 2 compiled, 4 served from the cache).
 
 **The default mode is ``default`` on every device**, not ``reduce-overhead`` (CUDA graphs). Two reasons,
 both from compiling per layer: under inference, every call of a compiled function starts a new CUDA-graph
@@ -33,9 +39,10 @@ name: for them :func:`compile_model` marks a new CUDA-graph step at each of the 
 (``torch.compiler.cudagraph_mark_step_begin``, the remedy torch's own error message names), so one prefill's
 layers form one generation; ``tests/models/test_compiled.py`` checks both modes on CUDA.
 
-The first call compiles (seconds to minutes); harnesses report it apart (``SampleRecord.first_call``).
-Outputs equal eager within floating-point reassociation, and greedy answers are identical on the tests'
-prompts (``tests/models/test_compiled.py``).
+The first call compiles (seconds to minutes), and the first decode step and the first batch of a new size
+compile again; harnesses report the first call apart (``SampleRecord.first_call``). Outputs equal eager
+within floating-point reassociation, and greedy answers are identical on the tests' prompts
+(``tests/models/test_compiled.py``).
 """
 
 from __future__ import annotations
@@ -52,8 +59,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 DEFAULT_COMPILE_MODE = "default"
 #: The modes that replay CUDA graphs: each model forward marks a new CUDA-graph step under them.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-#: dynamo's recompile limit while a model is compiled: one graph per decoder layer, one for the vision
-#: layers, and room for a few shape or dtype changes.
+#: Room in dynamo's recompile limit, past what :func:`recompile_limit_for` counts, for a dtype change or a
+#: shape that specialises.
 RECOMPILE_MARGIN = 8
 
 
@@ -121,12 +128,28 @@ class CompiledLayers:
 _recompile_limit_state: dict[str, int] = {"live": 0, "saved": 0}
 
 
-def _raise_recompile_limit(layers: int) -> None:
+#: The calls of a ``generate`` that meet every graph a decoder layer needs: the prefill, the first decode step
+#: (its KV cache is the prefill's keys and values, strided views of the projections) and a later one (a
+#: contiguous cache grown by ``torch.cat``); dynamo guards on that layout, so each is a graph of its own. A
+#: warm-up of this many new tokens compiles them all, so a timed call never compiles.
+WARMUP_NEW_TOKENS = 3
+
+
+def recompile_limit_for(vision_layers: int, decoder_layers: int, decode_compiled: bool) -> int:
+    """The graphs one model's compiled layers can need from the code object they share: one per vision
+    layer (they share one; counted per layer to stay safe), and per decoder layer one for each specialised
+    case it meets, batch size 1 or more times the prefill and, where compiled, the first and the later decode
+    steps (:data:`WARMUP_NEW_TOKENS`); plus :data:`RECOMPILE_MARGIN`."""
+    cases_per_decoder_layer = 2 * (3 if decode_compiled else 1)
+    return vision_layers + cases_per_decoder_layer * decoder_layers + RECOMPILE_MARGIN
+
+
+def _raise_recompile_limit(limit: int) -> None:
     config = torch._dynamo.config
     if _recompile_limit_state["live"] == 0:
         _recompile_limit_state["saved"] = config.recompile_limit
     _recompile_limit_state["live"] += 1
-    config.recompile_limit = max(config.recompile_limit, layers + RECOMPILE_MARGIN)
+    config.recompile_limit = max(config.recompile_limit, limit)
 
 
 def _release_recompile_limit() -> None:
@@ -144,8 +167,26 @@ def _mark_cuda_graph_step(module: torch.nn.Module, args: Any) -> None:
     torch.compiler.cudagraph_mark_step_begin()
 
 
+#: The name of transformers' output-capturing forward hook (``transformers/utils/output_capturing.py``,
+#: ``install_output_capuring_hook``), which a model decorated with ``capture_outputs`` installs on every module
+#: whose output it can return (CLIP's attention modules, at the vision tower's first call), and which stays.
+TRANSFORMERS_CAPTURE_HOOK = "output_capturing_hook"
+
+
+def _is_method_hook(hook: Any) -> bool:
+    """Any hook but transformers' own output capture, which only reads a context variable and appends to its
+    collector when one is active: dynamo traces it like the rest of the layer."""
+    return getattr(hook, "__name__", None) != TRANSFORMERS_CAPTURE_HOOK
+
+
 def _has_hooks(modules: list[torch.nn.Module]) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """Whether a hook other than transformers' output capture sits on one of ``modules`` (the layer then runs
+    eager, so that a method's hook sees eager tensors)."""
+    return any(
+        _is_method_hook(hook)
+        for m in modules
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    )
 
 
 def _compiled_forward(layer: torch.nn.Module, mode: str, prefill_only: bool) -> Callable[..., Any]:
@@ -163,7 +204,8 @@ def _compiled_forward(layer: torch.nn.Module, mode: str, prefill_only: bool) -> 
 
 
 def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
-    """Compile the vision tower's and the language model's layers of a LLaVA-NeXT ``model`` in place.
+    """Compile the vision tower's and the language model's layers of a LLaVA-NeXT ``model`` in place (the
+    decoder layers for the decode steps too, except under the CUDA-graph modes).
 
     Args:
         model: a loaded ``LlavaNextForConditionalGeneration``.
@@ -184,11 +226,12 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
     layers = vision_layers + decoder_layers
     if any("forward" in vars(layer) for layer in layers):
         raise ValueError("this model's layers are already compiled (or their forward was replaced)")
-    _raise_recompile_limit(len(layers))
+    decode_compiled = mode not in CUDA_GRAPH_MODES  # the module docstring says why
+    _raise_recompile_limit(recompile_limit_for(len(vision_layers), len(decoder_layers), decode_compiled))
     for layer in vision_layers:
         layer.forward = _compiled_forward(layer, mode, prefill_only=False)
     for layer in decoder_layers:
-        layer.forward = _compiled_forward(layer, mode, prefill_only=True)
+        layer.forward = _compiled_forward(layer, mode, prefill_only=not decode_compiled)
     hooks = []
     if _replays_cuda_graphs(device, mode):
         hooks.append(model.register_forward_pre_hook(_mark_cuda_graph_step))

@@ -15,14 +15,21 @@ Every row reports, per generate call (medians over the images; ``globalcom2.effi
 * with ``--measure-ceilings`` (on by default on CUDA) a roofline floor per row from the bf16 matmul peak and
   copy bandwidth measured at the start (``globalcom2.perf.ceilings``).
 
-``--compile`` adds compiled rows (``globalcom2.models.compiled``) beside the eager ones; ``--attention sdpa
-eager`` (the default on CUDA) repeats the eager rows under ``attn_implementation=eager``, where peak memory
+``--compile`` adds compiled rows (``globalcom2.models.compiled``) beside the eager ones, one phase per mode of
+``--compile-mode`` (several may be named); ``--attention sdpa eager`` (the default on CUDA) repeats the eager rows under ``attn_implementation=eager``, where peak memory
 differs most. Each of these is a phase of its own, run over every image after the eager SDPA phase
 (:func:`phases`; speed-ups compare rows of one phase), and the table is rewritten when each phase ends: a
 phase that fails is recorded in the JSON's ``failures`` and the exit status, and the others' rows stay. On
 CUDA each row's peak memories come from one extra untimed call from an emptied allocator cache
 (:func:`memory_pass`). For ``--random-init`` the byte-level prompt is cut to the text length Vicuna's
 tokenizer gives it (``globalcom2.perf.vicuna_prompt``).
+
+Warm-up: one untimed call per variant, which compiles in a compiled phase. Under a CUDA-graph mode
+(``reduce-overhead``, ``max-autotune``) every distinct sequence length records graphs of its own on its
+second call (the first runs eager: torch's CUDA-graph trees warm up, then record), and the prompts' lengths
+differ (the questions' texts; GlobalCom²'s kept count follows each image's scores). So there every variant
+runs on every image twice, untimed, before the timed pass, which then replays recorded graphs only
+(:func:`warmup_calls`).
 
     python -m globalcom2.perf.efficiency                                   # tiny model, CPU
     python -m globalcom2.perf.efficiency --random-init 7b --device cuda --compile   # the paper's 7B setting
@@ -53,7 +60,14 @@ from globalcom2.efficiency.summary import PromptCounts, sample_costs
 from globalcom2.efficiency.table import efficiency_display
 from globalcom2.methods import METHODS
 from globalcom2.methods.params import budget_kwargs
-from globalcom2.models.compiled import COMPILE_MODES, DEFAULT_COMPILE_MODE, compile_model, compile_problem
+from globalcom2.models.compiled import (
+    COMPILE_MODES,
+    CUDA_GRAPH_MODES,
+    DEFAULT_COMPILE_MODE,
+    WARMUP_NEW_TOKENS,
+    compile_model,
+    compile_problem,
+)
 from globalcom2.models.loader import load_llava_next
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.perf.ceilings import measure_ceilings, roofline_floor_ms
@@ -213,7 +227,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="add compiled rows (vision tower and LLM prefill, globalcom2.models.compiled) beside the eager ones",
     )
     parser.add_argument(
-        "--compile-mode", choices=COMPILE_MODES, default=None, help=f"default: {DEFAULT_COMPILE_MODE}"
+        "--compile-mode",
+        nargs="+",
+        choices=COMPILE_MODES,
+        default=None,
+        help=f"one compiled phase per mode named (default: {DEFAULT_COMPILE_MODE})",
     )
     parser.add_argument(
         "--attention",
@@ -243,9 +261,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.attention = list(dict.fromkeys(args.attention or (["sdpa", "eager"] if cuda else ["sdpa"])))
     args.measure_ceilings = cuda if args.measure_ceilings is None else args.measure_ceilings
     args.vicuna_text = bool(args.random_init) if args.vicuna_text is None else args.vicuna_text
-    if args.compile:
-        args.compile_mode = args.compile_mode or DEFAULT_COMPILE_MODE
-        problem = compile_problem(args.device, args.compile_mode)
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode needs --compile")
+    args.compile_mode = (
+        list(dict.fromkeys(args.compile_mode or [DEFAULT_COMPILE_MODE])) if args.compile else []
+    )
+    for mode in args.compile_mode:
+        problem = compile_problem(args.device, mode)
         if problem:
             parser.error(f"--compile: {problem}")
     return args
@@ -255,13 +277,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 Phase = tuple[str, str | None]
 
 
-def phases(attention: list[str], compile_mode: str | None) -> list[Phase]:
+def phases(attention: list[str], compile_modes: list[str]) -> list[Phase]:
     """Eager rows under the first attention implementation first (every target needs them), then its compiled
-    rows, then the other implementations' eager rows. Each phase is written when it ends, so a failure or a
-    time limit costs only the phases after it."""
+    rows (one phase per mode, in the order named), then the other implementations' eager rows. Each phase is
+    written when it ends, so a failure or a time limit costs only the phases after it."""
     first, *others = attention
-    compiled = [(first, compile_mode)] if compile_mode else []
+    compiled = [(first, mode) for mode in compile_modes]
     return [(first, None), *compiled, *((other, None) for other in others)]
+
+
+def warmup_calls(mode: str | None, device: torch.device | str, prompts: int) -> tuple[int, int]:
+    """``(prompts, calls)``: the untimed calls of each variant before the timed pass, on how many of the
+    prompts and how many times each (the module docstring says why CUDA graphs need every prompt twice)."""
+    if mode in CUDA_GRAPH_MODES and torch.device(device).type == "cuda":
+        return prompts, 2
+    return 1, 1
 
 
 def memory_pass(
@@ -290,9 +320,12 @@ def measure_phase(
     always runs first. ``mode``: ``None`` (eager) or a compile mode, on for the whole phase. Returns the
     measurements and, on CUDA, each variant's :func:`memory_pass`."""
     compiled = compile_model(model, mode) if mode else None
+    warm_prompts, warm_calls = warmup_calls(mode, profiler.device, len(prompts))
     try:
-        for method, ratio in variants:  # warm-up (and compilation), excluded
-            run_variant(model, prompts[0], method, ratio, profiler, 2)
+        for method, ratio in variants:  # warm-up (compilation, CUDA-graph recording), excluded
+            for inputs in prompts[:warm_prompts]:
+                for _ in range(warm_calls):
+                    run_variant(model, inputs, method, ratio, profiler, WARMUP_NEW_TOKENS)
         measured: dict[Variant, list] = {variant: [] for variant in variants}
         for index, inputs in enumerate(prompts):
             shift = index % len(variants)
@@ -347,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         return sample_costs(counts, dims, vision, model.config.image_grid_pinpoints, bytes_per_value), text
 
     syncs = {variant: count_host_syncs(model, prompts[0], *variant) for variant in args.variants}
-    plan = phases(args.attention, args.compile_mode if args.compile else None)
+    plan = phases(args.attention, args.compile_mode)
     info = provenance()
     hardware = (
         info["hardware"].get("gpu")

@@ -18,6 +18,9 @@ Steps:
 2. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, compile mode on CUDA, the benchmark's
    GPU columns);
 3. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
+3b. the 7B table again with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images
+   and four variants, into ``results/efficiency/cuda_graphs/``: whether replayed graphs, not only fused
+   kernels, are what the prefill targets need;
 4. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
    through ``launcher=accelerate`` where there are two GPUs): correctness before speed, and the first H100
    run, which had them last, ran out of budget inside them;
@@ -85,6 +88,12 @@ class Step:
     main_path: bool = False  # runs globalcom2.run (lmms-eval, Hydra): skipped when the carried wheels fail
 
 
+#: Where the 7B table under CUDA graphs goes (beside, not over, the ``default``-mode table), and its variants:
+#: vanilla and the two ratios the targets name, plus random (selection without scores) at the lower one.
+CUDA_GRAPHS_DIR = "efficiency/cuda_graphs"
+CUDA_GRAPH_VARIANTS = ("vanilla@1", "globalcom2@0.25", "globalcom2@0.1", "random@0.1")
+
+
 def steps(images: int, carried: Path | None = None) -> list[Step]:
     python = sys.executable
     efficiency_7b = "efficiency/llava_next_7b_random_init_cuda"
@@ -108,6 +117,15 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             [python, "-m", "globalcom2.perf.globalcom2_selection", "--device", "cuda"],
             45,
             ("efficiency/globalcom2_selection_cuda.md", "efficiency/globalcom2_selection_cuda.json"),
+        ),
+        Step(
+            "efficiency_7b_cuda_graphs",
+            [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda", "--compile",
+             "--compile-mode", "reduce-overhead", "--attention", "sdpa", "--images", str(min(images, 5)),
+             "--variants", *CUDA_GRAPH_VARIANTS, "--out", str(RESULTS / CUDA_GRAPHS_DIR)],
+            200,
+            (f"{CUDA_GRAPHS_DIR}/llava_next_7b_random_init_cuda.md",
+             f"{CUDA_GRAPHS_DIR}/llava_next_7b_random_init_cuda.json"),
         ),
         Step(
             "main_path_tests",

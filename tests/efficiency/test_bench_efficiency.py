@@ -12,7 +12,7 @@ import torch
 
 from globalcom2.data import demo
 from globalcom2.perf import efficiency
-from globalcom2.perf.efficiency import main, parse_variant, phases
+from globalcom2.perf.efficiency import main, parse_variant, phases, warmup_calls
 from globalcom2.perf.vicuna_prompt import (
     PREFIX_TOKENS,
     VICUNA_TEXT_TOKENS,
@@ -106,8 +106,33 @@ def test_vicuna_text_length_and_ceilings(tmp_path):
 
 
 def test_phases_put_the_eager_rows_first():
-    assert phases(["sdpa", "eager"], "default") == [("sdpa", None), ("sdpa", "default"), ("eager", None)]
-    assert phases(["sdpa"], None) == [("sdpa", None)]
+    assert phases(["sdpa", "eager"], ["default"]) == [("sdpa", None), ("sdpa", "default"), ("eager", None)]
+    assert phases(["sdpa"], ["default", "reduce-overhead"]) == [
+        ("sdpa", None),
+        ("sdpa", "default"),
+        ("sdpa", "reduce-overhead"),
+    ]
+    assert phases(["sdpa"], []) == [("sdpa", None)]
+
+
+def test_cuda_graph_phases_warm_every_prompt_twice_and_the_others_once():
+    """Under CUDA graphs each new sequence length records on its second call, so a timed call that met a
+    new length would time the recording; without them one call per variant compiles for every length."""
+    assert warmup_calls("reduce-overhead", "cuda", 5) == (5, 2)
+    assert warmup_calls("max-autotune", "cuda:0", 3) == (3, 2)
+    assert warmup_calls("default", "cuda", 5) == (1, 1)
+    assert warmup_calls(None, "cuda", 5) == (1, 1)
+    assert warmup_calls("default", "cpu", 5) == (1, 1)
+
+
+def test_compile_modes_are_parsed_and_checked():
+    args = efficiency.parse_args(["--device", "cpu", "--compile"])
+    assert args.compile_mode == ["default"]
+    assert efficiency.parse_args(["--device", "cpu"]).compile_mode == []
+    with pytest.raises(SystemExit):
+        efficiency.parse_args(["--device", "cpu", "--compile-mode", "default"])  # without --compile
+    with pytest.raises(SystemExit):
+        efficiency.parse_args(["--device", "cpu", "--compile", "--compile-mode", "reduce-overhead"])
 
 
 def test_a_failed_phase_keeps_the_rows_measured_before_it_and_fails_loudly(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
         "efficiency_7b",
         "gpu_tests",
         "selection",
+        "efficiency_7b_cuda_graphs",
         "main_path_tests",
         "throughput_7b",
         "batch_effect_bf16",
@@ -31,6 +32,26 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("carried_wheels ")  # by path: the check imports nothing of the package
     assert first.endswith(f"globalcom2/carry.py --verify {Path('.whl').resolve()}")
+
+
+def test_the_efficiency_steps_declare_the_files_their_benchmark_writes(monkeypatch):
+    """A declared output the benchmark does not write would come back as 'not written'; the CUDA-graph step's
+    table must land beside the default-mode one, not over it."""
+    from globalcom2.perf import efficiency, gpu_checklist
+
+    monkeypatch.setattr(efficiency, "compile_problem", lambda device, mode: None)  # no Triton on this CPU
+    for step in gpu_checklist.steps(images=10):
+        if step.command[2:3] != ["globalcom2.perf.efficiency"]:
+            continue
+        args = efficiency.parse_args(step.command[3:])
+        stem = args.out / f"llava_next_{args.random_init}_random_init_cuda"
+        assert {str(gpu_checklist.RESULTS / name) for name in step.outputs} == {
+            f"{stem}.md",
+            f"{stem}.json",
+        }, step.name
+    graphs = next(s for s in gpu_checklist.steps(images=10) if s.name == "efficiency_7b_cuda_graphs")
+    args = efficiency.parse_args(graphs.command[3:])
+    assert args.compile_mode == ["reduce-overhead"] and args.images == 5 and args.attention == ["sdpa"]
 
 
 def test_a_failing_step_does_not_stop_the_next_and_only_fresh_outputs_are_packed(tmp_path, monkeypatch):

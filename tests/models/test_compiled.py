@@ -40,6 +40,23 @@ def test_compiled_prefill_equals_eager(model, prompts, method, params):
 
 
 @pytest.mark.slow
+def test_a_warmup_of_warmup_new_tokens_compiles_every_graph_a_timed_call_meets(model, prompts):
+    """Under inductor the first decode step's cache (the prefill's strided keys) and a later step's (grown by
+    ``torch.cat``, contiguous) compile to different graphs: a warm-up of fewer tokens would leave one of them
+    to compile inside the first timed call (seen as a 1.3 samples/s row among 10s on CPU)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with compile_model(model), torch.inference_mode():
+        generate_steps(model, prompts[0], compiled.WARMUP_NEW_TOKENS)
+        graphs = counters["stats"]["unique_graphs"]
+        generate_steps(model, prompts[1], compiled.WARMUP_NEW_TOKENS + 3)
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
 def test_remove_restores_the_eager_forwards_and_hooked_layers_stay_eager(model, prompts):
     layers = [*model.model.vision_tower.encoder.layers, *model.model.language_model.layers]
     with attach(model, "globalcom2", retention_ratio=0.5) as globalcom2, torch.inference_mode():
@@ -94,9 +111,11 @@ def deep_tiny_model(decoder_layers: int):
 
 
 def test_every_decoder_layer_of_a_deep_model_runs_compiled(prompts, monkeypatch):
-    """Each decoder layer compiles to its own graph (dynamo guards on its KV-cache slot): past dynamo's
-    default recompile limit of 8 the rest would silently run eager, so a 7B (32 layers) would be measured
-    mostly uncompiled. The eager backend keeps this fast: what is counted is dynamo's frames, not kernels."""
+    """Each decoder layer compiles to its own graphs (dynamo guards on its KV-cache slot): the prefill, the
+    first decode step and the later ones (another cache layout). Past dynamo's default recompile limit of 8
+    the rest would silently run eager, so a 7B (32 layers, 96 graphs) would be measured mostly uncompiled. A
+    fourth step compiles nothing: a longer KV cache is a dynamic size. The eager backend keeps this fast: what
+    is counted is dynamo's frames, not kernels."""
     from torch._dynamo.utils import counters
 
     model = deep_tiny_model(decoder_layers=12)
@@ -110,12 +129,48 @@ def test_every_decoder_layer_of_a_deep_model_runs_compiled(prompts, monkeypatch)
     torch._dynamo.reset()
     counters.clear()
     with compile_model(model), torch.inference_mode():
-        assert torch._dynamo.config.recompile_limit >= 4 + 12
-        model(**prompts[0], use_cache=True)
+        vision_layers = len(model.model.vision_tower.encoder.layers)
+        assert torch._dynamo.config.recompile_limit == compiled.recompile_limit_for(vision_layers, 12, True)
+        assert torch._dynamo.config.recompile_limit >= vision_layers + 6 * 12
+        generate_steps(model, prompts[0], compiled.WARMUP_NEW_TOKENS)
+        graphs = counters["stats"]["unique_graphs"]
+        generate_steps(model, prompts[1], compiled.WARMUP_NEW_TOKENS + 2)  # another length, more steps
     assert counters["frames"]["ok"] == counters["frames"]["total"]  # no frame fell back to eager
-    assert counters["stats"]["unique_graphs"] >= 12
+    assert graphs >= 2 * 12  # each decoder layer's prefill and decode-step graphs
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's length compiled them all
     assert torch._dynamo.config.recompile_limit == limit  # restored with the handle
     torch._dynamo.reset()
+
+
+def test_decode_steps_run_compiled_except_under_cuda_graphs(model, prompts, monkeypatch):
+    """A decode step reaches the compiled decoder layers in ``default`` mode, and the eager ones under a
+    CUDA-graph mode (one new graph per KV length there; the module docstring says why). The vision layers
+    are compiled in both."""
+    calls: list[tuple[str, int]] = []
+
+    def recording_compile(fn, mode, dynamic):
+        def run(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            calls.append((type(fn.__self__).__name__, hidden.shape[1]))
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(compiled, "compile_problem", lambda device, mode: None)
+    monkeypatch.setattr(compiled.torch, "compile", recording_compile)
+    monkeypatch.setattr(compiled.torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    decoder = type(model.model.language_model.layers[0]).__name__
+    for mode, decode_compiled in (("default", True), ("reduce-overhead", False)):
+        calls.clear()
+        with compile_model(model, mode), torch.inference_mode():
+            generate_steps(model, prompts[0], 3)
+        decode_calls = [name for name, length in calls if name == decoder and length == 1]
+        assert len(decode_calls) == (2 * len(model.model.language_model.layers) if decode_compiled else 0), (
+            mode
+        )
+        assert any(
+            name != decoder for name, _ in calls
+        )  # the vision layers, beside transformers' capture hooks
 
 
 def test_cuda_graph_modes_mark_a_new_step_at_each_forward(model, prompts, monkeypatch):
