@@ -25,6 +25,8 @@ Steps:
    through ``launcher=accelerate`` where there are two GPUs): correctness before speed, and the first H100
    run, which had them last, ran out of budget inside them;
 5. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
+5b. the same under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
+   ``results/throughput/compiled/`` (each cell compiles its model first: about a minute at 7B);
 6. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
 7. the 13B efficiency table (SDPA, eager and compiled), if time is left.
 
@@ -92,6 +94,8 @@ class Step:
 #: vanilla and the two ratios the targets name, plus random (selection without scores) at the lower one.
 CUDA_GRAPHS_DIR = "efficiency/cuda_graphs"
 CUDA_GRAPH_VARIANTS = ("vanilla@1", "globalcom2@0.25", "globalcom2@0.1", "random@0.1")
+#: Where the 7B throughput under ``compile=true`` goes, beside the eager table.
+COMPILED_THROUGHPUT_DIR = "throughput/compiled"
 
 
 def steps(images: int, carried: Path | None = None) -> list[Step]:
@@ -139,6 +143,16 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
              "--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "16", "1", "8", "--prefetch", "on"],
             300,
             ("throughput/llava_next_7b_cuda_throughput.md", "throughput/llava_next_7b_cuda_throughput.json"),
+            main_path=True,
+        ),
+        Step(
+            "throughput_7b_compiled",
+            [python, "-m", "globalcom2.perf.throughput", "--model", "llava_next_7b", "--random-init",
+             "--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "16", "--prefetch", "on", "--compile",
+             "--variants", "globalcom2@0.25", "vanilla@1", "--out", str(RESULTS / COMPILED_THROUGHPUT_DIR)],
+            300,
+            (f"{COMPILED_THROUGHPUT_DIR}/llava_next_7b_cuda_throughput.md",
+             f"{COMPILED_THROUGHPUT_DIR}/llava_next_7b_cuda_throughput.json"),
             main_path=True,
         ),
         Step(

@@ -253,6 +253,13 @@ def batch_effect_rows(
     return rows
 
 
+def output_name(args: argparse.Namespace, device: str) -> str:
+    """The tables' file name without suffix: model, device type, mode, and the batch-invariant setting (the
+    compile mode is not in it: ``--out`` separates compiled tables)."""
+    invariant = "" if args.batch_invariant == "off" else f"_invariant_{args.batch_invariant}"
+    return f"{args.model}_{device.split(':')[0]}_{args.mode.replace('-', '_')}{invariant}"
+
+
 def markdown(frame: pd.DataFrame, drop: tuple[str, ...] = ("cell", "batch-1 cell", "metric changes")) -> str:
     shown = frame.drop(columns=[c for c in drop if c in frame.columns])
     return shown.to_markdown(index=False, floatfmt=".3g")
@@ -357,8 +364,7 @@ def write_tables(
         rows = batch_effect_rows(cells)
     any_cell, any_records = next(iter(cells.values()))
     device, dtype = any_cell.record.run.get("device"), any_cell.record.run.get("dtype")
-    invariant = "" if args.batch_invariant == "off" else f"_invariant_{args.batch_invariant}"
-    stem = args.out / f"{args.model}_{str(device).split(':')[0]}_{args.mode.replace('-', '_')}{invariant}"
+    stem = args.out / output_name(args, str(device))
     title = (
         f"{args.mode} of {args.model} on {args.benchmark} ({len(any_records)} samples per cell), "
         f"{device}, {dtype}"

@@ -25,6 +25,7 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
         "efficiency_7b_cuda_graphs",
         "main_path_tests",
         "throughput_7b",
+        "throughput_7b_compiled",
         "batch_effect_bf16",
         "efficiency_13b",
     ]
@@ -52,6 +53,24 @@ def test_the_efficiency_steps_declare_the_files_their_benchmark_writes(monkeypat
     graphs = next(s for s in gpu_checklist.steps(images=10) if s.name == "efficiency_7b_cuda_graphs")
     args = efficiency.parse_args(graphs.command[3:])
     assert args.compile_mode == ["reduce-overhead"] and args.images == 5 and args.attention == ["sdpa"]
+
+
+def test_the_throughput_steps_declare_the_files_their_benchmark_writes():
+    """Eager and compiled throughput tables have the same name, so they must go to different folders."""
+    from globalcom2.perf import gpu_checklist, throughput
+
+    folders = set()
+    for step in gpu_checklist.steps(images=10):
+        if step.command[2:3] != ["globalcom2.perf.throughput"]:
+            continue
+        args = throughput.parse_args(step.command[3:])
+        folders.add(args.out)
+        stem = args.out / throughput.output_name(args, "cuda")
+        assert {str(gpu_checklist.RESULTS / name) for name in step.outputs} == {
+            f"{stem}.md",
+            f"{stem}.json",
+        }, step.name
+    assert len(folders) == 2
 
 
 def test_a_failing_step_does_not_stop_the_next_and_only_fresh_outputs_are_packed(tmp_path, monkeypatch):
