@@ -49,6 +49,7 @@ NOT_IDENTITY = (
     "hydra",
     "model.name",
     "model.revision",  # how the weights were named; ``weights`` holds the commit it resolved to
+    "model.vicuna_text",  # in the identity from the spec, and only when on (cells from before it keep theirs)
     "method.label",
     "benchmark.name",
     "compile",  # in the identity as model.compile, and only when on (cells from before it keep their identity)
@@ -65,7 +66,16 @@ GROUP_KEYS: dict[str | None, frozenset[str]] = {
         | {"launcher", "logger", "paths"}
     ),
     "model": frozenset(
-        {"name", "pretrained", "revision", "random_init", "dtype", "device", "attn_implementation"}
+        {
+            "name",
+            "pretrained",
+            "revision",
+            "random_init",
+            "vicuna_text",
+            "dtype",
+            "device",
+            "attn_implementation",
+        }
     ),
     "method": frozenset({"name", "label", "retention_ratio", "params"}),
     "benchmark": frozenset(
@@ -184,6 +194,7 @@ class CellSpec:
             device=None if model_cfg.get("device", "cpu") is None else str(model_cfg.get("device", "cpu")),
             attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
             random_init=model_cfg.get("random_init", False),
+            vicuna_text=model_cfg.get("vicuna_text", False),
             revision=model_cfg.get("revision"),
             compile=plain.get("compile", False),
             batch_invariant=plain.get("batch_invariant", False),
@@ -252,6 +263,8 @@ class CellSpec:
             del model["compile"]  # eager, as every cell before compile mode existed: the same identity
         if not model["batch_invariant"]:
             del model["batch_invariant"]  # likewise: cells from before the mode keep their identity
+        if not model["vicuna_text"]:
+            del model["vicuna_text"]  # likewise
         method = {k: v for k, v in asdict(self.method).items() if k != "label"}
         benchmark = {k: v for k, v in asdict(self.benchmark).items() if k != "name"}
         benchmark["tasks"], benchmark["columns"] = list(self.benchmark.tasks), list(self.benchmark.columns)

@@ -48,6 +48,7 @@ HYDRA_KEYS: dict[str, str] = {
     "device": "model.device",
     "attn_implementation": "model.attn_implementation",
     "random_init": "model.random_init",
+    "vicuna_text": "model.vicuna_text",
     "revision": "model.revision",
     "compile": "compile",
     "batch_invariant": "batch_invariant",
@@ -75,6 +76,9 @@ class ModelSpec:
     # A hub id's branch, tag or commit (None: main). A cell's identity names the commit it resolves to, and
     # globalcom2.run pins this field to that commit before anything loads (CellSpec.pinned).
     revision: str | None = None
+    # random_init only: each prompt's text cut to the token count Vicuna's tokenizer gives it
+    # (globalcom2.protocol.vicuna_length), where the byte-level tokenizer gives about four times as many.
+    vicuna_text: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ MODEL_ARG_KEYS = frozenset(
         "device",
         "attn_implementation",
         "random_init",
+        "vicuna_text",
         "revision",
         "compile",
         "batch_invariant",
@@ -185,6 +190,7 @@ def parse_run(
     device: Any = None,
     attn_implementation: Any = "sdpa",
     random_init: Any = False,
+    vicuna_text: Any = False,
     revision: Any = None,
     compile: Any = False,
     batch_invariant: Any = False,
@@ -272,6 +278,13 @@ def parse_run(
     if invariant:
         _check_batch_invariant(compile_value, attn, key)
     random_init = coerce(random_init, bool, key("random_init"))
+    vicuna_text = coerce(vicuna_text, bool, key("vicuna_text"))
+    if vicuna_text and not random_init:
+        raise ValueError(
+            f"{key('vicuna_text')}=true needs {key('random_init')}=true: it cuts the byte-level tokenizer's text "
+            "of a random-initialised model to Vicuna's token count, and a checkpoint's own tokenizer already "
+            "gives that count"
+        )
     if revision is not None and not isinstance(revision, str):  # Hydra reads 1.10 as 1.1, true as a boolean
         raise ValueError(
             f"{key('revision')}={revision!r} was read as a {type(revision).__name__}, which may not be the "
@@ -289,6 +302,7 @@ def parse_run(
         compile=resolve_compile(compile_value),
         batch_invariant=invariant,
         revision=revision,
+        vicuna_text=vicuna_text,
     )
     overrides = _overrides(generation_overrides, key("generation_overrides"))
     if overrides and protocol != "llava":

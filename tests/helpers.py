@@ -198,3 +198,21 @@ def batch_and_single_runs(model, processor, method: str | None, invariant: bool,
             single = processor(images=image, text=text, return_tensors="pt").to(device)
             alone.append(generate_steps(model, single, steps=4))
     return tokens, logits, alone
+
+
+def shrink_random_init_7b(monkeypatch) -> None:
+    """``random_init`` 7B with its widths and depths cut down, for the CPU: the 7B's geometry (CLIP at 336 px,
+    AnyRes, the byte-level processor) and code path, at the tiny model's cost."""
+    from globalcom2.models import random_init
+
+    monkeypatch.setitem(
+        random_init.VICUNA,
+        "7b",
+        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+    )
+    monkeypatch.setattr(
+        random_init,
+        "CLIP_L_336",
+        {**random_init.CLIP_L_336, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "projection_dim": 32},
+    )  # fmt: skip

@@ -12,10 +12,12 @@ tag or commit; default ``main``), ``method`` (default ``vanilla``), ``dtype`` (`
 ``max_new_tokens`` (used when a task sets none; default 1024), ``records_path`` (JSONL sidecar of per-sample
 records), ``profile`` (default true), ``warmup`` (untimed generate calls before the first timed one; default
 1; the first timed call is also reported apart, ``SampleRecord.first_call``), ``compile`` (``true`` or a
-``torch.compile`` mode: the vision tower's and the LLM's layers run compiled in a prefill,
+``torch.compile`` mode: the vision tower's and the LLM's layers run compiled,
 ``globalcom2.models.compiled``), ``batch_invariant`` (every ``generate`` under
 ``globalcom2.models.batch_invariant``: a batch row gets its batch-1 answer bit for bit), ``random_init``
 (build the 7B/13B architecture named by ``pretrained`` with random weights: speed and memory only),
+``vicuna_text`` (with ``random_init``: each prompt's byte-level text cut to the token count Vicuna's
+tokenizer gives it, recorded for the efficiency benchmark's prompts, ``globalcom2.protocol.vicuna_length``),
 ``protocol`` (``lmms_eval``, the default: the task's prompt and generation settings; ``llava``: the original
 LLaVA evaluation the paper used, ``globalcom2.protocol.rules``),
 ``generation_overrides`` (under ``llava`` only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's
@@ -70,6 +72,8 @@ from globalcom2.protocol.batching import PreparedBatch, decode_answer, prepare_b
 from globalcom2.protocol.generation import GenerationSettings
 from globalcom2.protocol.rules import geometry_of, task_protocol
 from globalcom2.protocol.tokenization import encode_batch
+from globalcom2.protocol.vicuna_length import SOURCE as VICUNA_SOURCE
+from globalcom2.protocol.vicuna_length import prompt_text_tokens
 from globalcom2.run_spec import RunSpec, parse_model_args, run_problems
 
 __all__ = ["MODEL_ID", "GlobalCom2LlavaNext"]
@@ -114,6 +118,7 @@ class GlobalCom2LlavaNext(lmms):
         self.profile = options.profile
         self.records_path = options.records_path
         self.random_init = spec.model.random_init
+        self.vicuna_text = spec.model.vicuna_text
         self.attn_implementation = spec.model.attn_implementation
         self.method = spec.method.built  # built once, by the spec; this same instance is attached below
         self._sampling_warned = False
@@ -194,6 +199,8 @@ class GlobalCom2LlavaNext(lmms):
             "model_id": MODEL_ID,
             "pretrained": self.pretrained,
             "random_init": self.random_init,
+            # the prompts' text cut to Vicuna's token count (random_init only), and where the counts come from
+            "vicuna_text": VICUNA_SOURCE if self.vicuna_text else None,
             "checkpoint": getattr(config, "_name_or_path", None),
             "revision": self.revision,  # the hub commit loaded; None for a folder or random weights
             "method": self.method.name,
@@ -306,6 +313,7 @@ class GlobalCom2LlavaNext(lmms):
         processor = copy.deepcopy(self.processor) if self.prefetch else self.processor
         config, dtype = self.model.config, self.model.dtype
         pin = self._device.type == "cuda"
+        text_tokens = prompt_text_tokens if self.vicuna_text else None
 
         def load(positions: Sequence[int]) -> PreparedBatch:
             return prepare_batch([requests[i] for i in positions], self.task_dict, self.protocol)
@@ -313,7 +321,13 @@ class GlobalCom2LlavaNext(lmms):
         def encode(batch: PreparedBatch) -> Any:
             inputs = dict(
                 encode_batch(
-                    processor, config, batch.prompts, batch.images, batch.images_per_row, self.protocol
+                    processor,
+                    config,
+                    batch.prompts,
+                    batch.images,
+                    batch.images_per_row,
+                    self.protocol,
+                    text_tokens=text_tokens,
                 )
             )
             if "pixel_values" in inputs:  # cast on the host: half the bytes to copy in bf16, same values

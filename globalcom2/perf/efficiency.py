@@ -22,7 +22,7 @@ differs most. Each of these is a phase of its own, run over every image after th
 phase that fails is recorded in the JSON's ``failures`` and the exit status, and the others' rows stay. On
 CUDA each row's peak memories come from one extra untimed call from an emptied allocator cache
 (:func:`memory_pass`). For ``--random-init`` the byte-level prompt is cut to the text length Vicuna's
-tokenizer gives it (``globalcom2.perf.vicuna_prompt``).
+tokenizer gives it (``globalcom2.protocol.vicuna_length``).
 
 Warm-up: one untimed call per variant, which compiles in a compiled phase. Under a CUDA-graph mode
 (``reduce-overhead``, ``max-autotune``) every distinct sequence length records graphs of its own on its
@@ -71,9 +71,9 @@ from globalcom2.models.compiled import (
 from globalcom2.models.loader import load_llava_next
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.perf.ceilings import measure_ceilings, roofline_floor_ms
-from globalcom2.perf.vicuna_prompt import SOURCE as VICUNA_SOURCE
-from globalcom2.perf.vicuna_prompt import fit_text_tokens, vicuna_text_tokens
 from globalcom2.prompts import vicuna_v1_prompt
+from globalcom2.protocol.vicuna_length import SOURCE as VICUNA_SOURCE
+from globalcom2.protocol.vicuna_length import fit_text_tokens, vicuna_text_tokens
 from globalcom2.provenance import provenance
 from globalcom2.sample_records import visual_token_counts
 from globalcom2.stage_timing import STAGES

@@ -115,6 +115,8 @@ def cell_overrides(setting: Setting, args: argparse.Namespace, results_dir: Path
         overrides.append(f"model.dtype={args.dtype}")
     if args.random_init:
         overrides.append("model.random_init=true")
+    if args.vicuna_text:
+        overrides.append("model.vicuna_text=true")
     if args.compile:
         overrides.append("compile=true")
     if setting.batch_invariant:
@@ -192,6 +194,7 @@ def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecor
         "prefetch": cell.record.run.get("prefetch"),  # as the plugin resolved it
         "batch-invariant": setting.batch_invariant,
         "samples": len(records),
+        "text tokens": sum(r.text_tokens or 0 for r in records) / len(records) if records else None,
         "timed batches": len(calls),
         "samples/s (loop)": latency["throughput_samples_per_s_end_to_end"],
         "samples/s (evaluate)": len(records) / evaluate if evaluate else None,
@@ -284,6 +287,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="model.device (default: the model config's)")
     parser.add_argument("--dtype", default=None, help="model.dtype (default: the model config's)")
     parser.add_argument("--random-init", action="store_true", help="model.random_init=true (7B/13B)")
+    parser.add_argument(
+        "--vicuna-text",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="model.vicuna_text=true: prompt text at Vicuna's token count (default: with --random-init on the "
+        "efficiency benchmark, the one whose prompts have recorded counts)",
+    )
     parser.add_argument("--compile", action="store_true", help="compile=true")
     parser.add_argument(
         "--batch-invariant",
@@ -303,6 +313,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.benchmark = args.benchmark or defaults["benchmark"]
     args.prefetch = args.prefetch or defaults["prefetch"]
     args.limit = args.limit if args.limit is not None else defaults["limit"]
+    if args.vicuna_text is None:
+        args.vicuna_text = args.random_init and args.benchmark == "efficiency"
+    if args.vicuna_text and not args.random_init:
+        parser.error("--vicuna-text needs --random-init (a checkpoint's tokenizer already gives Vicuna's count)")
     if any(size < 1 for size in args.batch_sizes):
         parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
     if args.mode == "batch-effect" and 1 not in args.batch_sizes:

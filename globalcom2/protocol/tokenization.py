@@ -20,7 +20,7 @@ check against a real tokenizer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from PIL import Image
 
 from globalcom2.anyres import config_layout
 from globalcom2.prompts import IMAGE_TOKEN
+from globalcom2.protocol.vicuna_length import fit_ids
 
 
 def llava_chunk_ids(
@@ -59,13 +60,38 @@ def encode_batch(
     images: list[Image.Image],
     images_per_row: list[int],
     protocol: str,
+    text_tokens: Callable[[str], int] | None = None,
 ) -> Any:
     """The processor's ``BatchFeature`` for the batch (left-padded), with ``input_ids`` and ``attention_mask``
-    tokenised as ``protocol`` does (``config``: the loaded model's, for the per-image feature counts)."""
+    tokenised as ``protocol`` does (``config``: the loaded model's, for the per-image feature counts).
+
+    ``text_tokens``: for a random-initialised model, each prompt's text-token count in Vicuna's tokenizer
+    (``globalcom2.protocol.vicuna_length.prompt_text_tokens``); every row is cut to it before padding
+    (``fit_ids``), so the byte-level tokenizer's longer text does not inflate the sequence.
+    """
     inputs = processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
-    if protocol != "llava":
+    if protocol != "llava" and text_tokens is None:
         return inputs
-    tokenizer = processor.tokenizer
+    image_token_id = config.image_token_id
+    if protocol == "llava":
+        rows = _llava_rows(processor.tokenizer, config, inputs, prompts, images_per_row)
+    else:  # the processor's own ids, without its padding
+        mask = inputs["attention_mask"].bool()
+        rows = [ids[keep].tolist() for ids, keep in zip(inputs["input_ids"], mask, strict=True)]
+    if text_tokens is not None:
+        rows = [
+            fit_ids(row, image_token_id, text_tokens(prompt))
+            for row, prompt in zip(rows, prompts, strict=True)
+        ]
+    inputs["input_ids"], inputs["attention_mask"] = _left_padded(rows, processor.tokenizer.pad_token_id)
+    return inputs
+
+
+def _llava_rows(
+    tokenizer: Any, config: Any, inputs: Any, prompts: list[str], images_per_row: list[int]
+) -> list[list[int]]:
+    """Each prompt's ids as LLaVA tokenises it (:func:`llava_chunk_ids`), image tokens expanded as the
+    processor expanded them (checked)."""
     image_token_id = config.image_token_id
     sizes = inputs["image_sizes"].tolist() if "image_sizes" in inputs else []
     counts = [config_layout(config, size).num_tokens for size in sizes]
@@ -80,12 +106,15 @@ def encode_batch(
             f"image tokens per row differ between the processor ({expanded}) and the packed layout ({ours}): "
             "the processor and the model config disagree on the AnyRes geometry"
         )
+    return rows
+
+
+def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[B, max length]`` of ``rows``, left-padded as generate needs."""
     width = max(len(row) for row in rows)
-    pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):  # left padding, as generate needs for a batch
+    for index, row in enumerate(rows):
         input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         attention_mask[index, width - len(row) :] = 1
-    inputs["input_ids"], inputs["attention_mask"] = input_ids, attention_mask
-    return inputs
+    return input_ids, attention_mask

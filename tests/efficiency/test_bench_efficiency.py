@@ -9,17 +9,18 @@ import re
 import pandas as pd
 import pytest
 import torch
+from helpers import shrink_random_init_7b
 
 from globalcom2.data import demo
 from globalcom2.perf import efficiency
 from globalcom2.perf.efficiency import main, parse_variant, phases, warmup_calls
-from globalcom2.perf.vicuna_prompt import (
+from globalcom2.prompts import vicuna_v1_prompt
+from globalcom2.protocol.vicuna_length import (
     PREFIX_TOKENS,
     VICUNA_TEXT_TOKENS,
     fit_text_tokens,
     vicuna_text_tokens,
 )
-from globalcom2.prompts import vicuna_v1_prompt
 
 VARIANTS = ["vanilla@1", "globalcom2@0.5", "globalcom2@0.1", "random@0.25", "fastv@0.25", "sparsevlm@0.25"]
 STAGE_COLUMNS = ["vision ms", "compression ms", "LLM prefill ms", "decode ms"]
@@ -243,19 +244,7 @@ def test_the_random_init_path_runs_end_to_end_on_a_shrunken_7b(tmp_path, monkeyp
     """``--random-init 7b`` as the GPU checklist runs it (five images, Vicuna-length prompts), on the CPU: the
     7B's geometry (CLIP at 336 px, AnyRes, the byte-level processor) with its widths and depths cut down.
     The first H100 run lost its efficiency step to a prompt that only this path builds."""
-    from globalcom2.models import random_init
-
-    monkeypatch.setitem(
-        random_init.VICUNA,
-        "7b",
-        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
-    )
-    monkeypatch.setattr(
-        random_init,
-        "CLIP_L_336",
-        {**random_init.CLIP_L_336, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "projection_dim": 32},
-    )  # fmt: skip
+    shrink_random_init_7b(monkeypatch)
     argv = ["--random-init", "7b", "--device", "cpu", "--images", "5", "--new-tokens", "2"]
     main([*argv, "--out", str(tmp_path), "--variants", "vanilla@1", "globalcom2@0.1"])
     record = json.loads((tmp_path / "llava_next_7b_random_init_cpu.json").read_text())

@@ -109,3 +109,23 @@ def test_a_failed_cell_costs_only_itself_and_the_table_is_rewritten_after_each_c
     with pytest.raises(SystemExit, match="1 of 3 cells failed"):
         throughput.main([*argv, "--results-dir", str(tmp_path)])
     assert written == [([1], [], 2), ([1], [1], 1), ([1, 8], [1], 0)]
+
+
+def test_random_init_cells_on_the_efficiency_split_get_vicuna_length_prompts_unless_told_otherwise(tmp_path):
+    """The byte-level text would make a random-initialised 7B's prompts about 150 tokens longer than a real
+    checkpoint's; the efficiency split's prompts have recorded Vicuna counts, so its cells use them."""
+    setting = throughput.Setting("vanilla", 1.0, 1, True, False)
+
+    def overrides(*argv: str) -> list[str]:
+        return throughput.cell_overrides(setting, throughput.parse_args(list(argv)), tmp_path)
+
+    assert "model.vicuna_text=true" in overrides("--model", "llava_next_7b", "--random-init")
+    assert "model.vicuna_text=true" not in overrides(
+        "--model", "llava_next_7b", "--random-init", "--no-vicuna-text"
+    )
+    assert "model.vicuna_text=true" not in overrides(
+        "--model", "llava_next_7b", "--random-init", "--benchmark", "demo"
+    )
+    assert "model.vicuna_text=true" not in overrides()  # the trained tiny model has its own tokenizer
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--vicuna-text"])

@@ -150,6 +150,15 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
     assert spec.run_spec().model.batch_invariant is True and CellSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="batch_invariant=true cannot run with compile=True"):
         identity("batch_invariant=true", "compile=true")
+    # vicuna_text changes a random-initialised model's prompts: in the identity when on, absent when off
+    random_7b = ("model=llava_next_7b", "model.random_init=true", "model.device=cpu")
+    assert "vicuna_text" not in identity(*random_7b)["model"]
+    assert identity(*random_7b, "model.vicuna_text=false") == identity(*random_7b)
+    assert identity(*random_7b, "model.vicuna_text=true")["model"]["vicuna_text"] is True
+    fitted = CellSpec.from_config(compose_cell(tmp_path, *random_7b, "model.vicuna_text=true"))
+    assert fitted.run_spec().model.vicuna_text is True and CellSpec.from_dict(fitted.to_dict()) == fitted
+    with pytest.raises(ValueError, match=r"model\.vicuna_text=true needs model\.random_init=true"):
+        identity("model=llava_next_7b", "model.vicuna_text=true")
     # prefetching changes when a batch is prepared, not what is in it: same identity, and it reaches the plugin
     assert identity("prefetch=false") == base and "prefetch" not in base
     serial = CellSpec.from_config(compose_cell(tmp_path, "prefetch=false"))

@@ -129,6 +129,44 @@ def test_builds_the_vicuna_prompt_and_records_each_sample(lm, docs, monkeypatch)
     assert outputs[0].token_counts.input_tokens == first.llm_prompt_tokens < first.prompt_tokens
 
 
+def test_a_random_init_cell_with_vicuna_text_feeds_vicuna_length_prompts(monkeypatch, images):
+    """``random_init`` + ``vicuna_text`` (a shrunken 7B, the real code path): every row of a batch reaches
+    the model with the recorded Vicuna count of text tokens, which the records carry; a question without a
+    recorded count fails loudly; and the option is refused for a model with its own tokenizer."""
+    from helpers import shrink_random_init_7b
+
+    from globalcom2.protocol.vicuna_length import VICUNA_TEXT_TOKENS
+
+    shrink_random_init_7b(monkeypatch)
+    lm = GlobalCom2LlavaNext(
+        pretrained="llava-hf/llava-v1.6-vicuna-7b-hf",
+        random_init=True,
+        vicuna_text=True,
+        device="cpu",
+        dtype="float32",
+        method="globalcom2",
+        retention_ratio=0.25,
+        batch_size=2,
+    )
+    assert lm.run_info["vicuna_text"].startswith("LLaMA-2 SentencePiece")
+    fed = []
+    real_generate = lm.model.generate
+    monkeypatch.setattr(
+        lm.model, "generate", lambda **kwargs: fed.append(kwargs["attention_mask"]) or real_generate(**kwargs)
+    )
+    docs = [{"image": images[(672, 672)]}, {"image": images[(800, 600)]}]
+    question = "What color is the square?"
+    lm.generate_until(requests_for(lm, docs, context=question))
+    assert [r.text_tokens for r in lm.records] == [VICUNA_TEXT_TOKENS[question]] * 2
+    unpadded = fed[-1].sum(1).tolist()  # [2] the rows the model got, in the batch's (length-grouped) order
+    assert sorted(unpadded) == sorted(r.prompt_tokens for r in lm.records)
+    assert [r.prompt_tokens - r.visual_tokens_before for r in lm.records] == [48, 48]
+    with pytest.raises(ValueError, match="no recorded Vicuna token count for the prompt"):
+        lm.generate_until(requests_for(lm, docs[:1], context="Why?"))
+    with pytest.raises(ValueError, match="vicuna_text=true needs random_init=true"):
+        GlobalCom2LlavaNext(pretrained="tiny", vicuna_text=True)
+
+
 def fake_generate(lm, continuation_ids):
     """A stand-in for model.generate: encodes the images (so the method records its stats, as in a real
     call) and returns the prompt followed by ``continuation_ids``."""

@@ -98,3 +98,46 @@ def test_llava_protocol_feeds_the_chunked_ids_and_lmms_eval_the_processors(token
     # left padding, as the in-LLM methods need
     shorter = int(chunked["attention_mask"].sum(1).argmin())
     assert chunked["attention_mask"][shorter, 0] == 0 and chunked["attention_mask"][shorter, -1] == 1
+
+
+@pytest.mark.parametrize("protocol", ["lmms_eval", "llava"])
+def test_rows_are_cut_to_the_recorded_vicuna_length_before_padding(images, protocol):
+    """A random-initialised model's byte-level text is about four times Vicuna's; with ``text_tokens`` every
+    row keeps its image and the recorded number of text tokens (BOS first, the prompt's end last), and the
+    batch is padded to the longest fitted row, not the longest byte-level one."""
+    from globalcom2.models.tiny import byte_level_tokenizer
+    from globalcom2.protocol.vicuna_length import PREFIX_TOKENS, VICUNA_TEXT_TOKENS, prompt_text_tokens
+
+    tokenizer = byte_level_tokenizer()
+    processor, config = tiny_processor(tokenizer), tiny_config(tokenizer)
+    image_id = config.image_token_id
+    questions = ["What color is the circle?", "Is the red square on the left or the right side of the image?"]
+    prompts = [vicuna_v1_prompt(q) for q in questions]
+    batch_images = [images[(800, 600)], images[(336, 336)]]
+    plain = encode_batch(processor, config, prompts, batch_images, [1, 1], protocol)
+    fitted = encode_batch(
+        processor, config, prompts, batch_images, [1, 1], protocol, text_tokens=prompt_text_tokens
+    )
+    assert fitted["pixel_values"].equal(plain["pixel_values"])
+    lengths = []
+    for row, (question, image) in enumerate(zip(questions, batch_images, strict=True)):
+        ids = fitted["input_ids"][row][fitted["attention_mask"][row].bool()].tolist()
+        before = plain["input_ids"][row][plain["attention_mask"][row].bool()].tolist()
+        features = packed_layout((image.height, image.width), config.image_grid_pinpoints).num_tokens
+        assert ids.count(image_id) == features and len(ids) == features + VICUNA_TEXT_TOKENS[question]
+        assert len(before) - features > 3 * VICUNA_TEXT_TOKENS[question]  # what the cut removes
+        assert ids.index(image_id) == PREFIX_TOKENS and ids[0] == before[0] == tokenizer.bos_token_id
+        after = VICUNA_TEXT_TOKENS[question] - PREFIX_TOKENS
+        assert ids[-after:] == before[-after:]  # the prompt still ends in " ASSISTANT:"
+        lengths.append(len(ids))
+    assert fitted["input_ids"].shape[1] == max(lengths)
+    with pytest.raises(ValueError, match="no recorded Vicuna token count for the prompt"):
+        encode_batch(
+            processor,
+            config,
+            [vicuna_v1_prompt("Why?")],
+            batch_images[:1],
+            [1],
+            protocol,
+            text_tokens=prompt_text_tokens,
+        )

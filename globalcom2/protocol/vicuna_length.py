@@ -4,9 +4,12 @@ A random-initialised 7B/13B (``globalcom2.models.random_init``) has no checkpoin
 processor's tokenizer is byte-level, and it turns the Vicuna-v1 prompt's text into about 200 tokens where the
 real tokenizer makes about 50. At R = 0.1 the text would then be a third of the LLM's sequence and the
 measured prefill would time text the real model never sees. The counts below are what the real tokenizer
-gives each efficiency prompt, and :func:`fit_text_tokens` cuts the byte-level prompt to it on both sides of the
+gives each efficiency prompt, and :func:`fit_ids` cuts the byte-level prompt to it on both sides of the
 image: :data:`PREFIX_TOKENS` before it, the rest after it (the weights are random, so which text tokens stay
-does not matter; how many do, and where the image sits among them).
+does not matter; how many do, and where the image sits among them). Two users: ``make bench-efficiency
+--random-init`` (:func:`fit_text_tokens`, by question) and ``globalcom2.run`` cells with
+``model.vicuna_text=true`` (``protocol.tokenization.encode_batch``, by whole prompt: :func:`prompt_text_tokens`),
+which ``make bench-throughput --random-init`` runs.
 
 Provenance of the counts: the LLaMA-2 SentencePiece model (32,000 pieces; the tokenizer of Vicuna v1.5 and so
 of ``llava-hf/llava-v1.6-vicuna-{7b,13b}-hf``), file ``tokenizer.model`` of github.com/karpathy/llama2.c at
@@ -22,9 +25,12 @@ not part of this repository; the counts were taken once and are checked here onl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from globalcom2.prompts import vicuna_v1_prompt
 
 #: Text tokens (BOS included, image placeholder excluded) of the Vicuna-v1 prompt of each efficiency question.
 VICUNA_TEXT_TOKENS: dict[str, int] = {
@@ -51,6 +57,8 @@ VICUNA_TEXT_TOKENS: dict[str, int] = {
 }
 #: Vicuna's text tokens before the image in every efficiency prompt: BOS, the system prompt and ``" USER: "``.
 PREFIX_TOKENS = 34
+#: The same counts keyed by the whole prompt a cell builds (``vicuna_v1_prompt``), for :func:`prompt_text_tokens`.
+_BY_PROMPT: dict[str, int] = {vicuna_v1_prompt(q): n for q, n in VICUNA_TEXT_TOKENS.items()}
 SOURCE = (
     "LLaMA-2 SentencePiece (karpathy/llama2.c@350e04f tokenizer.model), LLaVA tokenizer_image_token "
     "(haotian-liu/LLaVA@c121f04 llava/mm_utils.py L185-204)"
@@ -68,11 +76,25 @@ def vicuna_text_tokens(question: str) -> int:
     return VICUNA_TEXT_TOKENS[question]
 
 
-def fit_text_tokens(
-    inputs: dict[str, Any], image_token_id: int, target: int, prefix: int = PREFIX_TOKENS
-) -> dict[str, Any]:
-    """``inputs`` (one processor prompt, batch 1, no padding, one image) with ``target`` text tokens, ``prefix``
-    of them before the image as in Vicuna's prompt.
+def prompt_text_tokens(prompt: str) -> int:
+    """The recorded count for a whole Vicuna-v1 prompt with one image (``globalcom2.prompts.vicuna_v1_prompt``
+    of an efficiency-split question: what ``globalcom2.run`` cells on the efficiency benchmark build).
+
+    Raises:
+        ValueError: a prompt without a recorded count (the message names the questions that have one).
+    """
+    if prompt not in _BY_PROMPT:
+        raise ValueError(
+            f"no recorded Vicuna token count for the prompt {prompt!r}: counts are recorded for the Vicuna-v1 "
+            f"prompts of the efficiency split's questions only ({sorted(VICUNA_TEXT_TOKENS)}); run this "
+            "benchmark with vicuna_text=false (the byte-level text, its length recorded as text_tokens)"
+        )
+    return _BY_PROMPT[prompt]
+
+
+def fit_ids(ids: Sequence[int], image_token_id: int, target: int, prefix: int = PREFIX_TOKENS) -> list[int]:
+    """One prompt's token ids (no padding, one image) with ``target`` text tokens, ``prefix`` of them before
+    the image as in Vicuna's prompt.
 
     Keeps the first token (BOS) and the last ``prefix - 1`` tokens before the image, the image placeholders,
     and the last ``target - prefix`` tokens after them (so the prompt still ends in ``" ASSISTANT:"``). Both
@@ -81,25 +103,36 @@ def fit_text_tokens(
     count, so cutting before the image alone cannot reach it.
 
     Raises:
-        ValueError: a batch, padding, no image or a split one, or a side too short to cut to its count.
+        ValueError: no image or a split one, or a side too short to cut to its count.
     """
-    ids = inputs["input_ids"]
-    if ids.shape[0] != 1 or ("attention_mask" in inputs and not bool(inputs["attention_mask"].all())):
-        raise ValueError("fit_text_tokens takes one prompt without padding")
-    row = ids[0]  # [L]
-    positions = (row == image_token_id).nonzero().flatten()  # [V]: the image placeholders
-    if positions.numel() == 0 or int(positions[-1] - positions[0]) + 1 != positions.numel():
-        raise ValueError("fit_text_tokens takes a prompt with one image, its placeholders in one run")
-    first, end = int(positions[0]), int(positions[-1]) + 1
-    before, after = first, row.numel() - end  # text tokens on each side, BOS in `before`
+    row = list(ids)
+    positions = [index for index, token in enumerate(row) if token == image_token_id]
+    if not positions or positions[-1] - positions[0] + 1 != len(positions):
+        raise ValueError("a prompt fitted to Vicuna's length has one image, its placeholders in one run")
+    first, end = positions[0], positions[-1] + 1
+    before, after = first, len(row) - end  # text tokens on each side, BOS in `before`
     if not 1 <= prefix <= before or not 0 <= target - prefix <= after:
         raise ValueError(
             f"cannot bring {before} + {after} text tokens (before + after the image) to {prefix} + "
             f"{target - prefix}: a side can only be cut, and the BOS stays"
         )
-    tail = row.numel() - (target - prefix)  # where the kept text after the image starts
-    keep = torch.cat([row[:1], row[first - (prefix - 1) : end], row[tail:]])[None]  # [1, V + target]
-    fitted = {**inputs, "input_ids": keep}
+    tail = len(row) - (target - prefix)  # where the kept text after the image starts
+    return row[:1] + row[first - (prefix - 1) : end] + row[tail:]  # [V + target]
+
+
+def fit_text_tokens(
+    inputs: dict[str, Any], image_token_id: int, target: int, prefix: int = PREFIX_TOKENS
+) -> dict[str, Any]:
+    """``inputs`` (one processor prompt, batch 1, no padding, one image) with its ids cut by :func:`fit_ids`.
+
+    Raises:
+        ValueError: a batch or padding, or what :func:`fit_ids` refuses.
+    """
+    ids = inputs["input_ids"]
+    if ids.shape[0] != 1 or ("attention_mask" in inputs and not bool(inputs["attention_mask"].all())):
+        raise ValueError("fit_text_tokens takes one prompt without padding")
+    keep = torch.tensor([fit_ids(ids[0].tolist(), image_token_id, target, prefix)], dtype=ids.dtype)
+    fitted = {**inputs, "input_ids": keep}  # [1, V + target]
     if "attention_mask" in inputs:
         fitted["attention_mask"] = torch.ones_like(keep, dtype=inputs["attention_mask"].dtype)
     return fitted
