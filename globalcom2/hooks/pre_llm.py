@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from globalcom2.anyres import PackedLayout, config_layout
 from globalcom2.hooks.pre_llm_sequence import DecodeState, decode_inputs, rebuild_prompt
 from globalcom2.methods.base import ImageContext, ImageStats, PreLLMMethod, Replacement
+from globalcom2.models.compiled import compile_mode_of
 from globalcom2.scoring.vision_attention import ClsAttentionCapture
 from globalcom2.scoring.vision_capture import CapturedViews, ViewCapture
 
@@ -114,6 +115,7 @@ class PreLLMAdapter:
         scores = self._scores_per_image(num_views)
         captured = self._views_per_image(num_views)
         project = self.model.model.multi_modal_projector
+        compile_mode = compile_mode_of(self.model)
         plans: dict[int, ImagePlan] = {}
         for feats, layout, pixels, image_scores, image_views in zip(
             features, layouts, views, scores, captured, strict=True
@@ -129,6 +131,7 @@ class PreLLMAdapter:
                 vision_scores=image_scores,
                 views=image_views,
                 project=project,
+                compile_mode=compile_mode,
             )
             source = self.method.select(feats, ctx)
             if isinstance(source, Replacement):

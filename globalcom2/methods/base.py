@@ -123,6 +123,8 @@ class ImageContext:
             asked for them (:attr:`PreLLMMethod.vision_capture_layer`).
         project: the model's multimodal projector (CLIP width -> LLM width), for a method that builds
             new tokens in CLIP space (set by the hook; ``None`` elsewhere).
+        compile_mode: the model's compile mode (``globalcom2.models.compiled``), ``None`` when it runs
+            eager: a method may compile its own work in the same mode.
     """
 
     layout: PackedLayout
@@ -130,6 +132,7 @@ class ImageContext:
     vision_scores: torch.Tensor | None = None
     views: CapturedViews | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    compile_mode: str | None = None
 
     @cached_property
     def sample_key(self) -> str:

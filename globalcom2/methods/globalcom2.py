@@ -51,7 +51,9 @@ Deliberate deviations from the reference (all layouts):
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -61,8 +63,14 @@ from globalcom2.anyres import PackedLayout
 from globalcom2.budget import kept_count
 from globalcom2.methods.base import ImageContext, PreLLMMethod, register_method
 from globalcom2.methods.globalcom2_geometry import CropGeometry, crop_geometry
-from globalcom2.scoring.ranking import column_tie_break, ranking_keys, top_counts_per_row
-from globalcom2.scoring.selection import masked_positions
+from globalcom2.scoring.ranking import (
+    column_tie_break,
+    int64_tensor,
+    ranking_keys,
+    top_counts_per_row,
+    top_counts_per_row_fixed,
+)
+from globalcom2.scoring.selection import padded_positions
 from globalcom2.tensor_cache import cached_constants
 
 Allocation = Literal["softmax_sum", "uniform", "softmax_max"]
@@ -190,10 +198,17 @@ def global_crop_scores(thumbnail_scores: torch.Tensor, geometry: CropGeometry) -
     from another summation order; the CPU and CUDA kernels of ``F.interpolate`` differ at that level too).
     Padded entries are 0.
     """
+    return _stretched(thumbnail_scores, geometry.row_weights, geometry.col_weights_t)
+
+
+def _stretched(
+    thumbnail_scores: torch.Tensor, row_weights: torch.Tensor, col_weights_t: torch.Tensor
+) -> torch.Tensor:
+    """:func:`global_crop_scores` from the geometry's two weight tensors (``[n, s, s]`` each)."""
     side = math.isqrt(thumbnail_scores.numel())
-    num_crops = geometry.row_weights.shape[0]
+    num_crops = row_weights.shape[0]
     thumbnail = thumbnail_scores.float().view(1, side, side).expand(num_crops, side, side)  # [n, s, s]
-    stretched = torch.bmm(geometry.row_weights, torch.bmm(thumbnail, geometry.col_weights_t))  # [n, s, s]
+    stretched = torch.bmm(row_weights, torch.bmm(thumbnail, col_weights_t))  # [n, s, s]
     return stretched.view(num_crops, side * side)  # [n, W]
 
 
@@ -222,6 +237,80 @@ def holistic_scores(
     norms = torch.linalg.vector_norm(pair, dim=-1, keepdim=True).clamp_(min=L2_EPS)  # [2, n, 1]
     normalised = pair.div_(norms)  # [2, n, W]
     return torch.lerp(normalised[1], normalised[0], global_weight)  # [n, W]
+
+
+# --- the selection after the allocation: fixed shapes, tensors in, so it can be compiled --------------
+
+
+def _kept_view_grid(
+    scores: torch.Tensor,
+    counts: torch.Tensor,
+    tie_break: torch.Tensor,
+    row_weights: torch.Tensor,
+    col_weights_t: torch.Tensor,
+    invalid: torch.Tensor | None,
+    global_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept [1 + n, W] bool, order [1 + n, W])``: the thumbnail ranked on its raw scores and each crop on
+    its holistic scores, each row keeping ``counts[row]`` (``[1 + n]`` int64 on the device)."""
+    crop_scores = holistic_scores(
+        _stretched(scores[0], row_weights, col_weights_t), scores[1:], invalid, global_weight
+    )  # [n, W]
+    ranked = torch.cat([scores[:1].float(), crop_scores])  # [1 + n, W], the thumbnail row raw
+    return top_counts_per_row_fixed(ranking_keys(ranked, tie_break), counts)
+
+
+def clean_selection(
+    scores: torch.Tensor,
+    counts: torch.Tensor,
+    tie_break: torch.Tensor,
+    row_weights: torch.Tensor,
+    col_weights_t: torch.Tensor,
+    invalid: torch.Tensor | None,
+    packed_index: torch.Tensor,
+    is_separator: torch.Tensor,
+    global_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean layout's kept packed positions, ascending, padded with -1 to ``[N]``; and how many there
+    are (0-dim), for the caller's check. Every shape follows the geometry (:class:`CropGeometry` fields),
+    none the data: one graph per geometry when compiled."""
+    kept, _ = _kept_view_grid(scores, counts, tie_break, row_weights, col_weights_t, invalid, global_weight)
+    keep = kept.view(-1).take(packed_index).logical_or_(is_separator)  # [N]; one separator per unpadded row
+    return padded_positions(keep), keep.sum()  # [N], []
+
+
+def reference_selection(
+    scores: torch.Tensor,
+    counts: torch.Tensor,
+    thumbnail_kept: int,
+    tie_break: torch.Tensor,
+    row_weights: torch.Tensor,
+    col_weights_t: torch.Tensor,
+    invalid: torch.Tensor | None,
+    view_index: torch.Tensor,
+    item_is_separator: torch.Tensor,
+    sources: torch.Tensor,
+    global_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference layout's sources, padded to ``[k0 + Nc + rows * side]``: the thumbnail's
+    ``thumbnail_kept`` best in score order, then the canvas walk restricted to the kept crop tokens (padded
+    entries arbitrary); and how many canvas items are kept (0-dim), for the caller's check."""
+    kept, order = _kept_view_grid(
+        scores, counts, tie_break, row_weights, col_weights_t, invalid, global_weight
+    )
+    keep = kept.view(-1).take(view_index).logical_or_(item_is_separator)  # [Nc + rows * side]
+    items = padded_positions(keep)  # [Nc + rows * side]
+    return torch.cat([order[0, :thumbnail_kept], sources.take(items.clamp(min=0))]), keep.sum()
+
+
+@functools.cache
+def compiled_selection(layout: Layout, mode: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`clean_selection` or :func:`reference_selection` under ``torch.compile`` in ``mode`` (the
+    model's compile mode, ``globalcom2.models.compiled``): its ~45 small kernels fused into a few, which on a
+    GPU is launch time saved. Dynamic shapes, so a new image geometry does not recompile; under a CUDA-graph
+    mode a new geometry records a graph of its own."""
+    function = reference_selection if layout == "reference" else clean_selection
+    return torch.compile(function, mode=mode, dynamic=True)
 
 
 # --- the method -------------------------------------------------------------------------------------
@@ -303,24 +392,28 @@ class GlobalCom2(PreLLMMethod):
             math.floor(tokens * ratio)
             for tokens, ratio in zip(geometry.tokens_per_crop_host, ratios, strict=True)
         ]  # [k0, k_1 .. k_n]
-        crop_scores = holistic_scores(
-            global_crop_scores(thumbnail, geometry), scores[1:], geometry.invalid, self._global_weight
-        )  # [n, W]
-        ranked = torch.cat([scores[:1].float(), crop_scores])  # [1 + n, W], the thumbnail row raw
-        kept, order = top_counts_per_row(ranking_keys(ranked, geometry.tie_break), counts)  # [1 + n, W] x 2
-
         crops_kept = sum(counts[1:])  # host-known, so every output below has a fixed size
+        on_device = int64_tensor(counts, scores.device)  # [1 + n], queued without a wait
+        compiled = ctx.compile_mode is not None
+        weights = (geometry.tie_break, geometry.row_weights, geometry.col_weights_t, geometry.invalid)
         if self.layout == "reference":
-            # thumbnail in score order, then the canvas walk restricted to the kept crop tokens
-            keep = (
-                kept.view(-1).take(geometry.reference_view_index).logical_or_(geometry.reference_is_separator)
-            )  # [Nc + rows * side]
-            items = masked_positions(keep, crops_kept + geometry.reference_separators)
-            source = torch.cat([order[0, : counts[0]], geometry.reference_sources.take(items)])
+            select = compiled_selection("reference", ctx.compile_mode) if compiled else reference_selection
+            items = crops_kept + geometry.reference_separators
+            padded, found = select(
+                scores, on_device, counts[0], *weights, geometry.reference_view_index,
+                geometry.reference_is_separator, geometry.reference_sources, self._global_weight,
+            )  # fmt: skip
+            source = padded[: counts[0] + items]
         else:
-            # one separator per unpadded row, as vanilla
-            keep = kept.view(-1).take(geometry.packed_index).logical_or_(geometry.is_separator)  # [N]
-            source = masked_positions(keep, counts[0] + crops_kept + layout.num_separators)  # packed order
+            select = compiled_selection("clean", ctx.compile_mode) if compiled else clean_selection
+            items = counts[0] + crops_kept + layout.num_separators
+            padded, found = select(
+                scores, on_device, *weights, geometry.packed_index, geometry.is_separator, self._global_weight
+            )
+            source = padded[:items]  # packed order
+        torch._assert_async(found == items, "globalcom2: the kept mask does not have the counted entries")
+        if compiled:
+            source = source.clone()  # a CUDA graph's output is overwritten by its next replay
         return source if source.device == features.device else source.to(features.device)
 
     def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int:

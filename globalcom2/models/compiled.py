@@ -12,6 +12,9 @@ What is compiled, and why exactly that:
 * the decoder layers in the prefill and in the decode steps under the modes without CUDA graphs
   (``default``, ``max-autotune-no-cudagraphs``); under the CUDA-graph modes in the prefill only, since decode
   steps grow the KV cache by one each, so CUDA graphs would record a new graph per step;
+* a pre-LLM method's own work, when it offers a compiled form: the model carries its mode
+  (:func:`compile_mode_of`), which the method reads from ``ImageContext.compile_mode`` (GlobalCom²'s
+  selection after the allocation, ``globalcom2.methods.globalcom2.compiled_selection``);
 * a layer runs eager whenever one of its submodules carries a hook (GlobalCom²'s [CLS] capture on the score
   layer's projections, an in-LLM method's scoring hook on an attention module), so a method's hooks always
   see eager tensors and its code is never traced. transformers' own output-capturing hooks do not count:
@@ -95,13 +98,24 @@ def compile_problem(device: torch.device | str, mode: str) -> str | None:
     return None
 
 
+#: The attribute :func:`compile_model` sets on the model it compiled (its mode), and ``remove`` deletes.
+MODE_ATTRIBUTE = "_globalcom2_compile_mode"
+
+
+def compile_mode_of(model: Any) -> str | None:
+    """The mode ``model`` is compiled in by :func:`compile_model`, ``None`` when it runs eager: what a
+    pre-LLM method's own work follows (``ImageContext.compile_mode``)."""
+    return getattr(model, MODE_ATTRIBUTE, None)
+
+
 class CompiledLayers:
     """The handle :func:`compile_model` returns; :meth:`remove` restores the eager forwards."""
 
-    def __init__(self, mode: str, layers: list[torch.nn.Module], hooks: list[Any]) -> None:
+    def __init__(self, mode: str, layers: list[torch.nn.Module], hooks: list[Any], model: Any = None) -> None:
         self.mode = mode
         self._layers = layers
         self._hooks = hooks
+        self._model = model
 
     @property
     def active(self) -> bool:
@@ -114,7 +128,9 @@ class CompiledLayers:
             hook.remove()
         if self._layers:
             _release_recompile_limit()
-        self._layers, self._hooks = [], []
+        if self._model is not None and MODE_ATTRIBUTE in vars(self._model):
+            delattr(self._model, MODE_ATTRIBUTE)
+        self._layers, self._hooks, self._model = [], [], None
 
     def __enter__(self) -> CompiledLayers:
         return self
@@ -235,4 +251,5 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
     hooks = []
     if _replays_cuda_graphs(device, mode):
         hooks.append(model.register_forward_pre_hook(_mark_cuda_graph_step))
-    return CompiledLayers(mode, layers, hooks)
+    setattr(model, MODE_ATTRIBUTE, mode)
+    return CompiledLayers(mode, layers, hooks, model)

@@ -316,7 +316,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.vicuna_text is None:
         args.vicuna_text = args.random_init and args.benchmark == "efficiency"
     if args.vicuna_text and not args.random_init:
-        parser.error("--vicuna-text needs --random-init (a checkpoint's tokenizer already gives Vicuna's count)")
+        parser.error(
+            "--vicuna-text needs --random-init (a checkpoint's tokenizer already gives Vicuna's count)"
+        )
     if any(size < 1 for size in args.batch_sizes):
         parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
     if args.mode == "batch-effect" and 1 not in args.batch_sizes:

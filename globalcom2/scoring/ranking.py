@@ -91,3 +91,20 @@ def top_counts_per_row(keys: torch.Tensor, counts: list[int]) -> tuple[torch.Ten
     # keys are distinct, so "at least the counts[i]-th best key" is exactly the top counts[i]
     last = int64_tensor([count - 1 for count in counts], keys.device).unsqueeze(1)  # [R, 1]
     return keys >= best.gather(1, last), order  # [R, W], [R, K]
+
+
+def top_counts_per_row_fixed(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_counts_per_row` with the counts on the device and every output's shape fixed by ``keys``':
+    the same kept mask, from a full sort instead of a top-k of the largest count (which sizes its output by
+    the data). For a compiled or graph-captured caller, where a new size is a new graph.
+
+    Args:
+        keys: ``[R, W]`` int64, distinct within each row (:func:`ranking_keys`).
+        counts: ``[R]`` int64 on ``keys``' device, entries kept per row (0 allowed).
+
+    Returns:
+        ``(kept [R, W] bool, order [R, W])``: the kept mask and each row's columns, best first.
+    """
+    ordered, order = keys.sort(dim=1, descending=True)  # [R, W] x 2
+    threshold = ordered.gather(1, (counts - 1).clamp(min=0).unsqueeze(1))  # [R, 1] the counts[r]-th best key
+    return (keys >= threshold) & (counts > 0).unsqueeze(1), order  # [R, W], [R, W]

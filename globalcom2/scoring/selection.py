@@ -26,6 +26,19 @@ def masked_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     return out[:count]
 
 
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """``[N]`` int64: the indices of the True entries of the 1-D ``mask`` ascending, then -1 to the end.
+
+    :func:`masked_positions` with the output's size fixed by the mask's, for a compiled or graph-captured
+    caller; the caller, who knows the count on the host, slices ``[:count]`` (a view: no kernel).
+    """
+    size = mask.numel()
+    slot = torch.where(mask, mask.long().cumsum(0) - 1, size)  # [N] output slot, False entries past the end
+    out = torch.full((size + 1,), -1, dtype=torch.long, device=mask.device)
+    out.scatter_(0, slot, torch.arange(size, device=mask.device))
+    return out[:size]
+
+
 def top_k_per_group(scores: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Mark, in every group, the ``k[g]`` positions with the highest score.
 

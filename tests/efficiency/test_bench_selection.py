@@ -16,7 +16,12 @@ def test_writes_every_row_and_the_target_verdict(tmp_path):
     target_row, target_ms = TARGETS["cpu"]
     assert names[0].startswith("calibration") and {row for row, _ in TARGETS.values()} <= set(names)
     assert {"[CLS] scores only, tiny d=64", "[CLS] scores only, CLIP-L d=1024"} <= set(names)
-    assert sum(name.startswith("scores + selection") for name in names) == 6  # 2 layouts x 3 cases
+    assert sum(name.startswith("scores + selection") for name in names) == 6 + 2  # 2 layouts x 3 cases,
+    # and the 672x672 clean selection compiled in the default mode at both widths (no CUDA graphs on a CPU)
+    assert [name for name in names if "compiled" in name] == [
+        "scores + selection, 672x672, tiny d=64, clean, compiled (default)",
+        "scores + selection, 672x672, CLIP-L d=1024, clean, compiled (default)",
+    ]
     assert all(row["p25 (ms)"] > 0 for row in record["rows"])
     target = next(row for row in record["rows"] if row["variant"] == target_row)
     assert record["target"] == {"row": target_row, "ms": target_ms, "met": target["median (ms)"] <= target_ms}
