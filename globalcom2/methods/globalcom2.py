@@ -245,24 +245,27 @@ def holistic_scores(
 def _kept_view_grid(
     scores: torch.Tensor,
     counts: torch.Tensor,
+    bound: int,
     tie_break: torch.Tensor,
     row_weights: torch.Tensor,
     col_weights_t: torch.Tensor,
     invalid: torch.Tensor | None,
     global_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kept [1 + n, W] bool, order [1 + n, W])``: the thumbnail ranked on its raw scores and each crop on
-    its holistic scores, each row keeping ``counts[row]`` (``[1 + n]`` int64 on the device)."""
+    """``(kept [1 + n, W] bool, order [1 + n, bound])``: the thumbnail ranked on its raw scores and each crop
+    on its holistic scores, each row keeping ``counts[row]`` (``[1 + n]`` int64 on the device, at most
+    ``bound``: :func:`top_counts_per_row_fixed`)."""
     crop_scores = holistic_scores(
         _stretched(scores[0], row_weights, col_weights_t), scores[1:], invalid, global_weight
     )  # [n, W]
     ranked = torch.cat([scores[:1].float(), crop_scores])  # [1 + n, W], the thumbnail row raw
-    return top_counts_per_row_fixed(ranking_keys(ranked, tie_break), counts)
+    return top_counts_per_row_fixed(ranking_keys(ranked, tie_break), counts, bound)
 
 
 def clean_selection(
     scores: torch.Tensor,
     counts: torch.Tensor,
+    bound: int,
     tie_break: torch.Tensor,
     row_weights: torch.Tensor,
     col_weights_t: torch.Tensor,
@@ -272,9 +275,11 @@ def clean_selection(
     global_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean layout's kept packed positions, ascending, padded with -1 to ``[N]``; and how many there
-    are (0-dim), for the caller's check. Every shape follows the geometry (:class:`CropGeometry` fields),
-    none the data: one graph per geometry when compiled."""
-    kept, _ = _kept_view_grid(scores, counts, tie_break, row_weights, col_weights_t, invalid, global_weight)
+    are (0-dim), for the caller's check. Every shape follows the geometry (:class:`CropGeometry` fields) and
+    ``bound``, none the data: compiled, ``bound`` is the row width and a geometry is one graph."""
+    kept, _ = _kept_view_grid(
+        scores, counts, bound, tie_break, row_weights, col_weights_t, invalid, global_weight
+    )
     keep = kept.view(-1).take(packed_index).logical_or_(is_separator)  # [N]; one separator per unpadded row
     return padded_positions(keep), keep.sum()  # [N], []
 
@@ -282,6 +287,7 @@ def clean_selection(
 def reference_selection(
     scores: torch.Tensor,
     counts: torch.Tensor,
+    bound: int,
     thumbnail_kept: int,
     tie_break: torch.Tensor,
     row_weights: torch.Tensor,
@@ -296,7 +302,7 @@ def reference_selection(
     ``thumbnail_kept`` best in score order, then the canvas walk restricted to the kept crop tokens (padded
     entries arbitrary); and how many canvas items are kept (0-dim), for the caller's check."""
     kept, order = _kept_view_grid(
-        scores, counts, tie_break, row_weights, col_weights_t, invalid, global_weight
+        scores, counts, bound, tie_break, row_weights, col_weights_t, invalid, global_weight
     )
     keep = kept.view(-1).take(view_index).logical_or_(item_is_separator)  # [Nc + rows * side]
     items = padded_positions(keep)  # [Nc + rows * side]
@@ -395,12 +401,14 @@ class GlobalCom2(PreLLMMethod):
         crops_kept = sum(counts[1:])  # host-known, so every output below has a fixed size
         on_device = int64_tensor(counts, scores.device)  # [1 + n], queued without a wait
         compiled = ctx.compile_mode is not None
+        # compiled: the row width, so the shapes follow the geometry only; eager: the largest count
+        bound = thumbnail.numel() if compiled else max(counts)
         weights = (geometry.tie_break, geometry.row_weights, geometry.col_weights_t, geometry.invalid)
         if self.layout == "reference":
             select = compiled_selection("reference", ctx.compile_mode) if compiled else reference_selection
             items = crops_kept + geometry.reference_separators
             padded, found = select(
-                scores, on_device, counts[0], *weights, geometry.reference_view_index,
+                scores, on_device, bound, counts[0], *weights, geometry.reference_view_index,
                 geometry.reference_is_separator, geometry.reference_sources, self._global_weight,
             )  # fmt: skip
             source = padded[: counts[0] + items]
@@ -408,7 +416,13 @@ class GlobalCom2(PreLLMMethod):
             select = compiled_selection("clean", ctx.compile_mode) if compiled else clean_selection
             items = counts[0] + crops_kept + layout.num_separators
             padded, found = select(
-                scores, on_device, *weights, geometry.packed_index, geometry.is_separator, self._global_weight
+                scores,
+                on_device,
+                bound,
+                *weights,
+                geometry.packed_index,
+                geometry.is_separator,
+                self._global_weight,
             )
             source = padded[:items]  # packed order
         torch._assert_async(found == items, "globalcom2: the kept mask does not have the counted entries")

@@ -13,7 +13,9 @@ from globalcom2.scoring.ranking import (
     int64_tensor,
     ranking_keys,
     top_counts_per_row,
+    top_counts_per_row_fixed,
 )
+from globalcom2.scoring.selection import padded_positions
 
 
 def loop_top(row: list[float], count: int, valid: list[bool]) -> list[int]:
@@ -42,6 +44,34 @@ def test_top_counts_follow_the_tie_rule_on_tied_scores(seed):
         expected = loop_top(scores[i].tolist(), count, valid[i].tolist())
         assert order[i, :count].tolist() == expected  # the best count columns, best first
         assert kept[i].nonzero().squeeze(1).tolist() == sorted(expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_fixed_shape_top_counts_keep_what_the_host_counted_version_keeps(seed):
+    """Counts on the device (zeros included), bound the row width or the largest count: the same kept mask
+    and the same best-first order, with shapes that never depend on the counts."""
+    scores = tied_scores(4, 50, seed)
+    generator = torch.Generator().manual_seed(200 + seed)
+    valid = torch.rand(4, 50, generator=generator) > 0.2
+    tie_break = column_tie_break(4, 50).masked_fill(~valid, INVALID_TIE_BREAK)
+    keys = ranking_keys(scores, tie_break)
+    counts = [min(int(valid[i].sum()), c) for i, c in enumerate([0, 17, 3, 30])]
+    kept, order = top_counts_per_row(keys, counts)
+    for bound in (50, max(counts)):
+        fixed, fixed_order = top_counts_per_row_fixed(keys, torch.tensor(counts), bound)
+        assert torch.equal(fixed, kept) and fixed_order.shape == (4, bound)
+        for i, count in enumerate(counts):
+            assert torch.equal(fixed_order[i, :count], order[i, :count])
+
+
+def test_padded_positions_are_the_true_indices_then_minus_one():
+    generator = torch.Generator().manual_seed(3)
+    for density in (0.0, 0.3, 1.0):
+        mask = torch.rand(97, generator=generator) < density
+        count = int(mask.sum())
+        padded = padded_positions(mask)
+        assert padded.shape == (97,) and torch.equal(padded[:count], mask.nonzero().squeeze(1))
+        assert (padded[count:] == -1).all()
 
 
 def test_zero_counts_keep_nothing_in_their_row():
