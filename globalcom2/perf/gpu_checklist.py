@@ -15,8 +15,8 @@ Steps:
 
 1. the 7B efficiency table: eager, then compiled, under SDPA, then eager attention, with measured ceilings
    (``globalcom2.perf.efficiency``);
-2. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, compile mode on CUDA, the benchmark's
-   GPU columns);
+2. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, compile mode on CUDA, GlobalCom²'s
+   compiled selection on CUDA, the benchmark's GPU columns);
 3. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
 3b. the 7B table again with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images
    and four variants, into ``results/efficiency/cuda_graphs/``: whether replayed graphs, not only fused
@@ -113,7 +113,8 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
         Step(
             "gpu_tests",
             [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
-             "tests/models/test_compiled.py", "tests/efficiency", "--ignore=tests/gpu/test_run_on_gpu.py"],
+             "tests/models/test_compiled.py", "tests/methods/test_globalcom2_compiled.py", "tests/efficiency",
+             "--ignore=tests/gpu/test_run_on_gpu.py"],
             150,
         ),
         Step(

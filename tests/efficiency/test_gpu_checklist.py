@@ -35,6 +35,30 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
     assert first.endswith(f"globalcom2/carry.py --verify {Path('.whl').resolve()}")
 
 
+def test_every_gpu_marked_test_file_is_run_by_a_checklist_step():
+    """A ``gpu`` test that no step runs is never run: the GPU machine runs the checklist, not ``make test``."""
+    from globalcom2.paths import PROJECT_ROOT
+    from globalcom2.perf import gpu_checklist
+
+    marked = {
+        path.relative_to(PROJECT_ROOT).as_posix()
+        for path in (PROJECT_ROOT / "tests").rglob("test_*.py")
+        if "pytest.mark.gpu" in path.read_text()
+    }
+    covered = set()
+    for step in gpu_checklist.steps(images=10):
+        if step.command[2:3] != ["pytest"]:
+            continue
+        named = [arg for arg in step.command if arg.startswith("tests")]
+        ignored = {arg.split("=", 1)[1] for arg in step.command if arg.startswith("--ignore=")}
+        covered |= {
+            path
+            for path in marked
+            if path not in ignored and any(path == n or path.startswith(n.rstrip("/") + "/") for n in named)
+        }
+    assert marked and covered == marked, sorted(marked - covered)
+
+
 def test_the_efficiency_steps_declare_the_files_their_benchmark_writes(monkeypatch):
     """A declared output the benchmark does not write would come back as 'not written'; the CUDA-graph step's
     table must land beside the default-mode one, not over it."""
