@@ -25,7 +25,12 @@ def prompts(tiny, images):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "params"),
-    [("vanilla", {}), ("globalcom2", {"retention_ratio": 0.25}), ("fastv", {"retention_ratio": 0.25})],
+    [
+        ("vanilla", {}),
+        ("globalcom2", {"retention_ratio": 0.25}),
+        ("fastv", {"retention_ratio": 0.25}),
+        ("sparsevlm", {"retention_ratio": 0.25}),  # prunes the KV cache per layer: decode sees ragged caches
+    ],
 )
 def test_compiled_prefill_equals_eager(model, prompts, method, params):
     """Greedy answers identical, per-step logits within float reassociation, on prompts of two lengths."""
