@@ -224,7 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="add compiled rows (vision tower and LLM prefill, globalcom2.models.compiled) beside the eager ones",
+        help="add compiled rows (vision tower, LLM prefill and decode, GlobalCom²'s selection: globalcom2.models.compiled) beside the eager ones",
     )
     parser.add_argument(
         "--compile-mode",
