@@ -46,7 +46,13 @@ from globalcom2.provenance import provenance
 from globalcom2.records import CellOutcome, CellRecord, CellRef, read_outcome
 from globalcom2.store import Cell, CellBusy, identity_diff, writable_problem
 from globalcom2.tracking import check_logger
-from globalcom2.worker import OUTCOME_FILE, death_signal_setter, die_with_parent, evaluate_cell
+from globalcom2.worker import (
+    OUTCOME_FILE,
+    RUN_PID_ENV,
+    death_signal_setter,
+    die_with_parent,
+    evaluate_cell,
+)
 
 log = logging.getLogger("globalcom2.run")
 _SEEN_THIS_SWEEP: set[Path] = set()  # cells already handled by this process (vanilla: one cell per sweep)
@@ -125,7 +131,7 @@ def run_worker_group(command: list[str], keep_fds: tuple[int, ...] = ()) -> int:
     set_death_signal = death_signal_setter()  # resolved here: the forked child only calls it
     process = subprocess.Popen(
         command,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", RUN_PID_ENV: str(parent)},  # for die_with_launcher
         start_new_session=True,  # its own group: killpg reaches the workers too
         preexec_fn=lambda: die_with_parent(parent, set_death_signal),
         pass_fds=keep_fds,

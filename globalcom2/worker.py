@@ -159,10 +159,50 @@ def die_with_parent(parent: int, set_death_signal: Callable[[], None]) -> None:
         os._exit(1)
 
 
+#: Set by ``globalcom2.run`` in its launcher's environment, which every rank inherits: its own pid, the
+#: ranks' grandparent.
+RUN_PID_ENV = "GLOBALCOM2_RUN_PID"
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` from ``/proc`` (Linux), ``None`` where it cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def launcher_is_alive(run_pid: int | None) -> bool:
+    """Whether this rank's launcher still runs. A dead one's ranks are adopted (by init or a subreaper), so
+    under ``globalcom2.run`` (``run_pid``) the parent must be a process that ``run_pid`` started; without it,
+    the parent must not be init. Where ``/proc`` cannot be read, assume alive (the death signal still holds).
+    """
+    parent = os.getppid()
+    if parent == 1:
+        return False
+    if run_pid is None:
+        return True
+    grandparent = parent_of(parent)
+    return grandparent is None or grandparent == run_pid
+
+
+def die_with_launcher(set_death_signal: Callable[[], None]) -> None:
+    """SIGTERM this rank when its launcher dies, and exit at once if it died already.
+
+    The rank's parent cannot be read at the start of ``main``: by then the launcher may have died and the
+    rank been adopted, after the seconds its imports take (under load, more), and a death signal set on the
+    adopter never comes. That race left two ranks running after their ``globalcom2.run`` was killed.
+    """
+    set_death_signal()
+    run_pid = os.environ.get(RUN_PID_ENV)
+    if not launcher_is_alive(int(run_pid) if run_pid else None):
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m globalcom2.worker <spec.json> <out_dir>`` (under torchrun / accelerate launch)."""
     # A rank outlives neither its launcher nor, through the launcher's own death signal, ``globalcom2.run``.
-    die_with_parent(os.getppid(), death_signal_setter())
+    die_with_launcher(death_signal_setter())
     spec_path, out_dir = (argv if argv is not None else sys.argv[1:])[:2]
     spec = CellSpec.from_dict(json.loads(Path(spec_path).read_text()))
     from globalcom2.redaction import redacted_console

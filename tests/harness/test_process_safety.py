@@ -146,3 +146,56 @@ def test_no_secret_reaches_the_console_or_any_file(tmp_path):
         (where, name) for where, text in texts.items() for name, value in SECRETS.items() if value in text
     ]
     assert not leaks
+
+
+def test_a_rank_whose_launcher_died_before_it_started_exits_at_once(tmp_path):
+    """The launcher can die while a rank still imports (seconds; under load, more): the rank is adopted
+    before its ``main`` runs, so a death signal set against its parent then would wait for init. It must
+    see that its launcher is gone and exit, here before it reads its spec: a FIFO nobody writes, on which
+    a rank that carried on would block for ever. (This race left two ranks running in CI.)"""
+    spec = tmp_path / "spec.fifo"
+    os.mkfifo(spec)
+    env = {**os.environ, "GLOBALCOM2_RUN_PID": str(os.getpid())}
+    launcher = subprocess.run(  # starts the rank in the background and exits: the rank is orphaned at once
+        [
+            "sh",
+            "-c",
+            f'"{sys.executable}" -m globalcom2.worker "{spec}" "{tmp_path}" </dev/null >/dev/null 2>&1 & echo $!',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rank = int(launcher.stdout.strip())
+    try:
+        wait_for(
+            lambda: not Path(f"/proc/{rank}").exists() or _zombie(rank), 120, "the orphaned rank to exit"
+        )
+    finally:
+        with _suppress():
+            os.kill(rank, signal.SIGKILL)
+
+
+def test_a_rank_knows_its_launcher_from_an_adopter():
+    """``launcher_is_alive``: under ``globalcom2.run`` the parent must be a child of its pid; the check runs
+    in a process whose parent is a shell started here."""
+    code = (
+        "import os, sys; from globalcom2.worker import launcher_is_alive; "
+        "print(launcher_is_alive(int(sys.argv[1])), launcher_is_alive(int(sys.argv[1]) + 999999), "
+        "launcher_is_alive(None))"
+    )
+    shell = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -c "{code}" {os.getpid()}; true'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shell.stdout.split() == ["True", "False", "True"]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
