@@ -54,7 +54,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -242,34 +242,40 @@ def holistic_scores(
 # --- the selection after the allocation: fixed shapes, tensors in, so it can be compiled --------------
 
 
+class RankingWeights(NamedTuple):
+    """The :class:`CropGeometry` tensors the ranking reads, as one argument of the selection functions."""
+
+    tie_break: torch.Tensor  # [1 + n, W] int64
+    row_weights: torch.Tensor  # [n, s, s]
+    col_weights_t: torch.Tensor  # [n, s, s]
+    invalid: torch.Tensor | None  # [n, W] bool, or None when every crop entry is a token
+
+    @classmethod
+    def of(cls, geometry: CropGeometry) -> RankingWeights:
+        return cls(geometry.tie_break, geometry.row_weights, geometry.col_weights_t, geometry.invalid)
+
+
 def _kept_view_grid(
-    scores: torch.Tensor,
-    counts: torch.Tensor,
-    bound: int,
-    tie_break: torch.Tensor,
-    row_weights: torch.Tensor,
-    col_weights_t: torch.Tensor,
-    invalid: torch.Tensor | None,
-    global_weight: float,
+    scores: torch.Tensor, counts: torch.Tensor, bound: int, weights: RankingWeights, global_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kept [1 + n, W] bool, order [1 + n, bound])``: the thumbnail ranked on its raw scores and each crop
     on its holistic scores, each row keeping ``counts[row]`` (``[1 + n]`` int64 on the device, at most
     ``bound``: :func:`top_counts_per_row_fixed`)."""
     crop_scores = holistic_scores(
-        _stretched(scores[0], row_weights, col_weights_t), scores[1:], invalid, global_weight
+        _stretched(scores[0], weights.row_weights, weights.col_weights_t),
+        scores[1:],
+        weights.invalid,
+        global_weight,
     )  # [n, W]
     ranked = torch.cat([scores[:1].float(), crop_scores])  # [1 + n, W], the thumbnail row raw
-    return top_counts_per_row_fixed(ranking_keys(ranked, tie_break), counts, bound)
+    return top_counts_per_row_fixed(ranking_keys(ranked, weights.tie_break), counts, bound)
 
 
 def clean_selection(
     scores: torch.Tensor,
     counts: torch.Tensor,
     bound: int,
-    tie_break: torch.Tensor,
-    row_weights: torch.Tensor,
-    col_weights_t: torch.Tensor,
-    invalid: torch.Tensor | None,
+    weights: RankingWeights,
     packed_index: torch.Tensor,
     is_separator: torch.Tensor,
     global_weight: float,
@@ -277,9 +283,7 @@ def clean_selection(
     """The clean layout's kept packed positions, ascending, padded with -1 to ``[N]``; and how many there
     are (0-dim), for the caller's check. Every shape follows the geometry (:class:`CropGeometry` fields) and
     ``bound``, none the data: compiled, ``bound`` is the row width and a geometry is one graph."""
-    kept, _ = _kept_view_grid(
-        scores, counts, bound, tie_break, row_weights, col_weights_t, invalid, global_weight
-    )
+    kept, _ = _kept_view_grid(scores, counts, bound, weights, global_weight)
     keep = kept.view(-1).take(packed_index).logical_or_(is_separator)  # [N]; one separator per unpadded row
     return padded_positions(keep), keep.sum()  # [N], []
 
@@ -289,10 +293,7 @@ def reference_selection(
     counts: torch.Tensor,
     bound: int,
     thumbnail_kept: int,
-    tie_break: torch.Tensor,
-    row_weights: torch.Tensor,
-    col_weights_t: torch.Tensor,
-    invalid: torch.Tensor | None,
+    weights: RankingWeights,
     view_index: torch.Tensor,
     item_is_separator: torch.Tensor,
     sources: torch.Tensor,
@@ -301,9 +302,7 @@ def reference_selection(
     """The reference layout's sources, padded to ``[k0 + Nc + rows * side]``: the thumbnail's
     ``thumbnail_kept`` best in score order, then the canvas walk restricted to the kept crop tokens (padded
     entries arbitrary); and how many canvas items are kept (0-dim), for the caller's check."""
-    kept, order = _kept_view_grid(
-        scores, counts, bound, tie_break, row_weights, col_weights_t, invalid, global_weight
-    )
+    kept, order = _kept_view_grid(scores, counts, bound, weights, global_weight)
     keep = kept.view(-1).take(view_index).logical_or_(item_is_separator)  # [Nc + rows * side]
     items = padded_positions(keep)  # [Nc + rows * side]
     return torch.cat([order[0, :thumbnail_kept], sources.take(items.clamp(min=0))]), keep.sum()
@@ -403,12 +402,12 @@ class GlobalCom2(PreLLMMethod):
         compiled = ctx.compile_mode is not None
         # compiled: the row width, so the shapes follow the geometry only; eager: the largest count
         bound = thumbnail.numel() if compiled else max(counts)
-        weights = (geometry.tie_break, geometry.row_weights, geometry.col_weights_t, geometry.invalid)
+        weights = RankingWeights.of(geometry)
         if self.layout == "reference":
             select = compiled_selection("reference", ctx.compile_mode) if compiled else reference_selection
             items = crops_kept + geometry.reference_separators
             padded, found = select(
-                scores, on_device, bound, counts[0], *weights, geometry.reference_view_index,
+                scores, on_device, bound, counts[0], weights, geometry.reference_view_index,
                 geometry.reference_is_separator, geometry.reference_sources, self._global_weight,
             )  # fmt: skip
             source = padded[: counts[0] + items]
@@ -419,7 +418,7 @@ class GlobalCom2(PreLLMMethod):
                 scores,
                 on_device,
                 bound,
-                *weights,
+                weights,
                 geometry.packed_index,
                 geometry.is_separator,
                 self._global_weight,
