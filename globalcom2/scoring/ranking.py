@@ -83,20 +83,17 @@ def top_counts_per_row(keys: torch.Tensor, counts: list[int]) -> tuple[torch.Ten
         columns, best first.
     """
     # a top-k of the largest count is a partial sort, cheaper than a full one at the usual ratios
-    best, order = keys.topk(max(counts), dim=1)  # [R, K] x 2, best first
-    if min(counts) == 0:  # rare (tiny R, a sliver crop): mark the ranks below each count instead
-        rank = torch.arange(order.shape[1], device=keys.device)  # [K]
-        in_count = rank < int64_tensor(counts, keys.device).unsqueeze(1)  # [R, K]
-        return torch.zeros_like(keys, dtype=torch.bool).scatter_(1, order, in_count), order
-    # keys are distinct, so "at least the counts[i]-th best key" is exactly the top counts[i]
-    last = int64_tensor([count - 1 for count in counts], keys.device).unsqueeze(1)  # [R, 1]
-    return keys >= best.gather(1, last), order  # [R, W], [R, K]
+    bound = max(counts)
+    if bound == 0:
+        return torch.zeros_like(keys, dtype=torch.bool), keys.new_empty((keys.shape[0], 0))
+    return top_counts_per_row_fixed(keys, int64_tensor(counts, keys.device), bound)
 
 
 def top_counts_per_row_fixed(
     keys: torch.Tensor, counts: torch.Tensor, bound: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`top_counts_per_row` with the counts on the device: every output's shape follows ``keys`` and
+    """The ``counts[r]`` largest keys of each row ``r``, the counts on the device (what
+    :func:`top_counts_per_row` runs once it has put them there): every output's shape follows ``keys`` and
     ``bound``, never the counts' values. For a compiled or graph-captured caller, where a new size is a new
     graph, ``bound`` is the row width (a top-k of it is a sort); an eager caller passes the largest count,
     whose partial sort costs a third of a full one on a CPU.
