@@ -418,7 +418,7 @@ class GlobalCom2LlavaNext(lmms):
         try:
             with torch.inference_mode(), mode:
                 if self.profile and not self._warmed_up and self.warmup_calls:
-                    tokens = min(WARMUP_NEW_TOKENS, setting.max_new_tokens)  # every graph compile mode needs
+                    tokens = min(WARMUP_NEW_TOKENS, setting.max_new_tokens)  # meets every compiled graph
                     warm = {**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}
                     self.profiler.warmup(lambda: self.model.generate(**inputs, **warm), self.warmup_calls)
                 self._warmed_up = True
