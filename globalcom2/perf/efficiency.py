@@ -16,13 +16,13 @@ Every row reports, per generate call (medians over the images; ``globalcom2.effi
   copy bandwidth measured at the start (``globalcom2.perf.ceilings``).
 
 ``--compile`` adds compiled rows (``globalcom2.models.compiled``) beside the eager ones, one phase per mode of
-``--compile-mode`` (several may be named); ``--attention sdpa eager`` (the default on CUDA) repeats the
-eager rows under ``attn_implementation=eager``, where peak memory differs most. Each of these is a phase
-of its own, run over every image after the eager SDPA phase (:func:`phases`; speed-ups compare rows of one
-phase), and the table is rewritten when each phase ends: a phase that fails is recorded in the JSON's ``failures`` and the exit status, and the others' rows stay. On
-CUDA each row's peak memories come from one extra untimed call from an emptied allocator cache
-(:func:`memory_pass`). For ``--random-init`` the byte-level prompt is cut to the text length Vicuna's
-tokenizer gives it (``globalcom2.protocol.vicuna_length``).
+``--compile-mode`` (several may be named); ``--attention sdpa eager`` (the default on CUDA) repeats the eager
+rows under ``attn_implementation=eager``, where peak memory differs most. Each of these is a phase of its own,
+run over every image after the eager SDPA phase (:func:`phases`; speed-ups compare rows of one phase), and the
+table is rewritten when each phase ends: a phase that fails is recorded in the JSON's ``failures`` and the
+exit status, and the others' rows stay. On CUDA each row's peak memories come from one extra untimed call from
+an emptied allocator cache (:func:`memory_pass`). For ``--random-init`` the byte-level prompt is cut to the
+text length Vicuna's tokenizer gives it (``globalcom2.protocol.vicuna_length``).
 
 Warm-up: one untimed call per variant, which compiles in a compiled phase. Under a CUDA-graph mode
 (``reduce-overhead``, ``max-autotune``) every distinct sequence length records graphs of its own on its
