@@ -21,6 +21,11 @@ the BOS and excludes the image placeholder: 34 tokens for ``BOS + system prompt 
 newline after the image and ``" ASSISTANT:"``, plus the question's own tokens. The llava-hf processor
 (``legacy=False``) gives each prompt one token fewer (no dummy prefix after the image). The model file is
 not part of this repository; the counts were taken once and are checked here only for coverage.
+
+A cell's prompt is not the bare question: lmms-eval appends the task's ``post_prompt``
+(:data:`EFFICIENCY_POST_PROMPT`, from ``tasks/demo/globalcom2_demo.yaml``, which the efficiency task includes)
+before the prompt reaches the model. Counted the same way (same file and rule, 2026-12-06), it adds
+:data:`POST_PROMPT_TOKENS` to every one of the twenty questions, so a cell's prompt is looked up with them.
 """
 
 from __future__ import annotations
@@ -57,8 +62,20 @@ VICUNA_TEXT_TOKENS: dict[str, int] = {
 }
 #: Vicuna's text tokens before the image in every efficiency prompt: BOS, the system prompt and ``" USER: "``.
 PREFIX_TOKENS = 34
-#: The same counts keyed by the whole prompt a cell builds (``vicuna_v1_prompt``), for :func:`prompt_text_tokens`.
-_BY_PROMPT: dict[str, int] = {vicuna_v1_prompt(q): n for q, n in VICUNA_TEXT_TOKENS.items()}
+#: What lmms-eval appends to every question of the demo and efficiency tasks (their ``post_prompt``).
+EFFICIENCY_POST_PROMPT = "\nAnswer the question using a single word or number."
+#: Vicuna's tokens that :data:`EFFICIENCY_POST_PROMPT` adds to the prompt of each question above (the same for
+#: all twenty, each counted).
+POST_PROMPT_TOKENS = 11
+#: The counts keyed by the whole prompt (``vicuna_v1_prompt``), for :func:`prompt_text_tokens`: the bare
+#: question's, and the question with the post-prompt, as cells send it.
+_BY_PROMPT: dict[str, int] = {
+    **{vicuna_v1_prompt(q): n for q, n in VICUNA_TEXT_TOKENS.items()},
+    **{
+        vicuna_v1_prompt(q + EFFICIENCY_POST_PROMPT): n + POST_PROMPT_TOKENS
+        for q, n in VICUNA_TEXT_TOKENS.items()
+    },
+}
 SOURCE = (
     "LLaMA-2 SentencePiece (karpathy/llama2.c@350e04f tokenizer.model), LLaVA tokenizer_image_token "
     "(haotian-liu/LLaVA@c121f04 llava/mm_utils.py L185-204)"
@@ -78,7 +95,8 @@ def vicuna_text_tokens(question: str) -> int:
 
 def prompt_text_tokens(prompt: str) -> int:
     """The recorded count for a whole Vicuna-v1 prompt with one image (``globalcom2.prompts.vicuna_v1_prompt``
-    of an efficiency-split question: what ``globalcom2.run`` cells on the efficiency benchmark build).
+    of an efficiency-split question, with or without :data:`EFFICIENCY_POST_PROMPT`: ``globalcom2.run`` cells
+    on the efficiency benchmark send it with).
 
     Raises:
         ValueError: a prompt without a recorded count (the message names the questions that have one).
@@ -86,7 +104,8 @@ def prompt_text_tokens(prompt: str) -> int:
     if prompt not in _BY_PROMPT:
         raise ValueError(
             f"no recorded Vicuna token count for the prompt {prompt!r}: counts are recorded for the Vicuna-v1 "
-            f"prompts of the efficiency split's questions only ({sorted(VICUNA_TEXT_TOKENS)}); run this "
+            f"prompts of the efficiency split's questions only ({sorted(VICUNA_TEXT_TOKENS)}), bare or followed "
+            f"by {EFFICIENCY_POST_PROMPT!r}; run this "
             "benchmark with vicuna_text=false (the byte-level text, its length recorded as text_tokens)"
         )
     return _BY_PROMPT[prompt]

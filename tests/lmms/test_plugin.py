@@ -135,7 +135,11 @@ def test_a_random_init_cell_with_vicuna_text_feeds_vicuna_length_prompts(monkeyp
     recorded count fails loudly; and the option is refused for a model with its own tokenizer."""
     from helpers import shrink_random_init_7b
 
-    from globalcom2.protocol.vicuna_length import VICUNA_TEXT_TOKENS
+    from globalcom2.protocol.vicuna_length import (
+        EFFICIENCY_POST_PROMPT,
+        POST_PROMPT_TOKENS,
+        VICUNA_TEXT_TOKENS,
+    )
 
     shrink_random_init_7b(monkeypatch)
     lm = GlobalCom2LlavaNext(
@@ -156,11 +160,14 @@ def test_a_random_init_cell_with_vicuna_text_feeds_vicuna_length_prompts(monkeyp
     )
     docs = [{"image": images[(672, 672)]}, {"image": images[(800, 600)]}]
     question = "What color is the square?"
-    lm.generate_until(requests_for(lm, docs, context=question))
-    assert [r.text_tokens for r in lm.records] == [VICUNA_TEXT_TOKENS[question]] * 2
+    lm.generate_until(
+        requests_for(lm, docs, context=question + EFFICIENCY_POST_PROMPT)
+    )  # as lmms-eval sends it
+    expected = VICUNA_TEXT_TOKENS[question] + POST_PROMPT_TOKENS
+    assert [r.text_tokens for r in lm.records] == [expected] * 2
     unpadded = fed[-1].sum(1).tolist()  # [2] the rows the model got, in the batch's (length-grouped) order
     assert sorted(unpadded) == sorted(r.prompt_tokens for r in lm.records)
-    assert [r.prompt_tokens - r.visual_tokens_before for r in lm.records] == [48, 48]
+    assert [r.prompt_tokens - r.visual_tokens_before for r in lm.records] == [59, 59]
     with pytest.raises(ValueError, match="no recorded Vicuna token count for the prompt"):
         lm.generate_until(requests_for(lm, docs[:1], context="Why?"))
     with pytest.raises(ValueError, match="vicuna_text=true needs random_init=true"):

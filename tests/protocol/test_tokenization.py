@@ -141,3 +141,24 @@ def test_rows_are_cut_to_the_recorded_vicuna_length_before_padding(images, proto
             protocol,
             text_tokens=prompt_text_tokens,
         )
+
+
+def test_every_prompt_a_cell_sends_on_the_efficiency_split_has_a_recorded_vicuna_count():
+    """A cell's prompt is lmms-eval's: the question followed by the task's post-prompt. Every prompt of the
+    efficiency split, built through lmms-eval's task as a cell builds it, has a recorded count (the bare
+    question's plus the post-prompt's), so ``model.vicuna_text=true`` cells run instead of failing."""
+    from globalcom2.lmms.show_inputs import show_inputs
+    from globalcom2.protocol.vicuna_length import (
+        EFFICIENCY_POST_PROMPT,
+        POST_PROMPT_TOKENS,
+        VICUNA_TEXT_TOKENS,
+        prompt_text_tokens,
+    )
+
+    rows = list(show_inputs(["globalcom2_efficiency"], 30, "lmms_eval", "tiny"))
+    assert len(rows) == 30
+    for row in rows:
+        text = row["prompt"].split("<image>\n", 1)[1].removesuffix(" ASSISTANT:")
+        question = text.removesuffix(EFFICIENCY_POST_PROMPT)
+        assert text == question + EFFICIENCY_POST_PROMPT  # the task still appends it
+        assert prompt_text_tokens(row["prompt"]) == VICUNA_TEXT_TOKENS[question] + POST_PROMPT_TOKENS
