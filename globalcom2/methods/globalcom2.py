@@ -312,8 +312,14 @@ def reference_selection(
 def compiled_selection(layout: Layout, mode: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """:func:`clean_selection` or :func:`reference_selection` under ``torch.compile`` in ``mode`` (the
     model's compile mode, ``globalcom2.models.compiled``): its ~45 small kernels fused into a few, which on a
-    GPU is launch time saved. Dynamic shapes, so a new image geometry does not recompile; under a CUDA-graph
-    mode a new geometry records a graph of its own."""
+    GPU is launch time saved. Dynamic shapes, so a new image size does not recompile; under a CUDA-graph
+    mode a new geometry records a graph of its own; and in every mode the first letterboxed image compiles
+    a graph of its own (its padded entries are a tensor where a filled canvas has ``None``).
+
+    It keeps exactly eager's count per crop (the counts are the host's). Its positions are eager's except
+    where two tokens' holistic scores tie to within rounding at a crop's threshold: inductor may sum the
+    L2 norms in another order, and the float keys then differ in their last bit. The tests' scores have no
+    such tie (``tests/methods/test_globalcom2_compiled.py``)."""
     function = reference_selection if layout == "reference" else clean_selection
     return torch.compile(function, mode=mode, dynamic=True)
 
@@ -400,8 +406,9 @@ class GlobalCom2(PreLLMMethod):
         crops_kept = sum(counts[1:])  # host-known, so every output below has a fixed size
         on_device = int64_tensor(counts, scores.device)  # [1 + n], queued without a wait
         compiled = ctx.compile_mode is not None
-        # compiled: the row width, so the shapes follow the geometry only; eager: the largest count
-        bound = thumbnail.numel() if compiled else max(counts)
+        # compiled: the row width, so the shapes follow the geometry only; eager: the largest count (at least
+        # 1: at a tiny R every count can be 0, and a top-k needs a column)
+        bound = thumbnail.numel() if compiled else max(1, *counts)
         weights = RankingWeights.of(geometry)
         if self.layout == "reference":
             select = compiled_selection("reference", ctx.compile_mode) if compiled else reference_selection

@@ -125,6 +125,23 @@ def test_vectorised_equals_spec_on_random_maps(size, ratio):
             assert symbolic(clean, layout, valid_index) == spec["clean"]
 
 
+@pytest.mark.filterwarnings("ignore:retention_ratio=0.001 keeps floor")
+@pytest.mark.parametrize("layout", ["clean", "reference"])
+@pytest.mark.parametrize("size", [(672, 672), (336, 1008), (1000, 600)])
+def test_a_ratio_that_keeps_no_patch_token_keeps_the_separators_alone(size, layout):
+    """At R = 0.001 every count is 0 (floor of fewer than 1,000 tokens): the selection still runs, and keeps
+    what the reference keeps, the row separators alone (the eager top-k needs a bound of at least 1)."""
+    packed = packed_layout(size, PINPOINTS)
+    geometry = crop_geometry(packed)
+    valid_index = torch.full((packed.num_tokens,), -1)
+    valid_index[geometry.positions] = geometry.valid_index
+    scores = random_scores(packed.num_crops, seed=0)
+    _, kept = run(GlobalCom2(retention_ratio=0.001, layout=layout), size, scores)
+    expected = spec_globalcom2(scores, size, PINPOINTS, 0.001)[layout]
+    assert expected and all(item[0] == "sep" for item in expected)
+    assert symbolic(kept, packed, valid_index) == expected
+
+
 def test_column_padded_reference_layout_is_scrambled_like_the_reference():
     """For a tall image the reference packs each crop's kept tokens by unpadded index, so its
     order differs from vanilla's raster order while the multiset of tokens is the same."""

@@ -60,7 +60,9 @@ def test_a_compiled_model_hands_its_mode_to_the_selection(model, processor, imag
 @pytest.mark.parametrize("layout", ["clean", "reference"])
 def test_the_inductor_compiled_selection_selects_what_eager_selects(layout):
     """Every geometry and ratio (0.05 leaves some crops none), through one compiled function (dynamic
-    shapes): the same sources, position for position."""
+    shapes): the same sources, position for position. Exact on these scores with the pinned torch; a
+    reassociated norm could in principle swap two tokens whose scores tie to rounding (the CUDA test below
+    allows for it)."""
     torch._dynamo.reset()
     compiled_selection.cache_clear()
     for ratio in (0.25, 0.1, 0.05):
@@ -76,12 +78,20 @@ def test_the_inductor_compiled_selection_selects_what_eager_selects(layout):
 def test_the_compiled_selection_selects_what_eager_selects_on_cuda(mode):
     """On CUDA, fp16 scores as CLIP gives them. Under CUDA graphs each geometry is warmed up, recorded and
     replayed (three passes over all sizes), and every source is compared only after all of them ran: a
-    replayed output that the next image's replay overwrote would differ (the method clones it)."""
+    replayed output that the next image's replay overwrote would differ (the method clones it).
+
+    The kept count is the host's, so it must be equal; the positions may differ where two tokens' holistic
+    scores are within rounding of each other at a crop's threshold, since inductor may sum the norms in
+    another order than eager (``compiled_selection``). Such a swap moves a token or two of an image; a wrong
+    geometry or an overwritten replay moves most of them, so at most 1 % may differ."""
     compiled_selection.cache_clear()
     method = GlobalCom2(retention_ratio=0.25)
     inputs = [(size, scores_for(size, seed=index, device="cuda").half()) for index, size in enumerate(SIZES)]
     eager = [select(method, size, scores) for size, scores in inputs]
     runs = [[select(method, size, scores, mode) for size, scores in inputs] for _ in range(3)]
     for sources in runs:
-        assert all(torch.equal(a, b) for a, b in zip(sources, eager, strict=True))
+        for size, got, want in zip(SIZES, sources, eager, strict=True):
+            assert got.shape == want.shape, size
+            moved = want.numel() - torch.isin(got, want).sum().item()
+            assert moved <= 0.01 * want.numel(), f"{size}: {moved} of {want.numel()} positions differ"
     compiled_selection.cache_clear()
