@@ -9,9 +9,9 @@ What is compiled, and why exactly that:
 
 * each CLIP encoder layer and each decoder layer's ``forward`` (the module's own hooks stay outside the
   compiled code, so the in-LLM methods' pre-hooks on the decoder layers act as in eager mode);
-* the decoder layers in the prefill and in the decode steps under the modes without CUDA graphs
-  (``default``, ``max-autotune-no-cudagraphs``); under the CUDA-graph modes in the prefill only, since decode
-  steps grow the KV cache by one each, so CUDA graphs would record a new graph per step;
+* the decoder layers in the prefill and in the decode steps, except where CUDA graphs replay (the
+  CUDA-graph modes on a CUDA device): there in the prefill only, since decode steps grow the KV cache by one
+  each, so CUDA graphs would record a new graph per step;
 * a pre-LLM method's own work, when it offers a compiled form: the model carries its mode
   (:func:`compile_mode_of`), which the method reads from ``ImageContext.compile_mode`` (GlobalCom²'s
   selection after the allocation, ``globalcom2.methods.globalcom2.compiled_selection``);
@@ -140,8 +140,12 @@ class CompiledLayers:
             self.remove()
 
 
-#: dynamo's ``recompile_limit`` before the first live handle raised it, and how many handles are live.
-_recompile_limit_state: dict[str, int] = {"live": 0, "saved": 0}
+#: dynamo's two limits that :func:`compile_model` raises: ``recompile_limit`` (graphs per module instance of a
+#: code object) and ``accumulated_recompile_limit`` (graphs of a code object in all, 256 by default: a 13B's
+#: 40 decoder layers with their 24 vision layers can need more, and past it dynamo runs the rest eager).
+RECOMPILE_LIMITS = ("recompile_limit", "accumulated_recompile_limit")
+#: Those limits before the first live handle raised them, and how many handles are live.
+_recompile_limit_state: dict[str, Any] = {"live": 0, "saved": {}}
 
 
 #: The calls of a ``generate`` that meet every graph a decoder layer needs: the prefill, the first decode step
@@ -163,15 +167,17 @@ def recompile_limit_for(vision_layers: int, decoder_layers: int, decode_compiled
 def _raise_recompile_limit(limit: int) -> None:
     config = torch._dynamo.config
     if _recompile_limit_state["live"] == 0:
-        _recompile_limit_state["saved"] = config.recompile_limit
+        _recompile_limit_state["saved"] = {name: getattr(config, name) for name in RECOMPILE_LIMITS}
     _recompile_limit_state["live"] += 1
-    config.recompile_limit = max(config.recompile_limit, limit)
+    for name in RECOMPILE_LIMITS:
+        setattr(config, name, max(getattr(config, name), limit))
 
 
 def _release_recompile_limit() -> None:
     _recompile_limit_state["live"] -= 1
     if _recompile_limit_state["live"] == 0:
-        torch._dynamo.config.recompile_limit = _recompile_limit_state["saved"]
+        for name, value in _recompile_limit_state["saved"].items():
+            setattr(torch._dynamo.config, name, value)
 
 
 def _replays_cuda_graphs(device: torch.device, mode: str) -> bool:
@@ -191,7 +197,8 @@ TRANSFORMERS_CAPTURE_HOOK = "output_capturing_hook"
 
 def _is_method_hook(hook: Any) -> bool:
     """Any hook but transformers' own output capture, which only reads a context variable and appends to its
-    collector when one is active: dynamo traces it like the rest of the layer."""
+    collector when one is active: it leaves the layer compiled, its graph broken in two around the hook
+    (dynamo cannot trace ``ContextVar.get``; the module docstring)."""
     return getattr(hook, "__name__", None) != TRANSFORMERS_CAPTURE_HOOK
 
 
@@ -221,7 +228,7 @@ def _compiled_forward(layer: torch.nn.Module, mode: str, prefill_only: bool) -> 
 
 def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
     """Compile the vision tower's and the language model's layers of a LLaVA-NeXT ``model`` in place (the
-    decoder layers for the decode steps too, except under the CUDA-graph modes).
+    decoder layers for the decode steps too, except where CUDA graphs replay).
 
     Args:
         model: a loaded ``LlavaNextForConditionalGeneration``.
@@ -242,7 +249,7 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
     layers = vision_layers + decoder_layers
     if any("forward" in vars(layer) for layer in layers):
         raise ValueError("this model's layers are already compiled (or their forward was replaced)")
-    decode_compiled = mode not in CUDA_GRAPH_MODES  # the module docstring says why
+    decode_compiled = not _replays_cuda_graphs(device, mode)  # the module docstring says why
     _raise_recompile_limit(recompile_limit_for(len(vision_layers), len(decoder_layers), decode_compiled))
     for layer in vision_layers:
         layer.forward = _compiled_forward(layer, mode, prefill_only=False)

@@ -224,7 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="add compiled rows (vision tower, LLM prefill and decode, GlobalCom²'s selection: globalcom2.models.compiled) beside the eager ones",
+        help="add compiled rows (vision tower, LLM prefill, decode except where CUDA graphs replay, GlobalCom²'s selection: globalcom2.models.compiled) beside the eager ones",
     )
     parser.add_argument(
         "--compile-mode",
@@ -341,6 +341,9 @@ def measure_phase(
     finally:
         if compiled is not None:
             compiled.remove()
+            # dynamo keeps a phase's graphs on the layers' code object, where the next compiled phase would
+            # add its own to the same per-code-object limit and guard list: each phase starts from none
+            torch._dynamo.reset()
     return measured, memory
 
 

@@ -130,7 +130,7 @@ def test_every_decoder_layer_of_a_deep_model_runs_compiled(prompts, monkeypatch)
         "compile",
         lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic),
     )
-    limit = torch._dynamo.config.recompile_limit
+    limits = {name: getattr(torch._dynamo.config, name) for name in compiled.RECOMPILE_LIMITS}
     torch._dynamo.reset()
     counters.clear()
     with compile_model(model), torch.inference_mode():
@@ -143,14 +143,36 @@ def test_every_decoder_layer_of_a_deep_model_runs_compiled(prompts, monkeypatch)
     assert counters["frames"]["ok"] == counters["frames"]["total"]  # no frame fell back to eager
     assert graphs >= 2 * 12  # each decoder layer's prefill and decode-step graphs
     assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's length compiled them all
-    assert torch._dynamo.config.recompile_limit == limit  # restored with the handle
+    assert {
+        name: getattr(torch._dynamo.config, name) for name in limits
+    } == limits  # restored with the handle
     torch._dynamo.reset()
+
+
+def test_a_13b_raises_both_recompile_limits_past_dynamos_defaults():
+    """A 13B (24 vision and 40 decoder layers) can need 272 graphs of the layers' shared code object: past
+    dynamo's accumulated limit of 256 per code object, which would run the last layers eager without a
+    word. Both limits are raised while a handle lives, and restored with the last one."""
+    config = torch._dynamo.config
+    before = {name: getattr(config, name) for name in compiled.RECOMPILE_LIMITS}
+    needed = compiled.recompile_limit_for(24, 40, True)
+    assert needed > 256
+    compiled._raise_recompile_limit(needed)
+    compiled._raise_recompile_limit(10)  # a second, smaller model lowers nothing
+    try:
+        assert all(getattr(config, name) >= needed for name in compiled.RECOMPILE_LIMITS)
+    finally:
+        compiled._release_recompile_limit()
+        assert all(getattr(config, name) >= needed for name in compiled.RECOMPILE_LIMITS)
+        compiled._release_recompile_limit()
+    assert {name: getattr(config, name) for name in compiled.RECOMPILE_LIMITS} == before
 
 
 def test_decode_steps_run_compiled_except_under_cuda_graphs(model, prompts, monkeypatch):
     """A decode step reaches the compiled decoder layers in ``default`` mode, and the eager ones under a
-    CUDA-graph mode (one new graph per KV length there; the module docstring says why). The vision layers
-    are compiled in both."""
+    CUDA-graph mode on a CUDA device (one new graph per KV length there; the module docstring says why; the
+    CPU stands in for it here). ``max-autotune`` on the CPU replays no graph, so it compiles decode steps.
+    The vision layers are compiled in every case."""
     calls: list[tuple[str, int]] = []
 
     def recording_compile(fn, mode, dynamic):
@@ -164,8 +186,15 @@ def test_decode_steps_run_compiled_except_under_cuda_graphs(model, prompts, monk
     monkeypatch.setattr(compiled, "compile_problem", lambda device, mode: None)
     monkeypatch.setattr(compiled.torch, "compile", recording_compile)
     monkeypatch.setattr(compiled.torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    replays_on_cuda = compiled._replays_cuda_graphs
     decoder = type(model.model.language_model.layers[0]).__name__
-    for mode, decode_compiled in (("default", True), ("reduce-overhead", False)):
+    for mode, as_cuda, decode_compiled in (
+        ("default", True, True),
+        ("reduce-overhead", True, False),
+        ("max-autotune", False, True),
+    ):
+        replays = (lambda device, mode: mode in compiled.CUDA_GRAPH_MODES) if as_cuda else replays_on_cuda
+        monkeypatch.setattr(compiled, "_replays_cuda_graphs", replays)
         calls.clear()
         with compile_model(model, mode), torch.inference_mode():
             generate_steps(model, prompts[0], 3)
