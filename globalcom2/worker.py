@@ -172,22 +172,28 @@ def parent_of(pid: int) -> int | None:
         return None
 
 
-def launcher_is_alive(run_pid: int | None) -> bool:
+#: This rank's parent when its module was imported: the launcher, unless it died during the interpreter's
+#: start (what ``launcher_is_alive`` falls back on outside ``globalcom2.run``).
+PARENT_AT_IMPORT = os.getppid()
+
+
+def launcher_is_alive(run_pid: int | None, parent_at_start: int | None = None) -> bool:
     """Whether this rank's launcher still runs. A dead one's ranks are adopted (by init or a subreaper), so
-    under ``globalcom2.run`` (``run_pid``) the parent must be a process that ``run_pid`` started; without it,
-    the parent must not be init. Where ``/proc`` cannot be read, assume alive (the death signal still holds).
+    under ``globalcom2.run`` (``run_pid``) the parent must be a process that ``run_pid`` started. Without it
+    (a launcher started by hand) the parent must still be ``parent_at_start`` (default
+    :data:`PARENT_AT_IMPORT`): a launcher that is itself pid 1, a container's entrypoint, is alive, and an
+    adoption after the import is seen; one during the interpreter's start is not (the death signal and the
+    launcher's own end still stop the rank then). Where ``/proc`` cannot be read, assume alive.
     """
     parent = os.getppid()
-    if parent == 1:
-        return False
     if run_pid is None:
-        return True
-    grandparent = parent_of(parent)
+        return parent == (PARENT_AT_IMPORT if parent_at_start is None else parent_at_start)
+    grandparent = parent_of(parent)  # 0 when the parent is init: never a run's pid
     return grandparent is None or grandparent == run_pid
 
 
 def die_with_launcher(set_death_signal: Callable[[], None]) -> None:
-    """SIGTERM this rank when its launcher dies, and exit at once if it died already.
+    """SIGTERM this rank when its launcher dies, and exit at once, saying why, if it died already.
 
     The rank's parent cannot be read at the start of ``main``: by then the launcher may have died and the
     rank been adopted, after the seconds its imports take (under load, more), and a death signal set on the
@@ -196,6 +202,12 @@ def die_with_launcher(set_death_signal: Callable[[], None]) -> None:
     set_death_signal()
     run_pid = os.environ.get(RUN_PID_ENV)
     if not launcher_is_alive(int(run_pid) if run_pid else None):
+        print(
+            f"globalcom2.worker: the launcher of this rank (pid {os.getpid()}) has exited "
+            f"({RUN_PID_ENV}={run_pid or 'unset'}, parent now {os.getppid()}); exiting",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(1)
 
 

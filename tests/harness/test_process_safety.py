@@ -178,12 +178,14 @@ def test_a_rank_whose_launcher_died_before_it_started_exits_at_once(tmp_path):
 
 
 def test_a_rank_knows_its_launcher_from_an_adopter():
-    """``launcher_is_alive``: under ``globalcom2.run`` the parent must be a child of its pid; the check runs
-    in a process whose parent is a shell started here."""
+    """``launcher_is_alive``: under ``globalcom2.run`` the parent must be a child of its pid; outside it, the
+    parent must be the one the rank started under, whatever its pid (a launcher that is pid 1 in a container
+    is alive). The check runs in a process whose parent is a shell started here."""
     code = (
         "import os, sys; from globalcom2.worker import launcher_is_alive; "
         "print(launcher_is_alive(int(sys.argv[1])), launcher_is_alive(int(sys.argv[1]) + 999999), "
-        "launcher_is_alive(None))"
+        "launcher_is_alive(None), launcher_is_alive(None, os.getppid() + 1), "
+        "launcher_is_alive(None, 1) == (os.getppid() == 1))"
     )
     shell = subprocess.run(
         ["sh", "-c", f'"{sys.executable}" -c "{code}" {os.getpid()}; true'],
@@ -191,7 +193,7 @@ def test_a_rank_knows_its_launcher_from_an_adopter():
         text=True,
         check=True,
     )
-    assert shell.stdout.split() == ["True", "False", "True"]
+    assert shell.stdout.split() == ["True", "False", "True", "False", "True"]
 
 
 def _zombie(pid: int) -> bool:
