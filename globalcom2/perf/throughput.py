@@ -148,6 +148,15 @@ def read_records(cell: LoadedCell) -> list[SampleRecord]:
     return read_jsonl(cell.path / cell.record.files.get("records", RECORDS_FILE))
 
 
+def mean_text_tokens(records: list[SampleRecord]) -> float | None:
+    """The mean text tokens per sample; ``None`` when a record lacks the count (a cell stored before it was
+    recorded): unknown, not 0."""
+    counts = [r.text_tokens for r in records]
+    if not counts or any(n is None for n in counts):
+        return None
+    return sum(counts) / len(counts)
+
+
 def padded_share(records: list[SampleRecord]) -> float:
     """Share of the batches' token slots that are padding: 1 - sum(prompt) / sum(batch x longest prompt)."""
     batches: dict[tuple[int, int], list[int]] = {}
@@ -194,7 +203,7 @@ def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecor
         "prefetch": cell.record.run.get("prefetch"),  # as the plugin resolved it
         "batch-invariant": setting.batch_invariant,
         "samples": len(records),
-        "text tokens": sum(r.text_tokens or 0 for r in records) / len(records) if records else None,
+        "text tokens": mean_text_tokens(records),
         "timed batches": len(calls),
         "samples/s (loop)": latency["throughput_samples_per_s_end_to_end"],
         "samples/s (evaluate)": len(records) / evaluate if evaluate else None,

@@ -47,6 +47,17 @@ def test_padded_share_counts_the_slots_of_each_batch():
     assert throughput.padded_share(records) == pytest.approx(1 - 32 / 36)
 
 
+def test_the_mean_text_length_is_unknown_when_a_record_lacks_it():
+    """A cell stored before text tokens were recorded has ``None`` there: the mean is unknown, not
+    pulled towards 0."""
+    from dataclasses import replace
+
+    counted = [replace(record(i, 0, 10, []), text_tokens=n) for i, n in enumerate((48, 50))]
+    assert throughput.mean_text_tokens(counted) == 49
+    assert throughput.mean_text_tokens([*counted, record(2, 0, 10, [])]) is None
+    assert throughput.mean_text_tokens([]) is None
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         throughput.parse_args(["--mode", "batch-effect", "--batch-sizes", "4", "8"])
