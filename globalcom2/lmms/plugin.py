@@ -311,36 +311,36 @@ class GlobalCom2LlavaNext(lmms):
         from two threads at once (PyO3 refuses a second borrow: "Already borrowed",
         https://github.com/huggingface/tokenizers/issues/537), and this thread decodes answers meanwhile."""
         processor = copy.deepcopy(self.processor) if self.prefetch else self.processor
-        config, dtype = self.model.config, self.model.dtype
-        pin = self._device.type == "cuda"
-        text_tokens = prompt_text_tokens if self.vicuna_text else None
+        config = self.model.config
 
         def load(positions: Sequence[int]) -> PreparedBatch:
             return prepare_batch([requests[i] for i in positions], self.task_dict, self.protocol)
 
-        def encode(batch: PreparedBatch) -> Any:
-            inputs = dict(
-                encode_batch(
-                    processor,
-                    config,
-                    batch.prompts,
-                    batch.images,
-                    batch.images_per_row,
-                    self.protocol,
-                    text_tokens=text_tokens,
-                )
-            )
-            if "pixel_values" in inputs:  # cast on the host: half the bytes to copy in bf16, same values
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            return {k: v.pin_memory() if pin else v for k, v in inputs.items()}
-
         return BatchFeeder(
             load,
-            encode,
+            lambda batch: self._encode(processor, batch),
             lambda image: config_layout(config, (image.height, image.width)).num_tokens,
             self.batch_size_per_device,
             lookahead=DEFAULT_LOOKAHEAD if self.prefetch else 0,
         )
+
+    def _encode(self, processor: Any, batch: PreparedBatch) -> dict[str, torch.Tensor]:
+        """The batch's model inputs on the host (pinned for a CUDA model), tokenised as the protocol says."""
+        inputs = dict(
+            encode_batch(
+                processor,
+                self.model.config,
+                batch.prompts,
+                batch.images,
+                batch.images_per_row,
+                self.protocol,
+                text_tokens=prompt_text_tokens if self.vicuna_text else None,
+            )
+        )
+        if "pixel_values" in inputs:  # cast on the host: half the bytes to copy in bf16, same values
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        pin = self._device.type == "cuda"
+        return {k: v.pin_memory() if pin else v for k, v in inputs.items()}
 
     def _generate_batch(
         self, ready: ReadyBatch, setting: GenerationSettings, waited: float
@@ -418,9 +418,7 @@ class GlobalCom2LlavaNext(lmms):
         try:
             with torch.inference_mode(), mode:
                 if self.profile and not self._warmed_up and self.warmup_calls:
-                    tokens = min(WARMUP_NEW_TOKENS, setting.max_new_tokens)  # meets every compiled graph
-                    warm = {**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}
-                    self.profiler.warmup(lambda: self.model.generate(**inputs, **warm), self.warmup_calls)
+                    self._warm_up(inputs, kwargs, setting, batch)
                 self._warmed_up = True
                 self.attachment.stats.clear()  # only this call's stats from here on
                 if self.profile:
@@ -437,6 +435,25 @@ class GlobalCom2LlavaNext(lmms):
         row_stats = sr.assign_stats(list(self.attachment.stats), batch.images_per_row)
         self.attachment.stats.clear()
         return sequences, measurement, row_stats
+
+    def _warm_up(
+        self,
+        inputs: dict[str, torch.Tensor],
+        kwargs: dict[str, Any],
+        setting: GenerationSettings,
+        batch: PreparedBatch,
+    ) -> None:
+        """The untimed calls before the first measured one, on its batch: :data:`WARMUP_NEW_TOKENS` new tokens
+        meet every graph a compiled model needs at that batch size. A compiled model is also warmed on the
+        batch's first row alone, since batch size 1 is a graph of its own (a last batch of one row would
+        otherwise compile inside its timed call)."""
+        tokens = min(WARMUP_NEW_TOKENS, setting.max_new_tokens)
+        warm = {**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}
+        self.profiler.warmup(lambda: self.model.generate(**inputs, **warm), self.warmup_calls)
+        if self.compiled is not None and len(batch.keys) > 1:
+            row = self._encode(self.processor, batch.select([0]))  # this thread's own processor
+            single = {k: v.to(self._device, non_blocking=True) for k, v in row.items()}
+            self.profiler.warmup(lambda: self.model.generate(**single, **warm), self.warmup_calls)
 
     def _report(self, new_records: list[sr.SampleRecord]) -> None:
         """Warn about empty answers, pass the call's summary to lmms-eval, write the sidecar (rank 0)."""

@@ -151,7 +151,8 @@ _recompile_limit_state: dict[str, Any] = {"live": 0, "saved": {}}
 #: The calls of a ``generate`` that meet every graph a decoder layer needs: the prefill, the first decode step
 #: (its KV cache is the prefill's keys and values, strided views of the projections) and a later one (a
 #: contiguous cache grown by ``torch.cat``); dynamo guards on that layout, so each is a graph of its own. A
-#: warm-up of this many new tokens compiles them all, so a timed call never compiles.
+#: warm-up of this many new tokens compiles them all at its batch size, so a timed call at that size (batch 1,
+#: or any size above 1) does not compile.
 WARMUP_NEW_TOKENS = 3
 
 

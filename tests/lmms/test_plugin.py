@@ -88,6 +88,37 @@ def test_compile_mode_is_applied_after_attaching_and_recorded():
         GlobalCom2LlavaNext(pretrained="tiny", device="cpu", compile="reduce-overhead")
 
 
+@pytest.mark.parametrize("compile_mode", ["true", "false"])
+def test_a_compiled_model_is_also_warmed_up_on_one_row(monkeypatch, images, compile_mode):
+    """Batch size 1 is a compiled graph of its own, so with ``compile`` the warm-up also runs the first batch's
+    first row alone, and a last batch of one row is not compiled inside its timed call; an eager model warms up
+    on the first batch only. (``torch.compile`` is the identity here: which calls run is what is tested.)"""
+    from globalcom2.models import compiled
+
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, mode, dynamic: fn)
+    lm = GlobalCom2LlavaNext(
+        pretrained="tiny", method="random", retention_ratio=0.5, batch_size=2, compile=compile_mode
+    )
+    calls = []
+    real_generate = lm.model.generate
+    monkeypatch.setattr(
+        lm.model,
+        "generate",
+        lambda **kwargs: calls.append((kwargs["input_ids"].shape[0], kwargs["max_new_tokens"]))
+        or real_generate(**kwargs),
+    )
+    docs = [{"image": images[(336, 336)]}] * 3
+    try:
+        lm.generate_until(requests_for(lm, docs, gen_kwargs={"until": ["\n\n"], "max_new_tokens": 4}))
+    finally:
+        if lm.compiled is not None:
+            lm.compiled.remove()
+    warm = compiled.WARMUP_NEW_TOKENS
+    warm_ups = [(2, warm), (1, warm)] if compile_mode == "true" else [(2, warm)]
+    assert calls == [*warm_ups, (2, 4), (1, 4)]
+    assert [r.first_call for r in lm.records] == [True, True, False]
+
+
 def test_a_cpu_cell_asks_accelerate_for_the_cpu(monkeypatch):
     """Under accelerate or torchrun on a machine with GPUs, a bare ``Accelerator()`` picks NCCL and
     ``cuda:<local_rank>``; a CPU cell must ask for the CPU (gloo), and a cell on no named device must not."""
