@@ -104,8 +104,9 @@ def test_a_compiled_model_is_also_warmed_up_on_one_row(monkeypatch, images, comp
     monkeypatch.setattr(
         lm.model,
         "generate",
-        lambda **kwargs: calls.append((kwargs["input_ids"].shape[0], kwargs["max_new_tokens"]))
-        or real_generate(**kwargs),
+        lambda **kwargs: (
+            calls.append((kwargs["input_ids"].shape[0], kwargs["max_new_tokens"])) or real_generate(**kwargs)
+        ),
     )
     docs = [{"image": images[(336, 336)]}] * 3
     try:
