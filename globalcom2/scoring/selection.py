@@ -18,19 +18,15 @@ def masked_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     ``count`` must equal ``mask.sum()``, which is checked on the device (``torch._assert_async``: an error at
     once on CPU, a device-side assert on CUDA), never by waiting for it.
     """
-    slot = mask.long().cumsum(0) - 1  # [N] output slot of each True entry
     torch._assert_async(mask.sum() == count, f"masked_positions: the mask does not have {count} entries")
-    slot = torch.where(mask, slot, count)  # False entries go to a scratch slot past the end
-    out = torch.full((count + 1,), -1, dtype=torch.long, device=mask.device)
-    out.scatter_(0, slot, torch.arange(mask.numel(), device=mask.device))
-    return out[:count]
+    return padded_positions(mask)[:count]
 
 
 def padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """``[N]`` int64: the indices of the True entries of the 1-D ``mask`` ascending, then -1 to the end.
 
-    :func:`masked_positions` with the output's size fixed by the mask's, for a compiled or graph-captured
-    caller; the caller, who knows the count on the host, slices ``[:count]`` (a view: no kernel).
+    The output's size is fixed by the mask's, for a compiled or graph-captured caller; a caller who knows the
+    count on the host slices ``[:count]`` (a view: no kernel), as :func:`masked_positions` does.
     """
     size = mask.numel()
     slot = torch.where(mask, mask.long().cumsum(0) - 1, size)  # [N] output slot, False entries past the end

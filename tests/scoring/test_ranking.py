@@ -47,21 +47,27 @@ def test_top_counts_follow_the_tie_rule_on_tied_scores(seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_the_fixed_shape_top_counts_keep_what_the_host_counted_version_keeps(seed):
-    """Counts on the device (zeros included), bound the row width or the largest count: the same kept mask
-    and the same best-first order, with shapes that never depend on the counts."""
+def test_the_fixed_shape_top_counts_follow_the_tie_rule_at_every_bound(seed):
+    """Counts on the device (zeros included), bound the row width (a compiled caller), the largest count (an
+    eager one) or 1 with every count 0 (a ratio that keeps no patch token): each row keeps what the literal
+    rule keeps, best first, in shapes that follow the bound only."""
     scores = tied_scores(4, 50, seed)
     generator = torch.Generator().manual_seed(200 + seed)
     valid = torch.rand(4, 50, generator=generator) > 0.2
     tie_break = column_tie_break(4, 50).masked_fill(~valid, INVALID_TIE_BREAK)
     keys = ranking_keys(scores, tie_break)
-    counts = [min(int(valid[i].sum()), c) for i, c in enumerate([0, 17, 3, 30])]
-    kept, order = top_counts_per_row(keys, counts)
-    for bound in (50, max(counts)):
-        fixed, fixed_order = top_counts_per_row_fixed(keys, torch.tensor(counts), bound)
-        assert torch.equal(fixed, kept) and fixed_order.shape == (4, bound)
-        for i, count in enumerate(counts):
-            assert torch.equal(fixed_order[i, :count], order[i, :count])
+    for counts, bounds in (
+        ([min(int(valid[i].sum()), c) for i, c in enumerate([0, 17, 3, 30])], (50, None)),
+        ([0, 0, 0, 0], (50, 1)),
+    ):
+        for bound in bounds:
+            bound = bound or max(counts)
+            kept, order = top_counts_per_row_fixed(keys, torch.tensor(counts), bound)
+            assert kept.shape == (4, 50) and order.shape == (4, bound)
+            for i, count in enumerate(counts):
+                expected = loop_top(scores[i].tolist(), count, valid[i].tolist())
+                assert order[i, :count].tolist() == expected
+                assert kept[i].nonzero().squeeze(1).tolist() == sorted(expected)
 
 
 def test_padded_positions_are_the_true_indices_then_minus_one():
