@@ -155,7 +155,7 @@ ablations: install  ## GlobalCom² allocation x score ablations at R=0.25 (7B)
 ablations-hparams: install  ## GlobalCom² alpha x temperature sensitivity at R=0.25 (7B)
 	$(RUN) experiment=ablations_hparams $(RUN_ARGS)
 
-efficiency: install  ## efficiency benchmark (Tables 8/9 protocol); ARGS="model=llava_next_7b model.random_init=true" on a GPU
+efficiency: install  ## efficiency benchmark (Tables 8/9 protocol); ARGS="model=llava_next_7b model.random_init=true model.vicuna_text=true" on a GPU
 	$(RUN) experiment=efficiency $(RUN_ARGS)
 
 sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=tiny benchmark=pope"
