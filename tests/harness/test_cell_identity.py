@@ -262,3 +262,29 @@ def test_a_pinned_spec_reaches_the_worker_processes_unchanged(tmp_path):
     del older["model"]["revision"]
     assert CellSpec.from_dict(older).model.revision is None
     assert CellSpec.from_config(cfg).pinned({"files": {}}) == CellSpec.from_config(cfg)  # a folder: unchanged
+
+
+def test_a_vicuna_length_cell_runs_on_the_efficiency_split(tmp_path, monkeypatch, capsys):
+    """The whole path of ``make bench-throughput --random-init``, in process on a shrunken random-init 7B:
+    Hydra, the store, lmms-eval's efficiency task (whose prompts carry the task's post-prompt) and the
+    plugin. Every row reaches the model with the recorded Vicuna count of its whole prompt. (Only bare
+    questions had counts once, and every such cell failed at its first prompt.)"""
+    from helpers import shrink_random_init_7b
+
+    from globalcom2.data import demo
+    from globalcom2.protocol.vicuna_length import POST_PROMPT_TOKENS, VICUNA_TEXT_TOKENS
+    from globalcom2.sample_records import read_jsonl
+
+    shrink_random_init_7b(monkeypatch)
+    overrides = (
+        "model=llava_next_7b", "model.random_init=true", "model.vicuna_text=true", "model.device=cpu",
+        "model.dtype=float32", "benchmark=efficiency", "benchmark.limit=3", "benchmark.batch_size=2",
+        "method=globalcom2", "method.retention_ratio=0.25",
+    )  # fmt: skip
+    record, out = run_cell(tmp_path, monkeypatch, capsys, *overrides)
+    assert "[ok]" in out and record["spec"]["model"]["vicuna_text"] is True
+    records = read_jsonl(Path(record["cell"]["path"]) / "sample_records.jsonl")
+    questions = {item.index: item.question for item in demo.generate_items("efficiency", size=3)}
+    assert sorted(r.doc_id for r in records) == [0, 1, 2]
+    for r in records:
+        assert r.text_tokens == VICUNA_TEXT_TOKENS[questions[r.doc_id]] + POST_PROMPT_TOKENS
