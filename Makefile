@@ -1,7 +1,7 @@
 # GlobalCom² benchmark harness. `make help` lists the targets.
 #
-# Every target that runs Python depends on `install`, so `make demo` and `make test`
-# work on a fresh clone. The virtual environment lives in .venv and is rebuilt when
+# Every target that runs Python depends on `install` (except `wheelhouse` and `gpu-checklist`,
+# which run where this environment is not wanted), so `make demo` and `make test` work on a fresh clone. The virtual environment lives in .venv and is rebuilt when
 # pyproject.toml changes.
 
 SHELL := /bin/bash
@@ -162,7 +162,7 @@ sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=
 	$(RUN) sweep=methods_x_ratios $(RUN_ARGS)
 
 # The wheels a machine with torch already installed lacks (HAVE: its `pip list --format=freeze`), traced from one
-# tiny cell of the main path: e.g. a GPU container or a lent benchmark machine. PYTHON_VERSION=<the target's>
+# tiny cell through `globalcom2.run` and through the lmms-eval CLI: e.g. a GPU container or a lent benchmark machine. PYTHON_VERSION=<the target's>
 # (e.g. 3.12) downloads for that Python and CARRY_PLATFORMS; without it, for this machine.
 CARRY_DIR ?= .whl
 CARRY_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64

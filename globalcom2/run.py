@@ -11,7 +11,8 @@ Cells land in ``results/<experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell
 (``globalcom2/store.py``); the id is a hash of the cell's identity (``CellSpec.identity``), so a changed
 config never reuses a finished cell. Every cell prints one line saying what happened and why:
 ``[done]`` (finished with these exact settings), ``[run]``, ``[busy]`` (another process holds its lock:
-the sweep goes on with the other cells, then exits non-zero), ``[same]`` or ``[dry-run]``.
+the sweep goes on with the other cells, then exits non-zero), ``[same]`` or ``[dry-run]``; a cell that runs
+then prints its outcome, ``[ok]`` or ``[failed]`` (and ``[wandb]`` with ``logger=wandb``).
 
 Bad input (a value, a checkpoint, a device) is refused before any weight loads, with one line that names
 the value and the valid choices; ``HYDRA_FULL_ERROR=1`` shows the traceback as well.

@@ -111,7 +111,7 @@ def gather_rows(
 def renumber_positions(valid: torch.Tensor, first_position: torch.Tensor) -> torch.Tensor:
     """Contiguous positions ``first_position[b], first_position[b] + 1, ...`` over each row's real rows.
 
-    Padding gets 1, as ``generate`` gives it (it is masked out either way).
+    Padding gets 1 (``generate`` gives it 0; it is masked out either way, so the value is never read).
     """
     positions = valid.long().cumsum(1) - 1 + first_position[:, None]
     return positions.masked_fill(~valid, 1)

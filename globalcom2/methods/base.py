@@ -1,6 +1,6 @@
 """What a compression method is: its stage, its parameters, and the one function it implements.
 
-Pre-LLM methods (``vanilla``, ``random``, ``globalcom2``) see one image's packed visual features before
+Pre-LLM methods (``vanilla``, ``random``, ``globalcom2``, ``visionzip``, ``divprune``) see one image's packed visual features before
 they are scattered into the prompt and return which packed positions to feed to the LLM, in order::
 
     select(features[N, D], ctx) -> source[M] (int64 indices into 0..N-1) or None (= keep all, unchanged)
@@ -12,7 +12,7 @@ separator after every canvas row, padded rows included).
 The hook in ``globalcom2/hooks/pre_llm.py`` does the gathering and the sequence surgery, once for all
 methods.
 
-In-LLM methods (``fastv``, ``sparsevlm``) act between decoder layers. They never touch tensors of the model
+In-LLM methods (``fastv``, ``sparsevlm``, ``pdrop``, ``dart``) act between decoder layers. They never touch tensors of the model
 either; the engine in ``globalcom2/hooks/in_llm.py`` asks them three questions during a prefill and does all
 slicing of hidden states, positions, rotary embeddings, masks and the KV-cache bookkeeping itself::
 
@@ -397,9 +397,10 @@ def scale_official_layers(
 class InLLMMethod(CompressionMethod):
     """A method that drops visual rows between decoder layers of the language model.
 
-    A method has one or more *stages*. Stage ``s`` recomputes, at decoder layer ``stage_layers(n)[s] - 1``, the
-    attention of the query rows over the sequence entering that layer (SDPA stays on everywhere), turns it into
-    a relevance per position (:meth:`score`), and decides before layer ``stage_layers(n)[s]`` which rows go on
+    A method has one or more *stages*. Stage ``s`` recomputes, at decoder layer ``stage_layers(n)[s] - 1`` (by
+    default; :attr:`score_layer` and :attr:`score_signal` below name other layers and signals), the attention of
+    the query rows over the sequence entering that layer (SDPA stays on everywhere), turns it into a relevance
+    per position (:meth:`score`), and decides before layer ``stage_layers(n)[s]`` which rows go on
     (:meth:`keep`). Layers from there on never see the dropped rows, so their KV cache holds only kept rows.
 
     Attributes:

@@ -3,8 +3,9 @@
 Why a batch changes answers in bf16: a kernel's reduction order depends on the shape it is given. cuBLAS picks
 its GEMM (tile, split-K) from the row count ``M``, attention kernels pick their splits from the batch, and a
 left-padded row sits at other offsets of its attention's key blocks than the same prompt alone. In fp32 the
-rounding this changes rarely flips a token; in bf16 about half of a random 7B's 8-token answers changed
-between batch 1 and batch 4 on an H200, and a real LLaVA-1.5-7B lost 11 ScienceQA-IMG points at batch 2
+rounding this changes rarely flips a token; in bf16, on a first H200 run whose files are not kept here, about
+half of a random 7B's 8-token answers changed between batch 1 and batch 4, and a real LLaVA-1.5-7B lost 11
+ScienceQA-IMG points at batch 2
 (https://github.com/EvolvingLMMs-Lab/lmms-eval/issues/236). The remedy follows "Defeating Nondeterminism in
 LLM Inference" (He and Thinking Machines Lab, 2025; its kernels: thinking-machines-lab/batch_invariant_ops):
 make every operation compute each row with a reduction order that does not depend on the other rows. Instead
@@ -36,9 +37,10 @@ not:
 
 * **Tested**: batch N gives every row bit for bit what batch 1 gives it, both under this mode, in bf16 on
   the CPU, for vanilla and every method (``tests/models/test_batch_invariant.py``), where the unmodified
-  model's rows differ by up to 0.7 in a logit. **On CUDA it is untested so far** (no GPU yet): the
-  ``gpu`` tests there check the tiny model end to end and the one assumption the CPU cannot show, that a
-  GEMM of a fixed shape gives a row the same numbers at any offset in its block, at 7B's shapes.
+  model's rows differ by up to 0.7 in a logit. **On CUDA** the ``gpu`` tests passed on one H100 (bf16, torch
+  2.11, ``results/gpu_checklist/h100_2026-12-05``): the tiny model end to end, and the one assumption the CPU
+  cannot show, that a GEMM of a fixed shape gives a row the same numbers at any offset in its block, at 7B's
+  shapes. One GPU model and one driver; the end-to-end check on the tiny model only.
 * **Not the same numbers as without it**: a GEMM over a zero-padded block can round differently from one
   over the bare rows, so a cell run with the mode is another cell (``model.batch_invariant`` in its
   identity). Compare batch-invariant cells with each other.
@@ -50,7 +52,8 @@ not:
   keeps the widths the batch pads (the scoring layer's ``[KV, G Q, hd] @ [KV, hd, L]``); its ``sum``,
   ``norm`` and ``einsum`` reductions are not routed at all. Such a score can differ in its last bit with the
   batch, which changes a selection only at an exact near-tie. The tests check every registered method end to
-  end in bf16 on the CPU, where no row differed; on CUDA that is open.
+  end in bf16 on the CPU, where no row differed, and vanilla, GlobalCom² and SparseVLM on one H100 (tiny
+  model), where none differed either.
 * **One host read per attention mask** (not per layer): a mask's row padding is read and checked once and
   remembered while that tensor lives, so a decode step costs one read (``generate`` reads once per step for
   its stopping criteria already).

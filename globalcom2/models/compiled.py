@@ -28,10 +28,11 @@ the second decode step, whose cache has another memory layout than the first's (
 layers share one graph. Each decoder layer gets its own: ``Cache.update`` indexes the cache's per-layer list
 with the layer's ``layer_idx``, and dynamo guards on that slot. dynamo counts these graphs against one
 ``recompile_limit`` (8 by default; in transformers 5.x the CLIP and LLaMA layers' forwards share one code
-object), past which it silently runs the remaining layers eager: :func:`compile_model` raises the limit to
-what the model can need (:func:`recompile_limit_for`) while a model is compiled, and restores it when the
-last handle is removed. The decoder layers' graphs are identical, so inductor's FX graph cache compiles the
-first ones and serves the rest (on CPU, 6 LLaMA layers: 2 compiled, 4 served from the cache).
+object), and all of a code object's graphs against ``accumulated_recompile_limit`` (256), past which it
+silently runs the remaining layers eager: :func:`compile_model` raises both to what the model can need
+(:func:`recompile_limit_for`; a 13B's 272) while a model is compiled, and restores them when the last handle
+is removed. The decoder layers' graphs are identical, so inductor's FX graph cache compiles the
+first ones and serves the rest.
 
 **The default mode is ``default`` on every device**, not ``reduce-overhead`` (CUDA graphs). Two reasons,
 both from compiling per layer: under inference, every call of a compiled function starts a new CUDA-graph

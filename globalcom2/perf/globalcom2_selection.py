@@ -7,7 +7,8 @@ both layouts, at 672x672 (2x2 crops, no padding; the target case) and 1000x600 (
 per 672x672 image (:data:`TARGETS`): on a CPU, scores + allocation + selection <= 1 ms at the tiny width;
 on a GPU, <= 0.13 ms at CLIP-L's width in fp16 with the selection compiled as ``compile=true`` compiles it,
 where launch overhead, not arithmetic, sets the time (the project's GPU target; the eager selection measured
-0.38 ms on an H200 and 0.535 ms on an H100). Compiled rows (:data:`COMPILED_ROWS`) time the selection in each
+0.535 ms on an H100, ``results/efficiency/globalcom2_selection_cuda.md``, and was reported at 0.38 ms from a
+first H200 run whose files are not kept here). Compiled rows (:data:`COMPILED_ROWS`) time the selection in each
 compile mode; their first calls compile, inside the discarded warm-up rounds. The reference implementation loops
 in Python over tokens.
 

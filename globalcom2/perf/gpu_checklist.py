@@ -15,8 +15,8 @@ Steps:
 
 1. the 7B efficiency table: eager, then compiled, under SDPA, then eager attention, with measured ceilings
    (``globalcom2.perf.efficiency``);
-2. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, compile mode on CUDA, GlobalCom²'s
-   compiled selection on CUDA, the benchmark's GPU columns);
+2. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, the batch-invariant mode on CUDA,
+   compile mode on CUDA, GlobalCom²'s compiled selection on CUDA, the benchmarks' GPU columns);
 3. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
 3b. the 7B table again with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images
    and four variants, into ``results/efficiency/cuda_graphs/``: whether replayed graphs, not only fused
@@ -26,7 +26,7 @@ Steps:
    run, which had them last, ran out of budget inside them;
 5. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
 5b. the same under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
-   ``results/throughput/compiled/`` (each cell compiles its model first: about a minute at 7B);
+   ``results/throughput/compiled/`` (each cell compiles its model first, at 7B not yet timed);
 6. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
 7. the 13B efficiency table (SDPA, eager and compiled), if time is left.
 

@@ -24,8 +24,9 @@ lmms-eval's scoring. Two reports come from the same cells:
     python -m globalcom2.perf.throughput --mode batch-effect --batch-invariant both --dtype bfloat16
     python -m globalcom2.perf.throughput --model llava_next_7b --random-init --device cuda --dtype bfloat16
 
-Writes ``results/throughput/<model>_<device>_<mode>.{md,json}`` (the JSON carries every row, the settings,
-each cell's folder and provenance) and prints the table.
+Writes ``results/throughput/<model>_<device>_<mode>[_invariant_<on|both>].{md,json}`` (:func:`output_name`;
+the mode with ``_`` for ``-``; the JSON carries every row, the settings, each cell's folder and provenance)
+and prints the table.
 """
 
 from __future__ import annotations
