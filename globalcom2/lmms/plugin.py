@@ -165,6 +165,9 @@ class GlobalCom2LlavaNext(lmms):
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._pad_id = self.tokenizer.pad_token_id
         self._warmed_up = False
+        # compiled: whether batch size 1 still needs its own warm-up before this call's batches (generate_until)
+        self._single_row_pending = False
+        self._single_row_warmed = False
         self._measured_calls = 0
         self._batches = 0
         self.records: list[sr.SampleRecord] = []
@@ -268,6 +271,14 @@ class GlobalCom2LlavaNext(lmms):
                 logger.debug(f"{request.args[4]}: ignoring generation_kwargs {list(setting.ignored)}")
             settings[setting.key()] = setting
             groups.setdefault(setting.key(), []).append(index)
+        # A compiled model meets batch size 1 as a graph of its own: warm it up only where a batch of one row
+        # will run (each group's last batch holds its remainder), so cells without one compile nothing extra.
+        self._single_row_pending = (
+            self.compiled is not None
+            and not self._single_row_warmed
+            and self.batch_size_per_device > 1
+            and any(len(indices) % self.batch_size_per_device == 1 for indices in groups.values())
+        )
         progress = tqdm(total=len(requests), disable=self._rank != 0, desc="globalcom2 generate")
         by_position: dict[int, sr.SampleRecord] = {}
         # the batch-invariant mode's environment switch, set while no prefetch thread runs (batch_invariant.py)
@@ -417,7 +428,7 @@ class GlobalCom2LlavaNext(lmms):
         mode = batch_invariant() if self.batch_invariant else contextlib.nullcontext()
         try:
             with torch.inference_mode(), mode:
-                if self.profile and not self._warmed_up and self.warmup_calls:
+                if self.profile and self.warmup_calls and (not self._warmed_up or self._single_row_pending):
                     self._warm_up(inputs, kwargs, setting, batch)
                 self._warmed_up = True
                 self.attachment.stats.clear()  # only this call's stats from here on
@@ -443,17 +454,23 @@ class GlobalCom2LlavaNext(lmms):
         setting: GenerationSettings,
         batch: PreparedBatch,
     ) -> None:
-        """The untimed calls before the first measured one, on its batch: :data:`WARMUP_NEW_TOKENS` new tokens
-        meet every graph a compiled model needs at that batch size. A compiled model is also warmed on the
-        batch's first row alone, since batch size 1 is a graph of its own (a last batch of one row would
-        otherwise compile inside its timed call)."""
+        """The untimed calls before a measured one: on the first measured batch, and :data:`WARMUP_NEW_TOKENS`
+        new tokens meet every graph a compiled model needs at its batch size. Where a batch of one row will run
+        later (``_single_row_pending``, set per ``generate_until``), a compiled model is also warmed on this
+        batch's first row alone, since batch size 1 is a graph of its own that would otherwise compile inside
+        that batch's timed call."""
         tokens = min(WARMUP_NEW_TOKENS, setting.max_new_tokens)
         warm = {**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}
-        self.profiler.warmup(lambda: self.model.generate(**inputs, **warm), self.warmup_calls)
-        if self.compiled is not None and len(batch.keys) > 1:
-            row = self._encode(self.processor, batch.select([0]))  # this thread's own processor
-            single = {k: v.to(self._device, non_blocking=True) for k, v in row.items()}
-            self.profiler.warmup(lambda: self.model.generate(**single, **warm), self.warmup_calls)
+        runs = [] if self._warmed_up else [inputs]
+        if self._single_row_pending:
+            self._single_row_pending, self._single_row_warmed = False, True
+            if len(batch.keys) > 1:
+                row = self._encode(self.processor, batch.select([0]))  # this thread's own processor
+                runs.append({k: v.to(self._device, non_blocking=True) for k, v in row.items()})
+            elif not runs:
+                runs.append(inputs)  # this batch is the one row
+        for run in runs:
+            self.profiler.warmup(lambda run=run: self.model.generate(**run, **warm), self.warmup_calls)
 
     def _report(self, new_records: list[sr.SampleRecord]) -> None:
         """Warn about empty answers, pass the call's summary to lmms-eval, write the sidecar (rank 0)."""

@@ -88,11 +88,13 @@ def test_compile_mode_is_applied_after_attaching_and_recorded():
         GlobalCom2LlavaNext(pretrained="tiny", device="cpu", compile="reduce-overhead")
 
 
-@pytest.mark.parametrize("compile_mode", ["true", "false"])
-def test_a_compiled_model_is_also_warmed_up_on_one_row(monkeypatch, images, compile_mode):
-    """Batch size 1 is a compiled graph of its own, so with ``compile`` the warm-up also runs the first batch's
-    first row alone, and a last batch of one row is not compiled inside its timed call; an eager model warms up
-    on the first batch only. (``torch.compile`` is the identity here: which calls run is what is tested.)"""
+@pytest.mark.parametrize(("compile_mode", "docs_count"), [("true", 3), ("false", 3), ("true", 4)])
+def test_a_compiled_model_is_also_warmed_up_on_one_row(monkeypatch, images, compile_mode, docs_count):
+    """Batch size 1 is a compiled graph of its own, so where a batch of one row will run (3 documents at batch
+    2) a compiled model's warm-up also runs the first batch's first row alone, and that batch is not compiled
+    inside its timed call; with no such batch (4 documents) it does not compile batch 1 for nothing, and an
+    eager model warms up on the first batch only. (``torch.compile`` is the identity here: which calls run is
+    what is tested.)"""
     from globalcom2.models import compiled
 
     monkeypatch.setattr(compiled.torch, "compile", lambda fn, mode, dynamic: fn)
@@ -108,16 +110,17 @@ def test_a_compiled_model_is_also_warmed_up_on_one_row(monkeypatch, images, comp
             calls.append((kwargs["input_ids"].shape[0], kwargs["max_new_tokens"])) or real_generate(**kwargs)
         ),
     )
-    docs = [{"image": images[(336, 336)]}] * 3
+    docs = [{"image": images[(336, 336)]}] * docs_count
     try:
         lm.generate_until(requests_for(lm, docs, gen_kwargs={"until": ["\n\n"], "max_new_tokens": 4}))
     finally:
         if lm.compiled is not None:
             lm.compiled.remove()
     warm = compiled.WARMUP_NEW_TOKENS
-    warm_ups = [(2, warm), (1, warm)] if compile_mode == "true" else [(2, warm)]
-    assert calls == [*warm_ups, (2, 4), (1, 4)]
-    assert [r.first_call for r in lm.records] == [True, True, False]
+    measured = [(2, 4), (1, 4)] if docs_count == 3 else [(2, 4), (2, 4)]
+    warm_ups = [(2, warm), (1, warm)] if compile_mode == "true" and docs_count == 3 else [(2, warm)]
+    assert calls == [*warm_ups, *measured]
+    assert [r.first_call for r in lm.records] == [True, True] + [False] * (docs_count - 2)
 
 
 def test_a_cpu_cell_asks_accelerate_for_the_cpu(monkeypatch):
