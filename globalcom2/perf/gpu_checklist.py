@@ -11,24 +11,32 @@ from the checkout with ``PYTHONPATH=.``::
     python -m globalcom2.perf.gpu_checklist --dry-run                  # list the steps
     python -m globalcom2.perf.gpu_checklist --only throughput_7b main_path_tests --out "$OUT"
 
-Steps:
+Steps, in order of value; the first four are sized to fit one call's budget (540 s), the rest are for a
+second call (``--only``) or a longer lease:
 
-1. the 7B efficiency table: eager, then compiled, under SDPA, then eager attention, with measured ceilings
-   (``globalcom2.perf.efficiency``);
-2. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, the batch-invariant mode on CUDA,
-   compile mode on CUDA, GlobalCom²'s compiled selection on CUDA, the benchmarks' GPU columns);
-3. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
-3b. the 7B table again with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images
-   and four variants, into ``results/efficiency/cuda_graphs/``: whether replayed graphs, not only fused
-   kernels, are what the prefill targets need;
-4. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
+1. the 7B efficiency table, eager: every variant under SDPA, then under eager attention (peak memory), with
+   measured ceilings (``globalcom2.perf.efficiency``);
+2. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
    through ``launcher=accelerate`` where there are two GPUs): correctness before speed, and the first H100
-   run, which had them last, ran out of budget inside them;
-5. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
-5b. the same under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
+   run, which had them late, ran out of budget inside them;
+3. the 7B table under ``compile=true`` (``default`` mode), on the variants the targets name (:data:`COMPILED_VARIANTS`),
+   each beside its eager row of the same run, into ``results/efficiency/compiled/``: a step of its own, as
+   its compilation (a cold cache on a fresh machine) is the least predictable time here;
+4. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, the batch-invariant mode on CUDA,
+   compile mode on CUDA, GlobalCom²'s compiled selection on CUDA, the benchmarks' GPU columns), verbose, so
+   a step cut short still names each test it finished;
+5. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
+6. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
+7. the 7B table with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images and four
+   variants, into ``results/efficiency/cuda_graphs/``: whether replayed graphs, not only fused kernels, are
+   what the prefill targets need;
+8. throughput under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
    ``results/throughput/compiled/`` (each cell compiles its model first, at 7B not yet timed);
-6. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
-7. the 13B efficiency table (SDPA, eager and compiled), if time is left.
+9. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
+10. the 13B efficiency table (SDPA, eager and compiled), if time is left.
+
+A step starts only with at least its ``min_s`` of the budget left (a step cut short by the budget keeps
+only the phases it finished; one that cannot reach its first useful output is better left to a later call).
 
 Steps 4-6 run ``globalcom2.run`` and so need lmms-eval and Hydra: ``make carry-wheels HAVE=<the machine's pip
 list>`` makes the wheels it lacks (``globalcom2/carry.py``); with ``--carried <their folder>`` a first step
@@ -88,6 +96,7 @@ class Step:
     limit_s: int  # the most this step may take
     outputs: tuple[str, ...] = ()  # files under RESULTS it writes (packed into results.tar.gz)
     main_path: bool = False  # runs globalcom2.run (lmms-eval, Hydra): skipped when the carried wheels fail
+    min_s: int = 30  # the least budget worth starting it with (below, it is skipped and the next one tried)
 
 
 #: Where the 7B table under CUDA graphs goes (beside, not over, the ``default``-mode table), and its variants:
@@ -96,6 +105,12 @@ CUDA_GRAPHS_DIR = "efficiency/cuda_graphs"
 CUDA_GRAPH_VARIANTS = ("vanilla@1", "globalcom2@0.25", "globalcom2@0.1", "random@0.1")
 #: Where the 7B throughput under ``compile=true`` goes, beside the eager table.
 COMPILED_THROUGHPUT_DIR = "throughput/compiled"
+#: Where the 7B table under ``compile=true`` goes, and its variants: vanilla, GlobalCom² at the ratios of the
+#: targets and at 0.75 (slower than vanilla when eager), and the other methods at 0.1.
+COMPILED_DIR = "efficiency/compiled"
+COMPILED_VARIANTS = (
+    "vanilla@1", "globalcom2@0.75", "globalcom2@0.25", "globalcom2@0.1", "random@0.1", "fastv@0.1", "sparsevlm@0.1",
+)  # fmt: skip
 
 
 def steps(images: int, carried: Path | None = None) -> list[Step]:
@@ -105,38 +120,41 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
     plan = [
         Step(
             "efficiency_7b",
-            [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda", "--compile",
-             "--images", str(images)],
-            270,
+            [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda",
+             "--attention", "sdpa", "eager", "--images", str(images)],
+            200,
             (f"{efficiency_7b}.md", f"{efficiency_7b}.json"),
         ),
         Step(
+            "main_path_tests",
+            [python, "-m", "pytest", "-v", "--tb=short", "-m", "gpu", "-p", "no:cacheprovider",
+             "tests/gpu/test_run_on_gpu.py"],
+            180,
+            main_path=True,
+        ),
+        Step(
+            "efficiency_7b_compiled",
+            [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda", "--compile",
+             "--attention", "sdpa", "--images", str(images), "--variants", *COMPILED_VARIANTS,
+             "--out", str(RESULTS / COMPILED_DIR)],
+            270,
+            (f"{COMPILED_DIR}/llava_next_7b_random_init_cuda.md",
+             f"{COMPILED_DIR}/llava_next_7b_random_init_cuda.json"),
+            min_s=150,
+        ),
+        Step(
             "gpu_tests",
-            [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
+            [python, "-m", "pytest", "-v", "--tb=short", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
              "tests/models/test_compiled.py", "tests/methods/test_globalcom2_compiled.py", "tests/efficiency",
              "--ignore=tests/gpu/test_run_on_gpu.py"],
-            150,
+            300,
         ),
         Step(
             "selection",
             [python, "-m", "globalcom2.perf.globalcom2_selection", "--device", "cuda"],
-            45,
+            120,
             ("efficiency/globalcom2_selection_cuda.md", "efficiency/globalcom2_selection_cuda.json"),
-        ),
-        Step(
-            "efficiency_7b_cuda_graphs",
-            [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda", "--compile",
-             "--compile-mode", "reduce-overhead", "--attention", "sdpa", "--images", str(min(images, 5)),
-             "--variants", *CUDA_GRAPH_VARIANTS, "--out", str(RESULTS / CUDA_GRAPHS_DIR)],
-            200,
-            (f"{CUDA_GRAPHS_DIR}/llava_next_7b_random_init_cuda.md",
-             f"{CUDA_GRAPHS_DIR}/llava_next_7b_random_init_cuda.json"),
-        ),
-        Step(
-            "main_path_tests",
-            [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu/test_run_on_gpu.py"],
-            240,
-            main_path=True,
+            min_s=60,
         ),
         Step(
             "throughput_7b",
@@ -145,6 +163,17 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             300,
             ("throughput/llava_next_7b_cuda_throughput.md", "throughput/llava_next_7b_cuda_throughput.json"),
             main_path=True,
+            min_s=90,
+        ),
+        Step(
+            "efficiency_7b_cuda_graphs",
+            [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda", "--compile",
+             "--compile-mode", "reduce-overhead", "--attention", "sdpa", "--images", str(min(images, 5)),
+             "--variants", *CUDA_GRAPH_VARIANTS, "--out", str(RESULTS / CUDA_GRAPHS_DIR)],
+            240,
+            (f"{CUDA_GRAPHS_DIR}/llava_next_7b_random_init_cuda.md",
+             f"{CUDA_GRAPHS_DIR}/llava_next_7b_random_init_cuda.json"),
+            min_s=150,
         ),
         Step(
             "throughput_7b_compiled",
@@ -155,6 +184,7 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             (f"{COMPILED_THROUGHPUT_DIR}/llava_next_7b_cuda_throughput.md",
              f"{COMPILED_THROUGHPUT_DIR}/llava_next_7b_cuda_throughput.json"),
             main_path=True,
+            min_s=150,
         ),
         Step(
             "batch_effect_bf16",
@@ -165,6 +195,7 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             ("throughput/tiny_trained_cuda_batch_effect_invariant_both.md",
              "throughput/tiny_trained_cuda_batch_effect_invariant_both.json"),
             main_path=True,
+            min_s=90,
         ),
         Step(
             "efficiency_13b",
@@ -172,6 +203,7 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
              "--images", str(images), "--attention", "sdpa"],
             240,
             (f"{efficiency_13b}.md", f"{efficiency_13b}.json"),
+            min_s=120,
         ),
     ]  # fmt: skip
     if (
@@ -280,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     tables: list[str] = []
     for step in plan:
         left = args.budget_s - (time.monotonic() - started)
-        if left < 30:  # not a failure: the budget was spent on the steps before it
-            status, seconds = f"skipped: {left:.0f} s of the budget left", 0.0
+        if left < step.min_s:  # not a failure: the budget was spent on the steps before it
+            status, seconds = f"skipped: {left:.0f} s of the budget left, it needs {step.min_s} s", 0.0
         elif step.main_path and wheels_failed:  # known to fail: its minutes go to the steps that can run
             status, seconds = "skipped: the carried wheels failed their check", 0.0
             failed += 1

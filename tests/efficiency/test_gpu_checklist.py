@@ -20,11 +20,12 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
     names = [line.split(" ")[0] for line in capsys.readouterr().out.splitlines()]
     assert names == [
         "efficiency_7b",
+        "main_path_tests",
+        "efficiency_7b_compiled",
         "gpu_tests",
         "selection",
-        "efficiency_7b_cuda_graphs",
-        "main_path_tests",
         "throughput_7b",
+        "efficiency_7b_cuda_graphs",
         "throughput_7b_compiled",
         "batch_effect_bf16",
         "efficiency_13b",
@@ -74,9 +75,18 @@ def test_the_efficiency_steps_declare_the_files_their_benchmark_writes(monkeypat
             f"{stem}.md",
             f"{stem}.json",
         }, step.name
-    graphs = next(s for s in gpu_checklist.steps(images=10) if s.name == "efficiency_7b_cuda_graphs")
-    args = efficiency.parse_args(graphs.command[3:])
+    plan = {s.name: s for s in gpu_checklist.steps(images=10)}
+    args = efficiency.parse_args(plan["efficiency_7b_cuda_graphs"].command[3:])
     assert args.compile_mode == ["reduce-overhead"] and args.images == 5 and args.attention == ["sdpa"]
+    eager = efficiency.parse_args(plan["efficiency_7b"].command[3:])  # every variant, both attentions
+    assert not eager.compile_mode and eager.attention == ["sdpa", "eager"]
+    assert eager.variants == efficiency.default_variants()
+    compiled = efficiency.parse_args(plan["efficiency_7b_compiled"].command[3:])
+    assert compiled.compile_mode == ["default"] and compiled.attention == ["sdpa"]
+    assert ("vanilla", 1.0) in compiled.variants and ("globalcom2", 0.1) in compiled.variants
+    # in one call's budget (540 s), the compiled table starts even if both steps before it run to their limits
+    before = plan["efficiency_7b"].limit_s + plan["main_path_tests"].limit_s
+    assert 540 - before >= plan["efficiency_7b_compiled"].min_s
 
 
 def test_the_throughput_steps_declare_the_files_their_benchmark_writes():
@@ -127,6 +137,23 @@ def test_a_failing_step_does_not_stop_the_next_and_only_fresh_outputs_are_packed
     assert sorted(p.name for p in out.iterdir()) == ["checklist.json", "checklist.log", "results.tar.gz"]
 
 
+def test_a_step_starts_only_with_its_minimum_left(tmp_path, monkeypatch):
+    """A step that cannot reach its first useful output in what is left of the budget is skipped, saying so,
+    and a cheaper one after it still runs."""
+    plan = [
+        Step("spends", [sys.executable, "-c", "import time; time.sleep(2)"], 30),
+        Step("big", [sys.executable, "-c", "1"], 30, min_s=100),
+        Step("small", [sys.executable, "-c", "1"], 30),
+    ]
+    monkeypatch.setattr(gpu_checklist, "steps", lambda images, carried=None: plan)
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--budget-s", "90"]) == 0
+    report = json.loads((out / "checklist.json").read_text())["steps"]
+    assert [s["step"] for s in report] == ["spends", "big", "small"]
+    assert report[1]["status"].startswith("skipped: ") and report[1]["status"].endswith("it needs 100 s")
+    assert report[2]["status"] == "ok"
+
+
 def test_a_timed_out_step_takes_its_children_with_it(tmp_path, monkeypatch):
     """A benchmark's globalcom2.run cells are its children: left running, they would slow the next step."""
     pid_file = tmp_path / "child.pid"
@@ -151,9 +178,9 @@ def test_only_and_skip_select_steps_and_refuse_unknown_names(capsys):
     assert main(["--dry-run", "--only", "selection", "throughput_7b", "--carried", ".whl"]) == 0
     names = [line.split(" ")[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["carried_wheels", "selection", "throughput_7b"]  # the wheels' check stays first
-    assert main(["--dry-run", "--skip", "efficiency_7b", "gpu_tests"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith("selection ")
-    with pytest.raises(SystemExit, match="unknown step 'selektion'; valid: efficiency_7b, gpu_tests"):
+    assert main(["--dry-run", "--skip", "efficiency_7b", "main_path_tests"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("efficiency_7b_compiled ")
+    with pytest.raises(SystemExit, match="unknown step 'selektion'; valid: efficiency_7b, main_path_tests"):
         main(["--dry-run", "--only", "selektion"])
 
 
