@@ -308,6 +308,18 @@ def memory_pass(
     return run_variant(model, inputs, method, ratio, profiler, new_tokens)[0]
 
 
+def dynamo_frames() -> dict[str, int]:
+    """What dynamo compiled since its counters were cleared: frames it tried, frames it compiled (a frame it
+    gave up on, at a recompile limit or an error, runs eager without a word), and distinct graphs."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "frames_total": int(counters["frames"]["total"]),
+        "frames_compiled": int(counters["frames"]["ok"]),
+        "graphs": int(counters["stats"]["unique_graphs"]),
+    }
+
+
 def measure_phase(
     model: Any,
     prompts: list[dict],
@@ -316,10 +328,14 @@ def measure_phase(
     profiler: GenerateProfiler,
     new_tokens: int,
     costs_of: Any,
-) -> tuple[dict[Variant, list], dict[Variant, Measurement]]:
+) -> tuple[dict[Variant, list], dict[Variant, Measurement], dict[str, int] | None]:
     """Every variant on every image, interleaved: for image ``i`` the order is rotated by ``i`` so no variant
     always runs first. ``mode``: ``None`` (eager) or a compile mode, on for the whole phase. Returns the
-    measurements and, on CUDA, each variant's :func:`memory_pass`."""
+    measurements, on CUDA each variant's :func:`memory_pass`, and in a compiled phase :func:`dynamo_frames`."""
+    if mode:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
     compiled = compile_model(model, mode) if mode else None
     warm_prompts, warm_calls = warmup_calls(mode, profiler.device, len(prompts))
     try:
@@ -339,13 +355,14 @@ def measure_phase(
             if profiler.is_cuda
             else {}
         )
+        frames = dynamo_frames() if mode else None
     finally:
         if compiled is not None:
             compiled.remove()
             # dynamo keeps a phase's graphs on the layers' code object, where the next compiled phase would
             # add its own to the same per-code-object limit and guard list: each phase starts from none
             torch._dynamo.reset()
-    return measured, memory
+    return measured, memory, frames
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -416,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
             model.set_attn_implementation(phase_attention)
             attention = phase_attention
         try:
-            measured, memory = measure_phase(
+            measured, memory, frames = measure_phase(
                 model, prompts, args.variants, mode, profiler, args.new_tokens, costs_of
             )
         except Exception as error:  # one phase's failure must not lose the other phases' rows
@@ -429,6 +446,9 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
         else:
+            if frames is not None:
+                caption += compile_note(mode, frames, profiler.is_cuda)
+                record.setdefault("dynamo_frames", {})[f"{phase_attention} {mode}"] = frames
             for (method, ratio), samples in measured.items():
                 row = summarise(
                     samples, method, ratio, dims, weight_bytes, ceilings, memory.get((method, ratio))
@@ -444,6 +464,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"{len(failures)} of {len(plan)} phases failed (rows of the others written to {stem}.*): {failures}"
         )
+
+
+def compile_note(mode: str, frames: dict[str, int], cuda: bool) -> str:
+    """The caption's word on a compiled phase: how much dynamo compiled (a frame it gave up on runs eager, so
+    a row would time eager layers under a compiled label), warned about on the console too; and, under CUDA
+    graphs, what the peak memories miss."""
+    note = f"; {mode}: {frames['frames_compiled']} of {frames['frames_total']} dynamo frames compiled, {frames['graphs']} graphs"
+    if frames["frames_compiled"] < frames["frames_total"]:
+        print(f"WARNING: compile mode {mode}: {frames} (some layers ran eager)", flush=True)
+        note += " (THE REST RAN EAGER)"
+    if cuda and mode in CUDA_GRAPH_MODES:
+        note += " (peak allocated may miss the graphs' activations, held in their private pool: see peak reserved)"
+    return note
 
 
 def write_outputs(

@@ -157,6 +157,36 @@ def test_a_failed_phase_keeps_the_rows_measured_before_it_and_fails_loudly(tmp_p
     assert "FAILED: sdpa default" in stem.with_suffix(".md").read_text()
 
 
+def test_a_compiled_phase_records_what_dynamo_compiled(tmp_path, monkeypatch):
+    """dynamo runs a frame it gives up on (a recompile limit, an error) eager without a word, and the row
+    would time eager layers under a compiled label: each compiled phase records its frames and graphs, and
+    the caption says how many compiled. (The eager backend: dynamo's frames are what is counted.)"""
+    from globalcom2.methods.globalcom2 import compiled_selection
+    from globalcom2.models import compiled
+
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        compiled.torch, "compile", lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic)
+    )
+    torch._dynamo.reset()
+    compiled_selection.cache_clear()
+    args = ["--images", "1", "--new-tokens", "2", "--device", "cpu", "--out", str(tmp_path), "--compile"]
+    try:
+        main([*args, "--variants", "vanilla@1", "globalcom2@0.1"])
+    finally:
+        compiled_selection.cache_clear()
+    record = json.loads((tmp_path / "tiny_cpu.json").read_text())
+    frames = record["dynamo_frames"]["sdpa default"]
+    assert frames["frames_total"] > 0 and frames["frames_compiled"] == frames["frames_total"]
+    assert f"default: {frames['frames_compiled']} of {frames['frames_total']} dynamo frames compiled" in (
+        record["caption"]
+    )
+    assert "RAN EAGER" not in record["caption"]
+    fallback = {"frames_total": 10, "frames_compiled": 7, "graphs": 7}
+    assert efficiency.compile_note("default", fallback, cuda=False).endswith("(THE REST RAN EAGER)")
+    assert "peak reserved" in efficiency.compile_note("reduce-overhead", fallback, cuda=True)
+
+
 def test_the_table_is_written_after_each_phase_and_marked_partial_until_the_last(tmp_path, monkeypatch):
     written = []
     real_write = efficiency.write_outputs
