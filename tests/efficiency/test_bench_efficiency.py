@@ -166,7 +166,9 @@ def test_a_compiled_phase_records_what_dynamo_compiled(tmp_path, monkeypatch):
 
     real_compile = torch.compile
     monkeypatch.setattr(
-        compiled.torch, "compile", lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic)
+        compiled.torch,
+        "compile",
+        lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic),
     )
     torch._dynamo.reset()
     compiled_selection.cache_clear()
@@ -178,8 +180,9 @@ def test_a_compiled_phase_records_what_dynamo_compiled(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "tiny_cpu.json").read_text())
     frames = record["dynamo_frames"]["sdpa default"]
     assert frames["frames_total"] > 0 and frames["frames_compiled"] == frames["frames_total"]
-    assert f"default: {frames['frames_compiled']} of {frames['frames_total']} dynamo frames compiled" in (
-        record["caption"]
+    assert (
+        f"default: {frames['frames_compiled']} of {frames['frames_total']} dynamo frames compiled"
+        in (record["caption"])
     )
     assert "RAN EAGER" not in record["caption"]
     fallback = {"frames_total": 10, "frames_compiled": 7, "graphs": 7}
