@@ -279,12 +279,12 @@ Phase = tuple[str, str | None]
 
 
 def phases(attention: list[str], compile_modes: list[str]) -> list[Phase]:
-    """Eager rows under the first attention implementation first (every target needs them), then its compiled
-    rows (one phase per mode, in the order named), then the other implementations' eager rows. Each phase is
+    """Eager rows under each attention implementation first (the first one's: every target needs them; the
+    others': peak memory), then the first implementation's compiled rows, one phase per mode in the order
+    named: compiling on a cold cache is the least predictable time here, so it comes last. Each phase is
     written when it ends, so a failure or a time limit costs only the phases after it."""
-    first, *others = attention
-    compiled = [(first, mode) for mode in compile_modes]
-    return [(first, None), *compiled, *((other, None) for other in others)]
+    first = attention[0]
+    return [*((name, None) for name in attention), *((first, mode) for mode in compile_modes)]
 
 
 def warmup_calls(mode: str | None, device: torch.device | str, prompts: int) -> tuple[int, int]:

@@ -107,7 +107,7 @@ def test_vicuna_text_length_and_ceilings(tmp_path):
 
 
 def test_phases_put_the_eager_rows_first():
-    assert phases(["sdpa", "eager"], ["default"]) == [("sdpa", None), ("sdpa", "default"), ("eager", None)]
+    assert phases(["sdpa", "eager"], ["default"]) == [("sdpa", None), ("eager", None), ("sdpa", "default")]
     assert phases(["sdpa"], ["default", "reduce-overhead"]) == [
         ("sdpa", None),
         ("sdpa", "default"),
