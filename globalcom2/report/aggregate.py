@@ -34,7 +34,8 @@ CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/r
 
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
-    "world_size", "attn_implementation", "random_init", "dtype", "compile", "batch_invariant", "prefetch", "limit",
+    "world_size", "attn_implementation", "random_init", "vicuna_text", "dtype", "compile", "batch_invariant",
+    "prefetch", "limit",
     "hardware",
     "git_sha",
     "git_dirty",
@@ -190,6 +191,7 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "world_size": run.get("world_size", 1),
         "attn_implementation": json.dumps(attn, sort_keys=True) if isinstance(attn, dict) else attn,
         "random_init": spec["model"].get("random_init", False),
+        "vicuna_text": bool(spec["model"].get("vicuna_text", False)),  # off in cells from before it
         "dtype": run.get("dtype", spec["model"].get("dtype")),
         "compile": run.get("compile") or spec["model"].get("compile") or "no",
         "batch_invariant": bool(spec["model"].get("batch_invariant", False)),  # off in cells from before it

@@ -22,9 +22,11 @@ class Report:
 
 #: Settings that change what a table compares beyond the method and its ratio: in bf16 on a GPU a batch's
 #: shape changes its rows' answers, the dtype changes every answer, the batch-invariant mode changes the
-#: kernels' shapes (so answers, and latency), and prefetching (host work beside the timed calls) changes
-#: latency. A table's cells should agree on these.
-COMPARABILITY = ("batch_size", "dtype", "batch_invariant", "prefetch")
+#: kernels' shapes (so answers, and latency), prefetching (host work beside the timed calls) changes latency,
+#: compile mode changes latency most and answers by reassociation, a random-initialised model's prompt length
+#: (``vicuna_text``) changes its latency, and the hardware changes every latency. A table's cells should agree
+#: on these.
+COMPARABILITY = ("batch_size", "dtype", "batch_invariant", "prefetch", "compile", "vicuna_text", "hardware")
 
 
 def mixed_settings(rows: pd.DataFrame) -> list[str]:

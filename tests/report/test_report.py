@@ -634,7 +634,7 @@ def test_cells_of_an_experiment_named_like_a_trackers_folder_are_shown(tmp_path)
     assert set(frame["experiment"]) == {"wandb"} and set(frame["method"]) == {"vanilla"}
 
 
-def test_a_table_that_mixes_batch_sizes_dtypes_or_batch_invariance_warns(tmp_path):
+def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_path):
     root = tmp_path / "results"
     write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
     with warnings.catch_warnings():
@@ -645,6 +645,8 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_batch_invariance_warns(tmp_pat
     record["spec"]["benchmark"]["batch_size"] = 8
     record["spec"]["model"]["dtype"] = "bfloat16"
     record["spec"]["model"]["batch_invariant"] = True
+    record["spec"]["model"]["compile"] = "default"
+    record["provenance"]["hardware"] = {"gpu": "NVIDIA H200"}
     (cell / "record.json").write_text(json.dumps(record))
     with pytest.warns(UserWarning) as caught:
         build_report(tidy_results(root), "t1", tmp_path / "mixed")
@@ -653,4 +655,8 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_batch_invariance_warns(tmp_pat
     assert any("dtype differs between cells: bfloat16 (1 cells), float16 (1 cells)" in m for m in messages)
     assert any(
         "batch_invariant differs between cells: False (1 cells), True (1 cells)" in m for m in messages
+    )
+    assert any("compile differs between cells: default (1 cells), no (1 cells)" in m for m in messages)
+    assert any(
+        "hardware differs between cells: NVIDIA H100 (1 cells), NVIDIA H200 (1 cells)" in m for m in messages
     )
