@@ -1,7 +1,8 @@
 """What a compression method is: its stage, its parameters, and the one function it implements.
 
-Pre-LLM methods (``vanilla``, ``random``, ``globalcom2``, ``visionzip``, ``divprune``) see one image's packed visual features before
-they are scattered into the prompt and return which packed positions to feed to the LLM, in order::
+Pre-LLM methods (``vanilla``, ``random``, ``globalcom2``, ``visionzip``, ``divprune``) see one image's packed
+visual features before they are scattered into the prompt and return which packed positions to feed to the
+LLM, in order::
 
     select(features[N, D], ctx) -> source[M] (int64 indices into 0..N-1) or None (= keep all, unchanged)
 
@@ -12,9 +13,10 @@ separator after every canvas row, padded rows included).
 The hook in ``globalcom2/hooks/pre_llm.py`` does the gathering and the sequence surgery, once for all
 methods.
 
-In-LLM methods (``fastv``, ``sparsevlm``, ``pdrop``, ``dart``) act between decoder layers. They never touch tensors of the model
-either; the engine in ``globalcom2/hooks/in_llm.py`` asks them three questions during a prefill and does all
-slicing of hidden states, positions, rotary embeddings, masks and the KV-cache bookkeeping itself::
+In-LLM methods (``fastv``, ``sparsevlm``, ``pdrop``, ``dart``) act between decoder layers. They never touch
+tensors of the model either; the engine in ``globalcom2/hooks/in_llm.py`` asks them three questions during a
+prefill and does all slicing of hidden states, positions, rotary embeddings, masks and the KV-cache
+bookkeeping itself::
 
     select_queries(view at layer 0)           -> which prompt rows rate the visual tokens
     score(stage, attention of those rows)     -> a relevance per position
