@@ -56,7 +56,7 @@ from globalcom2.data import demo
 from globalcom2.efficiency.flops import LlmDims, VisionDims, paper_prefill_flops
 from globalcom2.efficiency.host_syncs import HostSyncCounter
 from globalcom2.efficiency.profile import GenerateProfiler, Measurement
-from globalcom2.efficiency.summary import PromptCounts, sample_costs
+from globalcom2.efficiency.summary import PromptCounts, quartiles, sample_costs
 from globalcom2.efficiency.table import efficiency_display
 from globalcom2.methods import METHODS
 from globalcom2.methods.params import budget_kwargs
@@ -171,7 +171,7 @@ def summarise(
         return 1e3 * statistics.median(values)
 
     prefill = [m.prefill_s * 1e3 for m in measurements]
-    quartiles = statistics.quantiles(prefill, n=4) if len(prefill) > 1 else [prefill[0]] * 3
+    prefill_p25, _, prefill_p75 = quartiles(prefill)
     peaked = [memory] if memory is not None else measurements
     peaks = [m.peak_memory_bytes for m in peaked if m.peak_memory_bytes is not None]
     reserved = [m.peak_memory_reserved_bytes for m in peaked if m.peak_memory_reserved_bytes is not None]
@@ -192,8 +192,8 @@ def summarise(
         "kv_cache_mb": statistics.fmean(c["kv_cache_bytes"] for c in costs) / 1e6,
         **{f"{stage}_ms": median_ms([m.stages[stage] for m in measurements]) for stage in STAGES},
         "prefill_ms": statistics.median(prefill),
-        "prefill_p25_ms": quartiles[0],
-        "prefill_p75_ms": quartiles[2],
+        "prefill_p25_ms": prefill_p25,
+        "prefill_p75_ms": prefill_p75,
         "throughput_samples_per_s": len(measurements) / sum(m.total_s for m in measurements),
     }
     if ceilings is not None:

@@ -25,7 +25,6 @@ Writes ``DIR/globalcom2_selection_<device>.{md,json}`` (the JSON carries setting
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 
 from globalcom2.anyres import packed_layout
 from globalcom2.atomic import atomic_write_json, atomic_write_text
+from globalcom2.efficiency.summary import quartiles
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.globalcom2 import GlobalCom2
 from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
@@ -103,7 +103,7 @@ def variants(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[s
 def summarise(samples: dict[str, list[float]]) -> list[dict[str, object]]:
     rows = []
     for name, values in samples.items():
-        q25, median, q75 = (1e3 * q for q in statistics.quantiles(values, n=4))
+        q25, median, q75 = (1e3 * q for q in quartiles(values))
         rows.append({"variant": name, "median (ms)": median, "p25 (ms)": q25, "p75 (ms)": q75})
     return rows
 

@@ -33,10 +33,13 @@ def test_writes_every_row_and_the_target_verdict(tmp_path):
 
 
 def test_rows_report_the_quartiles_of_the_timings_in_milliseconds():
-    rows = summarise({"a": [0.005, 0.001, 0.003, 0.002, 0.004], "b": [0.010] * 4})
-    assert rows[0] == {"variant": "a", "median (ms)": pytest.approx(3.0), "p25 (ms)": pytest.approx(1.5),
-                       "p75 (ms)": pytest.approx(4.5)}  # fmt: skip
+    """Interpolated between the sorted timings, never outside them: two timings of 50 and 100 ms have a
+    p25 of 62.5, where ``statistics.quantiles``' default method extrapolated to 37.5."""
+    rows = summarise({"a": [0.005, 0.001, 0.003, 0.002, 0.004], "b": [0.010] * 4, "c": [0.050, 0.100]})
+    assert rows[0] == {"variant": "a", "median (ms)": pytest.approx(3.0), "p25 (ms)": pytest.approx(2.0),
+                       "p75 (ms)": pytest.approx(4.0)}  # fmt: skip
     assert [rows[1][k] for k in ("p25 (ms)", "median (ms)", "p75 (ms)")] == pytest.approx([10.0] * 3)
+    assert [rows[2][k] for k in ("p25 (ms)", "median (ms)", "p75 (ms)")] == pytest.approx([62.5, 75.0, 87.5])
 
 
 def test_variants_are_timed_round_robin_after_the_warmup():
