@@ -24,15 +24,18 @@ What is compiled, and why exactly that:
 
 Shapes are dynamic (``dynamic=True``), so a new prompt length or a longer KV cache does not recompile; sizes
 0 and 1 are specialised, so the one-token decode step and batch size 1 get graphs of their own, and so does
-the second decode step, whose cache has another memory layout than the first's (:data:`WARMUP_NEW_TOKENS`). The vision
-layers share one graph. Each decoder layer gets its own: ``Cache.update`` indexes the cache's per-layer list
-with the layer's ``layer_idx``, and dynamo guards on that slot. dynamo counts these graphs against one
-``recompile_limit`` (8 by default; in transformers 5.x the CLIP and LLaMA layers' forwards share one code
-object), and all of a code object's graphs against ``accumulated_recompile_limit`` (256), past which it
-silently runs the remaining layers eager: :func:`compile_model` raises both to what the model can need
-(:func:`recompile_limit_for`; a 13B's 272) while a model is compiled, and restores them when the last handle
-is removed. The decoder layers' graphs are identical, so inductor's FX graph cache compiles the
-first ones and serves the rest.
+the second decode step, whose cache has another memory layout than the first's (:data:`WARMUP_NEW_TOKENS`).
+Each decoder layer gets graphs of its own (``Cache.update`` indexes the cache's per-layer list with the
+layer's ``layer_idx``, and dynamo guards on that slot), and the graphs' bodies are identical, so inductor's
+FX graph cache compiles the first ones and serves the rest.
+
+dynamo keeps a frame's graphs on its code object and scans them at every call. In transformers 5.x every
+CLIP and LLaMA layer's ``forward`` is one wrapper, so each layer runs a private copy of its code
+(:func:`_with_own_code`): a code object then holds one layer's graphs (at most 6), where the shared one held
+every layer's, and its scan cost 0.45 ms a call. dynamo also counts graphs against ``recompile_limit`` (8)
+and ``accumulated_recompile_limit`` (256), past which it silently runs a layer eager; :func:`compile_model`
+raises both to what the whole model can need (:func:`recompile_limit_for`; a 13B's 272), a margin kept from
+when the layers shared one code object, and restores them when the last handle is removed.
 
 **The default mode is ``default`` on every device**, not ``reduce-overhead`` (CUDA graphs). Two reasons,
 both from compiling per layer: under inference, every call of a compiled function starts a new CUDA-graph
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -214,9 +218,27 @@ def _has_hooks(modules: list[torch.nn.Module]) -> bool:
     )
 
 
-def _compiled_forward(layer: torch.nn.Module, mode: str, prefill_only: bool) -> Callable[..., Any]:
+def _with_own_code(forward: Any, name: str) -> Any:
+    """``forward`` (a module's bound method) running a copy of its function's code object, named ``name``.
+
+    dynamo keeps its compiled graphs, and their guards, on the code object a frame runs, and at every call
+    scans that code object's entries until one's guards pass. In transformers 5.x every CLIP and LLaMA layer's
+    ``forward`` is one wrapper (``GradientCheckpointingLayer``'s ``forward_with_checkpointing``), so a
+    model's 56-80 layers would share one list of a few hundred entries: measured on the CPU (random-init 7B
+    depth), dynamo's cache lookup took 0.45 ms a layer call, and the compiled decode steps were slower than
+    eager. A copy per layer keeps each layer's few graphs to itself. The copy's closure and globals are the
+    original's, so it behaves exactly as the original."""
+    function = forward.__func__
+    code = function.__code__.replace(co_name=name)
+    copy = types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__dict__.update(function.__dict__)
+    return types.MethodType(copy, forward.__self__)
+
+
+def _compiled_forward(layer: torch.nn.Module, mode: str, prefill_only: bool, name: str) -> Callable[..., Any]:
     eager = layer.forward
-    compiled = torch.compile(eager, mode=mode, dynamic=True)
+    compiled = torch.compile(_with_own_code(eager, name), mode=mode, dynamic=True)
     inner = [m for m in layer.modules() if m is not layer]  # hooks on these would be traced: run eager then
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -253,10 +275,10 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
         raise ValueError("this model's layers are already compiled (or their forward was replaced)")
     decode_compiled = not _replays_cuda_graphs(device, mode)  # the module docstring says why
     _raise_recompile_limit(recompile_limit_for(len(vision_layers), len(decoder_layers), decode_compiled))
-    for layer in vision_layers:
-        layer.forward = _compiled_forward(layer, mode, prefill_only=False)
-    for layer in decoder_layers:
-        layer.forward = _compiled_forward(layer, mode, prefill_only=not decode_compiled)
+    for index, layer in enumerate(vision_layers):
+        layer.forward = _compiled_forward(layer, mode, False, f"vision_layer_{index}_forward")
+    for index, layer in enumerate(decoder_layers):
+        layer.forward = _compiled_forward(layer, mode, not decode_compiled, f"decoder_layer_{index}_forward")
     hooks = []
     if _replays_cuda_graphs(device, mode):
         hooks.append(model.register_forward_pre_hook(_mark_cuda_graph_step))

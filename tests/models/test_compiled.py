@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from helpers import generate_steps, prompt_inputs
@@ -115,12 +117,23 @@ def deep_tiny_model(decoder_layers: int):
     return LlavaNextForConditionalGeneration(config).eval()
 
 
+def dynamo_code(layer: torch.nn.Module) -> types.CodeType:
+    """The code object whose frames dynamo compiles for ``layer`` (:func:`compile_model`'s private copy)."""
+    (compiled_fn,) = (
+        cell.cell_contents
+        for cell in layer.forward.__closure__
+        if hasattr(cell.cell_contents, "_torchdynamo_orig_callable")
+    )
+    return compiled_fn._torchdynamo_orig_callable.__func__.__code__
+
+
 def test_every_decoder_layer_of_a_deep_model_runs_compiled(prompts, monkeypatch):
     """Each decoder layer compiles to its own graphs (dynamo guards on its KV-cache slot): the prefill, the
     first decode step and the later ones (another cache layout). Past dynamo's default recompile limit of 8
     the rest would silently run eager, so a 7B (32 layers, 96 graphs) would be measured mostly uncompiled. A
     fourth step compiles nothing: a longer KV cache is a dynamic size. The eager backend keeps this fast: what
     is counted is dynamo's frames, not kernels."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
 
     model = deep_tiny_model(decoder_layers=12)
@@ -140,6 +153,13 @@ def test_every_decoder_layer_of_a_deep_model_runs_compiled(prompts, monkeypatch)
         generate_steps(model, prompts[0], compiled.WARMUP_NEW_TOKENS)
         graphs = counters["stats"]["unique_graphs"]
         generate_steps(model, prompts[1], compiled.WARMUP_NEW_TOKENS + 2)  # another length, more steps
+        # Each layer's graphs sit on its own copy of the code: none on the wrapper that transformers gives every
+        # layer's forward, whose one list dynamo would scan at every call of every layer.
+        shared = type(model.model.language_model.layers[0]).forward.__code__
+        assert shared is type(model.model.vision_tower.encoder.layers[0]).forward.__code__
+        assert _debug_get_cache_entry_list(shared) == []
+        own = [dynamo_code(layer) for layer in model.model.language_model.layers]
+        assert len(set(own)) == 12 and all(1 <= len(_debug_get_cache_entry_list(c)) <= 6 for c in own)
     assert counters["frames"]["ok"] == counters["frames"]["total"]  # no frame fell back to eager
     assert graphs >= 2 * 12  # each decoder layer's prefill and decode-step graphs
     assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's length compiled them all
