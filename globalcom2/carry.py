@@ -16,7 +16,8 @@ only the difference:
    or bare names). One it has is kept, unless its version is known and fails a requirement that this
    project or a brought-along distribution declares on it (transformers older than ``pyproject.toml``
    allows, filelock 4 under this project's ``filelock<4``, which it holds for lmms-eval): then this
-   machine's version is brought. A bare name (version unknown) is kept and reported as unchecked, unless a requirement caps its version (filelock
+   machine's version is brought. A bare name (version unknown) is kept and reported as unchecked, unless a
+   requirement caps its version (filelock
    ``<4``, fsspec ``<=2026.9.0`` under datasets): a machine newer than the cap would fail ``--verify``
    there and lose the main path for want of a few kilobytes, so it is brought. Requirements behind extras
    are not followed.

@@ -3,8 +3,8 @@
 ``logger=wandb`` makes ``python -m globalcom2.run`` log each finished cell: its configuration (model,
 method, ratio, benchmark, parameters) as the run config, its metrics, paper columns and efficiency as the
 summary, grouped by experiment (the sweep). ``python -m globalcom2.report --wandb`` logs the tables as
-``wandb.Table`` and the plots as images. Cell runs land in ``results/wandb``, report runs in ``results/<experiment>/wandb`` (``make wandb-sync``
-uploads).
+``wandb.Table`` and the plots as images. Cell runs land in ``results/wandb``, report runs in
+``results/<experiment>/wandb`` (``make wandb-sync`` uploads).
 The tracker runs after the cell is committed: a tracker failure is reported, but never loses a result.
 """
 

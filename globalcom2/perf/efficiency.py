@@ -78,9 +78,10 @@ from globalcom2.provenance import provenance
 from globalcom2.sample_records import visual_token_counts
 from globalcom2.stage_timing import STAGES
 
-#: The ratios measured per method. The paper's Tables 8/9 time vanilla and GlobalCom² only (at 25 % and 10 %);
-#: this harness's choice adds 0.75 and 0.5 for GlobalCom², random beside it as the selection-free control, and
-#: FastV and SparseVLM at the paper's two ratios. A registered method not named here runs at ``OTHER_RATIOS``.
+#: The ratios measured per method. The paper's Tables 8/9 time vanilla and GlobalCom² only (at 25 % and
+#: 10 %); this harness's choice adds 0.75 and 0.5 for GlobalCom², random beside it as the selection-free
+#: control, and FastV and SparseVLM at the paper's two ratios. A registered method not named here runs at
+#: ``OTHER_RATIOS``.
 PAPER_RATIOS = {
     "globalcom2": (0.75, 0.5, 0.25, 0.1),
     "random": (0.75, 0.5, 0.25, 0.1),
@@ -331,7 +332,8 @@ def measure_phase(
 ) -> tuple[dict[Variant, list], dict[Variant, Measurement], dict[str, int] | None]:
     """Every variant on every image, interleaved: for image ``i`` the order is rotated by ``i`` so no variant
     always runs first. ``mode``: ``None`` (eager) or a compile mode, on for the whole phase. Returns the
-    measurements, on CUDA each variant's :func:`memory_pass`, and in a compiled phase :func:`dynamo_frames`."""
+    measurements, on CUDA each variant's :func:`memory_pass`, and in a compiled phase
+    :func:`dynamo_frames`."""
     if mode:
         from torch._dynamo.utils import counters
 

@@ -19,8 +19,8 @@ second call (``--only``) or a longer lease:
 2. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
    through ``launcher=accelerate`` where there are two GPUs): correctness before speed, and the first H100
    run, which had them late, ran out of budget inside them;
-3. the 7B table under ``compile=true`` (``default`` mode), on the variants the targets name (:data:`COMPILED_VARIANTS`),
-   each beside its eager row of the same run, into ``results/efficiency/compiled/``: a step of its own, as
+3. the 7B table under ``compile=true`` (``default`` mode), on the variants the targets name
+   (:data:`COMPILED_VARIANTS`), each beside its eager row of the same run, into ``results/efficiency/compiled/``: a step of its own, as
    its compilation (a cold cache on a fresh machine) is the least predictable time here;
 4. the ``gpu``-marked tests that need no lmms-eval (CUDA sync budgets, the batch-invariant mode on CUDA,
    compile mode on CUDA, GlobalCom²'s compiled selection on CUDA, the benchmarks' GPU columns), verbose, so

@@ -10,9 +10,9 @@ Differences from the reference, all numerical or tie-breaking:
 * the reference adds ``torch.rand * 1e-6`` to the densities to break ties; here ties are broken by position
   (the earlier token counts as denser), so results are deterministic;
 * distances run in float32 (the reference uses the model dtype);
-* the merge is the exact mean, returned in the tokens' dtype (the reference divides by ``count + 1e-6``), summed in float64 as a product with
-  the one-hot membership, so it does not depend on the order of addition (float ``index_add_`` on CUDA adds
-  in a different order on every call).
+* the merge is the exact mean, returned in the tokens' dtype (the reference divides by ``count + 1e-6``),
+  summed in float64 as a product with the one-hot membership, so it does not depend on the order of addition
+  (float ``index_add_`` on CUDA adds in a different order on every call).
 """
 
 from __future__ import annotations
