@@ -12,10 +12,16 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-from globalcom2.hub import hub_file, snapshot_commit
+from globalcom2.hub import snapshot_commit
 from globalcom2.models.base import check_llava_next_anyres, resolve_dtype, tiny_seed
 from globalcom2.models.geometry import GEOMETRIES, apply_geometry
-from globalcom2.models.preload import check_device, check_revision, checkpoint_config, named_checkpoint
+from globalcom2.models.preload import (
+    check_device,
+    check_revision,
+    checkpoint_config,
+    checkpoint_config_file,
+    named_checkpoint,
+)
 from globalcom2.models.random_init import build_random_llava_next, size_from_name
 from globalcom2.models.tiny import tiny_checkpoint
 
@@ -39,13 +45,13 @@ def hub_commit(pretrained: str | Path, revision: str | None = None) -> str | Non
     ``tiny-trained``. A commit resolves to itself without the network, so a pinned load stays pinned.
 
     Raises:
-        FileNotFoundError: the revision is neither cached nor reachable.
+        FileNotFoundError: no such folder, or the revision is neither cached nor reachable.
         ValueError: ``pretrained`` is neither a folder nor a hub id.
     """
     path = resolve_checkpoint(pretrained)
     if Path(path).is_dir():
         return None
-    return snapshot_commit(hub_file(path, "config.json", revision))
+    return snapshot_commit(checkpoint_config_file(path, revision=revision))
 
 
 def load_llava_next(
@@ -71,7 +77,8 @@ def load_llava_next(
         geometry: ``"transformers"`` (default) or ``"llava"``: the original LLaVA code's AnyRes grid ties and
             unpadding, for this model and processor (``globalcom2.models.geometry``).
         revision: for a hub id, the branch, tag or commit to load (``None``: ``main``). It is resolved to its
-            commit once (:func:`hub_commit`), so the weights and the processor come from one snapshot.
+            commit once (:func:`hub_commit`), so the config check, the weights and the processor read one
+            snapshot.
             ``globalcom2.run`` passes the commit a cell's identity names, so the weights loaded are the ones
             the cell is stored under (``globalcom2.models.fingerprint``).
 
@@ -99,9 +106,11 @@ def load_llava_next(
         )
         apply_geometry(model, processor, geometry)
         return model, processor
+    # The hub is asked once, here: the config check, the weights and the processor then read that one
+    # commit's snapshot, which a branch moving on the hub meanwhile cannot change.
+    revision = hub_commit(pretrained, revision) or revision
     checkpoint_config(pretrained, revision=revision)  # a wrong model type fails before the weights load
     path = resolve_checkpoint(pretrained)
-    revision = hub_commit(pretrained, revision) or revision  # one snapshot for the weights and the processor
     try:
         # use_kernels=False: transformers 5.25 swaps hub kernels in by default (``kernels`` installed; on
         # CUDA LigerRMSNorm, SiLU and rotary from kernels-community, fetched from the hub) where 5.23 did

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import LlavaNextConfig
 
-from globalcom2.hub import hub_file, hub_offline
+from globalcom2 import hub
 from globalcom2.models.base import (
     SUPPORTED_CHECKPOINTS,
     TINY_TRAINED,
@@ -79,7 +79,7 @@ def checkpoint_config(
     if tiny_seed(name) is not None:
         return tiny_config(byte_level_tokenizer())
     named = named_checkpoint(name)
-    config_file = named / "config.json" if named is not None else _config_file(name, keys or {}, revision)
+    config_file = named / "config.json" if named is not None else checkpoint_config_file(name, keys, revision)
     raw = json.loads(config_file.read_text(encoding="utf-8"))
     check_config_type(raw, name)
     config = LlavaNextConfig.from_dict(raw)
@@ -133,9 +133,18 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
-def _config_file(name: str, keys: Mapping[str, str], revision: str | None = None) -> Path:
+def checkpoint_config_file(
+    name: str, keys: Mapping[str, str] | None = None, revision: str | None = None
+) -> Path:
     """``config.json`` of a local folder, or of a hub checkpoint at ``revision`` resolved as
-    ``from_pretrained`` resolves it (:func:`globalcom2.hub.hub_file`: the cache offline, the hub online)."""
+    ``from_pretrained`` resolves it (:func:`globalcom2.hub.hub_file`: the cache offline, the hub online).
+
+    Raises:
+        FileNotFoundError: a missing folder or one without ``config.json``; a hub checkpoint neither cached
+            nor reachable, with the command that downloads it.
+        ValueError: ``name`` is neither a folder nor a hub id (``owner/name``).
+    """
+    keys = keys or {}
     pretrained, random_init = keys.get("pretrained", "pretrained"), keys.get("random_init", "random_init")
     path = Path(name).expanduser()
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
@@ -148,9 +157,9 @@ def _config_file(name: str, keys: Mapping[str, str], revision: str | None = None
             raise FileNotFoundError(f"checkpoint folder {name!r} has no config.json")
         return path / "config.json"
     try:
-        return hub_file(name, "config.json", revision)
+        return hub.hub_file(name, "config.json", revision)
     except FileNotFoundError as err:
-        if not hub_offline():
+        if not hub.hub_offline():  # read through the module: the one switch reading, also where patched
             raise
         if revision is not None:
             raise FileNotFoundError(

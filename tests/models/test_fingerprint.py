@@ -132,8 +132,12 @@ def test_a_hub_id_online_is_resolved_as_from_pretrained_resolves_it(tmp_path, mo
 
 
 def test_a_name_that_is_neither_a_folder_nor_a_hub_id_is_unresolved(tmp_path):
-    reason = checkpoint_identity("not/a/hub/id?")["reason"]
-    assert "Repo id must" in reason or "repo_id" in reason, reason
+    reason = checkpoint_identity("not/a/hub/id?")["reason"]  # in the config check's words
+    assert reason.startswith("FileNotFoundError: pretrained='not/a/hub/id?': no such checkpoint folder"), (
+        reason
+    )
+    reason = checkpoint_identity("not a repo!")["reason"]
+    assert "pretrained='not a repo!' is neither an existing folder nor a hub id" in reason, reason
 
 
 def test_what_cannot_be_read_is_unresolved_not_a_crash(tmp_path, digest_cache, monkeypatch):

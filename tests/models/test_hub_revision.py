@@ -92,3 +92,30 @@ def test_offline_messages_say_which_revision_is_missing_and_how_to_get_it(hub_re
 def test_a_hub_id_resolves_to_the_commit_it_loads_and_a_folder_to_none(hub_repo):
     assert hub_commit(REPO) == NEWER and hub_commit(REPO, OLDER) == OLDER
     assert hub_commit(tiny_checkpoint(0)) is None and hub_commit("tiny-trained") is None
+
+
+def test_the_loader_asks_the_hub_once_and_reads_one_commit_after(hub_repo, monkeypatch):
+    """Online, every ask of ``main`` may answer another commit: the loader asks once, then reads that commit's
+    snapshot for the config check, the weights and the processor. The hub is simulated by the fake cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    asked: list[str | None] = []
+
+    def fake_download(repo, filename, revision=None):
+        asked.append(revision)
+        return try_to_load_from_cache(repo, filename, revision=revision)
+
+    monkeypatch.setattr("globalcom2.hub.hub_offline", lambda: False)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    model, _ = load_llava_next(REPO)
+    assert asked[0] is None and set(asked[1:]) == {NEWER}  # main once, then only the commit it resolved to
+    assert torch.equal(first_weight(model), first_weight(load_llava_next(tiny_checkpoint(0))[0]))
+
+
+def test_a_bad_name_gets_the_config_checks_message_from_the_commit_resolver(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"pretrained='\./nope': no such checkpoint folder"):
+        hub_commit("./nope")
+    with pytest.raises(
+        ValueError, match=r"pretrained='not a repo!' is neither an existing folder nor a hub id"
+    ):
+        load_llava_next("not a repo!")
