@@ -27,7 +27,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-slow test-exactness test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
+.PHONY: help install test test-slow test-exactness test-torch test-all test-gpu lint format bench-attach bench-globalcom2 bench-in-llm data clean \
 	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize cls-share train-tiny evaluate-tiny wandb-sync bench-efficiency \
 	gpu-checklist bench-throughput bench-batch-effect wheelhouse carry-wheels
 
@@ -96,6 +96,24 @@ test-exactness: install  ## the exactness tests on a second transformers (EXACTN
 	@# An absolute path: the tests' subprocesses (two processes = one, the lmms-eval CLI) start in other folders.
 	PYTHONPATH=$(abspath $(ALT_TRANSFORMERS)) $(PY) -c 'import sys, transformers as t; print("transformers", t.__version__, "from", t.__file__); sys.exit(t.__version__ != "$(EXACTNESS_TRANSFORMERS)")'
 	PYTHONPATH=$(abspath $(ALT_TRANSFORMERS)) $(PY) -m pytest -q -m exactness
+
+# The default and slow tests on another torch, on this CPU: by default 2.11.0, the lent GPU machines' torch,
+# which the tests otherwise meet only there. Its PyPI wheel is the CUDA build (it runs on a CPU; about 4.6 GB
+# with its nvidia and triton wheels). Like test-exactness, it goes into its own folder inside the venv and
+# shadows the venv's torch through PYTHONPATH; torch's pure-Python dependencies are pinned to the venv's own
+# versions, so torch and its CUDA libraries are all that change.
+ALT_TORCH ?= 2.11.0
+ALT_TORCH_DIR := $(VENV)/alt-torch-$(ALT_TORCH)
+ALT_TORCH_TESTS ?= not gpu and not network
+
+test-torch: install  ## the default and slow tests on another torch, on the CPU (ALT_TORCH=2.11.0: the GPU image's)
+	@test -f $(ALT_TORCH_DIR)/.complete || { rm -rf $(ALT_TORCH_DIR) && \
+		$(PY) -m pip freeze --exclude-editable --exclude torch > $(VENV)/alt-torch-constraints.txt && \
+		$(PIP) install -q $(PIP_SOURCE) -c $(VENV)/alt-torch-constraints.txt --target $(ALT_TORCH_DIR) \
+			'torch==$(ALT_TORCH)' && \
+		touch $(ALT_TORCH_DIR)/.complete; }
+	PYTHONPATH=$(abspath $(ALT_TORCH_DIR)) $(PY) -c 'import sys, torch; print("torch", torch.__version__, "from", torch.__file__); sys.exit(torch.__version__.split("+")[0] != "$(ALT_TORCH)")'
+	PYTHONPATH=$(abspath $(ALT_TORCH_DIR)) $(PY) -m pytest -q -m '$(ALT_TORCH_TESTS)'
 
 # `make test` is the quick loop (under 15 minutes on a 2-core CPU). The `slow` tests check the same paths end to
 # end (whole cells in subprocesses, two processes, the CLIs, training, compilation): CI runs them after it.
