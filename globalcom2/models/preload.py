@@ -159,7 +159,7 @@ def checkpoint_config_file(
     try:
         return hub.hub_file(name, "config.json", revision)
     except FileNotFoundError as err:
-        if not hub.hub_offline():  # read through the module: the one switch reading, also where patched
+        if not hub.hub_offline():  # looked up on the module each call, so a replacement of it is seen here too
             raise
         if revision is not None:
             raise FileNotFoundError(

@@ -112,7 +112,7 @@ def test_the_loader_asks_the_hub_once_and_reads_one_commit_after(hub_repo, monke
     assert torch.equal(first_weight(model), first_weight(load_llava_next(tiny_checkpoint(0))[0]))
 
 
-def test_a_bad_name_gets_the_config_checks_message_from_the_commit_resolver(tmp_path):
+def test_a_bad_name_gets_the_config_checks_message_from_the_commit_resolver():
     with pytest.raises(FileNotFoundError, match=r"pretrained='\./nope': no such checkpoint folder"):
         hub_commit("./nope")
     with pytest.raises(
