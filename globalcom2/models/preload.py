@@ -159,7 +159,9 @@ def checkpoint_config_file(
     try:
         return hub.hub_file(name, "config.json", revision)
     except FileNotFoundError as err:
-        if not hub.hub_offline():  # looked up on the module each call, so a replacement of it is seen here too
+        if (
+            not hub.hub_offline()
+        ):  # looked up on the module each call, so a replacement of it is seen here too
             raise
         if revision is not None:
             raise FileNotFoundError(
