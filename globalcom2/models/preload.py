@@ -159,9 +159,8 @@ def checkpoint_config_file(
     try:
         return hub.hub_file(name, "config.json", revision)
     except FileNotFoundError as err:
-        if (
-            not hub.hub_offline()
-        ):  # looked up on the module each call, so a replacement of it is seen here too
+        # hub.hub_offline is looked up on the module at each call, so a replacement of it is seen here too
+        if not hub.hub_offline():
             raise
         if revision is not None:
             raise FileNotFoundError(
