@@ -47,7 +47,9 @@ class SampleRecord:
     Latencies are those of the ``generate`` call that produced the answer; with ``batch_size > 1`` that
     call served the whole batch (``batch_size`` rows), so divide by it for an amortised per-sample cost.
     A process's first measured call (``first_call``) carries one-off costs (kernel selection, allocator
-    growth, compilation under ``compile=true``), so the statistics leave it out and report it apart.
+    growth, compilation under ``compile=true``), so the statistics leave it out and report it apart; so does
+    any later call in which ``torch.compile`` compiled (``compiled_in_call``: a shape or guard the warm-up did
+    not meet), whose time is mostly compilation.
     """
 
     task: str
@@ -85,11 +87,13 @@ class SampleRecord:
     # Host stages of the batch (seconds; globalcom2/lmms/batch_pipeline.py). load_s and preprocess_s run in the
     # background thread when prefetching, so they may overlap the previous batch's generate; wait_s is how long
     # the generating thread waited for this batch, postprocess_s its answer decoding and records, and loop_s
-    # its whole turn of the loop (wait, transfer, generate, postprocess): the sum of loop_s is wall time.
+    # its whole turn of the loop (wait, transfer, generate, postprocess): the sum of loop_s is wall time, less
+    # the untimed warm-up calls made before a batch's generate.
     load_s: float | None = None
     wait_s: float | None = None
     postprocess_s: float | None = None
     loop_s: float | None = None
+    compiled_in_call: bool = False  # torch.compile compiled during this measured call: not in statistics
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

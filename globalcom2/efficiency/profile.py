@@ -33,13 +33,18 @@ Design (the rules the efficiency tables rely on):
 * **Warm-up** is excluded by construction: :meth:`GenerateProfiler.warmup` runs calls that are not
   measured, and callers run it before their first measured call (lazy initialisation, kernel selection
   and allocator growth would otherwise inflate the first sample); a harness also reports its first
-  measured call apart (``SampleRecord.first_call``).
+  measured call apart (``SampleRecord.first_call``). A measured call in which ``torch.compile`` compiled
+  (a graph the warm-up did not meet) is flagged, ``Measurement.compiled``, so that it too stays out of the
+  statistics (``SampleRecord.compiled_in_call``; the efficiency benchmark re-runs it).
+* **Device.** On CUDA the measurement runs with the model's device current: events record on the current
+  device's stream, so a model on ``cuda:1`` timed with ``cuda:0`` current would time an idle stream.
 
 Throughput (samples per second) is derived from many measurements by :func:`throughput`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +53,7 @@ from typing import Any
 
 import torch
 
+from globalcom2.models.compiled import compile_attempts
 from globalcom2.stage_timing import OTHER, StageClock, clock_running
 
 CPU_PEAK_MEMORY_NOTE = (
@@ -72,6 +78,8 @@ class Measurement:
             (the rest of ``total_s``); they add up to ``total_s``.
         peak_memory_reserved_bytes: ``torch.cuda.max_memory_reserved`` during the call; ``None`` when
             unavailable.
+        compiled: ``torch.compile`` compiled during the call (``globalcom2.models.compiled.compile_attempts``):
+            its times are mostly compilation, not the model's.
     """
 
     prefill_s: float
@@ -83,6 +91,7 @@ class Measurement:
     forward_calls: int
     stages: dict[str, float] = field(default_factory=dict)
     peak_memory_reserved_bytes: int | None = None
+    compiled: bool = False
 
     @property
     def decode_s(self) -> float:
@@ -153,8 +162,15 @@ class GenerateProfiler:
 
         If the block raises, the exception propagates unchanged and no result is produced.
         """
+        device_scope = torch.cuda.device(self.device) if self.is_cuda else contextlib.nullcontext()
+        with device_scope:
+            yield from self._measure()
+
+    def _measure(self) -> Iterator[PendingMeasurement]:
+        """:meth:`measure`'s body, with the model's device current."""
         pending = PendingMeasurement()
         calls = [0]
+        attempts = compile_attempts()
         self.synchronize()
         clock = StageClock(self.device)
         if self.is_cuda:
@@ -226,6 +242,7 @@ class GenerateProfiler:
             forward_calls=calls[0],
             stages=stages,
             peak_memory_reserved_bytes=reserved,
+            compiled=compile_attempts() != attempts,
         )
 
 

@@ -25,6 +25,7 @@ from globalcom2.anyres import packed_layout
 from globalcom2.efficiency.flops import (
     LlmDims,
     VisionDims,
+    causal_attention_surplus,
     full_prefill_flops,
     kv_cache_bytes,
     model_prefill_flops,
@@ -51,6 +52,7 @@ EFFICIENCY_METRICS: dict[str, tuple[tuple[str, ...], ...]] = {
     "llm_prefill_ms": (("stages_ms", "llm_prefill", "median"),),
     "decode_ms": (("stages_ms", "decode", "median"),),
     "first_call_prefill_ms": (("first_call", "prefill_ms"),),
+    "compiled_calls": (("compiled_calls", "calls"),),
     "throughput_samples_per_s": (("throughput_samples_per_s",),),
     "peak_memory_gib": (("peak_memory_gib", "max"), ("peak_memory_gb", "max")),
     "peak_memory_reserved_gib": (("peak_memory_reserved_gib", "max"),),
@@ -110,6 +112,7 @@ def sample_costs(
     views = sum(packed_layout(tuple(size), pinpoints).num_views for size in sample.image_sizes)
     return {
         "full_flops": full,
+        "causal_flops": full - causal_attention_surplus(dims, tokens),
         "paper_visual_flops": model_prefill_flops(dims, visual),
         "vision_flops": vision_flops(vision, views),
         "kv_cache_bytes": kv_cache_bytes(dims, tokens, bytes_per_value),
@@ -147,6 +150,17 @@ def _stats(values: list[float], scale: float = 1.0) -> dict[str, float] | None:
 
 
 #: The batch loop's host stages a record times (``SampleRecord``), per call.
+def _apart(calls: list[SampleRecord]) -> dict[str, float] | None:
+    """Calls kept out of the statistics, reported apart: how many, and their mean prefill and total."""
+    if not calls:
+        return None
+    return {
+        "calls": len(calls),
+        "prefill_ms": statistics.fmean(c.prefill_s for c in calls if c.prefill_s is not None) * 1e3,
+        "total_ms": statistics.fmean(c.total_s for c in calls if c.total_s is not None) * 1e3,
+    }
+
+
 HOST_STAGES = ("load_s", "preprocess_s", "wait_s", "postprocess_s", "loop_s")
 
 
@@ -156,15 +170,16 @@ def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
     lmms-eval's log.
 
     A process's first measured call is left out of every latency and throughput statistic and reported
-    apart under ``first_call`` (its one-off costs would otherwise pull the mean and the tail); peak memory
-    counts every call.
+    apart under ``first_call`` (its one-off costs would otherwise pull the mean and the tail), and so is a
+    later call that compiled (``compiled_in_call``), under ``compiled_calls``; peak memory counts every call.
     """
     calls: dict[tuple[int, int], SampleRecord] = {}
     for r in records:
         calls.setdefault((r.rank, r.batch_id), r)
     timed_all = [c for c in calls.values() if c.total_s is not None]
-    timed = [c for c in timed_all if not c.first_call]
+    timed = [c for c in timed_all if not c.first_call and not c.compiled_in_call]
     first = [c for c in timed_all if c.first_call]
+    compiled = [c for c in timed_all if c.compiled_in_call and not c.first_call]
     peaks = [c.peak_memory_bytes for c in calls.values() if c.peak_memory_bytes is not None]
     reserved = [
         c.peak_memory_reserved_bytes for c in calls.values() if c.peak_memory_reserved_bytes is not None
@@ -189,15 +204,8 @@ def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
             name: _stats([c.stages_s[name] for c in timed if c.stages_s and name in c.stages_s], 1e3)
             for name in stages
         },
-        "first_call": (
-            {
-                "calls": len(first),
-                "prefill_ms": statistics.fmean(c.prefill_s for c in first if c.prefill_s is not None) * 1e3,
-                "total_ms": statistics.fmean(c.total_s for c in first if c.total_s is not None) * 1e3,
-            }
-            if first
-            else None
-        ),
+        "first_call": _apart(first),
+        "compiled_calls": _apart(compiled),
         "throughput_samples_per_s": timed_samples / generate_seconds if generate_seconds else None,
         "throughput_samples_per_s_end_to_end": (
             timed_samples / wall_seconds if generate_seconds else None

@@ -40,6 +40,7 @@ MEASURED: dict[str, str] = {
     "roofline_floor_ms": "roofline floor ms",
     "throughput_samples_per_s": "throughput (samples/s)",
     "first_call_prefill_ms": "first call prefill ms",
+    "compiled_calls": "later calls that compiled",  # shown only where some did: left out of the timings
 }
 #: Derived against the vanilla row (numerator / denominator keys; "inverse" = vanilla / row).
 RATIOS: dict[str, tuple[str, bool]] = {

@@ -287,11 +287,12 @@ class GlobalCom2LlavaNext(lmms):
                 feeder = self._feeder(requests)
                 mark = time.perf_counter()
                 for ready, waited in feeder.batches(indices):  # the feeder's thread is joined when this ends
-                    outputs, records = self._generate_batch(ready, settings[key], waited)
+                    outputs, records, warmup_s = self._generate_batch(ready, settings[key], waited)
                     now = time.perf_counter()
                     for i, output, record in zip(ready.indices, outputs, records, strict=True):
                         results[i] = output
-                        record.loop_s = now - mark  # the batch's whole turn of the loop, waiting included
+                        # the batch's whole turn of the loop, waiting included, its untimed warm-up not
+                        record.loop_s = now - mark - warmup_s
                         by_position[i] = record
                     mark = now
                     progress.update(len(ready.indices))
@@ -355,11 +356,12 @@ class GlobalCom2LlavaNext(lmms):
 
     def _generate_batch(
         self, ready: ReadyBatch, setting: GenerationSettings, waited: float
-    ) -> tuple[list[GenerationResult], list[sr.SampleRecord]]:
+    ) -> tuple[list[GenerationResult], list[sr.SampleRecord], float]:
+        """Answers and records of one batch, and the seconds of the warm-up run before it (0.0 if none)."""
         batch = ready.prepared
         host = ready.inputs  # the same values, on the host: read from here, not from the device
         inputs = {k: v.to(self._device, non_blocking=True) for k, v in host.items()}
-        sequences, measurement, row_stats = self._generate(inputs, setting, batch)
+        sequences, measurement, row_stats, warmup_s = self._generate(inputs, setting, batch)
         first_call = measurement is not None and self._measured_calls == 1
         generated = time.perf_counter()
 
@@ -405,6 +407,7 @@ class GlobalCom2LlavaNext(lmms):
                 peak_memory_reserved_bytes=measurement.peak_memory_reserved_bytes if measurement else None,
                 stages_s=dict(measurement.stages) if measurement else None,
                 first_call=first_call,
+                compiled_in_call=measurement.compiled if measurement else False,
                 text_tokens=prompt_tokens - before,
             )
             if record.empty_answer:
@@ -417,19 +420,23 @@ class GlobalCom2LlavaNext(lmms):
         for record in records:
             record.postprocess_s = postprocess_s
         self._batches += 1
-        return outputs, records
+        return outputs, records, warmup_s
 
     def _generate(
         self, inputs: Any, setting: GenerationSettings, batch: PreparedBatch
-    ) -> tuple[Any, Any, list]:
-        """``model.generate`` (warm-up first if due; measured if profiling); errors re-raised with context."""
+    ) -> tuple[Any, Any, list, float]:
+        """``model.generate`` (warm-up first if due; measured if profiling); errors re-raised with context.
+        Returns the sequences, the measurement, the per-row stats and the warm-up's seconds."""
         kwargs = {**setting.generate_kwargs(), "pad_token_id": self._pad_id}
         measurement = None
+        warmup_s = 0.0
         mode = batch_invariant() if self.batch_invariant else contextlib.nullcontext()
         try:
             with torch.inference_mode(), mode:
                 if self.profile and self.warmup_calls and (not self._warmed_up or self._single_row_pending):
-                    self._warm_up(inputs, kwargs, setting, batch)
+                    began = time.perf_counter()
+                    self._warm_up(inputs, kwargs, batch)
+                    warmup_s = time.perf_counter() - began
                 self._warmed_up = True
                 self.attachment.stats.clear()  # only this call's stats from here on
                 if self.profile:
@@ -445,21 +452,17 @@ class GlobalCom2LlavaNext(lmms):
             ) from err
         row_stats = sr.assign_stats(list(self.attachment.stats), batch.images_per_row)
         self.attachment.stats.clear()
-        return sequences, measurement, row_stats
+        return sequences, measurement, row_stats, warmup_s
 
-    def _warm_up(
-        self,
-        inputs: dict[str, torch.Tensor],
-        kwargs: dict[str, Any],
-        setting: GenerationSettings,
-        batch: PreparedBatch,
-    ) -> None:
+    def _warm_up(self, inputs: dict[str, torch.Tensor], kwargs: dict[str, Any], batch: PreparedBatch) -> None:
         """The untimed calls before a measured one: on the first measured batch, and :data:`WARMUP_NEW_TOKENS`
-        new tokens meet every graph a compiled model needs at its batch size. Where a batch of one row will run
-        later (``_single_row_pending``, set per ``generate_until``), a compiled model is also warmed on this
-        batch's first row alone, since batch size 1 is a graph of its own that would otherwise compile inside
-        that batch's timed call."""
-        tokens = min(WARMUP_NEW_TOKENS, setting.max_new_tokens)
+        new tokens meet every graph a compiled model needs at its batch size, whatever the task's own limit (a
+        task of 1 or 2 new tokens would otherwise leave the later decode steps' graphs to a later task's timed
+        call). Where a batch of one row will run later (``_single_row_pending``, set per ``generate_until``), a
+        compiled model is also warmed on this batch's first row alone, since batch size 1 is a graph of its
+        own. A shape no warm-up met still compiles in its timed call, which the profiler flags
+        (``SampleRecord.compiled_in_call``) and the statistics leave out."""
+        tokens = WARMUP_NEW_TOKENS
         warm = {**kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens}
         runs = [] if self._warmed_up else [inputs]
         if self._single_row_pending:
@@ -494,12 +497,15 @@ def report_call(records: list[sr.SampleRecord], rank: int) -> dict[str, Any]:
         )
     if records:
         latency = latency_summary(records)
-        calls = {(r.rank, r.batch_id): r for r in records}.values()
+        # the timed calls only, as in every figure beside it: not the first call, nor one that compiled
+        timed = [r for r in records if not r.first_call and not r.compiled_in_call]
+        calls = {(r.rank, r.batch_id): r for r in timed}.values()
         total = sum(r.total_s or 0.0 for r in calls)
-        tokens = sum(r.output_tokens for r in records)
+        tokens = sum(r.output_tokens for r in timed)
         prefill = latency["prefill_ms"]
         extras = {
             "total_requests": len(records),
+            "timed_requests": len(timed),
             "empty_answers": summary["empty_answers"],
             "visual_tokens_before": summary["mean_visual_tokens_before"],
             "visual_tokens_after": summary["mean_visual_tokens_after"],

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -159,6 +160,17 @@ _recompile_limit_state: dict[str, Any] = {"live": 0, "saved": {}}
 #: warm-up of this many new tokens compiles them all at its batch size, so a timed call at that size (batch 1,
 #: or any size above 1) does not compile.
 WARMUP_NEW_TOKENS = 3
+
+
+def compile_attempts() -> int:
+    """Frames dynamo has been asked to compile in this process so far (its ``frames.total`` counter).
+
+    A call that runs only cached graphs adds none, so an increase across a timed call means that call
+    compiled (a guard the warm-up never failed, a size it never met) and its time is mostly compilation:
+    the profiler flags it (``Measurement.compiled``). 0 while dynamo has not been imported, when nothing can
+    have compiled (reading the counter then would import it, a second's work)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else int(utils.counters["frames"]["total"])
 
 
 def recompile_limit_for(vision_layers: int, decoder_layers: int, decode_compiled: bool) -> int:

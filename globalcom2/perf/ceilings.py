@@ -12,6 +12,7 @@ very machine could approach (on one H200: 796 TFLOP/s bf16 for 8192^3, 4.27 TB/s
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -67,7 +68,8 @@ def measure_ceilings(
     cuda = device.type == "cuda"
     n = matmul_size or (8192 if cuda else 1024)
     copy_bytes = (copy_mib or (2048 if cuda else 256)) * 2**20
-    with torch.inference_mode():
+    # CUDA events record on the current device's stream: make ``device`` current (it may be cuda:1)
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext(), torch.inference_mode():
         matmul_s = _time_matmul(n, dtype, device)
         copy_s = _time_copy(copy_bytes, device)
     if cuda:

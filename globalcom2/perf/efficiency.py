@@ -11,9 +11,12 @@ Every row reports, per generate call (medians over the images; ``globalcom2.effi
 * stage times: vision tower + projector, compression (the method's own work), LLM prefill (what the paper's
   Tables 8/9 time), decode; and the whole prefill (everything up to the first token's logits), p25-p75;
 * TFLOPs in both conventions with their ratios to vanilla, the KV cache, the host reads a prefill makes
-  (``globalcom2.efficiency.host_syncs``, counted once per variant), and on a GPU both peak memories;
+  (``globalcom2.efficiency.host_syncs``, counted once per variant in eager mode under the first attention
+  implementation, which the column names), and on a GPU both peak memories;
 * with ``--measure-ceilings`` (on by default on CUDA) a roofline floor per row from the bf16 matmul peak and
-  copy bandwidth measured at the start (``globalcom2.perf.ceilings``).
+  copy bandwidth measured at the start (``globalcom2.perf.ceilings``), over the FLOPs the prefill cannot
+  avoid: the vision tower's and the LLM's under a causal kernel (``tflops_causal``;
+  ``globalcom2.efficiency.flops.causal_attention_surplus``).
 
 ``--compile`` adds compiled rows (``globalcom2.models.compiled``) beside the eager ones, one phase per mode of
 ``--compile-mode`` (several may be named); ``--attention sdpa eager`` (the default on CUDA) repeats the eager
@@ -21,15 +24,18 @@ rows under ``attn_implementation=eager``, where peak memory differs most. Each o
 run over every image after the eager SDPA phase (:func:`phases`; speed-ups compare rows of one phase), and the
 table is rewritten when each phase ends: a phase that fails is recorded in the JSON's ``failures`` and the
 exit status, and the others' rows stay. On CUDA each row's peak memories come from one extra untimed call from
-an emptied allocator cache (:func:`memory_pass`). For ``--random-init`` the byte-level prompt is cut to the
-text length Vicuna's tokenizer gives it (``globalcom2.protocol.vicuna_length``).
+an emptied allocator cache (:func:`memory_pass`) on the image where that variant did the most work
+(:func:`largest_prompt`); prompts wait on the host and go to the device one at a time (:func:`on_device`).
+For ``--random-init`` the byte-level prompt is cut to the text length Vicuna's tokenizer gives it
+(``globalcom2.protocol.vicuna_length``).
 
 Warm-up: one untimed call per variant, which compiles in a compiled phase. Under a CUDA-graph mode
 (``reduce-overhead``, ``max-autotune``) every distinct sequence length records graphs of its own on its
 second call (the first runs eager: torch's CUDA-graph trees warm up, then record), and the prompts' lengths
 differ (the questions' texts; GlobalCom²'s kept count follows each image's scores). So there every variant
 runs on every image twice, untimed, before the timed pass, which then replays recorded graphs only
-(:func:`warmup_calls`).
+(:func:`warmup_calls`). A timed call that compiled all the same (``Measurement.compiled``: a guard or size the
+warm-up did not meet) is run again and counted (:func:`timed_call`), and the caption names it.
 
     python -m globalcom2.perf.efficiency                                   # tiny model, CPU
     python -m globalcom2.perf.efficiency --random-init 7b --device cuda --compile   # the paper's 7B setting
@@ -131,7 +137,8 @@ def run_variant(
 
 
 def count_host_syncs(model: Any, inputs: dict, method: str, ratio: float) -> int:
-    """Host reads of one prefill forward with ``method`` attached (after a warm forward)."""
+    """Host reads of one prefill forward with ``method`` attached (after a warm forward), in eager mode: the
+    counter sees torch calls as Python makes them, which a compiled graph no longer does."""
     with attach(model, method, **method_params(method, ratio)), torch.inference_mode():
         model(**inputs, use_cache=True)
         with HostSyncCounter() as syncs:
@@ -139,8 +146,9 @@ def count_host_syncs(model: Any, inputs: dict, method: str, ratio: float) -> int
     return syncs.total
 
 
-def build_prompts(processor: Any, model: Any, items: list, device: str, vicuna_text: bool) -> list[dict]:
-    """Processor inputs of every item on ``device``; with ``vicuna_text`` cut to Vicuna's text length."""
+def build_prompts(processor: Any, model: Any, items: list, vicuna_text: bool) -> list[dict]:
+    """Processor inputs of every item, kept on the host (:func:`on_device` moves one at a time); with
+    ``vicuna_text`` cut to Vicuna's text length."""
     prompts = []
     for item in items:
         inputs = dict(
@@ -148,10 +156,16 @@ def build_prompts(processor: Any, model: Any, items: list, device: str, vicuna_t
         )
         if vicuna_text:
             inputs = fit_text_tokens(inputs, model.config.image_token_id, vicuna_text_tokens(item.question))
-        inputs = {k: v.to(device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         prompts.append(inputs)
     return prompts
+
+
+def on_device(inputs: dict, device: torch.device | str) -> dict:
+    """One prompt's tensors on ``device``, copied before a measurement starts. Only the prompt being run is
+    on the device, so a peak memory holds its own inputs, not the pixels of every image of the run (about
+    3.4 MB each at 672x672 in bf16, 100 MB for 30 images)."""
+    return {name: value.to(device) for name, value in inputs.items()}
 
 
 def summarise(
@@ -177,6 +191,7 @@ def summarise(
     peaks = [m.peak_memory_bytes for m in peaked if m.peak_memory_bytes is not None]
     reserved = [m.peak_memory_reserved_bytes for m in peaked if m.peak_memory_reserved_bytes is not None]
     tflops_full = statistics.fmean(c["full_flops"] for c in costs) / 1e12
+    tflops_causal = statistics.fmean(c["causal_flops"] for c in costs) / 1e12
     tflops_vision = statistics.fmean(c["vision_flops"] for c in costs) / 1e12
     row = {
         "method": method,
@@ -187,6 +202,7 @@ def summarise(
         "tflops_paper": paper_prefill_flops(dims, METHODS.create(method, **method_params(method, ratio)))
         / 1e12,
         "tflops_full": tflops_full,
+        "tflops_causal": tflops_causal,  # the LLM's work under a causal kernel: what the floor counts
         "tflops_vision": tflops_vision,
         "peak_memory_gib": max(peaks) / 2**30 if peaks else None,
         "peak_memory_reserved_gib": max(reserved) / 2**30 if reserved else None,
@@ -199,7 +215,7 @@ def summarise(
     }
     if ceilings is not None:
         row["roofline_floor_ms"] = roofline_floor_ms(
-            (tflops_full + tflops_vision) * 1e12, weight_bytes, ceilings
+            (tflops_causal + tflops_vision) * 1e12, weight_bytes, ceilings
         )
     return row
 
@@ -309,6 +325,34 @@ def memory_pass(
     return run_variant(model, inputs, method, ratio, profiler, new_tokens)[0]
 
 
+def memory_passes(
+    model: Any,
+    prompts: list[dict],
+    measured: dict[Variant, list],
+    profiler: GenerateProfiler,
+    new_tokens: int,
+) -> dict[Variant, Measurement]:
+    """Each variant's :func:`memory_pass`, on its :func:`largest_prompt`."""
+    return {
+        variant: memory_pass(
+            model,
+            on_device(prompts[largest_prompt(samples)], profiler.device),
+            *variant,
+            profiler,
+            new_tokens,
+        )
+        for variant, samples in measured.items()
+    }
+
+
+def largest_prompt(samples: list[tuple[Measurement, dict[str, float], int]]) -> int:
+    """Index of the prompt whose prefill did the most work for this variant (full FLOPs grow with every token
+    a layer sees): the one its memory pass runs. Prompts differ in text length, and a method's kept count
+    may follow an image's scores (GlobalCom²'s per-crop rounding, SparseVLM's recycling), so the first
+    prompt's peak need not be the row's."""
+    return max(range(len(samples)), key=lambda index: samples[index][1]["full_flops"])
+
+
 def dynamo_frames() -> dict[str, int]:
     """What dynamo compiled since its counters were cleared: frames it tried, frames it compiled (a frame it
     gave up on, at a recompile limit or an error, runs eager without a word), and distinct graphs."""
@@ -321,6 +365,28 @@ def dynamo_frames() -> dict[str, int]:
     }
 
 
+#: A timed call that compiled is re-run on the same prompt at most this many times: the warm-up runs one
+#: prompt per variant, and a later prompt may still meet a guard it did not (a specialised size).
+RETIMES = 2
+
+
+def timed_call(
+    model: Any, inputs: dict, method: str, ratio: float, profiler: GenerateProfiler, new_tokens: int
+) -> tuple[Measurement, list, int, bool]:
+    """:func:`run_variant`, repeated while the call compiled: ``(measurement, stats, retimed, compiled)``.
+
+    A call that compiles (``Measurement.compiled``) was a warm-up call in fact (compilation takes seconds,
+    the prefill milliseconds), so it is run again once its graphs are cached and the later call is the
+    sample; ``retimed`` counts the calls set aside. ``compiled`` is True when even the last call compiled:
+    its time includes compilation, and the row says so."""
+    retimed = 0
+    measurement, stats = run_variant(model, inputs, method, ratio, profiler, new_tokens)
+    while measurement.compiled and retimed < RETIMES:
+        retimed += 1
+        measurement, stats = run_variant(model, inputs, method, ratio, profiler, new_tokens)
+    return measurement, stats, retimed, measurement.compiled
+
+
 def measure_phase(
     model: Any,
     prompts: list[dict],
@@ -329,34 +395,38 @@ def measure_phase(
     profiler: GenerateProfiler,
     new_tokens: int,
     costs_of: Any,
-) -> tuple[dict[Variant, list], dict[Variant, Measurement], dict[str, int] | None]:
+) -> tuple[dict[Variant, list], dict[Variant, Measurement], dict[str, int] | None, dict[Variant, dict]]:
     """Every variant on every image, interleaved: for image ``i`` the order is rotated by ``i`` so no variant
-    always runs first. ``mode``: ``None`` (eager) or a compile mode, on for the whole phase. Returns the
-    measurements, on CUDA each variant's :func:`memory_pass`, and in a compiled phase
-    :func:`dynamo_frames`."""
+    always runs first. ``mode``: ``None`` (eager) or a compile mode, on for the whole phase. Prompts are on
+    the host, and each is copied to the device before its calls. Returns the measurements (in prompt order),
+    on CUDA each variant's :func:`memory_pass` on its :func:`largest_prompt`, in a compiled phase
+    :func:`dynamo_frames`, and per variant how many timed calls compiled (:func:`timed_call`)."""
     if mode:
         from torch._dynamo.utils import counters
 
         counters.clear()
     compiled = compile_model(model, mode) if mode else None
     warm_prompts, warm_calls = warmup_calls(mode, profiler.device, len(prompts))
+    device = profiler.device
     try:
         for method, ratio in variants:  # warm-up (compilation, CUDA-graph recording), excluded
             for inputs in prompts[:warm_prompts]:
+                inputs = on_device(inputs, device)
                 for _ in range(warm_calls):
                     run_variant(model, inputs, method, ratio, profiler, WARMUP_NEW_TOKENS)
         measured: dict[Variant, list] = {variant: [] for variant in variants}
-        for index, inputs in enumerate(prompts):
+        compiling = {variant: {"timed_calls_retimed": 0, "timed_calls_compiling": 0} for variant in variants}
+        for index, host_inputs in enumerate(prompts):
+            inputs = on_device(host_inputs, device)
             shift = index % len(variants)
             for variant in variants[shift:] + variants[:shift]:
-                measurement, stats = run_variant(model, inputs, *variant, profiler, new_tokens)
-                measured[variant].append((measurement, *costs_of(inputs, stats)))
+                measurement, stats, retimed, still = timed_call(model, inputs, *variant, profiler, new_tokens)
+                compiling[variant]["timed_calls_retimed"] += retimed
+                compiling[variant]["timed_calls_compiling"] += still
+                measured[variant].append((measurement, *costs_of(host_inputs, stats)))
+            del inputs
             print(f"image {index + 1}/{len(prompts)} done", flush=True)
-        memory = (
-            {v: memory_pass(model, prompts[0], *v, profiler, new_tokens) for v in variants}
-            if profiler.is_cuda
-            else {}
-        )
+        memory = memory_passes(model, prompts, measured, profiler, new_tokens) if profiler.is_cuda else {}
         frames = dynamo_frames() if mode else None
     finally:
         if compiled is not None:
@@ -364,7 +434,7 @@ def measure_phase(
             # dynamo keeps a phase's graphs on the layers' code object, where the next compiled phase would
             # add its own to the same per-code-object limit and guard list: each phase starts from none
             torch._dynamo.reset()
-    return measured, memory, frames
+    return measured, memory, frames, compiling
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -383,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         else str(pretrained).replace("/", "__")
     )
     items = demo.generate_items("efficiency", size=args.images)
-    prompts = build_prompts(processor, model, items, args.device, args.vicuna_text)
+    prompts = build_prompts(processor, model, items, args.vicuna_text)
     profiler = GenerateProfiler(model, args.device)
     dims, vision = LlmDims.from_config(model.config.text_config), VisionDims.from_config(model.config)
     bytes_per_value = torch.finfo(model.dtype).bits // 8
@@ -402,7 +472,9 @@ def main(argv: list[str] | None = None) -> None:
         text = int((inputs["input_ids"] != image_token).sum())
         return sample_costs(counts, dims, vision, model.config.image_grid_pinpoints, bytes_per_value), text
 
-    syncs = {variant: count_host_syncs(model, prompts[0], *variant) for variant in args.variants}
+    first_prompt = on_device(prompts[0], args.device)
+    syncs = {variant: count_host_syncs(model, first_prompt, *variant) for variant in args.variants}
+    del first_prompt
     plan = phases(args.attention, args.compile_mode)
     info = provenance()
     hardware = (
@@ -435,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
             model.set_attn_implementation(phase_attention)
             attention = phase_attention
         try:
-            measured, memory, frames = measure_phase(
+            measured, memory, frames, compiling = measure_phase(
                 model, prompts, args.variants, mode, profiler, args.new_tokens, costs_of
             )
         except Exception as error:  # one phase's failure must not lose the other phases' rows
@@ -451,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
             if frames is not None:
                 caption += compile_note(mode, frames, profiler.is_cuda)
                 record.setdefault("dynamo_frames", {})[f"{phase_attention} {mode}"] = frames
+            caption += timed_compile_note(phase_attention, mode, compiling)
             for (method, ratio), samples in measured.items():
                 row = summarise(
                     samples, method, ratio, dims, weight_bytes, ceilings, memory.get((method, ratio))
@@ -459,6 +532,8 @@ def main(argv: list[str] | None = None) -> None:
                     compile=mode or "no",
                     attn_implementation=phase_attention,
                     host_syncs=syncs[(method, ratio)],
+                    host_syncs_counted_in=f"{args.attention[0]}, eager",
+                    **compiling[(method, ratio)],
                 )
                 rows.append(row)
         write_outputs(stem, caption, rows, failures, plan[done:], record)
@@ -478,6 +553,26 @@ def compile_note(mode: str, frames: dict[str, int], cuda: bool) -> str:
         note += " (THE REST RAN EAGER)"
     if cuda and mode in CUDA_GRAPH_MODES:
         note += " (peak allocated may miss the graphs' activations, held in their private pool: see peak reserved)"
+    return note
+
+
+def timed_compile_note(attention: str, mode: str | None, compiling: dict[Variant, dict]) -> str:
+    """The caption's word on timed calls that compiled (:func:`timed_call`): those re-run are named, as a
+    sign the warm-up missed a graph; those that compiled even when re-run are flagged, as their times include
+    compilation. Empty when no timed call compiled."""
+    phase = f"{attention} {mode or 'eager'}"
+    note = ""
+    retimed = {v: c["timed_calls_retimed"] for v, c in compiling.items() if c["timed_calls_retimed"]}
+    if retimed:
+        named = ", ".join(f"{m}@{r:g} {n}" for (m, r), n in retimed.items())
+        note += f"; {phase}: timed calls that compiled and were re-run: {named}"
+    still = {v: c["timed_calls_compiling"] for v, c in compiling.items() if c["timed_calls_compiling"]}
+    if still:
+        named = ", ".join(f"{m}@{r:g} {n}" for (m, r), n in still.items())
+        print(
+            f"WARNING: {phase}: timed calls that compiled on every try (times include compilation): {named}"
+        )
+        note += f" (TIMES INCLUDE COMPILATION: {named})"
     return note
 
 
@@ -503,7 +598,8 @@ def write_outputs(
         return
     frame = pd.DataFrame(rows)
     table = efficiency_display(frame)
-    table.insert(table.columns.get_loc("R") + 1, "host reads", frame["host_syncs"])
+    counted_in = frame["host_syncs_counted_in"].iloc[0]
+    table.insert(table.columns.get_loc("R") + 1, f"host reads ({counted_in})", frame["host_syncs"])
     if "peak allocated (GiB)" not in table:
         table["peak allocated (GiB)"] = "n/a (CPU)"  # torch keeps no CPU allocator peak: unavailable, not 0
     markdown = f"**{caption}**\n\n{table.to_markdown(index=False, floatfmt='.4g')}\n"

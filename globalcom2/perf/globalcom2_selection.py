@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     dtype = DTYPES.get(device.type, torch.float32)
 
     with torch.inference_mode():
-        samples = time_interleaved(variants(device, dtype), repeats=args.repeats, warmup=args.warmup)
+        samples = time_interleaved(
+            variants(device, dtype), repeats=args.repeats, warmup=args.warmup, device=device
+        )
     rows = summarise(samples)
     target_row, target_ms = TARGETS.get(device.type, TARGETS["cpu"])
     target = next(row for row in rows if row["variant"] == target_row)

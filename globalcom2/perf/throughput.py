@@ -169,8 +169,12 @@ def padded_share(records: list[SampleRecord]) -> float:
 
 def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecord]) -> dict[str, Any]:
     """One row of the throughput table from a finished cell. Stage seconds are summed over the timed batches:
-    the first (which also carries the warm-up generate) is left out, as in every latency figure."""
-    calls = [c for c in {(r.rank, r.batch_id): r for r in records}.values() if not c.first_call]
+    the first, and any that compiled, are left out, as in every latency figure."""
+    calls = [
+        c
+        for c in {(r.rank, r.batch_id): r for r in records}.values()
+        if not c.first_call and not c.compiled_in_call
+    ]
     latency = latency_summary(records)
     timings = cell.record.timings
 
@@ -218,6 +222,8 @@ def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecor
         "padded share": padded_share(records),
         "peak GiB": peak.get("max"),
         "first call s": first["total_ms"] / 1e3 if first else None,
+        # later batches that compiled (a shape the warm-up missed): left out like the first, counted here
+        "batches that compiled": (latency.get("compiled_calls") or {}).get("calls", 0),
         "cell": str(cell.path),
     }
 

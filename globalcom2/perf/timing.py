@@ -14,12 +14,17 @@ def _no_synchronize() -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 3,
+    device: torch.device | str = "cpu",
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, calling them round-robin so that drift (thermal, other load)
-    affects every variant alike. The first ``warmup`` rounds are discarded. On a CUDA machine every call
-    is bracketed by device synchronisations; the check for one happens once, outside the timed region."""
-    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else _no_synchronize
+    affects every variant alike. The first ``warmup`` rounds are discarded. On a CUDA ``device`` every call
+    is bracketed by that device's synchronisations (decided once, outside the timed region); a CPU run on a
+    GPU machine waits for no GPU."""
+    device = torch.device(device)
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else _no_synchronize
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for round_index in range(warmup + repeats):
         for name, fn in fns.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from globalcom2.perf.globalcom2_selection import TARGETS, main, summarise
 from globalcom2.perf.timing import time_interleaved
@@ -62,3 +63,15 @@ def test_runs_on_cuda(tmp_path):
     assert (tmp_path / "globalcom2_selection_cuda.json").exists()
     assert record["provenance"]["hardware"]["gpu"] and "cuda" in record["caption"]
     assert record["target"]["row"] == TARGETS["cuda"][0] and "inputs in float16" in record["caption"]
+
+
+def test_interleaved_timing_waits_for_the_device_under_test_only(monkeypatch):
+    """A CPU benchmark on a GPU machine waits for no GPU; a CUDA one waits for its own device (``cuda:1``
+    too), not for whichever device is current."""
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    time_interleaved({"a": lambda: None, "b": lambda: None}, repeats=2, warmup=1)
+    assert waited == []
+    time_interleaved({"a": lambda: None}, repeats=2, warmup=1, device="cuda:1")
+    assert waited == [torch.device("cuda:1")] * 6  # before and after each of the 3 calls

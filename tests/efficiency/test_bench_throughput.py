@@ -100,6 +100,38 @@ def test_batch_effect_of_real_cells_is_none_in_fp32(tmp_path):
         assert all(part > 0 for part in split[:4]), split  # GlobalCom² compresses: every stage took time
         assert sum(split) == pytest.approx(row["generate_s"], rel=1e-6)  # the stages split generate's time
     assert cells[1]["padded share"] == 0
+    assert {row["batches that compiled"] for row in cells.values()} == {0}  # eager: nothing compiles
+
+
+def test_batches_that_compiled_are_left_out_of_the_row_and_counted(monkeypatch):
+    """A batch that compiled inside its timed call (compile=true, a shape the warm-up missed) times the
+    compilation: like the first batch, it stays out of the row's stage sums and samples/s."""
+    import types
+
+    from globalcom2.sample_records import SampleRecord
+
+    def batch(batch_id: int, total_s: float, **flags) -> SampleRecord:
+        return SampleRecord(
+            task="t", split="s", doc_id=batch_id, rank=0, batch_id=batch_id, batch_size=1, method="vanilla",
+            method_params={}, attn_implementation={}, num_images=1, image_sizes=[[336, 336]], prompt_tokens=10,
+            llm_prompt_tokens=10, visual_tokens_before=5, visual_tokens_llm_input=5, visual_tokens_after=5.0,
+            output_tokens=1, output_token_ids=[1], answer="a", empty_answer=False, stop_reason="eos",
+            preprocess_s=0.1, prefill_s=total_s / 2, total_s=total_s, peak_memory_bytes=None,
+            peak_memory_note="cpu", clock="perf_counter", load_s=0.1, wait_s=0.0, postprocess_s=0.1,
+            loop_s=total_s + 0.2, **flags,
+        )  # fmt: skip
+
+    records = [
+        batch(0, 50.0, first_call=True),
+        batch(1, 1.0),
+        batch(2, 40.0, compiled_in_call=True),
+        batch(3, 1.0),
+    ]
+    cell = types.SimpleNamespace(record=types.SimpleNamespace(timings={}, run={}), path="cell")
+    row = throughput.throughput_row(throughput.Setting("vanilla", 1.0, 1, None), cell, records)
+    assert row["timed batches"] == 2 and row["batches that compiled"] == 1
+    assert row["generate_s"] == pytest.approx(2.0) and row["loop_s"] == pytest.approx(2.4)
+    assert row["samples/s (loop)"] == pytest.approx(2 / 2.4)
 
 
 def test_a_failed_cell_costs_only_itself_and_the_table_is_rewritten_after_each_cell(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from globalcom2.efficiency.flops import (
     VICUNA_13B,
     LlmDims,
     VisionDims,
+    causal_attention_surplus,
     decode_flops,
     equivalent_tokens,
     full_prefill_flops,
@@ -61,6 +62,23 @@ def test_grouped_query_attention_narrows_k_and_v():
     mha = prefill_flops(64, 172, 1, 100)
     gqa = prefill_flops(64, 172, 1, 100, num_kv_heads=2, num_heads=4)
     assert mha - gqa == 2 * 100 * 2 * 64 * (64 - 32)  # k and v projections at half width
+
+
+def test_the_causal_surplus_is_the_attention_above_the_diagonal():
+    """A causal kernel computes ``QK^T`` and ``AV`` for the score entries on and below the diagonal only: the
+    surplus over the LLM-Viewer count is the rest, entry by entry (2 FLOPs per multiply-add, d per entry)."""
+    dims = LlmDims(64, 172, 3, 4, 4, 100)
+    for n in (1, 2, 7, 100):
+        below = sum(row + 1 for row in range(n))  # entries a query row attends to, itself included
+        causal_attention = 2 * 2 * below * dims.hidden_size  # QK^T and AV over those entries
+        full_attention = 4 * n * n * dims.hidden_size
+        assert causal_attention_surplus(dims, n) == dims.num_layers * (full_attention - causal_attention)
+    assert causal_attention_surplus(dims, [1, 7, 100]) == sum(
+        causal_attention_surplus(LlmDims(64, 172, 1, 4, 4, 100), n) for n in (1, 7, 100)
+    )
+    # Vicuna-7B at vanilla's length: the causal kernel skips about 5 % of the counted prefill
+    share = causal_attention_surplus(VICUNA_7B, 2980) / model_prefill_flops(VICUNA_7B, 2980)
+    assert 0.04 < share < 0.06
 
 
 def test_kv_cache_and_decode():

@@ -127,3 +127,27 @@ def test_stage_clock_charges_nested_intervals_once_and_refuses_unbalanced_hooks(
     clock.open("vision")
     with pytest.raises(RuntimeError, match="unbalanced"):
         clock.close("decode")
+
+
+def test_a_call_that_compiles_is_flagged_and_a_cached_one_is_not():
+    """A measured call in which ``torch.compile`` compiled times the compilation, not the model: the profiler
+    flags it (the harnesses keep such calls out of their statistics), and the same call once its graph is
+    cached is not flagged. A new input shape compiles again and is flagged again."""
+    step = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+
+    class Compiled(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return step(x)
+
+    model = Compiled()
+    profiler = GenerateProfiler(model, "cpu")
+    flags = []
+    for shape in ((3,), (3,), (5,), (5,)):
+        with profiler.measure() as pending:
+            model(torch.zeros(shape))
+        flags.append(pending.result.compiled)
+    assert flags == [True, False, True, False]
+    with profiler.measure() as pending:  # no compiled code at all
+        Steps()(torch.zeros(1), 0.0)
+        model(torch.zeros(3))
+    assert pending.result.compiled is False

@@ -123,6 +123,62 @@ def test_a_compiled_model_is_also_warmed_up_on_one_row(monkeypatch, images, comp
     assert [r.first_call for r in lm.records] == [True, True] + [False] * (docs_count - 2)
 
 
+def test_the_warm_up_meets_every_decode_graph_whatever_the_tasks_limit_and_stays_out_of_loop_s(
+    monkeypatch, images
+):
+    """A task that generates 1 token would warm up only the prefill graph, leaving the decode steps' graphs to
+    compile inside a later task's timed call: the warm-up always generates WARMUP_NEW_TOKENS. Its seconds are
+    not part of the batch's turn of the loop (``loop_s``), whose sum is the end-to-end throughput's time."""
+    import time
+
+    from globalcom2.models import compiled
+
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, mode, dynamic: fn)
+    lm = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.5, compile="true")
+    calls = []
+    real_generate = lm.model.generate
+
+    def generate(**kwargs):
+        calls.append(kwargs["max_new_tokens"])
+        if len(calls) == 1:
+            time.sleep(1.0)  # the warm-up: longer than the whole timed call
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(lm.model, "generate", generate)
+    docs = [{"image": images[(336, 336)]}] * 2
+    try:
+        lm.generate_until(requests_for(lm, docs, gen_kwargs={"until": ["\n\n"], "max_new_tokens": 1}))
+    finally:
+        lm.compiled.remove()
+    assert calls == [compiled.WARMUP_NEW_TOKENS, 1, 1]
+    first = lm.records[0]
+    assert first.total_s <= first.loop_s < 1.0
+
+
+def test_a_timed_call_that_compiled_is_flagged_and_left_out_of_lmms_evals_throughput(monkeypatch, images):
+    """The profiler's compile flag reaches the record, and lmms-eval's throughput block sums the timed calls
+    only, as the samples/s beside it does (not the first call, not one that compiled)."""
+    from lmms_eval.models.model_utils import gen_metrics
+
+    from globalcom2.efficiency import profile
+
+    lm = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.5, profile=True)
+    reads = iter([0, 0, 0, 0, 0, 1, 1, 1])  # (start, end) per measured call: the third call compiled
+    monkeypatch.setattr(profile, "compile_attempts", lambda: next(reads))
+    logged = []
+    monkeypatch.setattr(gen_metrics, "log_metrics", lambda *args: logged.append(args))
+    docs = [{"image": images[(336, 336)]}] * 4
+    lm.generate_until(requests_for(lm, docs))
+    assert [r.compiled_in_call for r in lm.records] == [False, False, True, False]
+    assert [r.first_call for r in lm.records] == [True, False, False, False]
+    total, tokens, speed, extras = logged[-1]
+    timed = [lm.records[1], lm.records[3]]
+    assert total == pytest.approx(sum(r.total_s for r in timed))
+    assert tokens == sum(r.output_tokens for r in timed)
+    assert speed == pytest.approx(tokens / total)
+    assert extras["total_requests"] == 4 and extras["timed_requests"] == 2
+
+
 def test_a_cpu_cell_asks_accelerate_for_the_cpu(monkeypatch):
     """Under accelerate or torchrun on a machine with GPUs, a bare ``Accelerator()`` picks NCCL and
     ``cuda:<local_rank>``; a CPU cell must ask for the CPU (gloo), and a cell on no named device must not."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from globalcom2 import sample_records as sr
-from globalcom2.efficiency.summary import latency_summary
+from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value, latency_summary
+from globalcom2.efficiency.table import efficiency_display
 from globalcom2.methods.base import ImageStats, LayerStats
 
 
@@ -76,6 +78,38 @@ def test_the_first_measured_call_is_reported_apart_and_kept_out_of_the_statistic
     assert latency["throughput_samples_per_s"] == pytest.approx(2 / 2.0)
     assert latency["stages_ms"]["llm_prefill"]["median"] == pytest.approx(300.0)
     assert set(latency["stages_ms"]) == set(stages)
+
+
+def test_a_later_call_that_compiled_is_reported_apart_and_kept_out_of_the_statistics():
+    """Under compile=true a batch of a shape the warm-up missed compiles inside its timed call: its seconds
+    are compilation, so they stay out of the latency and throughput figures, counted apart."""
+    records = [
+        record(doc_id=0, batch_id=0, prefill_s=5.0, total_s=9.0, first_call=True),
+        record(doc_id=1, batch_id=1, prefill_s=0.4, total_s=1.0),
+        record(doc_id=2, batch_id=2, prefill_s=30.0, total_s=40.0, compiled_in_call=True),
+        record(doc_id=3, batch_id=3, prefill_s=0.6, total_s=1.0),
+    ]
+    latency = latency_summary(records)
+    assert latency["compiled_calls"] == {"calls": 1, "prefill_ms": 30000.0, "total_ms": 40000.0}
+    assert latency["first_call"]["calls"] == 1 and latency["timed_calls"] == 2
+    assert latency["prefill_ms"]["median"] == pytest.approx(500.0) and latency["prefill_ms"]["p90"] < 1000
+    assert latency["throughput_samples_per_s"] == pytest.approx(2 / 2.0)
+    assert latency_summary(records[:2])["compiled_calls"] is None
+    # the efficiency table shows the count where some call compiled, and no column where none did
+    rows = [
+        {"method": name, "method_name": name, "retention_ratio": 1.0,
+         "compiled_calls": efficiency_value(latency_summary(cell), EFFICIENCY_METRICS["compiled_calls"])}
+        for name, cell in (("vanilla", records), ("random", records[:2]))
+    ]  # fmt: skip
+    shown = efficiency_display(pd.DataFrame(rows))
+    assert shown["later calls that compiled"].tolist()[0] == 1 and pd.isna(
+        shown["later calls that compiled"][1]
+    )
+    assert "later calls that compiled" not in efficiency_display(pd.DataFrame(rows[1:]))
+    # records written before the field existed read back as calls that did not compile
+    data = records[1].to_dict()
+    del data["compiled_in_call"]
+    assert sr.SampleRecord.from_dict(data).compiled_in_call is False
 
 
 def test_jsonl_round_trip_is_sorted_and_leaves_no_temporary_files(tmp_path):
