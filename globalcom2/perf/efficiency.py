@@ -561,18 +561,17 @@ def timed_compile_note(attention: str, mode: str | None, compiling: dict[Variant
     sign the warm-up missed a graph; those that compiled even when re-run are flagged, as their times include
     compilation. Empty when no timed call compiled."""
     phase = f"{attention} {mode or 'eager'}"
-    note = ""
-    retimed = {v: c["timed_calls_retimed"] for v, c in compiling.items() if c["timed_calls_retimed"]}
-    if retimed:
-        named = ", ".join(f"{m}@{r:g} {n}" for (m, r), n in retimed.items())
-        note += f"; {phase}: timed calls that compiled and were re-run: {named}"
-    still = {v: c["timed_calls_compiling"] for v, c in compiling.items() if c["timed_calls_compiling"]}
+
+    def named(key: str) -> str:
+        return ", ".join(f"{m}@{r:g} {counts[key]}" for (m, r), counts in compiling.items() if counts[key])
+
+    retimed, still = named("timed_calls_retimed"), named("timed_calls_compiling")
+    note = f"; {phase}: timed calls that compiled and were re-run: {retimed}" if retimed else ""
     if still:
-        named = ", ".join(f"{m}@{r:g} {n}" for (m, r), n in still.items())
         print(
-            f"WARNING: {phase}: timed calls that compiled on every try (times include compilation): {named}"
+            f"WARNING: {phase}: timed calls that compiled on every try (times include compilation): {still}"
         )
-        note += f" (TIMES INCLUDE COMPILATION: {named})"
+        note += f" (TIMES INCLUDE COMPILATION: {still})"
     return note
 
 
