@@ -95,6 +95,12 @@ class SampleRecord:
     loop_s: float | None = None
     compiled_in_call: bool = False  # torch.compile compiled during this measured call: not in statistics
 
+    @property
+    def in_statistics(self) -> bool:
+        """Whether this record's call counts in latency and throughput figures: not the first measured call,
+        nor one that compiled (both are reported apart)."""
+        return not self.first_call and not self.compiled_in_call
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**out, "compression": [stat_to_dict(s) for s in self.compression]}

@@ -149,7 +149,6 @@ def _stats(values: list[float], scale: float = 1.0) -> dict[str, float] | None:
     }
 
 
-#: The batch loop's host stages a record times (``SampleRecord``), per call.
 def _apart(calls: list[SampleRecord]) -> dict[str, float] | None:
     """Calls kept out of the statistics, reported apart: how many, and their mean prefill and total."""
     if not calls:
@@ -161,6 +160,7 @@ def _apart(calls: list[SampleRecord]) -> dict[str, float] | None:
     }
 
 
+#: The batch loop's host stages a record times (``SampleRecord``), per call.
 HOST_STAGES = ("load_s", "preprocess_s", "wait_s", "postprocess_s", "loop_s")
 
 
@@ -177,7 +177,7 @@ def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
     for r in records:
         calls.setdefault((r.rank, r.batch_id), r)
     timed_all = [c for c in calls.values() if c.total_s is not None]
-    timed = [c for c in timed_all if not c.first_call and not c.compiled_in_call]
+    timed = [c for c in timed_all if c.in_statistics]
     first = [c for c in timed_all if c.first_call]
     compiled = [c for c in timed_all if c.compiled_in_call and not c.first_call]
     peaks = [c.peak_memory_bytes for c in calls.values() if c.peak_memory_bytes is not None]

@@ -498,7 +498,7 @@ def report_call(records: list[sr.SampleRecord], rank: int) -> dict[str, Any]:
     if records:
         latency = latency_summary(records)
         # the timed calls only, as in every figure beside it: not the first call, nor one that compiled
-        timed = [r for r in records if not r.first_call and not r.compiled_in_call]
+        timed = [r for r in records if r.in_statistics]
         calls = {(r.rank, r.batch_id): r for r in timed}.values()
         total = sum(r.total_s or 0.0 for r in calls)
         tokens = sum(r.output_tokens for r in timed)

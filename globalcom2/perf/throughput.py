@@ -170,11 +170,7 @@ def padded_share(records: list[SampleRecord]) -> float:
 def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecord]) -> dict[str, Any]:
     """One row of the throughput table from a finished cell. Stage seconds are summed over the timed batches:
     the first, and any that compiled, are left out, as in every latency figure."""
-    calls = [
-        c
-        for c in {(r.rank, r.batch_id): r for r in records}.values()
-        if not c.first_call and not c.compiled_in_call
-    ]
+    calls = [c for c in {(r.rank, r.batch_id): r for r in records}.values() if c.in_statistics]
     latency = latency_summary(records)
     timings = cell.record.timings
 
