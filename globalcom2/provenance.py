@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,12 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def hardware() -> dict[str, Any]:
-    """CPU, and GPU name/memory/CUDA version when one is visible."""
+def hardware(device: str | torch.device | None = None) -> dict[str, Any]:
+    """CPU, and GPU name/memory/CUDA version when one is visible.
+
+    The GPU described is ``device`` when it names a CUDA device with an index (``cuda:1``), else the process's
+    current CUDA device: on a machine with mixed GPUs, a benchmark run with ``--device cuda:1`` must not be
+    credited to GPU 0's model."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -66,10 +71,13 @@ def hardware() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
-        index = torch.cuda.current_device()
+        device = torch.device(device) if device is not None else None
+        on_named_gpu = device is not None and device.type == "cuda" and device.index is not None
+        index = device.index if on_named_gpu else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         info.update(
             gpu=props.name,
+            gpu_index=index,
             gpu_count=torch.cuda.device_count(),
             gpu_memory_gb=round(props.total_memory / 2**30, 1),
             cuda=torch.version.cuda,
@@ -77,6 +85,16 @@ def hardware() -> dict[str, Any]:
             driver=_nvidia_driver(),
         )
     return info
+
+
+def hardware_label(info: Mapping[str, Any], device: str | torch.device | None) -> str:
+    """How a table's caption or column names the hardware of ``info`` (a :func:`hardware` block) that ran on
+    ``device``: the GPU's name for a CUDA device, else the CPU, so a CPU run on a GPU machine is not credited
+    to its GPU. ``device=None`` (an old record that did not say) falls back to the GPU when one was seen."""
+    on_gpu = torch.device(device).type == "cuda" if device is not None else bool(info.get("gpu"))
+    if on_gpu and info.get("gpu"):
+        return str(info["gpu"])
+    return f"CPU ({info.get('machine', '?')}, {info.get('cpu_count', '?')} cores)"
 
 
 def _nvidia_driver() -> str | None:
@@ -93,11 +111,12 @@ def _nvidia_driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
-def provenance() -> dict[str, Any]:
-    """The full provenance block: git, versions, hardware, python."""
+def provenance(device: str | torch.device | None = None) -> dict[str, Any]:
+    """The full provenance block: git, versions, hardware (the GPU of ``device``, see :func:`hardware`),
+    python."""
     return {
         "git": git_state(),
         "versions": package_versions(),
         "python": platform.python_version(),
-        "hardware": hardware(),
+        "hardware": hardware(device),
     }

@@ -292,7 +292,7 @@ def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell, lock_fd: int | None =
         cell=CellRef(**vars(spec.key), id=cell.id, identity=cell.identity, path=str(cell.dir)),
         spec=spec.to_dict(),
         config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-        provenance=provenance(),
+        provenance=provenance(outcome.run.get("device") or spec.model.device),  # the device the cell ran on
         started=started.isoformat(),
         finished=datetime.now(timezone.utc).isoformat(),
         wall_s=time.perf_counter() - clock,

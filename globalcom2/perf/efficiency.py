@@ -80,7 +80,7 @@ from globalcom2.perf.ceilings import measure_ceilings, roofline_floor_ms
 from globalcom2.prompts import vicuna_v1_prompt
 from globalcom2.protocol.vicuna_length import SOURCE as VICUNA_SOURCE
 from globalcom2.protocol.vicuna_length import fit_text_tokens, vicuna_text_tokens
-from globalcom2.provenance import provenance
+from globalcom2.provenance import hardware_label, provenance
 from globalcom2.sample_records import visual_token_counts
 from globalcom2.stage_timing import STAGES
 
@@ -476,11 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     syncs = {variant: count_host_syncs(model, first_prompt, *variant) for variant in args.variants}
     del first_prompt
     plan = phases(args.attention, args.compile_mode)
-    info = provenance()
-    hardware = (
-        info["hardware"].get("gpu")
-        or f"CPU ({info['hardware']['machine']}, {info['hardware']['cpu_count']} cores)"
-    )
+    info = provenance(args.device)
+    hardware = hardware_label(info["hardware"], args.device)
     text_note = f", prompt text at Vicuna's length ({VICUNA_SOURCE})" if args.vicuna_text else ""
     caption = (
         f"Efficiency, {name} ({args.dtype}, {args.device}: {hardware}); {len(prompts)} images at 672x672 "

@@ -37,7 +37,7 @@ from globalcom2.methods.base import ImageContext
 from globalcom2.methods.globalcom2 import GlobalCom2
 from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
 from globalcom2.perf.timing import time_interleaved
-from globalcom2.provenance import provenance
+from globalcom2.provenance import hardware_label, provenance
 from globalcom2.scoring.vision_attention import cls_patch_scores
 
 #: Device type -> (the row held to a target, its median's limit in ms). On a GPU the target holds for
@@ -137,9 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     target_row, target_ms = TARGETS.get(device.type, TARGETS["cpu"])
     target = next(row for row in rows if row["variant"] == target_row)
     met = target["median (ms)"] <= target_ms
-    info = provenance()
-    hardware = info["hardware"].get("gpu") if device.type == "cuda" else None
-    hardware = hardware or f"CPU ({info['hardware']['machine']}, {info['hardware']['cpu_count']} cores)"
+    info = provenance(device)
+    hardware = hardware_label(info["hardware"], device)
     caption = (
         f"GlobalCom² per image, vision tower excluded, R={RETENTION_RATIO} ({args.device}: {hardware}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, inputs in "

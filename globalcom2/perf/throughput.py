@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cell costs only the cells after it; a failed cell is listed in the JSON's ``failures`` and the benchmark
     exits non-zero once the others have run."""
     args = parse_args(argv)
-    info = provenance()  # the code the cells run, taken before this benchmark writes its own tables
+    info = provenance(
+        args.device
+    )  # the code the cells run, taken before this benchmark writes its own tables
     results_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="globalcom2-throughput-"))
     settings = settings_of(args)
     cells: dict[Setting, tuple[LoadedCell, list[SampleRecord]]] = {}

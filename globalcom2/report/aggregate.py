@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
+from globalcom2.provenance import hardware_label
 from globalcom2.records import RecordError
 from globalcom2.sample_records import RECORDS_FILE
 from globalcom2.store import CURRENT_FILE, PARTIAL_DIR, RECORD_FILE, Cell, LoadedCell, current_cell_id
@@ -197,8 +198,7 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "batch_invariant": bool(spec["model"].get("batch_invariant", False)),  # off in cells from before it
         "prefetch": bool(run.get("prefetch", False)),  # cells from before the option ran every batch in turn
         "limit": spec["benchmark"].get("limit"),
-        "hardware": hardware.get("gpu")
-        or f"CPU ({hardware.get('machine', '?')}, {hardware.get('cpu_count', '?')} cores)",
+        "hardware": hardware_label(hardware, run.get("device")),
         "git_sha": git.get("sha"),
         "git_dirty": git.get("dirty"),
         "finished": record.finished,

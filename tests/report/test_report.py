@@ -660,3 +660,19 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_p
     assert any(
         "hardware differs between cells: NVIDIA H100 (1 cells), NVIDIA H200 (1 cells)" in m for m in messages
     )
+
+
+def test_a_cpu_cell_on_a_gpu_machine_is_labelled_with_the_cpu(tmp_path):
+    """The hardware column follows the device the cell ran on (its record's ``run.device``), not merely
+    the GPU the machine has: a CPU run's latency must not be read as the GPU's."""
+    root = tmp_path / "results"
+    machine = {"gpu": "NVIDIA H100", "machine": "x86_64", "cpu_count": 16}
+    for ratio, device in [(0.25, "cpu"), (0.5, "cuda:0")]:
+        cell = write_cell(root, "globalcom2", ratio, {"GQA": 54.0})
+        record = json.loads((cell / "record.json").read_text())
+        record["run"] = {"device": device}
+        record["provenance"]["hardware"] = machine
+        (cell / "record.json").write_text(json.dumps(record))
+    frame = tidy_results(root)
+    labels = frame.drop_duplicates("retention_ratio").set_index("retention_ratio")["hardware"]
+    assert labels.to_dict() == {0.25: "CPU (x86_64, 16 cores)", 0.5: "NVIDIA H100"}
