@@ -46,7 +46,7 @@ from globalcom2.atomic import atomic_write_json, atomic_write_text
 from globalcom2.efficiency.summary import latency_summary
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.perf.efficiency import Variant, parse_variant
-from globalcom2.provenance import provenance
+from globalcom2.provenance import hardware_label, provenance
 from globalcom2.records import ratio_label
 from globalcom2.sample_records import RECORDS_FILE, SampleRecord, read_jsonl
 from globalcom2.stage_timing import OTHER, STAGES
@@ -355,9 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cell costs only the cells after it; a failed cell is listed in the JSON's ``failures`` and the benchmark
     exits non-zero once the others have run."""
     args = parse_args(argv)
-    info = provenance(
-        args.device
-    )  # the code the cells run, taken before this benchmark writes its own tables
+    # The code the cells run, taken before this benchmark writes its own tables.
+    info = provenance(args.device)
     results_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="globalcom2-throughput-"))
     settings = settings_of(args)
     cells: dict[Setting, tuple[LoadedCell, list[SampleRecord]]] = {}
@@ -397,7 +396,7 @@ def write_tables(
     stem = args.out / output_name(args, str(device))
     title = (
         f"{args.mode} of {args.model} on {args.benchmark} ({len(any_records)} samples per cell), "
-        f"{device}, {dtype}"
+        f"{device} ({hardware_label(any_cell.record.provenance.get('hardware', {}), device)}), {dtype}"
     )
     if pending:
         title += f"; PARTIAL, {pending} cells still to run"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 
 import pytest
 
@@ -83,6 +85,8 @@ def test_batch_effect_of_real_cells_is_none_in_fp32(tmp_path):
     assert row["metric changes"] and all(delta == 0 for delta in row["metric changes"].values())
     written = json.loads((tmp_path / "out" / "tiny_cpu_batch_effect.json").read_text())
     assert written["rows"] == payload["rows"] and written["provenance"]["versions"]
+    cpu = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"  # not the GPU a CPU run's machine may have
+    assert written["title"].endswith(f"cpu ({cpu}), torch.float32"), written["title"]
 
     # the same cells as a throughput table (no re-run: the cells are read from their folder)
     cells = {}
