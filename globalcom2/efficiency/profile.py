@@ -12,7 +12,8 @@ Design (the rules the efficiency tables rely on):
   output, and it costs one Python call per decoding step.
 * **Stages** (``globalcom2.stage_timing``): the same call split into ``vision`` (vision tower and
   projector), ``compression`` (the attached method's own work: [CLS] scores, selection, prompt surgery, an
-  in-LLM method's scoring and pruning at its layers), ``llm_prefill`` (the language model and LM head in
+  in-LLM method's scoring and pruning at its layers, and the masks and positions its compressed cache needs
+  at each decode step), ``llm_prefill`` (the language model and LM head in
   the first forward, what the GlobalCom² paper's Tables 8/9 time as prefill), ``decode`` (the same in the
   later forwards) and ``other`` (the rest of the wall time: ``generate``'s own host work). Each stage is
   charged its exclusive time, so the stages add up to the total.
