@@ -87,6 +87,10 @@ def hardware(device: str | torch.device | None = None) -> dict[str, Any]:
     return info
 
 
+#: How every hardware label of a CPU run starts (:func:`hardware_label`); anything else names a GPU.
+CPU_LABEL = "CPU "
+
+
 def hardware_label(info: Mapping[str, Any], device: str | torch.device | None) -> str:
     """How a table's caption or column names the hardware of ``info`` (a :func:`hardware` block) that ran on
     ``device``: the GPU's name for a CUDA device, else the CPU, so a CPU run on a GPU machine is not credited
@@ -94,7 +98,7 @@ def hardware_label(info: Mapping[str, Any], device: str | torch.device | None) -
     on_gpu = torch.device(device).type == "cuda" if device is not None else bool(info.get("gpu"))
     if on_gpu and info.get("gpu"):
         return str(info["gpu"])
-    return f"CPU ({info.get('machine', '?')}, {info.get('cpu_count', '?')} cores)"
+    return f"{CPU_LABEL}({info.get('machine', '?')}, {info.get('cpu_count', '?')} cores)"
 
 
 def _nvidia_driver() -> str | None:

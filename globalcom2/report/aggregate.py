@@ -17,6 +17,7 @@ Metric kinds (column ``kind``):
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,6 +43,29 @@ CONFIG_COLUMNS = [
     "git_dirty",
     "finished", "cell_id", "cell_dir",
 ]  # fmt: skip
+
+
+#: Settings that change what a table compares beyond the method and its ratio: in bf16 on a GPU a batch's
+#: shape changes its rows' answers, the dtype changes every answer, the batch-invariant mode changes the
+#: kernels' shapes (so answers, and latency), prefetching (host work beside the timed calls) changes latency,
+#: compile mode changes latency most and answers by reassociation, so does the attention implementation (SDPA
+#: or eager), a random-initialised model's prompt length (``vicuna_text``) changes its latency, a sample
+#: ``limit`` changes which samples a score averages, and the hardware changes every latency. A table's cells
+#: should agree on these (``make tables`` warns where they do not).
+COMPARABILITY = (
+    *("batch_size", "dtype", "batch_invariant", "prefetch", "compile", "attn_implementation"),
+    *("vicuna_text", "limit", "hardware"),
+)
+
+
+def setting_text(value: Any) -> str:
+    """How a :data:`COMPARABILITY` value is named in a warning: ``None`` for a missing one (so a cell without
+    a sample limit differs visibly from one with), whole floats as integers (a limit of 20 read back as 20.0)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "None"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str]]]:
@@ -74,7 +98,7 @@ def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str
         # other record.json (a tracker's files, a copy) is no cell
         if PARTIAL_DIR in path.parts or len(path.relative_to(root).parts) != CELL_DEPTH:
             continue
-        problem = _record_problem(path)
+        problem = _record_problem(path, root)
         if isinstance(problem, str):
             skipped.append((path.parent, problem))
             unreadable[path.parent] = problem
@@ -111,12 +135,26 @@ def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str
     return sorted(cells, key=lambda c: c.path), skipped
 
 
-def _record_problem(path: Path) -> LoadedCell | str:
-    """The loaded cell, or why ``path`` cannot be tabulated."""
+def _record_problem(path: Path, root: Path) -> LoadedCell | str:
+    """The loaded cell, or why ``path`` cannot be tabulated.
+
+    A record is tabled only in its own key's folder: its rows take experiment, model, method, ratio and
+    benchmark from the record, so a cell folder copied or moved to another key (``cp -r results/exp
+    results/exp_old``) would otherwise appear twice under the original experiment, and its vanilla could
+    stand in for the real one."""
     try:
         cell = LoadedCell(path.parent, Cell.finished_record(path.parent))
     except RecordError as err:
         return str(err)
+    try:
+        home = cell.record.cell.key.relative_path()
+    except ValueError as err:
+        return f"malformed record.json ({err})"
+    if path.parent.parent.relative_to(root) != home:
+        return (
+            f"record.json belongs to {home}, not to this folder: a copied or moved cell is tabled under neither "
+            "(copy a whole results root instead, or re-run the cell here)"
+        )
     try:
         records = cell.record.files.get("records", RECORDS)
         if not isinstance(records, str):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from globalcom2.report import plots, tables
-from globalcom2.report.aggregate import write_tidy
+from globalcom2.report.aggregate import COMPARABILITY, setting_text, write_tidy
 
 
 @dataclass
@@ -20,15 +20,6 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
-#: Settings that change what a table compares beyond the method and its ratio: in bf16 on a GPU a batch's
-#: shape changes its rows' answers, the dtype changes every answer, the batch-invariant mode changes the
-#: kernels' shapes (so answers, and latency), prefetching (host work beside the timed calls) changes latency,
-#: compile mode changes latency most and answers by reassociation, a random-initialised model's prompt length
-#: (``vicuna_text``) changes its latency, and the hardware changes every latency. A table's cells should agree
-#: on these.
-COMPARABILITY = ("batch_size", "dtype", "batch_invariant", "prefetch", "compile", "vicuna_text", "hardware")
-
-
 def mixed_settings(rows: pd.DataFrame) -> list[str]:
     """One line per model of ``rows`` (one experiment) whose cells differ in a :data:`COMPARABILITY`
     setting, with each value's cell count."""
@@ -36,7 +27,7 @@ def mixed_settings(rows: pd.DataFrame) -> list[str]:
     for model, group in rows.groupby("model", sort=True):
         cells = group.drop_duplicates("cell_dir")
         for column in COMPARABILITY:
-            counts = cells[column].astype(str).value_counts().sort_index()
+            counts = cells[column].map(setting_text).value_counts().sort_index()
             if len(counts) > 1:
                 listing = ", ".join(f"{value} ({count} cells)" for value, count in counts.items())
                 problems.append(f"{model}: {column} differs between cells: {listing}")
@@ -50,8 +41,9 @@ def experiment_tables(frame: pd.DataFrame, experiment: str) -> list[tables.Table
     for model in sorted(set(rows["model"])):
         if not rows[(rows["model"] == model) & (rows["kind"] == "paper")].empty:
             out.append(tables.table1(rows, model, vanilla_pool=frame))
-        if not rows[(rows["model"] == model) & (rows["kind"] == "efficiency")].empty:
-            out.append(tables.efficiency_table(rows, experiment, model))
+        efficiency = rows[(rows["model"] == model) & (rows["kind"] == "efficiency")]
+        for benchmark in sorted(set(efficiency["benchmark"])):
+            out.append(tables.efficiency_table(rows, experiment, model, benchmark))
     paper_benchmarks = set(rows.loc[rows["kind"] == "paper", "benchmark"])
     for benchmark in sorted(set(rows["benchmark"]) - paper_benchmarks):
         out.append(tables.benchmark_table(rows, experiment, benchmark))
@@ -78,6 +70,6 @@ def build_report(frame: pd.DataFrame, experiment: str, out_dir: str | Path) -> R
         report.tables.append(table)
         report.files += table.write(out_dir / "tables")
     report.files += plots.score_vs_ratio(rows, out_dir / "plots")
-    report.files += plots.pareto(rows, out_dir / "plots")
+    report.files += plots.pareto(rows, out_dir / "plots", vanilla_pool=frame)
     report.files += plots.latency_memory(rows, out_dir / "plots")
     return report

@@ -64,16 +64,38 @@ def save(figure: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
     return paths
 
 
-def _series(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """(label, registry name, rows) per method, in the paper's method order."""
+#: Line styles of the contexts (models, benchmarks) sharing one panel; a method keeps its colour in each.
+CONTEXT_LINES = ("-", ":", "-.", (0, (5, 1)))
+
+
+def _series(
+    frame: pd.DataFrame, by: tuple[str, ...] = ("model",)
+) -> list[tuple[str, str, int, pd.DataFrame]]:
+    """(label, registry name, context index, rows) per method and context, in the paper's method order.
+
+    A context is a value of the ``by`` columns that vary in ``frame`` (each model, and for costs each
+    benchmark): a method's line never joins two models' or two benchmarks' points, and its label names the
+    context when there are several."""
     rank = {m: i for i, m in enumerate(method_order())}
-    groups = [(label, rows["method_name"].iloc[0], rows) for label, rows in frame.groupby("method")]
-    return sorted(groups, key=lambda g: (rank.get(g[1], len(rank)), g[0]))
+    varying = [k for k in by if k in frame and frame[k].nunique() > 1]
+    contexts = (
+        sorted(frame[varying].drop_duplicates().itertuples(index=False, name=None)) if varying else [()]
+    )
+    groups = []
+    for index, context in enumerate(contexts):
+        rows = frame
+        for key, value in zip(varying, context, strict=True):
+            rows = rows[rows[key] == value]
+        prefix = ", ".join(map(str, context)) + ": " if context else ""
+        for label, series in rows.groupby("method"):
+            groups.append((prefix + str(label), series["method_name"].iloc[0], index, series))
+    return sorted(groups, key=lambda g: (g[2], rank.get(g[1], len(rank)), g[0]))
 
 
-def plot_against_ratio(ax: plt.Axes, rows: pd.DataFrame) -> None:
-    """One line per method of ``value`` against retention ratio; vanilla as a dashed horizontal line."""
-    for label, method_name, series in _series(rows):
+def plot_against_ratio(ax: plt.Axes, rows: pd.DataFrame, by: tuple[str, ...] = ("model",)) -> None:
+    """One line per method (and context, :func:`_series`) of ``value`` against retention ratio; vanilla as a
+    dashed horizontal line."""
+    for label, method_name, context, series in _series(rows, by):
         series = series.sort_values("retention_ratio")
         if method_name == "vanilla":
             ax.axhline(series["value"].iloc[0], color="#000000", linestyle="--", linewidth=1, label=label)
@@ -83,6 +105,7 @@ def plot_against_ratio(ax: plt.Axes, rows: pd.DataFrame) -> None:
                 series["value"],
                 linewidth=1.4,
                 markersize=4,
+                linestyle=CONTEXT_LINES[context % len(CONTEXT_LINES)],
                 **method_style(label, method_name),
             )
 
@@ -142,7 +165,9 @@ def score_vs_ratio(frame: pd.DataFrame, out_dir: str | Path, name: str = "score_
         return save(figure, out_dir, name)
 
 
-def pareto(frame: pd.DataFrame, out_dir: str | Path, name: str = "pareto") -> list[Path]:
+def pareto(
+    frame: pd.DataFrame, out_dir: str | Path, name: str = "pareto", vanilla_pool: pd.DataFrame | None = None
+) -> list[Path]:
     """Quality against compute (TFLOPs per prefill, full convention), a line per method.
 
     With paper columns: Avg. % of vanilla, one panel. Without (the demo): one panel per score metric of each
@@ -152,14 +177,15 @@ def pareto(frame: pd.DataFrame, out_dir: str | Path, name: str = "pareto") -> li
     :func:`score_vs_ratio`.
     """
     if not frame[frame["kind"] == "paper"].empty:
-        merged = _paper_quality_vs_tflops(frame)
+        merged = _paper_quality_vs_tflops(frame, vanilla_pool)
         with style():
             figure, ax = plt.subplots(figsize=(4.6, 3.4))
             _plot_vs_tflops(ax, merged)
             ax.set_ylabel(AVG)
-            ax.legend(fontsize=8)
             if merged.empty:
                 _say_empty(ax)
+            else:
+                ax.legend(fontsize=8)
             return save(figure, out_dir, name)
     items = _accuracy_vs_tflops(frame)
     with style():
@@ -177,10 +203,15 @@ def pareto(frame: pd.DataFrame, out_dir: str | Path, name: str = "pareto") -> li
 
 def _plot_vs_tflops(ax: plt.Axes, merged: pd.DataFrame) -> None:
     """One line per method of ``value`` against ``tflops`` (vanilla: its single point)."""
-    for label, method_name, series in _series(merged):
+    for label, method_name, context, series in _series(merged):
         series = series.sort_values("tflops")
         ax.plot(
-            series["tflops"], series["value"], linewidth=1.2, markersize=5, **method_style(label, method_name)
+            series["tflops"],
+            series["value"],
+            linewidth=1.2,
+            markersize=5,
+            linestyle=CONTEXT_LINES[context % len(CONTEXT_LINES)],
+            **method_style(label, method_name),
         )
     ax.set_xlabel("TFLOPs per prefill (full convention)")
 
@@ -196,11 +227,12 @@ def _tflops(frame: pd.DataFrame) -> pd.DataFrame:
     return rows[columns].rename(columns={"value": "tflops"})
 
 
-def _paper_quality_vs_tflops(frame: pd.DataFrame) -> pd.DataFrame:
-    """Avg. % of vanilla (Table 1) per model, method and ratio, beside each cell's TFLOPs."""
+def _paper_quality_vs_tflops(frame: pd.DataFrame, vanilla_pool: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Avg. % of vanilla (Table 1, with its vanilla from ``vanilla_pool`` where ``frame`` has none) per
+    model, method and ratio, beside the mean TFLOPs of the row's cells."""
     quality = []
     for model in sorted(set(frame["model"])):
-        table = table1(frame, model).frame.rename(columns={"R": "retention_ratio"})
+        table = table1(frame, model, vanilla_pool=vanilla_pool).frame.rename(columns={"R": "retention_ratio"})
         table = table[pd.to_numeric(table[AVG], errors="coerce").notna()]
         quality.append(
             table.assign(model=model, value=table[AVG].astype(float))[
@@ -212,7 +244,10 @@ def _paper_quality_vs_tflops(frame: pd.DataFrame) -> pd.DataFrame:
         if quality
         else pd.DataFrame(columns=["model", "method", "retention_ratio", "value"])
     )
-    return quality.merge(_tflops(frame).drop(columns="benchmark"), on=["model", "method", "retention_ratio"])
+    # A row's Avg spans its benchmarks' cells, whose images (so TFLOPs) differ: one point at their mean.
+    row = ["model", "method", "method_name", "retention_ratio"]
+    tflops = _tflops(frame).groupby(row, as_index=False)["tflops"].mean()
+    return quality.merge(tflops, on=["model", "method", "retention_ratio"])
 
 
 def _accuracy_vs_tflops(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -250,7 +285,7 @@ def latency_memory(frame: pd.DataFrame, out_dir: str | Path, name: str = "latenc
             (axes[1], "peak_memory_gib", "peak GPU memory allocated (GiB)"),
         ):
             rows = efficiency[efficiency["metric"] == metric]
-            plot_against_ratio(ax, rows)
+            plot_against_ratio(ax, rows, by=("model", "benchmark"))
             if rows.empty:
                 ax.text(
                     0.5,

@@ -4,12 +4,16 @@
   "Avg. (% of vanilla)" (mean over the columns both rows have of ``ours / vanilla * 100``, so MME's 0-2000
   scale and the 0-100 accuracies weigh the same).
 * :func:`benchmark_table`: any benchmark by its own metrics (the demo), with agreement with vanilla.
-* :func:`efficiency_table`: GlobalCom² Tables 8/9 layout, with the hardware that produced it.
+* :func:`efficiency_table`: GlobalCom² Tables 8/9 layout per model and benchmark, with the hardware that
+  produced it.
 * :func:`paper_vs_ours`: our paper-column numbers beside the published ones (``results/reference``).
+
+Every entry of a table comes from one results cell (:func:`_one_cell_per_slot`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,8 @@ from globalcom2.data.benchmarks import PAPER_METRICS
 from globalcom2.efficiency.table import efficiency_display
 from globalcom2.methods import METHODS
 from globalcom2.paths import PROJECT_ROOT
+from globalcom2.provenance import CPU_LABEL
+from globalcom2.report.aggregate import COMPARABILITY, setting_text
 
 #: The paper's Table 1 row order, baselines first and GlobalCom² last, with the later baselines (VisionZip, DART,
 #: DivPrune) among the baselines (``fastervlm`` is a published row we do not run).
@@ -96,19 +102,55 @@ def _order(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _wide(frame: pd.DataFrame, kind: str, metrics: list[str] | None = None) -> pd.DataFrame:
+#: What makes a table row: one method at one ratio of one model.
+ROW_KEYS = ("model", "method", "method_name", "retention_ratio")
+
+
+def _wide(
+    frame: pd.DataFrame, kind: str, metrics: list[str] | None = None, keys: tuple[str, ...] = ROW_KEYS
+) -> pd.DataFrame:
+    """One row per ``keys``, one column per metric of ``kind``; each cell of the table from one cell of the
+    results (:func:`_one_cell_per_slot`). A key that is missing from a cell (an old record) reads ``n/a``."""
     rows = frame[frame["kind"] == kind]
     if metrics is not None:
         rows = rows[rows["metric"].isin(metrics)]
     if rows.empty:
-        return pd.DataFrame(columns=["model", "method", "method_name", "retention_ratio"])
-    wide = rows.pivot_table(
-        index=["model", "method", "method_name", "retention_ratio"],
-        columns="metric",
-        values="value",
-        aggfunc="first",
-    )
+        return pd.DataFrame(columns=list(keys))
+    extra = [k for k in keys if k not in ROW_KEYS]
+    rows = _one_cell_per_slot(rows.assign(**{k: rows[k].fillna("n/a") for k in extra}), [*keys, "metric"])
+    wide = rows.pivot_table(index=list(keys), columns="metric", values="value", aggfunc="first")
     return wide.reset_index()
+
+
+def _one_cell_per_slot(rows: pd.DataFrame, slot: list[str]) -> pd.DataFrame:
+    """``rows`` with each table slot (``slot``: the row's keys and the metric) filled from one results cell.
+
+    Two cells can give the same slot: a ``benchmark=mme`` cell beside ``paper_suite`` (both give MME), or one
+    model's efficiency on two benchmarks. A table must not pick one of them silently, and no rule can tell
+    which the user meant, so the slot shows the latest finished cell and a warning names every cell in it.
+    (The efficiency tables are built per benchmark, so there only a real duplicate warns.)"""
+    if "cell_dir" not in rows or rows.empty:
+        return rows
+    cells = rows.groupby(slot, dropna=False, sort=True)["cell_dir"].nunique()
+    clashes = cells[cells > 1]
+    if clashes.empty:
+        return rows
+    ordered = rows.sort_values("finished", kind="stable", na_position="first")
+    latest = ordered.groupby(slot, dropna=False, sort=False)["cell_dir"].transform("last")
+    shown = ordered[ordered["cell_dir"] == latest]
+    listing = []
+    for key in clashes.index[:10]:
+        match = (rows[slot] == pd.Series(key, index=slot)).all(axis=1)
+        dirs = sorted(set(rows.loc[match, "cell_dir"]))
+        chosen = shown.loc[(shown[slot] == pd.Series(key, index=slot)).all(axis=1), "cell_dir"].iloc[0]
+        listing.append(f"  {dict(zip(slot, key, strict=True))}: {', '.join(dirs)}; shown: {chosen}")
+    more = f"\n  ... and {len(clashes) - 10} more" if len(clashes) > 10 else ""
+    warnings.warn(
+        f"{len(clashes)} table entries come from more than one cell; each shows its latest finished cell "
+        f"(run the duplicates in another experiment to compare them):\n" + "\n".join(listing) + more,
+        stacklevel=3,
+    )
+    return shown.sort_index()
 
 
 def relative_average(row: pd.Series, vanilla: pd.Series | None, columns: list[str]) -> float | str:
@@ -138,12 +180,13 @@ def table1(
     columns = [c for c in PAPER_METRICS if c in set(rows.loc[rows["kind"] == "paper", "metric"])]
     wide = _wide(rows, "paper", columns)
     vanilla = _find_vanilla(wide)
+    notes = ["MME is the perception score only (0-2000); the other columns are 0-100."]
     if vanilla is None and vanilla_pool is not None:
-        vanilla = _find_vanilla(_wide(vanilla_pool[vanilla_pool["model"] == model], "paper", columns))
+        vanilla, note = _borrowed_vanilla(rows, vanilla_pool, model, columns)
+        notes += [note] if note else []
     wide = _order(wide) if len(wide) else wide
     wide[AVG] = [relative_average(r, vanilla, columns) for _, r in wide.iterrows()]
     display = wide[["method", "retention_ratio", *columns, AVG]].rename(columns={"retention_ratio": "R"})
-    notes = ["MME is the perception score only (0-2000); the other columns are 0-100."]
     notes += [f"{c}: {PAPER_METRICS[c].note}" for c in columns if not PAPER_METRICS[c].comparable]
     if vanilla is None:
         notes.append(
@@ -151,6 +194,43 @@ def table1(
         )
     caption = f"Table 1 layout, {model}" + (f" ({experiment})" if experiment else "")
     return Table(f"table1_{model}" + (f"_{experiment}" if experiment else ""), display, caption, notes)
+
+
+def _borrowed_vanilla(
+    rows: pd.DataFrame, pool: pd.DataFrame, model: str, columns: list[str]
+) -> tuple[pd.Series | None, str | None]:
+    """The vanilla row of ``model`` from one other experiment of ``pool``, with a note that says which.
+
+    An ablation experiment reuses Table 1's vanilla rather than re-running it. The row comes whole from one
+    experiment (the one whose vanilla has the most of ``columns``; ties: the first by name), never column by
+    column from several, and the note names it and every setting (:data:`COMPARABILITY`) in which its cells
+    differ from the table's own, which is also warned: a vanilla run on ``benchmark.limit=20`` would make
+    every "% of vanilla" a comparison with 20 samples."""
+    candidates = pool[
+        (pool["model"] == model) & (pool["method_name"] == "vanilla") & (pool["kind"] == "paper")
+    ]
+    best: tuple[int, str, pd.Series] | None = None
+    for experiment, group in candidates.groupby("experiment", sort=True):
+        found = _find_vanilla(_wide(group, "paper", columns))
+        if found is not None:
+            covered = int(found[[c for c in columns if c in found]].notna().sum())
+            if best is None or covered > best[0]:
+                best = (covered, str(experiment), found)
+    if best is None:
+        return None, None
+    _, experiment, vanilla = best
+    source = candidates[candidates["experiment"] == experiment].drop_duplicates("cell_dir")
+    own = rows.drop_duplicates("cell_dir")
+    differences = []
+    for column in (c for c in COMPARABILITY if c in own and c in source):
+        ours, theirs = (sorted(set(cells[column].map(setting_text))) for cells in (own, source))
+        if ours != theirs:
+            differences.append(f"{column} {'/'.join(theirs)} (this table: {'/'.join(ours)})")
+    note = f"{AVG}: against the vanilla row of experiment {experiment!r}, as this one has none"
+    if differences:
+        note += "; it was run with other settings: " + ", ".join(differences)
+        warnings.warn(f"Table 1 of {model}: {note}", stacklevel=3)
+    return vanilla, note + "."
 
 
 def _find_vanilla(wide: pd.DataFrame) -> pd.Series | None:
@@ -225,18 +305,20 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
     return Table(f"{experiment}_{benchmark}", display, f"{benchmark} ({experiment})", notes)
 
 
-def efficiency_table(frame: pd.DataFrame, experiment: str, model: str) -> Table:
-    """GlobalCom² Tables 8/9 layout, stage-resolved: cost per method and ratio, ratios to vanilla
+def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark: str) -> Table:
+    """GlobalCom² Tables 8/9 layout, stage-resolved: cost per method and ratio on one benchmark (its images and
+    prompts set every cost), ratios to the vanilla row of the same compile mode and attention implementation
     (:func:`globalcom2.efficiency.table.efficiency_display`, shared with ``make bench-efficiency``)."""
-    rows = frame[(frame["experiment"] == experiment) & (frame["model"] == model)]
-    wide = _wide(rows, "efficiency")
+    rows = frame[
+        (frame["experiment"] == experiment) & (frame["model"] == model) & (frame["benchmark"] == benchmark)
+    ]
+    name, caption = (
+        f"efficiency_{model}_{benchmark}",
+        f"Efficiency (Tables 8/9 layout), {model} on {benchmark}",
+    )
+    wide = _wide(rows, "efficiency", keys=(*ROW_KEYS, "compile", "attn_implementation"))
     if wide.empty:
-        return Table(
-            f"efficiency_{model}", wide, f"Efficiency, {model} ({experiment})", ["No efficiency records."]
-        )
-    kinds = rows.drop_duplicates("method")[["method", "compile"]] if "compile" in rows else None
-    if kinds is not None:
-        wide = wide.merge(kinds, on="method", how="left")
+        return Table(name, wide, f"{caption} ({experiment})", ["No efficiency records."])
     wide = _order(wide)
     display = efficiency_display(wide)
     hardware = ", ".join(sorted(set(rows["hardware"].dropna())))
@@ -253,7 +335,7 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str) -> Table:
     if "peak_memory_gib" not in wide or wide["peak_memory_gib"].isna().all():
         display["peak allocated (GiB)"] = "n/a (CPU)"
         notes.append("Peak memory: unavailable on CPU (torch tracks no CPU allocator peak); not zero.")
-    if not rows["hardware"].dropna().str.contains("GPU|NVIDIA|H100|H200|A100", regex=True).any():
+    if rows["hardware"].dropna().str.startswith(CPU_LABEL).all():
         notes.append(
             "CPU timings of cells run one after another drift with the machine's load; for speed-ups on CPU use "
             "`make bench-efficiency`, which interleaves the methods."
@@ -262,9 +344,7 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str) -> Table:
         notes.append("Speed-ups and FLOPs ratios: n/a, no vanilla row.")
     if set(rows["random_init"]) == {True}:
         notes.append("Random-initialised weights: costs are real, scores are not.")
-    return Table(
-        f"efficiency_{model}", display, f"Efficiency (Tables 8/9 layout), {model} ({experiment})", notes
-    )
+    return Table(name, display, f"{caption} ({experiment})", notes)
 
 
 def load_reference(directory: str | Path = REFERENCE_DIR) -> pd.DataFrame:
@@ -278,6 +358,11 @@ def paper_vs_ours(frame: pd.DataFrame, reference: pd.DataFrame | None = None) ->
     ours = frame[(frame["kind"] == "paper") & (frame["method"] == frame["method_name"])].copy()
     ours["size"] = ours["model"].map(MODEL_SIZES)
     ours = ours.dropna(subset=["size"])
+    # A published number is over the whole benchmark with trained weights: a limited or random-init cell
+    # has no counterpart, and a verdict on it would read as one on the method.
+    partial = ours["limit"].notna() | ours["random_init"].astype(bool)
+    left_out = ours.loc[partial, "cell_dir"].nunique()
+    ours = _one_cell_per_slot(ours[~partial], [*ROW_KEYS, "metric"])
     rank = {"primary": 0, "secondary": 1}
     ref = reference.assign(_rank=reference["reliability"].map(rank)).sort_values("_rank", kind="stable")
     # the most reliable source; among equally reliable ones the first listed (a stable sort: the file's order)
@@ -304,6 +389,11 @@ def paper_vs_ours(frame: pd.DataFrame, reference: pd.DataFrame | None = None) ->
     display["source"] = merged["source"]
     display["reliability"] = merged["reliability"]
     notes = ["Reproduced: |ours - paper| <= 1 point (MME perception: 30), as agreed for this project."]
+    if left_out:
+        notes.append(
+            f"{left_out} cell(s) left out: run on a sample limit or with random-initialised weights, which no "
+            "published number is comparable with."
+        )
     if display.empty:
         notes.append(
             "No cell matches a published row (same model size, method, ratio and benchmark); "

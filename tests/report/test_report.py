@@ -334,12 +334,14 @@ def test_tables_and_plots_are_written(tree, tmp_path):
     frame = tidy_results(tree)
     report = build_report(frame, "t1", tmp_path / "out")
     names = {p.name for p in report.files}
-    for stem in ("table1_llava_next_7b", "efficiency_llava_next_7b", "paper_vs_ours"):
+    for stem in ("table1_llava_next_7b", "efficiency_llava_next_7b_paper_suite", "paper_vs_ours"):
         assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names
     for stem in ("score_vs_ratio", "pareto", "latency_memory"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
     assert all(p.stat().st_size > 0 for p in report.files)
-    efficiency = pd.read_csv(tmp_path / "out" / "tables" / "efficiency_llava_next_7b.csv").set_index("method")
+    efficiency = pd.read_csv(
+        tmp_path / "out" / "tables" / "efficiency_llava_next_7b_paper_suite.csv"
+    ).set_index("method")
     assert efficiency.loc["globalcom2", "prefill speed-up (x)"] == pytest.approx(4.0)
     for table in report.tables:
         check_latex(table.latex(), tmp_path / f"{table.name}.tex")
@@ -647,6 +649,7 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_p
     record["spec"]["model"]["batch_invariant"] = True
     record["spec"]["model"]["compile"] = "default"
     record["provenance"]["hardware"] = {"gpu": "NVIDIA H200"}
+    record["spec"]["benchmark"]["limit"] = 20
     (cell / "record.json").write_text(json.dumps(record))
     with pytest.warns(UserWarning) as caught:
         build_report(tidy_results(root), "t1", tmp_path / "mixed")
@@ -657,6 +660,7 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_p
         "batch_invariant differs between cells: False (1 cells), True (1 cells)" in m for m in messages
     )
     assert any("compile differs between cells: default (1 cells), no (1 cells)" in m for m in messages)
+    assert any("limit differs between cells: 20 (1 cells), None (1 cells)" in m for m in messages)
     assert any(
         "hardware differs between cells: NVIDIA H100 (1 cells), NVIDIA H200 (1 cells)" in m for m in messages
     )
@@ -676,3 +680,164 @@ def test_a_cpu_cell_on_a_gpu_machine_is_labelled_with_the_cpu(tmp_path):
     frame = tidy_results(root)
     labels = frame.drop_duplicates("retention_ratio").set_index("retention_ratio")["hardware"]
     assert labels.to_dict() == {0.25: "CPU (x86_64, 16 cores)", 0.5: "NVIDIA H100"}
+
+
+def _edit_record(cell: Path, edit) -> None:
+    record = json.loads((cell / "record.json").read_text())
+    edit(record)
+    (cell / "record.json").write_text(json.dumps(record))
+
+
+def _prefill(ms: float):
+    return lambda record: record["efficiency"].update(prefill_ms={"median": ms})
+
+
+def test_efficiency_speed_ups_compare_cells_of_one_benchmark(tmp_path):
+    """Vanilla on gqa (100 ms) and pope (50 ms), GlobalCom² on pope only (40 ms): one table per benchmark,
+    and pope's speed-up is 50/40, never gqa's vanilla over pope's method (2.5)."""
+    root = tmp_path / "results"
+    _edit_record(write_cell(root, "vanilla", 1.0, {}, benchmark="gqa"), _prefill(100.0))
+    _edit_record(write_cell(root, "vanilla", 1.0, {}, benchmark="pope"), _prefill(50.0))
+    _edit_record(write_cell(root, "globalcom2", 0.25, {}, benchmark="pope"), _prefill(40.0))
+    report = build_report(tidy_results(root), "t1", tmp_path / "out")
+    by_name = {table.name: table for table in report.tables}
+    pope = by_name["efficiency_llava_next_7b_pope"].frame.set_index("method")
+    assert pope.loc["globalcom2", "prefill speed-up (x)"] == pytest.approx(1.25)
+    assert "on pope" in by_name["efficiency_llava_next_7b_pope"].caption
+    assert list(by_name["efficiency_llava_next_7b_gqa"].frame["method"]) == ["vanilla"]
+
+
+def test_each_table_entry_comes_from_one_cell_and_a_second_one_is_named(tmp_path):
+    """paper_suite and a benchmark=mme cell both give GlobalCom²'s MME: the table shows the later one and
+    warns with both folders, never an arbitrary first."""
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0, "MME (perception)": 1500.0})
+    write_cell(
+        root, "globalcom2", 0.25, {"GQA": 54.0, "MME (perception)": 1200.0}, finished="2026-11-21T00:00:00"
+    )
+    later = write_cell(
+        root,
+        "globalcom2",
+        0.25,
+        {"MME (perception)": 1300.0},
+        benchmark="mme",
+        finished="2026-11-22T00:00:00",
+    )
+    with pytest.warns(UserWarning, match="come from more than one cell") as caught:
+        table = table1(tidy_results(root), "llava_next_7b").frame.set_index("method")
+    assert table.loc["globalcom2", "MME (perception)"] == 1300.0 and table.loc["globalcom2", "GQA"] == 54.0
+    message = "\n".join(str(w.message) for w in caught)
+    assert str(later) in message and "paper_suite" in message
+
+
+def test_a_borrowed_vanilla_comes_whole_from_one_experiment_and_says_which(tmp_path):
+    """An ablation without vanilla uses another experiment's: the note names it, and a sample limit that
+    differs from the ablation's cells is named and warned (a 20-sample vanilla is no baseline)."""
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 50.0}, experiment="default")
+    limited = write_cell(root, "vanilla", 1.0, {"GQA": 80.0, "MME (perception)": 1000.0}, experiment="smoke")
+    _edit_record(limited, lambda record: record["spec"]["benchmark"].update(limit=20))
+    write_cell(root, "globalcom2", 0.25, {"GQA": 40.0, "MME (perception)": 900.0}, experiment="ablations")
+    frame = tidy_results(root)
+    with pytest.warns(UserWarning, match="limit 20") as caught:
+        report = build_report(frame, "ablations", tmp_path / "out")
+    (table,) = [t for t in report.tables if t.name.startswith("table1")]
+    row = table.frame.set_index("method").loc["globalcom2"]
+    assert row[AVG] == pytest.approx((40 / 80 + 900 / 1000) * 50)  # smoke's vanilla: both columns, one source
+    note = next(n for n in table.notes if "against the vanilla row" in n)
+    assert "'smoke'" in note and "limit 20 (this table: None)" in note
+    assert any("Table 1 of llava_next_7b" in str(w.message) for w in caught)
+
+
+def test_a_copied_cell_folder_is_not_tabled_under_its_original_key(tmp_path):
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
+    write_cell(root, "globalcom2", 0.25, {"GQA": 54.0})
+    shutil.copytree(root / "t1", root / "t1_old")
+    with pytest.warns(UserWarning, match="belongs to t1/llava_next_7b"):
+        frame = tidy_results(root)
+    assert set(frame["experiment"]) == {"t1"}
+    assert frame.drop_duplicates("cell_dir")["cell_dir"].str.contains("t1_old").sum() == 0
+    assert len(frame.drop_duplicates("cell_dir")) == 2
+
+
+def test_efficiency_rows_compare_with_the_vanilla_of_their_own_attention_and_compile_mode(tmp_path):
+    """GlobalCom² at 0.25 under eager attention and at 0.5 compiled, vanilla under SDPA, eager mode: only the
+    row that matches vanilla's settings gets a speed-up; each row shows its own settings, and the mix warns."""
+    root = tmp_path / "results"
+
+    def settings(attention: str, compile_mode: str):
+        def edit(record):
+            record["spec"]["model"].update(attn_implementation=attention, compile=compile_mode)
+            record["efficiency"]["prefill_ms"] = {"median": 50.0}
+
+        return edit
+
+    _edit_record(write_cell(root, "vanilla", 1.0, {}), settings("sdpa", "no"))
+    _edit_record(write_cell(root, "globalcom2", 0.25, {}), settings("eager", "no"))
+    _edit_record(write_cell(root, "globalcom2", 0.5, {}), settings("sdpa", "default"))
+    _edit_record(write_cell(root, "globalcom2", 0.75, {}), settings("sdpa", "no"))
+    with pytest.warns(UserWarning) as caught:
+        report = build_report(tidy_results(root), "t1", tmp_path / "out")
+    messages = "\n".join(str(w.message) for w in caught)
+    assert "attn_implementation differs between cells" in messages and "compile differs" in messages
+    (table,) = [t for t in report.tables if t.name.startswith("efficiency")]
+    rows = table.frame.set_index("R")
+    assert (rows.loc[0.25, "attention"], rows.loc[0.5, "compiled"]) == ("eager", "default")
+    assert rows.loc[0.75, "prefill speed-up (x)"] == 1.0
+    assert rows.loc[[0.25, 0.5], "prefill speed-up (x)"].isna().all()  # no vanilla of their kind
+
+
+def test_paper_vs_ours_gives_no_verdict_on_limited_or_random_init_cells(tmp_path):
+    root = tmp_path / "results"
+    write_cell(root, "globalcom2", 0.25, {"GQA": 60.0})
+    _edit_record(
+        write_cell(root, "globalcom2", 0.25, {"GQA": 60.0}, experiment="smoke"),
+        lambda record: record["spec"]["benchmark"].update(limit=20),
+    )
+    _edit_record(
+        write_cell(root, "globalcom2", 0.25, {"GQA": 60.0}, experiment="random"),
+        lambda record: record["spec"]["model"].update(random_init=True),
+    )
+    frame = tidy_results(root)
+    reference = pd.DataFrame(
+        [{"model": "7B", "method": "globalcom2", "retention_ratio": 0.25, "column": "GQA", "value": 60.5,
+          "source": "paper", "reliability": "primary"}]
+    )  # fmt: skip
+    assert len(paper_vs_ours(frame[frame["experiment"] == "t1"], reference).frame) == 1
+    for experiment in ("smoke", "random"):
+        table = paper_vs_ours(frame[frame["experiment"] == experiment], reference)
+        assert table.frame.empty and any("1 cell(s) left out" in note for note in table.notes)
+
+
+def test_a_plot_line_never_joins_two_models():
+    frame = pd.DataFrame(
+        {
+            "model": ["tiny", "tiny", "llava_next_7b", "llava_next_7b"],
+            "method": ["globalcom2"] * 4,
+            "method_name": ["globalcom2"] * 4,
+            "retention_ratio": [0.25, 0.5, 0.25, 0.5],
+            "value": [1.0, 2.0, 3.0, 4.0],
+        }
+    )
+    series = plots._series(frame)
+    assert [(label, list(rows["value"])) for label, _, _, rows in series] == [
+        ("llava_next_7b: globalcom2", [3.0, 4.0]),
+        ("tiny: globalcom2", [1.0, 2.0]),
+    ]
+    assert [label for label, *_ in plots._series(frame[frame["model"] == "tiny"])] == ["globalcom2"]
+
+
+@pytest.mark.parametrize("gpu", ["Tesla V100-SXM2-32GB", "AMD Instinct MI300X", "NVIDIA H100 80GB HBM3"])
+def test_any_gpu_name_counts_as_a_gpu_in_the_efficiency_notes(tmp_path, gpu):
+    root = tmp_path / "results"
+    for method, ratio in (("vanilla", 1.0), ("globalcom2", 0.25)):
+        _edit_record(
+            write_cell(root, method, ratio, {}),
+            lambda record: record["provenance"].update(
+                hardware={"gpu": gpu, "machine": "x86_64", "cpu_count": 8}
+            ),
+        )
+    report = build_report(tidy_results(root), "t1", tmp_path / "out")
+    (table,) = [t for t in report.tables if t.name.startswith("efficiency")]
+    assert not any("CPU timings" in note for note in table.notes) and gpu in table.notes[0]
