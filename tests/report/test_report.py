@@ -418,6 +418,11 @@ def test_the_aggregate_cli_writes_the_demo_report(demo_results):
     assert table.set_index("method").loc["vanilla", "agreement with vanilla (%)"] == 100.0
     assert (demo_results / "demo" / "plots" / "score_vs_ratio.png").stat().st_size > 10_000
     assert (demo_results / "tidy.parquet").is_file()
+    # one setting throughout (FastV scores attention without changing the model's attention implementation):
+    # nothing warned as mixed, and every row has its speed-up against the one vanilla
+    assert "differs between cells" not in done.stderr and "more than one cell" not in done.stderr
+    (efficiency,) = (demo_results / "demo" / "tables").glob("efficiency_*_demo.csv")
+    assert pd.read_csv(efficiency)["prefill speed-up (x)"].notna().all()
 
 
 @pytest.mark.slow
