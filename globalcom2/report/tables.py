@@ -153,16 +153,38 @@ def _one_cell_per_slot(rows: pd.DataFrame, slot: list[str]) -> pd.DataFrame:
     return shown.sort_index()
 
 
+def shared_columns(row: pd.Series, vanilla: pd.Series, columns: list[str]) -> list[str]:
+    """The columns of ``columns`` that both ``row`` and ``vanilla`` have (a non-zero vanilla value)."""
+    return [
+        c
+        for c in columns
+        if c in row and c in vanilla and pd.notna(row[c]) and pd.notna(vanilla[c]) and vanilla[c] != 0
+    ]
+
+
 def relative_average(row: pd.Series, vanilla: pd.Series | None, columns: list[str]) -> float | str:
     """Mean of ``row / vanilla * 100`` over the columns both have; n/a (with why) without a vanilla row."""
     if vanilla is None:
         return "n/a (no vanilla row)"
-    ratios = [
-        100.0 * row[c] / vanilla[c]
-        for c in columns
-        if c in row and c in vanilla and pd.notna(row[c]) and pd.notna(vanilla[c]) and vanilla[c] != 0
-    ]
+    ratios = [100.0 * row[c] / vanilla[c] for c in shared_columns(row, vanilla, columns)]
     return sum(ratios) / len(ratios) if ratios else "n/a (no column in common with vanilla)"
+
+
+def _partial_averages(wide: pd.DataFrame, vanilla: pd.Series | None, columns: list[str]) -> list[str]:
+    """A note for each row whose Avg covers fewer of the table's columns than the others: an average over MME
+    alone is not comparable with one over ten benchmarks."""
+    if vanilla is None or wide.empty:
+        return []
+    covered = {
+        (row["method"], row["retention_ratio"]): shared_columns(row, vanilla, columns)
+        for _, row in wide.iterrows()
+    }
+    most = max(len(shared) for shared in covered.values())
+    return [
+        f"{AVG} of {method} at R = {ratio}: over {len(shared)} of the {most} columns ({', '.join(shared) or 'none'})."
+        for (method, ratio), shared in covered.items()
+        if len(shared) < most
+    ]
 
 
 def table1(
@@ -186,6 +208,7 @@ def table1(
         notes += [note] if note else []
     wide = _order(wide) if len(wide) else wide
     wide[AVG] = [relative_average(r, vanilla, columns) for _, r in wide.iterrows()]
+    notes += _partial_averages(wide, vanilla, columns)
     display = wide[["method", "retention_ratio", *columns, AVG]].rename(columns={"retention_ratio": "R"})
     notes += [f"{c}: {PAPER_METRICS[c].note}" for c in columns if not PAPER_METRICS[c].comparable]
     if vanilla is None:

@@ -303,6 +303,8 @@ def test_table1_average_is_relative_to_vanilla_column_by_column(tree):
     )  # MME's 0-2000 scale weighs the same
     assert table.loc["fastv", AVG] == pytest.approx(75.0)  # only the columns it has
     assert list(table.index) == ["vanilla", "fastv", "globalcom2"]
+    notes = [n for n in table1(frame, "llava_next_7b").notes if n.startswith(AVG)]
+    assert notes == [f"{AVG} of fastv at R = 0.25: over 1 of the 2 columns (GQA)."]  # and says so
     no_vanilla = table1(frame[frame["method"] != "vanilla"], "llava_next_7b")
     assert set(no_vanilla.frame[AVG]) == {"n/a (no vanilla row)"}
     assert any("no vanilla row" in note for note in no_vanilla.notes)
