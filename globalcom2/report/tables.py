@@ -274,8 +274,15 @@ def ordered_scores(metrics: Iterable[str]) -> list[str]:
 
 
 def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Table:
-    """One benchmark by its own metrics (x100; overall before per-type), agreement with vanilla, and costs."""
+    """One benchmark by its own metrics (x100; overall before per-type), agreement with vanilla, and costs.
+
+    A benchmark of several lmms-eval tasks names each score ``<task>: <metric>``: two tasks' ``exact_match``
+    are two columns, never one."""
     rows = frame[(frame["experiment"] == experiment) & (frame["benchmark"] == benchmark)]
+    score_rows = rows[rows["kind"] == "score"]
+    if score_rows["task"].nunique() > 1:
+        qualified = score_rows["task"].astype(str) + ": " + score_rows["metric"].astype(str)
+        rows = rows.assign(metric=rows["metric"].where(rows["kind"] != "score", qualified))
     scores = _wide(rows, "score")
     metrics = ordered_scores(
         c for c in scores.columns if c not in ("model", "method", "method_name", "retention_ratio")

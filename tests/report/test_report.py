@@ -20,7 +20,7 @@ from helpers import synthetic_image
 from globalcom2.report import plots
 from globalcom2.report.aggregate import load_cells, tidy_results
 from globalcom2.report.build import build_report
-from globalcom2.report.tables import AVG, paper_vs_ours, table1
+from globalcom2.report.tables import AVG, benchmark_table, paper_vs_ours, table1
 from globalcom2.store import CURRENT_FILE, cell_id
 
 REPO = Path(__file__).resolve().parents[2]
@@ -848,3 +848,14 @@ def test_any_gpu_name_counts_as_a_gpu_in_the_efficiency_notes(tmp_path, gpu):
     report = build_report(tidy_results(root), "t1", tmp_path / "out")
     (table,) = [t for t in report.tables if t.name.startswith("efficiency")]
     assert not any("CPU timings" in note for note in table.notes) and gpu in table.notes[0]
+
+
+def test_a_benchmark_of_several_tasks_keeps_each_tasks_score_apart(tmp_path):
+    root = tmp_path / "results"
+    for method, ratio, scores in (("vanilla", 1.0, (0.5, 0.7)), ("globalcom2", 0.25, (0.4, 0.6))):
+        metrics = {"task_a": {"exact_match": scores[0]}, "task_b": {"exact_match": scores[1]}}
+        write_cell(root, method, ratio, {}, benchmark="two_tasks", metrics=metrics)
+    table = benchmark_table(tidy_results(root), "t1", "two_tasks").frame.set_index("method")
+    assert table.loc["globalcom2", "task_a: exact_match"] == pytest.approx(40.0)
+    assert table.loc["globalcom2", "task_b: exact_match"] == pytest.approx(60.0)
+    assert "exact_match" not in table.columns
