@@ -112,8 +112,13 @@ def textvqa(doc: Mapping[str, Any]) -> str:
     instruction.
 
     Every one of its 5000 rows carries the OCR line (lmms-eval's ``textvqa_val`` has ``ocr: false``), and
-    every question equals its ``str.capitalize()`` ("Where will i be if i turn right?"). The paper's vanilla
-    TextVQA (64.9 for 7B) is LLaVA's MODEL_ZOO number, produced with these prompts.
+    every question equals its ``str.capitalize()`` ("Where will i be if i turn right?"). This is what the eval
+    scripts the paper cites send (``scripts/v1_5/eval/textvqa.sh`` with ``model_vqa_loader.py``). The
+    paper's vanilla TextVQA (64.9 for 7B) is LLaVA's model-zoo number, which users reproduce only *without*
+    this line (haotian-liu/LLaVA#1326: 61.35-61.4 with it, 64.7-64.9 with the loader keeping lines 0, 1 and 3
+    of the prompt), and xuyang-liu16/GlobalCom2's ``model_vqa_loader.py`` drops it in a commit after the
+    paper's first version. So the published TextVQA rows may mix the two prompts; the column is marked not
+    comparable (``globalcom2.data.benchmarks.PAPER_METRICS``), and our own vanilla row is the baseline.
     """
     tokens = ", ".join(doc["ocr_tokens"] or [])
     return f"{doc['question'].capitalize()}\nReference OCR token: {tokens}\n{SHORT_ANSWER}"

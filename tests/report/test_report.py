@@ -859,3 +859,14 @@ def test_a_benchmark_of_several_tasks_keeps_each_tasks_score_apart(tmp_path):
     assert table.loc["globalcom2", "task_a: exact_match"] == pytest.approx(40.0)
     assert table.loc["globalcom2", "task_b: exact_match"] == pytest.approx(60.0)
     assert "exact_match" not in table.columns
+
+
+def test_table1_says_why_textvqa_is_not_comparable_with_the_published_row(tmp_path):
+    """The published vanilla TextVQA (64.9) reproduces only without LLaVA's OCR-token line, which the
+    llava protocol sends: the column is marked, and the note says why (haotian-liu/LLaVA#1326)."""
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"TextVQA": 61.4, "GQA": 64.0})
+    notes = table1(tidy_results(root), "llava_next_7b").notes
+    (note,) = [n for n in notes if n.startswith("TextVQA:")]
+    assert "OCR-token line" in note and "haotian-liu/LLaVA#1326" in note
+    assert not any(n.startswith("GQA:") for n in notes)
