@@ -10,7 +10,9 @@ step reads the samples file of such a run, looks each document up in the local M
 The judge is configured as lmms-eval configures it: ``API_TYPE`` (``openai`` by default, or ``azure``),
 ``OPENAI_API_KEY`` / ``OPENAI_API_URL`` or ``AZURE_API_KEY`` / ``AZURE_ENDPOINT``, and ``MODEL_VERSION``
 (default ``gpt-4o-2024-11-20``; the LLaVA papers used GPT-4-0613). Without credentials it stops with a
-message and computes nothing; a sample the judge fails to grade stops it too, instead of counting 0.
+message and computes nothing; a sample the judge fails to grade (no reply, or replies whose grade lmms-eval
+cannot read, which it would count as 0) stops it too, and so does a judge that keeps replying out of range
+(:class:`RecordedJudge`).
 
 It fails fast rather than retrying for minutes: one probe request (``--timeout`` seconds, no retry)
 must succeed before any sample is graded; every later request gets the same timeout and at most
@@ -45,8 +47,52 @@ DEFAULT_RETRIES = 2
 DEFAULT_TIME_LIMIT_S = 3600.0
 
 
+#: The most judge requests one sample may take. After a reply whose first word is no number, lmms-eval's grader
+#: asks again at a temperature 0.5 higher (two requests each time) and gives the sample 0 at temperature 2,
+#: at most 9 requests; after a number outside [0, 1] it asks again at the same temperature, with no end.
+MAX_REQUESTS_PER_SAMPLE = 10
+
+
 class JudgeUnavailableError(RuntimeError):
     """The GPT judge cannot be used (credentials, API type, network): nothing was scored."""
+
+
+def grade_in_reply(content: str) -> float | None:
+    """The grade lmms-eval's grader reads from a judge reply (its first word, a number in [0, 1]), or ``None``
+    (lmms-eval ``tasks/mmvet/utils.py``, ``mmvet_process_results``)."""
+    try:
+        grade = float(content.split(" ")[0].strip())
+    except ValueError:
+        return None
+    return grade if 0.0 <= grade <= 1.0 else None
+
+
+class RecordedJudge:
+    """lmms-eval's ``get_chat_response`` with each sample's replies kept and its requests bounded.
+
+    The grade lmms-eval returns is a real one only when the sample's last reply holds it: its grader also
+    returns 0 after replies it cannot read, which would enter the average as a wrong answer. And a judge that
+    keeps replying out of range would be asked forever; past :data:`MAX_REQUESTS_PER_SAMPLE` the step stops.
+    """
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.replies: list[str] = []
+
+    def __call__(self, prompt: str, *args: Any, **kwargs: Any) -> tuple[str, str]:
+        if len(self.replies) >= MAX_REQUESTS_PER_SAMPLE:
+            raise RuntimeError(
+                f"the judge gave no grade in [0, 1] in {MAX_REQUESTS_PER_SAMPLE} requests for one sample (last "
+                f"replies: {self.replies[-3:]!r}); no score written"
+            )
+        content, model = self.request(prompt, *args, **kwargs)
+        self.replies.append(content)
+        return content, model
+
+    def graded(self, grade: dict[str, Any]) -> bool:
+        """Whether lmms-eval's ``grade`` of the sample just judged is one the judge gave."""
+        last = grade_in_reply(self.replies[-1]) if self.replies else None
+        return bool(grade.get("eval_model")) and last is not None and last == grade.get("score")
 
 
 def check_credentials() -> str:
@@ -152,27 +198,17 @@ def judge(
     bound_judge(mmvet, timeout_s, retries)
     deadline = time.monotonic() + time_limit_s
     probe_judge(mmvet, timeout_s)
-    graded, failures = [], []
-    for sample in samples:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"the time limit of {time_limit_s:.0f} s ran out after {len(graded)} of {len(samples)} samples; "
-                "no score written (raise --time-limit)"
-            )
-        doc = docs[int(sample["doc_id"])]
-        if "target" in sample and str(sample["target"]) != doc["answer"]:
-            raise ValueError(
-                f"doc {sample['doc_id']}: the samples file's target {sample['target']!r} differs from the local "
-                f"data's answer {doc['answer']!r}; the data changed since the run"
-            )
-        grade = mmvet.mmvet_process_results(doc, [answer_of(sample)])["gpt_eval_score"]
-        (graded if grade.get("eval_model") else failures).append(grade)
-        if failures:  # lmms-eval counts an ungraded sample as 0; stop instead
-            break
+    judge_requests = RecordedJudge(mmvet.get_chat_response)
+    mmvet.get_chat_response = judge_requests  # restored below: lmms-eval's module outlives this step
+    try:
+        graded, failures = _grade_all(mmvet, samples, docs, judge_requests, deadline, time_limit_s)
+    finally:
+        mmvet.get_chat_response = judge_requests.request
     if failures:
-        ids = ", ".join(str(g["question_id"]) for g in failures[:5])
+        listing = "; ".join(f"{g['question_id']}: {reply!r}" for g, reply in failures[:5])
         raise RuntimeError(
-            f"the judge returned no grade for {len(failures)} samples (e.g. {ids}); no score written"
+            f"the judge returned no grade for {len(failures)} samples (question id: its last reply, "
+            f"{listing}); no score written"
         )
     score = mmvet.mmvet_aggregate_results(graded)
     result = {
@@ -189,6 +225,39 @@ def judge(
     atomic_write_json(out, result, ensure_ascii=False, sort_keys=False)
     print(f"MM-Vet gpt_eval_score = {score:.2f} over {len(graded)} samples -> {out}")
     return result
+
+
+def _grade_all(
+    mmvet: Any,
+    samples: list[dict[str, Any]],
+    docs: Any,
+    judge_requests: RecordedJudge,
+    deadline: float,
+    time_limit_s: float,
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """Grade ``samples`` in turn with lmms-eval's grader until the first one the judge does not grade:
+    ``(grades, [(failed grade, the judge's last reply)])``."""
+    graded: list[dict[str, Any]] = []
+    failures: list[tuple[dict[str, Any], str]] = []
+    for sample in samples:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the time limit of {time_limit_s:.0f} s ran out after {len(graded)} of {len(samples)} samples; "
+                "no score written (raise --time-limit)"
+            )
+        doc = docs[int(sample["doc_id"])]
+        if "target" in sample and str(sample["target"]) != doc["answer"]:
+            raise ValueError(
+                f"doc {sample['doc_id']}: the samples file's target {sample['target']!r} differs from the local "
+                f"data's answer {doc['answer']!r}; the data changed since the run"
+            )
+        judge_requests.replies = []
+        grade = mmvet.mmvet_process_results(doc, [answer_of(sample)])["gpt_eval_score"]
+        if not judge_requests.graded(grade):  # lmms-eval counts an ungraded sample as 0; stop instead
+            failures.append((grade, judge_requests.replies[-1] if judge_requests.replies else ""))
+            break
+        graded.append(grade)
+    return graded, failures
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,46 @@ def test_mmvet_judge_refuses_to_score_when_the_judge_fails(fixture_data, tmp_pat
     assert not list(tmp_path.glob("*_judged.json"))
 
 
+@pytest.mark.parametrize(
+    ("replies", "message"),
+    [
+        # never a number: lmms-eval asks again up to temperature 2, then counts 0; here the step stops
+        (["Score: 0.8"] * 9, r"no grade for 1 samples \(question id: its last reply, .*'Score: 0.8'"),
+        # a number out of range: lmms-eval would ask at temperature 0 forever
+        (["1.5"] * 50, r"no grade in \[0, 1\] in 10 requests"),
+    ],
+)
+def test_mmvet_judge_stops_at_a_reply_it_cannot_read_never_counting_0(
+    fixture_data, tmp_path, graded_by, monkeypatch, replies, message
+):
+    from lmms_eval.tasks.mmvet import utils
+
+    monkeypatch.setattr(utils.time, "sleep", lambda seconds: None)  # lmms-eval waits 5 s between tries
+    graded_by([("1.0", "gpt-test"), *((reply, "gpt-test") for reply in replies)])
+    samples = samples_file(
+        tmp_path / "s_samples_mmvet_local.jsonl", zip(FIXTURE_TARGETS, ["4.50", "red", "dog"], strict=True)
+    )
+    with pytest.raises(RuntimeError, match=message):
+        mmvet_judge.judge(samples)
+    assert not list(tmp_path.glob("*_judged.json"))
+    assert not isinstance(utils.get_chat_response, mmvet_judge.RecordedJudge)  # lmms-eval's own is back
+
+
+def test_mmvet_judge_keeps_a_grade_the_judge_gave_after_a_retry(
+    fixture_data, tmp_path, graded_by, monkeypatch
+):
+    """An unreadable reply, the retry lmms-eval discards, then a grade: the grade stands, as in lmms-eval."""
+    from lmms_eval.tasks.mmvet import utils
+
+    monkeypatch.setattr(utils.time, "sleep", lambda seconds: None)
+    replies = [("1.0", "gpt"), ("Score: 1", "gpt"), ("ignored", "gpt"), ("0.5", "gpt"), ("0.0", "gpt")]
+    graded_by(replies)
+    samples = samples_file(
+        tmp_path / "s_samples_mmvet_local.jsonl", zip(FIXTURE_TARGETS, ["4.50", "red", "dog"], strict=True)
+    )
+    assert [g["score"] for g in mmvet_judge.judge(samples)["grades"]] == [1.0, 0.5, 0.0]
+
+
 def test_mmvet_judge_detects_data_that_changed(fixture_data, tmp_path, graded_by):
     graded_by([])
     samples = samples_file(tmp_path / "s.jsonl", [("another answer", "x")])
