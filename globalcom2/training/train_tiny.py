@@ -479,7 +479,10 @@ def train_language(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         history.append(
-            {"loss": round(float(loss), 4), "first_token_acc": round(float(correct.float().mean()), 3)}
+            {
+                "loss": round(float(loss.detach()), 4),
+                "first_token_acc": round(float(correct.float().mean()), 3),
+            }
         )
         if step % 25 == 0 or step == cfg.steps - 1:
             recent = history[-25:]
