@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
+from globalcom2.protocol.rules import DEFAULT_PROTOCOL
 from globalcom2.provenance import hardware_label
 from globalcom2.records import RecordError
 from globalcom2.sample_records import RECORDS_FILE
@@ -37,7 +38,7 @@ CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/r
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
     "world_size", "attn_implementation", "random_init", "vicuna_text", "dtype", "compile", "batch_invariant",
-    "prefetch", "limit",
+    "prefetch", "limit", "protocol",
     "hardware",
     "git_sha",
     "git_dirty",
@@ -50,11 +51,12 @@ CONFIG_COLUMNS = [
 #: kernels' shapes (so answers, and latency), prefetching (host work beside the timed calls) changes latency,
 #: compile mode changes latency most and answers by reassociation, so does the attention implementation (SDPA
 #: or eager), a random-initialised model's prompt length (``vicuna_text``) changes its latency, a sample
-#: ``limit`` changes which samples a score averages, and the hardware changes every latency. A table's cells
+#: ``limit`` changes which samples a score averages, the protocol (``llava`` or ``lmms_eval``) changes prompts
+#: and decoding, so scores, and the hardware changes every latency. A table's cells
 #: should agree on these (``make tables`` warns where they do not).
 COMPARABILITY = (
     *("batch_size", "dtype", "batch_invariant", "prefetch", "compile", "attn_implementation"),
-    *("vicuna_text", "limit", "hardware"),
+    *("vicuna_text", "limit", "protocol", "hardware"),
 )
 
 
@@ -236,6 +238,7 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "batch_invariant": bool(spec["model"].get("batch_invariant", False)),  # off in cells from before it
         "prefetch": bool(run.get("prefetch", False)),  # cells from before the option ran every batch in turn
         "limit": spec["benchmark"].get("limit"),
+        "protocol": spec["benchmark"].get("protocol", DEFAULT_PROTOCOL),  # cells from before it: lmms-eval's
         "hardware": hardware_label(hardware, run.get("device")),
         "git_sha": git.get("sha"),
         "git_dirty": git.get("dirty"),

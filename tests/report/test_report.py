@@ -65,7 +65,7 @@ def write_cell(
             "seed": 0,
             "model": {"random_init": False, "dtype": "float16", "attn_implementation": "sdpa"},
             "method": {"name": method, "params": {}},
-            "benchmark": {"batch_size": 1, "limit": None},
+            "benchmark": {"batch_size": 1, "limit": None, "protocol": "llava"},
         },
         "provenance": {"git": {"sha": "abc", "dirty": False}, "hardware": {"gpu": "NVIDIA H100"}},
         "finished": finished,
@@ -812,7 +812,12 @@ def test_paper_vs_ours_gives_no_verdict_on_limited_or_random_init_cells(tmp_path
           "source": "paper", "reliability": "primary"}]
     )  # fmt: skip
     assert len(paper_vs_ours(frame[frame["experiment"] == "t1"], reference).frame) == 1
-    for experiment in ("smoke", "random"):
+    _edit_record(
+        write_cell(root, "globalcom2", 0.25, {"GQA": 60.0}, experiment="lmms"),
+        lambda record: record["spec"]["benchmark"].update(protocol="lmms_eval"),
+    )
+    frame = tidy_results(root)
+    for experiment in ("smoke", "random", "lmms"):
         table = paper_vs_ours(frame[frame["experiment"] == experiment], reference)
         assert table.frame.empty and any("1 cell(s) left out" in note for note in table.notes)
 
@@ -870,3 +875,19 @@ def test_table1_says_why_textvqa_is_not_comparable_with_the_published_row(tmp_pa
     (note,) = [n for n in notes if n.startswith("TextVQA:")]
     assert "OCR-token line" in note and "haotian-liu/LLaVA#1326" in note
     assert not any(n.startswith("GQA:") for n in notes)
+
+
+def test_a_table_of_lmms_eval_protocol_cells_says_so_and_a_mix_of_protocols_warns(tmp_path):
+    root = tmp_path / "results"
+    for method, ratio in (("vanilla", 1.0), ("globalcom2", 0.25)):
+        _edit_record(
+            write_cell(root, method, ratio, {"GQA": 60.0}),
+            lambda record: record["spec"]["benchmark"].update(protocol="lmms_eval"),
+        )
+    frame = tidy_results(root)
+    assert any(n.startswith("Protocol lmms_eval:") for n in table1(frame, "llava_next_7b").notes)
+    write_cell(root, "fastv", 0.25, {"GQA": 50.0})  # the paper's protocol
+    with pytest.warns(
+        UserWarning, match=r"protocol differs between cells: llava \(1 cells\), lmms_eval \(2 cells\)"
+    ):
+        build_report(tidy_results(root), "t1", tmp_path / "out")
