@@ -50,13 +50,14 @@ CONFIG_COLUMNS = [
 #: shape changes its rows' answers, the dtype changes every answer, the batch-invariant mode changes the
 #: kernels' shapes (so answers, and latency), prefetching (host work beside the timed calls) changes latency,
 #: compile mode changes latency most and answers by reassociation, so does the attention implementation (SDPA
-#: or eager), a random-initialised model's prompt length (``vicuna_text``) changes its latency, a sample
+#: or eager), random-initialised weights change every score, a random-initialised model's prompt length
+#: (``vicuna_text``) changes its latency, a sample
 #: ``limit`` changes which samples a score averages, the protocol (``llava`` or ``lmms_eval``) changes prompts
 #: and decoding, so scores, and the hardware changes every latency. A table's cells
 #: should agree on these (``make tables`` warns where they do not).
 COMPARABILITY = (
     *("batch_size", "dtype", "batch_invariant", "prefetch", "compile", "attn_implementation"),
-    *("vicuna_text", "limit", "protocol", "hardware"),
+    *("random_init", "vicuna_text", "limit", "protocol", "hardware"),
 )
 
 

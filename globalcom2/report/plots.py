@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from globalcom2.data.benchmarks import PAPER_METRICS
-from globalcom2.report.tables import AVG, method_order, ordered_scores, table1
+from globalcom2.report.tables import AVG, ROW_KEYS, method_order, one_cell_per_slot, ordered_scores, table1
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under the common colour-vision deficiencies.
 OKABE_ITO = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F0E442"]
@@ -92,13 +92,20 @@ def _series(
     return sorted(groups, key=lambda g: (g[2], rank.get(g[1], len(rank)), g[0]))
 
 
+#: Vanilla's dashed reference line, one shade per context.
+VANILLA_SHADES = ("#000000", "#777777", "#BBBBBB")
+
+
 def plot_against_ratio(ax: plt.Axes, rows: pd.DataFrame, by: tuple[str, ...] = ("model",)) -> None:
     """One line per method (and context, :func:`_series`) of ``value`` against retention ratio; vanilla as a
-    dashed horizontal line."""
+    dashed horizontal line. Each point from one cell, the one its table shows (:func:`one_cell_per_slot`)."""
+    slot = [*ROW_KEYS, *(k for k in (*by, "metric") if k in rows and k not in ROW_KEYS)]
+    rows = one_cell_per_slot(rows, list(dict.fromkeys(slot)), warn=False)
     for label, method_name, context, series in _series(rows, by):
         series = series.sort_values("retention_ratio")
         if method_name == "vanilla":
-            ax.axhline(series["value"].iloc[0], color="#000000", linestyle="--", linewidth=1, label=label)
+            shade = VANILLA_SHADES[context % len(VANILLA_SHADES)]
+            ax.axhline(series["value"].iloc[0], color=shade, linestyle="--", linewidth=1, label=label)
         else:
             ax.plot(
                 series["retention_ratio"],
@@ -223,6 +230,7 @@ def _say_empty(ax: plt.Axes) -> None:
 def _tflops(frame: pd.DataFrame) -> pd.DataFrame:
     """``tflops_full`` per cell, its value renamed ``tflops``."""
     rows = frame[(frame["kind"] == "efficiency") & (frame["metric"] == "tflops_full")]
+    rows = one_cell_per_slot(rows, [*ROW_KEYS, "benchmark"], warn=False)
     columns = ["model", "method", "method_name", "retention_ratio", "benchmark", "value"]
     return rows[columns].rename(columns={"value": "tflops"})
 

@@ -8,7 +8,7 @@
   produced it.
 * :func:`paper_vs_ours`: our paper-column numbers beside the published ones (``results/reference``).
 
-Every entry of a table comes from one results cell (:func:`_one_cell_per_slot`).
+Every entry of a table comes from one results cell (:func:`one_cell_per_slot`).
 """
 
 from __future__ import annotations
@@ -110,25 +110,26 @@ def _wide(
     frame: pd.DataFrame, kind: str, metrics: list[str] | None = None, keys: tuple[str, ...] = ROW_KEYS
 ) -> pd.DataFrame:
     """One row per ``keys``, one column per metric of ``kind``; each cell of the table from one cell of the
-    results (:func:`_one_cell_per_slot`). A key that is missing from a cell (an old record) reads ``n/a``."""
+    results (:func:`one_cell_per_slot`). A key that is missing from a cell (an old record) reads ``n/a``."""
     rows = frame[frame["kind"] == kind]
     if metrics is not None:
         rows = rows[rows["metric"].isin(metrics)]
     if rows.empty:
         return pd.DataFrame(columns=list(keys))
     extra = [k for k in keys if k not in ROW_KEYS]
-    rows = _one_cell_per_slot(rows.assign(**{k: rows[k].fillna("n/a") for k in extra}), [*keys, "metric"])
+    rows = one_cell_per_slot(rows.assign(**{k: rows[k].fillna("n/a") for k in extra}), [*keys, "metric"])
     wide = rows.pivot_table(index=list(keys), columns="metric", values="value", aggfunc="first")
     return wide.reset_index()
 
 
-def _one_cell_per_slot(rows: pd.DataFrame, slot: list[str]) -> pd.DataFrame:
+def one_cell_per_slot(rows: pd.DataFrame, slot: list[str], warn: bool = True) -> pd.DataFrame:
     """``rows`` with each table slot (``slot``: the row's keys and the metric) filled from one results cell.
 
     Two cells can give the same slot: a ``benchmark=mme`` cell beside ``paper_suite`` (both give MME), or one
     model's efficiency on two benchmarks. A table must not pick one of them silently, and no rule can tell
     which the user meant, so the slot shows the latest finished cell and a warning names every cell in it.
-    (The efficiency tables are built per benchmark, so there only a real duplicate warns.)"""
+    (The efficiency tables are built per benchmark, so there only a real duplicate warns.) The plots apply the
+    same rule without a second warning (``warn=False``), so a figure never disagrees with its table."""
     if "cell_dir" not in rows or rows.empty:
         return rows
     cells = rows.groupby(slot, dropna=False, sort=True)["cell_dir"].nunique()
@@ -138,6 +139,8 @@ def _one_cell_per_slot(rows: pd.DataFrame, slot: list[str]) -> pd.DataFrame:
     ordered = rows.sort_values("finished", kind="stable", na_position="first")
     latest = ordered.groupby(slot, dropna=False, sort=False)["cell_dir"].transform("last")
     shown = ordered[ordered["cell_dir"] == latest]
+    if not warn:
+        return shown.sort_index()
     listing = []
     for key in clashes.index[:10]:
         match = (rows[slot] == pd.Series(key, index=slot)).all(axis=1)
@@ -234,35 +237,43 @@ def _borrowed_vanilla(
     """The vanilla row of ``model`` from one other experiment of ``pool``, with a note that says which.
 
     An ablation experiment reuses Table 1's vanilla rather than re-running it. The row comes whole from one
-    experiment (the one whose vanilla has the most of ``columns``; ties: the first by name), never column by
-    column from several, and the note names it and every setting (:data:`COMPARABILITY`) in which its cells
-    differ from the table's own, which is also warned: a vanilla run on ``benchmark.limit=20`` would make
-    every "% of vanilla" a comparison with 20 samples."""
+    experiment, never column by column from several: the one whose cells differ from the table's own in the
+    fewest settings (:data:`COMPARABILITY`), then whose vanilla has the most of ``columns``, then the first by
+    name. The note names it and every setting in which it differs, which is also warned: a vanilla run on
+    ``benchmark.limit=20`` would make every "% of vanilla" a comparison with 20 samples."""
     candidates = pool[
         (pool["model"] == model) & (pool["method_name"] == "vanilla") & (pool["kind"] == "paper")
     ]
-    best: tuple[int, str, pd.Series] | None = None
+    own = rows.drop_duplicates("cell_dir")
+    best: tuple[tuple[int, int], str, pd.Series, list[str]] | None = None
     for experiment, group in candidates.groupby("experiment", sort=True):
         found = _find_vanilla(_wide(group, "paper", columns))
-        if found is not None:
-            covered = int(found[[c for c in columns if c in found]].notna().sum())
-            if best is None or covered > best[0]:
-                best = (covered, str(experiment), found)
+        if found is None:
+            continue
+        differences = _setting_differences(own, group.drop_duplicates("cell_dir"))
+        covered = int(found[[c for c in columns if c in found]].notna().sum())
+        rank = (len(differences), -covered)  # the same settings first, then the most columns
+        if best is None or rank < best[0]:
+            best = (rank, str(experiment), found, differences)
     if best is None:
         return None, None
-    _, experiment, vanilla = best
-    source = candidates[candidates["experiment"] == experiment].drop_duplicates("cell_dir")
-    own = rows.drop_duplicates("cell_dir")
-    differences = []
-    for column in (c for c in COMPARABILITY if c in own and c in source):
-        ours, theirs = (sorted(set(cells[column].map(setting_text))) for cells in (own, source))
-        if ours != theirs:
-            differences.append(f"{column} {'/'.join(theirs)} (this table: {'/'.join(ours)})")
+    _, experiment, vanilla, differences = best
     note = f"{AVG}: against the vanilla row of experiment {experiment!r}, as this one has none"
     if differences:
         note += "; it was run with other settings: " + ", ".join(differences)
         warnings.warn(f"Table 1 of {model}: {note}", stacklevel=3)
     return vanilla, note + "."
+
+
+def _setting_differences(own: pd.DataFrame, other: pd.DataFrame) -> list[str]:
+    """``"<setting> <other's values> (this table: <own values>)"`` for each :data:`COMPARABILITY` setting in
+    which two sets of cells (one row per cell) differ."""
+    differences = []
+    for column in (c for c in COMPARABILITY if c in own and c in other):
+        ours, theirs = (sorted(set(cells[column].map(setting_text))) for cells in (own, other))
+        if ours != theirs:
+            differences.append(f"{column} {'/'.join(theirs)} (this table: {'/'.join(ours)})")
+    return differences
 
 
 def _find_vanilla(wide: pd.DataFrame) -> pd.Series | None:
@@ -381,6 +392,13 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark
         )
     if _find_vanilla(wide) is None:
         notes.append("Speed-ups and FLOPs ratios: n/a, no vanilla row.")
+    elif "prefill speed-up (x)" in display and display["prefill speed-up (x)"].isna().any():
+        orphans = display.loc[display["prefill speed-up (x)"].isna(), ["method", "R"]]
+        listing = ", ".join(f"{m} at R = {r}" for m, r in orphans.itertuples(index=False))
+        notes.append(
+            f"No speed-ups for {listing}: no vanilla row of the same compile mode and attention implementation "
+            "(run vanilla with those settings)."
+        )
     if set(rows["random_init"]) == {True}:
         notes.append("Random-initialised weights: costs are real, scores are not.")
     return Table(name, display, f"{caption} ({experiment})", notes)
@@ -402,7 +420,7 @@ def paper_vs_ours(frame: pd.DataFrame, reference: pd.DataFrame | None = None) ->
     # one on the method.
     partial = ours["limit"].notna() | ours["random_init"].astype(bool) | (ours["protocol"] != "llava")
     left_out = ours.loc[partial, "cell_dir"].nunique()
-    ours = _one_cell_per_slot(ours[~partial], [*ROW_KEYS, "metric"])
+    ours = one_cell_per_slot(ours[~partial], [*ROW_KEYS, "metric"])
     rank = {"primary": 0, "secondary": 1}
     ref = reference.assign(_rank=reference["reliability"].map(rank)).sort_values("_rank", kind="stable")
     # the most reliable source; among equally reliable ones the first listed (a stable sort: the file's order)
@@ -426,9 +444,16 @@ def paper_vs_ours(frame: pd.DataFrame, reference: pd.DataFrame | None = None) ->
     display["delta"] = display["ours"] - display["paper"]
     tolerance = display["benchmark"].map(lambda c: REPRODUCED_TOLERANCE.get(c, 1.0)).astype(float)
     display["reproduced"] = (display["delta"].abs() <= tolerance).map({True: "yes", False: "no"})
+    # A column computed on another split or with another prompt or judge (PAPER_METRICS) gets no verdict.
+    comparable = display["benchmark"].map(
+        lambda c: PAPER_METRICS[c].comparable if c in PAPER_METRICS else True
+    )
+    display.loc[~comparable.astype(bool), "reproduced"] = "n/a (not comparable)"
     display["source"] = merged["source"]
     display["reliability"] = merged["reliability"]
     notes = ["Reproduced: |ours - paper| <= 1 point (MME perception: 30), as agreed for this project."]
+    for column in sorted(set(display.loc[~comparable.astype(bool), "benchmark"])):
+        notes.append(f"{column}, no verdict: {PAPER_METRICS[column].note}.")
     if left_out:
         notes.append(
             f"{left_out} cell(s) left out: run on a sample limit, with random-initialised weights or under "

@@ -738,13 +738,21 @@ def test_each_table_entry_comes_from_one_cell_and_a_second_one_is_named(tmp_path
 
 
 def test_a_borrowed_vanilla_comes_whole_from_one_experiment_and_says_which(tmp_path):
-    """An ablation without vanilla uses another experiment's: the note names it, and a sample limit that
-    differs from the ablation's cells is named and warned (a 20-sample vanilla is no baseline)."""
+    """An ablation without vanilla uses another experiment's, whole: the one run with the ablation's settings
+    before one with more columns; when only a vanilla with other settings exists, the note names them and
+    warns (a 20-sample vanilla is no baseline)."""
     root = tmp_path / "results"
     write_cell(root, "vanilla", 1.0, {"GQA": 50.0}, experiment="default")
     limited = write_cell(root, "vanilla", 1.0, {"GQA": 80.0, "MME (perception)": 1000.0}, experiment="smoke")
     _edit_record(limited, lambda record: record["spec"]["benchmark"].update(limit=20))
     write_cell(root, "globalcom2", 0.25, {"GQA": 40.0, "MME (perception)": 900.0}, experiment="ablations")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: nothing to warn
+        table = table1(tidy_results(root), "llava_next_7b", "ablations", vanilla_pool=tidy_results(root))
+    assert table.frame.set_index("method").loc["globalcom2", AVG] == pytest.approx(80.0)  # default's GQA
+    assert any("experiment 'default', as this one has none." in note for note in table.notes)
+
+    shutil.rmtree(root / "default")
     frame = tidy_results(root)
     with pytest.warns(UserWarning, match="limit 20") as caught:
         report = build_report(frame, "ablations", tmp_path / "out")
@@ -793,6 +801,9 @@ def test_efficiency_rows_compare_with_the_vanilla_of_their_own_attention_and_com
     assert (rows.loc[0.25, "attention"], rows.loc[0.5, "compiled"]) == ("eager", "default")
     assert rows.loc[0.75, "prefill speed-up (x)"] == 1.0
     assert rows.loc[[0.25, 0.5], "prefill speed-up (x)"].isna().all()  # no vanilla of their kind
+    assert any(
+        n.startswith("No speed-ups for globalcom2 at R = 0.5, globalcom2 at R = 0.25:") for n in table.notes
+    )
 
 
 def test_paper_vs_ours_gives_no_verdict_on_limited_or_random_init_cells(tmp_path):
@@ -891,3 +902,47 @@ def test_a_table_of_lmms_eval_protocol_cells_says_so_and_a_mix_of_protocols_warn
         UserWarning, match=r"protocol differs between cells: llava \(1 cells\), lmms_eval \(2 cells\)"
     ):
         build_report(tidy_results(root), "t1", tmp_path / "out")
+
+
+def test_paper_vs_ours_gives_no_verdict_on_a_column_that_is_not_comparable(tmp_path):
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"TextVQA": 61.4, "GQA": 64.0})
+    reference = pd.DataFrame(
+        [{"model": "7B", "method": "vanilla", "retention_ratio": 1.0, "column": c, "value": v,
+          "source": "paper", "reliability": "primary"} for c, v in (("TextVQA", 64.9), ("GQA", 64.2))]
+    )  # fmt: skip
+    table = paper_vs_ours(tidy_results(root), reference)
+    verdicts = table.frame.set_index("benchmark")["reproduced"]
+    assert verdicts.to_dict() == {"TextVQA": "n/a (not comparable)", "GQA": "yes"}
+    assert any(n.startswith("TextVQA, no verdict:") for n in table.notes)
+
+
+def test_a_plot_shows_the_cell_its_table_shows(tmp_path):
+    """Two cells give vanilla's MME (paper_suite, then a later benchmark=mme cell): the plotted vanilla line is
+    the later one, as in Table 1, and the method's line has one point per ratio."""
+    import matplotlib.pyplot as plt
+
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"MME (perception)": 1500.0}, finished="2026-11-21T00:00:00")
+    write_cell(
+        root, "vanilla", 1.0, {"MME (perception)": 1400.0}, benchmark="mme", finished="2026-11-22T00:00:00"
+    )
+    write_cell(root, "globalcom2", 0.25, {"MME (perception)": 1300.0}, finished="2026-11-21T00:00:00")
+    write_cell(
+        root,
+        "globalcom2",
+        0.25,
+        {"MME (perception)": 1200.0},
+        benchmark="mme",
+        finished="2026-11-20T00:00:00",
+    )
+    frame = tidy_results(root)
+    rows = frame[(frame["kind"] == "paper") & (frame["metric"] == "MME (perception)")]
+    figure, ax = plt.subplots()
+    plots.plot_against_ratio(ax, rows)
+    lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+    plt.close(figure)
+    assert list(lines["vanilla"]) == [1400.0, 1400.0] and list(lines["globalcom2"]) == [1300.0]
+    with pytest.warns(UserWarning, match="more than one cell"):
+        table = table1(frame, "llava_next_7b").frame.set_index("method")
+    assert table["MME (perception)"].to_dict() == {"vanilla": 1400.0, "globalcom2": 1300.0}
