@@ -51,10 +51,9 @@ CONFIG_COLUMNS = [
 #: kernels' shapes (so answers, and latency), prefetching (host work beside the timed calls) changes latency,
 #: compile mode changes latency most and answers by reassociation, so does the attention implementation (SDPA
 #: or eager), random-initialised weights change every score, a random-initialised model's prompt length
-#: (``vicuna_text``) changes its latency, a sample
-#: ``limit`` changes which samples a score averages, the protocol (``llava`` or ``lmms_eval``) changes prompts
-#: and decoding, so scores, and the hardware changes every latency. A table's cells
-#: should agree on these (``make tables`` warns where they do not).
+#: (``vicuna_text``) changes its latency, a sample ``limit`` changes which samples a score averages, the
+#: protocol (``llava`` or ``lmms_eval``) changes prompts and decoding, so scores, and the hardware changes
+#: every latency. A table's cells should agree on these (``make tables`` warns where they do not).
 COMPARABILITY = (
     *("batch_size", "dtype", "batch_invariant", "prefetch", "compile", "attn_implementation"),
     *("random_init", "vicuna_text", "limit", "protocol", "hardware"),
