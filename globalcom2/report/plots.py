@@ -231,7 +231,7 @@ def _tflops(frame: pd.DataFrame) -> pd.DataFrame:
     """``tflops_full`` per cell, its value renamed ``tflops``."""
     rows = frame[(frame["kind"] == "efficiency") & (frame["metric"] == "tflops_full")]
     rows = one_cell_per_slot(rows, [*ROW_KEYS, "benchmark"], warn=False)
-    columns = ["model", "method", "method_name", "retention_ratio", "benchmark", "value"]
+    columns = [*ROW_KEYS, "benchmark", "value"]
     return rows[columns].rename(columns={"value": "tflops"})
 
 
@@ -253,8 +253,7 @@ def _paper_quality_vs_tflops(frame: pd.DataFrame, vanilla_pool: pd.DataFrame | N
         else pd.DataFrame(columns=["model", "method", "retention_ratio", "value"])
     )
     # A row's Avg spans its benchmarks' cells, whose images (so TFLOPs) differ: one point at their mean.
-    row = ["model", "method", "method_name", "retention_ratio"]
-    tflops = _tflops(frame).groupby(row, as_index=False)["tflops"].mean()
+    tflops = _tflops(frame).groupby(list(ROW_KEYS), as_index=False)["tflops"].mean()
     return quality.merge(tflops, on=["model", "method", "retention_ratio"])
 
 

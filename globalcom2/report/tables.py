@@ -304,9 +304,7 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
         qualified = score_rows["task"].astype(str) + ": " + score_rows["metric"].astype(str)
         rows = rows.assign(metric=rows["metric"].where(rows["kind"] != "score", qualified))
     scores = _wide(rows, "score")
-    metrics = ordered_scores(
-        c for c in scores.columns if c not in ("model", "method", "method_name", "retention_ratio")
-    )
+    metrics = ordered_scores(c for c in scores.columns if c not in ROW_KEYS)
     for metric in metrics:
         scores[metric] = 100.0 * scores[metric]
     extra = _wide(rows, "fidelity").merge(
@@ -315,10 +313,10 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
             "efficiency",
             ["visual_tokens_llm_input", "equivalent_visual_tokens", "tflops_full", "prefill_ms"],
         ),
-        on=["model", "method", "method_name", "retention_ratio"],
+        on=list(ROW_KEYS),
         how="outer",
     )
-    wide = _order(scores.merge(extra, on=["model", "method", "method_name", "retention_ratio"], how="left"))
+    wide = _order(scores.merge(extra, on=list(ROW_KEYS), how="left"))
     rename = {
         "retention_ratio": "R",
         "agreement_with_vanilla": "agreement with vanilla (%)",

@@ -748,7 +748,8 @@ def test_a_borrowed_vanilla_comes_whole_from_one_experiment_and_says_which(tmp_p
     write_cell(root, "globalcom2", 0.25, {"GQA": 40.0, "MME (perception)": 900.0}, experiment="ablations")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same settings: nothing to warn
-        table = table1(tidy_results(root), "llava_next_7b", "ablations", vanilla_pool=tidy_results(root))
+        frame = tidy_results(root)
+        table = table1(frame, "llava_next_7b", "ablations", vanilla_pool=frame)
     assert table.frame.set_index("method").loc["globalcom2", AVG] == pytest.approx(80.0)  # default's GQA
     assert any("experiment 'default', as this one has none." in note for note in table.notes)
 
