@@ -102,7 +102,6 @@ def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str
             continue
         problem = _record_problem(path, root)
         if isinstance(problem, str):
-            skipped.append((path.parent, problem))
             unreadable[path.parent] = problem
         else:
             found.append(problem)
@@ -114,19 +113,22 @@ def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str
         for current in root.rglob(CURRENT_FILE)
         if len(current.relative_to(root).parts) == CELL_DEPTH - 1
     }
-    cells = []
+    cells, cited = [], set()
     for key_dir in sorted(key_dirs):
         group = by_key.get(key_dir, [])
-        chosen, reason = _current_of(key_dir, group, unreadable)
+        chosen, reason, unreadable_current = _current_of(key_dir, group, unreadable)
         if chosen is not None:
             cells.append(chosen)
         elif reason:
             skipped.append((key_dir, reason))
+            cited.add(unreadable_current)
         skipped += [
             (c.path, f"superseded: {key_dir.name}'s current cell is not this one (other settings)")
             for c in group
             if c is not chosen
         ]
+    # an unreadable cell is listed on its own unless its key's line already says why it shows no row
+    skipped += [(path, why) for path, why in unreadable.items() if path not in cited]
     if skipped:
         listing = "\n".join(f"  {path}: {why}" for path, why in skipped)
         warnings.warn(f"skipped {len(skipped)} cell(s):\n{listing}", stacklevel=2)
@@ -170,26 +172,35 @@ def _record_problem(path: Path, root: Path) -> LoadedCell | str:
 
 def _current_of(
     key_dir: Path, group: list[LoadedCell], unreadable: dict[Path, str]
-) -> tuple[LoadedCell | None, str | None]:
-    """The cell ``key_dir`` shows, or ``None`` with why it shows no row (see :func:`load_cells`)."""
+) -> tuple[LoadedCell | None, str | None, Path | None]:
+    """The cell ``key_dir`` shows, or ``None`` with why it shows no row (see :func:`load_cells`), and the
+    unreadable current cell that reason already names (so it is not listed twice)."""
     try:
         named = current_cell_id(key_dir)
     except RecordError as err:
-        return None, f"no row for this key: {err}"
+        return None, f"no row for this key: {err}", None
     if named is None:
         if len(group) > 1:
-            return None, (
-                f"no row for this key: {len(group)} finished identities and no current file naming one of them"
+            return (
+                None,
+                (
+                    f"no row for this key: {len(group)} finished identities and no current file naming one of them"
+                ),
+                None,
             )
-        return (group[0], None) if group else (None, None)
+        return (group[0], None, None) if group else (None, None, None)
     for cell in group:
         if cell.path.name == named:
-            return cell, None
+            return cell, None, None
     why = unreadable.get(key_dir / named, "its folder is gone")
     others = (
         f"; its other cells ({', '.join(c.path.name for c in group)}) have other settings" if group else ""
     )
-    return None, f"no row for this key: its current cell {named} cannot be read ({why}){others}"
+    return (
+        None,
+        f"no row for this key: its current cell {named} cannot be read ({why}){others}",
+        key_dir / named,
+    )
 
 
 def _file_problems(cell: LoadedCell) -> list[str]:

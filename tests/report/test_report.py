@@ -767,11 +767,17 @@ def test_a_borrowed_vanilla_comes_whole_from_one_experiment_and_says_which(tmp_p
 
 def test_a_copied_cell_folder_is_not_tabled_under_its_original_key(tmp_path):
     root = tmp_path / "results"
-    write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
-    write_cell(root, "globalcom2", 0.25, {"GQA": 54.0})
+    for cell in (
+        write_cell(root, "vanilla", 1.0, {"GQA": 60.0}),
+        write_cell(root, "globalcom2", 0.25, {"GQA": 54.0}),
+    ):
+        (cell.parent / CURRENT_FILE).write_text(cell.name + "\n")  # as the store leaves a key
     shutil.copytree(root / "t1", root / "t1_old")
-    with pytest.warns(UserWarning, match="belongs to t1/llava_next_7b"):
+    with pytest.warns(UserWarning, match="belongs to t1/llava_next_7b") as caught:
         frame = tidy_results(root)
+    listing = "\n".join(str(w.message) for w in caught)
+    assert "skipped 2 cell(s)" in listing, "each copy is listed once, under its key (not also on its own)"
+    assert listing.count("belongs to t1/llava_next_7b") == 2 and listing.count("no row for this key") == 2
     assert set(frame["experiment"]) == {"t1"}
     assert frame.drop_duplicates("cell_dir")["cell_dir"].str.contains("t1_old").sum() == 0
     assert len(frame.drop_duplicates("cell_dir")) == 2
