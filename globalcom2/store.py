@@ -16,6 +16,9 @@ Lifecycle, and why it is safe:
   cell's id (:meth:`Cell.finished_record`, the one place this rule lives; ``report/aggregate`` uses it).
 * A killed run leaves ``.partial/`` and no record: the cell is not finished, and the next run deletes
   every leftover before starting, so partial files are never read as results.
+* A ``force=true`` re-run of a finished cell keeps its files until the new run's are ready; its commit
+  sets them aside (``.previous/``) and deletes them only after the new record is written, and a commit
+  killed half-way is undone by the next run (:meth:`Cell.commit`).
 * ``<cell>/.lock`` is held with ``flock`` for the whole run. The kernel drops it when its process dies
   (SIGKILL included), so there are no stale locks to guess about. Whoever holds the lock decides: a
   runner takes it, then checks again whether the cell is finished (another runner may have finished it
@@ -40,11 +43,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from globalcom2.atomic import atomic_write_text
+from globalcom2.atomic import atomic_write_text, fsync_dir, fsync_tree
 from globalcom2.records import COMPLETE, CellKey, CellRecord, RecordError, read_record, write_record
 
 RECORD_FILE = "record.json"
 PARTIAL_DIR = ".partial"
+PREVIOUS_DIR = ".previous"  # a finished run's files while a force=true re-run commits (Cell.commit)
+MOVING_DIR = ".previous-moving"  # the same, while they are being moved aside
 LOCK_FILE = ".lock"
 CURRENT_FILE = "current"
 CELL_ID_LENGTH = 12
@@ -203,11 +208,13 @@ class Cell:
 
     def prepare(self) -> Path:
         """Delete what an unfinished run left and return an empty ``.partial/``. A finished cell's files
-        (a ``force=true`` re-run) stay until :meth:`commit` replaces them, so a killed re-run loses nothing.
+        (a ``force=true`` re-run) stay until :meth:`commit` replaces them, and a commit killed half-way is
+        undone here (:meth:`_restore_previous`), so a killed re-run loses nothing.
 
         Only call it while holding :meth:`lock`.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._restore_previous()
         keep_finished = self.is_complete()
         for entry in self.dir.iterdir():
             if entry.name == LOCK_FILE or (keep_finished and entry.name != PARTIAL_DIR):
@@ -219,18 +226,57 @@ class Cell:
     def commit(self, record: CellRecord) -> None:
         """Replace the cell's files by the run's outputs from ``.partial/``, then write ``record.json`` last.
 
-        A previous record (``force=true``) is removed first, so no moment shows the old record beside the
-        new outputs as if they belonged together.
+        A previous finished run's files (``force=true``) are first moved, record first, into
+        ``.previous-moving/``, which is renamed ``.previous/`` once they are all there; they are deleted
+        only after the new record is written. No moment shows the old record beside the new outputs, and a
+        commit killed at any point leaves what :meth:`prepare` puts back. The new outputs are fsynced before
+        they are moved in and the folder after, so that after a power loss a finished record never sits
+        beside empty files.
         """
-        self.record_path.unlink(missing_ok=True)
-        for entry in self.dir.iterdir():
-            if entry.name not in (LOCK_FILE, PARTIAL_DIR):
-                _remove(entry)
+        self._restore_previous()  # nothing, unless an earlier commit was killed and prepare() not called
+        old = [e for e in self.dir.iterdir() if e.name not in (LOCK_FILE, PARTIAL_DIR, RECORD_FILE)]
+        previous = self.dir / PREVIOUS_DIR
+        if self.record_path.exists() or old:
+            moving = self.dir / MOVING_DIR
+            moving.mkdir()
+            if self.record_path.exists():
+                os.replace(self.record_path, moving / RECORD_FILE)  # first: the cell is unfinished from here
+            for entry in old:
+                os.replace(entry, moving / entry.name)
+            os.replace(moving, previous)  # every old file is kept aside
+        fsync_tree(self.partial_dir)
         for entry in self.partial_dir.iterdir():
             os.replace(entry, self.dir / entry.name)
         self.partial_dir.rmdir()
+        fsync_dir(self.dir)
         write_record(self.record_path, replace(record, status=COMPLETE))
+        if previous.exists():
+            shutil.rmtree(previous)
         self.mark_current()
+
+    def _restore_previous(self) -> None:
+        """Undo a commit killed half-way (:meth:`commit`). ``.previous-moving/``: the old files were being
+        set aside, nothing new was moved in yet, so they all go back. ``.previous/`` and no record: the
+        new outputs moved in so far are deleted and the old files go back. The old record is restored
+        last. ``.previous/`` beside a record: the commit had finished, and the old files are deleted."""
+        moving, previous = self.dir / MOVING_DIR, self.dir / PREVIOUS_DIR
+        if moving.exists():
+            aside = moving
+        elif previous.exists() and not self.record_path.exists():
+            aside = previous
+            for entry in self.dir.iterdir():
+                if entry.name not in (LOCK_FILE, PREVIOUS_DIR, PARTIAL_DIR):
+                    _remove(entry)  # a new output moved in before the kill
+        else:
+            if previous.exists():
+                shutil.rmtree(previous)
+            return
+        for entry in aside.iterdir():
+            if entry.name != RECORD_FILE:
+                os.replace(entry, self.dir / entry.name)
+        if (aside / RECORD_FILE).exists():
+            os.replace(aside / RECORD_FILE, self.record_path)
+        aside.rmdir()
 
     def discard_partial(self) -> None:
         """Remove what a failed run left in ``.partial/`` (only while holding :meth:`lock`)."""

@@ -106,6 +106,69 @@ def test_prepare_deletes_what_a_killed_run_left(tmp_path):
     assert list(cell.partial_dir.iterdir()) == []
 
 
+def _run_outputs(cell: Cell, tag: str) -> None:
+    partial = cell.prepare()
+    (partial / "results.json").write_text(tag)
+    (partial / "samples").mkdir()
+    (partial / "samples" / "task.jsonl").write_text(tag)
+
+
+def _state(cell: Cell) -> tuple[dict | None, dict[str, str]]:
+    record = cell.read_record()
+    files = {
+        str(p.relative_to(cell.dir)): p.read_text()
+        for p in sorted(cell.dir.rglob("*"))
+        if p.is_file() and p.name not in ("record.json", ".lock")
+    }
+    return (record.metrics if record else None), files
+
+
+def test_a_force_rerun_killed_anywhere_in_its_commit_loses_nothing(tmp_path, monkeypatch):
+    """``force=true`` over a finished cell, killed at each rename of the commit in turn: the next run's
+    ``prepare`` finds the old cell whole (its record and its files, never the new files beside the old
+    record), or, once the new record is written, the new cell whole."""
+    real_replace, kills = os.replace, 0
+    while True:
+        root = tmp_path / str(kills)
+        cell = Cell(root, KEY, IDENTITY)
+        with cell.lock():
+            _run_outputs(cell, "old")
+            cell.commit(record_for(cell, metrics={"demo": {"acc": 0.1}}))
+        old = _state(cell)
+        calls = 0
+
+        def replace_then_die(src, dst, *, _limit=kills):
+            nonlocal calls
+            if calls == _limit:
+                raise KeyboardInterrupt("killed")
+            calls += 1
+            return real_replace(src, dst)
+
+        with cell.lock():
+            _run_outputs(cell, "new")
+            monkeypatch.setattr(os, "replace", replace_then_die)
+            try:
+                cell.commit(record_for(cell, metrics={"demo": {"acc": 0.9}}))
+                finished = True
+            except KeyboardInterrupt:
+                finished = False
+            finally:
+                monkeypatch.setattr(os, "replace", real_replace)
+        with cell.lock():
+            cell.prepare()  # the next run (force=true again, or a resume) starts here
+            after = _state(cell)
+        expected_new = ({"demo": {"acc": 0.9}}, {"results.json": "new", "samples/task.jsonl": "new"})
+        if after[0] == {"demo": {"acc": 0.9}}:
+            assert after == expected_new, f"killed after rename {kills}"
+        else:
+            assert after == old, f"killed after rename {kills}: the old cell is not whole"
+        assert not any(p.name.startswith(".previous") for p in cell.dir.iterdir())
+        if finished:
+            break
+        kills += 1
+    assert kills >= 5  # record aside, two files aside, the folder renamed, new files in, the new record
+
+
 @pytest.mark.parametrize("content", ["", "{not json", json.dumps({"status": "running"}), "[1, 2]"])
 def test_corrupt_or_unfinished_records_do_not_count(tmp_path, content):
     cell = Cell(tmp_path, KEY, IDENTITY)
