@@ -34,11 +34,15 @@ LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
 #: Bump when a code change alters the results of unchanged configs (a prompt, a task's scoring), so that
 #: cells finished before it are run again instead of being reused. The git SHA is recorded, not hashed:
 #: a commit that changes nothing a cell computes must not re-run the grid.
-IDENTITY_VERSION = 3  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
-# 3: the checkpoint's content (``weights``) joined the identity, so cells that may hold other weights run again
-#: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``),
-#: how it is launched (N processes give the answers of one, tests/harness/test_run_cells.py), where it
-#: is logged, run switches, and the names that already form the cell's folder.
+IDENTITY_VERSION = 4  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
+# 3: the checkpoint's content (``weights``) joined the identity, so cells that may hold other weights run again;
+# 4: the task definitions (``task_definitions``) and the data folders' content (``data.<task>.content``)
+# joined it, and the process count where it changes batches
+#: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``; the
+#: task files and data they point at are in it by content), how it is launched (N processes give the
+#: answers of one, tests/harness/test_run_cells.py; the process count joins the identity where it changes
+#: what a batch holds, :meth:`CellSpec.identity`), where it is logged, run switches, and the names that
+#: already form the cell's folder.
 NOT_IDENTITY = (
     "experiment_name",
     "force",
@@ -246,10 +250,11 @@ class CellSpec:
         """Everything that can change this cell's result: the resolved config less :data:`NOT_IDENTITY`,
         with the values this spec normalised (vanilla's ratio, typed method parameters, ints, the lite task
         list) in place of the raw ones, so that equivalent configs give one identity; plus the data each
-        task reads (``preflight.data_identity``), the checkpoint's content (``weights``: its hub commit or
+        task reads and what defines each task (``preflight.data_identity``, ``preflight.task_identity``), the
+        process count when the batches depend on it, the checkpoint's content (``weights``: its hub commit or
         its files' SHA-256, ``globalcom2.models.fingerprint``; the same name with other weights is another
         cell) and :data:`IDENTITY_VERSION`."""
-        from globalcom2.lmms.preflight import data_identity
+        from globalcom2.lmms.preflight import data_identity, task_identity
 
         identity = _to_plain(cfg)
         for dotted in NOT_IDENTITY:
@@ -270,7 +275,16 @@ class CellSpec:
         benchmark["tasks"], benchmark["columns"] = list(self.benchmark.tasks), list(self.benchmark.columns)
         for group, values in (("model", model), ("method", method), ("benchmark", benchmark)):
             identity[group] = {**identity.get(group, {}), **values}
+        if (
+            self.benchmark.batch_size > 1
+            and not self.model.batch_invariant
+            and self.launcher.num_processes > 1
+        ):
+            # each process batches its own share of the documents, and a batch's other rows change a row's
+            # answer where kernels depend on the batch's shape (bf16 on a GPU; README, "Batching")
+            identity["launcher"] = {"num_processes": self.launcher.num_processes}
         identity["data"] = data_identity(list(self.benchmark.tasks))
+        identity["task_definitions"] = task_identity(list(self.benchmark.tasks))
         identity["weights"] = checkpoint_identity(
             self.model.pretrained, random_init=self.model.random_init, revision=self.model.revision
         )

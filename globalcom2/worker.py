@@ -79,7 +79,9 @@ def evaluate_cell(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
     started = time.time()
     multi_process = spec.launcher.num_processes > 1
     run = spec.run_spec()
-    if multi_process:  # each rank takes its own device (the process's accelerator)
+    if multi_process and run.model.device != "cpu":
+        # each rank takes its own GPU (the process's accelerator); a CPU cell stays on the CPU, as its
+        # identity and record say, on a machine with GPUs too
         run = replace(run, model=replace(run.model, device=None))
     lm = GlobalCom2LlavaNext(
         run

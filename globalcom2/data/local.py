@@ -65,3 +65,35 @@ def data_source(local_data: str) -> dict[str, Any]:
     """The ``globalcom2_source.json`` of the benchmark folder holding ``local_data`` ({} if absent)."""
     source = data_dir() / local_data.split("/")[0] / SOURCE_FILE
     return json.loads(source.read_text()) if source.is_file() else {}
+
+
+def data_fingerprint(local_data: str) -> dict[str, Any]:
+    """What the benchmark folder holding ``local_data`` holds, cheaply: per saved split (its path relative
+    to the folder), the ``_fingerprint`` that ``datasets`` wrote into its ``state.json`` and the size of
+    each data file. Two builds of a folder (another download, fixtures rewritten by hand, a folder copied
+    from elsewhere without its ``globalcom2_source.json``) thus differ, without reading gigabytes of images.
+    """
+    folder = data_dir() / local_data.split("/")[0]
+    splits: dict[str, Any] = {}
+    for state_path in sorted(folder.rglob("state.json")):
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        files = {
+            entry.get("filename", ""): _size(state_path.parent / entry.get("filename", ""))
+            for entry in state.get("_data_files", [])
+            if isinstance(entry, dict)
+        }
+        splits[str(state_path.parent.relative_to(folder))] = {
+            "fingerprint": state.get("_fingerprint"),
+            "files": files,
+        }
+    return splits
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None

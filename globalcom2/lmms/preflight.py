@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from globalcom2.data.benchmarks import GENERATED_TASKS
-from globalcom2.data.local import MissingDataError, data_source, require_local_dataset
+from globalcom2.data.local import MissingDataError, data_fingerprint, data_source, require_local_dataset
 from globalcom2.models.preload import model_problems
 from globalcom2.paths import tasks_dir
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL, PROTOCOLS, check_tasks_covered
@@ -125,16 +127,81 @@ def check_tasks(tasks: list[str], include_path: str | list[str] | None = None) -
 
 def data_identity(tasks: list[str], include_path: str | list[str] | None = None) -> dict[str, Any]:
     """What data each task reads, for a cell's identity: its folder's ``globalcom2_source.json`` (kind, hub
-    repo, config, split, revision, files, rows; not the download date), ``{}`` when there is none yet,
-    or ``None`` for a task that reads no local folder (generated, or a built-in hub task). Synthetic
-    fixture rows and real data, or two hub revisions, thus make different cells."""
+    repo, config, split, revision, files, rows; not the download date) and, under ``content``, what the
+    folder holds (:func:`~globalcom2.data.local.data_fingerprint`); ``None`` for a task that reads no local
+    folder (generated, or a built-in hub task). Synthetic fixture rows and real data, two hub revisions, or
+    two folders of one name on two machines thus make different cells."""
     ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
     identity: dict[str, Any] = {}
     for name in tasks:
         local_data = _simple_config(ours[name]["yaml_path"]).get("local_data") if name in ours else None
-        source = data_source(local_data) if local_data else None
-        identity[name] = None if source is None else {k: v for k, v in source.items() if k != "created"}
+        if not local_data:
+            identity[name] = None
+            continue
+        source = {k: v for k, v in data_source(local_data).items() if k != "created"}
+        identity[name] = {**source, "content": data_fingerprint(local_data)}
     return identity
+
+
+def task_identity(tasks: list[str], include_path: str | list[str] | None = None) -> dict[str, str | None]:
+    """What defines each task, for a cell's identity: a SHA-256 over its YAML as lmms-eval reads it
+    (``include`` resolved), the built-in YAML it inherits (``base_yaml``), and the source of every module a
+    ``!function`` names that lmms-eval loads from a file beside a YAML (a built-in task's ``utils.py``).
+
+    So an edited prompt, decoding setting or metric in a task file, a ``paths.tasks_dir`` pointing at
+    other task files, or an lmms-eval release that changes a task's scoring is another cell. Functions
+    in this package (``globalcom2.lmms.task_utils``) are code: a change that alters results bumps
+    ``globalcom2.cells.IDENTITY_VERSION``. ``None``: a group (its member tasks define it)."""
+    ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
+    identity: dict[str, str | None] = {}
+    for name in tasks:
+        entry = ours.get(name) or _builtin_index().get(name) or {}
+        yaml_path = entry.get("yaml_path")
+        if not isinstance(yaml_path, str):
+            identity[name] = None
+            continue
+        parts = _definition(Path(yaml_path))
+        if isinstance(base := _simple_config(yaml_path).get("base_yaml"), str):
+            import lmms_eval.tasks
+
+            parts += _definition(Path(lmms_eval.tasks.__file__).parent / base)
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+        identity[name] = digest.hexdigest()
+    return identity
+
+
+def _definition(yaml_path: Path) -> list[Any]:
+    """A YAML's config (includes resolved, ``!function`` tags as ``"!function <name>"``) and the source of
+    each module a ``!function`` names that sits beside it (lmms-eval's first lookup, ``import_function``)."""
+    config = _tagged(_simple_config(str(yaml_path)))
+    sources = {}
+    for name in sorted(_functions(config)):
+        module = name.rpartition(".")[0]
+        path = yaml_path.parent / f"{module}.py"
+        if module and path.is_file():
+            sources[module] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return [config, sources]
+
+
+def _tagged(value: Any) -> Any:
+    """A simple-mode config as plain JSON values: lmms-eval leaves ``!function`` values as YAML nodes."""
+    if isinstance(value, dict):
+        return {str(k): _tagged(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tagged(v) for v in value]
+    if type(value).__name__ == "ScalarNode":
+        return f"{getattr(value, 'tag', '')} {getattr(value, 'value', '')}"
+    return value
+
+
+def _functions(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [name for v in value.values() for name in _functions(v)]
+    if isinstance(value, list):
+        return [name for v in value for name in _functions(v)]
+    if isinstance(value, str) and value.startswith("!function "):
+        return [value.removeprefix("!function ")]
+    return []
 
 
 def check_model_args(model_args: dict[str, Any]) -> RunSpec:

@@ -17,6 +17,7 @@ import globalcom2.cells as cells_module
 import globalcom2.run as run_module
 from globalcom2.cells import CellSpec
 from globalcom2.models.tiny import tiny_checkpoint
+from globalcom2.paths import TASKS_DIR_ENV
 from globalcom2.store import Cell, current_cell_id
 
 FAST = ["model=tiny", "benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'", "method=random"]
@@ -288,3 +289,85 @@ def test_a_vicuna_length_cell_runs_on_the_efficiency_split(tmp_path, monkeypatch
     assert sorted(r.doc_id for r in records) == [0, 1, 2]
     for r in records:
         assert r.text_tokens == VICUNA_TEXT_TOKENS[questions[r.doc_id]] + POST_PROMPT_TOKENS
+
+
+def test_the_process_count_is_in_the_identity_only_where_it_changes_what_a_batch_holds(tmp_path):
+    """Each process batches its own share of the documents: at batch size 1, or in the batch-invariant mode,
+    that changes no answer (one identity); with batch size > 1 otherwise it can (bf16 on a GPU)."""
+
+    def identity(*overrides: str) -> dict:
+        cfg = compose_cell(tmp_path, *overrides)
+        return CellSpec.from_config(cfg).identity(cfg)
+
+    two = ("launcher=accelerate", "launcher.num_processes=2")
+    assert identity(*two) == identity()
+    batched = identity("benchmark.batch_size=4", *two)
+    assert batched != identity("benchmark.batch_size=4") and batched["launcher"] == {"num_processes": 2}
+    invariant = ("benchmark.batch_size=4", "batch_invariant=true")
+    assert identity(*invariant, *two) == identity(*invariant)
+
+
+def test_a_multi_process_cpu_cell_runs_on_the_cpu_and_a_gpu_cell_on_each_rank_s_device(tmp_path, monkeypatch):
+    """With several processes each rank takes its own GPU; a CPU cell must stay on the CPU its identity names
+    (on a machine with GPUs, Accelerate would otherwise hand every rank a GPU)."""
+    import globalcom2.lmms.plugin as plugin
+    from globalcom2.worker import evaluate_cell
+
+    devices = []
+
+    class Built(Exception):
+        pass
+
+    def capture(run):
+        devices.append(run.model.device)
+        raise Built
+
+    monkeypatch.setattr(plugin, "GlobalCom2LlavaNext", capture)
+    spec = CellSpec.from_config(compose_cell(tmp_path, "launcher=accelerate", "launcher.num_processes=2"))
+    assert spec.model.device == "cpu"
+    on_gpu = CellSpec.from_dict({**spec.to_dict(), "model": {**spec.to_dict()["model"], "device": "cuda:0"}})
+    for cell in (spec, on_gpu):
+        with pytest.raises(Built):
+            evaluate_cell(cell, tmp_path)
+    assert devices == ["cpu", None]
+
+
+def test_task_files_and_data_count_by_content_not_by_path(tmp_path, monkeypatch):
+    """Other task files under ``paths.tasks_dir`` (an edited prompt) or another data folder of the same name
+    make another cell; an identical copy elsewhere is the same cell."""
+    import datasets
+
+    from globalcom2.data.fixtures import write_fixtures
+
+    def identity(*overrides: str) -> dict:
+        cfg = compose_cell(tmp_path, *overrides)
+        return CellSpec.from_config(cfg).identity(cfg)
+
+    original = identity()
+    copy = tmp_path / "tasks_copy"
+    shutil.copytree(CONFIGS.parent / "tasks", copy)
+    monkeypatch.setenv(TASKS_DIR_ENV, str(copy))  # what globalcom2.run makes of paths.tasks_dir
+    assert identity() == original
+    demo = copy / "demo" / "globalcom2_demo.yaml"
+    demo.write_text(demo.read_text().replace("max_new_tokens: 8", "max_new_tokens: 1"))
+    edited = identity()
+    assert set(edited["task_definitions"]) == {"globalcom2_demo"}
+    assert edited["task_definitions"] != original["task_definitions"]
+    monkeypatch.delenv(TASKS_DIR_ENV)
+
+    pope = ("benchmark=pope", "benchmark.gen_kwargs=null")
+    data = write_fixtures(tmp_path / "data", ["pope"])
+    monkeypatch.setenv("GLOBALCOM2_DATA_DIR", str(data))
+    first = identity(*pope)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(data, moved)
+    monkeypatch.setenv("GLOBALCOM2_DATA_DIR", str(moved))
+    assert identity(*pope) == first  # the same rows in another place
+    (moved / "pope" / "globalcom2_source.json").unlink()  # a folder without its sidecar still counts
+    split = next((moved / "pope").rglob("state.json")).parent
+    rows = datasets.load_from_disk(str(split))
+    rows.select(range(len(rows) - 1)).save_to_disk(str(tmp_path / "fewer"))  # one row fewer
+    shutil.rmtree(split)
+    shutil.copytree(tmp_path / "fewer", split)
+    changed = identity(*pope)
+    assert changed["data"] != first["data"] and all(changed["data"].values())
