@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from globalcom2.models.fingerprint import checkpoint_identity
-from globalcom2.protocol.generation import parse_gen_kwargs
+from globalcom2.protocol.generation import GenerationSettings, format_gen_kwargs, parse_gen_kwargs
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL, check_tasks_covered
 from globalcom2.records import CellKey
 from globalcom2.run_spec import (
@@ -26,6 +26,7 @@ from globalcom2.run_spec import (
     ModelSpec,
     RunOptions,
     RunSpec,
+    parse_overrides,
     parse_run,
     run_problems,
 )
@@ -227,9 +228,8 @@ class CellSpec:
             limit = config_int(
                 limit, "benchmark.limit", minimum=1, meaning="the first N documents; null: all"
             )
-        gen_kwargs = bench_cfg.get("gen_kwargs")
-        if gen_kwargs and protocol != "llava":
-            parse_gen_kwargs(str(gen_kwargs), "benchmark.gen_kwargs")  # before any weight loads
+        gen_kwargs = _gen_kwargs(bench_cfg.get("gen_kwargs"))
+        _check_columns(columns, tasks)
         benchmark = BenchmarkSpec(
             name=bench_name,
             tasks=tasks,
@@ -360,6 +360,38 @@ def config_int(value: Any, key: str, *, minimum: int, meaning: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{key} must be {valid}, got {value!r}")
     return value
+
+
+def _gen_kwargs(value: Any) -> str | None:
+    """``benchmark.gen_kwargs`` (a mapping, a JSON object or ``k=v,k=v``) as one canonical ``k=v`` string, keys
+    sorted: what lmms-eval's ``gen_kwargs`` takes, and one identity for one set of settings. The settings
+    are checked here, before any weight loads."""
+    settings = parse_overrides(value, "benchmark.gen_kwargs")
+    if not settings:
+        return None
+    try:
+        GenerationSettings.from_gen_kwargs(settings, 1)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"benchmark.gen_kwargs={value!r}: {err}") from None
+    return format_gen_kwargs(settings, "benchmark.gen_kwargs")
+
+
+def _check_columns(columns: tuple[str, ...], tasks: tuple[str, ...]) -> None:
+    """Each paper-table column must be one of :data:`PAPER_METRICS` and computed from tasks the cell runs:
+    a bad one would otherwise surface only after the whole evaluation, whose generations are then lost."""
+    from globalcom2.data.benchmarks import PAPER_METRICS
+
+    for column in columns:
+        if column not in PAPER_METRICS:
+            raise ValueError(
+                f"benchmark.columns: unknown column {column!r}; valid: {', '.join(PAPER_METRICS)}"
+            )
+        missing = [task for task in PAPER_METRICS[column].tasks if task not in tasks]
+        if missing:
+            raise ValueError(
+                f"benchmark.columns: {column!r} is computed from task(s) {', '.join(missing)}, which "
+                f"benchmark.tasks ({', '.join(tasks)}) does not run"
+            )
 
 
 def _task_list(value: Any, key: str) -> tuple[str, ...]:

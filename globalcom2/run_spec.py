@@ -304,7 +304,7 @@ def parse_run(
         revision=revision,
         vicuna_text=vicuna_text,
     )
-    overrides = _overrides(generation_overrides, key("generation_overrides"))
+    overrides = parse_overrides(generation_overrides, key("generation_overrides"))
     if overrides and protocol != "llava":
         raise ValueError(
             "generation_overrides apply under protocol=llava (whose generation settings are fixed); under "
@@ -411,8 +411,9 @@ def _compile_setting(value: Any, name: str) -> bool | str:
     raise ValueError(f"{name} must be true, false or one of {', '.join(COMPILE_MODES)}; got {value!r}")
 
 
-def _overrides(value: Any, name: str) -> dict[str, Any] | None:
-    """``generation_overrides``: a mapping, a JSON object string, or an lmms-eval ``k=v,k=v`` string."""
+def parse_overrides(value: Any, name: str) -> dict[str, Any] | None:
+    """Generation settings as a mapping (``None`` for none): given as a mapping, a JSON object string, or an
+    lmms-eval ``k=v,k=v`` string (``generation_overrides``; a cell's ``benchmark.gen_kwargs``)."""
     if value is None or value == "" or value == {}:
         return None
     if isinstance(value, Mapping):

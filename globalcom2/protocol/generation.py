@@ -197,6 +197,25 @@ def _typed(value: str) -> Any:
     return value
 
 
+def format_gen_kwargs(settings: dict[str, Any], name: str = "gen_kwargs") -> str:
+    """``settings`` as lmms-eval's ``k=v,k=v`` string, keys sorted, which :func:`parse_gen_kwargs` reads back
+    to the same mapping; ``ValueError`` naming a value that string cannot hold (a list, a ``,`` or ``=``)."""
+    parts = []
+    for key, value in sorted(settings.items()):
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if (
+            not isinstance(value, (bool, int, float, str))
+            or any(c in text for c in ",=[]{}")
+            or (isinstance(value, str) and _typed(text) != value)
+        ):
+            raise ValueError(
+                f"{name}: {key}={value!r} cannot be written as lmms-eval's 'key=value,key=value' (numbers, "
+                "true/false and plain words only)"
+            )
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
+
+
 def parse_gen_kwargs(text: str, name: str = "gen_kwargs") -> dict[str, Any]:
     """lmms-eval's ``k=v,k=v`` generation string as a dict, or ``ValueError`` naming the bad part."""
     try:

@@ -371,3 +371,37 @@ def test_task_files_and_data_count_by_content_not_by_path(tmp_path, monkeypatch)
     shutil.copytree(tmp_path / "fewer", split)
     changed = identity(*pope)
     assert changed["data"] != first["data"] and all(changed["data"].values())
+
+
+def test_gen_kwargs_in_any_accepted_form_is_one_cell_and_bad_columns_fail_before_loading(
+    tmp_path, monkeypatch, capsys
+):
+    """``benchmark.gen_kwargs`` as ``k=v``, a mapping or a JSON object: one parser, one canonical value, one
+    identity, under both protocols; a paper column that is unknown or not computed from the cell's tasks is
+    refused with the valid choices, not found missing after the whole evaluation."""
+
+    def identity(*overrides: str) -> dict:
+        cfg = compose_cell(tmp_path, *overrides)
+        return CellSpec.from_config(cfg).identity(cfg)
+
+    for protocol in ("lmms_eval", "llava"):
+        forms = [
+            "benchmark.gen_kwargs='max_new_tokens=2,temperature=0'",
+            "benchmark.gen_kwargs={temperature:0,max_new_tokens:2}",
+            """benchmark.gen_kwargs='{"max_new_tokens": 2, "temperature": 0}'""",
+        ]
+        ids = [identity(f"benchmark.protocol={protocol}", form) for form in forms]
+        assert all(i == ids[0] for i in ids), protocol
+        assert ids[0]["benchmark"]["gen_kwargs"] == "max_new_tokens=2,temperature=0"
+    record, out = run_cell(
+        tmp_path, monkeypatch, capsys, "benchmark.gen_kwargs={max_new_tokens:2}", "benchmark.limit=1"
+    )
+    assert "[run]" in out and record["spec"]["benchmark"]["gen_kwargs"] == "max_new_tokens=2"
+    with pytest.raises(ValueError, match=r"unsupported generation_kwargs \['max_new_token'\]"):
+        identity("benchmark.gen_kwargs={max_new_token:2}")
+    with pytest.raises(ValueError, match=r"until=\['stop'\] cannot be written as lmms-eval's"):
+        identity("benchmark.gen_kwargs={until:[stop]}")
+    with pytest.raises(ValueError, match="unknown column 'Bogus'; valid: VQAv2, GQA"):
+        identity("benchmark.columns=[Bogus]")
+    with pytest.raises(ValueError, match="'GQA' is computed from task.s. gqa_local, which benchmark.tasks"):
+        identity("benchmark.columns=[GQA]")
