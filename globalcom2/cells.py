@@ -38,7 +38,7 @@ LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
 IDENTITY_VERSION = 4  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
 # 3: the checkpoint's content (``weights``) joined the identity, so cells that may hold other weights run again;
 # 4: the task definitions (``task_definitions``) and the data folders' content (``data.<task>.content``)
-# joined it, and the process count where it changes batches
+# joined it, and the process count where it changes batches; ScienceQA answers read as LLaVA's under llava
 #: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``; the
 #: task files and data they point at are in it by content), how it is launched (N processes give the
 #: answers of one, tests/harness/test_run_cells.py; the process count joins the identity where it changes

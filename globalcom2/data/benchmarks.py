@@ -178,7 +178,8 @@ PAPER_METRICS: dict[str, PaperMetric] = {
         100.0,
         "results",
         True,
-        "exact match on testdev-balanced, as LLaVA's eval",
+        "exact match on testdev-balanced; lmms-eval's match also ignores punctuation inside an answer "
+        "(tshirt = t-shirt), LLaVA's strips a trailing '.' and lower-cases only (scripts/convert_gqa_for_eval.py)",
     ),
     "VizWiz": PaperMetric(
         "vizwiz_vqa",
@@ -197,7 +198,8 @@ PAPER_METRICS: dict[str, PaperMetric] = {
         100.0,
         "results",
         True,
-        "option-letter accuracy on the image subset of test",
+        "option-letter accuracy on the image subset of test; protocol=llava reads answers as LLaVA's "
+        "eval_science_qa.py does",
     ),
     "TextVQA": PaperMetric(
         "textvqa",
@@ -218,7 +220,8 @@ PAPER_METRICS: dict[str, PaperMetric] = {
         100.0,
         "results",
         True,
-        "F1 averaged over the adversarial, popular and random splits (LLaVA eval_pope)",
+        "F1 averaged over the adversarial, popular and random splits (LLaVA eval_pope); lmms-lab's random "
+        "split holds 3,000 questions, LLaVA's question file 2,910",
     ),
     "MME (perception)": PaperMetric(
         "mme",

@@ -10,9 +10,14 @@
     of ``llava/eval/model_vqa_loader.py`` (its argparse default, L141) and 1024 for ScienceQA, MMBench
     and MM-Vet (hard-coded in ``model_vqa_science.py`` L80, ``model_vqa_mmbench.py`` L120 and
     ``model_vqa.py`` L71);
-  * POPE answers are read as LLaVA's ``llava/eval/eval_pope.py`` (L10-20) reads them, before lmms-eval
-    scores them (:func:`llava_pope_answer`);
-  * the AnyRes geometry is LLaVA's (grid ties, unpadding: ``globalcom2.models.geometry``).
+  * POPE and ScienceQA answers are read as LLaVA's ``llava/eval/eval_pope.py`` (L10-20) and
+    ``llava/eval/eval_science_qa.py`` (L65-75) read them, before lmms-eval scores them
+    (:func:`llava_pope_answer`, :func:`llava_scienceqa_answer`);
+  * the AnyRes geometry is LLaVA's (grid ties, unpadding: ``globalcom2.models.geometry``);
+  * scoring is otherwise lmms-eval's, with two known deviations under both protocols: GQA's exact match
+    also ignores punctuation inside an answer, where ``scripts/convert_gqa_for_eval.py`` (L14) only strips a
+    trailing ``.`` and lower-cases; and lmms-lab's POPE random split holds 3,000 questions where LLaVA's
+    ``llava_pope_test.jsonl`` holds 2,910 (the 90 cannot be identified offline).
 * ``lmms_eval`` keeps lmms-eval's own task defaults (its prompts, ``generation_kwargs`` and ``until``),
   for comparison with lmms-eval-based papers and leaderboards.
 
@@ -34,6 +39,7 @@ methods count their budget in patch tokens, as the paper does (:func:`budget_met
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -175,6 +181,26 @@ def llava_pope_answer(text: str) -> str:
     return "no" if {"No", "not", "no"} & set(words) else "yes"
 
 
+#: ``eval_science_qa.py``'s ``--options`` (L15): the letters a ScienceQA answer may name.
+SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")
+
+
+def llava_scienceqa_answer(text: str) -> str:
+    """``eval_science_qa.py`` L65-75: the answer is the letter itself, ``X. …`` (a letter, a dot and a space),
+    or the one letter of ``The answer is X.``; anything else is ``FAILED``, scored wrong (L77, L91).
+
+    lmms-eval's own reading (``sqa_process_results``) differs: it takes ``b`` or ``B.``, which LLaVA fails,
+    and fails ``The answer is B.``, which LLaVA takes. Returning the letter LLaVA reads (or ``FAILED``) makes
+    lmms-eval's scorer give LLaVA's verdict: a letter past the question's choices is wrong under both
+    (``get_pred_idx`` L28-35 returns -1)."""
+    if text in SCIENCEQA_OPTIONS:
+        return text
+    if len(text) >= 3 and text[0] in SCIENCEQA_OPTIONS and text[1:3] == ". ":
+        return text[0]
+    found = re.findall(r"The answer is ([A-Z]).", text)
+    return found[0] if len(found) == 1 else "FAILED"
+
+
 @dataclass(frozen=True)
 class LlavaRule:
     """How LLaVA's scripts feed and read one task.
@@ -196,7 +222,7 @@ LLAVA_RULES: dict[str, LlavaRule] = {
     "gqa_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS),
     "vizwiz_vqa_val_local": LlavaRule(vizwiz, LOADER_MAX_NEW_TOKENS),
     "vizwiz_vqa_test_local": LlavaRule(vizwiz, LOADER_MAX_NEW_TOKENS),
-    "scienceqa_img_local": LlavaRule(scienceqa, LONG_MAX_NEW_TOKENS),
+    "scienceqa_img_local": LlavaRule(scienceqa, LONG_MAX_NEW_TOKENS, llava_scienceqa_answer),
     "textvqa_val_local": LlavaRule(textvqa, LOADER_MAX_NEW_TOKENS),
     "pope_adv_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer),
     "pope_pop_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer),

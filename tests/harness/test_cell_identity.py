@@ -403,5 +403,7 @@ def test_gen_kwargs_in_any_accepted_form_is_one_cell_and_bad_columns_fail_before
         identity("benchmark.gen_kwargs={until:[stop]}")
     with pytest.raises(ValueError, match="unknown column 'Bogus'; valid: VQAv2, GQA"):
         identity("benchmark.columns=[Bogus]")
-    with pytest.raises(ValueError, match="'GQA' is computed from task.s. gqa_local, which benchmark.tasks"):
+    with pytest.raises(
+        ValueError, match=r"'GQA' is computed from task\(s\) gqa_local, which benchmark\.tasks"
+    ):
         identity("benchmark.columns=[GQA]")

@@ -115,6 +115,32 @@ def test_pope_answers_are_read_as_eval_pope_reads_them(answer, read):
     assert task_protocol("lmms_eval", "pope_adv_local").read_answer(answer) == answer
 
 
+@pytest.mark.parametrize(
+    ("answer", "llava_correct", "lmms_eval_correct"),
+    [
+        ("B", True, True),
+        ("B. Paris", True, True),
+        ("The answer is B.", True, False),  # LLaVA's third reading; lmms-eval has none
+        ("b", False, True),  # lmms-eval ignores case, LLaVA does not
+        ("B.", False, True),  # LLaVA wants "X. " with the space
+        ("The answer is B. The answer is C.", False, False),  # two letters: FAILED
+        ("E", False, False),  # past the question's choices (get_pred_idx gives -1)
+        ("", False, False),
+    ],
+)
+def test_scienceqa_answers_are_scored_as_eval_science_qa_scores_them(
+    answer, llava_correct, lmms_eval_correct
+):
+    """Under ``llava`` the answer lmms-eval scores is the letter ``eval_science_qa.py`` reads (or FAILED), so
+    lmms-eval's own scorer gives LLaVA's verdict; under ``lmms_eval`` its reading stands."""
+    from lmms_eval.tasks.scienceqa.utils import sqa_process_results
+
+    doc = {"choices": ["London", "Paris", "Rome"], "answer": 1}
+    for protocol, correct in (("llava", llava_correct), ("lmms_eval", lmms_eval_correct)):
+        scored = task_protocol(protocol, "scienceqa_img_local").read_answer(answer)
+        assert sqa_process_results(doc, [scored]) == {"exact_match": float(correct)}, protocol
+
+
 def test_mmvet_under_llava_keeps_a_multi_paragraph_answer(processor):
     text = "First paragraph.\n\nSecond paragraph."
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
