@@ -28,6 +28,7 @@ import torch
 from globalcom2.data.benchmarks import EVALAI_TASKS
 from globalcom2.lmms.preflight import PreflightError, check_tasks
 from globalcom2.paths import tasks_dir
+from globalcom2.protocol.rules import check_tasks_covered
 
 
 def task_manager(include_path: str | list[str] | None = None, include_defaults: bool = False) -> Any:
@@ -53,11 +54,24 @@ def evaluate(
     """``simple_evaluate`` on ``lm`` (an ``lmms`` instance) with checks; ``None`` on ranks other than 0.
 
     ``output_path`` is where tasks with submission-style outputs write them (``<output_path>/submissions``;
-    lmms-eval otherwise uses ``./submissions``). Raises if a task is missing from the results.
+    lmms-eval otherwise uses ``./submissions``). Before anything runs, as the CLI does, it refuses a task
+    the plugin's protocol has no rule for, and ``gen_kwargs`` under ``protocol=llava`` (which would be
+    ignored). Raises if a task is missing from the results.
     """
     from lmms_eval.evaluator import simple_evaluate
 
     checks = check_tasks(tasks, include_path)
+    protocol = getattr(lm, "protocol", None)  # our plugin's; another lmms model has none
+    if protocol is not None:
+        try:
+            check_tasks_covered(protocol, tasks)
+        except ValueError as err:
+            raise PreflightError(str(err)) from None
+    if protocol == "llava" and gen_kwargs:
+        raise PreflightError(
+            f"gen_kwargs={gen_kwargs!r} would be ignored under protocol=llava (its generation settings are "
+            "LLaVA's); adjust them with the plugin's generation_overrides, e.g. {'max_new_tokens': 8}"
+        )
     submitting = sorted(set(tasks) & set(EVALAI_TASKS))
     if submitting and not output_path:
         raise PreflightError(

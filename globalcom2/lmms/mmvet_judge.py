@@ -73,13 +73,21 @@ class RecordedJudge:
     The grade lmms-eval returns is a real one only when the sample's last reply holds it: its grader also
     returns 0 after replies it cannot read, which would enter the average as a wrong answer. And a judge that
     keeps replying out of range would be asked forever; past :data:`MAX_REQUESTS_PER_SAMPLE` the step stops.
+    Each request first checks the step's deadline, so the time limit is overrun by one request at most
+    (``--retries`` attempts of ``--timeout`` seconds).
     """
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: Any, deadline: float = math.inf, time_limit_s: float = math.inf) -> None:
         self.request = request
         self.replies: list[str] = []
+        self.deadline, self.time_limit_s = deadline, time_limit_s  # time.monotonic() values
 
     def __call__(self, prompt: str, *args: Any, **kwargs: Any) -> tuple[str, str]:
+        if time.monotonic() > self.deadline:  # checked per request: one sample may take ten of them
+            raise RuntimeError(
+                f"the time limit of {self.time_limit_s:.0f} s ran out while grading a sample; no score written "
+                "(raise --time-limit)"
+            )
         if len(self.replies) >= MAX_REQUESTS_PER_SAMPLE:
             raise RuntimeError(
                 f"the judge gave no grade in [0, 1] in {MAX_REQUESTS_PER_SAMPLE} requests for one sample (last "
@@ -173,8 +181,13 @@ def judge(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     retries: int = DEFAULT_RETRIES,
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Grade every sample; write and return the judged results.
+
+    The samples must cover every MM-Vet document once: a run with ``limit``, or two samples files joined,
+    would otherwise give an ordinary-looking score of another set. ``allow_partial`` scores a subset and
+    marks the result ``partial`` (its score is not MM-Vet's).
 
     Raises:
         JudgeUnavailableError: no credentials, an unknown API type, or a judge that does not answer.
@@ -193,12 +206,13 @@ def judge(
     samples = read_samples(samples_path)
     docs = datasets.load_from_disk(str(require_local_dataset("mmvet", "test", TASK)))["test"]
     docs = docs.remove_columns([c for c in docs.column_names if c == "image"])
+    check_samples(samples, docs, allow_partial)  # before any request
     from lmms_eval.tasks.mmvet import utils as mmvet  # builds the judge client; needs the credentials
 
     bound_judge(mmvet, timeout_s, retries)
     deadline = time.monotonic() + time_limit_s
     probe_judge(mmvet, timeout_s)
-    judge_requests = RecordedJudge(mmvet.get_chat_response)
+    judge_requests = RecordedJudge(mmvet.get_chat_response, deadline, time_limit_s)
     mmvet.get_chat_response = judge_requests  # restored below: lmms-eval's module outlives this step
     try:
         graded, failures = _grade_all(mmvet, samples, docs, judge_requests, deadline, time_limit_s)
@@ -219,12 +233,41 @@ def judge(
             "samples_file": str(samples_path),
         },
         "n-samples": {TASK: {"original": len(docs), "effective": len(graded)}},
+        "partial": len(graded) != len(docs),
         "grades": graded,
     }
     out = Path(out) if out else Path(samples_path).with_name(Path(samples_path).stem + "_judged.json")
     atomic_write_json(out, result, ensure_ascii=False, sort_keys=False)
     print(f"MM-Vet gpt_eval_score = {score:.2f} over {len(graded)} samples -> {out}")
     return result
+
+
+def check_samples(samples: list[dict[str, Any]], docs: Any, allow_partial: bool) -> None:
+    """Every sample names a document of the local data once, with that document's answer as its target,
+    and (unless ``allow_partial``) every document has a sample; ``ValueError`` naming what is wrong."""
+    seen: set[int] = set()
+    for sample in samples:
+        doc_id = sample.get("doc_id")
+        if isinstance(doc_id, str) and doc_id.isdigit():
+            doc_id = int(doc_id)
+        if isinstance(doc_id, bool) or not isinstance(doc_id, int) or not 0 <= doc_id < len(docs):
+            raise ValueError(
+                f"a sample's doc_id is {doc_id!r}; the local MM-Vet data has docs 0-{len(docs) - 1}"
+            )
+        if doc_id in seen:
+            raise ValueError(f"doc {doc_id} has two samples: were two samples files joined? no score written")
+        seen.add(doc_id)
+        answer = docs[doc_id]["answer"]
+        if "target" in sample and str(sample["target"]) != answer:
+            raise ValueError(
+                f"doc {doc_id}: the samples file's target {sample['target']!r} differs from the local "
+                f"data's answer {answer!r}; the data changed since the run"
+            )
+    if len(seen) != len(docs) and not allow_partial:
+        raise ValueError(
+            f"the samples cover {len(seen)} of the {len(docs)} MM-Vet documents (a run with a limit?): their "
+            "score would not be MM-Vet's. Pass --allow-partial to score them anyway, marked partial"
+        )
 
 
 def _grade_all(
@@ -246,11 +289,6 @@ def _grade_all(
                 "no score written (raise --time-limit)"
             )
         doc = docs[int(sample["doc_id"])]
-        if "target" in sample and str(sample["target"]) != doc["answer"]:
-            raise ValueError(
-                f"doc {sample['doc_id']}: the samples file's target {sample['target']!r} differs from the local "
-                f"data's answer {doc['answer']!r}; the data changed since the run"
-            )
         judge_requests.replies = []
         grade = mmvet.mmvet_process_results(doc, [answer_of(sample)])["gpt_eval_score"]
         if not judge_requests.graded(grade):  # lmms-eval counts an ungraded sample as 0; stop instead
@@ -269,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, help="seconds for the whole step"
     )
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="score samples that cover only some documents (the result is marked partial)",
+    )
     args = parser.parse_args(argv)
     from globalcom2.redaction import redacted_console
 
@@ -280,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_s=args.timeout,
                 retries=args.retries,
                 time_limit_s=args.time_limit,
+                allow_partial=args.allow_partial,
             )
         except (JudgeUnavailableError, FileNotFoundError, ValueError) as err:
             print(f"mmvet_judge: {err}", file=sys.stderr)

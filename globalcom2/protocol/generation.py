@@ -80,6 +80,11 @@ class GenerationSettings:
                 raise TypeError(f"do_sample must be true or false, got {do_sample!r}")
         else:
             do_sample = temperature is not None and temperature > 0
+        if do_sample and temperature is not None and temperature <= 0:
+            raise ValueError(
+                f"do_sample=true needs temperature > 0 (transformers refuses {temperature}); for greedy "
+                "decoding set do_sample=false or leave it out"
+            )
         top_p = kwargs.get("top_p")
         top_p = None if top_p is None else _as_float(top_p, "top_p")
         return cls(

@@ -117,6 +117,37 @@ def test_mmvet_judge_detects_data_that_changed(fixture_data, tmp_path, graded_by
         mmvet_judge.judge(samples)
 
 
+def test_mmvet_judge_scores_all_documents_once_or_says_the_score_is_partial(
+    fixture_data, tmp_path, graded_by
+):
+    """A run with a limit, or two samples files joined, must not give an ordinary-looking MM-Vet score."""
+    answers = list(zip(FIXTURE_TARGETS, ["4.50", "red", "dog"], strict=True))
+    graded_by([("1.0", "gpt"), ("0.5", "gpt")])
+    with pytest.raises(ValueError, match="cover 2 of the 3 MM-Vet documents"):
+        mmvet_judge.judge(samples_file(tmp_path / "two.jsonl", answers[:2]))
+    result = mmvet_judge.judge(samples_file(tmp_path / "two.jsonl", answers[:2]), allow_partial=True)
+    assert result["partial"] is True and result["n-samples"]["mmvet_local"] == {"original": 3, "effective": 2}
+    joined = tmp_path / "joined.jsonl"
+    joined.write_text(samples_file(tmp_path / "a.jsonl", answers).read_text() * 2)
+    with pytest.raises(ValueError, match="doc 0 has two samples"):
+        mmvet_judge.judge(joined)
+
+
+def test_the_time_limit_is_checked_before_every_judge_request():
+    """One sample may take up to ten requests; the limit is checked before each, not only between samples."""
+    import time
+
+    requests = []
+    judge = mmvet_judge.RecordedJudge(
+        lambda prompt: requests.append(prompt) or ("0.5", "gpt"), time.monotonic() + 60, 60
+    )
+    assert judge("first") == ("0.5", "gpt")
+    judge.deadline = time.monotonic() - 1  # the limit runs out during the sample
+    with pytest.raises(RuntimeError, match="time limit of 60 s ran out while grading a sample"):
+        judge("second")
+    assert requests == ["first"]
+
+
 def test_mmvet_judge_names_a_missing_samples_file(fixture_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
     assert mmvet_judge.main(["--samples", str(tmp_path / "nope.jsonl")]) == 2

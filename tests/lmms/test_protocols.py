@@ -285,3 +285,20 @@ def test_llava_counts_the_in_llm_budget_in_patch_tokens(tmp_path):
         )
     )
     assert implicit.method.params == explicit.method.params == {"K": 2, "budget_basis": "patches"}
+
+
+def test_the_python_api_refuses_what_the_cli_refuses_under_llava(fixture_data, tmp_path, monkeypatch):
+    """``api.evaluate`` makes the CLI's checks: ``gen_kwargs`` would be ignored under ``llava``, and a task
+    ``llava`` has no rule for would fail only after the model and tasks had loaded."""
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
+    from globalcom2.lmms.preflight import PreflightError
+
+    monkeypatch.chdir(tmp_path)
+    lm = GlobalCom2LlavaNext(pretrained="tiny", method="vanilla", protocol="llava")
+    with pytest.raises(
+        PreflightError, match="gen_kwargs='max_new_tokens=3' would be ignored under protocol=llava"
+    ):
+        api.evaluate(lm, ["pope_adv_local"], limit=1, gen_kwargs="max_new_tokens=3")
+    with pytest.raises(PreflightError, match="protocol='llava' has no rule for task 'mme'"):
+        api.evaluate(lm, ["mme"], limit=1)
+    assert not lm.records  # nothing ran

@@ -50,6 +50,8 @@ def test_unknown_keys_raise_and_llava_only_keys_are_ignored():
         settings(max_new_tokens="many")
     with pytest.raises(TypeError, match="until"):
         settings(until=[1])
+    with pytest.raises(ValueError, match="do_sample=true needs temperature > 0"):
+        settings(do_sample=True, temperature=0.0)  # transformers would refuse it at the first generate
 
 
 def test_requests_with_equal_settings_share_a_key():
