@@ -1,10 +1,12 @@
 """The one budget vocabulary: ``retention_ratio``, the kept fraction of an image's patch tokens.
 
-A ratio R in (0, 1] keeps ``floor(R * N)`` of N candidate tokens. Every method and every record uses
-this word and this rounding, so a table column "R = 0.25" means the same thing for all methods
-(compression toolkits name the same budget four ways, ``rate``, ``prune_ratio``, ``reduction_ratio`` and
-``dominant``/``contextual`` in ModelTC/LightCompress's FastV, random, SparseVLM and VisionZip configs, so
-their "R" columns need not mean the same fraction).
+A ratio R in (0, 1] keeps ``floor(R * N)`` of N candidate tokens. Every method and every record uses this
+word (compression toolkits name the budget four ways, ``rate``, ``prune_ratio``, ``reduction_ratio`` and
+``dominant``/``contextual`` in ModelTC/LightCompress's FastV, random, SparseVLM and VisionZip configs). For
+GlobalCom², random, FastV and DivPrune, R is this one fraction of the image's tokens. The later baselines
+keep their official knob under the same word, each documented in its module: PDrop's R is its last stage's
+fraction, SparseVLM's a layer average, DART's adds its pivots, VisionZip's is per 336-px view. Across those a
+column "R = 0.25" is not one cost; the records' equivalent tokens and TFLOPs are.
 """
 
 from __future__ import annotations

@@ -356,15 +356,15 @@ class KeepPlan:
     similarity_products: tuple[int, ...] = ()
 
 
-def last_text_row(view: TokenView) -> QueryRows:
-    """One query row per batch row: its last text row, the last prompt token (FastV's ``attn[:, :, -1, :]``,
-    PyramidDrop's ``prompt_total_len - 1``); a batch row without text gets none."""
-    text = view.valid & ~view.visual  # [B, L]
-    columns = torch.arange(text.shape[1], device=text.device)
-    last = torch.where(text, columns, -1).max(dim=1).values  # [B] last text row
-    rows = (columns[None, :] == last[:, None]) & text
-    text_rows = [r - v for r, v in zip(view.rows, view.per_row(view.image_tokens), strict=True)]
-    return QueryRows(rows=rows, candidates=(0,) * len(view.rows), count=tuple(int(n > 0) for n in text_rows))
+def last_prompt_row(view: TokenView) -> QueryRows:
+    """One query row per batch row: its last real row, the last prompt token (FastV's ``attn[:, :, -1, :]``,
+    PyramidDrop's ``prompt_total_len - 1``), found per row so that left padding does not move it. It is the
+    question's last token in every LLaVA prompt, and the image's last token in a prompt that ends with its
+    image, as in the references (a text row before the image would see none of it under causal attention)."""
+    columns = torch.arange(view.valid.shape[1], device=view.valid.device)
+    last = torch.where(view.valid, columns, -1).max(dim=1).values  # [B] last real row
+    rows = (columns[None, :] == last[:, None]) & view.valid  # [B, L]
+    return QueryRows(rows=rows, candidates=(0,) * len(view.rows), count=tuple(int(n > 0) for n in view.rows))
 
 
 def check_layer_list(name: str, layers: object, lowest: int) -> tuple[int, ...] | None:

@@ -23,8 +23,8 @@ This implementation (the engine in ``globalcom2/hooks/in_llm.py`` does the slici
 
 Deviations from the reference code:
 
-* the query row is the last *text* row of each prompt (the reference takes row ``-1``, which is text in every
-  LLaVA prompt; the difference only matters for a prompt that ends inside an image);
+* the query row is each prompt's last real row, found per batch row (the reference takes row ``-1``, the same
+  row without padding);
 * batches of any size with left padding and per-row keep counts (the reference reads batch row 0 only);
 * ties in the ranking go to the earlier position (``torch.topk`` leaves them unspecified).
 """
@@ -39,7 +39,7 @@ from globalcom2.methods.base import (
     KeepPlan,
     QueryRows,
     TokenView,
-    last_text_row,
+    last_prompt_row,
     register_method,
 )
 from globalcom2.scoring.ranking import int64_tensor
@@ -84,7 +84,7 @@ class FastV(InLLMMethod):
         return (round(self.retention_ratio * num_visual),)
 
     def select_queries(self, view: TokenView) -> QueryRows:
-        return last_text_row(view)
+        return last_prompt_row(view)
 
     def score(
         self, stage: int, attention: torch.Tensor, query_valid: torch.Tensor, view: TokenView

@@ -33,8 +33,9 @@ Deviations from the reference code:
 * counts are ``floor(N * R ** (s / S))``, with a product within 1e-9 of an integer taken as that integer
   (float error in the root; R = 0.125 gives the official 1/2, 1/4, 1/8 exactly) and the last stage exactly
   ``floor(N * R)``;
-* the rater is each prompt's last text row, found per batch row (the reference computes its index by counting,
-  which assumes right padding or none, lines 1390-1392), and padding keys are masked out of its softmax;
+* the rater is each prompt's last real row (text, or the image's last token in a prompt that ends with it, as
+  in the reference), found per batch row (the reference computes its index by counting, which assumes right
+  padding or none, lines 1390-1392), and padding keys are masked out of its softmax;
 * scores are computed in float32 (the reference casts the softmax back to fp16 before the head mean) with the
   model's own grouped-query attention (the reference has no ``repeat_kv``; LLaVA-NeXT's Vicuna is MHA, where
   the two agree);
@@ -62,7 +63,7 @@ from globalcom2.methods.base import (
     QueryRows,
     TokenView,
     check_layer_list,
-    last_text_row,
+    last_prompt_row,
     register_method,
     scale_official_layers,
 )
@@ -145,7 +146,7 @@ class PDrop(InLLMMethod):
         return stage_kept(num_visual, self.retention_ratio, len(self.stage_layers(num_layers)))
 
     def select_queries(self, view: TokenView) -> QueryRows:
-        return last_text_row(view)
+        return last_prompt_row(view)
 
     def score(
         self, stage: int, attention: torch.Tensor, query_valid: torch.Tensor, view: TokenView

@@ -51,8 +51,12 @@ Deviations from the reference code:
   least one token, ``min(k, N - 1)``), so R = 1 leaves the model bit-identical;
 * if no candidate is strictly above the mean rater score (e.g. a single text row), the best one rates alone
   (the reference would average over no rows);
-* rater scores ``V T^T`` and the clustering are computed in float32; clustering breaks density ties by position
-  instead of random noise and merges by the exact mean (see ``scoring/clustering.py``).
+* rater scores ``V T^T``, the raters' attention softmax (``scoring/text_attention.py``) and the clustering are
+  computed in float32 (the reference's softmax and head mean run in fp16, ``modelling_sparse_llama.py`` L578,
+  so near-ties among the visual tokens may fall the other way); clustering breaks density ties by position
+  instead of random noise and merges by the exact mean (see ``scoring/clustering.py``);
+* a prompt that ends with its image has no text to rate it and is refused with a message (the reference would
+  average over no rows).
 """
 
 from __future__ import annotations
@@ -286,6 +290,13 @@ class SparseVLM(InLLMMethod):
 
     # -- raters ----------------------------------------------------------------------------------------------
     def select_queries(self, view: TokenView) -> QueryRows:
+        ending_with_image = sorted({row for row in view.image_row if view.text_after[row] == 0})
+        if ending_with_image:  # host counts: no device read
+            raise ValueError(
+                f"SparseVLM rates an image's tokens by the prompt text after it (the question), and batch "
+                f"row(s) {ending_with_image} end with their image, so nothing would rate them; put the question "
+                "after the image, as every LLaVA prompt does"
+            )
         visual = view.visual & view.valid  # [B, L]
         after = view.after_last_image  # [B, L]
         # V: the image's tokens; under budget_basis="patches" the separators are structure, not content

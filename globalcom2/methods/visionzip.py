@@ -43,7 +43,10 @@ Deliberate deviations:
 * Realised count: ``(1 + crops) * k`` tokens per image, NOT the harness's ``floor(R * N_patch)`` (N_patch
   counts unpadded crop tokens): VisionZip compresses padded crops and keeps [CLS], so the ratio of kept to
   vanilla tokens differs from R per image. :class:`~globalcom2.methods.base.ImageStats` records the
-  realised count; compare methods on it, not on R.
+  realised count; compare methods on it, not on R. At high R it can exceed vanilla's: a 720x1280 image has
+  1,948 visual positions unmodified (its crops are mostly padding), and VisionZip feeds 2,160 at R = 0.75 and
+  2,590 at R = 0.9, then 1,948 again at R = 1 (no compression), so its token count is not monotone in R.
+  This is the official code's behaviour, kept as it is.
 * The budget word: R is our word for the per-view fraction ``k / 576``; the official code takes
   ``dominant`` and ``contextual`` counts.
 * Float32: scores, normalisation, similarities and the merge run in float32 (official: the model dtype,

@@ -81,3 +81,48 @@ def test_bad_parameters_are_refused_before_any_model(params, error, message):
 def test_round_trips_through_its_parameters():
     method = METHODS.create("pdrop", retention_ratio=0.3, layers=(1, 3), budget_basis="patches")
     assert METHODS.create("pdrop", **method.params()).params() == method.params()
+
+
+def _view_ending_with_its_image():
+    """Two left-padded rows: row 0 ends with its image (no question after it), row 1 has text after."""
+    from globalcom2.methods.base import TokenView
+
+    image = torch.tensor([[-1, -1, -1, 0, 0, 0, 0, 0, 0, 0], [-1, -1, 1, 1, 1, 1, -1, -1, -1, -1]])
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 0] = False
+    return TokenView(
+        hidden_states=torch.randn(2, 10, 8),
+        image=image,
+        valid=valid,
+        layer=0,
+        num_layers=32,
+        protected=torch.zeros(2, 10, dtype=torch.bool),
+        image_tokens=(7, 4),
+        budget_tokens=(7, 4),
+        candidates=(7, 4),
+        image_row=(0, 1),
+        rows=(10, 9),
+        text_after=(0, 4),
+    )
+
+
+def test_the_rater_is_the_last_prompt_token_even_when_the_prompt_ends_with_its_image():
+    """PyramidDrop's ``prompt_total_len - 1`` and FastV's row ``-1``: the last real row of each prompt. A text
+    row before the image would see none of it under causal attention, and every image token would score 0."""
+    from globalcom2.methods.fastv import FastV
+    from globalcom2.methods.pdrop import PDrop
+
+    view = _view_ending_with_its_image()
+    for method in (PDrop(retention_ratio=0.25), FastV(retention_ratio=0.25)):
+        query = method.select_queries(view)
+        assert query.rows.nonzero().tolist() == [[0, 9], [1, 9]], type(method).__name__
+        assert query.count == (1, 1)
+
+
+def test_sparsevlm_refuses_a_prompt_that_ends_with_its_image():
+    """Its raters are the question's tokens after the image: with none, nothing rates the image (the reference
+    has no answer for it either), so it says so instead of keeping the earliest tokens."""
+    from globalcom2.methods.sparsevlm import SparseVLM
+
+    with pytest.raises(ValueError, match=r"batch row\(s\) \[0\] end with their image"):
+        SparseVLM(retention_ratio=0.5).select_queries(_view_ending_with_its_image())
