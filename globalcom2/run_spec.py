@@ -34,7 +34,7 @@ from globalcom2.methods.params import (
     parse_attn_implementation,
 )
 from globalcom2.models.base import DTYPE_CHOICES
-from globalcom2.models.compiled import COMPILE_MODES, compile_problem, resolve_compile
+from globalcom2.models.compiled import COMPILE_MODES, CUDA_GRAPH_MODES, compile_problem, resolve_compile
 from globalcom2.models.preload import check_revision, checkpoint_config, model_problems
 from globalcom2.protocol.generation import GenerationSettings, parse_gen_kwargs, parse_key_values
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL, budget_method_params, check_protocol
@@ -370,7 +370,16 @@ def run_problems(
         except (FileNotFoundError, TypeError, ValueError) as err:
             problems.append(err)
         if model.compile is not None:
-            problem = compile_problem(model.device or default_device(), model.compile)
+            device = torch.device(model.device or default_device())
+            problem = compile_problem(device, model.compile)
+            if problem is None and device.type == "cuda" and model.compile in CUDA_GRAPH_MODES:
+                problem = (
+                    "its CUDA graphs are recorded for every new prompt length inside the call that meets it, and "
+                    "an evaluation's prompts vary in length, so its latencies would time recordings, not "
+                    "replays; evaluate with compile=default (or max-autotune-no-cudagraphs), and time CUDA "
+                    'graphs with `make bench-efficiency ARGS="--compile-mode reduce-overhead"`, which warms '
+                    "every prompt first"
+                )
             if problem:
                 problems.append(RuntimeError(f"compile={model.compile}: {problem}"))
         memo[key] = (problems, config)

@@ -112,7 +112,10 @@ def _to_host(args: tuple, kwargs: dict) -> bool:
 
 def _host_data_to_device(args: tuple, kwargs: dict) -> bool:
     """``torch.tensor(python_data, device=...)``: a copy from pageable host memory, which on CUDA waits for
-    the stream (``non_blocking=False``); counted whatever the device, as the call would sync on a GPU."""
+    the stream (``non_blocking=False``); counted whatever the device, as the call would sync on a GPU.
+    Conservative on a CPU run, where host and device are one: ``torch.as_tensor(t, device=t.device)``, which
+    copies nothing on a GPU either, and ``device=torch.device("cpu")`` are counted too (neither is in the
+    package's hot paths); only a target named ``"cpu"`` is taken as a stay on the host."""
     device = kwargs.get("device")
     if device is None or (isinstance(device, str) and device.startswith("cpu")):
         return False

@@ -44,7 +44,10 @@ are still in use (pytorch/pytorch#152887); and with dynamic shapes CUDA graphs r
 new prompt length, inside the measured call. ``reduce-overhead`` (and ``max-autotune``) stay available by
 name: for them :func:`compile_model` marks a new CUDA-graph step at each of the model's forwards
 (``torch.compiler.cudagraph_mark_step_begin``, the remedy torch's own error message names), so one prefill's
-layers form one generation; ``tests/models/test_compiled.py`` checks both modes on CUDA.
+layers form one generation; ``tests/models/test_compiled.py`` checks both modes on CUDA. Evaluations (cells,
+the plugin) refuse them on CUDA (``globalcom2.run_spec.run_problems``): they meet new prompt lengths
+throughout, and a call that records a graph is not flagged as one that compiled (dynamo's frame counter
+does not move); ``make bench-efficiency`` warms every prompt first.
 
 The first call compiles (seconds to minutes), and the first decode step and the first batch of a new size
 compile again; harnesses report the first call apart (``SampleRecord.first_call``). Outputs equal eager

@@ -5,9 +5,10 @@ layer's keys, at the tiny model's width and at CLIP-L/14's) and the whole per-im
 allocation + interpolation + holistic scoring + per-crop selection + layout (``GlobalCom2.select``), for
 both layouts, at 672x672 (2x2 crops, no padding; the target case) and 1000x600 (letterboxed). Targets
 per 672x672 image (:data:`TARGETS`): on a CPU, scores + allocation + selection <= 1 ms at the tiny width;
-on a GPU, <= 0.13 ms at CLIP-L's width in fp16 with the selection compiled as ``compile=true`` compiles it,
+on a GPU, <= 0.13 ms at CLIP-L's width in bf16 with the selection compiled as ``compile=true`` compiles it,
 where launch overhead, not arithmetic, sets the time (the project's GPU target; the eager selection measured
-0.535 ms on an H100, ``results/efficiency/globalcom2_selection_cuda.md``, and was reported at 0.38 ms from a
+0.535 ms on an H100, ``results/efficiency/globalcom2_selection_cuda.md``, timed then in fp16 by the host's
+clock around device synchronisations, before the bench moved to bf16 and CUDA events, and was reported at 0.38 ms from a
 first H200 run whose files are not kept here). Compiled rows (:data:`COMPILED_ROWS`) time the selection in each
 compile mode; their first calls compile, inside the discarded warm-up rounds. The reference implementation loops
 in Python over tokens.
@@ -49,8 +50,8 @@ TARGETS: dict[str, tuple[str, float]] = {
 #: Device type -> the compile modes of the compiled rows (672x672, clean layout, both widths): what a model
 #: compiled in that mode selects with (``GlobalCom2.select`` under ``ImageContext.compile_mode``).
 COMPILED_ROWS: dict[str, tuple[str, ...]] = {"cpu": ("default",), "cuda": ("default", "reduce-overhead")}
-#: Input dtype per device type: CLIP runs in fp16/bf16 on a GPU.
-DTYPES = {"cpu": torch.float32, "cuda": torch.float16}
+#: Input dtype per device type: bf16 on a GPU, the dtype of the 7B efficiency runs (the issue's H200 table).
+DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 WIDTHS = {"tiny d=64": (64, 4), "CLIP-L d=1024": (1024, 16)}  # (hidden width, attention heads)
 SIZES = {"672x672": (672, 672), "1000x600": (600, 1000)}  # name -> (height, width)
 RETENTION_RATIO = 0.25

@@ -11,8 +11,10 @@ from the checkout with ``PYTHONPATH=.``::
     python -m globalcom2.perf.gpu_checklist --dry-run                  # list the steps
     python -m globalcom2.perf.gpu_checklist --only throughput_7b main_path_tests --out "$OUT"
 
-Steps, in order of value; the first four are sized to fit one call's budget (540 s), the rest are for a
-second call (``--only``) or a longer lease:
+Steps, in order of value. The first four are what one call (540 s) is for, but their limits (200, 180, 270
+and 300 s) are ceilings, not estimates, and add up to 950 s: each later step gets what the earlier ones
+left, and the compiled 7B step starts only with 150 s left, so after slow first steps ``gpu_tests`` falls to
+a second call (``--only gpu_tests …``), as do the rest, or to a longer lease:
 
 1. the 7B efficiency table, eager: every variant under SDPA, then under eager attention (peak memory), with
    measured ceilings (``globalcom2.perf.efficiency``);

@@ -164,7 +164,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )
     print(
-        f"{'variant':<11}{'prefill ms':>11}{'p25-p75':>14}{'peak MB':>9}{'LLM peak MB':>13}"
+        f"{'variant':<11}{'prefill ms':>11}{'p25-p75':>14}{'peak MiB':>9}{'LLM peak MiB':>13}"
         f"   {'visual tokens entering layers 0..3':<36}{'avg in':>8}{'avg out':>9}"
     )
     score_in_situ: dict[str, list[int]] = {}
@@ -223,13 +223,13 @@ def main() -> None:
     activation = length * hidden_size * 4
     print()
     print(
-        f"scoring step, L={length}: eager attention matrix L*L*heads*4 = {matrix / 2**20:.1f} MB, L*d*4 = {activation / 2**10:.0f} KB"
+        f"scoring step, L={length}: eager attention matrix L*L*heads*4 = {matrix / 2**20:.1f} MiB, L*d*4 = {activation / 2**10:.0f} KiB"
     )
     print(
-        f"  fastv, isolated attention_rows call (1 query row): peak {score_peak / 2**10:.0f} KB = {score_peak / activation:.2f} x L*d*4 = {score_peak / matrix:.4f} x the matrix"
+        f"  fastv, isolated attention_rows call (1 query row): peak {score_peak / 2**10:.0f} KiB = {score_peak / activation:.2f} x L*d*4 = {score_peak / matrix:.4f} x the matrix"
     )
     for name, peaks in score_in_situ.items():
-        listed = ", ".join(f"{p / 2**10:.0f} KB" for p in peaks)
+        listed = ", ".join(f"{p / 2**10:.0f} KiB" for p in peaks)
         print(
             f"  {name}, in situ per stage (score ranges of the prefill): {listed}; largest = {max(peaks) / matrix:.4f} x the matrix"
         )

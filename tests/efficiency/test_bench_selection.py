@@ -62,16 +62,47 @@ def test_runs_on_cuda(tmp_path):
     record = main(["--repeats", "4", "--warmup", "1", "--device", "cuda", "--out", str(tmp_path)])
     assert (tmp_path / "globalcom2_selection_cuda.json").exists()
     assert record["provenance"]["hardware"]["gpu"] and "cuda" in record["caption"]
-    assert record["target"]["row"] == TARGETS["cuda"][0] and "inputs in float16" in record["caption"]
+    assert record["target"]["row"] == TARGETS["cuda"][0] and "inputs in bfloat16" in record["caption"]
 
 
 def test_interleaved_timing_waits_for_the_device_under_test_only(monkeypatch):
-    """A CPU benchmark on a GPU machine waits for no GPU; a CUDA one waits for its own device (``cuda:1``
-    too), not for whichever device is current."""
-    waited = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    """A CPU benchmark on a GPU machine waits for no GPU; a CUDA one starts each call on its own idle device
+    (``cuda:1`` too, not whichever device is current) and times it with events recorded there."""
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            log.append(("record", current[-1]))
+            self.at = len(log)
+
+        def synchronize(self):
+            log.append("wait")
+
+        def elapsed_time(self, other):
+            return 2.5  # ms
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    current = ["cuda:0"]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync", device)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
     time_interleaved({"a": lambda: None, "b": lambda: None}, repeats=2, warmup=1)
-    assert waited == []
-    time_interleaved({"a": lambda: None}, repeats=2, warmup=1, device="cuda:1")
-    assert waited == [torch.device("cuda:1")] * 6  # before and after each of the 3 calls
+    assert log == []
+    samples = time_interleaved({"a": lambda: log.append("call")}, repeats=2, warmup=1, device="cuda:1")
+    one_call = [("sync", torch.device("cuda:1")), ("record", torch.device("cuda:1")), "call",
+                ("record", torch.device("cuda:1")), "wait"]  # fmt: skip
+    assert log == one_call * 3 and samples == {"a": [0.0025, 0.0025]}

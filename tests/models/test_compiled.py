@@ -97,6 +97,24 @@ def test_compile_settings_are_checked_with_the_valid_choices(monkeypatch):
     assert "needs a C++ compiler" in compile_problem("cpu", "default")
 
 
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"])
+def test_an_evaluation_on_cuda_refuses_the_cuda_graph_modes(monkeypatch, mode):
+    """Under CUDA graphs each new prompt length records inside the call that meets it, unflagged: a cell's or
+    the plugin's latencies would time recordings. They are refused there (``make bench-efficiency`` warms
+    every prompt first and times them). Here CUDA with Triton is faked: only the mode decides."""
+    import globalcom2.run_spec as run_spec
+
+    monkeypatch.setattr(run_spec, "compile_problem", lambda device, mode: None)
+    monkeypatch.setattr(run_spec, "default_device", lambda: "cuda")
+    spec = run_spec.RunSpec.from_model_args({"pretrained": "tiny", "method": "vanilla", "compile": mode})
+    problems = [str(p) for p in run_spec.run_problems(spec)]
+    if mode in compiled.CUDA_GRAPH_MODES:
+        assert len(problems) == 1 and f"compile={mode}: its CUDA graphs are recorded" in problems[0]
+        assert "compile=default" in problems[0] and "make bench-efficiency" in problems[0]
+    else:
+        assert problems == []
+
+
 def test_a_missing_backend_is_refused_before_anything_is_compiled(model, monkeypatch):
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match=r"torch.compile on CPU needs a C\+\+ compiler"):
