@@ -411,6 +411,12 @@ class GlobalCom2(PreLLMMethod):
         bound = thumbnail.numel() if compiled else max(1, *counts)
         weights = RankingWeights.of(geometry)
         if self.layout == "reference":
+            if layout.num_separators == 0:  # host-known: no device read
+                raise ValueError(
+                    f"layout='reference' copies the image-newline vector from the packed features, and this "
+                    f"{layout.image_size[1]}x{layout.image_size[0]} image unpads its crops to no row, so there is "
+                    "none to copy; use layout='clean' (the default)"
+                )
             select = compiled_selection("reference", ctx.compile_mode) if compiled else reference_selection
             items = crops_kept + geometry.reference_separators
             padded, found = select(

@@ -119,6 +119,8 @@ def _interpolation_blocks(
     rows, cols = grid
 
     def blocks(count: int, valid: tuple[int, int]) -> torch.Tensor:  # [count, side, side]
+        if valid[1] == valid[0]:  # a sliver image (aspect ratio past ~48:1) unpads an axis to no token
+            return torch.zeros(count, side, side)
         weights = bilinear_weights(side, valid[1] - valid[0])  # [unpadded, side]
         unpadded = torch.arange(count)[:, None] * side + torch.arange(side) - valid[0]  # [count, side]
         inside = (unpadded >= 0) & (unpadded < weights.shape[0])  # [count, side]
@@ -128,6 +130,12 @@ def _interpolation_blocks(
     row_weights = blocks(rows, valid_rows)[crop // cols]  # [n, side, side]
     col_weights_t = blocks(cols, valid_cols)[crop % cols].transpose(1, 2)  # [n, side, side]
     return row_weights.contiguous(), col_weights_t.contiguous()
+
+
+def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]``, or zeros where ``values`` is empty (a crop part with no token: every item then is a
+    separator, and ``torch.where`` takes none of these)."""
+    return values[index] if values.numel() else torch.zeros_like(index)
 
 
 @cached_constants(maxsize=1024)
@@ -157,7 +165,11 @@ def _geometry(
     item = reference_canvas_order(crop, valid_index, side, grid)  # [Nc + H]
     item_is_separator, item_token = item < 0, item.clamp(min=0)
     is_separator = view == SEPARATOR  # [N]
-    first_separator = is_separator.nonzero()[0]  # [1]; every separator carries the same vector
+    # [1]; every separator carries the same vector (an image unpadded to no row has none: the clean layout
+    # reads none, and the reference layout refuses such an image, ``GlobalCom2.select``)
+    first_separator = (
+        is_separator.nonzero()[0] if bool(is_separator.any()) else torch.zeros(1, dtype=torch.long)
+    )
     row_weights, col_weights_t = _interpolation_blocks(side, grid, valid_rows, valid_cols)
     tokens_per_crop = one_hot.sum(0)  # [n]
     geometry = CropGeometry(
@@ -172,9 +184,9 @@ def _geometry(
         col_weights_t=col_weights_t,
         packed_index=packed_index,
         is_separator=is_separator,
-        reference_view_index=torch.where(item_is_separator, 0, view_index[item_token]),
+        reference_view_index=torch.where(item_is_separator, 0, _at(view_index, item_token)),
         reference_is_separator=item_is_separator,
-        reference_sources=torch.where(item_is_separator, first_separator, positions[item_token]),
+        reference_sources=torch.where(item_is_separator, first_separator, _at(positions, item_token)),
         reference_separators=grid[0] * side,
     )
     return CropGeometry(

@@ -11,7 +11,7 @@ from globalcom2_spec import spec_globalcom2, symbolic
 from helpers import generate_steps, shortened_inputs, synthetic_image
 
 from globalcom2 import attach
-from globalcom2.anyres import packed_layout
+from globalcom2.anyres import config_layout, packed_layout
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.methods.globalcom2 import (
@@ -370,3 +370,25 @@ def test_ablations_run_and_differ_from_the_default(model, processor, images, par
 def test_bad_parameters(model, params, pattern):
     with pytest.raises(ValueError, match=pattern):
         attach(model, "globalcom2", **{"retention_ratio": 0.25, **params})
+
+
+@pytest.mark.parametrize("size", [(3000, 2), (2, 3000), (1500, 20), (20, 1500)])  # (width, height)
+def test_a_sliver_image_whose_crops_unpad_to_nothing_is_compressed_not_a_crash(model, processor, size):
+    """Past about 48:1 the unpadded crop region has no token row or column (every other method ran; GlobalCom²
+    raised inside the interpolation weights). The thumbnail keeps its budget, the crops keep nothing; the
+    reference layout, which copies a packed separator, refuses an image that has none."""
+    width, height = size
+    inputs = processor(images=synthetic_image(width, height), text=vicuna_v1_prompt("x"), return_tensors="pt")
+    layout = config_layout(model.config, (height, width))
+    assert layout.num_patches == 576  # the thumbnail's only
+    with attach(model, "globalcom2", retention_ratio=0.25) as handle, torch.no_grad():
+        model(**inputs)
+    (stats,) = handle.stats
+    assert (stats.patch_tokens_kept, stats.separators_kept) == (144, layout.num_separators)
+    with attach(model, "globalcom2", retention_ratio=0.25, layout="reference") as handle, torch.no_grad():
+        if layout.num_separators:
+            model(**inputs)
+            assert handle.stats[0].patch_tokens_kept == 144
+        else:
+            with pytest.raises(ValueError, match="unpads its crops to no row, so there is none to copy"):
+                model(**inputs)
