@@ -48,6 +48,7 @@ def attach(model: Any, method: str | CompressionMethod, **params: Any) -> Attach
             f"method {method!r} acts at stage {instance.stage!r}, which has no attach point"
         )
     # Check and validate everything before the first change, so a failed attach leaves no trace.
+    instance.check_model_config(model.config)  # layer indices, VisionZip's feature layer: as before a load
     ModelAdapter.ensure_free(model, slot, method)
     if slot == "pre_llm":
         stage: PreLLMAdapter | InLLMAdapter = PreLLMAdapter(

@@ -14,8 +14,9 @@ The two codebases agree on the arithmetic of LLaVA-NeXT's AnyRes and differ in t
   LLaVA geometry both use ``globalcom2.anyres.unpadded_region(..., rounding="llava")``: the processor
   through an override of ``_get_unpadded_features`` on this processor instance, the model through
   ``pack_image_features`` on this model instance, which routes transformers' module-level
-  ``unpad_image`` to LLaVA's arithmetic for the duration of its own call (not thread-safe across model
-  instances that pack images concurrently in one process).
+  ``unpad_image`` to LLaVA's arithmetic for the duration of its own call. While one such call runs, another
+  model packing in another thread of the process gets LLaVA's rounding too; the swap is counted, so it
+  never outlives the last call that holds it.
 
 Only the instances passed to :func:`apply_geometry` change. Every consumer of the layout reads it from the
 model config (``image_grid_pinpoints`` and ``globalcom2.anyres.unpad_rounding``), so the processor, the
@@ -24,6 +25,7 @@ model, our ``anyres`` layout, the FLOPs and every method see one geometry.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Any
 
@@ -78,14 +80,26 @@ def _llava_unpad_image(tensor: torch.Tensor, original_size: Any) -> torch.Tensor
     return tensor[:, r0:r1, c0:c1]
 
 
+#: transformers' own ``unpad_image`` while swapped, and how many packs hold the swap (overlapping packs in two
+#: threads: the last one out restores the original, so the swap can never outlive them).
+_UNPAD_SWAP: dict[str, Any] = {"holders": 0, "original": None}
+_UNPAD_LOCK = threading.Lock()
+
+
 @contextmanager
 def _llava_unpadding():
-    original = modeling_llava_next.unpad_image
-    modeling_llava_next.unpad_image = _llava_unpad_image
+    with _UNPAD_LOCK:
+        if _UNPAD_SWAP["holders"] == 0:
+            _UNPAD_SWAP["original"] = modeling_llava_next.unpad_image
+            modeling_llava_next.unpad_image = _llava_unpad_image
+        _UNPAD_SWAP["holders"] += 1
     try:
         yield
     finally:
-        modeling_llava_next.unpad_image = original
+        with _UNPAD_LOCK:
+            _UNPAD_SWAP["holders"] -= 1
+            if _UNPAD_SWAP["holders"] == 0:
+                modeling_llava_next.unpad_image = _UNPAD_SWAP["original"]
 
 
 def _llava_model_class(base: type) -> type:

@@ -106,8 +106,19 @@ def build_random_llava_next(
     """
     tokenizer = byte_level_tokenizer()
     config = llava_next_config(size, tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
+    # The weights are drawn from the generator of the device they are built on, seeded here; the caller's RNG
+    # state on that device (and every other generator) is left as it was (``torch.manual_seed`` would reseed
+    # every CUDA generator for good).
+    target = torch.device(device)
+    cuda = (
+        [target.index if target.index is not None else torch.cuda.current_device()]
+        if target.type == "cuda"
+        else []
+    )
+    with torch.random.fork_rng(devices=cuda), torch.device(device):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[cuda[0]].manual_seed(seed)
         model = LlavaNextForConditionalGeneration._from_config(
             config, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
         )

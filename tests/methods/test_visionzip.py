@@ -262,9 +262,12 @@ def test_refuses_a_model_whose_feature_layer_is_not_minus_two(model):
     try:
         with pytest.raises(ValueError, match=r"hidden_states\[-2\].*vision_feature_layer=-1"):
             method.check_model_config(config)
+        with pytest.raises(ValueError, match=r"hidden_states\[-2\].*vision_feature_layer=-1"):
+            attach(model, method)  # the public door checks it too, before any change to the model
     finally:
         config.vision_feature_layer = original
     method.check_model_config(config)
+    attach(model, method).remove()  # the failed attach left the pre-LLM slot free
 
 
 # --- costs ----------------------------------------------------------------------------------------------

@@ -114,3 +114,20 @@ def test_methods_budget_the_llava_geometrys_patch_tokens(llava_tiny, method):
         assert stats.patch_tokens_kept == (576 + 16 * 24) // 4
     else:  # GlobalCom² floors each crop's share, as its reference does: at most floor(R * N)
         assert 0.9 * 240 <= stats.patch_tokens_kept <= 240
+
+
+def test_overlapping_packs_restore_transformers_unpadding():
+    """Two LLaVA-geometry packs that overlap (two threads): the first out used to restore the second's
+    patched function as the original, leaving every model of the process on LLaVA's rounding for good."""
+    from transformers.models.llava_next import modeling_llava_next
+
+    from globalcom2.models import geometry
+
+    original = modeling_llava_next.unpad_image
+    first, second = geometry._llava_unpadding(), geometry._llava_unpadding()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first pack ends while the second still packs
+    assert modeling_llava_next.unpad_image is geometry._llava_unpad_image
+    second.__exit__(None, None, None)
+    assert modeling_llava_next.unpad_image is original

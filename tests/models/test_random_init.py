@@ -28,3 +28,20 @@ def test_real_size_architecture_on_meta(size, params, layers, width, images):
 def test_unknown_size():
     with pytest.raises(ValueError, match="unknown LLaVA-NeXT size '70b'; valid: 7b, 13b"):
         build_random_llava_next("70b", device="meta")
+
+
+@pytest.mark.gpu
+def test_a_random_model_built_on_cuda_is_seeded_and_leaves_the_callers_cuda_rng_alone():
+    """The weights come from the CUDA generator, seeded for the build; the caller's CUDA RNG state is
+    restored (``torch.manual_seed`` inside the build used to reseed every CUDA generator for good)."""
+    import torch
+
+    torch.cuda.manual_seed(123)
+    before = torch.cuda.get_rng_state()
+    model, _ = build_random_llava_next("7b", device="cuda", seed=0)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    first = model.lm_head.weight[:2, :8].float().cpu()
+    del model
+    torch.cuda.empty_cache()
+    again, _ = build_random_llava_next("7b", device="cuda", seed=0)
+    assert torch.equal(again.lm_head.weight[:2, :8].float().cpu(), first)
