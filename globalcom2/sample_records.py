@@ -142,8 +142,9 @@ def assign_stats(stats: Sequence[Any], images_per_row: Sequence[int]) -> list[li
     """Split the stats one ``generate`` call appended into one list per batch row.
 
     Pre-LLM methods append one stats object per image, in scatter (= batch) order; in-LLM methods append
-    one per batch row. Any other count is an error: silently misattributing token counts would corrupt
-    every efficiency number downstream.
+    one per batch row, or, under beam search, one per beam of each row (identical: every beam prefills the
+    row's prompt), which count once. Any other count is an error: silently misattributing token counts
+    would corrupt every efficiency number downstream.
     """
     rows = len(images_per_row)
     if not stats:
@@ -160,6 +161,16 @@ def assign_stats(stats: Sequence[Any], images_per_row: Sequence[int]) -> list[li
             out.append(list(stats[start : start + count]))
             start += count
         return out
+    copies, remainder = divmod(len(stats), rows) if rows else (0, 1)
+    if (
+        remainder == 0
+        and copies > 1
+        and all(
+            stats[row * copies + beam] == stats[row * copies] for row in range(rows) for beam in range(copies)
+        )
+    ):
+        # beam search: generate prefills each row once per beam (consecutive copies), the same prompt each time
+        return [[stats[row * copies]] for row in range(rows)]
     if len(stats) != rows:
         raise RuntimeError(f"expected one per-row stats entry per batch row ({rows}), got {len(stats)}")
     return [[s] for s in stats]

@@ -442,3 +442,15 @@ def test_batch_invariant_runs_every_generate_under_the_mode_and_restores_the_swi
 
     assert answer(3, prefetch=True) == answer(1, prefetch=False)
     assert len(inside) == 2 + 4 and set(inside) == {(True, "1")}
+
+
+def test_beam_search_with_an_in_llm_method_records_one_stats_entry_per_sample(images):
+    """generate prefills each row once per beam, and the in-LLM method records every copy; the records
+    count each sample once (this raised "expected one per-row stats entry per batch row (2), got 4")."""
+    lm = GlobalCom2LlavaNext(pretrained="tiny", method="fastv", retention_ratio=0.25, batch_size=2)
+    docs = [{"image": images[(336, 336)]}, {"image": images[(800, 600)]}]
+    lm.generate_until(requests_for(lm, docs, gen_kwargs={"max_new_tokens": 2, "num_beams": 2}))
+    assert len(lm.records) == 2
+    for record in lm.records:
+        assert record.visual_tokens_after < record.visual_tokens_before
+    assert lm.records[0].visual_tokens_before != lm.records[1].visual_tokens_before  # each its own image
