@@ -602,6 +602,15 @@ class _Decode:
             raise RuntimeError(
                 f"batch size changed from {stage.valid.shape[0]} to {batch} since the reduced prefill"
             )
+        if query_length != 1:
+            # the method chose its tokens at the prefill, by the prompt's last row: a later forward of several
+            # rows means that prefill held only part of the prompt (chunked prefill) or a speculative token
+            # (assisted decoding, prompt lookup), and the choice was made on the wrong rows
+            raise NotImplementedError(
+                f"a {query_length}-token step after an in-LLM method's prefill: in-LLM methods choose their "
+                "tokens once, at a prefill of the whole prompt, and support neither chunked prefill "
+                "(prefill_chunk_size) nor assisted decoding (assistant_model, prompt_lookup_num_tokens)"
+            )
         cache = cache_argument(kwargs)
         if cache is None:
             raise RuntimeError("a decode step after an in-LLM reduced prefill needs its KV cache")

@@ -223,6 +223,15 @@ def decode_inputs(
             raise RuntimeError(
                 f"batch size changed from {batch} to {attention_mask.shape[0]} since the compressed prefill"
             )
+        after_prompt = attention_mask.shape[1] - state.original_length  # tokens after the prompt, original
+        if after_prompt != past_length - state.compressed_length + query_length:  # ... and compressed
+            raise ValueError(
+                f"this step does not continue the compressed prefill: its mask holds {after_prompt} tokens after "
+                f"the {state.original_length}-token prompt, the cache {past_length - state.compressed_length} "
+                f"plus {query_length} new. generate was given a cache from a compressed prompt with input_ids "
+                "that restart from the original one (a second turn, or a restart from a cache); pre-LLM "
+                "compression supports neither: run the new turn without the cache"
+            )
         prefill_mask = state.attention_mask
         if prefill_mask is None:
             prefill_mask = attention_mask.new_ones((batch, state.compressed_length))

@@ -687,3 +687,23 @@ def test_a_zero_in_the_generated_part_of_the_mask_is_refused_not_ignored(model, 
         mask[0, length] = 0
         with pytest.raises(RuntimeError, match="generated part of the attention mask to be all ones"):
             model(input_ids=torch.tensor([[7]]), attention_mask=mask, **step)
+
+
+@pytest.mark.parametrize("mode", ["prompt_lookup_num_tokens", "prefill_chunk_size"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_assisted_decoding_and_chunked_prefill_are_refused_not_silently_different(
+    model, processor, images, method, mode
+):
+    """An in-LLM method chooses its tokens at the prefill by the prompt's last row: a prefill holding a
+    speculative token (prompt lookup) or only part of the prompt (chunked prefill, the images in its first
+    chunk) chose them on the wrong rows and changed the answer from the first token, with no word. A
+    multi-token step after such a prefill is refused."""
+    inputs = processor(images=images[(800, 600)], text=vicuna_v1_prompt("What? " * 20), return_tensors="pt")
+    image_token = model.config.image_token_id
+    last_image_row = int((inputs["input_ids"][0] == image_token).nonzero().max())
+    option = {"prompt_lookup_num_tokens": 4, "prefill_chunk_size": last_image_row + 5}[mode]
+    settings = {"do_sample": False, "suppress_tokens": [image_token]}
+    with attach(model, method, retention_ratio=0.25), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=4, **settings)  # plain greedy decoding runs
+        with pytest.raises(NotImplementedError, match="support neither chunked prefill"):
+            model.generate(**inputs, max_new_tokens=12, **settings, **{mode: option})

@@ -143,6 +143,30 @@ def test_left_padded_batch_rows_equal_single_runs(model, processor, images, rati
             assert torch.equal(tokens[row : row + 1], row_tokens)
 
 
+def test_a_second_turn_on_a_compressed_padded_cache_is_refused_not_garbled(model, processor, images):
+    """generate counts a cache's tokens to tell what is new in ``input_ids``; after a compressed prefill the
+    cache holds fewer tokens than the prompt, so a second turn would re-feed the prompt's tail, placeholders
+    included, at negative positions. With the batch's 2-D mask (padding) the step is recognised and refused."""
+    texts = [vicuna_v1_prompt(q) for q in ("What is it?", "Describe the left side of the picture.")]
+    batch = processor(
+        images=[images[(336, 336)], images[(800, 600)]], text=texts, padding=True, return_tensors="pt"
+    )
+    with attach(model, "random", retention_ratio=0.3), torch.no_grad():
+        first = model.generate(**batch, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        cache = getattr(first, "cache", None) or first.past_key_values
+        more = processor.tokenizer(
+            [" USER: more? ASSISTANT:"] * 2, return_tensors="pt", add_special_tokens=False
+        )
+        sequences = torch.cat([first.sequences, more["input_ids"]], 1)
+        mask = torch.cat(
+            [batch["attention_mask"], torch.ones_like(sequences[:, batch["input_ids"].shape[1] :])], 1
+        )
+        with pytest.raises(ValueError, match="does not continue the compressed prefill"):
+            model.generate(
+                input_ids=sequences, attention_mask=mask, cache=cache, max_new_tokens=2, do_sample=False
+            )
+
+
 def test_several_images_in_one_prompt(model, processor, images):
     inputs = prompt_inputs(processor, [images[(1008, 336)], images[(336, 336)]], "Compare the two images.")
     with attach(model, "random", retention_ratio=0.25) as handle:
