@@ -180,7 +180,10 @@ def test_a_failing_generation_fails_the_run(fixture_data, tmp_path):
     args = [
         *("-m", "globalcom2.lmms", "--model", MODEL_ID, "--model_args", "pretrained=tiny"),
         *("--tasks", "pope_adv_local", "--output_path", str(tmp_path / "out")),
-        *("--gen_kwargs", "max_new_tokens=3,repetition_penalty=-1.0"),  # transformers refuses this in generate
+        *(
+            "--gen_kwargs",
+            "max_new_tokens=3,repetition_penalty=-1.0",
+        ),  # transformers refuses this in generate
     ]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
