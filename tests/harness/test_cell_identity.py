@@ -3,6 +3,7 @@ and whoever holds a cell's lock decides whether it runs. In process, through ``g
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -29,6 +30,12 @@ def compose_cell(tmp_path: Path, *overrides: str):
             config_name="eval",
             overrides=[*FAST, f"paths.results_dir={tmp_path / 'results'}", *overrides],
         )
+
+
+def cell_identity(tmp_path: Path, *overrides: str) -> dict:
+    """The identity of the cell a config with ``overrides`` describes (nothing is run)."""
+    cfg = compose_cell(tmp_path, *overrides)
+    return CellSpec.from_config(cfg).identity(cfg)
 
 
 def run_cell(tmp_path: Path, monkeypatch, capsys, *overrides: str) -> tuple[dict | None, str]:
@@ -116,9 +123,7 @@ def test_dry_run_says_for_every_cell_why_it_would_run_or_be_skipped(tmp_path, mo
 
 
 def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_configs(tmp_path):
-    def identity(*overrides: str) -> dict:
-        cfg = compose_cell(tmp_path, *overrides)
-        return CellSpec.from_config(cfg).identity(cfg)
+    identity = functools.partial(cell_identity, tmp_path)
 
     base = identity()
     assert identity("launcher=accelerate", "launcher.num_processes=2") == base
@@ -295,9 +300,7 @@ def test_the_process_count_is_in_the_identity_only_where_it_changes_what_a_batch
     """Each process batches its own share of the documents: at batch size 1, or in the batch-invariant mode,
     that changes no answer (one identity); with batch size > 1 otherwise it can (bf16 on a GPU)."""
 
-    def identity(*overrides: str) -> dict:
-        cfg = compose_cell(tmp_path, *overrides)
-        return CellSpec.from_config(cfg).identity(cfg)
+    identity = functools.partial(cell_identity, tmp_path)
 
     two = ("launcher=accelerate", "launcher.num_processes=2")
     assert identity(*two) == identity()
@@ -339,9 +342,7 @@ def test_task_files_and_data_count_by_content_not_by_path(tmp_path, monkeypatch)
 
     from globalcom2.data.fixtures import write_fixtures
 
-    def identity(*overrides: str) -> dict:
-        cfg = compose_cell(tmp_path, *overrides)
-        return CellSpec.from_config(cfg).identity(cfg)
+    identity = functools.partial(cell_identity, tmp_path)
 
     original = identity()
     copy = tmp_path / "tasks_copy"
@@ -380,9 +381,7 @@ def test_gen_kwargs_in_any_accepted_form_is_one_cell_and_bad_columns_fail_before
     identity, under both protocols; a paper column that is unknown or not computed from the cell's tasks is
     refused with the valid choices, not found missing after the whole evaluation."""
 
-    def identity(*overrides: str) -> dict:
-        cfg = compose_cell(tmp_path, *overrides)
-        return CellSpec.from_config(cfg).identity(cfg)
+    identity = functools.partial(cell_identity, tmp_path)
 
     for protocol in ("lmms_eval", "llava"):
         forms = [
