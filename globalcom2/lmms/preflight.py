@@ -160,20 +160,23 @@ def task_identity(tasks: list[str], include_path: str | list[str] | None = None)
         if not isinstance(yaml_path, str):
             identity[name] = None
             continue
-        parts = _definition(Path(yaml_path))
-        if isinstance(base := _simple_config(yaml_path).get("base_yaml"), str):
+        config = _simple_config(yaml_path)
+        parts = _definition(Path(yaml_path), config)
+        if isinstance(base := config.get("base_yaml"), str):
             import lmms_eval.tasks
 
-            parts += _definition(Path(lmms_eval.tasks.__file__).parent / base)
+            base_path = Path(lmms_eval.tasks.__file__).parent / base
+            parts += _definition(base_path, _simple_config(str(base_path)))
         digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
         identity[name] = digest.hexdigest()
     return identity
 
 
-def _definition(yaml_path: Path) -> list[Any]:
-    """A YAML's config (includes resolved, ``!function`` tags as ``"!function <name>"``) and the source of
-    each module a ``!function`` names that sits beside it (lmms-eval's first lookup, ``import_function``)."""
-    config = _tagged(_simple_config(str(yaml_path)))
+def _definition(yaml_path: Path, simple_config: dict[str, Any]) -> list[Any]:
+    """A YAML's config as lmms-eval's simple mode reads it (includes resolved; ``!function`` tags as
+    ``"!function <name>"``) and the source of each module a ``!function`` names that sits beside the YAML
+    (lmms-eval's first lookup, ``import_function``)."""
+    config = _tagged(simple_config)
     sources = {}
     for name in sorted(_functions(config)):
         module = name.rpartition(".")[0]
@@ -189,8 +192,8 @@ def _tagged(value: Any) -> Any:
         return {str(k): _tagged(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_tagged(v) for v in value]
-    if type(value).__name__ == "ScalarNode":
-        return f"{getattr(value, 'tag', '')} {getattr(value, 'value', '')}"
+    if type(value).__name__ == "ScalarNode":  # PyYAML's, through lmms-eval (not a dependency of ours)
+        return f"{value.tag} {value.value}"
     return value
 
 
