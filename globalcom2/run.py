@@ -203,6 +203,7 @@ def run(cfg: DictConfig) -> CellRecord | None:
         )
     try:
         with cell.lock() as lock_fd:
+            cell.recover()  # a force=true commit killed half-way: its finished cell is put back first
             if not cfg.force and cell.is_complete():  # finished by another runner while we prepared
                 return _reuse(cell, label, note="finished by another process meanwhile")
             print(f"[run]     {label}  ({why(cell, bool(cfg.force))})", flush=True)

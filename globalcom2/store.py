@@ -209,12 +209,12 @@ class Cell:
     def prepare(self) -> Path:
         """Delete what an unfinished run left and return an empty ``.partial/``. A finished cell's files
         (a ``force=true`` re-run) stay until :meth:`commit` replaces them, and a commit killed half-way is
-        undone here (:meth:`_restore_previous`), so a killed re-run loses nothing.
+        undone here (:meth:`recover`), so a killed re-run loses nothing.
 
         Only call it while holding :meth:`lock`.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._restore_previous()
+        self.recover()
         keep_finished = self.is_complete()
         for entry in self.dir.iterdir():
             if entry.name == LOCK_FILE or (keep_finished and entry.name != PARTIAL_DIR):
@@ -228,55 +228,62 @@ class Cell:
 
         A previous finished run's files (``force=true``) are first moved, record first, into
         ``.previous-moving/``, which is renamed ``.previous/`` once they are all there; they are deleted
-        only after the new record is written. No moment shows the old record beside the new outputs, and a
-        commit killed at any point leaves what :meth:`prepare` puts back. The new outputs are fsynced before
-        they are moved in and the folder after, so that after a power loss a finished record never sits
-        beside empty files.
+        only after the new record is written. No moment shows the old record beside the new outputs; a
+        commit that fails puts the old files back at once, and one killed at any point leaves what
+        :meth:`recover` puts back. The new outputs are fsynced before they are moved in and the folder after,
+        so that after a power loss a finished record never sits beside empty files.
         """
-        self._restore_previous()  # nothing, unless an earlier commit was killed and prepare() not called
+        self.recover()  # nothing, unless an earlier commit was killed and nothing recovered it since
         old = [e for e in self.dir.iterdir() if e.name not in (LOCK_FILE, PARTIAL_DIR, RECORD_FILE)]
         previous = self.dir / PREVIOUS_DIR
-        if self.record_path.exists() or old:
-            moving = self.dir / MOVING_DIR
-            moving.mkdir()
-            if self.record_path.exists():
-                os.replace(self.record_path, moving / RECORD_FILE)  # first: the cell is unfinished from here
-            for entry in old:
-                os.replace(entry, moving / entry.name)
-            os.replace(moving, previous)  # every old file is kept aside
-        fsync_tree(self.partial_dir)
-        for entry in self.partial_dir.iterdir():
-            os.replace(entry, self.dir / entry.name)
-        self.partial_dir.rmdir()
-        fsync_dir(self.dir)
-        write_record(self.record_path, replace(record, status=COMPLETE))
+        try:
+            if self.record_path.exists() or old:
+                moving = self.dir / MOVING_DIR
+                moving.mkdir()
+                if self.record_path.exists():
+                    os.replace(self.record_path, moving / RECORD_FILE)  # first: unfinished from here
+                for entry in old:
+                    os.replace(entry, moving / entry.name)
+                os.replace(moving, previous)  # every old file is kept aside
+            fsync_tree(self.partial_dir)
+            for entry in self.partial_dir.iterdir():
+                os.replace(entry, self.dir / entry.name)
+            self.partial_dir.rmdir()
+            fsync_dir(self.dir)
+            write_record(self.record_path, replace(record, status=COMPLETE))
+        except Exception:
+            self.recover()  # a full disk, an unreadable output: the finished cell stays as it was
+            raise
         if previous.exists():
             shutil.rmtree(previous)
         self.mark_current()
 
-    def _restore_previous(self) -> None:
-        """Undo a commit killed half-way (:meth:`commit`). ``.previous-moving/``: the old files were being
-        set aside, nothing new was moved in yet, so they all go back. ``.previous/`` and no record: the
-        new outputs moved in so far are deleted and the old files go back. The old record is restored
-        last. ``.previous/`` beside a record: the commit had finished, and the old files are deleted."""
+    def recover(self) -> None:
+        """Undo a commit killed half-way (:meth:`commit`); safe to repeat, and to kill at any point.
+
+        ``.previous/`` and no record: the new outputs moved in so far are deleted, then ``.previous/`` is
+        renamed ``.previous-moving/``. ``.previous-moving/``: nothing new is in the folder, and the old files
+        go back, the record last. ``.previous/`` beside a record: the commit had finished, and the old files
+        are deleted. Called under the lock before a run decides whether the cell is finished
+        (``globalcom2.run``), by :meth:`prepare` and by :meth:`commit`.
+        """
         moving, previous = self.dir / MOVING_DIR, self.dir / PREVIOUS_DIR
-        if moving.exists():
-            aside = moving
-        elif previous.exists() and not self.record_path.exists():
-            aside = previous
+        if previous.exists():
+            if self.record_path.exists():
+                shutil.rmtree(previous)
+                return
             for entry in self.dir.iterdir():
                 if entry.name not in (LOCK_FILE, PREVIOUS_DIR, PARTIAL_DIR):
                     _remove(entry)  # a new output moved in before the kill
-        else:
-            if previous.exists():
-                shutil.rmtree(previous)
+            os.replace(previous, moving)  # from here only old files are in flight: repeatable
+        if not moving.exists():
             return
-        for entry in aside.iterdir():
+        for entry in moving.iterdir():
             if entry.name != RECORD_FILE:
                 os.replace(entry, self.dir / entry.name)
-        if (aside / RECORD_FILE).exists():
-            os.replace(aside / RECORD_FILE, self.record_path)
-        aside.rmdir()
+        if (moving / RECORD_FILE).exists():
+            os.replace(moving / RECORD_FILE, self.record_path)
+        moving.rmdir()
 
     def discard_partial(self) -> None:
         """Remove what a failed run left in ``.partial/`` (only while holding :meth:`lock`)."""

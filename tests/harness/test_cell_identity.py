@@ -406,3 +406,21 @@ def test_gen_kwargs_in_any_accepted_form_is_one_cell_and_bad_columns_fail_before
         ValueError, match=r"'GQA' is computed from task\(s\) gqa_local, which benchmark\.tasks"
     ):
         identity("benchmark.columns=[GQA]")
+
+
+def test_a_run_after_a_killed_forced_commit_reuses_the_finished_cell(tmp_path, monkeypatch, capsys):
+    """A ``force=true`` re-run killed in its commit leaves the finished cell's files set aside; the next plain
+    run puts them back under the lock and reuses the cell instead of evaluating it again."""
+    first, _ = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
+    folder = Path(first["cell"]["path"])
+    aside = folder / ".previous"  # as Cell.commit leaves it when killed after setting the old files aside
+    aside.mkdir()
+    for entry in [
+        folder / "record.json",
+        *(e for e in folder.iterdir() if e.name not in (".previous", "record.json")),
+    ]:
+        entry.rename(aside / entry.name)
+    (folder / "half_moved_new_output.json").write_text("{}")
+    again, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
+    assert "[done]" in out and "[run]" not in out, out
+    assert again == first and not (folder / "half_moved_new_output.json").exists()

@@ -169,6 +169,63 @@ def test_a_force_rerun_killed_anywhere_in_its_commit_loses_nothing(tmp_path, mon
     assert kills >= 5  # record aside, two files aside, the folder renamed, new files in, the new record
 
 
+def test_recovering_a_killed_commit_can_itself_be_killed_anywhere_and_repeated(tmp_path, monkeypatch):
+    """The next run's recovery of a half-done commit is killed at each of its renames in turn; the run after
+    it still finds the old cell whole (recovery deleted files it had already put back when repeated)."""
+    real_replace, recovery_kills = os.replace, 0
+    while True:
+        cell = Cell(tmp_path / str(recovery_kills), KEY, IDENTITY)
+        with cell.lock():
+            _run_outputs(cell, "old")
+            cell.commit(record_for(cell, metrics={"demo": {"acc": 0.1}}))
+        old = _state(cell)
+        plan = {"calls": 0, "limit": 5}  # the commit dies after its 5th rename: old files aside, one new in
+
+        def replace_then_die(src, dst, plan=plan):
+            if plan["calls"] == plan["limit"]:
+                raise KeyboardInterrupt("killed")
+            plan["calls"] += 1
+            return real_replace(src, dst)
+
+        with cell.lock():
+            _run_outputs(cell, "new")
+            monkeypatch.setattr(os, "replace", replace_then_die)
+            with pytest.raises(KeyboardInterrupt):
+                cell.commit(record_for(cell, metrics={"demo": {"acc": 0.9}}))
+            plan.update(calls=0, limit=recovery_kills)  # now the recovery dies after this many renames
+            try:
+                cell.recover()
+                recovered = True
+            except KeyboardInterrupt:
+                recovered = False
+            finally:
+                monkeypatch.setattr(os, "replace", real_replace)
+            cell.prepare()  # the run after
+            assert _state(cell) == old, f"recovery killed after rename {recovery_kills}"
+        if recovered:
+            break
+        recovery_kills += 1
+    assert recovery_kills >= 3  # the folder renamed back, the old files, the record
+
+
+def test_a_commit_that_fails_puts_the_finished_cell_back_at_once(tmp_path, monkeypatch):
+    """A full disk while the new record is written: the old cell is whole again before the error surfaces."""
+    import globalcom2.store as store
+
+    cell = finished(tmp_path, metrics={"demo": {"acc": 0.1}})
+    old = _state(cell)
+    with cell.lock():
+        _run_outputs(cell, "new")
+
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(store, "write_record", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            cell.commit(record_for(cell, metrics={"demo": {"acc": 0.9}}))
+    assert _state(cell) == old
+
+
 @pytest.mark.parametrize("content", ["", "{not json", json.dumps({"status": "running"}), "[1, 2]"])
 def test_corrupt_or_unfinished_records_do_not_count(tmp_path, content):
     cell = Cell(tmp_path, KEY, IDENTITY)
