@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from globalcom2.file_digest import file_sha256
 from globalcom2.paths import DATA_DIR_ENV, data_dir
 
 SOURCE_FILE = "globalcom2_source.json"
@@ -68,11 +69,12 @@ def data_source(local_data: str) -> dict[str, Any]:
 
 
 def data_fingerprint(local_data: str) -> dict[str, Any]:
-    """What the benchmark folder holding ``local_data`` holds, cheaply: per saved split (its path relative
-    to the folder), the ``_fingerprint`` that ``datasets`` wrote into its ``state.json`` and the size of
-    each data file. Two builds of a folder (another download, fixtures rewritten by hand, a folder copied
-    from elsewhere without its ``globalcom2_source.json``) thus differ, without reading gigabytes of images.
-    """
+    """What the benchmark folder holding ``local_data`` holds: per saved split (its path relative to the
+    folder), the SHA-256 of each data file its ``state.json`` lists (``globalcom2.file_digest``: hashed once
+    per machine, then read from the digest cache). The same rows are the same identity wherever and
+    whenever they were written (``datasets``' own ``_fingerprint`` is not used: it hashes the download's
+    paths and times); other rows, in a folder rebuilt, edited or copied from elsewhere without its
+    ``globalcom2_source.json``, are another. ``None`` for a listed file that is missing."""
     folder = data_dir() / local_data.split("/")[0]
     splits: dict[str, Any] = {}
     for state_path in sorted(folder.rglob("state.json")):
@@ -80,20 +82,15 @@ def data_fingerprint(local_data: str) -> dict[str, Any]:
             state = json.loads(state_path.read_text())
         except (OSError, ValueError):
             state = {}
-        files = {
-            entry.get("filename", ""): _size(state_path.parent / entry.get("filename", ""))
-            for entry in state.get("_data_files", [])
-            if isinstance(entry, dict)
-        }
+        names = [e.get("filename", "") for e in state.get("_data_files", []) if isinstance(e, dict)]
         splits[str(state_path.parent.relative_to(folder))] = {
-            "fingerprint": state.get("_fingerprint"),
-            "files": files,
+            name: _digest(state_path.parent / name) for name in names
         }
     return splits
 
 
-def _size(path: Path) -> int | None:
+def _digest(path: Path) -> str | None:
     try:
-        return path.stat().st_size
+        return file_sha256(path)
     except OSError:
         return None

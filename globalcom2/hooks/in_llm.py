@@ -609,7 +609,8 @@ class _Decode:
             raise NotImplementedError(
                 f"a {query_length}-token step after an in-LLM method's prefill: in-LLM methods choose their "
                 "tokens once, at a prefill of the whole prompt, and support neither chunked prefill "
-                "(prefill_chunk_size) nor assisted decoding (assistant_model, prompt_lookup_num_tokens)"
+                "(prefill_chunk_size), assisted decoding (assistant_model, prompt_lookup_num_tokens) nor a "
+                "second turn on the cache of a compressed generation"
             )
         cache = cache_argument(kwargs)
         if cache is None:

@@ -149,9 +149,12 @@ def task_identity(tasks: list[str], include_path: str | list[str] | None = None)
     ``!function`` names that lmms-eval loads from a file beside a YAML (a built-in task's ``utils.py``).
 
     So an edited prompt, decoding setting or metric in a task file, a ``paths.tasks_dir`` pointing at
-    other task files, or an lmms-eval release that changes a task's scoring is another cell. Functions
-    in this package (``globalcom2.lmms.task_utils``) are code: a change that alters results bumps
-    ``globalcom2.cells.IDENTITY_VERSION``. ``None``: a group (its member tasks define it)."""
+    other task files, or an lmms-eval release that changes a task's YAML or the ``utils.py`` beside it is
+    another cell. Code elsewhere is not hashed, as no library is: lmms-eval's shared metrics
+    (``lmms_eval/api/metrics.py``, ``_task_utils``), a ``!function`` resolved by module path, transformers
+    and torch are recorded with their versions in every record (``provenance``); functions in this package
+    (``globalcom2.lmms.task_utils``) are code, and a change that alters results bumps
+    ``globalcom2.cells.IDENTITY_VERSION``. ``None``: a task lmms-eval indexes without a YAML of its own."""
     ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
     identity: dict[str, str | None] = {}
     for name in tasks:

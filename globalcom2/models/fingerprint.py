@@ -29,22 +29,15 @@ its cell, and ``globalcom2.run`` refuses to run and store a cell whose weights i
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import re
 from pathlib import Path
 from typing import Any
 
-from globalcom2.atomic import atomic_write_text
+from globalcom2.file_digest import file_sha256
 from globalcom2.models.loader import hub_commit, resolve_checkpoint
-from globalcom2.paths import cache_dir
 
-_CHUNK = 8 << 20  # bytes read at a time while hashing
 #: What ``from_pretrained`` and ``AutoProcessor.from_pretrained`` read from a folder: weights, configs,
 #: tokenizer files (``tokenizer.json``, ``tokenizer.model``, ``vocab.json``, ``merges.txt``) and templates.
 LOADED_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", ".tiktoken")
-_HEX64 = re.compile(r"[0-9a-f]{64}")  # a well-formed digest-cache entry
 
 
 def checkpoint_identity(
@@ -78,30 +71,6 @@ def folder_digests(folder: Path) -> dict[str, str]:
         for path in sorted(folder.iterdir())
         if not path.name.startswith(".") and path.suffix in LOADED_SUFFIXES and path.is_file()
     }
-
-
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256, from the digest cache when the open file's identity and times match an entry."""
-    with path.open("rb") as handle:
-        before = _stat_key(os.fstat(handle.fileno()))
-        entry = cache_dir() / "sha256" / hashlib.sha256(f"{path.resolve()}\0{before}".encode()).hexdigest()
-        with contextlib.suppress(OSError, ValueError):
-            digest = entry.read_text(encoding="ascii").strip()
-            if _HEX64.fullmatch(digest):
-                return digest
-        hasher = hashlib.sha256()
-        while block := handle.read(_CHUNK):
-            hasher.update(block)
-        digest = hasher.hexdigest()
-        if _stat_key(os.fstat(handle.fileno())) == before:  # unchanged while read: safe to remember
-            with contextlib.suppress(OSError):  # a read-only cache costs a re-hash, never a wrong digest
-                entry.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(entry, digest)
-    return digest
-
-
-def _stat_key(stat: os.stat_result) -> str:
-    return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
 
 
 def _folder(pretrained: str) -> Path | None:

@@ -147,7 +147,8 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
         Step(
             "gpu_tests",
             [python, "-m", "pytest", "-v", "--tb=short", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
-             "tests/models/test_compiled.py", "tests/methods/test_globalcom2_compiled.py", "tests/efficiency",
+             "tests/models/test_compiled.py", "tests/models/test_random_init.py",
+             "tests/methods/test_globalcom2_compiled.py", "tests/efficiency",
              "--ignore=tests/gpu/test_run_on_gpu.py"],
             300,
         ),

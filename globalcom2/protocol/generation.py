@@ -218,7 +218,13 @@ def format_gen_kwargs(settings: dict[str, Any], name: str = "gen_kwargs") -> str
                 "true/false and plain words only)"
             )
         parts.append(f"{key}={text}")
-    return ",".join(parts)
+    text = ",".join(parts)
+    if parse_key_values(text) != dict(settings):  # e.g. a value with leading or trailing spaces
+        raise ValueError(
+            f"{name}: {settings!r} does not survive lmms-eval's 'key=value,key=value' (values are stripped "
+            "and typed); numbers, true/false and plain words only"
+        )
+    return text
 
 
 def parse_gen_kwargs(text: str, name: str = "gen_kwargs") -> dict[str, Any]:

@@ -365,13 +365,25 @@ def test_task_files_and_data_count_by_content_not_by_path(tmp_path, monkeypatch)
     monkeypatch.setenv("GLOBALCOM2_DATA_DIR", str(moved))
     assert identity(*pope) == first  # the same rows in another place
     (moved / "pope" / "globalcom2_source.json").unlink()  # a folder without its sidecar still counts
+    no_sidecar = identity(*pope)
     split = next((moved / "pope").rglob("state.json")).parent
     rows = datasets.load_from_disk(str(split))
     rows.select(range(len(rows) - 1)).save_to_disk(str(tmp_path / "fewer"))  # one row fewer
     shutil.rmtree(split)
     shutil.copytree(tmp_path / "fewer", split)
     changed = identity(*pope)
-    assert changed["data"] != first["data"] and all(changed["data"].values())
+    assert changed["data"] != no_sidecar["data"], "the rows alone tell the two folders apart"
+    assert all(
+        digest
+        for task in changed["data"].values()
+        for files in task["content"].values()
+        for digest in files.values()
+    )
+    rewritten = tmp_path / "rewritten"  # the same rows written again: datasets' own fingerprint would differ
+    rows.select(range(len(rows) - 1)).save_to_disk(str(rewritten))
+    shutil.rmtree(split)
+    shutil.copytree(rewritten, split)
+    assert identity(*pope) == changed
 
 
 def test_gen_kwargs_in_any_accepted_form_is_one_cell_and_bad_columns_fail_before_loading(
@@ -400,6 +412,8 @@ def test_gen_kwargs_in_any_accepted_form_is_one_cell_and_bad_columns_fail_before
         identity("benchmark.gen_kwargs={max_new_token:2}")
     with pytest.raises(ValueError, match=r"until=\['stop'\] cannot be written as lmms-eval's"):
         identity("benchmark.gen_kwargs={until:[stop]}")
+    with pytest.raises(ValueError, match="does not survive lmms-eval's 'key=value,key=value'"):
+        identity("""benchmark.gen_kwargs='{"until": "  stop  ", "max_new_tokens": 2}'""")  # would be "stop"
     with pytest.raises(ValueError, match="unknown column 'Bogus'; valid: VQAv2, GQA"):
         identity("benchmark.columns=[Bogus]")
     with pytest.raises(

@@ -36,6 +36,7 @@ LAYERS: list[list[str]] = [
         "registry",
         "tensor_cache",
         "stage_timing",
+        "file_digest",
         "atomic",
         "paths",
         "hub",
