@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from globalcom2 import attach
 from globalcom2.anyres import packed_layout
+from globalcom2.hooks.cache_keyword import CACHE_KEYWORD, output_cache
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
@@ -153,7 +154,7 @@ def test_a_second_turn_on_a_compressed_padded_cache_is_refused_not_garbled(model
     )
     with attach(model, "random", retention_ratio=0.3), torch.no_grad():
         first = model.generate(**batch, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-        cache = getattr(first, "cache", None) or first.past_key_values
+        cache = output_cache(first)
         more = processor.tokenizer(
             [" USER: more? ASSISTANT:"] * 2, return_tensors="pt", add_special_tokens=False
         )
@@ -163,7 +164,11 @@ def test_a_second_turn_on_a_compressed_padded_cache_is_refused_not_garbled(model
         )
         with pytest.raises(ValueError, match="does not continue the compressed prefill"):
             model.generate(
-                input_ids=sequences, attention_mask=mask, cache=cache, max_new_tokens=2, do_sample=False
+                input_ids=sequences,
+                attention_mask=mask,
+                **{CACHE_KEYWORD: cache},
+                max_new_tokens=2,
+                do_sample=False,
             )
 
 
