@@ -24,6 +24,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 would hide results from a shared group
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -35,6 +36,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         raise
     fsync_dir(path.parent)  # the rename itself survives a power loss
     return path
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it where the kernel reports it (``/proc/self/status``,
+    Linux >= 4.7); elsewhere set and restored at once (``os.umask`` has no read-only form)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
@@ -75,8 +88,15 @@ def atomic_write_json(path: str | os.PathLike[str], payload: Any, **dumps: Any) 
 def staged_folder(target: str | os.PathLike[str], *, complete_marker: str | None = None) -> Iterator[Path]:
     """An empty sibling folder to build ``target`` in; when the block succeeds it is renamed into place.
 
+    The staging folder gets the permissions a plain ``mkdir`` would (umask applied), and its files are
+    fsynced before the rename, so a power loss cannot leave a marker beside empty files.
+
     Readers see no ``target``, the old one, or the whole new one, never a part; an interrupted or failed
-    build leaves ``target`` as it was and no staging folder behind.
+    build leaves ``target`` as it was and no staging folder behind. A rebuild moves the old folder aside
+    (one rename), renames the new one in, and only then deletes the old one: the old data is never deleted
+    before the new is in place (POSIX has no portable atomic swap of two folders, so between the two
+    renames ``target`` is briefly absent; an interruption exactly there leaves the old folder in a hidden
+    ``.<name>.old.*`` sibling, not deleted).
 
     Args:
         target: the folder to build.
@@ -89,13 +109,30 @@ def staged_folder(target: str | os.PathLike[str], *, complete_marker: str | None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        staging.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 would hide data from a shared group
         yield staging
+        fsync_tree(staging)  # the files are on disk before the rename makes them visible
         if complete_marker is None and target.exists():
-            shutil.rmtree(target)
+            _replace_folder(staging, target)
+            return
         try:
             staging.rename(target)
         except OSError:
             if complete_marker is None or not (target / complete_marker).exists():
                 raise
+        fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target`` in place of the folder there, then delete the old one."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    target.rename(aside)  # onto an empty folder: allowed by rename(2)
+    try:
+        new.rename(target)
+    except BaseException:
+        aside.rename(target)  # put the old one back
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
