@@ -146,9 +146,9 @@ bench-in-llm: install  ## prefill time/memory of FastV and SparseVLM at R=0.25, 
 # The ten benchmarks' hub data, saved for offline runs into $GLOBALCOM2_DATA_DIR (default: data/).
 # Needs network access and HF_TOKEN; says what is missing and exits non-zero otherwise.
 # Subset: make data BENCHMARKS=pope,mme (names: python -c "from globalcom2.data.benchmarks import BENCHMARKS; print(*BENCHMARKS)")
-data: install  ## download the benchmarks for offline evaluation (network + HF_TOKEN; BENCHMARKS=pope,mme)
+data: install  ## download the benchmarks for offline evaluation (network + HF_TOKEN; BENCHMARKS=pope,mme; FORCE=1 replaces)
 	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0 \
-		$(PY) -m globalcom2.data.download $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS),)
+		$(PY) -m globalcom2.data.download $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS),) $(if $(FORCE),--force,)
 
 # Paper targets: one line each on top of an experiment config. DRY_RUN=1 lists the cells without running;
 # ARGS="..." appends Hydra overrides (e.g. ARGS="launcher=accelerate launcher.num_processes=4").

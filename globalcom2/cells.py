@@ -35,10 +35,11 @@ LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
 #: Bump when a code change alters the results of unchanged configs (a prompt, a task's scoring), so that
 #: cells finished before it are run again instead of being reused. The git SHA is recorded, not hashed:
 #: a commit that changes nothing a cell computes must not re-run the grid.
-IDENTITY_VERSION = 4  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
+IDENTITY_VERSION = 5  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
 # 3: the checkpoint's content (``weights``) joined the identity, so cells that may hold other weights run again;
 # 4: the task definitions (``task_definitions``) and the data folders' content (``data.<task>.content``)
-# joined it, and the process count where it changes batches; ScienceQA answers read as LLaVA's under llava
+# joined it, and the process count where it changes batches; ScienceQA answers read as LLaVA's under llava;
+# 5: a generated task's data (the demo benchmark's split, seed, size and rendered rows) joined it
 #: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``; the
 #: task files and data they point at are in it by content), how it is launched (N processes give the
 #: answers of one, tests/harness/test_run_cells.py; the process count joins the identity where it changes

@@ -278,8 +278,11 @@ def paper_metric_value(column: str, results: Mapping[str, Any]) -> float:
             for MM-Vet, the judge's output file, which has the same layout.
 
     Raises:
-        KeyError: a task or metric is missing (never a silent 0).
+        KeyError: an unknown column (the message lists the valid ones), or a task or metric is missing
+            from ``results`` (never a silent 0).
     """
+    if column not in PAPER_METRICS:
+        raise KeyError(f"unknown paper-table column {column!r}; choose from {list(PAPER_METRICS)}")
     spec = PAPER_METRICS[column]
     per_task = results.get("results", {})
     values = []

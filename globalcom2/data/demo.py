@@ -21,8 +21,10 @@ model can be fine-tuned on it. ``validation`` (seed 3, 300 items) is the split a
 by: it never contains an item whose content equals a ``test`` item's or one of the first
 ``DEFAULT_SIZE["train"]`` ``train`` items' (a trainer that uses more train items checks the rest itself).
 ``efficiency`` (seed 2, 30 items) has only 672x672 images, 2928 visual
-tokens each, for the efficiency benchmark. Generation takes a few seconds and is cached under
-``$GLOBALCOM2_CACHE/demo`` (default ``~/.cache/globalcom2/demo``).
+tokens each, for the efficiency benchmark. No split may be drawn with another split's default seed.
+Generation takes a few seconds and is cached under ``$GLOBALCOM2_CACHE/demo`` (default
+``~/.cache/globalcom2/demo``), in a folder named by the split, seed, size and a digest of this module's
+source (:func:`generator_digest`), so an edited generator never reads an older one's images.
 """
 
 from __future__ import annotations
@@ -232,23 +234,25 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill: tuple[int, int, in
 
 def generate_items(split: str = "test", seed: int | None = None, size: int | None = None) -> list[DemoItem]:
     """The items of ``split``. ``train`` skips any item whose content equals a test item's; ``validation``
-    skips those and any equal to one of the default ``train`` split's items."""
+    skips those and any equal to one of the default ``train`` split's items. No split is drawn with another
+    split's default seed (``ValueError``), which would give it that split's items."""
     if split not in DEFAULT_SEED:
         raise ValueError(f"split must be one of {sorted(DEFAULT_SEED)}, got {split!r}")
     seed = DEFAULT_SEED[split] if seed is None else int(seed)
     size = DEFAULT_SIZE[split] if size is None else int(size)
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
+    for other, other_seed in DEFAULT_SEED.items():
+        if other != split and seed == other_seed:
+            raise ValueError(
+                f"the {split} split needs a seed other than the {other} seed {other_seed} (drawn with it, "
+                f"its items would be the {other} split's); the default seeds are {DEFAULT_SEED}"
+            )
     if split == "efficiency":
         return [make_item(seed, i, (EFFICIENCY_CANVAS,)) for i in range(size)]
     if split == "test":
         return [make_item(seed, i) for i in range(size)]
     held_apart = {"train": ("test",), "validation": ("test", "train")}[split]
-    for other in held_apart:
-        if seed == DEFAULT_SEED[other]:
-            raise ValueError(
-                f"the {split} split needs a seed other than the {other} seed {DEFAULT_SEED[other]}"
-            )
     excluded = {item.signature() for other in held_apart for item in generate_items(other)}
     return _items_not_in(seed, size, excluded)
 
@@ -300,11 +304,18 @@ def demo_cache_dir() -> Path:
     return cache_dir() / "demo"
 
 
+def generator_digest() -> str:
+    """The first 12 hex digits of the SHA-256 of this module's source: any change to how items are drawn,
+    rendered or encoded (even one that forgets to bump ``DEMO_VERSION``, which also seeds the items) names
+    another cache folder, so a cached split is never one an older generator wrote."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
 def ensure_demo_dataset(split: str = "test", seed: int | None = None, size: int | None = None) -> Path:
     """The cached ``save_to_disk`` folder of the split, generated on first use (atomically)."""
     seed = DEFAULT_SEED.get(split, 0) if seed is None else int(seed)
     size = DEFAULT_SIZE.get(split, 1) if size is None else int(size)
-    target = demo_cache_dir() / f"v{DEMO_VERSION}-{split}-seed{seed}-n{size}"
+    target = demo_cache_dir() / f"v{DEMO_VERSION}-{generator_digest()}-{split}-seed{seed}-n{size}"
     if (target / "dataset_dict.json").is_file():
         return target
     with staged_folder(target, complete_marker="dataset_dict.json") as staging:
@@ -320,7 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write here (save_to_disk) instead of the cache")
     args = parser.parse_args(argv)
     if args.out:
-        build_dataset(generate_items(args.split, args.seed, args.size), args.split).save_to_disk(args.out)
+        with staged_folder(args.out) as staging:
+            build_dataset(generate_items(args.split, args.seed, args.size), args.split).save_to_disk(
+                str(staging)
+            )
         print(args.out)
     else:
         print(ensure_demo_dataset(args.split, args.seed, args.size))

@@ -14,7 +14,10 @@ bytes, rows, date).
 
 It needs network access to the Hugging Face hub and a token (the ``lmms-lab-encoder`` datasets are
 gated behind ``token: True``); without either it says so and exits non-zero:
-2 = no token / offline mode set, 3 = hub unreachable. Existing folders are kept unless ``--force``.
+2 = no token / offline mode set, 3 = hub unreachable. Existing folders are kept unless ``--force``: a complete
+download of what ``BENCHMARKS`` names is reported as present; anything else there (synthetic fixture rows, a
+download of another repo, config or split, a folder without its source record) is an error, exit code 4,
+that names what it holds.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 from globalcom2.atomic import staged_folder
 from globalcom2.data.benchmarks import BENCHMARKS, LOCALLY_SCORED, Benchmark
-from globalcom2.data.local import SOURCE_FILE
+from globalcom2.data.local import SOURCE_FILE, MissingDataError, read_source_file
 from globalcom2.hub import offline_reasons
 from globalcom2.paths import DATA_DIR_ENV, data_dir
 
@@ -138,15 +141,47 @@ def fetch_split(repo: str, files: list[tuple[str, int]], revision: str, token: s
     return paths
 
 
+def held_problem(benchmark: Benchmark, target: Path) -> str | None:
+    """Why the folder ``target`` is not a complete download of ``benchmark`` as ``BENCHMARKS`` defines it
+    today (``None``: it is one): fixture rows, another repo, config or split, or a part missing on disk."""
+    try:
+        source = read_source_file(target)
+    except MissingDataError as err:
+        return f"its {SOURCE_FILE} is unreadable ({err})"
+    if not source:
+        return f"it has no {SOURCE_FILE} (not written by make data)"
+    if source.get("kind") != "hub":
+        return f"it holds {source.get('kind')!r} rows, not data downloaded from the hub"
+    held = source.get("parts") or {}
+    for part in benchmark.parts:
+        recorded = held.get(part.subdir or ".") or {}
+        wanted = {"repo": part.repo, "config": part.config, "split": part.split}
+        if {k: recorded.get(k) for k in wanted} != wanted:
+            return (
+                f"part {part.subdir or '.'!r} was downloaded from { ({k: recorded.get(k) for k in wanted}) }, "
+                f"not {wanted}"
+            )
+        folder = target / part.subdir if part.subdir else target
+        if not (folder / part.split / "state.json").is_file():
+            return f"part {part.subdir or '.'!r} has no saved {part.split!r} split"
+    return None
+
+
 def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) -> Path:
     """Download the evaluated split of every part of ``benchmark`` into ``root / key`` (atomically)."""
     import datasets
 
     target = root / benchmark.key
-    if (target / SOURCE_FILE).is_file() and not force:
-        kind = json.loads((target / SOURCE_FILE).read_text()).get("kind")
-        print(f"{benchmark.key}: already present ({kind}) at {target}; --force replaces it")
-        return target
+    if target.exists() and not force:
+        problem = held_problem(benchmark, target)
+        if problem is None:
+            print(f"{benchmark.key}: already present (hub) at {target}; --force replaces it")
+            return target
+        raise DownloadUnavailableError(
+            f"{benchmark.key}: {target} exists but {problem}; it is kept. To replace it with the hub's "
+            f"data: `python -m globalcom2.data.download --benchmarks {benchmark.key} --force`",
+            4,
+        )
     root.mkdir(parents=True, exist_ok=True)
     arrow_cache = Path(tempfile.mkdtemp(prefix=f".{benchmark.key}.cache.", dir=root))  # gone afterwards
     try:
@@ -185,12 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download the paper benchmarks for offline evaluation.")
     parser.add_argument(
         "--benchmarks",
-        default="",
+        default=None,
         help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: the locally scored {','.join(LOCALLY_SCORED)})",
     )
     parser.add_argument("--force", action="store_true", help="replace folders that already exist")
     args = parser.parse_args(argv)
-    keys = [k for k in args.benchmarks.split(",") if k] or list(LOCALLY_SCORED)
+    if args.benchmarks is None:
+        keys = list(LOCALLY_SCORED)
+    else:
+        keys = [k for k in args.benchmarks.split(",") if k]
+        if not keys:
+            print(
+                f"--benchmarks {args.benchmarks!r} names no benchmark; choose from {', '.join(BENCHMARKS)}",
+                file=sys.stderr,
+            )
+            return 2
     unknown = sorted(set(keys) - set(BENCHMARKS))
     if unknown:
         print(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)

@@ -33,8 +33,9 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
+from globalcom2.atomic import staged_folder
 from globalcom2.data.benchmarks import BENCHMARKS
-from globalcom2.data.local import SOURCE_FILE
+from globalcom2.data.local import SOURCE_FILE, read_source_file
 
 # (width, height): different AnyRes grids (336x672, 672x336, 672x672, 1008x336 canvases).
 _SIZES = ((96, 64), (64, 96), (80, 80), (120, 40), (40, 120), (100, 75))
@@ -353,30 +354,52 @@ FIXTURES: dict[str, Callable[[], dict[str, datasets.Dataset]]] = {
 }
 
 
-def write_fixtures(out: str | Path, benchmarks: list[str] | None = None) -> Path:
-    """Write the fixtures of ``benchmarks`` (default: all: the ten benchmarks and the two EvalAI test splits) into ``out`` in the offline layout."""
+def write_fixtures(out: str | Path, benchmarks: list[str] | None = None, *, force: bool = False) -> Path:
+    """Write the fixtures of ``benchmarks`` (``None``: all, the ten benchmarks and the two EvalAI test
+    splits) into ``out`` in the offline layout.
+
+    Each benchmark folder is built whole in a staging folder, its ``globalcom2_source.json``
+    (``kind: synthetic-fixture``) included, and renamed into place, so an interruption never leaves
+    fixture rows without the record that marks them synthetic.
+
+    Raises:
+        ValueError: an unknown benchmark (the message lists the valid ones).
+        FileExistsError: a folder holds data downloaded from the hub and ``force`` is not set; fixture rows
+            would replace real data.
+    """
     out = Path(out)
-    for key in benchmarks or list(FIXTURES):
+    keys = list(FIXTURES) if benchmarks is None else list(benchmarks)
+    unknown = sorted(set(keys) - set(FIXTURES))
+    if unknown:
+        raise ValueError(f"unknown fixture benchmarks {unknown}; choose from {sorted(FIXTURES)}")
+    for key in keys:
+        kind = read_source_file(out / key).get("kind") if (out / key).exists() else None
+        if kind == "hub" and not force:
+            raise FileExistsError(
+                f"{out / key} holds data downloaded from the hub; writing synthetic fixture rows would "
+                "replace it. Write the fixtures elsewhere, or pass force=True (--force) to replace it."
+            )
         benchmark = BENCHMARKS[key]
         tables = FIXTURES[key]()
         parts = {}
-        for part in benchmark.parts:
-            table = tables[part.subdir]
-            target = out / key / part.subdir if part.subdir else out / key
-            datasets.DatasetDict({part.split: table}).save_to_disk(str(target))
-            parts[part.subdir or "."] = {
-                "split": part.split,
-                "rows": len(table),
-                "columns": table.column_names,
+        with staged_folder(out / key) as staging:
+            for part in benchmark.parts:
+                table = tables[part.subdir]
+                target = staging / part.subdir if part.subdir else staging
+                datasets.DatasetDict({part.split: table}).save_to_disk(str(target))
+                parts[part.subdir or "."] = {
+                    "split": part.split,
+                    "rows": len(table),
+                    "columns": table.column_names,
+                }
+            record = {
+                "benchmark": key,
+                "kind": "synthetic-fixture",
+                "schema_of": [f"{p.repo}:{p.config or 'default'}:{p.split}" for p in benchmark.parts],
+                "parts": parts,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-        record = {
-            "benchmark": key,
-            "kind": "synthetic-fixture",
-            "schema_of": [f"{p.repo}:{p.config or 'default'}:{p.split}" for p in benchmark.parts],
-            "parts": parts,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        (out / key / SOURCE_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            (staging / SOURCE_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return out
 
 
@@ -388,12 +411,18 @@ def main(argv: list[str] | None = None) -> None:
         "--out", required=True, help="data directory to write (use it as GLOBALCOM2_DATA_DIR)"
     )
     parser.add_argument("--benchmarks", default=None, help=f"comma-separated subset of {','.join(FIXTURES)}")
+    parser.add_argument("--force", action="store_true", help="replace folders holding downloaded hub data")
     args = parser.parse_args(argv)
-    keys = args.benchmarks.split(",") if args.benchmarks else None
+    keys = None if args.benchmarks is None else [k for k in args.benchmarks.split(",") if k]
+    if keys is not None and not keys:
+        parser.error(f"--benchmarks {args.benchmarks!r} names no benchmark; choose from {sorted(FIXTURES)}")
     unknown = sorted(set(keys or []) - set(FIXTURES))
     if unknown:
         parser.error(f"unknown benchmarks {unknown}; choose from {sorted(FIXTURES)}")
-    print(write_fixtures(args.out, keys))
+    try:
+        print(write_fixtures(args.out, keys, force=args.force))
+    except FileExistsError as err:
+        parser.exit(2, f"fixtures: {err}\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from globalcom2.data.benchmarks import BENCHMARKS
 from globalcom2.file_digest import file_sha256
 from globalcom2.paths import DATA_DIR_ENV, data_dir
 
@@ -42,10 +43,14 @@ def fix_hint(local_data: str) -> str:
 
 
 def require_local_dataset(local_data: str, split: str, task: str = "") -> Path:
-    """The folder of ``local_data`` (relative to :func:`data_dir`) after checking it holds ``split``.
+    """The folder of ``local_data`` (relative to :func:`data_dir`) after checking it holds ``split``: its
+    ``dataset_dict.json`` lists the split, and the split's ``state.json`` and every data file it lists are
+    there (``save_to_disk`` writes ``dataset_dict.json`` first, so a folder written in place and cut off
+    would otherwise pass).
 
     Raises:
-        MissingDataError: the folder, its ``dataset_dict.json`` or the split is missing.
+        MissingDataError: the folder, its ``dataset_dict.json``, the split or one of its files is missing
+            or unreadable.
     """
     path = data_dir() / local_data
     who = f"task {task!r}" if task else "this task"
@@ -54,18 +59,70 @@ def require_local_dataset(local_data: str, split: str, task: str = "") -> Path:
             f"offline data for {who} is missing: {path} (expected a datasets.DatasetDict written by "
             f"save_to_disk, with split {split!r}). {fix_hint(local_data)}"
         )
-    splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    splits = _read_json(path / "dataset_dict.json", local_data).get("splits", [])
     if split not in splits:
         raise MissingDataError(
             f"offline data for {who} at {path} has splits {splits}, not {split!r}. {fix_hint(local_data)}"
         )
+    state_path = path / split / "state.json"
+    if not state_path.is_file():
+        raise MissingDataError(
+            f"offline data for {who} at {path} lists split {split!r} but has no {state_path.name} for it "
+            f"(an interrupted write?). {fix_hint(local_data)}"
+        )
+    files = [e.get("filename") for e in _read_json(state_path, local_data).get("_data_files", [])]
+    missing = [name for name in files if not isinstance(name, str) or not (path / split / name).is_file()]
+    if not files or missing:
+        raise MissingDataError(
+            f"offline data for {who} at {path / split} is incomplete: "
+            f"{'no data files listed' if not files else f'missing {missing}'} (an interrupted write?). "
+            f"{fix_hint(local_data)}"
+        )
     return path
+
+
+def require_benchmark_data(local_data: str, split: str, task: str = "") -> Path:
+    """:func:`require_local_dataset` for ``local_data``, and for every other part of its benchmark
+    (``BENCHMARKS[...].parts``: GQA's questions read ``gqa/images`` too), so that what a task reads while it
+    loads is checked before a model is."""
+    path = require_local_dataset(local_data, split, task)
+    key = local_data.split("/")[0]
+    benchmark = BENCHMARKS.get(key)
+    for part in benchmark.parts if benchmark is not None else ():
+        folder = f"{key}/{part.subdir}" if part.subdir else key
+        if folder != local_data:
+            require_local_dataset(folder, part.split, task)
+    return path
+
+
+def read_source_file(folder: Path) -> dict[str, Any]:
+    """A benchmark folder's ``globalcom2_source.json`` ({} if absent).
+
+    Raises:
+        MissingDataError: the file exists but is not a JSON object.
+    """
+    source = folder / SOURCE_FILE
+    return _read_json(source, folder.name) if source.is_file() else {}
 
 
 def data_source(local_data: str) -> dict[str, Any]:
     """The ``globalcom2_source.json`` of the benchmark folder holding ``local_data`` ({} if absent)."""
-    source = data_dir() / local_data.split("/")[0] / SOURCE_FILE
-    return json.loads(source.read_text()) if source.is_file() else {}
+    return read_source_file(data_dir() / local_data.split("/")[0])
+
+
+def _read_json(path: Path, local_data: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MissingDataError(
+            f"cannot read {path} ({type(err).__name__}: {err}); the data folder is damaged. "
+            f"{fix_hint(local_data)}"
+        ) from err
+    if not isinstance(payload, dict):
+        raise MissingDataError(
+            f"{path} holds {type(payload).__name__}, not a JSON object. {fix_hint(local_data)}"
+        )
+    return payload
 
 
 def data_fingerprint(local_data: str) -> dict[str, Any]:
@@ -75,7 +132,12 @@ def data_fingerprint(local_data: str) -> dict[str, Any]:
     whenever they were written (``datasets``' own ``_fingerprint`` is not used: it hashes the download's
     paths and times); other rows, in a folder rebuilt, edited or copied from elsewhere without its
     ``globalcom2_source.json``, are another. ``None`` for a listed file that is missing."""
-    folder = data_dir() / local_data.split("/")[0]
+    return folder_fingerprint(data_dir() / local_data.split("/")[0])
+
+
+def folder_fingerprint(folder: Path) -> dict[str, Any]:
+    """Per ``save_to_disk`` split under ``folder`` (its path relative to it), the SHA-256 of each data file
+    its ``state.json`` lists; ``None`` for a listed file that is missing (see :func:`data_fingerprint`)."""
     splits: dict[str, Any] = {}
     for state_path in sorted(folder.rglob("state.json")):
         try:

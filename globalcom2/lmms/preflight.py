@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from globalcom2.data.benchmarks import GENERATED_TASKS
-from globalcom2.data.local import MissingDataError, data_fingerprint, data_source, require_local_dataset
+from globalcom2.data.local import (
+    MissingDataError,
+    data_fingerprint,
+    data_source,
+    folder_fingerprint,
+    require_benchmark_data,
+)
 from globalcom2.models.preload import model_problems
 from globalcom2.paths import tasks_dir
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL, PROTOCOLS, check_tasks_covered
@@ -99,11 +105,11 @@ def check_tasks(tasks: list[str], include_path: str | list[str] | None = None) -
             local_data = config.get("local_data")
             if local_data:
                 try:
-                    path = require_local_dataset(local_data, _test_split(config), name)
+                    path = require_benchmark_data(local_data, _test_split(config), name)
+                    kind = data_source(local_data).get("kind")
                 except MissingDataError as err:
                     problems.append(str(err))
                     continue
-                kind = data_source(local_data).get("kind")
                 checks.append(TaskCheck(name, "globalcom2", entry["yaml_path"], str(path), kind))
             else:
                 kind = "generated" if name in GENERATED_TASKS else None
@@ -128,19 +134,43 @@ def check_tasks(tasks: list[str], include_path: str | list[str] | None = None) -
 def data_identity(tasks: list[str], include_path: str | list[str] | None = None) -> dict[str, Any]:
     """What data each task reads, for a cell's identity: its folder's ``globalcom2_source.json`` (kind, hub
     repo, config, split, revision, files, rows; not the download date) and, under ``content``, what the
-    folder holds (:func:`~globalcom2.data.local.data_fingerprint`); ``None`` for a task that reads no local
-    folder (generated, or a built-in hub task). Synthetic fixture rows and real data, two hub revisions, or
-    two folders of one name on two machines thus make different cells."""
+    folder holds (:func:`~globalcom2.data.local.data_fingerprint`). A generated task (the demo benchmark)
+    gives its split, seed and size and the content of the folder it reads, built here if not yet cached
+    (a few seconds), so an edited generator is another cell even where ``DEMO_VERSION`` was not bumped.
+    ``None`` for a built-in hub task. Synthetic fixture rows and real data, two hub revisions, or two folders
+    of one name on two machines thus make different cells."""
     ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
     identity: dict[str, Any] = {}
     for name in tasks:
-        local_data = _simple_config(ours[name]["yaml_path"]).get("local_data") if name in ours else None
+        config = _simple_config(ours[name]["yaml_path"]) if name in ours else {}
+        if name in GENERATED_TASKS:
+            identity[name] = _generated_identity(config)
+            continue
+        local_data = config.get("local_data")
         if not local_data:
             identity[name] = None
             continue
         source = {k: v for k, v in data_source(local_data).items() if k != "created"}
         identity[name] = {**source, "content": data_fingerprint(local_data)}
     return identity
+
+
+def _generated_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The demo data a generated task's YAML (``demo_split``, ``demo_seed``, ``demo_size``, as
+    ``globalcom2.lmms.tasks.DemoTask`` reads them) names: the split, seed and size, and the SHA-256 of the
+    files of its cached folder (the rendered rows themselves)."""
+    from globalcom2.data import demo
+
+    split = config.get("demo_split", "test")
+    seed, size = config.get("demo_seed"), config.get("demo_size")
+    folder = demo.ensure_demo_dataset(split=split, seed=seed, size=size)
+    return {
+        "kind": "generated",
+        "split": split,
+        "seed": demo.DEFAULT_SEED.get(split, 0) if seed is None else int(seed),
+        "size": demo.DEFAULT_SIZE.get(split, 1) if size is None else int(size),
+        "content": folder_fingerprint(folder),
+    }
 
 
 def task_identity(tasks: list[str], include_path: str | list[str] | None = None) -> dict[str, str | None]:

@@ -15,7 +15,7 @@ from typing import Any
 from lmms_eval.api.task import ConfigurableTask
 from loguru import logger
 
-from globalcom2.data.local import data_source, require_local_dataset
+from globalcom2.data.local import data_source, require_benchmark_data
 
 
 def load_builtin_config(base_yaml: str) -> dict[str, Any]:
@@ -55,7 +55,7 @@ class LocalDataTask(ConfigurableTask):
             raise ValueError(f"task {config.get('task')!r}: LocalDataTask needs a `local_data` key")
         merged = {**(load_builtin_config(base_yaml) if base_yaml else {}), **config}
         task = merged.get("task", "")
-        path = require_local_dataset(local_data, merged.get("test_split") or "", task)
+        path = require_benchmark_data(local_data, merged.get("test_split") or "", task)
         if data_source(local_data).get("kind") == "synthetic-fixture":
             logger.warning(
                 f"task {task!r} reads SYNTHETIC FIXTURE rows from {path}: its scores test the wiring, "

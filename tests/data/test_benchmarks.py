@@ -109,3 +109,8 @@ def test_the_data_directory_comes_from_the_environment(tmp_path, monkeypatch):
     assert data_dir() == tmp_path
     with pytest.raises(MissingDataError, match=rf"{tmp_path / 'pope'}.*make data BENCHMARKS=pope"):
         require_local_dataset("pope", "test", "pope_adv_local")
+
+
+def test_an_unknown_paper_column_is_named_with_the_valid_ones():
+    with pytest.raises(KeyError, match=r"unknown paper-table column 'POEP'; choose from \[.*'POPE'"):
+        paper_metric_value("POEP", {"results": {}})

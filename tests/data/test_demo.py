@@ -70,6 +70,31 @@ def test_the_validation_split_is_disjoint_from_test_and_train(items):
             demo.generate_items("validation", seed=seed, size=2)
 
 
+@pytest.mark.parametrize(("split", "seed"), [("test", 1), ("train", 3), ("efficiency", 0), ("test", 3)])
+def test_no_split_is_drawn_with_another_splits_seed(split, seed):
+    """``test`` had no guard at all (seed 1 gave the train split's items, 100 of 100) and ``train`` none
+    against the validation seed."""
+    with pytest.raises(ValueError, match=f"the {split} split needs a seed other than"):
+        demo.generate_items(split, seed=seed, size=2)
+
+
+def test_train_and_validation_skip_items_that_collide_with_the_splits_held_apart(monkeypatch):
+    """Force collisions (the real seeds produce none in the first thousands of items, so a disjointness
+    check on them alone cannot fail): every other train/validation draw is made to be a test item."""
+    real = demo.make_item
+
+    def colliding(seed, index, canvases=demo.CANVASES):
+        if seed in (demo.DEFAULT_SEED["train"], demo.DEFAULT_SEED["validation"]) and index % 2 == 0:
+            return real(demo.DEFAULT_SEED["test"], index // 2, canvases)
+        return real(seed, index, canvases)
+
+    monkeypatch.setattr(demo, "make_item", colliding)
+    test = {item.signature() for item in demo.generate_items("test")}
+    for split in ("train", "validation"):
+        drawn = demo.generate_items(split, size=20)
+        assert len(drawn) == 20 and not {item.signature() for item in drawn} & test
+
+
 def test_an_excluded_item_is_skipped_not_returned():
     first, second, third = (demo.make_item(7, i) for i in range(3))
     kept = demo._items_not_in(7, 2, {second.signature()})
@@ -94,7 +119,13 @@ def test_rendering_draws_the_shape_colours(items):
 def test_the_dataset_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOBALCOM2_CACHE", str(tmp_path))
     path = demo.ensure_demo_dataset("test", size=6)
-    assert path.parent == tmp_path / "demo" and demo.ensure_demo_dataset("test", size=6) == path
+    assert path.parent == tmp_path / "demo"
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("a cached split was built again")
+
+    monkeypatch.setattr(demo, "build_dataset", no_rebuild)
+    assert demo.ensure_demo_dataset("test", size=6) == path
     import datasets
 
     table = datasets.load_from_disk(str(path))["test"]
@@ -108,3 +139,13 @@ def test_the_dataset_is_cached(tmp_path, monkeypatch):
         "image_height",
     ]
     assert table[0]["image"].size == (table[0]["image_width"], table[0]["image_height"])
+
+
+def test_an_edited_generator_never_reads_an_older_generators_cache(tmp_path, monkeypatch):
+    """The cache used to be named by ``DEMO_VERSION`` alone: a change to the drawing or rendering code that
+    forgot to bump it served the old images."""
+    monkeypatch.setenv("GLOBALCOM2_CACHE", str(tmp_path))
+    path = demo.ensure_demo_dataset("test", size=2)
+    assert demo.generator_digest() in path.name
+    monkeypatch.setattr(demo, "generator_digest", lambda: "0" * 12)
+    assert demo.ensure_demo_dataset("test", size=2) != path

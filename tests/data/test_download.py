@@ -125,3 +125,38 @@ def test_the_dataset_cards_data_files_decide_the_split(tmp_path, monkeypatch):
     ]
     with pytest.raises(download.DownloadUnavailableError, match="no files for split 'train'"):
         download.split_files(REPO, None, "train", "0123", "t")
+
+
+def test_a_complete_download_is_kept_and_anything_else_in_its_place_is_refused(tmp_path, monkeypatch, capsys):
+    """Only a hub download of the parts ``BENCHMARKS`` names counts as present; fixture rows or another
+    config's download used to be reported as "already present" and kept, exit code 0."""
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    target = download.download_benchmark(BENCH, tmp_path / "data")
+    hub.requested.clear()
+    assert download.download_benchmark(BENCH, tmp_path / "data") == target and hub.requested == []
+    assert "already present (hub)" in capsys.readouterr().out
+
+    source = target / SOURCE_FILE
+    record = json.loads(source.read_text())
+    other = Benchmark("fakevqa", "Fake VQA", ("fakevqa_local",), (HubPart(REPO, "other", "validation"),))
+    with pytest.raises(
+        download.DownloadUnavailableError, match=r"was downloaded from .*'config': None"
+    ) as err:
+        download.download_benchmark(other, tmp_path / "data")
+    assert err.value.code == 4 and "--force" in str(err.value)
+
+    source.write_text(json.dumps({**record, "kind": "synthetic-fixture"}))
+    with pytest.raises(download.DownloadUnavailableError, match="holds 'synthetic-fixture' rows") as err:
+        download.download_benchmark(BENCH, tmp_path / "data")
+    assert err.value.code == 4 and hub.requested == []
+    assert json.loads(source.read_text())["kind"] == "synthetic-fixture"  # kept as it was
+
+    download.download_benchmark(BENCH, tmp_path / "data", force=True)
+    assert json.loads(source.read_text())["kind"] == "hub"
+
+
+def test_a_benchmark_list_that_names_nothing_is_refused_not_read_as_all(capsys):
+    """``--benchmarks ,`` used to start downloading all ten benchmarks (hundreds of GB)."""
+    assert download.main(["--benchmarks", ","]) == 2
+    assert "names no benchmark" in capsys.readouterr().err

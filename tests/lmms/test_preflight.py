@@ -62,6 +62,39 @@ def test_a_split_missing_from_the_data_is_reported(fixture_data, tmp_path, monke
         preflight(["mme_local"])
 
 
+def test_a_damaged_or_half_written_folder_is_reported_before_any_model_loads(
+    fixture_data, tmp_path, monkeypatch
+):
+    """``save_to_disk`` writes ``dataset_dict.json`` first: a folder cut off after it used to pass, and an
+    empty or corrupt JSON file gave a bare ``JSONDecodeError`` naming no path."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(fixture_data, copy)
+    monkeypatch.setenv(DATA_DIR_ENV, str(copy))
+    (copy / "mme" / "dataset_dict.json").write_text("")
+    (arrow,) = (copy / "pope" / "test").glob("*.arrow")
+    arrow.unlink()
+    with pytest.raises(PreflightError) as err:
+        preflight(["mme_local", "pope_adv_local"])
+    message = str(err.value)
+    assert f"cannot read {copy / 'mme' / 'dataset_dict.json'}" in message
+    assert f"{copy / 'pope' / 'test'} is incomplete: missing ['{arrow.name}']" in message
+
+
+def test_every_part_of_a_benchmark_is_checked_before_any_model_loads(fixture_data, tmp_path, monkeypatch):
+    """GQA's questions read ``gqa/images`` while the task loads; without it the run used to fail only after
+    the model had loaded."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(fixture_data, copy)
+    shutil.rmtree(copy / "gqa" / "images")
+    monkeypatch.setenv(DATA_DIR_ENV, str(copy))
+    with pytest.raises(PreflightError, match=r"offline data for task 'gqa_local' is missing: .*gqa/images"):
+        preflight(["gqa_local"])
+
+
 @pytest.mark.parametrize(
     ("model_args", "message"),
     [
@@ -213,7 +246,13 @@ def test_a_cells_identity_names_the_data_it_reads(fixture_data, tmp_path, monkey
     from globalcom2.lmms.preflight import data_identity
 
     identity = data_identity(["pope_adv_local", "globalcom2_demo"])
-    assert identity["pope_adv_local"]["kind"] == "synthetic-fixture" and identity["globalcom2_demo"] is None
+    assert identity["pope_adv_local"]["kind"] == "synthetic-fixture"
+    assert {k: identity["globalcom2_demo"][k] for k in ("kind", "split", "seed", "size")} == {
+        "kind": "generated",
+        "split": "test",
+        "seed": 0,
+        "size": 300,
+    }
     copy = tmp_path / "data"
     shutil.copytree(fixture_data, copy)
     source = copy / "pope" / "globalcom2_source.json"
