@@ -292,10 +292,12 @@ class CellSpec:
         identity["identity_version"] = IDENTITY_VERSION
         return identity
 
-    def check_environment(self, memo: dict[Any, Any] | None = None) -> None:
+    def check_environment(self, memo: dict[Any, Any] | None = None, *, runs_here: bool = True) -> None:
         """Checks that touch the disk (tasks and their data, the checkpoint, the device, the compile
         backend); still loads no weight. One error lists every problem. ``memo``: shared by the cells of a
-        sweep, so that each benchmark's tasks and each model are checked once."""
+        sweep, so that each benchmark's tasks and each model are checked once. ``runs_here=False``: the cell
+        will run on another machine (a Slurm job), so this one's devices and compile backend are not
+        checked (:func:`~globalcom2.run_spec.run_problems`)."""
         from globalcom2.lmms.preflight import PreflightError, check_tasks
 
         memo = {} if memo is None else memo
@@ -309,7 +311,11 @@ class CellSpec:
         if memo[tasks_key] is not None:
             raise memo[tasks_key]
         problems = run_problems(
-            self.run_spec(), num_processes=self.launcher.num_processes, keys=HYDRA_KEYS, memo=memo
+            self.run_spec(),
+            num_processes=self.launcher.num_processes,
+            keys=HYDRA_KEYS,
+            memo=memo,
+            runs_here=runs_here,
         )
         if problems:
             kind = (

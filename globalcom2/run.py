@@ -79,10 +79,12 @@ def worker_command(spec: CellSpec, spec_path: Path, out_dir: Path) -> list[str]:
     if tool == "auto":  # `accelerate launch --num_processes N` starts one process on a machine without GPUs
         tool = "accelerate" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "torchrun"
     worker = ["-m", "globalcom2.worker", str(spec_path), str(out_dir)]
+    if tool not in ("torchrun", "accelerate"):
+        raise ValueError(f"launcher.tool must be auto, torchrun or accelerate, got {tool!r}")
+    with socket.socket() as probe:  # a free port, so concurrent cells on one node never collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     if tool == "torchrun":
-        with socket.socket() as probe:  # a free port, so concurrent cells never collide
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         return [
             sys.executable,
             "-m",
@@ -91,9 +93,22 @@ def worker_command(spec: CellSpec, spec_path: Path, out_dir: Path) -> list[str]:
             f"--master_port={port}",
             *worker,
         ]
-    if tool == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={n}", *worker]
-    raise ValueError(f"launcher.tool must be auto, torchrun or accelerate, got {tool!r}")
+    # Every setting that accelerate would otherwise take from the user's default config file
+    # (``accelerate/commands/launch.py``, ``_validate_launch_command``): a config of distributed_type NO
+    # would run one process, DeepSpeed/FSDP or mixed precision another computation, gpu_ids other GPUs.
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines=1",
+        "--gpu_ids=all",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={port}",
+        f"--num_processes={n}",
+        *worker,
+    ]
 
 
 def execute(spec: CellSpec, partial: Path, lock_fd: int | None = None) -> CellOutcome:
@@ -370,7 +385,9 @@ def sweep_problems(config: DictConfig) -> list[str]:
     """What would be refused in the sweep, before any job runs: each job's config composed as its launcher
     will compose it (the running app's config loader: its primary config, search path and overrides), its
     values checked, and every distinct benchmark and model checked once on the disk. One line per distinct
-    problem, with the jobs it concerns."""
+    problem, with the jobs it concerns. Under ``launcher=slurm`` the jobs run on the cluster's nodes, not on
+    the (often GPU-less) machine that submits them: its devices and compile backend are not checked here,
+    and each job checks them where it runs."""
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
@@ -383,7 +400,7 @@ def sweep_problems(config: DictConfig) -> list[str]:
             with open_dict(cfg):
                 cfg.pop("hydra", None)  # the task function never sees it either
             check_logger(cfg.logger)
-            CellSpec.from_config(cfg).check_environment(memo)
+            CellSpec.from_config(cfg).check_environment(memo, runs_here=cfg.launcher.name != "slurm")
         except INPUT_ERRORS as err:
             problems.setdefault(_message(err), []).append(" ".join(overrides) or "(the defaults)")
     lines = []

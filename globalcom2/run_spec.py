@@ -346,6 +346,7 @@ def run_problems(
     num_processes: int = 1,
     keys: Mapping[str, str] | None = None,
     memo: dict[Any, Any] | None = None,
+    runs_here: bool = True,
 ) -> list[Exception]:
     """What the disk and this machine show to be wrong with ``spec`` before any weight loads: the device, the
     checkpoint (present, LLaVA-NeXT AnyRes, with weights), the method against the checkpoint's config, the
@@ -354,13 +355,18 @@ def run_problems(
     Args:
         keys: how the caller spells the keys (:data:`HYDRA_KEYS`).
         memo: shared by the checks of many specs (a sweep): each model is checked, and its config read, once.
+        runs_here: ``False`` when the spec will run on another machine (a Slurm job, checked on the login
+            node that submits it): this machine's devices and compile backend are not checked (the job
+            checks them where it runs); the checkpoint, the method and the settings still are.
     """
     model = spec.model
     memo = {} if memo is None else memo
-    key = repr((model, num_processes))  # a spec may hold a mapping (attn_implementation): not hashable
+    key = repr((model, num_processes, runs_here))  # a spec may hold a mapping (attn_implementation)
     if key not in memo:
-        problems: list[Exception] = model_problems(
-            None, device=model.device, num_processes=num_processes, keys=keys
+        problems: list[Exception] = (
+            model_problems(None, device=model.device, num_processes=num_processes, keys=keys)
+            if runs_here
+            else []
         )  # the device alone
         config = None
         try:
@@ -370,8 +376,8 @@ def run_problems(
         except (FileNotFoundError, TypeError, ValueError) as err:
             problems.append(err)
         if model.compile is not None:
-            device = torch.device(model.device or default_device())
-            problem = compile_problem(device, model.compile)
+            device = torch.device(model.device or (default_device() if runs_here else "cuda"))
+            problem = compile_problem(device, model.compile) if runs_here else None
             if problem is None and device.type == "cuda" and model.compile in CUDA_GRAPH_MODES:
                 problem = (
                     "its CUDA graphs are recorded for every new prompt length inside the call that meets it, and "

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     die_with_launcher(death_signal_setter())
     spec_path, out_dir = (argv if argv is not None else sys.argv[1:])[:2]
     spec = CellSpec.from_dict(json.loads(Path(spec_path).read_text()))
+    check_world_size(spec.launcher.num_processes, os.environ.get("WORLD_SIZE"))
     from globalcom2.redaction import redacted_console
 
     with redacted_console():
@@ -228,6 +229,21 @@ def main(argv: list[str] | None = None) -> None:
                 torch.distributed.barrier()  # no rank exits while rank 0 still writes the cell
         finally:
             shutdown_process_group()
+
+
+def check_world_size(expected: int, world_size: str | None) -> None:
+    """Refuse to run a share of a cell in a group of another size than ``launcher.num_processes``: a
+    launcher that read other settings (an ``accelerate`` config file, a ``--num_processes`` lost on the way)
+    would otherwise evaluate the cell on fewer processes than its record says, or split it differently.
+
+    Raises:
+        RuntimeError: ``WORLD_SIZE`` is unset or differs from ``expected``.
+    """
+    if world_size != str(expected):
+        raise RuntimeError(
+            f"this worker runs in a process group of WORLD_SIZE={world_size!r}, but the cell asks for "
+            f"launcher.num_processes={expected}; the launcher did not start the group it was asked for"
+        )
 
 
 def shutdown_process_group() -> None:

@@ -20,6 +20,16 @@ from globalcom2.prompts import vicuna_v1_prompt
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the Hydra configs of this checkout
 
 
+def compose_eval(tmp_path: Path, *overrides: str):
+    """The ``eval`` config of this checkout with ``overrides``, its results under ``tmp_path / "results"``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(
+            config_name="eval", overrides=[f"paths.results_dir={tmp_path / 'results'}", *overrides]
+        )
+
+
 def run_globalcom2(
     results: Path, *arguments: str, timeout: int = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

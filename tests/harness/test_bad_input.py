@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONFIGS, write_llava15_checkpoint
-from hydra import compose, initialize_config_dir
+from helpers import compose_eval, write_llava15_checkpoint
 
 import globalcom2.run as run_module
 from globalcom2.cells import CellSpec
@@ -89,17 +88,7 @@ BAD = {
 
 
 def compose_cell(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(
-            config_name="eval",
-            overrides=[
-                "model=tiny",
-                "benchmark=demo",
-                "method=random",
-                f"paths.results_dir={tmp_path / 'results'}",
-                *overrides,
-            ],
-        )
+    return compose_eval(tmp_path, "model=tiny", "benchmark=demo", "method=random", *overrides)
 
 
 @pytest.fixture
@@ -278,6 +267,43 @@ def test_slurm_without_multirun_is_refused_instead_of_running_here(tmp_path):
     done = hydra_run(tmp_path, "launcher=slurm", "benchmark.limit=2", full_error=False)
     assert done.returncode != 0 and "add -m" in done.stderr, done.stderr[-2000:]
     assert not list((tmp_path / "results").rglob("record.json"))
+
+
+def test_a_slurm_sweep_is_checked_without_this_machines_devices(tmp_path):
+    """The jobs run on the cluster's nodes: a login node without a GPU used to refuse every ``device=cuda``
+    sweep before submitting it. Its other problems are still found before anything is submitted."""
+    done = hydra_run(
+        tmp_path,
+        "launcher=slurm",
+        "model.device=cuda",
+        "method=random",
+        "method.retention_ratio=0.5,2",
+        "benchmark.limit=2",
+        full_error=False,
+        multirun=True,
+    )
+    assert done.returncode != 0
+    assert "method.retention_ratio=2" in done.stderr and "must be in (0, 1]" in done.stderr, done.stderr[
+        -3000:
+    ]
+    assert "CUDA device" not in done.stderr, done.stderr[-3000:]
+    assert not list((tmp_path / "results").rglob(".submitit")), "nothing was submitted"
+
+
+def test_a_cell_checked_for_another_machine_skips_only_this_machines_devices(
+    tmp_path, nothing_loads, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a login node, wherever this runs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    spec = CellSpec.from_config(compose_cell(tmp_path, "model.device=cuda"))
+    with pytest.raises(ValueError, match=r"model\.device='cuda' but this machine has no CUDA device"):
+        spec.check_environment()
+    spec.check_environment(runs_here=False)
+    missing = CellSpec.from_config(
+        compose_cell(tmp_path, "model.device=cuda", f"model.pretrained={tmp_path}/none")
+    )
+    with pytest.raises(FileNotFoundError):
+        missing.check_environment(runs_here=False)
 
 
 @pytest.mark.slow

@@ -9,8 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import CONFIGS, fake_hub_repo
-from hydra import compose, initialize_config_dir
+from helpers import CONFIGS, compose_eval, fake_hub_repo
 from safetensors.torch import load_file, save_file
 
 import globalcom2
@@ -25,11 +24,7 @@ FAST = ["model=tiny", "benchmark=demo", "benchmark.gen_kwargs='max_new_tokens=2'
 
 
 def compose_cell(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(
-            config_name="eval",
-            overrides=[*FAST, f"paths.results_dir={tmp_path / 'results'}", *overrides],
-        )
+    return compose_eval(tmp_path, *FAST, *overrides)
 
 
 def cell_identity(tmp_path: Path, *overrides: str) -> dict:
