@@ -164,6 +164,21 @@ def _apart(calls: list[SampleRecord]) -> dict[str, float] | None:
 HOST_STAGES = ("load_s", "preprocess_s", "wait_s", "postprocess_s", "loop_s")
 
 
+def _rates(timed: list[SampleRecord]) -> tuple[float, float] | None:
+    """One process's ``(samples/s in generate, samples/s over the batch loop)`` over its timed calls."""
+    generate_seconds = sum(c.total_s for c in timed if c.total_s is not None)
+    if not generate_seconds:
+        return None
+    # Wall time of the timed calls' turns of the batch loop; records without it (written before the loop
+    # was timed) fall back to generate + preprocessing, which assumes nothing overlapped.
+    if all(c.loop_s is not None for c in timed):
+        wall_seconds = sum(c.loop_s for c in timed)
+    else:
+        wall_seconds = generate_seconds + sum(c.preprocess_s for c in timed)
+    samples = sum(c.batch_size for c in timed)
+    return samples / generate_seconds, samples / wall_seconds
+
+
 def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
     """Latency, stage times, throughput and peak memory of ``records``, over ``generate`` calls (a batch's
     samples share one call). The one place these are summarised: the record's efficiency block and
@@ -172,6 +187,8 @@ def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
     A process's first measured call is left out of every latency and throughput statistic and reported
     apart under ``first_call`` (its one-off costs would otherwise pull the mean and the tail), and so is a
     later call that compiled (``compiled_in_call``), under ``compiled_calls``; peak memory counts every call.
+    Latencies are per call, pooled over the processes; throughput is the cell's, the sum of each process's
+    own rate (the processes of a data-parallel cell run concurrently).
     """
     calls: dict[tuple[int, int], SampleRecord] = {}
     for r in records:
@@ -185,14 +202,8 @@ def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
         c.peak_memory_reserved_bytes for c in calls.values() if c.peak_memory_reserved_bytes is not None
     ]
     notes = sorted({c.peak_memory_note for c in calls.values() if c.peak_memory_note})
-    generate_seconds = sum(c.total_s for c in timed if c.total_s is not None)
-    # Wall time of the timed calls' turns of the batch loop; records without it (written before the loop
-    # was timed) fall back to generate + preprocessing, which assumes nothing overlapped.
-    if timed and all(c.loop_s is not None for c in timed):
-        wall_seconds = sum(c.loop_s for c in timed)
-    else:
-        wall_seconds = generate_seconds + sum(c.preprocess_s for c in timed)
-    timed_samples = sum(c.batch_size for c in timed)
+    ranks = sorted({c.rank for c in timed})
+    rates = [_rates([c for c in timed if c.rank == rank]) for rank in ranks]
     stages = sorted({name for c in timed if c.stages_s for name in c.stages_s})
     return {
         "generate_calls": len(calls),
@@ -206,9 +217,12 @@ def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
         },
         "first_call": _apart(first),
         "compiled_calls": _apart(compiled),
-        "throughput_samples_per_s": timed_samples / generate_seconds if generate_seconds else None,
+        "processes": len(ranks),
+        # The ranks run at the same time, each on its own device: the cell's rate is the sum of theirs
+        # (summing their seconds instead would report one process's rate for N).
+        "throughput_samples_per_s": sum(r[0] for r in rates) if rates and None not in rates else None,
         "throughput_samples_per_s_end_to_end": (
-            timed_samples / wall_seconds if generate_seconds else None
+            sum(r[1] for r in rates) if rates and None not in rates else None
         ),  # the batch loop's wall time: data loading, preprocessing and answer decoding included
         "host_stages_ms": {
             name.removesuffix("_s"): _stats(

@@ -27,6 +27,12 @@ the upstream ZichenWen1/DART being unavailable here. What the reference does, an
 
 Deviations from the reference code:
 
+* the budget is ``round(R * N)``, a fraction of each image's own candidates, where the reference's is the
+  absolute ``320`` for every image (point 4): only images of the largest canvas (2,880 patches, R = 1/9) get
+  the official count; a 720x1280 image (1,948 packed positions) keeps 220 where the reference keeps 324, and
+  under ``"patches"`` ``N`` counts patch tokens only. A ratio, like every other method's, is what makes the
+  method's columns comparable across a benchmark's image sizes; ``round`` (half to even), not ``floor``,
+  because R = 1/9 must reproduce 320 on 2,880 patches;
 * a budget that covers every candidate (``round(R * N) >= N - pivot_image``, e.g. R = 1) keeps the image
   whole, so that R = 1 is the unmodified model (the official count can leave up to 7 tokens out);
 * the key L1 norms and the similarities are computed in float32, the similarities as ``x . p / max(|x| |p|,

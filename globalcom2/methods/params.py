@@ -143,6 +143,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):  # lmms-eval's model_args parser reads "1" as int 1
+            return bool(value)
         raise ValueError(f"{name} must be true or false, got {value!r}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):

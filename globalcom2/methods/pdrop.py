@@ -6,7 +6,9 @@ Redundancy Reduction", CVPR 2025, arXiv 2410.17247), following its code: Cooperx
 1291-1468; ``llava/model/llava_arch.py`` ``prepare_inputs_labels_for_multimodal_pdrop`` lines 326-527, which
 also builds LLaVA-NeXT's AnyRes sequence). What the reference does, and this implementation with it:
 
-1. **Stages.** ``layer_list`` (official ``[8, 16, 24]``, every script, ``scripts/v1_6/pdrop_eval/*.sh``) names
+1. **Stages.** ``layer_list`` (official ``[8, 16, 24]``, every script, ``scripts/v1_6/pdrop_eval/*.sh``, which
+   pass ``--model-path liuhaotian/llava-v1.5-13b`` at that commit: the settings are the README's "Options to
+   note", taken here for LLaVA-NeXT unchanged, not a LLaVA-NeXT run of the authors') names
    the first layer of each reduced stage: layers 0-7 see every image token, 8-15 ``int(N * r_1)``, 16-23
    ``int(N * r_2)``, 24-31 ``int(N * r_3)``, with the official ratios ``[0.5, 0.25, 0.125]`` (``lambda =
    0.5``, README "Options to note"). Counts are floors of ``N * r_s`` with the **original** count ``N``
@@ -45,7 +47,8 @@ Deviations from the reference code:
 * ties go to the earlier position (``torch.topk`` leaves them unspecified);
 * with ``budget_basis="patches"`` (``protocol=llava``) ``N`` counts the patch tokens and every row separator
   stays, the GlobalCom² paper's count; the official path counts the separators as candidates;
-* default layers on a shallower model than the 32/40-layer LLaVA-NeXT decoders: the official layers scaled by
+* default layers on a model too shallow for the official ``[8, 16, 24]`` (24 layers or fewer; the 32/40-layer
+  LLaVA-NeXT decoders and any model deeper than 24 layers keep them): the official layers scaled by
   ``num_layers / 32`` (rounded half up, deduplicated, within ``[1, num_layers)``).
 """
 

@@ -23,6 +23,8 @@ from globalcom2.methods.params import (
         ("-2", int, -2),
         ("true", bool, True),
         (False, bool, False),
+        (1, bool, True),  # lmms-eval's model_args parser turns "1" into the int 1
+        (0, bool, False),
         (2.5, str, "2.5"),
         ("none", int | None, None),
         (4, int | None, 4),
@@ -43,6 +45,7 @@ def test_coerce(value, annotation, expected):
         (1.5, int, "p must be an integer"),
         (True, int, "p must be an integer"),
         ("yes please", bool, "p must be true or false"),
+        (2, bool, "p must be true or false"),
         ("high", float, "p must be a number"),
         ("c", Literal["a", "b"], r"p must be one of \['a', 'b'\]"),
         ("3", list[int], "p must be a list"),

@@ -65,6 +65,21 @@ def test_summary_counts_calls_once_and_reports_empty_answers():
     assert latency["peak_memory_gib"]["max"] == pytest.approx(10 / 2**30)
 
 
+def test_a_data_parallel_cells_throughput_is_the_sum_of_its_processes_rates():
+    """Two ranks, each 10 one-sample calls of 1 s at the same time: the cell does 2 samples/s. Summing the
+    ranks' seconds reported 1 sample/s, one process's rate, as the cell's."""
+    records = [
+        record(doc_id=10 * rank + i, rank=rank, batch_id=i, total_s=1.0, preprocess_s=0.0)
+        for rank in (0, 1)
+        for i in range(10)
+    ]
+    latency = latency_summary(records)
+    assert latency["processes"] == 2 and latency["timed_calls"] == 20
+    assert latency["throughput_samples_per_s"] == pytest.approx(2.0)
+    assert latency["throughput_samples_per_s_end_to_end"] == pytest.approx(2.0)
+    assert latency["total_ms"]["median"] == pytest.approx(1000.0)  # latency stays per call
+
+
 def test_the_first_measured_call_is_reported_apart_and_kept_out_of_the_statistics():
     stages = {"vision": 0.1, "compression": 0.0, "llm_prefill": 0.3, "decode": 0.5, "other": 0.1}
     records = [
