@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,20 +32,59 @@ _PACKAGES = (
 
 
 def git_state(root: str | Path | None = None) -> dict[str, Any]:
-    """``{"sha", "dirty"}`` of the checkout at ``root`` (the project root by default); ``None`` values
-    outside a git checkout."""
+    """``{"sha", "dirty", "untracked"}`` of the checkout at ``root`` (the project root by default); ``None``
+    values outside a git checkout.
+
+    ``dirty`` counts untracked files that are not ignored (a new method module not yet committed changes
+    what runs) as well as changes to tracked ones; ``untracked`` is how many there are. Git is run with
+    ``safe.directory=*`` for this one read: a checkout owned by another user (root in a container over a
+    bind-mounted checkout) is otherwise refused by git >= 2.35.2, and the SHA silently lost; the repository's
+    fsmonitor hook is turned off so that no program of the repository's config runs.
+    """
     root = Path(root) if root is not None else PROJECT_ROOT
 
     def git(*args: str) -> str | None:
+        command = ["git", "-c", "safe.directory=*", "-c", "core.fsmonitor=false", "-C", str(root), *args]
         try:
-            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+            out = subprocess.run(command, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
     sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"sha": sha, "dirty": None if status is None else bool(status)}
+    status = git("status", "--porcelain", "--untracked-files=normal")
+    if sha is None and (root / ".git").exists():
+        warnings.warn(
+            f"{root} is a git checkout, but its commit could not be read: provenance records no SHA",
+            stacklevel=2,
+        )
+    lines = status.splitlines() if status is not None else []
+    return {
+        "sha": sha,
+        "dirty": None if status is None else bool(lines),
+        "untracked": None if status is None else sum(line.startswith("??") for line in lines),
+    }
+
+
+_STATE_AT_START: dict[str, Any] | None = None
+
+
+def note_code_state_at_start() -> None:
+    """Read the checkout's state now, when the code of this process is loaded: :func:`provenance`, called
+    when a cell ends (possibly hours later, after a ``git pull`` or checkout), then records this state and
+    flags a change."""
+    global _STATE_AT_START
+    if _STATE_AT_START is None:
+        _STATE_AT_START = git_state()
+
+
+def code_state() -> dict[str, Any]:
+    """The checkout's state for a record: as at :func:`note_code_state_at_start` when it was called, with
+    ``changed_during_run`` and the state now (``now``) when they differ; else as now."""
+    now = git_state()
+    if _STATE_AT_START is None or now == _STATE_AT_START:
+        return now
+    return {**_STATE_AT_START, "changed_during_run": True, "now": now}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -119,7 +159,7 @@ def provenance(device: str | torch.device | None = None) -> dict[str, Any]:
     """The full provenance block: git, versions, hardware (the GPU of ``device``, see :func:`hardware`),
     python."""
     return {
-        "git": git_state(),
+        "git": code_state(),
         "versions": package_versions(),
         "python": platform.python_version(),
         "hardware": hardware(device),

@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from globalcom2.cells import CellSpec
 from globalcom2.methods import swept_methods
 from globalcom2.paths import DATA_DIR_ENV, PROJECT_ROOT, TASKS_DIR_ENV
-from globalcom2.provenance import provenance
+from globalcom2.provenance import note_code_state_at_start, provenance
 from globalcom2.records import CellOutcome, CellRecord, CellRef, read_outcome
 from globalcom2.store import Cell, CellBusy, identity_diff, writable_problem
 from globalcom2.tracking import check_logger
@@ -452,6 +452,7 @@ def _exit_if_unwritable(config: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     from globalcom2.redaction import redacted_console
 
+    note_code_state_at_start()  # the code this process imported, whatever the checkout holds when a cell ends
     with redacted_console():
         check_launch_mode(cfg)
         run(cfg)

@@ -60,6 +60,25 @@ def check_logger(logger: Any) -> None:
                 "logger=wandb, but the wandb package is not installed in this environment; install it "
                 "(pip install wandb) or choose logger=none"
             )
+        if wandb_mode(logger) == "online" and not _has_api_key():
+            raise ValueError(
+                "logger.mode=online, but no wandb API key is set (WANDB_API_KEY or `wandb login`): the first "
+                "finished cell would stop at wandb's login prompt; log in, or use logger.mode=offline and "
+                "`make wandb-sync` later"
+            )
+
+
+def wandb_mode(logger: Any) -> str:
+    """The mode a cell logs in: ``logger.mode`` as configured (its default, in ``configs/logger/wandb.yaml``,
+    is ``WANDB_MODE``, else offline), so an explicit ``logger.mode=online`` wins over the ``WANDB_MODE=offline``
+    that ``make`` exports."""
+    return str(logger.get("mode") or os.environ.get("WANDB_MODE") or "offline")
+
+
+def _has_api_key() -> bool:
+    import wandb
+
+    return bool(os.environ.get("WANDB_API_KEY") or wandb.api.api_key)
 
 
 def log_cell(record: CellRecord, logger: dict[str, Any]) -> str:
@@ -78,6 +97,7 @@ def log_cell(record: CellRecord, logger: dict[str, Any]) -> str:
         "seed": spec["seed"],
         "batch_size": spec["benchmark"]["batch_size"],
         "git_sha": record.provenance["git"]["sha"],
+        "git_dirty": record.provenance["git"].get("dirty"),
         "cell_id": cell.id,
         "identity": cell.identity,
         "cell_path": cell.path,
@@ -87,7 +107,7 @@ def log_cell(record: CellRecord, logger: dict[str, Any]) -> str:
     run = wandb.init(
         project=logger.get("project", "globalcom2"),
         entity=logger.get("entity"),
-        mode=os.environ.get("WANDB_MODE", logger.get("mode", "offline")),
+        mode=wandb_mode(logger),
         group=logger.get("group") or cell.experiment,
         job_type="cell",
         name=f"{cell.model}|{cell.method}|r{cell.retention_ratio}|{cell.benchmark}",

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -138,6 +139,39 @@ def test_a_wandb_mode_is_checked_wherever_it_is_set(
     monkeypatch.setenv("WANDB_MODE", environment)
     with pytest.raises(run_module.CellError, match=message):
         run_module.run(compose_cell(tmp_path, "logger=wandb", *overrides))
+
+
+@pytest.mark.parametrize(
+    ("environment", "overrides", "mode"),
+    [
+        ("offline", ["logger.mode=online"], "online"),  # `make ... ARGS="logger.mode=online"` logged offline
+        ("offline", [], "offline"),  # make's default
+        ("disabled", [], "disabled"),
+        (None, [], "offline"),
+    ],
+)
+def test_an_explicit_wandb_mode_wins_over_the_environment(
+    environment, overrides, mode, tmp_path, monkeypatch
+):
+    from globalcom2.tracking import wandb_mode
+
+    if environment is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", environment)
+    assert wandb_mode(compose_cell(tmp_path, "logger=wandb", *overrides).logger) == mode
+
+
+def test_online_wandb_without_an_api_key_is_refused_before_the_cell_runs(
+    tmp_path, nothing_loads, monkeypatch
+):
+    """Otherwise the first finished cell of an interactive sweep waits at wandb's login prompt."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(wandb, "api", SimpleNamespace(api_key=None))
+    with pytest.raises(run_module.CellError, match=r"logger\.mode=online, but no wandb API key is set"):
+        run_module.run(compose_cell(tmp_path, "logger=wandb", "logger.mode=online"))
 
 
 def test_wandb_logging_without_the_package_is_refused_before_the_cell_runs(
