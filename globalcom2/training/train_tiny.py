@@ -385,6 +385,7 @@ def train_vision(model, image_processor, items, cfg: DictConfig, rng: np.random.
         }
         # Kind is the slow one: alone, it sits at chance for ~200 steps before it drops (measured); the
         # other heads are learnt within 50 steps. Its weight keeps it from being drowned out meanwhile.
+        assert tuple(losses) == VISION_LOSSES  # the names load_config accepts in vision.loss_weights
         loss = sum(cfg.loss_weights.get(name, 1.0) * value for name, value in losses.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -537,12 +538,34 @@ def recipe_hash(cfg: DictConfig) -> str:
 
 
 def load_config(path: str | Path, overrides: list[str]) -> DictConfig:
-    valid = set(OmegaConf.load(DEFAULT_CONFIG))
+    """The config at ``path`` with ``overrides``; every key, nested ones included, must be one the default
+    config has (a typo such as ``vision.items=100`` would otherwise do nothing but change stage 1's reuse
+    key, and so retrain it whole).
+
+    Raises:
+        ValueError: an unknown key, named with the valid keys at its level.
+    """
     cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
-    unknown = set(cfg) - valid
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(valid)}")
+    _refuse_unknown_keys(cfg, OmegaConf.load(DEFAULT_CONFIG), "")
     return cfg
+
+
+#: Stage 1's losses, the keys ``vision.loss_weights`` may weight (the default config names only ``kind``).
+VISION_LOSSES = ("object", "color", "kind", "centre", "where", "cls")
+
+
+def _refuse_unknown_keys(cfg: DictConfig, valid: DictConfig, prefix: str) -> None:
+    if prefix == "vision.loss_weights.":
+        valid = OmegaConf.create(dict.fromkeys(VISION_LOSSES, 1.0))
+    unknown = sorted(set(cfg) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown config keys {[prefix + str(k) for k in unknown]}; valid"
+            f"{' under ' + prefix.rstrip('.') if prefix else ''}: {sorted(valid)}"
+        )
+    for key in cfg:
+        if isinstance(cfg[key], DictConfig) and isinstance(valid[key], DictConfig) and len(valid[key]):
+            _refuse_unknown_keys(cfg[key], valid[key], f"{prefix}{key}.")
 
 
 def train(cfg: DictConfig) -> Path:
@@ -707,7 +730,7 @@ def save_checkpoint(model, processor, out: Path, record: dict[str, Any]) -> None
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. vision.items=100 out=/tmp/ckpt")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. vision.images=100 out=/tmp/ckpt")
     args = parser.parse_args(argv)
     out = train(load_config(args.config, args.overrides))
     print(out)

@@ -245,3 +245,17 @@ def test_a_few_steps_lower_the_loss_and_write_a_checkpoint_that_loads(tmp_path, 
 def test_unknown_config_keys_are_refused():
     with pytest.raises(ValueError, match=r"unknown config keys.*'vison'"):
         train_tiny.load_config(train_tiny.DEFAULT_CONFIG, ["vison.images=3"])
+
+
+@pytest.mark.parametrize("override", ["vision.items=100", "tune.stepz=10", "vision.loss_weights.colour=2"])
+def test_unknown_nested_config_keys_are_refused(override):
+    """Only top-level keys were checked: ``vision.items=100`` (the CLI's own example) was accepted, did
+    nothing, and changed stage 1's reuse key, so the 35-minute stage trained again in full."""
+    with pytest.raises(ValueError, match=rf"unknown config keys \['{override.split('=')[0]}'\]; valid under"):
+        train_tiny.load_config(train_tiny.DEFAULT_CONFIG, [override])
+    assert (
+        train_tiny.load_config(
+            train_tiny.DEFAULT_CONFIG, ["vision.loss_weights.color=2"]
+        ).vision.loss_weights.color
+        == 2
+    )
