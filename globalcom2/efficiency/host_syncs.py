@@ -37,6 +37,8 @@ ALWAYS_SYNC: dict[Callable[..., Any], str] = {
     torch.Tensor.__int__: "int",
     torch.Tensor.__float__: "float",
     torch.Tensor.__index__: "index",
+    torch.Tensor.__contains__: "contains",  # ``x in t``: an any() read back on the host
+    torch.Tensor.__format__: "format",  # an f-string of a tensor reads its values
     torch.Tensor.cpu: "cpu",
     torch.nonzero: "nonzero",
     torch.Tensor.nonzero: "nonzero",
@@ -134,7 +136,8 @@ def sync_kind(func: Callable[..., Any], args: tuple, kwargs: dict) -> str | None
         return indexing_sync(args[0], args[1], args[2])
     if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
-        if isinstance(repeats, torch.Tensor) and repeats.numel() > 1 and kwargs.get("output_size") is None:
+        # a tensor of repeats, even of one element (broadcast), sizes the output from its values
+        if isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None:
             return "repeat_interleave"
         return None
     if func in (torch.bincount, torch.Tensor.bincount):

@@ -16,7 +16,8 @@ def time_interleaved(
     device: torch.device | str = "cpu",
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, calling them round-robin so that drift (thermal, other load)
-    affects every variant alike. The first ``warmup`` rounds are discarded.
+    affects every variant alike, the order rotated by one each round so that no variant always follows the
+    same one (and inherits its cache and allocator state). The first ``warmup`` rounds are discarded.
 
     On a CUDA ``device`` each call starts on an idle device (that device's synchronisation, outside the timed
     region) and is timed by CUDA events recorded on that device's stream around it: from the moment the
@@ -28,7 +29,8 @@ def time_interleaved(
         return _time_cuda(fns, repeats, warmup, device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for round_index in range(warmup + repeats):
-        for name, fn in fns.items():
+        for name in rotated(list(fns), round_index):
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             if round_index >= warmup:
@@ -43,7 +45,8 @@ def _time_cuda(
     with torch.cuda.device(device):  # events record on the current device's stream: make it this one
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for round_index in range(warmup + repeats):
-            for name, fn in fns.items():
+            for name in rotated(list(fns), round_index):
+                fn = fns[name]
                 torch.cuda.synchronize(device)
                 start.record()
                 fn()
@@ -52,6 +55,12 @@ def _time_cuda(
                 if round_index >= warmup:
                     samples[name].append(start.elapsed_time(end) / 1e3)  # elapsed_time is in ms
     return samples
+
+
+def rotated(names: list[str], shift: int) -> list[str]:
+    """``names`` started at position ``shift`` (modulo their number), the others in order after it."""
+    shift %= len(names)
+    return names[shift:] + names[:shift]
 
 
 def median_ms(values: list[float]) -> float:

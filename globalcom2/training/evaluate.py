@@ -7,7 +7,9 @@ checkpoint whose record has no ``freeze`` entry, and refuses to overwrite a ``te
 
 The model is loaded and run as the harness runs it: :func:`globalcom2.models.loader.load_llava_next`, the
 processor, greedy ``generate`` on the demo task's Vicuna-v1 prompt and answer instruction, the first line of
-the answer, the demo's normalised exact match.
+the answer, the demo's normalised exact match. It runs in batches of 4 with left padding, where ``make demo``
+runs batch 1; in float32 a batch gives the answers of its samples one by one (the harness's batch exactness,
+``tests/harness``), up to float rounding at an exact tie between two next tokens.
 """
 
 from __future__ import annotations

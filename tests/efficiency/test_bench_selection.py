@@ -46,10 +46,13 @@ def test_rows_report_the_quartiles_of_the_timings_in_milliseconds():
 def test_variants_are_timed_round_robin_after_the_warmup():
     calls = []
     samples = time_interleaved(
-        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=2
+        {name: (lambda name=name: calls.append(name)) for name in "abc"}, repeats=2, warmup=2
     )
-    assert calls == ["a", "b"] * 5, "every round calls every variant once, in turn"
-    assert [len(v) for v in samples.values()] == [3, 3], "warm-up rounds are not recorded"
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")], (
+        "every round calls every variant once, the order rotated so none always follows the same one"
+    )
+    assert [len(v) for v in samples.values()] == [2, 2, 2], "warm-up rounds are not recorded"
 
 
 def test_too_few_repeats_fail_loudly(tmp_path):

@@ -117,13 +117,18 @@ def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
         x[[0, 2]]  # a list index is host data copied to the device
         x[x[3]]  # a 0-dim integer tensor index is read on the host
         grid[x[:3] > 0] = torch.ones(4)  # a mask put with a tensor: index_put_ expands the mask (nonzero)
+        torch.repeat_interleave(x[:3], torch.tensor(2))  # one repeat count, broadcast: still read on the host
+        _ = 3 in x  # ``in`` reads an any() back
+        _ = f"{x.sum():.2f}"  # formatting reads the value
     assert syncs.by_kind == {
+        "contains": 1,
+        "format": 1,
         "item": 1,
         "tolist": 1,
         "bool": 1,
         "bool_mask_index": 2,
         "nonzero": 1,
-        "repeat_interleave": 1,
+        "repeat_interleave": 2,
         "bincount": 1,
         "host_to_device": 4,
         "index": 1,

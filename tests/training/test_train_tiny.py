@@ -4,6 +4,7 @@ says, and a few steps on a handful of items lower the loss and write a checkpoin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -259,3 +260,39 @@ def test_unknown_nested_config_keys_are_refused(override):
         ).vision.loss_weights.color
         == 2
     )
+
+
+def test_the_cached_visual_sequence_is_what_the_model_feeds_its_llm(recipe, cached):
+    """The training stages build the LLM's visual input from cached CLIP features instead of running the
+    tower: it must be the packed sequence the model itself builds (projector, unpadding, ``image_newline``
+    separators, in packed order), up to the fp16 the features are cached in."""
+    model, processor = recipe
+    items, images = cached
+    item, image = items[0], images[0]
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"][0]  # [S, D_text]
+
+    handle = model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        inputs = processor(
+            images=demo.render(item), text=vicuna_v1_prompt(item.question), return_tensors="pt"
+        )
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    is_image = inputs["input_ids"][0] == model.config.image_token_id  # [S]
+    expected = captured["embeds"][is_image]  # [N, D_text]
+    with torch.no_grad():
+        built = train_tiny.visual_sequence(model, image, torch.arange(image.view.numel()))  # [N, D_text]
+    assert built.shape == expected.shape
+    torch.testing.assert_close(built, expected, atol=2e-2, rtol=2e-2)  # the fp16 cache's rounding
+    with torch.no_grad():  # the same features kept in fp32: the layout and the projection, exactly
+        hidden = model.model.vision_tower(
+            train_tiny.pixel_values_of(processor.image_processor, item), output_hidden_states=True
+        ).hidden_states[model.config.vision_feature_layer]
+        exact = dataclasses.replace(image, features=hidden[:, 1:])  # [V, 576, D_vision] without [CLS]
+        rebuilt = train_tiny.visual_sequence(model, exact, torch.arange(image.view.numel()))
+    torch.testing.assert_close(rebuilt, expected, atol=1e-5, rtol=1e-5)
