@@ -117,6 +117,7 @@ class PreLLMAdapter:
         project = self.model.model.multi_modal_projector
         compile_mode = compile_mode_of(self.model)
         plans: dict[int, ImagePlan] = {}
+        selected: list[tuple[PackedLayout, torch.Tensor | Replacement | None]] = []
         for feats, layout, pixels, image_scores, image_views in zip(
             features, layouts, views, scores, captured, strict=True
         ):
@@ -137,7 +138,8 @@ class PreLLMAdapter:
             if isinstance(source, Replacement):
                 _check_replacement(self.method.name, feats, source)
             plans[id(feats)] = ImagePlan(features=feats, source=source)
-            self.stats.append(self._image_stats(layout, source))
+            selected.append((layout, source))
+        self.stats.extend(self._images_stats(selected))
         kept = {f.name: getattr(output, f.name) for f in fields(BaseModelOutputWithPooling)}
         return PlannedImageFeatures(**kept, plans=plans)
 
@@ -165,13 +167,34 @@ class PreLLMAdapter:
             )
         return views.split(num_views)
 
-    def _image_stats(self, layout: PackedLayout, source: torch.Tensor | Replacement | None) -> ImageStats:
+    def _images_stats(
+        self, selected: list[tuple[PackedLayout, torch.Tensor | Replacement | None]]
+    ) -> list[ImageStats]:
+        """The stats of every image of a call; separator counts the method keeps on the device (a method
+        whose selection decides them) are read back together, one wait for the call."""
+        counts: list[int | torch.Tensor | None] = [
+            self.method.separators_kept(layout, source) if isinstance(source, torch.Tensor) else None
+            for layout, source in selected
+        ]
+        on_device = [i for i, count in enumerate(counts) if isinstance(count, torch.Tensor)]
+        if on_device:
+            read = torch.stack([counts[i] for i in on_device]).tolist()  # the one device read of the call
+            for i, value in zip(on_device, read, strict=True):
+                counts[i] = int(value)
+        return [
+            self._image_stats(layout, source, count)
+            for (layout, source), count in zip(selected, counts, strict=True)
+        ]
+
+    def _image_stats(
+        self, layout: PackedLayout, source: torch.Tensor | Replacement | None, separators_kept: int | None
+    ) -> ImageStats:
         if source is None:
             patches, separators = layout.num_patches, layout.num_separators
         elif isinstance(source, Replacement):
             patches, separators = source.patch_tokens, source.separators
         else:
-            separators = self.method.separators_kept(layout, source)
+            separators = int(separators_kept)
             patches = source.numel() - separators
         return ImageStats(
             method=self.method.name,

@@ -38,6 +38,7 @@ import torch
 from globalcom2.anyres import PackedLayout
 from globalcom2.budget import MAX_PATCH_TOKENS, validate_retention_ratio, warn_if_no_patch_token_kept
 from globalcom2.registry import Registry
+from globalcom2.scoring.ranking import host_to_device
 from globalcom2.scoring.vision_attention import check_vision_layer
 from globalcom2.scoring.vision_capture import CapturedViews
 
@@ -210,14 +211,16 @@ class PreLLMMethod(CompressionMethod):
         """
         raise NotImplementedError
 
-    def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int:
+    def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int | torch.Tensor:
         """How many of the positions :meth:`select` returned are row separators (for the record).
 
-        This default counts them, which reads ``source`` back to the host and so waits for the device; a
-        method whose layout fixes the count (every built-in one keeps every separator) returns it instead,
-        so that attaching it adds no wait to a prefill.
+        This default counts them on ``source``'s device and returns the count as a 0-dim tensor there; the
+        hook reads the counts of every image of a call back together, one wait for the device per call. A
+        method whose layout fixes the count (most built-in ones keep every separator) returns it as an int
+        instead, so that attaching it adds no wait to a prefill.
         """
-        return int(layout.is_separator[source.cpu()].sum())
+        is_separator = host_to_device(layout.is_separator, source.device)  # [N] bool, queued without a wait
+        return is_separator.index_select(0, source).sum()  # [] int64 on the device
 
 
 @dataclass(frozen=True)

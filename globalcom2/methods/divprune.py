@@ -52,7 +52,8 @@ Deliberate deviations from the official code:
 
 Work per image: one ``[C, C]`` float32 distance matrix (``C`` candidates, at most 2,928 on LLaVA-NeXT-7B,
 34 MB) and one device loop of ``k`` steps with a running minimum-distance vector (the greedy is
-sequential), sized from host counts with no device read.
+sequential), sized from host counts with no device read; under ``"positions"`` the kept separators are
+counted on the device and read with the call's other images, one wait per call.
 """
 
 from __future__ import annotations
@@ -147,14 +148,15 @@ class DivPrune(PreLLMMethod):
         kept = patches.index_select(0, max_min_picks(distances, count))  # [k] packed positions
         return torch.cat([separators, kept]).sort().values  # [S + k] ascending
 
-    def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int:
+    def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int | torch.Tensor:
         """Separators among the kept positions.
 
         Under ``"patches"`` every separator is kept, so the layout gives the count without a device read.
-        Under ``"positions"`` separators compete like any token and the count depends on the selection:
-        it is read back once per image (``source.cpu()``, one wait for the device) and counted on the host.
+        Under ``"positions"`` separators compete like any token and the count depends on the selection: it
+        is counted on the device (the base class's count), and the hook reads every image's count of the
+        call in one wait, not one per image (which kept the host from queuing the next image's greedy loop
+        until the previous one had finished).
         """
         if self.budget_basis == "patches":
             return layout.num_separators
-        kept = source.cpu().numpy()  # [M] the one device read
-        return int(layout.is_separator.numpy()[kept].sum())
+        return super().separators_kept(layout, source)
