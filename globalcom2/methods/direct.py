@@ -58,7 +58,17 @@ def pre_llm_sources(model: Any, method: PreLLMMethod, inputs: dict) -> list[torc
 
     Returns:
         one ``[K_i]`` int64 tensor per image; every position (``arange(N_i)``) where the method bypasses.
+
+    Raises:
+        TypeError: a method that builds new tokens (a :class:`~globalcom2.methods.base.Replacement`, as
+            VisionZip's merged ones) or needs the CLIP layer states the hook captures: it keeps no subset
+            of packed positions to return.
     """
+    if method.vision_capture_layer is not None:
+        raise TypeError(
+            f"{method.name!r} builds its tokens from captured CLIP layer states, which this hook-free path "
+            "does not capture; attach it with globalcom2.attach and read the hook's stats instead"
+        )
     features, scores = image_features_and_scores(
         model, inputs, method.vision_score_layer, method.vision_score_kind
     )
@@ -70,5 +80,10 @@ def pre_llm_sources(model: Any, method: PreLLMMethod, inputs: dict) -> list[torc
     ):  # feats: [N_i, D], pixels: [views, 3, H, W]
         ctx = ImageContext(layout=layout, pixel_values=pixels[: layout.num_views], vision_scores=image_scores)
         source = method.select(feats, ctx)
+        if source is not None and not isinstance(source, torch.Tensor):
+            raise TypeError(
+                f"{method.name!r} returned {type(source).__name__}, not kept positions: this path returns "
+                "positions of the packed sequence, which a method that builds new tokens does not keep"
+            )
         sources.append(torch.arange(feats.shape[0], device=feats.device) if source is None else source)
     return sources

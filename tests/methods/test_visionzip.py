@@ -302,3 +302,13 @@ def test_prefill_adds_at_most_three_host_reads(model, processor, images):
     with attach(model, "visionzip", retention_ratio=0.25):
         syncs = count()
     assert syncs.total - baseline <= 3, dict(syncs.by_line)
+
+
+def test_the_hook_free_path_refuses_a_method_that_builds_new_tokens(model, processor, images):
+    """``pre_llm_sources`` returns kept packed positions; VisionZip keeps none (it merges tokens from the
+    CLIP states the hook captures), so it is refused by name instead of failing inside ``select``."""
+    from globalcom2.methods.direct import pre_llm_sources
+
+    inputs = prompt_inputs(processor, images[(672, 672)])
+    with pytest.raises(TypeError, match=r"'visionzip' builds its tokens from captured CLIP layer states"):
+        pre_llm_sources(model, METHODS.create("visionzip", retention_ratio=0.25), inputs)
