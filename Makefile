@@ -13,12 +13,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-# On a machine without an NVIDIA driver we install this torch first and pin it, so that
-# lmms-eval's dependencies cannot swap it for a CUDA build. Override to taste, e.g.
+# Unless the interpreter already has a CUDA torch (kept), we install this torch first and pin it, so that
+# lmms-eval's dependencies cannot swap it for another build or version. Override to taste, e.g.
 #   make install TORCH_SPEC=torch==2.5.1 PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
-HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 # Everything runs offline: no model or dataset is ever fetched from a hub by the tests or the demo.
 export HF_HUB_OFFLINE := 1
@@ -52,12 +51,15 @@ $(STAMP): pyproject.toml
 	else \
 		$(PYTHON) -m venv $(VENV) && rm -f $(VENV)/torch-constraint.txt; \
 	fi
-ifeq ($(HAS_CUDA),1)
-	$(PIP) install $(PIP_SOURCE) $(TORCH_PIN) -e '.[dev]'
-else
-	@echo ">> no NVIDIA driver found: installing CPU $(TORCH_SPEC) and keeping it pinned"
-	$(PIP) install $(PIP_SOURCE) $(PIP_TORCH_ARGS) '$(TORCH_SPEC)'
-	$(PY) -m pip freeze | grep -E '^torch==' > $(VENV)/torch-constraint.txt
+	@# Without a torch to keep, install TORCH_SPEC's first and pin it, on any machine, so that lmms-eval's
+	@# dependencies can neither swap it nor pull the newest torch. Where pip's sources offer no CPU build
+	@# (plain PyPI on Linux), a machine without a GPU gets the CUDA build, which runs on a CPU but weighs
+	@# gigabytes: PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu" selects the CPU one.
+	@if [ ! -s $(VENV)/torch-constraint.txt ]; then \
+		echo ">> installing $(TORCH_SPEC)$(if $(PIP_TORCH_ARGS), ($(PIP_TORCH_ARGS)),) and keeping it pinned"; \
+		$(PIP) install $(PIP_SOURCE) $(PIP_TORCH_ARGS) '$(TORCH_SPEC)' && \
+		$(PY) -m pip freeze | grep -E '^torch==' > $(VENV)/torch-constraint.txt; \
+	fi
 	$(PIP) install $(PIP_SOURCE) -c $(VENV)/torch-constraint.txt -e '.[dev]'
 	@# lmms-eval pulls a CUDA-only torchvision from PyPI; with a CPU torch it breaks every
 	@# LLaVA-NeXT import in transformers ("operator torchvision::nms does not exist"). timm imports it
@@ -66,7 +68,7 @@ else
 		echo ">> removing the torchvision/timm that cannot load on this torch"; \
 		$(PY) -m pip uninstall -y -q torchvision timm; \
 	fi
-endif
+	@echo ">> torch $$($(PY) -c 'import torch; print(torch.__version__, "CUDA " + str(torch.version.cuda) if torch.version.cuda else "CPU build")')"
 	$(PY) -c 'from transformers import LlavaNextForConditionalGeneration; import lmms_eval, globalcom2; print("install ok")'
 	@touch $@
 
@@ -156,6 +158,8 @@ RUN := $(PY) -m globalcom2.run -m
 RUN_ARGS = $(if $(DRY_RUN),dry_run=true,) $(ARGS)
 
 RESULTS ?= $(or $(GLOBALCOM2_RESULTS),results)
+# the runs write where the reports read: `make demo RESULTS=x` both runs into x and tabulates x
+export GLOBALCOM2_RESULTS := $(abspath $(RESULTS))
 
 demo: install  ## every method x 3 ratios on the trained tiny model (tiny-trained) and the synthetic demo benchmark, then tables and plots
 	$(RUN) experiment=demo $(RUN_ARGS)
@@ -218,7 +222,7 @@ visualize: install  ## kept tokens of GlobalCom² vs random vs FastV: make visua
 		$(if $(IMAGE),--image "$(IMAGE)" --out $(RESULTS)/visualize/kept_tokens_r$(R),--demo-index $(DEMO_INDEX) --out $(RESULTS)/visualize/demo_test_$(DEMO_INDEX))
 
 # Trains the demo's tiny LLaVA-NeXT into globalcom2/models/checkpoints/tiny-trained, which is committed:
-# `make demo` does not need this. Stage 1 (the vision tower, ~35 min on 2 CPU cores) is reused from
+# `make demo` does not need this. Stage 1 (the vision tower, 455 s of training on 2 CPU cores) is reused from
 # globalcom2/models/checkpoints/tiny-trained-vision while its config is unchanged; ARGS="vision.checkpoint=none"
 # trains it again. ARGS="out=/tmp/ckpt align.steps=100" to change the config. The recipe is judged on the
 # demo's validation split; `make evaluate-tiny SPLIT=test` scores the test split once, after the freeze.

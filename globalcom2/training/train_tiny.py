@@ -669,8 +669,8 @@ def vision_stage_folder(where: str | None) -> Path | None:
 def vision_stage(model, image_processor, cfg: DictConfig) -> dict[str, Any]:
     """Stage 1, or its saved result when one with the same :func:`vision_stage_config` exists.
 
-    Stage 1 is most of the wall time (35 min on the 2-core CPU) and the language stages never change the
-    tower, so its output is kept, as LLaVA keeps its stage-1 projector for stage 2
+    Stage 1 is the one stage the language stages never change (its training steps took 455 s on the 2-core
+    CPU, ``vision_stage.json``), so its output is kept, as LLaVA keeps its stage-1 projector for stage 2
     (``--pretrain_mm_mlp_adapter``, haotian-liu/LLaVA ``scripts/v1_5/finetune.sh``): the frozen tower's
     weights and the stage's record, in ``vision.checkpoint`` (default
     ``globalcom2/models/checkpoints/tiny-trained-vision``, committed). ``vision.checkpoint=none`` trains

@@ -65,4 +65,5 @@ def test_a_wheelhouse_installs_the_project_offline(tmp_path):
         check=True,
         env=own_environment(),
     ).stdout
-    assert versions.startswith("2.13.0"), versions  # TORCH_SPEC's CPU torch, from the wheelhouse
+    # TORCH_SPEC's torch (the build pip's sources gave), from the wheelhouse
+    assert versions.startswith("2.13.0"), versions
