@@ -282,9 +282,20 @@ def test_every_entry_point_says_the_same_line_for_the_same_bad_value(case, tmp_p
     assert said_by_hydra == said_by_lmms
 
 
-def test_a_sweep_is_checked_cell_by_cell_before_its_first_cell_runs(tmp_path):
+@pytest.mark.parametrize(
+    "launch",
+    [
+        (),
+        # The jobs run on the cluster's nodes: a login node without a GPU used to refuse every
+        # ``device=cuda`` sweep before submitting it; its other problems are still found before submission.
+        ("launcher=slurm", "model.device=cuda"),
+    ],
+    ids=["local", "slurm-from-a-gpu-less-node"],
+)
+def test_a_sweep_is_checked_cell_by_cell_before_its_first_cell_runs(tmp_path, launch):
     done = hydra_run(
         tmp_path,
+        *launch,
         "method=random",
         "method.retention_ratio=0.5,2",
         "benchmark.limit=2",
@@ -294,34 +305,15 @@ def test_a_sweep_is_checked_cell_by_cell_before_its_first_cell_runs(tmp_path):
     assert done.returncode != 0
     assert "the sweep was not started: some of its cells would be refused" in done.stderr, done.stderr[-3000:]
     assert "method.retention_ratio=2" in done.stderr and "must be in (0, 1]" in done.stderr
+    assert "CUDA device" not in done.stderr, done.stderr[-3000:]
     assert not list((tmp_path / "results").rglob("record.json")), "no cell ran"
+    assert not list((tmp_path / "results").rglob(".submitit")), "nothing was submitted"
 
 
 def test_slurm_without_multirun_is_refused_instead_of_running_here(tmp_path):
     done = hydra_run(tmp_path, "launcher=slurm", "benchmark.limit=2", full_error=False)
     assert done.returncode != 0 and "add -m" in done.stderr, done.stderr[-2000:]
     assert not list((tmp_path / "results").rglob("record.json"))
-
-
-def test_a_slurm_sweep_is_checked_without_this_machines_devices(tmp_path):
-    """The jobs run on the cluster's nodes: a login node without a GPU used to refuse every ``device=cuda``
-    sweep before submitting it. Its other problems are still found before anything is submitted."""
-    done = hydra_run(
-        tmp_path,
-        "launcher=slurm",
-        "model.device=cuda",
-        "method=random",
-        "method.retention_ratio=0.5,2",
-        "benchmark.limit=2",
-        full_error=False,
-        multirun=True,
-    )
-    assert done.returncode != 0
-    assert "method.retention_ratio=2" in done.stderr and "must be in (0, 1]" in done.stderr, done.stderr[
-        -3000:
-    ]
-    assert "CUDA device" not in done.stderr, done.stderr[-3000:]
-    assert not list((tmp_path / "results").rglob(".submitit")), "nothing was submitted"
 
 
 def test_a_cell_checked_for_another_machine_skips_only_this_machines_devices(
