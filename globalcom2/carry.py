@@ -37,8 +37,8 @@ metadata beside the new, and ``--verify`` would read the wrong one), check, and 
 imports, with the requirements declared on it, and checks the versions Python sees there. It is run by path
 and imports nothing of the package, so it needs neither the package nor an importable transformers (which
 refuses to import with some of the very mismatches it should list). It checks what the harness imports, not
-the machine's other packages: those the traced paths never import are not run with the carried wheels. A bare name in ``HAVE`` whose version fails there is brought
-along by deleting it from ``HAVE``.
+the machine's other packages: those the traced paths never import are not run with the carried wheels. A
+bare name in ``HAVE`` whose version fails there is brought along by deleting it from ``HAVE``.
 """
 
 from __future__ import annotations

@@ -156,11 +156,9 @@ def held_problem(benchmark: Benchmark, target: Path) -> str | None:
     for part in benchmark.parts:
         recorded = held.get(part.subdir or ".") or {}
         wanted = {"repo": part.repo, "config": part.config, "split": part.split}
-        if {k: recorded.get(k) for k in wanted} != wanted:
-            return (
-                f"part {part.subdir or '.'!r} was downloaded from { ({k: recorded.get(k) for k in wanted}) }, "
-                f"not {wanted}"
-            )
+        have = {key: recorded.get(key) for key in wanted}
+        if have != wanted:
+            return f"part {part.subdir or '.'!r} was downloaded from {have}, not {wanted}"
         folder = target / part.subdir if part.subdir else target
         if not (folder / part.split / "state.json").is_file():
             return f"part {part.subdir or '.'!r} has no saved {part.split!r} split"

@@ -40,10 +40,10 @@ a second call (``--only gpu_tests …``), as do the rest, or to a longer lease:
 A step starts only with at least its ``min_s`` of the budget left (a step cut short by the budget keeps
 only the phases it finished; one that cannot reach its first useful output is better left to a later call).
 
-Steps 2, 6, 8 and 9 (the steps marked ``main_path``) run ``globalcom2.run`` and so need lmms-eval and Hydra: ``make carry-wheels HAVE=<the machine's pip
-list>`` makes the wheels it lacks (``globalcom2/carry.py``); with ``--carried <their folder>`` a first step
-checks that the environment holds them at the versions required. Without them those steps are skipped and
-the others still run.
+Steps 2, 6, 8 and 9 (the steps marked ``main_path``) run ``globalcom2.run`` and so need lmms-eval and Hydra:
+``make carry-wheels HAVE=<the machine's pip list>`` makes the wheels it lacks (``globalcom2/carry.py``); with
+``--carried <their folder>`` a first step checks that the environment holds them at the versions required.
+Without them those steps are skipped and the others still run.
 
 What comes back: the device tool returns at most 8 files from ``--out``, so there are three, rewritten after
 every step: ``checklist.log`` (every step's output), ``checklist.json`` (each step's status and seconds) and
