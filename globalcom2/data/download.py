@@ -165,6 +165,21 @@ def held_problem(benchmark: Benchmark, target: Path) -> str | None:
     return None
 
 
+def report_leftovers(key: str, root: Path) -> list[Path]:
+    """The hidden folders a killed download of ``key`` left in ``root`` (its staging and arrow-cache
+    folders, ``.<key>.*``; a SIGKILL or power loss gives no chance to remove them, and they can hold tens of
+    GB), printed with their sizes. They are not deleted: another ``make data`` may be writing them now."""
+    leftovers = sorted(p for p in root.glob(f".{key}.*") if p.is_dir())
+    if leftovers:
+        size = sum(f.stat().st_size for folder in leftovers for f in folder.rglob("*") if f.is_file())
+        print(
+            f"{key}: {len(leftovers)} folder(s) left by an interrupted download, {size / 2**30:.2f} GiB: "
+            f"{', '.join(str(p) for p in leftovers)}; delete them when no other `make data` is running",
+            file=sys.stderr,
+        )
+    return leftovers
+
+
 def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) -> Path:
     """Download the evaluated split of every part of ``benchmark`` into ``root / key`` (atomically)."""
     import datasets
@@ -181,6 +196,7 @@ def download_benchmark(benchmark: Benchmark, root: Path, force: bool = False) ->
             4,
         )
     root.mkdir(parents=True, exist_ok=True)
+    report_leftovers(benchmark.key, root)
     arrow_cache = Path(tempfile.mkdtemp(prefix=f".{benchmark.key}.cache.", dir=root))  # gone afterwards
     try:
         with staged_folder(target) as staging:

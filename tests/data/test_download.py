@@ -160,3 +160,17 @@ def test_a_benchmark_list_that_names_nothing_is_refused_not_read_as_all(capsys):
     """``--benchmarks ,`` used to start downloading all ten benchmarks (hundreds of GB)."""
     assert download.main(["--benchmarks", ","]) == 2
     assert "names no benchmark" in capsys.readouterr().err
+
+
+def test_folders_a_killed_download_left_are_named_with_their_size(tmp_path, monkeypatch, capsys):
+    """A SIGKILL leaves ``.<key>.*`` staging and cache folders (tens of GB for VQAv2) that nothing names;
+    the next download lists them (and deletes nothing another download may be writing)."""
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    left = tmp_path / "data" / ".fakevqa.cache.abc123"
+    left.mkdir(parents=True)
+    (left / "part.arrow").write_bytes(b"x" * 2048)
+    download.download_benchmark(BENCH, tmp_path / "data")
+    err = capsys.readouterr().err
+    assert f"1 folder(s) left by an interrupted download, 0.00 GiB: {left}" in err
+    assert left.is_dir()
