@@ -30,6 +30,11 @@ def compose_eval(tmp_path: Path, *overrides: str):
         )
 
 
+def compose_cell(tmp_path: Path, *overrides: str):
+    """:func:`compose_eval` for one cell of the tiny model, ``random``, on the demo benchmark, plus ``overrides``."""
+    return compose_eval(tmp_path, "model=tiny", "benchmark=demo", "method=random", *overrides)
+
+
 def run_globalcom2(
     results: Path, *arguments: str, timeout: int = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

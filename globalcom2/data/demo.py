@@ -311,10 +311,16 @@ def generator_digest() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
-def ensure_demo_dataset(split: str = "test", seed: int | None = None, size: int | None = None) -> Path:
-    """The cached ``save_to_disk`` folder of the split, generated on first use (atomically)."""
+def split_settings(split: str, seed: int | None = None, size: int | None = None) -> tuple[int, int]:
+    """``(seed, size)`` of ``split`` with the defaults filled in, as :func:`ensure_demo_dataset` builds it."""
     seed = DEFAULT_SEED.get(split, 0) if seed is None else int(seed)
     size = DEFAULT_SIZE.get(split, 1) if size is None else int(size)
+    return seed, size
+
+
+def ensure_demo_dataset(split: str = "test", seed: int | None = None, size: int | None = None) -> Path:
+    """The cached ``save_to_disk`` folder of the split, generated on first use (atomically)."""
+    seed, size = split_settings(split, seed, size)
     target = demo_cache_dir() / f"v{DEMO_VERSION}-{generator_digest()}-{split}-seed{seed}-n{size}"
     if (target / "dataset_dict.json").is_file():
         return target

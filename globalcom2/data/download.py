@@ -35,7 +35,7 @@ from typing import Any
 
 from globalcom2.atomic import staged_folder
 from globalcom2.data.benchmarks import BENCHMARKS, LOCALLY_SCORED, Benchmark
-from globalcom2.data.local import SOURCE_FILE, MissingDataError, read_source_file
+from globalcom2.data.local import SOURCE_FILE, MissingDataError, check_saved_split, read_source_file
 from globalcom2.hub import offline_reasons
 from globalcom2.paths import DATA_DIR_ENV, data_dir
 
@@ -160,8 +160,12 @@ def held_problem(benchmark: Benchmark, target: Path) -> str | None:
         if have != wanted:
             return f"part {part.subdir or '.'!r} was downloaded from {have}, not {wanted}"
         folder = target / part.subdir if part.subdir else target
-        if not (folder / part.split / "state.json").is_file():
-            return f"part {part.subdir or '.'!r} has no saved {part.split!r} split"
+        try:
+            check_saved_split(
+                folder, part.split, "the download", f"{benchmark.key}/{part.subdir}".rstrip("/")
+            )
+        except MissingDataError as err:
+            return f"part {part.subdir or '.'!r} is not a whole saved {part.split!r} split ({err})"
     return None
 
 

@@ -373,8 +373,7 @@ def write_fixtures(out: str | Path, benchmarks: list[str] | None = None, *, forc
     if unknown:
         raise ValueError(f"unknown fixture benchmarks {unknown}; choose from {sorted(FIXTURES)}")
     for key in keys:
-        kind = read_source_file(out / key).get("kind") if (out / key).exists() else None
-        if kind == "hub" and not force:
+        if read_source_file(out / key).get("kind") == "hub" and not force:
             raise FileExistsError(
                 f"{out / key} holds data downloaded from the hub; writing synthetic fixture rows would "
                 "replace it. Write the fixtures elsewhere, or pass force=True (--force) to replace it."

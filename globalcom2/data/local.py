@@ -53,7 +53,17 @@ def require_local_dataset(local_data: str, split: str, task: str = "") -> Path:
             or unreadable.
     """
     path = data_dir() / local_data
-    who = f"task {task!r}" if task else "this task"
+    check_saved_split(path, split, f"task {task!r}" if task else "this task", local_data)
+    return path
+
+
+def check_saved_split(path: Path, split: str, who: str, local_data: str) -> None:
+    """That the ``save_to_disk`` folder ``path`` holds ``split`` whole (:func:`require_local_dataset`'s
+    check, for any folder; ``who`` and ``local_data`` name it in messages).
+
+    Raises:
+        MissingDataError: see :func:`require_local_dataset`.
+    """
     if not (path / "dataset_dict.json").is_file():
         raise MissingDataError(
             f"offline data for {who} is missing: {path} (expected a datasets.DatasetDict written by "
@@ -78,7 +88,6 @@ def require_local_dataset(local_data: str, split: str, task: str = "") -> Path:
             f"{'no data files listed' if not files else f'missing {missing}'} (an interrupted write?). "
             f"{fix_hint(local_data)}"
         )
-    return path
 
 
 def require_benchmark_data(local_data: str, split: str, task: str = "") -> Path:

@@ -204,6 +204,7 @@ def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
     notes = sorted({c.peak_memory_note for c in calls.values() if c.peak_memory_note})
     ranks = sorted({c.rank for c in timed})
     rates = [_rates([c for c in timed if c.rank == rank]) for rank in ranks]
+    measured = bool(rates) and None not in rates  # every process timed some work
     stages = sorted({name for c in timed if c.stages_s for name in c.stages_s})
     return {
         "generate_calls": len(calls),
@@ -220,9 +221,9 @@ def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
         "processes": len(ranks),
         # The ranks run at the same time, each on its own device: the cell's rate is the sum of theirs
         # (summing their seconds instead would report one process's rate for N).
-        "throughput_samples_per_s": sum(r[0] for r in rates) if rates and None not in rates else None,
+        "throughput_samples_per_s": sum(r[0] for r in rates) if measured else None,
         "throughput_samples_per_s_end_to_end": (
-            sum(r[1] for r in rates) if rates and None not in rates else None
+            sum(r[1] for r in rates) if measured else None
         ),  # the batch loop's wall time: data loading, preprocessing and answer decoding included
         "host_stages_ms": {
             name.removesuffix("_s"): _stats(

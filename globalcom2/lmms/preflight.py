@@ -162,13 +162,13 @@ def _generated_identity(config: dict[str, Any]) -> dict[str, Any]:
     from globalcom2.data import demo
 
     split = config.get("demo_split", "test")
-    seed, size = config.get("demo_seed"), config.get("demo_size")
+    seed, size = demo.split_settings(split, config.get("demo_seed"), config.get("demo_size"))
     folder = demo.ensure_demo_dataset(split=split, seed=seed, size=size)
     return {
         "kind": "generated",
         "split": split,
-        "seed": demo.DEFAULT_SEED.get(split, 0) if seed is None else int(seed),
-        "size": demo.DEFAULT_SIZE.get(split, 1) if size is None else int(size),
+        "seed": seed,
+        "size": size,
         "content": folder_fingerprint(folder),
     }
 

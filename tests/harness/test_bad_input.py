@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import compose_eval, write_llava15_checkpoint
+from helpers import compose_cell, write_llava15_checkpoint
 
 import globalcom2.run as run_module
 from globalcom2.cells import CellSpec
@@ -86,10 +86,6 @@ BAD = {
         r"method\.retention_ratio must be in \(0, 1\]",
     ),
 }
-
-
-def compose_cell(tmp_path: Path, *overrides: str):
-    return compose_eval(tmp_path, "model=tiny", "benchmark=demo", "method=random", *overrides)
 
 
 @pytest.fixture

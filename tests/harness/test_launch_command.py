@@ -4,15 +4,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import compose_eval
+from helpers import compose_cell
 
 from globalcom2.cells import CellSpec
 from globalcom2.run import worker_command
 from globalcom2.worker import check_world_size
-
-
-def compose_cell(tmp_path, *overrides: str):
-    return compose_eval(tmp_path, "model=tiny", "benchmark=demo", "method=random", *overrides)
 
 
 def accelerate_args(tmp_path, monkeypatch, hostile_config: str):
