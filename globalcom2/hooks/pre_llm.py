@@ -116,8 +116,7 @@ class PreLLMAdapter:
         captured = self._views_per_image(num_views)
         project = self.model.model.multi_modal_projector
         compile_mode = compile_mode_of(self.model)
-        plans: dict[int, ImagePlan] = {}
-        selected: list[tuple[PackedLayout, torch.Tensor | Replacement | None]] = []
+        contexts: list[ImageContext] = []
         for feats, layout, pixels, image_scores, image_views in zip(
             features, layouts, views, scores, captured, strict=True
         ):
@@ -126,15 +125,24 @@ class PreLLMAdapter:
                     f"packed features of an image of size {layout.image_size} have {feats.shape[0]} tokens, "
                     f"the AnyRes geometry predicts {layout.num_tokens}; is this a LLaVA-NeXT AnyRes model?"
                 )
-            ctx = ImageContext(
-                layout=layout,
-                pixel_values=pixels,
-                vision_scores=image_scores,
-                views=image_views,
-                project=project,
-                compile_mode=compile_mode,
+            contexts.append(
+                ImageContext(
+                    layout=layout,
+                    pixel_values=pixels,
+                    vision_scores=image_scores,
+                    views=image_views,
+                    project=project,
+                    compile_mode=compile_mode,
+                )
             )
-            source = self.method.select(feats, ctx)
+        sources = self.method.select_images(features, contexts)  # every image of the call at once
+        if len(sources) != len(features):
+            raise RuntimeError(
+                f"{self.method.name!r} returned {len(sources)} selections for the {len(features)} images of the call"
+            )
+        plans: dict[int, ImagePlan] = {}
+        selected: list[tuple[PackedLayout, torch.Tensor | Replacement | None]] = []
+        for feats, layout, source in zip(features, layouts, sources, strict=True):
             if isinstance(source, Replacement):
                 _check_replacement(self.method.name, feats, source)
             plans[id(feats)] = ImagePlan(features=feats, source=source)

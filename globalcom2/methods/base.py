@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal, get_args
@@ -210,6 +210,21 @@ class PreLLMMethod(CompressionMethod):
             ctx: layout, pixels and optional scores of this image.
         """
         raise NotImplementedError
+
+    def select_images(
+        self, features: Sequence[torch.Tensor], contexts: Sequence[ImageContext]
+    ) -> list[torch.Tensor | Replacement | None]:
+        """:meth:`select` for every image of one call, in order: what the hook and the hook-free path call.
+
+        This default selects image by image. A method whose per-image work is a long chain of small
+        kernels overrides it to advance the images of a call together (DivPrune's greedy), which must give
+        each image exactly what :meth:`select` gives it alone.
+
+        Args:
+            features: per image, ``[N_i, D]`` its packed features.
+            contexts: per image, its :class:`ImageContext`.
+        """
+        return [self.select(feats, ctx) for feats, ctx in zip(features, contexts, strict=True)]
 
     def separators_kept(self, layout: PackedLayout, source: torch.Tensor) -> int | torch.Tensor:
         """How many of the positions :meth:`select` returned are row separators (for the record).

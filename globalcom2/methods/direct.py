@@ -74,12 +74,14 @@ def pre_llm_sources(model: Any, method: PreLLMMethod, inputs: dict) -> list[torc
     )
     config = model.config
     layouts = [config_layout(config, tuple(size.tolist())) for size in inputs["image_sizes"]]
+    contexts = [
+        ImageContext(layout=layout, pixel_values=pixels[: layout.num_views], vision_scores=image_scores)
+        for layout, pixels, image_scores in zip(layouts, inputs["pixel_values"], scores, strict=True)
+    ]  # pixels: [views, 3, H, W]
     sources = []
-    for feats, layout, pixels, image_scores in zip(
-        features, layouts, inputs["pixel_values"], scores, strict=True
-    ):  # feats: [N_i, D], pixels: [views, 3, H, W]
-        ctx = ImageContext(layout=layout, pixel_values=pixels[: layout.num_views], vision_scores=image_scores)
-        source = method.select(feats, ctx)
+    for feats, source in zip(
+        features, method.select_images(features, contexts), strict=True
+    ):  # feats: [N_i, D]
         if source is not None and not isinstance(source, torch.Tensor):
             raise TypeError(
                 f"{method.name!r} returned {type(source).__name__}, not kept positions: this path returns "

@@ -3,6 +3,7 @@ shortened input, batches, counts per budget basis, FLOPs and host reads."""
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +18,10 @@ from helpers import (
     synthetic_image,
 )
 from references import divprune_keep_count, divprune_reference
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-import globalcom2.methods.divprune  # noqa: F401  (registers "divprune" before the package imports it)
+import globalcom2.methods.divprune as divprune_module  # registers "divprune" before the package imports it
 from globalcom2 import attach
 from globalcom2.anyres import PackedLayout, config_layout
 from globalcom2.efficiency.flops import LlmDims, model_prefill_flops
@@ -27,7 +29,7 @@ from globalcom2.efficiency.host_syncs import HostSyncCounter
 from globalcom2.methods import METHODS
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.direct import pre_llm_sources
-from globalcom2.methods.divprune import DivPrune, cosine_distances, max_min_picks
+from globalcom2.methods.divprune import DivPrune, cosine_distances, max_min_picks, max_min_picks_lockstep
 from globalcom2.models.loader import load_tiny_llava_next
 from globalcom2.prompts import vicuna_v1_prompt
 
@@ -150,6 +152,85 @@ def test_duplicates_are_not_masked_as_in_the_official_code():
     picks = max_min_picks(cosine_distances(features), 6)
     assert torch.equal(picks, divprune_reference(features, 6, sort=False))
     assert len(set(picks[:4].tolist())) == 4  # the distinct vectors come first
+
+
+# --- the images of a call in lockstep ------------------------------------------------------------------
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it, by name (``aten.argmax.default`` -> ``argmax``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("group_bytes", [divprune_module.LOCKSTEP_BYTES, 4 * 2 * 40 * 40])
+def test_lockstep_picks_equal_the_reference_per_image(monkeypatch, group_bytes):
+    """Images of different widths and counts (one pick, every candidate, more than the distinct vectors) pick
+    in lockstep what the plain reference picks for each alone, also when the byte bound splits the call."""
+    monkeypatch.setattr(divprune_module, "LOCKSTEP_BYTES", group_bytes)
+    generator = torch.Generator().manual_seed(0)
+    widths_and_counts = [(40, 7), (9, 1), (23, 23), (31, 12), (2, 2), (40, 39)]
+    features = [torch.randn(width, 6, generator=generator) for width, _ in widths_and_counts]
+    features[3] = features[3][torch.arange(31) % 5]  # five distinct vectors, twelve picks: re-picks
+    counts = [count for _, count in widths_and_counts]
+    picks = max_min_picks_lockstep([cosine_distances(f) for f in features], counts)
+    for f, count, image_picks in zip(features, counts, picks, strict=True):
+        assert torch.equal(image_picks, divprune_reference(f, count, sort=False)), (f.shape[0], count)
+    with pytest.raises(ValueError, match="2 distance matrices but 1 counts"):
+        max_min_picks_lockstep([cosine_distances(features[0])] * 2, [3])
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_a_call_selects_each_image_as_alone_with_one_greedy_step_per_pick(packed, basis):
+    """``select_images`` on a call of every size gives each image its own selection, and runs the greedy's
+    argmax ``max(k_i)`` times, not ``sum(k_i)``."""
+    method = DivPrune(retention_ratio=0.25, budget_basis=basis)
+    features, contexts = [], []
+    for size in SIZES:
+        inputs, feats, layout = packed[size]
+        features.append(feats)
+        contexts.append(
+            ImageContext(layout=layout, pixel_values=inputs["pixel_values"][0, : layout.num_views])
+        )
+    alone = [method.select(feats, ctx) for feats, ctx in zip(features, contexts, strict=True)]
+    with OpCounter() as ops:
+        together = method.select_images(features, contexts)
+    assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
+    counts = [
+        source.numel() - (0 if basis == "positions" else ctx.layout.num_separators)
+        for source, ctx in zip(alone, contexts, strict=True)
+    ]
+    assert len(set(counts)) > 1
+    assert ops.counts["argmax"] == max(counts) < sum(counts)
+
+
+# Ratios at which the 336x336 image needs no greedy (all kept, or no patch kept) while larger images run one.
+MIXED_CALL_RATIOS = {"positions": (0.9996, 3e-4), "patches": (5e-4,)}
+
+
+@pytest.mark.filterwarnings("ignore:.*keeps floor")
+@pytest.mark.parametrize("basis", BASES)
+def test_a_call_mixing_short_cuts_and_greedy_images_selects_each_as_alone(packed, basis):
+    features = [packed[size][1] for size in SIZES]
+    contexts = [
+        ImageContext(layout=layout, pixel_values=inputs["pixel_values"][0, : layout.num_views])
+        for inputs, _, layout in (packed[size] for size in SIZES)
+    ]
+    for ratio in MIXED_CALL_RATIOS[basis]:
+        method = DivPrune(retention_ratio=ratio, budget_basis=basis)
+        alone = [method.select(feats, ctx) for feats, ctx in zip(features, contexts, strict=True)]
+        together = method.select_images(features, contexts)
+        for one, other in zip(alone, together, strict=True):
+            assert (one is None and other is None) or torch.equal(one, other), ratio
+        first_kept = contexts[0].layout.num_tokens if alone[0] is None else alone[0].numel()
+        assert first_kept in (contexts[0].layout.num_tokens, 0, contexts[0].layout.num_separators), ratio
+        assert all(source is not None for source in alone[1:]), ratio
 
 
 # --- exactness through the model ----------------------------------------------------------------------
