@@ -140,15 +140,18 @@ def run_worker_group(command: list[str], keep_fds: tuple[int, ...] = ()) -> int:
 
     * The launcher and every worker get ``SIGTERM`` from the kernel when their parent dies, SIGKILL
       included (``PR_SET_PDEATHSIG``, set here for the launcher and in ``globalcom2.worker`` for the ranks).
-    * SIGTERM or SIGINT to this process, or any exception here, ends the whole group: SIGTERM, then
-      SIGKILL after :data:`WORKER_GRACE_S`.
+    * SIGTERM or SIGINT to this process, or any exception here, ends the launcher's process group:
+      SIGTERM, then SIGKILL after :data:`WORKER_GRACE_S`. The ranks are not in that group (torchrun and
+      accelerate start each in a session of its own): they get their death signal when the launcher dies.
+    * A rank that outlives all this (stuck in a device call) keeps the cell busy until it is gone: each
+      rank holds the cell's ``.workers.lock`` (``globalcom2.store.hold_worker_lock``).
     """
     parent = os.getpid()
     set_death_signal = death_signal_setter()  # resolved here: the forked child only calls it
     process = subprocess.Popen(
         command,
         env={**os.environ, "PYTHONUNBUFFERED": "1", RUN_PID_ENV: str(parent)},  # for die_with_launcher
-        start_new_session=True,  # its own group: killpg reaches the workers too
+        start_new_session=True,  # its own group: killpg reaches the launcher and its helpers
         preexec_fn=lambda: die_with_parent(parent, set_death_signal),
         pass_fds=keep_fds,
     )
@@ -200,14 +203,14 @@ def run(cfg: DictConfig) -> CellRecord | None:
     )
     if cell.dir in _SEEN_THIS_SWEEP:
         print(f"[same]    {label}  (another job of this sweep resolved to this cell)", flush=True)
-        return cell.read_record()
+        return None if cell.rejected_record() else cell.read_record()
     _SEEN_THIS_SWEEP.add(cell.dir)
     if cfg.dry_run:
         print(f"[dry-run] {label}  -> {cell.dir}\n          {why(cell, bool(cfg.force))}", flush=True)
         with contextlib.suppress(CellError):
             _check_environment(spec, label, dry_run=True)
         return None
-    if not cfg.force and cell.is_complete():  # fast path; re-checked under the lock below
+    if not cfg.force and _finished(cell, label):  # fast path; re-checked under the lock below
         return _reuse(cell, label)
     _check_environment(spec, label)  # tasks, their data, the checkpoint's config, the device: still no weight
     weights = cell.identity.get("weights") or {}
@@ -219,7 +222,7 @@ def run(cfg: DictConfig) -> CellRecord | None:
     try:
         with cell.lock() as lock_fd:
             cell.recover()  # a force=true commit killed half-way: its finished cell is put back first
-            if not cfg.force and cell.is_complete():  # finished by another runner while we prepared
+            if not cfg.force and _finished(cell, label):  # finished by another runner while we prepared
                 return _reuse(cell, label, note="finished by another process meanwhile")
             print(f"[run]     {label}  ({why(cell, bool(cfg.force))})", flush=True)
             record = _evaluate(cfg, spec, cell, lock_fd)
@@ -260,6 +263,18 @@ def _message(err: BaseException) -> str:
     return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
 
 
+def _finished(cell: Cell, label: str) -> bool:
+    """Whether the cell is finished; a ``record.json`` that is not its finished record (a newer checkout's
+    schema, a damaged or copied file) stops the run rather than being deleted as "not run yet"."""
+    problem = cell.rejected_record()
+    if problem:
+        raise CellError(
+            f"{label}: {cell.record_path} is not this cell's finished record ({problem}). It is left as it is: "
+            "move the cell folder away, or re-run with force=true to replace it"
+        )
+    return cell.is_complete()
+
+
 def _reuse(cell: Cell, label: str, note: str = "same settings") -> CellRecord | None:
     cell.mark_current()
     print(f"[done]    {label}  ({note}, cell {cell.id}: {cell.dir})", flush=True)
@@ -268,6 +283,10 @@ def _reuse(cell: Cell, label: str, note: str = "same settings") -> CellRecord | 
 
 def why(cell: Cell, force: bool) -> str:
     """Why the cell would be skipped or run, in words (for ``[run]`` and ``dry_run``)."""
+    problem = cell.rejected_record()
+    if problem:
+        action = "force=true replaces it" if force else "refused: move it away, or force=true replaces it"
+        return f"its record.json is not this cell's finished record ({problem}); {action}"
     if cell.is_complete():
         return "finished with these exact settings: force=true re-runs it" if force else "finished: skipped"
     reasons = ["force=true"] if force else []

@@ -30,12 +30,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import grp
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -51,6 +54,10 @@ PARTIAL_DIR = ".partial"
 PREVIOUS_DIR = ".previous"  # a finished run's files while a force=true re-run commits (Cell.commit)
 MOVING_DIR = ".previous-moving"  # the same, while they are being moved aside
 LOCK_FILE = ".lock"
+#: Held shared by every rank of a cell's worker group while it lives (:func:`hold_worker_lock`); a runner
+#: that takes the cell's lock checks it is free. Never deleted: a holder must always see the same inode.
+WORKERS_LOCK_FILE = ".workers.lock"
+STORE_FILES = (LOCK_FILE, WORKERS_LOCK_FILE)  # the store's own files in a cell folder, never outputs
 CURRENT_FILE = "current"
 CELL_ID_LENGTH = 12
 
@@ -125,10 +132,14 @@ class Cell:
         """The record of the finished cell in ``folder``: the only rule for "this cell is finished".
 
         Finished means ``record.json`` is a complete :class:`CellRecord` whose cell id is the folder's
-        name (a record copied from, or written for, another identity does not count).
+        name and whose key is the folder's key path (``<experiment>/<model>/<method>/<ratio>/<benchmark>``
+        above it): a record copied from, or written for, another identity does not count, nor a cell folder
+        copied or moved to another key (``cp -r results/exp results/exp_old``), which the report could not
+        table under either key. A whole results root copied elsewhere keeps its cells finished.
 
         Raises:
-            RecordError: why the cell is not finished (missing, partial, corrupt, old schema, another id).
+            RecordError: why the cell is not finished (missing, partial, corrupt, old schema, another id,
+                another key).
         """
         record = read_record(folder / RECORD_FILE)
         if record.cell.id != folder.name:
@@ -136,16 +147,42 @@ class Cell:
                 f"record.json was written for cell {record.cell.id}, not for this folder ({folder.name}); "
                 "re-run the cell"
             )
+        try:
+            home = record.cell.key.relative_path()
+        except ValueError as err:
+            raise RecordError(f"malformed record.json ({err})") from err
+        if folder.parent.parts[-len(home.parts) :] != home.parts:
+            raise RecordError(
+                f"record.json belongs to {home}, not to this folder: a copied or moved cell counts under "
+                "neither key (copy a whole results root instead, or re-run the cell here)"
+            )
         return record
 
     def read_record(self) -> CellRecord | None:
-        """The finished record, or ``None`` when the cell is not finished (:meth:`finished_record`)."""
-        try:
-            return self.finished_record(self.dir)
-        except RecordError:
+        """The finished record, or ``None`` when the folder holds no ``record.json`` (never run, or a run
+        that did not finish).
+
+        Raises:
+            RecordError: a ``record.json`` is there but is not this cell's finished record
+                (:meth:`finished_record`): written by a newer checkout sharing the results folder, damaged,
+                copied from another cell. It is never taken for "not run yet", which would delete it.
+            OSError: the folder or record cannot be read (permissions, a stale NFS handle).
+        """
+        if not os.path.lexists(self.record_path):
             return None
+        return self.finished_record(self.dir)
+
+    def rejected_record(self) -> str | None:
+        """Why the ``record.json`` in the cell folder is not its finished record, or ``None`` when there is
+        none or it is fine."""
+        try:
+            self.read_record()
+        except RecordError as err:
+            return str(err)
+        return None
 
     def is_complete(self) -> bool:
+        """Whether the cell is finished (:meth:`read_record`, which raises for a rejected record)."""
         return self.read_record() is not None
 
     def siblings(self) -> list[tuple[Path, CellRecord]]:
@@ -164,14 +201,25 @@ class Cell:
         """Hold the cell's lock while running it; raise :class:`CellBusy` at once if a live process has it.
 
         ``flock`` on ``.lock``: released by the kernel when every holder of the open file has exited,
-        however it exits (yields the descriptor, so that a worker group can inherit it and keep the cell
-        locked until its last process is gone). The file is unlinked on release; a runner that locked the
-        unlinked inode sees that and tries again.
+        however it exits (yields the descriptor, which a worker group's launcher inherits). The file is
+        unlinked on release; a runner that locked the unlinked inode sees that and tries again.
+
+        The ranks of a worker group do not inherit it (torchrun and accelerate start each in a session of its
+        own, closing other descriptors), so each holds ``.workers.lock`` shared (:func:`hold_worker_lock`)
+        and the lock is granted only when nothing holds that one: a rank that outlived its runner (stuck in
+        a device call past the grace period) keeps the cell busy until it is gone, instead of writing into
+        the next run's ``.partial/``.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / LOCK_FILE
         while True:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:  # 0o666 less the umask, as every file the store writes: a group sharing results can lock
+                fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+            except PermissionError as err:
+                raise PermissionError(
+                    f"cannot open the cell's lock file {path} for writing ({err.strerror}; it belongs to "
+                    f"{_file_owner(path)}): run as a user who may write it, or have its owner run the cell"
+                ) from err
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -193,6 +241,7 @@ class Cell:
                 break
             os.close(fd)  # the previous holder unlinked this inode on release: lock the new file
         try:
+            self._check_no_workers()
             owner = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
@@ -206,6 +255,26 @@ class Cell:
                 path.unlink()
             os.close(fd)
 
+    def _check_no_workers(self) -> None:
+        """Raise :class:`CellBusy` if a rank of an earlier worker group of this cell is alive."""
+        path = self.dir / WORKERS_LOCK_FILE
+        if not path.exists():
+            return
+        fd = os.open(
+            path, os.O_RDWR
+        )  # writable: NFS emulates flock with POSIX locks, whose write lock needs it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise CellBusy(
+                f"{self.dir}: a worker process of an earlier run of this cell is still alive (it holds {path}); "
+                "it stops with its launcher, or end it by hand"
+            ) from None
+        finally:
+            os.close(fd)  # releases the test lock at once: this run's own ranks take it shared
+
     def prepare(self) -> Path:
         """Delete what an unfinished run left and return an empty ``.partial/``. A finished cell's files
         (a ``force=true`` re-run) stay until :meth:`commit` replaces them, and a commit killed half-way is
@@ -215,9 +284,10 @@ class Cell:
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         self.recover()
-        keep_finished = self.is_complete()
+        # a rejected record.json reaches here only under force=true (run() refuses it otherwise): replaced
+        keep_finished = self.rejected_record() is None and self.is_complete()
         for entry in self.dir.iterdir():
-            if entry.name == LOCK_FILE or (keep_finished and entry.name != PARTIAL_DIR):
+            if entry.name in STORE_FILES or (keep_finished and entry.name != PARTIAL_DIR):
                 continue
             _remove(entry)
         self.partial_dir.mkdir()
@@ -234,7 +304,7 @@ class Cell:
         so that after a power loss a finished record never sits beside empty files.
         """
         self.recover()  # nothing, unless an earlier commit was killed and nothing recovered it since
-        old = [e for e in self.dir.iterdir() if e.name not in (LOCK_FILE, PARTIAL_DIR, RECORD_FILE)]
+        old = [e for e in self.dir.iterdir() if e.name not in (*STORE_FILES, PARTIAL_DIR, RECORD_FILE)]
         previous = self.dir / PREVIOUS_DIR
         try:
             if self.record_path.exists() or old:
@@ -273,7 +343,7 @@ class Cell:
                 shutil.rmtree(previous)
                 return
             for entry in self.dir.iterdir():
-                if entry.name not in (LOCK_FILE, PREVIOUS_DIR, PARTIAL_DIR):
+                if entry.name not in (*STORE_FILES, PREVIOUS_DIR, PARTIAL_DIR):
                     _remove(entry)  # a new output moved in before the kill
             os.replace(previous, moving)  # from here only old files are in flight: repeatable
         if not moving.exists():
@@ -341,6 +411,45 @@ def current_cell_id(key_dir: Path) -> str | None:
     if not re.fullmatch(f"[0-9a-f]{{{CELL_ID_LENGTH}}}", named):
         raise RecordError(f"{path} names no cell id ({named[:40]!r})")
     return named
+
+
+#: The descriptor of this process's :func:`hold_worker_lock`, open until the process exits.
+_worker_lock_fd: int | None = None
+
+
+def hold_worker_lock(partial: Path) -> None:
+    """Hold the cell's ``.workers.lock`` shared until this process exits (a rank of a worker group writing
+    into ``partial``, the cell's ``.partial/``), so that no runner takes the cell while the rank lives
+    (:meth:`Cell.lock`). Call it before checking that the launcher is alive: a rank either holds it while its
+    runner holds the cell, or finds its launcher gone and exits.
+
+    Raises:
+        CellBusy: a new runner is checking the cell, so this rank's runner has released it already.
+    """
+    global _worker_lock_fd
+    path = Path(partial).parent / WORKERS_LOCK_FILE
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise CellBusy(f"{path} is locked by a new runner of the cell: this rank's run has ended") from None
+    _worker_lock_fd = fd
+
+
+def _file_owner(path: Path) -> str:
+    """``user:group, mode`` of ``path`` for an error message (ids where the names are unknown)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return "an unknown owner"
+    try:
+        user, group = pwd.getpwuid(info.st_uid).pw_name, grp.getgrgid(info.st_gid).gr_name
+    except KeyError:
+        user, group = str(info.st_uid), str(info.st_gid)
+    return f"{user}:{group}, mode {stat.filemode(info.st_mode)}"
 
 
 def _owner(lock: Path) -> str:

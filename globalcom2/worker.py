@@ -27,6 +27,7 @@ import torch
 from globalcom2.cells import CellSpec
 from globalcom2.records import CellOutcome, write_outcome
 from globalcom2.sample_records import RECORDS_FILE
+from globalcom2.store import hold_worker_lock
 
 OUTCOME_FILE = "outcome.json"
 
@@ -215,9 +216,12 @@ def die_with_launcher(set_death_signal: Callable[[], None]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m globalcom2.worker <spec.json> <out_dir>`` (under torchrun / accelerate launch)."""
-    # A rank outlives neither its launcher nor, through the launcher's own death signal, ``globalcom2.run``.
-    die_with_launcher(death_signal_setter())
     spec_path, out_dir = (argv if argv is not None else sys.argv[1:])[:2]
+    # The cell stays locked while this rank lives (its runner may be gone: globalcom2.store.Cell.lock) ...
+    hold_worker_lock(Path(out_dir))
+    # ... and a rank outlives neither its launcher nor, through the launcher's own death signal,
+    # ``globalcom2.run``.
+    die_with_launcher(death_signal_setter())
     spec = CellSpec.from_dict(json.loads(Path(spec_path).read_text()))
     check_world_size(spec.launcher.num_processes, os.environ.get("WORLD_SIZE"))
     from globalcom2.redaction import redacted_console

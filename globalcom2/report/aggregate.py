@@ -100,7 +100,7 @@ def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str
         # other record.json (a tracker's files, a copy) is no cell
         if PARTIAL_DIR in path.parts or len(path.relative_to(root).parts) != CELL_DEPTH:
             continue
-        problem = _record_problem(path, root)
+        problem = _record_problem(path)
         if isinstance(problem, str):
             unreadable[path.parent] = problem
         else:
@@ -139,26 +139,17 @@ def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str
     return sorted(cells, key=lambda c: c.path), skipped
 
 
-def _record_problem(path: Path, root: Path) -> LoadedCell | str:
+def _record_problem(path: Path) -> LoadedCell | str:
     """The loaded cell, or why ``path`` cannot be tabulated.
 
-    A record is tabled only in its own key's folder: its rows take experiment, model, method, ratio and
-    benchmark from the record, so a cell folder copied or moved to another key (``cp -r results/exp
-    results/exp_old``) would otherwise appear twice under the original experiment, and its vanilla could
-    stand in for the real one."""
+    A record is tabled only in its own key's folder (:meth:`Cell.finished_record`): its rows take experiment,
+    model, method, ratio and benchmark from the record, so a cell folder copied or moved to another key
+    (``cp -r results/exp results/exp_old``) would otherwise appear twice under the original experiment, and
+    its vanilla could stand in for the real one."""
     try:
         cell = LoadedCell(path.parent, Cell.finished_record(path.parent))
     except RecordError as err:
         return str(err)
-    try:
-        home = cell.record.cell.key.relative_path()
-    except ValueError as err:
-        return f"malformed record.json ({err})"
-    if path.parent.parent.relative_to(root) != home:
-        return (
-            f"record.json belongs to {home}, not to this folder: a copied or moved cell is tabled under neither "
-            "(copy a whole results root instead, or re-run the cell here)"
-        )
     try:
         records = cell.record.files.get("records", RECORDS)
         if not isinstance(records, str):

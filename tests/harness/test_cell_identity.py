@@ -190,6 +190,38 @@ def test_the_completion_check_is_repeated_under_the_lock(tmp_path, monkeypatch, 
     assert json.loads(record_path.read_text())["finished"] == first["finished"]
 
 
+def test_a_record_this_checkout_rejects_stops_the_run_and_is_kept_until_force(tmp_path, monkeypatch, capsys):
+    """A newer checkout's record (another schema, same identity version) in a shared results folder is
+    neither reused nor taken for "not run yet", which deleted it; force=true replaces it."""
+    first, _ = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
+    record_path = Path(first["cell"]["path"]) / "record.json"
+    newer = {**first, "schema": first["schema"] + 1}
+    record_path.write_text(json.dumps(newer))
+    _, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1", "dry_run=true")
+    assert "is not this cell's finished record" in out and "not run yet" not in out
+    with pytest.raises(
+        run_module.CellError, match=r"record\.json is not this cell's finished record.*schema"
+    ):
+        run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
+    assert json.loads(record_path.read_text()) == newer
+    replaced, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1", "force=true")
+    assert "force=true replaces it" in out and replaced["schema"] == first["schema"]
+
+
+def test_a_cell_folder_copied_to_another_experiment_runs_again_there(tmp_path, monkeypatch, capsys):
+    """``cp -r results/exp results/exp_old``, then a run under ``exp_old``: the copy's record names ``exp``,
+    which the report would not table under ``exp_old``, so the run does not call it done."""
+    first, _ = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1", "experiment_name=exp")
+    shutil.copytree(tmp_path / "results" / "exp", tmp_path / "results" / "exp_old")
+    with pytest.raises(run_module.CellError, match=r"belongs to exp/.*not to this folder"):
+        run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1", "experiment_name=exp_old")
+    again, out = run_cell(
+        tmp_path, monkeypatch, capsys, "benchmark.limit=1", "experiment_name=exp_old", "force=true"
+    )
+    assert "[run]" in out and again["cell"]["experiment"] == "exp_old"
+    assert again["cell"]["id"] == first["cell"]["id"]
+
+
 def test_a_busy_cell_is_not_run_and_the_run_fails_loudly(tmp_path, monkeypatch, capsys):
     cfg = compose_cell(tmp_path, "benchmark.limit=1")
     spec = CellSpec.from_config(cfg)

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -93,7 +94,9 @@ def test_a_record_written_for_another_identity_does_not_count(tmp_path):
     cell = Cell(tmp_path, KEY, IDENTITY)
     cell.dir.mkdir(parents=True)
     atomic_write_json(cell.record_path, {"status": "complete", "cell": {"id": "0" * 12}})
-    assert not cell.is_complete()
+    assert "malformed" in cell.rejected_record()
+    with pytest.raises(RecordError, match="malformed"):
+        cell.is_complete()
 
 
 def test_prepare_deletes_what_a_killed_run_left(tmp_path):
@@ -231,7 +234,9 @@ def test_corrupt_or_unfinished_records_do_not_count(tmp_path, content):
     cell = Cell(tmp_path, KEY, IDENTITY)
     cell.dir.mkdir(parents=True)
     cell.record_path.write_text(content)
-    assert not cell.is_complete()
+    assert cell.rejected_record()
+    with pytest.raises(RecordError):  # never "not run yet", which would delete it
+        cell.is_complete()
 
 
 def test_the_lock_excludes_a_second_holder_and_is_gone_after_release(tmp_path):
@@ -274,6 +279,42 @@ def test_a_killed_holder_never_leaves_a_stale_lock(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+STRAY_RANK = textwrap.dedent(
+    """
+    import sys, time
+    from globalcom2.store import hold_worker_lock
+    hold_worker_lock(sys.argv[1])
+    print("holding", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_rank_that_outlived_its_runner_keeps_the_cell_busy_until_it_is_gone(tmp_path):
+    """torchrun and accelerate start ranks in sessions of their own, without the runner's lock descriptor: a
+    rank still alive after its runner is gone holds ``.workers.lock``, and no new runner takes the cell."""
+    cell = Cell(tmp_path, KEY, {"seed": 0})
+    with cell.lock():  # the runner, its group launched into .partial/
+        partial = cell.prepare()
+        rank = subprocess.Popen(
+            [sys.executable, "-c", STRAY_RANK, str(partial)], stdout=subprocess.PIPE, text=True
+        )
+    try:
+        assert rank.stdout.readline().strip() == "holding"
+        stray = "a worker process of an earlier run of this cell is still alive"
+        with pytest.raises(CellBusy, match=stray), cell.lock():
+            pass
+        assert not (cell.dir / ".lock").exists()  # the refused runner left no lock behind
+        rank.kill()
+        rank.wait()
+        with cell.lock():
+            cell.prepare()  # the store's own files survive a clean-up
+            assert sorted(p.name for p in cell.dir.iterdir()) == [".lock", ".partial", ".workers.lock"]
+    finally:
+        rank.kill()
+        rank.wait()
 
 
 RACE = textwrap.dedent(
@@ -358,7 +399,7 @@ def test_an_unusable_record_fails_with_what_to_do(tmp_path, change, message):
     atomic_write_json(cell.record_path, data)
     with pytest.raises(RecordError, match=message):
         Cell.finished_record(cell.dir)
-    assert not cell.is_complete()
+    assert message in cell.rejected_record()
 
 
 def test_a_record_in_another_cells_folder_is_not_finished(tmp_path):
@@ -367,3 +408,46 @@ def test_a_record_in_another_cells_folder_is_not_finished(tmp_path):
     atomic_write_json(other.record_path, record_for(cell).to_dict())  # copied from the first cell
     with pytest.raises(RecordError, match="written for cell"):
         Cell.finished_record(other.dir)
+
+
+def test_a_cell_folder_copied_to_another_key_is_not_finished_there(tmp_path):
+    """``cp -r results/exp results/exp_old``: the copy's records name ``exp``, so they count under neither
+    key there (the report could not table them), while a whole results root copied elsewhere still counts."""
+    cell = finished(tmp_path / "results", metrics={"demo": {"acc": 0.5}})
+    shutil.copytree(tmp_path / "results" / "demo", tmp_path / "results" / "demo_old")
+    moved = Cell(
+        tmp_path / "results",
+        CellKey("demo_old", *KEY.relative_path().parts[1:3], 0.25, "demo_shapes"),
+        IDENTITY,
+    )
+    assert moved.id == cell.id and moved.dir.is_dir()
+    with pytest.raises(
+        RecordError, match=r"belongs to demo/tiny/random/r0\.25/demo_shapes, not to this folder"
+    ):
+        moved.is_complete()
+    shutil.copytree(tmp_path / "results", tmp_path / "elsewhere")
+    assert Cell(tmp_path / "elsewhere", KEY, IDENTITY).is_complete()
+
+
+def test_the_lock_file_follows_the_umask_and_an_unwritable_one_fails_naming_its_owner(tmp_path, monkeypatch):
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    previous = os.umask(0o002)  # a group sharing a results folder
+    try:
+        with cell.lock():
+            mode = (cell.dir / ".lock").stat().st_mode & 0o777
+    finally:
+        os.umask(previous)
+    assert mode == 0o664
+    (cell.dir / ".lock").write_text("{}")  # left by another user, not writable by this one
+    (cell.dir / ".lock").chmod(0o444)
+    real_open = os.open
+
+    def open_as_another_user(path, flags, *args):  # tests may run as root, who opens any file
+        if str(path).endswith(".lock") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    lock_message = r"cannot open the cell's lock file .*\.lock .*mode -r--r--r--"
+    with pytest.raises(PermissionError, match=lock_message), cell.lock():
+        pass
