@@ -445,3 +445,24 @@ def parse_overrides(value: Any, name: str) -> dict[str, Any] | None:
         else:
             return parse_gen_kwargs(text, name)
     raise ValueError(f"{name} must be a mapping or 'k=v,...', got {value!r}")
+
+
+def cli_option_conflicts(model_args: Mapping[str, Any], cli: Mapping[str, Any]) -> list[str]:
+    """Where lmms-eval's ``--batch_size`` (``-b``) or ``--device`` disagrees with ``model_args``, in words.
+
+    A value the user did not give is lmms-eval's default (``lmms_eval/__main__.py`` in 0.7.3): ``None``, or
+    for the batch size the integer ``1``; a given one is the string the parser read (``-b 1`` is ``"1"``), so
+    any spelling of the flag (``-b``, ``--batch``, ``--batch_size=8``) is compared by its value.
+    """
+    conflicts = []
+    for key in ("batch_size", "device"):
+        value = cli.get(key)
+        if (
+            value is None
+            or key not in model_args
+            or (key == "batch_size" and value == 1 and not isinstance(value, str))
+        ):
+            continue
+        if str(value) != str(model_args[key]):
+            conflicts.append(f"--{key} {value} and model_args {key}={model_args[key]} disagree; give one")
+    return conflicts

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from globalcom2.data.benchmarks import EVALAI_TASKS
-from globalcom2.lmms.preflight import PreflightError, check_tasks
+from globalcom2.lmms.preflight import PreflightError, check_tasks, llava_unused_options
 from globalcom2.paths import tasks_dir
 from globalcom2.protocol.rules import check_tasks_covered
 
@@ -55,8 +55,8 @@ def evaluate(
 
     ``output_path`` is where tasks with submission-style outputs write them (``<output_path>/submissions``;
     lmms-eval otherwise uses ``./submissions``). Before anything runs, as the CLI does, it refuses a task
-    the plugin's protocol has no rule for, and ``gen_kwargs`` under ``protocol=llava`` (which would be
-    ignored). Raises if a task is missing from the results.
+    the plugin's protocol has no rule for, and ``gen_kwargs``, ``system_instruction`` or ``num_fewshot``
+    under ``protocol=llava`` (which would be ignored). Raises if a task is missing from the results.
     """
     from lmms_eval.evaluator import simple_evaluate
 
@@ -67,11 +67,14 @@ def evaluate(
             check_tasks_covered(protocol, tasks)
         except ValueError as err:
             raise PreflightError(str(err)) from None
-    if protocol == "llava" and gen_kwargs:
-        raise PreflightError(
-            f"gen_kwargs={gen_kwargs!r} would be ignored under protocol=llava (its generation settings are "
-            "LLaVA's); adjust them with the plugin's generation_overrides, e.g. {'max_new_tokens': 8}"
+    if protocol == "llava":
+        unused = llava_unused_options(
+            gen_kwargs,
+            simple_evaluate_kwargs.get("system_instruction"),
+            simple_evaluate_kwargs.get("num_fewshot"),
         )
+        if unused:
+            raise PreflightError(unused)
     submitting = sorted(set(tasks) & set(EVALAI_TASKS))
     if submitting and not output_path:
         raise PreflightError(

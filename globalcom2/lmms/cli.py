@@ -107,9 +107,9 @@ def model_problem(model: str) -> str | None:
 
 def _run(lmms_main: Any) -> int:
     from globalcom2.lmms.manifest import MODEL_ID
-    from globalcom2.lmms.preflight import PreflightError, preflight
+    from globalcom2.lmms.preflight import PreflightError, llava_unused_options, preflight
     from globalcom2.paths import tasks_dir
-    from globalcom2.run_spec import parse_model_args
+    from globalcom2.run_spec import cli_option_conflicts, parse_model_args
 
     _, args = lmms_main.parse_eval_args()
     for problem in (limit_problem(args.limit), model_problem(args.model)):
@@ -137,21 +137,15 @@ def _run(lmms_main: Any) -> int:
             model_args = parse_model_args(args.model_args or "")
         except ValueError as err:
             return _fail(str(err), EXIT_PREFLIGHT)
+        conflicts = cli_option_conflicts(model_args, vars(args))
+        if conflicts:
+            return _fail("; ".join(conflicts), EXIT_PREFLIGHT)
         for key in ("batch_size", "device"):
-            given = any(a == f"--{key}" or a.startswith(f"--{key}=") for a in sys.argv)
-            if given and key in model_args and str(model_args[key]) != str(getattr(args, key)):
-                return _fail(
-                    f"--{key} {getattr(args, key)} and model_args {key}={model_args[key]} disagree; give one",
-                    EXIT_PREFLIGHT,
-                )
             if getattr(args, key, None) is not None:
                 model_args.setdefault(key, getattr(args, key))
-        if model_args.get("protocol") == "llava" and args.gen_kwargs:
-            return _fail(
-                f"--gen_kwargs {args.gen_kwargs!r} would be ignored under protocol=llava (its generation settings "
-                "are LLaVA's); adjust them with model_args generation_overrides='{\"max_new_tokens\": 8}'",
-                EXIT_PREFLIGHT,
-            )
+        unused = llava_unused_options(args.gen_kwargs, args.system_instruction, args.num_fewshot, flag="--")
+        if model_args.get("protocol") == "llava" and unused:
+            return _fail(unused, EXIT_PREFLIGHT)
     with warnings.catch_warnings(record=True) as caught:  # shown even where lmms-eval filters warnings
         warnings.simplefilter("always")
         try:

@@ -74,7 +74,7 @@ from globalcom2.protocol.rules import geometry_of, task_protocol
 from globalcom2.protocol.tokenization import encode_batch
 from globalcom2.protocol.vicuna_length import SOURCE as VICUNA_SOURCE
 from globalcom2.protocol.vicuna_length import prompt_text_tokens
-from globalcom2.run_spec import RunSpec, parse_model_args, run_problems
+from globalcom2.run_spec import RunSpec, cli_option_conflicts, parse_model_args, run_problems
 
 __all__ = ["MODEL_ID", "GlobalCom2LlavaNext"]
 
@@ -89,10 +89,13 @@ class GlobalCom2LlavaNext(lmms):
         cls, arg_string: str, additional_config: dict[str, Any] | None = None
     ) -> GlobalCom2LlavaNext:
         """lmms-eval's constructor path: the ``model_args`` string through the front door
-        (:meth:`RunSpec.from_model_args`), with ``model_args`` taking precedence over the CLI's own
-        ``--batch_size``/``--device`` (lmms-eval passes both as keywords, ``lmms.create_from_arg_string``,
-        lmms_eval/api/model.py in 0.7.3)."""
+        (:meth:`RunSpec.from_model_args`), with the CLI's own ``--batch_size``/``--device`` (lmms-eval passes
+        both as keywords, ``lmms.create_from_arg_string``, lmms_eval/api/model.py in 0.7.3) used where
+        ``model_args`` does not name them, and refused where they disagree (:func:`cli_option_conflicts`)."""
         args = parse_model_args(arg_string)
+        conflicts = cli_option_conflicts(args, additional_config or {})
+        if conflicts:
+            raise ValueError("; ".join(conflicts))
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
         return cls(**args, **extra)
 
@@ -122,6 +125,7 @@ class GlobalCom2LlavaNext(lmms):
         self.attn_implementation = spec.model.attn_implementation
         self.method = spec.method.built  # built once, by the spec; this same instance is attached below
         self._sampling_warned = False
+        self._ignored_warned: set[tuple[str, tuple[str, ...]]] = set()  # (task, keys) warned about once
 
         # cpu=True for a CPU cell: under accelerate/torchrun on a machine with GPUs, Accelerator() would pick
         # NCCL and cuda:<local_rank>, and lmms-eval's gathers of CPU tensors would fail there.
@@ -267,8 +271,12 @@ class GlobalCom2LlavaNext(lmms):
                     f"{request.args[4]}: sampling is on (do_sample/temperature); answers then depend on the "
                     "random state, i.e. on batch composition and the number of processes"
                 )
-            if setting.ignored:
-                logger.debug(f"{request.args[4]}: ignoring generation_kwargs {list(setting.ignored)}")
+            if setting.ignored and (request.args[4], setting.ignored) not in self._ignored_warned:
+                self._ignored_warned.add((request.args[4], setting.ignored))
+                logger.warning(
+                    f"{request.args[4]}: generation_kwargs {list(setting.ignored)} are not used "
+                    f"(do_sample={setting.do_sample}; see globalcom2.protocol.generation)"
+                )
             settings[setting.key()] = setting
             groups.setdefault(setting.key(), []).append(index)
         # A compiled model meets batch size 1 as a graph of its own: warm it up only where a batch of one row
@@ -326,7 +334,12 @@ class GlobalCom2LlavaNext(lmms):
         config = self.model.config
 
         def load(positions: Sequence[int]) -> PreparedBatch:
-            return prepare_batch([requests[i] for i in positions], self.task_dict, self.protocol)
+            chosen = [requests[i] for i in positions]
+            try:
+                return prepare_batch(chosen, self.task_dict, self.protocol)
+            except Exception as err:  # a broken image or document: name it, as a failed generation is named
+                tags = ", ".join(f"{request.args[4]}#{request.args[3]}" for request in chosen)  # task#doc
+                raise RuntimeError(f"loading failed for {tags}: {type(err).__name__}: {err}") from err
 
         return BatchFeeder(
             load,

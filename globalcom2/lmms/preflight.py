@@ -240,6 +240,33 @@ def _functions(value: Any) -> list[str]:
     return []
 
 
+def llava_unused_options(
+    gen_kwargs: str | None = None,
+    system_instruction: str | None = None,
+    num_fewshot: int | None = None,
+    flag: str = "",
+) -> str | None:
+    """Why lmms-eval options that ``protocol=llava`` would silently not use were given, or ``None``.
+
+    Under ``llava`` the prompt is LLaVA's question-file text and the decoding LLaVA's
+    (``globalcom2.protocol.rules.TaskProtocol``): lmms-eval's context, where a system instruction and
+    few-shot examples go, and its ``gen_kwargs`` are not read.
+    """
+    given = {
+        "gen_kwargs": gen_kwargs or None,
+        "system_instruction": system_instruction or None,
+        "num_fewshot": num_fewshot or None,
+    }
+    unused = {name: value for name, value in given.items() if value is not None}
+    if not unused:
+        return None
+    shown = ", ".join(f"{flag}{name}={value!r}" for name, value in unused.items())  # flag: "--" for the CLI
+    return (
+        f"{shown} would be ignored under protocol=llava (its prompts and generation settings are LLaVA's); "
+        "adjust decoding with the plugin's generation_overrides, e.g. {'max_new_tokens': 8}"
+    )
+
+
 def check_model_args(model_args: dict[str, Any]) -> RunSpec:
     """Validate plugin ``model_args`` without loading any weight; returns the spec the plugin would run.
 

@@ -113,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         "--generation-overrides", default=None, help="under llava: JSON object applied on LLaVA's settings"
     )
     args = parser.parse_args(argv)
-    overrides = json.loads(args.generation_overrides) if args.generation_overrides else None
+    if args.generation_overrides and args.protocol != "llava":
+        parser.error(
+            "--generation-overrides apply under --protocol llava only (the plugin refuses them otherwise)"
+        )
+    try:
+        overrides = json.loads(args.generation_overrides) if args.generation_overrides else None
+    except ValueError as err:
+        parser.error(f"--generation-overrides is not JSON ({err}): {args.generation_overrides!r}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
         for row in show_inputs(tasks, args.limit, args.protocol, args.pretrained, overrides):

@@ -80,6 +80,7 @@ def write_vqav2_submission(results: list[dict[str, Any]], args: Any) -> int:
     """
     folder = submissions_dir(args)
     answers = sorted(unique_answers(results, "question_id"), key=lambda entry: entry["question_id"])
+    _remove_earlier(folder, VQAV2_BENCHMARK, VQAV2_ANSWERS, VQAV2_SUBMISSION)
     if not _complete(answers, VQAV2_BENCHMARK, folder):
         return len(answers)
     atomic_write_json(folder / VQAV2_ANSWERS, answers)
@@ -103,6 +104,7 @@ def write_vizwiz_submission(results: list[dict[str, Any]], args: Any) -> int:
     """``aggregation``: the VizWiz test upload. Returns the number of answered questions."""
     folder = submissions_dir(args)
     answers = sorted(unique_answers(results, "image"), key=lambda entry: entry["image"])
+    _remove_earlier(folder, VIZWIZ_BENCHMARK, VIZWIZ_SUBMISSION)
     if _complete(answers, VIZWIZ_BENCHMARK, folder):
         atomic_write_json(folder / VIZWIZ_SUBMISSION, answers)
         logger.info(f"VizWiz: {len(answers)} answers written to {folder / VIZWIZ_SUBMISSION}")
@@ -140,6 +142,14 @@ def split_rows(benchmark: str) -> int | None:
     """Rows of the benchmark's split as ``make data`` (or the fixtures) recorded them; ``None`` if unknown."""
     rows = [part.get("rows") for part in data_source(benchmark).get("parts", {}).values()]
     return rows[0] if len(rows) == 1 and isinstance(rows[0], int) else None
+
+
+def _remove_earlier(folder: Path, benchmark: str, *names: str) -> None:
+    """Delete what an earlier evaluation into the same output path wrote for ``benchmark`` (its answers, its
+    upload, its partial answers) before this one writes: a later ``--limit`` run, or one without the question
+    file, would otherwise leave the earlier method's upload beside its own answers."""
+    for name in (*names, f"partial_{benchmark}.json"):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _complete(answers: list[dict[str, Any]], benchmark: str, folder: Path) -> bool:

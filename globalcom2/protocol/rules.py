@@ -251,7 +251,8 @@ class TaskProtocol:
         default_max_new_tokens: int,
         overrides: Mapping[str, Any] | None = None,
     ) -> GenerationSettings:
-        """lmms-eval's request settings, or LLaVA's (greedy, one beam, EOS only) with the task's budget.
+        """lmms-eval's request settings, or LLaVA's (temperature 0: greedy, one beam, EOS only) with the task's
+        budget.
 
         ``overrides`` (``generation_overrides``) apply on top under ``llava``, e.g. a smaller
         ``max_new_tokens`` for a smoke test; they are part of the cell's identity and of its records.
@@ -259,7 +260,9 @@ class TaskProtocol:
         if self.rule is None:  # the task's own settings (overrides only exist under llava: our demo tasks)
             merged = {**(task_gen_kwargs or {}), **(overrides or {})}
             return GenerationSettings.from_gen_kwargs(merged, default_max_new_tokens)
-        kwargs = {"max_new_tokens": self.rule.max_new_tokens, "do_sample": False, "num_beams": 1, "until": []}
+        # LLaVA's scripts pass --temperature 0 and sample iff temperature > 0 (model_vqa_loader.py): an
+        # override of the temperature samples as they would, and do_sample=true without one is refused
+        kwargs = {"max_new_tokens": self.rule.max_new_tokens, "temperature": 0, "num_beams": 1, "until": []}
         return GenerationSettings.from_gen_kwargs({**kwargs, **(overrides or {})}, default_max_new_tokens)
 
     def read_answer(self, answer: str) -> str:

@@ -321,6 +321,16 @@ def test_a_generation_error_propagates_with_context(lm, docs, monkeypatch):
         lm.generate_until(requests_for(lm, docs))
 
 
+def test_a_document_that_fails_to_load_is_named(lm, docs):
+    def broken_visual(doc):
+        raise OSError("broken image")
+
+    requests = requests_for(lm, docs)
+    requests[1].arguments = (*requests[1].args[:2], broken_visual, *requests[1].args[3:])
+    with pytest.raises(RuntimeError, match=r"loading failed for .*toy#1.*OSError: broken image"):
+        lm.generate_until(requests)
+
+
 def test_unknown_generation_kwargs_are_refused(lm, docs):
     with pytest.raises(ValueError, match="unsupported generation_kwargs"):
         lm.generate_until(requests_for(lm, docs, gen_kwargs={"until": ["\n"], "beam_width": 2}))

@@ -190,11 +190,25 @@ def test_batch_size_in_model_args_wins_over_the_cli_default():
     assert lm.batch_size == 2
 
 
-def test_the_cli_refuses_two_different_batch_sizes(tmp_path, capsys, no_model_loading):
+@pytest.mark.parametrize("flag", [["--batch_size", "2"], ["-b", "2"], ["--batch", "2"], ["--batch_size=2"]])
+def test_the_cli_refuses_two_different_batch_sizes_however_the_flag_is_spelled(
+    tmp_path, capsys, no_model_loading, flag
+):
     argv = ["--model", "globalcom2_llava_next", "--model_args", "pretrained=tiny,batch_size=4"]
-    argv += ["--batch_size", "2", "--tasks", "globalcom2_demo", "--output_path", str(tmp_path / "out")]
+    argv += [*flag, "--tasks", "globalcom2_demo", "--output_path", str(tmp_path / "out")]
     assert cli.main(argv) == cli.EXIT_PREFLIGHT
     assert "--batch_size 2 and model_args batch_size=4 disagree" in capsys.readouterr().err
+
+
+def test_plain_lmms_eval_refuses_two_different_batch_sizes_or_devices():
+    """``python -m lmms_eval`` builds the model through ``create_from_arg_string`` without our CLI: a given
+    ``-b`` (a string) that disagrees is refused there; lmms-eval's default (the integer 1) is not a value."""
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
+
+    with pytest.raises(ValueError, match="--batch_size 1 and model_args batch_size=3 disagree"):
+        GlobalCom2LlavaNext.create_from_arg_string("pretrained=tiny,batch_size=3", {"batch_size": "1"})
+    with pytest.raises(ValueError, match="--device cuda and model_args device=cpu disagree"):
+        GlobalCom2LlavaNext.create_from_arg_string("pretrained=tiny,device=cpu", {"device": "cuda"})
 
 
 def test_a_method_declares_its_attention_implementations(monkeypatch):

@@ -151,6 +151,19 @@ def test_mmvet_under_llava_keeps_a_multi_paragraph_answer(processor):
     assert decode_answer(processor.tokenizer, ids, {2}, lmms.until).answer == "First paragraph."
 
 
+def test_llava_overrides_sample_iff_the_temperature_is_positive_as_llavas_scripts():
+    """LLaVA's scripts sample iff ``--temperature > 0``: an override of the temperature samples (it was greedy
+    under a fixed do_sample=false while the record said 0.7), and do_sample=true without one is refused."""
+    protocol = task_protocol("llava", "gqa_local")
+    assert protocol.generation({}, 1024).generate_kwargs() == {
+        "max_new_tokens": 128, "do_sample": False, "num_beams": 1
+    }  # fmt: skip
+    sampled = protocol.generation({}, 1024, {"temperature": 0.7, "top_p": 0.9})
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p, sampled.ignored) == (True, 0.7, 0.9, ())
+    with pytest.raises(ValueError, match="do_sample=true needs temperature > 0"):
+        protocol.generation({}, 1024, {"do_sample": True})
+
+
 def test_llava_refuses_a_task_it_has_no_rule_for():
     with pytest.raises(ValueError, match="protocol='llava' has no rule for task 'mme'"):
         task_protocol("llava", "mme")
@@ -172,6 +185,13 @@ def test_show_inputs_prints_one_json_line_per_sample(fixture_data, capsys):
     ]
     keys = {"task", "doc_id", "prompt", "input_ids", "image_sizes", "grid", "visual_tokens", "gen_kwargs"}
     assert all(set(r) == keys for r in rows)
+    for bad, message in [
+        (["--generation-overrides", "{max_new_tokens: 8}"], "--generation-overrides is not JSON"),
+        (["--protocol", "lmms_eval", "--generation-overrides", "{}"], "apply under --protocol llava only"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            show_inputs_main(["--tasks", "mme_local", "--protocol", "llava", *bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("protocol", ["llava", "lmms_eval"])
@@ -202,13 +222,21 @@ def test_both_protocols_run_all_ten_benchmarks_end_to_end(protocol, fixture_data
     assert records == set(PAPER_TASKS) and all(r.output_tokens <= 3 for r in lm.records)
 
 
-def test_the_cli_refuses_gen_kwargs_that_llava_would_ignore(fixture_data, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--gen_kwargs", "max_new_tokens=2"], "--gen_kwargs='max_new_tokens=2'"),
+        (["--system_instruction", "Be brief."], "--system_instruction='Be brief.'"),
+        (["--num_fewshot", "2"], "--num_fewshot=2"),
+    ],
+)
+def test_the_cli_refuses_options_that_llava_would_ignore(fixture_data, tmp_path, capsys, flags, named):
     from globalcom2.lmms import cli
 
     argv = ["--model", "globalcom2_llava_next", "--model_args", "pretrained=tiny,protocol=llava"]
-    argv += ["--tasks", "mme_local", "--gen_kwargs", "max_new_tokens=2", "--output_path", str(tmp_path)]
+    argv += ["--tasks", "mme_local", *flags, "--output_path", str(tmp_path)]
     assert cli.main(argv) == cli.EXIT_PREFLIGHT
-    assert "would be ignored under protocol=llava" in capsys.readouterr().err
+    assert f"{named} would be ignored under protocol=llava" in capsys.readouterr().err
 
 
 def eval_config(*overrides: str):
@@ -299,6 +327,8 @@ def test_the_python_api_refuses_what_the_cli_refuses_under_llava(fixture_data, t
         PreflightError, match="gen_kwargs='max_new_tokens=3' would be ignored under protocol=llava"
     ):
         api.evaluate(lm, ["pope_adv_local"], limit=1, gen_kwargs="max_new_tokens=3")
+    with pytest.raises(PreflightError, match=r"system_instruction='Be brief\.' would be ignored"):
+        api.evaluate(lm, ["pope_adv_local"], limit=1, system_instruction="Be brief.")
     with pytest.raises(PreflightError, match="protocol='llava' has no rule for task 'mme'"):
         api.evaluate(lm, ["mme"], limit=1)
     assert not lm.records  # nothing ran

@@ -71,14 +71,17 @@ def test_test_splits_write_uploadable_files_next_to_the_results(lm, tmp_path, mo
 
 
 def test_a_partial_run_never_writes_an_upload_file(lm, tmp_path, monkeypatch):
-    """A padded file of a partial run would be accepted by EvalAI and scored near zero."""
+    """A padded file of a partial run would be accepted by EvalAI and scored near zero; nor may an earlier
+    full run's upload stay beside it in the same output path."""
     data = write_fixtures(tmp_path / "data", ["vqav2_testdev", "vizwiz_vqa_test"])
     monkeypatch.setenv(DATA_DIR_ENV, str(data))
     (data / VQAV2_QUESTIONS).write_text(
         json.dumps({"questions": [{"question_id": 1000001 + i} for i in range(3)]})
     )
-    api.evaluate(lm, TASKS, output_path=tmp_path / "cell", limit=2)
     folder = tmp_path / "cell" / "submissions"
+    api.evaluate(lm, TASKS, output_path=tmp_path / "cell")  # an earlier full run into the same path
+    assert {VQAV2_SUBMISSION, VIZWIZ_SUBMISSION} <= {p.name for p in folder.iterdir()}
+    api.evaluate(lm, TASKS, output_path=tmp_path / "cell", limit=2)
     assert sorted(p.name for p in folder.iterdir()) == [
         "partial_vizwiz_vqa_test.json",
         "partial_vqav2_testdev.json",
