@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  tables: {report.directory / 'tables'}  ({', '.join(t.name for t in report.tables)})")
         print(f"  plots:  {report.directory / 'plots'}")
         print(f"  tidy:   {report.directory / 'tidy.csv'}")
+        if report.removed:
+            print(f"  removed, not written by this build: {', '.join(p.name for p in report.removed)}")
         if args.wandb:
             from globalcom2.tracking import log_report
 

@@ -7,6 +7,9 @@ Metric kinds (column ``kind``):
 
 * ``score``: every numeric lmms-eval metric of every task (``task`` set);
 * ``paper``: the paper-table columns (``globalcom2.data.benchmarks.PAPER_METRICS``), in the paper's unit;
+  MM-Vet's from the judge's file beside the cell's samples (:func:`judged_paper_value`);
+* ``pending``: a paper column the cell fills only after a separate step (MM-Vet's judge), not yet done
+  (``value`` NaN, ``task`` says why), so a table can say what it is missing;
 * ``efficiency``: latency, memory, FLOPs, KV cache, visual tokens (``globalcom2/efficiency/summary.py``);
   unavailable values (peak memory on CPU) are absent rows, never zeros;
 * ``fidelity``: ``agreement_with_vanilla``, the % of samples whose generated token ids equal those of the
@@ -16,6 +19,7 @@ Metric kinds (column ``kind``):
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -25,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from globalcom2.atomic import atomic_write_bytes, atomic_write_text
 from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL
 from globalcom2.provenance import hardware_label
@@ -52,11 +57,12 @@ CONFIG_COLUMNS = [
 #: compile mode changes latency most and answers by reassociation, so does the attention implementation (SDPA
 #: or eager), random-initialised weights change every score, a random-initialised model's prompt length
 #: (``vicuna_text``) changes its latency, a sample ``limit`` changes which samples a score averages, the
-#: protocol (``llava`` or ``lmms_eval``) changes prompts and decoding, so scores, and the hardware changes
-#: every latency. A table's cells should agree on these (``make tables`` warns where they do not).
+#: protocol (``llava`` or ``lmms_eval``) changes prompts and decoding, so scores, the hardware changes
+#: every latency, and the number of processes a cell's throughput (the sum of their rates). A table's cells
+#: should agree on these (``make tables`` warns where they do not).
 COMPARABILITY = (
     *("batch_size", "dtype", "batch_invariant", "prefetch", "compile", "attn_implementation"),
-    *("random_init", "vicuna_text", "limit", "protocol", "hardware"),
+    *("random_init", "vicuna_text", "limit", "protocol", "hardware", "world_size"),
 )
 
 
@@ -256,12 +262,44 @@ def _metric_rows(cell: LoadedCell) -> Iterable[dict[str, Any]]:
         for metric, value in values.items():
             yield {"kind": "score", "task": task, "metric": metric, "value": float(value)}
     for column, entry in record.paper_metrics.items():
-        if entry.get("value") is not None:
-            yield {"kind": "paper", "task": "", "metric": column, "value": float(entry["value"])}
+        value, why = (
+            (entry["value"], "") if entry.get("value") is not None else judged_paper_value(cell, column)
+        )
+        if value is None:
+            yield {"kind": "pending", "task": why, "metric": column, "value": math.nan}
+        else:
+            yield {"kind": "paper", "task": "", "metric": column, "value": float(value)}
     for name, paths in EFFICIENCY_METRICS.items():
         value = efficiency_value(record.efficiency, paths)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             yield {"kind": "efficiency", "task": "", "metric": name, "value": float(value)}
+
+
+def judged_paper_value(cell: LoadedCell, column: str) -> tuple[float | None, str]:
+    """A judged paper column (MM-Vet) of ``cell``: ``(value, "")`` from the judge's output beside the cell's
+    samples (``python -m globalcom2.lmms.mmvet_judge``'s default ``<samples>_judged.json``), else
+    ``(None, why)``.
+
+    The file is part of the cell's folder, so a ``force=true`` re-run removes it with the samples it graded.
+    A partial judging (``--allow-partial``) is not a paper value; two judged files are ambiguous.
+    """
+    from globalcom2.data.benchmarks import PAPER_METRICS, paper_metric_value
+
+    spec = PAPER_METRICS.get(column)
+    if spec is None or spec.source != "mmvet_judge":
+        return None, f"needs a step this report does not read ({spec.source if spec else column})"
+    found = sorted(p for task in spec.tasks for p in cell.path.rglob(f"*_samples_{task}_judged.json"))
+    if not found:
+        return None, "not judged yet"
+    if len(found) > 1:
+        return None, f"{len(found)} judged files, ambiguous: {', '.join(p.name for p in found)}"
+    try:
+        judged = json.loads(found[0].read_text(encoding="utf-8"))
+        if judged.get("partial"):
+            return None, f"{found[0].name} judged a subset (--allow-partial)"
+        return paper_metric_value(column, judged), ""
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return None, f"{found[0].name} is unreadable ({type(err).__name__}: {err})"
 
 
 def sample_outputs(cell: LoadedCell) -> dict[tuple[str, int], tuple[int, ...]]:
@@ -325,10 +363,12 @@ def tidy_results(root: str | Path) -> pd.DataFrame:
 
 
 def write_tidy(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """``tidy.csv`` and ``tidy.parquet`` in ``out_dir``."""
+    """``tidy.csv`` and ``tidy.parquet`` in ``out_dir``, each written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, parquet = out_dir / "tidy.csv", out_dir / "tidy.parquet"
-    frame.to_csv(csv, index=False)
-    frame.to_parquet(parquet, index=False)
+    atomic_write_text(csv, frame.to_csv(index=False))
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(parquet, buffer.getvalue())
     return [csv, parquet]

@@ -18,6 +18,7 @@ class Report:
     directory: Path
     tables: list[tables.Table] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)  # an earlier build's files this one did not write
 
 
 def mixed_settings(rows: pd.DataFrame) -> list[str]:
@@ -69,7 +70,35 @@ def build_report(frame: pd.DataFrame, experiment: str, out_dir: str | Path) -> R
     for table in experiment_tables(frame, experiment):
         report.tables.append(table)
         report.files += table.write(out_dir / "tables")
-    report.files += plots.score_vs_ratio(rows, out_dir / "plots")
-    report.files += plots.pareto(rows, out_dir / "plots", vanilla_pool=frame)
-    report.files += plots.latency_memory(rows, out_dir / "plots")
+    report.files += experiment_plots(frame, experiment, out_dir / "plots")
+    report.removed = _remove_stale(report.files, out_dir / "tables", out_dir / "plots")
     return report
+
+
+def experiment_plots(frame: pd.DataFrame, experiment: str, out_dir: str | Path) -> list[Path]:
+    """The experiment's figures (PNG and PDF of each) in ``out_dir``: score against ratio, quality against
+    TFLOPs (its vanilla borrowed from ``frame`` where the experiment has none, as Table 1's), and latency
+    and memory against ratio. The one list of figures, for ``make tables`` and the notebook."""
+    rows = frame[frame["experiment"] == experiment]
+    return [
+        *plots.score_vs_ratio(rows, out_dir),
+        *plots.pareto(rows, out_dir, vanilla_pool=frame),
+        *plots.latency_memory(rows, out_dir),
+    ]
+
+
+#: What the report writes into ``tables/`` and ``plots/``; any such file it did not write this time is an
+#: earlier run's (a table of a model, benchmark or method since removed) and is deleted.
+GENERATED_SUFFIXES = frozenset({".md", ".tex", ".csv", ".png", ".pdf"})
+
+
+def _remove_stale(written: list[Path], *folders: Path) -> list[Path]:
+    """Delete the report files in ``folders`` that this build did not write; returns them."""
+    kept = {Path(p).resolve() for p in written}
+    removed = []
+    for folder in folders:
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            if path.is_file() and path.suffix in GENERATED_SUFFIXES and path.resolve() not in kept:
+                path.unlink()
+                removed.append(path)
+    return removed

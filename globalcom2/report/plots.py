@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +22,27 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from globalcom2.atomic import atomic_write_bytes
 from globalcom2.data.benchmarks import PAPER_METRICS
-from globalcom2.report.tables import AVG, ROW_KEYS, method_order, one_cell_per_slot, ordered_scores, table1
+from globalcom2.report.tables import (
+    AVG,
+    COUNT_METRICS,
+    ROW_KEYS,
+    displayed,
+    is_fraction,
+    method_order,
+    one_cell_per_slot,
+    ordered_scores,
+    table1,
+)
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under the common colour-vision deficiencies.
 OKABE_ITO = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F0E442"]
+#: The methods' colours: Okabe & Ito without black, which is vanilla's. Seven colours against eight markers,
+#: so the first 56 styles are distinct (colour, marker) pairs: the paper's nine compressed methods included.
+METHOD_COLOURS = OKABE_ITO[1:]
 MARKERS = "os^vDP*X"
+VANILLA_STYLE = {"color": OKABE_ITO[0], "marker": "*"}
 
 
 @contextmanager
@@ -46,20 +62,30 @@ def style() -> Iterator[None]:
         yield
 
 
-def method_style(method: str, method_name: str) -> dict:
-    """Colour and marker of a method, fixed by its place in :func:`method_order`."""
-    order = method_order()
-    i = order.index(method_name) if method_name in order else len(order)
-    return {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)], "label": method}
+def method_style(label: str, method_name: str, variant: int = 0) -> dict:
+    """Colour and marker of a method, fixed by its place in :func:`method_order` (vanilla: black), shifted
+    by ``variant`` for the further labels of one method (an ablation's variants of GlobalCom²), so that no
+    two lines of a figure look alike."""
+    if method_name == "vanilla":
+        return {**VANILLA_STYLE, "label": label}
+    order = [m for m in method_order() if m != "vanilla"]
+    i = (order.index(method_name) if method_name in order else len(order)) + variant
+    return {
+        "color": METHOD_COLOURS[i % len(METHOD_COLOURS)],
+        "marker": MARKERS[i % len(MARKERS)],
+        "label": label,
+    }
 
 
 def save(figure: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
-    """``<name>.png`` and ``<name>.pdf`` in ``out_dir``."""
+    """``<name>.png`` and ``<name>.pdf`` in ``out_dir``, each written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     for path in paths:
-        figure.savefig(path, bbox_inches="tight")
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=path.suffix[1:], bbox_inches="tight")
+        atomic_write_bytes(path, buffer.getvalue())
     plt.close(figure)
     return paths
 
@@ -70,13 +96,21 @@ CONTEXT_LINES = ("-", ":", "-.", (0, (5, 1)))
 
 def _series(
     frame: pd.DataFrame, by: tuple[str, ...] = ("model",)
-) -> list[tuple[str, str, int, pd.DataFrame]]:
-    """(label, registry name, context index, rows) per method and context, in the paper's method order.
+) -> list[tuple[str, str, int, int, pd.DataFrame]]:
+    """(label, registry name, context index, variant, rows) per method and context, in the paper's method
+    order.
 
     A context is a value of the ``by`` columns that vary in ``frame`` (each model, and for costs each
     benchmark): a method's line never joins two models' or two benchmarks' points, and its label names the
-    context when there are several."""
+    context when there are several. ``variant`` ranks a label among the labels of its registry name in the
+    whole frame (0 for the first; an ablation's variants count up), the same in every context."""
     rank = {m: i for i, m in enumerate(method_order())}
+    labels = frame[["method_name", "method"]].drop_duplicates().sort_values(["method_name", "method"])
+    variant_of = {
+        (name, label): k
+        for name, group in labels.groupby("method_name")
+        for k, label in enumerate(group["method"])
+    }
     varying = [k for k in by if k in frame and frame[k].nunique() > 1]
     contexts = (
         sorted(frame[varying].drop_duplicates().itertuples(index=False, name=None)) if varying else [()]
@@ -88,7 +122,8 @@ def _series(
             rows = rows[rows[key] == value]
         prefix = ", ".join(map(str, context)) + ": " if context else ""
         for label, series in rows.groupby("method"):
-            groups.append((prefix + str(label), series["method_name"].iloc[0], index, series))
+            name = series["method_name"].iloc[0]
+            groups.append((prefix + str(label), name, index, variant_of[(name, label)], series))
     return sorted(groups, key=lambda g: (g[2], rank.get(g[1], len(rank)), g[0]))
 
 
@@ -101,7 +136,7 @@ def plot_against_ratio(ax: plt.Axes, rows: pd.DataFrame, by: tuple[str, ...] = (
     dashed horizontal line. Each point from one cell, the one its table shows (:func:`one_cell_per_slot`)."""
     slot = [*ROW_KEYS, *(k for k in (*by, "metric") if k in rows and k not in ROW_KEYS)]
     rows = one_cell_per_slot(rows, list(dict.fromkeys(slot)), warn=False)
-    for label, method_name, context, series in _series(rows, by):
+    for label, method_name, context, variant, series in _series(rows, by):
         series = series.sort_values("retention_ratio")
         if method_name == "vanilla":
             shade = VANILLA_SHADES[context % len(VANILLA_SHADES)]
@@ -113,24 +148,23 @@ def plot_against_ratio(ax: plt.Axes, rows: pd.DataFrame, by: tuple[str, ...] = (
                 linewidth=1.4,
                 markersize=4,
                 linestyle=CONTEXT_LINES[context % len(CONTEXT_LINES)],
-                **method_style(label, method_name),
+                **method_style(label, method_name, variant),
             )
 
 
 def panels(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(title, rows of one metric) per panel: paper columns when present, else each benchmark's own scores
-    (x100) and agreement with vanilla."""
+    (fractions x100, counts left out) and agreement with vanilla."""
     paper = frame[frame["kind"] == "paper"]
     if not paper.empty:
         return [(c, paper[paper["metric"] == c]) for c in PAPER_METRICS if c in set(paper["metric"])]
     out = []
-    for (benchmark, task, metric), rows in frame[frame["kind"] == "score"].groupby(
-        ["benchmark", "task", "metric"]
-    ):
+    scores = frame[(frame["kind"] == "score") & ~frame["metric"].isin(COUNT_METRICS)]
+    for (benchmark, task, metric), rows in scores.groupby(["benchmark", "task", "metric"]):
         out.append(
             (
                 f"{benchmark}: {metric}" if task == benchmark else f"{task}: {metric}",
-                rows.assign(value=100 * rows["value"]),
+                rows.assign(value=displayed(metric, rows["value"])),
             )
         )
     for (benchmark, metric), rows in frame[frame["kind"] == "fidelity"].groupby(["benchmark", "metric"]):
@@ -210,7 +244,7 @@ def pareto(
 
 def _plot_vs_tflops(ax: plt.Axes, merged: pd.DataFrame) -> None:
     """One line per method of ``value`` against ``tflops`` (vanilla: its single point)."""
-    for label, method_name, context, series in _series(merged):
+    for label, method_name, context, variant, series in _series(merged):
         series = series.sort_values("tflops")
         ax.plot(
             series["tflops"],
@@ -218,7 +252,7 @@ def _plot_vs_tflops(ax: plt.Axes, merged: pd.DataFrame) -> None:
             linewidth=1.2,
             markersize=5,
             linestyle=CONTEXT_LINES[context % len(CONTEXT_LINES)],
-            **method_style(label, method_name),
+            **method_style(label, method_name, variant),
         )
     ax.set_xlabel("TFLOPs per prefill (full convention)")
 
@@ -258,11 +292,12 @@ def _paper_quality_vs_tflops(frame: pd.DataFrame, vanilla_pool: pd.DataFrame | N
 
 
 def _accuracy_vs_tflops(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """(title, rows) per (model, benchmark, task, metric) of the score metrics: value x100 beside TFLOPs.
+    """(title, rows) per (model, benchmark, task, metric) of the accuracy-like (fraction) score metrics:
+    value x100 beside TFLOPs.
 
     The model is named in the title only when the frame holds several (each panel holds one model, so a
     method's line never joins two models' points)."""
-    scores = frame[frame["kind"] == "score"]
+    scores = frame[(frame["kind"] == "score") & frame["metric"].map(is_fraction).astype(bool)]
     merged = scores.merge(
         _tflops(frame).drop(columns="method_name"), on=["model", "method", "retention_ratio", "benchmark"]
     )
@@ -278,7 +313,7 @@ def _accuracy_vs_tflops(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
             subject = benchmark if task == benchmark else task
             title = f"{model}, {subject}: {metric}" if several_models else f"{subject}: {metric}"
             metric_rows = rows[rows["metric"] == metric]
-            items.append((title, metric_rows.assign(value=100 * metric_rows["value"])))
+            items.append((title, metric_rows.assign(value=displayed(metric, metric_rows["value"]))))
     return items
 
 

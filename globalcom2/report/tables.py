@@ -13,13 +13,16 @@ Every entry of a table comes from one results cell (:func:`one_cell_per_slot`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from globalcom2.atomic import atomic_write_text
 from globalcom2.data.benchmarks import PAPER_METRICS
 from globalcom2.efficiency.table import efficiency_display
 from globalcom2.methods import METHODS
@@ -55,20 +58,28 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """``<name>.md``, ``<name>.tex`` (booktabs) and ``<name>.csv`` in ``out_dir``."""
+        """``<name>.md``, ``<name>.tex`` (booktabs) and ``<name>.csv`` in ``out_dir``, each written atomically
+        (a killed ``make tables`` leaves the previous file or the new one, never half of one)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         md, tex, csv = (out_dir / f"{self.name}.{ext}" for ext in ("md", "tex", "csv"))
         notes = "".join(f"\n{i + 1}. {note}" for i, note in enumerate(self.notes))
-        body = self.frame.to_markdown(index=False, floatfmt=".4g") if len(self.frame) else "(no rows)"
-        md.write_text(f"**{self.caption}**\n\n{body}\n{notes}\n", encoding="utf-8")
-        tex.write_text(self.latex(), encoding="utf-8")
-        self.frame.to_csv(csv, index=False)
+        atomic_write_text(md, f"**{self.caption}**\n\n{self.markdown()}\n{notes}\n")
+        atomic_write_text(tex, self.latex())
+        atomic_write_text(csv, self.frame.to_csv(index=False))
         return [md, tex, csv]
+
+    def markdown(self) -> str:
+        """The frame as a Markdown table: numbers to 4 significant digits, also in a column that mixes them
+        with text (an Avg that is "n/a (...)" for one row), and a missing value as a dash, never "nan"."""
+        if not len(self.frame):
+            return "(no rows)"
+        shown = self.frame.map(_cell_text)
+        return shown.to_markdown(index=False, disable_numparse=True)
 
     def latex(self) -> str:
         frame = self.frame if len(self.frame) else pd.DataFrame({"": ["(no rows)"]})
-        body = frame.to_latex(index=False, float_format="%.4g", escape=True)  # booktabs rules
+        body = frame.to_latex(index=False, float_format="%.4g", escape=True, na_rep="--")  # booktabs rules
         notes = "".join(f"\\item {_tex_escape(n)}\n" for n in self.notes)
         notes = f"\\begin{{itemize}}\n{notes}\\end{{itemize}}\n" if notes else ""
         return (
@@ -77,16 +88,33 @@ class Table:
         )
 
 
+def _cell_text(value: Any) -> Any:
+    """How a table cell reads in Markdown: floats to 4 significant digits, a missing value as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return format(value, ".4g")
+    return value
+
+
+#: Characters LaTeX treats specially in text, and how they are typeset (one pass: a replacement is never
+#: escaped again).
+TEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "_": r"\_",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
 def _tex_escape(text: str) -> str:
-    for char, escaped in (
-        ("\\", r"\textbackslash{}"),
-        ("&", r"\&"),
-        ("%", r"\%"),
-        ("_", r"\_"),
-        ("#", r"\#"),
-    ):
-        text = text.replace(char, escaped)
-    return text
+    return text.translate(str.maketrans(TEX_SPECIAL))
 
 
 def _order(frame: pd.DataFrame) -> pd.DataFrame:
@@ -174,20 +202,42 @@ def relative_average(row: pd.Series, vanilla: pd.Series | None, columns: list[st
 
 
 def _partial_averages(wide: pd.DataFrame, vanilla: pd.Series | None, columns: list[str]) -> list[str]:
-    """A note for each row whose Avg covers fewer of the table's columns than the others: an average over MME
-    alone is not comparable with one over ten benchmarks."""
+    """Notes for the rows whose Avg covers fewer than the table's columns: an average over MME alone is not
+    comparable with one over ten benchmarks, nor one without the column vanilla lacks with the table's."""
     if vanilla is None or wide.empty:
         return []
-    covered = {
-        (row["method"], row["retention_ratio"]): shared_columns(row, vanilla, columns)
-        for _, row in wide.iterrows()
-    }
-    most = max(len(shared) for shared in covered.values())
-    return [
-        f"{AVG} of {method} at R = {ratio}: over {len(shared)} of the {most} columns ({', '.join(shared) or 'none'})."
-        for (method, ratio), shared in covered.items()
-        if len(shared) < most
-    ]
+    notes = []
+    without_vanilla = [c for c in columns if not shared_columns(vanilla, vanilla, [c])]
+    if without_vanilla:
+        notes.append(
+            f"{AVG}: the vanilla row has no {', '.join(without_vanilla)}, so no row's average covers it."
+        )
+    for _, row in wide.iterrows():
+        shared = shared_columns(row, vanilla, columns)
+        missing = [c for c in columns if c not in shared and c not in without_vanilla]
+        if missing:
+            notes.append(
+                f"{AVG} of {row['method']} at R = {row['retention_ratio']}: over {len(shared)} of the "
+                f"{len(columns)} columns, without {', '.join(missing)}."
+            )
+    return notes
+
+
+def _pending_columns(rows: pd.DataFrame) -> list[str]:
+    """A note per paper column some cells of ``rows`` fill only after a separate step not yet done (MM-Vet's
+    judge), naming the cells' methods and why."""
+    pending = rows[rows["kind"] == "pending"]
+    notes = []
+    for column, group in pending.groupby("metric", sort=False):
+        cells = ", ".join(
+            f"{m} R = {r} ({why})"
+            for m, r, why in group[["method", "retention_ratio", "task"]].itertuples(index=False)
+        )
+        notes.append(
+            f"{column}: pending for {len(group)} cell(s), {cells}; judge the samples with `python -m "
+            "globalcom2.lmms.mmvet_judge --samples <cell>/…/*_samples_mmvet_local.jsonl`, then build the tables again."
+        )
+    return notes
 
 
 def table1(
@@ -212,6 +262,7 @@ def table1(
     wide = _order(wide) if len(wide) else wide
     wide[AVG] = [relative_average(r, vanilla, columns) for _, r in wide.iterrows()]
     notes += _partial_averages(wide, vanilla, columns)
+    notes += _pending_columns(rows)
     display = wide[["method", "retention_ratio", *columns, AVG]].rename(columns={"retention_ratio": "R"})
     notes += [f"{c}: {PAPER_METRICS[c].note}" for c in columns if not PAPER_METRICS[c].comparable]
     protocols = (
@@ -283,6 +334,24 @@ def _find_vanilla(wide: pd.DataFrame) -> pd.Series | None:
 
 PER_TYPE_SUFFIX = "_accuracy"  # the demo's per-question-type metrics: color_accuracy, count_accuracy, ...
 
+#: lmms-eval metrics that are fractions in [0, 1] besides ``exact_match`` and ``*accuracy`` (POPE's,
+#: ``lmms_eval/tasks/pope/utils.py``); shown x100. Every other metric is shown as lmms-eval reports it: MME's
+#: points (0-2000), ``gpt_eval_score`` (MMBench's already in %), and counts.
+FRACTION_METRICS = frozenset({"pope_f1_score", "pope_precision", "pope_recall", "pope_yes_ratio"})
+#: Counts that lmms-eval reports as metrics (answers written, answers awaiting the judge): no score to plot.
+COUNT_METRICS = frozenset({"submission", "judge_pending"})
+
+
+def is_fraction(metric: str) -> bool:
+    """Whether ``metric`` (or a qualified ``<task>: <metric>``) is a fraction in [0, 1], shown x100."""
+    name = metric.rsplit(": ", 1)[-1]
+    return name == "exact_match" or name.endswith("accuracy") or name in FRACTION_METRICS
+
+
+def displayed(metric: str, values: pd.Series) -> pd.Series:
+    """``values`` of ``metric`` as the report shows them: x100 for a fraction, unchanged otherwise."""
+    return 100.0 * values if is_fraction(metric) else values
+
 
 def ordered_scores(metrics: Iterable[str]) -> list[str]:
     """Overall metrics first, then per-question-type ones (``*_accuracy``), each group sorted.
@@ -294,7 +363,8 @@ def ordered_scores(metrics: Iterable[str]) -> list[str]:
 
 
 def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Table:
-    """One benchmark by its own metrics (x100; overall before per-type), agreement with vanilla, and costs.
+    """One benchmark by its own metrics (fractions x100; overall before per-type), agreement with vanilla,
+    and costs.
 
     A benchmark of several lmms-eval tasks names each score ``<task>: <metric>``: two tasks' ``exact_match``
     are two columns, never one."""
@@ -306,7 +376,7 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
     scores = _wide(rows, "score")
     metrics = ordered_scores(c for c in scores.columns if c not in ROW_KEYS)
     for metric in metrics:
-        scores[metric] = 100.0 * scores[metric]
+        scores[metric] = displayed(metric, scores[metric])
     extra = _wide(rows, "fidelity").merge(
         _wide(
             rows,
@@ -335,7 +405,8 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
     ]
     display = wide[columns].rename(columns=rename)
     notes = [
-        "Scores are lmms-eval's metrics x 100.",
+        "Scores are lmms-eval's metrics; fractions (exact_match, accuracies, POPE's F1, precision, recall and "
+        "yes-ratio) x 100, others (MME's points, gpt_eval_score, counts) as lmms-eval reports them.",
         "agreement with vanilla: % of samples whose generated token ids equal the vanilla cell's (first-token: "
         "the first generated token only); it measures how far a method moves the model's outputs, not accuracy.",
         "equivalent visual tokens: visual tokens entering each decoder layer, averaged over layers.",

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import synthetic_image
 
-from globalcom2.report import plots
+from globalcom2.report import plots, tables
 from globalcom2.report.aggregate import load_cells, tidy_results
 from globalcom2.report.build import build_report
 from globalcom2.report.tables import AVG, benchmark_table, paper_vs_ours, table1
@@ -304,7 +304,7 @@ def test_table1_average_is_relative_to_vanilla_column_by_column(tree):
     assert table.loc["fastv", AVG] == pytest.approx(75.0)  # only the columns it has
     assert list(table.index) == ["vanilla", "fastv", "globalcom2"]
     notes = [n for n in table1(frame, "llava_next_7b").notes if n.startswith(AVG)]
-    assert notes == [f"{AVG} of fastv at R = 0.25: over 1 of the 2 columns (GQA)."]  # and says so
+    assert notes == [f"{AVG} of fastv at R = 0.25: over 1 of the 2 columns, without MME (perception)."]
     no_vanilla = table1(frame[frame["method"] != "vanilla"], "llava_next_7b")
     assert set(no_vanilla.frame[AVG]) == {"n/a (no vanilla row)"}
     assert any("no vanilla row" in note for note in no_vanilla.notes)
@@ -657,6 +657,7 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_p
     record["spec"]["model"]["compile"] = "default"
     record["provenance"]["hardware"] = {"gpu": "NVIDIA H200"}
     record["spec"]["benchmark"]["limit"] = 20
+    record["run"] = {"world_size": 2}  # throughput is the sum of the processes' rates
     (cell / "record.json").write_text(json.dumps(record))
     with pytest.warns(UserWarning) as caught:
         build_report(tidy_results(root), "t1", tmp_path / "mixed")
@@ -668,6 +669,7 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_p
     )
     assert any("compile differs between cells: default (1 cells), no (1 cells)" in m for m in messages)
     assert any("limit differs between cells: 20 (1 cells), None (1 cells)" in m for m in messages)
+    assert any("world_size differs between cells: 1 (1 cells), 2 (1 cells)" in m for m in messages)
     assert any(
         "hardware differs between cells: NVIDIA H100 (1 cells), NVIDIA H200 (1 cells)" in m for m in messages
     )
@@ -851,11 +853,36 @@ def test_a_plot_line_never_joins_two_models():
         }
     )
     series = plots._series(frame)
-    assert [(label, list(rows["value"])) for label, _, _, rows in series] == [
+    assert [(label, list(rows["value"])) for label, _, _, _, rows in series] == [
         ("llava_next_7b: globalcom2", [3.0, 4.0]),
         ("tiny: globalcom2", [1.0, 2.0]),
     ]
     assert [label for label, *_ in plots._series(frame[frame["model"] == "tiny"])] == ["globalcom2"]
+
+
+def test_no_two_lines_of_a_figure_look_alike():
+    """Every method of the paper's order, and an ablation's variants of one method, get distinct (colour,
+    marker) pairs (ten methods on eight colours gave GlobalCom² random's style, and every variant one style)."""
+    methods = tables.method_order()
+    styles = [plots.method_style(m, m) for m in methods]
+    assert len({(s["color"], s["marker"]) for s in styles}) == len(methods)
+    assert styles[methods.index("vanilla")]["color"] == "#000000"
+    variants = ["globalcom2", "globalcom2 (no global)", "globalcom2 (uniform)", "globalcom2 (thumbnail only)"]
+    frame = pd.DataFrame(
+        {
+            "model": "tiny",
+            "method": variants,
+            "method_name": "globalcom2",
+            "retention_ratio": 0.25,
+            "value": 1.0,
+        }
+    )
+    looks = {
+        (style["color"], style["marker"])
+        for label, name, _, variant, _ in plots._series(frame)
+        for style in [plots.method_style(label, name, variant)]
+    }
+    assert len(looks) == len(variants)
 
 
 @pytest.mark.parametrize("gpu", ["Tesla V100-SXM2-32GB", "AMD Instinct MI300X", "NVIDIA H100 80GB HBM3"])
@@ -882,6 +909,96 @@ def test_a_benchmark_of_several_tasks_keeps_each_tasks_score_apart(tmp_path):
     assert table.loc["globalcom2", "task_a: exact_match"] == pytest.approx(40.0)
     assert table.loc["globalcom2", "task_b: exact_match"] == pytest.approx(60.0)
     assert "exact_match" not in table.columns
+
+
+def test_only_fractions_are_scaled_and_counts_are_not_plotted(tmp_path):
+    """MME's points, MMBench's percent and counts (an MM-Vet cell's judge_pending) are shown as lmms-eval
+    reports them; x100 made MME 150000 and 218 pending answers 21800."""
+    root = tmp_path / "results"
+    for method, ratio in (("vanilla", 1.0), ("globalcom2", 0.25)):
+        metrics = {
+            "mme_local": {"mme_perception_score": 1500.0 * ratio},
+            "pope_adv_local": {"pope_f1_score": 0.8 * ratio},
+            "mmvet_local": {"judge_pending": 218.0},
+        }
+        write_cell(root, method, ratio, {}, benchmark="mixed", metrics=metrics)
+    frame = tidy_results(root)
+    table = benchmark_table(frame, "t1", "mixed").frame.set_index("method")
+    assert table.loc["globalcom2", "mme_local: mme_perception_score"] == pytest.approx(375.0)
+    assert table.loc["globalcom2", "pope_adv_local: pope_f1_score"] == pytest.approx(20.0)
+    assert table.loc["globalcom2", "mmvet_local: judge_pending"] == pytest.approx(218.0)
+    titles = [title for title, _ in plots.panels(frame[frame["experiment"] == "t1"])]
+    assert not any("judge_pending" in title for title in titles) and len(titles) == 2
+    assert [title for title, _ in plots._accuracy_vs_tflops(frame)] == ["pope_adv_local: pope_f1_score"]
+
+
+def test_an_average_without_a_column_vanilla_lacks_is_noted(tmp_path):
+    """Every row's Avg covered only GQA while the table showed MME too: the vanilla row had no MME."""
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
+    write_cell(root, "fastv", 0.25, {"GQA": 45.0, "MME (perception)": 1200.0})
+    table = table1(tidy_results(root), "llava_next_7b")
+    assert table.frame.set_index("method").loc["fastv", AVG] == pytest.approx(75.0)
+    assert f"{AVG}: the vanilla row has no MME (perception), so no row's average covers it." in table.notes
+
+
+def _mmvet_cell(root: Path, method: str, ratio: float, judged: dict | None) -> Path:
+    """A finished MM-Vet cell whose record leaves the column to the judge, with the judge's file if given."""
+    cell = write_cell(root, method, ratio, {"GQA": 60.0 * ratio}, benchmark="mmvet")
+
+    def pending(record):
+        record["paper_metrics"]["MM-Vet"] = {"value": None, "metric": "gpt_eval_score", "pending": "judge"}
+
+    _edit_record(cell, pending)
+    samples = cell / "llava" / "20261206_samples_mmvet_local.jsonl"
+    samples.parent.mkdir()
+    samples.write_text("")
+    if judged is not None:
+        (samples.parent / f"{samples.stem}_judged.json").write_text(json.dumps(judged))
+    return cell
+
+
+def test_a_judged_mmvet_score_enters_table1_and_an_unjudged_one_is_named_pending(tmp_path):
+    root = tmp_path / "results"
+    judged = {"results": {"mmvet_local": {"gpt_eval_score,none": 31.5}}, "partial": False}
+    _mmvet_cell(root, "vanilla", 1.0, judged)
+    _mmvet_cell(root, "globalcom2", 0.25, None)
+    _mmvet_cell(root, "fastv", 0.25, {**judged, "partial": True})
+    table = table1(tidy_results(root), "llava_next_7b")
+    shown = table.frame.set_index("method")
+    assert shown.loc["vanilla", "MM-Vet"] == pytest.approx(31.5)
+    assert pd.isna(shown.loc["globalcom2", "MM-Vet"]) and pd.isna(shown.loc["fastv", "MM-Vet"])
+    (note,) = [n for n in table.notes if n.startswith("MM-Vet: pending")]
+    assert "globalcom2 R = 0.25 (not judged yet)" in note and "judged a subset (--allow-partial)" in note
+    assert f"{AVG} of globalcom2 at R = 0.25: over 1 of the 2 columns, without MM-Vet." in table.notes
+
+
+def test_a_rebuild_removes_the_files_of_tables_it_no_longer_writes(tmp_path):
+    root = tmp_path / "results"
+    for model in ("llava_next_7b", "llava_next_13b"):
+        write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, model=model)
+    first = build_report(tidy_results(root), "t1", tmp_path / "out")
+    stale = tmp_path / "out" / "tables" / "table1_llava_next_13b.md"
+    assert stale in first.files and not first.removed
+    (tmp_path / "out" / "tables" / "notes.txt").write_text("mine")  # not a report file: kept
+    shutil.rmtree(root / "t1" / "llava_next_13b")
+    second = build_report(tidy_results(root), "t1", tmp_path / "out")
+    assert stale in second.removed and not stale.exists()
+    assert {p.name for p in second.removed} >= {"table1_llava_next_13b.tex", "table1_llava_next_13b.csv"}
+    assert all(p.exists() for p in second.files) and (tmp_path / "out" / "tables" / "notes.txt").exists()
+
+
+def test_markdown_and_latex_show_missing_values_as_dashes_and_escape_what_latex_reads(tmp_path):
+    frame = pd.DataFrame(
+        {"method": ["a", "b"], "GQA": [61.23456, float("nan")], AVG: [88.52459016393442, "n/a (x)"]}
+    )
+    table = tables.Table("t", frame, "R ~ 0.25 of {x}", ["tiny model: accuracy is ~0 at 5$ ^2"])
+    markdown = table.markdown()
+    assert "nan" not in markdown.lower() and "–" in markdown
+    assert "88.52" in markdown and "88.524" not in markdown and "61.23" in markdown
+    latex = table.latex()
+    assert "NaN" not in latex and r"\textasciitilde{}0 at 5\$ \textasciicircum{}2" in latex
+    assert r"\caption{R \textasciitilde{} 0.25 of \{x\}}" in latex
 
 
 def test_table1_says_why_textvqa_is_not_comparable_with_the_published_row(tmp_path):
