@@ -35,11 +35,14 @@ LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
 #: Bump when a code change alters the results of unchanged configs (a prompt, a task's scoring), so that
 #: cells finished before it are run again instead of being reused. The git SHA is recorded, not hashed:
 #: a commit that changes nothing a cell computes must not re-run the grid.
-IDENTITY_VERSION = 5  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
+IDENTITY_VERSION = 6  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
 # 3: the checkpoint's content (``weights``) joined the identity, so cells that may hold other weights run again;
 # 4: the task definitions (``task_definitions``) and the data folders' content (``data.<task>.content``)
 # joined it, and the process count where it changes batches; ScienceQA answers read as LLaVA's under llava;
-# 5: a generated task's data (the demo benchmark's split, seed, size and rendered rows) joined it
+# 5: a generated task's data (the demo benchmark's split, seed, size and rendered rows) joined it;
+# 6: a hub task's dataset commit joined it (the lite tasks); benchmark.lite/lite_tasks (the task list says
+# which ran) and a checkpoint folder's path (its files' SHA-256 say what loaded) left it; a llava
+# generation_overrides temperature > 0 samples
 #: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``; the
 #: task files and data they point at are in it by content), how it is launched (N processes give the
 #: answers of one, tests/harness/test_run_cells.py; the process count joins the identity where it changes
@@ -284,11 +287,15 @@ class CellSpec:
             # each process batches its own share of the documents, and a batch's other rows change a row's
             # answer where kernels depend on the batch's shape (bf16 on a GPU; README, "Batching")
             identity["launcher"] = {"num_processes": self.launcher.num_processes}
+        for unread in ("lite", "lite_tasks"):  # they chose benchmark.tasks, which is in the identity
+            identity["benchmark"].pop(unread, None)
         identity["data"] = data_identity(list(self.benchmark.tasks))
         identity["task_definitions"] = task_identity(list(self.benchmark.tasks))
         identity["weights"] = checkpoint_identity(
             self.model.pretrained, random_init=self.model.random_init, revision=self.model.revision
         )
+        if "files" in (identity["weights"] or {}):  # a folder: its files name what loaded, not its path
+            identity["model"].pop("pretrained", None)
         identity["identity_version"] = IDENTITY_VERSION
         return identity
 

@@ -101,3 +101,39 @@ def snapshot_commit(path: Path) -> str:
     if snapshot.parent.name != "snapshots" or not snapshot.name:
         raise ValueError(f"{path} is not in a Hugging Face cache snapshot")
     return snapshot.name
+
+
+def hub_dataset_commit(repo: str, revision: str | None = None) -> str:
+    """The commit hub dataset ``repo`` at ``revision`` (``None``: ``main``) resolves to, as ``datasets``
+    resolves it to load it: the hub's, online (``HfApi.dataset_info``), else, offline or when the hub cannot
+    be reached, the local cache's ``refs/<revision>`` (``datasets--owner--name/refs/main``, which a download
+    writes). A full commit resolves to itself.
+
+    Raises:
+        ValueError: ``repo`` is not a valid hub id.
+        FileNotFoundError: neither the hub nor the cache names a commit.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo)
+    wanted = revision or "main"
+    if len(wanted) == 40 and all(c in "0123456789abcdef" for c in wanted):
+        return wanted
+    hub_error = None
+    if not (hub_offline() or _env_on(DATASETS_OFFLINE)):
+        try:
+            sha = HfApi().dataset_info(repo, revision=wanted).sha
+            if sha:
+                return sha
+        except Exception as err:  # network, authentication, a missing repo or revision: try the cache
+            hub_error = err
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / wanted
+    try:
+        return ref.read_text(encoding="utf-8").strip()
+    except OSError:
+        where = f"the hub said: {hub_error}" if hub_error else f"offline: {', '.join(offline_reasons())}"
+        raise FileNotFoundError(
+            f"cannot tell which commit of dataset {repo}@{wanted} would load: not in the local cache ({ref}), "
+            f"{where}"
+        ) from None

@@ -219,6 +219,12 @@ def run(cfg: DictConfig) -> CellRecord | None:
             f"{label}: cannot tell which weights model.pretrained={weights['unresolved']!r} names "
             f"({weights['reason']}); pass a local folder, or a hub id that is cached or reachable"
         )
+    for task, data in (cell.identity.get("data") or {}).items():  # nor without naming the data it read
+        if isinstance(data, dict) and "unresolved" in data:
+            raise CellError(
+                f"{label}: cannot tell which data task {task!r} would read from {data['unresolved']!r} "
+                f"({data['reason']}); download it once online, or use the full benchmark (make data)"
+            )
     try:
         with cell.lock() as lock_fd:
             cell.recover()  # a force=true commit killed half-way: its finished cell is put back first

@@ -137,8 +137,9 @@ def data_identity(tasks: list[str], include_path: str | list[str] | None = None)
     folder holds (:func:`~globalcom2.data.local.data_fingerprint`). A generated task (the demo benchmark)
     gives its split, seed and size and the content of the folder it reads, built here if not yet cached
     (a few seconds), so an edited generator is another cell even where ``DEMO_VERSION`` was not bumped.
-    ``None`` for a built-in hub task. Synthetic fixture rows and real data, two hub revisions, or two folders
-    of one name on two machines thus make different cells."""
+    A task that reads the hub itself (lmms-eval's LMMs-Eval-Lite tasks) gives its dataset, config and the
+    commit it would load (:func:`_hub_identity`). Synthetic fixture rows and real data, two hub revisions, or
+    two folders of one name on two machines thus make different cells."""
     ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
     identity: dict[str, Any] = {}
     for name in tasks:
@@ -148,11 +149,32 @@ def data_identity(tasks: list[str], include_path: str | list[str] | None = None)
             continue
         local_data = config.get("local_data")
         if not local_data:
-            identity[name] = None
+            identity[name] = _hub_identity(name, config)
             continue
         source = {k: v for k, v in data_source(local_data).items() if k != "created"}
         identity[name] = {**source, "content": data_fingerprint(local_data)}
     return identity
+
+
+def _hub_identity(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """``{"hub", "config", "commit"}`` of the dataset a task loads from the hub (its YAML's ``dataset_path``,
+    ``dataset_name`` and ``dataset_kwargs.revision``), or ``{"unresolved", "reason"}`` when that cannot be
+    told, which ``globalcom2.run`` refuses as it refuses unnamed weights."""
+    from globalcom2.hub import hub_dataset_commit
+
+    if not config:
+        found = _builtin_index().get(name)
+        config = _simple_config(found["yaml_path"]) if found and "yaml_path" in found else {}
+    repo = config.get("dataset_path")
+    if not isinstance(repo, str) or not repo:
+        return {"unresolved": name, "reason": "its YAML names no dataset_path or local_data"}
+    kwargs = config.get("dataset_kwargs") or {}
+    revision = kwargs.get("revision") if isinstance(kwargs, dict) else None
+    try:
+        commit = hub_dataset_commit(repo, revision)
+    except (OSError, ValueError) as err:
+        return {"unresolved": repo, "reason": f"{type(err).__name__}: {err}"}
+    return {"hub": repo, "config": config.get("dataset_name"), "commit": commit}
 
 
 def _generated_identity(config: dict[str, Any]) -> dict[str, Any]:

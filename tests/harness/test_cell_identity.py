@@ -323,6 +323,47 @@ def test_a_vicuna_length_cell_runs_on_the_efficiency_split(tmp_path, monkeypatch
         assert r.text_tokens == VICUNA_TEXT_TOKENS[questions[r.doc_id]] + POST_PROMPT_TOKENS
 
 
+def test_a_lite_cell_names_the_hub_dataset_commit_it_reads(tmp_path, monkeypatch):
+    """The LMMs-Eval-Lite tasks are lmms-eval's own and read the hub at ``main``: a new commit of the dataset
+    is another cell (its identity held ``None`` and kept serving the old scores), and one whose commit
+    cannot be named is never run."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    refs = tmp_path / "hub" / "datasets--lmms-lab-encoder--LMMs-Eval-Lite" / "refs"
+    refs.mkdir(parents=True)
+    lite = ("benchmark=gqa", "benchmark.lite=true")
+    (refs / "main").write_text("a" * 40)
+    first = cell_identity(tmp_path, *lite)
+    assert first["data"]["gqa_lite"] == {
+        "hub": "lmms-lab-encoder/LMMs-Eval-Lite",
+        "config": "gqa",
+        "commit": "a" * 40,
+    }
+    (refs / "main").write_text("b" * 40)
+    assert cell_identity(tmp_path, *lite)["data"]["gqa_lite"]["commit"] == "b" * 40
+    (refs / "main").unlink()
+    assert "unresolved" in cell_identity(tmp_path, *lite)["data"]["gqa_lite"]
+    with pytest.raises(run_module.CellError, match="cannot tell which data task 'gqa_lite' would read"):
+        run_module.run(compose_cell(tmp_path, *lite))
+
+
+def test_what_only_chose_the_tasks_or_named_a_folder_is_not_in_the_identity(tmp_path, monkeypatch):
+    """An edited lite_tasks list (with lite off) and two spellings of one checkpoint folder changed the id,
+    re-running cells whose tasks and weights were the same."""
+    base = cell_identity(tmp_path)
+    assert cell_identity(tmp_path, "benchmark.lite_tasks=[vqav2_val_lite]") == base
+    assert "lite" not in base["benchmark"] and "lite_tasks" not in base["benchmark"]
+    folder = tmp_path / "checkpoints" / "mine"
+    shutil.copytree(tiny_checkpoint(0), folder)
+    absolute = cell_identity(tmp_path, f"model.pretrained={folder}")
+    monkeypatch.chdir(folder.parent)
+    assert cell_identity(tmp_path, "model.pretrained=./mine/") == absolute
+    assert "pretrained" not in absolute["model"] and "files" in absolute["weights"]
+    hub = cell_identity(tmp_path, "model=llava_next_7b", "model.random_init=true", "model.device=cpu")
+    assert hub["model"]["pretrained"] == "llava-hf/llava-v1.6-vicuna-7b-hf"  # a hub id is kept as named
+
+
 def test_the_process_count_is_in_the_identity_only_where_it_changes_what_a_batch_holds(tmp_path):
     """Each process batches its own share of the documents: at batch size 1, or in the batch-invariant mode,
     that changes no answer (one identity); with batch size > 1 otherwise it can (bf16 on a GPU)."""
