@@ -287,10 +287,11 @@ class GlobalCom2LlavaNext(lmms):
             and self.batch_size_per_device > 1
             and any(len(indices) % self.batch_size_per_device == 1 for indices in groups.values())
         )
-        progress = tqdm(total=len(requests), disable=self._rank != 0, desc="globalcom2 generate")
+        generated = sum(len(indices) for indices in groups.values())  # padding requests are not generated
+        progress = tqdm(total=generated, disable=self._rank != 0, desc="globalcom2 generate")
         by_position: dict[int, sr.SampleRecord] = {}
         # the batch-invariant mode's environment switch, set while no prefetch thread runs (batch_invariant.py)
-        with forced_gqa() if self.batch_invariant else contextlib.nullcontext():
+        with progress, forced_gqa() if self.batch_invariant else contextlib.nullcontext():
             for key, indices in groups.items():
                 feeder = self._feeder(requests)
                 mark = time.perf_counter()
@@ -304,7 +305,6 @@ class GlobalCom2LlavaNext(lmms):
                         by_position[i] = record
                     mark = now
                     progress.update(len(ready.indices))
-        progress.close()
         new_records = [by_position[i] for i in sorted(by_position)]  # lmms-eval's order
         self.records += new_records
         self._report(new_records)
