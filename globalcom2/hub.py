@@ -120,19 +120,21 @@ def hub_dataset_commit(repo: str, revision: str | None = None) -> str:
     wanted = revision or "main"
     if len(wanted) == 40 and all(c in "0123456789abcdef" for c in wanted):
         return wanted
-    hub_error = None
-    if not (hub_offline() or _env_on(DATASETS_OFFLINE)):
+    offline = hub_offline() or _env_on(DATASETS_OFFLINE)
+    hub_said = ""
+    if not offline:
         try:
             sha = HfApi().dataset_info(repo, revision=wanted).sha
             if sha:
                 return sha
+            hub_said = "the hub named no commit"
         except Exception as err:  # network, authentication, a missing repo or revision: try the cache
-            hub_error = err
+            hub_said = f"the hub said: {err}"
     ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / wanted
     try:
         return ref.read_text(encoding="utf-8").strip()
     except OSError:
-        where = f"the hub said: {hub_error}" if hub_error else f"offline: {', '.join(offline_reasons())}"
+        where = f"offline: {', '.join(offline_reasons())}" if offline else hub_said
         raise FileNotFoundError(
             f"cannot tell which commit of dataset {repo}@{wanted} would load: not in the local cache ({ref}), "
             f"{where}"

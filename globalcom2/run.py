@@ -45,7 +45,7 @@ from globalcom2.methods import swept_methods
 from globalcom2.paths import DATA_DIR_ENV, PROJECT_ROOT, TASKS_DIR_ENV
 from globalcom2.provenance import note_code_state_at_start, provenance
 from globalcom2.records import CellOutcome, CellRecord, CellRef, read_outcome
-from globalcom2.store import Cell, CellBusy, identity_diff, writable_problem
+from globalcom2.store import Cell, CellBusy, WorkersAlive, identity_diff, writable_problem
 from globalcom2.tracking import check_logger
 from globalcom2.worker import (
     OUTCOME_FILE,
@@ -233,7 +233,9 @@ def run(cfg: DictConfig) -> CellRecord | None:
             print(f"[run]     {label}  ({why(cell, bool(cfg.force))})", flush=True)
             record = _evaluate(cfg, spec, cell, lock_fd)
     except CellBusy as err:
-        if _resolved_duplicate(cfg, spec):
+        if _resolved_duplicate(cfg, spec) and not isinstance(
+            err, WorkersAlive
+        ):  # WorkersAlive: nobody runs it
             # e.g. the four vanilla jobs of a methods x ratios sweep under a parallel launcher (Slurm):
             # they are one cell by construction, and the job that holds the lock runs it
             print(f"[same]    {label}  (another job resolved to this cell is running it: {err})", flush=True)

@@ -13,7 +13,9 @@ Lifecycle, and why it is safe:
 * A run writes only into ``<cell>/.partial/``. On success the outputs are moved into the cell and
   ``record.json`` is written **last**, atomically (temporary file + ``os.replace``). A cell is finished
   if and only if ``record.json`` is a complete :class:`~globalcom2.records.CellRecord` that carries this
-  cell's id (:meth:`Cell.finished_record`, the one place this rule lives; ``report/aggregate`` uses it).
+  cell's id and key (:meth:`Cell.finished_record`, the one place this rule lives; ``report/aggregate`` uses
+  it). A ``record.json`` that is not (a newer checkout's schema, a damaged or copied file) stops the run
+  instead of being taken for "not run yet" (``globalcom2.run``); ``force=true`` replaces it at commit.
 * A killed run leaves ``.partial/`` and no record: the cell is not finished, and the next run deletes
   every leftover before starting, so partial files are never read as results.
 * A ``force=true`` re-run of a finished cell keeps its files until the new run's are ready; its commit
@@ -22,7 +24,9 @@ Lifecycle, and why it is safe:
 * ``<cell>/.lock`` is held with ``flock`` for the whole run. The kernel drops it when its process dies
   (SIGKILL included), so there are no stale locks to guess about. Whoever holds the lock decides: a
   runner takes it, then checks again whether the cell is finished (another runner may have finished it
-  meanwhile), and only then deletes leftovers and runs.
+  meanwhile), and only then deletes leftovers and runs. The ranks of a worker group, which inherit
+  neither the descriptor nor the process group, each hold ``<cell>/.workers.lock`` shared while they live,
+  and a runner takes the cell only when that one is free.
 """
 
 from __future__ import annotations
@@ -101,6 +105,11 @@ class CellBusy(RuntimeError):
     """Another live process holds the cell's lock."""
 
 
+class WorkersAlive(CellBusy):
+    """A rank of an earlier run's worker group still lives (``.workers.lock``): nobody runs the cell, yet it
+    must not be taken."""
+
+
 @dataclass(frozen=True)
 class LoadedCell:
     """A finished cell as read back: its folder and its record (:meth:`Cell.finished_record`)."""
@@ -159,18 +168,25 @@ class Cell:
         return record
 
     def read_record(self) -> CellRecord | None:
-        """The finished record, or ``None`` when the folder holds no ``record.json`` (never run, or a run
-        that did not finish).
+        """The finished record, or ``None`` when the folder holds no ``record.json`` (never run, a run that
+        did not finish, or a forced commit that has just moved it aside).
 
         Raises:
             RecordError: a ``record.json`` is there but is not this cell's finished record
-                (:meth:`finished_record`): written by a newer checkout sharing the results folder, damaged,
-                copied from another cell. It is never taken for "not run yet", which would delete it.
-            OSError: the folder or record cannot be read (permissions, a stale NFS handle).
+                (:meth:`finished_record`), or cannot be read: written by a newer checkout sharing the results
+                folder, damaged, copied from another cell, unreadable. It is never taken for "not run yet",
+                which would delete it.
         """
-        if not os.path.lexists(self.record_path):
+        try:
+            os.lstat(self.record_path)
+        except FileNotFoundError:
             return None
-        return self.finished_record(self.dir)
+        try:
+            return self.finished_record(self.dir)
+        except RecordError as err:
+            if isinstance(err.__cause__, FileNotFoundError):  # moved aside between the two reads
+                return None
+            raise
 
     def rejected_record(self) -> str | None:
         """Why the ``record.json`` in the cell folder is not its finished record, or ``None`` when there is
@@ -256,19 +272,19 @@ class Cell:
             os.close(fd)
 
     def _check_no_workers(self) -> None:
-        """Raise :class:`CellBusy` if a rank of an earlier worker group of this cell is alive."""
+        """Raise :class:`WorkersAlive` if a rank of an earlier worker group of this cell is alive."""
         path = self.dir / WORKERS_LOCK_FILE
         if not path.exists():
             return
-        fd = os.open(
+        fd = _open_lock_file(
             path, os.O_RDWR
-        )  # writable: NFS emulates flock with POSIX locks, whose write lock needs it
+        )  # writable where it may be: NFS's emulated exclusive lock needs it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise CellBusy(
+                raise OSError(f"cannot test the lock {path}: {err}") from err
+            raise WorkersAlive(
                 f"{self.dir}: a worker process of an earlier run of this cell is still alive (it holds {path}); "
                 "it stops with its launcher, or end it by hand"
             ) from None
@@ -284,8 +300,9 @@ class Cell:
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         self.recover()
-        # a rejected record.json reaches here only under force=true (run() refuses it otherwise): replaced
-        keep_finished = self.rejected_record() is None and self.is_complete()
+        # a record.json, finished or (under force=true only: run() refuses it otherwise) rejected, and the
+        # files beside it stay until commit() sets them aside, so a killed forced run loses neither
+        keep_finished = os.path.lexists(self.record_path)
         for entry in self.dir.iterdir():
             if entry.name in STORE_FILES or (keep_finished and entry.name != PARTIAL_DIR):
                 continue
@@ -428,7 +445,7 @@ def hold_worker_lock(partial: Path) -> None:
     """
     global _worker_lock_fd
     path = Path(partial).parent / WORKERS_LOCK_FILE
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    fd = _open_lock_file(path, os.O_CREAT | os.O_RDONLY)  # a shared lock needs read access only
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as err:
@@ -437,6 +454,22 @@ def hold_worker_lock(partial: Path) -> None:
             raise
         raise CellBusy(f"{path} is locked by a new runner of the cell: this rank's run has ended") from None
     _worker_lock_fd = fd
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """``os.open`` of a lock file the store never deletes, so another user may have created it: 0o666 less
+    the umask when created; opened read-only if it may not be written (a local ``flock`` works on any
+    descriptor); a clear error naming its owner if it may not even be read."""
+    try:
+        return os.open(path, flags, 0o666)
+    except PermissionError as err:
+        if flags & os.O_RDWR:
+            with contextlib.suppress(PermissionError):
+                return os.open(path, (flags & ~os.O_RDWR) | os.O_RDONLY)
+        raise PermissionError(
+            f"cannot open the lock file {path} ({err.strerror}; it belongs to {_file_owner(path)}): run as a "
+            "user who may read it, or have its owner run the cell"
+        ) from err
 
 
 def _file_owner(path: Path) -> str:

@@ -6,7 +6,7 @@ Every task YAML carries a ``generation_kwargs`` mapping; lmms-eval always adds `
 * ``do_sample`` given explicitly wins; otherwise sampling is on iff ``temperature > 0`` (LLaVA's
   ``do_sample=True if temperature > 0 else False``). MM-Vet's YAML says ``temperature: 0.2`` together with
   ``do_sample: false``, so it runs greedy, as the LLaVA paper's numbers were produced. A ``temperature > 0``
-  or a ``top_p`` beside ``do_sample: false`` is thus unused: it is listed in ``ignored`` (the plugin warns
+  or a ``top_p`` below 1 beside ``do_sample: false`` is thus unused: it is listed in ``ignored`` (the plugin warns
   once per task), so that a ``--gen_kwargs temperature=0.7`` merged into such a YAML is not silently greedy.
 * Greedy decoding passes no ``temperature``/``top_p`` (they would only trigger transformers warnings).
 * ``until`` strings cut the decoded answer at the first occurrence of any of them.
@@ -127,12 +127,13 @@ class GenerationSettings:
 
 
 def _unused_sampling_keys(do_sample: bool, temperature: float | None, top_p: float | None) -> set[str]:
-    """The sampling settings given but unused because decoding is greedy (``temperature: 0`` is greedy's own
-    spelling, not an unused setting)."""
+    """The sampling settings given but unused because decoding is greedy (``temperature: 0`` and
+    ``top_p: 1.0``, which most lmms-eval YAMLs carry beside ``do_sample: false``, change nothing, so they
+    are not unused settings)."""
     if do_sample:
         return set()
     unused = {"temperature"} if temperature is not None and temperature > 0 else set()
-    return unused | ({"top_p"} if top_p is not None else set())
+    return unused | ({"top_p"} if top_p is not None and top_p != 1.0 else set())
 
 
 def cut_at_stop(text: str, until: tuple[str, ...]) -> tuple[str, str | None]:

@@ -288,18 +288,30 @@ def judged_paper_value(cell: LoadedCell, column: str) -> tuple[float | None, str
     spec = PAPER_METRICS.get(column)
     if spec is None or spec.source != "mmvet_judge":
         return None, f"needs a step this report does not read ({spec.source if spec else column})"
-    found = sorted(p for task in spec.tasks for p in cell.path.rglob(f"*_samples_{task}_judged.json"))
+    found = sorted(
+        path
+        for task in spec.tasks
+        for path in cell.path.rglob(f"*_samples_{task}_judged.json")
+        if not any(part.startswith(".") for part in path.relative_to(cell.path).parts)  # not .partial/ etc.
+    )
     if not found:
         return None, "not judged yet"
     if len(found) > 1:
         return None, f"{len(found)} judged files, ambiguous: {', '.join(p.name for p in found)}"
+    (path,) = found
+    samples = path.with_name(path.name.removesuffix("_judged.json") + ".jsonl")
     try:
-        judged = json.loads(found[0].read_text(encoding="utf-8"))
+        judged = json.loads(path.read_text(encoding="utf-8"))
+        if Path(judged["judge"]["samples_file"]).name != samples.name or not samples.is_file():
+            return (
+                None,
+                f"{path.name} graded {judged['judge']['samples_file']}, not this cell's {samples.name}",
+            )
         if judged.get("partial"):
-            return None, f"{found[0].name} judged a subset (--allow-partial)"
+            return None, f"{path.name} judged a subset (--allow-partial)"
         return paper_metric_value(column, judged), ""
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return None, f"{found[0].name} is unreadable ({type(err).__name__}: {err})"
+        return None, f"{path.name} is unreadable ({type(err).__name__}: {err})"
 
 
 def sample_outputs(cell: LoadedCell) -> dict[tuple[str, int], tuple[int, ...]]:

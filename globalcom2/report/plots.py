@@ -69,7 +69,7 @@ def method_style(label: str, method_name: str, variant: int = 0) -> dict:
     if method_name == "vanilla":
         return {**VANILLA_STYLE, "label": label}
     order = [m for m in method_order() if m != "vanilla"]
-    i = (order.index(method_name) if method_name in order else len(order)) + variant
+    i = (order.index(method_name) if method_name in order else len(order)) + variant * (len(order) + 1)
     return {
         "color": METHOD_COLOURS[i % len(METHOD_COLOURS)],
         "marker": MARKERS[i % len(MARKERS)],

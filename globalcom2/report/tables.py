@@ -110,6 +110,8 @@ TEX_SPECIAL = {
     "}": r"\}",
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
 }
 
 
@@ -223,10 +225,21 @@ def _partial_averages(wide: pd.DataFrame, vanilla: pd.Series | None, columns: li
     return notes
 
 
-def _pending_columns(rows: pd.DataFrame) -> list[str]:
+def _pending_columns(rows: pd.DataFrame, wide: pd.DataFrame) -> list[str]:
     """A note per paper column some cells of ``rows`` fill only after a separate step not yet done (MM-Vet's
-    judge), naming the cells' methods and why."""
+    judge), naming the cells' methods and why; a slot that shows a value (from another cell of the slot) is
+    not pending."""
     pending = rows[rows["kind"] == "pending"]
+    shown = {
+        (m, r, c)
+        for c in set(pending["metric"]) & set(wide.columns)
+        for m, r, v in wide[["method", "retention_ratio", c]].itertuples(index=False)
+        if pd.notna(v)
+    }
+    slots = pending[["method", "retention_ratio", "metric"]].itertuples(index=False)
+    pending = pending[
+        pd.Series([tuple(slot) not in shown for slot in slots], index=pending.index, dtype=bool)
+    ]
     notes = []
     for column, group in pending.groupby("metric", sort=False):
         cells = ", ".join(
@@ -262,7 +275,7 @@ def table1(
     wide = _order(wide) if len(wide) else wide
     wide[AVG] = [relative_average(r, vanilla, columns) for _, r in wide.iterrows()]
     notes += _partial_averages(wide, vanilla, columns)
-    notes += _pending_columns(rows)
+    notes += _pending_columns(rows, wide)
     display = wide[["method", "retention_ratio", *columns, AVG]].rename(columns={"retention_ratio": "R"})
     notes += [f"{c}: {PAPER_METRICS[c].note}" for c in columns if not PAPER_METRICS[c].comparable]
     protocols = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -230,6 +231,26 @@ def test_a_busy_cell_is_not_run_and_the_run_fails_loudly(tmp_path, monkeypatch, 
         run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
     assert "[busy]" in capsys.readouterr().out
     assert not cell.record_path.exists()
+
+
+def test_a_cell_kept_by_a_stray_worker_is_not_taken_for_a_running_duplicate(tmp_path, monkeypatch, capsys):
+    """Vanilla at R = 0.5 resolves to the r1.0 cell: when that cell is busy, another job runs it and this one
+    prints [same] and succeeds. When only a stray rank of a dead run holds it, nobody runs it: the job fails."""
+    from globalcom2 import store
+
+    overrides = ("benchmark.limit=1", "method=vanilla", "method.retention_ratio=0.5")
+    cfg = compose_cell(tmp_path, *overrides)
+    spec = CellSpec.from_config(cfg)
+    cell = Cell(tmp_path / "results", spec.key, spec.identity(cfg))
+    cell.partial_dir.mkdir(parents=True)
+    store.hold_worker_lock(cell.partial_dir)  # as a rank of an earlier run that outlived it
+    try:
+        with pytest.raises(run_module.CellError, match="a worker process of an earlier run"):
+            run_cell(tmp_path, monkeypatch, capsys, *overrides)
+    finally:
+        os.close(store._worker_lock_fd)
+        store._worker_lock_fd = None
+    assert "[same]" not in capsys.readouterr().out
 
 
 def test_a_llava_cell_records_its_protocol_and_honours_gen_kwargs(tmp_path, monkeypatch, capsys):

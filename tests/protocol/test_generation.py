@@ -21,8 +21,11 @@ def test_explicit_do_sample_false_wins_over_a_positive_temperature():
     # MM-Vet's YAML: temperature 0.2 with do_sample false -> greedy, no temperature passed on.
     s = settings(temperature=0.2, top_p=1.0, do_sample=False, max_new_tokens=1024)
     assert s.generate_kwargs() == {"max_new_tokens": 1024, "do_sample": False, "num_beams": 1}
-    assert s.ignored == ("temperature", "top_p")  # named, so a merged --gen_kwargs temperature is not silent
-    assert settings(temperature=0, do_sample=False).ignored == ()  # greedy's own spelling
+    assert s.ignored == ("temperature",)  # named, so a merged --gen_kwargs temperature is not silent
+    assert (
+        settings(temperature=0, top_p=1.0, do_sample=False).ignored == ()
+    )  # greedy's own spelling (GQA's YAML)
+    assert settings(top_p=0.9, do_sample=False).ignored == ("top_p",)
 
 
 def test_sampling_follows_temperature_when_do_sample_is_absent():

@@ -954,6 +954,7 @@ def _mmvet_cell(root: Path, method: str, ratio: float, judged: dict | None) -> P
     samples.parent.mkdir()
     samples.write_text("")
     if judged is not None:
+        judged = {"judge": {"samples_file": str(samples)}, **judged}  # as mmvet_judge writes it
         (samples.parent / f"{samples.stem}_judged.json").write_text(json.dumps(judged))
     return cell
 
@@ -964,12 +965,18 @@ def test_a_judged_mmvet_score_enters_table1_and_an_unjudged_one_is_named_pending
     _mmvet_cell(root, "vanilla", 1.0, judged)
     _mmvet_cell(root, "globalcom2", 0.25, None)
     _mmvet_cell(root, "fastv", 0.25, {**judged, "partial": True})
+    _mmvet_cell(
+        root, "random", 0.25, {**judged, "judge": {"samples_file": "/elsewhere/x_samples_mmvet_local.jsonl"}}
+    )
     table = table1(tidy_results(root), "llava_next_7b")
     shown = table.frame.set_index("method")
     assert shown.loc["vanilla", "MM-Vet"] == pytest.approx(31.5)
-    assert pd.isna(shown.loc["globalcom2", "MM-Vet"]) and pd.isna(shown.loc["fastv", "MM-Vet"])
+    assert shown[["MM-Vet"]].drop(index="vanilla").isna().all().all()
     (note,) = [n for n in table.notes if n.startswith("MM-Vet: pending")]
     assert "globalcom2 R = 0.25 (not judged yet)" in note and "judged a subset (--allow-partial)" in note
+    assert (
+        "graded /elsewhere/x_samples_mmvet_local.jsonl, not this cell's" in note
+    )  # copied in from elsewhere
     assert f"{AVG} of globalcom2 at R = 0.25: over 1 of the 2 columns, without MM-Vet." in table.notes
 
 
@@ -992,13 +999,14 @@ def test_markdown_and_latex_show_missing_values_as_dashes_and_escape_what_latex_
     frame = pd.DataFrame(
         {"method": ["a", "b"], "GQA": [61.23456, float("nan")], AVG: [88.52459016393442, "n/a (x)"]}
     )
-    table = tables.Table("t", frame, "R ~ 0.25 of {x}", ["tiny model: accuracy is ~0 at 5$ ^2"])
+    table = tables.Table("t", frame, "R ~ 0.25 of {x}", ["tiny model: accuracy is ~0 at 5$ ^2", "in <cell>/"])
     markdown = table.markdown()
     assert "nan" not in markdown.lower() and "–" in markdown
     assert "88.52" in markdown and "88.524" not in markdown and "61.23" in markdown
     latex = table.latex()
     assert "NaN" not in latex and r"\textasciitilde{}0 at 5\$ \textasciicircum{}2" in latex
     assert r"\caption{R \textasciitilde{} 0.25 of \{x\}}" in latex
+    assert r"in \textless{}cell\textgreater{}/" in latex  # OT1 would print < > as inverted marks
 
 
 def test_table1_says_why_textvqa_is_not_comparable_with_the_published_row(tmp_path):

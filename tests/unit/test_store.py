@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from globalcom2 import store
 from globalcom2.atomic import atomic_write_json
 from globalcom2.records import (
     RECORD_SCHEMA,
@@ -92,11 +93,29 @@ def test_a_cell_is_finished_only_after_commit_and_then_becomes_current(tmp_path)
 
 def test_a_record_written_for_another_identity_does_not_count(tmp_path):
     cell = Cell(tmp_path, KEY, IDENTITY)
-    cell.dir.mkdir(parents=True)
-    atomic_write_json(cell.record_path, {"status": "complete", "cell": {"id": "0" * 12}})
-    assert "malformed" in cell.rejected_record()
-    with pytest.raises(RecordError, match="malformed"):
+    other = Cell(tmp_path, KEY, {"seed": 1})
+    atomic_write_json(cell.record_path, record_for(other).to_dict())  # complete, for another identity
+    assert f"written for cell {other.id}" in cell.rejected_record()
+    with pytest.raises(RecordError, match="written for cell"):
         cell.is_complete()
+
+
+def test_a_killed_forced_run_over_a_rejected_record_keeps_it(tmp_path):
+    """force=true replaces a record the reader rejects at commit, not when the run starts: a run killed in
+    between (here: prepared, never committed) leaves the newer checkout's cell as it was."""
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    newer = {**record_for(cell).to_dict(), "schema": RECORD_SCHEMA + 1}
+    atomic_write_json(cell.record_path, newer)
+    (cell.dir / "results.json").write_text("theirs")
+    with cell.lock():
+        (cell.prepare() / "results.json").write_text("ours, half done")
+    assert json.loads(cell.record_path.read_text()) == newer
+    assert (cell.dir / "results.json").read_text() == "theirs"
+    with cell.lock():
+        partial = cell.prepare()
+        (partial / "results.json").write_text("ours")
+        cell.commit(record_for(cell))
+    assert cell.is_complete() and (cell.dir / "results.json").read_text() == "ours"
 
 
 def test_prepare_deletes_what_a_killed_run_left(tmp_path):
@@ -290,6 +309,37 @@ STRAY_RANK = textwrap.dedent(
     time.sleep(600)
     """
 )
+
+
+def test_a_workers_lock_another_user_created_is_used_read_only(tmp_path, monkeypatch):
+    """``.workers.lock`` is never deleted, so its creator's umask may leave it unwritable to the group: ranks
+    lock it shared and runners test it through a read-only descriptor instead of failing."""
+    cell = Cell(tmp_path, KEY, {"seed": 0})
+    with cell.lock():
+        partial = cell.prepare()
+    (cell.dir / ".workers.lock").write_text("")
+    (cell.dir / ".workers.lock").chmod(0o444)
+    real_open = os.open
+    opened = []
+
+    def as_another_user(path, flags, *args):  # tests may run as root, who may write any file
+        if str(path).endswith(".workers.lock"):
+            opened.append(flags & (os.O_RDWR | os.O_WRONLY))
+            if flags & (os.O_RDWR | os.O_WRONLY):
+                raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", as_another_user)
+    with cell.lock():
+        pass
+    store.hold_worker_lock(partial)
+    try:
+        with pytest.raises(store.WorkersAlive), cell.lock():  # this process now holds it shared
+            pass
+    finally:
+        os.close(store._worker_lock_fd)
+        store._worker_lock_fd = None
+    assert opened and opened[-1] == 0
 
 
 def test_a_rank_that_outlived_its_runner_keeps_the_cell_busy_until_it_is_gone(tmp_path):
