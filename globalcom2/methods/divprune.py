@@ -52,14 +52,20 @@ Deliberate deviations from the official code:
 
 Work per image: one ``[C, C]`` float32 distance matrix (``C`` candidates, at most 2,928 on LLaVA-NeXT-7B,
 34 MB) and a greedy of ``k`` sequential steps with a running minimum-distance vector, sized from host counts
-with no device read. The greedy of every image of a call runs in lockstep (``max_min_picks_lockstep``: the
-matrices padded to the widest, one step picking for all images), so a batch launches the step's three
-small kernels ``max(k_i)`` times, not ``sum(k_i)`` times; each image's picks are bit-identical to its own
-selection. A batch of one still launches ``3k`` kernels (about 2,200 at ``R = 0.25`` on the 7B), which on a
-GPU costs launch latency, not FLOPs. Memory: every greedy image's matrix of the call is held at once, plus
-the padded copy of a group (at most :data:`LOCKSTEP_BYTES`, 1 GiB), so a batch of 16 7B images holds about
-1.1 GB more than the image-by-image loop did. Under ``"positions"`` the kept separators are counted on the device and
-read with the call's other images, one wait per call.
+with no device read. On a GPU the greedy of every image of a call runs in lockstep
+(``max_min_picks_lockstep``: the matrices padded to the widest, one step picking for all images), so a
+batch launches the step's three small kernels ``max(k_i)`` times, not ``sum(k_i)`` times; each image's
+picks are bit-identical to its own selection. That choice follows from the launch counts and is not yet
+measured on a GPU (``make bench-divprune ARGS="--device cuda"``, a step of the GPU checklist). A batch of
+one still launches ``3k`` kernels (about 2,200 at ``R = 0.25`` on the 7B), which on a GPU costs launch
+latency, not FLOPs. On a CPU, where each kernel's arithmetic, not its launch, sets the time, the padded
+steps do more work than the images' own (8 images at ``R = 0.25``, 1,176-2,928 positions, features of width
+64 so that the greedy dominates: 712 ms in lockstep against 530 ms one by one, on one thread of the
+project's 2-core VM), so there each image runs alone (:data:`LOCKSTEP_DEVICE_TYPES`). Memory in lockstep:
+every greedy image's matrix of the call is held at once, plus the padded copy of a group (at most
+:data:`LOCKSTEP_BYTES`, 1 GiB), so a batch of 16 7B images holds about 1.1 GB more than one image does.
+Under ``"positions"`` the kept separators are counted on the device and read with the call's other images,
+one wait per call.
 """
 
 from __future__ import annotations
@@ -97,6 +103,9 @@ def cosine_distances(features: torch.Tensor) -> torch.Tensor:
 #: The most bytes of padded distance matrices one lockstep greedy holds (``I`` images of up to ``W``
 #: candidates take ``4 * I * W^2``): 1 GiB runs 31 images of LLaVA-NeXT-7B's 2,928 positions together.
 LOCKSTEP_BYTES = 1 << 30
+#: Device types on which the images of a call advance in lockstep: where a step's kernels are bound by their
+#: launch, not their arithmetic (``python -m globalcom2.perf.divprune_lockstep`` measures both ways).
+LOCKSTEP_DEVICE_TYPES = frozenset({"cuda"})
 
 
 def max_min_picks(distances: torch.Tensor, count: int) -> torch.Tensor:
@@ -105,9 +114,11 @@ def max_min_picks(distances: torch.Tensor, count: int) -> torch.Tensor:
     return max_min_picks_lockstep([distances], [count])[0]
 
 
-def max_min_picks_lockstep(distances: Sequence[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
+def max_min_picks_lockstep(
+    distances: Sequence[torch.Tensor], counts: Sequence[int], lockstep: bool | None = None
+) -> list[torch.Tensor]:
     """Per image, the ``[count_i]`` int64 rows of its greedy max-min selection, in selection order (official
-    L157-171), the images of a call advancing in lockstep.
+    L157-171), the images of a call advancing in lockstep where that is faster.
 
     The first pick is the column whose second-smallest distance (to its nearest other candidate) is
     largest; each later one maximises the minimum distance to the picks so far, kept as a running minimum
@@ -125,11 +136,19 @@ def max_min_picks_lockstep(distances: Sequence[torch.Tensor], counts: Sequence[i
     Args:
         distances: per image, a ``[C_i, C_i]`` distance matrix, ``C_i >= 2``, all of one dtype and device.
         counts: per image, the picks to make, ``1 <= count_i``.
+        lockstep: run the images together (``True``) or one by one (``False``); ``None``: together on the
+            device types of :data:`LOCKSTEP_DEVICE_TYPES`. The picks are the same either way.
     """
     if len(distances) != len(counts):
         raise ValueError(f"{len(distances)} distance matrices but {len(counts)} counts")
+    if not distances:
+        return []
+    if lockstep is None:
+        lockstep = distances[0].device.type in LOCKSTEP_DEVICE_TYPES
+    widths = [d.shape[0] for d in distances]
+    groups = _lockstep_groups(widths) if lockstep else [range(i, i + 1) for i in range(len(widths))]
     picks: list[torch.Tensor] = []
-    for group in _lockstep_groups([d.shape[0] for d in distances]):
+    for group in groups:
         picks += _lockstep_group([distances[i] for i in group], [counts[i] for i in group])
     return picks
 
@@ -212,13 +231,15 @@ class DivPrune(PreLLMMethod):
         return self.select_images([features], [ctx])[0]
 
     def select_images(
-        self, features: Sequence[torch.Tensor], contexts: Sequence[ImageContext]
+        self, features: Sequence[torch.Tensor], contexts: Sequence[ImageContext], lockstep: bool | None = None
     ) -> list[torch.Tensor | None]:
-        """Every image's kept positions, the greedy of the call's images run in lockstep
-        (:func:`max_min_picks_lockstep`), each image's picks being those it gets alone."""
+        """Every image's kept positions, the greedy of the call's images run in lockstep where that is faster
+        (:func:`max_min_picks_lockstep`; ``lockstep`` forces the choice), each image's picks being those it
+        gets alone."""
         plans = [self._plan(feats, ctx.layout) for feats, ctx in zip(features, contexts, strict=True)]
         greedy = [plan for plan in plans if isinstance(plan, _Greedy)]
-        picks = iter(max_min_picks_lockstep([g.distances for g in greedy], [g.count for g in greedy]))
+        distances, counts = [g.distances for g in greedy], [g.count for g in greedy]
+        picks = iter(max_min_picks_lockstep(distances, counts, lockstep))
         return [plan.kept(next(picks)) if isinstance(plan, _Greedy) else plan for plan in plans]
 
     def _plan(self, features: torch.Tensor, layout: PackedLayout) -> torch.Tensor | _Greedy | None:

@@ -28,19 +28,21 @@ a second call (``--only gpu_tests …``), as do the rest, or to a longer lease:
    compile mode on CUDA, GlobalCom²'s compiled selection on CUDA, the benchmarks' GPU columns), verbose, so
    a step cut short still names each test it finished;
 5. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
-6. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
-7. the 7B table with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images and four
+6. DivPrune's selection of a call of 1, 8 and 16 images, in lockstep against one image at a time
+   (``globalcom2.perf.divprune_lockstep``), which decides where the harness runs it in lockstep;
+7. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
+8. the 7B table with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images and four
    variants, into ``results/efficiency/cuda_graphs/``: whether replayed graphs, not only fused kernels, are
    what the prefill targets need;
-8. throughput under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
+9. throughput under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
    ``results/throughput/compiled/`` (each cell compiles its model first, at 7B not yet timed);
-9. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
-10. the 13B efficiency table (SDPA, eager and compiled), if time is left.
+10. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
+11. the 13B efficiency table (SDPA, eager and compiled), if time is left.
 
 A step starts only with at least its ``min_s`` of the budget left (a step cut short by the budget keeps
 only the phases it finished; one that cannot reach its first useful output is better left to a later call).
 
-Steps 2, 6, 8 and 9 (the steps marked ``main_path``) run ``globalcom2.run`` and so need lmms-eval and Hydra:
+Steps 2, 7, 9 and 10 (the steps marked ``main_path``) run ``globalcom2.run`` and so need lmms-eval and Hydra:
 ``make carry-wheels HAVE=<the machine's pip list>`` makes the wheels it lacks (``globalcom2/carry.py``); with
 ``--carried <their folder>`` a first step checks that the environment holds them at the versions required.
 Without them those steps are skipped and the others still run.
@@ -157,6 +159,13 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             [python, "-m", "globalcom2.perf.globalcom2_selection", "--device", "cuda"],
             120,
             ("efficiency/globalcom2_selection_cuda.md", "efficiency/globalcom2_selection_cuda.json"),
+            min_s=60,
+        ),
+        Step(
+            "divprune_lockstep",
+            [python, "-m", "globalcom2.perf.divprune_lockstep", "--device", "cuda", "--repeats", "10"],
+            120,
+            ("efficiency/divprune_lockstep_cuda.md", "efficiency/divprune_lockstep_cuda.json"),
             min_s=60,
         ),
         Step(

@@ -24,6 +24,7 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
         "efficiency_7b_compiled",
         "gpu_tests",
         "selection",
+        "divprune_lockstep",
         "throughput_7b",
         "efficiency_7b_cuda_graphs",
         "throughput_7b_compiled",

@@ -179,17 +179,21 @@ def test_lockstep_picks_equal_the_reference_per_image(monkeypatch, group_bytes):
     features = [torch.randn(width, 6, generator=generator) for width, _ in widths_and_counts]
     features[3] = features[3][torch.arange(31) % 5]  # five distinct vectors, twelve picks: re-picks
     counts = [count for _, count in widths_and_counts]
-    picks = max_min_picks_lockstep([cosine_distances(f) for f in features], counts)
-    for f, count, image_picks in zip(features, counts, picks, strict=True):
+    distances = [cosine_distances(f) for f in features]
+    together = max_min_picks_lockstep(distances, counts, lockstep=True)
+    alone = max_min_picks_lockstep(distances, counts, lockstep=False)
+    for f, count, image_picks, own in zip(features, counts, together, alone, strict=True):
         assert torch.equal(image_picks, divprune_reference(f, count, sort=False)), (f.shape[0], count)
+        assert torch.equal(own, image_picks)
     with pytest.raises(ValueError, match="2 distance matrices but 1 counts"):
         max_min_picks_lockstep([cosine_distances(features[0])] * 2, [3])
 
 
 @pytest.mark.parametrize("basis", BASES)
-def test_a_call_selects_each_image_as_alone_with_one_greedy_step_per_pick(packed, basis):
-    """``select_images`` on a call of every size gives each image its own selection, and runs the greedy's
-    argmax ``max(k_i)`` times, not ``sum(k_i)``."""
+def test_a_call_selects_each_image_as_alone_with_one_greedy_step_per_pick(packed, basis, monkeypatch):
+    """``select_images`` on a call of every size gives each image its own selection, and where the images run
+    in lockstep (a GPU; here the CPU made one) runs the greedy's argmax ``max(k_i)`` times, not ``sum(k_i)``;
+    on a CPU, by default, one image at a time."""
     method = DivPrune(retention_ratio=0.25, budget_basis=basis)
     features, contexts = [], []
     for size in SIZES:
@@ -199,15 +203,19 @@ def test_a_call_selects_each_image_as_alone_with_one_greedy_step_per_pick(packed
             ImageContext(layout=layout, pixel_values=inputs["pixel_values"][0, : layout.num_views])
         )
     alone = [method.select(feats, ctx) for feats, ctx in zip(features, contexts, strict=True)]
+    with OpCounter() as cpu_ops:
+        one_by_one = method.select_images(features, contexts)
+    monkeypatch.setattr(divprune_module, "LOCKSTEP_DEVICE_TYPES", frozenset({"cpu"}))
     with OpCounter() as ops:
         together = method.select_images(features, contexts)
     assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(alone, one_by_one, strict=True))
     counts = [
         source.numel() - (0 if basis == "positions" else ctx.layout.num_separators)
         for source, ctx in zip(alone, contexts, strict=True)
     ]
     assert len(set(counts)) > 1
-    assert ops.counts["argmax"] == max(counts) < sum(counts)
+    assert ops.counts["argmax"] == max(counts) < sum(counts) == cpu_ops.counts["argmax"]
 
 
 # Ratios at which the 336x336 image needs no greedy (all kept, or no patch kept) while larger images run one.
@@ -216,12 +224,13 @@ MIXED_CALL_RATIOS = {"positions": (0.9996, 3e-4), "patches": (5e-4,)}
 
 @pytest.mark.filterwarnings("ignore:.*keeps floor")
 @pytest.mark.parametrize("basis", BASES)
-def test_a_call_mixing_short_cuts_and_greedy_images_selects_each_as_alone(packed, basis):
+def test_a_call_mixing_short_cuts_and_greedy_images_selects_each_as_alone(packed, basis, monkeypatch):
     features = [packed[size][1] for size in SIZES]
     contexts = [
         ImageContext(layout=layout, pixel_values=inputs["pixel_values"][0, : layout.num_views])
         for inputs, _, layout in (packed[size] for size in SIZES)
     ]
+    monkeypatch.setattr(divprune_module, "LOCKSTEP_DEVICE_TYPES", frozenset({"cpu"}))  # as on a GPU
     for ratio in MIXED_CALL_RATIOS[basis]:
         method = DivPrune(retention_ratio=ratio, budget_basis=basis)
         alone = [method.select(feats, ctx) for feats, ctx in zip(features, contexts, strict=True)]
