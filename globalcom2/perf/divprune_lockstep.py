@@ -25,11 +25,10 @@ import torch
 
 import globalcom2.methods.divprune as divprune
 from globalcom2.anyres import packed_layout
-from globalcom2.atomic import atomic_write_json, atomic_write_text
-from globalcom2.efficiency.summary import quartiles
 from globalcom2.methods.base import ImageContext
 from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
 from globalcom2.perf.timing import time_interleaved
+from globalcom2.perf.variant_table import markdown_table, summarise, write_table
 from globalcom2.provenance import hardware_label, provenance
 
 SIZES = [(672, 672), (336, 1008), (600, 800), (336, 336)]  # (height, width), repeated to fill a call
@@ -100,10 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     with torch.inference_mode():
         check_same_positions(device, args.width)
         samples = time_interleaved(variants(device, args.width), args.repeats, args.warmup, device)
-    rows = []
-    for name, values in samples.items():
-        q25, median, q75 = (1e3 * q for q in quartiles(values))
-        rows.append({"variant": name, "median (ms)": median, "p25 (ms)": q25, "p75 (ms)": q75})
+    rows = summarise(samples)
     info = provenance(device)
     default = "lockstep" if device.type in divprune.LOCKSTEP_DEVICE_TYPES else "one at a time"
     caption = (
@@ -113,14 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"threads); {args.repeats} interleaved rounds; same positions both ways (checked). The harness's "
         f"default on this device: {default}."
     )
-    lines = [f"**{caption}**", "", "| variant | median (ms) | p25-p75 (ms) |", "|---|---:|---:|"]
-    lines += [
-        f"| {r['variant']} | {r['median (ms)']:.2f} | {r['p25 (ms)']:.2f}-{r['p75 (ms)']:.2f} |" for r in rows
-    ]
-    markdown = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"divprune_lockstep_{args.device}"
-    atomic_write_text(stem.with_suffix(".md"), markdown)
+    markdown = markdown_table(caption, rows, digits=2)
     record = {
         "caption": caption,
         "rows": rows,
@@ -128,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "settings": vars(args) | {"out": str(args.out), "call_sizes": CALL_SIZES, "ratios": RATIOS},
         "provenance": info,
     }
-    atomic_write_json(stem.with_suffix(".json"), record)
-    print(markdown)
-    print(f"written: {stem}.{{md,json}}")
+    write_table(args.out / f"divprune_lockstep_{args.device}", markdown, record)
     return record
 
 

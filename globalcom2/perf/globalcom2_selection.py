@@ -32,12 +32,11 @@ from pathlib import Path
 import torch
 
 from globalcom2.anyres import packed_layout
-from globalcom2.atomic import atomic_write_json, atomic_write_text
-from globalcom2.efficiency.summary import quartiles
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.globalcom2 import GlobalCom2
 from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
 from globalcom2.perf.timing import time_interleaved
+from globalcom2.perf.variant_table import markdown_table, summarise, write_table
 from globalcom2.provenance import hardware_label, provenance
 from globalcom2.scoring.vision_attention import cls_patch_scores
 
@@ -101,23 +100,6 @@ def variants(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[s
     return timed
 
 
-def summarise(samples: dict[str, list[float]]) -> list[dict[str, object]]:
-    rows = []
-    for name, values in samples.items():
-        q25, median, q75 = (1e3 * q for q in quartiles(values))
-        rows.append({"variant": name, "median (ms)": median, "p25 (ms)": q25, "p75 (ms)": q75})
-    return rows
-
-
-def markdown_table(caption: str, rows: list[dict[str, object]]) -> str:
-    lines = [f"**{caption}**", "", "| variant | median (ms) | p25-p75 (ms) |", "|---|---:|---:|"]
-    for row in rows:
-        lines.append(
-            f"| {row['variant']} | {row['median (ms)']:.3f} | {row['p25 (ms)']:.3f}-{row['p75 (ms)']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=500, help="interleaved rounds (default 500)")
@@ -147,9 +129,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"Target: '{target_row}' <= {target_ms} ms: {'met' if met else 'NOT met'}"
     )
     markdown = markdown_table(caption, rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"globalcom2_selection_{args.device}"
-    atomic_write_text(stem.with_suffix(".md"), markdown)
     record = {
         "caption": caption,
         "rows": rows,
@@ -157,9 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "settings": vars(args) | {"out": str(args.out), "retention_ratio": RETENTION_RATIO},
         "provenance": info,
     }
-    atomic_write_json(stem.with_suffix(".json"), record)
-    print(markdown)
-    print(f"written: {stem}.{{md,json}}")
+    write_table(args.out / f"globalcom2_selection_{args.device}", markdown, record)
     return record
 
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from globalcom2.perf.globalcom2_selection import TARGETS, main, summarise
+from globalcom2.perf.globalcom2_selection import TARGETS, main
 from globalcom2.perf.timing import time_interleaved
+from globalcom2.perf.variant_table import summarise
 
 
 def test_writes_every_row_and_the_target_verdict(tmp_path):
