@@ -44,7 +44,7 @@ from globalcom2.cells import CellSpec
 from globalcom2.methods import swept_methods
 from globalcom2.paths import DATA_DIR_ENV, PROJECT_ROOT, TASKS_DIR_ENV
 from globalcom2.provenance import note_code_state_at_start, provenance
-from globalcom2.records import CellOutcome, CellRecord, CellRef, read_outcome
+from globalcom2.records import CellOutcome, CellRecord, CellRef, RecordError, read_outcome
 from globalcom2.store import Cell, CellBusy, WorkersAlive, identity_diff, writable_problem
 from globalcom2.tracking import check_logger
 from globalcom2.worker import (
@@ -203,7 +203,9 @@ def run(cfg: DictConfig) -> CellRecord | None:
     )
     if cell.dir in _SEEN_THIS_SWEEP:
         print(f"[same]    {label}  (another job of this sweep resolved to this cell)", flush=True)
-        return None if cell.rejected_record() else cell.read_record()
+        with contextlib.suppress(RecordError):  # a rejected record: the first job of the sweep said why
+            return cell.read_record()
+        return None
     _SEEN_THIS_SWEEP.add(cell.dir)
     if cfg.dry_run:
         print(f"[dry-run] {label}  -> {cell.dir}\n          {why(cell, bool(cfg.force))}", flush=True)
@@ -274,13 +276,13 @@ def _message(err: BaseException) -> str:
 def _finished(cell: Cell, label: str) -> bool:
     """Whether the cell is finished; a ``record.json`` that is not its finished record (a newer checkout's
     schema, a damaged or copied file) stops the run rather than being deleted as "not run yet"."""
-    problem = cell.rejected_record()
-    if problem:
+    try:
+        return cell.is_complete()
+    except RecordError as err:
         raise CellError(
-            f"{label}: {cell.record_path} is not this cell's finished record ({problem}). It is left as it is: "
+            f"{label}: {cell.record_path} is not this cell's finished record ({err}). It is left as it is: "
             "move the cell folder away, or re-run with force=true to replace it"
-        )
-    return cell.is_complete()
+        ) from err
 
 
 def _reuse(cell: Cell, label: str, note: str = "same settings") -> CellRecord | None:
@@ -291,11 +293,12 @@ def _reuse(cell: Cell, label: str, note: str = "same settings") -> CellRecord | 
 
 def why(cell: Cell, force: bool) -> str:
     """Why the cell would be skipped or run, in words (for ``[run]`` and ``dry_run``)."""
-    problem = cell.rejected_record()
-    if problem:
+    try:
+        finished = cell.is_complete()
+    except RecordError as err:
         action = "force=true replaces it" if force else "refused: move it away, or force=true replaces it"
-        return f"its record.json is not this cell's finished record ({problem}); {action}"
-    if cell.is_complete():
+        return f"its record.json is not this cell's finished record ({err}); {action}"
+    if finished:
         return "finished with these exact settings: force=true re-runs it" if force else "finished: skipped"
     reasons = ["force=true"] if force else []
     if cell.partial_dir.exists():

@@ -188,15 +188,6 @@ class Cell:
                 return None
             raise
 
-    def rejected_record(self) -> str | None:
-        """Why the ``record.json`` in the cell folder is not its finished record, or ``None`` when there is
-        none or it is fine."""
-        try:
-            self.read_record()
-        except RecordError as err:
-            return str(err)
-        return None
-
     def is_complete(self) -> bool:
         """Whether the cell is finished (:meth:`read_record`, which raises for a rejected record)."""
         return self.read_record() is not None
@@ -229,13 +220,9 @@ class Cell:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / LOCK_FILE
         while True:
-            try:  # 0o666 less the umask, as every file the store writes: a group sharing results can lock
-                fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
-            except PermissionError as err:
-                raise PermissionError(
-                    f"cannot open the cell's lock file {path} for writing ({err.strerror}; it belongs to "
-                    f"{_file_owner(path)}): run as a user who may write it, or have its owner run the cell"
-                ) from err
+            fd = _open_lock_file(
+                path, os.O_CREAT | os.O_RDWR, read_only_fallback=False
+            )  # it writes the owner
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -456,19 +443,20 @@ def hold_worker_lock(partial: Path) -> None:
     _worker_lock_fd = fd
 
 
-def _open_lock_file(path: Path, flags: int) -> int:
-    """``os.open`` of a lock file the store never deletes, so another user may have created it: 0o666 less
-    the umask when created; opened read-only if it may not be written (a local ``flock`` works on any
-    descriptor); a clear error naming its owner if it may not even be read."""
+def _open_lock_file(path: Path, flags: int, read_only_fallback: bool = True) -> int:
+    """``os.open`` of a lock file, which another user may have created: 0o666 less the umask when created,
+    so a group sharing results can lock it; where it may not be written, opened read-only if
+    ``read_only_fallback`` (a local ``flock`` works on any descriptor), else a clear error naming its owner.
+    """
     try:
         return os.open(path, flags, 0o666)
     except PermissionError as err:
-        if flags & os.O_RDWR:
+        if read_only_fallback and flags & os.O_RDWR:
             with contextlib.suppress(PermissionError):
                 return os.open(path, (flags & ~os.O_RDWR) | os.O_RDONLY)
         raise PermissionError(
             f"cannot open the lock file {path} ({err.strerror}; it belongs to {_file_owner(path)}): run as a "
-            "user who may read it, or have its owner run the cell"
+            "user who may use it, or have its owner run the cell"
         ) from err
 
 
