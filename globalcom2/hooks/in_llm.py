@@ -227,9 +227,23 @@ def _with_hidden(args: tuple, kwargs: dict, hidden_states: torch.Tensor) -> tupl
     return args, {**kwargs, "hidden_states": hidden_states}
 
 
-def _image_rows(visual_per_row: list[int], image_lengths: tuple[int, ...]) -> tuple[int, ...]:
-    """The batch row of each image, from each row's visual positions and the images' lengths (images fill
-    the rows in scatter order; an image a pre-LLM method reduced to no token joins the row being filled)."""
+def _image_rows(
+    visual_per_row: list[int], image_lengths: tuple[int, ...], known: tuple[int, ...] | None = None
+) -> tuple[int, ...]:
+    """The batch row of each image: ``known`` (from the pre-LLM surgery, which read the original
+    placeholders), checked against each row's visual positions; else derived from them, the images filling
+    the rows in scatter order. Derived, an image that a pre-LLM method reduced to no token is ambiguous
+    between the row it ends and the next one, and is given to the row being filled."""
+    if known is not None:
+        per_row = [0] * len(visual_per_row)
+        for row, length in zip(known, image_lengths, strict=True):
+            per_row[row] += length
+        if per_row != list(visual_per_row):
+            raise RuntimeError(
+                "the visual positions of the prompt do not match the image features' lengths "
+                f"{list(image_lengths)} in rows {list(known)} (per row: {visual_per_row})"
+            )
+        return tuple(known)
     rows, image = [], 0
     for row, visual in enumerate(visual_per_row):
         while image < len(image_lengths) and image_lengths[image] <= visual:
@@ -330,7 +344,7 @@ class _Prefill:
             raise NotImplementedError(
                 "in-LLM compression needs left padding (or none); set processor.tokenizer.padding_side = 'left'"
             )
-        self.image_row = _image_rows(visual_rows, lengths)
+        self.image_row = _image_rows(visual_rows, lengths, self.context.image_rows)
         self.image_tokens = tuple(lengths)
         self.protected_tokens = tuple(protected_counts)  # [I] separators per image (0 under "positions")
         self.budget_tokens = tuple(n - p for n, p in zip(lengths, protected_counts, strict=True))

@@ -51,6 +51,9 @@ class PromptContext:
             counts its budget in patch tokens (``budget_basis="patches"``); ``None`` otherwise.
         image_lengths: visual positions of each image (scatter order), known on the host from the features'
             shapes; empty in steps without images.
+        image_rows: the batch row of each image (scatter order) when a pre-LLM surgery changed the prompt,
+            which knows it from the original placeholders; ``None`` otherwise (the in-LLM stage derives it
+            from the rows' visual positions, which a pre-LLM method that empties an image leaves ambiguous).
     """
 
     input_ids: torch.Tensor | None
@@ -60,6 +63,7 @@ class PromptContext:
     cache: Any
     separator: torch.Tensor | None = None
     image_lengths: tuple[int, ...] = ()
+    image_rows: tuple[int, ...] | None = None
 
     @property
     def is_prefill(self) -> bool:
@@ -228,7 +232,10 @@ class _CompressingMixin:
                 )
 
         return_dict = kwargs.pop("return_dict", True)
-        with self._in_llm_stage(adapter, input_ids, image_output, attention_mask, position_ids, cache):
+        image_rows = state.image_rows if state is not None else None
+        with self._in_llm_stage(
+            adapter, input_ids, image_output, attention_mask, position_ids, cache, image_rows
+        ):
             outputs = super().forward(
                 input_ids=input_ids,
                 image_sizes=image_sizes,
@@ -249,7 +256,7 @@ class _CompressingMixin:
 
     @contextmanager
     def _in_llm_stage(
-        self, adapter, input_ids, image_output, attention_mask, position_ids, cache
+        self, adapter, input_ids, image_output, attention_mask, position_ids, cache, image_rows=None
     ) -> Iterator[None]:
         if adapter.in_llm is None:
             yield
@@ -257,7 +264,7 @@ class _CompressingMixin:
         with stage_section("compression"):
             visual_index, separator, lengths = self._visual_maps(adapter, input_ids, image_output)
         context = PromptContext(
-            input_ids, visual_index, attention_mask, position_ids, cache, separator, lengths
+            input_ids, visual_index, attention_mask, position_ids, cache, separator, lengths, image_rows
         )
         with adapter.in_llm.active(context):
             yield

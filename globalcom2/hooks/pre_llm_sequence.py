@@ -30,6 +30,8 @@ class DecodeState:
         real_lengths: ``[B]`` non-padding tokens per row after compression.
         attention_mask: ``[B, L']`` mask of the compressed prompt, or ``None`` when there is no padding
             and the caller gave none (keeps SDPA on its ``is_causal`` fast path, and bit-identity).
+        image_rows: the batch row of each image (scatter order), read from the original prompt's
+            placeholders: after the surgery an image may have no position left to say where it was.
     """
 
     original_length: int
@@ -37,6 +39,7 @@ class DecodeState:
     position_shift: torch.Tensor
     real_lengths: torch.Tensor
     attention_mask: torch.Tensor | None
+    image_rows: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def rebuild_prompt(
             f"the prompt has {sum(placeholders_per_row)} image placeholders but the images have "
             f"{sum(original)} packed tokens; were images and text processed together?"
         )
-    row_lengths = _compressed_row_lengths(real_per_row, placeholders_per_row, original, kept)
+    row_lengths, image_rows = _compressed_row_lengths(real_per_row, placeholders_per_row, original, kept)
     new_length = max(row_lengths)
     total = sum(row_lengths)
 
@@ -161,17 +164,18 @@ def rebuild_prompt(
         position_shift=(last_original - new_positions[:, -1]).expand(batch).clone(),  # [B]
         real_lengths=real_lengths,
         attention_mask=new_mask,
+        image_rows=image_rows,
     )
     return RebuiltPrompt(new_ids, new_mask, new_positions, state)
 
 
 def _compressed_row_lengths(
     real_per_row: list[int], placeholders_per_row: list[int], original: list[int], kept: list[int]
-) -> list[int]:
+) -> tuple[list[int], tuple[int, ...]]:
     """Real tokens of each row after every image ``i`` of it went from ``original[i]`` to ``kept[i]``
-    placeholders (images fill the rows in scatter order)."""
-    lengths, image = [], 0
-    for real, placeholders in zip(real_per_row, placeholders_per_row, strict=True):
+    placeholders (images fill the rows in scatter order), and the row of each image."""
+    lengths, rows, image = [], [], 0
+    for row, (real, placeholders) in enumerate(zip(real_per_row, placeholders_per_row, strict=True)):
         change = 0
         while placeholders > 0:
             if image >= len(original) or original[image] > placeholders:
@@ -180,9 +184,10 @@ def _compressed_row_lengths(
                 )
             placeholders -= original[image]
             change += kept[image] - original[image]
+            rows.append(row)
             image += 1
         lengths.append(real + change)
-    return lengths
+    return lengths, tuple(rows)
 
 
 def decode_inputs(

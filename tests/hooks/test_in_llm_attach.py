@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from helpers import generate_steps, prompt_inputs, shortened_inputs
+from helpers import assert_batch_equals_single_runs, generate_steps, prompt_inputs, shortened_inputs
 from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2 import attach
@@ -667,6 +667,11 @@ def test_an_image_a_pre_llm_method_empties_still_gets_its_batch_row(model, proce
             model(**batch)
         first, text_only = fastv.stats[-2:]
     assert first.visual_tokens_before > 0 and text_only.visual_tokens_before == 0
+    # The emptied image ends the first row: it is that row's, not the text-only row's. SparseVLM rates each
+    # image by its own row's text, so it refused this batch ("row(s) [1] end with their image") and a
+    # batch row's answer differed from its prompt alone.
+    with attach(model, DropSmall(retention_ratio=0.5)), attach(model, "sparsevlm", retention_ratio=0.5):
+        assert_batch_equals_single_runs(model, processor, rows, text, steps=3)
 
 
 def test_a_zero_in_the_generated_part_of_the_mask_is_refused_not_ignored(model, processor, images):
