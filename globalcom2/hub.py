@@ -78,7 +78,7 @@ def hub_file(repo: str, filename: str, revision: str | None = None) -> Path:
             return Path(cached)
         if cached is not None:  # the cache remembers the hub saying the file does not exist
             raise FileNotFoundError(f"{at} has no {filename}, as the hub said when it was last asked")
-        short = revision is not None and len(revision) < 40 and all(c in "0123456789abcdef" for c in revision)
+        short = revision is not None and len(revision) < 40 and _is_hex(revision)
         raise FileNotFoundError(
             f"{filename} of {at} is not in the local Hugging Face cache and the hub is offline "
             f"({offline_reasons()[0]})"  # the hub's switch comes first
@@ -118,7 +118,7 @@ def hub_dataset_commit(repo: str, revision: str | None = None) -> str:
 
     validate_repo_id(repo)
     wanted = revision or "main"
-    if len(wanted) == 40 and all(c in "0123456789abcdef" for c in wanted):
+    if len(wanted) == 40 and _is_hex(wanted):
         return wanted
     offline = hub_offline() or _env_on(DATASETS_OFFLINE)
     hub_said = ""
@@ -139,3 +139,8 @@ def hub_dataset_commit(repo: str, revision: str | None = None) -> str:
             f"cannot tell which commit of dataset {repo}@{wanted} would load: not in the local cache ({ref}), "
             f"{where}"
         ) from None
+
+
+def _is_hex(text: str) -> bool:
+    """Whether ``text`` is lowercase hex, as a git commit (or its prefix) is written."""
+    return all(c in "0123456789abcdef" for c in text)
