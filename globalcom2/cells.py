@@ -105,6 +105,9 @@ class BenchmarkSpec:
     batch_size: int
     gen_kwargs: str | None
     protocol: str = DEFAULT_PROTOCOL  # lmms_eval | llava (globalcom2.protocol.rules)
+    # (task, commit) of each task that reads the hub, set by CellSpec.pinned from the identity's data: the
+    # commit the task loads and is checked against (globalcom2.lmms.hub_data). Not itself in the identity.
+    dataset_commits: tuple[tuple[str, str], ...] = ()
 
     def generation_overrides(self) -> dict[str, Any] | None:
         """Under ``llava``, ``gen_kwargs`` adjusts LLaVA's fixed settings in the plugin (lmms-eval gets none)."""
@@ -154,13 +157,24 @@ class CellSpec:
         )
         return RunSpec(model=self.model, method=self.method, options=options)
 
-    def pinned(self, weights: dict[str, Any] | None) -> CellSpec:
-        """This spec loading exactly the weights its identity names: a hub id at the resolved ``commit``
-        (``weights`` is :meth:`identity`'s entry), so a branch that moves after the identity was computed
-        cannot put other weights under it. Folders and random weights are returned unchanged."""
-        if not weights or "commit" not in weights:
-            return self
-        return replace(self, model=replace(self.model, revision=weights["commit"]))
+    def pinned(self, identity: dict[str, Any]) -> CellSpec:
+        """This spec loading exactly what its ``identity`` (:meth:`identity`) names, so that a branch that
+        moves after the identity was computed cannot put other weights or rows under it: a hub checkpoint at
+        its resolved ``weights.commit``, and each task that reads the hub at its ``data.<task>.commit``
+        (checked again once loaded, :mod:`globalcom2.lmms.hub_data`). Folders, random weights and local
+        data are left as they are."""
+        pinned = self
+        weights = identity.get("weights") or {}
+        if "commit" in weights:
+            pinned = replace(pinned, model=replace(pinned.model, revision=weights["commit"]))
+        commits = tuple(
+            (task, data["commit"])
+            for task, data in (identity.get("data") or {}).items()
+            if isinstance(data, dict) and "hub" in data and "commit" in data
+        )
+        if commits:
+            pinned = replace(pinned, benchmark=replace(pinned.benchmark, dataset_commits=commits))
+        return pinned
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,6 +192,9 @@ class CellSpec:
                     **data["benchmark"],
                     "tasks": tuple(data["benchmark"]["tasks"]),
                     "columns": tuple(data["benchmark"]["columns"]),
+                    "dataset_commits": tuple(
+                        (task, commit) for task, commit in data["benchmark"].get("dataset_commits", ())
+                    ),
                 }
             ),
             launcher=LauncherSpec(**data["launcher"]),
@@ -275,7 +292,9 @@ class CellSpec:
         if not model["vicuna_text"]:
             del model["vicuna_text"]  # likewise
         method = {k: v for k, v in asdict(self.method).items() if k != "label"}
-        benchmark = {k: v for k, v in asdict(self.benchmark).items() if k != "name"}
+        benchmark = {
+            k: v for k, v in asdict(self.benchmark).items() if k not in ("name", "dataset_commits")
+        }  # the commits are the data's, under identity["data"]
         benchmark["tasks"], benchmark["columns"] = list(self.benchmark.tasks), list(self.benchmark.columns)
         for group, values in (("model", model), ("method", method), ("benchmark", benchmark)):
             identity[group] = {**identity.get(group, {}), **values}

@@ -1,5 +1,6 @@
-"""The Hugging Face hub: whether it may be used (the one reading of the offline switches), and which file a
-hub id and revision resolve to (:func:`hub_file`, shared by the config check and the weights identity).
+"""The Hugging Face hub: whether it may be used (the one reading of the offline switches), which file a
+hub id and revision resolve to (:func:`hub_file`, shared by the config check and the weights identity), and
+which commit of a hub dataset ``datasets`` loads (:func:`hub_dataset_commit`, for the data identity).
 
 Two switches matter: ``HF_HUB_OFFLINE`` (``from_pretrained``, ``hf_hub_download``) and
 ``HF_DATASETS_OFFLINE`` (``datasets``). huggingface_hub decides once, when it is imported, from
@@ -103,42 +104,99 @@ def snapshot_commit(path: Path) -> str:
     return snapshot.name
 
 
-def hub_dataset_commit(repo: str, revision: str | None = None) -> str:
-    """The commit hub dataset ``repo`` at ``revision`` (``None``: ``main``) resolves to, as ``datasets``
-    resolves it to load it: the hub's, online (``HfApi.dataset_info``), else, offline or when the hub cannot
-    be reached, the local cache's ``refs/<revision>`` (``datasets--owner--name/refs/main``, which a download
-    writes). A full commit resolves to itself.
+def hub_dataset_commit(
+    repo: str, config: str | None, revision: str | None = None, *, cache_dir: str | Path | None = None
+) -> str:
+    """The commit of hub dataset ``repo`` (configuration ``config``) that ``datasets.load_dataset`` loads when
+    asked for ``revision`` (``None``: ``main``), with ``cache_dir`` its cache (``None``: ``datasets``'
+    default).
+
+    Online, the hub's commit for that revision (``HfApi.dataset_info``): ``datasets`` pins the same one as it
+    starts (``datasets/load.py``, ``dataset_module_factory``: "We fix the commit_hash"), and a full commit is
+    itself. Offline, or when the hub cannot be reached, ``datasets`` asks for no revision at all: it loads the
+    most recently modified copy of the configuration in its own cache (:func:`datasets_cached_commit`), and
+    that is the answer, whatever the hub cache's ``refs/main`` says. A ``revision`` asked for explicitly must
+    then be that copy: a full commit equal to it, or a branch or tag whose hub-cache ref names it.
 
     Raises:
         ValueError: ``repo`` is not a valid hub id.
-        FileNotFoundError: neither the hub nor the cache names a commit.
+        FileNotFoundError: the hub cannot be asked and ``datasets`` has no cached copy, or the copy it would
+            load is not the ``revision`` asked for.
     """
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo)
     wanted = revision or "main"
-    if len(wanted) == 40 and _is_hex(wanted):
-        return wanted
     offline = hub_offline() or _env_on(DATASETS_OFFLINE)
-    hub_said = ""
     if not offline:
+        if len(wanted) == 40 and _is_hex(wanted):
+            return wanted
         try:
             sha = HfApi().dataset_info(repo, revision=wanted).sha
             if sha:
                 return sha
             hub_said = "the hub named no commit"
-        except Exception as err:  # network, authentication, a missing repo or revision: try the cache
+        except (
+            Exception
+        ) as err:  # network, authentication, a missing repo or revision: datasets uses its cache
             hub_said = f"the hub said: {err}"
-    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / wanted
+    why = f"offline: {', '.join(offline_reasons())}" if offline else hub_said
+    at = f"{repo}@{wanted}" + (f" (configuration {config!r})" if config else "")
+    try:
+        cached = datasets_cached_commit(repo, config, cache_dir)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"cannot tell which commit of dataset {at} would load ({why}): {err}"
+        ) from None
+    if revision is not None and revision != cached and _hub_ref(repo, revision) != cached:
+        raise FileNotFoundError(
+            f"dataset {at}: with the hub unasked ({why}), datasets loads its newest cached copy, commit {cached}, "
+            f"whatever revision is asked for, and nothing here says that {revision!r} is that commit; load "
+            f"{revision!r} once online, or ask for {cached}"
+        )
+    return cached
+
+
+def datasets_cached_commit(repo: str, config: str | None, cache_dir: str | Path | None = None) -> str:
+    """The commit of the copy of hub dataset ``repo`` (configuration ``config``) that ``datasets`` loads with
+    the hub unreachable: its "cache" module takes the most recently modified folder
+    ``<cache_dir>/<owner>___<name>/<config>/<version>/<hash>`` (``datasets/packaged_modules/cache/cache.py``,
+    ``_find_hash_in_cache``), whose ``<hash>`` is the commit it was downloaded at (``datasets/load.py``,
+    ``HubDatasetModuleFactory``). Asked of that function itself, so the rule cannot drift from the library's.
+
+    Raises:
+        FileNotFoundError: no cached copy of that configuration, or one whose folder names no commit.
+    """
+    from datasets.packaged_modules.cache import cache as datasets_cache
+
+    try:
+        _, _, found = datasets_cache._find_hash_in_cache(
+            dataset_name=repo,
+            config_name=config,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            config_kwargs={},
+            custom_features=None,
+        )
+    except ValueError as err:  # "Couldn't find cache for …", or several configurations and none named
+        raise FileNotFoundError(str(err).replace("\n", "; ")) from None
+    if len(found) != 40 or not _is_hex(found):
+        raise FileNotFoundError(
+            f"the cached copy datasets would load, folder {found!r}, is not named by a hub commit"
+        )
+    return found
+
+
+def _hub_ref(repo: str, revision: str) -> str | None:
+    """The commit the hub cache's ``refs/<revision>`` of dataset ``repo`` names (written by every download
+    of that branch or tag), or ``None``."""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / revision
     try:
         return ref.read_text(encoding="utf-8").strip()
     except OSError:
-        where = f"offline: {', '.join(offline_reasons())}" if offline else hub_said
-        raise FileNotFoundError(
-            f"cannot tell which commit of dataset {repo}@{wanted} would load: not in the local cache ({ref}), "
-            f"{where}"
-        ) from None
+        return None
 
 
 def _is_hex(text: str) -> bool:

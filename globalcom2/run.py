@@ -191,7 +191,7 @@ def run(cfg: DictConfig) -> CellRecord | None:
         cell = Cell(Path(cfg.paths.results_dir), spec.key, spec.identity(cfg))
     except INPUT_ERRORS as err:
         raise CellError(f"invalid cell: {_message(err)}") from err
-    spec = spec.pinned(cell.identity.get("weights"))  # check and load the very commit the identity names
+    spec = spec.pinned(cell.identity)  # check and load the very commits (weights, hub data) it names
     problem = writable_problem(Path(cfg.paths.results_dir))
     if problem:
         raise CellError(

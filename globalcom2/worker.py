@@ -98,6 +98,7 @@ def evaluate_cell(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
         numpy_random_seed=spec.seed,
         torch_random_seed=spec.seed,
         fewshot_random_seed=spec.seed,
+        dataset_commits=dict(spec.benchmark.dataset_commits),
     )
     evaluated = time.time()
     records = lm.gather_records()  # collective: every rank takes part

@@ -49,6 +49,42 @@ def run_globalcom2(
     )
 
 
+def cached_hub_dataset(
+    cache: Path, repo: str, config: str, commit: str, rows: dict[str, list], split: str, mtime: float
+) -> Path:
+    """A hub dataset's configuration as ``datasets`` caches a download of it at ``commit``
+    (``<cache>/<owner>___<name>/<config>/0.0.0/<commit>/``, its ``dataset_info.json`` and Arrow file),
+    built by ``datasets``' own Parquet builder from ``rows`` (column to values; an ``image`` column of PIL
+    images is stored as ``datasets.Image``). ``mtime``: the folder's modification time, which decides which
+    copy ``datasets`` loads offline. Returns the folder."""
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    owner, name = repo.split("/")
+    staging = cache.parent / f".staging-{commit}"
+    features = datasets.Dataset.from_dict(rows).features
+    if "image" in rows:
+        features["image"] = datasets.Image()
+    parquet = staging / "rows.parquet"
+    staging.mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(parquet))
+    builder = Parquet(
+        cache_dir=str(staging / "built"),
+        dataset_name=name,
+        config_name=config,
+        hash=commit,
+        data_files={split: [str(parquet)]},
+    )
+    builder.download_and_prepare()
+    folder = cache / f"{owner}___{camelcase_to_snakecase(name)}" / config / "0.0.0" / commit
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(builder.cache_dir, folder)
+    shutil.rmtree(staging)
+    os.utime(folder, (mtime, mtime))
+    return folder
+
+
 def fake_hub_repo(cache: Path, repo: str, snapshots: dict[str, Path | None], main: str) -> Path:
     """A hub repository as huggingface_hub's cache holds it (``models--owner--name/snapshots/<commit>/`` and
     ``refs/main``): each commit's snapshot is a copy of its folder (``None``: a bare ``config.json``).

@@ -20,13 +20,15 @@ the task checks and verifies that every task produced results.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from globalcom2.data.benchmarks import EVALAI_TASKS
-from globalcom2.lmms.preflight import PreflightError, check_tasks, llava_unused_options
+from globalcom2.lmms.hub_data import LoadedDataMismatch, loaded_commit_problems, pinned_task
+from globalcom2.lmms.preflight import PreflightError, check_tasks, llava_unused_options, task_config
 from globalcom2.paths import tasks_dir
 from globalcom2.protocol.rules import check_tasks_covered
 
@@ -49,6 +51,7 @@ def evaluate(
     gen_kwargs: str | None = None,
     log_samples: bool = True,
     include_path: str | list[str] | None = None,
+    dataset_commits: Mapping[str, str] | None = None,
     **simple_evaluate_kwargs: Any,
 ) -> dict[str, Any] | None:
     """``simple_evaluate`` on ``lm`` (an ``lmms`` instance) with checks; ``None`` on ranks other than 0.
@@ -57,6 +60,10 @@ def evaluate(
     lmms-eval otherwise uses ``./submissions``). Before anything runs, as the CLI does, it refuses a task
     the plugin's protocol has no rule for, and ``gen_kwargs``, ``system_instruction`` or ``num_fewshot``
     under ``protocol=llava`` (which would be ignored). Raises if a task is missing from the results.
+
+    ``dataset_commits``: task name to the hub commit a task that reads the hub loads (a cell's identity,
+    ``data.<task>.commit``): the task is built at that revision, and its loaded data checked to be that
+    commit (:mod:`globalcom2.lmms.hub_data`); a mismatch raises rather than return results of other data.
     """
     from lmms_eval.evaluator import simple_evaluate
 
@@ -91,9 +98,16 @@ def evaluate(
     simple_evaluate_kwargs.setdefault(
         "distributed_executor_backend", "torchrun" if distributed else "accelerate"
     )
+    commits = dict(dataset_commits or {})
+    unknown = sorted(set(commits) - set(tasks))
+    if unknown:
+        raise PreflightError(f"dataset_commits names tasks {unknown} that are not among the tasks {tasks}")
+    entries: list[str | dict[str, Any]] = [
+        pinned_task(t, task_config(t, include_path), commits[t]) if t in commits else t for t in tasks
+    ]
     results = simple_evaluate(
         model=lm,
-        tasks=tasks,
+        tasks=entries,
         task_manager=task_manager(include_path, include_defaults),
         limit=limit,
         gen_kwargs=gen_kwargs,
@@ -101,6 +115,13 @@ def evaluate(
         cli_args=cli_args,
         **{"bootstrap_iters": 0, **simple_evaluate_kwargs},
     )
+    problems = loaded_commit_problems(lm.task_dict, commits)  # on every rank: each loaded its own copy
+    if problems:
+        raise LoadedDataMismatch(
+            "the data loaded is not the data the cell's identity names (another process may have changed the "
+            "datasets cache meanwhile); nothing is kept, run it again:\n"
+            + "\n".join(f"- {p}" for p in problems)
+        )
     if results is None:
         return None
     missing = [

@@ -138,8 +138,9 @@ def data_identity(tasks: list[str], include_path: str | list[str] | None = None)
     gives its split, seed and size and the content of the folder it reads, built here if not yet cached
     (a few seconds), so an edited generator is another cell even where ``DEMO_VERSION`` was not bumped.
     A task that reads the hub itself (lmms-eval's LMMs-Eval-Lite tasks) gives its dataset, config and the
-    commit it would load (:func:`_hub_identity`). Synthetic fixture rows and real data, two hub revisions, or
-    two folders of one name on two machines thus make different cells."""
+    commit ``datasets`` would load (:func:`globalcom2.lmms.hub_data.hub_data_identity`). Synthetic fixture
+    rows and real data, two hub revisions, or two folders of one name on two machines thus make different
+    cells."""
     ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
     identity: dict[str, Any] = {}
     for name in tasks:
@@ -157,24 +158,23 @@ def data_identity(tasks: list[str], include_path: str | list[str] | None = None)
 
 
 def _hub_identity(name: str, config: dict[str, Any]) -> dict[str, Any]:
-    """``{"hub", "config", "commit"}`` of the dataset a task loads from the hub (its YAML's ``dataset_path``,
-    ``dataset_name`` and ``dataset_kwargs.revision``), or ``{"unresolved", "reason"}`` when that cannot be
-    told, which ``globalcom2.run`` refuses as it refuses unnamed weights."""
-    from globalcom2.hub import hub_dataset_commit
+    """:func:`~globalcom2.lmms.hub_data.hub_data_identity` of a task, read from its built-in YAML when it is
+    not one of ours."""
+    from globalcom2.lmms.hub_data import hub_data_identity
 
     if not config:
-        found = _builtin_index().get(name)
-        config = _simple_config(found["yaml_path"]) if found and "yaml_path" in found else {}
-    repo = config.get("dataset_path")
-    if not isinstance(repo, str) or not repo:
-        return {"unresolved": name, "reason": "its YAML names no dataset_path or local_data"}
-    kwargs = config.get("dataset_kwargs") or {}
-    revision = kwargs.get("revision") if isinstance(kwargs, dict) else None
-    try:
-        commit = hub_dataset_commit(repo, revision)
-    except (OSError, ValueError) as err:
-        return {"unresolved": repo, "reason": f"{type(err).__name__}: {err}"}
-    return {"hub": repo, "config": config.get("dataset_name"), "commit": commit}
+        config = task_config(name)
+    return hub_data_identity(name, config)
+
+
+def task_config(name: str, include_path: str | list[str] | None = None) -> dict[str, Any]:
+    """Task ``name``'s YAML as lmms-eval reads it (``include`` resolved, ``!function`` tags not loaded): ours
+    (``include_path``, default ``tasks/``) first, else lmms-eval's built-in; ``{}`` for a task with no
+    YAML of its own."""
+    ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
+    found = ours.get(name) or _builtin_index().get(name) or {}
+    path = found.get("yaml_path")
+    return _simple_config(path) if isinstance(path, str) else {}
 
 
 def _generated_identity(config: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import CONFIGS, compose_eval, fake_hub_repo
+from helpers import CONFIGS, cached_hub_dataset, compose_eval, fake_hub_repo, synthetic_image
 from safetensors.torch import load_file, save_file
 
 import globalcom2
@@ -306,16 +306,29 @@ def test_a_cell_loads_the_commit_its_identity_names_when_main_moves_meanwhile(tm
 
 
 def test_a_pinned_spec_reaches_the_worker_processes_unchanged(tmp_path):
-    """Several processes read the spec from ``cell_spec.json`` (``globalcom2.run.execute``): the pinned commit
-    survives the round trip, and a record from before revisions existed still reads."""
+    """Several processes read the spec from ``cell_spec.json`` (``globalcom2.run.execute``): the pinned
+    commits (the weights', a hub task's) survive the round trip, and a record from before either existed
+    still reads."""
     cfg = compose_cell(tmp_path, "model.pretrained=example-org/repo", "launcher=accelerate")
-    spec = CellSpec.from_config(cfg).pinned({"hub": "example-org/repo", "commit": "a" * 40})
+    identity = {
+        "weights": {"hub": "example-org/repo", "commit": "a" * 40},
+        "data": {
+            "gqa_lite": {"hub": "org/lite", "config": "gqa", "commit": "b" * 40},
+            "pope_adv_local": {"kind": "hub", "repo": "lmms-lab/POPE", "content": {}},  # a folder: not pinned
+        },
+    }
+    spec = CellSpec.from_config(cfg).pinned(identity)
     assert spec.model.revision == "a" * 40
+    assert spec.benchmark.dataset_commits == (("gqa_lite", "b" * 40),)
     assert CellSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     older = spec.to_dict()
-    del older["model"]["revision"]
+    del older["model"]["revision"], older["benchmark"]["dataset_commits"]
     assert CellSpec.from_dict(older).model.revision is None
-    assert CellSpec.from_config(cfg).pinned({"files": {}}) == CellSpec.from_config(cfg)  # a folder: unchanged
+    assert CellSpec.from_dict(older).benchmark.dataset_commits == ()
+    unpinned = CellSpec.from_config(cfg)
+    assert unpinned.pinned({"weights": {"files": {}}, "data": {}}) == unpinned  # a folder: unchanged
+    # the data's pins are the identity's data, not another benchmark setting
+    assert spec.identity(cfg)["benchmark"] == unpinned.identity(cfg)["benchmark"]
 
 
 def test_a_vicuna_length_cell_runs_on_the_efficiency_split(tmp_path, monkeypatch, capsys):
@@ -344,29 +357,76 @@ def test_a_vicuna_length_cell_runs_on_the_efficiency_split(tmp_path, monkeypatch
         assert r.text_tokens == VICUNA_TEXT_TOKENS[questions[r.doc_id]] + POST_PROMPT_TOKENS
 
 
-def test_a_lite_cell_names_the_hub_dataset_commit_it_reads(tmp_path, monkeypatch):
-    """The LMMs-Eval-Lite tasks are lmms-eval's own and read the hub at ``main``: a new commit of the dataset
-    is another cell (its identity held ``None`` and kept serving the old scores), and one whose commit
-    cannot be named is never run."""
-    from huggingface_hub import constants
+LITE = "lmms-lab-encoder/LMMs-Eval-Lite"
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    refs = tmp_path / "hub" / "datasets--lmms-lab-encoder--LMMs-Eval-Lite" / "refs"
-    refs.mkdir(parents=True)
-    lite = ("benchmark=gqa", "benchmark.lite=true")
-    (refs / "main").write_text("a" * 40)
-    first = cell_identity(tmp_path, *lite)
-    assert first["data"]["gqa_lite"] == {
-        "hub": "lmms-lab-encoder/LMMs-Eval-Lite",
-        "config": "gqa",
-        "commit": "a" * 40,
+
+def cache_vqav2_lite(cache: Path, commit: str, mtime: float, rows: int = 2) -> Path:
+    """A download of LMMs-Eval-Lite's ``vqav2_val`` configuration at ``commit``, as ``datasets`` caches it,
+    with ``rows`` rows of the fields ``vqav2_val_lite`` reads."""
+    columns = {
+        "question_id": list(range(rows)),
+        "question": [f"What is shown in picture {i}?" for i in range(rows)],
+        "answer": ["square"] * rows,
+        "answers": [[{"answer": "square", "answer_id": j} for j in range(10)] for _ in range(rows)],
+        "image": [synthetic_image(336 + 32 * i, 336) for i in range(rows)],
     }
-    (refs / "main").write_text("b" * 40)
-    assert cell_identity(tmp_path, *lite)["data"]["gqa_lite"]["commit"] == "b" * 40
-    (refs / "main").unlink()
-    assert "unresolved" in cell_identity(tmp_path, *lite)["data"]["gqa_lite"]
-    with pytest.raises(run_module.CellError, match="cannot tell which data task 'gqa_lite' would read"):
+    return cached_hub_dataset(cache, LITE, "vqav2_val", commit, columns, "lite", mtime=mtime)
+
+
+@pytest.fixture
+def lite_cache(tmp_path, monkeypatch):
+    """lmms-eval's datasets cache (``LMMS_EVAL_DATASETS_CACHE``) under ``tmp_path``: lmms-eval resolves it
+    once per process, so the memo is cleared here and again afterwards (later tests must not read a
+    deleted folder)."""
+    from lmms_eval.api.task import _resolve_hf_datasets_cache_dir
+
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "datasets"))
+    _resolve_hf_datasets_cache_dir.cache_clear()
+    yield tmp_path / "datasets"
+    _resolve_hf_datasets_cache_dir.cache_clear()
+
+
+def test_a_lite_cell_names_the_commit_datasets_would_load(tmp_path, lite_cache):
+    """The LMMs-Eval-Lite tasks are lmms-eval's own and read the hub: a new commit of the dataset is another
+    cell. Offline, ``datasets`` loads its newest cached copy whatever the hub cache's ``refs/main`` says, so
+    that copy is the commit named (the ref was, and named data the cell never read); a cell whose commit
+    cannot be named is never run."""
+    lite = ("benchmark=vqav2", "benchmark.lite=true")
+    cache_vqav2_lite(lite_cache, "a" * 40, mtime=1_000)
+    first = cell_identity(tmp_path, *lite)
+    assert first["data"]["vqav2_val_lite"] == {"hub": LITE, "config": "vqav2_val", "commit": "a" * 40}
+    cache_vqav2_lite(lite_cache, "b" * 40, mtime=2_000)
+    assert cell_identity(tmp_path, *lite)["data"]["vqav2_val_lite"]["commit"] == "b" * 40
+    shutil.rmtree(lite_cache)
+    assert "unresolved" in cell_identity(tmp_path, *lite)["data"]["vqav2_val_lite"]
+    with pytest.raises(run_module.CellError, match="cannot tell which data task 'vqav2_val_lite' would read"):
         run_module.run(compose_cell(tmp_path, *lite))
+
+
+def test_a_lite_cell_reads_the_commit_it_names_and_other_data_is_refused(
+    tmp_path, lite_cache, monkeypatch, capsys
+):
+    """Through ``globalcom2.run``, lmms-eval and ``datasets``: the cell's task is built at its identity's
+    commit (the results' task config says so) and reads that commit's rows. Offline, ``datasets`` ignores
+    the revision and loads its newest copy, so data that changed between the identity and the load (another
+    process's download) would be scored under the old identity: it is refused once loaded instead."""
+    from globalcom2.lmms import api
+    from globalcom2.lmms.hub_data import LoadedDataMismatch
+    from globalcom2.lmms.plugin import GlobalCom2LlavaNext
+
+    cache_vqav2_lite(lite_cache, "a" * 40, mtime=1_000)
+    record, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark=vqav2", "benchmark.lite=true")
+    assert "[ok]" in out, out
+    assert record["cell"]["identity"]["data"]["vqav2_val_lite"]["commit"] == "a" * 40
+    results = json.loads((Path(record["cell"]["path"]) / record["files"]["results"]).read_text())
+    assert results["configs"]["vqav2_val_lite"]["dataset_kwargs"] == {"token": True, "revision": "a" * 40}
+    assert record["n_samples"] == {"vqav2_val_lite": 2}
+
+    lm = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.25)
+    with pytest.raises(
+        LoadedDataMismatch, match=rf"vqav2_val_lite' read \S+/{'a' * 40}, not commit {'c' * 40}"
+    ):
+        api.evaluate(lm, ["vqav2_val_lite"], limit=1, dataset_commits={"vqav2_val_lite": "c" * 40})
 
 
 def test_what_only_chose_the_tasks_or_named_a_folder_is_not_in_the_identity(tmp_path, monkeypatch):
