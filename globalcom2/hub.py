@@ -116,7 +116,8 @@ def hub_dataset_commit(
     itself. Offline, or when the hub cannot be reached, ``datasets`` asks for no revision at all: it loads the
     most recently modified copy of the configuration in its own cache (:func:`datasets_cached_commit`), and
     that is the answer, whatever the hub cache's ``refs/main`` says. A ``revision`` asked for explicitly must
-    then be that copy: a full commit equal to it, or a branch or tag whose hub-cache ref names it.
+    then be that copy: a full commit equal to it, or a branch or tag whose hub-cache ref names it (a ref
+    written when the branch or tag itself was downloaded; a run that pinned the commit writes none).
 
     Raises:
         ValueError: ``repo`` is not a valid hub id.
@@ -130,16 +131,14 @@ def hub_dataset_commit(
     wanted = revision or "main"
     offline = hub_offline() or _env_on(DATASETS_OFFLINE)
     if not offline:
-        if len(wanted) == 40 and _is_hex(wanted):
+        if is_full_commit(wanted):
             return wanted
         try:
             sha = HfApi().dataset_info(repo, revision=wanted).sha
             if sha:
                 return sha
             hub_said = "the hub named no commit"
-        except (
-            Exception
-        ) as err:  # network, authentication, a missing repo or revision: datasets uses its cache
+        except Exception as err:  # network, authentication, a missing repo or revision: the cache is used
             hub_said = f"the hub said: {err}"
     why = f"offline: {', '.join(offline_reasons())}" if offline else hub_said
     at = f"{repo}@{wanted}" + (f" (configuration {config!r})" if config else "")
@@ -149,11 +148,13 @@ def hub_dataset_commit(
         raise FileNotFoundError(
             f"cannot tell which commit of dataset {at} would load ({why}): {err}"
         ) from None
-    if revision is not None and revision != cached and _hub_ref(repo, revision) != cached:
+    ref = _hub_ref(repo, revision) if revision is not None and revision != cached else cached
+    if ref != cached:
+        says = f"the hub cache's ref names {ref}" if ref else "nothing here says it is that commit"
         raise FileNotFoundError(
             f"dataset {at}: with the hub unasked ({why}), datasets loads its newest cached copy, commit {cached}, "
-            f"whatever revision is asked for, and nothing here says that {revision!r} is that commit; load "
-            f"{revision!r} once online, or ask for {cached}"
+            f"whatever revision is asked for, and {revision!r} is not it ({says}); load {revision!r} once "
+            f"online, or ask for {cached}"
         )
     return cached
 
@@ -180,7 +181,13 @@ def datasets_cached_commit(repo: str, config: str | None, cache_dir: str | Path 
         )
     except ValueError as err:  # "Couldn't find cache for …", or several configurations and none named
         raise FileNotFoundError(str(err).replace("\n", "; ")) from None
-    if len(found) != 40 or not _is_hex(found):
+    except KeyError as err:  # a dataset_info.json without the configuration's name
+        raise FileNotFoundError(f"a cached copy of {repo} has a dataset_info.json without {err}") from None
+    if found.endswith(".incomplete"):
+        raise FileNotFoundError(
+            f"the newest cached copy of {repo}, {found!r}, is a download in progress (or one killed half-way)"
+        )
+    if not is_full_commit(found):
         raise FileNotFoundError(
             f"the cached copy datasets would load, folder {found!r}, is not named by a hub commit"
         )
@@ -197,6 +204,11 @@ def _hub_ref(repo: str, revision: str) -> str | None:
         return ref.read_text(encoding="utf-8").strip()
     except OSError:
         return None
+
+
+def is_full_commit(text: str) -> bool:
+    """Whether ``text`` is a git commit written in full (40 lowercase hex digits), as the hub names one."""
+    return len(text) == 40 and _is_hex(text)
 
 
 def _is_hex(text: str) -> bool:

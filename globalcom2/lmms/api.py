@@ -102,6 +102,11 @@ def evaluate(
     unknown = sorted(set(commits) - set(tasks))
     if unknown:
         raise PreflightError(f"dataset_commits names tasks {unknown} that are not among the tasks {tasks}")
+    if commits and not getattr(lm, "is_simple", True):
+        # lmms-eval builds a task given as a dict as a simple task whatever the model's kind
+        # (TaskManager.load_config ignores task_type): a chat model would get the wrong task class
+        raise PreflightError(f"pinned hub tasks {sorted(commits)} need a simple (non-chat) lmms model")
+    # lmms-eval builds the named tasks first and the dict ones after: a list mixing both runs in that order
     entries: list[str | dict[str, Any]] = [
         pinned_task(t, task_config(t, include_path), commits[t]) if t in commits else t for t in tasks
     ]
@@ -115,7 +120,7 @@ def evaluate(
         cli_args=cli_args,
         **{"bootstrap_iters": 0, **simple_evaluate_kwargs},
     )
-    problems = loaded_commit_problems(lm.task_dict, commits)  # on every rank: each loaded its own copy
+    problems = _on_every_rank(loaded_commit_problems(lm.task_dict, commits))  # each rank loaded its own
     if problems:
         raise LoadedDataMismatch(
             "the data loaded is not the data the cell's identity names (another process may have changed the "
@@ -130,6 +135,17 @@ def evaluate(
     if missing:
         raise PreflightError(f"tasks {missing} produced no results")
     return results
+
+
+def _on_every_rank(problems: list[str]) -> list[str]:
+    """The problems every rank of a process group found, joined, on every rank (``problems`` as they are
+    without one): a rank that raised alone would leave the others waiting in the next collective, and the
+    cell would end with a kill signal rather than the reason."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return problems
+    gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, problems)
+    return [f"rank {rank}: {p}" for rank, found in enumerate(gathered) for p in found or []]
 
 
 def save(results: dict[str, Any], output_path: str | Path, model_name: str = "") -> Path:

@@ -21,12 +21,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from globalcom2.hub import hub_dataset_commit
+from globalcom2.hub import hub_dataset_commit, is_full_commit
 
 #: Hub datasets a task's own code loads besides the one its YAML names, as (repo, configuration): GQA-lite's
 #: ``process_docs`` fetches GQA's testdev-balanced images at ``main`` and joins them by ``imageId``
 #: (``lmms_eval/tasks/gqa/utils.py``, ``gqa_process_docs``). Their commit joins the identity; they cannot be
-#: pinned (the call is lmms-eval's) nor checked once loaded (the rows become images in memory).
+#: pinned (the call is lmms-eval's) nor checked once loaded (the rows become images in memory). That call
+#: names no ``cache_dir``, so ``datasets``' own cache holds them, not lmms-eval's.
 SIDE_DATASETS: dict[str, tuple[tuple[str, str], ...]] = {
     "gqa_lite": (("lmms-lab-encoder/GQA", "testdev_balanced_images"),),
 }
@@ -56,13 +57,13 @@ def hub_data_identity(name: str, config: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = config.get("dataset_kwargs") or {}
     revision = kwargs.get("revision") if isinstance(kwargs, Mapping) else None
     wanted = [
-        (repo, config.get("dataset_name"), revision),
-        *((r, c, None) for r, c in SIDE_DATASETS.get(name, ())),
+        (repo, config.get("dataset_name"), revision, datasets_cache_dir()),
+        *((r, c, None, None) for r, c in SIDE_DATASETS.get(name, ())),  # None: datasets' default cache
     ]
     named = []
-    for hub, subset, at in wanted:
+    for hub, subset, at, cache_dir in wanted:
         try:
-            commit = hub_dataset_commit(hub, subset, at, cache_dir=datasets_cache_dir())
+            commit = hub_dataset_commit(hub, subset, at, cache_dir=cache_dir)
         except (OSError, ValueError) as err:
             return {"unresolved": hub, "reason": f"{type(err).__name__}: {err}"}
         named.append({"hub": hub, "config": subset, "commit": commit})
@@ -101,7 +102,16 @@ def loaded_commit_problems(task_datasets: Mapping[str, Any], commits: Mapping[st
                 f"task {task!r}: its dataset is held in memory, with no cache file to say which commit it is"
             )
             continue
-        strays = sorted({str(f.parent) for f in files if f.parent.name != commit})
+        strays = sorted({f.parent for f in files if f.parent.name != commit})
         if strays:
-            problems.append(f"task {task!r} read {', '.join(strays)}, not commit {commit}")
+            legacy = [f for f in strays if not is_full_commit(f.name)]
+            problems.append(
+                f"task {task!r} read {', '.join(map(str, strays))}, not commit {commit}"
+                + (
+                    " (a folder not named by a commit is a cache written by datasets < 3, which datasets still "
+                    "reuses: delete it)"
+                    if legacy
+                    else ""
+                )
+            )
     return problems

@@ -236,9 +236,15 @@ def judge(
         "partial": len(graded) != len(docs),
         "grades": graded,
     }
-    out = Path(out) if out else Path(samples_path).with_name(Path(samples_path).stem + "_judged.json")
+    beside = Path(samples_path).with_name(Path(samples_path).stem + "_judged.json")
+    out = Path(out) if out else beside
     atomic_write_json(out, result, ensure_ascii=False, sort_keys=False)
     print(f"MM-Vet gpt_eval_score = {score:.2f} over {len(graded)} samples -> {out}")
+    if out.resolve() != beside.resolve():
+        print(
+            f"note: make tables reads a cell's judged score from {beside.name} beside its samples only; this "
+            f"score stays out of the tables unless it is written there (drop --out)"
+        )
     return result
 
 

@@ -243,16 +243,38 @@ def pareto(
 
 
 def _plot_vs_tflops(ax: plt.Axes, merged: pd.DataFrame) -> None:
-    """One line per method of ``value`` against ``tflops`` (vanilla: its single point)."""
+    """One line per method of ``value`` against ``tflops`` (vanilla: its single point). A point whose value
+    is a partial average (``partial``: Table 1's Avg over fewer columns than the table's, named in its
+    notes) is drawn hollow and the axes say so: it is not comparable with the filled ones."""
     for label, method_name, context, variant, series in _series(merged):
         series = series.sort_values("tflops")
-        ax.plot(
+        line = ax.plot(
             series["tflops"],
             series["value"],
             linewidth=1.2,
             markersize=5,
             linestyle=CONTEXT_LINES[context % len(CONTEXT_LINES)],
             **method_style(label, method_name, variant),
+        )[0]
+        hollow = series[series["partial"].astype(bool)] if "partial" in series else series.iloc[:0]
+        if len(hollow):
+            line.set_markevery(list(np.flatnonzero(~series["partial"].to_numpy(dtype=bool))))
+            ax.plot(
+                hollow["tflops"],
+                hollow["value"],
+                linestyle="none",
+                marker=line.get_marker(),
+                markersize=5,
+                markerfacecolor="none",
+                markeredgecolor=line.get_color(),
+            )
+    if "partial" in merged and merged["partial"].astype(bool).any():
+        ax.text(
+            0.02,
+            0.02,
+            "hollow: Avg over fewer benchmarks (Table 1 notes)",
+            fontsize=6,
+            transform=ax.transAxes,
         )
     ax.set_xlabel("TFLOPs per prefill (full convention)")
 
@@ -273,19 +295,17 @@ def _paper_quality_vs_tflops(frame: pd.DataFrame, vanilla_pool: pd.DataFrame | N
     """Avg. % of vanilla (Table 1, with its vanilla from ``vanilla_pool`` where ``frame`` has none) per
     model, method and ratio, beside the mean TFLOPs of the row's cells."""
     quality = []
+    columns = ["model", "method", "retention_ratio", "value", "partial"]
     for model in sorted(set(frame["model"])):
-        table = table1(frame, model, vanilla_pool=vanilla_pool).frame.rename(columns={"R": "retention_ratio"})
+        built = table1(frame, model, vanilla_pool=vanilla_pool)
+        table = built.frame.rename(columns={"R": "retention_ratio"})
         table = table[pd.to_numeric(table[AVG], errors="coerce").notna()]
-        quality.append(
-            table.assign(model=model, value=table[AVG].astype(float))[
-                ["model", "method", "retention_ratio", "value"]
-            ]
-        )
-    quality = (
-        pd.concat(quality)
-        if quality
-        else pd.DataFrame(columns=["model", "method", "retention_ratio", "value"])
-    )
+        partial = [
+            (m, r) in built.partial_averages
+            for m, r in zip(table["method"], table["retention_ratio"], strict=True)
+        ]
+        quality.append(table.assign(model=model, value=table[AVG].astype(float), partial=partial)[columns])
+    quality = pd.concat(quality) if quality else pd.DataFrame(columns=columns)
     # A row's Avg spans its benchmarks' cells, whose images (so TFLOPs) differ: one point at their mean.
     tflops = _tflops(frame).groupby(list(ROW_KEYS), as_index=False)["tflops"].mean()
     return quality.merge(tflops, on=["model", "method", "retention_ratio"])

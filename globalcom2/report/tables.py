@@ -56,6 +56,8 @@ class Table:
     frame: pd.DataFrame
     caption: str
     notes: list[str] = field(default_factory=list)
+    # (method, R) of the rows whose Avg covers fewer columns than the table's (Table 1; a note names them)
+    partial_averages: frozenset[tuple[str, float]] = frozenset()
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """``<name>.md``, ``<name>.tex`` (booktabs) and ``<name>.csv`` in ``out_dir``, each written atomically
@@ -203,12 +205,15 @@ def relative_average(row: pd.Series, vanilla: pd.Series | None, columns: list[st
     return sum(ratios) / len(ratios) if ratios else "n/a (no column in common with vanilla)"
 
 
-def _partial_averages(wide: pd.DataFrame, vanilla: pd.Series | None, columns: list[str]) -> list[str]:
-    """Notes for the rows whose Avg covers fewer than the table's columns: an average over MME alone is not
-    comparable with one over ten benchmarks, nor one without the column vanilla lacks with the table's."""
+def _partial_averages(
+    wide: pd.DataFrame, vanilla: pd.Series | None, columns: list[str]
+) -> tuple[list[str], frozenset[tuple[str, float]]]:
+    """Notes for the rows whose Avg covers fewer than the table's columns, and those rows' (method, R): an
+    average over MME alone is not comparable with one over ten benchmarks, nor one without the column vanilla
+    lacks with the table's."""
     if vanilla is None or wide.empty:
-        return []
-    notes = []
+        return [], frozenset()
+    notes, partial = [], set()
     without_vanilla = [c for c in columns if not shared_columns(vanilla, vanilla, [c])]
     if without_vanilla:
         notes.append(
@@ -218,11 +223,12 @@ def _partial_averages(wide: pd.DataFrame, vanilla: pd.Series | None, columns: li
         shared = shared_columns(row, vanilla, columns)
         missing = [c for c in columns if c not in shared and c not in without_vanilla]
         if missing:
+            partial.add((row["method"], row["retention_ratio"]))
             notes.append(
                 f"{AVG} of {row['method']} at R = {row['retention_ratio']}: over {len(shared)} of the "
                 f"{len(columns)} columns, without {', '.join(missing)}."
             )
-    return notes
+    return notes, frozenset(partial)
 
 
 def _pending_columns(rows: pd.DataFrame, wide: pd.DataFrame) -> list[str]:
@@ -274,7 +280,8 @@ def table1(
         notes += [note] if note else []
     wide = _order(wide) if len(wide) else wide
     wide[AVG] = [relative_average(r, vanilla, columns) for _, r in wide.iterrows()]
-    notes += _partial_averages(wide, vanilla, columns)
+    partial_notes, partial = _partial_averages(wide, vanilla, columns)
+    notes += partial_notes
     notes += _pending_columns(rows, wide)
     display = wide[["method", "retention_ratio", *columns, AVG]].rename(columns={"retention_ratio": "R"})
     notes += [f"{c}: {PAPER_METRICS[c].note}" for c in columns if not PAPER_METRICS[c].comparable]
@@ -292,7 +299,8 @@ def table1(
             f"{AVG}: n/a because no vanilla row exists for {model}; run method=vanilla on the same benchmarks."
         )
     caption = f"Table 1 layout, {model}" + (f" ({experiment})" if experiment else "")
-    return Table(f"table1_{model}" + (f"_{experiment}" if experiment else ""), display, caption, notes)
+    name = f"table1_{model}" + (f"_{experiment}" if experiment else "")
+    return Table(name, display, caption, notes, partial_averages=partial)
 
 
 def _borrowed_vanilla(

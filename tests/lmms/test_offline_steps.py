@@ -60,6 +60,21 @@ def test_mmvet_judge_scores_with_lmms_evals_grader(fixture_data, tmp_path, grade
     assert written["results"] == result["results"] and len(written["grades"]) == 3
 
 
+def test_a_judged_score_written_elsewhere_is_said_to_stay_out_of_the_tables(
+    fixture_data, tmp_path, graded_by, capsys
+):
+    """``make tables`` finds the judge's file beside the cell's samples only: ``--out`` elsewhere left the
+    score "not judged yet" in every table without a word."""
+    graded_by([("1.0", "gpt-test"), ("0.5", "gpt-test"), ("0.0", "gpt-test")] * 2)
+    samples = samples_file(
+        tmp_path / "s_samples_mmvet_local.jsonl", zip(FIXTURE_TARGETS, ["4.50", "red", "dog"], strict=True)
+    )
+    mmvet_judge.judge(samples, tmp_path / "elsewhere.json")
+    assert "stays out of the tables" in capsys.readouterr().out
+    mmvet_judge.judge(samples, tmp_path / "s_samples_mmvet_local_judged.json")  # the default, spelled out
+    assert "stays out of the tables" not in capsys.readouterr().out
+
+
 def test_mmvet_judge_refuses_to_score_when_the_judge_fails(fixture_data, tmp_path, graded_by):
     graded_by([("1.0", "gpt-test"), ("", ""), ("0.0", "gpt-test")])  # no answer from the judge for doc 1
     samples = samples_file(

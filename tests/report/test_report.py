@@ -627,6 +627,31 @@ def test_demo_pareto_plots_accuracy_per_question_type_against_tflops(demo_tree, 
         )
 
 
+def test_a_partial_average_is_drawn_hollow_on_the_pareto_plot(tree, tmp_path, monkeypatch):
+    """FastV's Avg covers one of Table 1's two columns (a note says so under the table); on the plot it sat
+    among the full averages as a filled point, a Pareto claim the table does not make."""
+    frame = tidy_results(tree)
+    assert table1(frame, "llava_next_7b").partial_averages == {("fastv", 0.25)}
+    drawn: list = []
+    original = plots.save
+
+    def capturing_save(figure, out_dir, name):
+        (ax,) = [a for a in figure.axes if a.get_visible()]
+        drawn.append((ax.lines, [t.get_text() for t in ax.texts]))
+        return original(figure, out_dir, name)
+
+    monkeypatch.setattr(plots, "save", capturing_save)
+    plots.pareto(frame, tmp_path / "plots")
+    ((lines, texts),) = drawn
+    by_label = {line.get_label(): line for line in lines}
+    assert list(by_label["fastv"].get_markevery()) == []  # its one point is partial: no filled marker
+    assert by_label["globalcom2"].get_markevery() is None  # full averages keep theirs
+    (hollow,) = [line for line in lines if line.get_markerfacecolor() == "none"]
+    assert hollow.get_xydata().tolist() == by_label["fastv"].get_xydata().tolist()
+    assert hollow.get_markeredgecolor() == by_label["fastv"].get_color()
+    assert any("hollow" in text for text in texts)
+
+
 def test_demo_agreement_with_vanilla_stays_in_score_vs_ratio(demo_tree):
     titles = [title for title, _ in plots.panels(tidy_results(demo_tree))]
     assert "demo: agreement with vanilla (%)" in titles and "demo: first token agreement (%)" in titles

@@ -85,10 +85,13 @@ def test_a_dataset_commit_is_the_hubs_online_and_datasets_newest_cached_copy_off
     assert commit("org/lite", "gqa", "b" * 40) == "b" * 40
     with pytest.raises(FileNotFoundError, match=r"newest cached copy, commit b{40}.*'a{40}'"):
         commit("org/lite", "gqa", "a" * 40)  # datasets would load b: refused, not recorded as a
-    with pytest.raises(FileNotFoundError, match=r"'main' is that commit"):
+    with pytest.raises(FileNotFoundError, match=r"'main' is not it \(the hub cache's ref names a{40}\)"):
         commit("org/lite", "gqa", "main")  # asked for by name, and the ref names another commit
     (refs / "v2").write_text("b" * 40)
     assert commit("org/lite", "gqa", "v2") == "b" * 40  # a tag whose ref is the cached copy
+    (refs / "v1").write_text("a" * 40)
+    with pytest.raises(FileNotFoundError, match=r"'v1' is not it \(the hub cache's ref names a{40}\)"):
+        commit("org/lite", "gqa", "v1")
     online.setenv(DATASETS_OFFLINE, "0")
 
     def unreachable(self, repo, revision=None):
@@ -125,4 +128,7 @@ def test_the_cached_copy_named_is_the_one_datasets_loads_offline(tmp_path, monke
     stray = cache / "org___lite" / "gqa" / "0.0.0" / ("a" * 40)
     stray.rename(stray.with_name("not-a-commit"))
     with pytest.raises(FileNotFoundError, match="'not-a-commit', is not named by a hub commit"):
+        datasets_cached_commit("org/lite", "gqa", cache)
+    (stray.with_name("not-a-commit")).rename(stray.with_name(f"{'a' * 40}.incomplete"))
+    with pytest.raises(FileNotFoundError, match=r"a{40}\.incomplete', is a download in progress"):
         datasets_cached_commit("org/lite", "gqa", cache)
