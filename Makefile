@@ -187,14 +187,18 @@ sweep: install  ## method x ratio grid on any model/benchmark, e.g. ARGS="model=
 	$(RUN) sweep=methods_x_ratios $(RUN_ARGS)
 
 # The wheels a machine with torch already installed lacks (HAVE: its `pip list --format=freeze`), traced from one
-# tiny cell through `globalcom2.run` and through the lmms-eval CLI: e.g. a GPU container or a lent benchmark machine. PYTHON_VERSION=<the target's>
-# (e.g. 3.12) downloads for that Python and CARRY_PLATFORMS; without it, for this machine.
+# tiny cell through `globalcom2.run` and through the lmms-eval CLI: e.g. a GPU container or a lent benchmark machine.
+# PYTHON_VERSION=<the target's> (e.g. 3.12) is required, on the command line: the wheels are chosen for that Python
+# and CARRY_PLATFORMS (one built for this machine's 3.11, e.g. multiprocess's py311 wheel, makes pip refuse the
+# whole install on 3.12), and the manifest records it for the check there.
 CARRY_DIR ?= .whl
 CARRY_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 carry-wheels: install  ## wheels a prepared machine lacks to run the harness: make carry-wheels HAVE=freeze.txt PYTHON_VERSION=3.12
 	@test -n "$(HAVE)" || { echo "HAVE=<the machine's pip list --format=freeze> is required"; exit 2; }
-	$(PY) -m globalcom2.carry --have $(HAVE) --out $(CARRY_DIR) $(if $(filter command line,$(origin PYTHON_VERSION)),\
-		--python-version $(PYTHON_VERSION) $(addprefix --platform ,$(CARRY_PLATFORMS)),)
+	@test -n "$(filter command line,$(origin PYTHON_VERSION))" || \
+		{ echo "PYTHON_VERSION=<its Python, e.g. 3.12> is required on the command line: wheels are chosen for it"; exit 2; }
+	$(PY) -m globalcom2.carry --have $(HAVE) --out $(CARRY_DIR) --python-version $(PYTHON_VERSION) \
+		$(addprefix --platform ,$(CARRY_PLATFORMS))
 
 # On a lent GPU machine (no make install there: PYTHONPATH=. and carried wheels), in order of value, with a
 # time budget; after every step $(OUT) (default gpu_checklist_out/) holds checklist.log, checklist.json and

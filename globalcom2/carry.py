@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shlex
 import subprocess
 import sys
@@ -235,24 +236,31 @@ def select(
         carried.update(failing)
 
 
+#: The manifest's entry for the interpreter itself (no distribution is called that: PyPI reserves the name).
+PYTHON = "python"
+
+
 def manifest(
-    needed: set[str], carry: list[Carried], constraints: dict[str, list[Requirement]]
+    needed: set[str], carry: list[Carried], constraints: dict[str, list[Requirement]], python_version: str
 ) -> dict[str, list[str]]:
     """``{name: specifiers}`` that must hold where the wheels are installed: each carried distribution at its
-    exact version, each kept one under what the project and the carried distributions declare on it."""
+    exact version, each kept one under what the project and the carried distributions declare on it, and
+    the interpreter (:data:`PYTHON`) at the ``major.minor`` the wheels were chosen for."""
     checks = {name: sorted({str(r.specifier) for r in constraints.get(name, [])}) for name in sorted(needed)}
     checks.update({c.name: [f"=={c.version}"] for c in carry})
+    checks[PYTHON] = [f"=={'.'.join(python_version.split('.')[:2])}.*"]
     return checks
 
 
 def verify(checks: dict[str, list[str]], path: list[str] | None = None) -> list[str]:
-    """What fails in this environment: each distribution missing, at a version outside a specifier, or with
+    """What fails in this environment: the interpreter not the Python the wheels were chosen for, each
+    distribution missing, at a version outside a specifier, or with
     two metadata folders in one ``sys.path`` entry (``pip install --target`` into a used folder), where the
     version read need not be the code imported."""
     problems = []
     for name, specifiers in sorted(checks.items()):
         try:
-            text = metadata.version(name)
+            text = platform.python_version() if name == PYTHON else metadata.version(name)
         except metadata.PackageNotFoundError:
             problems.append(f"{name}: not installed")
             continue
@@ -297,8 +305,8 @@ def download(carry: list[Carried], out: Path, platforms: list[str], python_versi
     foreign = bool(platforms or python_version)
     # wheels only, for this machine too: `pip download` would otherwise fetch an sdist that --target cannot use
     target = ["--only-binary=:all:", *(["--implementation", "cp"] if foreign else [])]
-    for platform in platforms:
-        target += ["--platform", platform]
+    for tag in platforms:
+        target += ["--platform", tag]
     if python_version:
         target += ["--python-version", python_version]
     for item in carry:
@@ -381,7 +389,8 @@ def main(argv: list[str] | None = None) -> list[Carried]:
     for stale in [*out.glob("*.whl"), *out.glob("*.tar.gz"), *out.glob("*.zip"), out / MANIFEST]:
         stale.unlink(missing_ok=True)  # one version of each, and no manifest of another run's wheels
     download(carry, out, args.platform, args.python_version)
-    atomic_write_json(out / MANIFEST, manifest(needed, carry, constraints))
+    target_python = args.python_version or platform.python_version()
+    atomic_write_json(out / MANIFEST, manifest(needed, carry, constraints, target_python))
     for item in carry:
         print(f"  {item.name}=={item.version}: {item.why}")
     unchecked = sorted(n for n in needed - {c.name for c in carry} if have[n] is None)
@@ -395,7 +404,8 @@ def main(argv: list[str] | None = None) -> list[Carried]:
     size = sum(w.stat().st_size for w in wheels) / 2**20
     print(f"{len(wheels)} wheels, {size:.1f} MiB in {out} for {len(needed)} imported distributions")
     print(
-        f"install there: rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --target /tmp/site "
+        f"install there: rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile "
+        f"--target /tmp/site "
         f"{out.name}/*.whl; then PYTHONPATH=.:/tmp/site python3 globalcom2/carry.py --verify {out.name}"
     )
     return carry

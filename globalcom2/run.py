@@ -377,7 +377,13 @@ def summary_line(record: CellRecord) -> str:
         ]
     eff = record.efficiency
     prefill = eff["prefill_ms"]["median"] if eff.get("prefill_ms") else float("nan")
-    return f"{' '.join(parts)} | prefill {prefill:.1f} ms | TFLOPs(full) {eff['tflops']['full']:.4f} | {record.wall_s:.0f} s"
+    line = f"{' '.join(parts)} | prefill {prefill:.1f} ms | TFLOPs(full) {eff['tflops']['full']:.4f} | {record.wall_s:.0f} s"
+    unread = (record.samples or {}).get("unread_answers") or {}
+    if unread:
+        line += " | unread answers, scored as the protocol's default: " + ", ".join(
+            f"{task} {count}" for task, count in unread.items()
+        )
+    return line
 
 
 def check_launch_mode(cfg: DictConfig) -> None:

@@ -20,6 +20,7 @@ Visual-token fields (see :func:`visual_token_counts`):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -94,6 +95,11 @@ class SampleRecord:
     postprocess_s: float | None = None
     loop_s: float | None = None
     compiled_in_call: bool = False  # torch.compile compiled during this measured call: not in statistics
+    # What lmms-eval scored (the protocol's reading of ``answer``; protocol.rules.TaskProtocol.read_answer),
+    # and whether that reading found nothing to read and fell back to a default (POPE's "yes", ScienceQA's
+    # FAILED under protocol=llava). None/False in records from before they existed.
+    scored_answer: str | None = None
+    unread_answer: bool = False
 
     @property
     def in_statistics(self) -> bool:
@@ -191,7 +197,8 @@ def visual_token_counts(row_stats: Sequence[Stats]) -> tuple[int, int, float]:
 
 
 def summarize(records: Sequence[SampleRecord]) -> dict[str, Any]:
-    """Counts of a cell's records: samples, empty answers, ``generate`` calls, mean token counts.
+    """Counts of a cell's records: samples, empty answers, answers the protocol could not read (per task),
+    ``generate`` calls, mean token counts.
 
     Latency, throughput and memory are summarised once, in the efficiency block
     (:func:`globalcom2.efficiency.summary.latency_summary`), not here.
@@ -201,9 +208,11 @@ def summarize(records: Sequence[SampleRecord]) -> dict[str, Any]:
         values = list(values)
         return statistics.fmean(values) if values else None
 
+    unread = collections.Counter(r.task for r in records if r.unread_answer)
     return {
         "samples": len(records),
         "empty_answers": sum(r.empty_answer for r in records),
+        "unread_answers": dict(sorted(unread.items())),  # per task, where the protocol fell back to a default
         "generate_calls": len({(r.rank, r.batch_id) for r in records}),
         "mean_visual_tokens_before": mean(r.visual_tokens_before for r in records),
         "mean_visual_tokens_llm_input": mean(r.visual_tokens_llm_input for r in records),

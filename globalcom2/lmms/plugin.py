@@ -427,8 +427,10 @@ class GlobalCom2LlavaNext(lmms):
                 logger.warning(f"empty answer for {task} doc {doc_id} (stop: {record.stop_reason})")
             records.append(record)
             counts = TokenCounts(input_tokens=record.llm_prompt_tokens, output_tokens=record.output_tokens)
-            scored = task_protocol(self.protocol, task).read_answer(record.answer)
-            outputs.append(GenerationResult(text=scored, token_counts=counts))
+            protocol = task_protocol(self.protocol, task)
+            record.scored_answer = protocol.read_answer(record.answer)
+            record.unread_answer = protocol.unread(record.answer)
+            outputs.append(GenerationResult(text=record.scored_answer, token_counts=counts))
         postprocess_s = time.perf_counter() - generated
         for record in records:
             record.postprocess_s = postprocess_s
@@ -498,7 +500,7 @@ class GlobalCom2LlavaNext(lmms):
 
 
 def report_call(records: list[sr.SampleRecord], rank: int) -> dict[str, Any]:
-    """Summarise one ``generate_until`` call: warn about empty answers and hand lmms-eval the numbers
+    """Summarise one ``generate_until`` call: warn about empty and unread answers and hand lmms-eval the numbers
     for its ``throughput`` block (``log_metrics``; lmms-eval keeps them per process, not gathered)."""
     from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
@@ -507,6 +509,11 @@ def report_call(records: list[sr.SampleRecord], rank: int) -> dict[str, Any]:
         logger.warning(
             f"{summary['empty_answers']} of {summary['samples']} answers on rank {rank} are empty; they are "
             "scored as given (see the records' empty_answer / stop_reason)"
+        )
+    for task, count in summary["unread_answers"].items():
+        logger.warning(
+            f"{count} answers of {task} on rank {rank} could not be read as the protocol reads them and were "
+            "scored as its default (see the records' unread_answer / scored_answer)"
         )
     if records:
         latency = latency_summary(records)

@@ -172,13 +172,23 @@ def mmvet(doc: Mapping[str, Any]) -> str:
     return doc["question"]
 
 
-def llava_pope_answer(text: str) -> str:
-    """``eval_pope.py`` L10-20: the first sentence, commas removed, split on spaces; "No", "not" or "no"
-    among the words means "no", anything else (an empty answer too) means "yes"."""
+def _pope_words(text: str) -> set[str]:
+    """``eval_pope.py`` L10-16: the words of the first sentence, commas removed, split on spaces."""
     if "." in text:
         text = text.split(".")[0]
-    words = text.replace(",", "").split(" ")
-    return "no" if {"No", "not", "no"} & set(words) else "yes"
+    return set(text.replace(",", "").split(" "))
+
+
+def llava_pope_answer(text: str) -> str:
+    """``eval_pope.py`` L10-20: "No", "not" or "no" among the first sentence's words means "no", anything
+    else (an empty answer too) means "yes"."""
+    return "no" if {"No", "not", "no"} & _pope_words(text) else "yes"
+
+
+def llava_pope_unread(text: str) -> bool:
+    """Whether ``eval_pope.py`` read ``text`` as "yes" by default: its first sentence says neither "no" (its
+    three words) nor "yes"/"Yes" ("NO", "I think so", an empty answer)."""
+    return not {"No", "not", "no", "Yes", "yes"} & _pope_words(text)
 
 
 #: ``eval_science_qa.py``'s ``--options`` (L15): the letters a ScienceQA answer may name.
@@ -198,7 +208,16 @@ def llava_scienceqa_answer(text: str) -> str:
     if len(text) >= 3 and text[0] in SCIENCEQA_OPTIONS and text[1:3] == ". ":
         return text[0]
     found = re.findall(r"The answer is ([A-Z]).", text)
-    return found[0] if len(found) == 1 else "FAILED"
+    return found[0] if len(found) == 1 else SCIENCEQA_FAILED
+
+
+#: What :func:`llava_scienceqa_answer` returns for an answer it cannot read (``eval_science_qa.py`` L75).
+SCIENCEQA_FAILED = "FAILED"
+
+
+def llava_scienceqa_unread(text: str) -> bool:
+    """Whether ``eval_science_qa.py`` could not read a letter from ``text`` (``FAILED``, scored wrong)."""
+    return llava_scienceqa_answer(text) == SCIENCEQA_FAILED
 
 
 @dataclass(frozen=True)
@@ -209,11 +228,14 @@ class LlavaRule:
         question: the question-file text (what follows ``<image>\\n`` in the user turn), from a document.
         max_new_tokens: the generation budget of the LLaVA module that runs the benchmark.
         read_answer: LLaVA's post-processing before scoring, if any.
+        unread: whether ``read_answer`` found nothing it could read in an answer and fell back to a default
+            (counted per cell: compression is what pushes a model out of the answer format).
     """
 
     question: Callable[[Mapping[str, Any]], str]
     max_new_tokens: int
     read_answer: Callable[[str], str] | None = None
+    unread: Callable[[str], bool] | None = None
 
 
 LLAVA_RULES: dict[str, LlavaRule] = {
@@ -222,11 +244,13 @@ LLAVA_RULES: dict[str, LlavaRule] = {
     "gqa_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS),
     "vizwiz_vqa_val_local": LlavaRule(vizwiz, LOADER_MAX_NEW_TOKENS),
     "vizwiz_vqa_test_local": LlavaRule(vizwiz, LOADER_MAX_NEW_TOKENS),
-    "scienceqa_img_local": LlavaRule(scienceqa, LONG_MAX_NEW_TOKENS, llava_scienceqa_answer),
+    "scienceqa_img_local": LlavaRule(
+        scienceqa, LONG_MAX_NEW_TOKENS, llava_scienceqa_answer, llava_scienceqa_unread
+    ),
     "textvqa_val_local": LlavaRule(textvqa, LOADER_MAX_NEW_TOKENS),
-    "pope_adv_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer),
-    "pope_pop_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer),
-    "pope_random_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer),
+    "pope_adv_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer, llava_pope_unread),
+    "pope_pop_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer, llava_pope_unread),
+    "pope_random_local": LlavaRule(short_answer, LOADER_MAX_NEW_TOKENS, llava_pope_answer, llava_pope_unread),
     "mme_local": LlavaRule(mme, LOADER_MAX_NEW_TOKENS),
     "mmbench_en_dev_static_local": LlavaRule(_mmbench(OPTION_LETTER), LONG_MAX_NEW_TOKENS),
     "mmbench_cn_dev_static_local": LlavaRule(_mmbench(OPTION_LETTER_CN), LONG_MAX_NEW_TOKENS),
@@ -270,6 +294,11 @@ class TaskProtocol:
         if self.rule is None or self.rule.read_answer is None:
             return answer
         return self.rule.read_answer(answer)
+
+    def unread(self, answer: str) -> bool:
+        """Whether :meth:`read_answer` fell back to a default for ``answer`` (POPE's "yes", ScienceQA's
+        ``FAILED``); ``False`` where the protocol reads nothing itself (lmms-eval's own parsers then)."""
+        return self.rule is not None and self.rule.unread is not None and self.rule.unread(answer)
 
 
 def task_protocol(protocol: str, task: str) -> TaskProtocol:

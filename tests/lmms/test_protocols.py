@@ -5,6 +5,7 @@ our functions."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from globalcom2.lmms.show_inputs import main as show_inputs_main
 from globalcom2.lmms.show_inputs import show_inputs
 from globalcom2.protocol.batching import decode_answer
 from globalcom2.protocol.rules import llava_pope_answer, task_protocol
+from globalcom2.sample_records import summarize
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -113,6 +115,32 @@ def test_pope_answers_are_read_as_eval_pope_reads_them(answer, read):
     assert llava_pope_answer(answer) == read
     assert task_protocol("llava", "pope_adv_local").read_answer(answer) == read
     assert task_protocol("lmms_eval", "pope_adv_local").read_answer(answer) == answer
+
+
+@pytest.mark.parametrize(
+    ("task", "answer", "unread"),
+    [
+        ("pope_adv_local", "Yes, there is a dog in the image.", False),
+        ("pope_adv_local", "yes", False),
+        ("pope_adv_local", "No.", False),
+        ("pope_adv_local", "There is not a dog.", False),
+        ("pope_adv_local", "I think so", True),  # "yes" by default
+        ("pope_adv_local", "NO", True),
+        ("pope_adv_local", "", True),
+        ("pope_adv_local", "A dog. Yes.", True),  # only the first sentence is read
+        ("scienceqa_img_local", "B", False),
+        ("scienceqa_img_local", "The answer is C.", False),
+        ("scienceqa_img_local", "E", False),  # read (a letter), though past the choices: wrong, not unread
+        ("scienceqa_img_local", "b", True),  # FAILED
+        ("scienceqa_img_local", "", True),
+        ("gqa_local", "", False),  # no reader of its own: nothing falls back
+    ],
+)
+def test_an_answer_the_protocol_cannot_read_is_told_apart(task, answer, unread):
+    """POPE's reader turns anything without a "no" into "yes", ScienceQA's into FAILED, as LLaVA's scripts
+    do; compression pushes a model out of the answer format, so each such answer is counted, not hidden."""
+    assert task_protocol("llava", task).unread(answer) is unread
+    assert task_protocol("lmms_eval", task).unread(answer) is False
 
 
 @pytest.mark.parametrize(
@@ -220,6 +248,14 @@ def test_both_protocols_run_all_ten_benchmarks_end_to_end(protocol, fixture_data
         assert answers <= {"yes", "no"}  # read as eval_pope.py reads them
     records = {r.task for r in lm.records}
     assert records == set(PAPER_TASKS) and all(r.output_tokens <= 3 for r in lm.records)
+    for record in lm.records:  # what was scored, and whether the protocol could read it, per answer
+        reading = task_protocol(protocol, record.task)
+        assert record.scored_answer == reading.read_answer(record.answer)
+        assert record.unread_answer == reading.unread(record.answer)
+    unread = collections.Counter(r.task for r in lm.records if r.unread_answer)
+    assert summarize(lm.records)["unread_answers"] == dict(unread)
+    if protocol == "lmms_eval":
+        assert not unread  # lmms-eval's own parsers read those tasks
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,8 @@ def test_a_machine_that_has_everything_gets_no_wheel_and_a_manifest_that_verifie
     assert carry.main(["--have", str(have), "--out", str(out), "--trace", "pytest --version"]) == []
     assert not list(out.glob("*.whl"))
     checks = json.loads((out / carry.MANIFEST).read_text())
-    assert set(checks) == needed
+    assert set(checks) == {*needed, carry.PYTHON}
+    assert checks[carry.PYTHON] == [f"=={sys.version_info.major}.{sys.version_info.minor}.*"]
     with pytest.raises(SystemExit) as verified:
         carry.main(["--verify", str(out)])
     assert verified.value.code == 0
@@ -159,6 +160,19 @@ def test_a_machine_that_has_everything_gets_no_wheel_and_a_manifest_that_verifie
     with pytest.raises(SystemExit) as failed:
         carry.main(["--verify", str(out)])
     assert failed.value.code == 1 and "pytest" in capsys.readouterr().out
+
+
+def test_wheels_chosen_for_another_python_fail_the_check_by_name(tmp_path, capsys):
+    """Wheels chosen for Python 3.11 (a ``py311`` wheel among them) on the device's 3.12: the check said
+    nothing of the interpreter, so the run went on with whatever imported."""
+    other = f"3.{sys.version_info.minor + 1}"
+    out = tmp_path / "carry"
+    out.mkdir()
+    (out / carry.MANIFEST).write_text(json.dumps({carry.PYTHON: [f"=={other}.*"]}))
+    with pytest.raises(SystemExit) as failed:
+        carry.main(["--verify", str(out)])
+    assert failed.value.code == 1
+    assert f"python {sys.version.split()[0]}: needs =={other}.*" in capsys.readouterr().out
 
 
 @pytest.mark.slow
