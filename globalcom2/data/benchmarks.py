@@ -240,7 +240,9 @@ PAPER_METRICS: dict[str, PaperMetric] = {
         "results",
         False,
         "CircularEval on dev with rule-based (no-GPT) answer extraction; the paper used the GPT-assisted "
-        "matching of the MMBench tooling, which differs only for answers without a clear option letter",
+        "matching of the MMBench tooling, which differs only for answers without a clear option letter; "
+        "lmms-lab's en dev split (4,329 rows) appears to be the 20231003 release, where LLaVA's script "
+        "scored mmbench_dev_20230712.tsv (4,377 rows)",
     ),
     "MMBench-CN": PaperMetric(
         "mmbench_cn",
