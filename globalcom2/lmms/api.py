@@ -120,7 +120,8 @@ def evaluate(
         cli_args=cli_args,
         **{"bootstrap_iters": 0, **simple_evaluate_kwargs},
     )
-    problems = _on_every_rank(loaded_commit_problems(lm.task_dict, commits))  # each rank loaded its own
+    # each rank loaded its own copy; every rank has the same commits, so all take part in the collective or none
+    problems = _on_every_rank(loaded_commit_problems(lm.task_dict, commits)) if commits else []
     if problems:
         raise LoadedDataMismatch(
             "the data loaded is not the data the cell's identity names (another process may have changed the "

@@ -45,7 +45,7 @@ the rest fall to a second call (``--only …``) or a longer lease:
 A step starts only with at least its ``min_s`` of the budget left (a step cut short by the budget keeps
 only the phases it finished; one that cannot reach its first useful output is better left to a later call).
 
-Steps 2, 8, 10 and 11 (the steps marked ``main_path``) run ``globalcom2.run`` and so need lmms-eval and Hydra:
+Steps 2, 8, 10 and 11 run ``globalcom2.run`` and so need lmms-eval and Hydra:
 ``make carry-wheels HAVE=<the machine's pip list> PYTHON_VERSION=<its Python>`` makes the wheels it lacks
 (``globalcom2/carry.py``); with ``--carried <their folder>`` a first step checks that the environment holds
 them at the versions required, on the Python they were chosen for. If that check fails, every later step
@@ -104,7 +104,6 @@ class Step:
     command: list[str]
     limit_s: int  # the most this step may take
     outputs: tuple[str, ...] = ()  # files under RESULTS it writes (packed into results.tar.gz)
-    main_path: bool = False  # runs globalcom2.run (lmms-eval, Hydra): skipped when the carried wheels fail
     min_s: int = 30  # the least budget worth starting it with (below, it is skipped and the next one tried)
 
 
@@ -139,7 +138,6 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             [python, "-m", "pytest", "-v", "--tb=short", "-m", "gpu", "-p", "no:cacheprovider",
              "tests/gpu/test_run_on_gpu.py"],
             180,
-            main_path=True,
         ),
         Step(
             "efficiency_7b_compiled",
@@ -184,7 +182,6 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
              "--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "16", "1", "8", "--prefetch", "on"],
             300,
             ("throughput/llava_next_7b_cuda_throughput.md", "throughput/llava_next_7b_cuda_throughput.json"),
-            main_path=True,
             min_s=90,
         ),
         Step(
@@ -205,7 +202,6 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             300,
             (f"{COMPILED_THROUGHPUT_DIR}/llava_next_7b_cuda_throughput.md",
              f"{COMPILED_THROUGHPUT_DIR}/llava_next_7b_cuda_throughput.json"),
-            main_path=True,
             min_s=150,
         ),
         Step(
@@ -216,7 +212,6 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             300,  # 239 s of 240 on the H100 (2026-12-05)
             ("throughput/tiny_trained_cuda_batch_effect_invariant_both.md",
              "throughput/tiny_trained_cuda_batch_effect_invariant_both.json"),
-            main_path=True,
             min_s=90,
         ),
         Step(

@@ -233,7 +233,7 @@ def test_failed_carried_wheels_skip_every_later_step(tmp_path, monkeypatch, caps
     plan = [
         Step("carried_wheels", [sys.executable, "-c", "raise SystemExit(1)"], 30),
         Step("efficiency", [sys.executable, "-c", "1"], 30),
-        Step("throughput", [sys.executable, "-c", "1"], 30, main_path=True),
+        Step("throughput", [sys.executable, "-c", "1"], 30),
     ]
     monkeypatch.setattr(gpu_checklist, "steps", lambda images, carried=None: plan)
     assert main(["--out", str(tmp_path), "--budget-s", "600"]) == 1
