@@ -28,7 +28,7 @@ import torch
 
 from globalcom2.data.benchmarks import EVALAI_TASKS
 from globalcom2.lmms.hub_data import LoadedDataMismatch, loaded_commit_problems, pinned_task
-from globalcom2.lmms.preflight import PreflightError, check_tasks, llava_unused_options, task_config
+from globalcom2.lmms.preflight import PreflightError, check_tasks, llava_unused_options, task_yaml
 from globalcom2.paths import tasks_dir
 from globalcom2.protocol.rules import check_tasks_covered
 
@@ -107,8 +107,10 @@ def evaluate(
         # (TaskManager.load_config ignores task_type): a chat model would get the wrong task class
         raise PreflightError(f"pinned hub tasks {sorted(commits)} need a simple (non-chat) lmms model")
     # lmms-eval builds the named tasks first and the dict ones after: a list mixing both runs in that order
+    yaml_of = {check.name: check.yaml_path for check in checks}  # as the pre-flight found them
     entries: list[str | dict[str, Any]] = [
-        pinned_task(t, task_config(t, include_path), commits[t]) if t in commits else t for t in tasks
+        pinned_task(t, task_yaml(yaml_of[t]) if yaml_of.get(t) else {}, commits[t]) if t in commits else t
+        for t in tasks
     ]
     results = simple_evaluate(
         model=lm,

@@ -72,7 +72,8 @@ def _builtin_index() -> dict[str, dict[str, Any]]:
     return _index(None, include_defaults=True)
 
 
-def _simple_config(path: str) -> dict[str, Any]:
+def task_yaml(path: str) -> dict[str, Any]:
+    """A task YAML as lmms-eval reads it (``include`` resolved, ``!function`` tags not loaded)."""
     from lmms_eval import utils
 
     return utils.load_yaml_config(path, mode="simple")
@@ -84,7 +85,7 @@ def _test_split(config: dict[str, Any]) -> str:
     if config.get("base_yaml"):
         import lmms_eval.tasks
 
-        base = _simple_config(str(Path(lmms_eval.tasks.__file__).parent / config["base_yaml"]))
+        base = task_yaml(str(Path(lmms_eval.tasks.__file__).parent / config["base_yaml"]))
         if base.get("test_split"):
             return base["test_split"]
     raise PreflightError(f"cannot tell which split the task config {config.get('task')!r} evaluates")
@@ -101,7 +102,7 @@ def check_tasks(tasks: list[str], include_path: str | list[str] | None = None) -
     for name in tasks:
         if name in ours:
             entry = ours[name]
-            config = _simple_config(entry["yaml_path"])
+            config = task_yaml(entry["yaml_path"])
             local_data = config.get("local_data")
             if local_data:
                 try:
@@ -144,7 +145,7 @@ def data_identity(tasks: list[str], include_path: str | list[str] | None = None)
     ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
     identity: dict[str, Any] = {}
     for name in tasks:
-        config = _simple_config(ours[name]["yaml_path"]) if name in ours else {}
+        config = task_yaml(ours[name]["yaml_path"]) if name in ours else {}
         if name in GENERATED_TASKS:
             identity[name] = _generated_identity(config)
             continue
@@ -159,22 +160,13 @@ def data_identity(tasks: list[str], include_path: str | list[str] | None = None)
 
 def _hub_identity(name: str, config: dict[str, Any]) -> dict[str, Any]:
     """:func:`~globalcom2.lmms.hub_data.hub_data_identity` of a task, read from its built-in YAML when it is
-    not one of ours."""
+    not one of ours (``config`` empty)."""
     from globalcom2.lmms.hub_data import hub_data_identity
 
     if not config:
-        config = task_config(name)
+        found = _builtin_index().get(name)
+        config = task_yaml(found["yaml_path"]) if found and "yaml_path" in found else {}
     return hub_data_identity(name, config)
-
-
-def task_config(name: str, include_path: str | list[str] | None = None) -> dict[str, Any]:
-    """Task ``name``'s YAML as lmms-eval reads it (``include`` resolved, ``!function`` tags not loaded): ours
-    (``include_path``, default ``tasks/``) first, else lmms-eval's built-in; ``{}`` for a task with no
-    YAML of its own."""
-    ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
-    found = ours.get(name) or _builtin_index().get(name) or {}
-    path = found.get("yaml_path")
-    return _simple_config(path) if isinstance(path, str) else {}
 
 
 def _generated_identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -215,13 +207,13 @@ def task_identity(tasks: list[str], include_path: str | list[str] | None = None)
         if not isinstance(yaml_path, str):
             identity[name] = None
             continue
-        config = _simple_config(yaml_path)
+        config = task_yaml(yaml_path)
         parts = _definition(Path(yaml_path), config)
         if isinstance(base := config.get("base_yaml"), str):
             import lmms_eval.tasks
 
             base_path = Path(lmms_eval.tasks.__file__).parent / base
-            parts += _definition(base_path, _simple_config(str(base_path)))
+            parts += _definition(base_path, task_yaml(str(base_path)))
         digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
         identity[name] = digest.hexdigest()
     return identity

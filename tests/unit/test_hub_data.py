@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 
 from globalcom2.lmms import preflight
 from globalcom2.lmms.hub_data import SIDE_DATASETS, hub_data_identity, loaded_commit_problems, pinned_task
-from globalcom2.lmms.preflight import task_config
 
 
 def test_a_pinned_task_keeps_its_other_dataset_kwargs():
@@ -78,8 +77,9 @@ def test_side_datasets_are_every_dataset_a_lite_tasks_code_loads():
     tasks_root = Path(lmms_eval.tasks.__file__).parent
     found = {}
     for task in suite.lite_tasks:
-        assert task_config(task)["dataset_path"]  # a hub task
-        folder = Path(preflight._builtin_index()[task]["yaml_path"]).parent
+        yaml_path = preflight._builtin_index()[task]["yaml_path"]
+        assert preflight.task_yaml(yaml_path)["dataset_path"]  # a hub task
+        folder = Path(yaml_path).parent
         assert folder.is_relative_to(tasks_root) and folder != tasks_root
         calls = [
             tuple(re.findall(r'"([^"]*)"', arguments))
