@@ -106,12 +106,13 @@ def model_problem(model: str) -> str | None:
 
 
 def _run(lmms_main: Any) -> int:
-    from globalcom2.lmms.manifest import MODEL_ID
+    from globalcom2.lmms.manifest import MODEL_ID, register
     from globalcom2.lmms.preflight import PreflightError, llava_unused_options, preflight
     from globalcom2.paths import tasks_dir
     from globalcom2.run_spec import cli_option_conflicts, parse_model_args
 
     _, args = lmms_main.parse_eval_args()
+    register()  # a checkout run from PYTHONPATH, not installed, has no entry point
     for problem in (limit_problem(args.limit), model_problem(args.model)):
         if problem:
             return _fail(problem, EXIT_PREFLIGHT)

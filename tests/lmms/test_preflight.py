@@ -299,6 +299,30 @@ def test_the_cli_refuses_a_limit_that_is_neither_a_count_nor_a_fraction(tmp_path
     assert message in capsys.readouterr().err
 
 
+def test_the_cli_finds_our_model_without_its_entry_point(tmp_path, capsys, monkeypatch, no_model_loading):
+    """A checkout run from PYTHONPATH (not pip-installed) has no entry point: the CLI registers the model."""
+    from lmms_eval.models import MODEL_REGISTRY_V2
+
+    from globalcom2.lmms.manifest import MODEL_ID
+
+    monkeypatch.setattr(
+        MODEL_REGISTRY_V2,
+        "_manifests",
+        {k: v for k, v in MODEL_REGISTRY_V2._manifests.items() if k != MODEL_ID},
+    )
+    monkeypatch.setattr(
+        MODEL_REGISTRY_V2,
+        "_alias_to_model_id",
+        {k: v for k, v in MODEL_REGISTRY_V2._alias_to_model_id.items() if v != MODEL_ID},
+    )
+    assert cli.model_problem(MODEL_ID) is not None  # as without the entry point
+    out = ["--tasks", "globalcom2_demo", "--output_path", str(tmp_path / "out")]
+    assert cli.main(["--model", MODEL_ID, "--model_args", "pretrained", *out]) == cli.EXIT_PREFLIGHT
+    err = capsys.readouterr().err
+    assert "unknown model" not in err and "model_args: 'pretrained' is not key=value" in err
+    assert cli.model_problem(MODEL_ID) is None
+
+
 def test_the_cli_names_an_unknown_model_and_a_malformed_model_args_in_one_line(
     tmp_path, capsys, no_model_loading
 ):
