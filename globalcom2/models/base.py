@@ -23,6 +23,8 @@ from transformers import LlavaNextForConditionalGeneration
 LLAVA_V16_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 SUPPORTED_MODEL_TYPE = "llava_next"
 SUPPORTED_ARCHITECTURE = "LlavaNextForConditionalGeneration"
+SUPPORTED_TEXT_MODEL_TYPE = "llama"  # Vicuna
+SUPPORTED_VISION_MODEL_TYPE = "clip_vision_model"
 SUPPORTED_CHECKPOINTS = (
     "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava-hf/llava-v1.6-vicuna-13b-hf",
@@ -66,7 +68,8 @@ def check_config_type(raw: dict[str, Any], source: str) -> None:
 
 
 def check_llava_next_config(config: Any, source: str = "the model") -> None:
-    """Raise unless ``config`` describes AnyRes crops with [CLS] dropped and one feature layer.
+    """Raise unless ``config`` describes AnyRes crops with [CLS] dropped and one feature layer, on a
+    LLaMA (Vicuna) language model and a CLIP vision tower.
 
     The compression methods reason about LLaVA-NeXT's packed layout (thumbnail + unpadded crops + row
     separators, ``globalcom2.anyres``); other layouts would be silently mis-compressed.
@@ -81,6 +84,17 @@ def check_llava_next_config(config: Any, source: str = "the model") -> None:
     if not isinstance(config.vision_feature_layer, int):
         raise UnsupportedModelError(
             f"{source}: a single vision_feature_layer is required, got {config.vision_feature_layer!r}"
+        )
+    text_type = getattr(config.text_config, "model_type", None)
+    vision_type = getattr(config.vision_config, "model_type", None)
+    if (text_type, vision_type) != (SUPPORTED_TEXT_MODEL_TYPE, SUPPORTED_VISION_MODEL_TYPE):
+        # llava-v1.6-mistral-7b, -34b (Yi, ChatML) and llama3-llava-next-8b pass every check above, but
+        # their prompts are not Vicuna's (``globalcom2.prompts``) and the in-LLM methods and FLOPs assume
+        # LLaMA's decoder.
+        raise UnsupportedModelError(
+            f"{source}: a {text_type!r} language model with a {vision_type!r} vision tower; supported are "
+            f"LLaVA-NeXT's Vicuna checkpoints ({SUPPORTED_TEXT_MODEL_TYPE!r} with {SUPPORTED_VISION_MODEL_TYPE!r}), "
+            f"e.g. {', '.join(SUPPORTED_CHECKPOINTS)}"
         )
     vision = config.vision_config
     if vision.image_size % vision.patch_size:

@@ -39,6 +39,22 @@ from globalcom2.models.loader import hub_commit, resolve_checkpoint
 #: tokenizer files (``tokenizer.json``, ``tokenizer.model``, ``vocab.json``, ``merges.txt``) and templates.
 LOADED_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", ".tiktoken")
 
+#: Files with those suffixes that no loader reads: training records and states (the project's own
+#: ``training_record.json``, transformers' ``Trainer`` and accelerate's checkpoints, a training log). Left in,
+#: an edit to a record's prose, with the weights unchanged, would re-run every cell of the model. A file not
+#: named here is hashed: an unknown file costs a re-run, never a stale cell.
+NOT_LOADED = frozenset(
+    {
+        "training_record.json",
+        "trainer_state.json",
+        "training_args.bin",
+        "optimizer.bin",
+        "scheduler.bin",
+        "scaler.bin",
+        "log.txt",
+    }
+)
+
 
 def checkpoint_identity(
     pretrained: str, *, random_init: bool = False, revision: str | None = None
@@ -65,11 +81,15 @@ def checkpoint_identity(
 
 def folder_digests(folder: Path) -> dict[str, str]:
     """``{file name: SHA-256}`` of every regular file directly in ``folder`` that the loaders read
-    (:data:`LOADED_SUFFIXES`; hidden files such as ``hf download --local-dir``'s ``.cache/`` excluded)."""
+    (:data:`LOADED_SUFFIXES` less :data:`NOT_LOADED`; hidden files such as ``hf download --local-dir``'s
+    ``.cache/`` excluded)."""
     return {
         path.name: file_sha256(path)
         for path in sorted(folder.iterdir())
-        if not path.name.startswith(".") and path.suffix in LOADED_SUFFIXES and path.is_file()
+        if not path.name.startswith(".")
+        and path.suffix in LOADED_SUFFIXES
+        and path.name not in NOT_LOADED
+        and path.is_file()
     }
 
 

@@ -87,7 +87,8 @@ def load_llava_next(
 
     Raises:
         UnsupportedModelError: the checkpoint's config is not LLaVA-NeXT AnyRes (read before any weight).
-        FileNotFoundError: no such folder, or not in the cache while offline.
+        FileNotFoundError: no such folder, not in the cache while offline, or no processor files.
+        IncompleteCheckpointError: the weights lack or mis-shape some of the model's parameters.
         ValueError: a bad dtype or geometry, or a ``revision`` where there is none (random weights, tiny, a
             folder).
     """
@@ -112,31 +113,66 @@ def load_llava_next(
     checkpoint_config(pretrained, revision=revision)  # a wrong model type fails before the weights load
     path = resolve_checkpoint(pretrained)
     try:
+        # The processor first: a few files, so a checkpoint without its tokenizer or image processor fails in
+        # a second, not after minutes of loading weights.
+        # Pin the PIL image processor: it exists on every machine (no torchvision needed), and the
+        # torchvision backend gives slightly different pixels, so one backend keeps numbers comparable.
+        processor = AutoProcessor.from_pretrained(path, revision=revision, backend="pil")
         # use_kernels=False: transformers 5.25 swaps hub kernels in by default (``kernels`` installed; on
         # CUDA LigerRMSNorm, SiLU and rotary from kernels-community, fetched from the hub) where 5.23 did
         # not; pinned off, both run the plain PyTorch forwards the reference stack ran, and offline nothing
         # is fetched.
-        model = LlavaNextForConditionalGeneration.from_pretrained(
+        model, loading = LlavaNextForConditionalGeneration.from_pretrained(
             path,
             revision=revision,
             dtype=resolve_dtype(dtype),
             attn_implementation=attn_implementation,
             use_kernels=False,
+            output_loading_info=True,
         )
     except OSError as err:
         raise FileNotFoundError(
-            f"cannot load a LLaVA-NeXT checkpoint from {path!r}{f' at {revision}' if revision else ''}: {err}. "
+            f"cannot load a LLaVA-NeXT checkpoint from {path!r}{f' at {revision}' if revision else ''}: "
+            f"{str(err).rstrip('.')}. "
             "Pass a local folder, download it first (e.g. `hf download llava-hf/llava-v1.6-vicuna-7b-hf"
             f"{f' --revision {revision}' if revision else ''}`), or use pretrained='tiny'."
         ) from err
+    check_complete(loading, path, revision)
     model = model.to(device).eval()
     check_llava_next_anyres(model)
-    # Pin the PIL image processor: it exists on every machine (no torchvision needed), and the
-    # torchvision backend gives slightly different pixels, so one backend keeps numbers comparable.
-    processor = AutoProcessor.from_pretrained(path, revision=revision, backend="pil")
     processor.tokenizer.padding_side = "left"  # not serialised by tokenizers; batched generation needs it
     apply_geometry(model, processor, geometry)
     return model, processor
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint lacks weights of the model, which ``from_pretrained`` would draw at random."""
+
+
+def check_complete(loading: dict[str, Any], path: str, revision: str | None = None) -> None:
+    """Refuse a load that filled weights at random: ``from_pretrained`` only reports them (a "LOAD REPORT"
+    on the console) and returns a model that runs, so a truncated download or a file edited by hand would
+    give a silently wrong model.
+
+    Args:
+        loading: ``from_pretrained(..., output_loading_info=True)``'s second value.
+
+    Raises:
+        IncompleteCheckpointError: naming how many parameters are missing or mis-shaped, and the first few.
+    """
+    absent = sorted(loading.get("missing_keys") or ())
+    mismatched = sorted(
+        str(key[0] if isinstance(key, tuple) else key) for key in loading.get("mismatched_keys") or ()
+    )
+    if not absent and not mismatched:
+        return
+    named = [*absent, *mismatched]
+    shown = ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
+    raise IncompleteCheckpointError(
+        f"checkpoint {path!r}{f' at {revision}' if revision else ''} lacks {len(absent)} and mis-shapes "
+        f"{len(mismatched)} of the model's parameters ({shown}); transformers would initialise them at random. "
+        "Download the checkpoint again (a partial download?), or pass a complete folder"
+    )
 
 
 def load_tiny_llava_next(seed: int = 0, **load_kwargs: Any) -> tuple[LlavaNextForConditionalGeneration, Any]:

@@ -86,7 +86,7 @@ def checkpoint_config(
     check_llava_next_config(config, name)
     if config_file.parent.is_dir() and not _has_weights(config_file.parent) and _is_local(name):
         raise FileNotFoundError(
-            f"checkpoint folder {name!r} has a config.json but no weights (no *.safetensors or *.bin file); "
+            f"checkpoint folder {name!r} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}); "
             "copy the whole checkpoint there, or pass a hub id"
         )
     return config
@@ -129,8 +129,18 @@ def _is_local(name: str) -> bool:
     return Path(name).expanduser().is_dir()
 
 
+#: The weight files ``from_pretrained`` looks for in a folder (one file, or an index naming the shards);
+#: any other ``*.bin`` (``training_args.bin``, an optimiser state) is not a model.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
 def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
 def checkpoint_config_file(

@@ -49,11 +49,13 @@ VOCAB_SIZE = 32064  # llava-hf's vicuna checkpoints (32000 + <image> + padding t
 def size_from_name(pretrained: str) -> Size:
     """``"7b"`` or ``"13b"`` from a checkpoint name such as ``llava-hf/llava-v1.6-vicuna-13b-hf``."""
     name = pretrained.lower()
-    sizes = [size for size in VICUNA if f"-{size}" in name or f"_{size}" in name]
+    # "vicuna" is required: llava-v1.6-mistral-7b-hf or Llama-2-7b-hf would otherwise build a Vicuna-7B and
+    # record it under the other model's name.
+    sizes = [size for size in VICUNA if f"vicuna-{size}" in name or f"vicuna_{size}" in name]
     if len(sizes) != 1:
         raise ValueError(
-            f"random_init needs a 7B or 13B LLaVA-NeXT name to build, got {pretrained!r} "
-            "(e.g. llava-hf/llava-v1.6-vicuna-7b-hf)"
+            f"random_init builds LLaVA-NeXT's Vicuna 7B or 13B, named as such, got {pretrained!r} "
+            "(valid: llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf)"
         )
     return sizes[0]  # type: ignore[return-value]
 

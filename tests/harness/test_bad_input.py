@@ -221,6 +221,7 @@ def test_a_checkpoint_folder_without_weights_is_refused_before_running(tmp_path,
     folder = tmp_path / "no-weights"
     folder.mkdir()
     shutil.copy(CHECKPOINT_DIR / "config.json", folder / "config.json")
+    (folder / "training_args.bin").write_bytes(b"a training state, not weights")
     with pytest.raises(run_module.CellError, match=r"has a config\.json but no weights"):
         run_module.run(compose_cell(tmp_path, f"model.pretrained={folder}"))
     assert not list((tmp_path / "results").rglob(".partial"))

@@ -33,6 +33,14 @@ def test_a_folder_is_named_by_the_sha256_of_its_visible_files(tmp_path, digest_c
     (folder / "config.json").write_text("{}")
     (folder / "README.md").write_text("notes")  # files no loader reads are not content either
     (folder / "optimizer.pt").write_bytes(b"state")
+    for record in (
+        "training_record.json",
+        "trainer_state.json",
+        "training_args.bin",
+        "optimizer.bin",
+        "log.txt",
+    ):
+        (folder / record).write_text("training, not loading")  # their suffixes are loaded ones; they are not
     assert folder_digests(folder) == {
         "config.json": hashlib.sha256(b"{}").hexdigest(),
         "model.safetensors": hashlib.sha256(b"weights").hexdigest(),
@@ -73,7 +81,8 @@ def test_the_shipped_and_built_checkpoints_are_named_by_their_files(digest_cache
     trained = checkpoint_identity("tiny-trained")
     expected = hashlib.sha256((CHECKPOINT_DIR / "model.safetensors").read_bytes()).hexdigest()
     assert trained["files"]["model.safetensors"] == expected
-    assert "config.json" in trained["files"] and "training_record.json" in trained["files"]
+    assert "config.json" in trained["files"] and "tokenizer.json" in trained["files"]
+    assert "training_record.json" not in trained["files"]  # prose about the run: an edit re-runs nothing
     tiny = checkpoint_identity("tiny")
     assert set(tiny["files"]) >= {"config.json", "model.safetensors"}
     assert tiny["files"]["model.safetensors"] != expected

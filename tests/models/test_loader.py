@@ -1,0 +1,88 @@
+"""``load_llava_next`` refuses what ``from_pretrained`` would load silently wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from globalcom2.models import loader
+from globalcom2.models.base import UnsupportedModelError
+from globalcom2.models.loader import IncompleteCheckpointError, load_llava_next
+from globalcom2.models.preload import checkpoint_config
+from globalcom2.models.random_init import size_from_name
+from globalcom2.models.tiny_trained import CHECKPOINT_DIR
+
+
+@pytest.fixture
+def folder(tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(CHECKPOINT_DIR, copy)
+    return copy
+
+
+def test_a_checkpoint_missing_weights_is_refused_naming_them(folder):
+    weights = load_file(folder / "model.safetensors")
+    dropped = [
+        key
+        for key in weights
+        if key.endswith("image_newline") or key == "language_model.model.layers.0.self_attn.q_proj.weight"
+    ]
+    assert len(dropped) == 2, dropped
+    save_file({k: v for k, v in weights.items() if k not in dropped}, folder / "model.safetensors")
+    with pytest.raises(
+        IncompleteCheckpointError, match=r"lacks 2 and mis-shapes 0 .*image_newline.*at random"
+    ):
+        load_llava_next(folder)
+
+
+def test_the_complete_checkpoint_loads_its_own_weights(folder):
+    model, processor = load_llava_next(folder)
+    (saved,) = [v for k, v in load_file(folder / "model.safetensors").items() if k.endswith("image_newline")]
+    assert torch.equal(model.model.image_newline, saved)
+    assert processor.tokenizer.padding_side == "left"
+
+
+def test_a_checkpoint_without_its_processor_fails_before_any_weight_loads(folder, monkeypatch):
+    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).unlink()
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the processor was found")
+
+    monkeypatch.setattr(loader.LlavaNextForConditionalGeneration, "from_pretrained", no_weights)
+    with pytest.raises(FileNotFoundError, match=r"cannot load a LLaVA-NeXT checkpoint from .*ckpt"):
+        load_llava_next(folder)
+
+
+def test_a_folder_whose_only_bin_is_a_training_state_has_no_weights(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "training_args.bin").write_bytes(b"not a model")
+    with pytest.raises(FileNotFoundError, match=r"config\.json but no weights \(none of model\.safetensors"):
+        checkpoint_config(str(folder))
+
+
+@pytest.mark.parametrize("text_type", ["mistral", "qwen2"])
+def test_a_llava_next_checkpoint_on_another_language_model_is_refused(folder, text_type):
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["model_type"] = text_type  # llava-v1.6-mistral-7b-hf, llava-next-72b-hf
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=rf"a '{text_type}' language model .* supported are"):
+        checkpoint_config(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("llava-hf/llava-v1.6-vicuna-7b-hf", "7b"), ("llava-hf/llava-v1.6-vicuna-13b-hf", "13b")],
+)
+def test_random_init_builds_the_vicuna_it_is_named_for(name, size):
+    assert size_from_name(name) == size
+
+
+@pytest.mark.parametrize("name", ["llava-hf/llava-v1.6-mistral-7b-hf", "meta-llama/Llama-2-13b-hf", "vicuna"])
+def test_random_init_refuses_a_name_that_is_not_vicuna_7b_or_13b(name):
+    with pytest.raises(ValueError, match=r"Vicuna 7B or 13B.*valid: llava-hf/llava-v1.6-vicuna-7b-hf"):
+        size_from_name(name)
