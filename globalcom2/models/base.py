@@ -17,6 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 from transformers import LlavaNextForConditionalGeneration
 
 # llava-v1.6 AnyRes canvases as (height, width).
@@ -35,8 +38,34 @@ TINY = "tiny"
 TINY_TRAINED = "tiny-trained"
 
 
+#: The transformers releases the attach points are written and tested for: pyproject's pin, which a test keeps
+#: equal. Another release installs where the project is not (a checkout run from ``PYTHONPATH`` beside a
+#: machine's own transformers), and there the hooks would fail only inside ``generate``, or not at all.
+SUPPORTED_TRANSFORMERS = ">=5.23,<5.26"
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint is not a LLaVA-NeXT AnyRes model."""
+
+
+class UnsupportedTransformersError(RuntimeError):
+    """The installed transformers is outside :data:`SUPPORTED_TRANSFORMERS`."""
+
+
+def check_transformers_version(installed: str | None = None) -> None:
+    """Refuse a transformers release outside :data:`SUPPORTED_TRANSFORMERS` (``installed``: the imported one)."""
+    installed = installed or transformers.__version__
+    try:
+        supported = Version(installed) in SpecifierSet(SUPPORTED_TRANSFORMERS)
+    except InvalidVersion:
+        supported = False
+    if not supported:
+        raise UnsupportedTransformersError(
+            f"transformers {installed} is installed; this harness needs transformers{SUPPORTED_TRANSFORMERS} "
+            "(its attach points hook internals that other releases name differently). Install the project "
+            "(`make install`), or on a prepared machine put the carried wheels first on PYTHONPATH "
+            "(README, 'Installing': make carry-wheels)"
+        )
 
 
 def tiny_seed(name: str) -> int | None:
@@ -107,8 +136,10 @@ def check_llava_next_anyres(model: Any) -> None:
     """Raise unless ``model`` is a ``LlavaNextForConditionalGeneration`` with AnyRes crops and [CLS] dropped.
 
     The compression methods reason about LLaVA-NeXT's packed layout (thumbnail + unpadded crops +
-    row separators, ``globalcom2.anyres``); other architectures would be silently mis-compressed.
+    row separators, ``globalcom2.anyres``); other architectures would be silently mis-compressed. Every
+    load and every ``attach`` passes here, so the transformers release is checked here too.
     """
+    check_transformers_version()
     if not isinstance(model, LlavaNextForConditionalGeneration):
         raise TypeError(
             f"expected a LLaVA-NeXT AnyRes model (transformers LlavaNextForConditionalGeneration), got "

@@ -86,3 +86,29 @@ def test_random_init_builds_the_vicuna_it_is_named_for(name, size):
 def test_random_init_refuses_a_name_that_is_not_vicuna_7b_or_13b(name):
     with pytest.raises(ValueError, match=r"Vicuna 7B or 13B.*valid: llava-hf/llava-v1.6-vicuna-7b-hf"):
         size_from_name(name)
+
+
+def test_the_transformers_pin_is_the_one_the_package_declares():
+    import tomllib
+
+    from globalcom2.models.base import SUPPORTED_TRANSFORMERS
+    from globalcom2.paths import PROJECT_ROOT
+
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    assert f"transformers{SUPPORTED_TRANSFORMERS}" in pyproject["project"]["dependencies"]
+
+
+@pytest.mark.parametrize("version", ["5.17.0", "5.26.0", "6.0.0", "not-a-version"])
+def test_another_transformers_release_is_refused_at_load_and_at_attach(version, monkeypatch):
+    import transformers
+
+    from globalcom2 import attach
+    from globalcom2.models.base import UnsupportedTransformersError
+
+    model, _ = load_llava_next("tiny")
+    monkeypatch.setattr(transformers, "__version__", version)
+    message = rf"transformers {version} is installed; this harness needs transformers>=5\.23,<5\.26"
+    with pytest.raises(UnsupportedTransformersError, match=message):
+        load_llava_next("tiny")
+    with pytest.raises(UnsupportedTransformersError, match=message):
+        attach(model, "random", retention_ratio=0.5)
