@@ -20,7 +20,10 @@ What is compiled, and why exactly that:
   see eager tensors and its code is never traced. transformers' own output-capturing hooks do not count:
   ``capture_outputs`` installs them on every CLIP attention module at the vision tower's first call, and
   they stay, so counting them kept every vision layer eager. dynamo cannot trace their ``ContextVar.get``
-  and breaks each vision layer's graph in two around the hook, which then runs eager as it must.
+  and breaks each vision layer's graph in two around the hook, which then runs eager as it must. So under
+  this mode a method with such a hook runs that one layer eager where vanilla runs it compiled (FastV's and
+  SparseVLM's scoring layer, GlobalCom²'s score layer in CLIP), and its latency carries that layer's launch
+  overhead; at R = 1 those methods attach no hook, so the identity with vanilla is untouched.
 
 Shapes are dynamic (``dynamic=True``), so a new prompt length or a longer KV cache does not recompile; sizes
 0 and 1 are specialised, so the one-token decode step and batch size 1 get graphs of their own, and so does
@@ -58,6 +61,7 @@ within floating-point reassociation, and greedy answers are identical on the tes
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 import types
@@ -97,6 +101,10 @@ def compile_problem(device: torch.device | str, mode: str) -> str | None:
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return "torch.compile on CUDA needs Triton (pip install triton), which is not installed"
+        # Triton builds a small C launcher per kernel with $CC or the first of these it finds.
+        compilers = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+        if not any(shutil.which(cc) for cc in compilers):
+            return f"torch.compile on CUDA needs a C compiler for Triton's launchers ({' or '.join(compilers)}), none found"
         return None
     if device.type != "cpu":
         return f"compile mode is supported on CPU and CUDA, not on {device.type}"

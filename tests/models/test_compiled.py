@@ -115,6 +115,19 @@ def test_an_evaluation_on_cuda_refuses_the_cuda_graph_modes(monkeypatch, mode):
         assert problems == []
 
 
+def test_cuda_without_a_c_compiler_for_triton_is_refused(monkeypatch):
+    monkeypatch.setattr(compiled.importlib.util, "find_spec", lambda name: object())  # Triton "installed"
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    assert "needs a C compiler for Triton's launchers (cc or gcc or clang)" in compiled.compile_problem(
+        "cuda", "default"
+    )
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert compiled.compile_problem("cuda", "default") is None
+    monkeypatch.setenv("CC", "my-cc")  # Triton then uses $CC alone
+    assert "(my-cc)" in compiled.compile_problem("cuda", "default")
+
+
 def test_a_missing_backend_is_refused_before_anything_is_compiled(model, monkeypatch):
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match=r"torch.compile on CPU needs a C\+\+ compiler"):
