@@ -119,6 +119,29 @@ class BenchmarkSpec:
         """What lmms-eval's ``gen_kwargs`` gets: the override under ``lmms_eval``, nothing under ``llava``."""
         return None if self.protocol == "llava" else self.gen_kwargs
 
+    def may_sample(self) -> bool:
+        """Whether any task decodes by sampling, as the plugin will resolve its settings (the task's YAML, then
+        ``gen_kwargs``; LLaVA's fixed settings and their overrides under ``llava``). ``True`` where a task's
+        settings cannot be read here: a cell is then keyed more finely than needed, never too coarsely."""
+        from globalcom2.lmms.preflight import task_generation_kwargs
+        from globalcom2.protocol.rules import task_protocol
+
+        lmms = (
+            parse_gen_kwargs(self.lmms_gen_kwargs(), "benchmark.gen_kwargs") if self.lmms_gen_kwargs() else {}
+        )
+        from_yaml = task_generation_kwargs(list(self.tasks))
+        for task in self.tasks:
+            protocol = task_protocol(self.protocol, task)
+            task_kwargs = {} if protocol.rule is not None else from_yaml.get(task)
+            if task_kwargs is None:
+                return True
+            try:
+                if protocol.generation({**task_kwargs, **lmms}, 1, self.generation_overrides()).do_sample:
+                    return True
+            except (TypeError, ValueError):
+                return True
+        return False
+
 
 @dataclass(frozen=True)
 class LauncherSpec:
@@ -298,13 +321,13 @@ class CellSpec:
         benchmark["tasks"], benchmark["columns"] = list(self.benchmark.tasks), list(self.benchmark.columns)
         for group, values in (("model", model), ("method", method), ("benchmark", benchmark)):
             identity[group] = {**identity.get(group, {}), **values}
-        if (
-            self.benchmark.batch_size > 1
-            and not self.model.batch_invariant
-            and self.launcher.num_processes > 1
+        if self.launcher.num_processes > 1 and (
+            (self.benchmark.batch_size > 1 and not self.model.batch_invariant) or self.benchmark.may_sample()
         ):
             # each process batches its own share of the documents, and a batch's other rows change a row's
-            # answer where kernels depend on the batch's shape (bf16 on a GPU; README, "Batching")
+            # answer where kernels depend on the batch's shape (bf16 on a GPU; README, "Batching"); and when
+            # sampling, each rank starts from the same seed, so a document's draw depends on which documents
+            # its rank sampled before it
             identity["launcher"] = {"num_processes": self.launcher.num_processes}
         for unread in ("lite", "lite_tasks"):  # they chose benchmark.tasks, which is in the identity
             identity["benchmark"].pop(unread, None)

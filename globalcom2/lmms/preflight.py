@@ -219,6 +219,33 @@ def task_identity(tasks: list[str], include_path: str | list[str] | None = None)
     return identity
 
 
+def task_generation_kwargs(
+    tasks: list[str], include_path: str | list[str] | None = None
+) -> dict[str, dict[str, Any] | None]:
+    """Each task's ``generation_kwargs`` as its YAML sets them, over its ``base_yaml``'s (``{}``: none set,
+    lmms-eval's greedy defaults); ``None`` for a task without a YAML of its own, whose settings are unknown
+    here."""
+    ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
+    settings: dict[str, dict[str, Any] | None] = {}
+    for name in tasks:
+        entry = ours.get(name) or _builtin_index().get(name) or {}
+        yaml_path = entry.get("yaml_path")
+        if not isinstance(yaml_path, str):
+            settings[name] = None
+            continue
+        config = task_yaml(yaml_path)
+        merged: dict[str, Any] = {}
+        if isinstance(base := config.get("base_yaml"), str):
+            import lmms_eval.tasks
+
+            merged.update(
+                task_yaml(str(Path(lmms_eval.tasks.__file__).parent / base)).get("generation_kwargs") or {}
+            )
+        merged.update(config.get("generation_kwargs") or {})
+        settings[name] = merged
+    return settings
+
+
 def _definition(yaml_path: Path, simple_config: dict[str, Any]) -> list[Any]:
     """A YAML's config as lmms-eval's simple mode reads it (includes resolved; ``!function`` tags as
     ``"!function <name>"``) and the source of each module a ``!function`` names that sits beside the YAML

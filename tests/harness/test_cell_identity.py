@@ -459,6 +459,45 @@ def test_the_process_count_is_in_the_identity_only_where_it_changes_what_a_batch
     assert identity(*invariant, *two) == identity(*invariant)
 
 
+def test_the_process_count_is_in_the_identity_of_a_sampled_cell(tmp_path):
+    """Every rank seeds alike, so a sampled document's draw depends on which documents its rank sampled
+    before it: 1 and 2 processes are two cells, at batch size 1 and in the batch-invariant mode too."""
+    identity = functools.partial(cell_identity, tmp_path)
+    two = ("launcher=accelerate", "launcher.num_processes=2")
+    sampled = "benchmark.gen_kwargs={do_sample:true,temperature:0.7}"
+    assert identity(sampled, *two) != identity(sampled)
+    assert identity(sampled, *two)["launcher"] == {"num_processes": 2}
+    assert identity(sampled, "batch_invariant=true", *two) != identity(sampled, "batch_invariant=true")
+    greedy = "benchmark.gen_kwargs={temperature:0.7,do_sample:false}"  # a temperature that goes unused
+    assert identity(greedy, *two) == identity(greedy)
+    # the demo task's YAML says do_sample: false, which an override's temperature alone does not turn on
+    llava_greedy = ("benchmark.protocol=llava", "benchmark.gen_kwargs={temperature:0.2}")
+    assert identity(*llava_greedy, *two) == identity(*llava_greedy)
+    llava_sampled = ("benchmark.protocol=llava", "benchmark.gen_kwargs={do_sample:true,temperature:0.2}")
+    assert identity(*llava_sampled, *two) != identity(*llava_sampled)
+    assert identity("benchmark.protocol=llava", *two) == identity("benchmark.protocol=llava")
+
+
+def test_a_task_sampling_by_its_own_yaml_is_seen_and_an_unreadable_one_counts_as_sampling(
+    tmp_path, monkeypatch
+):
+    from globalcom2.cells import BenchmarkSpec
+    from globalcom2.lmms import preflight
+
+    pope = ("pope_adv_local",)  # under llava its YAML is not read: LLaVA samples iff temperature > 0
+    assert BenchmarkSpec("pope", pope, (), None, 1, None, protocol="llava").may_sample() is False
+    assert BenchmarkSpec("pope", pope, (), None, 1, "temperature=0.2", protocol="llava").may_sample() is True
+    spec = BenchmarkSpec("demo", ("globalcom2_demo",), (), None, 1, None)
+    assert spec.may_sample() is False  # its YAML says temperature 0
+    own = {"globalcom2_demo": {"temperature": 0.5}}
+    monkeypatch.setattr(preflight, "task_generation_kwargs", lambda tasks, include_path=None: own)
+    assert spec.may_sample() is True
+    monkeypatch.setattr(
+        preflight, "task_generation_kwargs", lambda tasks, include_path=None: {"globalcom2_demo": None}
+    )
+    assert spec.may_sample() is True
+
+
 def test_a_multi_process_cpu_cell_runs_on_the_cpu_and_a_gpu_cell_on_each_rank_s_device(tmp_path, monkeypatch):
     """With several processes each rank takes its own GPU; a CPU cell must stay on the CPU its identity names
     (on a machine with GPUs, Accelerate would otherwise hand every rank a GPU)."""
