@@ -285,6 +285,13 @@ class CellSpec:
         )
         check_tasks_covered(benchmark.protocol, benchmark.tasks)
         launcher = _launcher(plain["launcher"])
+        if launcher.num_processes > 1 and run.model.device not in MULTI_PROCESS_DEVICES:
+            # each rank takes its own accelerator (the worker passes no device); a named one would be
+            # recorded while the ranks ran elsewhere
+            raise ValueError(
+                f"model.device={run.model.device!r} with launcher.num_processes={launcher.num_processes}: each "
+                f"process takes its own GPU; valid: {', '.join(map(str, MULTI_PROCESS_DEVICES))}"
+            )
         seed = config_int(plain.get("seed", 0), "seed", minimum=0)
         return cls(
             plain["experiment_name"], seed, run.model, run.method, benchmark, launcher, run.options.prefetch
@@ -386,6 +393,10 @@ def check_keys(plain: dict[str, Any]) -> None:
                 f"unknown config key {', '.join(where + k for k in unknown)}; the {group or 'top-level'} keys "
                 f"are {', '.join(sorted(known))} (an override of any other key would do nothing)"
             )
+
+
+#: ``model.device`` values a multi-process cell takes: the ranks' own GPUs (``cuda``, or unset) or the CPU.
+MULTI_PROCESS_DEVICES = ("cuda", "cpu", None)
 
 
 def _launcher(launcher_cfg: dict[str, Any]) -> LauncherSpec:

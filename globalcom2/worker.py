@@ -71,6 +71,30 @@ def paper_metrics(results: dict[str, Any], columns: tuple[str, ...]) -> dict[str
 
 def evaluate_cell(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
     """Evaluate ``spec``; returns the outcome on rank 0 (``None`` on other ranks)."""
+    try:
+        return _evaluate(spec, out_dir)
+    finally:
+        if spec.launcher.num_processes == 1:
+            reset_accelerator_state()
+
+
+def reset_accelerator_state() -> None:
+    """Forget accelerate's process-wide state after a cell run in this process.
+
+    The first ``Accelerator()`` fixes it for the process (``accelerate/state.py``, ``AcceleratorState``), so in
+    one Hydra multirun a CPU cell after a CUDA one was refused ("AcceleratorState has already been
+    initialized"), and a CUDA cell after a CPU one ran with the CPU's state. accelerate has no public reset;
+    ``_reset_state`` is what its own tests call between configurations. Not under a process group (a
+    multi-process cell's ranks end with the cell)."""
+    import torch.distributed
+    from accelerate.state import AcceleratorState
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _evaluate(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
     from globalcom2.efficiency.summary import efficiency_summary
     from globalcom2.lmms import api
     from globalcom2.lmms.plugin import GlobalCom2LlavaNext

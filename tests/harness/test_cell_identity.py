@@ -48,6 +48,10 @@ def run_cell(tmp_path: Path, monkeypatch, capsys, *overrides: str) -> tuple[dict
 def test_a_changed_limit_seed_or_method_parameter_runs_a_new_cell(tmp_path, monkeypatch, capsys):
     base, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=2")
     assert "[run]" in out and "not run yet" in out
+    from accelerate.state import AcceleratorState, PartialState
+
+    # the cell's Accelerator state is forgotten, so a next cell of this process may take another device
+    assert not AcceleratorState._shared_state and not PartialState._shared_state
     changes = {
         "benchmark.limit=3": ("benchmark.limit: 2 -> 3", lambda r: r["spec"]["benchmark"]["limit"] == 3),
         "seed=1": ("seed: 0 -> 1", lambda r: r["spec"]["seed"] == 1 and r["run"]["seed"] == 1),
@@ -631,3 +635,12 @@ def test_a_run_after_a_killed_forced_commit_reuses_the_finished_cell(tmp_path, m
     again, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
     assert "[done]" in out and "[run]" not in out, out
     assert again == first and not (folder / "half_moved_new_output.json").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda:3", "mps"])
+def test_a_multi_process_cell_refuses_a_device_its_ranks_would_not_use(tmp_path, device):
+    cfg = compose_cell(tmp_path, f"model.device={device}", "launcher=accelerate", "launcher.num_processes=2")
+    with pytest.raises(
+        ValueError, match=rf"model\.device='{device}' with launcher\.num_processes=2: .*valid: cuda, cpu"
+    ):
+        CellSpec.from_config(cfg)
