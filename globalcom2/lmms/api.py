@@ -20,6 +20,7 @@ the task checks and verifies that every task produced results.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,9 @@ def save(results: dict[str, Any], output_path: str | Path, model_name: str = "")
     """Write results (and samples, if logged) with lmms-eval's ``EvaluationTracker``, as the CLI does.
 
     Files land in ``<output_path>/<model_name with / -> __>/``. The tracker only logs a warning when a
-    write fails, so the files are checked afterwards. Returns the results file.
+    write fails, and writes in place (the samples a line at a time), so the files are checked afterwards:
+    each present, the results a whole JSON document, each samples file one whole JSON line per sample
+    (:func:`written_problems`). Returns the results file.
     """
     from lmms_eval.loggers import EvaluationTracker
     from lmms_eval.utils import get_datetime_str
@@ -169,11 +172,42 @@ def save(results: dict[str, Any], output_path: str | Path, model_name: str = "")
     stamp = get_datetime_str(timezone="UTC")
     tracker.save_results_aggregated(results=results, samples=samples, datetime_str=stamp)
     written = Path(output_path) / folder / f"{stamp.replace(':', '-')}_results.json"
-    expected = [written]
+    lines: dict[Path, int] = {}
     for task in results.get("configs", {}) if samples else []:
         tracker.save_results_samples(task_name=task, samples=samples[task])
-        expected.append(written.with_name(f"{tracker.date_id}_samples_{task}.jsonl"))
-    missing = [str(p) for p in expected if not p.is_file()]
-    if missing:
-        raise OSError(f"lmms-eval's EvaluationTracker did not write {missing} (see its warnings above)")
+        lines[written.with_name(f"{tracker.date_id}_samples_{task}.jsonl")] = len(samples[task])
+    problems = written_problems(written, lines)
+    if problems:
+        raise OSError(
+            "lmms-eval's EvaluationTracker did not write its files whole (see its warnings above): "
+            + "; ".join(problems)
+        )
     return written
+
+
+def written_problems(results_file: Path, samples_lines: dict[Path, int]) -> list[str]:
+    """What is missing or cut short: ``results_file`` must hold one JSON document, and each samples file
+    exactly its number of lines, each a JSON document (``\n``-separated: a JSON text escapes newlines)."""
+    problems = []
+    for path in (results_file, *samples_lines):
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+    if problems:
+        return problems
+    try:
+        json.loads(results_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        problems.append(f"{results_file} is not whole JSON ({err})")
+    for path, expected in samples_lines.items():
+        text = path.read_bytes()
+        rows = text.split(b"\n")
+        if rows[-1] != b"" or len(rows) - 1 != expected:
+            problems.append(f"{path} has {len(rows) - 1} complete lines for {expected} samples")
+            continue
+        for number, row in enumerate(rows[:-1], 1):
+            try:
+                json.loads(row)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                problems.append(f"{path} line {number} is not whole JSON ({err})")
+                break
+    return problems
