@@ -35,14 +35,15 @@ LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
 #: Bump when a code change alters the results of unchanged configs (a prompt, a task's scoring), so that
 #: cells finished before it are run again instead of being reused. The git SHA is recorded, not hashed:
 #: a commit that changes nothing a cell computes must not re-run the grid.
-IDENTITY_VERSION = 6  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
+IDENTITY_VERSION = 7  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
 # 3: the checkpoint's content (``weights``) joined the identity, so cells that may hold other weights run again;
 # 4: the task definitions (``task_definitions``) and the data folders' content (``data.<task>.content``)
 # joined it, and the process count where it changes batches; ScienceQA answers read as LLaVA's under llava;
 # 5: a generated task's data (the demo benchmark's split, seed, size and rendered rows) joined it;
 # 6: a hub task's dataset commit joined it (the lite tasks); benchmark.lite/lite_tasks (the task list says
 # which ran) and a checkpoint folder's path (its files' SHA-256 say what loaded) left it; a llava
-# generation_overrides temperature > 0 samples
+# generation_overrides temperature > 0 samples; 7: a method's parameters as the built method holds them
+# (every default filled in), so a default changed in code is another cell, and a default spelled out is not
 #: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``; the
 #: task files and data they point at are in it by content), how it is launched (N processes give the
 #: answers of one, tests/harness/test_run_cells.py; the process count joins the identity where it changes
@@ -299,8 +300,8 @@ class CellSpec:
 
     def identity(self, cfg: Any) -> dict[str, Any]:
         """Everything that can change this cell's result: the resolved config less :data:`NOT_IDENTITY`,
-        with the values this spec normalised (vanilla's ratio, typed method parameters, ints, the lite task
-        list) in place of the raw ones, so that equivalent configs give one identity; plus the data each
+        with the values this spec normalised (vanilla's ratio, the method's parameters as built, defaults
+        included, ints, the lite task list) in place of the raw ones, so that equivalent configs give one identity; plus the data each
         task reads and what defines each task (``preflight.data_identity``, ``preflight.task_identity``), the
         process count when the batches depend on it, the checkpoint's content (``weights``: its hub commit or
         its files' SHA-256, ``globalcom2.models.fingerprint``; the same name with other weights is another
@@ -321,7 +322,12 @@ class CellSpec:
             del model["batch_invariant"]  # likewise: cells from before the mode keep their identity
         if not model["vicuna_text"]:
             del model["vicuna_text"]  # likewise
-        method = {k: v for k, v in asdict(self.method).items() if k != "label"}
+        method = {
+            "name": self.method.name,
+            "retention_ratio": self.method.retention_ratio,
+            # as built: a default left unstated is named, and one spelled out is the same cell
+            "params": {k: v for k, v in self.method.built.params().items() if k != "retention_ratio"},
+        }
         benchmark = {
             k: v for k, v in asdict(self.benchmark).items() if k not in ("name", "dataset_commits")
         }  # the commits are the data's, under identity["data"]

@@ -644,3 +644,23 @@ def test_a_multi_process_cell_refuses_a_device_its_ranks_would_not_use(tmp_path,
         ValueError, match=rf"model\.device='{device}' with launcher\.num_processes=2: .*valid: cuda, cpu"
     ):
         CellSpec.from_config(cfg)
+
+
+def test_a_method_is_identified_by_its_parameters_as_built(tmp_path, monkeypatch):
+    """A default spelled out is the same cell; a default left unstated is named, so changing it in code makes
+    another cell instead of serving the old one."""
+    identity = functools.partial(cell_identity, tmp_path)
+    fastv = identity("method=fastv")
+    assert fastv["method"]["params"] == {
+        "budget_basis": "positions",
+        "K": 2,
+    }  # budget_basis: unstated default
+    assert identity("method=fastv", "+method.params.budget_basis=positions") == fastv
+    assert identity("method=fastv", "method.params.K=3") != fastv
+
+    from globalcom2.methods.fastv import FastV
+
+    # the code's default basis moves; the config is unchanged
+    monkeypatch.setattr(FastV.__init__, "__kwdefaults__", {"K": 2, "budget_basis": "patches"})
+    moved = identity("method=fastv")
+    assert moved["method"]["params"]["budget_basis"] == "patches" and moved != fastv
