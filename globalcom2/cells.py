@@ -14,7 +14,7 @@ here, with a message that names the value and what is valid, before a weight or 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from globalcom2.models.fingerprint import checkpoint_identity
 from globalcom2.protocol.generation import GenerationSettings, format_gen_kwargs, parse_gen_kwargs
@@ -226,8 +226,14 @@ class CellSpec:
         )
 
     @classmethod
-    def from_config(cls, cfg: Any) -> CellSpec:
+    def from_config(
+        cls, cfg: Any, *, ratio_without_budget: Literal["ignore", "refuse"] = "ignore"
+    ) -> CellSpec:
         """Validated spec of the cell a composed config describes (nothing is loaded).
+
+        ``ratio_without_budget``: ``"ignore"`` a ratio given to a method without a budget (vanilla) in a sweep,
+        where every ratio of it is the one r1.0 cell; ``"refuse"`` it in a single run
+        (:func:`globalcom2.run_spec.parse_run`).
 
         Raises ``ValueError``/``TypeError`` naming the bad key, its value and what is valid.
         """
@@ -255,6 +261,7 @@ class CellSpec:
             model_name=model_cfg["name"],
             method_label=method_cfg.get("label"),
             keys=HYDRA_KEYS,
+            ratio_without_budget=ratio_without_budget,
         )
         bench_name, tasks = bench_cfg["name"], _task_list(bench_cfg.get("tasks"), "benchmark.tasks")
         columns = tuple(bench_cfg.get("columns") or ())

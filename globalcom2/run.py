@@ -187,7 +187,9 @@ def run(cfg: DictConfig) -> CellRecord | None:
     export_paths(cfg)
     try:
         check_logger(cfg.logger)  # a bad tracker setting would otherwise fail after the cell has run
-        spec = CellSpec.from_config(cfg)  # everything checkable without the disk: method, ratio, ints...
+        # everything checkable without the disk: method, ratio, ints...; vanilla at r0.25 asked for alone is
+        # a mistake, where in a methods x ratios sweep it is the one r1.0 cell
+        spec = CellSpec.from_config(cfg, ratio_without_budget="refuse" if single_run() else "ignore")
         cell = Cell(Path(cfg.paths.results_dir), spec.key, spec.identity(cfg))
     except INPUT_ERRORS as err:
         raise CellError(f"invalid cell: {_message(err)}") from err
@@ -384,6 +386,14 @@ def summary_line(record: CellRecord) -> str:
             f"{task} {count}" for task, count in unread.items()
         )
     return line
+
+
+def single_run() -> bool:
+    """Whether Hydra runs one cell (no ``-m``); ``False`` outside Hydra (``run`` called from Python)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
 
 
 def check_launch_mode(cfg: DictConfig) -> None:

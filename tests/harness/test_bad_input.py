@@ -344,3 +344,16 @@ def test_a_glob_sweep_is_checked_and_one_problem_of_many_cells_is_said_once(tmp_
     bad_cells = len(METHODS.names()) - 1  # every method but vanilla at R = 1.5
     assert len(said) == 1 and f"{bad_cells} cells, e.g." in said[0], done.stderr[-3000:]
     assert not list((tmp_path / "results").rglob("record.json")), "no cell ran"
+
+
+def test_vanilla_at_another_ratio_is_refused_alone_and_is_the_r1_cell_in_a_sweep(
+    tmp_path, monkeypatch, nothing_loads
+):
+    cfg = compose_cell(tmp_path, "method=vanilla", "method.retention_ratio=0.25", "dry_run=true")
+    monkeypatch.setattr(run_module, "single_run", lambda: True)
+    with pytest.raises(
+        run_module.CellError, match=r"method 'vanilla' keeps every token, so method\.retention_ratio"
+    ):
+        run_module.run(cfg)
+    monkeypatch.setattr(run_module, "single_run", lambda: False)  # a sweep's job (or a call from Python)
+    assert run_module.run(cfg) is None  # the dry run lists the r1.0 cell
