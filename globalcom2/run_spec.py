@@ -227,6 +227,8 @@ def parse_run(
             raise ValueError(
                 f"{key(name)}=auto: automatic batch sizes are not supported; give an integer >= {minimum}"
             )
+        if isinstance(value, bool | float):  # 2.0 is refused, not truncated, as every integer setting is
+            raise ValueError(f"{key(name)} must be an integer >= {minimum}, got {value!r}")
         try:
             number = coerce(value, int, key(name))
         except ValueError:

@@ -25,6 +25,14 @@ BAD = {
     "limit not a number": (["benchmark.limit=abc"], r"benchmark\.limit must be an integer >= 1 .*got 'abc'"),
     "limit not whole": (["benchmark.limit=2.7"], r"benchmark\.limit must be an integer >= 1 .*got 2\.7"),
     "batch size": (["benchmark.batch_size=x"], r"benchmark\.batch_size must be an integer >= 1, got 'x'"),
+    "batch size not whole": (
+        ["benchmark.batch_size=2.0"],
+        r"benchmark\.batch_size must be an integer >= 1, got 2\.0",
+    ),
+    "batch size a boolean": (
+        ["benchmark.batch_size=true"],
+        r"benchmark\.batch_size must be an integer >= 1, got True",
+    ),
     "seed": (["seed=abc"], r"seed must be an integer >= 0, got 'abc'"),
     "processes": (["launcher.num_processes=0"], r"launcher\.num_processes must be an integer >= 1, got 0"),
     "dtype": (["model.dtype=float64"], r"model\.dtype='float64' is not a dtype; valid: float32, float16"),
