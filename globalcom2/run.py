@@ -322,11 +322,19 @@ def _resolved_duplicate(cfg: DictConfig, spec: CellSpec) -> bool:
     return requested is not None and float(requested) != spec.method.retention_ratio
 
 
+#: ``config.yaml`` (and ``record.json``'s ``config``) hold the config as this job composed it; what ran is the
+#: normalised ``spec`` (vanilla's ratio, the pinned commits), which is not always the same.
+CONFIG_HEADER = (
+    "# The config as this job composed it (the request). What ran is record.json's `spec` and its\n"
+    "# `cell.identity`: e.g. vanilla runs at r1.0 whatever ratio was asked, and a branch is pinned to its commit.\n"
+)
+
+
 def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell, lock_fd: int | None = None) -> CellRecord:
     """Run the cell (its lock held) and commit its record. A failed run removes its ``.partial/`` (an
     interrupted one, Ctrl-C or a kill, leaves it for the next run to delete, as the store expects)."""
     partial = cell.prepare()
-    (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (partial / "config.yaml").write_text(CONFIG_HEADER + OmegaConf.to_yaml(cfg, resolve=True))
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     try:

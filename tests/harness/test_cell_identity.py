@@ -52,6 +52,8 @@ def test_a_changed_limit_seed_or_method_parameter_runs_a_new_cell(tmp_path, monk
 
     # the cell's Accelerator state is forgotten, so a next cell of this process may take another device
     assert not AcceleratorState._shared_state and not PartialState._shared_state
+    config = (Path(base["cell"]["path"]) / "config.yaml").read_text()
+    assert config.startswith("# The config as this job composed it (the request). What ran is record.json's")
     changes = {
         "benchmark.limit=3": ("benchmark.limit: 2 -> 3", lambda r: r["spec"]["benchmark"]["limit"] == 3),
         "seed=1": ("seed: 0 -> 1", lambda r: r["spec"]["seed"] == 1 and r["run"]["seed"] == 1),
