@@ -26,7 +26,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-slow test-exactness test-torch test-all test-gpu lint format bench-attach bench-globalcom2 bench-divprune bench-in-llm data clean \
+.PHONY: help install test test-slow test-exactness test-torch test-all test-gpu lint format bench-attach bench-globalcom2 bench-divprune bench-host-syncs bench-in-llm data clean \
 	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize cls-share train-tiny evaluate-tiny wandb-sync bench-efficiency \
 	gpu-checklist bench-throughput bench-batch-effect wheelhouse carry-wheels
 
@@ -144,6 +144,9 @@ bench-globalcom2: install  ## GlobalCom² scoring + allocation + selection time 
 
 bench-divprune: install  ## DivPrune's selection of a call of 1/8/16 images, lockstep vs one at a time (ARGS="--device cuda" on a GPU)
 	$(PY) -m globalcom2.perf.divprune_lockstep $(ARGS)
+
+bench-host-syncs: install  ## host reads per prefill forward of every method (tiny model, 672x672, R=0.25) -> results/efficiency/host_syncs_<device>
+	$(PY) -m globalcom2.perf.host_syncs $(ARGS)
 
 bench-in-llm: install  ## prefill time/memory of FastV and SparseVLM at R=0.25, scoring memory (tiny model, 672x672)
 	$(PY) -m globalcom2.perf.in_llm_cost

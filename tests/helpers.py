@@ -110,11 +110,11 @@ def prompt_inputs(processor, images, question="What is in the image?"):
 
 
 def sync_budget_params(name: str) -> dict:
-    """A method's parameters in the host-sync budget tests (CPU counter and CUDA detector alike): R = 0.25."""
-    params = {} if name == "vanilla" else {"retention_ratio": 0.25}
-    if name == "sparsevlm":
-        params["equivalent_tokens"] = "layer_output"  # the 4-layer tiny model cannot reach 0.25 layer_input
-    return params
+    """A method's parameters in the host-sync budget tests (CPU counter and CUDA detector alike): R = 0.25,
+    as ``make bench-host-syncs`` counts them."""
+    from globalcom2.perf.host_syncs import method_params
+
+    return method_params(name)
 
 
 def generate_steps(model, inputs, steps: int = 4, **kwargs):

@@ -145,3 +145,21 @@ def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
         grid[grid > 0] = 0  # a mask filled with a number: masked_fill_
         grid[:, x[:4] > 1] = 2
     assert quiet.total == 0, dict(quiet.by_kind)
+
+
+def test_the_bench_records_every_method_s_reads_with_where_they_come_from(tmp_path):
+    from globalcom2.perf import host_syncs
+
+    record = host_syncs.main(["--out", str(tmp_path)])
+    assert [row["method"] for row in record["rows"]] == METHODS.names()
+    rows = {row["method"]: row for row in record["rows"]}
+    assert rows["vanilla"]["reads"] >= record["unattached"]
+    for row in rows.values():
+        assert (
+            row["extra"]
+            == row["reads"] - record["unattached"]
+            == sum(row["by_kind"].values()) - record["unattached"]
+        )
+        assert sum(row["by_line"].values()) == row["reads"]
+    assert "| sparsevlm |" in (tmp_path / "host_syncs_cpu.md").read_text()
+    assert (tmp_path / "host_syncs_cpu.json").is_file()
