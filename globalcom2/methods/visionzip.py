@@ -59,6 +59,8 @@ Deliberate deviations:
   every image is compressed from its own views.
 * ``contextual = 0`` (tiny R) keeps the dominant tokens only (the official code would divide by zero).
 * R = 1 is the unmodified model (no capture, no bypass of unpadding or newlines).
+* A model whose ``vision_feature_layer`` is not -2 is refused: the official code keeps the metric of that
+  layer only (``utils.py`` line 191), so another feature layer has no official counterpart.
 """
 
 from __future__ import annotations
