@@ -60,8 +60,8 @@ measured on a GPU (``make bench-divprune ARGS="--device cuda"``, a step of the G
 one still launches ``3k`` kernels (about 2,200 at ``R = 0.25`` on the 7B), which on a GPU costs launch
 latency, not FLOPs. On a CPU, where each kernel's arithmetic, not its launch, sets the time, the padded
 steps do more work than the images' own (8 images at ``R = 0.25``, 1,176-2,928 positions, features of width
-64 so that the greedy dominates: 712 ms in lockstep against 530 ms one by one, on one thread of the
-project's 2-core VM), so there each image runs alone (:data:`LOCKSTEP_DEVICE_TYPES`). Memory in lockstep:
+64 so that the greedy dominates: 807 ms in lockstep against 668 ms one by one, on one thread of the
+project's 2-core VM, ``results/efficiency/divprune_lockstep_cpu.md``), so there each image runs alone (:data:`LOCKSTEP_DEVICE_TYPES`). Memory in lockstep:
 every greedy image's matrix of the call is held at once, plus the padded copy of a group (at most
 :data:`LOCKSTEP_BYTES`, 1 GiB), so a batch of 16 7B images holds about 1.1 GB more than one image does.
 Under ``"positions"`` the kept separators are counted on the device and read with the call's other images,
