@@ -199,24 +199,40 @@ def task_identity(tasks: list[str], include_path: str | list[str] | None = None)
     and torch are recorded with their versions in every record (``provenance``); functions in this package
     (``globalcom2.lmms.task_utils``) are code, and a change that alters results bumps
     ``globalcom2.cells.IDENTITY_VERSION``. ``None``: a task lmms-eval indexes without a YAML of its own."""
-    ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
     identity: dict[str, str | None] = {}
-    for name in tasks:
-        entry = ours.get(name) or _builtin_index().get(name) or {}
-        yaml_path = entry.get("yaml_path")
-        if not isinstance(yaml_path, str):
+    for name, yaml_path, config, base_path in _task_yamls(tasks, include_path):
+        if yaml_path is None:
             identity[name] = None
             continue
-        config = task_yaml(yaml_path)
-        parts = _definition(Path(yaml_path), config)
-        if isinstance(base := config.get("base_yaml"), str):
-            import lmms_eval.tasks
-
-            base_path = Path(lmms_eval.tasks.__file__).parent / base
+        parts = _definition(yaml_path, config)
+        if base_path is not None:
             parts += _definition(base_path, task_yaml(str(base_path)))
         digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
         identity[name] = digest.hexdigest()
     return identity
+
+
+def _task_yamls(
+    tasks: list[str], include_path: str | list[str] | None
+) -> list[tuple[str, Path | None, dict[str, Any], Path | None]]:
+    """``(task, its YAML, that YAML as lmms-eval reads it, the built-in YAML it inherits)`` per task, ours
+    first, then lmms-eval's; ``(task, None, {}, None)`` for a task indexed without a YAML of its own."""
+    ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
+    found: list[tuple[str, Path | None, dict[str, Any], Path | None]] = []
+    for name in tasks:
+        entry = ours.get(name) or _builtin_index().get(name) or {}
+        yaml_path = entry.get("yaml_path")
+        if not isinstance(yaml_path, str):
+            found.append((name, None, {}, None))
+            continue
+        config = task_yaml(yaml_path)
+        base_path = None
+        if isinstance(base := config.get("base_yaml"), str):
+            import lmms_eval.tasks
+
+            base_path = Path(lmms_eval.tasks.__file__).parent / base
+        found.append((name, Path(yaml_path), config, base_path))
+    return found
 
 
 def task_generation_kwargs(
@@ -225,22 +241,14 @@ def task_generation_kwargs(
     """Each task's ``generation_kwargs`` as its YAML sets them, over its ``base_yaml``'s (``{}``: none set,
     lmms-eval's greedy defaults); ``None`` for a task without a YAML of its own, whose settings are unknown
     here."""
-    ours = _index(include_path if include_path is not None else str(tasks_dir()), include_defaults=False)
     settings: dict[str, dict[str, Any] | None] = {}
-    for name in tasks:
-        entry = ours.get(name) or _builtin_index().get(name) or {}
-        yaml_path = entry.get("yaml_path")
-        if not isinstance(yaml_path, str):
+    for name, yaml_path, config, base_path in _task_yamls(tasks, include_path):
+        if yaml_path is None:
             settings[name] = None
             continue
-        config = task_yaml(yaml_path)
         merged: dict[str, Any] = {}
-        if isinstance(base := config.get("base_yaml"), str):
-            import lmms_eval.tasks
-
-            merged.update(
-                task_yaml(str(Path(lmms_eval.tasks.__file__).parent / base)).get("generation_kwargs") or {}
-            )
+        if base_path is not None:
+            merged.update(task_yaml(str(base_path)).get("generation_kwargs") or {})
         merged.update(config.get("generation_kwargs") or {})
         settings[name] = merged
     return settings
