@@ -308,8 +308,8 @@ class CellSpec:
     def identity(self, cfg: Any) -> dict[str, Any]:
         """Everything that can change this cell's result: the resolved config less :data:`NOT_IDENTITY`,
         with the values this spec normalised (vanilla's ratio, the method's parameters as built, defaults
-        included, ints, the lite task list) in place of the raw ones, so that equivalent configs give one identity; plus the data each
-        task reads and what defines each task (``preflight.data_identity``, ``preflight.task_identity``), the
+        included, ints, the lite task list) in place of the raw ones, so that equivalent configs give one
+        identity; plus the data each task reads and what defines each task (``preflight.data_identity``, ``preflight.task_identity``), the
         process count when the batches depend on it, the checkpoint's content (``weights``: its hub commit or
         its files' SHA-256, ``globalcom2.models.fingerprint``; the same name with other weights is another
         cell) and :data:`IDENTITY_VERSION`."""
