@@ -298,7 +298,7 @@ class CellSpec:
             # recorded while the ranks ran elsewhere
             raise ValueError(
                 f"model.device={run.model.device!r} with launcher.num_processes={launcher.num_processes}: each "
-                f"process takes its own GPU; valid: {', '.join(map(str, MULTI_PROCESS_DEVICES))}"
+                "process takes its own GPU; valid: cuda, cpu, or unset (null)"
             )
         seed = config_int(plain.get("seed", 0), "seed", minimum=0)
         return cls(

@@ -238,19 +238,19 @@ def _task_yamls(
 def task_generation_kwargs(
     tasks: list[str], include_path: str | list[str] | None = None
 ) -> dict[str, dict[str, Any] | None]:
-    """Each task's ``generation_kwargs`` as its YAML sets them, over its ``base_yaml``'s (``{}``: none set,
-    lmms-eval's greedy defaults); ``None`` for a task without a YAML of its own, whose settings are unknown
-    here."""
+    """Each task's ``generation_kwargs`` as lmms-eval will build it: its YAML's own, else its ``base_yaml``'s
+    (``{}``: none set, lmms-eval's greedy defaults); ``None`` for a group, a tag or a task without a YAML of
+    its own, whose settings are unknown here."""
     settings: dict[str, dict[str, Any] | None] = {}
     for name, yaml_path, config, base_path in _task_yamls(tasks, include_path):
-        if yaml_path is None:
-            settings[name] = None
+        if yaml_path is None or not isinstance(config.get("task"), str):
+            settings[name] = None  # a group (``task:`` lists its subtasks) or a tag: their settings are elsewhere
             continue
-        merged: dict[str, Any] = {}
-        if base_path is not None:
-            merged.update(task_yaml(str(base_path)).get("generation_kwargs") or {})
-        merged.update(config.get("generation_kwargs") or {})
-        settings[name] = merged
+        # as LocalDataTask merges them ({**base, **config}): a generation_kwargs of its own replaces the base's
+        own = config.get("generation_kwargs")
+        if own is None and base_path is not None:
+            own = task_yaml(str(base_path)).get("generation_kwargs")
+        settings[name] = dict(own or {})
     return settings
 
 

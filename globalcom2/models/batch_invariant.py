@@ -347,7 +347,12 @@ def forced_gqa() -> Iterator[None]:
 def batch_invariant() -> Iterator[BatchInvariantMode]:
     """Run the block batch-invariantly (module docstring). Sets :data:`FORCE_GQA_VARIABLE` for the block unless a
     caller's :func:`forced_gqa` already has."""
-    _check_gqa_switch()  # also where the variable was already set (by a caller, or the user's environment)
-    switch = contextlib.nullcontext() if os.environ.get(FORCE_GQA_VARIABLE) == "1" else forced_gqa()
+    if (
+        os.environ.get(FORCE_GQA_VARIABLE) == "1"
+    ):  # set by a caller or the user's environment: checked all the same
+        _check_gqa_switch()
+        switch: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    else:
+        switch = forced_gqa()  # sets the variable, then checks
     with switch, BatchInvariantMode() as mode:
         yield mode

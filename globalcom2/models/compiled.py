@@ -101,8 +101,8 @@ def compile_problem(device: torch.device | str, mode: str) -> str | None:
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return "torch.compile on CUDA needs Triton (pip install triton), which is not installed"
-        # Triton builds a small C launcher per kernel with $CC or the first of these it finds.
-        compilers = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+        # Triton builds a small C launcher per kernel with $CC, else gcc, else clang (triton/runtime/build.py).
+        compilers = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
         if not any(shutil.which(cc) for cc in compilers):
             return f"torch.compile on CUDA needs a C compiler for Triton's launchers ({' or '.join(compilers)}), none found"
         return None

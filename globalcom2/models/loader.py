@@ -13,7 +13,12 @@ import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from globalcom2.hub import snapshot_commit
-from globalcom2.models.base import check_llava_next_anyres, resolve_dtype, tiny_seed
+from globalcom2.models.base import (
+    check_llava_next_anyres,
+    check_transformers_version,
+    resolve_dtype,
+    tiny_seed,
+)
 from globalcom2.models.geometry import GEOMETRIES, apply_geometry
 from globalcom2.models.preload import (
     check_device,
@@ -92,6 +97,7 @@ def load_llava_next(
         ValueError: a bad dtype or geometry, or a ``revision`` where there is none (random weights, tiny, a
             folder).
     """
+    check_transformers_version()  # before minutes of loading weights into a transformers we do not support
     resolve_dtype(dtype)  # a bad dtype fails before anything is read
     check_revision(str(pretrained), revision, random_init=random_init)
     check_device(device)  # so does a device this machine lacks
@@ -118,6 +124,11 @@ def load_llava_next(
         # Pin the PIL image processor: it exists on every machine (no torchvision needed), and the
         # torchvision backend gives slightly different pixels, so one backend keeps numbers comparable.
         processor = AutoProcessor.from_pretrained(path, revision=revision, backend="pil")
+        missing = [
+            part for part in ("tokenizer", "image_processor") if getattr(processor, part, None) is None
+        ]
+        if missing:  # AutoProcessor falls back to a bare tokenizer where the processor configs are absent
+            raise OSError(f"its processor files give no {' and no '.join(missing)}")
         # use_kernels=False: transformers 5.25 swaps hub kernels in by default (``kernels`` installed; on
         # CUDA LigerRMSNorm, SiLU and rotary from kernels-community, fetched from the hub) where 5.23 did
         # not; pinned off, both run the plain PyTorch forwards the reference stack ran, and offline nothing

@@ -9,7 +9,7 @@ unattached model's and where they come from (kind at file:line).
 
     python -m globalcom2.perf.host_syncs [--device cpu] [--out DIR]
 
-Writes ``DIR/host_syncs_<device>.{md,json}`` (the JSON carries every method's count by kind and by line, the
+Writes ``DIR/host_syncs_<device type>.{md,json}`` (the JSON carries every method's count by kind and by line, the
 settings and provenance).
 """
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"device": args.device, "out": str(args.out), "image_size": IMAGE_SIZE},
         "provenance": info,
     }
-    write_table(args.out / f"host_syncs_{args.device}", markdown(caption, baseline, rows), record)
+    write_table(args.out / f"host_syncs_{device.type}", markdown(caption, baseline, rows), record)
     return record
 
 

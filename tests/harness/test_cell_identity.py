@@ -495,6 +495,8 @@ def test_a_task_sampling_by_its_own_yaml_is_seen_and_an_unreadable_one_counts_as
     assert BenchmarkSpec("pope", pope, (), None, 1, "temperature=0.2", protocol="llava").may_sample() is True
     spec = BenchmarkSpec("demo", ("globalcom2_demo",), (), None, 1, None)
     assert spec.may_sample() is False  # its YAML says temperature 0
+    # a group's settings are its subtasks', not read here
+    assert BenchmarkSpec("mmbench", ("mmbench",), (), None, 1, None).may_sample() is True
     own = {"globalcom2_demo": {"temperature": 0.5}}
     monkeypatch.setattr(preflight, "task_generation_kwargs", lambda tasks, include_path=None: own)
     assert spec.may_sample() is True

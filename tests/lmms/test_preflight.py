@@ -355,3 +355,20 @@ def test_the_cli_prints_the_warning_of_a_ratio_that_keeps_no_patch_token(tmp_pat
     ]
     cli.main([*argv, "--tasks", "globalcom2_demo", "--output_path", str(tmp_path / "out")])
     assert "warning: retention_ratio=0.0001 keeps floor(R * N) = 0 patch tokens" in capsys.readouterr().err
+
+
+def test_a_task_s_own_generation_kwargs_replace_its_base_s_whole(tmp_path):
+    """As ``LocalDataTask`` merges ``{**base, **config}``: the base's ``do_sample: false`` does not survive."""
+    from globalcom2.lmms.preflight import task_generation_kwargs
+
+    (tmp_path / "own.yaml").write_text(
+        "task: own_gqa\nclass: !function globalcom2.lmms.tasks.LocalDataTask\nbase_yaml: gqa/gqa.yaml\n"
+        "local_data: gqa/instructions\ngeneration_kwargs:\n  temperature: 0.5\n"
+    )
+    (tmp_path / "inherits.yaml").write_text(
+        "task: inherits_gqa\nclass: !function globalcom2.lmms.tasks.LocalDataTask\nbase_yaml: gqa/gqa.yaml\n"
+        "local_data: gqa/instructions\n"
+    )
+    settings = task_generation_kwargs(["own_gqa", "inherits_gqa"], include_path=str(tmp_path))
+    assert settings["own_gqa"] == {"temperature": 0.5}
+    assert settings["inherits_gqa"]["do_sample"] is False and settings["inherits_gqa"]["max_new_tokens"] == 16

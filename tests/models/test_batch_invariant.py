@@ -69,6 +69,22 @@ def test_the_mode_leaves_nothing_behind():
     assert torch._C._is_torch_function_mode_enabled() is False
 
 
+def test_the_gqa_switch_is_checked_whether_or_not_the_variable_was_set(monkeypatch):
+    import globalcom2.models.batch_invariant as module
+
+    checks = []
+    monkeypatch.setattr(
+        module, "_check_gqa_switch", lambda: checks.append(os.environ.get(FORCE_GQA_VARIABLE))
+    )
+    monkeypatch.delenv(FORCE_GQA_VARIABLE, raising=False)
+    with batch_invariant():
+        pass
+    monkeypatch.setenv(FORCE_GQA_VARIABLE, "1")  # set by the user's environment
+    with batch_invariant():
+        pass
+    assert checks == ["1", "1"]  # each time with the variable set, as the switch is read
+
+
 def test_fixed_blocks_give_each_row_the_result_it_gets_among_any_other_rows():
     torch.manual_seed(0)
     weight = torch.randn(96, 300, dtype=torch.bfloat16)

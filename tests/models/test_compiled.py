@@ -119,9 +119,11 @@ def test_cuda_without_a_c_compiler_for_triton_is_refused(monkeypatch):
     monkeypatch.setattr(compiled.importlib.util, "find_spec", lambda name: object())  # Triton "installed"
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
-    assert "needs a C compiler for Triton's launchers (cc or gcc or clang)" in compiled.compile_problem(
+    assert "needs a C compiler for Triton's launchers (gcc or clang)" in compiled.compile_problem(
         "cuda", "default"
     )
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/cc" if name == "cc" else None)
+    assert compiled.compile_problem("cuda", "default") is not None  # Triton never tries plain cc
     monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
     assert compiled.compile_problem("cuda", "default") is None
     monkeypatch.setenv("CC", "my-cc")  # Triton then uses $CC alone

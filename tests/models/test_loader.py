@@ -46,8 +46,15 @@ def test_the_complete_checkpoint_loads_its_own_weights(folder):
     assert processor.tokenizer.padding_side == "left"
 
 
-def test_a_checkpoint_without_its_processor_fails_before_any_weight_loads(folder, monkeypatch):
-    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+@pytest.mark.parametrize(
+    "absent",
+    [
+        ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"),
+        ("processor_config.json",),  # AutoProcessor then falls back to a bare tokenizer
+    ],
+)
+def test_a_checkpoint_without_its_processor_fails_before_any_weight_loads(folder, monkeypatch, absent):
+    for name in absent:
         (folder / name).unlink()
 
     def no_weights(*args, **kwargs):
@@ -107,6 +114,11 @@ def test_another_transformers_release_is_refused_at_load_and_at_attach(version, 
 
     model, _ = load_llava_next("tiny")
     monkeypatch.setattr(transformers, "__version__", version)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the release was checked")
+
+    monkeypatch.setattr(loader.LlavaNextForConditionalGeneration, "from_pretrained", no_weights)
     message = rf"transformers {version} is installed; this harness needs transformers>=5\.23,<5\.26"
     with pytest.raises(UnsupportedTransformersError, match=message):
         load_llava_next("tiny")
