@@ -244,7 +244,9 @@ def task_generation_kwargs(
     settings: dict[str, dict[str, Any] | None] = {}
     for name, yaml_path, config, base_path in _task_yamls(tasks, include_path):
         if yaml_path is None or not isinstance(config.get("task"), str):
-            settings[name] = None  # a group (``task:`` lists its subtasks) or a tag: their settings are elsewhere
+            settings[name] = (
+                None  # a group (``task:`` lists its subtasks) or a tag: their settings are elsewhere
+            )
             continue
         # as LocalDataTask merges them ({**base, **config}): a generation_kwargs of its own replaces the base's
         own = config.get("generation_kwargs")

@@ -347,10 +347,8 @@ def forced_gqa() -> Iterator[None]:
 def batch_invariant() -> Iterator[BatchInvariantMode]:
     """Run the block batch-invariantly (module docstring). Sets :data:`FORCE_GQA_VARIABLE` for the block unless a
     caller's :func:`forced_gqa` already has."""
-    if (
-        os.environ.get(FORCE_GQA_VARIABLE) == "1"
-    ):  # set by a caller or the user's environment: checked all the same
-        _check_gqa_switch()
+    if os.environ.get(FORCE_GQA_VARIABLE) == "1":
+        _check_gqa_switch()  # set by a caller or the user's environment: checked all the same
         switch: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     else:
         switch = forced_gqa()  # sets the variable, then checks

@@ -46,7 +46,7 @@ def method_params(name: str) -> dict[str, Any]:
 def count_prefill(model: Any, inputs: dict[str, torch.Tensor]) -> HostSyncCounter:
     """The host reads of one prefill forward, after an uncounted one."""
     with torch.inference_mode():
-        model(**inputs, use_cache=True)
+        model(**inputs, use_cache=True)  # warm: caches of geometry constants are built outside the count
         with HostSyncCounter() as syncs:
             model(**inputs, use_cache=True)
     return syncs

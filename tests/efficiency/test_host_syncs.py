@@ -16,6 +16,7 @@ from globalcom2 import attach
 from globalcom2.efficiency.host_syncs import HostSyncCounter
 from globalcom2.hooks.cache_keyword import CACHE_KEYWORD, output_cache
 from globalcom2.methods import METHODS, InLLMMethod
+from globalcom2.perf.host_syncs import count_prefill
 from globalcom2.prompts import vicuna_v1_prompt
 
 PER_FORWARD = 3  # extra host reads a pre-LLM method (or a one-stage in-LLM method) may add to a prefill
@@ -26,14 +27,6 @@ def budget(handle, num_layers: int) -> int:
     if isinstance(method, InLLMMethod):
         return PER_FORWARD * len(method.checked_stage_layers(num_layers))
     return PER_FORWARD
-
-
-def count_prefill(model, inputs) -> HostSyncCounter:
-    with torch.inference_mode():
-        model(**inputs, use_cache=True)  # warm: caches of geometry constants are built outside the count
-        with HostSyncCounter() as syncs:
-            model(**inputs, use_cache=True)
-    return syncs
 
 
 @pytest.fixture(scope="module")
