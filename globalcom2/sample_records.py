@@ -100,6 +100,9 @@ class SampleRecord:
     # FAILED under protocol=llava). None/False in records from before they existed.
     scored_answer: str | None = None
     unread_answer: bool = False
+    # The LLM's first forward with the method's work inside it (efficiency.profile.Measurement.llm_forward_s);
+    # None in records from before it existed.
+    llm_forward_s: float | None = None
 
     @property
     def in_statistics(self) -> bool:

@@ -89,6 +89,23 @@ class StageClock:
             totals[interval.name] = totals.get(interval.name, 0.0) + own
         return totals
 
+    def inclusive(self, name: str) -> float:
+        """Seconds of the intervals named ``name``, *with* what ran inside them (an in-LLM method's scoring and
+        pruning inside ``llm_prefill``); an interval nested in another of the same name is not counted twice.
+        Not a stage: :meth:`totals` charges the nested work to its own stage."""
+        if self._open:
+            raise RuntimeError(f"stages {[i.name for i in self._open]} are still open")
+        total = 0.0
+        for interval in self._closed:
+            if interval.name != name:
+                continue
+            parent = interval.parent
+            while parent is not None and parent.name != name:
+                parent = parent.parent
+            if parent is None:
+                total += self._seconds(interval)
+        return total
+
 
 _ACTIVE: ContextVar[StageClock | None] = ContextVar("globalcom2_stage_clock", default=None)
 

@@ -14,9 +14,11 @@ Design (the rules the efficiency tables rely on):
   projector), ``compression`` (the attached method's own work: [CLS] scores, selection, prompt surgery, an
   in-LLM method's scoring and pruning at its layers, and the masks and positions its compressed cache needs
   at each decode step), ``llm_prefill`` (the language model and LM head in
-  the first forward, what the GlobalCom² paper's Tables 8/9 time as prefill), ``decode`` (the same in the
-  later forwards) and ``other`` (the rest of the wall time: ``generate``'s own host work). Each stage is
-  charged its exclusive time, so the stages add up to the total.
+  the first forward), ``decode`` (the same in the later forwards) and ``other`` (the rest of the wall time:
+  ``generate``'s own host work). Each stage is charged its exclusive time, so the stages add up to the
+  total. What the GlobalCom² paper's Tables 8/9 time as prefill is the LLM's first forward *with* the
+  method's work inside it, ``Measurement.llm_forward_s``: ``llm_prefill`` plus an in-LLM method's
+  compression (``llm_prefill`` alone would credit SparseVLM with a forward that skips its own scoring).
 * **Clocks.** On a CUDA device every interval is measured with CUDA events (recorded on the current
   stream, read after ``torch.cuda.synchronize``), so asynchronous kernel launches are not mistaken for
   finished work. On CPU it is ``time.perf_counter``; CPU kernels complete before an operator returns,
@@ -81,6 +83,10 @@ class Measurement:
             unavailable.
         compiled: ``torch.compile`` compiled during the call (``globalcom2.models.compiled.compile_attempts``):
             its times are mostly compilation, not the model's.
+        llm_forward_s: the language model's and LM head's first forward *with* the method work inside it
+            (an in-LLM method's scoring and pruning, which ``stages`` charges to ``compression``): what the
+            GlobalCom² paper's Tables 8/9 time as the LLM's prefill, for every method alike. Equal to
+            ``stages["llm_prefill"]`` for vanilla and the pre-LLM methods.
     """
 
     prefill_s: float
@@ -93,6 +99,7 @@ class Measurement:
     stages: dict[str, float] = field(default_factory=dict)
     peak_memory_reserved_bytes: int | None = None
     compiled: bool = False
+    llm_forward_s: float | None = None
 
     @property
     def decode_s(self) -> float:
@@ -244,6 +251,7 @@ class GenerateProfiler:
             stages=stages,
             peak_memory_reserved_bytes=reserved,
             compiled=compile_attempts() != attempts,
+            llm_forward_s=clock.inclusive("llm_prefill"),
         )
 
 

@@ -42,6 +42,7 @@ TERA = 1e12
 #: Tidy efficiency metric -> where it sits in a record's efficiency block (a path of keys; the first
 #: path that exists wins, so records written before a key was renamed still read).
 EFFICIENCY_METRICS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "timed_calls": (("timed_calls",),),
     "prefill_ms": (("prefill_ms", "median"),),
     "prefill_ms_mean": (("prefill_ms", "mean"),),
     "prefill_p25_ms": (("prefill_ms", "p25"),),
@@ -50,6 +51,7 @@ EFFICIENCY_METRICS: dict[str, tuple[tuple[str, ...], ...]] = {
     "vision_ms": (("stages_ms", "vision", "median"),),
     "compression_ms": (("stages_ms", "compression", "median"),),
     "llm_prefill_ms": (("stages_ms", "llm_prefill", "median"),),
+    "llm_forward_ms": (("llm_forward_ms", "median"),),
     "decode_ms": (("stages_ms", "decode", "median"),),
     "first_call_prefill_ms": (("first_call", "prefill_ms"),),
     "compiled_calls": (("compiled_calls", "calls"),),
@@ -137,8 +139,9 @@ def _stats(values: list[float], scale: float = 1.0) -> dict[str, float] | None:
     if not values:
         return None
     scaled = sorted(v * scale for v in values)
-    p90 = scaled[min(len(scaled) - 1, round(0.9 * (len(scaled) - 1)))]
     p25, median, p75 = quartiles(scaled)
+    # interpolated as the quartiles are (a nearest rank rounded half to even took the 5th of 6 values)
+    p90 = statistics.quantiles(scaled, n=10, method="inclusive")[8] if len(scaled) > 1 else scaled[0]
     return {
         "median": median,
         "mean": statistics.fmean(scaled),
@@ -216,6 +219,8 @@ def latency_summary(records: Sequence[SampleRecord]) -> dict[str, Any]:
             name: _stats([c.stages_s[name] for c in timed if c.stages_s and name in c.stages_s], 1e3)
             for name in stages
         },
+        # the LLM's first forward with an in-LLM method's work inside it (not a stage: the stages are exclusive)
+        "llm_forward_ms": _stats([c.llm_forward_s for c in timed if c.llm_forward_s is not None], 1e3),
         "first_call": _apart(first),
         "compiled_calls": _apart(compiled),
         "processes": len(ranks),

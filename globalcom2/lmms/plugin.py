@@ -421,6 +421,7 @@ class GlobalCom2LlavaNext(lmms):
                 compression=list(row_stats[row]),
                 peak_memory_reserved_bytes=measurement.peak_memory_reserved_bytes if measurement else None,
                 stages_s=dict(measurement.stages) if measurement else None,
+                llm_forward_s=measurement.llm_forward_s if measurement else None,
                 first_call=first_call,
                 compiled_in_call=measurement.compiled if measurement else False,
                 text_tokens=prompt_tokens - before,

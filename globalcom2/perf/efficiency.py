@@ -8,8 +8,9 @@ greedy decoding of 8 tokens (the demo task's), one warm-up pass per variant excl
 
 Every row reports, per generate call (medians over the images; ``globalcom2.efficiency.profile``):
 
-* stage times: vision tower + projector, compression (the method's own work), LLM prefill (what the paper's
-  Tables 8/9 time), decode; and the whole prefill (everything up to the first token's logits), p25-p75;
+* stage times: vision tower + projector, compression (the method's own work), LLM prefill, decode; the LLM
+  forward (the LLM prefill with an in-LLM method's work inside it: what the paper's Tables 8/9 time); and the
+  whole prefill (everything up to the first token's logits), p25-p75;
 * TFLOPs in both conventions with their ratios to vanilla, the KV cache, the host reads a prefill makes
   (``globalcom2.efficiency.host_syncs``, counted once per variant in eager mode under the first attention
   implementation, which the column names), and on a GPU both peak memories;
@@ -208,6 +209,8 @@ def summarise(
         "peak_memory_reserved_gib": max(reserved) / 2**30 if reserved else None,
         "kv_cache_mb": statistics.fmean(c["kv_cache_bytes"] for c in costs) / 1e6,
         **{f"{stage}_ms": median_ms([m.stages[stage] for m in measurements]) for stage in STAGES},
+        "llm_forward_ms": median_ms([m.llm_forward_s for m in measurements]),
+        "timed_calls": len(measurements),
         "prefill_ms": statistics.median(prefill),
         "prefill_p25_ms": prefill_p25,
         "prefill_p75_ms": prefill_p75,

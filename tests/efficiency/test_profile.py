@@ -101,6 +101,12 @@ def test_every_stage_is_timed_and_the_stages_add_up_to_the_total(model, processo
     assert (m.stages["compression"] > 0) == (method is not None)
     assert m.stages[OTHER] >= 0 and sum(m.stages.values()) == pytest.approx(m.total_s)
     assert m.stages["vision"] + m.stages["llm_prefill"] <= m.prefill_s  # both end before the first logits
+    # the LLM's forward with the method's work inside it: more than the stage only for an in-LLM method,
+    # whose prefill scoring is inside it (its decode-step masks are not)
+    if method in ("fastv", "sparsevlm"):
+        assert m.stages["llm_prefill"] < m.llm_forward_s < m.stages["llm_prefill"] + m.stages["compression"]
+    else:
+        assert m.llm_forward_s == m.stages["llm_prefill"]
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in profiler_modules(model))
 
 
@@ -127,6 +133,31 @@ def test_stage_clock_charges_nested_intervals_once_and_refuses_unbalanced_hooks(
     clock.open("vision")
     with pytest.raises(RuntimeError, match="unbalanced"):
         clock.close("decode")
+
+
+def test_inclusive_time_keeps_the_work_nested_inside_a_stage_once():
+    """``inclusive`` is what the paper times as the LLM's prefill for an in-LLM method: the forward with the
+    method's pruning inside it, where ``totals`` charges that pruning to compression."""
+    from globalcom2.stage_timing import StageClock, clock_running, stage_section
+
+    clock = StageClock("cpu")
+    with clock_running(clock):
+        clock.open("llm_prefill")
+        time.sleep(0.02)
+        with stage_section("compression"):
+            time.sleep(0.03)
+        clock.open("llm_prefill")  # a nested interval of the same stage (the LM head inside a wrapper)
+        time.sleep(0.01)
+        clock.close("llm_prefill")
+        clock.close("llm_prefill")
+        clock.open("llm_prefill")  # a second, sibling interval counts too
+        time.sleep(0.01)
+        clock.close("llm_prefill")
+    totals = clock.totals()
+    inclusive = clock.inclusive("llm_prefill")
+    assert inclusive == pytest.approx(totals["llm_prefill"] + totals["compression"])
+    assert 0.07 <= inclusive < 0.07 + 0.03 and 0.04 <= totals["llm_prefill"] < inclusive - 0.03
+    assert clock.inclusive("decode") == 0.0
 
 
 def test_a_call_that_compiles_is_flagged_and_a_cached_one_is_not():

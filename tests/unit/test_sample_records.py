@@ -153,3 +153,21 @@ def test_stats_stay_typed_through_the_jsonl(tmp_path, stats):
 def test_untagged_stats_fail_with_what_to_do():
     with pytest.raises(ValueError, match="re-run the cell"):
         sr.stat_from_dict({"method": "random", "tokens_before": 3})
+
+
+def test_latency_percentiles_are_interpolated_and_name_their_count():
+    """p90 is interpolated like the quartiles (a nearest rank rounded half to even gave the 5th of 6 values),
+    and every statistic says over how many calls it is; the LLM forward is summarised beside the stages."""
+    records = [
+        record(doc_id=i, batch_id=i, prefill_s=float(i), total_s=float(i) + 1, llm_forward_s=i / 10)
+        for i in range(1, 7)
+    ]
+    latency = latency_summary(records)
+    assert latency["prefill_ms"]["p90"] == pytest.approx(5500.0)
+    assert latency["prefill_ms"]["n"] == 6 and latency["timed_calls"] == 6
+    assert latency["llm_forward_ms"]["median"] == pytest.approx(350.0)
+    assert latency_summary(records[:1])["prefill_ms"]["p90"] == pytest.approx(1000.0)
+    # a record from before the LLM forward was measured leaves the figure out, never 0
+    assert (
+        latency_summary([record(doc_id=0, batch_id=0, prefill_s=1.0, total_s=2.0)])["llm_forward_ms"] is None
+    )
