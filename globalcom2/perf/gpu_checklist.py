@@ -56,6 +56,9 @@ What comes back: the device tool returns at most 8 files from ``--out``, so ther
 every step: ``checklist.log`` (every step's output), ``checklist.json`` (each step's status and seconds) and
 ``results.tar.gz`` (the tables the finished steps wrote, under their paths in ``results/``). A table is
 taken only if its step wrote it: a committed table from an earlier run is never passed off as new.
+``checklist.json`` names a step as ``running`` before it starts, so a checklist killed outright still says
+where it stopped. SIGTERM or SIGINT (a time limit, a lease ending) kills the running step's group, packs the
+tables it and the steps before it wrote, marks the rest skipped and exits with 128 + the signal.
 """
 
 from __future__ import annotations
@@ -264,13 +267,44 @@ def run_step(step: Step, log: Path, limit_s: float) -> str:
             returncode: int | None = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             returncode = None
-        finally:  # the group goes at the limit, and so do children a step that ended left behind
+        finally:  # the group goes at the limit, on an interruption, and so do children a step left behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+            process.wait()
     if returncode is None:
         return "timed out"
     return "ok" if returncode == 0 else f"exit {returncode}"
+
+
+#: What ends a checklist early but still packs what its steps have written (the device tool's time limit, a
+#: lease ending, Ctrl-C).
+INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(Exception):
+    """One of :data:`INTERRUPTING_SIGNALS` reached the checklist while a step ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class Signals:
+    """The handler of :data:`INTERRUPTING_SIGNALS` while the checklist runs: it remembers the first signal and
+    ignores any later one (a second must not cut the packing of what is finished short); while a step runs
+    (``raising``) it also raises :class:`Interrupted`, so the step's group is killed at once. Between steps the
+    loop reads ``received`` and starts no further step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.raising = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        for handled in INTERRUPTING_SIGNALS:
+            signal.signal(handled, signal.SIG_IGN)
+        self.received = signum
+        if self.raising:
+            raise Interrupted(signum)
 
 
 def output_states(step: Step) -> dict[str, tuple[int, int] | None]:
@@ -325,29 +359,52 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "checklist.log"  # one log for every step: the device tool returns few files
     started, wheels_failed, failed = time.monotonic(), False, 0
+    signals = Signals()
     report: list[dict[str, object]] = []
     tables: list[str] = []
-    for step in plan:
-        left = args.budget_s - (time.monotonic() - started)
-        if left < step.min_s:  # not a failure: the budget was spent on the steps before it
-            status, seconds = f"skipped: {left:.0f} s of the budget left, it needs {step.min_s} s", 0.0
-        elif wheels_failed:  # every step would run on another stack than the one the project supports
-            status, seconds = "skipped: the carried wheels failed their check (see the log)", 0.0
-            failed += 1
-        else:
-            began, before = time.monotonic(), output_states(step)
-            status = run_step(step, log, min(step.limit_s, left))
-            seconds = time.monotonic() - began
-            failed += status != "ok"
-            wheels_failed |= step.name == "carried_wheels" and status != "ok"
-            tables += fresh_outputs(step, before)
-            atomic_write_bytes(args.out / "results.tar.gz", pack(tables))
-        report.append({"step": step.name, "status": status, "seconds": round(seconds, 1)})
+
+    def write_report() -> None:
         atomic_write_json(args.out / "checklist.json", {"budget_s": args.budget_s, "steps": report})
-        if status.startswith("skipped: "):
-            print(f"[skip] {step.name}: {status.removeprefix('skipped: ')}", flush=True)
-        else:
-            print(f"[{status}] {step.name}: {seconds:.0f} s, log {log}", flush=True)
+
+    previous = {handled: signal.signal(handled, signals) for handled in INTERRUPTING_SIGNALS}
+    try:
+        for step in plan:
+            left = args.budget_s - (time.monotonic() - started)
+            if signals.received is not None:
+                status, seconds = f"skipped: the checklist was interrupted (signal {signals.received})", 0.0
+            elif left < step.min_s:  # not a failure: the budget was spent on the steps before it
+                status, seconds = f"skipped: {left:.0f} s of the budget left, it needs {step.min_s} s", 0.0
+            elif wheels_failed:  # every step would run on another stack than the one the project supports
+                status, seconds = "skipped: the carried wheels failed their check (see the log)", 0.0
+                failed += 1
+            else:
+                began, before = time.monotonic(), output_states(step)
+                report.append({"step": step.name, "status": "running", "seconds": 0.0})
+                write_report()  # a checklist killed outright (SIGKILL) still says where it was
+                report.pop()
+                try:
+                    signals.raising = True
+                    status = run_step(step, log, min(step.limit_s, left))
+                except Interrupted as err:  # run_step has killed the step's group
+                    status = f"interrupted ({err})"
+                finally:
+                    signals.raising = False
+                seconds = time.monotonic() - began
+                failed += status != "ok"
+                wheels_failed |= step.name == "carried_wheels" and status != "ok"
+                tables += fresh_outputs(step, before)  # what a phase of an interrupted step finished
+                atomic_write_bytes(args.out / "results.tar.gz", pack(tables))
+            report.append({"step": step.name, "status": status, "seconds": round(seconds, 1)})
+            write_report()
+            if status.startswith("skipped: "):
+                print(f"[skip] {step.name}: {status.removeprefix('skipped: ')}", flush=True)
+            else:
+                print(f"[{status}] {step.name}: {seconds:.0f} s, log {log}", flush=True)
+    finally:
+        for handled, handler in previous.items():
+            signal.signal(handled, handler)
+    if signals.received is not None:
+        return 128 + signals.received
     return 1 if failed else 0
 
 

@@ -2,7 +2,8 @@
 
 For every experiment under ``results_dir`` (or only ``--experiment``) it writes, next to the cells,
 ``<results_dir>/<experiment>/{tidy.csv, tidy.parquet, tables/, plots/}``, and the tidy table of everything
-to ``<results_dir>/tidy.{csv,parquet}``. Unfinished or corrupt cells are skipped with a warning.
+to ``<results_dir>/tidy.{csv,parquet}``. Unfinished or corrupt cells are skipped with a warning. Without
+``--experiment``, an experiment folder whose cells are all unfinished loses its old report files.
 ``--wandb`` also logs the tables (``wandb.Table``) and plots (images) to a Weights & Biases run, offline by
 default (``make wandb-sync`` uploads).
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.report.aggregate import tidy_results, write_tidy
-from globalcom2.report.build import build_report
+from globalcom2.report.build import build_report, remove_orphaned_reports
 
 DEFAULT_RESULTS = PROJECT_ROOT / "results"
 
@@ -58,6 +59,13 @@ def main(argv: list[str] | None = None) -> None:
             from globalcom2.tracking import log_report
 
             print(f"  wandb:  {log_report(report, project=args.wandb_project)}")
+    if not args.experiment:
+        orphaned = remove_orphaned_reports(args.results_dir, experiments)
+        if orphaned:
+            print(
+                "removed the reports of experiments whose cells are no longer finished: "
+                + ", ".join(str(p.relative_to(args.results_dir)) for p in orphaned)
+            )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Metric kinds (column ``kind``):
 * ``efficiency``: latency, memory, FLOPs, KV cache, visual tokens (``globalcom2/efficiency/summary.py``);
   unavailable values (peak memory on CPU) are absent rows, never zeros;
 * ``fidelity``: ``agreement_with_vanilla``, the % of samples whose generated token ids equal those of the
-  vanilla cell of the same experiment, model and benchmark (``first_token_agreement``: the first token only). It measures how far a method moves the model's
+  vanilla cell of the same experiment, model and benchmark (``first_token_agreement``: the first token only),
+  and ``agreement_samples``, how many samples both answered. It measures how far a method moves the model's
   outputs, and stays meaningful when accuracy does not (the tiny model's random weights answer gibberish).
 """
 
@@ -31,6 +32,7 @@ import pandas as pd
 
 from globalcom2.atomic import atomic_write_bytes, atomic_write_text
 from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
+from globalcom2.efficiency.table import preferred_vanilla
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL
 from globalcom2.provenance import hardware_label
 from globalcom2.records import RecordError
@@ -329,16 +331,27 @@ def sample_outputs(cell: LoadedCell) -> dict[tuple[str, int], tuple[int, ...]]:
     return outputs
 
 
-def agreement_with_vanilla(cells: list[LoadedCell], first_token: bool = False) -> dict[Path, float]:
-    """% of each cell's samples whose generated token ids equal the vanilla cell's (same experiment, model,
-    benchmark), over the samples both answered; ``first_token`` compares only the first generated token (a
-    gentler measure: any later divergence of a greedy decode compounds). Cells without vanilla are absent."""
+def agreement_with_vanilla(
+    cells: list[LoadedCell], first_token: bool = False
+) -> dict[Path, tuple[float, int]]:
+    """``(% agreeing, samples compared)`` per cell: the share of its samples whose generated token ids equal
+    those of the vanilla cell of the same experiment, model and benchmark, over the samples both answered
+    (the count says how many: a cell run on ``limit=1`` compares one). ``first_token`` compares only the first
+    generated token (a gentler measure: any later divergence of a greedy decode compounds). Where a group has
+    several vanilla variants, the one :func:`~globalcom2.efficiency.table.preferred_vanilla` names, as the
+    tables' Avg and speed-ups do. Cells without a vanilla are absent."""
 
     def group(cell: LoadedCell) -> tuple[str, str, str]:
         c = cell.record.cell
         return c.experiment, c.model, c.benchmark
 
-    vanilla = {group(c): sample_outputs(c) for c in cells if c.record.spec["method"]["name"] == "vanilla"}
+    variants: dict[tuple[str, str, str], dict[str, LoadedCell]] = {}
+    for cell in cells:
+        if cell.record.spec["method"]["name"] == "vanilla":
+            variants.setdefault(group(cell), {})[cell.record.cell.method] = cell
+    vanilla = {
+        key: sample_outputs(labelled[preferred_vanilla(labelled)]) for key, labelled in variants.items()
+    }
     agreement = {}
     for cell in cells:
         reference = vanilla.get(group(cell))
@@ -349,7 +362,7 @@ def agreement_with_vanilla(cells: list[LoadedCell], first_token: bool = False) -
         if shared:
             width = 1 if first_token else None
             same = sum(outputs[k][:width] == reference[k][:width] for k in shared)
-            agreement[cell.path] = 100.0 * same / len(shared)
+            agreement[cell.path] = (100.0 * same / len(shared), len(shared))
     return agreement
 
 
@@ -367,9 +380,18 @@ def tidy_results(root: str | Path) -> pd.DataFrame:
             rows.append({**config, **metric})
         for metric, values in fidelity.items():
             if cell.path in values:
-                rows.append(
-                    {**config, "kind": "fidelity", "task": "", "metric": metric, "value": values[cell.path]}
-                )
+                share, compared = values[cell.path]
+                rows.append({**config, "kind": "fidelity", "task": "", "metric": metric, "value": share})
+                if metric == "agreement_with_vanilla":
+                    rows.append(
+                        {
+                            **config,
+                            "kind": "fidelity",
+                            "task": "",
+                            "metric": "agreement_samples",
+                            "value": compared,
+                        }
+                    )
     columns = [*CONFIG_COLUMNS, "kind", "task", "metric", "value"]
     return pd.DataFrame(rows, columns=columns)
 

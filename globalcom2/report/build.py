@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 
 from globalcom2.report import plots, tables
 from globalcom2.report.aggregate import COMPARABILITY, setting_text, write_tidy
+from globalcom2.store import CURRENT_FILE, PARTIAL_DIR, RECORD_FILE
 
 
 @dataclass
@@ -90,6 +92,28 @@ def experiment_plots(frame: pd.DataFrame, experiment: str, out_dir: str | Path) 
 #: What the report writes into ``tables/`` and ``plots/``; any such file it did not write this time is an
 #: earlier run's (a table of a model, benchmark or method since removed) and is deleted.
 GENERATED_SUFFIXES = frozenset({".md", ".tex", ".csv", ".png", ".pdf"})
+
+
+def remove_orphaned_reports(root: str | Path, reported: Iterable[str]) -> list[Path]:
+    """Delete the report files (``tidy.*``, ``tables/``, ``plots/``) of each experiment folder under ``root``
+    that holds cells but none finished: a forced re-run that was interrupted, or cells deleted, would
+    otherwise leave its old tables beside the new top-level ``tidy.csv``, with numbers no cell backs any
+    more. ``reported``: the experiments this build wrote. A folder with no cell at all (a committed report,
+    such as ``results/demo`` in a fresh clone) is left alone. Returns the files deleted."""
+    root, reported = Path(root), set(reported)
+    removed: list[Path] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in reported):
+        has_cells = any(
+            next(folder.rglob(marker), None) is not None
+            for marker in (RECORD_FILE, PARTIAL_DIR, CURRENT_FILE)
+        )
+        if not has_cells:
+            continue
+        tidy = [folder / name for name in ("tidy.csv", "tidy.parquet") if (folder / name).is_file()]
+        for path in tidy:
+            path.unlink()
+        removed += tidy + _remove_stale([], folder / "tables", folder / "plots")
+    return removed
 
 
 def _remove_stale(written: list[Path], *folders: Path) -> list[Path]:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from globalcom2.atomic import atomic_write_text
 from globalcom2.data.benchmarks import PAPER_METRICS
-from globalcom2.efficiency.table import efficiency_display
+from globalcom2.efficiency.table import efficiency_display, vanilla_row
 from globalcom2.methods import METHODS
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.provenance import CPU_LABEL
@@ -37,6 +37,7 @@ PAPER_METHOD_ORDER = (
     *("visionzip", "dart", "divprune", "fastervlm", "globalcom2"),
 )
 AVG = "Avg. (% of vanilla)"
+AVERAGED = "Avg. over (columns)"  # shown where some row's Avg covers fewer columns than the table's
 REFERENCE_DIR = PROJECT_ROOT / "results" / "reference"
 MODEL_SIZES = {"llava_next_7b": "7B", "llava_next_13b": "13B"}
 REPRODUCED_TOLERANCE = {"MME (perception)": 30.0}  # points; 1.0 for every other (0-100) benchmark
@@ -58,6 +59,9 @@ class Table:
     notes: list[str] = field(default_factory=list)
     # (method, R) of the rows whose Avg covers fewer columns than the table's (Table 1; a note names them)
     partial_averages: frozenset[tuple[str, float]] = frozenset()
+    # column -> format spec of its numbers in Markdown and LaTeX (Table 1's scores to one decimal, as the
+    # paper prints them); any other column: :func:`number_text`
+    formats: dict[str, str] = field(default_factory=dict)
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """``<name>.md``, ``<name>.tex`` (booktabs) and ``<name>.csv`` in ``out_dir``, each written atomically
@@ -71,17 +75,30 @@ class Table:
         atomic_write_text(csv, self.frame.to_csv(index=False))
         return [md, tex, csv]
 
+    def text(self, missing: str = "–") -> pd.DataFrame:
+        """The frame as it reads: numbers by :attr:`formats` or :func:`number_text`, also in a column that
+        mixes them with text (an Avg that is "n/a (...)" for one row), a missing value as ``missing``."""
+        return pd.DataFrame(
+            {
+                column: [cell_text(v, self.formats.get(str(column)), missing) for v in self.frame[column]]
+                for column in self.frame.columns
+            },
+            index=self.frame.index,
+        )
+
     def markdown(self) -> str:
-        """The frame as a Markdown table: numbers to 4 significant digits, also in a column that mixes them
-        with text (an Avg that is "n/a (...)" for one row), and a missing value as a dash, never "nan"."""
+        """The frame as a Markdown table (:meth:`text`; a missing value as a dash, never "nan")."""
         if not len(self.frame):
             return "(no rows)"
-        shown = self.frame.map(_cell_text)
-        return shown.to_markdown(index=False, disable_numparse=True)
+        return self.text().to_markdown(index=False, disable_numparse=True)
 
     def latex(self) -> str:
-        frame = self.frame if len(self.frame) else pd.DataFrame({"": ["(no rows)"]})
-        body = frame.to_latex(index=False, float_format="%.4g", escape=True, na_rep="--")  # booktabs rules
+        if len(self.frame):
+            shown = self.text(missing="--").map(_tex_escape)
+            shown.columns = [_tex_escape(str(c)) for c in shown.columns]
+        else:
+            shown = pd.DataFrame({"": ["(no rows)"]})
+        body = shown.to_latex(index=False, escape=False)  # booktabs rules; every cell escaped above
         notes = "".join(f"\\item {_tex_escape(n)}\n" for n in self.notes)
         notes = f"\\begin{{itemize}}\n{notes}\\end{{itemize}}\n" if notes else ""
         return (
@@ -90,13 +107,20 @@ class Table:
         )
 
 
-def _cell_text(value: Any) -> Any:
-    """How a table cell reads in Markdown: floats to 4 significant digits, a missing value as a dash."""
+def number_text(value: float) -> str:
+    """A number as a table shows it by default: 4 significant digits, never in scientific notation (a CPU
+    prefill of 123,456 ms reads ``123456``, not ``1.235e+05``)."""
+    return f"{value:.0f}" if abs(value) >= 1e4 else format(value, ".4g")
+
+
+def cell_text(value: Any, spec: str | None = None, missing: str = "–") -> str:
+    """How a table cell reads: a float by ``spec`` (default :func:`number_text`), a missing value as
+    ``missing``, anything else as ``str``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+        return missing
     if isinstance(value, float):
-        return format(value, ".4g")
-    return value
+        return format(value, spec) if spec else number_text(value)
+    return str(value)
 
 
 #: Characters LaTeX treats specially in text, and how they are typeset (one pass: a replacement is never
@@ -284,6 +308,11 @@ def table1(
     notes += partial_notes
     notes += _pending_columns(rows, wide)
     display = wide[["method", "retention_ratio", *columns, AVG]].rename(columns={"retention_ratio": "R"})
+    if partial:  # in every output, not only in a note: an average over GQA alone beside one over ten columns
+        averaged = [c for c in columns if shared_columns(vanilla, vanilla, [c])]
+        display[AVERAGED] = [
+            f"{len(shared_columns(row, vanilla, averaged))} of {len(averaged)}" for _, row in wide.iterrows()
+        ]
     notes += [f"{c}: {PAPER_METRICS[c].note}" for c in columns if not PAPER_METRICS[c].comparable]
     protocols = (
         sorted(set(rows.loc[rows["kind"] == "paper", "protocol"].dropna())) if "protocol" in rows else []
@@ -300,7 +329,8 @@ def table1(
         )
     caption = f"Table 1 layout, {model}" + (f" ({experiment})" if experiment else "")
     name = f"table1_{model}" + (f"_{experiment}" if experiment else "")
-    return Table(name, display, caption, notes, partial_averages=partial)
+    formats = {c: ".1f" for c in (*columns, AVG)}  # the paper prints one decimal
+    return Table(name, display, caption, notes, partial_averages=partial, formats=formats)
 
 
 def _borrowed_vanilla(
@@ -349,8 +379,7 @@ def _setting_differences(own: pd.DataFrame, other: pd.DataFrame) -> list[str]:
 
 
 def _find_vanilla(wide: pd.DataFrame) -> pd.Series | None:
-    vanilla = wide[wide["method_name"] == "vanilla"] if len(wide) else wide
-    return vanilla.iloc[0] if len(vanilla) else None
+    return vanilla_row(wide) if len(wide) else None
 
 
 PER_TYPE_SUFFIX = "_accuracy"  # the demo's per-question-type metrics: color_accuracy, count_accuracy, ...
@@ -412,6 +441,7 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
         "retention_ratio": "R",
         "agreement_with_vanilla": "agreement with vanilla (%)",
         "first_token_agreement": "first-token agreement (%)",
+        "agreement_samples": "samples compared",
         "visual_tokens_llm_input": "visual tokens at LLM input",
         "equivalent_visual_tokens": "equivalent visual tokens",
         "tflops_full": "TFLOPs (full)",
@@ -467,8 +497,9 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark
         f"Measured on {hardware}; batch size {', '.join(map(str, batch_sizes)) or 'n/a'}; medians over the "
         "benchmark's generate calls, warm-up and each process's first measured call excluded.",
         "Stage times (vision, compression, LLM prefill, decode) are exclusive and add up with generate's own "
-        "host work to the total; LLM prefill is what the paper's Tables 8/9 time, prefill is everything up "
-        "to the first token's logits.",
+        "host work to the total; prefill is everything up to the first token's logits. LLM forward is the "
+        "LLM prefill with an in-LLM method's work inside it (its compression): what the paper's Tables 8/9 "
+        "time, and what the LLM prefill speed-up divides.",
         "TFLOPs (paper): visual tokens only at each method's nominal schedule for 2880 tokens (GlobalCom² Tables "
         "8/9). TFLOPs (full): every token entering each decoder layer, plus method overhead, mean per sample.",
     ]
@@ -531,9 +562,11 @@ def paper_vs_ours(frame: pd.DataFrame, reference: pd.DataFrame | None = None) ->
             "paper": merged["value_ref"],
         }
     )
-    display["delta"] = display["ours"] - display["paper"]
+    # rounded: 64.9 - 63.9 is 1.0000000000000071 in floats, and a 1-point delta is within the tolerance
+    display["delta"] = (display["ours"] - display["paper"]).round(6)
     tolerance = display["benchmark"].map(lambda c: REPRODUCED_TOLERANCE.get(c, 1.0)).astype(float)
     display["reproduced"] = (display["delta"].abs() <= tolerance).map({True: "yes", False: "no"})
+    display.loc[display["delta"].isna(), "reproduced"] = "n/a (no value)"  # a missing number is no verdict
     # A column computed on another split or with another prompt or judge (PAPER_METRICS) gets no verdict.
     comparable = display["benchmark"].map(
         lambda c: PAPER_METRICS[c].comparable if c in PAPER_METRICS else True

@@ -242,3 +242,58 @@ def test_failed_carried_wheels_skip_every_later_step(tmp_path, monkeypatch, caps
     assert "[skip] throughput: the carried wheels failed" in printed
     steps = json.loads((tmp_path / "checklist.json").read_text())["steps"]
     assert [s["status"].split(":")[0] for s in steps] == ["exit 1", "skipped", "skipped"]
+
+
+def test_sigterm_kills_the_running_step_and_still_packs_what_it_wrote(tmp_path):
+    """The device tool's time limit sends SIGTERM: the step's phase that finished comes back, the step's
+    process is gone, the later steps are marked skipped, and the exit status names the signal."""
+    import os
+    import signal
+    import subprocess
+
+    results, out, pid_file = tmp_path / "results", tmp_path / "out", tmp_path / "step.pid"
+    (results / "efficiency").mkdir(parents=True)
+    write = (
+        "import os, time; "
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+        f"open({str(results / 'efficiency' / 'phase1.md')!r}, 'w').write('| phase 1 |'); time.sleep(60)"
+    )
+    driver = f"""
+import sys
+from globalcom2.perf import gpu_checklist
+from globalcom2.perf.gpu_checklist import Step
+gpu_checklist.RESULTS = __import__("pathlib").Path({str(results)!r})
+plan = [
+    Step("measures", [sys.executable, "-c", {write!r}], 120, ("efficiency/phase1.md",)),
+    Step("later", [sys.executable, "-c", "1"], 30),
+]
+gpu_checklist.steps = lambda images, carried=None: plan
+raise SystemExit(gpu_checklist.main(["--out", {str(out)!r}, "--budget-s", "600"]))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(gpu_checklist.__file__).parents[2])}
+    process = subprocess.Popen([sys.executable, "-c", driver], env=env)
+    for _ in range(300):  # the step has written its first phase
+        if pid_file.exists() and (results / "efficiency" / "phase1.md").exists():
+            break
+        time.sleep(0.1)
+    else:
+        process.kill()
+        raise AssertionError("the step never started")
+    running = json.loads((out / "checklist.json").read_text())["steps"]
+    assert running == [{"step": "measures", "status": "running", "seconds": 0.0}]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    report = json.loads((out / "checklist.json").read_text())["steps"]
+    assert [(s["step"], s["status"]) for s in report] == [
+        ("measures", f"interrupted (signal {int(signal.SIGTERM)})"),
+        ("later", f"skipped: the checklist was interrupted (signal {int(signal.SIGTERM)})"),
+    ]
+    with tarfile.open(out / "results.tar.gz") as archive:
+        assert archive.extractfile("results/efficiency/phase1.md").read() == b"| phase 1 |"
+    step = int(pid_file.read_text())
+    for _ in range(50):
+        if not Path(f"/proc/{step}").exists() or "Z" in Path(f"/proc/{step}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step {step} outlived the checklist")

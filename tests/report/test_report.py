@@ -289,6 +289,9 @@ def test_aggregation_gives_the_expected_tidy_rows_and_lists_what_it_skipped(tree
     assert fidelity[("globalcom2", "agreement_with_vanilla")] == 50.0  # docs 0 and 2 of 4 identical
     assert fidelity[("globalcom2", "first_token_agreement")] == 75.0  # docs 0, 1, 2 start alike
     assert fidelity[("fastv", "agreement_with_vanilla")] == 100.0  # over the one sample both answered
+    assert (
+        fidelity[("fastv", "agreement_samples")] == 1 and fidelity[("globalcom2", "agreement_samples")] == 4
+    )
     assert fidelity[("vanilla", "agreement_with_vanilla")] == 100.0
     cells, skipped = load_cells(tree)
     assert len(cells) == 3 and len(skipped) == 3
@@ -322,6 +325,16 @@ def test_paper_vs_ours_marks_reproduced_rows(tree):
     assert table.loc[("globalcom2", "GQA"), "paper"] == 61.5  # 7B, R = 0.25
     empty = paper_vs_ours(frame[frame["model"] == "nope"])
     assert empty.frame.empty and any("no published counterpart" in n for n in empty.notes)
+
+
+def test_paper_vs_ours_reads_a_one_point_delta_as_within_and_a_missing_value_as_no_verdict(tmp_path):
+    """64.9 - 63.9 is 1.0000000000000071 in floats: within the 1-point tolerance all the same; a value we do
+    not have (NaN) gets no verdict, not "no"."""
+    root = tmp_path / "results"
+    write_cell(root, "globalcom2", 0.5, {"GQA": 64.9, "MME (perception)": float("nan")})
+    table = paper_vs_ours(tidy_results(root)).frame.set_index("benchmark")
+    assert table.loc["GQA", "paper"] == 63.9 and table.loc["GQA", "reproduced"] == "yes"
+    assert table.loc["MME (perception)", "reproduced"] == "n/a (no value)"
 
 
 def test_reference_numbers_carry_their_source():
@@ -1018,6 +1031,44 @@ def test_a_rebuild_removes_the_files_of_tables_it_no_longer_writes(tmp_path):
     assert stale in second.removed and not stale.exists()
     assert {p.name for p in second.removed} >= {"table1_llava_next_13b.tex", "table1_llava_next_13b.csv"}
     assert all(p.exists() for p in second.files) and (tmp_path / "out" / "tables" / "notes.txt").exists()
+
+
+def test_agreement_and_the_average_compare_with_one_and_the_same_vanilla_cell(tmp_path):
+    """An ablation's second vanilla (``vanilla_eager``) beside ``vanilla``: the Avg and the agreement column
+    both measure against the cell labelled ``vanilla``, whichever comes later in path order."""
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, outputs=[[1], [2], [3], [4]])
+    write_cell(root, "vanilla", 1.0, {"GQA": 50.0}, outputs=[[9], [9], [9], [4]], name="vanilla_eager")
+    write_cell(root, "globalcom2", 0.25, {"GQA": 54.0}, outputs=[[1], [2], [3], [4]])
+    frame = tidy_results(root)
+    fidelity = frame[frame["kind"] == "fidelity"].set_index(["method", "metric"])["value"]
+    assert fidelity[("globalcom2", "agreement_with_vanilla")] == 100.0
+    assert fidelity[("vanilla_eager", "agreement_with_vanilla")] == 25.0
+    average = table1(frame, "llava_next_7b").frame.set_index("method")[AVG]
+    assert average["globalcom2"] == pytest.approx(90.0) and average["vanilla_eager"] == pytest.approx(250 / 3)
+
+
+def test_make_tables_removes_the_reports_of_an_experiment_whose_cells_are_no_longer_finished(tmp_path):
+    """A forced re-run that was interrupted leaves ``.partial/`` where the finished cell was: that
+    experiment's old tables go, and a folder with no cell at all (a committed report) stays."""
+    from globalcom2.report.__main__ import main
+
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0}, experiment="t1")
+    cell = write_cell(root, "fastv", 0.25, {"GQA": 40.0}, experiment="t2")
+    committed = root / "demo" / "tables" / "demo_demo.md"
+    committed.parent.mkdir(parents=True)
+    committed.write_text("| committed |")
+    (root / "demo" / "tidy.csv").write_text("committed\n")
+    main([str(root)])
+    old = root / "t2" / "tables" / "table1_llava_next_7b.md"
+    assert old.exists() and (root / "t2" / "tidy.csv").exists()
+    (cell / "record.json").unlink()
+    (cell / ".partial").mkdir()
+    main([str(root)])
+    assert not old.exists() and not (root / "t2" / "tidy.csv").exists()
+    assert (root / "t1" / "tables" / "table1_llava_next_7b.md").exists()
+    assert committed.read_text() == "| committed |" and (root / "demo" / "tidy.csv").exists()
 
 
 def test_markdown_and_latex_show_missing_values_as_dashes_and_escape_what_latex_reads(tmp_path):
