@@ -5,7 +5,8 @@ Only what the built-in configs cannot do offline lives here; scoring stays lmms-
 * GQA: the built-in ``process_docs`` loads the images config from the hub by id; ours joins the
   locally saved images config instead (same join on ``imageId``).
 * POPE: one task per COCO split (adversarial, popular, random), filtered from the local test split by
-  its ``category`` column, so the paper's "F1 averaged over the three splits" can be computed.
+  its ``category`` column, so the paper's "F1 averaged over the three splits" can be computed; and the
+  model's yes ratio (LLaVA's) in place of lmms-eval's, which is the answer key's.
 * MMBench: the real ``en`` config stores ``index`` as a string, and lmms-eval's evaluator compares it with
   ``int(1e6)`` (``mmbench_evals.py``, ``eval_result``), which raises ``TypeError`` at the very end of a
   cell; ``mmbench_docs`` casts it to int64 first (both languages, a no-op where it already is).
@@ -17,12 +18,12 @@ Only what the built-in configs cannot do offline lives here; scoring stays lmms-
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import datasets
 from loguru import logger
 
+from globalcom2.atomic import atomic_write_json
 from globalcom2.data.local import require_local_dataset
 
 # -- GQA ---------------------------------------------------------------------------------------------
@@ -70,6 +71,32 @@ def pope_random_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     return _pope_split(dataset, "random")
 
 
+#: The POPE metric that replaces lmms-eval's ``pope_yes_ratio`` (``tasks/pope/_pope_local_template``).
+POPE_ANSWER_YES_RATIO = "pope_answer_yes_ratio"
+
+
+def pope_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, dict[str, Any]]:
+    """lmms-eval's POPE scoring of one answer (``lmms_eval/tasks/pope/utils.py``, ``pope_process_results``),
+    its ``pope_yes_ratio`` entry renamed :data:`POPE_ANSWER_YES_RATIO`: the same per-answer record, which
+    :func:`pope_answer_yes_ratio` aggregates over the answers instead of the answer key."""
+    from lmms_eval.tasks.pope.utils import pope_process_results as builtin
+
+    scored = builtin(doc, results)
+    scored[POPE_ANSWER_YES_RATIO] = scored.pop("pope_yes_ratio")
+    return scored
+
+
+def pope_answer_yes_ratio(results: list[dict[str, Any]]) -> float:
+    """The share of answers that are "yes": LLaVA's ``yes_ratio`` (``llava/eval/eval_pope.py`` L37,
+    ``pred_list.count(1) / len(pred_list)``), the model's yes-bias. lmms-eval's ``pope_yes_ratio`` counts
+    the ground truth instead, so reads 0.5 on every balanced split whatever the model answers. An answer
+    counts as yes as lmms-eval's precision and recall count it, ``prediction == "yes"`` (under
+    ``protocol=llava`` the prediction is LLaVA's reading of the answer, ``protocol.rules.llava_pope_answer``)."""
+    if not results:
+        raise ValueError("POPE yes ratio of no answers")
+    return sum(result["prediction"] == "yes" for result in results) / len(results)
+
+
 # -- MMBench-CN, static ------------------------------------------------------------------------------
 
 
@@ -83,8 +110,8 @@ def mmbench_cn_dev_static_aggregate(results: list[dict[str, Any]], args: Any) ->
 
     overall, by_category, by_l2 = mmbench_evaluator.eval_result(results, eval_method="static")
     path = generate_submission_file("mmbench_cn_dev_static_results.json", args)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump({"overall_acc": overall, "category_acc": by_category, "l2_category_acc": by_l2}, handle)
+    detail = {"overall_acc": overall, "category_acc": by_category, "l2_category_acc": by_l2}
+    atomic_write_json(path, detail)  # whole or absent, never half of it
     return overall * 100
 
 

@@ -76,6 +76,11 @@ class GenerationSettings:
             )
         temperature = kwargs.get("temperature")
         temperature = None if temperature is None else _as_float(temperature, "temperature")
+        if temperature is not None and not temperature >= 0:  # NaN fails this too
+            raise ValueError(
+                f"temperature must be >= 0 (0: greedy), got {temperature}; a negative one would decode greedily "
+                "without a word"
+            )
         if "do_sample" in kwargs and kwargs["do_sample"] is not None:
             do_sample = kwargs["do_sample"]
             if not isinstance(do_sample, bool):
@@ -89,6 +94,11 @@ class GenerationSettings:
             )
         top_p = kwargs.get("top_p")
         top_p = None if top_p is None else _as_float(top_p, "top_p")
+        # 0 is what many lmms-eval YAMLs give beside greedy decoding, where it is unused; sampling needs > 0
+        if top_p is not None and not (0 < top_p <= 1 or (top_p == 0 and not do_sample)):
+            raise ValueError(
+                f"top_p must be in (0, 1] when sampling (0 is accepted only beside greedy decoding), got {top_p}"
+            )
         return cls(
             until=until,
             max_new_tokens=max_new_tokens,
@@ -153,7 +163,9 @@ def _stop_strings(until: Any) -> tuple[str, ...]:
         until = [until]
     if not isinstance(until, (list, tuple)) or not all(isinstance(s, str) for s in until):
         raise TypeError(f"`until` must be a string or a list of strings, got {until!r}")
-    return tuple(s for s in until if s)
+    if "" in until:  # it would match before the first token; dropping it would hide a typo
+        raise ValueError(f"`until` holds an empty stop string, which matches at once: {list(until)!r}")
+    return tuple(until)
 
 
 def _as_int(value: Any, name: str) -> int:

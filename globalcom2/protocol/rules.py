@@ -138,18 +138,25 @@ def mme(doc: Mapping[str, Any]) -> str:
 
 def scienceqa(doc: Mapping[str, Any]) -> str:
     """``scienceqa/llava_test_CQM-A.json`` + ``--single-pred-prompt`` (``model_vqa_science.py`` L43-64):
-    ``Context: <hint>`` (only when there is one), the question, ``A. …`` lines, the letter instruction."""
-    lines = [f"Context: {doc['hint']}"] if doc.get("hint") else []
+    ``Context: <hint>`` (only when there is one), the question, ``A. …`` lines, the letter instruction.
+
+    The hint is stripped first, as the file's builder does (ScienceQA's ``get_context_text``, which LLaVA's
+    ``scripts/convert_sqa_to_llava_base_prompt.py`` copies: ``" ".join([hint, caption]).strip()``), so a
+    hint of only whitespace is no hint."""
+    hint = (doc.get("hint") or "").strip()
+    lines = [f"Context: {hint}"] if hint else []
     lines.append(doc["question"])
     lines += [f"{chr(ord('A') + i)}. {choice}" for i, choice in enumerate(doc["choices"])]
     return "\n".join([*lines, OPTION_LETTER])
 
 
 def _is_none(value: Any) -> bool:
-    """``model_vqa_mmbench.py``'s ``is_none`` (L31-42): None, NaN, "nan" and "none" count as absent."""
+    """``model_vqa_mmbench.py``'s ``is_none`` (L31-42): None, NaN, "nan" and "none" count as absent; and so
+    does "", which is NaN by the time ``is_none`` sees it there (LLaVA reads the TSV with ``pd.read_table``,
+    L61, which reads an empty cell as NaN), so an empty option ends the list as it does in LLaVA."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return True
-    return isinstance(value, str) and value.lower() in ("nan", "none")
+    return isinstance(value, str) and value.lower() in ("", "nan", "none")
 
 
 def _mmbench(instruction: str) -> Callable[[Mapping[str, Any]], str]:

@@ -387,7 +387,9 @@ PER_TYPE_SUFFIX = "_accuracy"  # the demo's per-question-type metrics: color_acc
 #: lmms-eval metrics that are fractions in [0, 1] besides ``exact_match`` and ``*accuracy`` (POPE's,
 #: ``lmms_eval/tasks/pope/utils.py``); shown x100. Every other metric is shown as lmms-eval reports it: MME's
 #: points (0-2000), ``gpt_eval_score`` (MMBench's already in %), and counts.
-FRACTION_METRICS = frozenset({"pope_f1_score", "pope_precision", "pope_recall", "pope_yes_ratio"})
+FRACTION_METRICS = frozenset(
+    {"pope_f1_score", "pope_precision", "pope_recall", "pope_yes_ratio", "pope_answer_yes_ratio"}
+)
 #: Counts that lmms-eval reports as metrics (answers written, answers awaiting the judge): no score to plot.
 COUNT_METRICS = frozenset({"submission", "judge_pending"})
 

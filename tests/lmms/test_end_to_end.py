@@ -65,6 +65,10 @@ def test_python_api_scores_every_offline_task(fixture_data, tmp_path, monkeypatc
         assert isinstance(value, (int, float)) and math.isfinite(value), (task, value)
         assert len(results["samples"][task]) == results["n-samples"][task]["effective"] > 0
     assert results["results"]["mmvet_local"]["judge_pending,none"] == 3  # answers recorded, not scored
+    for task in ("pope_adv_local", "pope_pop_local", "pope_random_local"):  # the model's yes ratio
+        said_yes = [s["filtered_resps"][0].lower().strip() == "yes" for s in results["samples"][task]]
+        assert results["results"][task]["pope_answer_yes_ratio,none"] == sum(said_yes) / len(said_yes)
+        assert "pope_yes_ratio,none" not in results["results"][task]
     for column, spec in PAPER_METRICS.items():
         if spec.source == "results":
             assert math.isfinite(paper_metric_value(column, results))

@@ -239,3 +239,23 @@ def test_mmbench_en_string_index_is_cast_to_int(fixture_data):
     assert docs["index"] == [int(i) for i in raw["index"]]
     cn = datasets.load_from_disk(str(fixture_data / "mmbench_cn"))["dev"]
     assert mmbench_docs(cn) is cn  # already int64
+
+
+def test_pope_reports_the_models_yes_ratio_not_the_answer_keys():
+    """lmms-eval's pope_yes_ratio counts the ground truth, so a model that answers "yes" to everything reads
+    0.5 on a balanced split; ours is LLaVA's (eval_pope.py L37), the share of the model's answers."""
+    from lmms_eval.tasks.pope.utils import pope_aggregate_yes_ratio
+
+    from globalcom2.lmms.preflight import task_yaml
+    from globalcom2.lmms.task_utils import pope_answer_yes_ratio, pope_process_results
+    from globalcom2.paths import PROJECT_ROOT
+
+    docs = [{"question_id": i, "answer": answer} for i, answer in enumerate(["yes", "no", "yes", "no"])]
+    scored = [pope_process_results(doc, ["Yes"]) for doc in docs]
+    assert pope_aggregate_yes_ratio([s["pope_answer_yes_ratio"] for s in scored]) == 0.5  # the key's
+    assert pope_answer_yes_ratio([s["pope_answer_yes_ratio"] for s in scored]) == 1.0  # the model's
+    assert pope_answer_yes_ratio([pope_process_results(docs[0], ["no"])["pope_answer_yes_ratio"]]) == 0.0
+    for split in ("adv", "pop", "random"):  # every split's metric list names what its scoring returns
+        config = task_yaml(str(PROJECT_ROOT / "tasks" / "pope" / f"pope_{split}_local.yaml"))
+        assert [m["metric"] for m in config["metric_list"]] == list(scored[0])
+        assert "pope_yes_ratio" not in scored[0]

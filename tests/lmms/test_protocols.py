@@ -89,6 +89,17 @@ def test_mmbench_stops_at_the_first_absent_option_and_skips_an_absent_hint():
     rule = task_protocol("llava", "mmbench_en_dev_static_local")
     doc = {"question": "Q?", "hint": "nan", "A": "x", "B": "y", "C": float("nan"), "D": "z"}
     assert rule.question(doc, "ignored") == f"Q?\nA. x\nB. y\n{LETTER}"
+    # an empty cell is NaN where LLaVA reads the TSV (pd.read_table), so it ends the options there too
+    doc = {"question": "Q?", "hint": "", "A": "x", "B": "y", "C": "", "D": ""}
+    assert rule.question(doc, "ignored") == f"Q?\nA. x\nB. y\n{LETTER}"
+
+
+def test_scienceqa_hint_is_stripped_as_llavas_question_file_was_built():
+    rule = task_protocol("llava", "scienceqa_img_local")
+    doc = {"question": "Q?", "hint": "  ", "choices": ["a", "b"]}
+    assert rule.question(doc, "ignored") == f"Q?\nA. a\nB. b\n{LETTER}"
+    doc = {**doc, "hint": " Moles dig.\n"}
+    assert rule.question(doc, "ignored") == f"Context: Moles dig.\nQ?\nA. a\nB. b\n{LETTER}"
 
 
 def test_the_lmms_eval_protocol_keeps_the_task_defaults(fixture_data):

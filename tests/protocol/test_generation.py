@@ -59,6 +59,25 @@ def test_unknown_keys_raise_and_llava_only_keys_are_ignored():
         settings(do_sample=True, temperature=0.0)  # transformers would refuse it at the first generate
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"temperature": 0.7, "top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": 0.7, "top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": -0.1}, r"top_p must be in \(0, 1\]"),
+        ({"until": ["\n", ""]}, "empty stop string"),
+    ],
+)
+def test_settings_that_would_decode_otherwise_than_written_are_refused(kwargs, message):
+    """A negative temperature decoded greedily, an empty stop string was dropped, and a top_p above 1 failed
+    only inside generate: each is refused up front, naming the value."""
+    with pytest.raises(ValueError, match=message):
+        settings(**kwargs)
+    assert settings(temperature=0, top_p=0).do_sample is False  # 17 lmms-eval YAMLs write greedy this way
+
+
 def test_requests_with_equal_settings_share_a_key():
     assert settings(until=["\n"], temperature=0).key() == settings(until=["\n"], do_sample=False).key()
     assert settings(until=["\n"]).key() != settings(until=["\n\n"]).key()
