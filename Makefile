@@ -229,7 +229,7 @@ R ?= 0.25
 PRETRAINED ?= tiny-trained
 visualize: install  ## kept tokens of GlobalCom² vs random vs FastV: make visualize [IMAGE=path] [R=0.25] [PRETRAINED=tiny-trained]
 	$(PY) -m globalcom2.report.visualize --ratio $(R) --pretrained "$(PRETRAINED)" \
-		$(if $(IMAGE),--image "$(IMAGE)" --out $(RESULTS)/visualize/kept_tokens_r$(R),--demo-index $(DEMO_INDEX) --out $(RESULTS)/visualize/demo_test_$(DEMO_INDEX))
+		$(if $(IMAGE),--image "$(IMAGE)",--demo-index $(DEMO_INDEX)) --out "$(RESULTS)/visualize/$(if $(IMAGE),$(basename $(notdir $(IMAGE))),demo_test_$(DEMO_INDEX))_$(notdir $(patsubst %/,%,$(PRETRAINED)))_r$(R)"
 
 # Trains the demo's tiny LLaVA-NeXT into globalcom2/models/checkpoints/tiny-trained, which is committed:
 # `make demo` does not need this. Stage 1 (the vision tower, 455 s of training on 2 CPU cores) is reused from

@@ -57,6 +57,12 @@ RATIOS: dict[str, tuple[str, bool]] = {
 }
 
 
+#: What a row's ratios hold equal: it is divided by the vanilla row of the same compile mode, attention
+#: implementation, hardware and dtype (the last two only in cell records: a benchmark runs on one of each), so a
+#: CPU vanilla never makes a GPU row's speed-up.
+SAME_KIND = ("compile", "attn_implementation", "hardware", "dtype")
+
+
 def preferred_vanilla(labels: Iterable[str]) -> str | None:
     """Which of several vanilla variants (method labels whose registry name is ``vanilla``: an ablation's
     ``vanilla_eager`` beside ``vanilla``) every table, ratio and agreement compares with: the one labelled
@@ -82,8 +88,9 @@ def efficiency_display(frame: pd.DataFrame) -> pd.DataFrame:
 
     Args:
         frame: one row per variant with ``method`` (display name), ``method_name`` (registry name),
-            ``retention_ratio`` and any keys of :data:`MEASURED`. Rows that differ in ``compile`` or
-            ``attn_implementation`` are compared with the vanilla row of their own kind.
+            ``retention_ratio`` and any keys of :data:`MEASURED`. Rows that differ in any of
+            :data:`SAME_KIND` present are compared with the vanilla row of their own kind (and a row whose kind
+            has no vanilla gets no ratios).
     """
     display = frame[["method", "retention_ratio"]].rename(columns={"retention_ratio": "R"}).copy()
     for key, label in MEASURED.items():
@@ -91,7 +98,7 @@ def efficiency_display(frame: pd.DataFrame) -> pd.DataFrame:
             display[label] = frame[key]
     if "roofline_floor_ms" in frame and "prefill_ms" in frame:
         display["prefill / floor"] = frame["prefill_ms"] / frame["roofline_floor_ms"]
-    kinds = [k for k in ("compile", "attn_implementation") if k in frame]
+    kinds = [k for k in SAME_KIND if k in frame]
     groups = frame.groupby(kinds, dropna=False, sort=False) if kinds else [((), frame)]
     for label, (key, inverse) in RATIOS.items():
         if key not in frame:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from globalcom2.report import plots, tables
@@ -38,8 +39,13 @@ def mixed_settings(rows: pd.DataFrame) -> list[str]:
 
 
 def experiment_tables(frame: pd.DataFrame, experiment: str) -> list[tables.Table]:
-    """The tables an experiment's rows support (Table 1 per model, per-benchmark, efficiency, vs paper)."""
-    rows = frame[frame["experiment"] == experiment]
+    """The tables an experiment's rows support (Table 1 per model, per-benchmark, efficiency, vs paper), each
+    with a note per setting in which its experiment's cells differ and on the code versions they ran.
+
+    Raises:
+        ValueError: ``experiment`` has no rows in ``frame`` (the valid ones listed).
+    """
+    rows = _experiment_rows(frame, experiment)
     out = []
     for model in sorted(set(rows["model"])):
         if not rows[(rows["model"] == model) & (rows["kind"] == "paper")].empty:
@@ -52,15 +58,44 @@ def experiment_tables(frame: pd.DataFrame, experiment: str) -> list[tables.Table
         out.append(tables.benchmark_table(rows, experiment, benchmark))
     if paper_benchmarks:
         out.append(tables.paper_vs_ours(rows))
+    settings = [f"Cells run differently: {problem}." for problem in mixed_settings(rows)] + code_versions(
+        rows
+    )
+    for table in out:
+        table.notes += settings
     return out
+
+
+def code_versions(rows: pd.DataFrame) -> list[str]:
+    """A note where the cells ran from several commits or from an edited checkout: a commit that changes
+    nothing a cell computes keeps its identity (``globalcom2.cells.IDENTITY_VERSION``), so a table can
+    rightly mix commits, and says which."""
+    cells = rows.drop_duplicates("cell_dir")
+    notes = []
+    if "git_sha" in cells:
+        shas = cells["git_sha"].map(setting_text).value_counts().sort_index()
+        if len(shas) > 1:
+            listing = ", ".join(f"{sha[:12]} ({count} cells)" for sha, count in shas.items())
+            notes.append(f"Cells ran from {len(shas)} commits: {listing}.")
+    if "git_dirty" in cells:
+        dirty = sum(1 for value in cells["git_dirty"] if isinstance(value, bool | np.bool_) and value)
+        if dirty:
+            notes.append(f"{dirty} of {len(cells)} cells ran from a checkout with uncommitted changes.")
+    return notes
+
+
+def _experiment_rows(frame: pd.DataFrame, experiment: str) -> pd.DataFrame:
+    rows = frame[frame["experiment"] == experiment]
+    if rows.empty:
+        have = ", ".join(sorted(set(frame["experiment"].astype(str)))) or "(none)"
+        raise ValueError(f"no finished cells for experiment {experiment!r}; experiments with some: {have}")
+    return rows
 
 
 def build_report(frame: pd.DataFrame, experiment: str, out_dir: str | Path) -> Report:
     """Tidy table, tables and plots of ``experiment`` under ``out_dir`` (``tables/``, ``plots/``)."""
     out_dir = Path(out_dir)
-    rows = frame[frame["experiment"] == experiment]
-    if rows.empty:
-        raise ValueError(f"no finished cells for experiment {experiment!r}")
+    rows = _experiment_rows(frame, experiment)
     for problem in mixed_settings(rows):
         warnings.warn(
             f"experiment {experiment!r}, {problem}; its tables compare cells run differently (re-run them "

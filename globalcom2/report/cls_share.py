@@ -95,7 +95,8 @@ def measure(model: Any, processor: Any, pretrained: str, items: int) -> ClsShare
 
 
 def check_checkpoints(names: Sequence[str]) -> None:
-    """Raise ``FileNotFoundError`` for the first checkpoint that is missing, before any model loads.
+    """Raise ``FileNotFoundError`` for the first checkpoint that is missing (``ValueError``, e.g.
+    ``UnsupportedModelError``, for one that is no LLaVA-NeXT AnyRes), before any model loads.
 
     ``tiny-trained`` before it is committed, or a mistyped folder, would otherwise fail after minutes of
     measuring the models listed before it.
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--items must be in [1, {DEFAULT_SIZE[SPLIT]}], got {args.items}")
     try:
         check_checkpoints(args.pretrained)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # ValueError: not LLaVA-NeXT AnyRes, or not a name at all
         raise SystemExit(f"cls-share: {err}") from None
     results = []
     for name in args.pretrained:

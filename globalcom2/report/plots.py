@@ -195,7 +195,10 @@ def legend_below(figure: plt.Figure, axes: np.ndarray, bottom: float) -> None:
 def score_vs_ratio(frame: pd.DataFrame, out_dir: str | Path, name: str = "score_vs_ratio") -> list[Path]:
     items = panels(frame)
     if not items:
-        raise ValueError("no scores to plot")
+        experiments = (
+            ", ".join(sorted(set(frame["experiment"].astype(str)))) if "experiment" in frame else "?"
+        )
+        raise ValueError(f"no scores to plot for experiment {experiments}: no cell recorded a numeric score")
     with style():
         figure, axes = panel_grid(len(items), 3.2, 2.6)
         for ax, (title, rows) in zip(axes.flat, items, strict=False):

@@ -24,7 +24,7 @@ import pandas as pd
 
 from globalcom2.atomic import atomic_write_text
 from globalcom2.data.benchmarks import PAPER_METRICS
-from globalcom2.efficiency.table import efficiency_display, vanilla_row
+from globalcom2.efficiency.table import SAME_KIND, efficiency_display, vanilla_row
 from globalcom2.methods import METHODS
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.provenance import CPU_LABEL
@@ -283,6 +283,14 @@ def _pending_columns(rows: pd.DataFrame, wide: pd.DataFrame) -> list[str]:
     return notes
 
 
+def _check_choice(frame: pd.DataFrame, column: str, value: str, where: str = "the results") -> None:
+    """``ValueError`` naming ``value`` and the valid ones where ``frame``'s ``column`` never holds it: a typo
+    (``llava_next_7B``) would otherwise give an empty table, or one whose note advises running vanilla."""
+    have = sorted(set(frame[column].dropna().astype(str))) if column in frame else []
+    if value not in have:
+        raise ValueError(f"no {column} {value!r} in {where}; valid: {', '.join(have) or '(none)'}")
+
+
 def table1(
     frame: pd.DataFrame, model: str, experiment: str | None = None, vanilla_pool: pd.DataFrame | None = None
 ) -> Table:
@@ -293,7 +301,18 @@ def table1(
         model: the model folder name (``llava_next_7b``).
         experiment: restrict rows to one experiment.
         vanilla_pool: where to look for the vanilla row if the rows have none (ablations reuse Table 1's).
+
+    Raises:
+        ValueError: ``experiment`` or ``model`` names none of ``frame``'s, listing those it has.
     """
+    if experiment:
+        _check_choice(frame, "experiment", experiment)
+    _check_choice(
+        frame[frame["experiment"] == experiment] if experiment else frame,
+        "model",
+        model,
+        f"experiment {experiment!r}" if experiment else "the results",
+    )
     rows = frame[(frame["model"] == model) & ((frame["experiment"] == experiment) if experiment else True)]
     columns = [c for c in PAPER_METRICS if c in set(rows.loc[rows["kind"] == "paper", "metric"])]
     wide = _wide(rows, "paper", columns)
@@ -419,7 +438,15 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
     and costs.
 
     A benchmark of several lmms-eval tasks names each score ``<task>: <metric>``: two tasks' ``exact_match``
-    are two columns, never one."""
+    are two columns, never one.
+
+    Raises:
+        ValueError: ``experiment`` or ``benchmark`` names none of ``frame``'s, listing those it has.
+    """
+    _check_choice(frame, "experiment", experiment)
+    _check_choice(
+        frame[frame["experiment"] == experiment], "benchmark", benchmark, f"experiment {experiment!r}"
+    )
     rows = frame[(frame["experiment"] == experiment) & (frame["benchmark"] == benchmark)]
     score_rows = rows[rows["kind"] == "score"]
     if score_rows["task"].nunique() > 1:
@@ -479,8 +506,18 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
 
 def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark: str) -> Table:
     """GlobalCom² Tables 8/9 layout, stage-resolved: cost per method and ratio on one benchmark (its images and
-    prompts set every cost), ratios to the vanilla row of the same compile mode and attention implementation
-    (:func:`globalcom2.efficiency.table.efficiency_display`, shared with ``make bench-efficiency``)."""
+    prompts set every cost), ratios to the vanilla row of the same compile mode, attention implementation,
+    hardware and dtype (:func:`globalcom2.efficiency.table.efficiency_display`, shared with
+    ``make bench-efficiency``).
+
+    Raises:
+        ValueError: ``experiment``, ``model`` or ``benchmark`` names none of ``frame``'s, listing those it has.
+    """
+    _check_choice(frame, "experiment", experiment)
+    _check_choice(frame[frame["experiment"] == experiment], "model", model, f"experiment {experiment!r}")
+    _check_choice(
+        frame[frame["experiment"] == experiment], "benchmark", benchmark, f"experiment {experiment!r}"
+    )
     rows = frame[
         (frame["experiment"] == experiment) & (frame["model"] == model) & (frame["benchmark"] == benchmark)
     ]
@@ -488,11 +525,14 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark
         f"efficiency_{model}_{benchmark}",
         f"Efficiency (Tables 8/9 layout), {model} on {benchmark}",
     )
-    wide = _wide(rows, "efficiency", keys=(*ROW_KEYS, "compile", "attn_implementation"))
+    wide = _wide(rows, "efficiency", keys=(*ROW_KEYS, *SAME_KIND))
     if wide.empty:
         return Table(name, wide, f"{caption} ({experiment})", ["No efficiency records."])
     wide = _order(wide)
     display = efficiency_display(wide)
+    for position, setting in enumerate(("hardware", "dtype"), start=2):  # after method and R, where they vary
+        if wide[setting].nunique(dropna=False) > 1:
+            display.insert(position, setting, wide[setting])
     hardware = ", ".join(sorted(set(rows["hardware"].dropna())))
     batch_sizes = sorted(set(rows["batch_size"].dropna().astype(int))) if "batch_size" in rows else []
     notes = [
@@ -506,8 +546,16 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark
         "8/9). TFLOPs (full): every token entering each decoder layer, plus method overhead, mean per sample.",
     ]
     if "peak_memory_gib" not in wide or wide["peak_memory_gib"].isna().all():
-        display["peak allocated (GiB)"] = "n/a (CPU)"
-        notes.append("Peak memory: unavailable on CPU (torch tracks no CPU allocator peak); not zero.")
+        on_cpu = wide["hardware"].astype(str).str.startswith(CPU_LABEL)
+        if on_cpu.all():
+            display["peak allocated (GiB)"] = "n/a (CPU)"
+            notes.append("Peak memory: unavailable on CPU (torch tracks no CPU allocator peak); not zero.")
+        else:  # a GPU record without it is an old or unprofiled one, not a CPU
+            display["peak allocated (GiB)"] = ["n/a (CPU)" if cpu else "n/a (not recorded)" for cpu in on_cpu]
+            notes.append(
+                "Peak memory: n/a (CPU) where torch tracks no allocator peak; n/a (not recorded) where a GPU "
+                "cell's record holds none (profile=false, or a record from before it was measured)."
+            )
     if rows["hardware"].dropna().str.startswith(CPU_LABEL).all():
         notes.append(
             "CPU timings of cells run one after another drift with the machine's load; for speed-ups on CPU use "
@@ -519,8 +567,8 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark
         orphans = display.loc[display["prefill speed-up (x)"].isna(), ["method", "R"]]
         listing = ", ".join(f"{m} at R = {r}" for m, r in orphans.itertuples(index=False))
         notes.append(
-            f"No speed-ups for {listing}: no vanilla row of the same compile mode and attention implementation "
-            "(run vanilla with those settings)."
+            f"No speed-ups for {listing}: no vanilla row of the same compile mode, attention implementation, "
+            "hardware and dtype (run vanilla with those settings)."
         )
     if set(rows["random_init"]) == {True}:
         notes.append("Random-initialised weights: costs are real, scores are not.")

@@ -168,9 +168,12 @@ def visualize(
     return draw(image, selections, layout, ratio, Path(out))
 
 
-def default_out(image: Path | None, demo_index: int, ratio: float) -> Path:
-    """``results/visualize/demo_test_<index>`` for a demo item, ``kept_tokens_r<R>`` for an image file."""
-    return OUT_DIR / (f"kept_tokens_r{ratio}" if image is not None else f"demo_test_{demo_index}")
+def default_out(image: Path | None, demo_index: int, ratio: float, pretrained: str) -> Path:
+    """``results/visualize/<item>_<model>_r<R>``: the item (``demo_test_<index>`` or the image file's stem),
+    the model (a folder's name) and the ratio, so that a figure of another ratio, model or image never
+    overwrites this one."""
+    item = image.stem if image is not None else f"demo_test_{demo_index}"
+    return OUT_DIR / f"{item}_{Path(pretrained.rstrip('/')).name}_r{ratio}"
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix")
     args = parser.parse_args(argv)
-    out = args.out or default_out(args.image, args.demo_index, args.ratio)
+    out = args.out or default_out(args.image, args.demo_index, args.ratio, args.pretrained)
     if args.image is not None:
         if not args.image.is_file():
             raise SystemExit(f"no image at {args.image}")

@@ -74,6 +74,12 @@ def test_a_missing_checkpoint_fails_before_any_model_loads(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=r"cls-share: .*no such checkpoint folder"):
         cls_share.main(["--pretrained", "tiny", str(tmp_path / "nope"), "--out", str(tmp_path / "out.json")])
     assert not loaded and not (tmp_path / "out.json").exists()
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(SystemExit, match=r"cls-share: .*bert"):  # one line, not a traceback
+        cls_share.main(["--pretrained", str(other), "--out", str(tmp_path / "out.json")])
+    assert not loaded
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

@@ -1154,3 +1154,80 @@ def test_a_plot_shows_the_cell_its_table_shows(tmp_path):
     with pytest.warns(UserWarning, match="more than one cell"):
         table = table1(frame, "llava_next_7b").frame.set_index("method")
     assert table["MME (perception)"].to_dict() == {"vanilla": 1400.0, "globalcom2": 1300.0}
+
+
+def test_a_speed_up_never_divides_a_gpu_row_by_a_cpu_vanilla_and_the_tables_say_how_cells_differ(tmp_path):
+    """The vanilla ran on the CPU and GlobalCom² on a GPU from another commit: no speed-up is computed across
+    them, the table shows each row's hardware, and every table of the experiment notes the differences."""
+    root = tmp_path / "results"
+    cpu = {"machine": "x86_64", "cpu_count": 2}
+
+    def on(hardware, device, sha):
+        def edit(record):
+            record["provenance"].update(hardware=hardware, git={"sha": sha, "dirty": sha == "def"})
+            record["run"] = {"device": device}
+            record["efficiency"].pop("peak_memory_gib")  # a GPU record without the peak: not a CPU
+
+        return edit
+
+    _edit_record(write_cell(root, "vanilla", 1.0, {"GQA": 60.0}), on(cpu, "cpu", "abc"))
+    _edit_record(
+        write_cell(root, "globalcom2", 0.25, {"GQA": 54.0}), on({**cpu, "gpu": "NVIDIA H100"}, "cuda", "def")
+    )
+    with pytest.warns(UserWarning, match="hardware differs"):
+        report = build_report(tidy_results(root), "t1", tmp_path / "out")
+    (efficiency,) = [t for t in report.tables if t.name.startswith("efficiency")]
+    rows = efficiency.frame.set_index("method")
+    assert rows.loc["globalcom2", "hardware"] == "NVIDIA H100" and rows.loc["vanilla", "hardware"].startswith(
+        "CPU"
+    )
+    assert (
+        pd.isna(rows.loc["globalcom2", "prefill speed-up (x)"])
+        and rows.loc["vanilla", "prefill speed-up (x)"] == 1
+    )
+    assert rows["peak allocated (GiB)"].to_dict() == {
+        "vanilla": "n/a (CPU)",
+        "globalcom2": "n/a (not recorded)",
+    }
+    for table in report.tables:
+        assert any(
+            n.startswith("Cells run differently: llava_next_7b: hardware differs") for n in table.notes
+        )
+        assert "Cells ran from 2 commits: abc (1 cells), def (1 cells)." in table.notes
+        assert "1 of 2 cells ran from a checkout with uncommitted changes." in table.notes
+
+
+def test_a_misspelt_model_benchmark_or_experiment_is_refused_naming_the_valid_ones(tree, tmp_path):
+    """A typo gave an empty table whose note advised running vanilla."""
+    from globalcom2.report.build import experiment_tables
+
+    frame = tidy_results(tree)
+    with pytest.raises(ValueError, match=r"no model 'llava_next_7B' in the results; valid: llava_next_7b"):
+        table1(frame, "llava_next_7B")
+    with pytest.raises(ValueError, match=r"no benchmark 'gqa' in experiment 't1'; valid: paper_suite"):
+        benchmark_table(frame, "t1", "gqa")
+    with pytest.raises(ValueError, match=r"no benchmark 'mme' in experiment 't1'; valid: paper_suite"):
+        tables.efficiency_table(frame, "t1", "llava_next_7b", "mme")
+    with pytest.raises(ValueError, match=r"no finished cells for experiment 'T1'; experiments with some: t1"):
+        build_report(frame, "T1", tmp_path / "out")
+    with pytest.raises(ValueError, match="experiments with some: t1"):
+        experiment_tables(frame, "T1")
+
+
+def test_large_numbers_are_never_in_scientific_notation_and_table1_prints_one_decimal(tree):
+    frame = pd.DataFrame({"method": ["a"], "prefill ms": [123456.7], "GQA": [61.25]})
+    table = tables.Table("t", frame, "c", formats={"GQA": ".1f"})
+    assert "123457" in table.markdown() and "e+" not in table.markdown() + table.latex()
+    assert "61.2" in table.markdown() and "61.25" not in table.latex()
+    shown = table1(tidy_results(tree), "llava_next_7b")
+    row = next(line for line in shown.markdown().splitlines() if line.startswith("| globalcom2"))
+    assert [cell.strip() for cell in row.split("|")[3:6]] == ["54.0", "1200.0", "85.0"]  # (90 + 80) / 2
+
+
+def test_a_partial_average_says_how_many_columns_it_covers_in_every_output(tree, tmp_path):
+    table = table1(tidy_results(tree), "llava_next_7b")
+    covered = table.frame.set_index("method")[tables.AVERAGED]
+    assert covered.to_dict() == {"vanilla": "2 of 2", "globalcom2": "2 of 2", "fastv": "1 of 2"}
+    table.write(tmp_path)
+    assert "1 of 2" in (tmp_path / f"{table.name}.csv").read_text()
+    assert "1 of 2" in (tmp_path / f"{table.name}.tex").read_text()

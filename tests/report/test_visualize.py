@@ -32,9 +32,9 @@ def test_without_an_image_the_cli_draws_the_demo_item_with_the_trained_model(mon
     visualize.main(["--image", __file__, "--ratio", "0.5", "--pretrained", "tiny"])  # any existing file
     (image, ratio, out, pretrained, question), from_file = calls
     assert isinstance(image, Image.Image) and (ratio, pretrained) == (0.25, "tiny-trained")
-    assert out == Path(f"results/visualize/demo_test_{visualize.DEMO_INDEX}")
+    assert out == Path(f"results/visualize/demo_test_{visualize.DEMO_INDEX}_tiny-trained_r0.25")
     assert question.startswith("What color is the")
-    assert from_file[1:4] == (0.5, Path("results/visualize/kept_tokens_r0.5"), "tiny")
+    assert from_file[1:4] == (0.5, Path(f"results/visualize/{Path(__file__).stem}_tiny_r0.5"), "tiny")
     assert from_file[4] == visualize.GENERIC_QUESTION
 
 
@@ -59,8 +59,8 @@ def test_make_visualize_defaults_to_the_demo_item_and_the_trained_model(tmp_path
 
     default = dry_run()
     assert '--pretrained "tiny-trained"' in default
-    assert f"--demo-index 9 --out {tmp_path}/visualize/demo_test_9" in default
+    assert f'--demo-index 9 --out "{tmp_path}/visualize/demo_test_9_tiny-trained_r0.25"' in default
     assert "--image" not in default
     given = dry_run("IMAGE=x.png", "PRETRAINED=tiny")
-    assert f'--image "x.png" --out {tmp_path}/visualize/kept_tokens_r0.25' in given
+    assert f'--image "x.png" --out "{tmp_path}/visualize/x_tiny_r0.25"' in given
     assert '--pretrained "tiny"' in given and "--demo-index" not in given
