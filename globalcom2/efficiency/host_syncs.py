@@ -13,7 +13,10 @@ budget (``tests/efficiency/test_host_syncs.py``).
 It is a :class:`torch.overrides.TorchFunctionMode`: it sees the torch functions and tensor methods called from
 Python (all of transformers and of this package), not the ones C++ code calls internally, so it is a lower
 bound of what the CUDA driver sees. Calls nested inside a counted call are not counted again (the mode is off
-while its own handler runs).
+while its own handler runs). It does not see ``torch.cuda.synchronize`` and ``Event``/``Stream.synchronize``
+(not torch functions; the hot paths call none, and the GPU tests' ``set_sync_debug_mode`` would see them), nor
+``x.to(other.device)`` from pageable memory (on a CPU run the target is the host itself); both are blind spots
+of a CPU count.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ ALWAYS_SYNC: dict[Callable[..., Any], str] = {
     torch.Tensor.__index__: "index",
     torch.Tensor.__contains__: "contains",  # ``x in t``: an any() read back on the host
     torch.Tensor.__format__: "format",  # an f-string of a tensor reads its values
+    torch.Tensor.__repr__: "format",  # so do repr(t), str(t) and a %-format
+    torch.Tensor.__str__: "format",
     torch.Tensor.cpu: "cpu",
     torch.nonzero: "nonzero",
     torch.Tensor.nonzero: "nonzero",
@@ -56,6 +61,20 @@ ALWAYS_SYNC: dict[Callable[..., Any], str] = {
     torch.Tensor.allclose: "allclose",
 }
 
+
+#: Calls that take sizes, counts, offsets or fill values as numbers: a 0-dim tensor in their place is read on
+#: the host by the C++ argument parser (``torch.arange(n)`` with ``n`` a tensor, ``x.topk(k)``,
+#: ``x.narrow(0, start, length)``), where no Python ``__index__`` call shows it.
+NUMBER_ARGUMENTS = frozenset(
+    {
+        *(torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.eye, torch.randperm),
+        *(torch.linspace, torch.narrow, torch.Tensor.narrow, torch.topk, torch.Tensor.topk),
+        *(torch.kthvalue, torch.Tensor.kthvalue, torch.reshape, torch.Tensor.reshape, torch.Tensor.view),
+        *(torch.Tensor.expand, torch.Tensor.repeat, torch.split, torch.Tensor.split, torch.roll),
+        *(torch.Tensor.roll, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty),
+        torch.Tensor.new_full,
+    }
+)
 
 _NO_VALUE = object()
 
@@ -125,6 +144,17 @@ def _host_data_to_device(args: tuple, kwargs: dict) -> bool:
     return not (isinstance(data, (list, tuple)) and len(data) == 0)  # an empty copy moves nothing
 
 
+def _scalar_tensor_argument(func: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+    """Whether a call of :data:`NUMBER_ARGUMENTS` passes a 0-dim tensor as a number (a size may also come as
+    a tuple of them); the tensor it acts on (``self``, or ``input`` of ``torch.narrow``/``topk``/...) is not
+    such an argument."""
+    acts_on_tensor = func not in (torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.eye)
+    acts_on_tensor = acts_on_tensor and func not in (torch.randperm, torch.linspace)
+    numbers_given = [*(args[1:] if acts_on_tensor else args), *kwargs.values()]
+    flat = [x for value in numbers_given for x in (value if isinstance(value, tuple | list) else (value,))]
+    return any(isinstance(value, torch.Tensor) and value.dim() == 0 for value in flat)
+
+
 def sync_kind(func: Callable[..., Any], args: tuple, kwargs: dict) -> str | None:
     """The name under which ``func(*args, **kwargs)`` is counted, or ``None`` when it needs no host read."""
     kind = ALWAYS_SYNC.get(func)
@@ -140,6 +170,11 @@ def sync_kind(func: Callable[..., Any], args: tuple, kwargs: dict) -> str | None
         if isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None:
             return "repeat_interleave"
         return None
+    if func in NUMBER_ARGUMENTS and _scalar_tensor_argument(func, args, kwargs):
+        return "scalar_argument"
+    if func is torch.nn.functional.one_hot:
+        classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
+        return "one_hot" if classes == -1 else None  # without num_classes the width is max(input) + 1
     if func in (torch.bincount, torch.Tensor.bincount):
         return "bincount"  # the output size is max(input) + 1, read on the host even with minlength
     if func in (torch.where, torch.Tensor.where) and len(args) + len(kwargs) == 1:

@@ -131,6 +131,13 @@ class GenerateProfiler:
     def __init__(self, model: torch.nn.Module, device: torch.device | str) -> None:
         self.model = model
         self.device = torch.device(device)
+        weights = next(model.parameters(), None)
+        if weights is not None and weights.device.type != self.device.type:
+            # a CUDA model timed with device="cpu" would read the host's launch time as the GPU's
+            raise ValueError(
+                f"the profiler's device {self.device} is not where the model runs ({weights.device}): pass the "
+                "model's device, which decides the clock"
+            )
 
     @property
     def is_cuda(self) -> bool:

@@ -113,9 +113,17 @@ def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
         torch.repeat_interleave(x[:3], torch.tensor(2))  # one repeat count, broadcast: still read on the host
         _ = 3 in x  # ``in`` reads an any() back
         _ = f"{x.sum():.2f}"  # formatting reads the value
+        _ = repr(x[:2]), str(x[:2])  # so do repr and str
+        torch.arange(x[3])  # a 0-dim tensor where a number goes is read by the argument parser
+        x.topk(x[2])
+        x.narrow(0, 0, x[2])
+        torch.zeros((2, x[2]))
+        torch.nn.functional.one_hot(x)  # its width is max(x) + 1
     assert syncs.by_kind == {
         "contains": 1,
-        "format": 1,
+        "format": 3,
+        "scalar_argument": 4,
+        "one_hot": 1,
         "item": 1,
         "tolist": 1,
         "bool": 1,
@@ -137,6 +145,10 @@ def test_the_counter_flags_the_calls_that_wait_for_a_device_and_no_others():
         grid[1] = 5  # a row filled with a number
         grid[grid > 0] = 0  # a mask filled with a number: masked_fill_
         grid[:, x[:4] > 1] = 2
+        torch.nn.functional.one_hot(x, num_classes=10)
+        x.narrow(0, 0, 3)
+        x.view(2, 5)
+        torch.full((2,), 3.0)
     assert quiet.total == 0, dict(quiet.by_kind)
 
 

@@ -182,3 +182,12 @@ def test_a_call_that_compiles_is_flagged_and_a_cached_one_is_not():
         Steps()(torch.zeros(1), 0.0)
         model(torch.zeros(3))
     assert pending.result.compiled is False
+
+
+def test_the_profiler_refuses_a_device_the_model_is_not_on():
+    """The device picks the clock: a CUDA model profiled as "cpu" would time kernel launches, not kernels."""
+    on_meta = torch.nn.Linear(2, 2, device="meta")
+    with pytest.raises(ValueError, match=r"profiler's device cpu is not where the model runs \(meta\)"):
+        GenerateProfiler(on_meta, "cpu")
+    GenerateProfiler(torch.nn.Linear(2, 2), "cpu")  # the model's own device
+    GenerateProfiler(Steps(), "cpu")  # no weights: nothing to check against
