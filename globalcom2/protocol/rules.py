@@ -17,7 +17,10 @@
   * scoring is otherwise lmms-eval's, with two known deviations under both protocols: GQA's exact match
     also ignores punctuation inside an answer, where ``scripts/convert_gqa_for_eval.py`` (L14) only strips a
     trailing ``.`` and lower-cases; and lmms-lab's POPE random split holds 3,000 questions where LLaVA's
-    ``llava_pope_test.jsonl`` holds 2,910 (the 90 cannot be identified offline).
+    ``llava_pope_test.jsonl`` holds 2,910. The 90 are known: RUCAIBox/POPE's ``coco_pope_random.json`` at
+    e3e3926 holds LLaVA's 2,910, and edebdda ("Fix spelling errors") adds 90 questions, all answered "no"
+    (and fixes "imange" in 144). They stay in: telling them apart in lmms-lab's rows needs its image ids,
+    which could not be checked without the data.
 * ``lmms_eval`` keeps lmms-eval's own task defaults (its prompts, ``generation_kwargs`` and ``until``),
   for comparison with lmms-eval-based papers and leaderboards.
 
