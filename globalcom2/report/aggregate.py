@@ -40,6 +40,8 @@ from globalcom2.sample_records import RECORDS_FILE
 from globalcom2.store import CURRENT_FILE, PARTIAL_DIR, RECORD_FILE, Cell, LoadedCell, current_cell_id
 
 RECORDS = RECORDS_FILE
+#: The ``fidelity`` metric that counts the samples an agreement compared (not a percentage: never plotted).
+AGREEMENT_SAMPLES = "agreement_samples"
 CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/record.json
 
 CONFIG_COLUMNS = [
@@ -388,7 +390,7 @@ def tidy_results(root: str | Path) -> pd.DataFrame:
                             **config,
                             "kind": "fidelity",
                             "task": "",
-                            "metric": "agreement_samples",
+                            "metric": AGREEMENT_SAMPLES,
                             "value": compared,
                         }
                     )

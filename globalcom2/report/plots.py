@@ -24,6 +24,7 @@ import pandas as pd
 
 from globalcom2.atomic import atomic_write_bytes
 from globalcom2.data.benchmarks import PAPER_METRICS
+from globalcom2.report.aggregate import AGREEMENT_SAMPLES
 from globalcom2.report.tables import (
     AVG,
     COUNT_METRICS,
@@ -167,7 +168,8 @@ def panels(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                 rows.assign(value=displayed(metric, rows["value"])),
             )
         )
-    for (benchmark, metric), rows in frame[frame["kind"] == "fidelity"].groupby(["benchmark", "metric"]):
+    fidelity = frame[(frame["kind"] == "fidelity") & (frame["metric"] != AGREEMENT_SAMPLES)]  # a count
+    for (benchmark, metric), rows in fidelity.groupby(["benchmark", "metric"]):
         out.append((f"{benchmark}: {metric.replace('_', ' ')} (%)", rows))
     return out
 

@@ -668,6 +668,7 @@ def test_a_partial_average_is_drawn_hollow_on_the_pareto_plot(tree, tmp_path, mo
 def test_demo_agreement_with_vanilla_stays_in_score_vs_ratio(demo_tree):
     titles = [title for title, _ in plots.panels(tidy_results(demo_tree))]
     assert "demo: agreement with vanilla (%)" in titles and "demo: first token agreement (%)" in titles
+    assert not any("agreement samples" in title for title in titles)  # a count, not a percentage
     assert "globalcom2_demo: color_accuracy" in titles
 
 
