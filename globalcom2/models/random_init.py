@@ -48,10 +48,10 @@ VOCAB_SIZE = 32064  # llava-hf's vicuna checkpoints (32000 + <image> + padding t
 
 def size_from_name(pretrained: str) -> Size:
     """``"7b"`` or ``"13b"`` from a checkpoint name such as ``llava-hf/llava-v1.6-vicuna-13b-hf``."""
-    name = pretrained.lower()
-    # "vicuna" is required: llava-v1.6-mistral-7b-hf or Llama-2-7b-hf would otherwise build a Vicuna-7B and
-    # record it under the other model's name.
-    sizes = [size for size in VICUNA if f"vicuna-{size}" in name or f"vicuna_{size}" in name]
+    name = pretrained.lower().replace("_", "-")
+    # LLaVA-NeXT's Vicuna by name: llava-v1.6-mistral-7b-hf, Llama-2-7b-hf, lmsys/vicuna-7b-v1.5 (no vision)
+    # or llava-v1.5-vicuna-7b-lora would otherwise build LLaVA-NeXT-Vicuna-7B and record it under their name.
+    sizes = [size for size in VICUNA if f"llava-v1.6-vicuna-{size}" in name]
     if len(sizes) != 1:
         raise ValueError(
             f"random_init builds LLaVA-NeXT's Vicuna 7B or 13B, named as such, got {pretrained!r} "

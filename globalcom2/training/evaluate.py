@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=("test", "validation"), default="validation")
     parser.add_argument("--items", type=int, default=None, help="first N items of the split (default: all)")
     args = parser.parse_args(argv)
+    if args.items is not None and args.items < 1:  # 0 read as "all" for the test split
+        parser.error(f"--items must be >= 1 (or left out: the whole split), got {args.items}")
     torch.set_num_threads(2)
     if args.split == "test":
         result = evaluate_frozen_test(args.checkpoint, args.items or demo.DEFAULT_SIZE["test"])

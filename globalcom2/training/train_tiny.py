@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -73,6 +74,7 @@ from globalcom2.models.tiny_trained import CHECKPOINT_DIR, tiny_trained_config, 
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.prompts import VICUNA_V1_SYSTEM, vicuna_v1_prompt
 from globalcom2.provenance import git_state, hardware, package_versions
+from globalcom2.training import targets as targets_module
 from globalcom2.training.evaluate import accuracy_by_type, write_record
 from globalcom2.training.targets import (
     COLOR_NAMES,
@@ -545,11 +547,81 @@ def load_config(path: str | Path, overrides: list[str]) -> DictConfig:
     key, and so retrain it whole).
 
     Raises:
-        ValueError: an unknown key, named with the valid keys at its level.
+        ValueError: an unknown key, named with the valid keys at its level; or a value out of its range
+            (:data:`VALUE_RANGES`), named with the range, before minutes of training end in a division by zero.
     """
     cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
     _refuse_unknown_keys(cfg, OmegaConf.load(DEFAULT_CONFIG), "")
+    _refuse_bad_values(cfg)
     return cfg
+
+
+#: key -> (kind, lowest, highest, whether the lowest itself is allowed); ``None``: unbounded. A key absent from
+#: a config (an optional block) is not checked.
+VALUE_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
+    "seed": (int, 0, None, True),
+    "threads": (int, 1, None, True),
+    "data.train_items": (int, 1, None, True),
+    "data.validation_items": (int, 1, None, True),
+    "data.extra_questions": (int, 0, None, True),
+    "vision.images": (int, 1, None, True),
+    "vision.images_per_batch": (int, 1, None, True),
+    "vision.epochs": (int, 1, None, True),
+    "vision.lr": (float, 0, None, False),
+    "vision.warmup_steps": (int, 0, None, True),
+    "vision.background_weight": (float, 0, None, False),
+    **{
+        f"{stage}.{key}": spec
+        for stage in ("align", "sampled", "tune")
+        for key, spec in {
+            "steps": (int, 1, None, True),
+            "batch_size": (int, 1, None, True),
+            "lr": (float, 0, None, False),
+            "warmup_steps": (int, 0, None, True),
+        }.items()
+    },
+    "align.curriculum.keep_background_end": (float, 0, 1, True),
+    "sampled.keep_background": (float, 0, 1, False),  # 0 would keep no background at all, without a word
+    "report.every": (int, 1, None, True),
+    "report.progress_items": (int, 1, None, True),
+}
+
+
+def _refuse_bad_values(cfg: DictConfig) -> None:
+    """Every :data:`VALUE_RANGES` key present within its range, ``vision.shapes_per_image`` an increasing
+    ``[low, high]`` pair and ``align.curriculum.distractors_ramp`` a ``[start, end]`` with 0 <= start < end <= 1;
+    else ``ValueError`` naming the key, the value and what is valid."""
+    for key, (kind, low, high, low_allowed) in VALUE_RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        wrong_type = isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float))
+        below = low is not None and (value < low if low_allowed else value <= low)
+        if wrong_type or below or (high is not None and value > high):
+            bounds = f"{'>=' if low_allowed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ValueError(
+                f"{key}={value!r}: must be {'an integer' if kind is int else 'a number'} {bounds}"
+            )
+    for key, low_bound, strictly in (
+        ("vision.shapes_per_image", 1, False),
+        ("align.curriculum.distractors_ramp", 0, True),
+    ):
+        pair = OmegaConf.select(cfg, key, default=None)
+        if pair is None:
+            continue
+        values = list(pair) if not isinstance(pair, str | int | float) else [pair]
+        upper = 1 if strictly else None
+        ok = (
+            len(values) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+            and low_bound <= values[0] < values[1]
+            and (upper is None or values[1] <= upper)
+        )
+        if not ok:
+            valid = (
+                "[start, end] with 0 <= start < end <= 1" if strictly else "[low, high] with 1 <= low < high"
+            )
+            raise ValueError(f"{key}={values!r}: must be {valid}")
 
 
 #: Stage 1's losses, the keys ``vision.loss_weights`` may weight (the default config names only ``kind``).
@@ -650,11 +722,32 @@ def train(cfg: DictConfig) -> Path:
     return out
 
 
-def vision_stage_config(cfg: DictConfig) -> dict[str, Any]:
-    """What stage 1's result depends on: its own config (less ``checkpoint``), the seed and the threads."""
+def vision_stage_config(cfg: DictConfig, model_config: Any) -> dict[str, Any]:
+    """What stage 1's result depends on: its own config (less ``checkpoint``), the seed and the threads; and
+    what lies outside that config: the whole model's config (the training heads draw their initial weights
+    after the language model is built, so its widths and vocabulary move them), the demo generator
+    (``demo.generator_digest``: the crowded images), the source of this module and of ``targets`` (the
+    stage's code and its labels, e.g. ``MIN_COVERED_PIXELS``), and the torch and transformers releases. A
+    saved stage is reused only when all of it is equal; an edit anywhere in it trains the stage again (455 s
+    on the 2-core CPU), never serves a stale tower."""
     vision = OmegaConf.to_container(cfg.vision)
     vision.pop("checkpoint", None)
-    return {"seed": int(cfg.seed), "threads": int(cfg.threads), "vision": vision}
+    sources = hashlib.sha256()
+    for path in (Path(__file__), Path(targets_module.__file__)):
+        sources.update(path.read_bytes())
+    model = json.dumps(model_config.to_dict(), sort_keys=True, default=str).encode()
+    return {
+        "seed": int(cfg.seed),
+        "threads": int(cfg.threads),
+        "vision": vision,
+        "depends_on": {
+            "model_config": hashlib.sha256(model).hexdigest()[:16],
+            "demo_generator": demo.generator_digest(),
+            "code": sources.hexdigest()[:16],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
 
 
 def vision_stage_folder(where: str | None) -> Path | None:
@@ -674,8 +767,9 @@ def vision_stage(model, image_processor, cfg: DictConfig) -> dict[str, Any]:
     (``--pretrain_mm_mlp_adapter``, haotian-liu/LLaVA ``scripts/v1_5/finetune.sh``): the frozen tower's
     weights and the stage's record, in ``vision.checkpoint`` (default
     ``globalcom2/models/checkpoints/tiny-trained-vision``, committed). ``vision.checkpoint=none`` trains
-    it again; the tower's initial weights and the stage's random draws (generator ``seed``, the first
-    consumer, as it always was) do not depend on the later stages, so it trains the same tower. The
+    it again. The saved stage is reused only under an equal :func:`vision_stage_config`, which names what the
+    stage depends on beyond its own settings (the training heads' initial weights, drawn after the whole
+    model is built, depend on the language model's widths and vocabulary). The
     committed stage is rewritten only by a run that writes the committed checkpoint (``out: null``); an
     explicit ``vision.checkpoint`` folder is always written.
     """
@@ -683,7 +777,7 @@ def vision_stage(model, image_processor, cfg: DictConfig) -> dict[str, Any]:
     where = cfg.vision.checkpoint
     committed = where in (None, "default")
     folder = vision_stage_folder(where)
-    wanted = vision_stage_config(cfg)
+    wanted = vision_stage_config(cfg, model.config)
     if folder is not None and (folder / VISION_STAGE_RECORD).is_file():
         saved = json.loads((folder / VISION_STAGE_RECORD).read_text())
         if saved["stage_config"] == wanted:

@@ -89,7 +89,16 @@ def test_random_init_builds_the_vicuna_it_is_named_for(name, size):
     assert size_from_name(name) == size
 
 
-@pytest.mark.parametrize("name", ["llava-hf/llava-v1.6-mistral-7b-hf", "meta-llama/Llama-2-13b-hf", "vicuna"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llava-hf/llava-v1.6-mistral-7b-hf",
+        "meta-llama/Llama-2-13b-hf",
+        "vicuna",
+        "lmsys/vicuna-7b-v1.5",  # the language model alone
+        "liuhaotian/llava-v1.5-vicuna-7b-lora",  # LLaVA 1.5, no AnyRes
+    ],
+)
 def test_random_init_refuses_a_name_that_is_not_vicuna_7b_or_13b(name):
     with pytest.raises(ValueError, match=r"Vicuna 7B or 13B.*valid: llava-hf/llava-v1.6-vicuna-7b-hf"):
         size_from_name(name)

@@ -39,3 +39,9 @@ def test_after_the_freeze_it_is_scored_once_and_recorded(checkpoint):
     with pytest.raises(ValueError, match="already has a 'test' entry"):
         evaluate.evaluate_frozen_test(folder, items=30)
     assert len(calls) == 1
+
+
+def test_zero_items_is_refused_not_read_as_the_whole_split(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--split", "test", "--items", "0"])
+    assert "--items must be >= 1" in capsys.readouterr().err

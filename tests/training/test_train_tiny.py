@@ -296,3 +296,43 @@ def test_the_cached_visual_sequence_is_what_the_model_feeds_its_llm(recipe, cach
         exact = dataclasses.replace(image, features=hidden[:, 1:])  # [V, 576, D_vision] without [CLS]
         rebuilt = train_tiny.visual_sequence(model, exact, torch.arange(image.view.numel()))
     torch.testing.assert_close(rebuilt, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_saved_vision_stage_is_keyed_by_what_it_depends_on_beyond_its_settings(monkeypatch):
+    """The training heads draw their initial weights after the whole model is built, and the stage trains on
+    the demo generator's images: a change to the language model's widths or vocabulary, or to the generator,
+    left the key equal and served a stale tower."""
+    from globalcom2.models.tiny_trained import tiny_trained_config, train_tokenizer
+
+    cfg = train_tiny.load_config(train_tiny.DEFAULT_CONFIG, [])
+    config = tiny_trained_config(train_tokenizer(["a red square"]))
+    key = train_tiny.vision_stage_config(cfg, config)
+    assert train_tiny.vision_stage_config(cfg, tiny_trained_config(train_tokenizer(["a red square"]))) == key
+    wider = tiny_trained_config(train_tokenizer(["a red square"]))
+    wider.text_config.vocab_size += 1
+    assert train_tiny.vision_stage_config(cfg, wider) != key
+    monkeypatch.setattr(train_tiny.demo, "generator_digest", lambda: "another")
+    assert train_tiny.vision_stage_config(cfg, config) != key
+    assert set(key["depends_on"]) == {"model_config", "demo_generator", "code", "torch", "transformers"}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("report.every=0", r"report.every=0: must be an integer >= 1"),
+        (
+            "align.curriculum.distractors_ramp=[0.2,0.2]",
+            r"distractors_ramp=\[0.2, 0.2\]: must be \[start, end\]",
+        ),
+        ("sampled.keep_background=0", r"sampled.keep_background=0: must be a number > 0 and <= 1"),
+        ("data.extra_questions=-1", r"data.extra_questions=-1: must be an integer >= 0"),
+        ("threads=1.5", r"threads=1.5: must be an integer >= 1"),
+        ("vision.shapes_per_image=[31,20]", r"shapes_per_image=\[31, 20\]: must be \[low, high\]"),
+    ],
+)
+def test_out_of_range_values_are_refused_before_any_training(override, message):
+    """report.every=0 divided by zero after stage 1 and the image cache (minutes in); a ramp of zero width
+    divided by zero in stage 2; keep_background=0 dropped the background without a word."""
+    with pytest.raises(ValueError, match=message):
+        train_tiny.load_config(train_tiny.DEFAULT_CONFIG, [override])
+    train_tiny.load_config(train_tiny.DEFAULT_CONFIG, [])  # the committed recipe passes
