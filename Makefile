@@ -233,7 +233,7 @@ visualize: install  ## kept tokens of GlobalCom² vs random vs FastV: make visua
 
 # Trains the demo's tiny LLaVA-NeXT into globalcom2/models/checkpoints/tiny-trained, which is committed:
 # `make demo` does not need this. Stage 1 (the vision tower, 455 s of training on 2 CPU cores) is reused from
-# globalcom2/models/checkpoints/tiny-trained-vision while its config is unchanged; ARGS="vision.checkpoint=none"
+# globalcom2/models/checkpoints/tiny-trained-vision while its key (config, model config, generator, code, versions) is unchanged; ARGS="vision.checkpoint=none"
 # trains it again. ARGS="out=/tmp/ckpt align.steps=100" to change the config. The recipe is judged on the
 # demo's validation split; `make evaluate-tiny SPLIT=test` scores the test split once, after the freeze.
 train-tiny: install  ## train the tiny LLaVA-NeXT on the demo's train split (configs/train/tiny_trained.yaml)
