@@ -20,6 +20,7 @@ the task checks and verifies that every task produced results.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,15 @@ def task_manager(include_path: str | list[str] | None = None, include_defaults: 
     return TaskManager(
         "WARNING", include_path=include_path or str(tasks_dir()), include_defaults=include_defaults
     )
+
+
+#: Why lmms-eval's response cache (``use_cache`` / ``--use_cache``) is refused for our model.
+RESPONSE_CACHE_REFUSAL = (
+    "use_cache (lmms-eval's response cache) is not supported with globalcom2_llava_next: an answer served "
+    "from the cache has no sample record (tokens, timings, what the method kept), and in a multi-process run "
+    "a rank whose answers were all cached never reaches the records' gather, so the others wait forever; "
+    "run without it (the results store already reuses finished cells)"
+)
 
 
 def evaluate(
@@ -68,6 +78,8 @@ def evaluate(
     """
     from lmms_eval.evaluator import simple_evaluate
 
+    if simple_evaluate_kwargs.get("use_cache") is not None and getattr(lm, "protocol", None) is not None:
+        raise PreflightError(RESPONSE_CACHE_REFUSAL)
     checks = check_tasks(tasks, include_path)
     protocol = getattr(lm, "protocol", None)  # our plugin's; another lmms model has none
     if protocol is not None:
@@ -158,7 +170,8 @@ def save(results: dict[str, Any], output_path: str | Path, model_name: str = "")
     Files land in ``<output_path>/<model_name with / -> __>/``. The tracker only logs a warning when a
     write fails, and writes in place (the samples a line at a time), so the files are checked afterwards:
     each present, the results a whole JSON document, each samples file one whole JSON line per sample
-    (:func:`written_problems`). Returns the results file.
+    (:func:`written_problems`). The tracker edits the samples it writes in place, so it is given a copy:
+    ``results`` is the caller's as it was. Returns the results file.
     """
     from lmms_eval.loggers import EvaluationTracker
     from lmms_eval.utils import get_datetime_str
@@ -168,14 +181,20 @@ def save(results: dict[str, Any], output_path: str | Path, model_name: str = "")
     tracker.general_config_tracker.model_name = model_name or None
     tracker.general_config_tracker.model_name_sanitized = folder
     results = dict(results)
-    samples = results.pop("samples", None)
+    samples = copy.deepcopy(results.pop("samples", None))  # save_results_samples pops keys of each sample
     stamp = get_datetime_str(timezone="UTC")
     tracker.save_results_aggregated(results=results, samples=samples, datetime_str=stamp)
     written = Path(output_path) / folder / f"{stamp.replace(':', '-')}_results.json"
+    date_id = getattr(tracker, "date_id", None)  # set only once the results file was written
+    if date_id is None:
+        raise OSError(
+            f"lmms-eval's EvaluationTracker could not write the results under {Path(output_path) / folder} "
+            "(see its warnings above)"
+        )
     lines: dict[Path, int] = {}
     for task in results.get("configs", {}) if samples else []:
         tracker.save_results_samples(task_name=task, samples=samples[task])
-        lines[written.with_name(f"{tracker.date_id}_samples_{task}.jsonl")] = len(samples[task])
+        lines[written.with_name(f"{date_id}_samples_{task}.jsonl")] = len(samples[task])
     problems = written_problems(written, lines)
     if problems:
         raise OSError(

@@ -141,6 +141,10 @@ def _run(lmms_main: Any) -> int:
         conflicts = cli_option_conflicts(model_args, vars(args))
         if conflicts:
             return _fail("; ".join(conflicts), EXIT_PREFLIGHT)
+        if getattr(args, "use_cache", None) is not None:
+            from globalcom2.lmms.api import RESPONSE_CACHE_REFUSAL
+
+            return _fail(f"--{RESPONSE_CACHE_REFUSAL}", EXIT_PREFLIGHT)
         for key in ("batch_size", "device"):
             if getattr(args, key, None) is not None:
                 model_args.setdefault(key, getattr(args, key))

@@ -245,7 +245,13 @@ class GlobalCom2LlavaNext(lmms):
     def gather_records(self) -> list[sr.SampleRecord]:
         """Records of every process, sorted by (task, split, doc id). Collective: call it on all ranks."""
         local = [r.to_dict() for r in self.records]
-        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._world_size > 1:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                # this rank's records alone would be written as the cell's: a partial sidecar
+                raise RuntimeError(
+                    f"{self._world_size} processes but no torch.distributed process group: the records of "
+                    "the other processes cannot be gathered"
+                )
             gathered: list[Any] = [None] * self._world_size
             torch.distributed.all_gather_object(gathered, local)
             local = [row for part in gathered for row in part]
@@ -264,9 +270,12 @@ class GlobalCom2LlavaNext(lmms):
             if request.metadata and request.metadata.get("__padding_only__"):
                 results[index] = GenerationResult(text="")  # lmms-eval drops padding answers unread
                 continue
-            setting = task_protocol(self.protocol, request.args[4]).generation(
-                request.args[1], self.default_max_new_tokens, self.generation_overrides
-            )
+            try:
+                setting = task_protocol(self.protocol, request.args[4]).generation(
+                    request.args[1], self.default_max_new_tokens, self.generation_overrides
+                )
+            except (TypeError, ValueError) as err:  # name the task whose settings they are
+                raise type(err)(f"task {request.args[4]!r}: {err}") from err
             if setting.do_sample and not self._sampling_warned:
                 self._sampling_warned = True
                 logger.warning(
@@ -340,12 +349,34 @@ class GlobalCom2LlavaNext(lmms):
             try:
                 return prepare_batch(chosen, self.task_dict, self.protocol)
             except Exception as err:  # a broken image or document: name it, as a failed generation is named
-                tags = ", ".join(f"{request.args[4]}#{request.args[3]}" for request in chosen)  # task#doc
-                raise RuntimeError(f"loading failed for {tags}: {type(err).__name__}: {err}") from err
+                raise RuntimeError(
+                    f"loading failed for {failing_documents(chosen)}: {type(err).__name__}: {err}"
+                ) from err
+
+        def failing_documents(chosen: list[Instance]) -> str:
+            """``task#doc`` of the requests that fail alone (all of them, if none does alone)."""
+            failing = []
+            for request in chosen:
+                try:
+                    prepare_batch([request], self.task_dict, self.protocol)
+                except Exception:  # only to name it: the batch's own error is the one raised
+                    failing.append(request)
+            return ", ".join(f"{r.args[4]}#{r.args[3]}" for r in failing or chosen)  # task#doc
+
+        def encode(batch: PreparedBatch) -> Any:
+            try:
+                return self._encode(processor, batch)
+            except (
+                Exception
+            ) as err:  # named, its type kept (a refusal stays a ValueError); notes: Python >= 3.11
+                getattr(err, "add_note", lambda note: None)(
+                    f"while preparing the model inputs of {batch.tag()}"
+                )
+                raise
 
         return BatchFeeder(
             load,
-            lambda batch: self._encode(processor, batch),
+            encode,
             lambda image: config_layout(config, (image.height, image.width)).num_tokens,
             self.batch_size_per_device,
             lookahead=DEFAULT_LOOKAHEAD if self.prefetch else 0,
@@ -468,7 +499,12 @@ class GlobalCom2LlavaNext(lmms):
             raise RuntimeError(
                 f"generation failed for {batch.tag()} (method {self.method!r}): {err}"
             ) from err
-        row_stats = sr.assign_stats(list(self.attachment.stats), batch.images_per_row)
+        try:
+            row_stats = sr.assign_stats(list(self.attachment.stats), batch.images_per_row)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"the method's statistics do not match the batch of {batch.tag()}: {err}"
+            ) from err
         self.attachment.stats.clear()
         return sequences, measurement, row_stats, warmup_s
 

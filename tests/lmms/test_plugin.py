@@ -327,12 +327,30 @@ def test_a_document_that_fails_to_load_is_named(lm, docs):
 
     requests = requests_for(lm, docs)
     requests[1].arguments = (*requests[1].args[:2], broken_visual, *requests[1].args[3:])
-    with pytest.raises(RuntimeError, match=r"loading failed for .*toy#1.*OSError: broken image"):
-        lm.generate_until(requests)
+    with pytest.raises(RuntimeError, match=r"loading failed for toy#1: OSError: broken image"):
+        lm.generate_until(requests)  # the one that fails, not every document of its batch
+
+
+def test_an_input_that_fails_to_encode_is_named(lm, docs, monkeypatch):
+    def broken(processor, batch):
+        raise ValueError("image too small")
+
+    monkeypatch.setattr(lm, "_encode", broken)
+    with pytest.raises(ValueError, match="image too small") as raised:
+        lm.generate_until(requests_for(lm, docs))
+    assert any(
+        note.startswith("while preparing the model inputs of toy#0") for note in raised.value.__notes__
+    )
+
+
+def test_records_are_not_gathered_from_one_process_of_several(lm, monkeypatch):
+    monkeypatch.setattr(lm, "_world_size", 2)
+    with pytest.raises(RuntimeError, match=r"2 processes but no torch\.distributed process group"):
+        lm.gather_records()
 
 
 def test_unknown_generation_kwargs_are_refused(lm, docs):
-    with pytest.raises(ValueError, match="unsupported generation_kwargs"):
+    with pytest.raises(ValueError, match="task 'toy': unsupported generation_kwargs"):
         lm.generate_until(requests_for(lm, docs, gen_kwargs={"until": ["\n"], "beam_width": 2}))
 
 
