@@ -372,3 +372,13 @@ def test_a_task_s_own_generation_kwargs_replace_its_base_s_whole(tmp_path):
     settings = task_generation_kwargs(["own_gqa", "inherits_gqa"], include_path=str(tmp_path))
     assert settings["own_gqa"] == {"temperature": 0.5}
     assert settings["inherits_gqa"]["do_sample"] is False and settings["inherits_gqa"]["max_new_tokens"] == 16
+
+
+def test_the_cli_refuses_lmms_evals_response_cache_for_our_model(tmp_path, capsys, no_model_loading):
+    argv = [
+        *("--model", "globalcom2_llava_next", "--model_args", "pretrained=tiny,method=vanilla"),
+        *("--tasks", "globalcom2_demo", "--output_path", str(tmp_path / "out")),
+        *("--use_cache", str(tmp_path / "cache")),
+    ]
+    assert cli.main(argv) == cli.EXIT_PREFLIGHT
+    assert "--use_cache (lmms-eval's response cache) is not supported" in capsys.readouterr().err
