@@ -24,6 +24,7 @@ import pandas as pd
 
 from globalcom2.atomic import atomic_write_bytes
 from globalcom2.data.benchmarks import PAPER_METRICS
+from globalcom2.provenance import CPU_LABEL
 from globalcom2.report.aggregate import AGREEMENT_SAMPLES
 from globalcom2.report.tables import (
     AVG,
@@ -354,10 +355,13 @@ def latency_memory(frame: pd.DataFrame, out_dir: str | Path, name: str = "latenc
             rows = efficiency[efficiency["metric"] == metric]
             plot_against_ratio(ax, rows, by=("model", "benchmark"))
             if rows.empty:
+                on_cpu = efficiency["hardware"].astype(str).str.startswith(CPU_LABEL).all()
                 ax.text(
                     0.5,
                     0.5,
-                    "unavailable on CPU\n(torch tracks no CPU allocator peak)",
+                    "unavailable on CPU\n(torch tracks no CPU allocator peak)"
+                    if on_cpu
+                    else "not recorded\n(profile=false, or records from before it)",
                     ha="center",
                     va="center",
                     transform=ax.transAxes,

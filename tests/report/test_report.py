@@ -551,7 +551,8 @@ def test_plots_say_when_memory_is_unavailable(tree, tmp_path, monkeypatch):
         return original(figure, out_dir, name)
 
     monkeypatch.setattr(plots, "save", capturing_save)
-    paths = plots.latency_memory(frame[frame["metric"] != "peak_memory_gib"], tmp_path / "cpu")
+    on_cpu = frame[frame["metric"] != "peak_memory_gib"].assign(hardware="CPU (x86_64, 2 cores)")
+    paths = plots.latency_memory(on_cpu, tmp_path / "cpu")
     plots.latency_memory(frame, tmp_path / "gpu")
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 10_000 for p in paths)
     without, with_memory = texts
@@ -1232,3 +1233,19 @@ def test_a_partial_average_says_how_many_columns_it_covers_in_every_output(tree,
     table.write(tmp_path)
     assert "1 of 2" in (tmp_path / f"{table.name}.csv").read_text()
     assert "1 of 2" in (tmp_path / f"{table.name}.tex").read_text()
+
+
+def test_the_memory_panel_says_not_recorded_for_a_gpu_record_without_its_peak(tmp_path, monkeypatch):
+    root = tmp_path / "results"
+    cell = write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
+    _edit_record(cell, lambda record: record["efficiency"].pop("peak_memory_gib"))  # an H100 record
+    texts = []
+    original = plots.save
+
+    def capturing_save(figure, out_dir, name):
+        texts.extend(t.get_text() for ax in figure.axes for t in ax.texts)
+        return original(figure, out_dir, name)
+
+    monkeypatch.setattr(plots, "save", capturing_save)
+    plots.latency_memory(tidy_results(root), tmp_path / "plots")
+    assert any(text.startswith("not recorded") for text in texts) and not any("CPU" in t for t in texts)
