@@ -156,7 +156,8 @@ def test_inclusive_time_keeps_the_work_nested_inside_a_stage_once():
     totals = clock.totals()
     inclusive = clock.inclusive("llm_prefill")
     assert inclusive == pytest.approx(totals["llm_prefill"] + totals["compression"])
-    assert 0.07 <= inclusive < 0.07 + 0.03 and 0.04 <= totals["llm_prefill"] < inclusive - 0.03
+    # sleeps never end early, and may end late on a loaded machine: lower bounds only
+    assert inclusive >= 0.07 and totals["llm_prefill"] >= 0.04 and inclusive - totals["llm_prefill"] >= 0.03
     assert clock.inclusive("decode") == 0.0
 
 
