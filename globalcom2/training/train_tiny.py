@@ -587,10 +587,16 @@ VALUE_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
 }
 
 
+#: key -> (its two values' names, lowest first value, highest second value or ``None``): increasing pairs.
+PAIR_RANGES: dict[str, tuple[tuple[str, str], float, float | None]] = {
+    "vision.shapes_per_image": (("low", "high"), 1, None),
+    "align.curriculum.distractors_ramp": (("start", "end"), 0, 1),  # fractions of the stage
+}
+
+
 def _refuse_bad_values(cfg: DictConfig) -> None:
-    """Every :data:`VALUE_RANGES` key present within its range, ``vision.shapes_per_image`` an increasing
-    ``[low, high]`` pair and ``align.curriculum.distractors_ramp`` a ``[start, end]`` with 0 <= start < end <= 1;
-    else ``ValueError`` naming the key, the value and what is valid."""
+    """Every :data:`VALUE_RANGES` key present within its range and every :data:`PAIR_RANGES` key an
+    increasing pair within its bounds; else ``ValueError`` naming the key, the value and what is valid."""
     for key, (kind, low, high, low_allowed) in VALUE_RANGES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
@@ -602,25 +608,20 @@ def _refuse_bad_values(cfg: DictConfig) -> None:
             raise ValueError(
                 f"{key}={value!r}: must be {'an integer' if kind is int else 'a number'} {bounds}"
             )
-    for key, low_bound, strictly in (
-        ("vision.shapes_per_image", 1, False),
-        ("align.curriculum.distractors_ramp", 0, True),
-    ):
+    for key, (names, low, high) in PAIR_RANGES.items():
         pair = OmegaConf.select(cfg, key, default=None)
         if pair is None:
             continue
         values = list(pair) if not isinstance(pair, str | int | float) else [pair]
-        upper = 1 if strictly else None
         ok = (
             len(values) == 2
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-            and low_bound <= values[0] < values[1]
-            and (upper is None or values[1] <= upper)
+            and low <= values[0] < values[1]
+            and (high is None or values[1] <= high)
         )
         if not ok:
-            valid = (
-                "[start, end] with 0 <= start < end <= 1" if strictly else "[low, high] with 1 <= low < high"
-            )
+            first, second = names
+            valid = f"[{first}, {second}] with {low} <= {first} < {second}" + (f" <= {high}" if high else "")
             raise ValueError(f"{key}={values!r}: must be {valid}")
 
 
