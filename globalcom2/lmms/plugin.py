@@ -366,9 +366,8 @@ class GlobalCom2LlavaNext(lmms):
         def encode(batch: PreparedBatch) -> Any:
             try:
                 return self._encode(processor, batch)
-            except (
-                Exception
-            ) as err:  # named, its type kept (a refusal stays a ValueError); notes: Python >= 3.11
+            except Exception as err:
+                # named, its type kept (a refusal stays a ValueError); exception notes need Python >= 3.11
                 getattr(err, "add_note", lambda note: None)(
                     f"while preparing the model inputs of {batch.tag()}"
                 )

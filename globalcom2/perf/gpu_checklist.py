@@ -363,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     report: list[dict[str, object]] = []
     tables: list[str] = []
 
-    def write_report() -> None:
-        atomic_write_json(args.out / "checklist.json", {"budget_s": args.budget_s, "steps": report})
+    def write_report(steps: list[dict[str, object]]) -> None:
+        atomic_write_json(args.out / "checklist.json", {"budget_s": args.budget_s, "steps": steps})
 
     previous = {handled: signal.signal(handled, signals) for handled in INTERRUPTING_SIGNALS}
     try:
@@ -379,9 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
             else:
                 began, before = time.monotonic(), output_states(step)
-                report.append({"step": step.name, "status": "running", "seconds": 0.0})
-                write_report()  # a checklist killed outright (SIGKILL) still says where it was
-                report.pop()
+                # a checklist killed outright (SIGKILL) still says where it was
+                write_report([*report, {"step": step.name, "status": "running", "seconds": 0.0}])
                 try:
                     signals.raising = True
                     status = run_step(step, log, min(step.limit_s, left))
@@ -395,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 tables += fresh_outputs(step, before)  # what a phase of an interrupted step finished
                 atomic_write_bytes(args.out / "results.tar.gz", pack(tables))
             report.append({"step": step.name, "status": status, "seconds": round(seconds, 1)})
-            write_report()
+            write_report(report)
             if status.startswith("skipped: "):
                 print(f"[skip] {step.name}: {status.removeprefix('skipped: ')}", flush=True)
             else:

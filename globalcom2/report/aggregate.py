@@ -34,7 +34,7 @@ from globalcom2.atomic import atomic_write_bytes, atomic_write_text
 from globalcom2.efficiency.summary import EFFICIENCY_METRICS, efficiency_value
 from globalcom2.efficiency.table import preferred_vanilla
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL
-from globalcom2.provenance import hardware_label
+from globalcom2.provenance import CPU_LABEL, hardware_label
 from globalcom2.records import RecordError
 from globalcom2.sample_records import RECORDS_FILE
 from globalcom2.store import CURRENT_FILE, PARTIAL_DIR, RECORD_FILE, Cell, LoadedCell, current_cell_id
@@ -68,6 +68,12 @@ COMPARABILITY = (
     *("batch_size", "dtype", "batch_invariant", "prefetch", "compile", "attn_implementation"),
     *("random_init", "vicuna_text", "limit", "protocol", "hardware", "world_size"),
 )
+
+
+def ran_on_cpu(hardware: pd.Series) -> pd.Series:
+    """Per row of a ``hardware`` column (:func:`globalcom2.provenance.hardware_label`), whether it names a
+    CPU; a missing label is not a CPU."""
+    return hardware.astype(str).str.startswith(CPU_LABEL)
 
 
 def setting_text(value: Any) -> str:
@@ -383,17 +389,10 @@ def tidy_results(root: str | Path) -> pd.DataFrame:
         for metric, values in fidelity.items():
             if cell.path in values:
                 share, compared = values[cell.path]
-                rows.append({**config, "kind": "fidelity", "task": "", "metric": metric, "value": share})
+                fidelity_row = {**config, "kind": "fidelity", "task": ""}
+                rows.append({**fidelity_row, "metric": metric, "value": share})
                 if metric == "agreement_with_vanilla":
-                    rows.append(
-                        {
-                            **config,
-                            "kind": "fidelity",
-                            "task": "",
-                            "metric": AGREEMENT_SAMPLES,
-                            "value": compared,
-                        }
-                    )
+                    rows.append({**fidelity_row, "metric": AGREEMENT_SAMPLES, "value": compared})
     columns = [*CONFIG_COLUMNS, "kind", "task", "metric", "value"]
     return pd.DataFrame(rows, columns=columns)
 

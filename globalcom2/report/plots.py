@@ -24,8 +24,7 @@ import pandas as pd
 
 from globalcom2.atomic import atomic_write_bytes
 from globalcom2.data.benchmarks import PAPER_METRICS
-from globalcom2.provenance import CPU_LABEL
-from globalcom2.report.aggregate import AGREEMENT_SAMPLES
+from globalcom2.report.aggregate import AGREEMENT_SAMPLES, ran_on_cpu
 from globalcom2.report.tables import (
     AVG,
     COUNT_METRICS,
@@ -355,7 +354,7 @@ def latency_memory(frame: pd.DataFrame, out_dir: str | Path, name: str = "latenc
             rows = efficiency[efficiency["metric"] == metric]
             plot_against_ratio(ax, rows, by=("model", "benchmark"))
             if rows.empty:
-                on_cpu = efficiency["hardware"].astype(str).str.startswith(CPU_LABEL).all()
+                on_cpu = ran_on_cpu(efficiency["hardware"]).all()
                 ax.text(
                     0.5,
                     0.5,

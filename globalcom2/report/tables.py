@@ -27,8 +27,7 @@ from globalcom2.data.benchmarks import PAPER_METRICS
 from globalcom2.efficiency.table import SAME_KIND, efficiency_display, vanilla_row
 from globalcom2.methods import METHODS
 from globalcom2.paths import PROJECT_ROOT
-from globalcom2.provenance import CPU_LABEL
-from globalcom2.report.aggregate import COMPARABILITY, setting_text
+from globalcom2.report.aggregate import COMPARABILITY, ran_on_cpu, setting_text
 
 #: The paper's Table 1 row order, baselines first and GlobalCom² last, with the later baselines (VisionZip, DART,
 #: DivPrune) among the baselines (``fastervlm`` is a published row we do not run).
@@ -444,10 +443,9 @@ def benchmark_table(frame: pd.DataFrame, experiment: str, benchmark: str) -> Tab
         ValueError: ``experiment`` or ``benchmark`` names none of ``frame``'s, listing those it has.
     """
     _check_choice(frame, "experiment", experiment)
-    _check_choice(
-        frame[frame["experiment"] == experiment], "benchmark", benchmark, f"experiment {experiment!r}"
-    )
-    rows = frame[(frame["experiment"] == experiment) & (frame["benchmark"] == benchmark)]
+    in_experiment = frame[frame["experiment"] == experiment]
+    _check_choice(in_experiment, "benchmark", benchmark, f"experiment {experiment!r}")
+    rows = in_experiment[in_experiment["benchmark"] == benchmark]
     score_rows = rows[rows["kind"] == "score"]
     if score_rows["task"].nunique() > 1:
         qualified = score_rows["task"].astype(str) + ": " + score_rows["metric"].astype(str)
@@ -514,13 +512,10 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark
         ValueError: ``experiment``, ``model`` or ``benchmark`` names none of ``frame``'s, listing those it has.
     """
     _check_choice(frame, "experiment", experiment)
-    _check_choice(frame[frame["experiment"] == experiment], "model", model, f"experiment {experiment!r}")
-    _check_choice(
-        frame[frame["experiment"] == experiment], "benchmark", benchmark, f"experiment {experiment!r}"
-    )
-    rows = frame[
-        (frame["experiment"] == experiment) & (frame["model"] == model) & (frame["benchmark"] == benchmark)
-    ]
+    in_experiment = frame[frame["experiment"] == experiment]
+    for column, value in (("model", model), ("benchmark", benchmark)):
+        _check_choice(in_experiment, column, value, f"experiment {experiment!r}")
+    rows = in_experiment[(in_experiment["model"] == model) & (in_experiment["benchmark"] == benchmark)]
     name, caption = (
         f"efficiency_{model}_{benchmark}",
         f"Efficiency (Tables 8/9 layout), {model} on {benchmark}",
@@ -546,7 +541,7 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark
         "8/9). TFLOPs (full): every token entering each decoder layer, plus method overhead, mean per sample.",
     ]
     if "peak_memory_gib" not in wide or wide["peak_memory_gib"].isna().all():
-        on_cpu = wide["hardware"].astype(str).str.startswith(CPU_LABEL)
+        on_cpu = ran_on_cpu(wide["hardware"])
         if on_cpu.all():
             display["peak allocated (GiB)"] = "n/a (CPU)"
             notes.append("Peak memory: unavailable on CPU (torch tracks no CPU allocator peak); not zero.")
@@ -556,7 +551,7 @@ def efficiency_table(frame: pd.DataFrame, experiment: str, model: str, benchmark
                 "Peak memory: n/a (CPU) where torch tracks no allocator peak; n/a (not recorded) where a GPU "
                 "cell's record holds none (profile=false, or a record from before it was measured)."
             )
-    if rows["hardware"].dropna().str.startswith(CPU_LABEL).all():
+    if ran_on_cpu(rows["hardware"].dropna()).all():
         notes.append(
             "CPU timings of cells run one after another drift with the machine's load; for speed-ups on CPU use "
             "`make bench-efficiency`, which interleaves the methods."
