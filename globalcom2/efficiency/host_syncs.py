@@ -62,13 +62,26 @@ ALWAYS_SYNC: dict[Callable[..., Any], str] = {
 }
 
 
+#: Factories: every argument is a number (a size, a count, a fill value).
+FACTORIES = frozenset(
+    {
+        torch.arange,
+        torch.zeros,
+        torch.ones,
+        torch.empty,
+        torch.full,
+        torch.eye,
+        torch.randperm,
+        torch.linspace,
+    }
+)
 #: Calls that take sizes, counts, offsets or fill values as numbers: a 0-dim tensor in their place is read on
 #: the host by the C++ argument parser (``torch.arange(n)`` with ``n`` a tensor, ``x.topk(k)``,
 #: ``x.narrow(0, start, length)``), where no Python ``__index__`` call shows it.
-NUMBER_ARGUMENTS = frozenset(
+#: Their first argument is the tensor they act on, but for :data:`FACTORIES`.
+NUMBER_ARGUMENTS = FACTORIES | frozenset(
     {
-        *(torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.eye, torch.randperm),
-        *(torch.linspace, torch.narrow, torch.Tensor.narrow, torch.topk, torch.Tensor.topk),
+        *(torch.narrow, torch.Tensor.narrow, torch.topk, torch.Tensor.topk),
         *(torch.kthvalue, torch.Tensor.kthvalue, torch.reshape, torch.Tensor.reshape, torch.Tensor.view),
         *(torch.Tensor.expand, torch.Tensor.repeat, torch.split, torch.Tensor.split, torch.roll),
         *(torch.Tensor.roll, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty),
@@ -148,9 +161,7 @@ def _scalar_tensor_argument(func: Callable[..., Any], args: tuple, kwargs: dict)
     """Whether a call of :data:`NUMBER_ARGUMENTS` passes a 0-dim tensor as a number (a size may also come as
     a tuple of them); the tensor it acts on (``self``, or ``input`` of ``torch.narrow``/``topk``/...) is not
     such an argument."""
-    acts_on_tensor = func not in (torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.eye)
-    acts_on_tensor = acts_on_tensor and func not in (torch.randperm, torch.linspace)
-    numbers_given = [*(args[1:] if acts_on_tensor else args), *kwargs.values()]
+    numbers_given = [*(args if func in FACTORIES else args[1:]), *kwargs.values()]
     flat = [x for value in numbers_given for x in (value if isinstance(value, tuple | list) else (value,))]
     return any(isinstance(value, torch.Tensor) and value.dim() == 0 for value in flat)
 
