@@ -16,8 +16,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+import torch
+
 from globalcom2.models.fingerprint import checkpoint_identity
-from globalcom2.protocol.generation import GenerationSettings, format_gen_kwargs, parse_gen_kwargs
+from globalcom2.protocol.generation import (
+    GenerationSettings,
+    canonical_gen_kwargs,
+    format_gen_kwargs,
+    parse_gen_kwargs,
+)
 from globalcom2.protocol.rules import DEFAULT_PROTOCOL, check_tasks_covered
 from globalcom2.records import CellKey
 from globalcom2.run_spec import (
@@ -26,6 +33,7 @@ from globalcom2.run_spec import (
     ModelSpec,
     RunOptions,
     RunSpec,
+    default_device,
     parse_overrides,
     parse_run,
     run_problems,
@@ -325,6 +333,10 @@ class CellSpec:
                 node.pop(leaf, None)
         identity["seed"] = self.seed
         model = {k: v for k, v in asdict(self.model).items() if k not in ("name", "revision")}
+        # the kind of device the cell computes on, not which one (cuda:1 gives cuda:0's answers); an unset
+        # device is the one this process takes, CUDA where present (the plugin's rule; each rank's accelerator
+        # follows it), so a result computed on a CPU is never served to the same config run on a GPU
+        model["device"] = torch.device(self.model.device or default_device()).type
         if model["compile"] is None:
             del model["compile"]  # eager, as every cell before compile mode existed: the same identity
         if not model["batch_invariant"]:
@@ -446,13 +458,15 @@ def config_int(value: Any, key: str, *, minimum: int, meaning: str = "") -> int:
 
 def _gen_kwargs(value: Any) -> str | None:
     """``benchmark.gen_kwargs`` (a mapping, a JSON object or ``k=v,k=v``) as one canonical ``k=v`` string, keys
-    sorted: what lmms-eval's ``gen_kwargs`` takes, and one identity for one set of settings. The settings
+    sorted and numbers typed by key (:func:`canonical_gen_kwargs`: ``max_new_tokens=16.0`` is ``16``,
+    ``temperature=0`` is ``0.0``): what lmms-eval's ``gen_kwargs`` takes, and one identity for one set of settings. The settings
     are checked here, before any weight loads."""
     settings = parse_overrides(value, "benchmark.gen_kwargs")
     if not settings:
         return None
     try:
         GenerationSettings.from_gen_kwargs(settings, 1)
+        settings = canonical_gen_kwargs(settings)
     except (TypeError, ValueError) as err:
         raise ValueError(f"benchmark.gen_kwargs={value!r}: {err}") from None
     return format_gen_kwargs(settings, "benchmark.gen_kwargs")

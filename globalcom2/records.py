@@ -128,7 +128,7 @@ class CellRecord(CellOutcome):
                 f"{source} predates cell identities (schema 1), so its settings cannot be verified; "
                 "re-run the cell"
             )
-        schema = data.get("schema", RECORD_SCHEMA)
+        schema = data.get("schema")
         if schema != RECORD_SCHEMA:
             raise RecordError(
                 f"{source} has schema {schema!r}; this code reads schema {RECORD_SCHEMA}: re-run the cell "
@@ -138,14 +138,36 @@ class CellRecord(CellOutcome):
             for key in ("experiment", "model", "method", "benchmark"):
                 if not isinstance(cell.get(key), str):
                     raise TypeError(f"cell.{key} is {cell.get(key)!r}, not a string")
-            ref = CellRef(**{**cell, "retention_ratio": float(cell["retention_ratio"])})
+            ratio = cell["retention_ratio"]
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+                raise TypeError(f"cell.retention_ratio is {ratio!r}, not a number")
+            if not isinstance(cell.get("identity"), dict) or not cell["identity"]:
+                raise TypeError(f"cell.identity is {cell.get('identity')!r}, not a non-empty mapping")
+            ref = CellRef(**{**cell, "retention_ratio": float(ratio)})
+            # every field is written (``to_dict``), so one that is absent is a damaged or hand-made record,
+            # whose defaults would show as empty cells in a report without a word
+            missing = sorted(set(cls.__dataclass_fields__) - set(data))
+            if missing:
+                raise TypeError(f"it lacks {', '.join(missing)}")
             blocks = set(CellOutcome.__dataclass_fields__) | {"spec", "config", "provenance"}
-            for name in blocks & set(data):
+            for name in sorted(blocks):
                 if not isinstance(data[name], dict):
                     raise TypeError(f"{name} is {data[name]!r}, not a mapping")
+            _check_metrics(data["metrics"])
             return cls(**{**data, "cell": ref})  # an unknown field is a TypeError
         except (KeyError, TypeError, ValueError) as err:
             raise RecordError(f"malformed {source} ({type(err).__name__}: {err})") from err
+
+
+def _check_metrics(metrics: dict[str, Any]) -> None:
+    """``metrics`` is ``{task: {metric: number}}`` (``globalcom2.worker.numeric_metrics``); a string or a
+    flag in it would be tabled as a score."""
+    for task, values in metrics.items():
+        if not isinstance(values, dict):
+            raise TypeError(f"metrics.{task} is {values!r}, not a mapping")
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"metrics.{task}.{name} is {value!r}, not a number")
 
 
 def write_record(path: str | Path, record: CellRecord) -> None:
@@ -168,4 +190,11 @@ def write_outcome(path: str | Path, outcome: CellOutcome) -> None:
 
 
 def read_outcome(path: str | Path) -> CellOutcome:
-    return CellOutcome.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
+    """The worker's outcome at ``path``; :class:`RecordError` when it is unreadable, corrupt or malformed."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RecordError(f"unreadable or corrupt {path} ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict):
+        raise RecordError(f"malformed {path} (not a JSON object)")
+    return CellOutcome.from_dict(data, str(path))

@@ -214,8 +214,9 @@ def run(cfg: DictConfig) -> CellRecord | None:
         with contextlib.suppress(CellError):
             _check_environment(spec, label, dry_run=True)
         return None
-    if not cfg.force and _finished(cell, label):  # fast path; re-checked under the lock below
-        return _reuse(cell, label)
+    finished = None if cfg.force else _finished(cell, label)  # fast path; re-checked under the lock below
+    if finished is not None:
+        return _reuse(cell, finished, label)
     _check_environment(spec, label)  # tasks, their data, the checkpoint's config, the device: still no weight
     weights = cell.identity.get("weights") or {}
     if "unresolved" in weights:  # a cell is never stored without naming the weights it was computed with
@@ -232,8 +233,9 @@ def run(cfg: DictConfig) -> CellRecord | None:
     try:
         with cell.lock() as lock_fd:
             cell.recover()  # a force=true commit killed half-way: its finished cell is put back first
-            if not cfg.force and _finished(cell, label):  # finished by another runner while we prepared
-                return _reuse(cell, label, note="finished by another process meanwhile")
+            finished = None if cfg.force else _finished(cell, label)
+            if finished is not None:  # finished by another runner while we prepared
+                return _reuse(cell, finished, label, note="finished by another process meanwhile")
             print(f"[run]     {label}  ({why(cell, bool(cfg.force))})", flush=True)
             record = _evaluate(cfg, spec, cell, lock_fd)
     except CellBusy as err:
@@ -275,11 +277,13 @@ def _message(err: BaseException) -> str:
     return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
 
 
-def _finished(cell: Cell, label: str) -> bool:
-    """Whether the cell is finished; a ``record.json`` that is not its finished record (a newer checkout's
-    schema, a damaged or copied file) stops the run rather than being deleted as "not run yet"."""
+def _finished(cell: Cell, label: str) -> CellRecord | None:
+    """The cell's finished record, or ``None`` when it is not finished; a ``record.json`` that is not its
+    finished record (a newer checkout's schema, a damaged or copied file) stops the run rather than being
+    deleted as "not run yet". The record read here is the one reused: a second read could find it moved
+    aside by a concurrent ``force=true`` commit."""
     try:
-        return cell.is_complete()
+        return cell.read_record()
     except RecordError as err:
         raise CellError(
             f"{label}: {cell.record_path} is not this cell's finished record ({err}). It is left as it is: "
@@ -287,10 +291,10 @@ def _finished(cell: Cell, label: str) -> bool:
         ) from err
 
 
-def _reuse(cell: Cell, label: str, note: str = "same settings") -> CellRecord | None:
+def _reuse(cell: Cell, record: CellRecord, label: str, note: str = "same settings") -> CellRecord:
     cell.mark_current()
     print(f"[done]    {label}  ({note}, cell {cell.id}: {cell.dir})", flush=True)
-    return cell.read_record()
+    return record
 
 
 def why(cell: Cell, force: bool) -> str:

@@ -141,20 +141,29 @@ class Cell:
         """The record of the finished cell in ``folder``: the only rule for "this cell is finished".
 
         Finished means ``record.json`` is a complete :class:`CellRecord` whose cell id is the folder's
-        name and whose key is the folder's key path (``<experiment>/<model>/<method>/<ratio>/<benchmark>``
+        name and the hash of its identity (:func:`cell_id`), and whose key is the folder's key path (``<experiment>/<model>/<method>/<ratio>/<benchmark>``
         above it): a record copied from, or written for, another identity does not count, nor a cell folder
         copied or moved to another key (``cp -r results/exp results/exp_old``), which the report could not
         table under either key. A whole results root copied elsewhere keeps its cells finished.
 
         Raises:
             RecordError: why the cell is not finished (missing, partial, corrupt, old schema, another id,
-                another key).
+                an identity edited since, another key).
         """
         record = read_record(folder / RECORD_FILE)
         if record.cell.id != folder.name:
             raise RecordError(
                 f"record.json was written for cell {record.cell.id}, not for this folder ({folder.name}); "
                 "re-run the cell"
+            )
+        try:
+            hashed = cell_id(record.cell.identity)
+        except (TypeError, ValueError) as err:  # a value JSON cannot hold canonically (NaN, an object)
+            raise RecordError(f"malformed record.json (cell.identity: {err})") from err
+        if hashed != record.cell.id:
+            raise RecordError(
+                f"record.json's cell.identity hashes to {hashed}, not to its cell id {record.cell.id}: it was "
+                "edited or damaged, so the settings it claims are not the ones the cell ran with; re-run the cell"
             )
         try:
             home = record.cell.key.relative_path()

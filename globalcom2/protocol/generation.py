@@ -230,6 +230,27 @@ def _typed(value: str) -> Any:
     return value
 
 
+#: Generation settings that are counts, and those that are real numbers: how :func:`canonical_gen_kwargs`
+#: types them.
+INT_KEYS = frozenset({"max_new_tokens", "num_beams", "top_k", "min_new_tokens", "no_repeat_ngram_size"})
+FLOAT_KEYS = frozenset({"temperature", "top_p", "repetition_penalty", "length_penalty"})
+
+
+def canonical_gen_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with each number typed by its key: a whole float count as an ``int`` (``16.0`` -> ``16``)
+    and an integer real as a ``float`` (``0`` -> ``0.0``), as :class:`GenerationSettings` reads them, so one
+    set of settings has one spelling (a cell's identity). ``TypeError`` for a count that is not whole."""
+    out = dict(settings)
+    for key, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # a wrong type is GenerationSettings' to name
+        if key in INT_KEYS:
+            out[key] = _as_int(value, key)
+        elif key in FLOAT_KEYS:
+            out[key] = float(value)
+    return out
+
+
 def format_gen_kwargs(settings: dict[str, Any], name: str = "gen_kwargs") -> str:
     """``settings`` as lmms-eval's ``k=v,k=v`` string, keys sorted, which :func:`parse_gen_kwargs` reads back
     to the same mapping; ``ValueError`` naming a value that string cannot hold (a list, a ``,`` or ``=``)."""

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import CONFIGS, cached_hub_dataset, compose_eval, fake_hub_repo, synthetic_image
 from safetensors.torch import load_file, save_file
 
@@ -178,18 +179,31 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
         identity("prefetch=sometimes")
 
 
+def test_the_identity_names_the_kind_of_device_an_unset_one_resolves_to(tmp_path, monkeypatch):
+    """``cpu:0`` computes what ``cpu`` does, and an unset device is this process's (CUDA where present): a
+    result computed on a CPU is never served to the same config run on a GPU, nor the reverse."""
+    identity = functools.partial(cell_identity, tmp_path)
+    cpu = identity("model.device=cpu")
+    assert cpu["model"]["device"] == "cpu"
+    assert identity("model.device=cpu:0") == cpu
+    assert identity("model.device=null") == cpu  # this machine has no CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu = identity("model.device=null")
+    assert on_gpu["model"]["device"] == "cuda" and on_gpu != cpu
+
+
 def test_the_completion_check_is_repeated_under_the_lock(tmp_path, monkeypatch, capsys):
     """A runner that saw the cell unfinished, then got the lock after another runner finished it, reuses it
     instead of deleting it and running it again."""
     first, _ = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
-    real = Cell.is_complete
+    real = Cell.read_record
     calls = []
 
     def stale_first_look(self):  # as if checked before the other runner committed
         calls.append(1)
-        return False if len(calls) == 1 else real(self)
+        return None if len(calls) == 1 else real(self)
 
-    monkeypatch.setattr(Cell, "is_complete", stale_first_look)
+    monkeypatch.setattr(Cell, "read_record", stale_first_look)
     again, out = run_cell(tmp_path, monkeypatch, capsys, "benchmark.limit=1")
     assert "finished by another process meanwhile" in out and "[run]" not in out
     assert again == first
@@ -604,7 +618,14 @@ def test_gen_kwargs_in_any_accepted_form_is_one_cell_and_bad_columns_fail_before
         ]
         ids = [identity(f"benchmark.protocol={protocol}", form) for form in forms]
         assert all(i == ids[0] for i in ids), protocol
-        assert ids[0]["benchmark"]["gen_kwargs"] == "max_new_tokens=2,temperature=0"
+        assert ids[0]["benchmark"]["gen_kwargs"] == "max_new_tokens=2,temperature=0.0"
+        # numbers typed by key: a whole count written as a float, an integer temperature, are the same cell
+        spelled = identity(
+            f"benchmark.protocol={protocol}", "benchmark.gen_kwargs='max_new_tokens=2.0,temperature=0.0'"
+        )
+        assert spelled == ids[0], protocol
+    with pytest.raises(TypeError, match=r"max_new_tokens must be an integer, got 2\.5"):
+        identity("benchmark.gen_kwargs='max_new_tokens=2.5'")
     record, out = run_cell(
         tmp_path, monkeypatch, capsys, "benchmark.gen_kwargs={max_new_tokens:2}", "benchmark.limit=1"
     )

@@ -438,6 +438,16 @@ def test_a_record_round_trips_through_the_one_reader(tmp_path):
         (lambda r: r.update(metrics="0.5"), "metrics is '0.5', not a mapping"),
         (lambda r: r.update(surprise=1), "surprise"),
         (lambda r: r.update(status="running"), "not complete"),
+        # a damaged or hand-made record: its defaults would table as empty cells without a word
+        (lambda r: r.pop("schema"), "schema None"),
+        (lambda r: r.pop("metrics"), "it lacks metrics"),
+        (lambda r: r.pop("efficiency"), "it lacks efficiency"),
+        (lambda r: r.update(metrics={"demo": {"acc": "0.9"}}), "metrics.demo.acc is '0.9', not a number"),
+        (lambda r: r.update(metrics={"demo": {"acc": True}}), "metrics.demo.acc is True, not a number"),
+        (lambda r: r["cell"].update(retention_ratio="0.25"), "retention_ratio is '0.25', not a number"),
+        (lambda r: r["cell"].update(identity={}), "cell.identity is {}"),
+        # settings edited after the run: the record would claim a cell it is not
+        (lambda r: r["cell"]["identity"].update(seed=1), "hashes to .* not to its cell id"),
     ],
 )
 def test_an_unusable_record_fails_with_what_to_do(tmp_path, change, message):
