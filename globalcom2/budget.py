@@ -3,7 +3,8 @@
 A ratio R in (0, 1] keeps ``floor(R * N)`` of N candidate tokens. Every method and every record uses this
 word (compression toolkits name the budget four ways, ``rate``, ``prune_ratio``, ``reduction_ratio`` and
 ``dominant``/``contextual`` in ModelTC/LightCompress's FastV, random, SparseVLM and VisionZip configs). For
-GlobalCom², random, FastV and DivPrune, R is this one fraction of the image's tokens. The later baselines
+GlobalCom², random, FastV and DivPrune, R is this one fraction of the image's tokens (GlobalCom² keeps less
+than it at high R, where a crop's share is capped at all of its tokens: its module says when). The later baselines
 keep their official knob under the same word, each documented in its module: PDrop's R is its last stage's
 fraction, SparseVLM's a layer average, DART's adds its pivots, VisionZip's is per 336-px view. Across those a
 column "R = 0.25" is not one cost; the records' equivalent tokens and TFLOPs are.

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal, get_args
@@ -391,8 +391,10 @@ def check_layer_list(name: str, layers: object, lowest: int) -> tuple[int, ...] 
     when the method meets it)."""
     if layers is None:
         return None
-    if isinstance(layers, (str, bytes)) or not all(
-        isinstance(layer, int) and not isinstance(layer, bool) for layer in layers
+    if (
+        isinstance(layers, (str, bytes))
+        or not isinstance(layers, Iterable)
+        or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers)
     ):
         raise TypeError(f"{name} must be a sequence of ints (decoder layer indices), got {layers!r}")
     layers = tuple(layers)

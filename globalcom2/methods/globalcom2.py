@@ -27,7 +27,15 @@ Two output layouts:
 * ``layout="clean"`` (default): kept tokens in their original spatial order, one separator per unpadded
   row exactly as vanilla, R = 1.0 returns the unmodified model (bypass), features in the model's dtype,
   per-image view offsets so batches and several images per prompt are correct.
-* ``layout="reference"``: reproduces the reference's token layout position for position:
+**Kept fraction at high R.** Step 3 caps each crop's ratio at 1 and, as in the reference, gives what a
+capped crop cannot keep to no other crop, so the crops keep less than ``R`` of their tokens once
+``R (1 + sigma_j - mean sigma) > 1`` for some crop: for 4 crops this can happen from ``R`` near
+``1 / (2 - 1/4) ~ 0.57``; how far below depends on how peaked the thumbnail map is (random keeps
+``floor(R N)`` whatever the scores), and R = 1 keeps everything (bypass), a jump from just below it. The
+records' kept and equivalent tokens and TFLOPs are the realised counts: compare methods at high R by those.
+
+* ``layout="reference"``: reproduces the reference's token layout position for position (not its fp16
+  cast of the crop features, which matters only for a bf16 model):
   thumbnail in score order; crops placed in a slot grid by their index in the *unpadded* crop (the
   reference's indexing quirk, which scrambles column-padded images); a separator after every one of the
   ``rows * 24`` canvas rows, padded ones included. Use it to compare with published numbers, not for new
@@ -369,6 +377,22 @@ class GlobalCom2(PreLLMMethod):
             or temperature <= 0
         ):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if isinstance(score_layer, bool) or not isinstance(score_layer, int):
+            raise TypeError(
+                f"score_layer must be an integer CLIP layer index (-1: the last), got {score_layer!r}"
+            )  # its range is checked against the vision tower's depth when the method meets the model
+        # a knob the chosen variant never reads would be recorded as an ablation that did not happen, and
+        # would make cells of identical outputs differ in identity
+        if score != "holistic" and alpha != 0.5:
+            raise ValueError(
+                f"alpha={alpha!r} is read only by score='holistic' (it weighs the global score in the mix); "
+                f"with score={score!r} leave it at its default, 0.5"
+            )
+        if allocation == "uniform" and temperature != 10.0:
+            raise ValueError(
+                f"temperature={temperature!r} is read only by the softmax allocations; with "
+                "allocation='uniform' leave it at its default, 10.0"
+            )
         self.layout = layout
         self.allocation = allocation
         self.score = score
@@ -379,8 +403,11 @@ class GlobalCom2(PreLLMMethod):
         self._global_weight = {"holistic": self.alpha, "local_only": 0.0, "global_only": 1.0}[score]
 
     @property
-    def vision_score_layer(self) -> int:
-        """The [CLS] scores come from ``score_layer`` (a property, so ``params()`` rebuilds the method)."""
+    def vision_score_layer(self) -> int | None:
+        """The [CLS] scores come from ``score_layer`` (a property, so ``params()`` rebuilds the method);
+        none at R = 1 in the clean layout, where :meth:`select` keeps everything without reading them."""
+        if self.layout == "clean" and self.retention_ratio == 1.0:
+            return None
         return self.score_layer
 
     @property
@@ -393,6 +420,11 @@ class GlobalCom2(PreLLMMethod):
         layout, scores = ctx.layout, ctx.vision_scores  # scores: [1 + n, W], W = 576
         if scores is None:
             raise RuntimeError("globalcom2 needs [CLS] scores; attach it with globalcom2.attach")
+        if tuple(scores.shape) != (layout.num_views, layout.side * layout.side):  # host metadata: no wait
+            raise ValueError(
+                f"globalcom2: [CLS] scores of shape {list(scores.shape)} for a {layout.num_views}-view image of "
+                f"{layout.side}x{layout.side} patches per view; expected [{layout.num_views}, {layout.side**2}]"
+            )
         thumbnail = scores[0]  # [W]
         geometry = crop_geometry(layout, scores.device)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -152,7 +153,7 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             # lmms-eval's model_args parser reads "-1" as the float -1.0 (str.isnumeric is False for it)
             return int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
             return int(value)
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if annotation is float:

@@ -44,7 +44,7 @@ DEFAULT_MODELS = ("tiny", "tiny-trained")
 DEFAULT_OUT = Path("results/cls_share/cls_share.json")
 SPLIT = "test"
 # The layer GlobalCom² reads its [CLS] scores from, taken from the method itself (its default score_layer).
-SCORE_LAYER = GlobalCom2(retention_ratio=1.0).vision_score_layer
+SCORE_LAYER = GlobalCom2(retention_ratio=1.0).score_layer
 SCORE_KIND = "softmax"  # a share needs probabilities; see the module docstring
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from helpers import generate_steps, shortened_inputs, synthetic_image
 
 from globalcom2 import attach
 from globalcom2.anyres import config_layout, packed_layout
+from globalcom2.methods import METHODS
 from globalcom2.methods.base import ImageContext
 from globalcom2.methods.direct import pre_llm_sources
 from globalcom2.methods.globalcom2 import (
@@ -365,11 +367,43 @@ def test_ablations_run_and_differ_from_the_default(model, processor, images, par
         ),
         ({"score": "both"}, r"score must be one of holistic, local_only, global_only; got 'both'"),
         ({"retention_ratio": 0}, r"retention_ratio must be in \(0, 1\]"),
+        # a knob its variant never reads would be recorded as an ablation that did not happen
+        ({"score": "local_only", "alpha": 0.3}, r"alpha=0.3 is read only by score='holistic'"),
+        ({"allocation": "uniform", "temperature": 5.0}, r"temperature=5.0 is read only by the softmax"),
     ],
 )
 def test_bad_parameters(model, params, pattern):
     with pytest.raises(ValueError, match=pattern):
         attach(model, "globalcom2", **{"retention_ratio": 0.25, **params})
+
+
+@pytest.mark.parametrize("score_layer", [True, "x", 1.5])
+def test_a_score_layer_that_is_not_an_index_is_refused_when_built(score_layer):
+    with pytest.raises(TypeError, match=r"score_layer must be an integer CLIP layer index"):
+        METHODS.create("globalcom2", retention_ratio=0.25, score_layer=score_layer)
+
+
+def test_scores_of_the_wrong_shape_are_refused_naming_both_shapes():
+    layout = packed_layout((800, 800), PINPOINTS)
+    method = METHODS.create("globalcom2", retention_ratio=0.25)
+    for shape in ((layout.num_views - 1, 576), (layout.num_views, 577)):
+        context = ImageContext(
+            layout=layout,
+            pixel_values=torch.zeros(layout.num_views, 3, 4, 4),
+            vision_scores=torch.randn(shape),
+        )
+        with pytest.raises(
+            ValueError,
+            match=re.escape(f"scores of shape {list(shape)}") + rf".*expected \[{layout.num_views}, 576\]",
+        ):
+            method.select(torch.zeros(layout.num_tokens, 8), context)
+
+
+def test_at_r1_the_clean_layout_captures_no_scores():
+    """Its selection keeps everything without reading them, so no hook computes them on every forward."""
+    assert METHODS.create("globalcom2", retention_ratio=1.0).vision_score_layer is None
+    assert METHODS.create("globalcom2", retention_ratio=1.0, layout="reference").vision_score_layer == -1
+    assert METHODS.create("globalcom2", retention_ratio=0.5).vision_score_layer == -1
 
 
 @pytest.mark.parametrize("size", [(3000, 2), (2, 3000), (1500, 20), (20, 1500)])  # (width, height)

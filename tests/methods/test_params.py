@@ -43,6 +43,7 @@ def test_coerce(value, annotation, expected):
     ("value", "annotation", "message"),
     [
         (1.5, int, "p must be an integer"),
+        ("--2", int, "p must be an integer, got '--2'"),
         (True, int, "p must be an integer"),
         ("yes please", bool, "p must be true or false"),
         (2, bool, "p must be true or false"),

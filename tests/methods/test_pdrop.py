@@ -67,6 +67,7 @@ def test_patches_basis_keeps_every_separator_and_budgets_the_patches(model, proc
         ({"layers": [2, 2]}, ValueError, r"strictly increasing"),
         ({"layers": [0, 2]}, ValueError, r">= 1"),
         ({"layers": "8,16"}, TypeError, r"sequence of ints"),
+        ({"layers": 5}, TypeError, r"layers must be a sequence of ints .*got 5"),
         ({"layers": [1, 9]}, ValueError, r"layers must lie in \[1, 4\)"),
         ({"budget_basis": "tokens"}, ValueError, r"budget_basis must be one of"),
         ({"retention_ratio": 0.0}, ValueError, r"retention_ratio must be in \(0, 1\]"),
