@@ -14,6 +14,7 @@ under the installed version's own (:data:`CACHE_KEYWORD`).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -39,9 +40,11 @@ def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def output_cache(outputs: Any) -> Any:
-    """The KV cache a model output carries (``.cache`` from 5.24, ``.past_key_values`` before)."""
+    """The KV cache a model output carries (``.cache`` from 5.24, ``.past_key_values`` before). A model
+    output is read as the mapping it is: from 5.24 its ``past_key_values`` attribute is a deprecated alias
+    whose read logs a deprecation warning, even when there is no cache (``use_cache=False``)."""
     for keyword in _KEYWORDS:
-        cache = getattr(outputs, keyword, None)
+        cache = outputs.get(keyword) if isinstance(outputs, Mapping) else getattr(outputs, keyword, None)
         if cache is not None:
             return cache
     return None

@@ -30,7 +30,6 @@ With SDPA and no padding the mask stays ``None`` (the fast path), exactly as in 
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from transformers import DynamicCache, LlavaNextForConditionalGeneration
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
 from globalcom2.hooks.cache_keyword import cache_argument
+from globalcom2.hooks.cache_state import CacheStates
 from globalcom2.hooks.in_llm_sequence import gather_rows, plan_relayout, renumber_positions
 from globalcom2.hooks.llava_model import PromptContext
 from globalcom2.methods.base import InLLMMethod, KeepPlan, LayerStats, TokenView
@@ -139,7 +139,7 @@ class InLLMAdapter:
         offset = 1 if self.scores_before_cut else 0
         self.score_layers = tuple(layer - offset for layer in self.stage_layers)
         self.stats: list[LayerStats] = []
-        self._decode_states: weakref.WeakKeyDictionary[object, InLLMDecodeState] = weakref.WeakKeyDictionary()
+        self._decode_states = CacheStates()  # InLLMDecodeState per cache this adapter's prefills reduced
         self._run: _Prefill | _Decode | None = None
         self._hooks: list[Any] = []
 
@@ -179,10 +179,7 @@ class InLLMAdapter:
                 stats, state = run.finish()
             self.stats.extend(stats)
             if run.cache is not None:
-                if state is None:
-                    self._decode_states.pop(run.cache, None)
-                else:
-                    self._decode_states[run.cache] = state
+                self._decode_states.put(run.cache, state)
 
     def _before_layer(self, index: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         return None if self._run is None else self._run.before_layer(index, args, kwargs)

@@ -12,7 +12,6 @@ takes the replacement) and, when any image changed length, rebuilds the prompt
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
@@ -22,6 +21,7 @@ from transformers import LlavaNextForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from globalcom2.anyres import PackedLayout, config_layout
+from globalcom2.hooks.cache_state import CacheStates
 from globalcom2.hooks.pre_llm_sequence import DecodeState, decode_inputs, rebuild_prompt
 from globalcom2.methods.base import ImageContext, ImageStats, PreLLMMethod, Replacement
 from globalcom2.models.compiled import compile_mode_of
@@ -51,6 +51,9 @@ class PlannedImageFeatures(BaseModelOutputWithPooling):
     """``get_image_features`` output plus one :class:`ImagePlan` per feature tensor (keyed by ``id``)."""
 
     plans: dict[int, ImagePlan] | None = None
+    # the adapter that planned them: another one (an attachment since removed, or a method attached after)
+    # must not apply this one's selection without running its own
+    planner: object | None = None
 
 
 class PreLLMAdapter:
@@ -60,7 +63,7 @@ class PreLLMAdapter:
         self.model = model
         self.method = method
         self.stats: list[ImageStats] = []
-        self._decode_states: weakref.WeakKeyDictionary[object, DecodeState] = weakref.WeakKeyDictionary()
+        self._decode_states = CacheStates()  # DecodeState per cache this adapter's prefills compressed
         config = model.config
         self._image_token_id = config.image_token_id
         pad = config.text_config.pad_token_id
@@ -82,7 +85,6 @@ class PreLLMAdapter:
             self._scores.remove()
         if self._views is not None:
             self._views.remove()
-        self._decode_states.clear()
 
     # -- planning (inside get_image_features) -------------------------------------------------------
     @contextmanager
@@ -149,7 +151,7 @@ class PreLLMAdapter:
             selected.append((layout, source))
         self.stats.extend(self._images_stats(selected))
         kept = {f.name: getattr(output, f.name) for f in fields(BaseModelOutputWithPooling)}
-        return PlannedImageFeatures(**kept, plans=plans)
+        return PlannedImageFeatures(**kept, plans=plans, planner=self)
 
     def _scores_per_image(self, num_views: list[int]) -> list[torch.Tensor | None]:
         """Split the captured ``[sum of views, 576]`` scores per image (``None`` if not requested)."""
@@ -236,6 +238,12 @@ class PreLLMAdapter:
                 "image features reached the compressed model without a compression plan; compute them with "
                 "this (attached) model's get_image_features, or pass pixel_values"
             )
+        if getattr(image_output, "planner", None) is not self:
+            raise RuntimeError(
+                "these image features were planned by another attachment (one removed since, or another "
+                f"method), not by the attached {self.method.name!r}, whose selection would not run; compute "
+                "them again with this model's get_image_features, or pass pixel_values"
+            )
         selected, original, kept = [], [], []
         for feats in image_output.pooler_output:
             plan = plans.get(id(feats))
@@ -267,12 +275,8 @@ class PreLLMAdapter:
 
     def remember(self, cache: object, state: DecodeState | None) -> None:
         """Tie ``state`` to ``cache`` (or forget a stale one when this prefill needed none)."""
-        if cache is None:
-            return
-        if state is None:
-            self._decode_states.pop(cache, None)
-        else:
-            self._decode_states[cache] = state
+        if cache is not None:
+            self._decode_states.put(cache, state)
 
     def decode(
         self,
@@ -282,12 +286,24 @@ class PreLLMAdapter:
         query_length: int,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Positions and mask of a step that continues a compressed prefill (unchanged otherwise)."""
-        state = self._decode_states.get(cache) if cache is not None else None
+        state = self._decode_states.get(cache)
         if state is None:
             return attention_mask, position_ids
-        return decode_inputs(
+        translated = decode_inputs(
             state, attention_mask, position_ids, past_length=cache.get_seq_length(), query_length=query_length
-        )
+        )  # with a mask (a padded batch), a step that does not continue the prefill is named there
+        if query_length != 1:
+            # a generate step is one token; several after a compressed prefill are a second turn whose
+            # input_ids restart from the original prompt (its image placeholders fed as text, at shifted
+            # positions), a chunked prefill or an assisted step: with no padding generate passes no mask,
+            # so decode_inputs' mask check cannot see it
+            raise NotImplementedError(
+                f"a {query_length}-token step after a pre-LLM method's compressed prefill: it supports neither "
+                "a second turn on the cache of a compressed generation (run the new turn without the cache), "
+                "chunked prefill (prefill_chunk_size) nor assisted decoding (assistant_model, "
+                "prompt_lookup_num_tokens)"
+            )
+        return translated
 
 
 def _check_replacement(method: str, features: torch.Tensor, replacement: Replacement) -> None:

@@ -47,6 +47,19 @@ def test_output_cache_reads_the_model_output():
     assert cache.get_seq_length() == inputs["input_ids"].shape[1]
 
 
+def test_output_cache_reads_a_model_output_as_a_mapping_not_through_its_deprecated_alias():
+    """From transformers 5.24 ``outputs.past_key_values`` is an alias that logs a deprecation warning."""
+
+    class KeysOnly(dict):
+        def __getattr__(self, name):
+            raise AssertionError(f"read the attribute {name!r}")
+
+    cache = DynamicCache()
+    assert output_cache(KeysOnly(logits=1)) is None  # use_cache=False: no cache under either name
+    assert output_cache(KeysOnly(past_key_values=cache)) is cache  # 5.23's field
+    assert output_cache(KeysOnly(cache=cache)) is cache
+
+
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
 def test_an_attached_model_finds_a_cache_passed_under_either_keyword(keyword):
     """The pre-LLM stage refuses images after the first forward of a cache: it can only do that if it sees

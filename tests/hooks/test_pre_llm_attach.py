@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -170,6 +171,64 @@ def test_a_second_turn_on_a_compressed_padded_cache_is_refused_not_garbled(model
                 max_new_tokens=2,
                 do_sample=False,
             )
+
+
+def test_a_second_turn_on_a_compressed_unpadded_cache_is_refused_not_garbled(model, processor, images):
+    """At batch 1 generate passes no mask, so the mask check above cannot see the restart: the step's length
+    does (a generate step is one token)."""
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    with attach(model, "random", retention_ratio=0.3), torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        more = processor.tokenizer(" USER: more? ASSISTANT:", return_tensors="pt", add_special_tokens=False)
+        sequences = torch.cat([first.sequences, more["input_ids"]], 1)
+        with pytest.raises(
+            NotImplementedError, match=r"-token step after a pre-LLM method's compressed prefill"
+        ):
+            model.generate(
+                input_ids=sequences,
+                attention_mask=torch.ones_like(sequences),
+                **{CACHE_KEYWORD: output_cache(first)},
+                max_new_tokens=2,
+                do_sample=False,
+            )
+
+
+@pytest.mark.parametrize("method", ["random", "pdrop"])
+def test_a_copied_cache_decodes_as_the_original_does(model, processor, images, method):
+    """transformers reuses a prompt's cache through ``copy.deepcopy``: the copy must carry the compressed
+    prefill's decode state, or its next step runs at the original prompt's positions without a word."""
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    with attach(model, method, retention_ratio=0.3), torch.no_grad():
+        prefill = model(**inputs, use_cache=True)
+        cache = output_cache(prefill)
+        copied = copy.deepcopy(cache)
+        token = prefill.logits[:, -1:].argmax(-1)  # [1, 1]
+        step = {
+            "input_ids": token,
+            "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1),
+            "position_ids": torch.tensor([[inputs["input_ids"].shape[1]]]),
+        }
+        on_copy = model(**step, **{CACHE_KEYWORD: copied}).logits
+        on_original = model(**step, **{CACHE_KEYWORD: cache}).logits
+    assert torch.equal(on_copy, on_original)
+
+
+def test_image_features_planned_by_another_attachment_are_refused(model, processor, images):
+    """A plan carries one attachment's selection: another must not apply it without running its own."""
+    inputs = prompt_inputs(processor, images[(800, 600)])
+    with attach(model, "globalcom2", retention_ratio=0.25), torch.no_grad():
+        planned = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+    with (
+        attach(model, "random", retention_ratio=1.0),
+        torch.no_grad(),
+        pytest.raises(RuntimeError, match="planned by another attachment"),
+    ):
+        model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            image_sizes=inputs["image_sizes"],
+            mm_encoder_outputs={"image": planned},
+        )
 
 
 def test_several_images_in_one_prompt(model, processor, images):
