@@ -298,12 +298,23 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
         raise ValueError("this model's layers are already compiled (or their forward was replaced)")
     decode_compiled = not _replays_cuda_graphs(device, mode)  # the module docstring says why
     _raise_recompile_limit(recompile_limit_for(len(vision_layers), len(decoder_layers), decode_compiled))
-    for index, layer in enumerate(vision_layers):
-        layer.forward = _compiled_forward(layer, mode, False, f"vision_layer_{index}_forward")
-    for index, layer in enumerate(decoder_layers):
-        layer.forward = _compiled_forward(layer, mode, not decode_compiled, f"decoder_layer_{index}_forward")
-    hooks = []
-    if _replays_cuda_graphs(device, mode):
-        hooks.append(model.register_forward_pre_hook(_mark_cuda_graph_step))
+    wrapped: list[Any] = []
+    try:
+        for index, layer in enumerate(vision_layers):
+            layer.forward = _compiled_forward(layer, mode, False, f"vision_layer_{index}_forward")
+            wrapped.append(layer)
+        for index, layer in enumerate(decoder_layers):
+            layer.forward = _compiled_forward(
+                layer, mode, not decode_compiled, f"decoder_layer_{index}_forward"
+            )
+            wrapped.append(layer)
+        hooks = []
+        if _replays_cuda_graphs(device, mode):
+            hooks.append(model.register_forward_pre_hook(_mark_cuda_graph_step))
+    except BaseException:  # no handle to undo a half-compiled model with: leave it as it was
+        for layer in wrapped:
+            del layer.forward
+        _release_recompile_limit()
+        raise
     setattr(model, MODE_ATTRIBUTE, mode)
     return CompiledLayers(mode, layers, hooks, model)

@@ -139,6 +139,32 @@ def test_a_missing_backend_is_refused_before_anything_is_compiled(model, monkeyp
         compile_model(model, "reduce-overhead")
 
 
+def test_a_compile_that_fails_half_way_leaves_the_model_and_dynamo_as_they_were(model, monkeypatch):
+    """No handle comes back to undo a half-compiled model, so compile_model undoes it itself: every forward
+    it set is gone, the recompile limits are dynamo's again, and a second try is not "already compiled"."""
+    limits = {name: getattr(torch._dynamo.config, name) for name in compiled.RECOMPILE_LIMITS}
+    live = compiled._recompile_limit_state["live"]
+    real, calls = compiled._compiled_forward, []
+
+    def failing_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("wrapping failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compiled, "compile_problem", lambda device, mode: None)
+    monkeypatch.setattr(compiled, "_compiled_forward", failing_third)
+    with pytest.raises(RuntimeError, match="wrapping failed"):
+        compile_model(model)
+    layers = [*model.model.vision_tower.encoder.layers, *model.model.language_model.layers]
+    assert not any("forward" in vars(layer) for layer in layers)
+    assert {name: getattr(torch._dynamo.config, name) for name in compiled.RECOMPILE_LIMITS} == limits
+    assert compiled._recompile_limit_state["live"] == live
+    monkeypatch.setattr(compiled, "_compiled_forward", real)
+    compile_model(model).remove()  # wraps lazily: nothing compiles until a forward
+    assert not any("forward" in vars(layer) for layer in layers)
+
+
 def deep_tiny_model(decoder_layers: int):
     """The tiny model's recipe with more decoder layers than dynamo's default recompile limit (8)."""
     from transformers import LlavaNextForConditionalGeneration
