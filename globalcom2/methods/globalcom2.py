@@ -48,8 +48,9 @@ Deliberate deviations from the reference (all layouts):
   ``torch.topk``/``argsort`` order).
 * Batches and several images per prompt use per-image view offsets (the reference reads the thumbnail
   score of image 0 for every image; its evaluation loader asserts batch size 1), so batch size > 1 is correct.
-* No per-token or per-crop Python loops. The allocation (at most nine numbers) runs on the host in
-  float64 after one device read, so every device allocates alike; the rest stays on the device.
+* No per-token or per-crop Python loops. The allocation (at most nine numbers per image) runs on the host
+  in float64 after one device read per call (every image of a batch at once), so every device allocates
+  alike; the rest stays on the device.
 * The stretched thumbnail map is computed as two batched matrix products with the separable bilinear
   weights that ``F.interpolate`` applies (:func:`global_crop_scores`): equal to ``F.interpolate`` up to
   float32 rounding, as ``F.interpolate``'s own CPU and CUDA kernels are.
@@ -60,8 +61,9 @@ Deliberate deviations from the reference (all layouts):
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -139,8 +141,9 @@ def block_scores(
 def ratios_from_block_scores(block: list[float], retention_ratio: float, temperature: float) -> list[float]:
     """Unclipped ``r_j = R (1 + sigma_j - mean sigma)``, ``sigma = softmax(block / tau)`` with the +1e-8.
 
-    At most nine numbers, so this runs on the host in float64: one device read per image, and the same
-    allocation whichever device scored the image.
+    At most nine numbers, so this runs on the host in float64: one device read per call (every image's block
+    scores at once, :meth:`GlobalCom2.select_images`), and the same allocation whichever device scored the
+    image.
     """
     top = max(block)
     weights = [math.exp((value - top) / temperature) for value in block]
@@ -415,22 +418,51 @@ class GlobalCom2(PreLLMMethod):
         return self.attention
 
     def select(self, features: torch.Tensor, ctx: ImageContext) -> torch.Tensor | None:
+        return self.select_images([features], [ctx])[0]
+
+    def select_images(
+        self, features: Sequence[torch.Tensor], contexts: Sequence[ImageContext]
+    ) -> list[torch.Tensor | None]:
+        """Every image's kept positions. The crop allocations of all the call's images come from one device
+        read (their thumbnails' block scores, concatenated): one read per image would make a batched prefill
+        wait for the device once per image."""
         if self.layout == "clean" and self.retention_ratio == 1.0:
-            return None  # R = 1 is the unmodified model in the clean layout (the reference's is not)
-        layout, scores = ctx.layout, ctx.vision_scores  # scores: [1 + n, W], W = 576
-        if scores is None:
-            raise RuntimeError("globalcom2 needs [CLS] scores; attach it with globalcom2.attach")
-        if tuple(scores.shape) != (layout.num_views, layout.side * layout.side):  # host metadata: no wait
-            raise ValueError(
-                f"globalcom2: [CLS] scores of shape {list(scores.shape)} for a {layout.num_views}-view image of "
-                f"{layout.side}x{layout.side} patches per view; expected [{layout.num_views}, {layout.side**2}]"
-            )
+            # R = 1 is the unmodified model in the clean layout (the reference's is not)
+            return [None] * len(contexts)
+        scores = [_checked_scores(ctx) for ctx in contexts]  # [1 + n_i, W] each, W = 576
+        blocks = self._host_block_scores(scores, [ctx.layout.grid for ctx in contexts])
+        return [
+            self._select(feats, ctx, image_scores, block)
+            for feats, ctx, image_scores, block in zip(features, contexts, scores, blocks, strict=True)
+        ]
+
+    def _host_block_scores(
+        self, scores: list[torch.Tensor], grids: list[tuple[int, int]]
+    ) -> list[list[float] | None]:
+        """Per image, its crops' block scores on the host (``None`` under the uniform allocation, which reads
+        none), from one ``tolist`` for the whole call."""
+        if self.allocation == "uniform" or not scores:
+            return [None] * len(scores)
+        blocks = [
+            block_scores(image[0], grid, self.allocation) for image, grid in zip(scores, grids, strict=True)
+        ]
+        host = torch.cat(blocks).tolist()  # [sum of n_i]: the call's one device read before the top-k
+        starts = list(itertools.accumulate((block.numel() for block in blocks), initial=0))
+        return [host[start:end] for start, end in itertools.pairwise(starts)]
+
+    def _select(
+        self, features: torch.Tensor, ctx: ImageContext, scores: torch.Tensor, block: list[float] | None
+    ) -> torch.Tensor:
+        layout = ctx.layout
         thumbnail = scores[0]  # [W]
         geometry = crop_geometry(layout, scores.device)
-
-        ratios = _host_ratios(
-            thumbnail, layout.grid, self.retention_ratio, self.temperature, self.allocation, clip=True
-        )  # n host floats: the only device read before the top-k
+        crops = layout.grid[0] * layout.grid[1]
+        if block is None:  # uniform
+            ratios = [float(self.retention_ratio)] * crops
+        else:
+            ratios = [
+                min(r, 1.0) for r in ratios_from_block_scores(block, self.retention_ratio, self.temperature)
+            ]
         counts = [kept_count(thumbnail.numel(), self.retention_ratio)] + [
             math.floor(tokens * ratio)
             for tokens, ratio in zip(geometry.tokens_per_crop_host, ratios, strict=True)
@@ -479,6 +511,20 @@ class GlobalCom2(PreLLMMethod):
         if self.layout == "reference":
             return layout.grid[0] * layout.side
         return layout.num_separators
+
+
+def _checked_scores(ctx: ImageContext) -> torch.Tensor:
+    """``ctx``'s ``[1 + n, side * side]`` [CLS] scores, or an error naming what is missing or misshapen (host
+    metadata only: no device read)."""
+    layout, scores = ctx.layout, ctx.vision_scores
+    if scores is None:
+        raise RuntimeError("globalcom2 needs [CLS] scores; attach it with globalcom2.attach")
+    if tuple(scores.shape) != (layout.num_views, layout.side * layout.side):
+        raise ValueError(
+            f"globalcom2: [CLS] scores of shape {list(scores.shape)} for a {layout.num_views}-view image of "
+            f"{layout.side}x{layout.side} patches per view; expected [{layout.num_views}, {layout.side**2}]"
+        )
+    return scores
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
