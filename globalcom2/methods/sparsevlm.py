@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -203,6 +204,15 @@ def sparsevlm_schedule(
 
     low, high = 0.0, 1.0 / min(shape) + 1.0  # at `high` every stage keeps everything
     if average(low) >= target:
+        if average(low) > target:  # the stage layers' check passed, yet each stage recycles a cluster
+            warnings.warn(
+                f"sparsevlm: retention_ratio={retention_ratio} is below what an image of {num_visual} visual "
+                f"positions can keep with stages at layers {list(stage_layers)} of {num_layers} (every stage "
+                f"recycles at least one cluster): it keeps a {convention} average of "
+                f"{average(low) / num_visual:.4f}, which its records show; use a higher ratio or earlier "
+                "pruning layers to compare at this one",
+                stacklevel=2,
+            )
         return budgets(low)
     for _ in range(64):
         middle = (low + high) / 2

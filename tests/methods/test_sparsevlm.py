@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from references import sparsevlm_reference_logits
@@ -9,6 +11,7 @@ from references import sparsevlm_reference_logits
 from globalcom2 import attach
 from globalcom2.methods.sparsevlm import (
     OFFICIAL_SCHEDULES,
+    SparseVLM,
     StageBudget,
     default_prune_layers,
     recycled_count,
@@ -73,6 +76,19 @@ def test_schedule_meets_the_target_within_one_token(num_visual, num_layers, stag
             assert 0 <= budget.kept <= present
             assert budget.recycled == recycled_count(present - budget.kept)[1]
             present = budget.after
+
+
+def test_a_ratio_below_the_least_reachable_warns_with_what_is_kept():
+    """Above the stage layers' floor (1/16 on 32 layers) yet below what recycling allows: the least reachable
+    schedule runs, and the user is told which average it keeps rather than finding it in the records."""
+    sparsevlm_schedule.cache_clear()
+    with pytest.warns(UserWarning, match=r"retention_ratio=0.063 is below .* average of 0\.06[6-9]"):
+        budgets = sparsevlm_schedule(2928, 0.063, 32, SparseVLM(retention_ratio=0.063).stage_layers(32))
+    average = layer_average(2928, budgets, (3, 7, 16), 32, "layer_output") / 2928
+    assert average > 0.063
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsevlm_schedule(2928, 0.25, 32, (3, 7, 16))  # reachable: no word
 
 
 def test_schedule_keeps_everything_at_ratio_one():
