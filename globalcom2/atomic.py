@@ -24,7 +24,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 would hide results from a shared group
+        try:
+            os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 would hide results from a shared group
+        except BaseException:
+            os.close(fd)  # fdopen has not taken it over yet
+            raise
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

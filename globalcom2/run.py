@@ -344,7 +344,13 @@ def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell, lock_fd: int | None =
     try:
         outcome = execute(spec, partial, lock_fd)
     except Exception as err:
-        cell.discard_partial()
+        try:
+            cell.discard_partial()
+        except OSError as cleanup:  # e.g. a stuck rank still writing there: the run's own error comes first
+            print(
+                f"[warn]    could not remove {cell.partial_dir} ({cleanup}); the next run deletes it",
+                flush=True,
+            )
         print(f"[failed]  {cell.key.relative_path()}: {type(err).__name__}: {_message(err)}", flush=True)
         raise
     record = CellRecord(

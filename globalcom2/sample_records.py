@@ -237,6 +237,20 @@ def write_jsonl(path: str | os.PathLike[str], records: Sequence[SampleRecord]) -
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[SampleRecord]:
-    """Read records written by :func:`write_jsonl`."""
+    """Read records written by :func:`write_jsonl`.
+
+    Raises:
+        ValueError: a line that is not a sample record, named by the file and its line number.
+    """
+    records = []
     with open(path, encoding="utf-8") as handle:
-        return [SampleRecord.from_dict(json.loads(line)) for line in handle if line.strip()]
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(SampleRecord.from_dict(json.loads(line)))
+            except (TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+                raise ValueError(
+                    f"{path}:{number}: not a sample record ({type(err).__name__}: {err})"
+                ) from err
+    return records

@@ -365,3 +365,25 @@ def test_vanilla_at_another_ratio_is_refused_alone_and_is_the_r1_cell_in_a_sweep
         run_module.run(cfg)
     monkeypatch.setattr(run_module, "single_run", lambda: False)  # a sweep's job (or a call from Python)
     assert run_module.run(cfg) is None  # the dry run lists the r1.0 cell
+
+
+def test_a_failed_run_reports_its_own_error_when_its_partial_folder_cannot_be_removed(
+    tmp_path, monkeypatch, capsys
+):
+    """A rank still writing into ``.partial/`` can make its removal fail: the evaluation's error is the one
+    raised, and the leftover is deleted by the next run's ``prepare``."""
+    from globalcom2.store import Cell
+
+    def evaluation_fails(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    def busy(self):
+        raise OSError("Directory not empty")
+
+    monkeypatch.setattr(run_module, "execute", evaluation_fails)
+    monkeypatch.setattr(Cell, "discard_partial", busy)
+    monkeypatch.setattr(run_module, "_SEEN_THIS_SWEEP", set())
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        run_module.run(compose_cell(tmp_path))
+    out = capsys.readouterr().out
+    assert "could not remove" in out and "Directory not empty" in out and "[failed]" in out

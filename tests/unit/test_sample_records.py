@@ -150,6 +150,17 @@ def test_stats_stay_typed_through_the_jsonl(tmp_path, stats):
     assert back.compression == stats and type(back.compression[0]) is type(stats[0])
 
 
+@pytest.mark.parametrize(
+    ("line", "error"), [("{not json", "JSONDecodeError"), ('{"surprise": 1}', "TypeError")]
+)
+def test_a_damaged_records_file_names_its_line(tmp_path, line, error):
+    path = tmp_path / "records.jsonl"
+    sr.write_jsonl(path, [record()])
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(ValueError, match=rf"records\.jsonl:2: not a sample record \({error}"):
+        sr.read_jsonl(path)
+
+
 def test_untagged_stats_fail_with_what_to_do():
     with pytest.raises(ValueError, match="re-run the cell"):
         sr.stat_from_dict({"method": "random", "tokens_before": 3})
