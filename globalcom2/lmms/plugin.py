@@ -35,7 +35,7 @@ What the class guarantees:
   left-padded; they return in lmms-eval's order. The compression hooks are exact under padding, so answers
   equal those at batch size 1 in fp32 on the CPU (``tests/lmms``, tiny model); on CUDA, kernels chosen by
   the batch's shape can still flip a token, in bf16 often and in fp32 rarely (``make bench-batch-effect``
-  measures it), and ``batch_invariant=true`` makes batch N equal batch 1 bit for bit in any dtype. With ``prefetch`` (``auto``: on when the model runs on
+  measures it), and ``batch_invariant=true`` makes batch N equal batch 1 bit for bit in bf16. With ``prefetch`` (``auto``: on when the model runs on
   CUDA) the next batches are prepared in a background thread while one generates (``lmms/batch_pipeline.py``).
 * Data parallelism under ``torchrun``/``accelerate launch``: one full model copy per process; lmms-eval
   shards the documents, gathers the answers and scores on rank 0.
