@@ -27,19 +27,20 @@ Two output layouts:
 * ``layout="clean"`` (default): kept tokens in their original spatial order, one separator per unpadded
   row exactly as vanilla, R = 1.0 returns the unmodified model (bypass), features in the model's dtype,
   per-image view offsets so batches and several images per prompt are correct.
+* ``layout="reference"``: reproduces the reference's token layout position for position (not its hard-coded
+  fp16 cast of the crop features, a no-op for the float16 checkpoints it ran; features stay in the model's
+  dtype):
+  thumbnail in score order; crops placed in a slot grid by their index in the *unpadded* crop (the
+  reference's indexing quirk, which scrambles column-padded images); a separator after every one of the
+  ``rows * 24`` canvas rows, padded ones included. Use it to compare with published numbers, not for new
+  results.
+
 **Kept fraction at high R.** Step 3 caps each crop's ratio at 1 and, as in the reference, gives what a
 capped crop cannot keep to no other crop, so the crops keep less than ``R`` of their tokens once
 ``R (1 + sigma_j - mean sigma) > 1`` for some crop: for 4 crops this can happen from ``R`` near
 ``1 / (2 - 1/4) ~ 0.57``; how far below depends on how peaked the thumbnail map is (random keeps
 ``floor(R N)`` whatever the scores), and R = 1 keeps everything (bypass), a jump from just below it. The
 records' kept and equivalent tokens and TFLOPs are the realised counts: compare methods at high R by those.
-
-* ``layout="reference"``: reproduces the reference's token layout position for position (not its fp16
-  cast of the crop features, which matters only for a bf16 model):
-  thumbnail in score order; crops placed in a slot grid by their index in the *unpadded* crop (the
-  reference's indexing quirk, which scrambles column-padded images); a separator after every one of the
-  ``rows * 24`` canvas rows, padded ones included. Use it to compare with published numbers, not for new
-  results.
 
 Deliberate deviations from the reference (all layouts):
 

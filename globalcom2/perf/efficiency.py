@@ -460,8 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     items = demo.generate_items("efficiency", size=args.images)
     prompts = build_prompts(processor, model, items, args.vicuna_text)
     profiler = GenerateProfiler(model, args.device)
-    # the model's objects (a 7B has ~10^5) leave the collector's generations: a full collection in a timed
-    # call would otherwise walk them all
+    # the loaded model's objects leave the collector's generations, so that a full collection landing in a
+    # timed call does not walk them all
     gc.collect()
     gc.freeze()
     dims, vision = LlmDims.from_config(model.config.text_config), VisionDims.from_config(model.config)
