@@ -43,7 +43,7 @@ LAUNCH_TOOLS = ("auto", "accelerate", "torchrun")
 #: Bump when a code change alters the results of unchanged configs (a prompt, a task's scoring), so that
 #: cells finished before it are run again instead of being reused. The git SHA is recorded, not hashed:
 #: a commit that changes nothing a cell computes must not re-run the grid.
-IDENTITY_VERSION = 8  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
+IDENTITY_VERSION = 9  # 2: under protocol=llava, chunked tokenisation and FastV/SparseVLM budgets in patches;
 # 3: the checkpoint's content (``weights``) joined the identity, so cells that may hold other weights run again;
 # 4: the task definitions (``task_definitions``) and the data folders' content (``data.<task>.content``)
 # joined it, and the process count where it changes batches; ScienceQA answers read as LLaVA's under llava;
@@ -53,7 +53,8 @@ IDENTITY_VERSION = 8  # 2: under protocol=llava, chunked tokenisation and FastV/
 # generation_overrides temperature > 0 samples; 7: a method's parameters as the built method holds them
 # (every default filled in), so a default changed in code is another cell, and a default spelled out is not;
 # 8: under llava, a ScienceQA hint is stripped (whitespace alone is no hint) and an empty MMBench option or
-# hint is absent, as in LLaVA's question files
+# hint is absent, as in LLaVA's question files; 9: under llava, an MMBench option or hint that pandas reads as
+# NaN ("NA", "N/A", "null" …) is absent, as after LLaVA's pd.read_table
 #: Config keys that cannot change a cell's result, left out of its identity: where files go (``paths``; the
 #: task files and data they point at are in it by content), how it is launched (N processes give the
 #: answers of one, tests/harness/test_run_cells.py; the process count joins the identity where it changes

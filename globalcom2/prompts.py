@@ -5,7 +5,8 @@ LLaVA's ``conv_vicuna_v1`` (haotian-liu/LLaVA c121f043 ``llava/conversation.py``
 ``"<system> USER: <image>\\n<question> ASSISTANT:"``, with the system prompt "A chat between a curious
 user and … the user's questions". The published LLaVA-NeXT numbers, and the GlobalCom² paper's, were
 produced with it (every ``scripts/v1_5/eval/*.sh`` passes ``--conv-mode vicuna_v1``); lmms-eval's own
-``llava`` model uses it too. ``conv_llava_v1`` (L325-335, the scripts' argparse default) differs only in
+``llava`` model uses it too. ``conv_llava_v1`` (L325-335, the argparse default of ``model_vqa_loader.py``, ``model_vqa.py`` and
+``model_vqa_mmbench.py``; ``model_vqa_science.py``'s is ``llava_v0``) differs only in
 saying "human" for "user"; it is not what was evaluated. The harness builds the prompt itself instead of
 relying on whatever chat template a checkpoint ships.
 """

@@ -2,8 +2,10 @@
 run them, and which metric enters the paper table (:data:`PAPER_METRICS`, the one place the reporting layer reads).
 
 Offline task names end in ``_local`` (built-in lmms-eval names win on conflicts, so ours must differ).
-Each task inherits its built-in lmms-eval config (prompts, generation settings, scoring) and reads its
-data from ``$GLOBALCOM2_DATA_DIR/<local_data>`` (``globalcom2.data.local``).
+Each task inherits its built-in lmms-eval config (prompts, generation settings, scoring; under
+``protocol=llava`` the plugin sends LLaVA's prompts and settings instead and reads the answers as LLaVA's
+scripts do, ``globalcom2.protocol.rules``) and reads its data from ``$GLOBALCOM2_DATA_DIR/<local_data>``
+(``globalcom2.data.local``).
 """
 
 from __future__ import annotations

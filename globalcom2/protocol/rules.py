@@ -28,8 +28,8 @@ Both protocols use the ``vicuna_v1`` conversation (``globalcom2.prompts``). Our 
 demo and efficiency benchmarks) have one prompt only, which both protocols use.
 
 Question-file suffixes are not in the LLaVA repository (they ship in its ``eval.zip``). They are taken
-from a copy of that archive committed in the LLaVA mirror (``refs/pull/1199/head``, 32cebc38, a
-third-party PR), checked line by line for GQA, VizWiz, TextVQA, POPE, MME, MM-Vet and ScienceQA; VQAv2's
+from a copy of that archive committed in the LLaVA mirror (32cebc38, an ancestor of the head of
+``refs/pull/1199``, a third-party PR), checked line by line for GQA, VizWiz, TextVQA, POPE, MME, MM-Vet and ScienceQA; VQAv2's
 file is missing there, and its suffix follows ``docs/Evaluation.md`` L13-18 (short-answer format), the
 same one the other short-answer files carry (high confidence, not checked byte for byte). MMBench's
 prompt is built in code (``model_vqa_mmbench.py`` L81-99), so it is certain.
@@ -153,13 +153,22 @@ def scienceqa(doc: Mapping[str, Any]) -> str:
     return "\n".join([*lines, OPTION_LETTER])
 
 
+#: The cell texts ``pd.read_table`` reads as NaN by default (pandas' documented ``na_values`` default, the
+#: same in pandas 2.x), matched exactly as pandas matches them.
+PANDAS_NA_TEXTS = frozenset(
+    {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+     "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+)  # fmt: skip
+
+
 def _is_none(value: Any) -> bool:
-    """``model_vqa_mmbench.py``'s ``is_none`` (L31-42): None, NaN, "nan" and "none" count as absent; and so
-    does "", which is NaN by the time ``is_none`` sees it there (LLaVA reads the TSV with ``pd.read_table``,
-    L61, which reads an empty cell as NaN), so an empty option ends the list as it does in LLaVA."""
+    """``model_vqa_mmbench.py``'s ``is_none`` (L33-42: None, NaN, "nan" and "none" in any case) after its
+    ``pd.read_table`` (L61), which has already turned every default NA text (:data:`PANDAS_NA_TEXTS`: an
+    empty cell, "NA", "N/A", "null" …) into NaN: each counts as absent, so such an option ends the list and
+    such a hint is dropped, as in LLaVA."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return True
-    return isinstance(value, str) and value.lower() in ("", "nan", "none")
+    return isinstance(value, str) and (value in PANDAS_NA_TEXTS or value.lower() in ("nan", "none"))
 
 
 def _mmbench(instruction: str) -> Callable[[Mapping[str, Any]], str]:

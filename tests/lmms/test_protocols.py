@@ -94,6 +94,22 @@ def test_mmbench_stops_at_the_first_absent_option_and_skips_an_absent_hint():
     assert rule.question(doc, "ignored") == f"Q?\nA. x\nB. y\n{LETTER}"
 
 
+@pytest.mark.parametrize("text", ["NA", "N/A", "null", "NULL", "#N/A", "<NA>", "None"])
+def test_mmbench_reads_pandas_default_na_texts_as_absent_as_llavas_read_table_does(text):
+    """LLaVA's ``pd.read_table`` turns these cells into NaN before its ``is_none`` sees them; pandas' own
+    list is the one its readers use."""
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    from globalcom2.protocol.rules import PANDAS_NA_TEXTS
+
+    assert set(STR_NA_VALUES) == PANDAS_NA_TEXTS  # the installed pandas reads the same texts as NaN
+    rule = task_protocol("llava", "mmbench_en_dev_static_local")
+    doc = {"question": "Q?", "hint": text, "A": "x", "B": text, "C": "y", "D": float("nan")}
+    assert rule.question(doc, "ignored") == f"Q?\nA. x\n{LETTER}"
+    doc = {**doc, "hint": "na", "B": "Na"}  # pandas matches exactly: these are text
+    assert rule.question(doc, "ignored") == f"na\nQ?\nA. x\nB. Na\nC. y\n{LETTER}"
+
+
 def test_scienceqa_hint_is_stripped_as_llavas_question_file_was_built():
     rule = task_protocol("llava", "scienceqa_img_local")
     doc = {"question": "Q?", "hint": "  ", "choices": ["a", "b"]}
