@@ -92,6 +92,16 @@ class PackedLayout:
         """``[num_separators]`` int64: packed positions of the row separators, in packed order (cached, CPU)."""
         return _positions(self.side, self.grid, self.valid_rows, self.valid_cols)[1]
 
+    def check_features(self, features: torch.Tensor) -> None:
+        """Raise unless ``features`` (``[N, D]``, one image's packed features) has this layout's ``N``: the
+        methods index packed positions by the layout, so another model's packing would be mis-compressed
+        (host metadata only: no device read)."""
+        if features.shape[0] != self.num_tokens:
+            raise RuntimeError(
+                f"packed features of an image of size {self.image_size} have {features.shape[0]} tokens, the "
+                f"AnyRes geometry predicts {self.num_tokens}; is this a LLaVA-NeXT AnyRes model?"
+            )
+
 
 def crop_grid(
     image_size: tuple[int, int], grid_pinpoints: list[list[int]], crop_size: int

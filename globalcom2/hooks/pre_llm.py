@@ -122,11 +122,7 @@ class PreLLMAdapter:
         for feats, layout, pixels, image_scores, image_views in zip(
             features, layouts, views, scores, captured, strict=True
         ):
-            if feats.shape[0] != layout.num_tokens:
-                raise RuntimeError(
-                    f"packed features of an image of size {layout.image_size} have {feats.shape[0]} tokens, "
-                    f"the AnyRes geometry predicts {layout.num_tokens}; is this a LLaVA-NeXT AnyRes model?"
-                )
+            layout.check_features(feats)
             contexts.append(
                 ImageContext(
                     layout=layout,

@@ -74,12 +74,8 @@ def pre_llm_sources(model: Any, method: PreLLMMethod, inputs: dict) -> list[torc
     )
     config = model.config
     layouts = [config_layout(config, tuple(size.tolist())) for size in inputs["image_sizes"]]
-    for layout, feats in zip(layouts, features, strict=True):  # the hook checks the same (pre_llm.py)
-        if feats.shape[0] != layout.num_tokens:
-            raise ValueError(
-                f"{feats.shape[0]} packed features for an image whose layout has {layout.num_tokens} positions "
-                f"({layout.image_size[1]}x{layout.image_size[0]}): the model's config and the processor disagree"
-            )
+    for layout, feats in zip(layouts, features, strict=True):  # as the hook checks them
+        layout.check_features(feats)
     contexts = [
         ImageContext(layout=layout, pixel_values=pixels[: layout.num_views], vision_scores=image_scores)
         for layout, pixels, image_scores in zip(layouts, inputs["pixel_values"], scores, strict=True)

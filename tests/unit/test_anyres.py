@@ -67,3 +67,14 @@ def test_grid_and_unpadding_of_a_letterboxed_image():
     assert layout.grid == (2, 2)
     assert layout.valid_cols == (0, 48) and layout.valid_rows == (10, 38)
     assert layout.num_separators == 28 and layout.num_patches == 576 + 28 * 48
+
+
+def test_features_of_another_packing_are_refused_naming_both_counts():
+    """The hook and the hook-free path (``pre_llm_sources``) both check: DivPrune drew repeated indices from
+    100 features for a 2,928-position layout, and GlobalCom² returned indices past them, without an error."""
+    layout = packed_layout((800, 800), LLAVA_V16_GRID_PINPOINTS)
+    layout.check_features(torch.zeros(layout.num_tokens, 8))
+    with pytest.raises(
+        RuntimeError, match=rf"have 100 tokens, the AnyRes geometry predicts {layout.num_tokens}"
+    ):
+        layout.check_features(torch.zeros(100, 8))
