@@ -33,12 +33,11 @@ device:
   LLaVA-NeXT 7B/13B have no grouped-query attention; the tiny test models have.
 
 Gathers and scatters are batch-invariant already, and so are elementwise operations, with one exception: on
-a CPU a vectorised kernel computes the elements of an array's tail (past its last full SIMD vector) by
-another path than those of its body, so a transcendental's last bit (SiLU's ``exp``) can depend on where an
-element sits in the array, which the batch decides. In fp32 on the CPU the tiny model's batched rows then
-differ from their runs alone by 3e-6 to 6e-6 in a logit under this mode (SDPA, eager attention); in bf16
-that difference rounds away, and on a GPU each element is computed alike wherever it sits. What this buys,
-and what it does not:
+a CPU, the vectorised fp32 SiLU gives an element a last bit that can depend on the element's offset in the
+array (``F.silu(x)[j:]`` and ``F.silu(x[j:])`` differ by up to 1.5e-8 on a standard normal ``x``; in bf16 they
+are equal), and the batch decides the offset. In fp32 on the CPU the tiny model's batched rows then differ
+from their runs alone by 2.7e-6 to 5.8e-6 in a logit under this mode (SDPA, eager attention); in bf16 the
+difference rounds away. What this buys, and what it does not:
 
 * **Tested**: batch N gives every row bit for bit what batch 1 gives it, both under this mode, in bf16 on
   the CPU, for vanilla and every method (``tests/models/test_batch_invariant.py``), where the unmodified
