@@ -32,14 +32,13 @@ class CacheStates:
         return getattr(cache, STATES_ATTRIBUTE, {}).get(self._key)
 
     def put(self, cache: Any, state: Any) -> None:
-        """Tie ``state`` to ``cache``; ``None`` forgets a stale one (a later prefill into it needed none)."""
-        states = getattr(cache, STATES_ATTRIBUTE, None)
-        if states is None:
-            if state is None:
-                return
-            states = {}
-            setattr(cache, STATES_ATTRIBUTE, states)
+        """Tie ``state`` to ``cache``; ``None`` forgets a stale one (a later prefill into it needed none). A
+        forward without a cache (``use_cache=False``) has nothing to tie it to."""
+        if cache is None:
+            return
         if state is None:
-            states.pop(self._key, None)
-        else:
-            states[self._key] = state
+            getattr(cache, STATES_ATTRIBUTE, {}).pop(self._key, None)
+            return
+        if not hasattr(cache, STATES_ATTRIBUTE):
+            setattr(cache, STATES_ATTRIBUTE, {})
+        getattr(cache, STATES_ATTRIBUTE)[self._key] = state

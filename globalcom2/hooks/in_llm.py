@@ -178,8 +178,7 @@ class InLLMAdapter:
             with stage_section("compression"):
                 stats, state = run.finish()
             self.stats.extend(stats)
-            if run.cache is not None:
-                self._decode_states.put(run.cache, state)
+            self._decode_states.put(run.cache, state)
 
     def _before_layer(self, index: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         return None if self._run is None else self._run.before_layer(index, args, kwargs)

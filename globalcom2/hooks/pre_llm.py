@@ -271,8 +271,7 @@ class PreLLMAdapter:
 
     def remember(self, cache: object, state: DecodeState | None) -> None:
         """Tie ``state`` to ``cache`` (or forget a stale one when this prefill needed none)."""
-        if cache is not None:
-            self._decode_states.put(cache, state)
+        self._decode_states.put(cache, state)
 
     def decode(
         self,
