@@ -72,13 +72,13 @@ class CellError(CompactHydraException):
     """A cell that was not run, with the reason in one line (Hydra prints it without a traceback)."""
 
 
-def worker_command(spec: CellSpec, spec_path: Path, out_dir: Path) -> list[str]:
+def worker_command(spec: CellSpec, spec_path: Path, out_dir: Path, answers_dir: Path) -> list[str]:
     """The command that runs ``globalcom2.worker`` on ``launcher.num_processes`` processes."""
     n = spec.launcher.num_processes
     tool = spec.launcher.tool
     if tool == "auto":  # `accelerate launch --num_processes N` starts one process on a machine without GPUs
         tool = "accelerate" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "torchrun"
-    worker = ["-m", "globalcom2.worker", str(spec_path), str(out_dir)]
+    worker = ["-m", "globalcom2.worker", str(spec_path), str(out_dir), str(answers_dir)]
     if tool not in ("torchrun", "accelerate"):
         raise ValueError(f"launcher.tool must be auto, torchrun or accelerate, got {tool!r}")
     with socket.socket() as probe:  # a free port, so concurrent cells on one node never collide
@@ -111,19 +111,21 @@ def worker_command(spec: CellSpec, spec_path: Path, out_dir: Path) -> list[str]:
     ]
 
 
-def execute(spec: CellSpec, partial: Path, lock_fd: int | None = None) -> CellOutcome:
-    """Run the cell's evaluation into ``partial`` and return the outcome rank 0 wrote.
+def execute(spec: CellSpec, partial: Path, answers_dir: Path, lock_fd: int | None = None) -> CellOutcome:
+    """Run the cell's evaluation into ``partial`` and return the outcome rank 0 wrote. Each finished batch's
+    answers are kept in ``answers_dir`` as it finishes, and those an interrupted run kept there are replayed
+    (``globalcom2/answer_journal.py``).
 
     ``lock_fd``: the cell's lock, inherited by the worker group's launcher so that the cell stays locked
     until the group is gone, even if this process dies first.
     """
     if spec.launcher.num_processes == 1:
-        outcome = evaluate_cell(spec, partial)
+        outcome = evaluate_cell(spec, partial, answers_dir)
         assert outcome is not None  # a single process is rank 0
         return outcome
     spec_path = partial / "cell_spec.json"
     spec_path.write_text(json.dumps(spec.to_dict(), indent=2))
-    command = worker_command(spec, spec_path, partial)
+    command = worker_command(spec, spec_path, partial, answers_dir)
     log.info("launching %s", " ".join(command))
     returncode = run_worker_group(command, () if lock_fd is None else (lock_fd,))
     if returncode != 0:
@@ -336,13 +338,14 @@ CONFIG_HEADER = (
 
 def _evaluate(cfg: DictConfig, spec: CellSpec, cell: Cell, lock_fd: int | None = None) -> CellRecord:
     """Run the cell (its lock held) and commit its record. A failed run removes its ``.partial/`` (an
-    interrupted one, Ctrl-C or a kill, leaves it for the next run to delete, as the store expects)."""
-    partial = cell.prepare()
+    interrupted one, Ctrl-C or a kill, leaves it for the next run to delete, as the store expects); either
+    keeps the answers journal for the next run to resume from, which ``force=true`` deletes."""
+    partial = cell.prepare(keep_answers=not cfg.force)
     (partial / "config.yaml").write_text(CONFIG_HEADER + OmegaConf.to_yaml(cfg, resolve=True))
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     try:
-        outcome = execute(spec, partial, lock_fd)
+        outcome = execute(spec, partial, cell.answers_dir, lock_fd)
     except Exception as err:
         try:
             cell.discard_partial()

@@ -112,6 +112,9 @@ class RunOptions:
     protocol: str = DEFAULT_PROTOCOL
     generation_overrides: dict[str, Any] | None = None  # on top of LLaVA's settings, under protocol=llava
     records_path: str | None = None
+    # A folder that keeps each finished batch's answers as it finishes, so that an interrupted run resumes
+    # there (globalcom2/answer_journal.py). A cell gives its own (globalcom2.store.Cell.answers_dir).
+    answers_journal: str | None = None
     # Prepare the next batch in a background thread while this one generates (globalcom2/lmms/batch_pipeline.py).
     # None (auto): on when the model runs on CUDA. On a CPU the thread competes with the model for the cores.
     prefetch: bool | None = None
@@ -162,7 +165,7 @@ MODEL_ARG_KEYS = frozenset(
 
 
 #: ``model_args`` values kept as written: names, where ``revision=0123456`` must not become ``123456``.
-RAW_MODEL_ARGS = frozenset({"pretrained", "revision", "records_path"})
+RAW_MODEL_ARGS = frozenset({"pretrained", "revision", "records_path", "answers_journal"})
 
 
 def parse_model_args(text: str) -> dict[str, Any]:
@@ -201,6 +204,7 @@ def parse_run(
     protocol: Any = DEFAULT_PROTOCOL,
     generation_overrides: Any = None,
     records_path: Any = None,
+    answers_journal: Any = None,
     prefetch: Any = "auto",
     model_name: str = "",
     method_label: str | None = None,
@@ -320,6 +324,7 @@ def parse_run(
         protocol=protocol,
         generation_overrides=overrides,
         records_path=None if records_path is None else str(records_path),
+        answers_journal=None if answers_journal in (None, "") else str(answers_journal),
         prefetch=_prefetch_setting(prefetch, key("prefetch")),
     )
     if overrides:

@@ -103,6 +103,9 @@ class SampleRecord:
     # The LLM's first forward with the method's work inside it (efficiency.profile.Measurement.llm_forward_s);
     # None in records from before it existed.
     llm_forward_s: float | None = None
+    # Answered by an earlier, interrupted run of this evaluation and read back from its answers journal
+    # (globalcom2/answer_journal.py): its timings, rank and batch id are that run's process's, not this one's.
+    replayed: bool = False
 
     @property
     def in_statistics(self) -> bool:
@@ -217,6 +220,7 @@ def summarize(records: Sequence[SampleRecord]) -> dict[str, Any]:
         "empty_answers": sum(r.empty_answer for r in records),
         "unread_answers": dict(sorted(unread.items())),  # per task, where the protocol fell back to a default
         "generate_calls": len({(r.rank, r.batch_id) for r in records}),
+        "replayed": sum(r.replayed for r in records),  # answers read back from an interrupted run's journal
         "mean_visual_tokens_before": mean(r.visual_tokens_before for r in records),
         "mean_visual_tokens_llm_input": mean(r.visual_tokens_llm_input for r in records),
         "mean_visual_tokens_after": mean(r.visual_tokens_after for r in records),

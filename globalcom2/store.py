@@ -17,7 +17,10 @@ Lifecycle, and why it is safe:
   it). A ``record.json`` that is not (a newer checkout's schema, a damaged or copied file) stops the run
   instead of being taken for "not run yet" (``globalcom2.run``); ``force=true`` replaces it at commit.
 * A killed run leaves ``.partial/`` and no record: the cell is not finished, and the next run deletes
-  every leftover before starting, so partial files are never read as results.
+  every leftover before starting, so partial files are never read as results. One thing is kept: the
+  answers journal in ``<cell>/.answers/`` (``globalcom2/answer_journal.py``), where the plugin keeps each
+  finished batch's answers as it finishes, under this cell's identity (the folder is the identity's). The
+  next run replays those batches instead of generating them again, and ``force=true`` deletes it first.
 * A ``force=true`` re-run of a finished cell keeps its files until the new run's are ready; its commit
   sets them aside (``.previous/``) and deletes them only after the new record is written, and a commit
   killed half-way is undone by the next run (:meth:`Cell.commit`).
@@ -55,6 +58,9 @@ from globalcom2.records import COMPLETE, CellKey, CellRecord, RecordError, read_
 
 RECORD_FILE = "record.json"
 PARTIAL_DIR = ".partial"
+#: The answers journal of an unfinished run (globalcom2/answer_journal.py): kept by a failed or killed run for
+#: the next to resume from, deleted by ``force=true`` and by the commit that finishes the cell.
+ANSWERS_DIR = ".answers"
 PREVIOUS_DIR = ".previous"  # a finished run's files while a force=true re-run commits (Cell.commit)
 MOVING_DIR = ".previous-moving"  # the same, while they are being moved aside
 LOCK_FILE = ".lock"
@@ -135,6 +141,10 @@ class Cell:
     @property
     def partial_dir(self) -> Path:
         return self.dir / PARTIAL_DIR
+
+    @property
+    def answers_dir(self) -> Path:
+        return self.dir / ANSWERS_DIR
 
     @staticmethod
     def finished_record(folder: Path) -> CellRecord:
@@ -287,10 +297,11 @@ class Cell:
         finally:
             os.close(fd)  # releases the test lock at once: this run's own ranks take it shared
 
-    def prepare(self) -> Path:
+    def prepare(self, keep_answers: bool = True) -> Path:
         """Delete what an unfinished run left and return an empty ``.partial/``. A finished cell's files
         (a ``force=true`` re-run) stay until :meth:`commit` replaces them, and a commit killed half-way is
-        undone here (:meth:`recover`), so a killed re-run loses nothing.
+        undone here (:meth:`recover`), so a killed re-run loses nothing. The answers journal (``.answers/``)
+        stays for the run to resume from, unless ``keep_answers`` is false (``force=true``: run it all again).
 
         Only call it while holding :meth:`lock`.
         """
@@ -300,6 +311,10 @@ class Cell:
         # files beside it stay until commit() sets them aside, so a killed forced run loses neither
         keep_finished = os.path.lexists(self.record_path)
         for entry in self.dir.iterdir():
+            if entry.name == ANSWERS_DIR:
+                if not keep_answers:
+                    _remove(entry)
+                continue
             if entry.name in STORE_FILES or (keep_finished and entry.name != PARTIAL_DIR):
                 continue
             _remove(entry)
@@ -309,7 +324,8 @@ class Cell:
     def commit(self, record: CellRecord) -> None:
         """Replace the cell's files by the run's outputs from ``.partial/``, then write ``record.json`` last.
 
-        A previous finished run's files (``force=true``) are first moved, record first, into
+        A previous finished run's files (``force=true``), and the answers journal this run resumed from and
+        wrote (:data:`ANSWERS_DIR`, whose answers are all in the outputs now), are first moved, record first, into
         ``.previous-moving/``, which is renamed ``.previous/`` once they are all there; they are deleted
         only after the new record is written. No moment shows the old record beside the new outputs; a
         commit that fails puts the old files back at once, and one killed at any point leaves what

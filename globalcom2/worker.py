@@ -69,10 +69,11 @@ def paper_metrics(results: dict[str, Any], columns: tuple[str, ...]) -> dict[str
     return out
 
 
-def evaluate_cell(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
-    """Evaluate ``spec``; returns the outcome on rank 0 (``None`` on other ranks)."""
+def evaluate_cell(spec: CellSpec, out_dir: Path, answers_dir: Path | None = None) -> CellOutcome | None:
+    """Evaluate ``spec``; returns the outcome on rank 0 (``None`` on other ranks). ``answers_dir``: the
+    answers journal to keep each finished batch in and to resume from (``globalcom2/answer_journal.py``)."""
     try:
-        return _evaluate(spec, out_dir)
+        return _evaluate(spec, out_dir, answers_dir)
     finally:
         if spec.launcher.num_processes == 1:
             reset_accelerator_state()
@@ -94,7 +95,7 @@ def reset_accelerator_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _evaluate(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
+def _evaluate(spec: CellSpec, out_dir: Path, answers_dir: Path | None) -> CellOutcome | None:
     from globalcom2.efficiency.summary import efficiency_summary
     from globalcom2.lmms import api
     from globalcom2.lmms.plugin import GlobalCom2LlavaNext
@@ -108,6 +109,8 @@ def _evaluate(spec: CellSpec, out_dir: Path) -> CellOutcome | None:
         # each rank takes its own GPU (the process's accelerator); a CPU cell stays on the CPU, as its
         # identity and record say, on a machine with GPUs too
         run = replace(run, model=replace(run.model, device=None))
+    if answers_dir is not None:
+        run = replace(run, options=replace(run.options, answers_journal=str(answers_dir)))
     lm = GlobalCom2LlavaNext(
         run
     )  # validated by CellSpec.from_config and the pre-flight: nothing is re-parsed
@@ -240,8 +243,9 @@ def die_with_launcher(set_death_signal: Callable[[], None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m globalcom2.worker <spec.json> <out_dir>`` (under torchrun / accelerate launch)."""
-    spec_path, out_dir = (argv if argv is not None else sys.argv[1:])[:2]
+    """``python -m globalcom2.worker <spec.json> <out_dir> [<answers_dir>]`` (under torchrun / accelerate
+    launch)."""
+    spec_path, out_dir, *rest = (argv if argv is not None else sys.argv[1:])[:3]
     # The cell stays locked while this rank lives (its runner may be gone: globalcom2.store.Cell.lock) ...
     hold_worker_lock(Path(out_dir))
     # ... and a rank outlives neither its launcher nor, through the launcher's own death signal,
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with redacted_console():
         try:
-            evaluate_cell(spec, Path(out_dir))
+            evaluate_cell(spec, Path(out_dir), Path(rest[0]) if rest else None)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.barrier()  # no rank exits while rank 0 still writes the cell
         finally:

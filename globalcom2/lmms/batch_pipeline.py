@@ -14,6 +14,10 @@ images, the larger part of a LLaVA-NeXT prompt. The window bounds how many decod
 Answers go back to their request's position, so lmms-eval sees its own order; with ``batch_size = 1`` nothing
 is reordered.
 
+Resuming: with a :class:`~globalcom2.answer_journal.Replay`, a batch that an interrupted run of the same
+evaluation already answered comes back as a :class:`ReplayedBatch` instead of being prepared; a window whose
+every request was answered is not even read.
+
 Why a thread and not a process pool: the documents live in lmms-eval's ``task_dict`` (datasets objects and
 task callables that do not pickle reliably), and the heavy parts of preparation (image decoding, resizing,
 tensor conversion) release the GIL.
@@ -26,9 +30,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from globalcom2.protocol.batching import PreparedBatch
+
+if TYPE_CHECKING:
+    from globalcom2.answer_journal import JournaledBatch, Replay
 
 #: Batches read (and ordered by length) together; bounds the decoded images held in memory.
 DEFAULT_WINDOW = 8
@@ -54,6 +61,19 @@ class ReadyBatch:
     inputs: Any
     load_s: float
     preprocess_s: float
+
+
+@dataclass(frozen=True)
+class ReplayedBatch:
+    """One batch answered by an earlier run of the same evaluation, read back from its answers journal.
+
+    Attributes:
+        indices: the batch rows' positions in the request list ``generate_until`` received.
+        journaled: the rows' keys and records, in the same order.
+    """
+
+    indices: list[int]
+    journaled: JournaledBatch
 
 
 def length_order(prepared: PreparedBatch, visual_tokens: Callable[[Any], int]) -> list[int]:
@@ -89,6 +109,8 @@ class BatchFeeder:
         window: batches read and ordered together.
         lookahead: batches prepared ahead; 0 prepares each batch in the consumer's thread, in turn (no
             overlap), which the throughput benchmark uses as its baseline.
+        replay: batches answered before (an interrupted run's answers journal), yielded as
+            :class:`ReplayedBatch` es in their place; ``None`` prepares every batch.
 
     An error while preparing is raised in the consumer, at the batch it concerns, with its own type and
     message; the thread stops when the consumer stops early (leaving the loop over :meth:`batches`, by
@@ -104,6 +126,7 @@ class BatchFeeder:
         *,
         window: int = DEFAULT_WINDOW,
         lookahead: int = DEFAULT_LOOKAHEAD,
+        replay: Replay | None = None,
     ) -> None:
         if batch_size < 1 or window < 1 or lookahead < 0:
             raise ValueError(
@@ -111,24 +134,36 @@ class BatchFeeder:
             )
         self._load, self._encode, self._visual_tokens = load, encode, visual_tokens
         self.batch_size, self.window, self.lookahead = batch_size, window, lookahead
+        self._replay = replay
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- producing --------------------------------------------------------------------------------------
-    def _produce(self, positions: Sequence[int]) -> Iterator[ReadyBatch]:
+    def _produce(self, positions: Sequence[int]) -> Iterator[ReadyBatch | ReplayedBatch]:
         span = self.batch_size * self.window
         for start in range(0, len(positions), span):
             window = list(positions[start : start + span])
+            answered = self._replay.window(window) if self._replay is not None else None
+            if answered is not None:  # the whole window was answered: nothing to read
+                yield from (ReplayedBatch(indices, journaled) for indices, journaled in answered)
+                continue
             began = time.perf_counter()
             prepared = self._load(window)
             loaded = time.perf_counter() - began
-            for number, rows in enumerate(plan_batches(prepared, self.batch_size, self._visual_tokens)):
+            first = True
+            for rows in plan_batches(prepared, self.batch_size, self._visual_tokens):
+                indices = [window[row] for row in rows]
+                journaled = self._replay.batch(indices) if self._replay is not None else None
+                if journaled is not None:
+                    yield ReplayedBatch(indices, journaled)
+                    continue
                 batch = prepared.select(rows)
                 began = time.perf_counter()
                 inputs = self._encode(batch)
                 encoded = time.perf_counter() - began
-                load_s = loaded if number == 0 else 0.0  # charged where it was waited for
-                yield ReadyBatch([window[row] for row in rows], batch, inputs, load_s, encoded)
+                load_s = loaded if first else 0.0  # charged where it was waited for
+                first = False
+                yield ReadyBatch(indices, batch, inputs, load_s, encoded)
 
     def _fill(self, positions: Sequence[int], out: queue.Queue) -> None:
         try:
@@ -149,7 +184,7 @@ class BatchFeeder:
         return False
 
     # -- consuming --------------------------------------------------------------------------------------
-    def batches(self, positions: Sequence[int]) -> Iterator[tuple[ReadyBatch, float]]:
+    def batches(self, positions: Sequence[int]) -> Iterator[tuple[ReadyBatch | ReplayedBatch, float]]:
         """``(batch, wait_s)`` for every batch of ``positions``; ``wait_s`` is how long the consumer waited for
         it (0 when the thread kept ahead; the whole preparation when ``lookahead`` is 0)."""
         if self.lookahead == 0:

@@ -10,7 +10,9 @@ Registered through the entry point ``lmms_eval.models: globalcom2 = globalcom2.l
 tag or commit; default ``main``), ``method`` (default ``vanilla``), ``dtype`` (``auto`` = the checkpoint's),
 ``device``, ``batch_size``, ``attn_implementation`` (default ``sdpa``; a JSON object selects per sub-config),
 ``max_new_tokens`` (used when a task sets none; default 1024), ``records_path`` (JSONL sidecar of per-sample
-records), ``profile`` (default true), ``warmup`` (untimed generate calls before the first timed one; default
+records), ``answers_journal`` (a folder: each finished batch's answers are kept there as it finishes, and a run
+given the folder of an interrupted one replays that run's batches instead of generating them again,
+``globalcom2/answer_journal.py``; a cell uses its own), ``profile`` (default true), ``warmup`` (untimed generate calls before the first timed one; default
 1; the first timed call is also reported apart, ``SampleRecord.first_call``), ``compile`` (``true`` or a
 ``torch.compile`` mode: the vision tower's and the LLM's layers run compiled,
 ``globalcom2.models.compiled``), ``batch_invariant`` (every ``generate`` under
@@ -39,6 +41,9 @@ What the class guarantees:
   CUDA) the next batches are prepared in a background thread while one generates (``lmms/batch_pipeline.py``).
 * Data parallelism under ``torchrun``/``accelerate launch``: one full model copy per process; lmms-eval
   shards the documents, gathers the answers and scores on rank 0.
+* With ``answers_journal``, each finished batch is appended to the journal before the next one starts, and a
+  batch an interrupted run finished is replayed from it only where it would form again with the same rows in
+  the same order (``globalcom2/answer_journal.py``), so a resumed run answers as an uninterrupted one.
 * Generation errors propagate (with the task and doc ids added); nothing is swallowed. Empty answers
   are counted, logged and flagged in the records.
 * Per-sample :class:`~globalcom2.sample_records.SampleRecord`\\ s: ``lm.records`` (this
@@ -63,9 +68,16 @@ from loguru import logger
 from tqdm import tqdm
 
 from globalcom2 import sample_records as sr
+from globalcom2.answer_journal import AnswerJournal, Replay, RowKey, row_key
 from globalcom2.anyres import config_layout
 from globalcom2.efficiency.summary import latency_summary
-from globalcom2.lmms.batch_pipeline import DEFAULT_LOOKAHEAD, BatchFeeder, ReadyBatch
+from globalcom2.lmms.batch_pipeline import (
+    DEFAULT_LOOKAHEAD,
+    DEFAULT_WINDOW,
+    BatchFeeder,
+    ReadyBatch,
+    ReplayedBatch,
+)
 from globalcom2.lmms.manifest import MODEL_ID
 from globalcom2.models.batch_invariant import batch_invariant, forced_gqa
 from globalcom2.models.compiled import WARMUP_NEW_TOKENS, compile_model
@@ -175,7 +187,13 @@ class GlobalCom2LlavaNext(lmms):
         self._single_row_pending = False
         self._single_row_warmed = False
         self._measured_calls = 0
-        self._batches = 0
+        self.journal = (
+            AnswerJournal(options.answers_journal, self._rank, self.journal_settings())
+            if options.answers_journal
+            else None
+        )
+        # batch ids go on from the journal's, so that (rank, batch id) names one generate call (SampleRecord)
+        self._batches = self.journal.next_batch_id if self.journal else 0
         self.records: list[sr.SampleRecord] = []
         self.generate_until_s = 0.0  # wall time inside generate_until (the rest of lmms-eval's is scoring)
 
@@ -228,6 +246,28 @@ class GlobalCom2LlavaNext(lmms):
             "compile": self.compile_mode,
             "batch_invariant": self.batch_invariant,
             "prefetch": self.prefetch,
+        }
+
+    def journal_settings(self) -> dict[str, Any]:
+        """What decides a batch's rows and their answers, for the answers journal (``answer_journal.py``): the
+        checkpoint and its load, the method, the protocol, the device kind and the library versions, and how
+        batches form (the batch size, the process count that shards the requests, the feeder's window)."""
+        from globalcom2.provenance import package_versions
+
+        info = self.run_info
+        answering = (
+            "pretrained", "random_init", "vicuna_text", "revision", "method", "method_params", "dtype",
+            "attn_implementation", "protocol", "geometry", "generation_overrides", "compile", "batch_invariant",
+        )  # fmt: skip
+        versions = package_versions()
+        return {
+            **{key: info[key] for key in answering},
+            "device": self._device.type,
+            "max_new_tokens": self.default_max_new_tokens,
+            "batch_size": self.batch_size_per_device,
+            "world_size": self._world_size,
+            "window": DEFAULT_WINDOW,
+            "versions": {name: versions.get(name) for name in ("torch", "transformers", "lmms_eval")},
         }
 
     def resolved_attn_implementation(self) -> dict[str, str | None]:
@@ -301,21 +341,34 @@ class GlobalCom2LlavaNext(lmms):
         generated = sum(len(indices) for indices in groups.values())  # padding requests are not generated
         progress = tqdm(total=generated, disable=self._rank != 0, desc="globalcom2 generate")
         by_position: dict[int, sr.SampleRecord] = {}
+        keys = [self._row_key(request) for request in requests] if self.journal else []
+        replay = self.journal.replay(keys) if self.journal else None
         # the batch-invariant mode's environment switch, set while no prefetch thread runs (batch_invariant.py)
         with progress, forced_gqa() if self.batch_invariant else contextlib.nullcontext():
             for key, indices in groups.items():
-                feeder = self._feeder(requests)
+                # a sampled batch's answers depend on the random state: never journaled, always generated
+                journaled = self.journal is not None and not settings[key].do_sample
+                feeder = self._feeder(requests, replay if journaled else None)
                 mark = time.perf_counter()
                 for ready, waited in feeder.batches(indices):  # the feeder's thread is joined when this ends
-                    outputs, records, warmup_s = self._generate_batch(ready, settings[key], waited)
-                    now = time.perf_counter()
+                    if isinstance(ready, ReplayedBatch):
+                        records = ready.journaled.sample_records()
+                        outputs = [self._result(record) for record in records]
+                        now = time.perf_counter()  # reading back is no batch's turn of the loop
+                    else:
+                        outputs, records, warmup_s = self._generate_batch(ready, settings[key], waited)
+                        now = time.perf_counter()
+                        for record in records:  # the batch's whole turn of the loop, waiting included,
+                            record.loop_s = now - mark - warmup_s  # its untimed warm-up not
+                        if journaled:  # its time goes to the next batch's turn, as all bookkeeping does
+                            self.journal.append([keys[i] for i in ready.indices], records)  # type: ignore[union-attr]
                     for i, output, record in zip(ready.indices, outputs, records, strict=True):
                         results[i] = output
-                        # the batch's whole turn of the loop, waiting included, its untimed warm-up not
-                        record.loop_s = now - mark - warmup_s
                         by_position[i] = record
                     mark = now
                     progress.update(len(ready.indices))
+        if self.journal is not None:
+            self.journal.sync()  # once per call: appends between two syncs are bounded by time, not count
         new_records = [by_position[i] for i in sorted(by_position)]  # lmms-eval's order
         self.records += new_records
         self._report(new_records)
@@ -336,7 +389,13 @@ class GlobalCom2LlavaNext(lmms):
             torch.cuda.empty_cache()
 
     # -- one batch -------------------------------------------------------------------------------------
-    def _feeder(self, requests: list[Instance]) -> BatchFeeder:
+    @staticmethod
+    def _row_key(request: Instance) -> RowKey:
+        """The answers journal's key of a request: its task, split, document, index, prompt and settings."""
+        context, gen_kwargs, _, doc_id, task, split = request.args
+        return row_key(task, split, doc_id, request.idx, context, gen_kwargs)
+
+    def _feeder(self, requests: list[Instance], replay: Replay | None = None) -> BatchFeeder:
         """Batches of ``requests``, grouped by length and prepared in a background thread
         (``lmms/batch_pipeline.py``) with its own copy of the processor: a fast tokenizer is not safe to use
         from two threads at once (PyO3 refuses a second borrow: "Already borrowed",
@@ -378,7 +437,9 @@ class GlobalCom2LlavaNext(lmms):
             encode,
             lambda image: config_layout(config, (image.height, image.width)).num_tokens,
             self.batch_size_per_device,
+            window=DEFAULT_WINDOW,  # in the journal's settings: it decides which rows share a batch
             lookahead=DEFAULT_LOOKAHEAD if self.prefetch else 0,
+            replay=replay,
         )
 
     def _encode(self, processor: Any, batch: PreparedBatch) -> dict[str, torch.Tensor]:
@@ -459,16 +520,21 @@ class GlobalCom2LlavaNext(lmms):
             if record.empty_answer:
                 logger.warning(f"empty answer for {task} doc {doc_id} (stop: {record.stop_reason})")
             records.append(record)
-            counts = TokenCounts(input_tokens=record.llm_prompt_tokens, output_tokens=record.output_tokens)
             protocol = task_protocol(self.protocol, task)
             record.scored_answer = protocol.read_answer(record.answer)
             record.unread_answer = protocol.unread(record.answer)
-            outputs.append(GenerationResult(text=record.scored_answer, token_counts=counts))
+            outputs.append(self._result(record))
         postprocess_s = time.perf_counter() - generated
         for record in records:
             record.postprocess_s = postprocess_s
         self._batches += 1
         return outputs, records, warmup_s
+
+    @staticmethod
+    def _result(record: sr.SampleRecord) -> GenerationResult:
+        """What lmms-eval gets for a request: the protocol's reading of the answer, and the token counts."""
+        counts = TokenCounts(input_tokens=record.llm_prompt_tokens, output_tokens=record.output_tokens)
+        return GenerationResult(text=record.scored_answer, token_counts=counts)
 
     def _generate(
         self, inputs: Any, setting: GenerationSettings, batch: PreparedBatch

@@ -24,7 +24,7 @@ def accelerate_args(tmp_path, monkeypatch, hostile_config: str):
     spec = CellSpec.from_config(
         compose_cell(tmp_path, "launcher=accelerate", "launcher.tool=accelerate", "launcher.num_processes=4")
     )
-    command = worker_command(spec, tmp_path / "spec.json", tmp_path / "out")
+    command = worker_command(spec, tmp_path / "spec.json", tmp_path / "out", tmp_path / ".answers")
     assert command[1:3] == ["-m", "accelerate.commands.launch"]
     args = launch.launch_command_parser().parse_args(command[3:])
     launch._validate_launch_command(args)
@@ -48,7 +48,7 @@ def test_the_accelerate_command_overrides_the_users_default_config(tmp_path, mon
 
 def test_two_cells_launched_together_get_different_ports(tmp_path):
     spec = CellSpec.from_config(compose_cell(tmp_path, "launcher=accelerate", "launcher.tool=torchrun"))
-    ports = {worker_command(spec, tmp_path / "s.json", tmp_path / "o")[4] for _ in range(5)}
+    ports = {worker_command(spec, tmp_path / "s.json", tmp_path / "o", tmp_path / "a")[4] for _ in range(5)}
     assert len(ports) > 1 and all(p.startswith("--master_port=") for p in ports)
 
 

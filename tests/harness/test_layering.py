@@ -26,7 +26,7 @@ LAYERS: list[list[str]] = [
     ["lmms"],  # everything that talks to lmms-eval
     ["run_spec", "perf"],  # the front door of the plugin and of a cell; the benchmarks
     ["globalcom2"],  # attach, load_llava_next, list_methods
-    ["protocol", "efficiency", "store", "data"],
+    ["protocol", "efficiency", "store", "data", "answer_journal"],
     ["records", "sample_records", "hooks"],
     ["methods", "models"],
     ["scoring"],

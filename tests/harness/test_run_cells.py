@@ -101,25 +101,54 @@ def test_a_sweep_killed_mid_cell_resumes_without_rerunning_finished_cells(tmp_pa
     )
     try:
         deadline = time.time() + 400
-        while not (list(first.glob("*/record.json")) and list(second.glob("*/.partial"))):
+        while not (list(first.glob("*/record.json")) and answered(second) >= 5):
             assert process.poll() is None, "the sweep ended before it could be interrupted"
-            assert time.time() < deadline, "the sweep never reached its second cell"
-            time.sleep(0.2)
-        time.sleep(2.0)  # well inside the second cell's 40 samples
-        os.killpg(process.pid, signal.SIGKILL)
+            assert time.time() < deadline, "the sweep never reached its second cell's fifth answer"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)  # well inside the second cell's 40 samples
     finally:
         process.wait()
     killed = records(tmp_path)
     assert list(killed) == ["default/tiny/random/r0.5/demo"], "a killed cell must never pass as finished"
     (second_cell,) = second.iterdir()
     assert (second_cell / ".partial").exists() and not (second_cell / "record.json").exists()
+    kept = answered(second)  # batches of one: one answer per journaled line
+    assert 5 <= kept < 40
 
     out = run(tmp_path, *sweep)
     resumed = records(tmp_path)
     assert resumed["default/tiny/random/r0.5/demo"] == killed["default/tiny/random/r0.5/demo"]  # not re-run
     assert "[done]" in out.stdout and out.stdout.count("[run]") == 1
-    assert resumed["default/tiny/random/r0.25/demo"]["n_samples"] == {"globalcom2_demo": 40}
+    cell = resumed["default/tiny/random/r0.25/demo"]
+    assert cell["n_samples"] == {"globalcom2_demo": 40}
+    assert cell["samples"]["replayed"] == kept  # the killed run's answers, not generated again
     assert not (second_cell / ".partial").exists() and not (second_cell / ".lock").exists()
+    assert not (second_cell / ".answers").exists()  # its answers are in the finished cell now
+
+    # the same cell run without a kill, under another experiment name: the same answers and scores
+    run(
+        tmp_path,
+        "method=random",
+        "method.retention_ratio=0.25",
+        "benchmark.limit=40",
+        "experiment_name=whole",
+    )
+    whole = records(tmp_path)["whole/tiny/random/r0.25/demo"]
+    assert whole["metrics"] == cell["metrics"] and whole["samples"]["replayed"] == 0
+
+    def answers(record):
+        path = Path(record["cell"]["path"]) / record["files"]["records"]
+        return [
+            (row["doc_id"], row["output_token_ids"]) for row in map(json.loads, path.read_text().splitlines())
+        ]
+
+    assert answers(cell) == answers(whole)
+
+
+def answered(key_dir: Path) -> int:
+    """Whole lines in the answers journal of the one cell under ``key_dir`` (0 before it has one)."""
+    journals = list(key_dir.glob("*/.answers/rank0.jsonl"))
+    return journals[0].read_bytes().count(b"\n") if journals else 0
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import time
 import pytest
 from PIL import Image
 
+from globalcom2.answer_journal import JournaledBatch, Replay
 from globalcom2.lmms.batch_pipeline import BatchFeeder, length_order, plan_batches
 from globalcom2.protocol.batching import PreparedBatch
 
@@ -151,3 +152,31 @@ def test_a_windows_loading_is_charged_to_the_batch_that_waits_for_it():
     feeder = feeder_for([(10, 10)] * 5, batch_size=1, lookahead=0, window=2, load=load)
     loads = [ready.load_s for ready, _ in feeder.batches(range(5))]
     assert [load > 0 for load in loads] == [True, False, True, False, True]
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_answered_batches_are_replayed_and_an_answered_window_is_not_even_read(lookahead):
+    keys = [("toy", "test", i, 0, "digest") for i in range(8)]
+    answered = [(0, 1), (2, 3), (4, 5)]  # the first window (positions 0-3) whole, the second's first batch
+    rows = [tuple(keys[i] for i in batch) for batch in answered]
+    journal = {row: JournaledBatch(row, ({},) * len(row)) for row in rows}
+    loaded, encoded = [], []
+    prepared = prepared_for([(10, 10)] * 8)
+
+    def load(positions):
+        loaded.append(list(positions))
+        return prepared.select(list(positions))
+
+    def encode(batch):
+        encoded.append([k[2] for k in batch.keys])
+        return None
+
+    feeder = BatchFeeder(load, encode, area, 2, window=2, lookahead=lookahead, replay=Replay(journal, keys))
+    fed = [(type(ready).__name__, ready.indices) for ready, _ in feeder.batches(range(8))]
+    assert fed == [
+        ("ReplayedBatch", [0, 1]),
+        ("ReplayedBatch", [2, 3]),
+        ("ReplayedBatch", [4, 5]),
+        ("ReadyBatch", [6, 7]),
+    ]
+    assert loaded == [[4, 5, 6, 7]] and encoded == [[6, 7]]

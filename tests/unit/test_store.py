@@ -127,6 +127,26 @@ def test_prepare_deletes_what_a_killed_run_left(tmp_path):
     assert list(cell.partial_dir.iterdir()) == []
 
 
+def test_the_answers_journal_outlives_a_failed_or_killed_run_and_goes_with_force_or_the_commit(tmp_path):
+    cell = Cell(tmp_path, KEY, IDENTITY)
+    with cell.lock():
+        cell.prepare()
+        cell.answers_dir.mkdir()
+        (cell.answers_dir / "rank0.jsonl").write_text("answers so far\n")
+        cell.discard_partial()  # a run that failed
+        assert not cell.partial_dir.exists() and cell.answers_dir.is_dir()
+        cell.prepare()  # the next run resumes from it
+        assert sorted(p.name for p in cell.dir.iterdir()) == [".answers", ".lock", ".partial"]
+        cell.prepare(keep_answers=False)  # force=true: everything again
+        assert sorted(p.name for p in cell.dir.iterdir()) == [".lock", ".partial"]
+        cell.answers_dir.mkdir()
+        (cell.answers_dir / "rank0.jsonl").write_text("answers\n")
+        (cell.partial_dir / "results.json").write_text("{}")
+        cell.commit(record_for(cell))  # finished: its answers are in the outputs now
+    assert cell.is_complete() and not cell.answers_dir.exists()
+    assert sorted(p.name for p in cell.dir.iterdir()) == ["record.json", "results.json"]
+
+
 def _run_outputs(cell: Cell, tag: str) -> None:
     partial = cell.prepare()
     (partial / "results.json").write_text(tag)

@@ -1,0 +1,132 @@
+"""The answers journal: what it keeps, what it refuses, and a write cut by a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from globalcom2.answer_journal import SETTINGS_FILE, AnswerJournal, rank_file, row_key
+from globalcom2.sample_records import SampleRecord
+
+SETTINGS = {"method": "random", "method_params": {"retention_ratio": 0.25}, "batch_size": 2, "window": 8}
+
+
+def record(doc_id: int, batch_id: int = 0, answer: str = "yes") -> SampleRecord:
+    return SampleRecord(
+        task="toy", split="test", doc_id=doc_id, rank=0, batch_id=batch_id, batch_size=2, method="random",
+        method_params={}, attn_implementation="sdpa", num_images=1, image_sizes=[[336, 336]], prompt_tokens=9,
+        llm_prompt_tokens=9, visual_tokens_before=4, visual_tokens_llm_input=1, visual_tokens_after=1.0,
+        output_tokens=1, output_token_ids=[7], answer=answer, empty_answer=False, stop_reason="eos",
+        preprocess_s=0.1, prefill_s=None, total_s=None, peak_memory_bytes=None, peak_memory_note=None,
+        clock=None, scored_answer=answer,
+    )  # fmt: skip
+
+
+def key(doc_id: int, context: str = "Is there a cat?"):
+    return row_key("toy", "test", doc_id, 0, context, {"max_new_tokens": 3})
+
+
+def test_a_batch_written_by_one_process_is_read_back_by_the_next(tmp_path):
+    journal = AnswerJournal(tmp_path, 0, SETTINGS)
+    assert journal.batches == {} and journal.next_batch_id == 0
+    journal.append([key(0), key(1)], [record(0, 4), record(1, 4, "no")])
+    again = AnswerJournal(tmp_path, 1, SETTINGS)  # another rank reads every rank's file
+    (batch,) = again.batches.values()
+    assert batch.rows == (key(0), key(1))
+    replayed = batch.sample_records()
+    assert [r.answer for r in replayed] == ["yes", "no"] and all(r.replayed for r in replayed)
+    assert replayed[0] == SampleRecord.from_dict({**record(0, 4).to_dict(), "replayed": True})
+    assert again.next_batch_id == 5  # new calls never share a (rank, batch id) with the earlier run's
+
+
+def test_a_key_names_the_request_and_what_it_asks():
+    assert key(0) == key(0) and key(0) != key(1)
+    assert key(0) != key(0, context="Is there a dog?")  # an edited prompt is never answered from the journal
+    assert row_key("toy", "test", 0, 0, "q", {"max_new_tokens": 3}) != row_key(
+        "toy", "test", 0, 0, "q", {"max_new_tokens": 4}
+    )
+
+
+def test_a_folder_written_under_other_settings_is_refused_naming_what_differs(tmp_path):
+    AnswerJournal(tmp_path, 0, SETTINGS)
+    AnswerJournal(tmp_path, 0, dict(SETTINGS))  # the same settings: accepted
+    with pytest.raises(ValueError, match=r"other settings \(batch_size: 2 -> 4\); delete the folder"):
+        AnswerJournal(tmp_path, 0, {**SETTINGS, "batch_size": 4})
+    (tmp_path / SETTINGS_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the answers journal's settings"):
+        AnswerJournal(tmp_path, 0, SETTINGS)
+
+
+def test_a_line_cut_by_a_kill_is_ignored_and_cut_off_before_the_next_append(tmp_path):
+    journal = AnswerJournal(tmp_path, 0, SETTINGS)
+    journal.append([key(0)], [record(0)])
+    whole = rank_file(tmp_path, 0).read_bytes()
+    with open(rank_file(tmp_path, 0), "ab") as handle:
+        handle.write(b'{"rows": [["toy", "te')  # the kill came mid-write
+    other = AnswerJournal(tmp_path, 1, SETTINGS)  # another rank ignores it and leaves the file alone
+    assert len(other.batches) == 1 and len(rank_file(tmp_path, 0).read_bytes()) > len(whole)
+    resumed = AnswerJournal(tmp_path, 0, SETTINGS)  # its own rank cuts it off
+    assert len(resumed.batches) == 1 and rank_file(tmp_path, 0).read_bytes() == whole
+    resumed.append([key(1)], [record(1, 1)])
+    assert len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 2
+
+
+def test_any_other_unreadable_line_is_an_error_naming_file_and_line(tmp_path):
+    journal = AnswerJournal(tmp_path, 0, SETTINGS)
+    journal.append([key(0)], [record(0)])
+    path = rank_file(tmp_path, 0)
+    entry = json.loads(path.read_text())
+    bad_lines = {
+        "not json\n": "JSONDecodeError",
+        json.dumps({**entry, "records": []}) + "\n": "1 rows of 5 fields each and 0 records",
+        json.dumps({**entry, "records": [{"task": "toy"}]}) + "\n": "TypeError",
+    }
+    for line, reason in bad_lines.items():
+        path.write_text(line + json.dumps(entry) + "\n")
+        with pytest.raises(ValueError, match=rf"rank0\.jsonl:1: not a journaled batch .*{reason}"):
+            AnswerJournal(tmp_path, 0, SETTINGS)
+
+
+def test_replay_takes_a_batch_only_with_the_rows_it_held_in_their_order(tmp_path):
+    journal = AnswerJournal(tmp_path, 0, SETTINGS)
+    journal.append([key(0), key(1)], [record(0), record(1)])
+    journal.append([key(2)], [record(2, 1)])
+    keys = [key(i) for i in range(5)]
+    replay = journal.replay(keys)
+    assert replay.batch([0, 1]).rows == (key(0), key(1))
+    assert replay.batch([1, 0]) is None and replay.batch([0]) is None and replay.batch([3]) is None
+    # a window is taken whole, as the batches that lie inside it, or not at all
+    assert [positions for positions, _ in replay.window([0, 1, 2])] == [[0, 1], [2]]
+    assert replay.window([0, 1, 2, 3]) is None  # request 3 was never answered
+    assert replay.window([1, 2]) is None  # request 0's batch reaches outside the window
+    journal.append([key(3)], [record(3, 2)])
+    assert replay.batch([3]) is None  # what a call journals itself is not replayed within it
+    assert journal.replay(keys).batch([3]) is not None
+
+
+def test_an_append_needs_one_record_per_row(tmp_path):
+    journal = AnswerJournal(tmp_path, 0, SETTINGS)
+    with pytest.raises(ValueError, match="one record per row expected, got 2 rows and 1 records"):
+        journal.append([key(0), key(1)], [record(0)])
+    assert not rank_file(tmp_path, 0).exists()
+
+
+def test_appends_reach_the_kernel_at_once_and_the_disk_at_a_bounded_interval(tmp_path, monkeypatch):
+    import globalcom2.answer_journal as answer_journal
+
+    synced = []
+    monkeypatch.setattr(
+        answer_journal.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+    )
+    journal = AnswerJournal(tmp_path, 0, SETTINGS)
+    journal.append([key(0)], [record(0)])
+    ours = str(rank_file(tmp_path, 0))
+    assert len(rank_file(tmp_path, 0).read_text().splitlines()) == 1  # readable before any fsync
+    assert ours not in synced  # the interval has not passed
+    monkeypatch.setattr(answer_journal, "FSYNC_INTERVAL_S", 0.0)
+    journal.append([key(1)], [record(1, 1)])
+    assert synced.count(ours) == 1
+    journal.close()
+    assert synced.count(ours) == 2 and len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 2
