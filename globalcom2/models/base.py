@@ -53,10 +53,14 @@ class UnsupportedTransformersError(RuntimeError):
 
 
 def check_transformers_version(installed: str | None = None) -> None:
-    """Refuse a transformers release outside :data:`SUPPORTED_TRANSFORMERS` (``installed``: the imported one)."""
+    """Refuse a transformers release outside :data:`SUPPORTED_TRANSFORMERS` (``installed``: the imported one).
+
+    A pre-release or source build inside the range (``5.25.1.dev0``, from a checkout of a patch branch) is taken;
+    one of the release that ends the range (``5.26.0.dev0``, transformers' main after 5.25) is not: PEP 440's
+    ``<5.26`` excludes 5.26's own pre-releases."""
     installed = installed or transformers.__version__
     try:
-        supported = Version(installed) in SpecifierSet(SUPPORTED_TRANSFORMERS)
+        supported = SpecifierSet(SUPPORTED_TRANSFORMERS).contains(Version(installed), prereleases=True)
     except InvalidVersion:
         supported = False
     if not supported:

@@ -114,7 +114,9 @@ def test_the_transformers_pin_is_the_one_the_package_declares():
     assert f"transformers{SUPPORTED_TRANSFORMERS}" in pyproject["project"]["dependencies"]
 
 
-@pytest.mark.parametrize("version", ["5.17.0", "5.26.0", "6.0.0", "not-a-version"])
+@pytest.mark.parametrize(
+    "version", ["5.17.0", "5.26.0", "5.26.0.dev0", "5.23.0rc1", "6.0.0", "not-a-version"]
+)
 def test_another_transformers_release_is_refused_at_load_and_at_attach(version, monkeypatch):
     import transformers
 
@@ -133,3 +135,10 @@ def test_another_transformers_release_is_refused_at_load_and_at_attach(version, 
         load_llava_next("tiny")
     with pytest.raises(UnsupportedTransformersError, match=message):
         attach(model, "random", retention_ratio=0.5)
+
+
+@pytest.mark.parametrize("version", ["5.23.0", "5.25.1.dev0", "5.24.0rc2", "5.25.0"])
+def test_a_release_or_source_build_inside_the_range_is_taken(version):
+    from globalcom2.models.base import check_transformers_version
+
+    check_transformers_version(version)
