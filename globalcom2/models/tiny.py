@@ -15,6 +15,8 @@ Vicuna-v1 chat template.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -34,9 +36,6 @@ from globalcom2.atomic import staged_folder
 from globalcom2.models.base import LLAVA_V16_GRID_PINPOINTS
 from globalcom2.paths import cache_dir as cache_dir_path
 from globalcom2.prompts import VICUNA_V1_CHAT_TEMPLATE
-
-# Bump when the recipe changes, so cached checkpoints of an older recipe are never reused.
-TINY_RECIPE_VERSION = 2  # 2: the chat template's system prompt is vicuna_v1's ("user")
 
 VISION = {
     "hidden_size": 64,
@@ -144,15 +143,25 @@ def save_tiny_llava_next(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def recipe_digest() -> str:
+    """12 hex digits of what builds the tiny model: this module's source, and the grid pinpoints and chat
+    template it imports. Any edit to the recipe names another cached folder, so a checkpoint built by an older
+    recipe is never reused (a version number bumped by hand was one edit away from a stale model)."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(json.dumps([LLAVA_V16_GRID_PINPOINTS, VICUNA_V1_CHAT_TEMPLATE]).encode())
+    return digest.hexdigest()[:12]
+
+
 def tiny_checkpoint(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """Folder of the tiny checkpoint for ``seed``, built on first use.
 
-    The folder name carries the recipe version and the transformers version; it is written to a
-    temporary sibling and renamed into place, so a concurrent or interrupted build never leaves a
-    half-written checkpoint behind.
+    The folder name carries the recipe's digest (:func:`recipe_digest`) and the transformers and torch
+    versions (which draw the weights); it is written to a temporary sibling and renamed into place, so a
+    concurrent or interrupted build never leaves a half-written checkpoint behind.
     """
     root = Path(cache_dir) if cache_dir is not None else cache_dir_path()
-    target = root / f"tiny-llava-next-r{TINY_RECIPE_VERSION}-tf{transformers.__version__}-seed{seed}"
+    versions = f"tf{transformers.__version__}-torch{torch.__version__.split('+')[0]}"
+    target = root / f"tiny-llava-next-{recipe_digest()}-{versions}-seed{seed}"
     if (target / "config.json").exists():
         return target
     with staged_folder(target, complete_marker="config.json") as staging:

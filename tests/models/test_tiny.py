@@ -79,3 +79,19 @@ def test_chat_template_renders_vicuna_v1(tiny):
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert rendered == vicuna_v1_prompt("What color?")
     assert vicuna_v1_prompt("Q", num_images=2).count("<image>\n") == 2
+
+
+def test_a_changed_recipe_builds_another_cached_checkpoint(tmp_path, monkeypatch):
+    """The cache is keyed by the recipe's content, not a version bumped by hand: a changed template (or any
+    edit of the recipe's module) names another folder, never the older build."""
+    import globalcom2.models.tiny as tiny
+
+    first = tiny.tiny_checkpoint(0, cache_dir=tmp_path)
+    assert tiny.recipe_digest() in first.name and tiny.tiny_checkpoint(0, cache_dir=tmp_path) == first
+    monkeypatch.setattr(tiny, "VICUNA_V1_CHAT_TEMPLATE", tiny.VICUNA_V1_CHAT_TEMPLATE + " ")
+    second = tiny.tiny_checkpoint(0, cache_dir=tmp_path)
+    assert second != first and (second / "config.json").is_file()
+    edited = tmp_path / "tiny_edited.py"
+    edited.write_bytes(tiny.Path(tiny.__file__).read_bytes() + b"# edited\n")
+    monkeypatch.setattr(tiny, "__file__", str(edited))
+    assert tiny.tiny_checkpoint(0, cache_dir=tmp_path) not in (first, second)
