@@ -51,6 +51,7 @@ CONFIG_COLUMNS = [
     "hardware",
     "git_sha",
     "git_dirty",
+    "replayed",
     "finished", "cell_id", "cell_dir",
 ]  # fmt: skip
 
@@ -260,6 +261,8 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "hardware": hardware_label(hardware, run.get("device")),
         "git_sha": git.get("sha"),
         "git_dirty": git.get("dirty"),
+        # answers an interrupted run of the cell journaled and this run replayed (globalcom2/answer_journal.py)
+        "replayed": int(record.samples.get("replayed", 0)),  # 0 in cells from before resuming existed
         "finished": record.finished,
         "cell_id": ref.id,
         "cell_dir": str(cell.path),

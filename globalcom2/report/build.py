@@ -58,9 +58,8 @@ def experiment_tables(frame: pd.DataFrame, experiment: str) -> list[tables.Table
         out.append(tables.benchmark_table(rows, experiment, benchmark))
     if paper_benchmarks:
         out.append(tables.paper_vs_ours(rows))
-    settings = [f"Cells run differently: {problem}." for problem in mixed_settings(rows)] + code_versions(
-        rows
-    )
+    settings = [f"Cells run differently: {problem}." for problem in mixed_settings(rows)]
+    settings += code_versions(rows) + resumed_cells(rows)
     for table in out:
         table.notes += settings
     return out
@@ -82,6 +81,26 @@ def code_versions(rows: pd.DataFrame) -> list[str]:
         if dirty:
             notes.append(f"{dirty} of {len(cells)} cells ran from a checkout with uncommitted changes.")
     return notes
+
+
+def resumed_cells(rows: pd.DataFrame) -> list[str]:
+    """A note where cells resumed after an interruption: their scores are an uninterrupted run's, but the
+    timings of their replayed answers are the interrupted run's (``SampleRecord.replayed``), so their latency
+    and memory mix two processes."""
+    if "replayed" not in rows:
+        return []
+    cells = rows.drop_duplicates("cell_dir")
+    resumed = cells[cells["replayed"].fillna(0).astype(int) > 0]
+    if resumed.empty:
+        return []
+    listing = ", ".join(
+        f"{row.method} r{row.retention_ratio} {row.benchmark} ({row.replayed} replayed)"
+        for row in resumed.sort_values(["method", "retention_ratio", "benchmark"]).itertuples()
+    )
+    return [
+        f"{len(resumed)} of {len(cells)} cells resumed after an interruption, their latency and memory "
+        f"mixing two runs: {listing}."
+    ]
 
 
 def _experiment_rows(frame: pd.DataFrame, experiment: str) -> pd.DataFrame:

@@ -1252,3 +1252,24 @@ def test_the_memory_panel_says_not_recorded_for_a_gpu_record_without_its_peak(tm
     monkeypatch.setattr(plots, "save", capturing_save)
     plots.latency_memory(tidy_results(root), tmp_path / "plots")
     assert any(text.startswith("not recorded") for text in texts) and not any("CPU" in t for t in texts)
+
+
+def test_every_table_names_the_cells_that_resumed_after_an_interruption(tmp_path):
+    root = tmp_path / "results"
+    write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
+    resumed = write_cell(root, "globalcom2", 0.25, {"GQA": 55.0})
+    _edit(resumed, lambda record: record["samples"].update(replayed=7))
+    frame = tidy_results(root)
+    assert sorted(frame.drop_duplicates("cell_dir")["replayed"]) == [0, 7]
+    report = build_report(frame, "t1", tmp_path / "out")
+    note = (
+        "1 of 2 cells resumed after an interruption, their latency and memory mixing two runs: "
+        "globalcom2 r0.25 paper_suite (7 replayed)."
+    )
+    assert report.tables and all(note in table.notes for table in report.tables)
+    _edit(resumed, lambda record: record["samples"].update(replayed=0))
+    assert not any(
+        "resumed" in n
+        for t in build_report(tidy_results(root), "t1", tmp_path / "o2").tables
+        for n in t.notes
+    )
