@@ -9,26 +9,30 @@ during the call, a Slurm time limit at 95 % of VQAv2, keeps nothing. The cache a
 text, not the per-sample records a cell's efficiency block is computed from, and drops empty answers.
 
 What a resumed run reproduces. A batch is replayed only whole, and only where the batch the run forms now
-holds exactly the rows it held (the same requests, in the same order, :class:`Replay`); the settings that
-decide how batches form and what a row answers (``settings.json``) must equal the earlier run's. So every
-batch a resumed run generates has the neighbours it would have had in an uninterrupted run, and in bf16 on
-a GPU, where a row's answer depends on its batch (``make bench-batch-effect``), the answers are the
-uninterrupted run's wherever that run is itself reproducible. Batches that sample are never journaled: their
-answers depend on the random state, so they are generated again. Greedy batches draw no random numbers (the
-random method draws from its own generator, seeded per image: ``globalcom2/methods/random_keep.py``), so the
-generated ones draw the stream an uninterrupted run draws.
+holds exactly the rows it held, in the same order, planned from the same window of requests (:class:`Replay`);
+the settings that decide how batches form and what a row answers (``settings.json``: the code, the weights,
+the method, the device, the batch size …) must equal the earlier run's. So every batch a resumed run
+generates has the neighbours it would have had in an uninterrupted run, and in bf16 on a GPU, where a row's
+answer depends on its batch (``make bench-batch-effect``), the answers are the uninterrupted run's wherever
+that run is itself reproducible. A ``generate_until`` call that samples anywhere is neither journaled nor
+replayed (the plugin's rule): its answers depend on the random state, which the work before a batch (a
+warm-up, the batches before it) moves, so a resumed call would draw another stream.
 
 Files, in one folder:
 
 * ``settings.json``: what decides the answers and the batches (:func:`check_settings`); a folder written
-  under other settings is refused, naming the keys that differ.
-* ``rank<r>.jsonl``: one line per batch of process ``r``, ``{"rows": [row key, ...], "records": [sample
-  record, ...]}``, handed to the kernel in one write before the next batch starts, so a killed process (a
+  under other settings is refused, naming the keys that differ, or emptied where the caller owns it (a cell's).
+* ``rank<r>.jsonl``: one line per batch of process ``r``, ``{"rows": [row key, ...], "window": digest,
+  "records": [sample record, ...]}`` (``window``: the keys of the requests the batch was planned among), handed to the kernel in one write before the next batch starts, so a killed process (a
   Slurm time limit, SIGKILL, an out-of-memory kill) loses no finished batch. It is fsynced at most every
   :data:`FSYNC_INTERVAL_S` seconds, which bounds what a machine crash loses without an fsync per batch (a
   network filesystem's fsync can cost a fast batch's time). A kill can cut only the last line of a file, which
   then lacks its newline: that line is ignored (and cut off its own rank's file before that rank appends
-  again). Any other line that cannot be read is an error naming file and line.
+  again). Any other line that cannot be read is an error naming file and line. Lines are split at ``\n``
+  alone, so an answer holding U+2028 or U+0085 (which JSON leaves unescaped) stays one line.
+
+One run uses a folder at a time: a cell's is under the cell's lock; a folder given to ``model_args`` is the
+caller's to keep to one run.
 
 A row key (:func:`row_key`) is the request's task, split, document id and index, and a digest of its prompt
 and generation settings, so a request whose prompt changed is never answered from the journal.
@@ -36,12 +40,14 @@ and generation settings, so a request whose prompt changed is never answered fro
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,19 +55,40 @@ from typing import Any
 from globalcom2.atomic import atomic_write_text, fsync_dir
 from globalcom2.sample_records import SampleRecord
 
+PACKAGE_DIR = Path(__file__).parent
+
 SETTINGS_FILE = "settings.json"
+LOCK_FILE = ".lock"  # held while a process checks the settings and reads the batches (AnswerJournal)
 #: Longest time between two fsyncs of a rank's file while it is appended to.
 FSYNC_INTERVAL_S = 10.0
 RANK_FILE = re.compile(r"rank(\d+)\.jsonl")
 
 #: (task, split, doc id, request index, prompt digest)
 RowKey = tuple[str, str, Any, int, str]
+#: (window digest, row keys): one planned batch
+BatchKey = tuple[str, tuple[RowKey, ...]]
 
 
 def row_key(task: str, split: str, doc_id: Any, index: int, context: Any, gen_kwargs: Any) -> RowKey:
     """The journal's key of one request: where its document is, and a digest of what the model is asked."""
     asked = json.dumps([context, gen_kwargs], sort_keys=True, ensure_ascii=False, default=repr)
     return task, split, doc_id, int(index), hashlib.sha256(asked.encode("utf-8")).hexdigest()[:16]
+
+
+def window_digest(keys: Sequence[RowKey]) -> str:
+    """A digest of the keys of a batch feeder window (``globalcom2/lmms/batch_pipeline.py``), in order: the
+    requests a batch was planned among, which decide its rows as much as its own keys do."""
+    text = json.dumps([list(key) for key in keys], ensure_ascii=False, default=repr)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def code_digest(package: Path = PACKAGE_DIR) -> str:
+    """A digest of the package's Python sources: a code change between an interrupted run and its resumption
+    (a fixed method, prompt or answer reading) must not mix two versions' answers in one result."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def rank_file(folder: Path, rank: int) -> Path:
@@ -73,35 +100,63 @@ class JournaledBatch:
     """One generated batch as the journal holds it: its rows' keys and records, in batch order."""
 
     rows: tuple[RowKey, ...]
+    window: str  # window_digest of the requests the batch was planned among
     records: tuple[dict[str, Any], ...]
+
+    @property
+    def key(self) -> BatchKey:
+        return self.window, self.rows
 
     def sample_records(self) -> list[SampleRecord]:
         """The records, marked as answered by an earlier run (``SampleRecord.replayed``)."""
         return [SampleRecord.from_dict({**record, "replayed": True}) for record in self.records]
 
 
-def check_settings(folder: Path, settings: Mapping[str, Any]) -> None:
+class StaleJournalError(ValueError):
+    """A journal folder whose answers were computed under other settings than this run's."""
+
+
+def check_settings(folder: Path, settings: Mapping[str, Any], discard_stale: bool = False) -> str | None:
     """Write ``settings`` as the folder's, or check them against those already there.
 
+    Args:
+        discard_stale: a folder of other settings is emptied (its batches deleted) instead of refused: for a
+            folder the caller owns, such as a cell's, where a code change since the interruption must cost a
+            re-run, not a stopped sweep.
+
+    Returns:
+        Why the folder's batches were discarded, or ``None``.
+
     Raises:
-        ValueError: the folder holds answers computed under other settings (the keys that differ named).
+        StaleJournalError: the folder holds answers computed under other settings (the keys that differ
+            named), or batches without settings; unless ``discard_stale``.
     """
     current = json.loads(json.dumps(settings, sort_keys=True, default=repr))  # as they read back
     path = folder / SETTINGS_FILE
+    batches = [p for p in folder.iterdir() if RANK_FILE.fullmatch(p.name)]
+    problem = None
     if not path.exists():
-        atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
-        return
-    try:
-        written = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read the answers journal's settings ({err})") from err
-    if written != current:
-        keys = sorted(k for k in written.keys() | current.keys() if written.get(k) != current.get(k))
-        changes = "; ".join(f"{k}: {written.get(k)!r} -> {current.get(k)!r}" for k in keys)
-        raise ValueError(
-            f"{folder} holds answers computed under other settings ({changes}); delete the folder, or give "
-            "this run another one (a cell's own journal is deleted by force=true)"
+        if batches:
+            problem = f"answers without their {SETTINGS_FILE}"
+    else:
+        try:
+            written = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            written, problem = None, f"unreadable {SETTINGS_FILE} ({err})"
+        if problem is None and written != current:
+            keys = sorted(k for k in written.keys() | current.keys() if written.get(k) != current.get(k))
+            changes = "; ".join(f"{k}: {written.get(k)!r} -> {current.get(k)!r}" for k in keys)
+            problem = f"answers computed under other settings ({changes})"
+    if problem is not None and not discard_stale:
+        raise StaleJournalError(
+            f"{folder} holds {problem}; delete the folder, or give this run another one (a cell's own journal "
+            "is replaced by itself, and deleted by force=true)"
         )
+    if problem is not None or not path.exists():
+        for stale in batches if problem is not None else []:
+            stale.unlink()
+        atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+    return problem
 
 
 def read_rank_file(path: Path, cut_torn_tail: bool = False) -> list[JournaledBatch]:
@@ -119,13 +174,16 @@ def read_rank_file(path: Path, cut_torn_tail: bool = False) -> list[JournaledBat
             handle.flush()
             os.fsync(handle.fileno())
     batches = []
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(complete.split(b"\n")[:-1], start=1):  # at \n alone: not str.splitlines
+        if not raw.strip():
             continue
         try:
-            entry = json.loads(line)
+            entry = json.loads(raw.decode("utf-8"))  # a UnicodeDecodeError is a ValueError
             rows = tuple(tuple(row) for row in entry["rows"])
+            window = entry["window"]
             records = tuple(entry["records"])
+            if not isinstance(window, str):
+                raise TypeError(f"window must be a digest string, got {window!r}")
             if len(rows) != len(records) or not rows or any(len(row) != 5 for row in rows):
                 raise ValueError(f"{len(rows)} rows of 5 fields each and {len(records)} records expected")
             for record in records:
@@ -135,7 +193,7 @@ def read_rank_file(path: Path, cut_torn_tail: bool = False) -> list[JournaledBat
                 f"{path}:{number}: not a journaled batch ({type(err).__name__}: {err}); if the machine crashed "
                 "while it was written, delete this line and those after it, or the whole folder"
             ) from err
-        batches.append(JournaledBatch(rows, records))  # type: ignore[arg-type]
+        batches.append(JournaledBatch(rows, window, records))  # type: ignore[arg-type]
     return batches
 
 
@@ -147,21 +205,31 @@ class AnswerJournal:
         folder: the journal's folder (created if missing).
         rank: this process's rank; it appends to ``rank<rank>.jsonl`` only.
         settings: what decides the answers and the batches (:func:`check_settings`).
+        discard_stale: empty a folder of other settings instead of refusing it (:func:`check_settings`);
+            ``discarded`` then says why it was emptied.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], rank: int, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        rank: int,
+        settings: Mapping[str, Any],
+        discard_stale: bool = False,
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rank = rank
-        check_settings(self.folder, settings)
         self.path = rank_file(self.folder, rank)
         self._handle: Any = None  # opened at the first append, kept open: one write per batch, no reopen
         self._synced = time.monotonic()
-        self.batches: dict[tuple[RowKey, ...], JournaledBatch] = {}
-        for path in sorted(self.folder.iterdir()):
-            if RANK_FILE.fullmatch(path.name):
-                for batch in read_rank_file(path, cut_torn_tail=path == self.path):
-                    self.batches[batch.rows] = batch  # a batch written twice: the later one
+        self.batches: dict[BatchKey, JournaledBatch] = {}
+        # one rank at a time: a rank emptying a stale folder must finish before another reads it
+        with _locked(self.folder / LOCK_FILE):
+            self.discarded = check_settings(self.folder, settings, discard_stale)
+            for path in sorted(self.folder.iterdir()):
+                if RANK_FILE.fullmatch(path.name):
+                    for batch in read_rank_file(path, cut_torn_tail=path == self.path):
+                        self.batches[batch.key] = batch  # a batch written twice: the later one
 
     @property
     def next_batch_id(self) -> int:
@@ -170,12 +238,16 @@ class AnswerJournal:
         ids = [record["batch_id"] for batch in self.batches.values() for record in batch.records]
         return max(ids, default=-1) + 1
 
-    def append(self, rows: Sequence[RowKey], records: Sequence[SampleRecord]) -> None:
+    def append(self, rows: Sequence[RowKey], window: str, records: Sequence[SampleRecord]) -> None:
         """Add one generated batch: one write to the kernel (it outlives this process), and an fsync when the
         last is :data:`FSYNC_INTERVAL_S` old (it outlives the machine)."""
         if len(rows) != len(records) or not rows:
             raise ValueError(f"one record per row expected, got {len(rows)} rows and {len(records)} records")
-        entry = {"rows": [list(row) for row in rows], "records": [record.to_dict() for record in records]}
+        entry = {
+            "rows": [list(row) for row in rows],
+            "window": window,
+            "records": [record.to_dict() for record in records],
+        }
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         if self._handle is None:
             created = not self.path.exists()
@@ -187,8 +259,8 @@ class AnswerJournal:
             written += self._handle.write(line[written:])
         if time.monotonic() - self._synced >= FSYNC_INTERVAL_S:
             self.sync()
-        batch = JournaledBatch(tuple(tuple(row) for row in rows), tuple(entry["records"]))  # type: ignore[arg-type]
-        self.batches[batch.rows] = batch
+        batch = JournaledBatch(tuple(tuple(row) for row in rows), window, tuple(entry["records"]))  # type: ignore[arg-type]
+        self.batches[batch.key] = batch
 
     def sync(self) -> None:
         """Flush what this rank appended to the disk."""
@@ -208,38 +280,49 @@ class AnswerJournal:
         return Replay(self.batches, keys)
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """``flock`` on ``path`` (created if missing) for the block; the kernel drops it if the process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class Replay:
     """Journaled batches looked up by request positions (the positions of one ``generate_until`` call).
 
-    Both lookups return a batch only where the batch would form exactly as it did: :meth:`batch` for a
-    planned batch, :meth:`window` for a whole window of the batch feeder before it is read (its batches are
-    planned from the documents' images, ``globalcom2/lmms/batch_pipeline.py``; the journal's settings hold
-    what decides that plan, so a window whose rows the journal holds in batches lying wholly inside it is
-    the window the earlier run planned).
+    Both lookups return batches only where they would form exactly as they did: the same rows, in the same
+    order, planned among the same window of requests (the batch feeder plans a window's batches from its
+    requests' images and prompts, ``globalcom2/lmms/batch_pipeline.py``, under settings the journal's hold).
+    :meth:`batch` looks up one planned batch; :meth:`window` a whole window before it is read.
     """
 
-    def __init__(self, batches: Mapping[tuple[RowKey, ...], JournaledBatch], keys: Sequence[RowKey]) -> None:
+    def __init__(self, batches: Mapping[BatchKey, JournaledBatch], keys: Sequence[RowKey]) -> None:
         self._batches = dict(batches)  # as journaled when the call began: its own appends are never replayed
         self._keys = list(keys)
-        self._batch_of: dict[RowKey, tuple[RowKey, ...]] = {}
-        for rows in batches:  # in the order written: a row journaled twice points at its later batch
-            for row in rows:
-                self._batch_of[row] = rows
+        self._by_window: dict[str, list[JournaledBatch]] = {}
+        for batch in self._batches.values():
+            self._by_window.setdefault(batch.window, []).append(batch)
 
-    def batch(self, positions: Sequence[int]) -> JournaledBatch | None:
-        """The journaled batch of exactly these requests, in this order, or ``None``."""
-        return self._batches.get(tuple(self._keys[p] for p in positions))
+    def _window_digest(self, window: Sequence[int]) -> str:
+        return window_digest([self._keys[p] for p in window])
 
-    def window(self, positions: Sequence[int]) -> list[tuple[list[int], JournaledBatch]] | None:
-        """Every request of the window, as journaled batches lying wholly inside it (``(positions, batch)``
-        each, in the window's order), or ``None`` where any request is not journaled that way."""
-        position_of = {self._keys[p]: p for p in positions}
-        if len(position_of) != len(positions):  # two requests with one key: take nothing on trust
-            return None
-        found: dict[tuple[RowKey, ...], list[int]] = {}
-        for key in position_of:
-            rows = self._batch_of.get(key)
-            if rows is None or any(row not in position_of for row in rows):
-                return None
-            found.setdefault(rows, [position_of[row] for row in rows])
-        return [(found[rows], self._batches[rows]) for rows in sorted(found, key=lambda r: min(found[r]))]
+    def batch(self, positions: Sequence[int], window: Sequence[int]) -> JournaledBatch | None:
+        """The journaled batch of exactly these requests, in this order, planned among the requests of
+        ``window``, or ``None``."""
+        rows = tuple(self._keys[p] for p in positions)
+        return self._batches.get((self._window_digest(window), rows))
+
+    def window(self, window: Sequence[int]) -> list[tuple[list[int], JournaledBatch]] | None:
+        """Every request of the window, as the journaled batches planned among exactly its requests, each
+        request in one of them (``(positions, batch)`` each, in the window's order), or ``None``."""
+        position_of = {self._keys[p]: p for p in window}
+        batches = self._by_window.get(self._window_digest(window), [])
+        rows = [row for batch in batches for row in batch.rows]
+        if len(position_of) != len(window) or len(rows) != len(window) or set(rows) != set(position_of):
+            return None  # a request not journaled, or journaled twice: take nothing on trust
+        placed = [([position_of[row] for row in batch.rows], batch) for batch in batches]
+        return sorted(placed, key=lambda entry: min(entry[0]))

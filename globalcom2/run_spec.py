@@ -115,6 +115,9 @@ class RunOptions:
     # A folder that keeps each finished batch's answers as it finishes, so that an interrupted run resumes
     # there (globalcom2/answer_journal.py). A cell gives its own (globalcom2.store.Cell.answers_dir).
     answers_journal: str | None = None
+    # Empty an answers journal written under other settings (a code change since the interruption) instead of
+    # refusing it: for a folder the caller owns, such as a cell's.
+    discard_stale_answers: bool = False
     # Prepare the next batch in a background thread while this one generates (globalcom2/lmms/batch_pipeline.py).
     # None (auto): on when the model runs on CUDA. On a CPU the thread competes with the model for the cores.
     prefetch: bool | None = None
@@ -205,6 +208,7 @@ def parse_run(
     generation_overrides: Any = None,
     records_path: Any = None,
     answers_journal: Any = None,
+    discard_stale_answers: Any = False,
     prefetch: Any = "auto",
     model_name: str = "",
     method_label: str | None = None,
@@ -325,6 +329,7 @@ def parse_run(
         generation_overrides=overrides,
         records_path=None if records_path is None else str(records_path),
         answers_journal=None if answers_journal in (None, "") else str(answers_journal),
+        discard_stale_answers=coerce(discard_stale_answers, bool, key("discard_stale_answers")),
         prefetch=_prefetch_setting(prefetch, key("prefetch")),
     )
     if overrides:

@@ -110,7 +110,10 @@ def _evaluate(spec: CellSpec, out_dir: Path, answers_dir: Path | None) -> CellOu
         # identity and record say, on a machine with GPUs too
         run = replace(run, model=replace(run.model, device=None))
     if answers_dir is not None:
-        run = replace(run, options=replace(run.options, answers_journal=str(answers_dir)))
+        # the cell's own folder: answers journaled under other settings (a code change since the interruption)
+        # are deleted and run again, not a reason to stop the sweep
+        options = replace(run.options, answers_journal=str(answers_dir), discard_stale_answers=True)
+        run = replace(run, options=options)
     lm = GlobalCom2LlavaNext(
         run
     )  # validated by CellSpec.from_config and the pre-flight: nothing is re-parsed

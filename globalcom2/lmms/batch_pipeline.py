@@ -54,6 +54,7 @@ class ReadyBatch:
         load_s: seconds spent reading documents and images for this batch: its whole window's for the first
             batch of a window (the one that waits for the reading), 0 for the others.
         preprocess_s: seconds spent in the processor for this batch.
+        window: the positions of the window the batch was planned among (its rows depend on all of them).
     """
 
     indices: list[int]
@@ -61,6 +62,7 @@ class ReadyBatch:
     inputs: Any
     load_s: float
     preprocess_s: float
+    window: list[int]
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class BatchFeeder:
             first = True
             for rows in plan_batches(prepared, self.batch_size, self._visual_tokens):
                 indices = [window[row] for row in rows]
-                journaled = self._replay.batch(indices) if self._replay is not None else None
+                journaled = self._replay.batch(indices, window) if self._replay is not None else None
                 if journaled is not None:
                     yield ReplayedBatch(indices, journaled)
                     continue
@@ -163,7 +165,7 @@ class BatchFeeder:
                 encoded = time.perf_counter() - began
                 load_s = loaded if first else 0.0  # charged where it was waited for
                 first = False
-                yield ReadyBatch(indices, batch, inputs, load_s, encoded)
+                yield ReadyBatch(indices, batch, inputs, load_s, encoded, window)
 
     def _fill(self, positions: Sequence[int], out: queue.Queue) -> None:
         try:

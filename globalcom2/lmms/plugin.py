@@ -12,7 +12,8 @@ tag or commit; default ``main``), ``method`` (default ``vanilla``), ``dtype`` (`
 ``max_new_tokens`` (used when a task sets none; default 1024), ``records_path`` (JSONL sidecar of per-sample
 records), ``answers_journal`` (a folder: each finished batch's answers are kept there as it finishes, and a run
 given the folder of an interrupted one replays that run's batches instead of generating them again,
-``globalcom2/answer_journal.py``; a cell uses its own), ``profile`` (default true), ``warmup`` (untimed generate calls before the first timed one; default
+``globalcom2/answer_journal.py``; a cell uses its own), ``discard_stale_answers`` (empty such a folder written
+under other settings instead of refusing it; a cell's is), ``profile`` (default true), ``warmup`` (untimed generate calls before the first timed one; default
 1; the first timed call is also reported apart, ``SampleRecord.first_call``), ``compile`` (``true`` or a
 ``torch.compile`` mode: the vision tower's and the LLM's layers run compiled,
 ``globalcom2.models.compiled``), ``batch_invariant`` (every ``generate`` under
@@ -43,7 +44,8 @@ What the class guarantees:
   shards the documents, gathers the answers and scores on rank 0.
 * With ``answers_journal``, each finished batch is appended to the journal before the next one starts, and a
   batch an interrupted run finished is replayed from it only where it would form again with the same rows in
-  the same order (``globalcom2/answer_journal.py``), so a resumed run answers as an uninterrupted one.
+  the same order among the same window of requests (``globalcom2/answer_journal.py``), so a resumed run
+  answers as an uninterrupted one. A call that samples anywhere is neither journaled nor replayed.
 * Generation errors propagate (with the task and doc ids added); nothing is swallowed. Empty answers
   are counted, logged and flagged in the records.
 * Per-sample :class:`~globalcom2.sample_records.SampleRecord`\\ s: ``lm.records`` (this
@@ -68,7 +70,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from globalcom2 import sample_records as sr
-from globalcom2.answer_journal import AnswerJournal, Replay, RowKey, row_key
+from globalcom2.answer_journal import AnswerJournal, Replay, RowKey, code_digest, row_key, window_digest
 from globalcom2.anyres import config_layout
 from globalcom2.efficiency.summary import latency_summary
 from globalcom2.lmms.batch_pipeline import (
@@ -188,10 +190,14 @@ class GlobalCom2LlavaNext(lmms):
         self._single_row_warmed = False
         self._measured_calls = 0
         self.journal = (
-            AnswerJournal(options.answers_journal, self._rank, self.journal_settings())
+            AnswerJournal(
+                options.answers_journal, self._rank, self.journal_settings(), options.discard_stale_answers
+            )
             if options.answers_journal
             else None
         )
+        if self.journal is not None and self.journal.discarded:
+            logger.warning(f"{options.answers_journal}: {self.journal.discarded}: discarded, generated again")
         # batch ids go on from the journal's, so that (rank, batch id) names one generate call (SampleRecord)
         self._batches = self.journal.next_batch_id if self.journal else 0
         self.records: list[sr.SampleRecord] = []
@@ -250,8 +256,10 @@ class GlobalCom2LlavaNext(lmms):
 
     def journal_settings(self) -> dict[str, Any]:
         """What decides a batch's rows and their answers, for the answers journal (``answer_journal.py``): the
-        checkpoint and its load, the method, the protocol, the device kind and the library versions, and how
-        batches form (the batch size, the process count that shards the requests, the feeder's window)."""
+        code, the checkpoint's content and its load, the method, the protocol, the device (its kind and GPU
+        model) and the library versions, and how batches form (the batch size, the process count that shards
+        the requests, the feeder's window)."""
+        from globalcom2.models.fingerprint import checkpoint_identity
         from globalcom2.provenance import package_versions
 
         info = self.run_info
@@ -263,6 +271,12 @@ class GlobalCom2LlavaNext(lmms):
         return {
             **{key: info[key] for key in answering},
             "device": self._device.type,
+            "gpu": torch.cuda.get_device_name(self._device) if self._device.type == "cuda" else None,
+            # content, not name: a retrained folder is other weights (its digests are cached: file_digest.py)
+            "weights": checkpoint_identity(
+                self.pretrained, random_init=self.random_init, revision=self.revision
+            ),
+            "code": code_digest(),
             "max_new_tokens": self.default_max_new_tokens,
             "batch_size": self.batch_size_per_device,
             "world_size": self._world_size,
@@ -341,14 +355,15 @@ class GlobalCom2LlavaNext(lmms):
         generated = sum(len(indices) for indices in groups.values())  # padding requests are not generated
         progress = tqdm(total=generated, disable=self._rank != 0, desc="globalcom2 generate")
         by_position: dict[int, sr.SampleRecord] = {}
-        keys = [self._row_key(request) for request in requests] if self.journal else []
-        replay = self.journal.replay(keys) if self.journal else None
+        # A call that samples anywhere is neither journaled nor replayed: a sampled answer depends on the random
+        # state, which everything generated before it moves (a warm-up, the earlier batches, greedy ones too).
+        journal = None if any(s.do_sample for s in settings.values()) else self.journal
+        keys = [self._row_key(request) for request in requests] if journal else []
+        replay = journal.replay(keys) if journal else None
         # the batch-invariant mode's environment switch, set while no prefetch thread runs (batch_invariant.py)
         with progress, forced_gqa() if self.batch_invariant else contextlib.nullcontext():
             for key, indices in groups.items():
-                # a sampled batch's answers depend on the random state: never journaled, always generated
-                journaled = self.journal is not None and not settings[key].do_sample
-                feeder = self._feeder(requests, replay if journaled else None)
+                feeder = self._feeder(requests, replay)
                 mark = time.perf_counter()
                 for ready, waited in feeder.batches(indices):  # the feeder's thread is joined when this ends
                     if isinstance(ready, ReplayedBatch):
@@ -360,15 +375,18 @@ class GlobalCom2LlavaNext(lmms):
                         now = time.perf_counter()
                         for record in records:  # the batch's whole turn of the loop, waiting included,
                             record.loop_s = now - mark - warmup_s  # its untimed warm-up not
-                        if journaled:  # its time goes to the next batch's turn, as all bookkeeping does
-                            self.journal.append([keys[i] for i in ready.indices], records)  # type: ignore[union-attr]
+                        if (
+                            journal is not None
+                        ):  # its time goes to the next batch's turn, as all bookkeeping does
+                            window = window_digest([keys[i] for i in ready.window])
+                            journal.append([keys[i] for i in ready.indices], window, records)
                     for i, output, record in zip(ready.indices, outputs, records, strict=True):
                         results[i] = output
                         by_position[i] = record
                     mark = now
                     progress.update(len(ready.indices))
-        if self.journal is not None:
-            self.journal.sync()  # once per call: appends between two syncs are bounded by time, not count
+        if journal is not None:
+            journal.close()  # synced once per call; the next append reopens it
         new_records = [by_position[i] for i in sorted(by_position)]  # lmms-eval's order
         self.records += new_records
         self._report(new_records)

@@ -9,7 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-from globalcom2.answer_journal import JournaledBatch, Replay
+from globalcom2.answer_journal import JournaledBatch, Replay, window_digest
 from globalcom2.lmms.batch_pipeline import BatchFeeder, length_order, plan_batches
 from globalcom2.protocol.batching import PreparedBatch
 
@@ -157,9 +157,12 @@ def test_a_windows_loading_is_charged_to_the_batch_that_waits_for_it():
 @pytest.mark.parametrize("lookahead", [0, 2])
 def test_answered_batches_are_replayed_and_an_answered_window_is_not_even_read(lookahead):
     keys = [("toy", "test", i, 0, "digest") for i in range(8)]
+    windows = {0: window_digest(keys[:4]), 1: window_digest(keys[4:])}  # windows of 2 batches of 2
     answered = [(0, 1), (2, 3), (4, 5)]  # the first window (positions 0-3) whole, the second's first batch
-    rows = [tuple(keys[i] for i in batch) for batch in answered]
-    journal = {row: JournaledBatch(row, ({},) * len(row)) for row in rows}
+    batches = [
+        JournaledBatch(tuple(keys[i] for i in b), windows[b[0] // 4], ({},) * len(b)) for b in answered
+    ]
+    journal = {batch.key: batch for batch in batches}
     loaded, encoded = [], []
     prepared = prepared_for([(10, 10)] * 8)
 

@@ -115,11 +115,57 @@ def test_a_journal_of_other_settings_is_refused_before_anything_runs(tmp_path):
     assert (tmp_path / SETTINGS_FILE).is_file()
 
 
-def test_sampled_answers_are_never_journaled(tmp_path, images):
+def test_a_call_that_samples_anywhere_is_neither_journaled_nor_replayed(tmp_path, images, monkeypatch):
+    """A sampled answer depends on the random state that everything generated before it moved (a warm-up,
+    greedy batches included), so a resumed call would draw another stream: it is generated whole."""
+    docs = [{"image": images[(336, 336)]}, {"image": images[(672, 672)]}]
+    lm = plugin(tmp_path, batch_size=1)
+    lm.generate_until(requests_for(lm, docs, gen_kwargs=GEN))
+    assert len(lines(tmp_path)) == 2
+    again = plugin(tmp_path, batch_size=1)
+    calls = counting_generate(again, monkeypatch)
+    sampled = {**GEN, "do_sample": True, "temperature": 0.7}
+    mixed = requests_for(again, docs, gen_kwargs=GEN) + requests_for(again, docs, gen_kwargs=sampled)[:1]
+    again.generate_until(mixed)
+    assert calls == [1, 1, 1] and not any(r.replayed for r in again.records)  # the greedy two as well
+    assert len(lines(tmp_path)) == 2  # and nothing of it journaled
+
+
+def test_a_resume_across_windows_replays_only_the_batches_finished(tmp_path, images, monkeypatch):
+    """18 requests in batches of 2: a first window of 8 batches and a second of one. Cut after 5 batches,
+    the resumed run generates the first window's last 3 and the second window's one, and nothing else."""
+    sizes = [(336, 1008), (336, 336), (800, 600), (672, 672), (1008, 336), (336, 336)] * 3
+    docs = [{"image": images[size]} for size in sizes]
+    whole = plugin(tmp_path / "whole", batch_size=2)
+    expected = [o.output_token_ids for o in whole_records(whole, docs)]
+    first = plugin(tmp_path / "cut", batch_size=2)
+    counting_generate(first, monkeypatch, fail_on_call=6)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        first.generate_until(requests_for(first, docs, gen_kwargs=GEN))
+    resumed = plugin(tmp_path / "cut", batch_size=2)
+    calls = counting_generate(resumed, monkeypatch)
+    assert [r.output_token_ids for r in whole_records(resumed, docs)] == expected
+    assert calls == [2, 2, 2, 2] and sum(r.replayed for r in resumed.records) == 10
+
+
+def whole_records(lm, docs):
+    lm.reset_records()
+    lm.generate_until(requests_for(lm, docs, gen_kwargs=GEN))
+    return lm.records
+
+
+def test_a_cell_s_journal_of_other_settings_is_emptied_and_generated_again(tmp_path, images, monkeypatch):
     docs = [{"image": images[(336, 336)]}]
     lm = plugin(tmp_path, batch_size=1)
-    sampled = {**GEN, "do_sample": True, "temperature": 0.7}
-    lm.generate_until(requests_for(lm, docs, gen_kwargs=sampled))
-    assert not rank_file(tmp_path, 0).exists()
     lm.generate_until(requests_for(lm, docs, gen_kwargs=GEN))
-    assert len(lines(tmp_path)) == 1
+    import globalcom2.lmms.plugin as plugin_module
+
+    monkeypatch.setattr(plugin_module, "code_digest", lambda: "edited since")
+    again = GlobalCom2LlavaNext(
+        pretrained="tiny", method="random", retention_ratio=0.25, profile=False, answers_journal=str(tmp_path),
+        discard_stale_answers=True,
+    )  # fmt: skip
+    assert "other settings (code:" in again.journal.discarded
+    calls = counting_generate(again, monkeypatch)
+    again.generate_until(requests_for(again, docs, gen_kwargs=GEN))
+    assert calls == [1] and len(lines(tmp_path)) == 1

@@ -7,7 +7,15 @@ import os
 
 import pytest
 
-from globalcom2.answer_journal import SETTINGS_FILE, AnswerJournal, rank_file, row_key
+from globalcom2.answer_journal import (
+    SETTINGS_FILE,
+    AnswerJournal,
+    StaleJournalError,
+    code_digest,
+    rank_file,
+    row_key,
+    window_digest,
+)
 from globalcom2.sample_records import SampleRecord
 
 SETTINGS = {"method": "random", "method_params": {"retention_ratio": 0.25}, "batch_size": 2, "window": 8}
@@ -28,10 +36,13 @@ def key(doc_id: int, context: str = "Is there a cat?"):
     return row_key("toy", "test", doc_id, 0, context, {"max_new_tokens": 3})
 
 
+WINDOW = window_digest([key(i) for i in range(5)])  # the requests the test batches were planned among
+
+
 def test_a_batch_written_by_one_process_is_read_back_by_the_next(tmp_path):
     journal = AnswerJournal(tmp_path, 0, SETTINGS)
     assert journal.batches == {} and journal.next_batch_id == 0
-    journal.append([key(0), key(1)], [record(0, 4), record(1, 4, "no")])
+    journal.append([key(0), key(1)], WINDOW, [record(0, 4), record(1, 4, "no")])
     again = AnswerJournal(tmp_path, 1, SETTINGS)  # another rank reads every rank's file
     (batch,) = again.batches.values()
     assert batch.rows == (key(0), key(1))
@@ -50,18 +61,41 @@ def test_a_key_names_the_request_and_what_it_asks():
 
 
 def test_a_folder_written_under_other_settings_is_refused_naming_what_differs(tmp_path):
-    AnswerJournal(tmp_path, 0, SETTINGS)
+    AnswerJournal(tmp_path, 0, SETTINGS).append([key(0)], WINDOW, [record(0)])
     AnswerJournal(tmp_path, 0, dict(SETTINGS))  # the same settings: accepted
-    with pytest.raises(ValueError, match=r"other settings \(batch_size: 2 -> 4\); delete the folder"):
+    with pytest.raises(StaleJournalError, match=r"other settings \(batch_size: 2 -> 4\); delete the folder"):
         AnswerJournal(tmp_path, 0, {**SETTINGS, "batch_size": 4})
     (tmp_path / SETTINGS_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match="cannot read the answers journal's settings"):
+    with pytest.raises(StaleJournalError, match=f"unreadable {SETTINGS_FILE}"):
         AnswerJournal(tmp_path, 0, SETTINGS)
+    (tmp_path / SETTINGS_FILE).unlink()  # answers whose settings nobody can tell
+    with pytest.raises(StaleJournalError, match=f"answers without their {SETTINGS_FILE}"):
+        AnswerJournal(tmp_path, 0, SETTINGS)
+    assert rank_file(tmp_path, 0).exists()  # refused, never deleted: the folder is the caller's
+
+
+def test_a_folder_its_owner_lets_go_is_emptied_of_stale_answers(tmp_path):
+    AnswerJournal(tmp_path, 0, SETTINGS).append([key(0)], WINDOW, [record(0)])
+    AnswerJournal(tmp_path, 1, SETTINGS).append([key(1)], WINDOW, [record(1)])
+    changed = {**SETTINGS, "code": "another"}
+    journal = AnswerJournal(tmp_path, 1, changed, discard_stale=True)
+    assert journal.batches == {} and "other settings (code: None -> 'another')" in journal.discarded
+    assert not rank_file(tmp_path, 0).exists() and not rank_file(tmp_path, 1).exists()
+    assert AnswerJournal(tmp_path, 0, changed).discarded is None  # another rank now finds its settings
+
+
+def test_the_code_digest_follows_every_source_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = code_digest(tmp_path)
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert code_digest(tmp_path) != first and len(first) == 16
 
 
 def test_a_line_cut_by_a_kill_is_ignored_and_cut_off_before_the_next_append(tmp_path):
     journal = AnswerJournal(tmp_path, 0, SETTINGS)
-    journal.append([key(0)], [record(0)])
+    journal.append([key(0)], WINDOW, [record(0)])
     whole = rank_file(tmp_path, 0).read_bytes()
     with open(rank_file(tmp_path, 0), "ab") as handle:
         handle.write(b'{"rows": [["toy", "te')  # the kill came mid-write
@@ -69,13 +103,13 @@ def test_a_line_cut_by_a_kill_is_ignored_and_cut_off_before_the_next_append(tmp_
     assert len(other.batches) == 1 and len(rank_file(tmp_path, 0).read_bytes()) > len(whole)
     resumed = AnswerJournal(tmp_path, 0, SETTINGS)  # its own rank cuts it off
     assert len(resumed.batches) == 1 and rank_file(tmp_path, 0).read_bytes() == whole
-    resumed.append([key(1)], [record(1, 1)])
+    resumed.append([key(1)], WINDOW, [record(1, 1)])
     assert len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 2
 
 
 def test_any_other_unreadable_line_is_an_error_naming_file_and_line(tmp_path):
     journal = AnswerJournal(tmp_path, 0, SETTINGS)
-    journal.append([key(0)], [record(0)])
+    journal.append([key(0)], WINDOW, [record(0)])
     path = rank_file(tmp_path, 0)
     entry = json.loads(path.read_text())
     bad_lines = {
@@ -89,27 +123,40 @@ def test_any_other_unreadable_line_is_an_error_naming_file_and_line(tmp_path):
             AnswerJournal(tmp_path, 0, SETTINGS)
 
 
-def test_replay_takes_a_batch_only_with_the_rows_it_held_in_their_order(tmp_path):
+def test_replay_takes_a_batch_only_with_the_rows_it_held_in_their_order_and_window(tmp_path):
     journal = AnswerJournal(tmp_path, 0, SETTINGS)
-    journal.append([key(0), key(1)], [record(0), record(1)])
-    journal.append([key(2)], [record(2, 1)])
     keys = [key(i) for i in range(5)]
+    first, second = window_digest(keys[:3]), window_digest(keys[3:])
+    journal.append([key(0), key(1)], first, [record(0), record(1)])
+    journal.append([key(2)], first, [record(2, 1)])
     replay = journal.replay(keys)
-    assert replay.batch([0, 1]).rows == (key(0), key(1))
-    assert replay.batch([1, 0]) is None and replay.batch([0]) is None and replay.batch([3]) is None
-    # a window is taken whole, as the batches that lie inside it, or not at all
-    assert [positions for positions, _ in replay.window([0, 1, 2])] == [[0, 1], [2]]
-    assert replay.window([0, 1, 2, 3]) is None  # request 3 was never answered
-    assert replay.window([1, 2]) is None  # request 0's batch reaches outside the window
-    journal.append([key(3)], [record(3, 2)])
-    assert replay.batch([3]) is None  # what a call journals itself is not replayed within it
-    assert journal.replay(keys).batch([3]) is not None
+    window = [0, 1, 2]
+    assert replay.batch([0, 1], window).rows == (key(0), key(1))
+    assert replay.batch([1, 0], window) is None and replay.batch([0], window) is None
+    assert replay.batch([0, 1], [0, 1, 2, 3]) is None  # planned among other requests: maybe another batch
+    # a window is taken whole, as the batches planned among exactly its requests, or not at all
+    assert [positions for positions, _ in replay.window(window)] == [[0, 1], [2]]
+    assert replay.window([0, 1, 2, 3]) is None and replay.window([1, 2]) is None
+    journal.append([key(3)], second, [record(3, 2)])
+    assert replay.window([3, 4]) is None  # request 4 was never answered
+    journal.append([key(4)], second, [record(4, 3)])
+    assert replay.window([3, 4]) is None  # what a call journals itself is not replayed within it
+    assert [p for p, _ in journal.replay(keys).window([3, 4])] == [[3], [4]]
+    journal.append([key(0), key(2)], first, [record(0, 4), record(2, 4)])  # request 0 in two batches
+    assert journal.replay(keys).window(window) is None  # never answered twice
+
+
+def test_an_answer_with_a_unicode_line_separator_stays_one_line(tmp_path):
+    odd = "a\u2028b\u2029c\x85d\re"  # JSON leaves these unescaped; str.splitlines breaks at each
+    AnswerJournal(tmp_path, 0, SETTINGS).append([key(0)], WINDOW, [record(0, answer=odd)])
+    (batch,) = AnswerJournal(tmp_path, 0, SETTINGS).batches.values()
+    assert batch.sample_records()[0].answer == odd
 
 
 def test_an_append_needs_one_record_per_row(tmp_path):
     journal = AnswerJournal(tmp_path, 0, SETTINGS)
     with pytest.raises(ValueError, match="one record per row expected, got 2 rows and 1 records"):
-        journal.append([key(0), key(1)], [record(0)])
+        journal.append([key(0), key(1)], WINDOW, [record(0)])
     assert not rank_file(tmp_path, 0).exists()
 
 
@@ -121,12 +168,12 @@ def test_appends_reach_the_kernel_at_once_and_the_disk_at_a_bounded_interval(tmp
         answer_journal.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
     )
     journal = AnswerJournal(tmp_path, 0, SETTINGS)
-    journal.append([key(0)], [record(0)])
+    journal.append([key(0)], WINDOW, [record(0)])
     ours = str(rank_file(tmp_path, 0))
     assert len(rank_file(tmp_path, 0).read_text().splitlines()) == 1  # readable before any fsync
     assert ours not in synced  # the interval has not passed
     monkeypatch.setattr(answer_journal, "FSYNC_INTERVAL_S", 0.0)
-    journal.append([key(1)], [record(1, 1)])
+    journal.append([key(1)], WINDOW, [record(1, 1)])
     assert synced.count(ours) == 1
     journal.close()
     assert synced.count(ours) == 2 and len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 2

@@ -210,6 +210,47 @@ def test_a_force_rerun_killed_anywhere_in_its_commit_loses_nothing(tmp_path, mon
     assert kills >= 5  # record aside, two files aside, the folder renamed, new files in, the new record
 
 
+def test_a_first_commit_killed_anywhere_keeps_the_answers_journal_until_the_record_is_written(
+    tmp_path, monkeypatch
+):
+    """The commit moves the journal aside with the other old entries: a kill before the record is written
+    leaves it for the next run to resume from; once the record is written it is gone."""
+    real_replace, kills = os.replace, 0
+    while True:
+        cell = Cell(tmp_path / str(kills), KEY, IDENTITY)
+        calls = 0
+
+        def replace_then_die(src, dst, *, _limit=kills):
+            nonlocal calls
+            if calls == _limit:
+                raise KeyboardInterrupt("killed")
+            calls += 1
+            return real_replace(src, dst)
+
+        with cell.lock():
+            _run_outputs(cell, "new")
+            cell.answers_dir.mkdir()
+            (cell.answers_dir / "rank0.jsonl").write_text("journal\n")
+            monkeypatch.setattr(os, "replace", replace_then_die)
+            try:
+                cell.commit(record_for(cell))
+                finished = True
+            except KeyboardInterrupt:
+                finished = False
+            finally:
+                monkeypatch.setattr(os, "replace", real_replace)
+        with cell.lock():
+            cell.prepare()  # the next run starts here
+            if cell.read_record() is not None:
+                assert not cell.answers_dir.exists(), f"killed after rename {kills}"
+            else:
+                assert (cell.answers_dir / "rank0.jsonl").read_text() == "journal\n", f"killed after {kills}"
+        if finished:
+            break
+        kills += 1
+    assert kills >= 3  # the journal aside, the folder renamed, the new files in, the record
+
+
 def test_recovering_a_killed_commit_can_itself_be_killed_anywhere_and_repeated(tmp_path, monkeypatch):
     """The next run's recovery of a half-done commit is killed at each of its renames in turn; the run after
     it still finds the old cell whole (recovery deleted files it had already put back when repeated)."""
