@@ -177,6 +177,54 @@ def test_two_processes_write_one_record_with_the_scores_of_one(tmp_path):
     assert len(list((tmp_path / "two" / "results").rglob("record.json"))) == 1
 
 
+@pytest.mark.slow
+def test_a_two_process_cell_killed_mid_way_resumes_with_the_answers_of_one_process(tmp_path):
+    """Each rank journals its own batches; the resumed group replays them (a rank reads every rank's file)
+    and generates the rest, and the finished cell answers as one uninterrupted process does."""
+    common = ["method=random", "method.retention_ratio=0.25", "benchmark.limit=24", "experiment_name=dp"]
+    run(tmp_path / "one", *common, multirun=False)
+    two = ["launcher=accelerate", "launcher.num_processes=2"]
+    results = tmp_path / "two" / "results"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "globalcom2.run", *FAST, *common, *two],
+        env={**os.environ, "GLOBALCOM2_RESULTS": str(results)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 400
+        while journaled(results) < 4:
+            assert process.poll() is None, "the cell ended before it could be interrupted"
+            assert time.time() < deadline, "the cell never journaled four answers"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    kept = journaled(results)
+    assert 4 <= kept < 24 and not list(results.rglob("record.json"))
+    deadline = time.time() + 60  # the ranks die with their launcher (globalcom2.worker.die_with_launcher)
+    while (done := run_globalcom2(results, *FAST, *common, *two)).returncode != 0:
+        assert "worker process of an earlier run" in done.stdout + done.stderr, done.stderr[-3000:]
+        assert time.time() < deadline, "the killed ranks never ended"
+        time.sleep(1.0)
+    (one,) = records(tmp_path / "one").values()
+    (resumed,) = records(tmp_path / "two").values()
+    assert resumed["run"]["world_size"] == 2 and resumed["samples"]["replayed"] == kept
+    assert resumed["metrics"] == one["metrics"]
+
+    def answers(record: dict) -> dict:
+        lines = (Path(record["cell"]["path"]) / record["files"]["records"]).read_text().splitlines()
+        return {r["doc_id"]: r["output_token_ids"] for r in map(json.loads, lines)}
+
+    assert answers(resumed) == answers(one)
+
+
+def journaled(results: Path) -> int:
+    """Whole lines in every rank's answers journal under ``results``."""
+    return sum(path.read_bytes().count(b"\n") for path in results.rglob(".answers/rank*.jsonl"))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
