@@ -164,11 +164,33 @@ def _state(cell: Cell) -> tuple[dict | None, dict[str, str]]:
     return (record.metrics if record else None), files
 
 
+def _commit_killed_at(cell: Cell, record: CellRecord, kills: int, monkeypatch) -> bool:
+    """``cell.commit(record)``, killed (``KeyboardInterrupt``) at its rename number ``kills``; whether it
+    finished before that."""
+    real_replace, calls = os.replace, 0
+
+    def replace_then_die(src, dst):
+        nonlocal calls
+        if calls == kills:
+            raise KeyboardInterrupt("killed")
+        calls += 1
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    try:
+        cell.commit(record)
+        return True
+    except KeyboardInterrupt:
+        return False
+    finally:
+        monkeypatch.setattr(os, "replace", real_replace)
+
+
 def test_a_force_rerun_killed_anywhere_in_its_commit_loses_nothing(tmp_path, monkeypatch):
     """``force=true`` over a finished cell, killed at each rename of the commit in turn: the next run's
     ``prepare`` finds the old cell whole (its record and its files, never the new files beside the old
     record), or, once the new record is written, the new cell whole."""
-    real_replace, kills = os.replace, 0
+    kills = 0
     while True:
         root = tmp_path / str(kills)
         cell = Cell(root, KEY, IDENTITY)
@@ -176,25 +198,11 @@ def test_a_force_rerun_killed_anywhere_in_its_commit_loses_nothing(tmp_path, mon
             _run_outputs(cell, "old")
             cell.commit(record_for(cell, metrics={"demo": {"acc": 0.1}}))
         old = _state(cell)
-        calls = 0
-
-        def replace_then_die(src, dst, *, _limit=kills):
-            nonlocal calls
-            if calls == _limit:
-                raise KeyboardInterrupt("killed")
-            calls += 1
-            return real_replace(src, dst)
-
         with cell.lock():
             _run_outputs(cell, "new")
-            monkeypatch.setattr(os, "replace", replace_then_die)
-            try:
-                cell.commit(record_for(cell, metrics={"demo": {"acc": 0.9}}))
-                finished = True
-            except KeyboardInterrupt:
-                finished = False
-            finally:
-                monkeypatch.setattr(os, "replace", real_replace)
+            finished = _commit_killed_at(
+                cell, record_for(cell, metrics={"demo": {"acc": 0.9}}), kills, monkeypatch
+            )
         with cell.lock():
             cell.prepare()  # the next run (force=true again, or a resume) starts here
             after = _state(cell)
@@ -215,30 +223,14 @@ def test_a_first_commit_killed_anywhere_keeps_the_answers_journal_until_the_reco
 ):
     """The commit moves the journal aside with the other old entries: a kill before the record is written
     leaves it for the next run to resume from; once the record is written it is gone."""
-    real_replace, kills = os.replace, 0
+    kills = 0
     while True:
         cell = Cell(tmp_path / str(kills), KEY, IDENTITY)
-        calls = 0
-
-        def replace_then_die(src, dst, *, _limit=kills):
-            nonlocal calls
-            if calls == _limit:
-                raise KeyboardInterrupt("killed")
-            calls += 1
-            return real_replace(src, dst)
-
         with cell.lock():
             _run_outputs(cell, "new")
             cell.answers_dir.mkdir()
             (cell.answers_dir / "rank0.jsonl").write_text("journal\n")
-            monkeypatch.setattr(os, "replace", replace_then_die)
-            try:
-                cell.commit(record_for(cell))
-                finished = True
-            except KeyboardInterrupt:
-                finished = False
-            finally:
-                monkeypatch.setattr(os, "replace", real_replace)
+            finished = _commit_killed_at(cell, record_for(cell), kills, monkeypatch)
         with cell.lock():
             cell.prepare()  # the next run starts here
             if cell.read_record() is not None:
