@@ -108,7 +108,7 @@ class JournaledBatch:
         return self.window, self.rows
 
     def sample_records(self) -> list[SampleRecord]:
-        """The records, marked as answered by an earlier run (``SampleRecord.replayed``)."""
+        """The records, marked as read back from the journal (``SampleRecord.replayed``)."""
         return [SampleRecord.from_dict({**record, "replayed": True}) for record in self.records]
 
 

@@ -103,8 +103,8 @@ class SampleRecord:
     # The LLM's first forward with the method's work inside it (efficiency.profile.Measurement.llm_forward_s);
     # None in records from before it existed.
     llm_forward_s: float | None = None
-    # Answered by an earlier, interrupted run of this evaluation and read back from its answers journal
-    # (globalcom2/answer_journal.py): its timings, rank and batch id are that run's process's, not this one's.
+    # Read back from the answers journal instead of generated (globalcom2/answer_journal.py), typically an
+    # interrupted run's answer: its timings, rank and batch id are those of the call that generated it.
     replayed: bool = False
 
     @property
