@@ -175,13 +175,14 @@ PAPER_METRICS: dict[str, PaperMetric] = {
     ),
     "GQA": PaperMetric(
         "gqa",
-        "exact_match",
+        "llava_exact_match",
         "single",
         100.0,
         "results",
         True,
-        "exact match on testdev-balanced; lmms-eval's match also ignores punctuation inside an answer "
-        "(tshirt = t-shirt), LLaVA's strips a trailing '.' and lower-cases only (scripts/convert_gqa_for_eval.py)",
+        "exact match on testdev-balanced as LLaVA scores it: a trailing '.' stripped and lower-cased, then "
+        "compared exactly (scripts/convert_gqa_for_eval.py, GQA's eval.py); lmms-eval's exact_match, which "
+        "also ignores punctuation inside an answer (tshirt = t-shirt), stays in the cell's metrics",
     ),
     "VizWiz": PaperMetric(
         "vizwiz_vqa",

@@ -45,6 +45,23 @@ def gqa_local_process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.add_column("image", column, feature=datasets.Image())
 
 
+def llava_exact_match(references: list[str], predictions: list[str]) -> float:
+    """GQA scored as LLaVA scores it, for the paper's GQA column: each answer stripped (lmms-eval strips it
+    before any metric, as ``llava/eval/model_vqa_loader.py`` L116 does), its trailing ``.`` removed and
+    lower-cased (``scripts/convert_gqa_for_eval.py`` L14, haotian-liu/LLaVA at c121f04), then compared with
+    the gold answer exactly (GQA's ``eval.py``, which LLaVA's ``scripts/v1_5/eval/gqa.sh`` L39 runs:
+    ``correct = (predicted == gold)``). lmms-eval's ``exact_match`` beside it also ignores punctuation inside
+    an answer (``t-shirt`` = ``tshirt``) and case in the gold answer; GQA's gold answers are lower-case.
+
+    lmms-eval calls a metric per document, with its one gold answer and its one prediction in lists
+    (``ConfigurableTask.process_results``); the mean over the pairs is returned.
+    """
+    if len(references) != len(predictions) or not references:
+        raise ValueError(f"one prediction per gold answer expected, got {len(predictions)} and {len(references)}")
+    hits = [p.strip().rstrip(".").lower() == r for r, p in zip(references, predictions, strict=True)]
+    return sum(hits) / len(hits)
+
+
 # -- POPE --------------------------------------------------------------------------------------------
 
 

@@ -43,7 +43,8 @@ class LocalDataTask(ConfigurableTask):
     """A built-in lmms-eval config plus our overrides, reading data from the local data directory.
 
     YAML keys: ``base_yaml`` (built-in config to inherit, relative to ``lmms_eval/tasks``; optional),
-    ``local_data`` (folder under ``$GLOBALCOM2_DATA_DIR``; required).
+    ``local_data`` (folder under ``$GLOBALCOM2_DATA_DIR``; required), ``extra_metrics`` (entries appended to
+    the inherited ``metric_list``, whose own entries then stay lmms-eval's, with no copy to drift; optional).
     """
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -53,7 +54,10 @@ class LocalDataTask(ConfigurableTask):
         local_data = config.pop("local_data", None)
         if not local_data:
             raise ValueError(f"task {config.get('task')!r}: LocalDataTask needs a `local_data` key")
+        extra_metrics = config.pop("extra_metrics", None) or []
         merged = {**(load_builtin_config(base_yaml) if base_yaml else {}), **config}
+        if extra_metrics:
+            merged["metric_list"] = [*(merged.get("metric_list") or []), *extra_metrics]
         task = merged.get("task", "")
         path = require_benchmark_data(local_data, merged.get("test_split") or "", task)
         if data_source(local_data).get("kind") == "synthetic-fixture":

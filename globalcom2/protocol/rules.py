@@ -14,9 +14,10 @@
     ``llava/eval/eval_science_qa.py`` (L65-75) read them, before lmms-eval scores them
     (:func:`llava_pope_answer`, :func:`llava_scienceqa_answer`);
   * the AnyRes geometry is LLaVA's (grid ties, unpadding: ``globalcom2.models.geometry``);
-  * scoring is otherwise lmms-eval's, with two known deviations under both protocols: GQA's exact match
-    also ignores punctuation inside an answer, where ``scripts/convert_gqa_for_eval.py`` (L14) only strips a
-    trailing ``.`` and lower-cases; and lmms-lab's POPE random split holds 3,000 questions where LLaVA's
+  * scoring is otherwise lmms-eval's, with GQA's paper column scored as LLaVA scores it under both protocols
+    (``llava_exact_match``, ``globalcom2.lmms.task_utils``: ``scripts/convert_gqa_for_eval.py`` L14 strips
+    a trailing ``.`` and lower-cases, where lmms-eval's ``exact_match`` beside it also ignores punctuation
+    inside an answer), and one known deviation: lmms-lab's POPE random split holds 3,000 questions where LLaVA's
     ``llava_pope_test.jsonl`` holds 2,910. The 90 are known: RUCAIBox/POPE's ``coco_pope_random.json`` at
     e3e3926 holds LLaVA's 2,910, and edebdda ("Fix spelling errors") adds 90 questions, all answered "no"
     (and fixes "imange" in 144). They stay in: telling them apart in lmms-lab's rows needs its image ids,

@@ -69,6 +69,11 @@ def test_python_api_scores_every_offline_task(fixture_data, tmp_path, monkeypatc
         said_yes = [s["filtered_resps"][0].lower().strip() == "yes" for s in results["samples"][task]]
         assert results["results"][task]["pope_answer_yes_ratio,none"] == sum(said_yes) / len(said_yes)
         assert "pope_yes_ratio,none" not in results["results"][task]
+    gqa = results["samples"]["gqa_local"]  # the paper column's GQA, as LLaVA scores it
+    as_llava = [s["filtered_resps"][0].strip().rstrip(".").lower() == s["target"] for s in gqa]
+    assert results["results"]["gqa_local"]["llava_exact_match,none"] == pytest.approx(
+        sum(as_llava) / len(gqa)
+    )
     for column, spec in PAPER_METRICS.items():
         if spec.source == "results":
             assert math.isfinite(paper_metric_value(column, results))

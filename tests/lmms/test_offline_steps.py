@@ -259,3 +259,41 @@ def test_pope_reports_the_models_yes_ratio_not_the_answer_keys():
         config = task_yaml(str(PROJECT_ROOT / "tasks" / "pope" / f"pope_{split}_local.yaml"))
         assert [m["metric"] for m in config["metric_list"]] == list(scored[0])
         assert "pope_yes_ratio" not in scored[0]
+
+
+def test_gqa_is_also_scored_as_llava_scores_it(fixture_data):
+    """LLaVA strips a trailing '.' and lower-cases, then compares exactly (convert_gqa_for_eval.py L14, GQA's
+    eval.py); lmms-eval's exact_match also drops punctuation inside an answer. The GQA paper column reads
+    LLaVA's, and the task keeps lmms-eval's own metric beside it."""
+    from lmms_eval.api.metrics import exact_match_hf_evaluate
+    from lmms_eval.utils import load_yaml_config
+
+    from globalcom2.data.benchmarks import PAPER_METRICS
+    from globalcom2.lmms.task_utils import llava_exact_match
+    from globalcom2.lmms.tasks import LocalDataTask
+    from globalcom2.paths import PROJECT_ROOT
+
+    cases = {  # (gold, answer): LLaVA's verdict
+        ("yes", "Yes."): True,
+        ("yes", " yes \n"): True,
+        ("t-shirt", "T-shirt"): True,
+        ("tshirt", "t-shirt"): False,  # lmms-eval: a match
+        ("st louis", "St. Louis"): False,  # lmms-eval: a match
+        ("table", "table.."): True,  # every trailing '.', as str.rstrip('.')
+        ("left", "left, I think"): False,
+    }
+    for (gold, answer), verdict in cases.items():
+        assert llava_exact_match([gold], [answer.strip()]) == float(verdict), (gold, answer)
+    lenient = exact_match_hf_evaluate(
+        [a.strip() for _, a in cases], [g for g, _ in cases], ignore_case=True, ignore_punctuation=True
+    )
+    assert lenient["exact_match"] > sum(cases.values()) / len(cases)
+    with pytest.raises(ValueError, match="one prediction per gold answer"):
+        llava_exact_match(["yes"], [])
+
+    yaml_path = str(PROJECT_ROOT / "tasks" / "gqa" / "gqa_local.yaml")
+    task = LocalDataTask(load_yaml_config(yaml_path=yaml_path, mode="full"))  # as lmms-eval reads it
+    metrics = [m["metric"] for m in task.config.metric_list]
+    assert metrics[0] == "exact_match" and metrics[1] is llava_exact_match  # lmms-eval's own, then ours
+    assert task.config.metric_list[0]["ignore_punctuation"] is True  # inherited as lmms-eval wrote it
+    assert PAPER_METRICS["GQA"].metric == "llava_exact_match"
