@@ -87,7 +87,11 @@ def code_digest(package: Path = PACKAGE_DIR) -> str:
     (a fixed method, prompt or answer reading) must not mix two versions' answers in one result."""
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+        relative = path.relative_to(package)
+        # an editor's lock file (Emacs' .#plugin.py, a dangling link) or another hidden file is not source
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        digest.update(str(relative).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -198,8 +202,9 @@ def read_rank_file(path: Path, cut_torn_tail: bool = False) -> list[JournaledBat
 
 
 class AnswerJournal:
-    """One process's view of a journal folder: the batches every rank wrote before (read once, when opened),
-    and appends of this rank's new batches.
+    """One process's view of a journal folder: the batches its rank wrote before (read once, when opened), and
+    appends of its new batches. A rank reads its own file only: the process count is in the settings, so a
+    rank gets the requests it had before, and no other rank's.
 
     Args:
         folder: the journal's folder (created if missing).
@@ -223,13 +228,21 @@ class AnswerJournal:
         self._handle: Any = None  # opened at the first append, kept open: one write per batch, no reopen
         self._synced = time.monotonic()
         self.batches: dict[BatchKey, JournaledBatch] = {}
-        # one rank at a time: a rank emptying a stale folder must finish before another reads it
+        # one rank at a time: a rank emptying a stale folder must finish before another reads its file
         with _locked(self.folder / LOCK_FILE):
             self.discarded = check_settings(self.folder, settings, discard_stale)
-            for path in sorted(self.folder.iterdir()):
-                if RANK_FILE.fullmatch(path.name):
-                    for batch in read_rank_file(path, cut_torn_tail=path == self.path):
-                        self.batches[batch.key] = batch  # a batch written twice: the later one
+        if not self.path.exists():
+            return
+        try:
+            batches = read_rank_file(self.path, cut_torn_tail=True)
+        except ValueError as err:  # an unreadable line inside the file (a machine crash mid-write)
+            if not discard_stale:
+                raise
+            self.path.unlink()
+            self.discarded = str(err)
+            return
+        for batch in batches:
+            self.batches[batch.key] = batch  # a batch written twice: the later one
 
     @property
     def next_batch_id(self) -> int:
@@ -285,7 +298,13 @@ def _locked(path: Path) -> Iterator[None]:
     """``flock`` on ``path`` (created if missing) for the block; the kernel drops it if the process dies."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            raise OSError(
+                f"cannot lock {path} ({err}): the answers journal's filesystem must support flock, as the "
+                "results store's does (README, 'Concurrent runs'; Lustre needs -o flock)"
+            ) from err
         yield
     finally:
         os.close(fd)  # releases the lock

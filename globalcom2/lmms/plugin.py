@@ -256,9 +256,10 @@ class GlobalCom2LlavaNext(lmms):
 
     def journal_settings(self) -> dict[str, Any]:
         """What decides a batch's rows and their answers, for the answers journal (``answer_journal.py``): the
-        code, the checkpoint's content and its load, the method, the protocol, the device (its kind and GPU
-        model) and the library versions, and how batches form (the batch size, the process count that shards
-        the requests, the feeder's window)."""
+        code, the checkpoint's content and its load, the method, the protocol, the device (its kind, and each
+        rank's GPU model or CPU instruction set, in rank order) and the library versions, and how batches form
+        (the batch size, the process count that shards the requests, the feeder's window). Collective where
+        several processes run: every rank calls it (the plugin's constructor does)."""
         from globalcom2.models.fingerprint import checkpoint_identity
         from globalcom2.provenance import package_versions
 
@@ -271,7 +272,11 @@ class GlobalCom2LlavaNext(lmms):
         return {
             **{key: info[key] for key in answering},
             "device": self._device.type,
-            "gpu": torch.cuda.get_device_name(self._device) if self._device.type == "cuda" else None,
+            "hardware": self._every_rank(
+                torch.cuda.get_device_name(self._device)
+                if self._device.type == "cuda"
+                else f"cpu:{torch.backends.cpu.get_cpu_capability()}"
+            ),
             # content, not name: a retrained folder is other weights (its digests are cached: file_digest.py)
             "weights": checkpoint_identity(
                 self.pretrained, random_init=self.random_init, revision=self.revision
@@ -298,18 +303,22 @@ class GlobalCom2LlavaNext(lmms):
 
     def gather_records(self) -> list[sr.SampleRecord]:
         """Records of every process, sorted by (task, split, doc id). Collective: call it on all ranks."""
-        local = [r.to_dict() for r in self.records]
-        if self._world_size > 1:
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-                # this rank's records alone would be written as the cell's: a partial sidecar
-                raise RuntimeError(
-                    f"{self._world_size} processes but no torch.distributed process group: the records of "
-                    "the other processes cannot be gathered"
-                )
-            gathered: list[Any] = [None] * self._world_size
-            torch.distributed.all_gather_object(gathered, local)
-            local = [row for part in gathered for row in part]
-        return sorted((sr.SampleRecord.from_dict(row) for row in local), key=sr.sort_key)
+        rows = [row for part in self._every_rank([r.to_dict() for r in self.records]) for row in part]
+        return sorted((sr.SampleRecord.from_dict(row) for row in rows), key=sr.sort_key)
+
+    def _every_rank(self, value: Any) -> list[Any]:
+        """``value`` of every process, in rank order. Collective: call it on all ranks."""
+        if self._world_size == 1:
+            return [value]
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            # this rank's value alone would pass as every rank's (a partial records sidecar)
+            raise RuntimeError(
+                f"{self._world_size} processes but no torch.distributed process group: the other processes' "
+                "values cannot be gathered"
+            )
+        gathered: list[Any] = [None] * self._world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
     def reset_records(self) -> None:
         self.records.clear()
@@ -360,8 +369,11 @@ class GlobalCom2LlavaNext(lmms):
         journal = None if any(s.do_sample for s in settings.values()) else self.journal
         keys = [self._row_key(request) for request in requests] if journal else []
         replay = journal.replay(keys) if journal else None
-        # the batch-invariant mode's environment switch, set while no prefetch thread runs (batch_invariant.py)
-        with progress, forced_gqa() if self.batch_invariant else contextlib.nullcontext():
+        # the batch-invariant mode's environment switch, set while no prefetch thread runs (batch_invariant.py);
+        # the journal synced and closed when the call ends, by an error too (the next append reopens it)
+        invariant = forced_gqa() if self.batch_invariant else contextlib.nullcontext()
+        closing = contextlib.closing(journal) if journal is not None else contextlib.nullcontext()
+        with progress, invariant, closing:
             for key, indices in groups.items():
                 feeder = self._feeder(requests, replay)
                 mark = time.perf_counter()
@@ -375,9 +387,8 @@ class GlobalCom2LlavaNext(lmms):
                         now = time.perf_counter()
                         for record in records:  # the batch's whole turn of the loop, waiting included,
                             record.loop_s = now - mark - warmup_s  # its untimed warm-up not
-                        if (
-                            journal is not None
-                        ):  # its time goes to the next batch's turn, as all bookkeeping does
+                        # the append's time goes to the next batch's turn, as all bookkeeping does
+                        if journal is not None:
                             window = window_digest([keys[i] for i in ready.window])
                             journal.append([keys[i] for i in ready.indices], window, records)
                     for i, output, record in zip(ready.indices, outputs, records, strict=True):
@@ -385,8 +396,6 @@ class GlobalCom2LlavaNext(lmms):
                         by_position[i] = record
                     mark = now
                     progress.update(len(ready.indices))
-        if journal is not None:
-            journal.close()  # synced once per call; the next append reopens it
         new_records = [by_position[i] for i in sorted(by_position)]  # lmms-eval's order
         self.records += new_records
         self._report(new_records)

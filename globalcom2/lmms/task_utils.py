@@ -57,7 +57,9 @@ def llava_exact_match(references: list[str], predictions: list[str]) -> float:
     (``ConfigurableTask.process_results``); the mean over the pairs is returned.
     """
     if len(references) != len(predictions) or not references:
-        raise ValueError(f"one prediction per gold answer expected, got {len(predictions)} and {len(references)}")
+        raise ValueError(
+            f"one prediction per gold answer expected, got {len(predictions)} and {len(references)}"
+        )
     hits = [p.strip().rstrip(".").lower() == r for r, p in zip(references, predictions, strict=True)]
     return sum(hits) / len(hits)
 

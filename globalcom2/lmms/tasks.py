@@ -44,7 +44,8 @@ class LocalDataTask(ConfigurableTask):
 
     YAML keys: ``base_yaml`` (built-in config to inherit, relative to ``lmms_eval/tasks``; optional),
     ``local_data`` (folder under ``$GLOBALCOM2_DATA_DIR``; required), ``extra_metrics`` (entries appended to
-    the inherited ``metric_list``, whose own entries then stay lmms-eval's, with no copy to drift; optional).
+    the ``metric_list`` of the merged config, whose inherited entries then stay lmms-eval's, with no copy to
+    drift; optional, and refused beside a ``process_results``, which lmms-eval lets compute every metric).
     """
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -57,6 +58,13 @@ class LocalDataTask(ConfigurableTask):
         extra_metrics = config.pop("extra_metrics", None) or []
         merged = {**(load_builtin_config(base_yaml) if base_yaml else {}), **config}
         if extra_metrics:
+            if merged.get("process_results") is not None:
+                # lmms-eval would key each metric by its function and never compute it (ConfigurableTask
+                # ._prepare_metric_and_aggregation): the missing score would show only after the evaluation
+                raise ValueError(
+                    f"task {merged.get('task')!r}: extra_metrics cannot be added to a task with a "
+                    "process_results, which computes every metric itself; add them there"
+                )
             merged["metric_list"] = [*(merged.get("metric_list") or []), *extra_metrics]
         task = merged.get("task", "")
         path = require_benchmark_data(local_data, merged.get("test_split") or "", task)

@@ -94,8 +94,8 @@ def resumed_cells(rows: pd.DataFrame) -> list[str]:
     if resumed.empty:
         return []
     listing = ", ".join(
-        f"{row.method} r{row.retention_ratio} {row.benchmark} ({row.replayed} replayed)"
-        for row in resumed.sort_values(["method", "retention_ratio", "benchmark"]).itertuples()
+        f"{row.model} {row.method} r{row.retention_ratio} {row.benchmark} ({int(row.replayed)} replayed)"
+        for row in resumed.sort_values(["model", "method", "retention_ratio", "benchmark"]).itertuples()
     )
     return [
         f"{len(resumed)} of {len(cells)} cells resumed after an interruption, their latency and memory "

@@ -407,6 +407,7 @@ PER_TYPE_SUFFIX = "_accuracy"  # the demo's per-question-type metrics: color_acc
 #: points (0-2000), ``gpt_eval_score`` (MMBench's already in %), and counts.
 FRACTION_METRICS = frozenset(
     {"pope_f1_score", "pope_precision", "pope_recall", "pope_yes_ratio", "pope_answer_yes_ratio"}
+    | {"llava_exact_match"}  # GQA as LLaVA scores it (globalcom2.lmms.task_utils)
 )
 #: Counts that lmms-eval reports as metrics (answers written, answers awaiting the judge): no score to plot.
 COUNT_METRICS = frozenset({"submission", "judge_pending"})

@@ -297,3 +297,16 @@ def test_gqa_is_also_scored_as_llava_scores_it(fixture_data):
     assert metrics[0] == "exact_match" and metrics[1] is llava_exact_match  # lmms-eval's own, then ours
     assert task.config.metric_list[0]["ignore_punctuation"] is True  # inherited as lmms-eval wrote it
     assert PAPER_METRICS["GQA"].metric == "llava_exact_match"
+
+
+def test_extra_metrics_beside_a_process_results_are_refused_when_the_task_loads(fixture_data):
+    """lmms-eval lets a process_results compute every metric, and would key an added one by its function and
+    never compute it: the missing score would show only after the whole evaluation."""
+    from lmms_eval.utils import load_yaml_config
+
+    from globalcom2.lmms.tasks import LocalDataTask
+    from globalcom2.paths import PROJECT_ROOT
+
+    config = load_yaml_config(yaml_path=str(PROJECT_ROOT / "tasks" / "gqa" / "gqa_local.yaml"), mode="full")
+    with pytest.raises(ValueError, match="extra_metrics cannot be added to a task with a process_results"):
+        LocalDataTask({**config, "process_results": len})

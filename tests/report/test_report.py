@@ -1264,7 +1264,7 @@ def test_every_table_names_the_cells_that_resumed_after_an_interruption(tmp_path
     report = build_report(frame, "t1", tmp_path / "out")
     note = (
         "1 of 2 cells resumed after an interruption, their latency and memory mixing two runs: "
-        "globalcom2 r0.25 paper_suite (7 replayed)."
+        "llava_next_7b globalcom2 r0.25 paper_suite (7 replayed)."
     )
     assert report.tables and all(note in table.notes for table in report.tables)
     _edit(resumed, lambda record: record["samples"].update(replayed=0))

@@ -43,7 +43,8 @@ def test_a_batch_written_by_one_process_is_read_back_by_the_next(tmp_path):
     journal = AnswerJournal(tmp_path, 0, SETTINGS)
     assert journal.batches == {} and journal.next_batch_id == 0
     journal.append([key(0), key(1)], WINDOW, [record(0, 4), record(1, 4, "no")])
-    again = AnswerJournal(tmp_path, 1, SETTINGS)  # another rank reads every rank's file
+    assert AnswerJournal(tmp_path, 1, SETTINGS).batches == {}  # a rank reads its own file: its requests
+    again = AnswerJournal(tmp_path, 0, SETTINGS)
     (batch,) = again.batches.values()
     assert batch.rows == (key(0), key(1))
     replayed = batch.sample_records()
@@ -99,8 +100,8 @@ def test_a_line_cut_by_a_kill_is_ignored_and_cut_off_before_the_next_append(tmp_
     whole = rank_file(tmp_path, 0).read_bytes()
     with open(rank_file(tmp_path, 0), "ab") as handle:
         handle.write(b'{"rows": [["toy", "te')  # the kill came mid-write
-    other = AnswerJournal(tmp_path, 1, SETTINGS)  # another rank ignores it and leaves the file alone
-    assert len(other.batches) == 1 and len(rank_file(tmp_path, 0).read_bytes()) > len(whole)
+    AnswerJournal(tmp_path, 1, SETTINGS)  # another rank leaves the file alone
+    assert len(rank_file(tmp_path, 0).read_bytes()) > len(whole)
     resumed = AnswerJournal(tmp_path, 0, SETTINGS)  # its own rank cuts it off
     assert len(resumed.batches) == 1 and rank_file(tmp_path, 0).read_bytes() == whole
     resumed.append([key(1)], WINDOW, [record(1, 1)])
@@ -121,6 +122,26 @@ def test_any_other_unreadable_line_is_an_error_naming_file_and_line(tmp_path):
         path.write_text(line + json.dumps(entry) + "\n")
         with pytest.raises(ValueError, match=rf"rank0\.jsonl:1: not a journaled batch .*{reason}"):
             AnswerJournal(tmp_path, 0, SETTINGS)
+
+
+def test_a_cell_s_journal_with_an_unreadable_line_inside_is_discarded_not_a_stopped_sweep(tmp_path):
+    journal = AnswerJournal(tmp_path, 0, SETTINGS)
+    journal.append([key(0)], WINDOW, [record(0)])
+    journal.close()
+    rank_file(tmp_path, 0).write_bytes(b"\0\0\0\n" + rank_file(tmp_path, 0).read_bytes())  # a crash's zeros
+    with pytest.raises(ValueError, match=r"rank0\.jsonl:1: not a journaled batch"):
+        AnswerJournal(tmp_path, 0, SETTINGS)
+    resumed = AnswerJournal(tmp_path, 0, SETTINGS, discard_stale=True)
+    assert resumed.batches == {} and "rank0.jsonl:1" in resumed.discarded
+    assert not rank_file(tmp_path, 0).exists()
+
+
+def test_the_code_digest_skips_what_is_not_source(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    first = code_digest(tmp_path)
+    (tmp_path / ".#a.py").symlink_to(tmp_path / "gone")  # an editor's lock file: a dangling link
+    (tmp_path / ".scratch.py").write_text("y = 2\n")
+    assert code_digest(tmp_path) == first
 
 
 def test_replay_takes_a_batch_only_with_the_rows_it_held_in_their_order_and_window(tmp_path):
