@@ -23,8 +23,9 @@ Files, in one folder:
 * ``settings.json``: what decides the answers and the batches (:func:`check_settings`); a folder written
   under other settings is refused, naming the keys that differ, or emptied where the caller owns it (a cell's).
 * ``rank<r>.jsonl``: one line per batch of process ``r``, ``{"rows": [row key, ...], "window": digest,
-  "records": [sample record, ...]}`` (``window``: the keys of the requests the batch was planned among), handed to the kernel in one write before the next batch starts, so a killed process (a
-  Slurm time limit, SIGKILL, an out-of-memory kill) loses no finished batch. It is fsynced at most every
+  "records": [sample record, ...]}`` (``window``: a digest of the keys of the requests the batch was planned
+  among), handed to the kernel in one write before the next batch starts, so a killed process (a Slurm time
+  limit, SIGKILL, an out-of-memory kill) loses no finished batch. It is fsynced at most every
   :data:`FSYNC_INTERVAL_S` seconds, which bounds what a machine crash loses without an fsync per batch (a
   network filesystem's fsync can cost a fast batch's time). A kill can cut only the last line of a file, which
   then lacks its newline: that line is ignored (and cut off its own rank's file before that rank appends
@@ -58,7 +59,7 @@ from globalcom2.sample_records import SampleRecord
 PACKAGE_DIR = Path(__file__).parent
 
 SETTINGS_FILE = "settings.json"
-LOCK_FILE = ".lock"  # held while a process checks the settings and reads the batches (AnswerJournal)
+LOCK_FILE = ".lock"  # held while a process checks (and may empty) the folder's settings (AnswerJournal)
 #: Longest time between two fsyncs of a rank's file while it is appended to.
 FSYNC_INTERVAL_S = 10.0
 RANK_FILE = re.compile(r"rank(\d+)\.jsonl")
