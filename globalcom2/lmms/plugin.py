@@ -14,9 +14,9 @@ records), ``answers_journal`` (a folder: each finished batch's answers are kept 
 given the folder of an interrupted one replays that run's batches instead of generating them again,
 ``globalcom2/answer_journal.py``; a cell uses its own), ``discard_stale_answers`` (empty such a folder written
 under other settings instead of refusing it; a cell's is), ``profile`` (default true), ``warmup`` (untimed
-generate calls before the first timed one; default 1; the first timed call is also reported apart, ``SampleRecord.first_call``), ``compile`` (``true`` or a
-``torch.compile`` mode: the vision tower's and the LLM's layers run compiled,
-``globalcom2.models.compiled``), ``batch_invariant`` (every ``generate`` under
+generate calls before the first timed one; default 1; the first timed call is also reported apart,
+``SampleRecord.first_call``), ``compile`` (``true`` or a ``torch.compile`` mode: the vision tower's and the
+LLM's layers run compiled, ``globalcom2.models.compiled``), ``batch_invariant`` (every ``generate`` under
 ``globalcom2.models.batch_invariant``: a batch row gets its batch-1 answer bit for bit), ``random_init``
 (build the 7B/13B architecture named by ``pretrained`` with random weights: speed and memory only),
 ``vicuna_text`` (with ``random_init``: each prompt's byte-level text cut to the token count Vicuna's
