@@ -42,6 +42,7 @@ and generation settings, so a request whose prompt changed is never answered fro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -106,7 +107,7 @@ class JournaledBatch:
 
     rows: tuple[RowKey, ...]
     window: str  # window_digest of the requests the batch was planned among
-    records: tuple[dict[str, Any], ...]
+    records: tuple[SampleRecord, ...]  # parsed once, when the journal is read (or as appended)
 
     @property
     def key(self) -> BatchKey:
@@ -114,7 +115,7 @@ class JournaledBatch:
 
     def sample_records(self) -> list[SampleRecord]:
         """The records, marked as read back from the journal (``SampleRecord.replayed``)."""
-        return [SampleRecord.from_dict({**record, "replayed": True}) for record in self.records]
+        return [dataclasses.replace(record, replayed=True) for record in self.records]
 
 
 class StaleJournalError(ValueError):
@@ -157,9 +158,10 @@ def check_settings(folder: Path, settings: Mapping[str, Any], discard_stale: boo
             f"{folder} holds {problem}; delete the folder, or give this run another one (a cell's own journal "
             "is replaced by itself, and deleted by force=true)"
         )
-    if problem is not None or not path.exists():
-        for stale in batches if problem is not None else []:
+    if problem is not None:
+        for stale in batches:
             stale.unlink()
+    if problem is not None or not path.exists():
         atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
     return problem
 
@@ -186,13 +188,14 @@ def read_rank_file(path: Path, cut_torn_tail: bool = False) -> list[JournaledBat
             entry = json.loads(raw.decode("utf-8"))  # a UnicodeDecodeError is a ValueError
             rows = tuple(tuple(row) for row in entry["rows"])
             window = entry["window"]
-            records = tuple(entry["records"])
             if not isinstance(window, str):
                 raise TypeError(f"window must be a digest string, got {window!r}")
-            if len(rows) != len(records) or not rows or any(len(row) != 5 for row in rows):
-                raise ValueError(f"{len(rows)} rows of 5 fields each and {len(records)} records expected")
-            for record in records:
-                SampleRecord.from_dict(record)  # a record this checkout cannot read fails here, not mid-run
+            if len(rows) != len(entry["records"]) or not rows or any(len(row) != 5 for row in rows):
+                raise ValueError(
+                    f"{len(rows)} rows of 5 fields each and {len(entry['records'])} records expected"
+                )
+            # a record this checkout cannot read fails here, not mid-run
+            records = tuple(SampleRecord.from_dict(record) for record in entry["records"])
         except (TypeError, ValueError, KeyError) as err:  # JSONDecodeError is a ValueError
             raise ValueError(
                 f"{path}:{number}: not a journaled batch ({type(err).__name__}: {err}); if the machine crashed "
@@ -249,7 +252,7 @@ class AnswerJournal:
     def next_batch_id(self) -> int:
         """A batch id that no journaled record uses, so that this run's calls stay apart from the earlier
         run's (``SampleRecord.batch_id``; records count calls by rank and batch id)."""
-        ids = [record["batch_id"] for batch in self.batches.values() for record in batch.records]
+        ids = [record.batch_id for batch in self.batches.values() for record in batch.records]
         return max(ids, default=-1) + 1
 
     def append(self, rows: Sequence[RowKey], window: str, records: Sequence[SampleRecord]) -> None:
@@ -273,7 +276,7 @@ class AnswerJournal:
             written += self._handle.write(line[written:])
         if time.monotonic() - self._synced >= FSYNC_INTERVAL_S:
             self.sync()
-        batch = JournaledBatch(tuple(tuple(row) for row in rows), window, tuple(entry["records"]))  # type: ignore[arg-type]
+        batch = JournaledBatch(tuple(tuple(row) for row in rows), window, tuple(records))
         self.batches[batch.key] = batch
 
     def sync(self) -> None:
