@@ -32,8 +32,13 @@ Files, in one folder:
   again). Any other line that cannot be read is an error naming file and line. Lines are split at ``\n``
   alone, so an answer holding U+2028 or U+0085 (which JSON leaves unescaped) stays one line.
 
-One run uses a folder at a time: a cell's is under the cell's lock; a folder given to ``model_args`` is the
-caller's to keep to one run.
+* ``rank<r>.lock``: held (``flock``) by the process that reads or appends ``rank<r>.jsonl``, and naming it
+  (host and pid). One run writes a rank's file at a time: a cell's folder is already under the cell's lock,
+  and a second run given the same ``model_args`` folder is refused (:class:`JournalInUseError`, naming the
+  holder) when it opens the journal or starts to append, never left to interleave its batches with the
+  first's or to cut the first's line in flight as a killed run's torn tail. The lock is held while a
+  ``generate_until`` call appends (the plugin closes the journal when the call ends), not for the
+  process's life, so one process may evaluate twice into one folder, one evaluation after the other.
 
 A row key (:func:`row_key`) is the request's task, split, document id and index, and a digest of its prompt
 and generation settings, so a request whose prompt changed is never answered from the journal.
@@ -48,11 +53,12 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from globalcom2.atomic import atomic_write_text, fsync_dir
 from globalcom2.sample_records import SampleRecord
@@ -101,6 +107,10 @@ def rank_file(folder: Path, rank: int) -> Path:
     return folder / f"rank{rank}.jsonl"
 
 
+def rank_lock_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank{rank}.lock"
+
+
 @dataclass(frozen=True)
 class JournaledBatch:
     """One generated batch as the journal holds it: its rows' keys and records, in batch order."""
@@ -120,6 +130,10 @@ class JournaledBatch:
 
 class StaleJournalError(ValueError):
     """A journal folder whose answers were computed under other settings than this run's."""
+
+
+class JournalInUseError(RuntimeError):
+    """A rank of a journal folder that another live process reads or appends to."""
 
 
 def check_settings(folder: Path, settings: Mapping[str, Any], discard_stale: bool = False) -> str | None:
@@ -230,6 +244,7 @@ class AnswerJournal:
         self.rank = rank
         self.path = rank_file(self.folder, rank)
         self._handle: Any = None  # opened at the first append, kept open: one write per batch, no reopen
+        self._owner_lock: BinaryIO | None = None  # rank<r>.lock, held while the handle is open
         self._synced = time.monotonic()
         self.batches: dict[BatchKey, JournaledBatch] = {}
         # one rank at a time: a rank emptying a stale folder must finish before another reads its file
@@ -237,14 +252,16 @@ class AnswerJournal:
             self.discarded = check_settings(self.folder, settings, discard_stale)
         if not self.path.exists():
             return
-        try:
-            batches = read_rank_file(self.path, cut_torn_tail=True)
-        except ValueError as err:  # an unreadable line inside the file (a machine crash mid-write)
-            if not discard_stale:
-                raise
-            self.path.unlink()
-            self.discarded = str(err)
-            return
+        # a live writer's line in flight would look like a killed one's torn tail, and be cut
+        with contextlib.closing(_claim(rank_lock_file(self.folder, rank), self.path)):
+            try:
+                batches = read_rank_file(self.path, cut_torn_tail=True)
+            except ValueError as err:  # an unreadable line inside the file (a machine crash mid-write)
+                if not discard_stale:
+                    raise
+                self.path.unlink()
+                self.discarded = str(err)
+                return
         for batch in batches:
             self.batches[batch.key] = batch  # a batch written twice: the later one
 
@@ -267,6 +284,7 @@ class AnswerJournal:
         }
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         if self._handle is None:
+            self._owner_lock = _claim(rank_lock_file(self.folder, self.rank), self.path)
             created = not self.path.exists()
             self._handle = open(self.path, "ab", buffering=0)  # noqa: SIM115  (kept open across appends)
             if created:
@@ -286,11 +304,14 @@ class AnswerJournal:
         self._synced = time.monotonic()
 
     def close(self) -> None:
-        """Sync and close this rank's file (appending again reopens it)."""
+        """Sync and close this rank's file, and let go of its lock (appending again takes both again)."""
         if self._handle is not None:
             self.sync()
             self._handle.close()
             self._handle = None
+        if self._owner_lock is not None:
+            self._owner_lock.close()  # releases the flock
+            self._owner_lock = None
 
     def replay(self, keys: Sequence[RowKey]) -> Replay:
         """What can be replayed of one ``generate_until`` call whose request ``i`` has key ``keys[i]``."""
@@ -302,16 +323,52 @@ def _locked(path: Path) -> Iterator[None]:
     """``flock`` on ``path`` (created if missing) for the block; the kernel drops it if the process dies."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as err:
-            raise OSError(
-                f"cannot lock {path} ({err}): the answers journal's filesystem must support flock, as the "
-                "results store's does (README, 'Concurrent runs'; Lustre needs -o flock)"
-            ) from err
+        _flock(fd, path, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _flock(fd: int, path: Path, operation: int) -> None:
+    """``flock(fd, operation)``; a filesystem without flock is an error that says so (a lock that is already
+    held, under ``LOCK_NB``, is the caller's ``BlockingIOError``)."""
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        raise
+    except OSError as err:
+        raise OSError(
+            f"cannot lock {path} ({err}): the answers journal's filesystem must support flock, as the "
+            "results store's does (README, 'Concurrent runs'; Lustre needs -o flock)"
+        ) from err
+
+
+def _claim(path: Path, guarded: Path) -> BinaryIO:
+    """``path`` opened and ``flock``-ed exclusively without waiting, with this process written into it; closing
+    the returned file (or the process ending, however it ends) lets go.
+
+    Raises:
+        JournalInUseError: another live process holds it; the message names ``guarded``, the file the lock
+            guards, and the holder as it wrote itself (host and pid).
+    """
+    handle = open(path, "a+b")  # noqa: SIM115  (returned open: the lock lives as long as the file)
+    try:
+        _flock(handle.fileno(), path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().decode("utf-8", "replace").strip() or "a process that has not named itself yet"
+        handle.close()
+        raise JournalInUseError(
+            f"{guarded} is being written by another run ({holder}): one run writes an answers journal folder at "
+            "a time. Give this run another folder (answers_journal=...), or wait for that run to end"
+        ) from None
+    except OSError:
+        handle.close()
+        raise
+    handle.truncate(0)
+    handle.write(f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
+    handle.flush()
+    return handle
 
 
 class Replay:

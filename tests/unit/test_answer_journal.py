@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from globalcom2.answer_journal import (
     SETTINGS_FILE,
     AnswerJournal,
+    JournalInUseError,
     StaleJournalError,
     code_digest,
     rank_file,
@@ -44,6 +49,7 @@ def test_a_batch_written_by_one_process_is_read_back_by_the_next(tmp_path):
     assert journal.batches == {} and journal.next_batch_id == 0
     journal.append([key(0), key(1)], WINDOW, [record(0, 4), record(1, 4, "no")])
     assert AnswerJournal(tmp_path, 1, SETTINGS).batches == {}  # a rank reads its own file: its requests
+    journal.close()  # the first run ends
     again = AnswerJournal(tmp_path, 0, SETTINGS)
     (batch,) = again.batches.values()
     assert batch.rows == (key(0), key(1))
@@ -100,17 +106,20 @@ def test_a_line_cut_by_a_kill_is_ignored_and_cut_off_before_the_next_append(tmp_
     whole = rank_file(tmp_path, 0).read_bytes()
     with open(rank_file(tmp_path, 0), "ab") as handle:
         handle.write(b'{"rows": [["toy", "te')  # the kill came mid-write
+    del journal  # and the kernel closed its files (a killed writer: see the test below)
     AnswerJournal(tmp_path, 1, SETTINGS)  # another rank leaves the file alone
     assert len(rank_file(tmp_path, 0).read_bytes()) > len(whole)
     resumed = AnswerJournal(tmp_path, 0, SETTINGS)  # its own rank cuts it off
     assert len(resumed.batches) == 1 and rank_file(tmp_path, 0).read_bytes() == whole
     resumed.append([key(1)], WINDOW, [record(1, 1)])
+    resumed.close()
     assert len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 2
 
 
 def test_any_other_unreadable_line_is_an_error_naming_file_and_line(tmp_path):
     journal = AnswerJournal(tmp_path, 0, SETTINGS)
     journal.append([key(0)], WINDOW, [record(0)])
+    journal.close()
     path = rank_file(tmp_path, 0)
     entry = json.loads(path.read_text())
     bad_lines = {
@@ -198,3 +207,48 @@ def test_appends_reach_the_kernel_at_once_and_the_disk_at_a_bounded_interval(tmp
     assert synced.count(ours) == 1
     journal.close()
     assert synced.count(ours) == 2 and len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 2
+
+
+def test_a_second_run_on_a_rank_another_run_is_writing_is_refused_naming_it(tmp_path):
+    first = AnswerJournal(tmp_path, 0, SETTINGS)
+    first.append([key(0)], WINDOW, [record(0)])  # the first run is inside a generate_until call
+    holder = rf"another run \(host .+, pid {os.getpid()}\)"
+    with pytest.raises(
+        JournalInUseError, match=rf"rank0\.jsonl is being written by {holder}.*another folder"
+    ):
+        AnswerJournal(tmp_path, 0, SETTINGS)  # it would cut the first run's line in flight as a torn tail
+    AnswerJournal(tmp_path, 1, SETTINGS).append([key(1)], WINDOW, [record(1)])  # another rank: its own file
+    first.close()  # the call ends: the rank's file is free, and one process may evaluate into it again
+    second = AnswerJournal(tmp_path, 0, SETTINGS)
+    assert len(second.batches) == 1
+    first.append([key(2)], WINDOW, [record(2, 1)])  # the first run's next call takes the rank again
+    with pytest.raises(JournalInUseError, match=r"rank0\.jsonl is being written"):
+        second.append([key(3)], WINDOW, [record(3, 2)])  # never two writers interleaving in one file
+    first.close()
+    assert len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 2
+
+
+def test_a_killed_writer_holds_nothing_and_its_batches_are_read_back(tmp_path):
+    writer = textwrap.dedent(
+        f"""
+        import sys
+        sys.path[:0] = {[os.getcwd(), os.path.dirname(__file__)]!r}
+        from test_answer_journal import SETTINGS, WINDOW, AnswerJournal, key, record
+        journal = AnswerJournal({str(tmp_path)!r}, 0, SETTINGS)
+        journal.append([key(0)], WINDOW, [record(0)])
+        print("appended", flush=True)
+        sys.stdin.read()  # hold the rank until killed
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", writer], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "appended"
+        with pytest.raises(JournalInUseError, match=rf"pid {process.pid}\)"):
+            AnswerJournal(tmp_path, 0, SETTINGS)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    (batch,) = AnswerJournal(tmp_path, 0, SETTINGS).batches.values()  # the kernel let go of the lock
+    assert batch.rows == (key(0),)
