@@ -51,9 +51,16 @@ CONFIG_COLUMNS = [
     "hardware",
     "git_sha",
     "git_dirty",
+    "software",
     "replayed",
     "finished", "cell_id", "cell_dir",
 ]  # fmt: skip
+
+#: The libraries whose version can change a cell's answers or scores (``provenance.versions``): the kernels,
+#: the model code, the tokenizer, lmms-eval's scoring. A cell's identity leaves them out (an upgrade would
+#: re-run every cell), so the tidy table names them per cell (``software``) and the reports note a table
+#: whose cells ran on different ones (``globalcom2.report.build.library_versions``).
+SOFTWARE_PACKAGES = ("torch", "transformers", "tokenizers", "lmms_eval")
 
 
 #: Settings that change what a table compares beyond the method and its ratio: in bf16 on a GPU a batch's
@@ -85,6 +92,15 @@ def setting_text(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def software_label(versions: dict[str, Any]) -> str | None:
+    """``"torch 2.13.0, transformers 5.25.0, ..."`` of :data:`SOFTWARE_PACKAGES` from a record's
+    ``provenance.versions`` (``lmms_eval`` as ``lmms-eval``; a package the run lacked as ``none``), or
+    ``None`` where the record names none of them."""
+    if not any(name in versions for name in SOFTWARE_PACKAGES):
+        return None
+    return ", ".join(f"{name.replace('_', '-')} {versions.get(name) or 'none'}" for name in SOFTWARE_PACKAGES)
 
 
 def load_cells(root: str | Path) -> tuple[list[LoadedCell], list[tuple[Path, str]]]:
@@ -261,6 +277,7 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "hardware": hardware_label(hardware, run.get("device")),
         "git_sha": git.get("sha"),
         "git_dirty": git.get("dirty"),
+        "software": software_label(record.provenance.get("versions") or {}),
         # answers an interrupted run of the cell journaled and this run replayed (globalcom2/answer_journal.py)
         "replayed": int(record.samples.get("replayed", 0)),  # 0 in cells from before resuming existed
         "finished": record.finished,

@@ -59,7 +59,7 @@ def experiment_tables(frame: pd.DataFrame, experiment: str) -> list[tables.Table
     if paper_benchmarks:
         out.append(tables.paper_vs_ours(rows))
     settings = [f"Cells run differently: {problem}." for problem in mixed_settings(rows)]
-    settings += code_versions(rows) + resumed_cells(rows)
+    settings += code_versions(rows) + library_versions(rows) + resumed_cells(rows)
     for table in out:
         table.notes += settings
     return out
@@ -81,6 +81,21 @@ def code_versions(rows: pd.DataFrame) -> list[str]:
         if dirty:
             notes.append(f"{dirty} of {len(cells)} cells ran from a checkout with uncommitted changes.")
     return notes
+
+
+def library_versions(rows: pd.DataFrame) -> list[str]:
+    """A note where the cells ran on several versions of the libraries that compute and score them
+    (:data:`~globalcom2.report.aggregate.SOFTWARE_PACKAGES`): a cell's identity leaves versions out, so a
+    sweep continued after an upgrade reuses the cells it finished before, while a release can change the
+    kernels, the model code or the scoring its later cells ran."""
+    if "software" not in rows:
+        return []
+    cells = rows.drop_duplicates("cell_dir")
+    stacks = cells["software"].map(setting_text).value_counts().sort_index()
+    if len(stacks) < 2:
+        return []
+    listing = "; ".join(f"{stack} ({count} cells)" for stack, count in stacks.items())
+    return [f"Cells ran on {len(stacks)} library versions, whose answers and timings may differ: {listing}."]
 
 
 def resumed_cells(rows: pd.DataFrame) -> list[str]:

@@ -1273,3 +1273,44 @@ def test_every_table_names_the_cells_that_resumed_after_an_interruption(tmp_path
         for t in build_report(tidy_results(root), "t1", tmp_path / "o2").tables
         for n in t.notes
     )
+
+
+def test_every_table_names_the_library_versions_where_its_cells_ran_on_several(tmp_path):
+    """A cell's identity leaves library versions out, so a sweep continued after an upgrade mixes them."""
+    root = tmp_path / "results"
+    versions = {"torch": "2.13.0", "transformers": "5.25.0", "tokenizers": "0.23.2", "lmms_eval": "0.7.3"}
+    for method, ratio, transformers in (("vanilla", 1.0, "5.25.0"), ("globalcom2", 0.25, "5.23.0")):
+        cell = write_cell(root, method, ratio, {"GQA": 60.0})
+        _edit(
+            cell, lambda r, t=transformers: r["provenance"].update(versions={**versions, "transformers": t})
+        )
+    old = write_cell(root, "fastv", 0.25, {"GQA": 50.0})  # a record without versions names none
+    frame = tidy_results(root)
+    by_method = frame.drop_duplicates("cell_dir").set_index("method")["software"]
+    assert by_method["vanilla"] == "torch 2.13.0, transformers 5.25.0, tokenizers 0.23.2, lmms-eval 0.7.3"
+    assert pd.isna(by_method["fastv"])
+    note = (
+        "Cells ran on 3 library versions, whose answers and timings may differ: None (1 cells); "
+        "torch 2.13.0, transformers 5.23.0, tokenizers 0.23.2, lmms-eval 0.7.3 (1 cells); "
+        "torch 2.13.0, transformers 5.25.0, tokenizers 0.23.2, lmms-eval 0.7.3 (1 cells)."
+    )
+    report = build_report(frame, "t1", tmp_path / "out")
+    assert report.tables and all(note in table.notes for table in report.tables)
+    shutil.rmtree(old)
+    _edit(
+        next(root.rglob("globalcom2/**/record.json")).parent,
+        lambda r: r["provenance"].update(versions={**versions, "lmms_eval": None}),  # run without lmms-eval
+    )
+    (note,) = [
+        n for n in build_report(tidy_results(root), "t1", tmp_path / "o2").tables[0].notes if "library" in n
+    ]
+    assert "lmms-eval none (1 cells)" in note
+    _edit(
+        next(root.rglob("globalcom2/**/record.json")).parent,
+        lambda r: r["provenance"].update(versions=versions),
+    )
+    assert not any(
+        "library" in n
+        for t in build_report(tidy_results(root), "t1", tmp_path / "o3").tables
+        for n in t.notes
+    )
