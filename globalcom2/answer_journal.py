@@ -33,7 +33,7 @@ Files, in one folder:
   alone, so an answer holding U+2028 or U+0085 (which JSON leaves unescaped) stays one line.
 
 * ``rank<r>.lock``: held (``flock``) by the process that reads or appends ``rank<r>.jsonl``, and naming it
-  (host and pid). One run writes a rank's file at a time: a cell's folder is already under the cell's lock,
+  (pid, host and since when, ``globalcom2/lock_files.py``). One run writes a rank's file at a time: a cell's folder is already under the cell's lock,
   and a second run given the same ``model_args`` folder is refused (:class:`JournalInUseError`, naming the
   holder) when it opens the journal or starts to append, never left to interleave its batches with the
   first's or to cut the first's line in flight as a killed run's torn tail. The lock is held while a
@@ -50,17 +50,18 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
-import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from globalcom2.atomic import atomic_write_text, fsync_dir
+from globalcom2.lock_files import lock_owner, open_lock_file, take_lock, write_owner
 from globalcom2.sample_records import SampleRecord
 
 PACKAGE_DIR = Path(__file__).parent
@@ -244,7 +245,8 @@ class AnswerJournal:
         self.rank = rank
         self.path = rank_file(self.folder, rank)
         self._handle: Any = None  # opened at the first append, kept open: one write per batch, no reopen
-        self._owner_lock: BinaryIO | None = None  # rank<r>.lock, held while the handle is open
+        # rank<r>.lock, held while the handle is open; a file object, so a journal dropped unclosed lets go too
+        self._owner_lock: io.FileIO | None = None
         self._synced = time.monotonic()
         self.batches: dict[BatchKey, JournaledBatch] = {}
         # one rank at a time: a rank emptying a stale folder must finish before another reads its file
@@ -253,15 +255,17 @@ class AnswerJournal:
         if not self.path.exists():
             return
         # a live writer's line in flight would look like a killed one's torn tail, and be cut
-        with contextlib.closing(_claim(rank_lock_file(self.folder, rank), self.path)):
-            try:
-                batches = read_rank_file(self.path, cut_torn_tail=True)
-            except ValueError as err:  # an unreadable line inside the file (a machine crash mid-write)
-                if not discard_stale:
-                    raise
-                self.path.unlink()
-                self.discarded = str(err)
-                return
+        claim = _claim(rank_lock_file(self.folder, rank), self.path)
+        try:
+            batches = read_rank_file(self.path, cut_torn_tail=True)
+        except ValueError as err:  # an unreadable line inside the file (a machine crash mid-write)
+            if not discard_stale:
+                raise
+            self.path.unlink()
+            self.discarded = str(err)
+            return
+        finally:
+            os.close(claim)
         for batch in batches:
             self.batches[batch.key] = batch  # a batch written twice: the later one
 
@@ -284,7 +288,7 @@ class AnswerJournal:
         }
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         if self._handle is None:
-            self._owner_lock = _claim(rank_lock_file(self.folder, self.rank), self.path)
+            self._owner_lock = io.FileIO(_claim(rank_lock_file(self.folder, self.rank), self.path), "r+")
             created = not self.path.exists()
             self._handle = open(self.path, "ab", buffering=0)  # noqa: SIM115  (kept open across appends)
             if created:
@@ -321,54 +325,36 @@ class AnswerJournal:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """``flock`` on ``path`` (created if missing) for the block; the kernel drops it if the process dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = open_lock_file(path, os.O_RDWR | os.O_CREAT)
     try:
-        _flock(fd, path, fcntl.LOCK_EX)
+        take_lock(fd, path, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-def _flock(fd: int, path: Path, operation: int) -> None:
-    """``flock(fd, operation)``; a filesystem without flock is an error that says so (a lock that is already
-    held, under ``LOCK_NB``, is the caller's ``BlockingIOError``)."""
-    try:
-        fcntl.flock(fd, operation)
-    except BlockingIOError:
-        raise
-    except OSError as err:
-        raise OSError(
-            f"cannot lock {path} ({err}): the answers journal's filesystem must support flock, as the "
-            "results store's does (README, 'Concurrent runs'; Lustre needs -o flock)"
-        ) from err
-
-
-def _claim(path: Path, guarded: Path) -> BinaryIO:
-    """``path`` opened and ``flock``-ed exclusively without waiting, with this process written into it; closing
-    the returned file (or the process ending, however it ends) lets go.
+def _claim(path: Path, guarded: Path) -> int:
+    """A descriptor of ``path`` (created if missing) holding its ``flock``, taken without waiting, with this
+    process written into it; closing it (or the process ending, however it ends) lets go.
 
     Raises:
         JournalInUseError: another live process holds it; the message names ``guarded``, the file the lock
-            guards, and the holder as it wrote itself (host and pid).
+            guards, and the holder as it wrote itself.
     """
-    handle = open(path, "a+b")  # noqa: SIM115  (returned open: the lock lives as long as the file)
+    fd = open_lock_file(path, os.O_RDWR | os.O_CREAT, read_only_fallback=False)  # it writes the owner
     try:
-        _flock(handle.fileno(), path, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().decode("utf-8", "replace").strip() or "a process that has not named itself yet"
-        handle.close()
-        raise JournalInUseError(
-            f"{guarded} is being written by another run ({holder}): one run writes an answers journal folder at "
-            "a time. Give this run another folder (answers_journal=...), or wait for that run to end"
-        ) from None
-    except OSError:
-        handle.close()
+        taken = take_lock(fd, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
         raise
-    handle.truncate(0)
-    handle.write(f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
-    handle.flush()
-    return handle
+    if not taken:
+        os.close(fd)
+        raise JournalInUseError(
+            f"{guarded} is being written by another run ({lock_owner(path)}): one run writes an answers journal "
+            "folder at a time. Give this run another folder (answers_journal=...), or wait for that run to end"
+        )
+    write_owner(fd)
+    return fd
 
 
 class Replay:

@@ -35,25 +35,20 @@ Lifecycle, and why it is safe:
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import grp
 import hashlib
 import json
 import os
-import pwd
 import re
 import shutil
-import socket
-import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from globalcom2.atomic import atomic_write_text, fsync_dir, fsync_tree
+from globalcom2.lock_files import lock_owner, open_lock_file, take_lock, write_owner
 from globalcom2.records import COMPLETE, CellKey, CellRecord, RecordError, read_record, write_record
 
 RECORD_FILE = "record.json"
@@ -239,19 +234,15 @@ class Cell:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / LOCK_FILE
         while True:
-            fd = _open_lock_file(
-                path, os.O_CREAT | os.O_RDWR, read_only_fallback=False
-            )  # it writes the owner
+            fd = open_lock_file(path, os.O_CREAT | os.O_RDWR, read_only_fallback=False)  # it writes the owner
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
+                taken = take_lock(fd, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BaseException:
                 os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise OSError(
-                        f"cannot lock {path}: {err}. The results folder must be on a file system with "
-                        "flock support (local disks and NFS have it; on Lustre mount with -o flock)."
-                    ) from err
-                raise CellBusy(f"{self.dir} is being run by another process ({_owner(path)})") from None
+                raise
+            if not taken:
+                os.close(fd)
+                raise CellBusy(f"{self.dir} is being run by another process ({lock_owner(path)})")
             try:
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
@@ -264,13 +255,7 @@ class Cell:
             os.close(fd)  # the previous holder unlinked this inode on release: lock the new file
         try:
             self._check_no_workers()
-            owner = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(owner).encode())
+            write_owner(fd)
             yield fd
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -282,20 +267,18 @@ class Cell:
         path = self.dir / WORKERS_LOCK_FILE
         if not path.exists():
             return
-        fd = _open_lock_file(
+        fd = open_lock_file(
             path, os.O_RDWR
         )  # writable where it may be: NFS's emulated exclusive lock needs it
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OSError(f"cannot test the lock {path}: {err}") from err
+            free = take_lock(fd, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)  # releases the test lock at once: this run's own ranks take it shared
+        if not free:
             raise WorkersAlive(
                 f"{self.dir}: a worker process of an earlier run of this cell is still alive (it holds {path}); "
                 "it stops with its launcher, or end it by hand"
-            ) from None
-        finally:
-            os.close(fd)  # releases the test lock at once: this run's own ranks take it shared
+            )
 
     def prepare(self, keep_answers: bool = True) -> Path:
         """Delete what an unfinished run left and return an empty ``.partial/``. A finished cell's files
@@ -457,50 +440,13 @@ def hold_worker_lock(partial: Path) -> None:
     """
     global _worker_lock_fd
     path = Path(partial).parent / WORKERS_LOCK_FILE
-    fd = _open_lock_file(path, os.O_CREAT | os.O_RDONLY)  # a shared lock needs read access only
+    fd = open_lock_file(path, os.O_CREAT | os.O_RDONLY)  # a shared lock needs read access only
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as err:
+        taken = take_lock(fd, path, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BaseException:
         os.close(fd)
-        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        raise CellBusy(f"{path} is locked by a new runner of the cell: this rank's run has ended") from None
+        raise
+    if not taken:
+        os.close(fd)
+        raise CellBusy(f"{path} is locked by a new runner of the cell: this rank's run has ended")
     _worker_lock_fd = fd
-
-
-def _open_lock_file(path: Path, flags: int, read_only_fallback: bool = True) -> int:
-    """``os.open`` of a lock file, which another user may have created: 0o666 less the umask when created,
-    so a group sharing results can lock it; where it may not be written, opened read-only if
-    ``read_only_fallback`` (a local ``flock`` works on any descriptor), else a clear error naming its owner.
-    """
-    try:
-        return os.open(path, flags, 0o666)
-    except PermissionError as err:
-        if read_only_fallback and flags & os.O_RDWR:
-            with contextlib.suppress(PermissionError):
-                return os.open(path, (flags & ~os.O_RDWR) | os.O_RDONLY)
-        raise PermissionError(
-            f"cannot open the lock file {path} ({err.strerror}; it belongs to {_file_owner(path)}): run as a "
-            "user who may use it, or have its owner run the cell"
-        ) from err
-
-
-def _file_owner(path: Path) -> str:
-    """``user:group, mode`` of ``path`` for an error message (ids where the names are unknown)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return "an unknown owner"
-    try:
-        user, group = pwd.getpwuid(info.st_uid).pw_name, grp.getgrgid(info.st_gid).gr_name
-    except KeyError:
-        user, group = str(info.st_uid), str(info.st_gid)
-    return f"{user}:{group}, mode {stat.filemode(info.st_mode)}"
-
-
-def _owner(lock: Path) -> str:
-    try:
-        owner = json.loads(lock.read_text())
-        return f"pid {owner['pid']} on {owner['host']} since {owner['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "owner unknown"

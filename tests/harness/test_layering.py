@@ -38,6 +38,7 @@ LAYERS: list[list[str]] = [
         "stage_timing",
         "file_digest",
         "atomic",
+        "lock_files",
         "paths",
         "hub",
         "prompts",
