@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from globalcom2.atomic import atomic_write_text, fsync_dir
-from globalcom2.lock_files import lock_owner, open_lock_file, take_lock, write_owner
+from globalcom2.lock_files import lock_owner, open_lock_file, take_lock, try_lock_file, write_owner
 from globalcom2.sample_records import SampleRecord
 
 PACKAGE_DIR = Path(__file__).parent
@@ -341,14 +341,9 @@ def _claim(path: Path, guarded: Path) -> int:
         JournalInUseError: another live process holds it; the message names ``guarded``, the file the lock
             guards, and the holder as it wrote itself.
     """
-    fd = open_lock_file(path, os.O_RDWR | os.O_CREAT, read_only_fallback=False)  # it writes the owner
-    try:
-        taken = take_lock(fd, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not taken:
-        os.close(fd)
+    # read-write: it writes the owner
+    fd = try_lock_file(path, os.O_RDWR | os.O_CREAT, fcntl.LOCK_EX, read_only_fallback=False)
+    if fd is None:
         raise JournalInUseError(
             f"{guarded} is being written by another run ({lock_owner(path)}): one run writes an answers journal "
             "folder at a time. Give this run another folder (answers_journal=...), or wait for that run to end"

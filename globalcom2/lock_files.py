@@ -62,6 +62,25 @@ def take_lock(fd: int, path: Path, operation: int) -> bool:
     return True
 
 
+def try_lock_file(path: Path, flags: int, operation: int, read_only_fallback: bool = True) -> int | None:
+    """A descriptor of ``path`` (:func:`open_lock_file` with ``flags``) holding its lock (``operation``, with
+    ``LOCK_NB``), or ``None`` where another process holds it (then nothing stays open).
+
+    Raises:
+        OSError: as :func:`open_lock_file` and :func:`take_lock` do.
+    """
+    fd = open_lock_file(path, flags, read_only_fallback)
+    try:
+        taken = take_lock(fd, path, operation | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not taken:
+        os.close(fd)
+        return None
+    return fd
+
+
 def write_owner(fd: int) -> None:
     """Write this process (pid, host, time) into the lock file ``fd`` it holds, for :func:`lock_owner`."""
     owner = {

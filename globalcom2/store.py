@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from globalcom2.atomic import atomic_write_text, fsync_dir, fsync_tree
-from globalcom2.lock_files import lock_owner, open_lock_file, take_lock, write_owner
+from globalcom2.lock_files import lock_owner, try_lock_file, write_owner
 from globalcom2.records import COMPLETE, CellKey, CellRecord, RecordError, read_record, write_record
 
 RECORD_FILE = "record.json"
@@ -234,14 +234,9 @@ class Cell:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / LOCK_FILE
         while True:
-            fd = open_lock_file(path, os.O_CREAT | os.O_RDWR, read_only_fallback=False)  # it writes the owner
-            try:
-                taken = take_lock(fd, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BaseException:
-                os.close(fd)
-                raise
-            if not taken:
-                os.close(fd)
+            # read-write: it writes the owner
+            fd = try_lock_file(path, os.O_CREAT | os.O_RDWR, fcntl.LOCK_EX, read_only_fallback=False)
+            if fd is None:
                 raise CellBusy(f"{self.dir} is being run by another process ({lock_owner(path)})")
             try:
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -267,18 +262,14 @@ class Cell:
         path = self.dir / WORKERS_LOCK_FILE
         if not path.exists():
             return
-        fd = open_lock_file(
-            path, os.O_RDWR
-        )  # writable where it may be: NFS's emulated exclusive lock needs it
-        try:
-            free = take_lock(fd, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        finally:
-            os.close(fd)  # releases the test lock at once: this run's own ranks take it shared
-        if not free:
+        # writable where it may be: NFS's emulated exclusive lock needs it
+        fd = try_lock_file(path, os.O_RDWR, fcntl.LOCK_EX)
+        if fd is None:
             raise WorkersAlive(
                 f"{self.dir}: a worker process of an earlier run of this cell is still alive (it holds {path}); "
                 "it stops with its launcher, or end it by hand"
             )
+        os.close(fd)  # releases the test lock at once: this run's own ranks take it shared
 
     def prepare(self, keep_answers: bool = True) -> Path:
         """Delete what an unfinished run left and return an empty ``.partial/``. A finished cell's files
@@ -440,13 +431,7 @@ def hold_worker_lock(partial: Path) -> None:
     """
     global _worker_lock_fd
     path = Path(partial).parent / WORKERS_LOCK_FILE
-    fd = open_lock_file(path, os.O_CREAT | os.O_RDONLY)  # a shared lock needs read access only
-    try:
-        taken = take_lock(fd, path, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not taken:
-        os.close(fd)
+    fd = try_lock_file(path, os.O_CREAT | os.O_RDONLY, fcntl.LOCK_SH)  # a shared lock needs read access only
+    if fd is None:
         raise CellBusy(f"{path} is locked by a new runner of the cell: this rank's run has ended")
     _worker_lock_fd = fd
