@@ -39,6 +39,9 @@ Files, in one folder:
   first's or to cut the first's line in flight as a killed run's torn tail. The lock is held while a
   ``generate_until`` call appends (the plugin closes the journal when the call ends), not for the
   process's life, so one process may evaluate twice into one folder, one evaluation after the other.
+  Between two calls another run may take the rank, so a run that takes it again checks that the file is as
+  it left it, and is refused where another run wrote (or a kill left half a line) in between: it never
+  appends after lines it did not read. A stale folder is emptied rank by rank under the same locks.
 
 A row key (:func:`row_key`) is the request's task, split, document id and index, and a digest of its prompt
 and generation settings, so a request whose prompt changed is never answered from the journal.
@@ -174,8 +177,13 @@ def check_settings(folder: Path, settings: Mapping[str, Any], discard_stale: boo
             "is replaced by itself, and deleted by force=true)"
         )
     if problem is not None:
-        for stale in batches:
-            stale.unlink()
+        for stale in batches:  # each under its rank's lock: never a file another live run is writing
+            rank = int(RANK_FILE.fullmatch(stale.name).group(1))  # type: ignore[union-attr]
+            claim = _claim(rank_lock_file(folder, rank), stale)
+            try:
+                stale.unlink()
+            finally:
+                os.close(claim)
     if problem is not None or not path.exists():
         atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
     return problem
@@ -248,6 +256,9 @@ class AnswerJournal:
         # rank<r>.lock, held while the handle is open; a file object, so a journal dropped unclosed lets go too
         self._owner_lock: io.FileIO | None = None
         self._synced = time.monotonic()
+        # the file's size as this journal last read or wrote it: checked whenever it takes the rank again, so
+        # a run that wrote in between (or a write of this run's that failed half-way) is never written after
+        self._size = 0
         self.batches: dict[BatchKey, JournaledBatch] = {}
         # one rank at a time: a rank emptying a stale folder must finish before another reads its file
         with _locked(self.folder / LOCK_FILE):
@@ -258,6 +269,7 @@ class AnswerJournal:
         claim = _claim(rank_lock_file(self.folder, rank), self.path)
         try:
             batches = read_rank_file(self.path, cut_torn_tail=True)
+            self._size = self.path.stat().st_size
         except ValueError as err:  # an unreadable line inside the file (a machine crash mid-write)
             if not discard_stale:
                 raise
@@ -288,18 +300,41 @@ class AnswerJournal:
         }
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         if self._handle is None:
-            self._owner_lock = io.FileIO(_claim(rank_lock_file(self.folder, self.rank), self.path), "r+")
-            created = not self.path.exists()
-            self._handle = open(self.path, "ab", buffering=0)  # noqa: SIM115  (kept open across appends)
-            if created:
-                fsync_dir(self.folder)
+            self._take_rank()
         written = 0
         while written < len(line):  # an unbuffered write may take part of the line
             written += self._handle.write(line[written:])
+        self._size += len(line)
         if time.monotonic() - self._synced >= FSYNC_INTERVAL_S:
             self.sync()
         batch = JournaledBatch(tuple(tuple(row) for row in rows), window, tuple(records))
         self.batches[batch.key] = batch
+
+    def _take_rank(self) -> None:
+        """Claim this rank's file and open it for appending, where it is as this journal left it.
+
+        Raises:
+            JournalInUseError: another live run holds the rank, or the file changed since this journal read
+                or wrote it (another run wrote in between, or deleted it; or a write of this run failed
+                half-way): its batches would follow lines this run never read.
+        """
+        owner_lock = io.FileIO(_claim(rank_lock_file(self.folder, self.rank), self.path), "r+")
+        try:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size != self._size:
+                raise JournalInUseError(
+                    f"{self.path} holds {size} bytes where this run left {self._size}: another run wrote into "
+                    "it since this one read it, or a write of this run failed half-way. One run writes an "
+                    "answers journal folder at a time; start this run again to resume from what the file holds"
+                )
+            created = size == 0 and not self.path.exists()
+            self._handle = open(self.path, "ab", buffering=0)  # noqa: SIM115  (kept open across appends)
+            if created:
+                fsync_dir(self.folder)
+        except BaseException:
+            owner_lock.close()
+            raise
+        self._owner_lock = owner_lock
 
     def sync(self) -> None:
         """Flush what this rank appended to the disk."""
@@ -308,14 +343,18 @@ class AnswerJournal:
         self._synced = time.monotonic()
 
     def close(self) -> None:
-        """Sync and close this rank's file, and let go of its lock (appending again takes both again)."""
-        if self._handle is not None:
+        """Sync and close this rank's file, and let go of its lock (appending again takes both again), an
+        fsync that fails included."""
+        try:
             self.sync()
-            self._handle.close()
-            self._handle = None
-        if self._owner_lock is not None:
-            self._owner_lock.close()  # releases the flock
-            self._owner_lock = None
+        finally:
+            try:
+                if self._handle is not None:
+                    self._handle.close()
+            finally:
+                if self._owner_lock is not None:
+                    self._owner_lock.close()  # releases the flock
+                self._handle = self._owner_lock = None
 
     def replay(self, keys: Sequence[RowKey]) -> Replay:
         """What can be replayed of one ``generate_until`` call whose request ``i`` has key ``keys[i]``."""
@@ -348,7 +387,11 @@ def _claim(path: Path, guarded: Path) -> int:
             f"{guarded} is being written by another run ({lock_owner(path)}): one run writes an answers journal "
             "folder at a time. Give this run another folder (answers_journal=...), or wait for that run to end"
         )
-    write_owner(fd)
+    try:
+        write_owner(fd)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

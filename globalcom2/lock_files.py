@@ -55,6 +55,13 @@ def take_lock(fd: int, path: Path, operation: int) -> bool:
     except OSError as err:
         if operation & fcntl.LOCK_NB and err.errno in HELD_ERRNOS:
             return False
+        if (
+            err.errno == errno.EBADF and operation & fcntl.LOCK_EX
+        ):  # NFS: an exclusive lock needs write access
+            raise PermissionError(
+                f"cannot lock {path}: this user may not write it ({_file_owner(path)}), and this file system "
+                "gives an exclusive lock only to a writer: run as a user who may write it, or have its owner run"
+            ) from err
         raise OSError(
             f"cannot lock {path}: {err}. Results and answers journals must be on a file system with flock "
             "support (local disks and NFS have it; on Lustre mount with -o flock)."

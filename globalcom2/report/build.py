@@ -91,7 +91,7 @@ def library_versions(rows: pd.DataFrame) -> list[str]:
     if "software" not in rows:
         return []
     cells = rows.drop_duplicates("cell_dir")
-    stacks = cells["software"].map(setting_text).value_counts().sort_index()
+    stacks = cells["software"].fillna("versions not recorded").value_counts().sort_index()
     if len(stacks) < 2:
         return []
     listing = "; ".join(f"{stack} ({count} cells)" for stack, count in stacks.items())

@@ -1290,9 +1290,10 @@ def test_every_table_names_the_library_versions_where_its_cells_ran_on_several(t
     assert by_method["vanilla"] == "torch 2.13.0, transformers 5.25.0, tokenizers 0.23.2, lmms-eval 0.7.3"
     assert pd.isna(by_method["fastv"])
     note = (
-        "Cells ran on 3 library versions, whose answers and timings may differ: None (1 cells); "
+        "Cells ran on 3 library versions, whose answers and timings may differ: "
         "torch 2.13.0, transformers 5.23.0, tokenizers 0.23.2, lmms-eval 0.7.3 (1 cells); "
-        "torch 2.13.0, transformers 5.25.0, tokenizers 0.23.2, lmms-eval 0.7.3 (1 cells)."
+        "torch 2.13.0, transformers 5.25.0, tokenizers 0.23.2, lmms-eval 0.7.3 (1 cells); "
+        "versions not recorded (1 cells)."
     )
     report = build_report(frame, "t1", tmp_path / "out")
     assert report.tables and all(note in table.notes for table in report.tables)

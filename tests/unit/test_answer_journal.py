@@ -252,3 +252,51 @@ def test_a_killed_writer_holds_nothing_and_its_batches_are_read_back(tmp_path):
         process.wait()
     (batch,) = AnswerJournal(tmp_path, 0, SETTINGS).batches.values()  # the kernel let go of the lock
     assert batch.rows == (key(0),)
+
+
+def test_a_run_never_appends_after_lines_it_did_not_read(tmp_path):
+    """Between two calls the rank is free: another run may write (or a kill may leave half a line) there."""
+    first = AnswerJournal(tmp_path, 0, SETTINGS)
+    first.append([key(0)], WINDOW, [record(0)])
+    first.close()
+    second = AnswerJournal(tmp_path, 0, SETTINGS)  # opened between the first run's calls
+    first.append([key(1)], WINDOW, [record(1, 1)])
+    first.close()
+    whole = rank_file(tmp_path, 0).read_bytes()
+    with pytest.raises(JournalInUseError, match=r"rank0\.jsonl holds \d+ bytes where this run left \d+"):
+        second.append([key(2)], WINDOW, [record(2, 2)])
+    with open(rank_file(tmp_path, 0), "ab") as handle:
+        handle.write(b'{"rows": [["toy", "te')  # the first run killed in its next call
+    with pytest.raises(JournalInUseError, match="start this run again"):
+        first.append([key(3)], WINDOW, [record(3, 3)])  # its own file, but not as it left it
+    assert rank_file(tmp_path, 0).read_bytes().startswith(whole)  # nothing glued onto the torn line
+    resumed = AnswerJournal(tmp_path, 0, SETTINGS)  # a new run cuts the torn tail and reads both batches
+    assert len(resumed.batches) == 2
+    resumed.append([key(2)], WINDOW, [record(2, 2)])
+    resumed.close()
+    assert len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 3
+
+
+def test_a_stale_folder_is_never_emptied_under_a_live_run(tmp_path):
+    live = AnswerJournal(tmp_path, 0, SETTINGS)
+    live.append([key(0)], WINDOW, [record(0)])  # inside a call
+    with pytest.raises(JournalInUseError, match=r"rank0\.jsonl is being written by another run"):
+        AnswerJournal(tmp_path, 1, {**SETTINGS, "code": "another"}, discard_stale=True)
+    live.close()
+    assert len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 1
+
+
+def test_a_failed_fsync_at_close_still_lets_go_of_the_rank(tmp_path, monkeypatch):
+    import globalcom2.answer_journal as answer_journal
+
+    journal = AnswerJournal(tmp_path, 0, SETTINGS)
+    journal.append([key(0)], WINDOW, [record(0)])
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(answer_journal.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        journal.close()
+    monkeypatch.undo()
+    assert len(AnswerJournal(tmp_path, 0, SETTINGS).batches) == 1  # not "being written by another run"
