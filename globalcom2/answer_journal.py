@@ -33,10 +33,11 @@ Files, in one folder:
   alone, so an answer holding U+2028 or U+0085 (which JSON leaves unescaped) stays one line.
 
 * ``rank<r>.lock``: held (``flock``) by the process that reads or appends ``rank<r>.jsonl``, and naming it
-  (pid, host and since when, ``globalcom2/lock_files.py``). One run writes a rank's file at a time: a cell's folder is already under the cell's lock,
-  and a second run given the same ``model_args`` folder is refused (:class:`JournalInUseError`, naming the
-  holder) when it opens the journal or starts to append, never left to interleave its batches with the
-  first's or to cut the first's line in flight as a killed run's torn tail. The lock is held while a
+  (pid, host and since when, ``globalcom2/lock_files.py``). One run writes a rank's file at a time: a
+  cell's folder is already under the cell's lock, and a second run given the same ``model_args`` folder is
+  refused (:class:`JournalInUseError`, naming the holder) when it opens the journal or starts to append,
+  never left to interleave its batches with the first's or to cut the first's line in flight as a killed
+  run's torn tail. The lock is held while a
   ``generate_until`` call appends (the plugin closes the journal when the call ends), not for the
   process's life, so one process may evaluate twice into one folder, one evaluation after the other.
   Between two calls another run may take the rank, so a run that takes it again checks that the file is as
@@ -320,17 +321,17 @@ class AnswerJournal:
         """
         owner_lock = io.FileIO(_claim(rank_lock_file(self.folder, self.rank), self.path), "r+")
         try:
-            size = self.path.stat().st_size if self.path.exists() else 0
+            exists = self.path.exists()
+            size = self.path.stat().st_size if exists else 0
             if size != self._size:
                 raise JournalInUseError(
                     f"{self.path} holds {size} bytes where this run left {self._size}: another run wrote into "
                     "it since this one read it, or a write of this run failed half-way. One run writes an "
                     "answers journal folder at a time; start this run again to resume from what the file holds"
                 )
-            created = size == 0 and not self.path.exists()
             self._handle = open(self.path, "ab", buffering=0)  # noqa: SIM115  (kept open across appends)
-            if created:
-                fsync_dir(self.folder)
+            if not exists:
+                fsync_dir(self.folder)  # the new file's name outlives a crash
         except BaseException:
             owner_lock.close()
             raise

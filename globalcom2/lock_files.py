@@ -55,9 +55,8 @@ def take_lock(fd: int, path: Path, operation: int) -> bool:
     except OSError as err:
         if operation & fcntl.LOCK_NB and err.errno in HELD_ERRNOS:
             return False
-        if (
-            err.errno == errno.EBADF and operation & fcntl.LOCK_EX
-        ):  # NFS: an exclusive lock needs write access
+        # NFS emulates flock with POSIX locks, whose exclusive kind needs a descriptor open for writing
+        if err.errno == errno.EBADF and operation & fcntl.LOCK_EX:
             raise PermissionError(
                 f"cannot lock {path}: this user may not write it ({_file_owner(path)}), and this file system "
                 "gives an exclusive lock only to a writer: run as a user who may write it, or have its owner run"
