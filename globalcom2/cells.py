@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from globalcom2.models.fingerprint import checkpoint_identity
+from globalcom2.models.loader import auto_dtype
 from globalcom2.protocol.generation import (
     GenerationSettings,
     canonical_gen_kwargs,
@@ -338,6 +339,13 @@ class CellSpec:
         # device is the one this process takes, CUDA where present (the plugin's rule; each rank's accelerator
         # follows it), so a result computed on a CPU is never served to the same config run on a GPU
         model["device"] = torch.device(self.model.device or default_device()).type
+        if model["dtype"] == "auto":  # the dtype it loads in, so `auto` and the checkpoint's own are one cell
+            model["dtype"] = (
+                auto_dtype(
+                    self.model.pretrained, random_init=self.model.random_init, revision=self.model.revision
+                )
+                or "auto"
+            )
         if model["compile"] is None:
             del model["compile"]  # eager, as every cell before compile mode existed: the same identity
         if not model["batch_invariant"]:

@@ -52,7 +52,8 @@ class ReadyBatch:
         prepared: prompts, images and keys of the rows.
         inputs: the processor's ``BatchFeature`` (CPU tensors).
         load_s: seconds spent reading documents and images for this batch: its whole window's for the first
-            batch of a window (the one that waits for the reading), 0 for the others.
+            batch of a window (the one that waits for the reading), 0 for the others, and 0 for every batch of
+            a window whose first batch was replayed from an answers journal (that one waited for it).
         preprocess_s: seconds spent in the processor for this batch.
         window: the positions of the window the batch was planned among (its rows depend on all of them).
     """
@@ -158,6 +159,9 @@ class BatchFeeder:
                 journaled = self._replay.batch(indices, window) if self._replay is not None else None
                 if journaled is not None:
                     yield ReplayedBatch(indices, journaled)
+                    # the reading was waited for here, and a replayed batch's turn is no batch's loop time
+                    # (plugin.generate_until): the generated batches after it did not wait for it
+                    first = False
                     continue
                 batch = prepared.select(rows)
                 began = time.perf_counter()

@@ -86,6 +86,8 @@ def tiny_seed(name: str) -> int | None:
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = (*_DTYPES, "auto")
+#: torch dtype -> its name in :data:`DTYPE_CHOICES`.
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def check_config_type(raw: dict[str, Any], source: str) -> None:

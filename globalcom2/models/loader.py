@@ -14,6 +14,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from globalcom2.hub import snapshot_commit
 from globalcom2.models.base import (
+    DTYPE_NAMES,
     check_llava_next_anyres,
     check_transformers_version,
     resolve_dtype,
@@ -59,6 +60,37 @@ def hub_commit(pretrained: str | Path, revision: str | None = None) -> str | Non
     return snapshot_commit(checkpoint_config_file(path, revision=revision))
 
 
+#: What random weights are built in under ``dtype="auto"``: the llava-hf checkpoints' dtype.
+RANDOM_INIT_AUTO_DTYPE = "float16"
+
+
+def auto_dtype(
+    pretrained: str | Path, *, random_init: bool = False, revision: str | None = None
+) -> str | None:
+    """The dtype ``dtype="auto"`` (or ``None``) loads ``pretrained`` in, by name (``"float16"``), read without
+    loading any weight; ``None`` where that is not known beforehand.
+
+    transformers 5 resolves ``auto`` from the config's ``dtype`` (``torch_dtype`` in older files) first, and
+    only where the config names none from the weights' first floating tensor (``modeling_utils.py``,
+    ``_get_dtype``). This reads the config the load reads: the folder's (a built ``tiny`` one's included) or
+    the hub snapshot's at ``revision``. ``None`` where that config names no dtype, one outside
+    :data:`~globalcom2.models.base.DTYPE_CHOICES`, or cannot be read: the load then leaves ``auto`` to
+    transformers, and a cell's identity keeps ``auto`` (``globalcom2.cells``). :func:`load_llava_next` loads
+    in the dtype named here, so what a cell's identity says and what it runs cannot differ.
+    """
+    if random_init:
+        return RANDOM_INIT_AUTO_DTYPE
+    try:
+        config = checkpoint_config(resolve_checkpoint(pretrained), revision=revision)
+    # an unreadable or missing config, or a revision where there is none: the load itself reports these
+    except (OSError, ValueError):
+        return None
+    dtype = config.dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return DTYPE_NAMES.get(dtype)
+
+
 def load_llava_next(
     pretrained: str | Path,
     *,
@@ -74,7 +106,7 @@ def load_llava_next(
     Args:
         pretrained: a hub id or local folder (``llava-hf/llava-v1.6-vicuna-7b-hf``), ``"tiny[:seed]"`` (random
             weights) or ``"tiny-trained"`` (trained by ``make train-tiny``).
-        dtype: weights dtype; transformers 5 otherwise loads the checkpoint's own dtype.
+        dtype: weights dtype; ``"auto"`` or ``None``: the checkpoint's own (:func:`auto_dtype`).
         device: where to put the model.
         attn_implementation: ``"sdpa"`` (default), ``"eager"``, or a per-sub-config dict.
         random_init: build ``pretrained``'s architecture (7B or 13B, read from its name) with random
@@ -104,10 +136,9 @@ def load_llava_next(
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry={geometry!r}; valid: {', '.join(GEOMETRIES)}")
     if random_init:
-        resolved = "float16" if dtype in (None, "auto") else dtype  # the llava-hf checkpoints' dtype
         model, processor = build_random_llava_next(
             size_from_name(str(pretrained)),
-            dtype=resolved,
+            dtype=RANDOM_INIT_AUTO_DTYPE if dtype in (None, "auto") else dtype,
             device=device,
             attn_implementation=attn_implementation,
         )
@@ -117,6 +148,8 @@ def load_llava_next(
     # commit's snapshot, which a branch moving on the hub meanwhile cannot change.
     revision = hub_commit(pretrained, revision) or revision
     checkpoint_config(pretrained, revision=revision)  # a wrong model type fails before the weights load
+    if dtype in (None, "auto"):  # the dtype a cell's identity names (auto_dtype), where the config names one
+        dtype = auto_dtype(pretrained, revision=revision) or "auto"
     path = resolve_checkpoint(pretrained)
     try:
         # The processor first: a few files, so a checkpoint without its tokenizer or image processor fails in

@@ -689,3 +689,22 @@ def test_a_method_is_identified_by_its_parameters_as_built(tmp_path, monkeypatch
     monkeypatch.setattr(FastV.__init__, "__kwdefaults__", {"K": 2, "budget_basis": "patches"})
     moved = identity("method=fastv")
     assert moved["method"]["params"]["budget_basis"] == "patches" and moved != fastv
+
+
+def test_dtype_auto_is_the_cell_of_the_dtype_it_loads_in(tmp_path):
+    """``auto`` and the dtype it resolves to compute the same thing, so they are one cell; where the config
+    names no dtype, ``auto`` stays apart (a re-run, never a stale cell)."""
+    identity = functools.partial(cell_identity, tmp_path)
+    assert identity("model.dtype=auto") == identity("model.dtype=float32")  # the tiny model's config says it
+    assert identity("model.dtype=auto")["model"]["dtype"] == "float32"
+    random_7b = ("model=llava_next_7b", "model.random_init=true", "model.device=cpu")
+    assert identity(*random_7b, "model.dtype=auto") == identity(*random_7b, "model.dtype=float16")
+    assert identity(*random_7b, "model.dtype=auto") != identity(*random_7b, "model.dtype=bfloat16")
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(tiny_checkpoint(0), unnamed)
+    config = json.loads((unnamed / "config.json").read_text())
+    del config["dtype"]
+    (unnamed / "config.json").write_text(json.dumps(config))
+    at_unnamed = identity(f"model.pretrained={unnamed}", "model.dtype=auto")
+    assert at_unnamed["model"]["dtype"] == "auto"
+    assert at_unnamed != identity(f"model.pretrained={unnamed}", "model.dtype=float32")

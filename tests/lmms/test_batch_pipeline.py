@@ -53,7 +53,7 @@ def test_batches_cover_every_row_once(batch_size):
         assert batches == [[1, 3], [0, 4], [2]]  # equal lengths share a batch: no padding in the first two
 
 
-def feeder_for(sizes, batch_size, lookahead, window=8, load=None, encode=None):
+def feeder_for(sizes, batch_size, lookahead, window=8, load=None, encode=None, replay=None):
     prepared = prepared_for(sizes)
 
     def default_load(positions):
@@ -66,6 +66,7 @@ def feeder_for(sizes, batch_size, lookahead, window=8, load=None, encode=None):
         batch_size,
         window=window,
         lookahead=lookahead,
+        replay=replay,
     )
 
 
@@ -183,3 +184,24 @@ def test_answered_batches_are_replayed_and_an_answered_window_is_not_even_read(l
         ("ReadyBatch", [6, 7]),
     ]
     assert loaded == [[4, 5, 6, 7]] and encoded == [[6, 7]]
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_a_window_read_while_a_replayed_batch_waited_is_charged_to_no_generated_batch(lookahead):
+    """The consumer waits for the window's reading at its first batch; when that batch is replayed, its turn
+    is no batch's loop time (``plugin.generate_until``), so no generated batch of the window may carry the
+    reading either: a batch's stages must fit in its own turn."""
+    keys = [("toy", "test", i, 0, "digest") for i in range(4)]
+    journal = {(b := JournaledBatch((keys[0],), window_digest(keys[:2]), ({},))).key: b}
+
+    def load(positions):
+        time.sleep(0.001)
+        return prepared_for([(10, 10)] * len(positions))
+
+    feeder = feeder_for(
+        [(10, 10)] * 4, batch_size=1, lookahead=lookahead, window=2, load=load, replay=Replay(journal, keys)
+    )
+    fed = [(type(ready).__name__, getattr(ready, "load_s", None)) for ready, _ in feeder.batches(range(4))]
+    assert [name for name, _ in fed] == ["ReplayedBatch", "ReadyBatch", "ReadyBatch", "ReadyBatch"]
+    # the second window's reading is waited for by its first batch, generated: charged there
+    assert [load > 0 for _, load in fed[1:]] == [False, True, False]

@@ -142,3 +142,32 @@ def test_a_release_or_source_build_inside_the_range_is_taken(version):
     from globalcom2.models.base import check_transformers_version
 
     check_transformers_version(version)
+
+
+@pytest.mark.parametrize(
+    ("config_entry", "named"),
+    [
+        ({"dtype": "bfloat16"}, "bfloat16"),
+        ({"torch_dtype": "float16"}, "float16"),  # how older checkpoints (llava-hf's) name it
+        ({}, None),  # named by no config: transformers takes the weights' own, which no config read knows
+    ],
+)
+def test_auto_loads_the_dtype_the_config_names_and_says_so_beforehand(folder, config_entry, named):
+    """``auto_dtype`` is what a cell's identity holds for ``dtype=auto``; the load must then run in it."""
+    config_file = folder / "config.json"
+    raw = json.loads(config_file.read_text())
+    for key in ("dtype", "torch_dtype"):
+        raw.pop(key, None)
+    config_file.write_text(json.dumps({**raw, **config_entry}))
+    assert loader.auto_dtype(str(folder)) == named
+    for dtype in ("auto", None):
+        model, _ = load_llava_next(folder, dtype=dtype)
+        # the weights are float32: a config naming no dtype loads them as they are
+        assert model.dtype == getattr(torch, named or "float32"), dtype
+
+
+def test_auto_names_the_dtype_of_the_shipped_and_random_weights_and_nothing_it_cannot_read(tmp_path):
+    assert loader.auto_dtype("tiny-trained") == "float32"
+    assert loader.auto_dtype("tiny") == "float32"  # the built folder's config, not the in-memory one
+    assert loader.auto_dtype("llava-hf/llava-v1.6-vicuna-7b-hf", random_init=True) == "float16"
+    assert loader.auto_dtype(str(tmp_path / "absent")) is None  # the load reports it
