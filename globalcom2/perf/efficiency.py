@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,9 @@ def dynamo_frames() -> dict[str, int]:
         "frames_total": int(counters["frames"]["total"]),
         "frames_compiled": int(counters["frames"]["ok"]),
         "graphs": int(counters["stats"]["unique_graphs"]),
+        # graphs a CUDA-graph mode ran without replaying (an input on the host, an op it cannot capture):
+        # inductor says so only in its log, and such a row times fused kernels under a CUDA-graphs label
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
     }
 
 
@@ -414,13 +418,27 @@ def measure_phase(
     warm_prompts, warm_calls = warmup_calls(mode, profiler.device, len(prompts))
     device = profiler.device
     try:
+        warmup_s: dict[Variant, float] = {}
         for method, ratio in variants:  # warm-up (compilation, CUDA-graph recording), excluded
+            began = time.perf_counter()
             for inputs in prompts[:warm_prompts]:
                 inputs = on_device(inputs, device)
                 for _ in range(warm_calls):
                     run_variant(model, inputs, method, ratio, profiler, WARMUP_NEW_TOKENS)
+            warmup_s[(method, ratio)] = time.perf_counter() - began
+            # printed at once: a step killed while compiling still tells how far it got, and at what cost
+            print(
+                f"warm-up {mode or 'eager'} {method}@{ratio:g}: {warmup_s[(method, ratio)]:.1f} s", flush=True
+            )
         measured: dict[Variant, list] = {variant: [] for variant in variants}
-        compiling = {variant: {"timed_calls_retimed": 0, "timed_calls_compiling": 0} for variant in variants}
+        compiling = {
+            variant: {
+                "warmup_s": round(warmup_s[variant], 2),
+                "timed_calls_retimed": 0,
+                "timed_calls_compiling": 0,
+            }
+            for variant in variants
+        }
         for index, host_inputs in enumerate(prompts):
             inputs = on_device(host_inputs, device)
             shift = index % len(variants)
@@ -558,6 +576,12 @@ def compile_note(mode: str, frames: dict[str, int], cuda: bool) -> str:
         print(f"WARNING: compile mode {mode}: {frames} (some layers ran eager)", flush=True)
         note += " (THE REST RAN EAGER)"
     if cuda and mode in CUDA_GRAPH_MODES:
+        skips = frames.get("cudagraph_skips", 0)
+        note += f", {skips} skipped by CUDA graphs"
+        if skips:
+            print(f"WARNING: compile mode {mode}: {skips} graphs ran without CUDA graphs", flush=True)
+            note += " (THOSE RAN WITHOUT REPLAY)"
+    if cuda and mode in CUDA_GRAPH_MODES:
         note += " (peak allocated may miss the graphs' activations, held in their private pool: see peak reserved)"
     return note
 
@@ -605,6 +629,8 @@ def write_outputs(
     table = efficiency_display(frame)
     counted_in = frame["host_syncs_counted_in"].iloc[0]
     table.insert(table.columns.get_loc("R") + 1, f"host reads ({counted_in})", frame["host_syncs"])
+    if "warmup_s" in frame:  # rows of a JSON written before it was recorded have none
+        table["warm-up (s)"] = frame["warmup_s"]  # a compiled phase's: its compilation
     if "peak allocated (GiB)" not in table:
         table["peak allocated (GiB)"] = "n/a (CPU)"  # torch keeps no CPU allocator peak: unavailable, not 0
     markdown = f"**{caption}**\n\n{table.to_markdown(index=False, floatfmt='.4g')}\n"

@@ -377,6 +377,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return payload
 
 
+#: Timed batches a row's samples/s should rest on: the first call, and any that compiled, are left out, so
+#: the efficiency split's 30 samples at batch 16 leave one batch of 14 (the title names such batch sizes).
+MIN_TIMED_BATCHES = 3
+
+
+def few_timed_batches(rows: list[dict[str, Any]]) -> list[int]:
+    """The batch sizes of throughput rows whose samples/s rest on fewer than :data:`MIN_TIMED_BATCHES` timed
+    batches (none for the batch-effect rows, which count answers, not time)."""
+    return sorted(
+        {row["batch"] for row in rows if row.get("timed batches", MIN_TIMED_BATCHES) < MIN_TIMED_BATCHES}
+    )
+
+
 def write_tables(
     args: argparse.Namespace,
     cells: dict[Setting, tuple[LoadedCell, list[SampleRecord]]],
@@ -402,6 +415,8 @@ def write_tables(
         title += f"; PARTIAL, {pending} cells still to run"
     if failures:
         title += f"; {len(failures)} cells FAILED"
+    if thin := few_timed_batches(rows):
+        title += f"; samples/s of batch {', '.join(map(str, thin))} rest on fewer than {MIN_TIMED_BATCHES} timed batches"
     text = f"# {title}\n\n{markdown(pd.DataFrame(rows))}\n" if rows else f"# {title}\n\n(no rows yet)\n"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stem.with_suffix(".md"), text)

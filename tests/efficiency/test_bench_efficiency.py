@@ -197,6 +197,15 @@ def test_a_compiled_phase_records_what_dynamo_compiled(tmp_path, monkeypatch):
     fallback = {"frames_total": 10, "frames_compiled": 7, "graphs": 7}
     assert efficiency.compile_note("default", fallback, cuda=False).endswith("(THE REST RAN EAGER)")
     assert "peak reserved" in efficiency.compile_note("reduce-overhead", fallback, cuda=True)
+    # graphs that CUDA graphs did not replay are named: such a row is not what its label says
+    assert ", 0 skipped by CUDA graphs" in efficiency.compile_note("reduce-overhead", fallback, cuda=True)
+    skipped = efficiency.compile_note("reduce-overhead", {**fallback, "cudagraph_skips": 2}, cuda=True)
+    assert "2 skipped by CUDA graphs (THOSE RAN WITHOUT REPLAY)" in skipped
+    assert "skipped by CUDA graphs" not in efficiency.compile_note("default", fallback, cuda=True)
+    assert frames["cudagraph_skips"] == 0
+    # each variant's warm-up (a compiled phase's compilation) is timed, printed and in its row and table
+    assert all(row["warmup_s"] > 0 for row in record["rows"])
+    assert "warm-up (s)" in (tmp_path / "tiny_cpu.md").read_text()
 
 
 def fake_measurement(compiled: bool) -> Measurement:

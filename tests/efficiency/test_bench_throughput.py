@@ -105,6 +105,9 @@ def test_batch_effect_of_real_cells_is_none_in_fp32(tmp_path):
         assert sum(split) == pytest.approx(row["generate_s"], rel=1e-6)  # the stages split generate's time
     assert cells[1]["padded share"] == 0
     assert {row["batches that compiled"] for row in cells.values()} == {0}  # eager: nothing compiles
+    # batch 3 of 6 samples leaves one timed batch: the table's title says its samples/s rests on little
+    assert throughput.few_timed_batches(list(cells.values())) == [3]
+    assert throughput.few_timed_batches(payload["rows"]) == []  # batch-effect rows count answers, not time
 
 
 def test_batches_that_compiled_are_left_out_of_the_row_and_counted(monkeypatch):

@@ -25,6 +25,7 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
         "cuda_syncs",
         "main_path_tests",
         "efficiency_7b",
+        "efficiency_7b_compiled_more",
         "compiled_equivalence",
         "throughput_7b",
         "divprune_lockstep",
@@ -140,7 +141,7 @@ def test_a_failing_step_does_not_stop_the_next_and_only_fresh_outputs_are_packed
         ("fails", "exit 3"),
         ("writes", "ok"),
         ("stale", "ok"),
-        ("slow", "timed out"),
+        ("slow", "timed out"),  # its own limit
     ]
     assert sorted(p.name for p in out.iterdir()) == ["checklist.json", "checklist.log", "results.tar.gz"]
 
@@ -160,6 +161,19 @@ def test_a_step_starts_only_with_its_minimum_left(tmp_path, monkeypatch):
     assert [s["step"] for s in report] == ["spends", "big", "small"]
     assert report[1]["status"].startswith("skipped: ") and report[1]["status"].endswith("it needs 100 s")
     assert report[2]["status"] == "ok"
+
+
+def test_a_step_stopped_by_the_budget_is_not_reported_as_over_its_own_limit(tmp_path, monkeypatch):
+    """A step cut at the budget's end may be well inside its own limit: the report must say which, or a slow
+    step reads as a hung one."""
+    plan = [Step("long", [sys.executable, "-c", "import time; time.sleep(30)"], 300, min_s=1)]
+    monkeypatch.setattr(gpu_checklist, "steps", lambda images, carried=None: plan)
+    assert main(["--out", str(tmp_path / "out"), "--budget-s", "2"]) == 1
+    (report,) = json.loads((tmp_path / "out" / "checklist.json").read_text())["steps"]
+    assert (
+        report["status"].startswith("timed out: the budget ended (") and "of its 300 s)" in report["status"]
+    )
+    assert report["seconds"] < 10
 
 
 def test_a_timed_out_step_takes_its_children_with_it(tmp_path, monkeypatch):
