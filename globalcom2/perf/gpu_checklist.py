@@ -22,34 +22,35 @@ ones left, and a step whose ``min_s`` is not left is skipped, so the rest fall t
    ``results/efficiency/compiled/`` (``globalcom2.perf.efficiency``; ceilings measured in the same run).
    The eager phase is written before compiling starts, so a cold compile cache that runs out the step's
    time still leaves the eager rows, and each variant's warm-up (its compilation) is logged as it ends.
-   How long a 7B takes to compile from a cold cache has never been measured, so the variants the targets
-   name come first and the other methods wait for step 6;
+   Measured on the 2-core CPU at the 7B's depth (32 decoder and 24 CLIP layers, narrowed widths; the
+   closing note of 2026-12-07 has the script): the first variant's warm-up compiles 133 dynamo frames in
+   180 s from a cold inductor cache and 84 s from a warm one, and the other variants reuse its graphs
+   (GlobalCom² at 0.25 10 s, the rest under 1 s each, FastV and SparseVLM included), so the other methods
+   cost the step little and stay in it;
 2. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
 3. every method's host syncs under CUDA's own detector (``tests/gpu/test_cuda_syncs.py``);
 4. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
    through ``launcher=accelerate`` where there are two GPUs);
 5. the full 7B table, eager: every variant under SDPA, then under eager attention (peak memory);
-6. the other methods under ``compile=true`` (:data:`COMPILED_MORE_VARIANTS`, with vanilla, the speed-ups'
-   reference, again), into ``results/efficiency/compiled_more/``: whether compiled, none is slower than vanilla;
-7. compile mode against eager on CUDA (``tests/models/test_compiled.py``, GlobalCom²'s compiled selection in
+6. compile mode against eager on CUDA (``tests/models/test_compiled.py``, GlobalCom²'s compiled selection in
    ``tests/methods/test_globalcom2_compiled.py``), which the compiled rows rest on;
-8. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
-9. DivPrune's selection of a call of 1, 8 and 16 images, in lockstep against one image at a time
+7. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
+8. DivPrune's selection of a call of 1, 8 and 16 images, in lockstep against one image at a time
    (``globalcom2.perf.divprune_lockstep``), which decides where the harness runs it in lockstep;
-10. the other ``gpu``-marked tests (the batch-invariant mode on CUDA, random-init models, the benchmarks' GPU
+9. the other ``gpu``-marked tests (the batch-invariant mode on CUDA, random-init models, the benchmarks' GPU
    columns), verbose, so a step cut short still names each test it finished;
-11. the 7B table with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images and four
+10. the 7B table with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images and four
     variants, into ``results/efficiency/cuda_graphs/``: whether replayed graphs, not only fused kernels, are
     what the prefill targets need (the caption counts the graphs CUDA graphs did not replay);
-12. throughput under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
+11. throughput under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
     ``results/throughput/compiled/`` (each cell compiles its model first, at 7B not yet timed);
-13. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
-14. the 13B table of the targets' variants (SDPA, eager and compiled), if time is left.
+12. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
+13. the 13B table of the targets' variants (SDPA, eager and compiled), if time is left.
 
 A step starts only with at least its ``min_s`` of the budget left (a step cut short by the budget keeps
 only the phases it finished; one that cannot reach its first useful output is better left to a later call).
 
-Steps 4, 8, 12 and 13 run ``globalcom2.run`` and so need lmms-eval and Hydra (:attr:`Step.main_path`):
+Steps 4, 7, 11 and 12 run ``globalcom2.run`` and so need lmms-eval and Hydra (:attr:`Step.main_path`):
 ``make carry-wheels HAVE=<the machine's pip list> PYTHON_VERSION=<its Python>`` makes the wheels it lacks
 (``globalcom2/carry.py``); with ``--carried <their folder>`` a first step checks that the environment holds
 them at the versions required, on the Python they were chosen for. If that check fails, the main-path steps
@@ -129,14 +130,11 @@ CUDA_GRAPH_VARIANTS = ("vanilla@1", "globalcom2@0.25", "globalcom2@0.1", "random
 #: Where the 7B throughput under ``compile=true`` goes, beside the eager table.
 COMPILED_THROUGHPUT_DIR = "throughput/compiled"
 #: Where the 7B table under ``compile=true`` goes, and its variants: vanilla, GlobalCom² at the ratios of the
-#: targets, and random (selection without scores) at the lower one.
+#: targets and at 0.75 (slower than vanilla when eager), and the other methods at 0.1.
 COMPILED_DIR = "efficiency/compiled"
-COMPILED_VARIANTS = ("vanilla@1", "globalcom2@0.25", "globalcom2@0.1", "random@0.1")
-#: Where the other methods' 7B table under ``compile=true`` goes, and its variants: GlobalCom² at 0.75 (slower
-#: than vanilla when eager), FastV and SparseVLM at 0.1, and vanilla, which their speed-ups are taken against
-#: (in the same table, the same process and compile mode).
-COMPILED_MORE_DIR = "efficiency/compiled_more"
-COMPILED_MORE_VARIANTS = ("vanilla@1", "globalcom2@0.75", "fastv@0.1", "sparsevlm@0.1")
+COMPILED_VARIANTS = (
+    "vanilla@1", "globalcom2@0.75", "globalcom2@0.25", "globalcom2@0.1", "random@0.1", "fastv@0.1", "sparsevlm@0.1",
+)  # fmt: skip
 
 
 def steps(images: int, carried: Path | None = None) -> list[Step]:
@@ -185,16 +183,6 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             # its first write waits for the load, every variant's host syncs, the ceilings and the whole SDPA
             # phase (21 variants): started with less, it would end with nothing where a smaller step fits
             min_s=100,
-        ),
-        Step(
-            "efficiency_7b_compiled_more",
-            [python, "-m", "globalcom2.perf.efficiency", "--random-init", "7b", "--device", "cuda", "--compile",
-             "--attention", "sdpa", "--images", str(images), "--variants", *COMPILED_MORE_VARIANTS,
-             "--out", str(RESULTS / COMPILED_MORE_DIR)],
-            270,
-            (f"{COMPILED_MORE_DIR}/llava_next_7b_random_init_cuda.md",
-             f"{COMPILED_MORE_DIR}/llava_next_7b_random_init_cuda.json"),
-            min_s=150,
         ),
         Step(
             "compiled_equivalence",

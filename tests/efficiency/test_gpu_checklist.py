@@ -25,7 +25,6 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
         "cuda_syncs",
         "main_path_tests",
         "efficiency_7b",
-        "efficiency_7b_compiled_more",
         "compiled_equivalence",
         "throughput_7b",
         "divprune_lockstep",

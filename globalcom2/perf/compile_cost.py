@@ -1,0 +1,159 @@
+"""What ``compile=true`` costs before its first timed call, at a real model's depth: ``make bench-compile-cost``.
+
+A compiled phase warms every variant up before it times any (``globalcom2.perf.efficiency``), and the first
+warm-up compiles the whole model: dynamo traces every layer's frame (each layer runs a private copy of its
+code, ``globalcom2.models.compiled``), and inductor generates code for the graphs its FX-graph cache does not
+hold yet. How long that takes decides whether the GPU checklist's compiled step fits its limit, and what a
+cold ``compile=true`` cell pays once. Depth, not width, sets the tracing: so this benchmark builds the 7B's
+(or 13B's) random-init architecture with every depth kept and every width narrowed (:data:`NARROW`), which
+runs on a CPU in minutes, and runs the efficiency benchmark's compiled phase on it twice, each in a process
+of its own with one inductor cache folder: first empty (cold), then as the first run left it (warm). What
+the warm run still pays is tracing and cache lookups; the difference is code generation.
+
+    python -m globalcom2.perf.compile_cost                         # 7B depth, CPU, the checklist's variants
+    python -m globalcom2.perf.compile_cost --size 13b --device cuda
+
+Writes ``results/efficiency/compile_cost_<size>_<device>.{md,json}``: per variant, the warm-up seconds of
+both runs, and per run the dynamo frames and graphs compiled (the JSON carries the settings, the narrowed
+widths and provenance). Timings of the narrowed model are not the real model's: only the warm-up columns
+are reported. Code generation for a GPU (Triton) costs differently from a CPU's (C++), so a CPU figure
+bounds the tracing, not the whole cost on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from globalcom2.atomic import atomic_write_json, atomic_write_text
+from globalcom2.paths import PROJECT_ROOT
+from globalcom2.perf.gpu_checklist import COMPILED_VARIANTS
+from globalcom2.provenance import hardware_label, provenance
+
+#: The widths a narrowed model gets, the language model's and the vision tower's; the depths, the head
+#: dimensions (Vicuna's 128, CLIP-L's 64) and everything else stay the real model's.
+NARROW: dict[str, dict[str, int]] = {
+    "language": {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2},
+    "vision": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 1, "projection_dim": 64},
+}
+RUNS = ("cold", "warm")
+
+
+def narrow_random_init(size: str) -> None:
+    """Narrow the widths :func:`globalcom2.models.random_init.llava_next_config_for` builds ``size`` with, in
+    this process only (the benchmark's child processes: nothing else runs in them)."""
+    from globalcom2.models import random_init
+
+    random_init.VICUNA[size] = {**random_init.VICUNA[size], **NARROW["language"]}
+    random_init.CLIP_L_336 = {**random_init.CLIP_L_336, **NARROW["vision"]}
+
+
+def child(args: argparse.Namespace, out: Path) -> None:
+    """One compiled phase of the efficiency benchmark on the narrowed model, its table into ``out``."""
+    from globalcom2.perf import efficiency
+
+    narrow_random_init(args.size)
+    efficiency.main(
+        ["--random-init", args.size, "--device", args.device, "--dtype", args.dtype, "--compile",
+         "--attention", "sdpa", "--no-measure-ceilings", "--images", "1", "--new-tokens", "2",
+         "--variants", *args.variants, "--out", str(out)]
+    )  # fmt: skip
+
+
+def run_once(args: argparse.Namespace, cache: Path, out: Path) -> dict[str, Any]:
+    """A child process on the inductor cache folder ``cache``; returns the efficiency benchmark's JSON."""
+    command = [sys.executable, "-m", "globalcom2.perf.compile_cost", "--child", str(out), *args.forwarded]
+    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, cwd=PROJECT_ROOT, env=environment, check=True)
+    (table,) = out.glob("*.json")
+    return json.loads(table.read_text())
+
+
+def rows_of(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant, each run's warm-up seconds of its compiled phase."""
+    warmups = {
+        run: {(r["method"], r["R"]): r["warmup_s"] for r in record["rows"] if r["compile"] != "no"}
+        for run, record in runs.items()
+    }
+    variants = list(warmups[RUNS[0]])
+    return [
+        {
+            "method": method,
+            "R": ratio,
+            **{f"warm-up {run} (s)": warmups[run].get((method, ratio)) for run in runs},
+        }
+        for method, ratio in variants
+    ]
+
+
+def frames_of(record: dict[str, Any]) -> dict[str, int]:
+    (frames,) = record["dynamo_frames"].values()  # one compiled phase
+    return frames
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["7b", "13b"], default="7b", help="the depths of this model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(COMPILED_VARIANTS), metavar="METHOD@R",
+        help="default: the GPU checklist's compiled 7B table's",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "efficiency")
+    parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.forwarded = [
+        "--size", args.size, "--device", args.device, "--dtype", args.dtype, "--variants", *args.variants,
+    ]  # fmt: skip
+    if args.child is not None:
+        child(args, args.child)
+        return {}
+    info = provenance(args.device)  # the code the children run, before this writes its table
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="globalcom2-compile-cost-") as scratch:
+        cache = Path(scratch) / "inductor"  # empty: the first run is cold, the second finds what it left
+        for run in RUNS:
+            runs[run] = run_once(args, cache, Path(scratch) / run)
+    rows = rows_of(runs)
+    frames = {run: frames_of(record) for run, record in runs.items()}
+    hardware = hardware_label(info["hardware"], args.device)
+    caption = (
+        f"Warm-up of compile=true (default mode) per variant, {args.size}'s depths with narrowed widths "
+        f"({args.dtype}, {args.device}: {hardware}, torch {torch.__version__}); one 672x672 image, in the "
+        "order run; cold: an empty inductor cache, warm: the cache the cold run left; "
+        + ", ".join(
+            f"{run}: {f['frames_compiled']} of {f['frames_total']} dynamo frames compiled, {f['graphs']} graphs"
+            for run, f in frames.items()
+        )
+    )
+    stem = args.out / f"compile_cost_{args.size}_{args.device.split(':')[0]}"
+    record = {
+        "caption": caption,
+        "rows": rows,
+        "dynamo_frames": frames,
+        "narrowed": NARROW,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "provenance": info,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stem.with_suffix(".json"), record)
+    markdown = f"**{caption}**\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3g')}\n"
+    atomic_write_text(stem.with_suffix(".md"), markdown)
+    print(markdown)
+    print(f"written: {stem}.{{md,json}}", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()
