@@ -82,7 +82,9 @@ def run_once(args: argparse.Namespace, cache: Path, out: Path) -> dict[str, Any]
 def rows_of(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Per variant, each run's warm-up seconds of its compiled phase."""
     warmups = {
-        run: {(r["method"], r["R"]): r["warmup_s"] for r in record["rows"] if r["compile"] != "no"}
+        run: {
+            (r["method"], r["retention_ratio"]): r["warmup_s"] for r in record["rows"] if r["compile"] != "no"
+        }
         for run, record in runs.items()
     }
     variants = list(warmups[RUNS[0]])

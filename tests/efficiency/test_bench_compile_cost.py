@@ -46,16 +46,21 @@ def test_a_child_runs_one_compiled_phase_of_the_efficiency_benchmark_on_the_narr
 
 def test_both_runs_warm_ups_are_tabulated_per_variant_with_their_frames(tmp_path, monkeypatch):
     """The cold run must come first and share its cache folder with the warm one; the table takes only the
-    compiled phase's rows."""
+    compiled phase's rows. (That the efficiency benchmark's own JSON reads so: test_bench_efficiency.py.)"""
     caches = []
 
     def fake_run(args, cache, out):
         caches.append(cache)
         cold = len(caches) == 1
         rows = [
-            {"method": "vanilla", "R": 1.0, "compile": "no", "warmup_s": 0.1},
-            {"method": "vanilla", "R": 1.0, "compile": "default", "warmup_s": 180.0 if cold else 84.0},
-            {"method": "fastv", "R": 0.1, "compile": "default", "warmup_s": 0.6},
+            {"method": "vanilla", "retention_ratio": 1.0, "compile": "no", "warmup_s": 0.1},
+            {
+                "method": "vanilla",
+                "retention_ratio": 1.0,
+                "compile": "default",
+                "warmup_s": 180.0 if cold else 84.0,
+            },
+            {"method": "fastv", "retention_ratio": 0.1, "compile": "default", "warmup_s": 0.6},
         ]
         frames = {"frames_total": 133, "frames_compiled": 133, "graphs": 105 if cold else 0}
         return {"rows": rows, "dynamo_frames": {"sdpa default": frames}}

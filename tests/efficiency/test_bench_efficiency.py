@@ -206,6 +206,12 @@ def test_a_compiled_phase_records_what_dynamo_compiled(tmp_path, monkeypatch):
     # each variant's warm-up (a compiled phase's compilation) is timed, printed and in its row and table
     assert all(row["warmup_s"] > 0 for row in record["rows"])
     assert "warm-up (s)" in (tmp_path / "tiny_cpu.md").read_text()
+    # what make bench-compile-cost reads of this JSON: the compiled phase's warm-ups, and its frames
+    from globalcom2.perf import compile_cost
+
+    tabulated = compile_cost.rows_of({"cold": record, "warm": record})
+    assert [(row["method"], row["R"]) for row in tabulated] == [("vanilla", 1.0), ("globalcom2", 0.1)]
+    assert all(row["warm-up cold (s)"] > 0 for row in tabulated) and compile_cost.frames_of(record) == frames
 
 
 def fake_measurement(compiled: bool) -> Measurement:
