@@ -22,10 +22,10 @@ ones left, and a step whose ``min_s`` is not left is skipped, so the rest fall t
    ``results/efficiency/compiled/`` (``globalcom2.perf.efficiency``; ceilings measured in the same run).
    The eager phase is written before compiling starts, so a cold compile cache that runs out the step's
    time still leaves the eager rows, and each variant's warm-up (its compilation) is logged as it ends.
-   Measured on the 2-core CPU at the 7B's depth (32 decoder and 24 CLIP layers, narrowed widths; the
-   closing note of 2026-12-07 has the script): the first variant's warm-up compiles 133 dynamo frames in
-   180 s from a cold inductor cache and 84 s from a warm one, and the other variants reuse its graphs
-   (GlobalCom² at 0.25 10 s, the rest under 1 s each, FastV and SparseVLM included), so the other methods
+   Measured on the 2-core CPU at the 7B's depths with narrowed widths (``make bench-compile-cost``,
+   ``results/efficiency/compile_cost_7b_cpu.md``): the first variant's warm-up compiles 133 dynamo frames
+   in 171 s from a cold inductor cache and 97 s from a warm one, and the other variants reuse its graphs
+   (GlobalCom² at 0.75 9 s, every other under 1 s, FastV and SparseVLM included), so the other methods
    cost the step little and stay in it;
 2. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
 3. every method's host syncs under CUDA's own detector (``tests/gpu/test_cuda_syncs.py``);
