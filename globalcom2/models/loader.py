@@ -70,25 +70,30 @@ def auto_dtype(
     """The dtype ``dtype="auto"`` (or ``None``) loads ``pretrained`` in, by name (``"float16"``), read without
     loading any weight; ``None`` where that is not known beforehand.
 
-    transformers 5 resolves ``auto`` from the config's ``dtype`` (``torch_dtype`` in older files) first, and
-    only where the config names none from the weights' first floating tensor (``modeling_utils.py``,
-    ``_get_dtype``). This reads the config the load reads: the folder's (a built ``tiny`` one's included) or
-    the hub snapshot's at ``revision``. ``None`` where that config names no dtype, one outside
-    :data:`~globalcom2.models.base.DTYPE_CHOICES`, or cannot be read: the load then leaves ``auto`` to
-    transformers, and a cell's identity keeps ``auto`` (``globalcom2.cells``). :func:`load_llava_next` loads
-    in the dtype named here, so what a cell's identity says and what it runs cannot differ.
+    transformers 5 resolves ``auto`` from the config's ``dtype`` (``torch_dtype`` in older files) first, a
+    per-module dict by its ``""`` entry (the default dtype where it has none), and only where the config names
+    no dtype from the weights' first floating tensor (``modeling_utils.py``, ``_get_dtype``). This reads the
+    config the load reads: the folder's (a built ``tiny`` one's included) or the hub snapshot's at
+    ``revision``. ``None`` where that config names no dtype, one outside
+    :data:`~globalcom2.models.base.DTYPE_CHOICES` (``float64``), or cannot be read: the load then leaves
+    ``auto`` to transformers, and a cell's identity keeps ``auto`` (``globalcom2.cells``).
+    :func:`load_llava_next` loads in the dtype named here, so a cell's identity never names a dtype other
+    than the one it runs in.
     """
     if random_init:
         return RANDOM_INIT_AUTO_DTYPE
+    # An unreadable or missing config, a revision where there is none, or a dtype the config cannot hold
+    # (``LlavaNextConfig`` raises AttributeError on ``"dtype": "auto"``): the load itself reports these.
     try:
         config = checkpoint_config(resolve_checkpoint(pretrained), revision=revision)
-    # an unreadable or missing config, or a revision where there is none: the load itself reports these
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None
     dtype = config.dtype
+    if isinstance(dtype, dict):  # per module: transformers loads every module in the "" entry's dtype
+        dtype = dtype.get("", torch.get_default_dtype())
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    return DTYPE_NAMES.get(dtype)
+    return DTYPE_NAMES.get(dtype) if isinstance(dtype, torch.dtype) else None
 
 
 def load_llava_next(

@@ -8,13 +8,15 @@ cold ``compile=true`` cell pays once. Depth, not width, sets the tracing: so thi
 (or 13B's) random-init architecture with every depth kept and every width narrowed (:data:`NARROW`), which
 runs on a CPU in minutes, and runs the efficiency benchmark's compiled phase on it twice, each in a process
 of its own with one inductor cache folder: first empty (cold), then as the first run left it (warm). What
-the warm run still pays is tracing and cache lookups; the difference is code generation.
+the warm run still pays is dynamo's tracing, AOT autograd and the cache's lookups and loads; the difference
+is what the cache spares, inductor's lowering and code generation.
 
     python -m globalcom2.perf.compile_cost                         # 7B depth, CPU, the checklist's variants
     python -m globalcom2.perf.compile_cost --size 13b --device cuda
 
-Writes ``results/efficiency/compile_cost_<size>_<device>.{md,json}``: per variant, the warm-up seconds of
-both runs, and per run the dynamo frames and graphs compiled (the JSON carries the settings, the narrowed
+Writes ``results/efficiency/compile_cost_<size>_<device>.{md,json}``: per variant and run, the warm-up
+seconds and the dynamo frames that variant's warm-up compiled past the variants before it, and per run the
+phase's frames and graphs (the JSON carries the settings, the narrowed
 widths and provenance). Timings of the narrowed model are not the real model's: only the warm-up columns
 are reported. Code generation for a GPU (Triton) costs differently from a CPU's (C++), so a CPU figure
 bounds the tracing, not the whole cost on a GPU.
@@ -72,7 +74,14 @@ def child(args: argparse.Namespace, out: Path) -> None:
 def run_once(args: argparse.Namespace, cache: Path, out: Path) -> dict[str, Any]:
     """A child process on the inductor cache folder ``cache``; returns the efficiency benchmark's JSON."""
     command = [sys.executable, "-m", "globalcom2.perf.compile_cost", "--child", str(out), *args.forwarded]
-    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+    # Triton's kernels too (torch keeps them under inductor's folder only where TRITON_CACHE_DIR is unset),
+    # and no switch that turns the caches off: the warm run must find what the cold one left, and only that
+    environment = {
+        **{k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_FORCE_DISABLE_CACHES"},
+        "TORCHINDUCTOR_CACHE_DIR": str(cache),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "PYTHONUNBUFFERED": "1",
+    }
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=PROJECT_ROOT, env=environment, check=True)
     (table,) = out.glob("*.json")
@@ -80,26 +89,25 @@ def run_once(args: argparse.Namespace, cache: Path, out: Path) -> dict[str, Any]
 
 
 def rows_of(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per variant, each run's warm-up seconds of its compiled phase."""
-    warmups = {
-        run: {
-            (r["method"], r["retention_ratio"]): r["warmup_s"] for r in record["rows"] if r["compile"] != "no"
-        }
+    """Per variant of the compiled phase, each run's warm-up seconds and the frames its warm-up compiled."""
+    compiled = {
+        run: {(r["method"], r["retention_ratio"]): r for r in record["rows"] if r["compile"] != "no"}
         for run, record in runs.items()
     }
-    variants = list(warmups[RUNS[0]])
-    return [
-        {
-            "method": method,
-            "R": ratio,
-            **{f"warm-up {run} (s)": warmups[run].get((method, ratio)) for run in runs},
-        }
-        for method, ratio in variants
-    ]
+    rows = []
+    for method, ratio in compiled[RUNS[0]]:
+        row: dict[str, Any] = {"method": method, "R": ratio}
+        for run in runs:
+            measured = compiled[run].get((method, ratio), {})
+            row[f"warm-up {run} (s)"] = measured.get("warmup_s")
+            row[f"frames {run}"] = measured.get("warmup_frames_compiled")
+        rows.append(row)
+    return rows
 
 
 def frames_of(record: dict[str, Any]) -> dict[str, int]:
-    (frames,) = record["dynamo_frames"].values()  # one compiled phase
+    """The dynamo frames and graphs the efficiency benchmark's one compiled phase compiled in all."""
+    (frames,) = record["dynamo_frames"].values()
     return frames
 
 
@@ -107,7 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["7b", "13b"], default="7b", help="the depths of this model")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU (the checklist's)"
+    )
     parser.add_argument(
         "--variants", nargs="+", default=list(COMPILED_VARIANTS), metavar="METHOD@R",
         help="default: the GPU checklist's compiled 7B table's",
@@ -115,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "efficiency")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.forwarded = [
         "--size", args.size, "--device", args.device, "--dtype", args.dtype, "--variants", *args.variants,
     ]  # fmt: skip
@@ -133,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     caption = (
         f"Warm-up of compile=true (default mode) per variant, {args.size}'s depths with narrowed widths "
         f"({args.dtype}, {args.device}: {hardware}, torch {torch.__version__}); one 672x672 image, in the "
-        "order run; cold: an empty inductor cache, warm: the cache the cold run left; "
+        "order run; frames: what a variant's warm-up compiled past the variants before it; cold: an empty "
+        "inductor cache, warm: the cache the cold run left; "
         + ", ".join(
             f"{run}: {f['frames_compiled']} of {f['frames_total']} dynamo frames compiled, {f['graphs']} graphs"
             for run, f in frames.items()

@@ -418,25 +418,23 @@ def measure_phase(
     warm_prompts, warm_calls = warmup_calls(mode, profiler.device, len(prompts))
     device = profiler.device
     try:
-        warmup_s: dict[Variant, float] = {}
+        warmups: dict[Variant, dict[str, float | int]] = {}
         for method, ratio in variants:  # warm-up (compilation, CUDA-graph recording), excluded
-            began = time.perf_counter()
+            began, before = time.perf_counter(), dynamo_frames() if mode else None
             for inputs in prompts[:warm_prompts]:
                 inputs = on_device(inputs, device)
                 for _ in range(warm_calls):
                     run_variant(model, inputs, method, ratio, profiler, WARMUP_NEW_TOKENS)
-            warmup_s[(method, ratio)] = time.perf_counter() - began
+            warmup = warmups[(method, ratio)] = {"warmup_s": round(time.perf_counter() - began, 2)}
+            if before is not None:  # what this variant's warm-up compiled itself, past the variants before it
+                after = dynamo_frames()
+                warmup["warmup_frames_compiled"] = after["frames_compiled"] - before["frames_compiled"]
+                warmup["warmup_graphs"] = after["graphs"] - before["graphs"]
             # printed at once: a step killed while compiling still tells how far it got, and at what cost
-            print(
-                f"warm-up {mode or 'eager'} {method}@{ratio:g}: {warmup_s[(method, ratio)]:.1f} s", flush=True
-            )
+            print(f"warm-up {mode or 'eager'} {method}@{ratio:g}: {warmup}", flush=True)
         measured: dict[Variant, list] = {variant: [] for variant in variants}
         compiling = {
-            variant: {
-                "warmup_s": round(warmup_s[variant], 2),
-                "timed_calls_retimed": 0,
-                "timed_calls_compiling": 0,
-            }
+            variant: {**warmups[variant], "timed_calls_retimed": 0, "timed_calls_compiling": 0}
             for variant in variants
         }
         for index, host_inputs in enumerate(prompts):
@@ -581,7 +579,6 @@ def compile_note(mode: str, frames: dict[str, int], cuda: bool) -> str:
         if skips:
             print(f"WARNING: compile mode {mode}: {skips} graphs ran without CUDA graphs", flush=True)
             note += " (THOSE RAN WITHOUT REPLAY)"
-    if cuda and mode in CUDA_GRAPH_MODES:
         note += " (peak allocated may miss the graphs' activations, held in their private pool: see peak reserved)"
     return note
 

@@ -416,7 +416,8 @@ def write_tables(
     if failures:
         title += f"; {len(failures)} cells FAILED"
     if thin := few_timed_batches(rows):
-        title += f"; samples/s of batch {', '.join(map(str, thin))} rest on fewer than {MIN_TIMED_BATCHES} timed batches"
+        sizes = ", ".join(map(str, thin))
+        title += f"; samples/s of batch {sizes} rest on fewer than {MIN_TIMED_BATCHES} timed batches"
     text = f"# {title}\n\n{markdown(pd.DataFrame(rows))}\n" if rows else f"# {title}\n\n(no rows yet)\n"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stem.with_suffix(".md"), text)

@@ -54,14 +54,11 @@ def test_both_runs_warm_ups_are_tabulated_per_variant_with_their_frames(tmp_path
         cold = len(caches) == 1
         rows = [
             {"method": "vanilla", "retention_ratio": 1.0, "compile": "no", "warmup_s": 0.1},
-            {
-                "method": "vanilla",
-                "retention_ratio": 1.0,
-                "compile": "default",
-                "warmup_s": 180.0 if cold else 84.0,
-            },
-            {"method": "fastv", "retention_ratio": 0.1, "compile": "default", "warmup_s": 0.6},
-        ]
+            {"method": "vanilla", "retention_ratio": 1.0, "compile": "default", "warmup_s": 180.0 if cold else 84.0,
+             "warmup_frames_compiled": 130},
+            {"method": "fastv", "retention_ratio": 0.1, "compile": "default", "warmup_s": 0.6,
+             "warmup_frames_compiled": 3},
+        ]  # fmt: skip
         frames = {"frames_total": 133, "frames_compiled": 133, "graphs": 105 if cold else 0}
         return {"rows": rows, "dynamo_frames": {"sdpa default": frames}}
 
@@ -69,9 +66,11 @@ def test_both_runs_warm_ups_are_tabulated_per_variant_with_their_frames(tmp_path
     record = compile_cost.main(["--out", str(tmp_path)])
     assert caches[0] == caches[1]
     assert record["rows"] == [
-        {"method": "vanilla", "R": 1.0, "warm-up cold (s)": 180.0, "warm-up warm (s)": 84.0},
-        {"method": "fastv", "R": 0.1, "warm-up cold (s)": 0.6, "warm-up warm (s)": 0.6},
-    ]
+        {"method": "vanilla", "R": 1.0, "warm-up cold (s)": 180.0, "frames cold": 130, "warm-up warm (s)": 84.0,
+         "frames warm": 130},
+        {"method": "fastv", "R": 0.1, "warm-up cold (s)": 0.6, "frames cold": 3, "warm-up warm (s)": 0.6,
+         "frames warm": 3},
+    ]  # fmt: skip
     assert "cold: 133 of 133 dynamo frames compiled, 105 graphs" in record["caption"]
     written = json.loads((tmp_path / "compile_cost_7b_cpu.json").read_text())
     assert written["rows"] == record["rows"] and written["narrowed"] == compile_cost.NARROW

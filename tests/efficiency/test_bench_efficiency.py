@@ -212,6 +212,9 @@ def test_a_compiled_phase_records_what_dynamo_compiled(tmp_path, monkeypatch):
     tabulated = compile_cost.rows_of({"cold": record, "warm": record})
     assert [(row["method"], row["R"]) for row in tabulated] == [("vanilla", 1.0), ("globalcom2", 0.1)]
     assert all(row["warm-up cold (s)"] > 0 for row in tabulated) and compile_cost.frames_of(record) == frames
+    # each variant's warm-up names the frames it compiled past the ones before it: they add up to the phase's
+    assert sum(row["frames cold"] for row in tabulated) == frames["frames_compiled"]
+    assert tabulated[0]["frames cold"] > 0
 
 
 def fake_measurement(compiled: bool) -> Measurement:

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlavaNextForConditionalGeneration
 
 from globalcom2.models import loader
 from globalcom2.models.base import UnsupportedModelError
@@ -149,21 +150,32 @@ def test_a_release_or_source_build_inside_the_range_is_taken(version):
     [
         ({"dtype": "bfloat16"}, "bfloat16"),
         ({"torch_dtype": "float16"}, "float16"),  # how older checkpoints (llava-hf's) name it
+        ({"dtype": {"": "bfloat16", "vision_config": "float32"}}, "bfloat16"),  # per module: the "" entry's
+        ({"dtype": {"text_config": "float16"}}, "float32"),  # per module without "": the default dtype
+        ({"dtype": "float64"}, None),  # not a dtype a cell can name: left to transformers
         ({}, None),  # named by no config: transformers takes the weights' own, which no config read knows
     ],
 )
-def test_auto_loads_the_dtype_the_config_names_and_says_so_beforehand(folder, config_entry, named):
-    """``auto_dtype`` is what a cell's identity holds for ``dtype=auto``; the load must then run in it."""
+def test_auto_dtype_names_what_transformers_loads_for_auto(folder, config_entry, named):
+    """``auto_dtype`` is what a cell's identity holds for ``dtype=auto``: it must be what transformers' own
+    ``dtype="auto"`` loads, or ``None`` where it cannot say beforehand."""
     config_file = folder / "config.json"
     raw = json.loads(config_file.read_text())
     for key in ("dtype", "torch_dtype"):
         raw.pop(key, None)
     config_file.write_text(json.dumps({**raw, **config_entry}))
     assert loader.auto_dtype(str(folder)) == named
-    for dtype in ("auto", None):
-        model, _ = load_llava_next(folder, dtype=dtype)
-        # the weights are float32: a config naming no dtype loads them as they are
-        assert model.dtype == getattr(torch, named or "float32"), dtype
+    by_transformers = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype="auto").dtype
+    assert named is None or by_transformers == getattr(torch, named)
+    for dtype in ("auto", None):  # and the loader loads what transformers would
+        assert load_llava_next(folder, dtype=dtype)[0].dtype == by_transformers, dtype
+
+
+def test_the_loader_loads_auto_in_the_dtype_auto_dtype_names(folder, monkeypatch):
+    """The identity holds ``auto_dtype``'s answer, so the load must use it, not ask transformers again."""
+    monkeypatch.setattr(loader, "auto_dtype", lambda *args, **kwargs: "bfloat16")  # the config says float32
+    assert load_llava_next(folder, dtype="auto")[0].dtype == torch.bfloat16
+    assert load_llava_next(folder, dtype="float32")[0].dtype == torch.float32  # an explicit dtype is kept
 
 
 def test_auto_names_the_dtype_of_the_shipped_and_random_weights_and_nothing_it_cannot_read(tmp_path):
@@ -171,3 +183,8 @@ def test_auto_names_the_dtype_of_the_shipped_and_random_weights_and_nothing_it_c
     assert loader.auto_dtype("tiny") == "float32"  # the built folder's config, not the in-memory one
     assert loader.auto_dtype("llava-hf/llava-v1.6-vicuna-7b-hf", random_init=True) == "float16"
     assert loader.auto_dtype(str(tmp_path / "absent")) is None  # the load reports it
+    broken = tmp_path / "broken"
+    shutil.copytree(CHECKPOINT_DIR, broken)
+    raw = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**raw, "dtype": "auto"}))  # no config can hold it
+    assert loader.auto_dtype(str(broken)) is None
