@@ -16,9 +16,8 @@ is what the cache spares, inductor's lowering and code generation.
 
 Writes ``results/efficiency/compile_cost_<size>_<device>.{md,json}``: per variant and run, the warm-up
 seconds and the dynamo frames that variant's warm-up compiled past the variants before it, and per run the
-phase's frames and graphs (the JSON carries the settings, the narrowed
-widths and provenance). Timings of the narrowed model are not the real model's: only the warm-up columns
-are reported. Code generation for a GPU (Triton) costs differently from a CPU's (C++), so a CPU figure
+phase's frames and graphs (the JSON carries the settings, the narrowed widths and provenance). Timings of
+the narrowed model are not the real model's: only the warm-up columns are reported. Code generation for a GPU (Triton) costs differently from a CPU's (C++), so a CPU figure
 bounds the tracing, not the whole cost on a GPU.
 """
 

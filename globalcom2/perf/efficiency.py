@@ -626,8 +626,7 @@ def write_outputs(
     table = efficiency_display(frame)
     counted_in = frame["host_syncs_counted_in"].iloc[0]
     table.insert(table.columns.get_loc("R") + 1, f"host reads ({counted_in})", frame["host_syncs"])
-    if "warmup_s" in frame:  # rows of a JSON written before it was recorded have none
-        table["warm-up (s)"] = frame["warmup_s"]  # a compiled phase's: its compilation
+    table["warm-up (s)"] = frame["warmup_s"]  # a compiled phase's: its compilation
     if "peak allocated (GiB)" not in table:
         table["peak allocated (GiB)"] = "n/a (CPU)"  # torch keeps no CPU allocator peak: unavailable, not 0
     markdown = f"**{caption}**\n\n{table.to_markdown(index=False, floatfmt='.4g')}\n"
