@@ -35,9 +35,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from globalcom2.atomic import atomic_write_json, atomic_write_text
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.perf.gpu_checklist import COMPILED_VARIANTS
+from globalcom2.perf.variant_table import write_table
 from globalcom2.provenance import hardware_label, provenance
 
 #: The widths a narrowed model gets, the language model's and the vision tower's; the depths, the head
@@ -159,12 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "provenance": info,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stem.with_suffix(".json"), record)
     markdown = f"**{caption}**\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3g')}\n"
-    atomic_write_text(stem.with_suffix(".md"), markdown)
-    print(markdown)
-    print(f"written: {stem}.{{md,json}}", flush=True)
+    write_table(stem, markdown, record)
     return record
 
 
