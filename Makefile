@@ -28,7 +28,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: help install test test-slow test-exactness test-torch test-all test-gpu lint format bench-attach bench-globalcom2 bench-divprune bench-host-syncs bench-in-llm data clean \
 	demo table1-7b table1-13b ablations ablations-hparams efficiency sweep tables visualize cls-share train-tiny evaluate-tiny wandb-sync bench-efficiency \
-	gpu-checklist bench-throughput bench-batch-effect bench-compile-cost wheelhouse carry-wheels
+	gpu-checklist bench-throughput bench-batch-effect bench-compile-cost bench-prefetch-threads wheelhouse carry-wheels
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -220,6 +220,9 @@ bench-efficiency: install  ## stage-resolved efficiency of every method, interle
 
 bench-compile-cost: install  ## warm-up seconds of compile=true per variant at the 7B's depths, narrowed, cold and warm cache (CPU; ARGS="--size 13b")
 	$(PY) -m globalcom2.perf.compile_cost $(ARGS)
+
+bench-prefetch-threads: install  ## samples/s the batch preparation supplies with 1, 2, 4 encoding threads, nothing generating (ARGS="--device cuda")
+	$(PY) -m globalcom2.lmms.prefetch_threads $(ARGS)
 
 tables: install  ## tidy results, tables and plots of every experiment under results/ (WANDB=1 also logs them)
 	$(PY) -m globalcom2.report $(RESULTS) $(if $(WANDB),--wandb,)

@@ -77,6 +77,7 @@ NOT_IDENTITY = (
     "compile",  # in the identity as model.compile, and only when on (cells from before it keep their identity)
     "batch_invariant",  # in the identity as model.batch_invariant, and only when on (likewise)
     "prefetch",  # when the host prepares a batch, not what is in it (tests/lmms/test_plugin.py)
+    "prefetch_threads",  # likewise: how many threads prepare them
 )
 #: The keys of each config group (``None``: the primary config's own). An override of any other key, such as
 #: ``+benchmark.limt=3``, would do nothing, so it is refused (``tests/harness/test_config_keys_read.py``
@@ -84,6 +85,7 @@ NOT_IDENTITY = (
 GROUP_KEYS: dict[str | None, frozenset[str]] = {
     None: frozenset(
         {"experiment_name", "seed", "force", "dry_run", "compile", "batch_invariant", "prefetch"}
+        | {"prefetch_threads"}
         | {"model", "method", "benchmark"}
         | {"launcher", "logger", "paths"}
     ),
@@ -172,6 +174,7 @@ class CellSpec:
     benchmark: BenchmarkSpec
     launcher: LauncherSpec
     prefetch: bool | None = None  # RunOptions.prefetch (None: auto, on when the model runs on CUDA)
+    prefetch_threads: int | None = None  # RunOptions.prefetch_threads (None: auto)
 
     @property
     def key(self) -> CellKey:
@@ -190,6 +193,7 @@ class CellSpec:
             protocol=self.benchmark.protocol,
             generation_overrides=self.benchmark.generation_overrides(),
             prefetch=self.prefetch,
+            prefetch_threads=self.prefetch_threads,
         )
         return RunSpec(model=self.model, method=self.method, options=options)
 
@@ -235,6 +239,7 @@ class CellSpec:
             ),
             launcher=LauncherSpec(**data["launcher"]),
             prefetch=data.get("prefetch"),
+            prefetch_threads=data.get("prefetch_threads"),
         )
 
     @classmethod
@@ -267,6 +272,7 @@ class CellSpec:
             compile=plain.get("compile", False),
             batch_invariant=plain.get("batch_invariant", False),
             prefetch=plain.get("prefetch", "auto"),
+            prefetch_threads=plain.get("prefetch_threads", "auto"),
             batch_size=bench_cfg.get("batch_size", 1),
             protocol=protocol,
             generation_overrides=bench_cfg.get("gen_kwargs") if protocol == "llava" else None,
@@ -314,7 +320,14 @@ class CellSpec:
             )
         seed = config_int(plain.get("seed", 0), "seed", minimum=0)
         return cls(
-            plain["experiment_name"], seed, run.model, run.method, benchmark, launcher, run.options.prefetch
+            plain["experiment_name"],
+            seed,
+            run.model,
+            run.method,
+            benchmark,
+            launcher,
+            run.options.prefetch,
+            run.options.prefetch_threads,
         )
 
     def identity(self, cfg: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ checked by :func:`run_problems`, and the tasks and their data by the task pre-fl
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -53,6 +54,7 @@ HYDRA_KEYS: dict[str, str] = {
     "compile": "compile",
     "batch_invariant": "batch_invariant",
     "prefetch": "prefetch",
+    "prefetch_threads": "prefetch_threads",
     "batch_size": "benchmark.batch_size",
     "protocol": "benchmark.protocol",
     "generation_overrides": "benchmark.gen_kwargs",
@@ -121,6 +123,8 @@ class RunOptions:
     # Prepare the next batch in a background thread while this one generates (globalcom2/lmms/batch_pipeline.py).
     # None (auto): on when the model runs on CUDA. On a CPU the thread competes with the model for the cores.
     prefetch: bool | None = None
+    # While prefetching, the threads that run the processor side by side (None: auto, default_prefetch_threads).
+    prefetch_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,7 @@ def parse_run(
     answers_journal: Any = None,
     discard_stale_answers: Any = False,
     prefetch: Any = "auto",
+    prefetch_threads: Any = "auto",
     model_name: str = "",
     method_label: str | None = None,
     keys: Mapping[str, str] | None = None,
@@ -331,7 +336,15 @@ def parse_run(
         answers_journal=None if answers_journal in (None, "") else str(answers_journal),
         discard_stale_answers=coerce(discard_stale_answers, bool, key("discard_stale_answers")),
         prefetch=_prefetch_setting(prefetch, key("prefetch")),
+        prefetch_threads=None
+        if prefetch_threads in (None, "auto")
+        else integer(prefetch_threads, "prefetch_threads", 1),
     )
+    if options.prefetch is False and options.prefetch_threads is not None:
+        raise ValueError(
+            f"{key('prefetch_threads')}={options.prefetch_threads} needs prefetching, but {key('prefetch')}=false "
+            f"prepares each batch in turn; drop {key('prefetch_threads')} or set {key('prefetch')} to true or auto"
+        )
     if overrides:
         GenerationSettings.from_gen_kwargs(overrides, options.max_new_tokens)
     return RunSpec(model=model, method=method_spec, options=options)
@@ -345,6 +358,24 @@ def _prefetch_setting(value: Any, name: str) -> bool | None:
         return coerce(value, bool, name)
     except ValueError:
         raise ValueError(f"{name} must be true, false or auto, got {value!r}") from None
+
+
+#: The most threads :func:`default_prefetch_threads` picks: past it the processor rarely limits a GPU.
+MAX_AUTO_PREFETCH_THREADS = 4
+
+
+def default_prefetch_threads() -> int:
+    """Encoding threads for ``prefetch_threads=auto``: a quarter of the cores this process may use, at least
+    one and at most :data:`MAX_AUTO_PREFETCH_THREADS`. The rest stay with the main thread (which drives the
+    GPU, decodes answers and scores), torch's own threads and the other ranks of a data-parallel launch on the
+    same node. On a 16-core GPU node that is four: at the processor's ~30 ms per 672x672 image on one core,
+    one thread alone would cap a cell near 33 images per second, the order of what a GPU generates with a
+    compressed 7B. The share is a judgement, not a measurement: ``prefetch_threads=N`` sets it."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_PREFETCH_THREADS, cores // 4))
 
 
 def default_device() -> str:

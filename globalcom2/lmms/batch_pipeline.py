@@ -1,10 +1,16 @@
-"""The plugin's batches: grouped so that each pads little, and prepared in a background thread while the model
+"""The plugin's batches: grouped so that each pads little, and prepared in background threads while the model
 generates the one before.
 
 lmms-eval hands a simple model every request of a process in one ``generate_until`` call. Preparing a batch
 (reading its documents and images, then running the processor) is host work; done between two ``generate``
-calls it leaves the device idle. Here one background thread does it up to ``lookahead`` batches ahead, so the
-host work of batch ``k + 1`` overlaps the generation of batch ``k``.
+calls it leaves the device idle. Here a background thread reads the documents and hands each batch to a pool
+of ``threads`` encoding threads (the processor), up to ``lookahead`` batches ahead, so the host work of the
+next batches overlaps the generation of batch ``k``. The batches still come out in their planned order, each
+with inputs that depend on its own rows only, so the thread count changes when a batch is ready, never what
+is in it. Several encoding threads matter when one cannot keep up with the device: the PIL image processor
+of LLaVA-NeXT takes about 30 ms per 672x672 image on one core, about the time a GPU spends on a compressed
+sample, and two threads encode 1.7 times as many images per second as one on two cores (it releases the GIL
+while it resizes and normalises; ``make bench-prefetch-threads``).
 
 Grouping: the requests of one generation setting are read ``window`` batches at a time. Inside a window they
 are ordered by length: visual tokens (each image's AnyRes layout, known from its size), then the prompt's
@@ -18,7 +24,7 @@ Resuming: with a :class:`~globalcom2.answer_journal.Replay`, a batch that an int
 evaluation already answered comes back as a :class:`ReplayedBatch` instead of being prepared; a window whose
 every request was answered is not even read.
 
-Why a thread and not a process pool: the documents live in lmms-eval's ``task_dict`` (datasets objects and
+Why threads and not a process pool: the documents live in lmms-eval's ``task_dict`` (datasets objects and
 task callables that do not pickle reliably), and the heavy parts of preparation (image decoding, resizing,
 tensor conversion) release the GIL.
 """
@@ -29,6 +35,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +46,11 @@ if TYPE_CHECKING:
 
 #: Batches read (and ordered by length) together; bounds the decoded images held in memory.
 DEFAULT_WINDOW = 8
-#: Batches prepared ahead of the one generating.
+#: Batches prepared ahead of the one generating (at least one per encoding thread, so that each has work).
 DEFAULT_LOOKAHEAD = 2
+#: Name of the thread that reads documents and plans batches, and prefix of the encoding threads' names.
+FEEDER_THREAD = "globalcom2-batch-feeder"
+ENCODER_THREADS = "globalcom2-batch-encoder"
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,8 @@ class ReadyBatch:
         load_s: seconds spent reading documents and images for this batch: its whole window's for the first
             batch of a window (the one that waits for the reading), 0 for the others, and 0 for every batch of
             a window whose first batch was replayed from an answers journal (that one waited for it).
-        preprocess_s: seconds spent in the processor for this batch.
+        preprocess_s: seconds spent in the processor for this batch (on its encoding thread: with several,
+            batches encode side by side, so these seconds add up to more than the wall time they took).
         window: the positions of the window the batch was planned among (its rows depend on all of them).
     """
 
@@ -101,22 +112,38 @@ def plan_batches(
 _DONE = object()
 
 
+@dataclass(frozen=True)
+class _Encoding:
+    """A planned batch whose processor inputs are being computed (or are): ``inputs`` resolves to the inputs
+    and the seconds the processor took."""
+
+    indices: list[int]
+    prepared: PreparedBatch
+    window: list[int]
+    load_s: float
+    inputs: Future
+
+
 class BatchFeeder:
-    """Yields :class:`ReadyBatch` es for a list of request positions, prepared ahead in a background thread.
+    """Yields :class:`ReadyBatch` es for a list of request positions, prepared ahead in background threads.
 
     Args:
         load: request positions -> :class:`PreparedBatch` (documents, prompts, images).
-        encode: :class:`PreparedBatch` -> the processor's inputs (CPU).
+        encode: :class:`PreparedBatch` -> the processor's inputs (CPU). With ``threads > 1`` it is called from
+            several threads at once, so it must not share unsafe state between them (the plugin gives each
+            thread its own processor).
         visual_tokens: a PIL image -> its visual-token count (for grouping by length).
         batch_size: rows per batch.
         window: batches read and ordered together.
         lookahead: batches prepared ahead; 0 prepares each batch in the consumer's thread, in turn (no
             overlap), which the throughput benchmark uses as its baseline.
+        threads: encoding threads when ``lookahead > 0``; up to ``max(lookahead, threads)`` batches are
+            queued ahead, so each thread has one to encode.
         replay: batches answered before (an interrupted run's answers journal), yielded as
             :class:`ReplayedBatch` es in their place; ``None`` prepares every batch.
 
     An error while preparing is raised in the consumer, at the batch it concerns, with its own type and
-    message; the thread stops when the consumer stops early (leaving the loop over :meth:`batches`, by
+    message; the threads stop when the consumer stops early (leaving the loop over :meth:`batches`, by
     ``break`` or an exception, closes the generator, which calls :meth:`close`).
     """
 
@@ -129,20 +156,39 @@ class BatchFeeder:
         *,
         window: int = DEFAULT_WINDOW,
         lookahead: int = DEFAULT_LOOKAHEAD,
+        threads: int = 1,
         replay: Replay | None = None,
     ) -> None:
-        if batch_size < 1 or window < 1 or lookahead < 0:
+        if batch_size < 1 or window < 1 or lookahead < 0 or threads < 1:
             raise ValueError(
-                f"batch_size and window must be >= 1 and lookahead >= 0, got {batch_size}, {window}, {lookahead}"
+                "batch_size, window and threads must be >= 1 and lookahead >= 0, got "
+                f"{batch_size}, {window}, {threads}, {lookahead}"
             )
         self._load, self._encode, self._visual_tokens = load, encode, visual_tokens
-        self.batch_size, self.window, self.lookahead = batch_size, window, lookahead
+        self.batch_size, self.window, self.lookahead, self.threads = batch_size, window, lookahead, threads
         self._replay = replay
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- producing --------------------------------------------------------------------------------------
-    def _produce(self, positions: Sequence[int]) -> Iterator[ReadyBatch | ReplayedBatch]:
+    def _timed_encode(self, batch: PreparedBatch) -> tuple[Any, float]:
+        began = time.perf_counter()
+        inputs = self._encode(batch)
+        return inputs, time.perf_counter() - began
+
+    def _encode_here(self, batch: PreparedBatch) -> Future:
+        """Encode in the calling thread; the future holds the result or the error, as a pool's would."""
+        done: Future = Future()
+        try:
+            done.set_result(self._timed_encode(batch))
+        except BaseException as err:  # raised by the consumer, at this batch, like a pool thread's error
+            done.set_exception(err)
+        return done
+
+    def _produce(
+        self, positions: Sequence[int], submit: Callable[[PreparedBatch], Future]
+    ) -> Iterator[_Encoding | ReplayedBatch]:
         span = self.batch_size * self.window
         for start in range(0, len(positions), span):
             window = list(positions[start : start + span])
@@ -164,17 +210,14 @@ class BatchFeeder:
                     first = False
                     continue
                 batch = prepared.select(rows)
-                began = time.perf_counter()
-                inputs = self._encode(batch)
-                encoded = time.perf_counter() - began
                 load_s = loaded if first else 0.0  # charged where it was waited for
                 first = False
-                yield ReadyBatch(indices, batch, inputs, load_s, encoded, window)
+                yield _Encoding(indices, batch, window, load_s, submit(batch))
 
-    def _fill(self, positions: Sequence[int], out: queue.Queue) -> None:
+    def _fill(self, positions: Sequence[int], out: queue.Queue, pool: ThreadPoolExecutor) -> None:
         try:
-            for batch in self._produce(positions):
-                if not self._put(out, batch):
+            for item in self._produce(positions, lambda batch: pool.submit(self._timed_encode, batch)):
+                if not self._put(out, item):
                     return
             self._put(out, _DONE)
         except BaseException as err:  # handed to the consumer, which raises it
@@ -191,32 +234,35 @@ class BatchFeeder:
 
     # -- consuming --------------------------------------------------------------------------------------
     def batches(self, positions: Sequence[int]) -> Iterator[tuple[ReadyBatch | ReplayedBatch, float]]:
-        """``(batch, wait_s)`` for every batch of ``positions``; ``wait_s`` is how long the consumer waited for
-        it (0 when the thread kept ahead; the whole preparation when ``lookahead`` is 0)."""
+        """``(batch, wait_s)`` for every batch of ``positions``, in the planned order; ``wait_s`` is how long the
+        consumer waited for it (0 when the threads kept ahead; the whole preparation when ``lookahead`` is
+        0)."""
         if self.lookahead == 0:
-            produced = self._produce(positions)
+            produced = self._produce(positions, self._encode_here)
             while True:
                 began = time.perf_counter()
-                batch = next(produced, None)
-                if batch is None:
+                item = next(produced, None)
+                if item is None:
                     return
-                yield batch, time.perf_counter() - began
-        out: queue.Queue = queue.Queue(maxsize=self.lookahead)
+                ready = _ready(item)
+                yield ready, time.perf_counter() - began
+        out: queue.Queue = queue.Queue(maxsize=max(self.lookahead, self.threads))
         self._stop.clear()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=ENCODER_THREADS)
         self._thread = threading.Thread(
-            target=self._fill, args=(positions, out), name="globalcom2-batch-feeder", daemon=True
+            target=self._fill, args=(positions, out, self._pool), name=FEEDER_THREAD, daemon=True
         )
         self._thread.start()
         try:
             while True:
                 began = time.perf_counter()
                 item = self._get(out)
-                waited = time.perf_counter() - began
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item, waited
+                ready = _ready(item)  # type: ignore[arg-type]
+                yield ready, time.perf_counter() - began
         finally:
             self.close()
 
@@ -230,8 +276,21 @@ class BatchFeeder:
                     raise RuntimeError("the batch feeder stopped before its last batch") from None
 
     def close(self) -> None:
-        """Stop the background thread (idempotent)."""
+        """Stop the background threads (idempotent): the feeder first, so that nothing more is submitted, then
+        the encoding pool, whose queued batches are dropped and whose running ones are waited for."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _ready(item: _Encoding | ReplayedBatch) -> ReadyBatch | ReplayedBatch:
+    """The batch with its inputs, waiting for them if they are still being encoded (an encoding error is
+    raised here, with its own type and message)."""
+    if isinstance(item, ReplayedBatch):
+        return item
+    inputs, encoded_s = item.inputs.result()
+    return ReadyBatch(item.indices, item.prepared, inputs, item.load_s, encoded_s, item.window)

@@ -25,7 +25,9 @@ tokenizer gives it, recorded for the efficiency benchmark's prompts, ``globalcom
 LLaVA evaluation the paper used, ``globalcom2.protocol.rules``),
 ``generation_overrides`` (under ``llava`` only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's
 settings, e.g. a smaller ``max_new_tokens``), ``prefetch`` (``true``/``false``/``auto``: prepare the next
-batch in a background thread; auto = on CUDA). Every other key is a parameter of the method (e.g.
+batches in background threads; auto = on CUDA), ``prefetch_threads`` (while prefetching, the threads that
+run the processor side by side; ``auto``: a quarter of the cores, 1 to 4). Every other key is a parameter of
+the method (e.g.
 ``retention_ratio``), converted to the type its ``__init__`` declares.
 
 What the class guarantees:
@@ -39,7 +41,8 @@ What the class guarantees:
   equal those at batch size 1 in fp32 on the CPU (``tests/lmms``, tiny model); on CUDA, kernels chosen by
   the batch's shape can still flip a token, in bf16 often and in fp32 rarely (``make bench-batch-effect``
   measures it), and ``batch_invariant=true`` makes batch N equal batch 1 bit for bit in bf16. With ``prefetch`` (``auto``: on when the model runs on
-  CUDA) the next batches are prepared in a background thread while one generates (``lmms/batch_pipeline.py``).
+  CUDA) the next batches are prepared in background threads while one generates (``lmms/batch_pipeline.py``);
+  how many threads prepare them changes when a batch is ready, never what is in it.
 * Data parallelism under ``torchrun``/``accelerate launch``: one full model copy per process; lmms-eval
   shards the documents, gathers the answers and scores on rank 0.
 * With ``answers_journal``, each finished batch is appended to the journal before the next one starts, and a
@@ -57,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -90,7 +94,13 @@ from globalcom2.protocol.rules import geometry_of, task_protocol
 from globalcom2.protocol.tokenization import encode_batch
 from globalcom2.protocol.vicuna_length import SOURCE as VICUNA_SOURCE
 from globalcom2.protocol.vicuna_length import prompt_text_tokens
-from globalcom2.run_spec import RunSpec, cli_option_conflicts, parse_model_args, run_problems
+from globalcom2.run_spec import (
+    RunSpec,
+    cli_option_conflicts,
+    default_prefetch_threads,
+    parse_model_args,
+    run_problems,
+)
 
 __all__ = ["MODEL_ID", "GlobalCom2LlavaNext"]
 
@@ -151,6 +161,10 @@ class GlobalCom2LlavaNext(lmms):
         self._device = self._choose_device(spec.model.device)
         # auto: a background thread helps when the model runs on a GPU; on a CPU it takes cores from the model
         self.prefetch = self._device.type == "cuda" if options.prefetch is None else options.prefetch
+        # 0: each batch is prepared in the main thread, in turn
+        self.prefetch_threads = (
+            (options.prefetch_threads or default_prefetch_threads()) if self.prefetch else 0
+        )
         self.compile_mode = spec.model.compile
         self.batch_invariant = spec.model.batch_invariant
         if not checked:
@@ -252,6 +266,7 @@ class GlobalCom2LlavaNext(lmms):
             "compile": self.compile_mode,
             "batch_invariant": self.batch_invariant,
             "prefetch": self.prefetch,
+            "prefetch_threads": self.prefetch_threads,
         }
 
     def journal_settings(self) -> dict[str, Any]:
@@ -423,11 +438,19 @@ class GlobalCom2LlavaNext(lmms):
         return row_key(task, split, doc_id, request.idx, context, gen_kwargs)
 
     def _feeder(self, requests: list[Instance], replay: Replay | None = None) -> BatchFeeder:
-        """Batches of ``requests``, grouped by length and prepared in a background thread
-        (``lmms/batch_pipeline.py``) with its own copy of the processor: a fast tokenizer is not safe to use
-        from two threads at once (PyO3 refuses a second borrow: "Already borrowed",
+        """Batches of ``requests``, grouped by length and prepared in background threads
+        (``lmms/batch_pipeline.py``), each encoding thread with its own copy of the processor: a fast tokenizer
+        is not safe to use from two threads at once (PyO3 refuses a second borrow: "Already borrowed",
         https://github.com/huggingface/tokenizers/issues/537), and this thread decodes answers meanwhile."""
-        processor = copy.deepcopy(self.processor) if self.prefetch else self.processor
+        copies = threading.local()
+
+        def processor_here() -> Any:
+            if not self.prefetch:  # every batch is encoded in this thread, between generations
+                return self.processor
+            if not hasattr(copies, "processor"):
+                copies.processor = copy.deepcopy(self.processor)
+            return copies.processor
+
         config = self.model.config
 
         def load(positions: Sequence[int]) -> PreparedBatch:
@@ -451,7 +474,7 @@ class GlobalCom2LlavaNext(lmms):
 
         def encode(batch: PreparedBatch) -> Any:
             try:
-                return self._encode(processor, batch)
+                return self._encode(processor_here(), batch)
             except Exception as err:
                 # named, its type kept (a refusal stays a ValueError); exception notes need Python >= 3.11
                 getattr(err, "add_note", lambda note: None)(
@@ -466,6 +489,7 @@ class GlobalCom2LlavaNext(lmms):
             self.batch_size_per_device,
             window=DEFAULT_WINDOW,  # in the journal's settings: it decides which rows share a batch
             lookahead=DEFAULT_LOOKAHEAD if self.prefetch else 0,
+            threads=max(1, self.prefetch_threads),
             replay=replay,
         )
 

@@ -35,22 +35,26 @@ ones left, and a step whose ``min_s`` is not left is skipped, so the rest fall t
 6. compile mode against eager on CUDA (``tests/models/test_compiled.py``, GlobalCom²'s compiled selection in
    ``tests/methods/test_globalcom2_compiled.py``), which the compiled rows rest on;
 7. throughput through the real path, 7B random-init in bf16, batch 16, 1 and 8 (``globalcom2.perf.throughput``);
-8. DivPrune's selection of a call of 1, 8 and 16 images, in lockstep against one image at a time
+8. how many samples per second the batch preparation supplies with 1, 2, 4 and 8 encoding threads on the
+   node's CPU, nothing generating (``globalcom2.lmms.prefetch_threads``): whether step 7's ``wait_s`` is the
+   processor's limit, and what ``prefetch_threads`` should be there;
+9. DivPrune's selection of a call of 1, 8 and 16 images, in lockstep against one image at a time
    (``globalcom2.perf.divprune_lockstep``), which decides where the harness runs it in lockstep;
-9. the other ``gpu``-marked tests (the batch-invariant mode on CUDA, random-init models, the benchmarks' GPU
-   columns), verbose, so a step cut short still names each test it finished;
-10. the 7B table with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images and four
+10. the other ``gpu``-marked tests (the batch-invariant mode on CUDA, random-init models, the benchmarks' GPU
+    columns), verbose, so a step cut short still names each test it finished;
+11. the 7B table with its compiled phase under CUDA graphs (``reduce-overhead``), on at most 5 images and four
     variants, into ``results/efficiency/cuda_graphs/``: whether replayed graphs, not only fused kernels, are
     what the prefill targets need (the caption counts the graphs CUDA graphs did not replay);
-11. throughput under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
+12. throughput under ``compile=true`` at batch 16, GlobalCom² 0.25 and vanilla, into
     ``results/throughput/compiled/`` (each cell compiles its model first, at 7B not yet timed);
-12. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
-13. the 13B table of the targets' variants (SDPA, eager and compiled), if time is left.
+13. the batch effect in bf16 on the trained tiny model, vanilla, GlobalCom² and SparseVLM, batch 1 against 8;
+14. the 13B table of the targets' variants (SDPA, eager and compiled), if time is left.
 
 A step starts only with at least its ``min_s`` of the budget left (a step cut short by the budget keeps
 only the phases it finished; one that cannot reach its first useful output is better left to a later call).
 
-Steps 4, 7, 11 and 12 run ``globalcom2.run`` and so need lmms-eval and Hydra (:attr:`Step.main_path`):
+Steps 4, 7, 12 and 13 run ``globalcom2.run`` and step 8 the plugin, so they need lmms-eval (and the cells
+Hydra) (:attr:`Step.main_path`):
 ``make carry-wheels HAVE=<the machine's pip list> PYTHON_VERSION=<its Python>`` makes the wheels it lacks
 (``globalcom2/carry.py``); with ``--carried <their folder>`` a first step checks that the environment holds
 them at the versions required, on the Python they were chosen for. If that check fails, the main-path steps
@@ -119,7 +123,7 @@ class Step:
     limit_s: int  # the most this step may take
     outputs: tuple[str, ...] = ()  # files under RESULTS it writes (packed into results.tar.gz)
     min_s: int = 30  # the least budget worth starting it with (below, it is skipped and the next one tried)
-    # runs ``globalcom2.run`` (lmms-eval, Hydra): skipped when the carried wheels fail their check
+    # runs ``globalcom2.run`` or the plugin (lmms-eval, Hydra): skipped when the carried wheels fail their check
     main_path: bool = False
 
 
@@ -199,6 +203,17 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             ("throughput/llava_next_7b_cuda_throughput.md", "throughput/llava_next_7b_cuda_throughput.json"),
             min_s=90,
             main_path=True,
+        ),
+        Step(
+            "prefetch_threads",
+            [python, "-m", "globalcom2.lmms.prefetch_threads", "--device", "cuda", "--threads", "1", "2", "4",
+             "8"],
+            # about 30 s on the 2-core CPU with three counts; the node's cores decide whether four threads
+            # (prefetch_threads=auto there) feed the throughput step's targets
+            90,
+            ("throughput/prefetch_threads_cuda.md", "throughput/prefetch_threads_cuda.json"),
+            min_s=45,
+            main_path=True,  # the plugin's own feeder: lmms-eval
         ),
         Step(
             "divprune_lockstep",

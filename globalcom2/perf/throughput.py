@@ -8,10 +8,12 @@ lmms-eval's scoring. Two reports come from the same cells:
 * **throughput** (``make bench-throughput``): per method x R x batch size, samples/s over the plugin's batch
   loop (first call excluded, as in every latency figure) and over lmms-eval's whole ``evaluate`` (task
   building and scoring included); the seconds spent in each stage, summed over the batches (data loading and
-  preprocessing run in the plugin's background thread, ``globalcom2/lmms/batch_pipeline.py``, so their sum
+  preprocessing run in the plugin's background threads, ``globalcom2/lmms/batch_pipeline.py``, so their sum
   with generate may exceed the loop's wall time: the ``overlap`` column is that ratio); the padded share of
   the batches' prompt tokens; and peak memory. ``--prefetch both`` (this mode's default) runs every cell with
-  the background thread and without it.
+  the background threads and without them; ``--prefetch-threads 1 4`` runs each prefetching cell with one
+  encoding thread and with four (``prep threads``: the count the plugin used, 0 for a cell without
+  prefetching).
 * **batch effect** (``make bench-batch-effect``): per method and batch size N > 1, how many answers (generated
   token ids) differ from batch 1's, and every metric's change. In fp32 none should (the harness's exactness
   claim, ``tests/lmms``); in bf16 on a GPU, kernels depend on the batch shape and this measures how much.
@@ -87,11 +89,13 @@ class Setting:
     batch_size: int
     prefetch: bool | None  # None: the harness's default (auto)
     batch_invariant: bool = False
+    threads: int | None = None  # prefetch_threads (None: the harness's default, auto)
 
     @property
     def experiment(self) -> str:
         mode = {None: "", True: "_prefetch", False: "_serial"}[self.prefetch]
-        return f"throughput_b{self.batch_size}{mode}{'_invariant' if self.batch_invariant else ''}"
+        threads = "" if self.threads is None else f"_t{self.threads}"
+        return f"throughput_b{self.batch_size}{mode}{threads}{'_invariant' if self.batch_invariant else ''}"
 
 
 def cell_overrides(setting: Setting, args: argparse.Namespace, results_dir: Path) -> list[str]:
@@ -102,6 +106,7 @@ def cell_overrides(setting: Setting, args: argparse.Namespace, results_dir: Path
         f"method={setting.method}",
         f"benchmark.batch_size={setting.batch_size}",
         f"prefetch={'auto' if setting.prefetch is None else str(setting.prefetch).lower()}",
+        f"prefetch_threads={'auto' if setting.threads is None else setting.threads}",
         f"experiment_name={setting.experiment}",
         f"paths.results_dir={results_dir}",
         "force=true",
@@ -202,6 +207,7 @@ def throughput_row(setting: Setting, cell: LoadedCell, records: list[SampleRecor
         "R": setting.ratio,
         "batch": setting.batch_size,
         "prefetch": cell.record.run.get("prefetch"),  # as the plugin resolved it
+        "prep threads": cell.record.run.get("prefetch_threads"),  # likewise (0: prepared in turn)
         "batch-invariant": setting.batch_invariant,
         "samples": len(records),
         "text tokens": mean_text_tokens(records),
@@ -231,7 +237,7 @@ def batch_effect_rows(
     rows = []
 
     def group(s: Setting) -> tuple:
-        return s.method, s.ratio, s.prefetch, s.batch_invariant
+        return s.method, s.ratio, s.prefetch, s.threads, s.batch_invariant
 
     singles = {group(s): v for s, v in cells.items() if s.batch_size == 1}
     for setting, (cell, records) in cells.items():
@@ -280,6 +286,19 @@ def markdown(frame: pd.DataFrame, drop: tuple[str, ...] = ("cell", "batch-1 cell
     return shown.to_markdown(index=False, floatfmt=".3g")
 
 
+def threads_setting(text: str) -> int | None:
+    """``--prefetch-threads`` value: ``auto`` (``None``) or an integer >= 1."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be auto or an integer >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=MODES, default="throughput")
@@ -295,6 +314,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=PREFETCH,
         default=None,
         help="the plugin's background preparation: auto, on, off, or both (each cell twice); default per mode",
+    )
+    parser.add_argument(
+        "--prefetch-threads",
+        nargs="+",
+        type=threads_setting,
+        default=[None],
+        metavar="N|auto",
+        help="prefetch_threads of every prefetching cell, one cell per value (default: auto)",
     )
     parser.add_argument("--device", default=None, help="model.device (default: the model config's)")
     parser.add_argument("--dtype", default=None, help="model.dtype (default: the model config's)")
@@ -342,9 +369,11 @@ def settings_of(args: argparse.Namespace) -> list[Setting]:
     variants: list[Variant] = args.variants
     prefetch = PREFETCH[args.prefetch]
     return [
-        Setting(method, ratio, size, on, invariant)
+        Setting(method, ratio, size, on, invariant, threads)
         for invariant in BATCH_INVARIANT[args.batch_invariant]
         for on in prefetch
+        # a cell without prefetching prepares in turn, whatever the thread count: run it once
+        for threads in ((None,) if on is False else args.prefetch_threads)
         for size in args.batch_sizes
         for method, ratio in variants
     ]

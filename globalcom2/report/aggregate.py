@@ -47,7 +47,7 @@ CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/r
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
     "world_size", "attn_implementation", "random_init", "vicuna_text", "dtype", "compile", "batch_invariant",
-    "prefetch", "limit", "protocol",
+    "prefetch", "prefetch_threads", "limit", "protocol",
     "hardware",
     "git_sha",
     "git_dirty",
@@ -65,15 +65,16 @@ SOFTWARE_PACKAGES = ("torch", "transformers", "tokenizers", "lmms_eval")
 
 #: Settings that change what a table compares beyond the method and its ratio: in bf16 on a GPU a batch's
 #: shape changes its rows' answers, the dtype changes every answer, the batch-invariant mode changes the
-#: kernels' shapes (so answers, and latency), prefetching (host work beside the timed calls) changes latency,
-#: compile mode changes latency most and answers by reassociation, so does the attention implementation (SDPA
-#: or eager), random-initialised weights change every score, a random-initialised model's prompt length
-#: (``vicuna_text``) changes its latency, a sample ``limit`` changes which samples a score averages, the
-#: protocol (``llava`` or ``lmms_eval``) changes prompts and decoding, so scores, the hardware changes
-#: every latency, and the number of processes a cell's throughput (the sum of their rates). A table's cells
-#: should agree on these (``make tables`` warns where they do not).
+#: kernels' shapes (so answers, and latency), prefetching and its thread count (host work beside the timed
+#: calls) change latency, compile mode changes latency most and answers by reassociation, so does the
+#: attention implementation (SDPA or eager), random-initialised weights change every score, a
+#: random-initialised model's prompt length (``vicuna_text``) changes its latency, a sample ``limit`` changes
+#: which samples a score averages, the protocol (``llava`` or ``lmms_eval``) changes prompts and decoding, so
+#: scores, the hardware changes every latency, and the number of processes a cell's throughput (the sum of
+#: their rates). A table's cells should agree on these (``make tables`` warns where they do not).
 COMPARABILITY = (
-    *("batch_size", "dtype", "batch_invariant", "prefetch", "compile", "attn_implementation"),
+    *("batch_size", "dtype", "batch_invariant", "prefetch", "prefetch_threads", "compile"),
+    "attn_implementation",
     *("random_init", "vicuna_text", "limit", "protocol", "hardware", "world_size"),
 )
 
@@ -272,6 +273,8 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "compile": run.get("compile") or spec["model"].get("compile") or "no",
         "batch_invariant": bool(spec["model"].get("batch_invariant", False)),  # off in cells from before it
         "prefetch": bool(run.get("prefetch", False)),  # cells from before the option ran every batch in turn
+        # cells from before the thread count prepared their batches in one background thread, if any
+        "prefetch_threads": int(run.get("prefetch_threads", 1 if run.get("prefetch") else 0)),
         "limit": spec["benchmark"].get("limit"),
         "protocol": spec["benchmark"].get("protocol", DEFAULT_PROTOCOL),  # cells from before it: lmms-eval's
         "hardware": hardware_label(hardware, run.get("device")),

@@ -67,6 +67,26 @@ def test_bad_arguments_are_refused():
         throughput.parse_args(["--variants", "nonsense@0.5"])
     with pytest.raises(SystemExit):
         throughput.parse_args(["--batch-sizes", "0"])
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            throughput.parse_args(["--prefetch-threads", bad])
+
+
+def test_each_prefetch_thread_count_is_a_cell_of_its_own_and_a_serial_cell_runs_once(tmp_path):
+    args = throughput.parse_args(
+        ["--variants", "vanilla@1", "--batch-sizes", "4", "--prefetch-threads", "1", "auto"]
+    )
+    settings = throughput.settings_of(args)  # --prefetch both: with and without the background threads
+    assert [(s.prefetch, s.threads) for s in settings] == [(True, 1), (True, None), (False, None)]
+    assert len({s.experiment for s in settings}) == 3  # each in its own experiment folder
+    assert [s.experiment for s in settings] == [
+        "throughput_b4_prefetch_t1",
+        "throughput_b4_prefetch",
+        "throughput_b4_serial",
+    ]
+    overrides = [throughput.cell_overrides(s, args, tmp_path) for s in settings]
+    assert ["prefetch_threads=1" in o for o in overrides] == [True, False, False]
+    assert ["prefetch_threads=auto" in o for o in overrides] == [False, True, True]
 
 
 @pytest.mark.slow

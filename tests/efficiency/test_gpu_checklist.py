@@ -27,6 +27,7 @@ def test_dry_run_lists_the_steps_in_order_of_value(capsys):
         "efficiency_7b",
         "compiled_equivalence",
         "throughput_7b",
+        "prefetch_threads",
         "divprune_lockstep",
         "gpu_tests",
         "efficiency_7b_cuda_graphs",
@@ -113,6 +114,14 @@ def test_the_throughput_steps_declare_the_files_their_benchmark_writes():
             f"{stem}.json",
         }, step.name
     assert len(folders) == 2
+
+
+def test_the_prefetch_threads_step_declares_the_files_its_benchmark_writes():
+    from globalcom2.lmms import prefetch_threads
+
+    (step,) = [s for s in gpu_checklist.steps(images=10) if s.name == "prefetch_threads"]
+    stem = prefetch_threads.output_stem(prefetch_threads.parse_args(step.command[3:]))
+    assert {str(gpu_checklist.RESULTS / name) for name in step.outputs} == {f"{stem}.md", f"{stem}.json"}
 
 
 def test_a_failing_step_does_not_stop_the_next_and_only_fresh_outputs_are_packed(tmp_path, monkeypatch):
@@ -272,12 +281,17 @@ def test_failed_carried_wheels_skip_the_main_path_and_the_rest_still_run(tmp_pat
 
 def test_the_steps_that_run_the_main_path_are_marked_so():
     """A step marked ``main_path`` is skipped when the carried wheels fail; an unmarked one that runs
-    ``globalcom2.run`` would then run on an untested lmms-eval."""
+    ``globalcom2.run`` or the plugin would then run on an untested lmms-eval."""
     for step in gpu_checklist.steps(images=10):
-        runs_cells = (
-            "globalcom2.perf.throughput" in step.command or "tests/gpu/test_run_on_gpu.py" in step.command
+        needs_lmms_eval = any(
+            name in step.command
+            for name in (
+                "globalcom2.perf.throughput",
+                "globalcom2.lmms.prefetch_threads",
+                "tests/gpu/test_run_on_gpu.py",
+            )
         )
-        assert step.main_path == runs_cells, step.name
+        assert step.main_path == needs_lmms_eval, step.name
 
 
 def test_sigterm_kills_the_running_step_and_still_packs_what_it_wrote(tmp_path):

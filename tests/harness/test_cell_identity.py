@@ -177,6 +177,16 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
     assert CellSpec.from_config(compose_cell(tmp_path, "prefetch=true")).run_spec().options.prefetch is True
     with pytest.raises(ValueError, match="prefetch must be true, false or auto, got 'sometimes'"):
         identity("prefetch=sometimes")
+    # so do the threads that prepare them
+    assert identity("prefetch=true", "prefetch_threads=3") == base and "prefetch_threads" not in base
+    threaded = CellSpec.from_config(compose_cell(tmp_path, "prefetch=true", "prefetch_threads=3"))
+    assert threaded.run_spec().options.prefetch_threads == 3
+    assert CellSpec.from_dict(threaded.to_dict()) == threaded
+    assert CellSpec.from_config(compose_cell(tmp_path)).run_spec().options.prefetch_threads is None  # auto
+    with pytest.raises(ValueError, match="prefetch_threads=2 needs prefetching, but prefetch=false"):
+        identity("prefetch=false", "prefetch_threads=2")
+    with pytest.raises(ValueError, match="prefetch_threads must be an integer >= 1, got 0"):
+        identity("prefetch_threads=0")
 
 
 def test_the_identity_names_the_kind_of_device_an_unset_one_resolves_to(tmp_path, monkeypatch):

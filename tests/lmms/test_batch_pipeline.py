@@ -1,5 +1,6 @@
-"""Batches grouped by length and prepared in a background thread: every request once, in lmms-eval's order at
-the end, errors raised where they belong, and preparation overlapping generation."""
+"""Batches grouped by length and prepared in background threads: every request once, in lmms-eval's order at
+the end, errors raised where they belong, preparation overlapping generation, and several encoding threads
+working side by side without changing a batch or its order."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import pytest
 from PIL import Image
 
 from globalcom2.answer_journal import JournaledBatch, Replay, window_digest
-from globalcom2.lmms.batch_pipeline import BatchFeeder, length_order, plan_batches
+from globalcom2.lmms.batch_pipeline import (
+    ENCODER_THREADS,
+    FEEDER_THREAD,
+    BatchFeeder,
+    length_order,
+    plan_batches,
+)
 from globalcom2.protocol.batching import PreparedBatch
 
 
@@ -53,7 +60,7 @@ def test_batches_cover_every_row_once(batch_size):
         assert batches == [[1, 3], [0, 4], [2]]  # equal lengths share a batch: no padding in the first two
 
 
-def feeder_for(sizes, batch_size, lookahead, window=8, load=None, encode=None, replay=None):
+def feeder_for(sizes, batch_size, lookahead, window=8, load=None, encode=None, replay=None, threads=1):
     prepared = prepared_for(sizes)
 
     def default_load(positions):
@@ -66,8 +73,13 @@ def feeder_for(sizes, batch_size, lookahead, window=8, load=None, encode=None, r
         batch_size,
         window=window,
         lookahead=lookahead,
+        threads=threads,
         replay=replay,
     )
+
+
+def pipeline_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith((FEEDER_THREAD, ENCODER_THREADS))]
 
 
 @pytest.mark.parametrize("lookahead", [0, 2])
@@ -93,6 +105,50 @@ def test_the_same_batches_with_and_without_the_background_thread():
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_more_encoding_threads_give_the_same_batches_in_the_same_order():
+    """Later batches may finish encoding first (here the even ones are slower): the consumer still gets the
+    planned order, each batch with its own rows' inputs."""
+    sizes = [(20, 20), (10, 10), (30, 30), (10, 10), (20, 20), (40, 10), None, (30, 30)] * 2
+
+    def encode(batch):
+        first = batch.keys[0][2]
+        time.sleep(0.02 if first % 2 == 0 else 0.0)
+        return [k[2] for k in batch.keys]
+
+    def run(lookahead: int, threads: int) -> list[tuple[list[int], list[int]]]:
+        feeder = feeder_for(sizes, 3, lookahead, window=2, encode=encode, threads=threads)
+        return [(ready.indices, ready.inputs) for ready, _ in feeder.batches(range(len(sizes)))]
+
+    serial = run(0, 1)
+    assert all(indices == inputs for indices, inputs in serial)
+    assert run(2, 1) == run(2, 4) == run(1, 3) == serial
+
+
+def test_several_encoding_threads_encode_side_by_side():
+    """No clock: each encode waits at a barrier of three, which only three threads encoding at once can pass;
+    one thread cannot (the barrier breaks, and the error reaches the consumer)."""
+
+    def run(threads: int) -> set[str]:
+        barrier = threading.Barrier(3, timeout=0.5 if threads == 1 else 30)
+        names = set()
+
+        def encode(batch):
+            names.add(threading.current_thread().name)
+            barrier.wait()
+            return None
+
+        feeder = feeder_for([(10, 10)] * 6, 1, lookahead=3, window=6, encode=encode, threads=threads)
+        for _ in feeder.batches(range(6)):
+            pass
+        return names
+
+    names = run(threads=3)
+    assert len(names) == 3 and all(name.startswith(ENCODER_THREADS) for name in names)
+    with pytest.raises(threading.BrokenBarrierError):
+        run(threads=1)
+    assert pipeline_threads() == []  # the error closed the feeder and its pool
+
+
 @pytest.mark.parametrize("lookahead", [0, 2])
 def test_a_preparation_error_reaches_the_consumer_with_its_type_and_message(lookahead):
     def load(positions):
@@ -108,13 +164,30 @@ def test_a_preparation_error_reaches_the_consumer_with_its_type_and_message(look
     assert fed == [0, 1, 2]  # every batch before the bad one was served
 
 
-def test_a_consumer_that_stops_early_stops_the_thread():
-    feeder = feeder_for([(10, 10)] * 50, batch_size=1, lookahead=2, window=1)
+@pytest.mark.parametrize("lookahead, threads", [(0, 1), (2, 1), (2, 3)])
+def test_an_encoding_error_reaches_the_consumer_at_its_batch(lookahead, threads):
+    def encode(batch):
+        if batch.keys[0][2] == 3:
+            raise ValueError("toy doc 3: the processor refused the image")
+        return [k[2] for k in batch.keys]
+
+    feeder = feeder_for([(10, 10)] * 8, batch_size=1, lookahead=lookahead, encode=encode, threads=threads)
+    fed = []
+    with pytest.raises(ValueError, match="toy doc 3: the processor refused the image"):
+        for ready, _ in feeder.batches(range(8)):
+            fed += ready.inputs
+    assert fed == [0, 1, 2]  # in order up to the bad batch, even where later ones were encoded first
+    assert pipeline_threads() == []
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_consumer_that_stops_early_stops_the_threads(threads):
+    feeder = feeder_for([(10, 10)] * 50, batch_size=1, lookahead=2, window=1, threads=threads)
     batches = feeder.batches(range(50))
     next(batches)
     batches.close()  # what leaving a for loop early (or an exception in its body) does to the generator
-    assert feeder._thread is None
-    assert not any(t.name == "globalcom2-batch-feeder" for t in threading.enumerate())
+    assert feeder._thread is None and feeder._pool is None
+    assert pipeline_threads() == []
 
 
 def test_the_next_batch_is_prepared_while_the_consumer_works_on_this_one():
@@ -141,8 +214,10 @@ def test_the_next_batch_is_prepared_while_the_consumer_works_on_this_one():
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="batch_size and window must be >= 1 and lookahead >= 0"):
+    with pytest.raises(ValueError, match="batch_size, window and threads must be >= 1 and lookahead >= 0"):
         feeder_for([(10, 10)], batch_size=0, lookahead=2)
+    with pytest.raises(ValueError, match=r"got 1, 8, 0, 2"):
+        feeder_for([(10, 10)], batch_size=1, lookahead=2, threads=0)
 
 
 def test_a_windows_loading_is_charged_to_the_batch_that_waits_for_it():

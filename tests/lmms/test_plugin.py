@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import threading
 
 import pytest
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
 
+from globalcom2.lmms.batch_pipeline import ENCODER_THREADS
 from globalcom2.lmms.plugin import MODEL_ID, GlobalCom2LlavaNext
 from globalcom2.models.batch_invariant import FORCE_GQA_VARIABLE
 from globalcom2.prompts import vicuna_v1_prompt
+from globalcom2.run_spec import MAX_AUTO_PREFETCH_THREADS, default_prefetch_threads
 
 
 def requests_for(lm, docs, context="Is there a cat?", gen_kwargs=None, task="toy", split="test"):
@@ -63,6 +66,12 @@ def test_entry_point_resolves_and_passes_lmms_eval_type_checks():
         ),
         ({"batch_size": "auto"}, "automatic batch sizes"),
         ({"compile": "fast"}, "compile must be true, false or one of default, reduce-overhead"),
+        ({"prefetch_threads": 0}, "prefetch_threads must be an integer >= 1, got 0"),
+        ({"prefetch_threads": "many"}, "prefetch_threads must be an integer >= 1, got 'many'"),
+        (
+            {"prefetch": "false", "prefetch_threads": 2},
+            "prefetch_threads=2 needs prefetching, but prefetch=false prepares each batch in turn",
+        ),
     ],
 )
 def test_bad_arguments_fail_before_the_model_is_loaded(monkeypatch, kwargs, message):
@@ -438,6 +447,55 @@ def test_grouped_and_prefetched_batches_answer_as_one_by_one(lm, images, monkeyp
     # the two (336, 336) images share a batch: grouping by length put them together
     square = {r.batch_id for r in batched_records if r.image_sizes == [[336, 336]]}
     assert len(square) == 1
+
+
+def test_several_prefetch_threads_answer_as_one_by_one_each_with_its_own_processor(lm, images, monkeypatch):
+    """Three encoding threads (``prefetch_threads=3``) give the answers and records of batches prepared in turn;
+    each thread encodes with a processor of its own, never the main thread's (a fast tokenizer refuses two
+    threads at once)."""
+    sizes = [(336, 1008), (336, 336), (800, 600), (336, 336), (1008, 336), (672, 672), (336, 1008)]
+    docs = [{"image": images[size]} for size in sizes]
+    gen = {"until": ["\n\n"], "max_new_tokens": 3}
+    encode, used = lm._encode, []
+
+    def watched_encode(processor, batch):
+        used.append((threading.current_thread().name, id(processor)))
+        return encode(processor, batch)
+
+    monkeypatch.setattr(lm, "_encode", watched_encode)
+
+    def answer(prefetch: bool, threads: int) -> list[tuple]:
+        monkeypatch.setattr(lm, "prefetch", prefetch)
+        monkeypatch.setattr(lm, "prefetch_threads", threads)
+        lm.reset_records()
+        outputs = lm.generate_until(requests_for(lm, docs, gen_kwargs=gen))
+        return [
+            (o.text, r.output_token_ids, r.visual_tokens_after)
+            for o, r in zip(outputs, lm.records, strict=True)
+        ]
+
+    alone = answer(prefetch=False, threads=0)
+    assert {processor for _, processor in used} == {id(lm.processor)}  # in turn: the main thread's own
+    used.clear()
+    assert answer(prefetch=True, threads=3) == alone
+    threads_of = {}
+    for thread, processor in used:
+        threads_of.setdefault(processor, set()).add(thread)
+    assert all(len(names) == 1 for names in threads_of.values())  # no processor shared by two threads
+    assert id(lm.processor) not in threads_of and len(threads_of) == len({t for t, _ in used})
+    assert all(thread.startswith(ENCODER_THREADS) for thread, _ in used)
+
+
+def test_prefetch_threads_are_resolved_and_recorded():
+    """``prefetch_threads`` reaches the feeder and the run record: as given, or auto (a quarter of the cores,
+    1 to 4) while prefetching, and 0 when each batch is prepared in turn (auto prefetch on a CPU)."""
+    given = GlobalCom2LlavaNext(pretrained="tiny", prefetch="true", prefetch_threads=3, profile=False)
+    assert given.run_info["prefetch"] is True and given.run_info["prefetch_threads"] == 3
+    auto = GlobalCom2LlavaNext(pretrained="tiny", prefetch="true", profile=False)
+    assert auto.run_info["prefetch_threads"] == default_prefetch_threads()
+    assert 1 <= default_prefetch_threads() <= MAX_AUTO_PREFETCH_THREADS
+    serial = GlobalCom2LlavaNext(pretrained="tiny", profile=False)
+    assert serial.run_info["prefetch"] is False and serial.run_info["prefetch_threads"] == 0
 
 
 def test_batch_invariant_runs_every_generate_under_the_mode_and_restores_the_switch(images, monkeypatch):

@@ -700,7 +700,8 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_p
     record["spec"]["model"]["compile"] = "default"
     record["provenance"]["hardware"] = {"gpu": "NVIDIA H200"}
     record["spec"]["benchmark"]["limit"] = 20
-    record["run"] = {"world_size": 2}  # throughput is the sum of the processes' rates
+    # throughput is the sum of the processes' rates; batches prepared beside the timed calls, by four threads
+    record["run"] = {"world_size": 2, "prefetch": True, "prefetch_threads": 4}
     (cell / "record.json").write_text(json.dumps(record))
     with pytest.warns(UserWarning) as caught:
         build_report(tidy_results(root), "t1", tmp_path / "mixed")
@@ -713,6 +714,8 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_p
     assert any("compile differs between cells: default (1 cells), no (1 cells)" in m for m in messages)
     assert any("limit differs between cells: 20 (1 cells), None (1 cells)" in m for m in messages)
     assert any("world_size differs between cells: 1 (1 cells), 2 (1 cells)" in m for m in messages)
+    assert any("prefetch differs between cells: False (1 cells), True (1 cells)" in m for m in messages)
+    assert any("prefetch_threads differs between cells: 0 (1 cells), 4 (1 cells)" in m for m in messages)
     assert any(
         "hardware differs between cells: NVIDIA H100 (1 cells), NVIDIA H200 (1 cells)" in m for m in messages
     )
