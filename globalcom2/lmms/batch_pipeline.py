@@ -8,9 +8,11 @@ of ``threads`` encoding threads (the processor), up to ``lookahead`` batches ahe
 next batches overlaps the generation of batch ``k``. The batches still come out in their planned order, each
 with inputs that depend on its own rows only, so the thread count changes when a batch is ready, never what
 is in it. Several encoding threads matter when one cannot keep up with the device: the PIL image processor
-of LLaVA-NeXT takes about 30 ms per 672x672 image on one core, about the time a GPU spends on a compressed
-sample, and two threads encode 1.7 times as many images per second as one on two cores (it releases the GIL
-while it resizes and normalises; ``make bench-prefetch-threads``).
+of LLaVA-NeXT takes about 30 ms per 672x672 image on one core, so one thread supplies about 30 samples/s,
+the rate the throughput targets ask of a GPU with a compressed 7B. The processor releases the GIL while it
+resizes and normalises, so threads add up: through this feeder on a 2-core CPU, nothing generating, one
+thread supplied 29.5 samples/s, two 40.0 and four 40.8 (``make bench-prefetch-threads``,
+``results/throughput/prefetch_threads_cpu.md``).
 
 Grouping: the requests of one generation setting are read ``window`` batches at a time. Inside a window they
 are ordered by length: visual tokens (each image's AnyRes layout, known from its size), then the prompt's
