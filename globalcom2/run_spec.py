@@ -336,9 +336,7 @@ def parse_run(
         answers_journal=None if answers_journal in (None, "") else str(answers_journal),
         discard_stale_answers=coerce(discard_stale_answers, bool, key("discard_stale_answers")),
         prefetch=_prefetch_setting(prefetch, key("prefetch")),
-        prefetch_threads=None
-        if prefetch_threads in (None, "auto")
-        else integer(prefetch_threads, "prefetch_threads", 1),
+        prefetch_threads=_prefetch_threads_setting(prefetch_threads, key("prefetch_threads")),
     )
     if options.prefetch is False and options.prefetch_threads is not None:
         raise ValueError(
@@ -348,6 +346,22 @@ def parse_run(
     if overrides:
         GenerationSettings.from_gen_kwargs(overrides, options.max_new_tokens)
     return RunSpec(model=model, method=method_spec, options=options)
+
+
+def _prefetch_threads_setting(value: Any, name: str) -> int | None:
+    """``auto`` (``None``: :func:`default_prefetch_threads`) or an integer in [1, :data:`MAX_PREFETCH_THREADS`]."""
+    if value is None or value == "auto":
+        return None
+    message = f"{name} must be auto or an integer from 1 to {MAX_PREFETCH_THREADS}, got {value!r}"
+    if isinstance(value, bool | float):  # 2.0 is refused, not truncated, as every integer setting is
+        raise ValueError(message)
+    try:
+        number = coerce(value, int, name)
+    except ValueError:
+        raise ValueError(message) from None
+    if not 1 <= number <= MAX_PREFETCH_THREADS:
+        raise ValueError(message)
+    return number
 
 
 def _prefetch_setting(value: Any, name: str) -> bool | None:
@@ -362,20 +376,31 @@ def _prefetch_setting(value: Any, name: str) -> bool | None:
 
 #: The most threads :func:`default_prefetch_threads` picks: past it the processor rarely limits a GPU.
 MAX_AUTO_PREFETCH_THREADS = 4
+#: The most ``prefetch_threads`` may ask for: each thread keeps a batch ahead (prepared host tensors, pinned
+#: on CUDA), so the count bounds the memory the pipeline holds (``globalcom2/lmms/batch_pipeline.py``).
+MAX_PREFETCH_THREADS = 16
 
 
 def default_prefetch_threads() -> int:
     """Encoding threads for ``prefetch_threads=auto``: a quarter of the cores this process may use, at least
-    one and at most :data:`MAX_AUTO_PREFETCH_THREADS`. The rest stay with the main thread (which drives the
-    GPU, decodes answers and scores), torch's own threads and the other ranks of a data-parallel launch on the
-    same node. On a 16-core GPU node that is four: at the processor's ~30 ms per 672x672 image on one core,
-    one thread alone would cap a cell near 33 images per second, the order of what a GPU generates with a
-    compressed 7B. The share is a judgement, not a measurement: ``prefetch_threads=N`` sets it."""
+    one and at most :data:`MAX_AUTO_PREFETCH_THREADS`. A process that may use every core of the node shares
+    them with the other processes of a data-parallel launch there (``LOCAL_WORLD_SIZE``, which torchrun and
+    accelerate set); one bound to a subset (Slurm's ``--cpus-per-task``) has its share already. The rest stay with the
+    main thread (which drives the GPU, decodes answers and scores) and torch's own threads. On a 16-core GPU
+    node with one process that is four: at the processor's ~30 ms per 672x672 image on one core, one thread
+    alone would cap a cell near 33 images per second, the order of what a GPU generates with a compressed
+    7B. The share is a judgement, not a measurement: ``prefetch_threads=N`` sets it."""
+    node = os.cpu_count() or 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_AUTO_PREFETCH_THREADS, cores // 4))
+        cores = node
+    try:
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        processes = 1
+    sharing = processes if cores >= node else 1
+    return max(1, min(MAX_AUTO_PREFETCH_THREADS, cores // (4 * sharing)))
 
 
 def default_device() -> str:

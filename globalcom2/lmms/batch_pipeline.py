@@ -139,8 +139,9 @@ class BatchFeeder:
         window: batches read and ordered together.
         lookahead: batches prepared ahead; 0 prepares each batch in the consumer's thread, in turn (no
             overlap), which the throughput benchmark uses as its baseline.
-        threads: encoding threads when ``lookahead > 0``; up to ``max(lookahead, threads)`` batches are
-            queued ahead, so each thread has one to encode.
+        threads: encoding threads when ``lookahead > 0``; up to ``max(lookahead, threads) + 1`` batches are
+            prepared or being prepared ahead of the consumer's (each thread has one to encode), which with
+            the window's images bounds the host memory the pipeline holds.
         replay: batches answered before (an interrupted run's answers journal), yielded as
             :class:`ReplayedBatch` es in their place; ``None`` prepares every batch.
 
@@ -248,6 +249,8 @@ class BatchFeeder:
                     return
                 ready = _ready(item)
                 yield ready, time.perf_counter() - began
+        if self._thread is not None:  # its stop flag and pool are this instance's: one run at a time
+            raise RuntimeError("this BatchFeeder is already feeding a run; close it or make another feeder")
         out: queue.Queue = queue.Queue(maxsize=max(self.lookahead, self.threads))
         self._stop.clear()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=ENCODER_THREADS)

@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -165,6 +166,11 @@ class GlobalCom2LlavaNext(lmms):
         self.prefetch_threads = (
             (options.prefetch_threads or default_prefetch_threads()) if self.prefetch else 0
         )
+        if options.prefetch_threads is not None and not self.prefetch:
+            logger.warning(
+                f"prefetch_threads={options.prefetch_threads} is not used: prefetch=auto is off on "
+                f"{self._device.type} (each batch is prepared in turn); set prefetch=true to use the threads"
+            )
         self.compile_mode = spec.model.compile
         self.batch_invariant = spec.model.batch_invariant
         if not checked:
@@ -442,14 +448,20 @@ class GlobalCom2LlavaNext(lmms):
         (``lmms/batch_pipeline.py``), each encoding thread with its own copy of the processor: a fast tokenizer
         is not safe to use from two threads at once (PyO3 refuses a second borrow: "Already borrowed",
         https://github.com/huggingface/tokenizers/issues/537), and this thread decodes answers meanwhile."""
-        copies = threading.local()
+        threads = max(1, self.prefetch_threads)
+        # One copy per encoding thread, made here, by the thread that owns the processor (about 1 ms each) and
+        # before any batch is timed; each encoding thread takes its own on its first batch.
+        spares: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(threads if self.prefetch else 0):
+            spares.put(copy.deepcopy(self.processor))
+        taken = threading.local()
 
         def processor_here() -> Any:
             if not self.prefetch:  # every batch is encoded in this thread, between generations
                 return self.processor
-            if not hasattr(copies, "processor"):
-                copies.processor = copy.deepcopy(self.processor)
-            return copies.processor
+            if not hasattr(taken, "processor"):
+                taken.processor = spares.get_nowait()  # a pool never runs more threads than copies
+            return taken.processor
 
         config = self.model.config
 
@@ -489,7 +501,7 @@ class GlobalCom2LlavaNext(lmms):
             self.batch_size_per_device,
             window=DEFAULT_WINDOW,  # in the journal's settings: it decides which rows share a batch
             lookahead=DEFAULT_LOOKAHEAD if self.prefetch else 0,
-            threads=max(1, self.prefetch_threads),
+            threads=threads,
             replay=replay,
         )
 

@@ -68,7 +68,8 @@ def requests_for(split: str, samples: int) -> tuple[list[Instance], dict[str, An
 
 def drain(lm: Any, requests: list[Instance]) -> tuple[float, list[float]]:
     """Seconds to have every batch of ``requests`` prepared and handed over, and each batch's processor
-    seconds."""
+    seconds. The feeder (and its processor copies) is made before the clock starts, as the plugin makes it
+    before its loop's."""
     feeder = lm._feeder(requests)
     began = time.perf_counter()
     encoded = [ready.preprocess_s for ready, _ in feeder.batches(range(len(requests)))]
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             prefetch_threads=threads, profile=False,
         )  # fmt: skip
         lm.task_dict = task_dict
-        drain(lm, requests[: max(args.batch_size, threads)])  # untimed: the threads' processor copies
+        drain(lm, requests[: max(args.batch_size, threads)])  # untimed: first calls, lazy imports
         models[threads] = lm
     rounds: dict[int, list[dict[str, float]]] = {threads: [] for threads in args.threads}
     for _ in range(args.rounds):

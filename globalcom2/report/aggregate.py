@@ -273,8 +273,9 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         "compile": run.get("compile") or spec["model"].get("compile") or "no",
         "batch_invariant": bool(spec["model"].get("batch_invariant", False)),  # off in cells from before it
         "prefetch": bool(run.get("prefetch", False)),  # cells from before the option ran every batch in turn
-        # cells from before the thread count prepared their batches in one background thread, if any
-        "prefetch_threads": int(run.get("prefetch_threads", 1 if run.get("prefetch") else 0)),
+        # 0: prepared in turn. A cell from before the count that prefetched has none: its one background thread
+        # both read and encoded, which no count of the encoding pool's reproduces
+        "prefetch_threads": run.get("prefetch_threads", None if run.get("prefetch") else 0),
         "limit": spec["benchmark"].get("limit"),
         "protocol": spec["benchmark"].get("protocol", DEFAULT_PROTOCOL),  # cells from before it: lmms-eval's
         "hardware": hardware_label(hardware, run.get("device")),

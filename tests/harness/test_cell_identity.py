@@ -185,7 +185,7 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
     assert CellSpec.from_config(compose_cell(tmp_path)).run_spec().options.prefetch_threads is None  # auto
     with pytest.raises(ValueError, match="prefetch_threads=2 needs prefetching, but prefetch=false"):
         identity("prefetch=false", "prefetch_threads=2")
-    with pytest.raises(ValueError, match="prefetch_threads must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="prefetch_threads must be auto or an integer from 1 to 16, got 0"):
         identity("prefetch_threads=0")
 
 

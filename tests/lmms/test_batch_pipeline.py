@@ -149,19 +149,20 @@ def test_several_encoding_threads_encode_side_by_side():
     assert pipeline_threads() == []  # the error closed the feeder and its pool
 
 
-@pytest.mark.parametrize("lookahead", [0, 2])
-def test_a_preparation_error_reaches_the_consumer_with_its_type_and_message(lookahead):
+@pytest.mark.parametrize("lookahead, threads", [(0, 1), (2, 1), (2, 3)])
+def test_a_preparation_error_reaches_the_consumer_with_its_type_and_message(lookahead, threads):
     def load(positions):
         if 3 in positions:
             raise ValueError("toy doc 3: expected PIL images, got str")
         return prepared_for([(10, 10)] * len(positions))
 
-    feeder = feeder_for([(10, 10)] * 6, batch_size=1, lookahead=lookahead, window=1, load=load)
+    feeder = feeder_for([(10, 10)] * 6, 1, lookahead=lookahead, window=1, load=load, threads=threads)
     fed = []
     with pytest.raises(ValueError, match="toy doc 3: expected PIL images"):
         for ready, _ in feeder.batches(range(6)):
             fed += ready.indices
     assert fed == [0, 1, 2]  # every batch before the bad one was served
+    assert pipeline_threads() == []
 
 
 @pytest.mark.parametrize("lookahead, threads", [(0, 1), (2, 1), (2, 3)])
@@ -178,6 +179,27 @@ def test_an_encoding_error_reaches_the_consumer_at_its_batch(lookahead, threads)
             fed += ready.inputs
     assert fed == [0, 1, 2]  # in order up to the bad batch, even where later ones were encoded first
     assert pipeline_threads() == []
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_an_error_in_the_consumers_loop_stops_the_threads(threads):
+    feeder = feeder_for([(10, 10)] * 50, batch_size=1, lookahead=2, window=1, threads=threads)
+    with pytest.raises(KeyError, match="the model failed"):
+        for ready, _ in feeder.batches(range(50)):
+            if ready.indices == [4]:
+                raise KeyError("the model failed")
+    assert feeder._thread is None and feeder._pool is None
+    assert pipeline_threads() == []
+
+
+def test_one_feeder_serves_one_run_at_a_time():
+    feeder = feeder_for([(10, 10)] * 20, batch_size=1, lookahead=2, window=1, threads=2)
+    first = feeder.batches(range(20))
+    next(first)
+    with pytest.raises(RuntimeError, match="already feeding a run"):
+        next(feeder.batches(range(20)))
+    assert [ready.indices for ready, _ in first] == [[i] for i in range(1, 20)]  # the first run is intact
+    assert [ready.indices for ready, _ in feeder.batches(range(3))] == [[0], [1], [2]]  # and then free again
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import os
 import threading
@@ -9,6 +10,7 @@ import threading
 import pytest
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
+from loguru import logger
 
 from globalcom2.lmms.batch_pipeline import ENCODER_THREADS
 from globalcom2.lmms.plugin import MODEL_ID, GlobalCom2LlavaNext
@@ -66,8 +68,12 @@ def test_entry_point_resolves_and_passes_lmms_eval_type_checks():
         ),
         ({"batch_size": "auto"}, "automatic batch sizes"),
         ({"compile": "fast"}, "compile must be true, false or one of default, reduce-overhead"),
-        ({"prefetch_threads": 0}, "prefetch_threads must be an integer >= 1, got 0"),
-        ({"prefetch_threads": "many"}, "prefetch_threads must be an integer >= 1, got 'many'"),
+        ({"prefetch_threads": 0}, "prefetch_threads must be auto or an integer from 1 to 16, got 0"),
+        ({"prefetch_threads": 17}, "prefetch_threads must be auto or an integer from 1 to 16, got 17"),
+        (
+            {"prefetch_threads": "many"},
+            "prefetch_threads must be auto or an integer from 1 to 16, got 'many'",
+        ),
         (
             {"prefetch": "false", "prefetch_threads": 2},
             "prefetch_threads=2 needs prefetching, but prefetch=false prepares each batch in turn",
@@ -451,18 +457,30 @@ def test_grouped_and_prefetched_batches_answer_as_one_by_one(lm, images, monkeyp
 
 def test_several_prefetch_threads_answer_as_one_by_one_each_with_its_own_processor(lm, images, monkeypatch):
     """Three encoding threads (``prefetch_threads=3``) give the answers and records of batches prepared in turn;
-    each thread encodes with a processor of its own, never the main thread's (a fast tokenizer refuses two
-    threads at once)."""
+    two of them encode at once (the first two encodes wait for each other), each with a processor of its own,
+    copied by the main thread before the batches start and never the main thread's own (a fast tokenizer
+    refuses two threads at once)."""
     sizes = [(336, 1008), (336, 336), (800, 600), (336, 336), (1008, 336), (672, 672), (336, 1008)]
     docs = [{"image": images[size]} for size in sizes]
     gen = {"until": ["\n\n"], "max_new_tokens": 3}
-    encode, used = lm._encode, []
+    encode, used, side_by_side = lm._encode, [], threading.Barrier(2, timeout=60)
 
     def watched_encode(processor, batch):
         used.append((threading.current_thread().name, id(processor)))
+        if lm.prefetch and len(used) <= 2:
+            side_by_side.wait()  # passes only when a second thread encodes while the first does
         return encode(processor, batch)
 
+    copied_by = []
+    deepcopy = copy.deepcopy
+
+    def watched_deepcopy(value, *args):
+        if value is lm.processor:
+            copied_by.append(threading.current_thread().name)
+        return deepcopy(value, *args)
+
     monkeypatch.setattr(lm, "_encode", watched_encode)
+    monkeypatch.setattr(copy, "deepcopy", watched_deepcopy)
 
     def answer(prefetch: bool, threads: int) -> list[tuple]:
         monkeypatch.setattr(lm, "prefetch", prefetch)
@@ -476,26 +494,60 @@ def test_several_prefetch_threads_answer_as_one_by_one_each_with_its_own_process
 
     alone = answer(prefetch=False, threads=0)
     assert {processor for _, processor in used} == {id(lm.processor)}  # in turn: the main thread's own
+    assert copied_by == []
     used.clear()
     assert answer(prefetch=True, threads=3) == alone
-    threads_of = {}
+    assert copied_by == [threading.main_thread().name] * 3  # one per encoding thread, before any batch
+    threads_of: dict[int, set[str]] = {}
     for thread, processor in used:
         threads_of.setdefault(processor, set()).add(thread)
     assert all(len(names) == 1 for names in threads_of.values())  # no processor shared by two threads
-    assert id(lm.processor) not in threads_of and len(threads_of) == len({t for t, _ in used})
+    assert id(lm.processor) not in threads_of
+    assert 2 <= len({thread for thread, _ in used}) <= 3
     assert all(thread.startswith(ENCODER_THREADS) for thread, _ in used)
+    monkeypatch.setattr(lm, "prefetch_threads", 3)
+    assert lm._feeder(requests_for(lm, docs)).threads == 3  # the count reaches the feeder
 
 
 def test_prefetch_threads_are_resolved_and_recorded():
-    """``prefetch_threads`` reaches the feeder and the run record: as given, or auto (a quarter of the cores,
-    1 to 4) while prefetching, and 0 when each batch is prepared in turn (auto prefetch on a CPU)."""
+    """``prefetch_threads`` reaches the run record: as given, or auto (a quarter of the cores, 1 to 4) while
+    prefetching, and 0 when each batch is prepared in turn (auto prefetch on a CPU), where a count that was
+    asked for is named as unused."""
     given = GlobalCom2LlavaNext(pretrained="tiny", prefetch="true", prefetch_threads=3, profile=False)
     assert given.run_info["prefetch"] is True and given.run_info["prefetch_threads"] == 3
-    auto = GlobalCom2LlavaNext(pretrained="tiny", prefetch="true", profile=False)
+    auto = GlobalCom2LlavaNext(pretrained="tiny", prefetch="true", prefetch_threads="auto", profile=False)
     assert auto.run_info["prefetch_threads"] == default_prefetch_threads()
     assert 1 <= default_prefetch_threads() <= MAX_AUTO_PREFETCH_THREADS
     serial = GlobalCom2LlavaNext(pretrained="tiny", profile=False)
     assert serial.run_info["prefetch"] is False and serial.run_info["prefetch_threads"] == 0
+    messages = []
+    handler = logger.add(messages.append, level="WARNING")
+    try:
+        unused = GlobalCom2LlavaNext(pretrained="tiny", prefetch_threads=2, profile=False)
+    finally:
+        logger.remove(handler)
+    assert unused.run_info["prefetch_threads"] == 0
+    assert any("prefetch_threads=2 is not used: prefetch=auto is off on cpu" in m for m in messages)
+
+
+def test_auto_prefetch_threads_share_the_node_with_the_other_processes(monkeypatch):
+    """A quarter of the cores, 1 to 4; a process free to use the whole node shares it with the launch's other
+    processes there, one bound to a subset of the cores has its share already."""
+    from globalcom2 import run_spec
+
+    def auto(node: int, mine: int, local_world_size: str | None) -> int:
+        monkeypatch.setattr(run_spec.os, "cpu_count", lambda: node)
+        monkeypatch.setattr(run_spec.os, "sched_getaffinity", lambda pid: set(range(mine)), raising=False)
+        if local_world_size is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+        return run_spec.default_prefetch_threads()
+
+    assert [auto(2, 2, None), auto(8, 8, None), auto(16, 16, None), auto(64, 64, None)] == [1, 2, 4, 4]
+    assert auto(64, 64, "8") == 2 and auto(16, 16, "8") == 1  # eight ranks share the node
+    assert auto(64, 16, "8") == 4  # a rank bound to 16 of the 64 cores
+    assert auto(16, 16, "eight") == 4  # an unreadable count: this process alone
 
 
 def test_batch_invariant_runs_every_generate_under_the_mode_and_restores_the_switch(images, monkeypatch):

@@ -686,6 +686,24 @@ def test_cells_of_an_experiment_named_like_a_trackers_folder_are_shown(tmp_path)
     assert set(frame["experiment"]) == {"wandb"} and set(frame["method"]) == {"vanilla"}
 
 
+def test_the_prefetch_thread_count_of_a_cell_from_before_it_is_unknown(tmp_path):
+    """Before the encoding pool, a prefetching cell's one background thread both read and encoded: no count
+    of today's pool is that, so its count is unknown (and a table mixing it with today's cells says so);
+    a cell that prepared in turn had none."""
+    root = tmp_path / "results"
+    for method, run in (
+        ("vanilla", {"prefetch": True}),
+        ("random", {}),
+        ("fastv", {"prefetch": True, "prefetch_threads": 4}),
+    ):
+        cell = write_cell(root, method, 1.0 if method == "vanilla" else 0.25, {"GQA": 60.0})
+        record = json.loads((cell / "record.json").read_text())
+        record["run"] = run
+        (cell / "record.json").write_text(json.dumps(record))
+    threads = tidy_results(root).groupby("method")["prefetch_threads"].first()
+    assert pd.isna(threads["vanilla"]) and threads["random"] == 0 and threads["fastv"] == 4
+
+
 def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_path):
     root = tmp_path / "results"
     write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
