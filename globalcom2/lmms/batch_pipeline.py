@@ -11,7 +11,7 @@ is in it. Several encoding threads matter when one cannot keep up with the devic
 of LLaVA-NeXT takes about 30 ms per 672x672 image on one core, so one thread supplies about 30 samples/s,
 the rate the throughput targets ask of a GPU with a compressed 7B. The processor releases the GIL while it
 resizes and normalises, so threads add up: through this feeder on a 2-core CPU, nothing generating, one
-thread supplied 29.5 samples/s, two 40.0 and four 40.8 (``make bench-prefetch-threads``,
+thread supplied 27.6 samples/s, two 40.2 and four 46.8 (``make bench-prefetch-threads``,
 ``results/throughput/prefetch_threads_cpu.md``).
 
 Grouping: the requests of one generation setting are read ``window`` batches at a time. Inside a window they
