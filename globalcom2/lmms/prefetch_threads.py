@@ -30,13 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from lmms_eval.api.instance import Instance
 
 from globalcom2.data.demo import DEFAULT_SIZE, generate_items, render
 from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 from globalcom2.paths import PROJECT_ROOT
-from globalcom2.perf.variant_table import write_table
+from globalcom2.perf.variant_table import write_rows_table
 from globalcom2.provenance import hardware_label, provenance
 
 #: The task name the benchmark's requests carry (the plugin's lmms_eval protocol: the context is the question).
@@ -142,17 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"at batch {args.batch_size}, {args.pretrained}'s processor, model on {args.device} ({hardware}); "
         f"median of {args.rounds} rounds, nothing generating beside it: the most a cell's loop can be fed"
     )
-    stem = output_stem(args)
-    record = {
-        "caption": caption,
-        "rows": rows,
-        "rounds": {str(threads): timed for threads, timed in rounds.items()},
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "provenance": info,
-    }
-    markdown = f"**{caption}**\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3g')}\n"
-    write_table(stem, markdown, record)
-    return record
+    per_round = {str(threads): timed for threads, timed in rounds.items()}
+    return write_rows_table(output_stem(args), caption, rows, args, info, rounds=per_round)
 
 
 if __name__ == "__main__":

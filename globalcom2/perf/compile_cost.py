@@ -32,12 +32,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from globalcom2.paths import PROJECT_ROOT
 from globalcom2.perf.gpu_checklist import COMPILED_VARIANTS
-from globalcom2.perf.variant_table import write_table
+from globalcom2.perf.variant_table import write_rows_table
 from globalcom2.provenance import hardware_label, provenance
 
 #: The widths a narrowed model gets, the language model's and the vision tower's; the depths, the head
@@ -151,17 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     )
     stem = args.out / f"compile_cost_{args.size}_{args.device.split(':')[0]}"
-    record = {
-        "caption": caption,
-        "rows": rows,
-        "dynamo_frames": frames,
-        "narrowed": NARROW,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "provenance": info,
-    }
-    markdown = f"**{caption}**\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3g')}\n"
-    write_table(stem, markdown, record)
-    return record
+    return write_rows_table(stem, caption, rows, args, info, dynamo_frames=frames, narrowed=NARROW)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""The table of a bench that times named variants: each variant's quartiles, its Markdown, and its
-``.md``/``.json`` written atomically (``globalcom2.perf.globalcom2_selection``,
-``globalcom2.perf.divprune_lockstep``)."""
+"""The tables of the benches: each named variant's quartiles and their Markdown
+(``globalcom2.perf.globalcom2_selection``, ``globalcom2.perf.divprune_lockstep``), a bench's rows with its
+settings and provenance (``globalcom2.perf.compile_cost``, ``globalcom2.lmms.prefetch_threads``), and the
+``.md``/``.json`` pair written atomically."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from globalcom2.atomic import atomic_write_json, atomic_write_text
 from globalcom2.efficiency.summary import quartiles
@@ -39,3 +43,21 @@ def write_table(stem: Path, markdown: str, record: dict[str, Any]) -> None:
     atomic_write_json(stem.with_suffix(".json"), record)
     print(markdown)
     print(f"written: {stem}.{{md,json}}")
+
+
+def write_rows_table(
+    stem: Path,
+    caption: str,
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """``rows`` under a bold ``caption`` as ``<stem>.md``, and as ``<stem>.json`` with ``extra`` fields, the
+    bench's arguments (paths as text) and the provenance ``info``, through :func:`write_table`; returns the
+    JSON's record."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    record = {"caption": caption, "rows": rows, **extra, "settings": settings, "provenance": info}
+    markdown = f"**{caption}**\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3g')}\n"
+    write_table(stem, markdown, record)
+    return record
