@@ -160,7 +160,7 @@ class GlobalCom2LlavaNext(lmms):
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device = self._choose_device(spec.model.device)
-        # auto: a background thread helps when the model runs on a GPU; on a CPU it takes cores from the model
+        # auto: background threads help when the model runs on a GPU; on a CPU they take cores from the model
         self.prefetch = self._device.type == "cuda" if options.prefetch is None else options.prefetch
         # 0: each batch is prepared in the main thread, in turn
         self.prefetch_threads = (

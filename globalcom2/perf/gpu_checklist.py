@@ -208,8 +208,8 @@ def steps(images: int, carried: Path | None = None) -> list[Step]:
             "prefetch_threads",
             [python, "-m", "globalcom2.lmms.prefetch_threads", "--device", "cuda", "--threads", "1", "2", "4",
              "8"],
-            # about 30 s on the 2-core CPU with three counts; the node's cores decide whether four threads
-            # (prefetch_threads=auto there) feed the throughput step's targets
+            # 57 s on the 2-core CPU with three counts and five rounds (three here); the node's cores decide
+            # whether four threads (prefetch_threads=auto there) feed the throughput step's targets
             90,
             ("throughput/prefetch_threads_cuda.md", "throughput/prefetch_threads_cuda.json"),
             min_s=45,
