@@ -336,7 +336,7 @@ def parse_run(
         answers_journal=None if answers_journal in (None, "") else str(answers_journal),
         discard_stale_answers=coerce(discard_stale_answers, bool, key("discard_stale_answers")),
         prefetch=_prefetch_setting(prefetch, key("prefetch")),
-        prefetch_threads=_prefetch_threads_setting(prefetch_threads, key("prefetch_threads")),
+        prefetch_threads=prefetch_threads_setting(prefetch_threads, key("prefetch_threads")),
     )
     if options.prefetch is False and options.prefetch_threads is not None:
         raise ValueError(
@@ -348,8 +348,10 @@ def parse_run(
     return RunSpec(model=model, method=method_spec, options=options)
 
 
-def _prefetch_threads_setting(value: Any, name: str) -> int | None:
-    """``auto`` (``None``: :func:`default_prefetch_threads`) or an integer in [1, :data:`MAX_PREFETCH_THREADS`]."""
+def prefetch_threads_setting(value: Any, name: str) -> int | None:
+    """``auto`` (``None``: :func:`default_prefetch_threads`) or an integer in [1, :data:`MAX_PREFETCH_THREADS`];
+    ``ValueError`` naming ``name``, the value and what is valid (``globalcom2.perf.throughput`` reads its
+    ``--prefetch-threads`` with it too)."""
     if value is None or value == "auto":
         return None
     message = f"{name} must be auto or an integer from 1 to {MAX_PREFETCH_THREADS}, got {value!r}"

@@ -50,6 +50,7 @@ from globalcom2.paths import PROJECT_ROOT
 from globalcom2.perf.efficiency import Variant, parse_variant
 from globalcom2.provenance import hardware_label, provenance
 from globalcom2.records import ratio_label
+from globalcom2.run_spec import prefetch_threads_setting
 from globalcom2.sample_records import RECORDS_FILE, SampleRecord, read_jsonl
 from globalcom2.stage_timing import OTHER, STAGES
 from globalcom2.store import Cell, LoadedCell, current_cell_id
@@ -287,16 +288,12 @@ def markdown(frame: pd.DataFrame, drop: tuple[str, ...] = ("cell", "batch-1 cell
 
 
 def threads_setting(text: str) -> int | None:
-    """``--prefetch-threads`` value: ``auto`` (``None``) or an integer >= 1."""
-    if text == "auto":
-        return None
+    """``--prefetch-threads`` value, read as the harness reads ``prefetch_threads``: ``auto`` (``None``) or an
+    integer the plugin accepts."""
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be auto or an integer >= 1, got {text!r}")
-    return value
+        return prefetch_threads_setting(text, "--prefetch-threads")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

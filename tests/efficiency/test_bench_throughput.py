@@ -67,7 +67,7 @@ def test_bad_arguments_are_refused():
         throughput.parse_args(["--variants", "nonsense@0.5"])
     with pytest.raises(SystemExit):
         throughput.parse_args(["--batch-sizes", "0"])
-    for bad in ("0", "two"):
+    for bad in ("0", "17", "two"):  # the harness's own bounds (1 to 16), refused before any cell runs
         with pytest.raises(SystemExit):
             throughput.parse_args(["--prefetch-threads", bad])
 
