@@ -88,6 +88,12 @@ def auto_dtype(
         config = checkpoint_config(resolve_checkpoint(pretrained), revision=revision)
     except (OSError, ValueError, AttributeError):
         return None
+    return config_dtype(config)
+
+
+def config_dtype(config: Any) -> str | None:
+    """The dtype a checkpoint's config names for ``dtype="auto"`` (:func:`auto_dtype`), by name; ``None``
+    where it names none or one outside :data:`~globalcom2.models.base.DTYPE_CHOICES`."""
     dtype = config.dtype
     if isinstance(dtype, dict):  # per module: transformers loads every module in the "" entry's dtype
         dtype = dtype.get("", torch.get_default_dtype())
@@ -152,9 +158,9 @@ def load_llava_next(
     # The hub is asked once, here: the config check, the weights and the processor then read that one
     # commit's snapshot, which a branch moving on the hub meanwhile cannot change.
     revision = hub_commit(pretrained, revision) or revision
-    checkpoint_config(pretrained, revision=revision)  # a wrong model type fails before the weights load
+    config = checkpoint_config(pretrained, revision=revision)  # a wrong model type fails before the weights
     if dtype in (None, "auto"):  # the dtype a cell's identity names (auto_dtype), where the config names one
-        dtype = auto_dtype(pretrained, revision=revision) or "auto"
+        dtype = config_dtype(config) or "auto"
     path = resolve_checkpoint(pretrained)
     try:
         # The processor first: a few files, so a checkpoint without its tokenizer or image processor fails in

@@ -172,8 +172,10 @@ def test_auto_dtype_names_what_transformers_loads_for_auto(folder, config_entry,
 
 
 def test_the_loader_loads_auto_in_the_dtype_auto_dtype_names(folder, monkeypatch):
-    """The identity holds ``auto_dtype``'s answer, so the load must use it, not ask transformers again."""
-    monkeypatch.setattr(loader, "auto_dtype", lambda *args, **kwargs: "bfloat16")  # the config says float32
+    """The identity holds ``auto_dtype``'s answer, read from the config by ``config_dtype``, so the load must
+    use that reading of the config, not ask transformers again."""
+    monkeypatch.setattr(loader, "config_dtype", lambda config: "bfloat16")  # the config says float32
+    assert loader.auto_dtype(folder) == "bfloat16"  # the identity's answer comes from the same reading
     assert load_llava_next(folder, dtype="auto")[0].dtype == torch.bfloat16
     assert load_llava_next(folder, dtype="float32")[0].dtype == torch.float32  # an explicit dtype is kept
 
