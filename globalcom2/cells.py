@@ -78,6 +78,7 @@ NOT_IDENTITY = (
     "batch_invariant",  # in the identity as model.batch_invariant, and only when on (likewise)
     "prefetch",  # when the host prepares a batch, not what is in it (tests/lmms/test_plugin.py)
     "prefetch_threads",  # likewise: how many threads prepare them
+    "input_cache_gib",  # whether they are read back from an earlier cell: the same tensors (test_input_cache.py)
 )
 #: The keys of each config group (``None``: the primary config's own). An override of any other key, such as
 #: ``+benchmark.limt=3``, would do nothing, so it is refused (``tests/harness/test_config_keys_read.py``
@@ -85,7 +86,7 @@ NOT_IDENTITY = (
 GROUP_KEYS: dict[str | None, frozenset[str]] = {
     None: frozenset(
         {"experiment_name", "seed", "force", "dry_run", "compile", "batch_invariant", "prefetch"}
-        | {"prefetch_threads"}
+        | {"prefetch_threads", "input_cache_gib"}
         | {"model", "method", "benchmark"}
         | {"launcher", "logger", "paths"}
     ),
@@ -175,6 +176,7 @@ class CellSpec:
     launcher: LauncherSpec
     prefetch: bool | None = None  # RunOptions.prefetch (None: auto, on when the model runs on CUDA)
     prefetch_threads: int | None = None  # RunOptions.prefetch_threads (None: auto)
+    input_cache_gib: float = 0.0  # RunOptions.input_cache_gib (0: off)
 
     @property
     def key(self) -> CellKey:
@@ -194,6 +196,7 @@ class CellSpec:
             generation_overrides=self.benchmark.generation_overrides(),
             prefetch=self.prefetch,
             prefetch_threads=self.prefetch_threads,
+            input_cache_gib=self.input_cache_gib,
         )
         return RunSpec(model=self.model, method=self.method, options=options)
 
@@ -240,6 +243,7 @@ class CellSpec:
             launcher=LauncherSpec(**data["launcher"]),
             prefetch=data.get("prefetch"),
             prefetch_threads=data.get("prefetch_threads"),
+            input_cache_gib=data.get("input_cache_gib", 0.0),
         )
 
     @classmethod
@@ -273,6 +277,7 @@ class CellSpec:
             batch_invariant=plain.get("batch_invariant", False),
             prefetch=plain.get("prefetch", "auto"),
             prefetch_threads=plain.get("prefetch_threads", "auto"),
+            input_cache_gib=plain.get("input_cache_gib", 0),
             batch_size=bench_cfg.get("batch_size", 1),
             protocol=protocol,
             generation_overrides=bench_cfg.get("gen_kwargs") if protocol == "llava" else None,
@@ -328,6 +333,7 @@ class CellSpec:
             launcher,
             run.options.prefetch,
             run.options.prefetch_threads,
+            run.options.input_cache_gib,
         )
 
     def identity(self, cfg: Any) -> dict[str, Any]:

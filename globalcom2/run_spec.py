@@ -55,6 +55,7 @@ HYDRA_KEYS: dict[str, str] = {
     "batch_invariant": "batch_invariant",
     "prefetch": "prefetch",
     "prefetch_threads": "prefetch_threads",
+    "input_cache_gib": "input_cache_gib",
     "batch_size": "benchmark.batch_size",
     "protocol": "benchmark.protocol",
     "generation_overrides": "benchmark.gen_kwargs",
@@ -125,6 +126,9 @@ class RunOptions:
     prefetch: bool | None = None
     # While prefetching, the threads that run the processor side by side (None: auto, default_prefetch_threads).
     prefetch_threads: int | None = None
+    # GiB of encoded inputs this process keeps for its later runs, which read an identical batch back instead of
+    # running the processor again (globalcom2/lmms/input_cache.py); 0: off.
+    input_cache_gib: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,7 @@ def parse_run(
     discard_stale_answers: Any = False,
     prefetch: Any = "auto",
     prefetch_threads: Any = "auto",
+    input_cache_gib: Any = 0,
     model_name: str = "",
     method_label: str | None = None,
     keys: Mapping[str, str] | None = None,
@@ -337,6 +342,7 @@ def parse_run(
         discard_stale_answers=coerce(discard_stale_answers, bool, key("discard_stale_answers")),
         prefetch=_prefetch_setting(prefetch, key("prefetch")),
         prefetch_threads=prefetch_threads_setting(prefetch_threads, key("prefetch_threads")),
+        input_cache_gib=input_cache_setting(input_cache_gib, key("input_cache_gib")),
     )
     if options.prefetch is False and options.prefetch_threads is not None:
         raise ValueError(
@@ -364,6 +370,30 @@ def prefetch_threads_setting(value: Any, name: str) -> int | None:
     if not 1 <= number <= MAX_PREFETCH_THREADS:
         raise ValueError(message)
     return number
+
+
+#: The largest ``input_cache_gib`` accepted: a guard against a unit slip (bytes given as GiB).
+MAX_INPUT_CACHE_GIB = 1024.0
+
+
+def input_cache_setting(value: Any, name: str) -> float:
+    """``input_cache_gib`` (``globalcom2.lmms.input_cache``): 0 (off) or a size in GiB up to
+    :data:`MAX_INPUT_CACHE_GIB`.
+
+    Raises:
+        ValueError: anything else (a boolean, a word, a negative or non-finite number), naming ``name``, the
+            value and what is valid.
+    """
+    message = f"{name} must be 0 (off) or a size in GiB in (0, {MAX_INPUT_CACHE_GIB:g}], got {value!r}"
+    if value is None or isinstance(value, bool):
+        raise ValueError(message)
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if not 0.0 <= size <= MAX_INPUT_CACHE_GIB:  # NaN fails both comparisons
+        raise ValueError(message)
+    return size
 
 
 def _prefetch_setting(value: Any, name: str) -> bool | None:

@@ -26,7 +26,9 @@ LLaVA evaluation the paper used, ``globalcom2.protocol.rules``),
 ``generation_overrides`` (under ``llava`` only: a JSON object, or one ``k=v`` pair, applied on top of LLaVA's
 settings, e.g. a smaller ``max_new_tokens``), ``prefetch`` (``true``/``false``/``auto``: prepare the next
 batches in background threads; auto = on CUDA), ``prefetch_threads`` (while prefetching, the threads that
-run the processor side by side; ``auto``: a quarter of the cores, 1 to 4). Every other key is a parameter of
+run the processor side by side; ``auto``: a quarter of the cores, 1 to 4), ``input_cache_gib`` (GiB of encoded
+inputs kept for the later runs of this process, which read an identical batch back instead of running the
+processor again; default 0, off; ``globalcom2.lmms.input_cache``). Every other key is a parameter of
 the method (e.g.
 ``retention_ratio``), converted to the type its ``__init__`` declares.
 
@@ -85,6 +87,7 @@ from globalcom2.lmms.batch_pipeline import (
     ReadyBatch,
     ReplayedBatch,
 )
+from globalcom2.lmms.input_cache import CachedEncoder, encoder_fingerprint, shared_input_cache
 from globalcom2.lmms.manifest import MODEL_ID
 from globalcom2.models.batch_invariant import batch_invariant, forced_gqa
 from globalcom2.models.compiled import WARMUP_NEW_TOKENS, compile_model
@@ -171,6 +174,7 @@ class GlobalCom2LlavaNext(lmms):
                 f"prefetch_threads={options.prefetch_threads} is not used: prefetch=auto is off on "
                 f"{self._device.type} (each batch is prepared in turn); set prefetch=true to use the threads"
             )
+        self.input_cache_gib = options.input_cache_gib
         self.compile_mode = spec.model.compile
         self.batch_invariant = spec.model.batch_invariant
         if not checked:
@@ -197,6 +201,21 @@ class GlobalCom2LlavaNext(lmms):
             revision=self.revision,
         )
         self.tokenizer = self.processor.tokenizer
+        # the encoded inputs of earlier cells of this process, read back where a batch is the same (0 GiB: off)
+        self.input_cache = (
+            CachedEncoder(
+                shared_input_cache(self.input_cache_gib),
+                encoder_fingerprint(
+                    self.processor,
+                    self.model.config,
+                    protocol=self.protocol,
+                    vicuna_text=self.vicuna_text,
+                    dtype=self.model.dtype,
+                ),
+            )
+            if self.input_cache_gib
+            else None
+        )
         self.attachment = attach(self.model, self.method)
         # Compiled after attaching: the method's hooks stay outside the compiled layers (models/compiled.py).
         self.compiled = compile_model(self.model, self.compile_mode) if self.compile_mode else None
@@ -273,6 +292,9 @@ class GlobalCom2LlavaNext(lmms):
             "batch_invariant": self.batch_invariant,
             "prefetch": self.prefetch,
             "prefetch_threads": self.prefetch_threads,
+            "input_cache_gib": self.input_cache_gib,
+            # this run's batches read from the cache and encoded (None: off); lmms/input_cache.py
+            "input_cache": None if self.input_cache is None else self.input_cache.summary(),
         }
 
     def journal_settings(self) -> dict[str, Any]:
@@ -506,7 +528,17 @@ class GlobalCom2LlavaNext(lmms):
         )
 
     def _encode(self, processor: Any, batch: PreparedBatch) -> dict[str, torch.Tensor]:
-        """The batch's model inputs on the host (pinned for a CUDA model), tokenised as the protocol says."""
+        """The batch's model inputs on the host (pinned for a CUDA model), tokenised as the protocol says, or
+        a copy of what an earlier cell's identical batch encoded to (``input_cache_gib``)."""
+        if self.input_cache is None:
+            inputs = self._host_inputs(processor, batch)
+        else:
+            inputs = self.input_cache.encode(batch, lambda: self._host_inputs(processor, batch))
+        pin = self._device.type == "cuda"
+        return {k: v.pin_memory() if pin else v for k, v in inputs.items()}
+
+    def _host_inputs(self, processor: Any, batch: PreparedBatch) -> dict[str, torch.Tensor]:
+        """What the processor makes of the batch, pixels in the model's dtype."""
         inputs = dict(
             encode_batch(
                 processor,
@@ -520,8 +552,7 @@ class GlobalCom2LlavaNext(lmms):
         )
         if "pixel_values" in inputs:  # cast on the host: half the bytes to copy in bf16, same values
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        pin = self._device.type == "cuda"
-        return {k: v.pin_memory() if pin else v for k, v in inputs.items()}
+        return inputs
 
     def _generate_batch(
         self, ready: ReadyBatch, setting: GenerationSettings, waited: float

@@ -47,7 +47,7 @@ CELL_DEPTH = 7  # <experiment>/<model>/<method>/r<ratio>/<benchmark>/<cell id>/r
 CONFIG_COLUMNS = [
     "experiment", "model", "method", "method_name", "retention_ratio", "benchmark", "seed", "batch_size",
     "world_size", "attn_implementation", "random_init", "vicuna_text", "dtype", "compile", "batch_invariant",
-    "prefetch", "prefetch_threads", "limit", "protocol",
+    "prefetch", "prefetch_threads", "input_cache_gib", "input_cache_hits", "limit", "protocol",
     "hardware",
     "git_sha",
     "git_dirty",
@@ -66,14 +66,14 @@ SOFTWARE_PACKAGES = ("torch", "transformers", "tokenizers", "lmms_eval")
 #: Settings that change what a table compares beyond the method and its ratio: in bf16 on a GPU a batch's
 #: shape changes its rows' answers, the dtype changes every answer, the batch-invariant mode changes the
 #: kernels' shapes (so answers, and latency), prefetching and its thread count (host work beside the timed
-#: calls) change latency, compile mode changes latency most and answers by reassociation, so does the
+#: calls) change latency, the cache of encoded inputs (host work an earlier cell did) changes throughput, compile mode changes latency most and answers by reassociation, so does the
 #: attention implementation (SDPA or eager), random-initialised weights change every score, a
 #: random-initialised model's prompt length (``vicuna_text``) changes its latency, a sample ``limit`` changes
 #: which samples a score averages, the protocol (``llava`` or ``lmms_eval``) changes prompts and decoding, so
 #: scores, the hardware changes every latency, and the number of processes a cell's throughput (the sum of
 #: their rates). A table's cells should agree on these (``make tables`` warns where they do not).
 COMPARABILITY = (
-    *("batch_size", "dtype", "batch_invariant", "prefetch", "prefetch_threads", "compile"),
+    *("batch_size", "dtype", "batch_invariant", "prefetch", "prefetch_threads", "input_cache_gib", "compile"),
     "attn_implementation",
     *("random_init", "vicuna_text", "limit", "protocol", "hardware", "world_size"),
 )
@@ -276,6 +276,10 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         # 0: prepared in turn. A cell from before the count that prefetched has none: its one background thread
         # both read and encoded, which no count of the encoding pool's reproduces
         "prefetch_threads": run.get("prefetch_threads", None if run.get("prefetch") else 0),
+        # the cache of encoded inputs across a process's cells (lmms/input_cache.py): its size, 0 when off and
+        # in cells from before it, and how many of this cell's batches it served (host work not done here)
+        "input_cache_gib": float(run.get("input_cache_gib", 0.0)),
+        "input_cache_hits": int((run.get("input_cache") or {}).get("hits", 0)),
         "limit": spec["benchmark"].get("limit"),
         "protocol": spec["benchmark"].get("protocol", DEFAULT_PROTOCOL),  # cells from before it: lmms-eval's
         "hardware": hardware_label(hardware, run.get("device")),

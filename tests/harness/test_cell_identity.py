@@ -187,6 +187,14 @@ def test_identity_ignores_what_cannot_change_a_result_and_normalises_equivalent_
         identity("prefetch=false", "prefetch_threads=2")
     with pytest.raises(ValueError, match="prefetch_threads must be auto or an integer from 1 to 16, got 0"):
         identity("prefetch_threads=0")
+    # and whether they are read back from an earlier cell (the same tensors: tests/lmms/test_input_cache.py)
+    assert identity("input_cache_gib=2") == base and "input_cache_gib" not in base
+    cached = CellSpec.from_config(compose_cell(tmp_path, "input_cache_gib=0.5"))
+    assert cached.run_spec().options.input_cache_gib == 0.5
+    assert CellSpec.from_dict(cached.to_dict()) == cached
+    assert CellSpec.from_config(compose_cell(tmp_path)).run_spec().options.input_cache_gib == 0.0  # off
+    with pytest.raises(ValueError, match=r"input_cache_gib must be 0 \(off\) or a size in GiB .*got -1"):
+        identity("input_cache_gib=-1")
 
 
 def test_the_identity_names_the_kind_of_device_an_unset_one_resolves_to(tmp_path, monkeypatch):

@@ -704,6 +704,23 @@ def test_the_prefetch_thread_count_of_a_cell_from_before_it_is_unknown(tmp_path)
     assert pd.isna(threads["vanilla"]) and threads["random"] == 0 and threads["fastv"] == 4
 
 
+def test_the_input_cache_of_a_cell_is_its_size_and_the_batches_it_served(tmp_path):
+    """Off and nothing served in a cell from before the cache; otherwise as the run recorded it."""
+    root = tmp_path / "results"
+    for method, run in (
+        ("vanilla", {}),
+        ("random", {"input_cache_gib": 2.0, "input_cache": {"hits": 0, "misses": 40, "held_bytes": 9}}),
+        ("fastv", {"input_cache_gib": 2.0, "input_cache": {"hits": 40, "misses": 0, "held_bytes": 9}}),
+    ):
+        cell = write_cell(root, method, 1.0 if method == "vanilla" else 0.25, {"GQA": 60.0})
+        record = json.loads((cell / "record.json").read_text())
+        record["run"] = run
+        (cell / "record.json").write_text(json.dumps(record))
+    cells = tidy_results(root).groupby("method")[["input_cache_gib", "input_cache_hits"]].first()
+    assert cells.loc["vanilla"].tolist() == [0.0, 0]
+    assert cells.loc["random"].tolist() == [2.0, 0] and cells.loc["fastv"].tolist() == [2.0, 40]
+
+
 def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_path):
     root = tmp_path / "results"
     write_cell(root, "vanilla", 1.0, {"GQA": 60.0})
@@ -719,7 +736,7 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_p
     record["provenance"]["hardware"] = {"gpu": "NVIDIA H200"}
     record["spec"]["benchmark"]["limit"] = 20
     # throughput is the sum of the processes' rates; batches prepared beside the timed calls, by four threads
-    record["run"] = {"world_size": 2, "prefetch": True, "prefetch_threads": 4}
+    record["run"] = {"world_size": 2, "prefetch": True, "prefetch_threads": 4, "input_cache_gib": 2.0}
     (cell / "record.json").write_text(json.dumps(record))
     with pytest.warns(UserWarning) as caught:
         build_report(tidy_results(root), "t1", tmp_path / "mixed")
@@ -734,6 +751,7 @@ def test_a_table_that_mixes_batch_sizes_dtypes_or_execution_settings_warns(tmp_p
     assert any("world_size differs between cells: 1 (1 cells), 2 (1 cells)" in m for m in messages)
     assert any("prefetch differs between cells: False (1 cells), True (1 cells)" in m for m in messages)
     assert any("prefetch_threads differs between cells: 0 (1 cells), 4 (1 cells)" in m for m in messages)
+    assert any("input_cache_gib differs between cells: 0 (1 cells), 2 (1 cells)" in m for m in messages)
     assert any(
         "hardware differs between cells: NVIDIA H100 (1 cells), NVIDIA H200 (1 cells)" in m for m in messages
     )
