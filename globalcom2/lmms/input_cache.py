@@ -25,9 +25,10 @@ Off by default (``input_cache_gib=0``): a large benchmark (MME's 2,374 items at 
 7 MB each in fp32) does not fit a sensible budget, and where the batches of one cell cannot be served from an
 earlier cell the cache only costs time. The demo turns it on (``configs/experiment/demo.yaml``). Measured there
 (2-core CPU, vanilla then GlobalCom² at R = 0.25, 120 items, batch 1): the cache held 0.69 GB; filling it cost
-the first cell about 2 s of preparation (3.4-3.9 s without the cache, 5.3-5.7 s with it), nearly all of it the
-first touch of that memory, since the processor then writes into fresh pages where it would reuse freed ones
-(the digests and copies took 0.2 s); the second cell's preparation fell from 3.7 s to 0.5 s.
+the first cell about 2 s of preparation (3.4-3.9 s without the cache, 5.3-5.7 s with it), of which the digests
+and copies took 0.2 s: the processor's own calls ran slower while the cache grew, for a reason not established
+(not glibc's mmap and trim thresholds, which changed nothing). The second cell's preparation fell from 3.7 s to
+0.5 s.
 """
 
 from __future__ import annotations
