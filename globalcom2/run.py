@@ -505,6 +505,32 @@ class PreRunChecks(Callback):
         if problems:
             listing = "\n".join(f"  - {p}" for p in problems)
             raise SystemExit(f"the sweep was not started: some of its cells would be refused:\n{listing}")
+        unshared = unshared_input_cache(config)
+        if unshared:
+            log.warning(unshared)
+
+
+def unshared_input_cache(config: DictConfig) -> str | None:
+    """Why this sweep's ``input_cache_gib`` can serve no cell, if it cannot: the cache lives in one process
+    (``globalcom2/lmms/input_cache.py``), and a Slurm job or a data-parallel cell's worker group is a process
+    of its own, so each cell would only pay to fill a cache that ends with it."""
+    try:
+        gib = float(config.get("input_cache_gib", 0) or 0)
+    except (TypeError, ValueError):  # refused by the cell checks, with the valid values
+        return None
+    launcher = config.launcher
+    if gib <= 0:
+        return None
+    if launcher.name == "slurm":
+        where = "launcher=slurm runs each cell as a job of its own"
+    elif int(launcher.get("num_processes", 1)) > 1:
+        where = f"launcher.num_processes={launcher.num_processes} runs each cell in processes of its own"
+    else:
+        return None
+    return (
+        f"input_cache_gib={config.input_cache_gib}: {where}, so no cell can read another's encoded inputs and the "
+        "cache only costs its filling; set input_cache_gib=0"
+    )
 
 
 def _exit_if_unwritable(config: DictConfig) -> None:

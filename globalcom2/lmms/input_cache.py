@@ -11,15 +11,19 @@ are bit-identical to encoding again (``tests/lmms/test_input_cache.py``). The ke
 reads:
 
 * the batch: its prompts, the number of images of each row, and each image's pixels (a SHA-256 of its mode,
-  size, palette and bytes, so an equal image loaded twice is one entry, an edited one is another);
+  size, palette, transparency and bytes, so an equal image loaded twice is one entry, an edited one another);
 * the encoder (:func:`encoder_fingerprint`): the processor's configuration, the tokenizer's whole definition,
   the model config (AnyRes geometry, image token id), the protocol's tokenisation, the Vicuna text cut and
   the dtype the pixels are cast to.
 
-Entries are copied in and copied out, so a caller that modifies its inputs in place cannot change what the
-next cell reads. The cache is bounded: past ``budget_bytes`` the least recently used entries leave, and an
-entry larger than the whole budget is never kept. It lives in the process (:func:`shared_input_cache`): the
-cells of a Hydra sweep share it, the processes of a data-parallel cell each start empty.
+Entries are copied in and copied out (a hit for a CUDA model is copied once, straight into pinned memory), so
+a caller that modifies its inputs in place cannot change what the next cell reads. The cache is bounded, and
+once full it keeps what it holds and admits nothing new: every cell of a sweep reads its batches in the same
+order, and least-recently-used eviction would drop each entry just before the next cell asks for it (no hit
+at all once the cells' batches exceed the budget), where keeping the first entries serves that share of every
+later cell. An entry larger than the whole budget is never kept. It lives in the process
+(:func:`shared_input_cache`): the cells of a local Hydra sweep share it; the processes of a data-parallel cell,
+and the jobs of a Slurm sweep, each start empty and gain nothing from it (``globalcom2.run`` warns).
 
 Off by default (``input_cache_gib=0``): a large benchmark (MME's 2,374 items at up to five 336x336 crops, about
 7 MB each in fp32) does not fit a sensible budget, and where the batches of one cell cannot be served from an
@@ -36,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -49,11 +52,12 @@ GIB = 1 << 30
 
 
 def image_digest(image: Image.Image) -> str:
-    """SHA-256 of what the processor reads of ``image``: mode, size, palette and pixels."""
-    digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
-    palette = image.getpalette() if image.mode in ("P", "PA") else None
-    if palette is not None:
-        digest.update(bytes(palette))
+    """SHA-256 of what the processor reads of ``image``: mode, size, palette (in its own mode, alpha included),
+    transparency (a PNG or GIF ``tRNS`` entry, which the conversion to RGB applies) and pixels."""
+    digest = hashlib.sha256(f"{image.mode}:{image.size}:{image.info.get('transparency')!r}".encode())
+    if image.mode in ("P", "PA") and image.palette is not None:
+        digest.update(f"palette:{image.palette.mode}:".encode())
+        digest.update(bytes(image.getpalette(rawmode=None) or ()))
     digest.update(image.tobytes())
     return digest.hexdigest()
 
@@ -77,9 +81,12 @@ def encoder_fingerprint(
     """
     tokenizer = processor.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = (
-        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    )
+    if backend is not None:  # a fast tokenizer: its JSON holds all of it
+        definition = backend.to_str()
+    else:  # a slow one: its vocabulary and the options it was built with (add_bos_token, legacy, ...)
+        definition = json.dumps(
+            [sorted(tokenizer.get_vocab().items()), tokenizer.init_kwargs], sort_keys=True, default=str
+        )
     parts = {
         "processor": type(processor).__name__,
         "processor_config": processor.to_json_string(),
@@ -96,8 +103,9 @@ def encoder_fingerprint(
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _copied(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in inputs.items()}
+def _copied(inputs: dict[str, torch.Tensor], *, pinned: bool = False) -> dict[str, torch.Tensor]:
+    """A copy the caller owns: in pinned memory (one copy where the caller would pin anyway), else cloned."""
+    return {name: tensor.pin_memory() if pinned else tensor.clone() for name, tensor in inputs.items()}
 
 
 def _nbytes(inputs: dict[str, torch.Tensor]) -> int:
@@ -105,11 +113,12 @@ def _nbytes(inputs: dict[str, torch.Tensor]) -> int:
 
 
 class InputCache:
-    """Least-recently-used encoded inputs, bounded in bytes; safe to use from several threads."""
+    """Encoded inputs up to ``budget_bytes``; once full, new entries are not admitted. Safe to use from
+    several threads: every entry is immutable once stored, and the table is changed under a lock."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._entries: dict[tuple, dict[str, torch.Tensor]] = {}  # in the order they were admitted
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -124,38 +133,31 @@ class InputCache:
             return len(self._entries)
 
     def resize(self, budget_bytes: int) -> None:
-        """A new budget; entries leave, oldest first, until the held bytes fit it."""
+        """A new budget; the latest entries leave until the held bytes fit it (0 empties the cache)."""
         with self._lock:
             self.budget_bytes = budget_bytes
-            self._evict()
+            while self._bytes > self.budget_bytes and self._entries:
+                last = next(reversed(self._entries))
+                self._bytes -= _nbytes(self._entries.pop(last))
 
-    def get(self, key: tuple) -> dict[str, torch.Tensor] | None:
-        """A copy of the entry, now the most recently used; ``None`` if there is none."""
+    def get(self, key: tuple, *, pinned: bool = False) -> dict[str, torch.Tensor] | None:
+        """A copy of the entry (pinned, for a CUDA model), or ``None`` if there is none."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
-                return None
-            self._entries.move_to_end(key)
-        return _copied(entry)  # outside the lock: the entry itself is never modified
+        return None if entry is None else _copied(entry, pinned=pinned)  # the entry itself never changes
 
-    def put(self, key: tuple, inputs: dict[str, torch.Tensor]) -> None:
-        """Keep a copy of ``inputs`` under ``key``, unless it alone exceeds the budget."""
+    def put(self, key: tuple, inputs: dict[str, torch.Tensor]) -> bool:
+        """Keep a copy of ``inputs`` under ``key`` if it fits in what the budget has left; whether it was kept.
+        The copy is made under the lock (about a millisecond for a 672x672 image's inputs), so that the table
+        and its byte count change together. Two threads that miss one key at once both encode it; the second
+        copy is not kept."""
         size = _nbytes(inputs)
-        if size > self.budget_bytes:
-            return
-        stored = _copied(inputs)
         with self._lock:
-            previous = self._entries.pop(key, None)
-            if previous is not None:
-                self._bytes -= _nbytes(previous)
-            self._entries[key] = stored
+            if key in self._entries or self._bytes + size > self.budget_bytes:
+                return False
+            self._entries[key] = _copied(inputs)
             self._bytes += size
-            self._evict()
-
-    def _evict(self) -> None:
-        while self._bytes > self.budget_bytes and self._entries:
-            _, entry = self._entries.popitem(last=False)
-            self._bytes -= _nbytes(entry)
+        return True
 
     def clear(self) -> None:
         with self._lock:
@@ -172,11 +174,12 @@ class CachedEncoder:
         self._lock = threading.Lock()
 
     def encode(
-        self, batch: PreparedBatch, compute: Callable[[], dict[str, torch.Tensor]]
+        self, batch: PreparedBatch, compute: Callable[[], dict[str, torch.Tensor]], *, pinned: bool = False
     ) -> dict[str, torch.Tensor]:
-        """The batch's inputs: from the cache, or ``compute()`` (then kept)."""
+        """The batch's inputs, from the cache or ``compute()`` (then kept if there is room); ``pinned``: in
+        pinned memory, for a CUDA model."""
         key = (self.fingerprint, *batch_key(batch))
-        found = self.cache.get(key)
+        found = self.cache.get(key, pinned=pinned)
         with self._lock:
             if found is None:
                 self.misses += 1
@@ -186,10 +189,11 @@ class CachedEncoder:
             return found
         inputs = compute()
         self.cache.put(key, inputs)
-        return inputs
+        return _copied(inputs, pinned=True) if pinned else inputs  # the computed tensors are the caller's
 
     def summary(self) -> dict[str, int]:
-        """This cell's hits and misses, and the bytes the cache holds now (all cells')."""
+        """This cell's hits and misses (encodings, the warm-up's included), and the bytes the cache holds now
+        (all cells')."""
         with self._lock:
             return {"hits": self.hits, "misses": self.misses, "held_bytes": self.cache.nbytes}
 
@@ -199,7 +203,8 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_input_cache(gib: float) -> InputCache:
-    """The process's cache, at a budget of ``gib`` GiB (a new budget evicts down to it)."""
+    """The process's cache, at a budget of ``gib`` GiB (a smaller budget drops entries down to it; 0 empties
+    it, so that a run with the cache off holds nothing of an earlier run's)."""
     global _SHARED
     budget = int(gib * GIB)
     with _SHARED_LOCK:

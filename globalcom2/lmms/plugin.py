@@ -201,10 +201,12 @@ class GlobalCom2LlavaNext(lmms):
             revision=self.revision,
         )
         self.tokenizer = self.processor.tokenizer
-        # the encoded inputs of earlier cells of this process, read back where a batch is the same (0 GiB: off)
+        # the encoded inputs of earlier cells of this process, read back where a batch is the same (0 GiB: off,
+        # and an earlier run's entries are let go)
+        shared = shared_input_cache(self.input_cache_gib)
         self.input_cache = (
             CachedEncoder(
-                shared_input_cache(self.input_cache_gib),
+                shared,
                 encoder_fingerprint(
                     self.processor,
                     self.model.config,
@@ -293,7 +295,8 @@ class GlobalCom2LlavaNext(lmms):
             "prefetch": self.prefetch,
             "prefetch_threads": self.prefetch_threads,
             "input_cache_gib": self.input_cache_gib,
-            # this run's batches read from the cache and encoded (None: off); lmms/input_cache.py
+            # this run's encodings (the warm-up's included) read from the cache and made (None: off), and the
+            # bytes the cache holds; lmms/input_cache.py
             "input_cache": None if self.input_cache is None else self.input_cache.summary(),
         }
 
@@ -530,11 +533,10 @@ class GlobalCom2LlavaNext(lmms):
     def _encode(self, processor: Any, batch: PreparedBatch) -> dict[str, torch.Tensor]:
         """The batch's model inputs on the host (pinned for a CUDA model), tokenised as the protocol says, or
         a copy of what an earlier cell's identical batch encoded to (``input_cache_gib``)."""
-        if self.input_cache is None:
-            inputs = self._host_inputs(processor, batch)
-        else:
-            inputs = self.input_cache.encode(batch, lambda: self._host_inputs(processor, batch))
         pin = self._device.type == "cuda"
+        if self.input_cache is not None:
+            return self.input_cache.encode(batch, lambda: self._host_inputs(processor, batch), pinned=pin)
+        inputs = self._host_inputs(processor, batch)
         return {k: v.pin_memory() if pin else v for k, v in inputs.items()}
 
     def _host_inputs(self, processor: Any, batch: PreparedBatch) -> dict[str, torch.Tensor]:

@@ -5,9 +5,11 @@ bounded in bytes."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
+from helpers import compose_cell
 from PIL import Image
 from test_plugin import requests_for
 
@@ -22,6 +24,7 @@ from globalcom2.lmms.input_cache import (
 )
 from globalcom2.lmms.plugin import GlobalCom2LlavaNext
 from globalcom2.protocol.batching import PreparedBatch
+from globalcom2.run import unshared_input_cache
 
 
 def entry(value: float, floats: int = 16) -> dict[str, torch.Tensor]:
@@ -42,21 +45,61 @@ def test_a_hit_is_a_copy_that_neither_side_can_change():
     assert again["input_ids"].tolist() == [1, 2] and cache.get(("b",)) is None
 
 
-def test_the_least_recently_used_entries_leave_past_the_budget():
+def test_a_full_cache_admits_nothing_new_so_a_repeated_scan_still_hits():
+    """Every cell reads its batches in one order: with room for two of three, the second pass finds the first
+    two (least-recently-used eviction would have dropped each just before it was asked for: no hit)."""
     size = 16 * 4 + 2 * 8  # bytes of entry()
-    cache = InputCache(budget_bytes=3 * size)
-    for name in "abc":
-        cache.put((name,), entry(1.0))
-    assert len(cache) == 3 and cache.nbytes == 3 * size
-    cache.get(("a",))  # now the most recent: b is the oldest
-    cache.put(("d",), entry(2.0))
-    assert cache.get(("b",)) is None and all(cache.get((n,)) is not None for n in "acd")
-    cache.put(("a",), entry(3.0))  # replaced, counted once
-    assert cache.nbytes == 3 * size and cache.get(("a",))["pixel_values"][0] == 3.0
-    cache.put(("huge",), entry(0.0, floats=1000))  # larger than the whole budget: not kept, nothing evicted
-    assert cache.get(("huge",)) is None and len(cache) == 3
-    cache.resize(size)  # a smaller budget evicts down to it, oldest first
+    cache = InputCache(budget_bytes=2 * size)
+    found = []
+    for _ in range(2):
+        for name in "abc":
+            if cache.get((name,)) is not None:
+                found.append(name)
+            else:
+                cache.put((name,), entry(1.0))
+    assert found == ["a", "b"] and cache.nbytes == 2 * size
+    assert cache.put(("a",), entry(5.0)) is False and cache.get(("a",))["pixel_values"][0] == 1.0  # kept
+    assert cache.put(("huge",), entry(0.0, floats=1000)) is False  # larger than the room left
+    cache.resize(size)  # a smaller budget lets the latest entries go first
     assert len(cache) == 1 and cache.get(("a",)) is not None and cache.nbytes == size
+    cache.resize(0)
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_threads_sharing_the_cache_keep_its_byte_count_exact():
+    size = 16 * 4 + 2 * 8
+    cache = InputCache(budget_bytes=10 * size)
+    barrier = threading.Barrier(4)
+
+    def work(seed: int) -> None:
+        barrier.wait()
+        for step in range(200):
+            key = ((seed * 7 + step) % 25,)
+            if cache.get(key) is None:
+                cache.put(key, entry(float(key[0])))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(cache) == 10 and cache.nbytes == 10 * size
+    assert all(cache.get((k,)) is None or cache.get((k,))["pixel_values"][0] == k for k in range(25))
+
+
+def test_a_hit_for_a_cuda_model_is_copied_once_into_pinned_memory(monkeypatch):
+    """``pinned``: each tensor of a hit is copied by ``pin_memory`` alone (no clone first); a miss's computed
+    tensors are pinned too. (``pin_memory`` needs CUDA: here it is replaced by a counting copy.)"""
+    pinned, cloned = [], []
+    real_clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(1) or real_clone(t))
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: cloned.append(1) or real_clone(t, *a, **k))
+    encoder = CachedEncoder(InputCache(budget_bytes=GIB), "encoder")
+    batch = PreparedBatch(["<image>\nq"], [Image.new("RGB", (4, 4), "green")], [1], [("t", "s", 0)])
+    encoder.encode(batch, lambda: entry(1.0), pinned=True)  # a miss: kept (cloned), returned pinned
+    assert (len(cloned), len(pinned)) == (2, 2)
+    hit = encoder.encode(batch, lambda: entry(2.0), pinned=True)
+    assert (len(cloned), len(pinned)) == (2, 4) and hit["pixel_values"][0] == 1.0
 
 
 def test_an_image_digest_follows_what_the_processor_reads():
@@ -73,6 +116,17 @@ def test_an_image_digest_follows_what_the_processor_reads():
     recoloured = indexed.copy()
     recoloured.putpalette([0, 0, 255] * 256)  # the same indices, other colours
     assert image_digest(indexed) != image_digest(recoloured)
+    translucent = indexed.copy()
+    translucent.putpalette([255, 0, 0, 128] * 256, rawmode="RGBA")  # the same colours, other alpha
+    assert image_digest(indexed) != image_digest(translucent)
+    keyed = indexed.copy()
+    keyed.info["transparency"] = 0  # a tRNS entry: index 0 becomes transparent in the conversion to RGBA
+    assert image_digest(indexed) != image_digest(keyed)
+    keyed_rgb = image.copy()
+    keyed_rgb.info["transparency"] = (10, 20, 30)  # an RGB PNG's tRNS: this colour is transparent
+    assert image_digest(keyed_rgb) != image_digest(image)
+    # what it changes: transformers' convert_to_rgb composites a transparent pixel onto white
+    assert keyed_rgb.convert("RGBA").tobytes() != image.convert("RGBA").tobytes()
 
 
 def test_a_batch_key_holds_its_prompts_rows_and_images_in_order():
@@ -101,6 +155,10 @@ def test_the_encoder_fingerprint_changes_with_whatever_the_encoding_reads(tiny):
 
     base = fingerprint()
     assert fingerprint(processor=copy.deepcopy(processor)) == base
+    for name, value in (("padding_side", "right"), ("pad_token_id", 0)):
+        changed = copy.deepcopy(processor)
+        setattr(changed.tokenizer, name, value)
+        assert fingerprint(processor=changed) != base, name
     assert fingerprint(protocol="llava") != base
     assert fingerprint(vicuna_text=True) != base
     assert fingerprint(dtype=torch.bfloat16) != base
@@ -134,12 +192,20 @@ def test_a_cached_encoder_counts_and_computes_only_on_a_miss():
     assert one.summary() == {"hits": 1, "misses": 1, "held_bytes": cache.nbytes}
 
 
+@pytest.fixture
+def empty_shared_cache():
+    """The process's cache, empty before the test and after it (other tests run in this process too)."""
+    shared_input_cache(0.0)
+    yield
+    shared_input_cache(0.0)
+
+
+@pytest.mark.usefixtures("empty_shared_cache")
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_a_later_run_reads_every_batch_back_with_the_answers_of_encoding_again(images, prefetch):
     """Two runs in one process (two cells of a sweep, other methods) with the cache on: the second finds every
     batch of the first and gives, token for token, the answers and records of a run without the cache; with
     two encoding threads too (the cache is shared between them)."""
-    shared_input_cache(1.0).clear()
     sizes = [(336, 1008), (336, 336), (800, 600), (336, 336), (1008, 336)]
     docs = [{"image": images[size]} for size in sizes]
     gen = {"until": ["\n\n"], "max_new_tokens": 4}
@@ -157,14 +223,14 @@ def test_a_later_run_reads_every_batch_back_with_the_answers_of_encoding_again(i
         assert lm.run_info["input_cache_gib"] == cache_gib
         return rows, lm.run_info["input_cache"]
 
-    cached_first, first_use = answers("random", 0.25, 1.0)
+    _, first_use = answers("random", 0.25, 1.0)
     assert first_use["misses"] >= 3  # three batches of 2, 2 and 1 rows (and the warm-up's first row)
     cached_second, second_use = answers("fastv", 0.5, 1.0)
     assert second_use["misses"] == 0 and second_use["held_bytes"] > 0
     assert second_use["hits"] == first_use["hits"] + first_use["misses"]  # the same encodings, all read back
-    assert cached_first == answers("random", 0.25, 0.0)[0]
     uncached_second, off = answers("fastv", 0.5, 0.0)
     assert cached_second == uncached_second and off is None
+    assert len(shared_input_cache(1.0)) == 0  # the run with the cache off let the earlier entries go
 
 
 def test_the_cache_setting_is_checked_before_the_model_loads(monkeypatch):
@@ -177,3 +243,15 @@ def test_the_cache_setting_is_checked_before_the_model_loads(monkeypatch):
             ValueError, match=r"input_cache_gib must be 0 \(off\) or a size in GiB in \(0, 1024\]"
         ):
             GlobalCom2LlavaNext(pretrained="tiny", input_cache_gib=bad)
+
+
+def test_a_sweep_whose_cells_run_in_processes_of_their_own_is_told_the_cache_cannot_help(tmp_path):
+    assert unshared_input_cache(compose_cell(tmp_path, "input_cache_gib=2")) is None  # local: one process
+    assert unshared_input_cache(compose_cell(tmp_path, "launcher=slurm")) is None  # off
+    slurm = unshared_input_cache(compose_cell(tmp_path, "launcher=slurm", "input_cache_gib=2"))
+    assert slurm == (
+        "input_cache_gib=2: launcher=slurm runs each cell as a job of its own, so no cell can read another's "
+        "encoded inputs and the cache only costs its filling; set input_cache_gib=0"
+    )
+    spread = compose_cell(tmp_path, "launcher=accelerate", "launcher.num_processes=2", "input_cache_gib=2")
+    assert "launcher.num_processes=2 runs each cell in processes of its own" in unshared_input_cache(spread)
