@@ -518,9 +518,9 @@ def unshared_input_cache(config: DictConfig) -> str | None:
         gib = float(config.get("input_cache_gib", 0) or 0)
     except (TypeError, ValueError):  # refused by the cell checks, with the valid values
         return None
-    launcher = config.launcher
     if gib <= 0:
         return None
+    launcher = config.launcher
     if launcher.name == "slurm":
         where = "launcher=slurm runs each cell as a job of its own"
     elif int(launcher.get("num_processes", 1)) > 1:

@@ -66,12 +66,13 @@ SOFTWARE_PACKAGES = ("torch", "transformers", "tokenizers", "lmms_eval")
 #: Settings that change what a table compares beyond the method and its ratio: in bf16 on a GPU a batch's
 #: shape changes its rows' answers, the dtype changes every answer, the batch-invariant mode changes the
 #: kernels' shapes (so answers, and latency), prefetching and its thread count (host work beside the timed
-#: calls) change latency, the cache of encoded inputs (host work an earlier cell did) changes throughput, compile mode changes latency most and answers by reassociation, so does the
-#: attention implementation (SDPA or eager), random-initialised weights change every score, a
-#: random-initialised model's prompt length (``vicuna_text``) changes its latency, a sample ``limit`` changes
-#: which samples a score averages, the protocol (``llava`` or ``lmms_eval``) changes prompts and decoding, so
-#: scores, the hardware changes every latency, and the number of processes a cell's throughput (the sum of
-#: their rates). A table's cells should agree on these (``make tables`` warns where they do not).
+#: calls) change latency, the cache of encoded inputs (host work an earlier cell did) changes the end-to-end
+#: rate, compile mode changes latency most and answers by reassociation, so does the attention
+#: implementation (SDPA or eager), random-initialised weights change every score, a random-initialised
+#: model's prompt length (``vicuna_text``) changes its latency, a sample ``limit`` changes which samples a
+#: score averages, the protocol (``llava`` or ``lmms_eval``) changes prompts and decoding, so scores, the
+#: hardware changes every latency, and the number of processes a cell's throughput (the sum of their rates).
+#: A table's cells should agree on these (``make tables`` warns where they do not).
 COMPARABILITY = (
     *("batch_size", "dtype", "batch_invariant", "prefetch", "prefetch_threads", "input_cache_gib", "compile"),
     "attn_implementation",
