@@ -388,7 +388,7 @@ def input_cache_setting(value: Any, name: str) -> float:
     if value is None or isinstance(value, bool):
         raise ValueError(message)
     try:
-        size = float(value)
+        size = coerce(value, float, name)
     except (TypeError, ValueError):
         raise ValueError(message) from None
     if not 0.0 <= size <= MAX_INPUT_CACHE_GIB:  # NaN fails both comparisons

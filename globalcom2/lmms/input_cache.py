@@ -159,11 +159,6 @@ class InputCache:
             self._bytes += size
         return True
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
 
 class CachedEncoder:
     """One cell's view of the shared cache: its encoder's fingerprint, and how many batches it found there."""
