@@ -33,12 +33,25 @@ layer's ``layer_idx``, and dynamo guards on that slot), and the graphs' bodies a
 FX graph cache compiles the first ones and serves the rest.
 
 dynamo keeps a frame's graphs on its code object and scans them at every call. In transformers 5.x every
-CLIP and LLaMA layer's ``forward`` is one wrapper, so each layer runs a private copy of its code
-(:func:`_with_own_code`): a code object then holds one layer's graphs (at most 6), where the shared one held
-every layer's, and its scan cost 0.45 ms a call. dynamo also counts graphs against ``recompile_limit`` (8)
-and ``accumulated_recompile_limit`` (256), past which it silently runs a layer eager; :func:`compile_model`
+CLIP and LLaMA layer's ``forward`` is one wrapper, so each decoder layer runs a private copy of its code
+(:func:`_layer_code`): a code object then holds one layer's graphs (at most 6), where the shared one held
+every layer's, and its scan cost 0.45 ms a call. The vision layers share one copy: nothing in a CLIP layer
+differs from the next but its weights, which the graphs take as inputs, so the first layer's graph serves
+all 24 and dynamo traces one instead of 24. dynamo also counts graphs against ``recompile_limit`` (8) and
+``accumulated_recompile_limit`` (256), past which it silently runs a layer eager; :func:`compile_model`
 raises both to what the whole model can need (:func:`recompile_limit_for`; a 13B's 272), a margin kept from
 when the layers shared one code object, and restores them when the last handle is removed.
+
+**A later model reuses the graphs.** The copies are kept for the process's life, per layer slot and
+:func:`compile_signature` (the config without its path, the attention implementation, dtype, device and
+mode). A sweep's cells run in one process and each loads its model anew; the next cell's layers then run
+the same code objects, and dynamo serves the graphs it traced for the first cell: their guards check the
+inputs' shapes, dtypes and the modules' attributes, and the weights are graph inputs, not constants, so a
+model with other weights passes them and computes with its own (``tests/models/test_compiled.py``). Without
+this each cell traced the whole model again: about 96 s on the 2-core CPU at the 7B's depth even with a warm
+inductor cache (``make bench-compile-cost``). The CUDA-graph modes on CUDA keep a fresh copy per layer and
+compile, as before: a recorded graph bakes in its weights' addresses and holds a memory pool, which must go
+with the model; so does inductor's ``freezing``, which makes the weights constants (:func:`_reuses_graphs`).
 
 **The default mode is ``default`` on every device**, not ``reduce-overhead`` (CUDA graphs). Two reasons,
 both from compiling per layer: under inference, every call of a compiled function starts a new CUDA-graph
@@ -61,6 +74,7 @@ within floating-point reassociation, and greedy answers are identical on the tes
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -213,6 +227,15 @@ def _replays_cuda_graphs(device: torch.device, mode: str) -> bool:
     return device.type == "cuda" and mode in CUDA_GRAPH_MODES
 
 
+def _reuses_graphs(device: torch.device, mode: str) -> bool:
+    """Whether layers share graphs, with each other (the vision layers) and with earlier models of their
+    signature (module docstring): not where CUDA graphs replay (a recorded graph bakes in its weights'
+    addresses and holds a memory pool), nor under inductor's freezing (weights become constants)."""
+    from torch._inductor import config as inductor_config  # what torch.compile imports first thing anyway
+
+    return not _replays_cuda_graphs(device, mode) and not inductor_config.freezing
+
+
 def _mark_cuda_graph_step(module: torch.nn.Module, args: Any) -> None:
     """A forward pre-hook: the layers this forward runs form one CUDA-graph generation (module docstring)."""
     torch.compiler.cudagraph_mark_step_begin()
@@ -241,27 +264,67 @@ def _has_hooks(modules: list[torch.nn.Module]) -> bool:
     )
 
 
-def _with_own_code(forward: Any, name: str) -> Any:
+#: The code copies compiled layers run, kept for the process's life (module docstring): per
+#: :func:`compile_signature`, each layer slot's copy, keyed by the original code object and the slot's name.
+_LAYER_CODE: dict[str, dict[tuple[types.CodeType, str], types.CodeType]] = {}
+
+
+def compile_signature(model: Any, mode: str) -> str:
+    """What a compiled model's graphs may depend on besides its inputs: the model's config (its path left
+    out: two checkpoints of one architecture share graphs), attention implementation, dtype and device, and
+    the compile mode. Models with the same signature run the same layer code (:func:`_layer_code`); dynamo's
+    guards still decide whether a graph fits, so the signature only keeps unrelated models' graphs apart."""
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    parameter = next(model.parameters())
+    return json.dumps(
+        {
+            "config": config,
+            "attn_implementation": model.config._attn_implementation,
+            "dtype": str(parameter.dtype),
+            "device": str(parameter.device),
+            "mode": mode,
+        },
+        sort_keys=True,
+        default=str,
+    )
+
+
+def _layer_code(
+    forward: Any, name: str, codes: dict[tuple[types.CodeType, str], types.CodeType] | None
+) -> Any:
     """``forward`` (a module's bound method) running a copy of its function's code object, named ``name``.
 
     dynamo keeps its compiled graphs, and their guards, on the code object a frame runs, and at every call
     scans that code object's entries until one's guards pass. In transformers 5.x every CLIP and LLaMA layer's
     ``forward`` is one wrapper (``GradientCheckpointingLayer``'s ``forward_with_checkpointing``), so a 7B's
-    56 layers (a 13B's 64) would share one list of over a hundred entries. A copy per layer keeps each
-    layer's few graphs to itself: on the CPU (random-init 7B depth, ``torch.profiler``), dynamo's cache lookup
-    fell from 0.45 to 0.12 ms a layer call. The copy's closure and globals are the original's, so it behaves
-    exactly as the original."""
+    32 decoder layers (a 13B's 40) would share one list of about a hundred entries, each layer's own (dynamo
+    guards on the layer's KV-cache slot). A copy per decoder layer keeps each layer's few graphs to itself: on
+    the CPU (random-init 7B depth, ``torch.profiler``), dynamo's cache lookup fell from 0.45 to 0.12 ms a
+    layer call. The copy's closure and globals are the original's, so it behaves exactly as the original.
+
+    ``codes`` holds the copies already made for ``name`` (:data:`_LAYER_CODE`), whose graphs are then reused;
+    ``None`` makes a fresh copy."""
     function = forward.__func__
-    code = function.__code__.replace(co_name=name)
+    if codes is None:
+        code = function.__code__.replace(co_name=name)
+    else:
+        code = codes.setdefault((function.__code__, name), function.__code__.replace(co_name=name))
     copy = types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
     copy.__kwdefaults__ = function.__kwdefaults__
     copy.__dict__.update(function.__dict__)
     return types.MethodType(copy, forward.__self__)
 
 
-def _compiled_forward(layer: torch.nn.Module, mode: str, prefill_only: bool, name: str) -> Callable[..., Any]:
+def _compiled_forward(
+    layer: torch.nn.Module,
+    mode: str,
+    prefill_only: bool,
+    name: str,
+    codes: dict[tuple[types.CodeType, str], types.CodeType] | None,
+) -> Callable[..., Any]:
     eager = layer.forward
-    compiled = torch.compile(_with_own_code(eager, name), mode=mode, dynamic=True)
+    compiled = torch.compile(_layer_code(eager, name, codes), mode=mode, dynamic=True)
     inner = [m for m in layer.modules() if m is not layer]  # hooks on these would be traced: run eager then
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -297,15 +360,19 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
     if any("forward" in vars(layer) for layer in layers):
         raise ValueError("this model's layers are already compiled (or their forward was replaced)")
     decode_compiled = not _replays_cuda_graphs(device, mode)  # the module docstring says why
+    codes = (
+        _LAYER_CODE.setdefault(compile_signature(model, mode), {}) if _reuses_graphs(device, mode) else None
+    )
     _raise_recompile_limit(recompile_limit_for(len(vision_layers), len(decoder_layers), decode_compiled))
     wrapped: list[Any] = []
     try:
         for index, layer in enumerate(vision_layers):
-            layer.forward = _compiled_forward(layer, mode, False, f"vision_layer_{index}_forward")
+            name = "vision_layer_forward" if codes is not None else f"vision_layer_{index}_forward"
+            layer.forward = _compiled_forward(layer, mode, False, name, codes)
             wrapped.append(layer)
         for index, layer in enumerate(decoder_layers):
             layer.forward = _compiled_forward(
-                layer, mode, not decode_compiled, f"decoder_layer_{index}_forward"
+                layer, mode, not decode_compiled, f"decoder_layer_{index}_forward", codes
             )
             wrapped.append(layer)
         hooks = []

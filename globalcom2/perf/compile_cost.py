@@ -9,7 +9,10 @@ cold ``compile=true`` cell pays once. Depth, not width, sets the tracing: so thi
 runs on a CPU in minutes, and runs the efficiency benchmark's compiled phase on it twice, each in a process
 of its own with one inductor cache folder: first empty (cold), then as the first run left it (warm). What
 the warm run still pays is dynamo's tracing, AOT autograd and the cache's lookups and loads; the difference
-is what the cache spares, inductor's lowering and code generation.
+is what the cache spares, inductor's lowering and code generation. The warm run's process then loads the
+model anew and runs the phase once more (reloaded), as the next cell of a local sweep does: its layers run
+the code the first model's compiled (``globalcom2.models.compiled``, "A later model reuses the graphs"), so
+what it pays is what a sweep's later cells pay.
 
     python -m globalcom2.perf.compile_cost                         # 7B depth, CPU, the checklist's variants
     python -m globalcom2.perf.compile_cost --size 13b --device cuda
@@ -45,7 +48,8 @@ NARROW: dict[str, dict[str, int]] = {
     "language": {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2},
     "vision": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 1, "projection_dim": 64},
 }
-RUNS = ("cold", "warm")
+#: cold and warm: a process each, on one inductor cache folder; reloaded: the warm run's process, a new model.
+RUNS = ("cold", "warm", "reloaded")
 
 
 def narrow_random_init(size: str) -> None:
@@ -57,21 +61,31 @@ def narrow_random_init(size: str) -> None:
     random_init.CLIP_L_336 = {**random_init.CLIP_L_336, **NARROW["vision"]}
 
 
-def child(args: argparse.Namespace, out: Path) -> None:
-    """One compiled phase of the efficiency benchmark on the narrowed model, its table into ``out``."""
+def child(args: argparse.Namespace, outs: list[Path]) -> None:
+    """One compiled phase of the efficiency benchmark on the narrowed model per folder of ``outs``, in turn in
+    this process (each loads the model anew), its table into that folder."""
     from globalcom2.perf import efficiency
 
     narrow_random_init(args.size)
-    efficiency.main(
-        ["--random-init", args.size, "--device", args.device, "--dtype", args.dtype, "--compile",
-         "--attention", "sdpa", "--no-measure-ceilings", "--images", "1", "--new-tokens", "2",
-         "--variants", *args.variants, "--out", str(out)]
-    )  # fmt: skip
+    for out in outs:
+        efficiency.main(
+            ["--random-init", args.size, "--device", args.device, "--dtype", args.dtype, "--compile",
+             "--attention", "sdpa", "--no-measure-ceilings", "--images", "1", "--new-tokens", "2",
+             "--variants", *args.variants, "--out", str(out)]
+        )  # fmt: skip
 
 
-def run_once(args: argparse.Namespace, cache: Path, out: Path) -> dict[str, Any]:
-    """A child process on the inductor cache folder ``cache``; returns the efficiency benchmark's JSON."""
-    command = [sys.executable, "-m", "globalcom2.perf.compile_cost", "--child", str(out), *args.forwarded]
+def run_once(args: argparse.Namespace, cache: Path, outs: list[Path]) -> list[dict[str, Any]]:
+    """A child process on the inductor cache folder ``cache``, one compiled phase per folder of ``outs``;
+    returns the efficiency benchmark's JSON of each."""
+    command = [
+        sys.executable,
+        "-m",
+        "globalcom2.perf.compile_cost",
+        "--child",
+        *map(str, outs),
+        *args.forwarded,
+    ]
     # Triton's kernels too (torch keeps them under inductor's folder only where TRITON_CACHE_DIR is unset),
     # and no switch that turns the caches off: the warm run must find what the cold one left, and only that
     environment = {
@@ -82,8 +96,11 @@ def run_once(args: argparse.Namespace, cache: Path, out: Path) -> dict[str, Any]
     }
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=PROJECT_ROOT, env=environment, check=True)
-    (table,) = out.glob("*.json")
-    return json.loads(table.read_text())
+    records = []
+    for out in outs:
+        (table,) = out.glob("*.json")
+        records.append(json.loads(table.read_text()))
+    return records
 
 
 def rows_of(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="default: the GPU checklist's compiled 7B table's",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "efficiency")
-    parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", type=Path, nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.forwarded = [
@@ -134,8 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="globalcom2-compile-cost-") as scratch:
         cache = Path(scratch) / "inductor"  # empty: the first run is cold, the second finds what it left
-        for run in RUNS:
-            runs[run] = run_once(args, cache, Path(scratch) / run)
+        (runs["cold"],) = run_once(args, cache, [Path(scratch) / "cold"])
+        runs["warm"], runs["reloaded"] = run_once(
+            args, cache, [Path(scratch) / "warm", Path(scratch) / "reloaded"]
+        )
     rows = rows_of(runs)
     frames = {run: frames_of(record) for run, record in runs.items()}
     hardware = hardware_label(info["hardware"], args.device)
@@ -143,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Warm-up of compile=true (default mode) per variant, {args.size}'s depths with narrowed widths "
         f"({args.dtype}, {args.device}: {hardware}, torch {torch.__version__}); one 672x672 image, in the "
         "order run; frames: what a variant's warm-up compiled past the variants before it; cold: an empty "
-        "inductor cache, warm: the cache the cold run left; "
+        "inductor cache, warm: the cache the cold run left (a new process), reloaded: the warm run's process "
+        "with the model loaded anew, as a local sweep's next cell; "
         + ", ".join(
             f"{run}: {f['frames_compiled']} of {f['frames_total']} dynamo frames compiled, {f['graphs']} graphs"
             for run, f in frames.items()

@@ -452,9 +452,11 @@ def measure_phase(
     finally:
         if compiled is not None:
             compiled.remove()
-            # dynamo keeps a phase's graphs on the layers' code object, where the next compiled phase would
-            # add its own to the same per-code-object limit and guard list: each phase starts from none
-            torch._dynamo.reset()
+            if profiler.is_cuda and mode in CUDA_GRAPH_MODES:
+                # recorded CUDA graphs hold memory pools, which a reset frees. Other modes' graphs stay for a
+                # later model of the same signature (a reloaded model: make bench-compile-cost), and a phase
+                # of another mode or attention runs other code objects (globalcom2.models.compiled)
+                torch._dynamo.reset()
     return measured, memory, frames, compiling
 
 

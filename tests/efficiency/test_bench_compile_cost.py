@@ -44,34 +44,47 @@ def test_a_child_runs_one_compiled_phase_of_the_efficiency_benchmark_on_the_narr
     assert seen["width"] == compile_cost.NARROW["language"]["hidden_size"]
 
 
-def test_both_runs_warm_ups_are_tabulated_per_variant_with_their_frames(tmp_path, monkeypatch):
-    """The cold run must come first and share its cache folder with the warm one; the table takes only the
-    compiled phase's rows. (That the efficiency benchmark's own JSON reads so: test_bench_efficiency.py.)"""
-    caches = []
+def test_every_runs_warm_ups_are_tabulated_per_variant_with_their_frames(tmp_path, monkeypatch):
+    """The cold run must come first and share its cache folder with the warm one, whose process then loads
+    the model anew (reloaded); the table takes only the compiled phase's rows. (That the efficiency
+    benchmark's own JSON reads so: test_bench_efficiency.py.)"""
+    calls = []
 
-    def fake_run(args, cache, out):
-        caches.append(cache)
-        cold = len(caches) == 1
-        rows = [
-            {"method": "vanilla", "retention_ratio": 1.0, "compile": "no", "warmup_s": 0.1},
-            {"method": "vanilla", "retention_ratio": 1.0, "compile": "default", "warmup_s": 180.0 if cold else 84.0,
-             "warmup_frames_compiled": 130},
-            {"method": "fastv", "retention_ratio": 0.1, "compile": "default", "warmup_s": 0.6,
-             "warmup_frames_compiled": 3},
-        ]  # fmt: skip
-        frames = {"frames_total": 133, "frames_compiled": 133, "graphs": 105 if cold else 0}
-        return {"rows": rows, "dynamo_frames": {"sdpa default": frames}}
+    def fake_run(args, cache, outs):
+        calls.append((cache, [out.name for out in outs]))
+        records = []
+        for out in outs:
+            vanilla_s = {"cold": 180.0, "warm": 84.0, "reloaded": 2.0}[out.name]
+            rows = [
+                {"method": "vanilla", "retention_ratio": 1.0, "compile": "no", "warmup_s": 0.1},
+                {"method": "vanilla", "retention_ratio": 1.0, "compile": "default", "warmup_s": vanilla_s,
+                 "warmup_frames_compiled": 0 if out.name == "reloaded" else 130},
+                {"method": "fastv", "retention_ratio": 0.1, "compile": "default", "warmup_s": 0.6,
+                 "warmup_frames_compiled": 3},
+            ]  # fmt: skip
+            frames = {"frames_total": 133, "frames_compiled": 133, "graphs": 105 if out.name == "cold" else 0}
+            records.append({"rows": rows, "dynamo_frames": {"sdpa default": frames}})
+        return records
 
     monkeypatch.setattr(compile_cost, "run_once", fake_run)
     record = compile_cost.main(["--out", str(tmp_path)])
-    assert caches[0] == caches[1]
+    assert calls[0][0] == calls[1][0] and [names for _, names in calls] == [["cold"], ["warm", "reloaded"]]
     assert record["rows"] == [
         {"method": "vanilla", "R": 1.0, "warm-up cold (s)": 180.0, "frames cold": 130, "warm-up warm (s)": 84.0,
-         "frames warm": 130},
+         "frames warm": 130, "warm-up reloaded (s)": 2.0, "frames reloaded": 0},
         {"method": "fastv", "R": 0.1, "warm-up cold (s)": 0.6, "frames cold": 3, "warm-up warm (s)": 0.6,
-         "frames warm": 3},
+         "frames warm": 3, "warm-up reloaded (s)": 0.6, "frames reloaded": 3},
     ]  # fmt: skip
     assert "cold: 133 of 133 dynamo frames compiled, 105 graphs" in record["caption"]
     written = json.loads((tmp_path / "compile_cost_7b_cpu.json").read_text())
     assert written["rows"] == record["rows"] and written["narrowed"] == compile_cost.NARROW
     assert "| vanilla" in (tmp_path / "compile_cost_7b_cpu.md").read_text()
+
+
+def test_a_child_runs_one_phase_per_folder_in_one_process(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(efficiency, "main", lambda argv: seen.append(argv[argv.index("--out") + 1]))
+    monkeypatch.setitem(random_init.VICUNA, "7b", dict(random_init.VICUNA["7b"]))
+    monkeypatch.setattr(random_init, "CLIP_L_336", dict(random_init.CLIP_L_336))
+    compile_cost.main(["--child", str(tmp_path / "warm"), str(tmp_path / "reloaded")])
+    assert seen == [str(tmp_path / "warm"), str(tmp_path / "reloaded")]

@@ -324,3 +324,124 @@ def test_compiled_prefill_equals_eager_on_cuda(mode, images):
         if dtype == torch.float32:
             assert torch.equal(tokens, compiled_tokens)
         torch.testing.assert_close(compiled_logits.float(), logits.float(), atol=tolerance, rtol=tolerance)
+
+
+def eager_backend(monkeypatch) -> None:
+    """``torch.compile`` with dynamo's ``eager`` backend: frames and guards as under inductor, no kernels built."""
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        compiled.torch,
+        "compile",
+        lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic),
+    )
+
+
+def layer_codes(model) -> tuple[list[types.CodeType], list[types.CodeType]]:
+    """The code objects a compiled model's vision and decoder layers run (:func:`dynamo_code`). Compare them
+    by identity (:func:`ids`): dynamo keeps graphs on the object, and two copies of one code are equal."""
+    inner = model.model
+    return (
+        [dynamo_code(layer) for layer in inner.vision_tower.encoder.layers],
+        [dynamo_code(layer) for layer in inner.language_model.layers],
+    )
+
+
+def ids(codes: list[types.CodeType]) -> list[int]:
+    return [id(code) for code in codes]
+
+
+def test_a_later_model_of_the_same_signature_runs_the_graphs_compiled_for_an_earlier_one(
+    prompts, monkeypatch
+):
+    """A sweep's next cell loads its model anew. Its layers run the code objects the first model's ran, so
+    dynamo finds their graphs and compiles no frame, and each model still computes with its own weights (the
+    graphs take them as inputs). The vision layers share one code object; each decoder layer has its own."""
+    from torch._dynamo.utils import counters
+
+    eager_backend(monkeypatch)
+    torch._dynamo.reset()
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # other weights, the same config
+        model = deep_tiny_model(decoder_layers=2)
+        with torch.inference_mode():
+            eager = generate_steps(model, prompts[0], compiled.WARMUP_NEW_TOKENS)
+        before = counters["frames"]["total"]
+        with compile_model(model), torch.inference_mode():
+            compiled_run = generate_steps(model, prompts[0], compiled.WARMUP_NEW_TOKENS)
+            codes = layer_codes(model)
+        runs.append((eager, compiled_run, counters["frames"]["total"] - before, codes))
+    (first_eager, _, first_frames, first_codes), (second_eager, _, second_frames, second_codes) = runs
+    assert first_frames > 0 and second_frames == 0
+    assert [ids(codes) for codes in first_codes] == [ids(codes) for codes in second_codes]
+    vision, decoder = first_codes
+    assert len(set(ids(vision))) == 1 and len(set(ids(decoder))) == len(decoder) == 2
+    assert not torch.allclose(first_eager[1], second_eager[1])  # the two models do differ
+    for (tokens, logits), (compiled_tokens, compiled_logits), *_ in runs:
+        assert torch.equal(tokens, compiled_tokens)
+        torch.testing.assert_close(compiled_logits, logits, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_under_inductor_a_later_model_computes_with_its_own_weights(model, prompts):
+    """What the eager backend cannot show: inductor's code for the first model does not hold its weights as
+    constants, so the tiny model of another seed (another folder, another path) compiles nothing and gives its
+    own eager answers."""
+    from torch._dynamo.utils import counters
+
+    from globalcom2.models.loader import load_tiny_llava_next
+
+    other, _ = load_tiny_llava_next(seed=1)
+    results = []
+    for each in (model, other):
+        with torch.inference_mode():
+            eager = generate_steps(each, prompts[1], compiled.WARMUP_NEW_TOKENS)
+        before = counters["frames"]["total"]
+        with compile_model(each), torch.inference_mode():
+            results.append((eager, generate_steps(each, prompts[1], compiled.WARMUP_NEW_TOKENS)))
+    assert counters["frames"]["total"] == before  # the second model compiled nothing
+    assert not torch.allclose(results[0][0][1], results[1][0][1])
+    for (tokens, logits), (compiled_tokens, compiled_logits) in results:
+        assert torch.equal(tokens, compiled_tokens)
+        torch.testing.assert_close(compiled_logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_the_compile_signature_keeps_apart_what_the_graphs_depend_on():
+    torch.manual_seed(1)
+    model = deep_tiny_model(decoder_layers=2)
+    signature = compiled.compile_signature(model, "default")
+    torch.manual_seed(2)
+    same = deep_tiny_model(decoder_layers=2)
+    same.config._name_or_path = "/elsewhere/tiny"  # another checkpoint folder of the same architecture
+    assert compiled.compile_signature(same, "default") == signature
+    assert compiled.compile_signature(model, "max-autotune-no-cudagraphs") != signature
+    assert compiled.compile_signature(deep_tiny_model(decoder_layers=3), "default") != signature
+    same.set_attn_implementation("eager")
+    assert compiled.compile_signature(same, "default") != signature
+    assert compiled.compile_signature(model.to(torch.bfloat16), "default") != signature
+
+
+def test_under_cuda_graphs_or_freezing_every_layer_and_compile_runs_code_of_its_own(model):
+    """A recorded CUDA graph bakes in its weights' addresses and holds a memory pool, and inductor's freezing
+    makes the weights constants: no graph may serve another layer or a later model there."""
+    from torch._inductor import config as inductor_config
+
+    assert compiled._reuses_graphs(torch.device("cpu"), "default")
+    assert not compiled._reuses_graphs(torch.device("cuda"), "reduce-overhead")
+    assert compiled._reuses_graphs(torch.device("cpu"), "max-autotune")  # no CUDA graphs on a CPU
+    with compile_model(model):  # wraps lazily: nothing compiles without a forward
+        shared = layer_codes(model)
+    assert len(set(ids(shared[0]))) == 1
+    fresh = []
+    with inductor_config.patch(freezing=True):  # not monkeypatch: its undo deletes a config module's entry
+        assert not compiled._reuses_graphs(torch.device("cpu"), "default")
+        for _ in range(2):
+            with compile_model(model):
+                fresh.append(layer_codes(model))
+    assert not inductor_config.freezing
+    for vision, decoder in fresh:
+        assert len(set(ids(vision))) == len(vision) and len(set(ids(decoder))) == len(decoder)
+    assert not set(ids(fresh[0][0] + fresh[0][1])) & set(
+        ids(fresh[1][0] + fresh[1][1] + shared[0] + shared[1])
+    )
