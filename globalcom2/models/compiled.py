@@ -48,8 +48,10 @@ mode). A sweep's cells run in one process and each loads its model anew; the nex
 the same code objects, and dynamo serves the graphs it traced for the first cell: their guards check the
 inputs' shapes, dtypes and the modules' attributes, and the weights are graph inputs, not constants, so a
 model with other weights passes them and computes with its own (``tests/models/test_compiled.py``). Without
-this each cell traced the whole model again: about 96 s on the 2-core CPU at the 7B's depth even with a warm
-inductor cache (``make bench-compile-cost``). The CUDA-graph modes on CUDA keep a fresh copy per layer and
+this each cell traced the whole model again: on the 2-core CPU at the 7B's depths, a model loaded anew in
+the process compiled 120 dynamo frames in 58 s (the benchmark's phases with the reuse switched off); now
+none, and its first call takes what it takes eager (``make bench-compile-cost``,
+``results/efficiency/compile_cost_7b_cpu.md``). The CUDA-graph modes on CUDA keep a fresh copy per layer and
 compile, as before: a recorded graph bakes in its weights' addresses and holds a memory pool, which must go
 with the model; so does inductor's ``freezing``, which makes the weights constants (:func:`_reuses_graphs`).
 

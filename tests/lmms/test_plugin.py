@@ -103,6 +103,35 @@ def test_compile_mode_is_applied_after_attaching_and_recorded():
         GlobalCom2LlavaNext(pretrained="tiny", device="cpu", compile="reduce-overhead")
 
 
+@pytest.mark.slow
+def test_a_later_compiled_cell_in_the_process_compiles_nothing_and_answers_as_eager(images):
+    """A local sweep's cells share the Hydra process, each loading its model anew: the second cell's layers
+    run the graphs the first one compiled (``globalcom2.models.compiled``), so dynamo compiles no frame in it,
+    and its answers are the eager model's. Real inductor, the tiny model."""
+    from globalcom2.models.compiled import compile_attempts
+
+    docs = [{"image": images[(336, 336)]}, {"image": images[(672, 672)]}]
+    kwargs = {"until": ["\n\n"], "max_new_tokens": 4}
+    answers, frames = {}, []
+    for run in ("eager", "first", "second"):
+        lm = GlobalCom2LlavaNext(
+            pretrained="tiny",
+            method="globalcom2",
+            retention_ratio=0.5,
+            compile="false" if run == "eager" else "true",
+        )
+        before = compile_attempts()
+        try:
+            answers[run] = lm.generate_until(requests_for(lm, docs, gen_kwargs=kwargs))
+        finally:
+            if lm.compiled is not None:
+                lm.compiled.remove()
+        frames.append(compile_attempts() - before)
+        del lm
+    assert frames[2] == 0  # the first may compile none either, where an earlier test compiled the tiny model
+    assert answers["second"] == answers["first"] == answers["eager"]
+
+
 @pytest.mark.parametrize(("compile_mode", "docs_count"), [("true", 3), ("false", 3), ("true", 4)])
 def test_a_compiled_model_is_also_warmed_up_on_one_row(monkeypatch, images, compile_mode, docs_count):
     """Batch size 1 is a compiled graph of its own, so where a batch of one row will run (3 documents at batch
