@@ -32,28 +32,20 @@ Each decoder layer gets graphs of its own (``Cache.update`` indexes the cache's 
 layer's ``layer_idx``, and dynamo guards on that slot), and the graphs' bodies are identical, so inductor's
 FX graph cache compiles the first ones and serves the rest.
 
-dynamo keeps a frame's graphs on its code object and scans them at every call. In transformers 5.x every
-CLIP and LLaMA layer's ``forward`` is one wrapper, so each decoder layer runs a private copy of its code
-(:func:`_layer_code`): a code object then holds one layer's graphs (at most 6), where the shared one held
-every layer's, and its scan cost 0.45 ms a call. The vision layers share one copy: nothing in a CLIP layer
-differs from the next but its weights, which the graphs take as inputs, so the first layer's graph serves
-all 24 and dynamo traces one instead of 24. dynamo also counts graphs against ``recompile_limit`` (8) and
-``accumulated_recompile_limit`` (256), past which it silently runs a layer eager; :func:`compile_model`
+Which code object each layer runs, and so which graphs it finds, is :mod:`globalcom2.models.layer_code`'s:
+a private copy per decoder layer (dynamo's per-call scan of a code object's graphs stays short), one copy
+for all vision layers (dynamo traces one, not 24), and the same copies for a later model of the same
+signature, so that a local sweep's next cell, which loads its model anew, compiles nothing. On the 2-core
+CPU at the 7B's depths such a model compiled 120 dynamo frames in 58 s before, and none now (``make
+bench-compile-cost``, ``results/efficiency/compile_cost_7b_cpu*.md``). Sharing is off where a graph must not
+serve other weights: under the CUDA-graph modes on CUDA, inductor's ``triton.cudagraphs`` and its
+``freezing`` (:func:`reuses_graphs`, read when :func:`compile_model` wraps the layers; a model forward under
+a setting that no longer allows it is refused). dynamo also counts graphs against ``recompile_limit`` (8)
+and ``accumulated_recompile_limit`` (256), past which it silently runs a layer eager; :func:`compile_model`
 raises both to what the whole model can need (:func:`recompile_limit_for`; a 13B's 272), a margin kept from
-when the layers shared one code object, and restores them when the last handle is removed.
-
-**A later model reuses the graphs.** The copies are kept for the process's life, per layer slot and
-:func:`compile_signature` (the config without its path, the attention implementation, dtype, device and
-mode). A sweep's cells run in one process and each loads its model anew; the next cell's layers then run
-the same code objects, and dynamo serves the graphs it traced for the first cell: their guards check the
-inputs' shapes, dtypes and the modules' attributes, and the weights are graph inputs, not constants, so a
-model with other weights passes them and computes with its own (``tests/models/test_compiled.py``). Without
-this each cell traced the whole model again: on the 2-core CPU at the 7B's depths, a model loaded anew in
-the process compiled 120 dynamo frames in 58 s (the benchmark's phases with the reuse switched off); now
-none, and its first call takes what it takes eager (``make bench-compile-cost``,
-``results/efficiency/compile_cost_7b_cpu.md``). The CUDA-graph modes on CUDA keep a fresh copy per layer and
-compile, as before: a recorded graph bakes in its weights' addresses and holds a memory pool, which must go
-with the model; so does inductor's ``freezing``, which makes the weights constants (:func:`_reuses_graphs`).
+when the layers shared one code object, and restores them when the last handle is removed. A compile during
+which a frame failed (that limit, or an error dynamo swallowed) leaves its signature unshared for the next
+model (:meth:`CompiledLayers.remove`).
 
 **The default mode is ``default`` on every device**, not ``reduce-overhead`` (CUDA graphs). Two reasons,
 both from compiling per layer: under inference, every call of a compiled function starts a new CUDA-graph
@@ -76,15 +68,15 @@ within floating-point reassociation, and greedy answers are identical on the tes
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import sys
-import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from globalcom2.models.layer_code import SHARED, Codes, compile_signature, layer_code
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: What ``compile=true`` means on every device (the module docstring says why not ``reduce-overhead``).
@@ -144,11 +136,22 @@ def compile_mode_of(model: Any) -> str | None:
 class CompiledLayers:
     """The handle :func:`compile_model` returns; :meth:`remove` restores the eager forwards."""
 
-    def __init__(self, mode: str, layers: list[torch.nn.Module], hooks: list[Any], model: Any = None) -> None:
+    def __init__(
+        self,
+        mode: str,
+        layers: list[torch.nn.Module],
+        hooks: list[Any],
+        model: Any = None,
+        signature: str | None = None,
+    ) -> None:
         self.mode = mode
+        #: the :func:`~globalcom2.models.layer_code.compile_signature` whose shared code the layers run;
+        #: ``None``: code of their own
+        self.signature = signature
         self._layers = layers
         self._hooks = hooks
         self._model = model
+        self._failed_frames_before = failed_frames()
 
     @property
     def active(self) -> bool:
@@ -161,6 +164,9 @@ class CompiledLayers:
             hook.remove()
         if self._layers:
             _release_recompile_limit()
+        if self.signature is not None and failed_frames() > self._failed_frames_before:
+            # a frame dynamo gave up on stays marked on the shared code: the next model compiles afresh
+            SHARED.forget(self.signature)
         if self._model is not None and MODE_ATTRIBUTE in vars(self._model):
             delattr(self._model, MODE_ATTRIBUTE)
         self._layers, self._hooks, self._model = [], [], None
@@ -200,6 +206,16 @@ def compile_attempts() -> int:
     return 0 if utils is None else int(utils.counters["frames"]["total"])
 
 
+def failed_frames() -> int:
+    """Frames dynamo tried to compile in this process and gave up on (a recompile limit, an error it
+    swallowed): such a frame runs eager without a word. 0 while dynamo has not been imported."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return 0
+    frames = utils.counters["frames"]
+    return int(frames["total"]) - int(frames["ok"])
+
+
 def recompile_limit_for(vision_layers: int, decoder_layers: int, decode_compiled: bool) -> int:
     """The graphs one model's compiled layers can need from the code object they share: one per vision
     layer (they share one; counted per layer to stay safe), and per decoder layer one for each specialised
@@ -229,13 +245,35 @@ def _replays_cuda_graphs(device: torch.device, mode: str) -> bool:
     return device.type == "cuda" and mode in CUDA_GRAPH_MODES
 
 
-def _reuses_graphs(device: torch.device, mode: str) -> bool:
+#: Whether compiled layers may share code (:mod:`globalcom2.models.layer_code`) at all; ``make
+#: bench-compile-cost --no-reuse`` turns it off to measure what sharing saves.
+REUSE_GRAPHS = True
+
+
+def reuses_graphs(device: torch.device, mode: str) -> bool:
     """Whether layers share graphs, with each other (the vision layers) and with earlier models of their
-    signature (module docstring): not where CUDA graphs replay (a recorded graph bakes in its weights'
-    addresses and holds a memory pool), nor under inductor's freezing (weights become constants)."""
+    signature (:mod:`globalcom2.models.layer_code`): not where CUDA graphs replay (a recorded graph bakes in
+    its weights' addresses and holds a memory pool: the CUDA-graph modes on CUDA, or inductor's
+    ``triton.cudagraphs``), nor under inductor's ``freezing`` (the weights become constants)."""
     from torch._inductor import config as inductor_config  # what torch.compile imports first thing anyway
 
-    return not _replays_cuda_graphs(device, mode) and not inductor_config.freezing
+    return (
+        REUSE_GRAPHS
+        and not _replays_cuda_graphs(device, mode)
+        and not inductor_config.triton.cudagraphs
+        and not inductor_config.freezing
+    )
+
+
+def _refuse_unshareable(model: torch.nn.Module, args: Any) -> None:
+    """A forward pre-hook where layers share graphs: graphs compile lazily, at a forward, so an inductor
+    setting switched on after :func:`compile_model` (``freezing``, ``triton.cudagraphs``) would bake one
+    layer's or one model's weights into code that others run. Refused instead."""
+    if not reuses_graphs(next(model.parameters()).device, compile_mode_of(model) or DEFAULT_COMPILE_MODE):
+        raise RuntimeError(
+            "inductor's freezing or triton.cudagraphs was switched on after compile_model shared this "
+            "model's layer code; set it before compile_model, which then gives each layer code of its own"
+        )
 
 
 def _mark_cuda_graph_step(module: torch.nn.Module, args: Any) -> None:
@@ -266,67 +304,15 @@ def _has_hooks(modules: list[torch.nn.Module]) -> bool:
     )
 
 
-#: The code copies compiled layers run, kept for the process's life (module docstring): per
-#: :func:`compile_signature`, each layer slot's copy, keyed by the original code object and the slot's name.
-_LAYER_CODE: dict[str, dict[tuple[types.CodeType, str], types.CodeType]] = {}
-
-
-def compile_signature(model: Any, mode: str) -> str:
-    """What a compiled model's graphs may depend on besides its inputs: the model's config (its path left
-    out: two checkpoints of one architecture share graphs), attention implementation, dtype and device, and
-    the compile mode. Models with the same signature run the same layer code (:func:`_layer_code`); dynamo's
-    guards still decide whether a graph fits, so the signature only keeps unrelated models' graphs apart."""
-    config = model.config.to_dict()
-    config.pop("_name_or_path", None)
-    parameter = next(model.parameters())
-    return json.dumps(
-        {
-            "config": config,
-            "attn_implementation": model.config._attn_implementation,
-            "dtype": str(parameter.dtype),
-            "device": str(parameter.device),
-            "mode": mode,
-        },
-        sort_keys=True,
-        default=str,
-    )
-
-
-def _layer_code(
-    forward: Any, name: str, codes: dict[tuple[types.CodeType, str], types.CodeType] | None
-) -> Any:
-    """``forward`` (a module's bound method) running a copy of its function's code object, named ``name``.
-
-    dynamo keeps its compiled graphs, and their guards, on the code object a frame runs, and at every call
-    scans that code object's entries until one's guards pass. In transformers 5.x every CLIP and LLaMA layer's
-    ``forward`` is one wrapper (``GradientCheckpointingLayer``'s ``forward_with_checkpointing``), so a 7B's
-    32 decoder layers (a 13B's 40) would share one list of about a hundred entries, each layer's own (dynamo
-    guards on the layer's KV-cache slot). A copy per decoder layer keeps each layer's few graphs to itself: on
-    the CPU (random-init 7B depth, ``torch.profiler``), dynamo's cache lookup fell from 0.45 to 0.12 ms a
-    layer call. The copy's closure and globals are the original's, so it behaves exactly as the original.
-
-    ``codes`` holds the copies already made for ``name`` (:data:`_LAYER_CODE`), whose graphs are then reused;
-    ``None`` makes a fresh copy."""
-    function = forward.__func__
-    if codes is None:
-        code = function.__code__.replace(co_name=name)
-    else:
-        code = codes.setdefault((function.__code__, name), function.__code__.replace(co_name=name))
-    copy = types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
-    copy.__kwdefaults__ = function.__kwdefaults__
-    copy.__dict__.update(function.__dict__)
-    return types.MethodType(copy, forward.__self__)
-
-
 def _compiled_forward(
     layer: torch.nn.Module,
     mode: str,
     prefill_only: bool,
     name: str,
-    codes: dict[tuple[types.CodeType, str], types.CodeType] | None,
+    codes: Codes | None,
 ) -> Callable[..., Any]:
     eager = layer.forward
-    compiled = torch.compile(_layer_code(eager, name, codes), mode=mode, dynamic=True)
+    compiled = torch.compile(layer_code(eager, name, codes), mode=mode, dynamic=True)
     inner = [m for m in layer.modules() if m is not layer]  # hooks on these would be traced: run eager then
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -362,9 +348,8 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
     if any("forward" in vars(layer) for layer in layers):
         raise ValueError("this model's layers are already compiled (or their forward was replaced)")
     decode_compiled = not _replays_cuda_graphs(device, mode)  # the module docstring says why
-    codes = (
-        _LAYER_CODE.setdefault(compile_signature(model, mode), {}) if _reuses_graphs(device, mode) else None
-    )
+    signature = compile_signature(model, mode) if reuses_graphs(device, mode) else None
+    codes = SHARED.codes_for(signature) if signature is not None else None
     _raise_recompile_limit(recompile_limit_for(len(vision_layers), len(decoder_layers), decode_compiled))
     wrapped: list[Any] = []
     try:
@@ -380,10 +365,12 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
         hooks = []
         if _replays_cuda_graphs(device, mode):
             hooks.append(model.register_forward_pre_hook(_mark_cuda_graph_step))
+        if codes is not None:
+            hooks.append(model.register_forward_pre_hook(_refuse_unshareable))
     except BaseException:  # no handle to undo a half-compiled model with: leave it as it was
         for layer in wrapped:
             del layer.forward
         _release_recompile_limit()
         raise
     setattr(model, MODE_ATTRIBUTE, mode)
-    return CompiledLayers(mode, layers, hooks, model)
+    return CompiledLayers(mode, layers, hooks, model, signature)

@@ -12,7 +12,8 @@ the warm run still pays is dynamo's tracing, AOT autograd and the cache's lookup
 is what the cache spares, inductor's lowering and code generation. The warm run's process then loads the
 model anew and runs the phase once more (reloaded), as the next cell of a local sweep does: its layers run
 the code the first model's compiled (``globalcom2.models.compiled``, "A later model reuses the graphs"), so
-what it pays is what a sweep's later cells pay.
+what it pays is what a sweep's later cells pay. ``--no-reuse`` measures the same with every compile on code
+of its own (``globalcom2.models.compiled.REUSE_GRAPHS`` off), as before layers shared graphs.
 
     python -m globalcom2.perf.compile_cost                         # 7B depth, CPU, the checklist's variants
     python -m globalcom2.perf.compile_cost --size 13b --device cuda
@@ -64,9 +65,11 @@ def narrow_random_init(size: str) -> None:
 def child(args: argparse.Namespace, outs: list[Path]) -> None:
     """One compiled phase of the efficiency benchmark on the narrowed model per folder of ``outs``, in turn in
     this process (each loads the model anew), its table into that folder."""
+    from globalcom2.models import compiled
     from globalcom2.perf import efficiency
 
     narrow_random_init(args.size)
+    compiled.REUSE_GRAPHS = not args.no_reuse
     for out in outs:
         efficiency.main(
             ["--random-init", args.size, "--device", args.device, "--dtype", args.dtype, "--compile",
@@ -104,7 +107,11 @@ def run_once(args: argparse.Namespace, cache: Path, outs: list[Path]) -> list[di
 
 
 def rows_of(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per variant of the compiled phase, each run's warm-up seconds and the frames its warm-up compiled."""
+    """Per variant of the compiled phase, each run's warm-up seconds and the frames its warm-up compiled; and
+    the same warm-up eager in the last run (its eager phase: the same process and model), what a compiled
+    warm-up that compiles nothing comes down to."""
+    last = list(runs)[-1]
+    eager = {(r["method"], r["retention_ratio"]): r for r in runs[last]["rows"] if r["compile"] == "no"}
     compiled = {
         run: {(r["method"], r["retention_ratio"]): r for r in record["rows"] if r["compile"] != "no"}
         for run, record in runs.items()
@@ -116,6 +123,7 @@ def rows_of(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             measured = compiled[run].get((method, ratio), {})
             row[f"warm-up {run} (s)"] = measured.get("warmup_s")
             row[f"frames {run}"] = measured.get("warmup_frames_compiled")
+        row[f"eager warm-up {last} (s)"] = eager.get((method, ratio), {}).get("warmup_s")
         rows.append(row)
     return rows
 
@@ -138,11 +146,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="default: the GPU checklist's compiled 7B table's",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "efficiency")
+    parser.add_argument(
+        "--no-reuse", action="store_true",
+        help="every compile gets code of its own (globalcom2.models.compiled.REUSE_GRAPHS off): what a reloaded "
+        "model paid before compiled layers shared their graphs; writes compile_cost_<size>_<device>_no_reuse",
+    )  # fmt: skip
     parser.add_argument("--child", type=Path, nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.forwarded = [
         "--size", args.size, "--device", args.device, "--dtype", args.dtype, "--variants", *args.variants,
+        *(["--no-reuse"] if args.no_reuse else []),
     ]  # fmt: skip
     if args.child is not None:
         child(args, args.child)
@@ -163,13 +177,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({args.dtype}, {args.device}: {hardware}, torch {torch.__version__}); one 672x672 image, in the "
         "order run; frames: what a variant's warm-up compiled past the variants before it; cold: an empty "
         "inductor cache, warm: the cache the cold run left (a new process), reloaded: the warm run's process "
-        "with the model loaded anew, as a local sweep's next cell; "
+        "with the model loaded anew, as a local sweep's next cell"
+        + ("; layers share no code (--no-reuse): every compile traces afresh; " if args.no_reuse else "; ")
         + ", ".join(
             f"{run}: {f['frames_compiled']} of {f['frames_total']} dynamo frames compiled, {f['graphs']} graphs"
             for run, f in frames.items()
         )
     )
-    stem = args.out / f"compile_cost_{args.size}_{args.device.split(':')[0]}"
+    stem = (
+        args.out
+        / f"compile_cost_{args.size}_{args.device.split(':')[0]}{'_no_reuse' if args.no_reuse else ''}"
+    )
     return write_rows_table(stem, caption, rows, args, info, dynamo_frames=frames, narrowed=NARROW)
 
 

@@ -452,10 +452,10 @@ def measure_phase(
     finally:
         if compiled is not None:
             compiled.remove()
-            if profiler.is_cuda and mode in CUDA_GRAPH_MODES:
-                # recorded CUDA graphs hold memory pools, which a reset frees. Other modes' graphs stay for a
-                # later model of the same signature (a reloaded model: make bench-compile-cost), and a phase
-                # of another mode or attention runs other code objects (globalcom2.models.compiled)
+            if compiled.signature is None:
+                # code of its own (CUDA graphs, whose pools a reset frees; freezing; --no-reuse): nothing is
+                # kept for later. Shared code's graphs stay for a later model of the same signature (make
+                # bench-compile-cost's reloaded run); a phase of another mode or attention has another one
                 torch._dynamo.reset()
     return measured, memory, frames, compiling
 
@@ -561,6 +561,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 rows.append(row)
         write_outputs(stem, caption, rows, failures, plan[done:], record)
+    gc.unfreeze()  # this model's objects can be collected again, by a later run in the process (compile_cost)
     if failures:
         raise SystemExit(
             f"{len(failures)} of {len(plan)} phases failed (rows of the others written to {stem}.*): {failures}"

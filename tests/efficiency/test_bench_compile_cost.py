@@ -71,9 +71,9 @@ def test_every_runs_warm_ups_are_tabulated_per_variant_with_their_frames(tmp_pat
     assert calls[0][0] == calls[1][0] and [names for _, names in calls] == [["cold"], ["warm", "reloaded"]]
     assert record["rows"] == [
         {"method": "vanilla", "R": 1.0, "warm-up cold (s)": 180.0, "frames cold": 130, "warm-up warm (s)": 84.0,
-         "frames warm": 130, "warm-up reloaded (s)": 2.0, "frames reloaded": 0},
+         "frames warm": 130, "warm-up reloaded (s)": 2.0, "frames reloaded": 0, "eager warm-up reloaded (s)": 0.1},
         {"method": "fastv", "R": 0.1, "warm-up cold (s)": 0.6, "frames cold": 3, "warm-up warm (s)": 0.6,
-         "frames warm": 3, "warm-up reloaded (s)": 0.6, "frames reloaded": 3},
+         "frames warm": 3, "warm-up reloaded (s)": 0.6, "frames reloaded": 3, "eager warm-up reloaded (s)": None},
     ]  # fmt: skip
     assert "cold: 133 of 133 dynamo frames compiled, 105 graphs" in record["caption"]
     written = json.loads((tmp_path / "compile_cost_7b_cpu.json").read_text())
@@ -81,10 +81,38 @@ def test_every_runs_warm_ups_are_tabulated_per_variant_with_their_frames(tmp_pat
     assert "| vanilla" in (tmp_path / "compile_cost_7b_cpu.md").read_text()
 
 
-def test_a_child_runs_one_phase_per_folder_in_one_process(tmp_path, monkeypatch):
+def test_a_child_runs_one_phase_per_folder_in_one_process_and_no_reuse_turns_sharing_off(
+    tmp_path, monkeypatch
+):
+    from globalcom2.models import compiled
+
     seen = []
-    monkeypatch.setattr(efficiency, "main", lambda argv: seen.append(argv[argv.index("--out") + 1]))
+    monkeypatch.setattr(
+        efficiency, "main", lambda argv: seen.append((argv[argv.index("--out") + 1], compiled.REUSE_GRAPHS))
+    )
     monkeypatch.setitem(random_init.VICUNA, "7b", dict(random_init.VICUNA["7b"]))
     monkeypatch.setattr(random_init, "CLIP_L_336", dict(random_init.CLIP_L_336))
+    monkeypatch.setattr(compiled, "REUSE_GRAPHS", True)  # restored afterwards
     compile_cost.main(["--child", str(tmp_path / "warm"), str(tmp_path / "reloaded")])
-    assert seen == [str(tmp_path / "warm"), str(tmp_path / "reloaded")]
+    assert seen == [(str(tmp_path / "warm"), True), (str(tmp_path / "reloaded"), True)]
+    seen.clear()
+    compile_cost.main(["--no-reuse", "--child", str(tmp_path / "warm")])
+    assert seen == [(str(tmp_path / "warm"), False)]
+
+
+def test_the_no_reuse_baseline_is_forwarded_and_written_apart(tmp_path, monkeypatch):
+    forwarded = []
+
+    def fake_run(args, cache, outs):
+        forwarded.append(args.forwarded)
+        rows = [{"method": "vanilla", "retention_ratio": 1.0, "compile": "default", "warmup_s": 50.0,
+                 "warmup_frames_compiled": 120}]  # fmt: skip
+        frames = {"frames_total": 120, "frames_compiled": 120, "graphs": 96}
+        return [{"rows": rows, "dynamo_frames": {"sdpa default": frames}} for _ in outs]
+
+    monkeypatch.setattr(compile_cost, "run_once", fake_run)
+    record = compile_cost.main(["--no-reuse", "--out", str(tmp_path)])
+    assert all("--no-reuse" in argv for argv in forwarded) and len(forwarded) == 2
+    assert "share no code" in record["caption"]
+    assert (tmp_path / "compile_cost_7b_cpu_no_reuse.json").is_file()
+    assert not (tmp_path / "compile_cost_7b_cpu.json").exists()

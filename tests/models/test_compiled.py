@@ -11,6 +11,7 @@ from helpers import generate_steps, prompt_inputs
 from globalcom2 import attach
 from globalcom2.models import compiled
 from globalcom2.models.compiled import compile_model, compile_problem, resolve_compile
+from globalcom2.models.layer_code import SHARED
 
 STEPS = 4
 
@@ -336,6 +337,17 @@ def eager_backend(monkeypatch) -> None:
     )
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """No graphs, no shared code before or after the test: an eager-backend graph left on the shared code
+    would only count against the recompile limits of later tests, but nothing should be left."""
+    torch._dynamo.reset()
+    SHARED.clear()
+    yield
+    torch._dynamo.reset()
+    SHARED.clear()
+
+
 def layer_codes(model) -> tuple[list[types.CodeType], list[types.CodeType]]:
     """The code objects a compiled model's vision and decoder layers run (:func:`dynamo_code`). Compare them
     by identity (:func:`ids`): dynamo keeps graphs on the object, and two copies of one code are equal."""
@@ -350,16 +362,24 @@ def ids(codes: list[types.CodeType]) -> list[int]:
     return [id(code) for code in codes]
 
 
+def graphs_on(codes: list[types.CodeType]) -> list[int]:
+    """How many graphs dynamo keeps on each code object."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return [len(_debug_get_cache_entry_list(code)) for code in codes]
+
+
 def test_a_later_model_of_the_same_signature_runs_the_graphs_compiled_for_an_earlier_one(
-    prompts, monkeypatch
+    prompts, monkeypatch, fresh_dynamo
 ):
     """A sweep's next cell loads its model anew. Its layers run the code objects the first model's ran, so
     dynamo finds their graphs and compiles no frame, and each model still computes with its own weights (the
-    graphs take them as inputs). The vision layers share one code object; each decoder layer has its own."""
+    graphs take them as inputs). The vision layers share one code object; each decoder layer has its own.
+    Every frame compiled (none fell back to eager), and the second model's layers ran graphs (each code
+    object holds some, as many as after the first model)."""
     from torch._dynamo.utils import counters
 
     eager_backend(monkeypatch)
-    torch._dynamo.reset()
     runs = []
     for seed in (1, 2):
         torch.manual_seed(seed)  # other weights, the same config
@@ -367,32 +387,39 @@ def test_a_later_model_of_the_same_signature_runs_the_graphs_compiled_for_an_ear
         with torch.inference_mode():
             eager = generate_steps(model, prompts[0], compiled.WARMUP_NEW_TOKENS)
         before = counters["frames"]["total"]
-        with compile_model(model), torch.inference_mode():
+        with compile_model(model) as handle, torch.inference_mode():
+            assert handle.signature is not None
             compiled_run = generate_steps(model, prompts[0], compiled.WARMUP_NEW_TOKENS)
             codes = layer_codes(model)
-        runs.append((eager, compiled_run, counters["frames"]["total"] - before, codes))
-    (first_eager, _, first_frames, first_codes), (second_eager, _, second_frames, second_codes) = runs
-    assert first_frames > 0 and second_frames == 0
+            graphs = [graphs_on(part) for part in codes]
+        runs.append((eager, compiled_run, counters["frames"]["total"] - before, codes, graphs))
+    (first_eager, _, first_frames, first_codes, first_graphs) = runs[0]
+    (second_eager, _, second_frames, second_codes, second_graphs) = runs[1]
+    assert first_frames > 0 and second_frames == 0 and compiled.failed_frames() == 0
     assert [ids(codes) for codes in first_codes] == [ids(codes) for codes in second_codes]
+    assert second_graphs == first_graphs and all(count >= 1 for part in second_graphs for count in part)
     vision, decoder = first_codes
     assert len(set(ids(vision))) == 1 and len(set(ids(decoder))) == len(decoder) == 2
     assert not torch.allclose(first_eager[1], second_eager[1])  # the two models do differ
     for (tokens, logits), (compiled_tokens, compiled_logits), *_ in runs:
         assert torch.equal(tokens, compiled_tokens)
         torch.testing.assert_close(compiled_logits, logits, atol=1e-4, rtol=1e-4)
-    torch._dynamo.reset()
 
 
 @pytest.mark.slow
-def test_under_inductor_a_later_model_computes_with_its_own_weights(model, prompts):
+def test_under_inductor_a_later_model_computes_with_its_own_weights_and_is_freed(model, prompts):
     """What the eager backend cannot show: inductor's code for the first model does not hold its weights as
     constants, so the tiny model of another seed (another folder, another path) compiles nothing and gives its
-    own eager answers."""
+    own eager answers; and the graphs it ran keep none of its tensors alive once it is deleted."""
+    import gc
+    import weakref
+
     from torch._dynamo.utils import counters
 
     from globalcom2.models.loader import load_tiny_llava_next
 
     other, _ = load_tiny_llava_next(seed=1)
+    failed = compiled.failed_frames()
     results = []
     for each in (model, other):
         with torch.inference_mode():
@@ -400,44 +427,40 @@ def test_under_inductor_a_later_model_computes_with_its_own_weights(model, promp
         before = counters["frames"]["total"]
         with compile_model(each), torch.inference_mode():
             results.append((eager, generate_steps(each, prompts[1], compiled.WARMUP_NEW_TOKENS)))
-    assert counters["frames"]["total"] == before  # the second model compiled nothing
+    assert counters["frames"]["total"] == before and compiled.failed_frames() == failed
     assert not torch.allclose(results[0][0][1], results[1][0][1])
     for (tokens, logits), (compiled_tokens, compiled_logits) in results:
         assert torch.equal(tokens, compiled_tokens)
         torch.testing.assert_close(compiled_logits, logits, atol=1e-4, rtol=1e-4)
+    weight = weakref.ref(other.model.language_model.layers[0].mlp.up_proj.weight)
+    del other, each
+    gc.collect()
+    assert weight() is None
 
 
-def test_the_compile_signature_keeps_apart_what_the_graphs_depend_on():
-    torch.manual_seed(1)
-    model = deep_tiny_model(decoder_layers=2)
-    signature = compiled.compile_signature(model, "default")
-    torch.manual_seed(2)
-    same = deep_tiny_model(decoder_layers=2)
-    same.config._name_or_path = "/elsewhere/tiny"  # another checkpoint folder of the same architecture
-    assert compiled.compile_signature(same, "default") == signature
-    assert compiled.compile_signature(model, "max-autotune-no-cudagraphs") != signature
-    assert compiled.compile_signature(deep_tiny_model(decoder_layers=3), "default") != signature
-    same.set_attn_implementation("eager")
-    assert compiled.compile_signature(same, "default") != signature
-    assert compiled.compile_signature(model.to(torch.bfloat16), "default") != signature
-
-
-def test_under_cuda_graphs_or_freezing_every_layer_and_compile_runs_code_of_its_own(model):
+def test_under_cuda_graphs_or_freezing_every_layer_and_compile_runs_code_of_its_own(model, monkeypatch):
     """A recorded CUDA graph bakes in its weights' addresses and holds a memory pool, and inductor's freezing
     makes the weights constants: no graph may serve another layer or a later model there."""
     from torch._inductor import config as inductor_config
 
-    assert compiled._reuses_graphs(torch.device("cpu"), "default")
-    assert not compiled._reuses_graphs(torch.device("cuda"), "reduce-overhead")
-    assert compiled._reuses_graphs(torch.device("cpu"), "max-autotune")  # no CUDA graphs on a CPU
-    with compile_model(model):  # wraps lazily: nothing compiles without a forward
+    cpu = torch.device("cpu")
+    assert compiled.reuses_graphs(cpu, "default")
+    assert not compiled.reuses_graphs(torch.device("cuda"), "reduce-overhead")
+    assert compiled.reuses_graphs(cpu, "max-autotune")  # no CUDA graphs on a CPU
+    with inductor_config.patch({"triton.cudagraphs": True}):  # not monkeypatch: its undo deletes the entry
+        assert not compiled.reuses_graphs(cpu, "default")
+    monkeypatch.setattr(compiled, "REUSE_GRAPHS", False)
+    assert not compiled.reuses_graphs(cpu, "default")
+    monkeypatch.setattr(compiled, "REUSE_GRAPHS", True)
+    with compile_model(model) as handle:  # wraps lazily: nothing compiles without a forward
         shared = layer_codes(model)
-    assert len(set(ids(shared[0]))) == 1
+    assert handle.signature is not None and len(set(ids(shared[0]))) == 1
     fresh = []
-    with inductor_config.patch(freezing=True):  # not monkeypatch: its undo deletes a config module's entry
-        assert not compiled._reuses_graphs(torch.device("cpu"), "default")
+    with inductor_config.patch(freezing=True):
+        assert not compiled.reuses_graphs(cpu, "default")
         for _ in range(2):
-            with compile_model(model):
+            with compile_model(model) as handle:
+                assert handle.signature is None
                 fresh.append(layer_codes(model))
     assert not inductor_config.freezing
     for vision, decoder in fresh:
@@ -445,3 +468,62 @@ def test_under_cuda_graphs_or_freezing_every_layer_and_compile_runs_code_of_its_
     assert not set(ids(fresh[0][0] + fresh[0][1])) & set(
         ids(fresh[1][0] + fresh[1][1] + shared[0] + shared[1])
     )
+
+
+def test_a_setting_that_forbids_sharing_switched_on_after_compiling_is_refused_at_the_forward(model, prompts):
+    """Graphs compile at the first forward: freezing switched on after ``compile_model`` shared the code
+    would make the first layer's weights constants of the graph every vision layer runs."""
+    from torch._inductor import config as inductor_config
+
+    with (
+        compile_model(model),
+        torch.inference_mode(),
+        inductor_config.patch(freezing=True),
+        pytest.raises(RuntimeError, match="freezing"),
+    ):
+        model(**prompts[0])
+    assert not model._forward_pre_hooks  # removed with the handle
+
+
+def test_a_compile_in_which_a_frame_failed_leaves_its_signature_unshared(model, monkeypatch):
+    """dynamo marks a frame it gave up on (a recompile limit, a swallowed error) on the code object, and a
+    later model would run that layer eager without a word: such a compile forgets its signature, and the
+    next model gets fresh code. (A failure is counted as dynamo counts it: a frame tried, not compiled.)"""
+    from torch._dynamo.utils import counters
+
+    with compile_model(model) as handle:
+        codes = layer_codes(model)
+    assert handle.signature in SHARED
+    with compile_model(model) as handle:
+        assert ids(layer_codes(model)[1]) == ids(codes[1])
+        monkeypatch.setitem(counters["frames"], "total", counters["frames"]["total"] + 1)
+    assert handle.signature not in SHARED
+    with compile_model(model):
+        assert not set(ids(layer_codes(model)[1])) & set(ids(codes[1]))
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_later_model_compiles_nothing_and_computes_with_its_own_weights(images):
+    """The graph reuse on CUDA in ``default`` mode (Triton kernels take the weights as arguments): the tiny
+    model of a second seed, loaded after the first, compiles no frame, and each model's compiled greedy
+    answers and logits are its own eager ones (float32)."""
+    from torch._dynamo.utils import counters
+
+    from globalcom2.models.loader import load_tiny_llava_next
+
+    results, frames = [], []
+    for seed in (0, 1):
+        model, processor = load_tiny_llava_next(seed=seed, device="cuda", dtype=torch.float32)
+        inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
+        with torch.inference_mode():
+            eager = generate_steps(model, inputs, compiled.WARMUP_NEW_TOKENS)
+        before = counters["frames"]["total"]
+        with compile_model(model, "default"), torch.inference_mode():
+            results.append((eager, generate_steps(model, inputs, compiled.WARMUP_NEW_TOKENS)))
+        frames.append(counters["frames"]["total"] - before)
+        del model
+    assert frames[1] == 0
+    assert not torch.allclose(results[0][0][1], results[1][0][1])
+    for (tokens, logits), (compiled_tokens, compiled_logits) in results:
+        assert torch.equal(tokens, compiled_tokens)
+        torch.testing.assert_close(compiled_logits, logits, atol=1e-3, rtol=1e-3)
