@@ -117,22 +117,22 @@ def _evaluate(spec: CellSpec, out_dir: Path, answers_dir: Path | None) -> CellOu
     lm = GlobalCom2LlavaNext(
         run
     )  # validated by CellSpec.from_config and the pre-flight: nothing is re-parsed
-    loaded = time.time()
-    results = api.evaluate(
-        lm,
-        list(spec.benchmark.tasks),
-        output_path=out_dir,
-        limit=spec.benchmark.limit,
-        gen_kwargs=spec.benchmark.lmms_gen_kwargs(),
-        random_seed=spec.seed,
-        numpy_random_seed=spec.seed,
-        torch_random_seed=spec.seed,
-        fewshot_random_seed=spec.seed,
-        dataset_commits=dict(spec.benchmark.dataset_commits),
-    )
-    evaluated = time.time()
-    records = lm.gather_records()  # collective: every rank takes part
     try:
+        loaded = time.time()
+        results = api.evaluate(
+            lm,
+            list(spec.benchmark.tasks),
+            output_path=out_dir,
+            limit=spec.benchmark.limit,
+            gen_kwargs=spec.benchmark.lmms_gen_kwargs(),
+            random_seed=spec.seed,
+            numpy_random_seed=spec.seed,
+            torch_random_seed=spec.seed,
+            fewshot_random_seed=spec.seed,
+            dataset_commits=dict(spec.benchmark.dataset_commits),
+        )
+        evaluated = time.time()
+        records = lm.gather_records()  # collective: every rank takes part
         if results is None:  # not rank 0
             return None
         results_file = api.save(results, out_dir, model_name=spec.model.name)
@@ -168,6 +168,7 @@ def _evaluate(spec: CellSpec, out_dir: Path, answers_dir: Path | None) -> CellOu
         write_outcome(out_dir / OUTCOME_FILE, outcome)
         return outcome
     finally:  # one Hydra process may run many cells: free this one's model now
+        lm.release()
         del lm
         gc.collect()
         if torch.cuda.is_available():

@@ -90,7 +90,7 @@ from globalcom2.lmms.batch_pipeline import (
 from globalcom2.lmms.input_cache import CachedEncoder, encoder_fingerprint, shared_input_cache
 from globalcom2.lmms.manifest import MODEL_ID
 from globalcom2.models.batch_invariant import batch_invariant, forced_gqa
-from globalcom2.models.compiled import WARMUP_NEW_TOKENS, compile_model
+from globalcom2.models.compiled import WARMUP_NEW_TOKENS, compile_attempts, compile_model, failed_frames
 from globalcom2.models.preload import check_device
 from globalcom2.protocol.batching import PreparedBatch, decode_answer, prepare_batch
 from globalcom2.protocol.generation import GenerationSettings
@@ -221,6 +221,8 @@ class GlobalCom2LlavaNext(lmms):
         self.attachment = attach(self.model, self.method)
         # Compiled after attaching: the method's hooks stay outside the compiled layers (models/compiled.py).
         self.compiled = compile_model(self.model, self.compile_mode) if self.compile_mode else None
+        # dynamo's frame counters when compiling began: what this run compiled, and gave up on (run_info)
+        self._frames_before = (compile_attempts(), failed_frames())
         self.profiler = GenerateProfiler(self.model, self._device)
         eos = self.model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -291,6 +293,9 @@ class GlobalCom2LlavaNext(lmms):
             "geometry": geometry_of(self.protocol),
             "generation_overrides": self.generation_overrides,
             "compile": self.compile_mode,
+            # dynamo frames this run compiled (0 where an earlier cell of the process compiled the same
+            # signature, models/layer_code.py) and gave up on (those layers ran eager); None: eager
+            "compile_frames": self.compile_frames(),
             "batch_invariant": self.batch_invariant,
             "prefetch": self.prefetch,
             "prefetch_threads": self.prefetch_threads,
@@ -299,6 +304,32 @@ class GlobalCom2LlavaNext(lmms):
             # bytes the cache holds; lmms/input_cache.py
             "input_cache": None if self.input_cache is None else self.input_cache.summary(),
         }
+
+    def compile_frames(self) -> dict[str, int] | None:
+        """The dynamo frames compiled and given up on in this process since this run compiled its model
+        (``None`` when it runs eager). The counters are the process's: cells run one after another in it."""
+        if self.compiled is None:
+            return None
+        attempts, failed = (
+            compile_attempts() - self._frames_before[0],
+            failed_frames() - self._frames_before[1],
+        )
+        return {"compiled": attempts - failed, "failed": failed}
+
+    def release(self) -> None:
+        """The end of the run (``globalcom2.worker``): a compiled model's eager layers come back, its recompile
+        limits are released, and a run in which dynamo gave up on a frame, which it marks on the layer code a
+        later cell would share, leaves that code unshared (``CompiledLayers.remove``). Such a run is warned
+        about: some of its compiled layers ran eager, and its latencies mix the two."""
+        frames = self.compile_frames()
+        if frames and frames["failed"]:
+            logger.warning(
+                f"compile={self.compile_mode}: dynamo gave up on {frames['failed']} frames in this run (a "
+                "recompile limit or an error it swallowed): those layers ran eager, so the run's latencies mix "
+                "compiled and eager layers; TORCH_LOGS=recompiles,graph_breaks says which"
+            )
+        if self.compiled is not None:
+            self.compiled.remove()
 
     def journal_settings(self) -> dict[str, Any]:
         """What decides a batch's rows and their answers, for the answers journal (``answer_journal.py``): the

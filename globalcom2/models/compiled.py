@@ -36,8 +36,9 @@ Which code object each layer runs, and so which graphs it finds, is :mod:`global
 a private copy per decoder layer (dynamo's per-call scan of a code object's graphs stays short), one copy
 for all vision layers (dynamo traces one, not 24), and the same copies for a later model of the same
 signature, so that a local sweep's next cell, which loads its model anew, compiles nothing. On the 2-core
-CPU at the 7B's depths such a model compiled 120 dynamo frames in 58 s before, and none now (``make
-bench-compile-cost``, ``results/efficiency/compile_cost_7b_cpu*.md``). Sharing is off where a graph must not
+CPU at the 7B's depths such a model compiled 127 dynamo frames in 57 s before, and none now, its first call
+taking what it takes eager (``make bench-compile-cost``, with and without ``--no-reuse``:
+``results/efficiency/compile_cost_7b_cpu*.md``). Sharing is off where a graph must not
 serve other weights: under the CUDA-graph modes on CUDA, inductor's ``triton.cudagraphs`` and its
 ``freezing`` (:func:`reuses_graphs`, read when :func:`compile_model` wraps the layers; a model forward under
 a setting that no longer allows it is refused). dynamo also counts graphs against ``recompile_limit`` (8)

@@ -563,6 +563,32 @@ def test_a_multi_process_cpu_cell_runs_on_the_cpu_and_a_gpu_cell_on_each_rank_s_
     assert devices == ["cpu", None]
 
 
+def test_a_cell_releases_its_model_when_the_evaluation_fails(tmp_path, monkeypatch):
+    """The worker releases the plugin (its compiled layers, ``GlobalCom2LlavaNext.release``) at the cell's
+    end, an evaluation that raises included: a later cell of the Hydra process must not inherit its state."""
+    import globalcom2.lmms.api as api
+    import globalcom2.lmms.plugin as plugin
+    from globalcom2.worker import evaluate_cell
+
+    released = []
+
+    class Plugin:
+        def __init__(self, run):
+            pass
+
+        def release(self):
+            released.append(True)
+
+    def failing_evaluate(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(plugin, "GlobalCom2LlavaNext", Plugin)
+    monkeypatch.setattr(api, "evaluate", failing_evaluate)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        evaluate_cell(CellSpec.from_config(compose_cell(tmp_path)), tmp_path)
+    assert released == [True]
+
+
 def test_task_files_and_data_count_by_content_not_by_path(tmp_path, monkeypatch):
     """Other task files under ``paths.tasks_dir`` (an edited prompt) or another data folder of the same name
     make another cell; an identical copy elsewhere is the same cell."""

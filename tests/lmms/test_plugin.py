@@ -103,6 +103,37 @@ def test_compile_mode_is_applied_after_attaching_and_recorded():
         GlobalCom2LlavaNext(pretrained="tiny", device="cpu", compile="reduce-overhead")
 
 
+def test_a_compiled_run_records_its_frames_and_its_release_restores_the_eager_layers(monkeypatch):
+    """``run_info["compile_frames"]`` counts what dynamo compiled and gave up on since this run compiled its
+    model; ``release`` (the worker's, at the cell's end) removes the handle, and a run in which a frame failed
+    is warned about and leaves its shared layer code to the next model afresh (``models/layer_code.py``).
+    (``torch.compile`` is the identity and the failure is counted as dynamo counts one: no compilation.)"""
+    from torch._dynamo.utils import counters
+
+    from globalcom2.models import compiled
+    from globalcom2.models.layer_code import SHARED
+
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, mode, dynamic: fn)
+    eager = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.5)
+    assert eager.run_info["compile_frames"] is None
+    eager.release()  # nothing to undo
+    lm = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.5, compile="true")
+    layers = lm.model.model.language_model.layers
+    signature = lm.compiled.signature
+    assert lm.run_info["compile_frames"] == {"compiled": 0, "failed": 0} and signature in SHARED
+    monkeypatch.setitem(counters["frames"], "total", counters["frames"]["total"] + 1)  # one frame given up on
+    assert lm.run_info["compile_frames"] == {"compiled": 0, "failed": 1}
+    warnings = []
+    handler = logger.add(warnings.append, level="WARNING")
+    try:
+        lm.release()
+    finally:
+        logger.remove(handler)
+    assert any("gave up on 1 frames" in str(message) for message in warnings)
+    assert not any("forward" in vars(layer) for layer in layers) and not lm.compiled.active
+    assert signature not in SHARED
+
+
 @pytest.mark.slow
 def test_a_later_compiled_cell_in_the_process_compiles_nothing_and_answers_as_eager(images):
     """A local sweep's cells share the Hydra process, each loading its model anew: the second cell's layers
