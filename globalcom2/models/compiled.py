@@ -266,11 +266,11 @@ def reuses_graphs(device: torch.device, mode: str) -> bool:
     )
 
 
-def _refuse_unshareable(model: torch.nn.Module, args: Any) -> None:
-    """A forward pre-hook where layers share graphs: graphs compile lazily, at a forward, so an inductor
+def _refuse_unshareable(device: torch.device, mode: str) -> None:
+    """Before each forward where layers share graphs: graphs compile lazily, at a forward, so an inductor
     setting switched on after :func:`compile_model` (``freezing``, ``triton.cudagraphs``) would bake one
     layer's or one model's weights into code that others run. Refused instead."""
-    if not reuses_graphs(next(model.parameters()).device, compile_mode_of(model) or DEFAULT_COMPILE_MODE):
+    if not reuses_graphs(device, mode):
         raise RuntimeError(
             "inductor's freezing or triton.cudagraphs was switched on after compile_model shared this "
             "model's layer code; set it before compile_model, which then gives each layer code of its own"
@@ -367,7 +367,7 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
         if _replays_cuda_graphs(device, mode):
             hooks.append(model.register_forward_pre_hook(_mark_cuda_graph_step))
         if codes is not None:
-            hooks.append(model.register_forward_pre_hook(_refuse_unshareable))
+            hooks.append(model.register_forward_pre_hook(lambda _, args: _refuse_unshareable(device, mode)))
     except BaseException:  # no handle to undo a half-compiled model with: leave it as it was
         for layer in wrapped:
             del layer.forward
