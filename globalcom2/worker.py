@@ -168,11 +168,13 @@ def _evaluate(spec: CellSpec, out_dir: Path, answers_dir: Path | None) -> CellOu
         write_outcome(out_dir / OUTCOME_FILE, outcome)
         return outcome
     finally:  # one Hydra process may run many cells: free this one's model now
-        lm.release()
-        del lm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        try:
+            lm.release(failed=sys.exc_info()[0] is not None)
+        finally:
+            del lm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def death_signal_setter() -> Callable[[], None]:

@@ -223,28 +223,39 @@ class GlobalCom2LlavaNext(lmms):
         self.compiled = compile_model(self.model, self.compile_mode) if self.compile_mode else None
         # dynamo's frame counters when compiling began: what this run compiled, and gave up on (run_info)
         self._frames_before = (compile_attempts(), failed_frames())
-        self.profiler = GenerateProfiler(self.model, self._device)
-        eos = self.model.generation_config.eos_token_id
-        self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self._pad_id = self.tokenizer.pad_token_id
-        self._warmed_up = False
-        # compiled: whether batch size 1 still needs its own warm-up before this call's batches (generate_until)
-        self._single_row_pending = False
-        self._single_row_warmed = False
-        self._measured_calls = 0
-        self.journal = (
-            AnswerJournal(
-                options.answers_journal, self._rank, self.journal_settings(), options.discard_stale_answers
+        try:  # a constructor that fails from here on gives its compiled layers back (release)
+            self.profiler = GenerateProfiler(self.model, self._device)
+            eos = self.model.generation_config.eos_token_id
+            self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+            self._pad_id = self.tokenizer.pad_token_id
+            self._warmed_up = False
+            # compiled: whether batch size 1 still needs its own warm-up before this call's batches (generate_until)
+            self._single_row_pending = False
+            self._single_row_warmed = False
+            self._measured_calls = 0
+            self.journal = (
+                AnswerJournal(
+                    options.answers_journal,
+                    self._rank,
+                    self.journal_settings(),
+                    options.discard_stale_answers,
+                )
+                if options.answers_journal
+                else None
             )
-            if options.answers_journal
-            else None
-        )
-        if self.journal is not None and self.journal.discarded:
-            logger.warning(f"{options.answers_journal}: {self.journal.discarded}: discarded, generated again")
-        # batch ids go on from the journal's, so that (rank, batch id) names one generate call (SampleRecord)
-        self._batches = self.journal.next_batch_id if self.journal else 0
-        self.records: list[sr.SampleRecord] = []
-        self.generate_until_s = 0.0  # wall time inside generate_until (the rest of lmms-eval's is scoring)
+            if self.journal is not None and self.journal.discarded:
+                logger.warning(
+                    f"{options.answers_journal}: {self.journal.discarded}: discarded, generated again"
+                )
+            # batch ids go on from the journal's, so that (rank, batch id) names one generate call (SampleRecord)
+            self._batches = self.journal.next_batch_id if self.journal else 0
+            self.records: list[sr.SampleRecord] = []
+            self.generate_until_s = (
+                0.0  # wall time inside generate_until (the rest of lmms-eval's is scoring)
+            )
+        except BaseException:
+            self.release(failed=True)
+            raise
 
     # -- properties lmms-eval uses ---------------------------------------------------------------------
     @property
@@ -316,13 +327,15 @@ class GlobalCom2LlavaNext(lmms):
         )
         return {"compiled": attempts - failed, "failed": failed}
 
-    def release(self) -> None:
-        """The end of the run (``globalcom2.worker``): a compiled model's eager layers come back, its recompile
-        limits are released, and a run in which dynamo gave up on a frame, which it marks on the layer code a
-        later cell would share, leaves that code unshared (``CompiledLayers.remove``). Such a run is warned
-        about: some of its compiled layers ran eager, and its latencies mix the two."""
+    def release(self, failed: bool = False) -> None:
+        """The end of the run (``globalcom2.worker``; ``failed``: it ended with an error): a compiled model's
+        eager layers come back, its recompile limits are released, and a run in which dynamo gave up on a
+        frame, which it marks on the layer code a later cell would share, leaves that code unshared
+        (``CompiledLayers.remove``). A finished run with such a frame is warned about: some of its compiled
+        layers ran eager, and its latencies mix the two. (A failed run's error says what happened; a frame
+        whose compilation raised counts as given up on too.)"""
         frames = self.compile_frames()
-        if frames and frames["failed"]:
+        if frames and frames["failed"] and not failed:
             logger.warning(
                 f"compile={self.compile_mode}: dynamo gave up on {frames['failed']} frames in this run (a "
                 "recompile limit or an error it swallowed): those layers ran eager, so the run's latencies mix "

@@ -36,8 +36,8 @@ Which code object each layer runs, and so which graphs it finds, is :mod:`global
 a private copy per decoder layer (dynamo's per-call scan of a code object's graphs stays short), one copy
 for all vision layers (dynamo traces one, not 24), and the same copies for a later model of the same
 signature, so that a local sweep's next cell, which loads its model anew, compiles nothing. On the 2-core
-CPU at the 7B's depths such a model compiled 127 dynamo frames in 57 s before, and none now, its first call
-taking what it takes eager (``make bench-compile-cost``, with and without ``--no-reuse``:
+CPU at the 7B's depths such a model compiled 127 dynamo frames in 57 s with sharing off, and none with it,
+its first call taking what it takes eager (``make bench-compile-cost``, with and without ``--no-reuse``:
 ``results/efficiency/compile_cost_7b_cpu*.md``). Sharing is off where a graph must not
 serve other weights: under the CUDA-graph modes on CUDA, inductor's ``triton.cudagraphs`` and its
 ``freezing`` (:func:`reuses_graphs`, read when :func:`compile_model` wraps the layers; a model forward under
@@ -68,6 +68,7 @@ within floating-point reassociation, and greedy answers are identical on the tes
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -266,14 +267,16 @@ def reuses_graphs(device: torch.device, mode: str) -> bool:
     )
 
 
-def _refuse_unshareable(device: torch.device, mode: str) -> None:
-    """Before each forward where layers share graphs: graphs compile lazily, at a forward, so an inductor
-    setting switched on after :func:`compile_model` (``freezing``, ``triton.cudagraphs``) would bake one
-    layer's or one model's weights into code that others run. Refused instead."""
-    if not reuses_graphs(device, mode):
+def _refuse_unshareable(mode: str, model: torch.nn.Module, args: Any) -> None:
+    """A forward pre-hook where layers share graphs (bound to the compile ``mode``): graphs compile lazily, at
+    a forward, so an inductor setting switched on after :func:`compile_model` (``freezing``,
+    ``triton.cudagraphs``), or the model moved to a device where the mode replays CUDA graphs, would bake
+    one layer's or one model's weights into code that others run. Refused instead."""
+    if not reuses_graphs(next(model.parameters()).device, mode):
         raise RuntimeError(
-            "inductor's freezing or triton.cudagraphs was switched on after compile_model shared this "
-            "model's layer code; set it before compile_model, which then gives each layer code of its own"
+            "inductor's freezing or triton.cudagraphs was switched on, or the model moved to CUDA under a "
+            "CUDA-graph mode, after compile_model shared this model's layer code; set it (or move the model) "
+            "before compile_model, which then gives each layer code of its own"
         )
 
 
@@ -367,7 +370,7 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
         if _replays_cuda_graphs(device, mode):
             hooks.append(model.register_forward_pre_hook(_mark_cuda_graph_step))
         if codes is not None:
-            hooks.append(model.register_forward_pre_hook(lambda _, args: _refuse_unshareable(device, mode)))
+            hooks.append(model.register_forward_pre_hook(functools.partial(_refuse_unshareable, mode)))
     except BaseException:  # no handle to undo a half-compiled model with: leave it as it was
         for layer in wrapped:
             del layer.forward

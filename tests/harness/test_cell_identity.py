@@ -576,8 +576,8 @@ def test_a_cell_releases_its_model_when_the_evaluation_fails(tmp_path, monkeypat
         def __init__(self, run):
             pass
 
-        def release(self):
-            released.append(True)
+        def release(self, failed=False):
+            released.append(failed)
 
     def failing_evaluate(*args, **kwargs):
         raise RuntimeError("the evaluation failed")
@@ -586,7 +586,7 @@ def test_a_cell_releases_its_model_when_the_evaluation_fails(tmp_path, monkeypat
     monkeypatch.setattr(api, "evaluate", failing_evaluate)
     with pytest.raises(RuntimeError, match="the evaluation failed"):
         evaluate_cell(CellSpec.from_config(compose_cell(tmp_path)), tmp_path)
-    assert released == [True]
+    assert released == [True]  # released, as a failed run
 
 
 def test_task_files_and_data_count_by_content_not_by_path(tmp_path, monkeypatch):

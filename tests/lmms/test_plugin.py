@@ -132,6 +132,42 @@ def test_a_compiled_run_records_its_frames_and_its_release_restores_the_eager_la
     assert any("gave up on 1 frames" in str(message) for message in warnings)
     assert not any("forward" in vars(layer) for layer in layers) and not lm.compiled.active
     assert signature not in SHARED
+    # a run that failed: its own error says what happened, no warning; its code is forgotten all the same
+    failing = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.5, compile="true")
+    assert failing.compiled.signature in SHARED
+    monkeypatch.setitem(counters["frames"], "total", counters["frames"]["total"] + 1)
+    warnings.clear()
+    handler = logger.add(warnings.append, level="WARNING")
+    try:
+        failing.release(failed=True)
+    finally:
+        logger.remove(handler)
+    assert not any("gave up on" in str(message) for message in warnings)
+    assert failing.compiled.signature not in SHARED and not failing.compiled.active
+
+
+def test_a_constructor_that_fails_after_compiling_gives_the_compiled_layers_back(monkeypatch):
+    import globalcom2.lmms.plugin as plugin_module
+    from globalcom2.models import compiled
+
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, mode, dynamic: fn)
+    handles = []
+    real_compile_model = plugin_module.compile_model
+    monkeypatch.setattr(
+        plugin_module,
+        "compile_model",
+        lambda model, mode: handles.append(real_compile_model(model, mode)) or handles[-1],
+    )
+
+    def no_profiler(*args, **kwargs):
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr("globalcom2.efficiency.profile.GenerateProfiler", no_profiler)  # imported in __init__
+    live = compiled._recompile_limit_state["live"]
+    with pytest.raises(RuntimeError, match="no profiler here"):
+        GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.5, compile="true")
+    (handle,) = handles
+    assert not handle.active and compiled._recompile_limit_state["live"] == live
 
 
 @pytest.mark.slow
