@@ -90,7 +90,7 @@ from globalcom2.lmms.batch_pipeline import (
 from globalcom2.lmms.input_cache import CachedEncoder, encoder_fingerprint, shared_input_cache
 from globalcom2.lmms.manifest import MODEL_ID
 from globalcom2.models.batch_invariant import batch_invariant, forced_gqa
-from globalcom2.models.compiled import WARMUP_NEW_TOKENS, compile_attempts, compile_model, failed_frames
+from globalcom2.models.compiled import WARMUP_NEW_TOKENS, compile_model
 from globalcom2.models.preload import check_device
 from globalcom2.protocol.batching import PreparedBatch, decode_answer, prepare_batch
 from globalcom2.protocol.generation import GenerationSettings
@@ -221,8 +221,6 @@ class GlobalCom2LlavaNext(lmms):
         self.attachment = attach(self.model, self.method)
         # Compiled after attaching: the method's hooks stay outside the compiled layers (models/compiled.py).
         self.compiled = compile_model(self.model, self.compile_mode) if self.compile_mode else None
-        # dynamo's frame counters when compiling began: what this run compiled, and gave up on (run_info)
-        self._frames_before = (compile_attempts(), failed_frames())
         try:  # a constructor that fails from here on gives its compiled layers back (release)
             self.profiler = GenerateProfiler(self.model, self._device)
             eos = self.model.generation_config.eos_token_id
@@ -250,9 +248,8 @@ class GlobalCom2LlavaNext(lmms):
             # batch ids go on from the journal's, so that (rank, batch id) names one generate call (SampleRecord)
             self._batches = self.journal.next_batch_id if self.journal else 0
             self.records: list[sr.SampleRecord] = []
-            self.generate_until_s = (
-                0.0  # wall time inside generate_until (the rest of lmms-eval's is scoring)
-            )
+            # wall time inside generate_until (the rest of lmms-eval's is scoring)
+            self.generate_until_s = 0.0
         except BaseException:
             self.release(failed=True)
             raise
@@ -319,13 +316,7 @@ class GlobalCom2LlavaNext(lmms):
     def compile_frames(self) -> dict[str, int] | None:
         """The dynamo frames compiled and given up on in this process since this run compiled its model
         (``None`` when it runs eager). The counters are the process's: cells run one after another in it."""
-        if self.compiled is None:
-            return None
-        attempts, failed = (
-            compile_attempts() - self._frames_before[0],
-            failed_frames() - self._frames_before[1],
-        )
-        return {"compiled": attempts - failed, "failed": failed}
+        return None if self.compiled is None else self.compiled.frames()
 
     def release(self, failed: bool = False) -> None:
         """The end of the run (``globalcom2.worker``; ``failed``: it ended with an error): a compiled model's

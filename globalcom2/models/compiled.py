@@ -153,11 +153,17 @@ class CompiledLayers:
         self._layers = layers
         self._hooks = hooks
         self._model = model
-        self._failed_frames_before = failed_frames()
+        self._frames_before = (compile_attempts(), failed_frames())  # dynamo's counters when it was made
 
     @property
     def active(self) -> bool:
         return bool(self._layers)
+
+    def frames(self) -> dict[str, int]:
+        """The dynamo frames compiled, and given up on (those ran eager), in this process since the handle
+        was made: the process's counters, so another model compiling meanwhile counts too."""
+        failed = failed_frames() - self._frames_before[1]
+        return {"compiled": compile_attempts() - self._frames_before[0] - failed, "failed": failed}
 
     def remove(self) -> None:
         for layer in self._layers:
@@ -166,7 +172,7 @@ class CompiledLayers:
             hook.remove()
         if self._layers:
             _release_recompile_limit()
-        if self.signature is not None and failed_frames() > self._failed_frames_before:
+        if self.signature is not None and self.frames()["failed"]:
             # a frame dynamo gave up on stays marked on the shared code: the next model compiles afresh
             SHARED.forget(self.signature)
         if self._model is not None and MODE_ATTRIBUTE in vars(self._model):
