@@ -374,24 +374,30 @@ def prefetch_threads_setting(value: Any, name: str) -> int | None:
 
 #: The largest ``input_cache_gib`` accepted: a guard against a unit slip (bytes given as GiB).
 MAX_INPUT_CACHE_GIB = 1024.0
+#: The smallest one besides 0, about 1 MB: one 672x672 image's encoded inputs take about 7 MB in fp32, so a
+#: smaller budget would keep nothing and only pay the digests (a slip such as GiB given as bytes).
+MIN_INPUT_CACHE_GIB = 0.001
 
 
 def input_cache_setting(value: Any, name: str) -> float:
-    """``input_cache_gib`` (``globalcom2.lmms.input_cache``): 0 (off) or a size in GiB up to
-    :data:`MAX_INPUT_CACHE_GIB`.
+    """``input_cache_gib`` (``globalcom2.lmms.input_cache``): 0 (off) or a size in GiB from
+    :data:`MIN_INPUT_CACHE_GIB` to :data:`MAX_INPUT_CACHE_GIB`.
 
     Raises:
         ValueError: anything else (a boolean, a word, a negative or non-finite number), naming ``name``, the
             value and what is valid.
     """
-    message = f"{name} must be 0 (off) or a size in GiB in (0, {MAX_INPUT_CACHE_GIB:g}], got {value!r}"
+    message = (
+        f"{name} must be 0 (off) or a size in GiB in [{MIN_INPUT_CACHE_GIB:g}, {MAX_INPUT_CACHE_GIB:g}], "
+        f"got {value!r}"
+    )
     if value is None or isinstance(value, bool):
         raise ValueError(message)
     try:
         size = coerce(value, float, name)
     except (TypeError, ValueError):
         raise ValueError(message) from None
-    if not 0.0 <= size <= MAX_INPUT_CACHE_GIB:  # NaN fails both comparisons
+    if not (size == 0.0 or MIN_INPUT_CACHE_GIB <= size <= MAX_INPUT_CACHE_GIB):  # NaN fails every comparison
         raise ValueError(message)
     return size
 

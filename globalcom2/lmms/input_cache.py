@@ -17,11 +17,13 @@ reads:
   the dtype the pixels are cast to.
 
 Entries are copied in and copied out (a hit for a CUDA model is copied once, straight into pinned memory), so
-a caller that modifies its inputs in place cannot change what the next cell reads. The cache is bounded, and
-once full it keeps what it holds and admits nothing new: every cell of a sweep reads its batches in the same
+a caller that modifies its inputs in place cannot change what the next cell reads. The cache is bounded and
+never evicts: an entry is kept only if it fits in what the budget has left, so once the budget is nearly spent
+only a batch smaller than the room left still enters. Every cell of a sweep reads its batches in the same
 order, and least-recently-used eviction would drop each entry just before the next cell asks for it (no hit
 at all once the cells' batches exceed the budget), where keeping the first entries serves that share of every
-later cell. An entry larger than the whole budget is never kept. It lives in the process
+later cell. Entries of another encoder (a sweep over models or dtypes in one process) are not evicted either:
+a later encoder finds no hit among them and keeps only what fits beside them. It lives in the process
 (:func:`shared_input_cache`): the cells of a local Hydra sweep share it; the processes of a data-parallel cell,
 and the jobs of a Slurm sweep, each start empty and gain nothing from it (``globalcom2.run`` warns).
 
@@ -80,9 +82,15 @@ def encoder_fingerprint(
     adds), not its name: a retrained folder under the same path is another encoder.
     """
     tokenizer = processor.tokenizer
+    image_processor = getattr(processor, "image_processor", None)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # a fast tokenizer: its JSON holds all of it
-        definition = backend.to_str()
+        # less its padding and truncation state: each call sets them (the plugin passes padding=True), so the
+        # same tokenizer would fingerprint otherwise before and after its first call
+        serialised = json.loads(backend.to_str())
+        serialised.pop("padding", None)
+        serialised.pop("truncation", None)
+        definition = json.dumps(serialised, sort_keys=True)
     else:  # a slow one: its vocabulary and the options it was built with (add_bos_token, legacy, ...)
         definition = json.dumps(
             [sorted(tokenizer.get_vocab().items()), tokenizer.init_kwargs], sort_keys=True, default=str
@@ -90,6 +98,9 @@ def encoder_fingerprint(
     parts = {
         "processor": type(processor).__name__,
         "processor_config": processor.to_json_string(),
+        # the image processor's class, not only its configuration: the PIL and torchvision backends serialise
+        # under one image_processor_type and give slightly different pixels
+        "image_processor": f"{type(image_processor).__module__}.{type(image_processor).__qualname__}",
         "tokenizer": type(tokenizer).__name__,
         "tokenizer_definition": definition,
         "padding_side": tokenizer.padding_side,
@@ -113,7 +124,8 @@ def _nbytes(inputs: dict[str, torch.Tensor]) -> int:
 
 
 class InputCache:
-    """Encoded inputs up to ``budget_bytes``; once full, new entries are not admitted. Safe to use from
+    """Encoded inputs up to ``budget_bytes``; an entry is admitted only if it fits in what is left (none is
+    evicted to make room). Safe to use from
     several threads: every entry is immutable once stored, and the table is changed under a lock."""
 
     def __init__(self, budget_bytes: int) -> None:

@@ -191,6 +191,9 @@ class GlobalCom2LlavaNext(lmms):
         self.pretrained = spec.model.pretrained
         # Resolved once here: every read of this load, and the record, name one commit (a cell's is already one).
         self.revision = None if self.random_init else hub_commit(self.pretrained, spec.model.revision)
+        # the encoded inputs of earlier cells of this process, read back where a batch is the same (0 GiB: off,
+        # and an earlier run's entries are let go before this model loads, so both are never held at once)
+        shared = shared_input_cache(self.input_cache_gib)
         self.model, self.processor = load_llava_next(
             self.pretrained,
             dtype=spec.model.dtype,
@@ -201,9 +204,6 @@ class GlobalCom2LlavaNext(lmms):
             revision=self.revision,
         )
         self.tokenizer = self.processor.tokenizer
-        # the encoded inputs of earlier cells of this process, read back where a batch is the same (0 GiB: off,
-        # and an earlier run's entries are let go)
-        shared = shared_input_cache(self.input_cache_gib)
         self.input_cache = (
             CachedEncoder(
                 shared,

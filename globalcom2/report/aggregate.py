@@ -278,7 +278,7 @@ def _config_row(cell: LoadedCell) -> dict[str, Any]:
         # both read and encoded, which no count of the encoding pool's reproduces
         "prefetch_threads": run.get("prefetch_threads", None if run.get("prefetch") else 0),
         # the cache of encoded inputs across a process's cells (lmms/input_cache.py): its size, 0 when off and
-        # in cells from before it, and how many of this cell's batches it served (host work not done here)
+        # in cells from before it, and how many of this cell's encodings it served, its warm-up's included
         "input_cache_gib": float(run.get("input_cache_gib", 0.0)),
         "input_cache_hits": int((run.get("input_cache") or {}).get("hits", 0)),
         "limit": spec["benchmark"].get("limit"),

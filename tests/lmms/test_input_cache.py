@@ -171,6 +171,23 @@ def test_the_encoder_fingerprint_changes_with_whatever_the_encoding_reads(tiny):
     regridded = copy.deepcopy(config)
     regridded.image_grid_pinpoints = [[336, 672], [672, 336]]
     assert fingerprint(config=regridded) != base
+    # another image processor class under the same configuration (the torchvision backend beside PIL's)
+    rebased = copy.deepcopy(processor)
+    base_class = type(processor.image_processor)
+    rebased.image_processor.__class__ = type(
+        base_class.__name__, (base_class,), {"__module__": "other.backend"}
+    )
+    assert rebased.image_processor.to_json_string() == processor.image_processor.to_json_string()
+    assert fingerprint(processor=rebased) != base
+    # a call sets the tokenizer's padding and truncation state: the same encoder before and after it
+    called = copy.deepcopy(processor)
+    called(
+        text=["<image> a question", "a much longer question here"],
+        images=[Image.new("RGB", (64, 64))] * 1,
+        padding=True,
+        return_tensors="pt",
+    )
+    assert fingerprint(processor=called) == base
 
 
 def test_a_cached_encoder_counts_and_computes_only_on_a_miss():
@@ -238,9 +255,9 @@ def test_the_cache_setting_is_checked_before_the_model_loads(monkeypatch):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("globalcom2.load_llava_next", no_loading)
-    for bad in (-1, "lots", True, 2048, float("nan")):
+    for bad in (-1, "lots", True, 2048, float("nan"), 1e-10):  # 1e-10 GiB: a budget of 0 bytes, not "off"
         with pytest.raises(
-            ValueError, match=r"input_cache_gib must be 0 \(off\) or a size in GiB in \(0, 1024\]"
+            ValueError, match=r"input_cache_gib must be 0 \(off\) or a size in GiB in \[0.001, 1024\]"
         ):
             GlobalCom2LlavaNext(pretrained="tiny", input_cache_gib=bad)
 
