@@ -449,19 +449,28 @@ def sweep_jobs(config: DictConfig, config_loader: Any) -> list[list[str]]:
 
 
 def sweep_problems(config: DictConfig) -> list[str]:
-    """What would be refused in the sweep, before any job runs: each job's config composed as its launcher
+    """What would be refused in the sweep (:func:`check_sweep`)."""
+    return check_sweep(config)[0]
+
+
+def check_sweep(config: DictConfig) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)`` of the sweep, before any job runs: each job's config composed as its launcher
     will compose it (the running app's config loader: its primary config, search path and overrides), its
     values checked, and every distinct benchmark and model checked once on the disk. One line per distinct
     problem, with the jobs it concerns. Under ``launcher=slurm`` the jobs run on the cluster's nodes, not on
     the (often GPU-less) machine that submits them: its devices and compile backend are not checked here,
-    and each job checks them where it runs."""
+    and each job checks them where it runs. The warnings are settings that run but cannot help
+    (:func:`unshared_input_cache`), per job, since a sweep value (``launcher.num_processes=1,2``) is not in
+    the primary config."""
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
     loader = GlobalHydra.instance().config_loader()
     problems: dict[str, list[str]] = {}
+    warnings: dict[str, list[str]] = {}
     memo: dict[Any, Any] = {}
     for overrides in sweep_jobs(config, loader):
+        job = " ".join(overrides) or "(the defaults)"
         try:
             cfg = loader.load_sweep_config(config, list(overrides))
             with open_dict(cfg):
@@ -469,9 +478,17 @@ def sweep_problems(config: DictConfig) -> list[str]:
             check_logger(cfg.logger)
             CellSpec.from_config(cfg).check_environment(memo, runs_here=cfg.launcher.name != "slurm")
         except INPUT_ERRORS as err:
-            problems.setdefault(_message(err), []).append(" ".join(overrides) or "(the defaults)")
+            problems.setdefault(_message(err), []).append(job)
+            continue
+        if unshared := unshared_input_cache(cfg):
+            warnings.setdefault(unshared, []).append(job)
+    return _with_jobs(problems), _with_jobs(warnings)
+
+
+def _with_jobs(messages: dict[str, list[str]]) -> list[str]:
+    """One line per message, naming the job it concerns or how many and the first."""
     lines = []
-    for message, jobs in problems.items():
+    for message, jobs in messages.items():
         where = jobs[0] if len(jobs) == 1 else f"{len(jobs)} cells, e.g. {jobs[0]}"
         lines.append(f"{message}  [{where}]")
     return lines
@@ -496,7 +513,7 @@ class PreRunChecks(Callback):
             return  # a dry run lists every cell and what would fail, cell by cell
         export_paths(config)
         try:
-            problems = sweep_problems(config)
+            problems, warnings = check_sweep(config)
         except Exception as err:  # the check itself failed: never start a sweep that was not checked
             raise SystemExit(
                 f"the sweep was not started: its cells could not be checked ({type(err).__name__}: {err}); "
@@ -505,9 +522,8 @@ class PreRunChecks(Callback):
         if problems:
             listing = "\n".join(f"  - {p}" for p in problems)
             raise SystemExit(f"the sweep was not started: some of its cells would be refused:\n{listing}")
-        unshared = unshared_input_cache(config)
-        if unshared:
-            log.warning(unshared)
+        for warning in warnings:
+            log.warning(warning)
 
 
 def unshared_input_cache(config: DictConfig) -> str | None:

@@ -272,3 +272,30 @@ def test_a_sweep_whose_cells_run_in_processes_of_their_own_is_told_the_cache_can
     )
     spread = compose_cell(tmp_path, "launcher=accelerate", "launcher.num_processes=2", "input_cache_gib=2")
     assert "launcher.num_processes=2 runs each cell in processes of its own" in unshared_input_cache(spread)
+
+
+def test_the_sweep_check_finds_a_process_count_that_only_a_sweep_value_sets(tmp_path):
+    """``launcher.num_processes=1,2`` is not in the multirun's primary config: each job's own is checked, and
+    only the job that spreads over two processes is named."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from globalcom2.paths import PROJECT_ROOT
+    from globalcom2.run import check_sweep
+
+    fixed = [
+        f"paths.results_dir={tmp_path}",
+        "model=tiny",
+        "benchmark=demo",
+        "method=random",
+        "input_cache_gib=2",
+    ]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
+        primary = compose(config_name="eval", overrides=fixed, return_hydra_config=True)
+        assert unshared_input_cache(primary) is None  # what the multirun's start alone saw
+        with open_dict(primary):  # the command line, with its sweep, as Hydra records it for the sweeper
+            primary.hydra.overrides.task = [*fixed, "launcher=accelerate", "launcher.num_processes=1,2"]
+        problems, warnings = check_sweep(primary)
+    assert problems == [] and len(warnings) == 1, warnings
+    assert "launcher.num_processes=2 runs each cell in processes of its own" in warnings[0]
+    assert warnings[0].endswith(f"[{' '.join(fixed)} launcher=accelerate launcher.num_processes=2]")
