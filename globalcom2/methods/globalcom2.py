@@ -216,12 +216,15 @@ def global_crop_scores(thumbnail_scores: torch.Tensor, geometry: CropGeometry) -
 def _stretched(
     thumbnail_scores: torch.Tensor, row_weights: torch.Tensor, col_weights_t: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`global_crop_scores` from the geometry's two weight tensors (``[n, s, s]`` each)."""
-    side = math.isqrt(thumbnail_scores.numel())
-    num_crops = row_weights.shape[0]
+    """:func:`global_crop_scores` from the geometry's two weight tensors (``[n, s, s]`` each).
+
+    The thumbnail map's side is read from the weights' shape, not as the square root of the scores' size:
+    under ``torch.compile(dynamic=True)`` that size is symbolic, and ``math.isqrt`` of it is a graph break
+    that cut the compiled selection into six graphs."""
+    num_crops, side = row_weights.shape[0], row_weights.shape[-1]
     thumbnail = thumbnail_scores.float().view(1, side, side).expand(num_crops, side, side)  # [n, s, s]
     stretched = torch.bmm(row_weights, torch.bmm(thumbnail, col_weights_t))  # [n, s, s]
-    return stretched.view(num_crops, side * side)  # [n, W]
+    return stretched.flatten(1)  # [n, W]
 
 
 def holistic_scores(

@@ -361,16 +361,21 @@ def largest_prompt(samples: list[tuple[Measurement, dict[str, float], int]]) -> 
 
 def dynamo_frames() -> dict[str, int]:
     """What dynamo compiled since its counters were cleared: frames it tried, frames it compiled (a frame it
-    gave up on, at a recompile limit or an error, runs eager without a word), and distinct graphs."""
+    gave up on, at a recompile limit or an error, runs eager without a word), distinct graphs, and the graph
+    breaks that split a frame into several graphs (each entered from Python, with guards of its own)."""
     from torch._dynamo.utils import counters
 
     return {
         "frames_total": int(counters["frames"]["total"]),
         "frames_compiled": int(counters["frames"]["ok"]),
         "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
         # graphs a CUDA-graph mode ran without replaying (an input on the host, an op it cannot capture):
         # inductor says so only in its log, and such a row times fused kernels under a CUDA-graphs label
         "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
+        # graphs inductor's graph partition split around host work, each piece replayed as a CUDA graph of its
+        # own: not skipped, but more replays than graphs (torch >= 2.11 partitions by default)
+        "cudagraph_partitions": int(counters["inductor"]["cudagraph_partitions"]),
     }
 
 
@@ -573,12 +578,16 @@ def compile_note(mode: str, frames: dict[str, int], cuda: bool) -> str:
     a row would time eager layers under a compiled label), warned about on the console too; and, under CUDA
     graphs, what the peak memories miss."""
     note = f"; {mode}: {frames['frames_compiled']} of {frames['frames_total']} dynamo frames compiled, {frames['graphs']} graphs"
+    if "graph_breaks" in frames:  # records from before the count have none
+        note += f", {frames['graph_breaks']} graph breaks"
     if frames["frames_compiled"] < frames["frames_total"]:
         print(f"WARNING: compile mode {mode}: {frames} (some layers ran eager)", flush=True)
         note += " (THE REST RAN EAGER)"
     if cuda and mode in CUDA_GRAPH_MODES:
         skips = frames.get("cudagraph_skips", 0)
         note += f", {skips} skipped by CUDA graphs"
+        if partitions := frames.get("cudagraph_partitions", 0):
+            note += f", {partitions} CUDA-graph partitions"
         if skips:
             print(f"WARNING: compile mode {mode}: {skips} graphs ran without CUDA graphs", flush=True)
             note += " (THOSE RAN WITHOUT REPLAY)"

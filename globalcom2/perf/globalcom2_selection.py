@@ -112,10 +112,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     device = torch.device(args.device)
     dtype = DTYPES.get(device.type, torch.float32)
 
+    from torch._dynamo.utils import counters
+
+    from globalcom2.perf.efficiency import dynamo_frames
+
+    counters.clear()
     with torch.inference_mode():
         samples = time_interleaved(
             variants(device, dtype), repeats=args.repeats, warmup=args.warmup, device=device
         )
+    # the compiled rows' graphs: a graph break or a fallback to eager would time pieces, not one selection
+    frames = dynamo_frames()
     rows = summarise(samples)
     target_row, target_ms = TARGETS.get(device.type, TARGETS["cpu"])
     target = next(row for row in rows if row["variant"] == target_row)
@@ -126,13 +133,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"GlobalCom² per image, vision tower excluded, R={RETENTION_RATIO} ({args.device}: {hardware}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, inputs in "
         f"{str(dtype).removeprefix('torch.')}); {args.repeats} interleaved rounds. "
-        f"Target: '{target_row}' <= {target_ms} ms: {'met' if met else 'NOT met'}"
+        f"Target: '{target_row}' <= {target_ms} ms: {'met' if met else 'NOT met'}. Compiled rows: "
+        f"{frames['frames_compiled']} of {frames['frames_total']} dynamo frames compiled, {frames['graphs']} "
+        f"graphs, {frames['graph_breaks']} graph breaks"
     )
     markdown = markdown_table(caption, rows)
     record = {
         "caption": caption,
         "rows": rows,
         "target": {"row": target_row, "ms": target_ms, "met": met},
+        "dynamo_frames": frames,
         "settings": vars(args) | {"out": str(args.out), "retention_ratio": RETENTION_RATIO},
         "provenance": info,
     }

@@ -28,6 +28,10 @@ def test_writes_every_row_and_the_target_verdict(tmp_path):
     target = next(row for row in record["rows"] if row["variant"] == target_row)
     assert record["target"] == {"row": target_row, "ms": target_ms, "met": target["median (ms)"] <= target_ms}
     assert "inputs in float32" in record["caption"]
+    # the compiled rows time whole graphs: every frame compiled, none split by a graph break
+    frames = record["dynamo_frames"]
+    assert frames["frames_total"] == frames["frames_compiled"] > 0 and frames["graph_breaks"] == 0, frames
+    assert f"{frames['graphs']} graphs, 0 graph breaks" in record["caption"]
     written = json.loads((tmp_path / "globalcom2_selection_cpu.json").read_text())
     assert written["rows"] == record["rows"] and written["settings"]["repeats"] == 4
     assert "torch" in written["provenance"]["versions"]

@@ -56,6 +56,35 @@ def test_a_compiled_model_hands_its_mode_to_the_selection(model, processor, imag
     assert handle.stats[0] == handle.stats[1] == handle.stats[2]
 
 
+@pytest.mark.parametrize("layout", ["clean", "reference"])
+def test_the_compiled_selection_is_whole_graphs_without_a_break(layout, monkeypatch):
+    """Under dynamo (its ``eager`` backend: the same frames and graph breaks as inductor's, no kernels built),
+    the selection is one graph per geometry: a graph break would split it into pieces, each entered from
+    Python with guards of its own, which is the launch and host time the compiled selection is there to
+    save (``math.isqrt`` of a symbolic size once cut it into six)."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        globalcom2_module.torch,
+        "compile",
+        lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic),
+    )
+    torch._dynamo.reset()
+    compiled_selection.cache_clear()
+    counters.clear()
+    try:
+        method = GlobalCom2(retention_ratio=0.25, layout=layout)
+        for index, size in enumerate(SIZES):
+            scores = scores_for(size, seed=index)
+            assert torch.equal(select(method, size, scores, "default"), select(method, size, scores))
+        assert dict(counters["graph_break"]) == {}
+        assert counters["frames"]["total"] == counters["frames"]["ok"] > 0
+    finally:
+        torch._dynamo.reset()
+        compiled_selection.cache_clear()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["clean", "reference"])
 def test_the_inductor_compiled_selection_selects_what_eager_selects(layout):
