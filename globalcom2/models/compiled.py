@@ -19,8 +19,10 @@ What is compiled, and why exactly that:
   layer's projections, an in-LLM method's scoring hook on an attention module), so a method's hooks always
   see eager tensors and its code is never traced. transformers' own output-capturing hooks do not count:
   ``capture_outputs`` installs them on every CLIP attention module at the vision tower's first call, and
-  they stay, so counting them kept every vision layer eager. dynamo cannot trace their ``ContextVar.get``
-  and breaks each vision layer's graph in two around the hook, which then runs eager as it must. So under
+  they stay, so counting them kept every vision layer eager. dynamo cannot trace the ``ContextVar.get``
+  they read, which broke each vision layer's graph in two around the hook; while a compiled model lives,
+  the collector they read is one dynamo can trace (:mod:`globalcom2.models.output_collector`), so each
+  layer is one graph and the hook is traced into it, reading and appending as in eager mode. So under
   this mode a method with such a hook runs that one layer eager where vanilla runs it compiled (FastV's and
   SparseVLM's scoring layer, GlobalCom²'s score layer in CLIP), and its latency carries that layer's launch
   overhead; at R = 1 those methods attach no hook, so the identity with vanilla is untouched.
@@ -78,6 +80,7 @@ from typing import Any
 
 import torch
 
+from globalcom2.models import output_collector
 from globalcom2.models.layer_code import SHARED, Codes, compile_signature, layer_code
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -145,8 +148,11 @@ class CompiledLayers:
         hooks: list[Any],
         model: Any = None,
         signature: str | None = None,
+        holds_collector: bool = False,
     ) -> None:
         self.mode = mode
+        #: whether this handle holds transformers' output collector traceable (:mod:`.output_collector`)
+        self.holds_collector = holds_collector
         #: the :func:`~globalcom2.models.layer_code.compile_signature` whose shared code the layers run;
         #: ``None``: code of their own
         self.signature = signature
@@ -172,6 +178,9 @@ class CompiledLayers:
             hook.remove()
         if self._layers:
             _release_recompile_limit()
+        if self.holds_collector:
+            output_collector.let_go()
+            self.holds_collector = False
         if self.signature is not None and self.frames()["failed"]:
             # a frame dynamo gave up on stays marked on the shared code: the next model compiles afresh
             SHARED.forget(self.signature)
@@ -298,9 +307,8 @@ TRANSFORMERS_CAPTURE_HOOK = "output_capturing_hook"
 
 
 def _is_method_hook(hook: Any) -> bool:
-    """Any hook but transformers' own output capture, which only reads a context variable and appends to its
-    collector when one is active: it leaves the layer compiled, its graph broken in two around the hook
-    (dynamo cannot trace ``ContextVar.get``; the module docstring)."""
+    """Any hook but transformers' own output capture, which only reads its collector and appends to it when
+    one is active: it leaves the layer compiled, traced into the layer's graph (the module docstring)."""
     return getattr(hook, "__name__", None) != TRANSFORMERS_CAPTURE_HOOK
 
 
@@ -362,7 +370,9 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
     codes = SHARED.codes_for(signature) if signature is not None else None
     _raise_recompile_limit(recompile_limit_for(len(vision_layers), len(decoder_layers), decode_compiled))
     wrapped: list[Any] = []
+    holds_collector = False
     try:
+        holds_collector = output_collector.hold()  # CLIP layers without a graph break at the capture hook
         for index, layer in enumerate(vision_layers):
             name = "vision_layer_forward" if codes is not None else f"vision_layer_{index}_forward"
             layer.forward = _compiled_forward(layer, mode, False, name, codes)
@@ -381,6 +391,8 @@ def compile_model(model: Any, mode: str | None = None) -> CompiledLayers:
         for layer in wrapped:
             del layer.forward
         _release_recompile_limit()
+        if holds_collector:
+            output_collector.let_go()
         raise
     setattr(model, MODE_ATTRIBUTE, mode)
-    return CompiledLayers(mode, layers, hooks, model, signature)
+    return CompiledLayers(mode, layers, hooks, model, signature, holds_collector)

@@ -50,7 +50,9 @@ LAYERS: list[list[str]] = [
 ]
 # Top to bottom; a models module may import the modules of any earlier layer (see globalcom2.models.base).
 MODELS_LAYERS = [
-    ["layer_code"],  # which code objects compiled layers run (compiled imports it)
+    # which code objects compiled layers run, and transformers' output collector made traceable (compiled
+    # imports both)
+    ["layer_code", "output_collector"],
     ["base", "compiled", "batch_invariant"],
     ["geometry", "tiny"],
     ["tiny_trained", "random_init"],

@@ -406,6 +406,43 @@ def test_a_later_model_of_the_same_signature_runs_the_graphs_compiled_for_an_ear
         torch.testing.assert_close(compiled_logits, logits, atol=1e-4, rtol=1e-4)
 
 
+def test_a_compiled_layer_is_one_graph_and_the_output_collector_is_restored(
+    prompts, monkeypatch, fresh_dynamo
+):
+    """transformers' output-capturing hook inside every CLIP layer reads a ``ContextVar``, which dynamo cannot
+    trace: each vision layer broke into two graphs around it. While compiled, the collector is one dynamo
+    reads (``globalcom2.models.output_collector``): no graph break, the hidden states LLaVA-NeXT takes from
+    the tower still collected (the answers equal eager's), no recompilation on a second call, and the
+    collector's own class back once the last compiled model lets go of it."""
+    from torch._dynamo.utils import counters
+    from transformers.utils import output_capturing
+
+    from globalcom2.models import output_collector
+
+    collector = output_capturing._active_collector
+    own_class = type(collector)
+    eager_backend(monkeypatch)
+    torch.manual_seed(0)
+    first, second = deep_tiny_model(decoder_layers=2), deep_tiny_model(decoder_layers=2)
+    with torch.inference_mode():
+        eager = generate_steps(first, prompts[0], compiled.WARMUP_NEW_TOKENS)
+    counters.clear()
+    with compile_model(first) as handle, torch.inference_mode():
+        assert handle.holds_collector and isinstance(collector, output_collector.TraceableCollector)
+        with compile_model(second):  # two holders: the first to let go leaves it traceable
+            pass
+        assert isinstance(collector, output_collector.TraceableCollector)
+        compiled_run = generate_steps(first, prompts[0], compiled.WARMUP_NEW_TOKENS)
+        frames = dict(counters["frames"])
+        again = generate_steps(first, prompts[0], compiled.WARMUP_NEW_TOKENS)
+    assert dict(counters["graph_break"]) == {} and frames["total"] == frames["ok"] > 0
+    assert dict(counters["frames"]) == frames  # the second call compiled nothing
+    assert type(collector) is own_class and not hasattr(collector, "mirror")
+    for tokens, logits in (compiled_run, again):
+        assert torch.equal(tokens, eager[0])
+        torch.testing.assert_close(logits, eager[1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_under_inductor_a_later_model_computes_with_its_own_weights_and_is_freed(model, prompts):
     """What the eager backend cannot show: inductor's code for the first model does not hold its weights as
