@@ -23,10 +23,10 @@ ones left, and a step whose ``min_s`` is not left is skipped, so the rest fall t
    The eager phase is written before compiling starts, so a cold compile cache that runs out the step's
    time still leaves the eager rows, and each variant's warm-up (its compilation) is logged as it ends.
    Measured on the 2-core CPU at the 7B's depths with narrowed widths (``make bench-compile-cost``,
-   ``results/efficiency/compile_cost_7b_cpu.md``): the first variant's warm-up compiles 104 dynamo frames
-   in 118 s from a cold inductor cache and 50 s from a warm one; GlobalCom² at 0.75 compiles 6 more (7 s
-   cold), and the five other variants, FastV and SparseVLM included, compile none (under 1 s each), so the
-   other methods cost the step little and stay in it;
+   ``results/efficiency/compile_cost_7b_cpu.md``, 2026-12-07 at 7ed7b37): the first variant's warm-up
+   compiles 98 dynamo frames in 98 s from a cold inductor cache and 53 s from a warm one; GlobalCom² at 0.75
+   compiles 1 more (6 s cold), and the five other variants, FastV and SparseVLM included, compile none
+   (under 1 s each), so the other methods cost the step little and stay in it;
 2. GlobalCom²'s selection time per image on the GPU (``globalcom2.perf.globalcom2_selection``);
 3. every method's host syncs under CUDA's own detector (``tests/gpu/test_cuda_syncs.py``);
 4. the main path's ``gpu`` tests (``tests/gpu/test_run_on_gpu.py``: a cell on CUDA against the CPU, and
