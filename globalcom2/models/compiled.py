@@ -38,7 +38,7 @@ Which code object each layer runs, and so which graphs it finds, is :mod:`global
 a private copy per decoder layer (dynamo's per-call scan of a code object's graphs stays short), one copy
 for all vision layers (dynamo traces one, not 24), and the same copies for a later model of the same
 signature, so that a local sweep's next cell, which loads its model anew, compiles nothing. On the 2-core
-CPU at the 7B's depths such a model compiled 127 dynamo frames in 57 s with sharing off, and none with it,
+CPU at the 7B's depths such a model compiled 120 dynamo frames in 53 s with sharing off, and none with it,
 its first call taking what it takes eager (``make bench-compile-cost``, with and without ``--no-reuse``:
 ``results/efficiency/compile_cost_7b_cpu*.md``). Sharing is off where a graph must not
 serve other weights: under the CUDA-graph modes on CUDA, inductor's ``triton.cudagraphs`` and its
