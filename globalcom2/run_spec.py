@@ -374,9 +374,9 @@ def prefetch_threads_setting(value: Any, name: str) -> int | None:
 
 #: The largest ``input_cache_gib`` accepted: a guard against a unit slip (bytes given as GiB).
 MAX_INPUT_CACHE_GIB = 1024.0
-#: The smallest one besides 0, about 1 MB: one 672x672 image's encoded inputs take about 7 MB in fp32, so a
-#: smaller budget would keep nothing and only pay the digests (a slip such as GiB given as bytes).
-MIN_INPUT_CACHE_GIB = 0.001
+#: The smallest one besides 0, about 10.7 MB: one 672x672 image's encoded inputs take 6.8 MB in fp32 (five
+#: 336x336 views), so a smaller budget would keep next to nothing and only pay the digests.
+MIN_INPUT_CACHE_GIB = 0.01
 
 
 def input_cache_setting(value: Any, name: str) -> float:

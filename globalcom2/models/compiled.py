@@ -20,9 +20,10 @@ What is compiled, and why exactly that:
   see eager tensors and its code is never traced. transformers' own output-capturing hooks do not count:
   ``capture_outputs`` installs them on every CLIP attention module at the vision tower's first call, and
   they stay, so counting them kept every vision layer eager. dynamo cannot trace the ``ContextVar.get``
-  they read, which broke each vision layer's graph in two around the hook; while a compiled model lives,
-  the collector they read is one dynamo can trace (:mod:`globalcom2.models.output_collector`), so each
-  layer is one graph and the hook is traced into it, reading and appending as in eager mode. So under
+  they read, which broke each vision layer's graph in two around the attention module's hook (the encoder
+  layer's own, for hidden states, runs outside the compiled ``forward``); while a compiled model lives, the
+  collector they read is one dynamo can trace (:mod:`globalcom2.models.output_collector`), so each layer is
+  one graph, with the attention hook traced into it (it finds no attentions asked for, and returns). So under
   this mode a method with such a hook runs that one layer eager where vanilla runs it compiled (FastV's and
   SparseVLM's scoring layer, GlobalCom²'s score layer in CLIP), and its latency carries that layer's launch
   overhead; at R = 1 those methods attach no hook, so the identity with vanilla is untouched.

@@ -16,7 +16,14 @@ that last set or reset it, and returns it where dynamo traces a read. Outside tr
 parent's, so eager behaviour is unchanged. The collector object stays the same (its class is swapped while a
 compiled model holds it, :func:`hold`, and swapped back by the last :func:`let_go`), so every module that
 imported it sees the change. A graph that read the mirror is guarded on what it read (a dict's keys, or
-``None``), as for any global.
+``None``), as for any global: a new dict with the same keys reuses the graph.
+
+CLIP carries two such hooks: one on each encoder layer (hidden states), which runs around the compiled
+``forward``, outside the graph, and one on each attention module (attentions), inside it. In LLaVA-NeXT's
+path only hidden states are asked for, so the traced hook reads the collector's keys and returns. Were
+attentions asked for too, its append would be traced, and dynamo would guard on the list's length: a graph
+per layer position, within the recompile limit :func:`~globalcom2.models.compiled.recompile_limit_for`
+allows each vision layer.
 
 Not thread-safe under compilation, as ``CompileableContextVar`` itself is not: two threads running compiled
 forwards at the same time would read the mirror of whichever set it last. A model runs its forwards on one
@@ -87,7 +94,15 @@ def hold() -> bool:
 
 
 def let_go() -> None:
-    """Undo one :func:`hold`; the last restores the collector's own class."""
+    """Undo one :func:`hold`; the last restores the collector's own class.
+
+    Raises:
+        RuntimeError: nothing holds it (a :func:`hold` that returned ``False``, or one let go of twice).
+    """
+    if _holders["count"] <= 0:
+        raise RuntimeError(
+            "let_go() without a hold(): no compiled model holds transformers' output collector"
+        )
     _holders["count"] -= 1
     if _holders["count"] == 0:
         target = collector()

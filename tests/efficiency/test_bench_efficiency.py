@@ -203,16 +203,10 @@ def test_a_compiled_phase_records_what_dynamo_compiled(tmp_path, monkeypatch):
     assert "2 skipped by CUDA graphs (THOSE RAN WITHOUT REPLAY)" in skipped
     assert "skipped by CUDA graphs" not in efficiency.compile_note("default", fallback, cuda=True)
     assert frames["cudagraph_skips"] == 0
-    # graph breaks are counted and named (a frame split into pieces, each entered from Python)
-    assert (
-        f"dynamo frames compiled, {frames['graphs']} graphs, {frames['graph_breaks']} graph breaks"
-        in (record["caption"])
-    )
-    partitioned = efficiency.compile_note(
-        "reduce-overhead", {**fallback, "cudagraph_partitions": 5}, cuda=True
-    )
-    assert ", 0 skipped by CUDA graphs, 5 CUDA-graph partitions" in partitioned
-    assert "partitions" not in efficiency.compile_note("reduce-overhead", fallback, cuda=True)
+    # graph breaks are counted and named (a frame split into pieces, each entered from Python): none in the
+    # tiny model's compiled layers or GlobalCom²'s compiled selection
+    assert frames["graph_breaks"] == 0
+    assert f"dynamo frames compiled, {frames['graphs']} graphs, 0 graph breaks" in record["caption"]
     # each variant's warm-up (a compiled phase's compilation) is timed, printed and in its row and table
     assert all(row["warmup_s"] > 0 for row in record["rows"])
     assert "warm-up (s)" in (tmp_path / "tiny_cpu.md").read_text()

@@ -255,9 +255,10 @@ def test_the_cache_setting_is_checked_before_the_model_loads(monkeypatch):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("globalcom2.load_llava_next", no_loading)
-    for bad in (-1, "lots", True, 2048, float("nan"), 1e-10):  # 1e-10 GiB: a budget of 0 bytes, not "off"
+    # 1e-10 GiB: a budget of 0 bytes, not "off"; 0.005 GiB: less than one 672x672 image's inputs
+    for bad in (-1, "lots", True, 2048, float("nan"), 1e-10, 0.005):
         with pytest.raises(
-            ValueError, match=r"input_cache_gib must be 0 \(off\) or a size in GiB in \[0.001, 1024\]"
+            ValueError, match=r"input_cache_gib must be 0 \(off\) or a size in GiB in \[0.01, 1024\]"
         ):
             GlobalCom2LlavaNext(pretrained="tiny", input_cache_gib=bad)
 

@@ -7,9 +7,10 @@ import types
 import pytest
 import torch
 from helpers import generate_steps, prompt_inputs
+from transformers.utils import output_capturing
 
 from globalcom2 import attach
-from globalcom2.models import compiled
+from globalcom2.models import compiled, output_collector
 from globalcom2.models.compiled import compile_model, compile_problem, resolve_compile
 from globalcom2.models.layer_code import SHARED
 
@@ -145,6 +146,7 @@ def test_a_compile_that_fails_half_way_leaves_the_model_and_dynamo_as_they_were(
     it set is gone, the recompile limits are dynamo's again, and a second try is not "already compiled"."""
     limits = {name: getattr(torch._dynamo.config, name) for name in compiled.RECOMPILE_LIMITS}
     live = compiled._recompile_limit_state["live"]
+    held = output_collector._holders["count"]
     real, calls = compiled._compiled_forward, []
 
     def failing_third(*args, **kwargs):
@@ -161,9 +163,19 @@ def test_a_compile_that_fails_half_way_leaves_the_model_and_dynamo_as_they_were(
     assert not any("forward" in vars(layer) for layer in layers)
     assert {name: getattr(torch._dynamo.config, name) for name in compiled.RECOMPILE_LIMITS} == limits
     assert compiled._recompile_limit_state["live"] == live
+    assert output_collector._holders["count"] == held  # let go of on the way out
     monkeypatch.setattr(compiled, "_compiled_forward", real)
-    compile_model(model).remove()  # wraps lazily: nothing compiles until a forward
+    handle = compile_model(model)  # wraps lazily: nothing compiles until a forward
+    assert isinstance(output_capturing._active_collector, output_collector.TraceableCollector)
+    assert output_collector._holders["count"] == held + 1
+    handle.remove()
+    handle.remove()  # a second removal lets go of nothing more
     assert not any("forward" in vars(layer) for layer in layers)
+    assert output_collector._holders["count"] == held
+    if held == 0:  # no other compiled model alive: the collector's own class is back
+        assert type(output_capturing._active_collector) is output_collector._BASE
+        with pytest.raises(RuntimeError, match="no compiled model holds"):
+            output_collector.let_go()
 
 
 def deep_tiny_model(decoder_layers: int):
@@ -415,12 +427,9 @@ def test_a_compiled_layer_is_one_graph_and_the_output_collector_is_restored(
     the tower still collected (the answers equal eager's), no recompilation on a second call, and the
     collector's own class back once the last compiled model lets go of it."""
     from torch._dynamo.utils import counters
-    from transformers.utils import output_capturing
-
-    from globalcom2.models import output_collector
 
     collector = output_capturing._active_collector
-    own_class = type(collector)
+    own_class, held = type(collector), output_collector._holders["count"]
     eager_backend(monkeypatch)
     torch.manual_seed(0)
     first, second = deep_tiny_model(decoder_layers=2), deep_tiny_model(decoder_layers=2)
@@ -437,7 +446,8 @@ def test_a_compiled_layer_is_one_graph_and_the_output_collector_is_restored(
         again = generate_steps(first, prompts[0], compiled.WARMUP_NEW_TOKENS)
     assert dict(counters["graph_break"]) == {} and frames["total"] == frames["ok"] > 0
     assert dict(counters["frames"]) == frames  # the second call compiled nothing
-    assert type(collector) is own_class and not hasattr(collector, "mirror")
+    assert type(collector) is own_class and output_collector._holders["count"] == held
+    assert held or not hasattr(collector, "mirror")
     for tokens, logits in (compiled_run, again):
         assert torch.equal(tokens, eager[0])
         torch.testing.assert_close(logits, eager[1], atol=1e-4, rtol=1e-4)
