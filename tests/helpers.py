@@ -102,6 +102,16 @@ def fake_hub_repo(cache: Path, repo: str, snapshots: dict[str, Path | None], mai
     return repo_folder
 
 
+def dynamo_eager_backend(monkeypatch) -> None:
+    """``torch.compile`` with dynamo's ``eager`` backend, for the test: the frames, guards and graph breaks of
+    inductor's compilation, no kernels built. Every caller passes ``mode`` and ``dynamic`` by keyword
+    (``globalcom2.models.compiled``, ``globalcom2.methods.globalcom2.compiled_selection``)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic)
+    )
+
+
 def prompt_inputs(processor, images, question="What is in the image?"):
     """Processor inputs for one Vicuna-v1 prompt with one or several images."""
     images = images if isinstance(images, list) else [images]

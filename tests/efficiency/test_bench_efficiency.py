@@ -10,7 +10,7 @@ import types
 import pandas as pd
 import pytest
 import torch
-from helpers import shrink_random_init_7b
+from helpers import dynamo_eager_backend, shrink_random_init_7b
 
 from globalcom2.data import demo
 from globalcom2.efficiency.profile import Measurement
@@ -168,14 +168,8 @@ def test_a_compiled_phase_records_what_dynamo_compiled(tmp_path, monkeypatch):
     would time eager layers under a compiled label: each compiled phase records its frames and graphs, and
     the caption says how many compiled. (The eager backend: dynamo's frames are what is counted.)"""
     from globalcom2.methods.globalcom2 import compiled_selection
-    from globalcom2.models import compiled
 
-    real_compile = torch.compile
-    monkeypatch.setattr(
-        compiled.torch,
-        "compile",
-        lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic),
-    )
+    dynamo_eager_backend(monkeypatch)
     torch._dynamo.reset()
     compiled_selection.cache_clear()
     args = ["--images", "1", "--new-tokens", "2", "--device", "cpu", "--out", str(tmp_path), "--compile"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import prompt_inputs
+from helpers import dynamo_eager_backend, prompt_inputs
 
 from globalcom2 import attach
 from globalcom2.anyres import packed_layout
@@ -64,12 +64,7 @@ def test_the_compiled_selection_is_whole_graphs_without_a_break(layout, monkeypa
     save (``math.isqrt`` of a symbolic size once cut it into six)."""
     from torch._dynamo.utils import counters
 
-    real_compile = torch.compile
-    monkeypatch.setattr(
-        globalcom2_module.torch,
-        "compile",
-        lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic),
-    )
+    dynamo_eager_backend(monkeypatch)
     torch._dynamo.reset()
     compiled_selection.cache_clear()
     counters.clear()

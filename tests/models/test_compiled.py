@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from helpers import generate_steps, prompt_inputs
+from helpers import dynamo_eager_backend, generate_steps, prompt_inputs
 from transformers.utils import output_capturing
 
 from globalcom2 import attach
@@ -209,12 +209,7 @@ def test_every_decoder_layer_of_a_deep_model_runs_compiled(prompts, monkeypatch)
     from torch._dynamo.utils import counters
 
     model = deep_tiny_model(decoder_layers=12)
-    real_compile = torch.compile
-    monkeypatch.setattr(
-        compiled.torch,
-        "compile",
-        lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic),
-    )
+    dynamo_eager_backend(monkeypatch)
     limits = {name: getattr(torch._dynamo.config, name) for name in compiled.RECOMPILE_LIMITS}
     torch._dynamo.reset()
     counters.clear()
@@ -339,16 +334,6 @@ def test_compiled_prefill_equals_eager_on_cuda(mode, images):
         torch.testing.assert_close(compiled_logits.float(), logits.float(), atol=tolerance, rtol=tolerance)
 
 
-def eager_backend(monkeypatch) -> None:
-    """``torch.compile`` with dynamo's ``eager`` backend: frames and guards as under inductor, no kernels built."""
-    real_compile = torch.compile
-    monkeypatch.setattr(
-        compiled.torch,
-        "compile",
-        lambda fn, mode, dynamic: real_compile(fn, backend="eager", dynamic=dynamic),
-    )
-
-
 @pytest.fixture
 def fresh_dynamo():
     """No graphs, no shared code before or after the test: an eager-backend graph left on the shared code
@@ -391,7 +376,7 @@ def test_a_later_model_of_the_same_signature_runs_the_graphs_compiled_for_an_ear
     object holds some, as many as after the first model)."""
     from torch._dynamo.utils import counters
 
-    eager_backend(monkeypatch)
+    dynamo_eager_backend(monkeypatch)
     runs = []
     for seed in (1, 2):
         torch.manual_seed(seed)  # other weights, the same config
@@ -430,7 +415,7 @@ def test_a_compiled_layer_is_one_graph_and_the_output_collector_is_restored(
 
     collector = output_capturing._active_collector
     own_class, held = type(collector), output_collector._holders["count"]
-    eager_backend(monkeypatch)
+    dynamo_eager_backend(monkeypatch)
     torch.manual_seed(0)
     first, second = deep_tiny_model(decoder_layers=2), deep_tiny_model(decoder_layers=2)
     with torch.inference_mode():
