@@ -448,11 +448,6 @@ def sweep_jobs(config: DictConfig, config_loader: Any) -> list[list[str]]:
     return [list(job) for job in itertools.product(*choices.values())]
 
 
-def sweep_problems(config: DictConfig) -> list[str]:
-    """What would be refused in the sweep (:func:`check_sweep`)."""
-    return check_sweep(config)[0]
-
-
 def check_sweep(config: DictConfig) -> tuple[list[str], list[str]]:
     """``(problems, warnings)`` of the sweep, before any job runs: each job's config composed as its launcher
     will compose it (the running app's config loader: its primary config, search path and overrides), its
