@@ -302,7 +302,8 @@ class GlobalCom2LlavaNext(lmms):
             "generation_overrides": self.generation_overrides,
             "compile": self.compile_mode,
             # dynamo frames this run compiled (0 where an earlier cell of the process compiled the same
-            # signature, models/layer_code.py) and gave up on (those layers ran eager); None: eager
+            # signature, models/layer_code.py), gave up on (those layers ran eager), and its graph breaks;
+            # None: eager
             "compile_frames": self.compile_frames(),
             "batch_invariant": self.batch_invariant,
             "prefetch": self.prefetch,
@@ -314,8 +315,8 @@ class GlobalCom2LlavaNext(lmms):
         }
 
     def compile_frames(self) -> dict[str, int] | None:
-        """The dynamo frames compiled and given up on in this process since this run compiled its model
-        (``None`` when it runs eager). The counters are the process's: cells run one after another in it."""
+        """The dynamo frames compiled and given up on, and the graph breaks, in this process since this run
+        compiled its model (``None`` when it runs eager). The counters are the process's: cells run one after another in it."""
         return None if self.compiled is None else self.compiled.frames()
 
     def release(self, failed: bool = False) -> None:
@@ -323,14 +324,21 @@ class GlobalCom2LlavaNext(lmms):
         eager layers come back, its recompile limits are released, and a run in which dynamo gave up on a
         frame, which it marks on the layer code a later cell would share, leaves that code unshared
         (``CompiledLayers.remove``). A finished run with such a frame is warned about: some of its compiled
-        layers ran eager, and its latencies mix the two. (A failed run's error says what happened; a frame
-        whose compilation raised counts as given up on too.)"""
+        layers ran eager, and its latencies mix the two; so is one in which dynamo met a graph break (a layer
+        that ran as several graphs). (A failed run's error says what happened; a frame whose compilation
+        raised counts as given up on too.)"""
         frames = self.compile_frames()
         if frames and frames["failed"] and not failed:
             logger.warning(
                 f"compile={self.compile_mode}: dynamo gave up on {frames['failed']} frames in this run (a "
                 "recompile limit or an error it swallowed): those layers ran eager, so the run's latencies mix "
                 "compiled and eager layers; TORCH_LOGS=recompiles,graph_breaks says which"
+            )
+        if frames and frames["graph_breaks"] and not failed:
+            logger.warning(
+                f"compile={self.compile_mode}: dynamo met {frames['graph_breaks']} graph breaks in this run: some "
+                "compiled layers ran as several graphs with host work between them, which the latencies include; "
+                "TORCH_LOGS=graph_breaks says where"
             )
         if self.compiled is not None:
             self.compiled.remove()

@@ -160,17 +160,23 @@ class CompiledLayers:
         self._layers = layers
         self._hooks = hooks
         self._model = model
-        self._frames_before = (compile_attempts(), failed_frames())  # dynamo's counters when it was made
+        # dynamo's counters when it was made
+        self._frames_before = (compile_attempts(), failed_frames(), graph_breaks())
 
     @property
     def active(self) -> bool:
         return bool(self._layers)
 
     def frames(self) -> dict[str, int]:
-        """The dynamo frames compiled, and given up on (those ran eager), in this process since the handle
-        was made: the process's counters, so another model compiling meanwhile counts too."""
+        """The dynamo frames compiled, given up on (those ran eager), and the graph breaks that split a
+        compiled frame (0 in LLaVA-NeXT's layers; :mod:`.output_collector` removed the last), in this process
+        since the handle was made: the process's counters, so another model compiling meanwhile counts too."""
         failed = failed_frames() - self._frames_before[1]
-        return {"compiled": compile_attempts() - self._frames_before[0] - failed, "failed": failed}
+        return {
+            "compiled": compile_attempts() - self._frames_before[0] - failed,
+            "failed": failed,
+            "graph_breaks": graph_breaks() - self._frames_before[2],
+        }
 
     def remove(self) -> None:
         for layer in self._layers:
@@ -232,6 +238,13 @@ def failed_frames() -> int:
         return 0
     frames = utils.counters["frames"]
     return int(frames["total"]) - int(frames["ok"])
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo has met in this process so far: each splits a compiled frame into graphs entered
+    from Python, with the host work between them. 0 while dynamo has not been imported."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else int(sum(utils.counters["graph_break"].values()))
 
 
 def recompile_limit_for(vision_layers: int, decoder_layers: int, decode_compiled: bool) -> int:

@@ -76,6 +76,7 @@ from globalcom2.models.compiled import (
     WARMUP_NEW_TOKENS,
     compile_model,
     compile_problem,
+    graph_breaks,
 )
 from globalcom2.models.loader import load_llava_next
 from globalcom2.paths import PROJECT_ROOT
@@ -369,7 +370,7 @@ def dynamo_frames() -> dict[str, int]:
         "frames_total": int(counters["frames"]["total"]),
         "frames_compiled": int(counters["frames"]["ok"]),
         "graphs": int(counters["stats"]["unique_graphs"]),
-        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "graph_breaks": graph_breaks(),
         # graphs a CUDA-graph mode ran without replaying (an input on the host, an op it cannot capture):
         # inductor says so only in its log, and such a row times fused kernels under a CUDA-graphs label
         # (inductor's cudagraph_partitions counter is not read: it moves only where code is generated, so a

@@ -120,9 +120,11 @@ def test_a_compiled_run_records_its_frames_and_its_release_restores_the_eager_la
     lm = GlobalCom2LlavaNext(pretrained="tiny", method="random", retention_ratio=0.5, compile="true")
     layers = lm.model.model.language_model.layers
     signature = lm.compiled.signature
-    assert lm.run_info["compile_frames"] == {"compiled": 0, "failed": 0} and signature in SHARED
+    assert lm.run_info["compile_frames"] == {"compiled": 0, "failed": 0, "graph_breaks": 0}
+    assert signature in SHARED
     monkeypatch.setitem(counters["frames"], "total", counters["frames"]["total"] + 1)  # one frame given up on
-    assert lm.run_info["compile_frames"] == {"compiled": 0, "failed": 1}
+    monkeypatch.setitem(counters["graph_break"], "a reason dynamo gives", 2)  # met twice
+    assert lm.run_info["compile_frames"] == {"compiled": 0, "failed": 1, "graph_breaks": 2}
     warnings = []
     handler = logger.add(warnings.append, level="WARNING")
     try:
@@ -130,6 +132,7 @@ def test_a_compiled_run_records_its_frames_and_its_release_restores_the_eager_la
     finally:
         logger.remove(handler)
     assert any("gave up on 1 frames" in str(message) for message in warnings)
+    assert any("dynamo met 2 graph breaks" in str(message) for message in warnings)
     assert not any("forward" in vars(layer) for layer in layers) and not lm.compiled.active
     assert signature not in SHARED
     # a run that failed: its own error says what happened, no warning; its code is forgotten all the same
@@ -142,7 +145,7 @@ def test_a_compiled_run_records_its_frames_and_its_release_restores_the_eager_la
         failing.release(failed=True)
     finally:
         logger.remove(handler)
-    assert not any("gave up on" in str(message) for message in warnings)
+    assert not any("gave up on" in str(message) or "graph breaks" in str(message) for message in warnings)
     assert failing.compiled.signature not in SHARED and not failing.compiled.active
 
 
