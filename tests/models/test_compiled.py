@@ -317,9 +317,13 @@ def test_cuda_graph_modes_mark_a_new_step_at_each_forward(model, prompts, monkey
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_prefill_equals_eager_on_cuda(mode, images):
     """float32: greedy tokens identical and logits within reassociation; bfloat16: logits within bf16 rounding
-    (the random tiny model's logits are nearly flat, so a bf16 near-tie may flip a greedy token)."""
+    (the random tiny model's logits are nearly flat, so a bf16 near-tie may flip a greedy token). No graph
+    break on CUDA either: each compiled layer, and GlobalCom²'s selection, is whole graphs."""
+    from torch._dynamo.utils import counters
+
     from globalcom2.models.loader import load_tiny_llava_next
 
+    counters.clear()
     for dtype, tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 0.1)):
         model, processor = load_tiny_llava_next(seed=0, device="cuda", dtype=dtype)
         inputs = prompt_inputs(processor, images[(672, 672)]).to("cuda")
@@ -332,6 +336,7 @@ def test_compiled_prefill_equals_eager_on_cuda(mode, images):
         if dtype == torch.float32:
             assert torch.equal(tokens, compiled_tokens)
         torch.testing.assert_close(compiled_logits.float(), logits.float(), atol=tolerance, rtol=tolerance)
+    assert dict(counters["graph_break"]) == {} and counters["frames"]["ok"] > 0
 
 
 @pytest.fixture
