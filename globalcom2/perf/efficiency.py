@@ -74,8 +74,10 @@ from globalcom2.models.compiled import (
     CUDA_GRAPH_MODES,
     DEFAULT_COMPILE_MODE,
     WARMUP_NEW_TOKENS,
+    compile_attempts,
     compile_model,
     compile_problem,
+    failed_frames,
     graph_breaks,
 )
 from globalcom2.models.loader import load_llava_next
@@ -367,15 +369,15 @@ def dynamo_frames() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return {
-        "frames_total": int(counters["frames"]["total"]),
-        "frames_compiled": int(counters["frames"]["ok"]),
+        "frames_total": compile_attempts(),
+        "frames_compiled": compile_attempts() - failed_frames(),
         "graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": graph_breaks(),
         # graphs a CUDA-graph mode ran without replaying (an input on the host, an op it cannot capture):
         # inductor says so only in its log, and such a row times fused kernels under a CUDA-graphs label
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
         # (inductor's cudagraph_partitions counter is not read: it moves only where code is generated, so a
         # graph its FX cache serves, 31 of 32 identical decoder layers' included, would not count)
-        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
     }
 
 
